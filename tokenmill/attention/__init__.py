@@ -1,0 +1,18 @@
+"""Attention backends: one small interface, implementations registered by name."""
+
+from tokenmill.attention import torch_backend as _torch_backend  # noqa: F401  (registers "torch")
+from tokenmill.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    PrefillSpan,
+    get_attention_backend,
+    register_attention_backend,
+)
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "PrefillSpan",
+    "get_attention_backend",
+    "register_attention_backend",
+]

@@ -1,0 +1,112 @@
+"""Portable paged attention in plain PyTorch (CPU and CUDA).
+
+Decodes are batched: their context is gathered from the cache into a padded
+[batch, max_len] tensor and masked. Prefill chunks run one sequence at a time with
+scaled_dot_product_attention; a chunk with no earlier context uses its own fresh k/v
+and skips the gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_attention_backend
+
+
+@register_attention_backend
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, sliding_window)
+        for span in meta.prefills:
+            rows = slice(span.start, span.start + span.query_len)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, span, meta, sliding_window)
+        return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        window: int | None,
+    ) -> torch.Tensor:
+        b = q.shape[0]
+        tables = meta.decode_block_tables
+        # [b, blocks, block_size, kvh, d] -> [b, kvh, L, d]
+        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
+        vals = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        mask = self._decode_mask(meta, window)  # [b, 1, 1, L]
+        group = self.num_heads // self.num_kv_heads
+        qg = q.view(b, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # [b, kvh, g, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, vals)  # [b, kvh, g, d]
+        return out.reshape(b, self.num_heads, self.head_dim)
+
+    @staticmethod
+    def _decode_mask(meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+        key = ("decode_mask", window)
+        mask = meta.scratch.get(key)
+        if mask is None:
+            lens = meta.decode_seq_lens
+            length = meta.decode_block_tables.shape[1] * meta.block_size
+            pos = torch.arange(length, device=lens.device)
+            mask = pos[None, :] < lens[:, None]
+            if window is not None:
+                mask &= pos[None, :] >= (lens[:, None] - window)
+            mask = mask[:, None, None, :]
+            meta.scratch[key] = mask
+        return mask
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        flat_k: torch.Tensor,
+        flat_v: torch.Tensor,
+        span,
+        meta: AttentionMetadata,
+        window: int | None,
+    ) -> torch.Tensor:
+        cached = span.num_cached_before
+        if cached == 0:
+            keys, vals = k, v
+        else:
+            bs = meta.block_size
+            idx = (span.block_table[:, None] * bs + torch.arange(bs, device=q.device)).flatten()
+            idx = idx[: span.context_len]
+            keys, vals = flat_k[idx], flat_v[idx]
+        qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
+        gqa = self.num_heads != self.num_kv_heads
+        if cached == 0 and window is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            qpos = torch.arange(cached, cached + span.query_len, device=q.device)
+            kpos = torch.arange(span.context_len, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                mask &= kpos[None, :] > (qpos[:, None] - window)
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return out.transpose(0, 1)

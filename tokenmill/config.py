@@ -1,0 +1,252 @@
+"""Configuration dataclasses: what the model is and how the engine runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"dtype: unsupported dtype {name}; use float32, bfloat16 or float16")
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype: unsupported dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only model, read from a Hugging Face config.json.
+
+    One model implementation covers Llama, Qwen2, Qwen3 and Mistral: the families differ
+    only in the flags below (biases, q/k norm, sliding windows, tied embeddings).
+    """
+
+    path: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    # One entry per layer: None for full attention, else the window in tokens.
+    sliding_windows: tuple[int | None, ...] = ()
+    checkpoint_dtype: torch.dtype = torch.float32
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise ValueError(f"model: {path!r} is not a folder")
+        if not os.path.isfile(cfg_file):
+            raise ValueError(f"model: {cfg_file} is missing; a model folder needs config.json")
+        try:
+            with open(cfg_file) as f:
+                raw: dict[str, Any] = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model: {cfg_file} is not valid JSON: {e}") from e
+        return cls.from_dict(raw, path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str = "") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"model: unsupported architecture {archs or raw.get('model_type')!r} in "
+                f"{os.path.join(path, 'config.json')}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        model_type = raw.get("model_type", "")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"model: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        num_heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        head_dim = raw.get("head_dim") or hidden // num_heads
+        num_layers = int(raw["num_hidden_layers"])
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen3 = arch == "Qwen3ForCausalLM"
+        attention_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            path=path,
+            architecture=arch,
+            model_type=model_type,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rope=_parse_rope(raw),
+            # Qwen2 always has q/k/v biases and no o bias; Llama/Qwen3 follow attention_bias.
+            qkv_bias=True if is_qwen2 else attention_bias,
+            o_bias=False if is_qwen2 else attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=is_qwen3,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            sliding_windows=_parse_sliding_windows(raw, arch, num_layers),
+            checkpoint_dtype=_checkpoint_dtype(raw),
+            eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
+            bos_token_id=raw.get("bos_token_id"),
+        )
+
+    @property
+    def weight_bytes_per_param(self) -> int:
+        return torch.finfo(self.checkpoint_dtype).bits // 8
+
+
+def _as_id_tuple(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, int):
+        return (v,)
+    return tuple(int(x) for x in v)
+
+
+def _checkpoint_dtype(raw: dict[str, Any]) -> torch.dtype:
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    try:
+        return parse_dtype(name)
+    except ValueError:
+        return torch.float32
+
+
+def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    # transformers 5.x writes rope_parameters (theta inside); 4.x writes rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(
+            f"model: rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)"
+        )
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def _parse_sliding_windows(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+    window = raw.get("sliding_window")
+    layer_types = raw.get("layer_types")
+    if not window:
+        return (None,) * num_layers
+    if layer_types:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if arch == "MistralForCausalLM":
+        return (int(window),) * num_layers
+    if raw.get("use_sliding_window"):
+        first = int(raw.get("max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return (None,) * num_layers
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs: memory, batching and device settings (keyword arguments of `LLM`)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_bytes: int | None = None
+    # On CPU without kv_cache_memory_bytes: this fraction of available RAM goes to the KV cache.
+    cpu_kv_cache_fraction: float = 0.25
+    # On GPU: the fraction of device memory the engine may use in total (weights + activations + KV).
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    attention_backend: str = "torch"
+    tokenizer: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 < self.cpu_kv_cache_fraction < 1:
+            raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not supported (cpu, cuda or auto)")
+        return dev
+
+    def resolve_dtype(self, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return model_config.checkpoint_dtype if device.type == "cuda" else torch.float32
+        return parse_dtype(self.dtype)

@@ -1,0 +1,73 @@
+"""Incremental detokenization and stop-string matching.
+
+Decoding a token at a time breaks multi-byte characters (a byte-level BPE token may hold
+half of one) and word-boundary spaces (SentencePiece). We decode a short window of
+tokens and only emit text once it no longer ends in the replacement character, the
+approach vLLM and TGI use. Stop strings are searched in the new text plus a tail of the
+old one, and the last len(longest stop) - 1 characters are held back from streaming
+so that text that may start a stop string is never emitted and then taken back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# How many prompt tokens to decode as left context for the first output tokens.
+_PREFIX_CONTEXT = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool, stop: list[str],
+                 include_stop_str_in_output: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = list(prompt_ids[-_PREFIX_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # all output text decoded so far (stop string removed once matched)
+        self.emitted = 0  # characters of `text` already handed out as deltas
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Appends a token; returns the stop string if one now appears in the text."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return self._append(new, check_stop)
+        return None
+
+    def flush(self) -> None:
+        """At the end of generation: emit whatever is still buffered (e.g. a broken final character)."""
+        if self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset :])
+            self.read_offset = len(self.ids)
+            if len(full) > len(prefix):
+                self._append(full[len(prefix) :])
+
+    def _append(self, new: str, check_stop: bool = True) -> str | None:
+        start = max(0, len(self.text) - self.hold_back)
+        self.text += new
+        if not check_stop:
+            return None
+        hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
+        if not hits:
+            return None
+        idx, s = min(hits)  # the earliest match wins
+        self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
+        return s
+
+    def delta(self, finished: bool) -> str:
+        """New text safe to stream now; everything remaining once finished."""
+        limit = len(self.text) if finished or not self.stop else max(self.emitted, len(self.text) - self.hold_back)
+        out = self.text[self.emitted : limit]
+        self.emitted = limit
+        return out

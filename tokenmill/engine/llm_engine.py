@@ -1,0 +1,277 @@
+"""LLMEngine: requests in, a step at a time, RequestOutputs out.
+
+add_request validates and queues; step() asks the scheduler what to run, has the model
+runner run it, then appends sampled tokens, detokenizes, applies stop conditions and
+frees finished sequences. abort_request works at any moment between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.model_runner import ModelRunner, StepResult
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str) -> Any | None:
+    """The folder's Hugging Face tokenizer, or None when it ships none (token-id prompts only)."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"tokenizer: cannot load the tokenizer in {path}: {e}") from e
+
+
+def _generation_eos(path: str) -> tuple[int, ...]:
+    import json
+
+    gen = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen):
+        return ()
+    try:
+        with open(gen) as f:
+            v = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        return ()
+    if v is None:
+        return ()
+    return (v,) if isinstance(v, int) else tuple(v)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.model_config = mc = ModelConfig.from_pretrained(config.model)
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(mc, self.device)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        eos = set(mc.eos_token_ids) | set(_generation_eos(config.model))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
+        num_blocks = self.runner.allocate_kv_cache()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._seq_by_id: dict[int, Sequence] = {}
+        self._next_id = 0
+
+    # -- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("prompt: a dict prompt needs 'prompt_token_ids'")
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model folder has no tokenizer; pass {'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError naming the parameter at fault; changes nothing."""
+        params.validate(self.model_config.vocab_size)
+        if not token_ids:
+            raise ValueError("prompt: the prompt is empty (0 tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        n_prompt = len(token_ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={self.max_model_len}")
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the context length max_model_len={self.max_model_len}"
+            )
+
+    def add_request(self, prompt: str | dict | list[int], params: SamplingParams, request_id: str | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> str:
+        if not isinstance(priority, int):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        text, token_ids = self.tokenize(prompt)
+        self.check_request(token_ids, params)
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        params = _copy_params(params)
+        params._eos_token_ids = self.eos_token_ids
+        req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority)
+        self.requests[request_id] = req
+        for seq in req.seqs:
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                         params.stop, params.include_stop_str_in_output)
+            self._seq_by_id[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request wherever it is; its blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self._finish(seq)
+        req.metrics.finished_time = time.time()
+        return self._make_output(req, finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns an output for every request that changed (finished or not)."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        for s in sched.scheduled:
+            m = s.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        self.scheduler.advance(sched)
+        return self._process(sched, result)
+
+    def _process(self, sched, result: StepResult) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq_id, entries in result.prompt_logprobs.items():
+            seq = self._seq_by_id[seq_id]
+            req = seq.request
+            s = next(x for x in sched.scheduled if x.seq is seq)
+            have = len(req.prompt_logprobs)
+            skip = have - (s.start + 1)  # entries recomputed after a preemption
+            req.prompt_logprobs.extend(entries[max(0, skip):])
+        for seq_id, (token, entry) in result.sampled.items():
+            seq = self._seq_by_id[seq_id]
+            req = seq.request
+            seq.token_ids.append(token)
+            if entry is not None:
+                seq.output_logprobs.append(entry)
+                seq.cumulative_logprob += entry[token].logprob
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            self._check_stop(seq, token)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            finished = req.is_finished
+            if finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+                for seq in req.seqs:
+                    self._seq_by_id.pop(seq.seq_id, None)
+            outputs.append(self._make_output(req, finished))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if seq.detokenizer is not None:
+            hit = seq.detokenizer.add_token(token, check_stop=n_out >= p.min_tokens)
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit
+                return self._finish(seq)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+                return self._finish(seq)
+            if token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return self._finish(seq)
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+            return self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+            seq.detokenizer.flush()  # a stop string already cut the text; otherwise emit what is buffered
+        self.scheduler.finish(seq)
+
+    def _make_output(self, req: Request, finished: bool) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.detokenizer.text if seq.detokenizer is not None else ""
+            logprobs = seq.output_logprobs if req.params.logprobs is not None else None
+            outs.append(CompletionOutput(
+                index=seq.index,
+                text=text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
+                logprobs=logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ))
+        req.metrics.num_generated_tokens = max((s.num_output_tokens for s in req.seqs), default=0)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=req.prompt_logprobs,
+            outputs=outs,
+            finished=finished,
+            metrics=req.metrics,
+        )
+
+    # -- introspection ------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage_perc": self.block_manager.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _copy_params(p: SamplingParams) -> SamplingParams:
+    import copy
+
+    return copy.copy(p)
+
+
+def batch_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling_params: {len(params)} given for {n} prompts")
+    return params

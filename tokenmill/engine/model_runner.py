@@ -1,0 +1,238 @@
+"""The model runner owns every tensor: weights, the KV cache, and each step's batch.
+
+It turns a SchedulerOutput into flat input tensors and attention metadata, runs the
+model, computes logits only for the rows that need them (the last token of each chunk
+that completes a sequence, plus prompt rows of requests that asked for prompt_logprobs)
+and samples. Everything above it is plain-Python bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.attention import AttentionMetadata, PrefillSpan, get_attention_backend
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
+from tokenmill.engine.sequence import Sequence
+from tokenmill.model import load_model
+from tokenmill.outputs import Logprob, PositionLogprobs
+from tokenmill.sample import Sampler, SamplingMetadata
+from tokenmill.sample.sampler import token_logprobs, topk_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    # seq_id -> (sampled token, its logprobs entry or None)
+    sampled: dict[int, tuple[int, PositionLogprobs | None]] = field(default_factory=dict)
+    # seq_id -> prompt logprob entries computed this step, in prompt order
+    prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class StepInputs:
+    order: list[ScheduledSeq]
+    rows: list[int] = field(default_factory=list)  # first row of each chunk in `order`
+    logit_rows: list[int] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    prompt_rows: list[tuple[ScheduledSeq, int, int]] = field(default_factory=list)  # (chunk, first row, count)
+    input_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    meta: AttentionMetadata | None = None
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        mc = model_config
+        backend_cls = get_attention_backend(config.attention_backend)
+        self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
+        self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    # -- memory -------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _activation_reserve(self) -> int:
+        """A generous estimate of activation memory for one full step (GPU budget only)."""
+        mc = self.model_config
+        tokens = self.config.max_num_batched_tokens
+        elem = torch.finfo(self.dtype).bits // 8
+        per_token = (4 * mc.hidden_size + 3 * mc.intermediate_size + 2 * mc.num_heads * mc.head_dim) * elem
+        logits = min(tokens, self.config.max_num_seqs) * mc.vocab_size * 4 * 3
+        return 2 * tokens * per_token + logits
+
+    def kv_cache_budget(self) -> tuple[int, str]:
+        """Bytes for the KV cache, and a description of where the figure came from."""
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization) - self._activation_reserve()
+            return budget, f"gpu_memory_utilization={self.config.gpu_memory_utilization} of free GPU memory"
+        budget = int(available_ram_bytes() * self.config.cpu_kv_cache_fraction)
+        return budget, f"cpu_kv_cache_fraction={self.config.cpu_kv_cache_fraction} of available RAM"
+
+    def allocate_kv_cache(self) -> int:
+        budget, source = self.kv_cache_budget()
+        per_block = self.kv_bytes_per_block
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        num_blocks = budget // per_block
+        if num_blocks < blocks_per_seq:
+            need = blocks_per_seq * per_block
+            raise ValueError(
+                f"KV cache too small: one sequence of max_model_len={self.max_model_len} tokens needs "
+                f"{need / 2**20:.1f} MiB ({blocks_per_seq} blocks of {per_block} bytes), but the budget from "
+                f"{source} is {max(budget, 0) / 2**20:.1f} MiB. Raise kv_cache_memory_bytes "
+                f"(or gpu_memory_utilization on GPU) or lower max_model_len."
+            )
+        # No point holding more than every running sequence at full length could use.
+        num_blocks = min(num_blocks, blocks_per_seq * self.config.max_num_seqs)
+        mc = self.model_config
+        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still poison outputs.
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) from %s", num_blocks, self.block_size,
+                    num_blocks * per_block / 2**20, source)
+        return num_blocks
+
+    # -- one step -----------------------------------------------------------------------
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is not None and seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+        return seq.generator
+
+    @staticmethod
+    def _wants_prompt_logprobs(s: ScheduledSeq) -> bool:
+        seq = s.seq
+        req = seq.request
+        return (seq.index == 0 and req.prompt_logprobs is not None
+                and len(req.prompt_logprobs) < seq.num_prompt_tokens and s.start < seq.num_prompt_tokens)
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Flattens the scheduled chunks into model inputs: decodes (single-token chunks) first."""
+        bs = self.block_size
+        order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        decodes = [s for s in order if s.num_new_tokens == 1]
+        inp = StepInputs(order=order)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        dev = self.device
+        for s in order:
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            row0 = len(input_ids)
+            inp.rows.append(row0)
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n > 1:
+                blocks = table[: -(-(start + n) // bs)]
+                prefills.append(PrefillSpan(row0, n, start + n, torch.tensor(blocks, dtype=torch.long, device=dev)))
+            if s.completes:
+                inp.logit_rows.append(row0 + n - 1)
+                inp.sample_seqs.append(seq)
+            if self._wants_prompt_logprobs(s):
+                inp.prompt_rows.append((s, row0, n))
+
+        if decodes:
+            max_blocks = max(len(s.seq.block_table) for s in decodes)
+            tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in decodes]
+            lens = [s.start + 1 for s in decodes]
+        else:
+            tables, lens = [[0]], [0]
+        inp.meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev)[: len(decodes)],
+            decode_seq_lens=torch.tensor(lens, dtype=torch.long, device=dev)[: len(decodes)],
+            decode_max_seq_len=max(lens),
+            prefills=prefills,
+            block_size=bs,
+        )
+        inp.input_ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        inp.positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        return inp
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Final hidden states for every scheduled token."""
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        inp = self.prepare(out)
+        hidden = self.forward(inp)
+        result = StepResult()
+        if inp.logit_rows:
+            seqs = inp.sample_seqs
+            logits = self.model.compute_logits(hidden[inp.logit_rows])
+            for seq in seqs:
+                self._generator(seq)
+            md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)
+            so = self.sampler(logits, md)
+            for i, seq in enumerate(seqs):
+                entry = None
+                k = seq.params.logprobs
+                if k is not None:
+                    entry = _entry(so.token_ids[i], so.sampled_logprobs[i], so.sampled_ranks[i],
+                                   so.topk_ids[i][:k], so.topk_logprobs[i][:k])
+                result.sampled[seq.seq_id] = (so.token_ids[i], entry)
+        for s, row0, n in inp.prompt_rows:
+            result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
+        return result
+
+    def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[PositionLogprobs]:
+        """Logprobs of prompt tokens start+1 .. start+n given their prefixes."""
+        seq = s.seq
+        end = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)  # last position predicting a prompt token
+        count = end - s.start
+        if count <= 0:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1)
+        targets = seq.token_ids[s.start + 1 : s.start + 1 + count]
+        chosen, ranks = token_logprobs(logprobs, torch.tensor(targets, device=logprobs.device))
+        k = seq.params.prompt_logprobs
+        ids, vals = topk_logprobs(logprobs, k)
+        return [_entry(t, c, r, i, v) for t, c, r, i, v in zip(targets, chosen, ranks, ids, vals)]
+
+
+def _entry(token: int, logprob: float, rank: int, top_ids: list[int], top_vals: list[float]) -> PositionLogprobs:
+    entry = {tid: Logprob(lp, r + 1) for r, (tid, lp) in enumerate(zip(top_ids, top_vals))}
+    entry[token] = Logprob(logprob, rank)
+    return entry

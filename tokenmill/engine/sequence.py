@@ -1,0 +1,121 @@
+"""Request state: plain Python objects the scheduler, block manager and engine share.
+
+A `Request` is what a user submitted; with n > 1 it fans out into n `Sequence`s that are
+scheduled independently. A sequence only knows its tokens and how many of them have KV
+in the cache (`num_computed_tokens`): prefill and decode are the same thing to the
+scheduler, and a preempted sequence simply drops back to 0 computed tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.outputs import PositionLogprobs, RequestMetrics
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.detokenizer import IncrementalDetokenizer
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+    @property
+    def is_finished(self) -> bool:
+        return self is SeqStatus.FINISHED
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # prompt followed by output
+    num_prompt_tokens: int
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # sampling state
+    generator: Any = None  # torch.Generator for seeded requests, made by the runner
+    output_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    detokenizer: IncrementalDetokenizer | None = None
+    output_text: str = ""
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def arrival_time(self) -> float:
+        return self.request.arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Lower runs first: priority, then arrival, then submission order."""
+        return (self.priority, self.arrival_time, self.seq_id)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, status={self.status.value}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    seqs: list[Sequence] = field(default_factory=list)
+    metrics: RequestMetrics = field(init=False)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no logprob
+        self.seqs = [
+            Sequence(self, i, list(self.prompt_token_ids), len(self.prompt_token_ids))
+            for i in range(self.params.n)
+        ]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

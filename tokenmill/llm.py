@@ -1,0 +1,94 @@
+"""The offline API: LLM(model).generate(prompts, sampling_params), as in vLLM."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine, batch_params
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+def default_model_path() -> str:
+    """The demo model shipped inside the package (see the demo-model issue)."""
+    return os.path.join(os.path.dirname(__file__), "demo_model")
+
+
+class LLM:
+    """Loads a Hugging Face checkpoint folder and generates with continuous batching.
+
+    Engine settings are keyword arguments: dtype, device, max_model_len, block_size,
+    max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes, seed, ...
+    (see EngineConfig).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        fields = set(EngineConfig.__dataclass_fields__) - {"model", "extra"}
+        unknown = set(kwargs) - fields
+        if unknown:
+            raise TypeError(f"LLM() got unknown settings {sorted(unknown)}; known: {sorted(fields)}")
+        self.config = EngineConfig(model=model or default_model_path(), **kwargs)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        priority: Seq[int] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt in one continuous batch; outputs come back in prompt order.
+
+        Every request is validated before any is queued, so a bad one raises ValueError and
+        leaves the engine as it was.
+        """
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = batch_params(sampling_params, len(prompts))
+        prios = list(priority) if priority is not None else [0] * len(prompts)
+        if len(prios) != len(prompts):
+            raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")
+        engine = self.engine
+        for p, sp in zip(prompts, params):
+            _, ids = engine.tokenize(p)
+            engine.check_request(ids, sp)
+
+        ids = []
+        try:
+            for p, sp, prio in zip(prompts, params, prios):
+                ids.append(engine.add_request(p, sp, priority=prio))
+            done: dict[str, RequestOutput] = {}
+            bar = _progress(len(ids)) if use_tqdm else None
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+            if bar is not None:
+                bar.close()
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        return [done[r] for r in ids]
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="req")

@@ -1,0 +1,144 @@
+"""Loads a Hugging Face safetensors checkpoint into DecoderLM.
+
+Checkpoint names map onto our module names; q/k/v and gate/up are concatenated into
+fused projections as they load. Every failure names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+
+from tokenmill.attention import AttentionBackend
+from tokenmill.config import ModelConfig
+from tokenmill.model.transformer import DecoderLM
+
+logger = logging.getLogger(__name__)
+
+# checkpoint suffix -> (our suffix, shard index within the fused parameter or None)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.)")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"model: {index} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise ValueError(f"model: weight file {os.path.join(path, name)} listed in {index} is missing")
+        return [os.path.join(path, n) for n in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if found:
+        return [os.path.join(path, f) for f in found]
+    raise ValueError(f"model: no *.safetensors weight files in {path} (only safetensors checkpoints are supported)")
+
+
+def _iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            raise ValueError(f"model: weight file {file} is corrupt or not safetensors: {e}") from e
+        with handle:
+            for name in handle.keys():
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(
+                        f"model: cannot read tensor {name!r} from {file} (truncated or corrupt): {e}"
+                    ) from e
+                yield file, name, tensor
+
+
+def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
+    """Maps a checkpoint tensor name to (our parameter name, shard index); None to skip it."""
+    if _IGNORED.search(name):
+        return None
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if name == "model.norm.weight":
+        return "norm.weight", None
+    if name == "lm_head.weight":
+        return (None if cfg.tie_word_embeddings else ("lm_head.weight", None))
+    m = _LAYER.match(name)
+    if m:
+        layer, module, kind = m.groups()
+        if module in _FUSED:
+            ours, shard = _FUSED[module]
+            return f"layers.{layer}.{ours}.{kind}", shard
+        return f"layers.{layer}.{module}.{kind}", None
+    return "", None  # unknown: reported by the caller
+
+
+def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
+               max_positions: int) -> DecoderLM:
+    files = checkpoint_files(cfg.path)
+    with torch.device("meta"):
+        model = DecoderLM(cfg, backend, max_positions)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, int | None]] = set()
+    unexpected: list[str] = []
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shard_sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
+
+    with torch.no_grad():
+        for file, name, tensor in _iter_tensors(files):
+            target = _target(cfg, name)
+            if target is None:
+                continue
+            pname, shard = target
+            if pname not in params:
+                unexpected.append(name)
+                continue
+            param = params[pname]
+            dest = param
+            if shard is not None:
+                sizes = shard_sizes[pname.split(".")[-2]]
+                dest = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise ValueError(
+                    f"model: tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)} from config.json"
+                )
+            dest.copy_(tensor.to(dtype))
+            loaded.add((pname, shard))
+
+    expected: set[tuple[str, int | None]] = set()
+    for pname in params:
+        kind = pname.split(".")[-2]
+        if kind in shard_sizes:
+            expected.update((pname, i) for i in range(len(shard_sizes[kind])))
+        else:
+            expected.add((pname, None))
+    missing = sorted({p for p, _ in expected - loaded})
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"model: {len(missing)} weights missing from {', '.join(files)}: {shown}")
+    if unexpected:
+        logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
+    model.rotary.reset_table()
+    model.eval()
+    return model

@@ -1,0 +1,3 @@
+from tokenmill.sample.sampler import Sampler, SamplerOutput, SamplingMetadata
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]

@@ -1,0 +1,189 @@
+"""Batched sampling with per-row parameters: every request in a batch keeps its own settings.
+
+Order, as in vLLM: min_tokens masking and penalties on the raw logits, then temperature,
+min-p, top-k and top-p, then sampling. Sampling uses the exponential-race trick
+(argmax of p / q with q ~ Exp(1)), drawing q per row from the request's own generator
+when it has a seed, so a seeded request's tokens do not depend on its batch neighbours.
+Logprobs are those of the raw model distribution (vLLM's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.sequence import Sequence
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [B] float; rows with greedy[i] use argmax
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] long, vocab size where disabled
+    top_p: torch.Tensor | None  # [B] float
+    min_p: torch.Tensor | None  # [B] float
+    repetition_penalty: torch.Tensor | None  # [B] float
+    presence_penalty: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    output_counts: torch.Tensor | None  # [B, V] float: how often each token was generated
+    seen_mask: torch.Tensor | None  # [B, V] bool: token appears in prompt or output (repetition)
+    banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens): (row, token ids)
+    generators: dict[int, torch.Generator]
+    max_logprobs: int | None  # largest top-k of logprobs asked for in this batch, None if none
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
+        ps = [s.params for s in seqs]
+        b = len(seqs)
+        greedy = [p.greedy for p in ps]
+        temps = [1.0 if g else p.temperature for p, g in zip(ps, greedy)]
+
+        def column(values: list, default, dtype) -> torch.Tensor | None:
+            if all(v == default for v in values):
+                return None
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled_rows = [not g for g in greedy]
+        top_k = column([p.top_k if (p.top_k and s) else 0 for p, s in zip(ps, sampled_rows)], 0, torch.long)
+        if top_k is not None:
+            top_k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+        top_p = column([p.top_p if s else 1.0 for p, s in zip(ps, sampled_rows)], 1.0, torch.float32)
+        min_p = column([p.min_p if s else 0.0 for p, s in zip(ps, sampled_rows)], 0.0, torch.float32)
+        rep = column([p.repetition_penalty for p in ps], 1.0, torch.float32)
+        pres = column([p.presence_penalty for p in ps], 0.0, torch.float32)
+        freq = column([p.frequency_penalty for p in ps], 0.0, torch.float32)
+
+        counts = seen = None
+        if pres is not None or freq is not None or rep is not None:
+            counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
+            for i, s in enumerate(seqs):
+                out = s.output_token_ids
+                if out:
+                    idx = torch.tensor(out, dtype=torch.long, device=device)
+                    counts[i].index_add_(0, idx, torch.ones(len(out), device=device))
+            if rep is not None:
+                seen = counts > 0
+                for i, s in enumerate(seqs):
+                    prompt = torch.tensor(s.token_ids[: s.num_prompt_tokens], dtype=torch.long, device=device)
+                    seen[i, prompt] = True
+
+        banned = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if s.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p._eos_token_ids))
+                if ids:
+                    banned.append((i, ids))
+
+        gens = {i: s.generator for i, s in enumerate(seqs) if s.generator is not None}
+        want = [p.logprobs for p in ps if p.logprobs is not None]
+        return cls(
+            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+            output_counts=counts,
+            seen_mask=seen,
+            banned=banned,
+            generators=gens,
+            max_logprobs=max(want) if want else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Present when some row asked for logprobs: the sampled token's logprob and rank,
+    # and the top max_logprobs (ids, logprobs) of every row.
+    sampled_logprobs: list[float] | None = None
+    sampled_ranks: list[int] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+def topk_logprobs(logprobs: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    if k == 0:
+        return [[] for _ in range(logprobs.shape[0])], [[] for _ in range(logprobs.shape[0])]
+    vals, ids = logprobs.topk(k, dim=-1)
+    return ids.tolist(), vals.tolist()
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Logprob of each row's chosen token and its rank (1 = most likely)."""
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    return chosen[:, 0].tolist(), ranks.tolist()
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if md.max_logprobs is not None else None
+
+        if md.banned:
+            logits = logits.clone()
+            for row, ids in md.banned:
+                logits[row, ids] = float("-inf")
+        logits = self._apply_penalties(logits, md)
+
+        tokens = logits.argmax(dim=-1)
+        if not md.all_greedy:
+            sampled = self._sample(logits, md)
+            tokens = torch.where(md.greedy, tokens, sampled)
+
+        out = SamplerOutput(token_ids=tokens.tolist())
+        if raw_logprobs is not None:
+            out.sampled_logprobs, out.sampled_ranks = token_logprobs(raw_logprobs, tokens)
+            out.topk_ids, out.topk_logprobs = topk_logprobs(raw_logprobs, md.max_logprobs)
+        return out
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        if md.repetition_penalty is not None:
+            # Hugging Face / vLLM definition: over prompt and output tokens, divide positive
+            # logits by the penalty and multiply negative ones.
+            pen = md.repetition_penalty[:, None]
+            penalised = torch.where(logits > 0, logits / pen, logits * pen)
+            logits = torch.where(md.seen_mask, penalised, logits)
+        if md.frequency_penalty is not None:
+            logits = logits - md.frequency_penalty[:, None] * md.output_counts
+        if md.presence_penalty is not None:
+            logits = logits - md.presence_penalty[:, None] * (md.output_counts > 0).float()
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        logits = logits / md.temperature[:, None]
+        if md.min_p is not None:
+            probs = torch.softmax(logits, dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * md.min_p[:, None]
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        if md.top_k is not None or md.top_p is not None:
+            logits = _top_k_top_p(logits, md.top_k, md.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        q = torch.empty_like(probs).exponential_()
+        for row, gen in md.generators.items():
+            q[row].exponential_(generator=gen)
+        return probs.div(q).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        # Keep the k largest: in ascending order they sit at positions >= vocab - k.
+        kth = sorted_logits.gather(1, (vocab - top_k)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p[:, None])
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
