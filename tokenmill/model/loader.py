@@ -140,5 +140,6 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if unexpected:
         logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
     model.rotary.reset_table()
+    model.requires_grad_(False)  # inference only
     model.eval()
     return model

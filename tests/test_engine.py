@@ -1,0 +1,206 @@
+"""The offline API end to end on a tiny random Llama with a byte-level BPE tokenizer."""
+
+import pytest
+import torch
+
+from tests.models import hf_model
+from tokenmill import SamplingParams
+
+PROMPTS = ["The quick brown fox", "Hello world! How", "def fib(n):", "Café crème"]
+
+
+def _tokens(llm, prompt, **kw):
+    return llm.generate(prompt, SamplingParams(**kw))[0].outputs[0]
+
+
+def test_string_and_token_prompts_agree(llm):
+    tok = llm.get_tokenizer()
+    a = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0))[0]
+    b = llm.generate({"prompt_token_ids": tok.encode(PROMPTS[0])}, SamplingParams(max_tokens=8, temperature=0))[0]
+    assert a.prompt == PROMPTS[0]
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_output_order_and_per_prompt_params(llm):
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 7, 1, 5)]
+    outs = llm.generate(PROMPTS, params)
+    assert [o.prompt for o in outs] == PROMPTS
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 7, 1, 5]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_text_is_the_detokenized_output(llm):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True))
+    for o in outs:
+        c = o.outputs[0]
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_seed_reproducible_across_batch_compositions(llm):
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
+    alone = llm.generate(PROMPTS[1], p)[0].outputs[0].token_ids
+    mixed = llm.generate(
+        PROMPTS + [PROMPTS[1]],
+        [SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True), p,
+         SamplingParams(max_tokens=5, temperature=0), SamplingParams(max_tokens=9, top_k=4, seed=1), p],
+    )
+    assert mixed[1].outputs[0].token_ids == alone
+    assert mixed[4].outputs[0].token_ids == alone
+    unseeded = [llm.generate(PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True))[0]
+                .outputs[0].token_ids for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_seed_reproducible_across_preemption(model_dir):
+    from tokenmill import LLM
+
+    small = LLM(model_dir, max_model_len=256, max_num_batched_tokens=32, kv_cache_memory_bytes=16 * 2**13)  # 16 blocks
+    p = SamplingParams(max_tokens=60, temperature=1.0, seed=7, ignore_eos=True)
+    alone = small.generate(PROMPTS[2], p)[0].outputs[0].token_ids
+    outs = small.generate([PROMPTS[2]] * 6, p)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert all(o.outputs[0].token_ids == alone for o in outs)
+
+
+def test_n_samples(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    seqs = [c.token_ids for c in out.outputs]
+    assert len({tuple(s) for s in seqs}) > 1
+    again = llm.generate(PROMPTS[0], SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))
+    assert [c.token_ids for c in again[0].outputs] == seqs
+
+
+def test_stop_strings_cut_exactly(llm):
+    base = _tokens(llm, PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True)
+    text = base.text
+    assert len(text) > 12
+    stop = text[6:9]
+    cut = text.find(stop)
+    out = _tokens(llm, PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "\x00never"])
+    assert out.text == text[:cut]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    inc = _tokens(llm, PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True, stop=stop,
+                  include_stop_str_in_output=True)
+    assert inc.text == text[: cut + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = _tokens(llm, PROMPTS[3], max_tokens=20, temperature=0, ignore_eos=True).token_ids
+    stop_id = base[4]
+    out = _tokens(llm, PROMPTS[3], max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop_id])
+    assert out.token_ids == base[: base.index(stop_id) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = (stop_id,)
+    try:
+        out = _tokens(llm, PROMPTS[3], max_tokens=20, temperature=0)
+        assert out.token_ids == base[: base.index(stop_id) + 1] and out.finish_reason == "stop"
+        assert out.stop_reason is None
+        ignored = _tokens(llm, PROMPTS[3], max_tokens=20, temperature=0, ignore_eos=True)
+        assert ignored.token_ids == base and ignored.finish_reason == "length"
+        first = base.index(stop_id)
+        late = _tokens(llm, PROMPTS[3], max_tokens=20, temperature=0, min_tokens=first + 2)
+        assert len(late.token_ids) >= first + 2
+    finally:
+        engine.eos_token_ids = saved
+
+
+def test_logprobs_match_transformers(llm, model_dir):
+    tok = llm.get_tokenizer()
+    ids = tok.encode(PROMPTS[0])
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0, logprobs=3, prompt_logprobs=2,
+                                                  ignore_eos=True))[0]
+    c = out.outputs[0]
+    full = ids + c.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(model_dir)(torch.tensor([full])).logits[0].float(), -1)
+    assert len(c.logprobs) == 6
+    total = 0.0
+    for i, (t, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+        row = ref[len(ids) - 1 + i]
+        assert entry[t].logprob == pytest.approx(float(row[t]), abs=1e-4)
+        assert entry[t].rank == 1
+        assert set(entry) >= set(row.topk(3).indices.tolist())
+        total += entry[t].logprob
+    assert c.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[ids[pos]].logprob == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-4)
+        assert len(entry) in (2, 3)
+
+
+def test_prompt_logprobs_with_chunked_prefill(model_dir):
+    from tokenmill import LLM
+
+    chunky = LLM(model_dir, max_num_batched_tokens=7, kv_cache_memory_bytes=4 * 2**20)
+    ids = list(range(5, 45))
+    out = chunky.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=2, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(model_dir)(torch.tensor([ids])).logits[0], -1)
+    assert len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        assert out.prompt_logprobs[pos][ids[pos]].logprob == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-4)
+
+
+def test_metrics(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    m = out.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    assert m.ttft >= 0 and m.mean_tpot >= 0 and m.num_generated_tokens == 5
+    assert m.e2e_latency >= m.ttft
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,param",
+    [
+        ("", {}, "prompt"),
+        ({"prompt_token_ids": []}, {}, "prompt"),
+        ("hi", {"max_tokens": -1}, "max_tokens"),
+        ("hi", {"temperature": -1.0}, "temperature"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.01}, "top_p"),
+        ("hi", {"max_tokens": 5000}, "max_tokens"),
+        ({"prompt_token_ids": [1, 99999]}, {}, "prompt_token_ids"),
+        ("hi", {"stop_token_ids": [10**9]}, "stop_token_ids"),
+    ],
+)
+def test_bad_input_raises_and_leaves_engine_usable(llm, prompt, kwargs, param):
+    engine = llm.engine
+    free = engine.block_manager.num_free_blocks
+    with pytest.raises(ValueError, match=f"^{param}"):
+        llm.generate(["A fine prompt", prompt], SamplingParams(**kwargs))
+    assert not engine.has_unfinished_requests() and engine.num_unfinished_requests == 0
+    assert engine.block_manager.num_free_blocks == free
+    assert len(llm.generate("still works", SamplingParams(max_tokens=2))[0].outputs[0].token_ids) >= 1
+
+
+def test_abort_frees_blocks_at_any_moment(llm):
+    engine = llm.engine
+    free = engine.block_manager.num_free_blocks
+    ids = [engine.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in PROMPTS]
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < free
+    out = engine.abort_request(ids[1])
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    for rid in ids:
+        engine.abort_request(rid)
+    assert engine.block_manager.num_free_blocks == free
+    assert not engine.has_unfinished_requests()
+
+
+def test_priority_runs_first(model_dir):
+    from tokenmill import LLM
+
+    one = LLM(model_dir, max_num_seqs=1, kv_cache_memory_bytes=4 * 2**20)
+    outs = one.generate(PROMPTS[:3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                        priority=[5, 0, -3])
+    order = sorted(outs, key=lambda o: o.metrics.first_scheduled_time)
+    assert [o.prompt for o in order] == [PROMPTS[2], PROMPTS[1], PROMPTS[0]]

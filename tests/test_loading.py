@@ -1,0 +1,156 @@
+"""Checkpoint loading: families, config styles, dtypes, and clear errors for broken folders."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.models import hf_greedy, hf_model, make_model
+from tokenmill import LLM, SamplingParams
+from tokenmill.config import ModelConfig
+
+KV = dict(kv_cache_memory_bytes=2 * 2**20)
+
+
+def _edit_config(path, fn):
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    fn(cfg)
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_transformers_4_style_config(tmp_path):
+    """rope_theta + rope_scaling at the top level, as transformers 4.x writes them."""
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    ref = hf_greedy(hf_model(path), [5, 6, 7, 8], 12)
+
+    def to_v4(cfg):
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = params
+        cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+
+    _edit_config(path, to_v4)
+    mc = ModelConfig.from_pretrained(path)
+    assert mc.rope.rope_type == "llama3" and mc.rope.factor == 8.0
+    llm = LLM(path, **KV)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(max_tokens=12, temperature=0))
+    assert out[0].outputs[0].token_ids == ref
+
+
+def test_folder_without_tokenizer(tmp_path):
+    path = make_model(str(tmp_path / "m"), "qwen3", tokenizer=False)
+    llm = LLM(path, **KV)
+    assert llm.get_tokenizer() is None
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=4, temperature=0))[0]
+    assert len(out.outputs[0].token_ids) >= 1 and out.outputs[0].text == ""
+    with pytest.raises(ValueError, match="^prompt: .*no tokenizer"):
+        llm.generate("text needs a tokenizer")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(tmp_path, dtype):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    llm = LLM(path, dtype=dtype, **KV)
+    assert llm.engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    out = llm.generate({"prompt_token_ids": list(range(3, 40))},
+                       SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(path)(torch.tensor([list(range(3, 40))])).logits[0], -1)
+    for pos in range(1, 37):
+        lp = out.prompt_logprobs[pos][pos + 3].logprob
+        assert lp == pytest.approx(float(ref[pos - 1, pos + 3]), abs=0.1)
+
+
+def test_auto_dtype_is_float32_on_cpu(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    _edit_config(path, lambda c: c.update(dtype="bfloat16"))
+    llm = LLM(path, device="cpu", **KV)
+    assert llm.engine.dtype == torch.float32
+
+
+def test_unsupported_architecture(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    _edit_config(path, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel.*config.json"):
+        LLM(path, **KV)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ValueError, match="config.json is missing"):
+        LLM(str(tmp_path), **KV)
+
+
+def test_missing_shard_named(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False, shard="60KB")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        victim = sorted(set(json.load(f)["weight_map"].values()))[1]
+    os.remove(os.path.join(path, victim))
+    with pytest.raises(ValueError, match=f"{victim}.*missing"):
+        LLM(path, **KV)
+
+
+def test_no_weights_at_all(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(path, **KV)
+
+
+def test_corrupt_weight_file_named(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(b"this is not a safetensors file at all")
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        LLM(path, **KV)
+
+
+def test_truncated_weight_file_named(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    with open(file, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(path, **KV)
+
+
+def test_shape_mismatch_named(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    _edit_config(path, lambda c: c.update(intermediate_size=96))
+    pattern = r"tensor .model.layers.0.mlp.\w+_proj.weight. in .*model.safetensors has shape .*128.*expected .*96"
+    with pytest.raises(ValueError, match=pattern):
+        LLM(path, **KV)
+
+
+def test_missing_tensor_named(tmp_path):
+    src = make_model(str(tmp_path / "src"), "llama", tokenizer=False)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    dst = str(tmp_path / "dst")
+    shutil.copytree(src, dst)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*layers.1.post_attention_layernorm"):
+        LLM(dst, **KV)
+
+
+def test_kv_cache_too_small_says_what_to_change(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    with pytest.raises(ValueError, match="max_model_len=1024.*MiB.*kv_cache_memory_bytes.*max_model_len"):
+        LLM(path, kv_cache_memory_bytes=100_000)
+
+
+def test_bad_engine_settings(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(path, block_size=10, **KV)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(path, dtype="int3", **KV)
+    with pytest.raises(TypeError, match="unknown settings"):
+        LLM(path, not_a_setting=1)

@@ -1,0 +1,160 @@
+"""The sampler's parameters, each checked against its definition on synthetic logits."""
+
+import math
+
+import pytest
+import torch
+
+from tokenmill.engine.sequence import Request
+from tokenmill.sample import Sampler, SamplingMetadata
+from tokenmill.sampling_params import SamplingParams
+
+V = 50
+
+
+def _seqs(params: list[SamplingParams], outputs: list[list[int]] | None = None, prompt=(1, 2, 3)):
+    seqs = []
+    for i, p in enumerate(params):
+        p._eos_token_ids = (0,)
+        s = Request(str(i), None, list(prompt), p, 0.0).seqs[0]
+        if outputs:
+            s.token_ids.extend(outputs[i])
+        if p.seed is not None:
+            s.generator = torch.Generator().manual_seed(p.seed)
+        seqs.append(s)
+    return seqs
+
+
+def _sample(logits, params, outputs=None, prompt=(1, 2, 3)):
+    seqs = _seqs(params, outputs, prompt)
+    md = SamplingMetadata.from_sequences(seqs, logits.shape[1], torch.device("cpu"))
+    return Sampler()(logits, md)
+
+
+def _draws(logits_row, params, n=400):
+    logits = logits_row.expand(n, -1).clone()
+    return _sample(logits, [SamplingParams(**params) for _ in range(n)]).token_ids
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(1, V) * 2
+
+
+def test_greedy_is_argmax(logits):
+    out = _sample(logits.repeat(3, 1), [SamplingParams(temperature=0)] * 3)
+    assert out.token_ids == [int(logits.argmax())] * 3
+
+
+def test_top_k_never_outside_k_most_likely(logits):
+    allowed = set(logits[0].topk(5).indices.tolist())
+    toks = _draws(logits, dict(temperature=1.5, top_k=5))
+    assert set(toks) <= allowed
+    assert len(set(toks)) > 1
+
+
+def test_top_p_keeps_smallest_nucleus(logits):
+    probs = torch.softmax(logits[0], -1)
+    sorted_p, idx = probs.sort(descending=True)
+    cum = sorted_p.cumsum(0)
+    k = int((cum < 0.6).sum()) + 1  # smallest prefix with mass >= 0.6
+    allowed = set(idx[:k].tolist())
+    toks = _draws(logits, dict(temperature=1.0, top_p=0.6))
+    assert set(toks) <= allowed
+    assert len(set(toks)) >= min(2, k)
+
+
+def test_min_p_drops_unlikely_tokens(logits):
+    probs = torch.softmax(logits[0], -1)
+    allowed = {i for i in range(V) if probs[i] >= 0.2 * probs.max()}
+    assert set(_draws(logits, dict(temperature=1.0, min_p=0.2))) <= allowed
+
+
+def test_temperature_sharpens_distribution(logits):
+    cold = _draws(logits, dict(temperature=0.2))
+    hot = _draws(logits, dict(temperature=5.0))
+    top = int(logits.argmax())
+    assert cold.count(top) > hot.count(top)
+    assert len(set(hot)) > len(set(cold))
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    toks = _draws(logits, dict(temperature=1.0), n=4000)
+    freq = [toks.count(i) / 4000 for i in range(3)]
+    assert freq == pytest.approx([0.7, 0.2, 0.1], abs=0.03)
+
+
+def test_repetition_penalty_as_defined():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0]])
+    # prompt holds 0 and 1, output holds 4: those are penalised; 2 and 3 are not.
+    seqs = _seqs([SamplingParams(temperature=0, repetition_penalty=2.0)], [[4]], prompt=(0, 1))
+    md = SamplingMetadata.from_sequences(seqs, 5, torch.device("cpu"))
+    got = Sampler._apply_penalties(logits.clone(), md)
+    assert got.tolist() == [[1.0, -4.0, 1.0, 0.5, 1.5]]
+    seqs = _seqs([SamplingParams(temperature=0, repetition_penalty=4.0)], [[4]], prompt=(0, 1))
+    md = SamplingMetadata.from_sequences(seqs, 5, torch.device("cpu"))
+    assert Sampler()(logits, md).token_ids == [2]  # 4 would win without the penalty
+
+
+def test_presence_and_frequency_penalties_as_defined():
+    logits = torch.zeros(1, 5)
+    seqs = _seqs([SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)], [[3, 3, 1]],
+                 prompt=(2,))
+    md = SamplingMetadata.from_sequences(seqs, 5, torch.device("cpu"))
+    got = Sampler._apply_penalties(logits, md)
+    # token 3 twice: 0.5 + 2 * 0.25; token 1 once: 0.5 + 0.25; prompt token 2 untouched
+    assert got.tolist() == [[0.0, -0.75, 0.0, -1.0, 0.0]]
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    logits = torch.tensor([[10.0, 0.0, 9.0, 1.0]])
+    p = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2])
+    assert _sample(logits, [p]).token_ids == [3]
+    # once min_tokens outputs exist, eos (0) is allowed again
+    assert _sample(logits, [p], outputs=[[3, 3]]).token_ids == [0]
+
+
+def test_seeded_rows_are_independent_of_neighbours(logits):
+    p = dict(temperature=1.0, seed=1234)
+    alone = _sample(logits.clone(), [SamplingParams(**p)]).token_ids
+    mixed = _sample(logits.repeat(4, 1), [SamplingParams(temperature=1.0), SamplingParams(**p),
+                                          SamplingParams(temperature=0.5, top_k=3), SamplingParams(**p)]).token_ids
+    assert mixed[1] == alone[0] and mixed[3] == alone[0]
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks(logits):
+    out = _sample(logits.repeat(2, 1), [SamplingParams(temperature=0, logprobs=3),
+                                        SamplingParams(temperature=1.0, logprobs=1, top_k=2)])
+    ref = torch.log_softmax(logits[0], -1)
+    top = ref.topk(3)
+    assert out.topk_ids[0] == top.indices.tolist()
+    assert out.topk_logprobs[0] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert out.sampled_ranks[0] == 1
+    tok = out.token_ids[1]
+    assert out.sampled_logprobs[1] == pytest.approx(float(ref[tok]), abs=1e-6)
+    assert out.sampled_ranks[1] == int((ref > ref[tok]).sum()) + 1
+
+
+def test_validation_names_the_parameter():
+    cases = [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=0), "n"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(temperature=math.nan), "temperature"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=f"^{name}"):
+            SamplingParams(**kwargs).validate(V)
