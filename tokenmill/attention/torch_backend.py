@@ -18,6 +18,10 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, reg
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffers: dict[str, torch.Tensor] = {}
+
     def forward(
         self,
         q: torch.Tensor,
@@ -52,17 +56,29 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         b = q.shape[0]
         tables = meta.decode_block_tables
-        # [b, blocks, block_size, kvh, d] -> [b, kvh, L, d]
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
-        vals = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        length = tables.shape[1] * meta.block_size
+        # Gather each sequence's blocks into reused buffers (fresh large allocations cost page
+        # faults on every layer), then let SDPA read the [b, kvh, L, d] views without copies.
+        idx = tables.flatten()
+        kbuf = self._buffer("k", k_cache, idx.numel())
+        vbuf = self._buffer("v", v_cache, idx.numel())
+        torch.index_select(k_cache, 0, idx, out=kbuf)
+        torch.index_select(v_cache, 0, idx, out=vbuf)
+        keys = kbuf.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vals = vbuf.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         mask = self._decode_mask(meta, window)  # [b, 1, 1, L]
-        group = self.num_heads // self.num_kv_heads
-        qg = q.view(b, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # [b, kvh, g, L]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, vals)  # [b, kvh, g, d]
-        return out.reshape(b, self.num_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q.view(b, self.num_heads, 1, self.head_dim), keys, vals, attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.view(b, self.num_heads, self.head_dim)
+
+    def _buffer(self, name: str, like: torch.Tensor, blocks: int) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < blocks or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty((max(blocks, 1),) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:blocks]
 
     @staticmethod
     def _decode_mask(meta: AttentionMetadata, window: int | None) -> torch.Tensor:

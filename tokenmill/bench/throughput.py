@@ -1,0 +1,178 @@
+"""Offline throughput: tokenmill against transformers' generate on the same random model and workload.
+
+Both run the same requests (random prompts, per-request output lengths, ignore_eos). The
+transformers side batches with left padding and generates up to the longest request in each
+batch; only the tokens each request asked for are counted, as a user would count them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from tokenmill.bench.workload import BenchRequest, make_random_model, random_requests
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder; if it has no config.json, a random SmolLM-135M-shaped Llama is written there "
+                        "(default: a temp dir)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--hf-batch-sizes", default="1,8,64",
+                   help="transformers batch sizes to try; the best is the baseline ('' to skip transformers)")
+    p.add_argument("--hf-max-requests", type=int, default=0,
+                   help="run each transformers batch size on at most max(this, batch size) requests "
+                        "(0 = all); tokens/s is then measured on that subset")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens for the batch-1 decode comparison")
+    p.add_argument("--json", help="write the figures to this file")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tokenmill import LLM, SamplingParams
+
+    # A folder without config.json gets a random SmolLM-135M-shaped model written into it.
+    model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"))
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    vocab = llm.engine.model_config.vocab_size
+    reqs = random_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    weight_bytes = llm.engine.runner.weight_bytes
+    results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes}
+
+    # Warm up once (allocator, kernels), then measure.
+    llm.generate({"prompt_token_ids": reqs[0].prompt_token_ids[:16]}, SamplingParams(max_tokens=2))
+    tm = _run_tokenmill(llm, reqs)
+    results["tokenmill"] = tm
+    _print("tokenmill", tm, weight_bytes)
+
+    tm_decode = _tokenmill_decode(llm, reqs[0], args.decode_tokens)
+    results["tokenmill_batch1_decode_tok_s"] = tm_decode
+    print(f"tokenmill batch-1 decode: {tm_decode:.1f} tok/s "
+          f"(bandwidth achieved {weight_bytes * tm_decode / 1e9:.2f} GB/s)")
+    sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
+    if sizes:
+        del llm
+        hf = _load_hf(model_dir, args)
+        best = None
+        for b in sizes:
+            limit = len(reqs) if args.hf_max_requests <= 0 else max(b, args.hf_max_requests)
+            subset = _spread(reqs, min(limit, len(reqs)))
+            r = _run_hf(hf, subset, b, args.device)
+            results[f"transformers_bs{b}"] = r
+            _print(f"transformers bs={b} ({len(subset)} requests)", r, weight_bytes)
+            if best is None or r["output_tok_s"] > best["output_tok_s"]:
+                best = {**r, "batch_size": b}
+        results["transformers_best"] = best
+        hf_decode = _hf_decode(hf, reqs[0], args.decode_tokens, args.device)
+        results["transformers_batch1_decode_tok_s"] = hf_decode
+        print(f"transformers batch-1 decode: {hf_decode:.1f} tok/s")
+        ratio = tm["output_tok_s"] / best["output_tok_s"]
+        results["ratio"] = ratio
+        results["batch1_decode_ratio"] = tm_decode / hf_decode
+        print(f"\nthroughput: tokenmill {tm['output_tok_s']:.1f} tok/s vs transformers (best, bs={best['batch_size']}) "
+              f"{best['output_tok_s']:.1f} tok/s -> ratio {ratio:.2f}x")
+        print(f"batch-1 decode: tokenmill {tm_decode:.1f} vs transformers {hf_decode:.1f} tok/s "
+              f"-> ratio {tm_decode / hf_decode:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _spread(reqs: list[BenchRequest], k: int) -> list[BenchRequest]:
+    """k requests spread evenly over the list (keeps the length distribution of a subset honest)."""
+    if k >= len(reqs):
+        return reqs
+    step = len(reqs) / k
+    return [reqs[int(i * step)] for i in range(k)]
+
+
+def _print(name: str, r: dict, weight_bytes: int) -> None:
+    line = (f"{name}: {r['output_tokens']} output tokens in {r['seconds']:.1f}s = {r['output_tok_s']:.1f} tok/s, "
+            f"{r['total_tok_s']:.1f} total tok/s")
+    if "steps_per_s" in r:
+        line += f", {r['steps_per_s']:.2f} steps/s, bandwidth achieved {weight_bytes * r['steps_per_s'] / 1e9:.2f} GB/s"
+    print(line, flush=True)
+
+
+def _run_tokenmill(llm, reqs: list[BenchRequest]) -> dict:
+    from tokenmill import SamplingParams
+
+    engine = llm.engine
+    ids = [engine.add_request({"prompt_token_ids": r.prompt_token_ids},
+                              SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)) for r in reqs]
+    t0 = time.perf_counter()
+    steps = 0
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        steps += 1
+    dt = time.perf_counter() - t0
+    out_tokens = sum(len(done[i].outputs[0].token_ids) for i in ids)
+    in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + in_tokens) / dt, "steps": steps, "steps_per_s": steps / dt,
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def _tokenmill_decode(llm, req: BenchRequest, n: int) -> float:
+    from tokenmill import SamplingParams
+
+    out = llm.generate({"prompt_token_ids": req.prompt_token_ids[:32]},
+                       SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
+    return 1.0 / out.metrics.mean_tpot
+
+
+def _load_hf(model_dir: str, args):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
+    model.eval()
+    return model
+
+
+def _hf_generate(model, batch: list[list[int]], max_new: int, device: str) -> None:
+    width = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                       min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+
+
+def _run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        chunk = reqs[i : i + batch_size]
+        _hf_generate(model, [r.prompt_token_ids for r in chunk], max(r.max_tokens for r in chunk), device)
+    dt = time.perf_counter() - t0
+    out_tokens = sum(r.max_tokens for r in reqs)
+    in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + in_tokens) / dt}
+
+
+def _hf_decode(model, req: BenchRequest, n: int, device: str) -> float:
+    prompt = req.prompt_token_ids[:32]
+    _hf_generate(model, [prompt], 2, device)  # warm up
+    t0 = time.perf_counter()
+    _hf_generate(model, [prompt], 1, device)
+    t1 = time.perf_counter()
+    _hf_generate(model, [prompt], n + 1, device)
+    t2 = time.perf_counter()
+    return n / ((t2 - t1) - (t1 - t0))
