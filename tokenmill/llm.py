@@ -61,17 +61,21 @@ class LLM:
         if len(prios) != len(prompts):
             raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")
         engine = self.engine
+        tokenized = []
         for p, sp in zip(prompts, params):
-            _, ids = engine.tokenize(p)
-            engine.check_request(ids, sp)
+            text, token_ids = engine.tokenize(p)
+            engine.check_request(token_ids, sp)
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
 
         ids = []
         try:
-            for p, sp, prio in zip(prompts, params, prios):
+            for p, sp, prio in zip(tokenized, params, prios):
                 ids.append(engine.add_request(p, sp, priority=prio))
             done: dict[str, RequestOutput] = {}
             bar = _progress(len(ids)) if use_tqdm else None
             while len(done) < len(ids):
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("engine has no unfinished requests but outputs are missing")
                 for out in engine.step():
                     if out.finished:
                         done[out.request_id] = out

@@ -18,8 +18,8 @@ from tokenmill.bench.workload import BenchRequest, make_random_model, random_req
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model folder; if it has no config.json, a random SmolLM-135M-shaped Llama is written there "
-                        "(default: a temp dir)")
+    p.add_argument("--model", help="model folder; if it has no config.json, a random SmolLM-135M-shaped Llama "
+                   "is written there (default: a temp dir)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
