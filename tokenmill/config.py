@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,10 +140,6 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
         )
 
-    @property
-    def weight_bytes_per_param(self) -> int:
-        return torch.finfo(self.checkpoint_dtype).bits // 8
-
 
 def _as_id_tuple(v: Any) -> tuple[int, ...]:
     if v is None:
@@ -218,7 +214,6 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "torch"
     tokenizer: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -28,7 +28,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        fields = set(EngineConfig.__dataclass_fields__) - {"model", "extra"}
+        fields = set(EngineConfig.__dataclass_fields__) - {"model"}
         unknown = set(kwargs) - fields
         if unknown:
             raise TypeError(f"LLM() got unknown settings {sorted(unknown)}; known: {sorted(fields)}")
