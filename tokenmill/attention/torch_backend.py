@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_attention_backend
+from tokenmill.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    PrefillSpan,
+    register_attention_backend,
+)
 
 
 @register_attention_backend
@@ -102,7 +107,7 @@ class TorchAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         flat_k: torch.Tensor,
         flat_v: torch.Tensor,
-        span,
+        span: PrefillSpan,
         meta: AttentionMetadata,
         window: int | None,
     ) -> torch.Tensor:
@@ -110,19 +115,24 @@ class TorchAttentionBackend(AttentionBackend):
         if cached == 0:
             keys, vals = k, v
         else:
-            bs = meta.block_size
-            idx = (span.block_table[:, None] * bs + torch.arange(bs, device=q.device)).flatten()
-            idx = idx[: span.context_len]
+            idx = meta.scratch.get(("prefill_slots", span.start))
+            if idx is None:  # the same in every layer: build once per step
+                bs = meta.block_size
+                idx = (span.block_table[:, None] * bs + torch.arange(bs, device=q.device)).flatten()
+                idx = meta.scratch[("prefill_slots", span.start)] = idx[: span.context_len]
             keys, vals = flat_k[idx], flat_v[idx]
         qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
         gqa = self.num_heads != self.num_kv_heads
         if cached == 0 and window is None:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            qpos = torch.arange(cached, cached + span.query_len, device=q.device)
-            kpos = torch.arange(span.context_len, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]
-            if window is not None:
-                mask &= kpos[None, :] > (qpos[:, None] - window)
+            mask = meta.scratch.get(("prefill_mask", span.start, window))
+            if mask is None:
+                qpos = torch.arange(cached, cached + span.query_len, device=q.device)
+                kpos = torch.arange(span.context_len, device=q.device)
+                mask = kpos[None, :] <= qpos[:, None]
+                if window is not None:
+                    mask &= kpos[None, :] > (qpos[:, None] - window)
+                meta.scratch[("prefill_mask", span.start, window)] = mask
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return out.transpose(0, 1)
