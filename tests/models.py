@@ -19,6 +19,12 @@ _CORPUS = [
     "Stop here. STOP. The end is near; the end is here.",
 ]
 
+# A minimal ChatML-like template, so the chat endpoint can be tested on the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
 ARCH_CONFIGS = {
     "llama": dict(
         architectures=["LlamaForCausalLM"], model_type="llama",
@@ -68,6 +74,7 @@ def save_tokenizer(path: str) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
 

@@ -77,6 +77,8 @@ class LLM:
                 if not engine.has_unfinished_requests():
                     raise RuntimeError("engine has no unfinished requests but outputs are missing")
                 for out in engine.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

@@ -19,7 +19,7 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -165,13 +165,61 @@ class LLMEngine:
             m = s.seq.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched)
+        except Exception as e:
+            return self._isolate_failure(sched, e)
         self.scheduler.advance(sched)
         return self._process(sched, result)
 
-    def _process(self, sched, result: StepResult) -> list[RequestOutput]:
+    def _isolate_failure(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A batched step failed: rerun it one request at a time so that only the culprit fails.
+
+        Nothing was advanced yet and every chunk keeps its blocks, so each request's part of
+        the step can run alone. A batch-wide fault (say, out of memory) that recurs alone fails
+        every request in the batch; the engine itself keeps serving.
+        """
+        groups: dict[str, list] = {}
+        for s in sched.scheduled:
+            groups.setdefault(s.seq.request.request_id, []).append(s)
+        if len(groups) == 1:
+            (rid,) = groups
+            logger.exception("request %s failed in the model step", rid, exc_info=error)
+            return [out for out in [self.fail_request(rid, error)] if out is not None]
+        outputs = []
+        for rid, chunks in groups.items():
+            sub = SchedulerOutput(scheduled=chunks)
+            try:
+                result = self.runner.execute(sub)
+            except Exception as e:
+                logger.exception("request %s failed in the model step", rid, exc_info=e)
+                out = self.fail_request(rid, e)
+                if out is not None:
+                    outputs.append(out)
+                continue
+            self.scheduler.advance(sub)
+            outputs.extend(self._process(sub, result))
+        return outputs
+
+    def fail_request(self, request_id: str, error: BaseException) -> RequestOutput | None:
+        """Ends a request with finish_reason "error"; its blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+            self._seq_by_id.pop(seq.seq_id, None)
+        req.metrics.finished_time = time.time()
+        out = self._make_output(req, finished=True)
+        out.error = f"{type(error).__name__}: {error}"
+        return out
+
+    def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, Request] = {}
+        failed: dict[str, RequestOutput] = {}
         for seq_id, entries in result.prompt_logprobs.items():
             seq = self._seq_by_id[seq_id]
             req = seq.request
@@ -180,17 +228,28 @@ class LLMEngine:
             skip = have - (s.start + 1)  # entries recomputed after a preemption
             req.prompt_logprobs.extend(entries[max(0, skip):])
         for seq_id, (token, entry) in result.sampled.items():
-            seq = self._seq_by_id[seq_id]
+            seq = self._seq_by_id.get(seq_id)
+            if seq is None:  # its request failed earlier in this loop
+                continue
             req = seq.request
-            seq.token_ids.append(token)
-            if entry is not None:
-                seq.output_logprobs.append(entry)
-                seq.cumulative_logprob += entry[token].logprob
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            self._check_stop(seq, token)
+            # A fault in one request's bookkeeping (detokenizer, stop checks) fails only that request.
+            try:
+                seq.token_ids.append(token)
+                if entry is not None:
+                    seq.output_logprobs.append(entry)
+                    seq.cumulative_logprob += entry[token].logprob
+                if req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+                self._check_stop(seq, token)
+            except Exception as e:
+                logger.exception("request %s failed while processing its output", req.request_id)
+                touched.pop(req.request_id, None)
+                out = self.fail_request(req.request_id, e)
+                if out is not None:
+                    failed[req.request_id] = out
+                continue
             touched[req.request_id] = req
-        outputs = []
+        outputs = list(failed.values())
         for req in touched.values():
             finished = req.is_finished
             if finished:

@@ -132,7 +132,7 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is not None and seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            seq.generator = torch.Generator(device=self.device).manual_seed((seq.params.seed + seq.index) % 2**64)
         return seq.generator
 
     @staticmethod

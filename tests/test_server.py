@@ -1,0 +1,318 @@
+"""The OpenAI-compatible server, as a real process on 127.0.0.1, through the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    srv = ServerProcess(model_dir, "--kv-cache-memory", "0.0625", "--max-num-batched-tokens", "256",
+                        "--log-level", "info", log_path=log)
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_name(model_dir):
+    return os.path.basename(model_dir)
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    from tokenmill import LLM
+
+    return LLM(model_dir, kv_cache_memory_bytes=16 * 2**20, seed=0)
+
+
+PROMPTS = ["Hello world! How are you", "The quick brown fox", "def fib(n):", "Café crème", "Stop here. STOP."]
+
+
+def _stream_text(stream) -> tuple[dict[int, str], dict[int, str | None], object]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str | None] = {}
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            piece = c.text if hasattr(c, "text") else (c.delta.content or "")
+            texts[c.index] = texts.get(c.index, "") + piece
+            if c.finish_reason is not None:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, usage
+
+
+# -- basic endpoints ---------------------------------------------------------------------------
+def test_health_models_and_tokenize(server, client, model_name):
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_name]
+    tok = httpx.post(server.base_url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    detok = httpx.post(server.base_url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert detok["prompt"] == "Hello world"
+    chat = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > tok["count"] - 2  # the template adds role markers
+
+
+def test_completion_matches_offline_engine(client, model_name, offline):
+    from tokenmill import SamplingParams
+
+    for prompt in PROMPTS:
+        r = client.completions.create(model=model_name, prompt=prompt, max_tokens=24, temperature=0)
+        want = offline.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
+        assert r.choices[0].text == want.outputs[0].text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert r.usage.completion_tokens == len(want.outputs[0].token_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_equals_non_streamed_and_usage_is_exact(server, client, model_name):
+    for prompt in PROMPTS:
+        kw = dict(model=model_name, prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        full = client.completions.create(**kw)
+        texts, reasons, usage = _stream_text(
+            client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert texts[0] == full.choices[0].text
+        assert reasons[0] == full.choices[0].finish_reason == "length"
+        assert usage.completion_tokens == full.usage.completion_tokens == 40
+        n_prompt = httpx.post(server.base_url + "/tokenize", json={"prompt": prompt}).json()["count"]
+        assert usage.prompt_tokens == full.usage.prompt_tokens == n_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    kw = dict(model=model_name, messages=messages, max_completion_tokens=30, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    assert full.choices[0].message.role == "assistant"
+    texts, reasons, usage = _stream_text(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert texts[0] == full.choices[0].message.content
+    assert reasons[0] == full.choices[0].finish_reason == "length"
+    n_prompt = httpx.post(server.base_url + "/tokenize", json={"messages": messages}).json()["count"]
+    assert usage.prompt_tokens == full.usage.prompt_tokens == n_prompt
+    assert usage.completion_tokens == full.usage.completion_tokens == 30
+
+
+def test_chat_applies_the_template(client, model_name, offline):
+    from tokenmill import SamplingParams
+
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    r = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
+    rendered = offline.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<s>assistant\n")
+    ids = offline.get_tokenizer().encode(rendered, add_special_tokens=False)
+    want = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=16, temperature=0))[0]
+    assert r.choices[0].message.content == want.outputs[0].text
+
+
+def test_n_and_seed(client, model_name):
+    kw = dict(model=model_name, prompt="Hello", max_tokens=20, temperature=1.0, n=2, seed=1234, logprobs=0)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text  # sample i is seeded seed + i
+    assert a.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in a.choices)
+    other = client.completions.create(**{**kw, "seed": 99})
+    assert [c.text for c in other.choices] != [c.text for c in a.choices]
+    texts, _, _ = _stream_text(client.completions.create(stream=True, **kw))
+    assert [texts[0], texts[1]] == [c.text for c in a.choices]
+    # Several prompts: choice index = prompt index * n + sample index.
+    multi = client.completions.create(**{**kw, "prompt": ["Hello", "The quick"]})
+    assert [c.index for c in multi.choices] == [0, 1, 2, 3]
+    assert [c.text for c in multi.choices[:2]] == [c.text for c in a.choices]
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=10, n=3, seed=5)
+    assert len(chat.choices) == 3
+
+
+def test_stop_strings(client, model_name):
+    base = client.completions.create(model=model_name, prompt="The quick brown fox", max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    # A stop string taken from the middle of the greedy text cuts it exactly there.
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    assert stop.strip()
+    cut = base[: base.index(stop)]
+    kw = dict(model=model_name, prompt="The quick brown fox", max_tokens=40, temperature=0, stop=[stop],
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    assert r.choices[0].text == cut
+    assert r.choices[0].finish_reason == "stop"
+    texts, reasons, _ = _stream_text(client.completions.create(stream=True, **kw))
+    assert texts[0] == cut and reasons[0] == "stop"
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=30, temperature=0, stop="e")
+    assert "e" not in chat.choices[0].message.content
+
+
+def test_logprobs(client, model_name, offline):
+    from tokenmill import SamplingParams
+
+    r = client.completions.create(model=model_name, prompt="Hello world", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    want = offline.generate("Hello world", SamplingParams(max_tokens=8, temperature=0, logprobs=3))[0].outputs[0]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    for i, (tid, entry) in enumerate(zip(want.token_ids, want.logprobs)):
+        assert lp.token_logprobs[i] == pytest.approx(entry[tid].logprob, abs=1e-4)
+        assert len(lp.top_logprobs[i]) <= 3
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(lp.token_logprobs[i], abs=1e-6)  # greedy = top 1
+
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+    # Streamed logprobs carry the same numbers.
+    streamed = []
+    for chunk in client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                                                stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed.extend(x.logprob for x in c.logprobs.content)
+    assert streamed == pytest.approx([x.logprob for x in content], abs=1e-6)
+
+
+def test_vllm_extra_sampling_fields(client, model_name):
+    kw = dict(model=model_name, prompt="Hello", max_tokens=12, seed=3)
+    r = client.completions.create(**kw, extra_body={"top_k": 1, "min_p": 0.0, "repetition_penalty": 1.0,
+                                                    "min_tokens": 12, "priority": -1})
+    greedy = client.completions.create(model=model_name, prompt="Hello", max_tokens=12, temperature=0,
+                                       extra_body={"min_tokens": 12})
+    assert r.choices[0].text == greedy.choices[0].text  # top_k=1 is greedy
+    assert r.usage.completion_tokens == 12
+    pen = client.completions.create(model=model_name, prompt="Hello", max_tokens=12, temperature=0,
+                                    presence_penalty=2.0, frequency_penalty=2.0, user="u1",
+                                    extra_body={"ignore_eos": True})
+    assert pen.usage.completion_tokens == 12
+
+
+# -- concurrency -------------------------------------------------------------------------------
+def test_32_concurrent_streams_match_solo_runs(server, client, model_name):
+    reqs = [dict(prompt=PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), max_tokens=8 + (i * 7) % 40)
+            for i in range(32)]
+    solo = [client.completions.create(model=model_name, temperature=0, extra_body={"ignore_eos": True}, **r)
+            .choices[0].text for r in reqs]
+
+    async def run_all() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(r) -> str:
+            text = ""
+            stream = await aclient.completions.create(model=model_name, temperature=0, stream=True,
+                                                      extra_body={"ignore_eos": True}, **r)
+            async for chunk in stream:
+                for c in chunk.choices:
+                    text += c.text
+            return text
+
+        try:
+            return await asyncio.gather(*(one(r) for r in reqs))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(run_all()) == solo
+    assert server.metric("tokenmill:num_requests_running") == 0
+
+
+# -- cancellation ------------------------------------------------------------------------------
+def _wait_idle(server, timeout: float = 10.0) -> dict[str, float]:
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        m = {k.split("{")[0]: v for k, v in server.metrics().items()}
+        idle = (m["tokenmill:num_requests_running"] == 0 and m["tokenmill:num_requests_waiting"] == 0
+                and m["tokenmill:kv_cache_usage_perc"] == 0)
+        if idle or time.time() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def test_dropped_streams_are_aborted_and_free_their_blocks(server, model_name):
+    aborted_before = server.metrics().get(
+        f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}"}}', 0)
+
+    async def drop_after_a_few_tokens(i: int) -> int:
+        body = {"model": model_name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 900, "stream": True,
+                "ignore_eos": True}
+        got = 0
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        got += 1
+                        if got == 3:
+                            break  # leaving the block closes the connection mid-stream
+        return got
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(drop_after_a_few_tokens(i) for i in range(8)))
+
+    assert asyncio.run(main()) == [3] * 8
+    m = _wait_idle(server)
+    assert m["tokenmill:num_requests_running"] == 0
+    assert m["tokenmill:num_requests_waiting"] == 0
+    assert m["tokenmill:kv_cache_usage_perc"] == 0
+    aborted = server.metrics()[f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}"}}']
+    assert aborted - aborted_before == 8
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer(server, model_name):
+    import socket
+    import time
+
+    body = json.dumps({"model": model_name, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.time() + 10
+    while server.metric("tokenmill:num_requests_running") == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert server.metric("tokenmill:kv_cache_usage_perc") > 0
+    s.close()
+    m = _wait_idle(server)
+    assert m["tokenmill:num_requests_running"] == 0 and m["tokenmill:kv_cache_usage_perc"] == 0
+
+
+# -- metrics and logs --------------------------------------------------------------------------
+def test_metrics_count_requests_and_tokens(server, client, model_name):
+    before = server.metrics()
+    r = client.completions.create(model=model_name, prompt="Hello world", max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    after = server.metrics()
+    label = f'{{model_name="{model_name}"}}'
+
+    def delta(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta(f"tokenmill:prompt_tokens_total{label}") == r.usage.prompt_tokens
+    assert delta(f"tokenmill:generation_tokens_total{label}") == 10
+    assert delta(f'tokenmill:request_success_total{{finished_reason="length",model_name="{model_name}"}}') == 1
+    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds"):
+        assert delta(f"tokenmill:{h}_count{label}") == 1
+    assert after[f"tokenmill:num_preemptions_total{label}"] >= 0
+    assert after[f"tokenmill:kv_cache_usage_perc{label}"] == 0
+    log = server.log()
+    assert f"request {r.id}-0: prompt_tokens={r.usage.prompt_tokens} output_tokens=10 " in log
+    assert "finish_reason=length" in log

@@ -1,0 +1,563 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes over an AsyncEngine.
+
+Every failure a client can cause becomes a 4xx with an OpenAI-style error body; request
+bodies are parsed and validated here (strict pydantic models, then the engine's own
+checks) before anything reaches the engine, so the engine only ever sees valid requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger("tokenmill.server")
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    model_path: str
+    max_queue: int | None = None  # waiting sequences beyond which requests get 429
+    max_body_bytes: int = 8 * 2**20
+    api_key: str | None = None
+    retry_after_s: int = 1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type_ or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.code = code
+        self.headers = headers
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+    429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, type_: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_ or _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.param, e.type, e.code), status_code=e.status,
+                        headers=e.headers)
+
+
+def bad_request(e: ValueError) -> APIError:
+    """The engine's ValueErrors start with the parameter at fault: "max_tokens: ..."."""
+    msg = str(e)
+    head, sep, _ = msg.partition(":")
+    param = head if sep and head.replace("_", "").isalnum() else None
+    return APIError(400, msg, param=param)
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    def field_path(err: dict) -> str | None:
+        # Union members add their type to the location ("stop", "list[str]", 0); keep the field path.
+        loc = [str(x) for x in err["loc"]
+               if isinstance(x, int) or not (x in _TYPE_TAGS or "[" in str(x) or str(x)[:1].isupper())]
+        return ".".join(loc) or None
+
+    errors = e.errors()
+    param = field_path(errors[0])
+    msg = errors[0]["msg"]
+    if sum(field_path(x) == param for x in errors) > 1:
+        msg = f"matches none of the accepted types (got {errors[0]['input']!r:.80})"
+    return APIError(400, f"{param or 'body'}: {msg}", param=param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+class BodyLimitMiddleware:
+    """Answers 413 before reading a body whose Content-Length is over the limit. Bodies sent
+    without a length (chunked) are counted as they are read (see `parse`)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", []):
+                if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                    body = error_body(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+                    return await JSONResponse(body, status_code=413)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Runs work; if the client disconnects first, cancels it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+
+
+class _ChoiceState:
+    """How much of one choice has been streamed."""
+
+    __slots__ = ("text", "tokens", "done", "started")
+
+    def __init__(self) -> None:
+        self.text = 0
+        self.tokens = 0
+        self.done = False
+        self.started = False
+
+
+def _safe_text_end(c: CompletionOutput, params: SamplingParams, finished: bool, already: int) -> int:
+    """Streams hold back the last len(longest stop) - 1 characters: they may begin a stop string
+    that would be cut from the final text."""
+    if finished or not params.stop:
+        return len(c.text)
+    hold = max(len(s) for s in params.stop) - 1
+    return max(already, len(c.text) - hold)
+
+
+def _finish_reason(c: CompletionOutput) -> str | None:
+    return c.finish_reason if c.finish_reason in ("stop", "length") else None
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="tokenmill", version="0.1.0", description="OpenAI-compatible LLM inference server")
+    llm_engine = engine.engine
+    tokenizer = llm_engine.tokenizer
+    vocab = llm_engine.model_config.vocab_size
+    name = settings.served_model_name
+    created = int(time.time())
+    metrics = ServerMetrics(name, lambda: engine.stats)
+    engine.on_output = metrics.observe
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.draining = False
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise APIError(413, f"request body exceeds {settings.max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    def check_auth(request: Request) -> None:
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{name}`.", param="model",
+                           code="model_not_found")
+
+    def check_admitting() -> None:
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
+                           param="messages")
+        convo = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        try:
+            return tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as e:  # a template may raise on role orders it does not accept
+            raise APIError(400, f"messages: the chat template rejected the conversation: {e}",
+                           param="messages") from None
+
+    def token_str(tid: int) -> str:
+        if tokenizer is None:
+            return f"token_id:{tid}"
+        s = tokenizer.decode([tid])
+        # A token holding part of a UTF-8 character decodes to U+FFFD; its vocabulary string is
+        # unique, so top_logprobs entries do not collide.
+        return tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
+
+    async def submit(requests: list[tuple[str, dict, SamplingParams]], priority: int):
+        try:
+            return await engine.add_requests(requests, priority=priority)
+        except ValueError as e:
+            raise bad_request(e) from None
+        except QueueFullError as e:
+            raise APIError(429, f"too many requests waiting: {e}", code="queue_full",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except EngineStoppedError as e:
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+
+    def engine_error(out: RequestOutput) -> APIError:
+        return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
+
+    # -- logprob formats ------------------------------------------------------------------------
+    def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, offset: int) -> dict[str, Any]:
+        tokens, lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+            s = token_str(tid)
+            tokens.append(s)
+            lps.append(entry[tid].logprob)
+            tops.append({token_str(t): lp.logprob for t, lp in _top(entry, k, tid)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> list[dict[str, Any]]:
+        content = []
+        for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+            s = token_str(tid)
+            content.append({
+                "token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": (ts := token_str(t)), "logprob": lp.logprob, "bytes": list(ts.encode("utf-8"))}
+                    for t, lp in _top(entry, k, None)
+                ],
+            })
+        return content
+
+    # -- routes ---------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return {"object": "list", "data": [{
+            "id": name, "object": "model", "created": created, "owned_by": "tokenmill",
+            "root": settings.model_path, "max_model_len": llm_engine.max_model_len,
+        }]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req: TokenizeRequest = await parse(request, TokenizeRequest)
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            ids = encode(chat_prompt(req.messages, req.add_generation_prompt), add_special_tokens=False)
+        else:
+            ids = encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": llm_engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req: DetokenizeRequest = await parse(request, DetokenizeRequest)
+        check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})", param="tokens")
+        if tokenizer is None:
+            raise APIError(400, "tokens: this model has no tokenizer", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        arrival = time.time()
+        check_auth(request)
+        check_admitting()
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        check_model(req.model)
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
+        if req.suffix:
+            raise APIError(400, "suffix: not supported", param="suffix")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo: echo together with logprobs is not supported", param="echo")
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [(p, encode(p))]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [(x, encode(x)) for x in p]  # type: ignore[arg-type]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [(None, list(p))]  # type: ignore[arg-type]
+        elif p:
+            prompts = [(None, list(x)) for x in p]  # type: ignore[union-attr]
+        else:
+            raise APIError(400, "prompt: the prompt list is empty", param="prompt")
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        reqs = [(f"{rid}-{i}", {"prompt": t, "prompt_token_ids": ids}, params) for i, (t, ids) in enumerate(prompts)]
+        group = await submit(reqs, req.priority)
+        # Choice index = prompt index * n + sample index, as in the OpenAI API.
+        index = {r[0]: i for i, r in enumerate(reqs)}
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+
+        def prefix(i: int) -> str:
+            return (prompts[i][0] or "") if req.echo else ""
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                states: dict[tuple[int, int], _ChoiceState] = {}
+                completion_tokens: dict[tuple[int, int], int] = {}
+                async for batch in engine.stream(group):
+                    for out in batch:
+                        if out.error is not None:
+                            yield _sse(error_body(500, f"the engine failed this request: {out.error}"))
+                            yield "data: [DONE]\n\n"
+                            return
+                        pi = index[out.request_id]
+                        for c in out.outputs:
+                            key = (pi, c.index)
+                            st = states.setdefault(key, _ChoiceState())
+                            if st.done:
+                                continue
+                            end = _safe_text_end(c, params, c.finished(), st.text)
+                            text = c.text[st.text:end]
+                            if not st.started:
+                                text = prefix(pi) + text
+                                st.started = True
+                            ntok = len(c.token_ids)
+                            reason = _finish_reason(c)
+                            if not text and reason is None and (req.logprobs is None or ntok == st.tokens):
+                                continue
+                            lp = (completion_logprobs(c, st.tokens, ntok, req.logprobs, st.text)
+                                  if req.logprobs is not None else None)
+                            st.text, st.tokens, st.done = end, ntok, c.finished()
+                            completion_tokens[key] = ntok
+                            yield _sse({"id": rid, "object": "text_completion", "created": int(arrival),
+                                        "model": name, "choices": [{
+                                            "index": pi * req.n + c.index, "text": text, "logprobs": lp,
+                                            "finish_reason": reason, "stop_reason": c.stop_reason if reason else None,
+                                        }]})
+                if include_usage:
+                    n_out = sum(completion_tokens.values())
+                    yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                "choices": [], "usage": _usage(prompt_tokens, n_out)})
+                yield "data: [DONE]\n\n"
+
+            return _sse_response(events(), lambda: engine.release(group))
+
+        async def collect() -> Response:
+            final = await _collect(engine, group)
+            choices = []
+            n_out = 0
+            for r, _ in enumerate(reqs):
+                out = final[reqs[r][0]]
+                if out.error is not None:
+                    return error_response(engine_error(out))
+                for c in out.outputs:
+                    n_out += len(c.token_ids)
+                    choices.append({
+                        "index": r * req.n + c.index, "text": prefix(r) + c.text,
+                        "logprobs": (completion_logprobs(c, 0, len(c.token_ids), req.logprobs, 0)
+                                     if req.logprobs is not None else None),
+                        "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
+                    })
+            return JSONResponse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                 "choices": choices, "usage": _usage(prompt_tokens, n_out)})
+
+        return await _unless_disconnected(request, collect())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.time()
+        check_auth(request)
+        check_admitting()
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        check_model(req.model)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        if req.tools:
+            raise APIError(400, "tools: tool calling is not supported yet", param="tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, "response_format: only type 'text' is supported", param="response_format")
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+            if not 0 <= req.top_logprobs <= 20:
+                raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        text = chat_prompt(req.messages, req.add_generation_prompt)
+        ids = encode(text, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = req.sampling_params(max_tokens, k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        group = await submit([(rid, {"prompt": text, "prompt_token_ids": ids}, params)], req.priority)
+
+        def chunk(choice: dict[str, Any]) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
+                         "choices": [choice]})
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                states = [_ChoiceState() for _ in range(req.n)]
+                for i in range(req.n):  # the role comes first, as OpenAI sends it
+                    yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})
+                n_out = 0
+                async for batch in engine.stream(group):
+                    for out in batch:
+                        if out.error is not None:
+                            yield _sse(error_body(500, f"the engine failed this request: {out.error}"))
+                            yield "data: [DONE]\n\n"
+                            return
+                        for c in out.outputs:
+                            st = states[c.index]
+                            if st.done:
+                                continue
+                            end = _safe_text_end(c, params, c.finished(), st.text)
+                            delta = c.text[st.text:end]
+                            ntok = len(c.token_ids)
+                            reason = _finish_reason(c)
+                            if not delta and reason is None and (k is None or ntok == st.tokens):
+                                continue
+                            lp = {"content": chat_logprobs(c, st.tokens, ntok, k)} if k is not None else None
+                            st.text, st.tokens, st.done = end, ntok, c.finished()
+                            if st.done:
+                                n_out += ntok
+                            yield chunk({"index": c.index, "delta": {"content": delta} if delta else {},
+                                         "logprobs": lp, "finish_reason": reason,
+                                         "stop_reason": c.stop_reason if reason else None})
+                if include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival),
+                                "model": name, "choices": [], "usage": _usage(len(ids), n_out)})
+                yield "data: [DONE]\n\n"
+
+            return _sse_response(events(), lambda: engine.release(group))
+
+        async def collect() -> Response:
+            out = (await _collect(engine, group))[rid]
+            if out.error is not None:
+                return error_response(engine_error(out))
+            choices = [{
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": chat_logprobs(c, 0, len(c.token_ids), k)} if k is not None else None,
+                "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
+            } for c in out.outputs]
+            n_out = sum(len(c.token_ids) for c in out.outputs)
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
+                                 "choices": choices, "usage": _usage(len(ids), n_out)})
+
+        return await _unless_disconnected(request, collect())
+
+    return app
+
+
+def _top(entry: PositionLogprobs, k: int, sampled: int | None) -> list[tuple[int, Any]]:
+    """The k most likely tokens of a position (plus the sampled one when given), best first."""
+    items = [(t, lp) for t, lp in entry.items() if lp.rank <= k or t == sampled]
+    return sorted(items, key=lambda x: x[1].rank)
+
+
+async def _collect(engine: AsyncEngine, group) -> dict[str, RequestOutput]:
+    final: dict[str, RequestOutput] = {}
+    async for batch in engine.stream(group):
+        for out in batch:
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _sse_response(events: AsyncIterator[str], release: Callable[[], None]) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[str]:
+        # However the stream ends (done, client gone, cancelled), abort what is unfinished now
+        # rather than whenever the generator is garbage-collected.
+        try:
+            async for event in events:
+                yield event
+        finally:
+            release()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

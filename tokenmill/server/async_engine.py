@@ -1,0 +1,264 @@
+"""AsyncEngine: the LLMEngine's step loop on a background thread, with asyncio streams.
+
+The engine is plain synchronous Python and not thread-safe, so exactly one thread, the
+engine thread, touches it. Handlers on the event loop submit commands (add, abort)
+through a thread-safe queue; the engine thread drains the queue between steps, runs a
+step, and hands the step's outputs to the loop in a single call_soon_threadsafe. Model
+work therefore never blocks the event loop (torch releases the GIL in its kernels), and
+an abort takes effect before the next step, so a dropped client's KV blocks are free
+within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than --max-queue allows."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is shutting down or has stopped."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage_perc: float = 0.0
+    num_preemptions: int = 0
+
+
+class RequestGroup:
+    """Outputs of one or more requests (a completion with several prompts), on the event loop.
+
+    Each output is a full snapshot of its request, so a slow reader skips to the newest one
+    per request instead of working through a backlog.
+    """
+
+    def __init__(self, request_ids: list[str]) -> None:
+        self.request_ids = list(request_ids)
+        self.pending = set(request_ids)
+        self.rejected: Exception | None = None  # set by the engine thread when an add is refused
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def put(self, out: RequestOutput) -> None:
+        self._queue.put_nowait(out)
+
+    async def get(self) -> list[RequestOutput]:
+        latest = {}
+        out = await self._queue.get()
+        latest[out.request_id] = out
+        while not self._queue.empty():
+            out = self._queue.get_nowait()
+            latest[out.request_id] = out
+        for out in latest.values():
+            if out.finished:
+                self.pending.discard(out.request_id)
+        return list(latest.values())
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_output = on_output  # called on the loop for every output, read or not (metrics, logs)
+        self.stats = EngineStats()
+        self._cmds: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestGroup] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+
+    # -- lifecycle (event loop side) ---------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- requests (event loop side) ----------------------------------------------------------
+    async def add_requests(self, requests: list[tuple[str, dict[str, Any], SamplingParams]], priority: int = 0,
+                           arrival_time: float | None = None) -> RequestGroup:
+        """Queues (request_id, prompt, params) requests; returns once the engine accepted all.
+
+        Raises ValueError (bad input), QueueFullError or EngineStoppedError before anything is
+        streamed, so the caller can answer with a status code. Either all are queued or none.
+        """
+        if self._stopping or not self.is_running:
+            raise EngineStoppedError("the engine is not running")
+        for rid, prompt, params in requests:
+            if rid in self._streams:
+                raise ValueError(f"request_id: {rid!r} is already in use")
+            # check_request reads only immutable config, so it is safe on this thread and catches
+            # bad input without a round trip to the engine thread.
+            self.engine.check_request(prompt["prompt_token_ids"], params)
+        assert self._loop is not None
+        group = RequestGroup([r[0] for r in requests])
+        arrival = arrival_time or time.time()
+        futures = []
+        for i, (rid, prompt, params) in enumerate(requests):
+            self._streams[rid] = group
+            fut: asyncio.Future[None] = self._loop.create_future()
+            futures.append(fut)
+            # The queue limit admits or rejects the group as a whole, at its first request.
+            self._cmds.append(("add", rid, prompt, params, priority, arrival, fut, group, i == 0))
+        self._wake.set()
+        try:
+            await asyncio.gather(*futures)
+        except BaseException:  # rejected or cancelled: take back whatever was queued
+            self.release(group)
+            raise
+        return group
+
+    async def stream(self, group: RequestGroup) -> AsyncIterator[list[RequestOutput]]:
+        """Yields batches of new outputs until every request finished. Stopping early (the
+        client went away, the task was cancelled) aborts the unfinished ones."""
+        try:
+            while group.pending:
+                yield await group.get()
+        finally:
+            self.release(group)
+
+    async def generate(self, request_id: str, prompt: dict[str, Any], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """One request's outputs, as snapshots."""
+        group = await self.add_requests([(request_id, prompt, params)], priority)
+        async for batch in self.stream(group):
+            for out in batch:
+                yield out
+
+    def release(self, group: RequestGroup) -> None:
+        for rid in group.request_ids:
+            if rid in group.pending:
+                self.abort(rid)  # queued after the add, so nothing leaks
+            self._streams.pop(rid, None)
+        group.pending.clear()
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.append(("abort", request_id))
+        self._wake.set()
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                self._wake.clear()
+                outputs = self._drain_commands()
+                if self._stopping and not engine.has_unfinished_requests():
+                    break
+                if engine.has_unfinished_requests():
+                    try:
+                        outputs.extend(engine.step())
+                    except Exception as e:  # the engine isolates per-request faults; this is a bug
+                        logger.exception("engine step failed; failing every request in flight")
+                        for rid in list(engine.requests):
+                            out = engine.fail_request(rid, e)
+                            if out is not None:
+                                outputs.append(out)
+                self._publish(outputs)
+                if not engine.has_unfinished_requests() and not self._cmds:
+                    self._wake.wait(timeout=1.0)
+        except BaseException as e:  # pragma: no cover - last resort: never leave clients hanging
+            logger.exception("engine thread died")
+            self._dead = e
+            self._call_soon(self._fail_all_streams, e)
+            raise
+
+    def _drain_commands(self) -> list[RequestOutput]:
+        engine = self.engine
+        outputs: list[RequestOutput] = []
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            if cmd[0] == "add":
+                _, rid, prompt, params, priority, arrival, fut, group, check_queue = cmd
+                try:
+                    if group.rejected is not None:  # an earlier request of the group was refused
+                        raise group.rejected
+                    waiting = len(engine.scheduler.waiting)
+                    if check_queue and self.max_queue is not None and waiting >= self.max_queue:
+                        raise QueueFullError(f"{waiting} sequences are waiting "
+                                             f"(--max-queue {self.max_queue})")
+                    if self._stopping:
+                        raise EngineStoppedError("the server is shutting down")
+                    engine.add_request(prompt, params, request_id=rid, priority=priority, arrival_time=arrival)
+                except Exception as e:
+                    group.rejected = e
+                    self._call_soon(_resolve, fut, e)
+                else:
+                    self._call_soon(_resolve, fut, None)
+            elif cmd[0] == "abort":
+                out = engine.abort_request(cmd[1])
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        s = self.engine.stats()
+        self.stats = EngineStats(int(s["num_requests_running"]), int(s["num_requests_waiting"]),
+                                 float(s["kv_cache_usage_perc"]), int(s["num_preemptions"]))
+        if outputs:
+            self._call_soon(self._dispatch, outputs)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    # -- back on the event loop --------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if self.on_output is not None:
+                try:
+                    self.on_output(out)
+                except Exception:
+                    logger.exception("output observer failed")
+            group = self._streams.get(out.request_id)
+            if group is not None:
+                group.put(out)
+
+    def _fail_all_streams(self, error: BaseException) -> None:
+        for rid, group in list(self._streams.items()):
+            group.put(RequestOutput(rid, None, [], None, [], finished=True, error=f"engine stopped: {error}"))
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

@@ -1,0 +1,129 @@
+"""Prometheus metrics with vLLM's names under a `tokenmill:` prefix, plus the per-request log line.
+
+Gauges are read from the engine thread's latest stats snapshot at scrape time. Counters and
+histograms are fed by `observe`, which sees every engine output on the event loop, including
+outputs of requests whose client has gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tokenmill.outputs import RequestOutput
+from tokenmill.server.async_engine import EngineStats
+
+logger = logging.getLogger("tokenmill.server")
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+# vLLM's buckets, so dashboards built for it read ours the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class _Tracked:
+    prompt_counted: bool = False
+    tokens: int = 0
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self._stats = stats
+        labels = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter("tokenmill:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter("tokenmill:generation_tokens", "Tokens generated.", labels, registry=r)
+        self.request_success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
+                                       labels + ["finished_reason"], registry=r)
+        self.ttft = Histogram("tokenmill:time_to_first_token_seconds", "Time from arrival to the first token.",
+                              labels, buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("tokenmill:time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.", labels,
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenmill:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("tokenmill:request_queue_time_seconds",
+                                    "Time from arrival until first scheduled.", labels, buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        r.register(_EngineGauges(self))
+        self._tracked: dict[str, _Tracked] = {}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe(self, out: RequestOutput) -> None:
+        t = self._tracked.setdefault(out.request_id, _Tracked())
+        name = self.model_name
+        m = out.metrics
+        if not t.prompt_counted and m.first_token_time is not None:
+            t.prompt_counted = True
+            self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        if tokens > t.tokens:
+            self.generation_tokens.labels(name).inc(tokens - t.tokens)
+            t.tokens = tokens
+        if not out.finished:
+            return
+        del self._tracked[out.request_id]
+        reason = _request_finish_reason(out)
+        self.request_success.labels(name, reason).inc()
+        if m.ttft is not None:
+            self.ttft.labels(name).observe(m.ttft)
+        if m.mean_tpot is not None:
+            self.tpot.labels(name).observe(m.mean_tpot)
+        if m.e2e_latency is not None:
+            self.e2e.labels(name).observe(m.e2e_latency)
+        if m.time_in_queue is not None:
+            self.queue_time.labels(name).observe(m.time_in_queue)
+        logger.info(
+            "request %s: prompt_tokens=%d output_tokens=%d ttft=%s e2e=%s finish_reason=%s%s",
+            out.request_id, len(out.prompt_token_ids), tokens, _secs(m.ttft), _secs(m.e2e_latency), reason,
+            f" error={out.error!r}" if out.error else "",
+        )
+
+
+def _request_finish_reason(out: RequestOutput) -> str:
+    reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
+    for r in ("error", "abort", "length"):
+        if r in reasons:
+            return r
+    return "stop" if reasons else ("error" if out.error else "abort")
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s"
+
+
+class _EngineGauges:
+    """Gauges computed at scrape time from the engine's stats snapshot."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        s = self.metrics._stats()
+        name = self.metrics.model_name
+        for metric, doc, value in (
+            ("tokenmill:num_requests_running", "Sequences in the running batch.", s.num_requests_running),
+            ("tokenmill:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_requests_waiting),
+            ("tokenmill:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", s.kv_cache_usage_perc),
+        ):
+            g = GaugeMetricFamily(metric, doc, labels=["model_name"])
+            g.add_metric([name], value)
+            yield g
+        c = CounterMetricFamily("tokenmill:num_preemptions", "Sequences preempted (recomputed later).",
+                                labels=["model_name"])
+        c.add_metric([name], s.num_preemptions)
+        yield c

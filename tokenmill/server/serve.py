@@ -1,0 +1,125 @@
+"""`tokenmill serve`: load the model, then run the HTTP API under uvicorn until a signal.
+
+The model loads before the port opens, so /health answers 200 as soon as anything answers.
+SIGTERM or SIGINT stops admitting (the listening socket closes; requests arriving on open
+connections get 503), lets in-flight requests finish for up to --shutdown-timeout seconds,
+stops the engine thread and exits with status 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
+
+import uvicorn
+
+from tokenmill.config import EngineConfig
+
+logger = logging.getLogger("tokenmill.server")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig(model="")
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model in the package)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step (prefill chunk size)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache size in GiB (default: a share of free memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from tokenmill.llm import default_model_path
+
+    kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+    return EngineConfig(
+        model=args.model or default_model_path(), tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="answer 429 when this many sequences are already waiting (default: no limit)")
+    p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES",
+                   help="larger request bodies get 413")
+    p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info (default), warning, error")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.api import ServerSettings, build_app
+    from tokenmill.server.async_engine import AsyncEngine
+
+    config = engine_config_from_args(args)
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    logger.info("loading %s", config.model)
+    engine = LLMEngine(config)
+    logger.info("model loaded: %d KV blocks of %d tokens, max_model_len=%d, device=%s, dtype=%s",
+                engine.block_manager.num_blocks, config.block_size, engine.max_model_len, engine.device,
+                engine.dtype)
+    name = args.served_model_name or os.path.basename(os.path.normpath(config.model))
+    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+    settings = ServerSettings(served_model_name=name, model_path=config.model, max_queue=args.max_queue,
+                              max_body_bytes=args.max_body_size, api_key=args.api_key)
+    app = build_app(async_engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        async_engine.start(asyncio.get_running_loop())
+        logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+        yield
+        app.state.draining = True
+        await asyncio.to_thread(async_engine.stop)
+        logger.info("engine stopped")
+
+    app.router.lifespan_context = lifespan
+    level = getattr(args, "log_level", None) or "info"
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
+                               timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
+    server = _Server(uv_config, on_exit=lambda: setattr(app.state, "draining", True))
+    server.run()
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server re-raises the caught signal after a graceful shutdown, so the process
+    dies by the signal; a server that drained cleanly should exit 0 instead."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            if not self.should_exit:
+                logger.info("received %s: draining in-flight requests", signal.Signals(sig).name)
+            self.should_exit = True
+
