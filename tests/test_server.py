@@ -205,6 +205,21 @@ def test_vllm_extra_sampling_fields(client, model_name):
     assert pen.usage.completion_tokens == 12
 
 
+def test_echo_and_long_prompts(client, model_name):
+    r = client.completions.create(model=model_name, prompt="Hello world", max_tokens=5, temperature=0, echo=True)
+    plain = client.completions.create(model=model_name, prompt="Hello world", max_tokens=5, temperature=0)
+    assert r.choices[0].text == "Hello world" + plain.choices[0].text
+    texts, _, _ = _stream_text(client.completions.create(model=model_name, prompt="Hello world", max_tokens=5,
+                                                         temperature=0, echo=True, stream=True))
+    assert texts[0] == r.choices[0].text
+    # A prompt long enough to be tokenized off the event loop.
+    long = "The quick brown fox jumps over the lazy dog. " * 110
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt=long * 3, max_tokens=5)
+    assert "max_model_len" in e.value.body["message"]
+    assert client.completions.create(model=model_name, prompt=long[:4500], max_tokens=3).usage.completion_tokens == 3
+
+
 # -- concurrency -------------------------------------------------------------------------------
 def test_32_concurrent_streams_match_solo_runs(server, client, model_name):
     reqs = [dict(prompt=PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), max_tokens=8 + (i * 7) % 40)

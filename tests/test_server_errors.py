@@ -307,6 +307,16 @@ def test_server_is_healthy_and_idle_after_fuzzing(server, http):
     assert server.metric("tokenmill:num_requests_running") == 0
 
 
+def test_serve_with_a_bad_model_folder_exits_with_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "missing" in r.stderr
+
+
 # -- shutdown ----------------------------------------------------------------------------------
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(model_dir, tmp_path):
     srv = ServerProcess(model_dir, "--kv-cache-memory", "0.02", log_path=str(tmp_path / "server.log"))

@@ -31,6 +31,13 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_server_overhead(args: argparse.Namespace) -> int:
+    from tokenmill.bench.server_overhead import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch")
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default; info for serve), error")
@@ -60,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(tp)
     tp.set_defaults(func=_bench_throughput)
+    so = bench_sub.add_parser("server-overhead",
+                              help="output tokens/s through the HTTP server vs the offline engine, same requests")
+    from tokenmill.bench.server_overhead import add_arguments as add_so_arguments
+
+    add_so_arguments(so)
+    so.set_defaults(func=_bench_server_overhead)
     return parser
 
 

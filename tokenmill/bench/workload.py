@@ -41,3 +41,25 @@ def make_random_model(path: str, seed: int = 0, **shape) -> str:
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     return path
+
+
+def save_synthetic_tokenizer(path: str, vocab_size: int, seed: int = 0) -> None:
+    """Writes a tokenizer whose every id decodes to a distinct word (" lorem", " vatu", ...), so
+    benchmarks on random models stream real text and pay real detokenization costs. Prompts are
+    sent as token ids; the vocabulary is invented, since nothing may be downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    while len(vocab) < vocab_size:
+        word = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+        vocab.setdefault(("\u0120" if rng.random() < 0.8 else "") + word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        path)

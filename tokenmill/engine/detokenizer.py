@@ -67,7 +67,16 @@ class IncrementalDetokenizer:
 
     def delta(self, finished: bool) -> str:
         """New text safe to stream now; everything remaining once finished."""
-        limit = len(self.text) if finished or not self.stop else max(self.emitted, len(self.text) - self.hold_back)
+        limit = safe_stream_end(self.text, self.stop, finished, self.emitted)
         out = self.text[self.emitted : limit]
         self.emitted = limit
         return out
+
+
+def safe_stream_end(text: str, stop: list[str], finished: bool, emitted: int) -> int:
+    """How much of a sequence's text may be streamed: all of it once finished; before that,
+    all but the last len(longest stop) - 1 characters, which may begin a stop string that
+    would be cut from the final text (never less than what was already emitted)."""
+    if finished or not stop:
+        return len(text)
+    return max(emitted, len(text) - (max(len(s) for s in stop) - 1))

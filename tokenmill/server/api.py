@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenmill.engine.detokenizer import safe_stream_end
+from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -158,12 +160,7 @@ class _ChoiceState:
 
 
 def _safe_text_end(c: CompletionOutput, params: SamplingParams, finished: bool, already: int) -> int:
-    """Streams hold back the last len(longest stop) - 1 characters: they may begin a stop string
-    that would be cut from the final text."""
-    if finished or not params.stop:
-        return len(c.text)
-    hold = max(len(s) for s in params.stop) - 1
-    return max(already, len(c.text) - hold)
+    return safe_stream_end(c.text, params.stop or [], finished, already)
 
 
 def _finish_reason(c: CompletionOutput) -> str | None:
@@ -173,7 +170,9 @@ def _finish_reason(c: CompletionOutput) -> str | None:
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="tokenmill", version="0.1.0", description="OpenAI-compatible LLM inference server")
     llm_engine = engine.engine
-    tokenizer = llm_engine.tokenizer
+    # The HTTP side gets its own tokenizer instance: the engine thread decodes with the engine's
+    # at the same time, and a Rust tokenizer object should not be shared across threads.
+    tokenizer = load_tokenizer(llm_engine.config.tokenizer or llm_engine.config.model)
     vocab = llm_engine.model_config.vocab_size
     name = settings.served_model_name
     created = int(time.time())
@@ -182,6 +181,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.draining = False
+    tokenize_lock = asyncio.Lock()
 
     # -- helpers --------------------------------------------------------------------------------
     async def parse(request: Request, model: type[BaseModel]) -> Any:
@@ -214,10 +214,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if app.state.draining:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
 
-    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode_now(text: str, add_special_tokens: bool = True) -> list[int]:
         if tokenizer is None:
             raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        # Long texts take milliseconds to tokenize: do that off the event loop, one at a time.
+        if len(text) < 4096:
+            return encode_now(text, add_special_tokens)
+        async with tokenize_lock:
+            return await asyncio.to_thread(encode_now, text, add_special_tokens)
 
     def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -319,9 +326,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            ids = encode(chat_prompt(req.messages, req.add_generation_prompt), add_special_tokens=False)
+            ids = await encode(chat_prompt(req.messages, req.add_generation_prompt), add_special_tokens=False)
         else:
-            ids = encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            ids = await encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": llm_engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -352,9 +359,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "echo: echo together with logprobs is not supported", param="echo")
         p = req.prompt
         if isinstance(p, str):
-            prompts = [(p, encode(p))]
+            prompts = [(p, await encode(p))]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [(x, encode(x)) for x in p]  # type: ignore[arg-type]
+            prompts = [(x, await encode(x)) for x in p]  # type: ignore[arg-type]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [(None, list(p))]  # type: ignore[arg-type]
         elif p:
@@ -397,7 +404,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                                 st.started = True
                             ntok = len(c.token_ids)
                             reason = _finish_reason(c)
-                            if not text and reason is None and (req.logprobs is None or ntok == st.tokens):
+                            # One chunk per step with new tokens, even when their text is held back
+                            # (partial character, possible stop string): clients time tokens by chunks.
+                            if not text and reason is None and ntok == st.tokens:
                                 continue
                             lp = (completion_logprobs(c, st.tokens, ntok, req.logprobs, st.text)
                                   if req.logprobs is not None else None)
@@ -457,7 +466,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
         text = chat_prompt(req.messages, req.add_generation_prompt)
-        ids = encode(text, add_special_tokens=False)
+        ids = await encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -490,7 +499,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                             delta = c.text[st.text:end]
                             ntok = len(c.token_ids)
                             reason = _finish_reason(c)
-                            if not delta and reason is None and (k is None or ntok == st.tokens):
+                            if not delta and reason is None and ntok == st.tokens:
                                 continue
                             lp = {"content": chat_logprobs(c, st.tokens, ntok, k)} if k is not None else None
                             st.text, st.tokens, st.done = end, ntok, c.finished()

@@ -24,6 +24,15 @@ from tokenmill.config import EngineConfig
 logger = logging.getLogger("tokenmill.server")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for benchmarks and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     d = EngineConfig(model="")
     p.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model in the package)")
