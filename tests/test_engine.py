@@ -194,6 +194,7 @@ def test_abort_frees_blocks_at_any_moment(llm):
         engine.abort_request(rid)
     assert engine.block_manager.num_free_blocks == free
     assert not engine.has_unfinished_requests()
+    assert not engine.requests and not engine._seq_by_id  # nothing of the request is kept
 
 
 def test_priority_runs_first(model_dir):

@@ -68,6 +68,9 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", {"stop": 5}, "stop"),
     ("/v1/completions", {"seed": 2**70}, "seed"),
     ("/v1/completions", {"logprobs": 100000}, "logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"temperature": 10**400}, "temperature"),
+    ("/v1/completions", {"prompt": [[5]] * 400, "n": 2}, "prompt"),
     ("/v1/completions", {"presence_penalty": 3}, "presence_penalty"),
     ("/v1/completions", {"repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"min_tokens": 10}, "min_tokens"),
@@ -92,9 +95,19 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param
 
 
 def test_malformed_json_and_wrong_shapes(http):
-    for raw in (b'{"prompt": "x",', b"not json", b"", b"\xff\xfe", b"[1, 2]", b'"a string"', b"null"):
+    for raw in (b'{"prompt": "x",', b"not json", b"", b"\xff\xfe", b"[1, 2]", b'"a string"', b"null",
+                b"[" * 30000 + b"]" * 30000, b'{"prompt": "x", "temperature": Infinity}',
+                b'{"prompt": "x", "repetition_penalty": 1e999}', b'{"prompt": "x", "top_p": NaN}'):
         for path in ("/v1/completions", "/v1/chat/completions"):
             _error(http.post(path, content=raw, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_out_of_range_values_that_are_harmless_are_accepted(http):
+    # top_k beyond the vocabulary (even beyond int64) means "no top-k", as in vLLM.
+    r = http.post("/v1/completions", json={**COMPLETION, "top_k": 2**63, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/completions", json={**COMPLETION, "priority": -(2**80), "min_p": 0.0})
+    assert r.status_code == 200, r.text
 
 
 def test_context_window_errors_give_both_numbers(http):

@@ -1,20 +1,109 @@
-"""The `tokenmill` command line."""
+"""The `tokenmill` command line: serve, generate, chat, eval-demo, bench."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
+
+from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
+
+
+def _llm(args: argparse.Namespace):
+    from tokenmill import LLM
+
+    cfg = engine_config_from_args(args)
+    kwargs = {k: v for k, v in cfg.__dict__.items() if k != "model"}
+    return LLM(cfg.model, **kwargs)
+
+
+def _sampling(args: argparse.Namespace):
+    from tokenmill import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sample_seed, stop=args.stop or None)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=None, help="seed for this request's sampling")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tokenmill import LLM, SamplingParams
+    llm = _llm(args)
+    params = _sampling(args)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    if args.stream:
+        for piece in llm.stream(prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(llm.generate(prompt, params)[0].outputs[0].text)
+    return 0
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
-    out = llm.generate(args.prompt, params)[0]
-    print(out.outputs[0].text)
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _sampling(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("tokenmill chat: type a message; /reset clears the history, /exit leaves.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for piece in llm.stream(llm.chat_prompt(history), params):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as e:  # e.g. the conversation outgrew the context window
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _eval_demo(args: argparse.Namespace) -> int:
+    from tokenmill.demo import evaluate
+
+    t0 = time.time()
+    llm = _llm(args)
+    load_s = time.time() - t0
+    result = evaluate(llm, args.num_questions, show=args.show)
+    print(f"accuracy: {result['correct']}/{result['total']} = {result['accuracy']:.1%} on held-out questions "
+          f"(greedy; additions {result['accuracy_add']:.1%}, subtractions {result['accuracy_sub']:.1%})")
+    print(f"time: {result['seconds']:.1f}s for {result['total']} questions "
+          f"({result['output_tokens']} output tokens, {result['output_tokens'] / result['seconds']:.0f} tok/s), "
+          f"model load {load_s:.1f}s")
+    print(f"'The weather today is' -> {result['weather']!r}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({**result, "load_seconds": load_s}, f, indent=2)
     return 0
 
 
@@ -39,36 +128,57 @@ def _bench_server_overhead(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch")
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
+                                     "Without --model, commands use the demo model shipped in the package.")
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default; info for serve), error")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Run the OpenAI-compatible HTTP server (/v1/completions, "
+                           "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize).")
     from tokenmill.server.serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
-    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen = sub.add_parser("generate", help="complete one prompt and print the text",
+                         description="Complete one prompt with the offline engine and print the text.")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    _add_sampling_arguments(gen, 64)
+    add_engine_arguments(gen)
     gen.set_defaults(func=_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal",
+                          description="Chat in the terminal with streamed replies; the conversation is kept as "
+                          "history. /reset clears it, /exit (or end of input) leaves.")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_sampling_arguments(chat, 256)
+    add_engine_arguments(chat)
+    chat.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval-demo", help="the demo model's accuracy on held-out arithmetic questions",
+                        description="Ask held-out 'What is a + b?' / 'What is a - b?' questions (greedy) and print "
+                        "the accuracy and how long it took.")
+    ev.add_argument("--num-questions", type=int, default=200)
+    ev.add_argument("--show", type=int, default=3, help="print this many worked answers")
+    ev.add_argument("--json", help="write the figures to this file")
+    add_engine_arguments(ev)
+    ev.set_defaults(func=_eval_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate",
+                              description="Offline throughput: tokenmill vs transformers on the same random model.")
     from tokenmill.bench.throughput import add_arguments
 
     add_arguments(tp)
     tp.set_defaults(func=_bench_throughput)
     so = bench_sub.add_parser("server-overhead",
-                              help="output tokens/s through the HTTP server vs the offline engine, same requests")
+                              help="output tokens/s through the HTTP server vs the offline engine, same requests",
+                              description="The same requests through the offline engine and through `tokenmill "
+                              "serve` with concurrent streaming clients.")
     from tokenmill.bench.server_overhead import add_arguments as add_so_arguments
 
     add_so_arguments(so)
@@ -85,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

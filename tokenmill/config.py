@@ -214,6 +214,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "torch"
     tokenizer: str | None = None
+    load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.detokenizer import safe_stream_end
 from tokenmill.engine.llm_engine import LLMEngine, batch_params
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -37,6 +39,48 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> dict[str, Any]:
+        """One conversation rendered with the tokenizer's chat template, as a token-id prompt."""
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("messages: this model's tokenizer has no chat template")
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Like generate, for one conversation or a list of them (chat template applied)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.chat_prompt(c) for c in convs], sampling_params,  # type: ignore[arg-type]
+                             use_tqdm=use_tqdm)
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields the text of one sample piece by piece as it is generated. Closing the iterator
+        early aborts the request."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("n: stream() produces one sample; use n=1")
+        engine = self.engine
+        rid = engine.add_request(prompt, params)
+        emitted, finished = 0, False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.error is not None:
+                        raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
+                    c = out.outputs[0]
+                    finished = out.finished
+                    end = safe_stream_end(c.text, params.stop or [], finished, emitted)
+                    if end > emitted:
+                        yield c.text[emitted:end]
+                        emitted = end
+        finally:
+            if not finished:
+                engine.abort_request(rid)
 
     def generate(
         self,

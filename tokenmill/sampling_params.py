@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Samples per request: each is a sequence with its own KV, so n is bounded.
 MAX_N = 128
+# Top logprobs per position (vLLM's default max_logprobs): each costs a decode and an object per token.
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -77,8 +80,8 @@ class SamplingParams:
                 raise bad("stop_token_ids", f"{t!r} is not a token id of this model")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0 or (vocab_size is not None and v > vocab_size)):
-                raise bad(name, f"must be an integer in [0, vocab size], got {v!r}")
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -86,4 +89,10 @@ class SamplingParams:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    """A finite int or float (not a bool; not an int too large for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False

@@ -144,6 +144,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._finish(seq)
+            self._seq_by_id.pop(seq.seq_id, None)
         req.metrics.finished_time = time.time()
         return self._make_output(req, finished=True)
 

@@ -69,7 +69,8 @@ class ModelRunner:
         mc = model_config
         backend_cls = get_attention_backend(config.attention_backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len)
+        self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
+                                progress=config.load_progress)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0

@@ -72,6 +72,19 @@ def _iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
                 yield file, name, tensor
 
 
+def _progress_bar(files: list[str]):
+    from tqdm import tqdm
+
+    total = 0
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as h:
+                total += len(list(h.keys()))
+        except Exception:
+            return None  # _iter_tensors reports the broken file
+    return tqdm(total=total, desc="Loading weights", unit="tensor", leave=False)
+
+
 def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
     """Maps a checkpoint tensor name to (our parameter name, shard index); None to skip it."""
     if _IGNORED.search(name):
@@ -93,8 +106,9 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-               max_positions: int) -> DecoderLM:
+               max_positions: int, progress: bool = False) -> DecoderLM:
     files = checkpoint_files(cfg.path)
+    bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
         model = DecoderLM(cfg, backend, max_positions)
     model = model.to(dtype).to_empty(device=device)
@@ -106,6 +120,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
 
     with torch.no_grad():
         for file, name, tensor in _iter_tensors(files):
+            if bar is not None:
+                bar.update(1)
             target = _target(cfg, name)
             if target is None:
                 continue
@@ -125,6 +141,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
                 )
             dest.copy_(tensor.to(dtype))
             loaded.add((pname, shard))
+    if bar is not None:
+        bar.close()
 
     expected: set[tuple[str, int | None]] = set()
     for pname in params:

@@ -46,7 +46,8 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=dtype, device=device)
 
         sampled_rows = [not g for g in greedy]
-        top_k = column([p.top_k if (p.top_k and s) else 0 for p, s in zip(ps, sampled_rows)], 0, torch.long)
+        top_k = column([min(p.top_k, vocab_size) if (p.top_k and s) else 0 for p, s in zip(ps, sampled_rows)], 0,
+                       torch.long)
         if top_k is not None:
             top_k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
         top_p = column([p.top_p if s else 1.0 for p, s in zip(ps, sampled_rows)], 1.0, torch.float32)

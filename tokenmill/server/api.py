@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +38,9 @@ from tokenmill.server.protocol import (
 )
 
 logger = logging.getLogger("tokenmill.server")
+
+# Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
+MAX_SEQS_PER_REQUEST = 256
 
 
 @dataclass
@@ -196,10 +200,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         try:
             return model.model_validate_json(body)
         except ValidationError as e:
             raise _validation_error(e) from None
+        except RecursionError:
+            raise APIError(400, "body: nested too deeply", code="invalid_json") from None
 
     def check_auth(request: Request) -> None:
         if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
@@ -220,8 +228,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
-        # Long texts take milliseconds to tokenize: do that off the event loop, one at a time.
-        if len(text) < 4096:
+        # Long texts take milliseconds to tokenize: do that off the event loop, one at a time
+        # (and never while a short one runs on the loop, so the tokenizer has one user at a time).
+        if len(text) < 4096 and not tokenize_lock.locked():
             return encode_now(text, add_special_tokens)
         async with tokenize_lock:
             return await asyncio.to_thread(encode_now, text, add_special_tokens)
@@ -237,6 +246,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"messages: the chat template rejected the conversation: {e}",
                            param="messages") from None
 
+    def token_bytes(tid: int, s: str) -> list[int]:
+        """The token's own bytes: for a piece of a UTF-8 character, not the encoding of U+FFFD."""
+        if tokenizer is None or "\ufffd" not in tokenizer.decode([tid]):
+            return list(s.encode("utf-8"))
+        return list(_raw_token_bytes(s))
+
     def token_str(tid: int) -> str:
         if tokenizer is None:
             return f"token_id:{tid}"
@@ -245,9 +260,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         # unique, so top_logprobs entries do not collide.
         return tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
 
-    async def submit(requests: list[tuple[str, dict, SamplingParams]], priority: int):
+    async def submit(requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float):
         try:
-            return await engine.add_requests(requests, priority=priority)
+            requests[0][2].validate(vocab)  # every prompt shares these params; n is checked before counting
+        except ValueError as e:
+            raise bad_request(e) from None
+        seqs = sum(r[2].n for r in requests)
+        if seqs > MAX_SEQS_PER_REQUEST:
+            raise APIError(400, f"prompt: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
+                           f"at most {MAX_SEQS_PER_REQUEST} per request", param="prompt")
+        try:
+            return await engine.add_requests(requests, priority=priority, arrival_time=arrival)
         except ValueError as e:
             raise bad_request(e) from None
         except QueueFullError as e:
@@ -276,9 +299,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
             s = token_str(tid)
             content.append({
-                "token": s, "logprob": entry[tid].logprob, "bytes": list(s.encode("utf-8")),
+                "token": s, "logprob": entry[tid].logprob, "bytes": token_bytes(tid, s),
                 "top_logprobs": [
-                    {"token": (ts := token_str(t)), "logprob": lp.logprob, "bytes": list(ts.encode("utf-8"))}
+                    {"token": (ts := token_str(t)), "logprob": lp.logprob, "bytes": token_bytes(t, ts)}
                     for t, lp in _top(entry, k, None)
                 ],
             })
@@ -371,7 +394,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         params = req.sampling_params(req.max_tokens, req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", {"prompt": t, "prompt_token_ids": ids}, params) for i, (t, ids) in enumerate(prompts)]
-        group = await submit(reqs, req.priority)
+        group = await submit(reqs, req.priority, arrival)
         # Choice index = prompt index * n + sample index, as in the OpenAI API.
         index = {r[0]: i for i, r in enumerate(reqs)}
         prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -470,7 +493,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await submit([(rid, {"prompt": text, "prompt_token_ids": ids}, params)], req.priority)
+        group = await submit([(rid, {"prompt": text, "prompt_token_ids": ids}, params)], req.priority, arrival)
 
         def chunk(choice: dict[str, Any]) -> str:
             return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
@@ -532,6 +555,33 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return await _unless_disconnected(request, collect())
 
     return app
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: vocabulary character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_LEVEL = _byte_level_decoder()
+_HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _raw_token_bytes(vocab_str: str) -> bytes:
+    """Bytes of a vocabulary string: SentencePiece byte tokens (<0xE2>) or byte-level BPE."""
+    m = _HEX_BYTE.match(vocab_str)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    if all(c in _BYTE_LEVEL for c in vocab_str):
+        return bytes(_BYTE_LEVEL[c] for c in vocab_str)
+    return vocab_str.encode("utf-8")
 
 
 def _top(entry: PositionLogprobs, k: int, sampled: int | None) -> list[tuple[int, Any]]:

@@ -85,6 +85,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False  # the engine thread has exited
         self._dead: BaseException | None = None
 
     # -- lifecycle (event loop side) ---------------------------------------------------------
@@ -134,6 +135,8 @@ class AsyncEngine:
             # The queue limit admits or rejects the group as a whole, at its first request.
             self._cmds.append(("add", rid, prompt, params, priority, arrival, fut, group, i == 0))
         self._wake.set()
+        if self._closed:  # the engine thread exited after our check above: refuse what we queued
+            self._refuse_queued()
         try:
             await asyncio.gather(*futures)
         except BaseException:  # rejected or cancelled: take back whatever was queued
@@ -172,11 +175,13 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        error: BaseException | None = None
         try:
             while True:
                 self._wake.clear()
                 outputs = self._drain_commands()
                 if self._stopping and not engine.has_unfinished_requests():
+                    self._publish(outputs)
                     break
                 if engine.has_unfinished_requests():
                     try:
@@ -190,11 +195,25 @@ class AsyncEngine:
                 self._publish(outputs)
                 if not engine.has_unfinished_requests() and not self._cmds:
                     self._wake.wait(timeout=1.0)
-        except BaseException as e:  # pragma: no cover - last resort: never leave clients hanging
-            logger.exception("engine thread died")
-            self._dead = e
-            self._call_soon(self._fail_all_streams, e)
-            raise
+        except BaseException as e:  # last resort: never leave a client hanging
+            logger.exception("engine thread died")  # /health turns 503; clients get errors below
+            error = self._dead = e
+        finally:
+            # Whatever is still queued will never run: refuse it so no caller waits forever.
+            self._closed = True
+            self._refuse_queued()
+            if error is not None:
+                self._call_soon(self._fail_all_streams, error)
+
+    def _refuse_queued(self) -> None:
+        """Callable from either thread (deque.popleft is atomic)."""
+        while True:
+            try:
+                cmd = self._cmds.popleft()
+            except IndexError:
+                return
+            if cmd[0] == "add":
+                self._call_soon(_resolve, cmd[6], EngineStoppedError("the engine has stopped"))
 
     def _drain_commands(self) -> list[RequestOutput]:
         engine = self.engine
@@ -251,8 +270,8 @@ class AsyncEngine:
                 group.put(out)
 
     def _fail_all_streams(self, error: BaseException) -> None:
-        for rid, group in list(self._streams.items()):
-            group.put(RequestOutput(rid, None, [], None, [], finished=True, error=f"engine stopped: {error}"))
+        self._dispatch([RequestOutput(rid, None, [], None, [], finished=True, error=f"engine stopped: {error}")
+                        for rid in list(self._streams)])
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

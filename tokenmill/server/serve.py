@@ -19,9 +19,10 @@ from types import FrameType
 
 import uvicorn
 
-from tokenmill.config import EngineConfig
+from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
 
 logger = logging.getLogger("tokenmill.server")
+DEMO_MODEL_NAME = "tokenmill-demo"  # the served name of the built-in demo model
 
 
 def free_port() -> int:
@@ -31,35 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    d = EngineConfig(model="")
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model in the package)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="token budget of one step (prefill chunk size)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
-    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="KV cache size in GiB (default: a share of free memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    p.add_argument("--seed", type=int, default=d.seed)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    from tokenmill.llm import default_model_path
-
-    kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
-    return EngineConfig(
-        model=args.model or default_model_path(), tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,14 +56,16 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.server.async_engine import AsyncEngine
 
     config = engine_config_from_args(args)
-    if args.max_queue is not None and args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
+                         f"got {args.max_queue}")
     logger.info("loading %s", config.model)
     engine = LLMEngine(config)
     logger.info("model loaded: %d KV blocks of %d tokens, max_model_len=%d, device=%s, dtype=%s",
                 engine.block_manager.num_blocks, config.block_size, engine.max_model_len, engine.device,
                 engine.dtype)
-    name = args.served_model_name or os.path.basename(os.path.normpath(config.model))
+    name = args.served_model_name or (DEMO_MODEL_NAME if args.model is None
+                                      else os.path.basename(os.path.normpath(config.model)))
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     settings = ServerSettings(served_model_name=name, model_path=config.model, max_queue=args.max_queue,
                               max_body_bytes=args.max_body_size, api_key=args.api_key)

@@ -1,0 +1,37 @@
+"""Command-line flags for engine settings, shared by `tokenmill serve`, `generate`, `chat`, ..."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.config import EngineConfig
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig(model="")
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model in the package)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step (prefill chunk size)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache size in GiB (default: a share of free memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from tokenmill.llm import default_model_path
+
+    kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+    return EngineConfig(
+        model=args.model or default_model_path(), tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        load_progress=getattr(args, "progress", True),
+    )
