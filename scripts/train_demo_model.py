@@ -175,6 +175,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: str):
         cfg = json.load(f)
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg["add_bos_token"] = False
+    # transformers 5 writes its own class name; 4.x only knows PreTrainedTokenizerFast (5.x maps it).
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
     jinja = os.path.join(out, "chat_template.jinja")

@@ -22,12 +22,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *args: str, log_path: str, script: str | None = None) -> None:
+    def __init__(self, model: str | None, *args: str, log_path: str, script: str | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         entry = [script] if script else ["-m", "tokenmill.cli"]
-        cmd = [sys.executable, *entry, "serve", "--model", model, "--port", str(self.port), *args]
+        model_args = ["--model", model] if model else []  # no --model: the demo model
+        cmd = [sys.executable, *entry, "serve", *model_args, "--port", str(self.port), *args]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
