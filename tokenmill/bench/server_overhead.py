@@ -76,7 +76,7 @@ def _run_offline(model_dir: str, reqs: list[BenchRequest], args: argparse.Namesp
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True) for r in reqs]
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     del llm
@@ -117,9 +117,11 @@ def _run_server(model_dir: str, reqs: list[BenchRequest], args: argparse.Namespa
 
 async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
     import httpx
+    from tqdm import tqdm
 
     queue = list(reversed(reqs))
     totals = {"output_tokens": 0, "chunks": 0, "failed": 0}
+    bar = tqdm(total=len(reqs), desc="server", unit="req", leave=False)
 
     async def client(http: httpx.AsyncClient) -> None:
         while queue:
@@ -136,6 +138,7 @@ async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
                     if line.startswith("data: {"):
                         totals["chunks"] += 1
                         last = line
+            bar.update(1)
             usage = json.loads(last[6:]).get("usage") if last else None
             if usage:
                 totals["output_tokens"] += usage["completion_tokens"]
@@ -149,4 +152,5 @@ async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
+    bar.close()
     return {**totals, "seconds": seconds, "output_tok_s": totals["output_tokens"] / seconds}

@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import torch
+from tqdm import tqdm
 
 from tokenmill.bench.workload import BenchRequest, make_random_model, random_requests
 
@@ -114,11 +115,13 @@ def _run_tokenmill(llm, reqs: list[BenchRequest]) -> dict:
     t0 = time.perf_counter()
     steps = 0
     done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        steps += 1
+    with tqdm(total=len(reqs), desc="tokenmill", unit="req", leave=False) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+            steps += 1
     dt = time.perf_counter() - t0
     out_tokens = sum(len(done[i].outputs[0].token_ids) for i in ids)
     in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
@@ -157,7 +160,7 @@ def _hf_generate(model, batch: list[list[int]], max_new: int, device: str) -> No
 
 def _run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
     t0 = time.perf_counter()
-    for i in range(0, len(reqs), batch_size):
+    for i in tqdm(range(0, len(reqs), batch_size), desc=f"transformers bs={batch_size}", unit="batch", leave=False):
         chunk = reqs[i : i + batch_size]
         _hf_generate(model, [r.prompt_token_ids for r in chunk], max(r.max_tokens for r in chunk), device)
     dt = time.perf_counter() - t0
