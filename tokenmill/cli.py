@@ -127,6 +127,13 @@ def _bench_server_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from tokenmill.bench.serve_load import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -183,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_so_arguments(so)
     so.set_defaults(func=_bench_server_overhead)
+    sv = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server: latency percentiles, goodput",
+                              description="Send streaming requests on a seeded arrival schedule to an "
+                              "OpenAI-compatible server and report TTFT, TPOT, ITL and E2E percentiles, throughput "
+                              "and goodput; --sweep runs several rates and plots them.")
+    from tokenmill.bench.serve_load import add_arguments as add_sv_arguments
+
+    add_sv_arguments(sv)
+    sv.set_defaults(func=_bench_serve)
     return parser
 
 

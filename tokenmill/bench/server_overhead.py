@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from tokenmill.bench.workload import BenchRequest, make_random_model, random_requests, save_synthetic_tokenizer
+from tokenmill.bench.datasets import Request, token_id_requests
+from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     save_synthetic_tokenizer(model_dir, vocab)
-    reqs = random_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
     results: dict = {"model": model_dir, "num_prompts": len(reqs), "concurrency": args.concurrency}
 
     offline = _run_offline(model_dir, reqs, args)
@@ -68,13 +69,13 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30))
 
 
-def _run_offline(model_dir: str, reqs: list[BenchRequest], args: argparse.Namespace) -> dict:
+def _run_offline(model_dir: str, reqs: list[Request], args: argparse.Namespace) -> dict:
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(model_dir, **_engine_kwargs(args))
-    llm.generate({"prompt_token_ids": reqs[0].prompt_token_ids[:16]}, SamplingParams(max_tokens=2))  # warm-up
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
-    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True) for r in reqs]
+    llm.generate({"prompt_token_ids": reqs[0].prompt[:16]}, SamplingParams(max_tokens=2))  # warm-up
+    prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - t0
@@ -83,7 +84,7 @@ def _run_offline(model_dir: str, reqs: list[BenchRequest], args: argparse.Namesp
     return {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds}
 
 
-def _run_server(model_dir: str, reqs: list[BenchRequest], args: argparse.Namespace) -> dict:
+def _run_server(model_dir: str, reqs: list[Request], args: argparse.Namespace) -> dict:
     import httpx
 
     from tokenmill.server.serve import free_port
@@ -115,7 +116,7 @@ def _run_server(model_dir: str, reqs: list[BenchRequest], args: argparse.Namespa
         proc.wait(60)
 
 
-async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
+async def _drive(base: str, reqs: list[Request], concurrency: int) -> dict:
     import httpx
     from tqdm import tqdm
 
@@ -126,7 +127,7 @@ async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
     async def client(http: httpx.AsyncClient) -> None:
         while queue:
             r = queue.pop()
-            body = {"model": "bench", "prompt": r.prompt_token_ids, "max_tokens": r.max_tokens, "temperature": 0,
+            body = {"model": "bench", "prompt": r.prompt, "max_tokens": r.output_len, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             last = None
             async with http.stream("POST", "/v1/completions", json=body) as resp:
@@ -147,7 +148,7 @@ async def _drive(base: str, reqs: list[BenchRequest], concurrency: int) -> dict:
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
-        await http.post("/v1/completions", json={"model": "bench", "prompt": reqs[0].prompt_token_ids[:16],
+        await http.post("/v1/completions", json={"model": "bench", "prompt": reqs[0].prompt[:16],
                                                  "max_tokens": 2})  # warm-up
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))

@@ -15,7 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from tokenmill.bench.workload import BenchRequest, make_random_model, random_requests
+from tokenmill.bench.datasets import Request, token_id_requests
+from tokenmill.bench.workload import make_random_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,12 +47,12 @@ def run(args: argparse.Namespace) -> dict:
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     vocab = llm.engine.model_config.vocab_size
-    reqs = random_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
     weight_bytes = llm.engine.runner.weight_bytes
     results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes}
 
     # Warm up once (allocator, kernels), then measure.
-    llm.generate({"prompt_token_ids": reqs[0].prompt_token_ids[:16]}, SamplingParams(max_tokens=2))
+    llm.generate({"prompt_token_ids": reqs[0].prompt[:16]}, SamplingParams(max_tokens=2))
     tm = _run_tokenmill(llm, reqs)
     results["tokenmill"] = tm
     _print("tokenmill", tm, weight_bytes)
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def _spread(reqs: list[BenchRequest], k: int) -> list[BenchRequest]:
+def _spread(reqs: list[Request], k: int) -> list[Request]:
     """k requests spread evenly over the list (keeps the length distribution of a subset honest)."""
     if k >= len(reqs):
         return reqs
@@ -106,12 +107,12 @@ def _print(name: str, r: dict, weight_bytes: int) -> None:
     print(line, flush=True)
 
 
-def _run_tokenmill(llm, reqs: list[BenchRequest]) -> dict:
+def _run_tokenmill(llm, reqs: list[Request]) -> dict:
     from tokenmill import SamplingParams
 
     engine = llm.engine
-    ids = [engine.add_request({"prompt_token_ids": r.prompt_token_ids},
-                              SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)) for r in reqs]
+    ids = [engine.add_request({"prompt_token_ids": r.prompt},
+                              SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)) for r in reqs]
     t0 = time.perf_counter()
     steps = 0
     done = {}
@@ -124,16 +125,16 @@ def _run_tokenmill(llm, reqs: list[BenchRequest]) -> dict:
             steps += 1
     dt = time.perf_counter() - t0
     out_tokens = sum(len(done[i].outputs[0].token_ids) for i in ids)
-    in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    in_tokens = sum(len(r.prompt) for r in reqs)
     return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + in_tokens) / dt, "steps": steps, "steps_per_s": steps / dt,
             "preemptions": engine.scheduler.num_preemptions}
 
 
-def _tokenmill_decode(llm, req: BenchRequest, n: int) -> float:
+def _tokenmill_decode(llm, req: Request, n: int) -> float:
     from tokenmill import SamplingParams
 
-    out = llm.generate({"prompt_token_ids": req.prompt_token_ids[:32]},
+    out = llm.generate({"prompt_token_ids": req.prompt[:32]},
                        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
     return 1.0 / out.metrics.mean_tpot
 
@@ -158,20 +159,20 @@ def _hf_generate(model, batch: list[list[int]], max_new: int, device: str) -> No
                        min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
 
-def _run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
+def _run_hf(model, reqs: list[Request], batch_size: int, device: str) -> dict:
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(reqs), batch_size), desc=f"transformers bs={batch_size}", unit="batch", leave=False):
         chunk = reqs[i : i + batch_size]
-        _hf_generate(model, [r.prompt_token_ids for r in chunk], max(r.max_tokens for r in chunk), device)
+        _hf_generate(model, [r.prompt for r in chunk], max(r.output_len for r in chunk), device)
     dt = time.perf_counter() - t0
-    out_tokens = sum(r.max_tokens for r in reqs)
-    in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    out_tokens = sum(r.output_len for r in reqs)
+    in_tokens = sum(len(r.prompt) for r in reqs)
     return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + in_tokens) / dt}
 
 
-def _hf_decode(model, req: BenchRequest, n: int, device: str) -> float:
-    prompt = req.prompt_token_ids[:32]
+def _hf_decode(model, req: Request, n: int, device: str) -> float:
+    prompt = req.prompt[:32]
     _hf_generate(model, [prompt], 2, device)  # warm up
     t0 = time.perf_counter()
     _hf_generate(model, [prompt], 1, device)

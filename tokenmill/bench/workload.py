@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 
 SMOLLM_135M_SHAPE = dict(
     hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
     vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
 )
-
-
-@dataclass
-class BenchRequest:
-    prompt_token_ids: list[int]
-    max_tokens: int
-
-
-def random_requests(num: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int,
-                    seed: int) -> list[BenchRequest]:
-    rng = random.Random(seed)
-    reqs = []
-    for _ in range(num):
-        n_in = rng.randint(*input_len)
-        n_out = rng.randint(*output_len)
-        reqs.append(BenchRequest([rng.randrange(10, vocab) for _ in range(n_in)], n_out))
-    return reqs
 
 
 def make_random_model(path: str, seed: int = 0, **shape) -> str:
