@@ -158,3 +158,23 @@ def test_sweep_writes_plots(server, tmp_path):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert len(json.loads(out.read_text())) == 2
+
+
+def test_max_concurrency_and_api_key(model_dir, tmp_path):
+    srv = ServerProcess(model_dir, "--kv-cache-memory", "0.02", "--api-key", "k1", "--log-level", "warning",
+                        log_path=str(tmp_path / "server.log"))
+    try:
+        common = ["--dataset", "random", "--num-prompts", "6", "--random-input-len", "20", "--random-output-len", "16",
+                  "--ignore-eos"]
+        seq = run(_args(srv.base_url, *common, "--api-key", "k1", "--max-concurrency", "1", "--model",
+                        os.path.basename(model_dir)))
+        assert seq["completed"] == 6
+        # One at a time: the requests' E2E latencies add up to (at most) the run's duration.
+        assert seq["e2el_ms"]["mean"] * 6 / 1000 <= seq["duration_s"] * 1.02
+        par = run(_args(srv.base_url, *common, "--api-key", "k1", "--model", os.path.basename(model_dir)))
+        assert par["e2el_ms"]["mean"] * 6 / 1000 > par["duration_s"] * 1.5  # all at once: they overlap
+        bad = run(_args(srv.base_url, *common, "--api-key", "wrong", "--model", "x"))
+        assert bad["completed"] == 0 and bad["failed"] == 6
+        assert any("HTTP 401" in e for e in bad["errors"])
+    finally:
+        srv.stop()
