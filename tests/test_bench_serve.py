@@ -12,7 +12,7 @@ import pytest
 
 from tests.server_utils import ServerProcess
 from tokenmill.bench.datasets import arrival_times, file_requests, random_requests, synthetic_chat_requests
-from tokenmill.bench.serve_load import run
+from tokenmill.bench.serve_load import RequestResult, run
 from tokenmill.cli import build_parser
 
 
@@ -178,3 +178,52 @@ def test_max_concurrency_and_api_key(model_dir, tmp_path):
         assert any("HTTP 401" in e for e in bad["errors"])
     finally:
         srv.stop()
+
+
+# -- odd servers, through httpx's mock transport ---------------------------------------------------
+def _mock_run(handler) -> RequestResult:  # noqa: F821
+    import asyncio
+
+    import httpx
+
+    from tokenmill.bench.serve_load import _one
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            return await _one(http, "http://x/v1/completions", {}, timeout=5)
+
+    return asyncio.run(main())
+
+
+def _sse(*events: str) -> bytes:
+    return "".join(f"data: {e}\n\n" for e in events).encode()
+
+
+def test_streams_from_odd_servers_are_measured_or_counted_as_failures():
+    import httpx
+
+    chunk = '{"choices": [{"index": 0, "text": "a"}]}'
+    # No usage at all: tokens are counted from the chunks.
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse(chunk, chunk, chunk, "[DONE]")))
+    assert r.ok and r.output_tokens == 3 and len(r.itls) == 2 and r.tpot is not None
+    # Errors in every shape keep their message.
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse(chunk, '{"error": "boom"}', "[DONE]")))
+    assert not r.ok and "boom" in r.error
+    r = _mock_run(lambda req: httpx.Response(503, json={"error": {"message": None}}))
+    assert not r.ok and r.error.startswith("HTTP 503")
+    r = _mock_run(lambda req: httpx.Response(500, text="<html>oops</html>"))
+    assert not r.ok and "oops" in r.error
+    # A stream cut short, or one with no tokens, is a failure, not a fast success.
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse(chunk)))
+    assert not r.ok and "[DONE]" in r.error
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse('{"choices": null}', "[DONE]")))
+    assert not r.ok and r.error == "no output"
+
+
+def test_bad_settings_fail_before_anything_is_sent():
+    for extra in (["--sweep", ","], ["--sweep", "1,0"], ["--request-rate", "nan"], ["--slo", "ttft_ms=nan"],
+                  ["--max-concurrency", "0"], ["--random-range-ratio", "-1", "--dataset", "random"]):
+        with pytest.raises(ValueError):
+            run(_args("http://127.0.0.1:9", *extra))
+    with pytest.raises(ValueError, match="cannot list models"):
+        run(_args("http://127.0.0.1:9", "--num-prompts", "1"))

@@ -205,3 +205,16 @@ def test_priority_runs_first(model_dir):
                         priority=[5, 0, -3])
     order = sorted(outs, key=lambda o: o.metrics.first_scheduled_time)
     assert [o.prompt for o in order] == [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+
+
+def test_stream_and_generate_interleave(llm):
+    """A paused stream() and a generate() share the engine: neither loses the other's outputs."""
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    want = llm.generate("Hello world", greedy)[0].outputs[0].text
+    a = llm.stream("Hello world", greedy)
+    first = next(a)
+    short = "".join(llm.stream("Hello world", SamplingParams(max_tokens=5, temperature=0)))
+    mid = llm.generate(["The quick", "Hello world"], greedy)[1].outputs[0].text
+    assert first + "".join(a) == want == mid
+    assert want.startswith(short)
+    assert not llm.engine.has_unfinished_requests() and not llm._latest

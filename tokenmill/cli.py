@@ -76,8 +76,8 @@ def _chat(args: argparse.Namespace) -> int:
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except ValueError as e:  # e.g. the conversation outgrew the context window
-            print(f"error: {e}", file=sys.stderr)
+        except (ValueError, RuntimeError) as e:  # the conversation outgrew the context; an engine fault
+            print(f"\nerror: {e}", file=sys.stderr)
             history.pop()
             continue
         sys.stdout.write("\n")
@@ -137,7 +137,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning (default; info for serve), error")
+    parser.add_argument("--log-level", default=None, type=str.lower,
+                        choices=["debug", "info", "warning", "error", "critical"],
+                        help="default: warning (info for serve)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",

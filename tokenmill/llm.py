@@ -36,6 +36,7 @@ class LLM:
             raise TypeError(f"LLM() got unknown settings {sorted(unknown)}; known: {sorted(fields)}")
         self.config = EngineConfig(model=model or default_model_path(), **kwargs)
         self.engine = LLMEngine(self.config)
+        self._latest: dict[str, RequestOutput] = {}  # newest unread output per request
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -67,20 +68,30 @@ class LLM:
         emitted, finished = 0, False
         try:
             while not finished:
-                for out in engine.step():
-                    if out.request_id != rid:
-                        continue
-                    if out.error is not None:
-                        raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
-                    c = out.outputs[0]
-                    finished = out.finished
-                    end = safe_stream_end(c.text, params.stop or [], finished, emitted)
-                    if end > emitted:
-                        yield c.text[emitted:end]
-                        emitted = end
+                out = self._latest.pop(rid, None)
+                if out is None:
+                    self._step()
+                    continue
+                if out.error is not None:
+                    raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
+                c = out.outputs[0]
+                finished = out.finished
+                end = safe_stream_end(c.text, params.stop or [], finished, emitted)
+                if end > emitted:
+                    yield c.text[emitted:end]
+                    emitted = end
         finally:
+            self._latest.pop(rid, None)
             if not finished:
                 engine.abort_request(rid)
+
+    def _step(self) -> None:
+        """One engine step; each request's newest output is kept until its caller reads it, so
+        interleaved stream() and generate() calls never lose each other's outputs."""
+        if not self.engine.has_unfinished_requests():
+            raise RuntimeError("the engine has no unfinished requests but outputs are missing")
+        for out in self.engine.step():
+            self._latest[out.request_id] = out
 
     def generate(
         self,
@@ -116,15 +127,19 @@ class LLM:
             for p, sp, prio in zip(tokenized, params, prios):
                 ids.append(engine.add_request(p, sp, priority=prio))
             done: dict[str, RequestOutput] = {}
+            pending = set(ids)
             bar = _progress(len(ids)) if use_tqdm else None
-            while len(done) < len(ids):
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError("engine has no unfinished requests but outputs are missing")
-                for out in engine.step():
+            while pending:
+                self._step()
+                for rid in list(pending):
+                    out = self._latest.get(rid)
+                    if out is None:
+                        continue
                     if out.error is not None:
-                        raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
+                        raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
                     if out.finished:
-                        done[out.request_id] = out
+                        done[rid] = self._latest.pop(rid)
+                        pending.discard(rid)
                         if bar is not None:
                             bar.update(1)
             if bar is not None:
@@ -132,6 +147,7 @@ class LLM:
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)
+                self._latest.pop(rid, None)
             raise
         return [done[r] for r in ids]
 

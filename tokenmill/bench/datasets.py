@@ -38,6 +38,8 @@ class Request:
 
 
 def _lengths(rng: random.Random, mean: int, ratio: float) -> int:
+    if not 0 <= ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")
     lo, hi = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
     return rng.randint(lo, hi)
 
@@ -111,13 +113,18 @@ def file_requests(path: str, num: int | None = None) -> list[Request]:
             try:
                 obj = json.loads(line)
                 prompt, out_len = obj["prompt"], int(obj["output_len"])
+                if not (isinstance(prompt, str) or (isinstance(prompt, list)
+                                                    and all(isinstance(t, int) for t in prompt))):
+                    raise TypeError("'prompt' must be a string or a list of token ids")
+                if out_len < 1:
+                    raise ValueError("'output_len' must be >= 1")
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"--dataset-path: line {lineno} of {path} needs 'prompt' and 'output_len': {e}") \
                     from None
             plen = int(obj.get("prompt_len") or (len(prompt) if isinstance(prompt, list) else len(prompt.split())))
-            reqs.append(Request(prompt, plen, out_len))
             if num is not None and len(reqs) >= num:
                 break
+            reqs.append(Request(prompt, plen, out_len))
     if not reqs:
         raise ValueError(f"--dataset-path: {path} has no requests")
     return reqs
@@ -126,10 +133,10 @@ def file_requests(path: str, num: int | None = None) -> list[Request]:
 def arrival_times(num: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Send times (seconds from start): gamma inter-arrivals with shape `burstiness` and mean
     1/rate (burstiness 1 = Poisson; < 1 burstier, > 1 more regular); rate inf = all at 0."""
+    if not rate > 0 or not burstiness > 0 or math.isinf(burstiness):
+        raise ValueError("--request-rate and --burstiness must be positive")
     if math.isinf(rate):
         return [0.0] * num
-    if rate <= 0 or burstiness <= 0:
-        raise ValueError("--request-rate and --burstiness must be positive")
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(num):

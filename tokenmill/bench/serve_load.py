@@ -62,7 +62,9 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
-        return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        if self.output_tokens < 2 or not self.itls:
+            return None
+        return (self.e2el - self.ttft) / (self.output_tokens - 1)
 
 
 def parse_slo(text: str) -> dict[str, float]:
@@ -71,7 +73,12 @@ def parse_slo(text: str) -> dict[str, float]:
         key, _, value = part.partition("=")
         if key not in ("ttft_ms", "tpot_ms", "e2el_ms") or not value:
             raise ValueError(f"--slo: expected ttft_ms=..., tpot_ms=..., e2el_ms=..., got {part!r}")
-        slo[key] = float(value)
+        try:
+            slo[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--slo: {part!r} is not a number") from None
+        if not slo[key] > 0:
+            raise ValueError(f"--slo: {key} must be a positive number of milliseconds")
     return slo
 
 
@@ -90,8 +97,8 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0}
+    if not values:  # nothing measured: NaN, not a flattering 0
+        return {"mean": math.nan, "median": math.nan, "p90": math.nan, "p99": math.nan}
     v = sorted(values)
 
     def pct(q: float) -> float:  # linear interpolation, as numpy's default
@@ -121,63 +128,92 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
     }
     good = 0
     for r in done:
-        checks = {"ttft_ms": r.ttft * 1000, "tpot_ms": (r.tpot or 0.0) * 1000, "e2el_ms": r.e2el * 1000}
+        tpot = r.tpot if r.tpot is not None else (r.e2el - r.ttft)  # one token: its whole decode time
+        checks = {"ttft_ms": r.ttft * 1000, "tpot_ms": tpot * 1000, "e2el_ms": r.e2el * 1000}
         good += all(checks[k] <= target for k, target in slo.items())
     out["goodput"] = {"request_rate": good / duration, "fraction": good / max(1, len(results)), "slo": slo}
     return out
 
 
 async def _first_model(http, base: str) -> str:
-    r = await http.get(base + "/v1/models")
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    try:
+        r = await http.get(base + "/v1/models")
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except Exception as e:
+        raise ValueError(f"--base-url: cannot list models at {base}/v1/models ({type(e).__name__}: {e}); "
+                         "is the server up? (--model skips this)") from None
 
 
 async def _one(http, url: str, body: dict, timeout: float) -> RequestResult:
     res = RequestResult()
     start = time.perf_counter()
-    last = None
     try:
-        async with http.stream("POST", url, json=body, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                try:
-                    msg = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    msg = text[:200]
-                res.error = f"HTTP {resp.status_code}: {msg[:120]}"
-                return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    res.error = f"stream error: {chunk['error'].get('message', '')[:120]}"
-                    return res
-                if chunk.get("usage"):
-                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    res.output_tokens = chunk["usage"]["completion_tokens"]
-                for c in chunk.get("choices", []):
-                    piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-                    if piece:
-                        now = time.perf_counter()
-                        if last is None:
-                            res.ttft = now - start
-                        else:
-                            res.itls.append(now - last)
-                        last = now
-        res.e2el = time.perf_counter() - start
-        if last is None:
-            res.ttft = res.e2el  # nothing but empty chunks: the first token came with the end
-        res.ok = res.output_tokens > 0 or last is not None
-        if not res.ok:
-            res.error = "no output"
-    except Exception as e:  # a dropped connection or a timeout is a failed request, counted below
-        res.error = f"{type(e).__name__}: {str(e)[:120]}"
+        await asyncio.wait_for(_stream(http, url, body, res, start), timeout)
+    except asyncio.TimeoutError:
+        res.ok, res.error = False, f"timed out after {timeout:g}s"
+    except Exception as e:  # a dropped connection or bad data is a failed request, counted in the report
+        res.ok, res.error = False, f"{type(e).__name__}: {str(e)[:120]}"
     return res
+
+
+def _error_message(obj) -> str:
+    err = obj.get("error") if isinstance(obj, dict) else obj
+    if isinstance(err, dict):
+        err = err.get("message")
+    return str(err if err is not None else obj)[:120]
+
+
+async def _stream(http, url: str, body: dict, res: RequestResult, start: float) -> None:
+    last = None
+    chunks = 0
+    done = False
+    async with http.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")
+            try:
+                msg = _error_message(json.loads(text))
+            except ValueError:
+                msg = text[:120]
+            res.error = f"HTTP {resp.status_code}: {msg}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                res.error = f"stream error: {_error_message(chunk)}"
+                return
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                res.output_tokens = int(usage.get("completion_tokens") or 0)
+            # Every chunk carrying a choice marks a token step (as vLLM's client counts them);
+            # usage-only chunks do not.
+            if chunk.get("choices"):
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itls.append(now - last)
+                last = now
+                chunks += 1
+    res.e2el = time.perf_counter() - start
+    if not done:
+        res.error = "stream ended without [DONE]"
+        return
+    if last is None:
+        res.error = "no output"
+        return
+    if res.output_tokens == 0:  # a server that sends no usage: one token per chunk, the best estimate
+        res.output_tokens = chunks
+    res.ok = True
 
 
 async def run_once(args: argparse.Namespace, reqs: list[Request], rate: float, model: str | None = None,
@@ -297,16 +333,26 @@ def plot_sweep(results: list[dict], plot_dir: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict | list[dict]:
     if args.plot_dir and not args.sweep:
         raise ValueError("--plot-dir needs --sweep")
-    parse_slo(args.slo)  # fail on a bad --slo before sending anything
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    parse_slo(args.slo)  # fail on bad settings before sending anything
+    if args.sweep:
+        rates = sorted(_rate(x) for x in args.sweep.split(",") if x.strip())
+        if not rates:
+            raise ValueError("--sweep: give one or more rates, e.g. 1,2,4,inf")
+    else:
+        rates = [_rate(str(args.request_rate))]
     reqs = build_requests(args)
     if args.sweep:
-        rates = [float(x) for x in args.sweep.split(",") if x.strip()]
         results = []
         for rate in rates:
             s = asyncio.run(run_once(args, reqs, rate))
             s["offered_rate"] = rate
             print(format_report(s), flush=True)
             results.append(s)
+            _write_json(args.json, [_jsonable(x) for x in results])  # a failure later keeps these
         print(f"\n{'rate':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
               f"{'TPOT p99':>9} {'E2E p50':>9} {'goodput':>8} {'failed':>6}")
         for s in results:
@@ -319,10 +365,20 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
                 print(f"wrote {path}")
         _write_json(args.json, [_jsonable(s) for s in results])
         return results
-    s = asyncio.run(run_once(args, reqs, args.request_rate))
+    s = asyncio.run(run_once(args, reqs, rates[0]))
     print(format_report(s))
     _write_json(args.json, _jsonable(s))
     return s
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ValueError(f"request rate {text!r} is not a number or 'inf'") from None
+    if not rate > 0:
+        raise ValueError(f"request rate must be > 0 (or inf), got {text}")
+    return rate
 
 
 def _jsonable(s: dict) -> dict:

@@ -504,9 +504,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
             async def events() -> AsyncIterator[str]:
                 states = [_ChoiceState() for _ in range(req.n)]
-                for i in range(req.n):  # the role comes first, as OpenAI sends it
-                    yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None})
                 n_out = 0
                 async for batch in engine.stream(group):
                     for out in batch:
@@ -518,6 +515,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                             st = states[c.index]
                             if st.done:
                                 continue
+                            if not st.started:  # the role comes first, with the first token, as vLLM sends it
+                                st.started = True
+                                yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None})
                             end = _safe_text_end(c, params, c.finished(), st.text)
                             delta = c.text[st.text:end]
                             ntok = len(c.token_ids)

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
-    p.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info (default), warning, error")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.lower,
+                   choices=["debug", "info", "warning", "error", "critical"], help="default: info")
 
 
 def run(args: argparse.Namespace) -> int:
