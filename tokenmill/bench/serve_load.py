@@ -2,7 +2,7 @@
 
 Requests are sent on a seeded arrival schedule (Poisson, or gamma with --burstiness) and
 streamed; per request the client records TTFT (send to the first chunk carrying a choice),
-inter-token latencies (gaps between text chunks), E2E latency, and token counts from the
+inter-token latencies (gaps between those chunks), E2E latency, and token counts from the
 server's `usage`; TPOT = (E2E - TTFT) / (output tokens - 1). Failed requests are counted
 and their errors shown, never dropped. The flag names follow vLLM's benchmark_serving.
 """
