@@ -5,7 +5,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.detokenizer import BYTE_TO_UNICODE, IncrementalDetokenizer
 
 TEXT = "Café crème 日本語 😀🚀 naïve ✨ end"
 
@@ -16,17 +16,8 @@ def tok(model_dir):
 
 
 def _gpt2_ids(tok, text):
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_char = dict(zip(bs, map(chr, cs)))
     vocab = tok.get_vocab()
-    return [vocab[byte_char[b]] for b in text.encode("utf-8")]
+    return [vocab[BYTE_TO_UNICODE[b]] for b in text.encode("utf-8")]
 
 
 def _run(tok, ids, stop=(), prompt=(5, 6)):

@@ -80,3 +80,19 @@ def safe_stream_end(text: str, stop: list[str], finished: bool, emitted: int) ->
     if finished or not stop:
         return len(text)
     return max(emitted, len(text) - (max(len(s) for s in stop) - 1))
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte's stand-in character in vocabulary strings."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()

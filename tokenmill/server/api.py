@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.detokenizer import safe_stream_end
+from tokenmill.engine.detokenizer import BYTE_TO_UNICODE, safe_stream_end
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -151,20 +151,45 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
     return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
 
 
+@dataclass
+class _Delta:
+    """What one streamed chunk of a choice carries."""
+
+    text: str
+    text_start: int  # where `text` starts in the choice's full text
+    tokens: tuple[int, int]  # the [start, end) token range it covers
+    finish_reason: str | None
+    first: bool  # the choice's first chunk
+
+
 class _ChoiceState:
     """How much of one choice has been streamed."""
 
-    __slots__ = ("text", "tokens", "done", "started")
+    __slots__ = ("text", "tokens", "done")
 
     def __init__(self) -> None:
         self.text = 0
         self.tokens = 0
         self.done = False
-        self.started = False
+
+    def advance(self, c: CompletionOutput, params: SamplingParams) -> _Delta | None:
+        """The next chunk for this choice, or None when there is nothing new. One chunk per step
+        with new tokens, even when their text is held back (a partial character, a possible stop
+        string): clients time tokens by chunks."""
+        if self.done:
+            return None
+        end = safe_stream_end(c.text, params.stop or [], c.finished(), self.text)
+        ntok = len(c.token_ids)
+        reason = _finish_reason(c)
+        if end == self.text and reason is None and ntok == self.tokens:
+            return None
+        delta = _Delta(c.text[self.text:end], self.text, (self.tokens, ntok), reason, self.tokens == 0)
+        self.text, self.tokens, self.done = end, ntok, c.finished()
+        return delta
 
 
-def _safe_text_end(c: CompletionOutput, params: SamplingParams, finished: bool, already: int) -> int:
-    return safe_stream_end(c.text, params.stop or [], finished, already)
+class _StreamFailed(Exception):
+    pass
 
 
 def _finish_reason(c: CompletionOutput) -> str | None:
@@ -282,6 +307,31 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     def engine_error(out: RequestOutput) -> APIError:
         return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
 
+    async def open_request(request: Request, model: type[BaseModel]) -> tuple[Any, float]:
+        """What both generation endpoints do first: auth, admission, body, model, unsupported fields."""
+        arrival = time.time()
+        check_auth(request)
+        check_admitting()
+        req = await parse(request, model)
+        check_model(req.model)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        return req, arrival
+
+    async def choice_deltas(group, params: SamplingParams, states: dict[tuple[str, int], _ChoiceState]):
+        """(request output, choice, delta) for every streamable change; _StreamFailed on an engine error."""
+        async for batch in engine.stream(group):
+            for out in batch:
+                if out.error is not None:
+                    raise _StreamFailed(out.error)
+                for c in out.outputs:
+                    delta = states.setdefault((out.request_id, c.index), _ChoiceState()).advance(c, params)
+                    if delta is not None:
+                        yield out, c, delta
+
+    def stream_failed(e: _StreamFailed) -> list[str]:
+        return [_sse(error_body(500, f"the engine failed this request: {e}")), "data: [DONE]\n\n"]
+
     # -- logprob formats ------------------------------------------------------------------------
     def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, offset: int) -> dict[str, Any]:
         tokens, lps, tops, offsets = [], [], [], []
@@ -367,17 +417,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        arrival = time.time()
-        check_auth(request)
-        check_admitting()
-        req: CompletionRequest = await parse(request, CompletionRequest)
-        check_model(req.model)
+        req, arrival = await open_request(request, CompletionRequest)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
-        if req.logit_bias:
-            raise APIError(400, "logit_bias: not supported", param="logit_bias")
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo: echo together with logprobs is not supported", param="echo")
         p = req.prompt
@@ -406,42 +450,24 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
-                states: dict[tuple[int, int], _ChoiceState] = {}
-                completion_tokens: dict[tuple[int, int], int] = {}
-                async for batch in engine.stream(group):
-                    for out in batch:
-                        if out.error is not None:
-                            yield _sse(error_body(500, f"the engine failed this request: {out.error}"))
-                            yield "data: [DONE]\n\n"
-                            return
+                states: dict[tuple[str, int], _ChoiceState] = {}
+                try:
+                    async for out, c, d in choice_deltas(group, params, states):
                         pi = index[out.request_id]
-                        for c in out.outputs:
-                            key = (pi, c.index)
-                            st = states.setdefault(key, _ChoiceState())
-                            if st.done:
-                                continue
-                            end = _safe_text_end(c, params, c.finished(), st.text)
-                            text = c.text[st.text:end]
-                            if not st.started:
-                                text = prefix(pi) + text
-                                st.started = True
-                            ntok = len(c.token_ids)
-                            reason = _finish_reason(c)
-                            # One chunk per step with new tokens, even when their text is held back
-                            # (partial character, possible stop string): clients time tokens by chunks.
-                            if not text and reason is None and ntok == st.tokens:
-                                continue
-                            lp = (completion_logprobs(c, st.tokens, ntok, req.logprobs, st.text)
-                                  if req.logprobs is not None else None)
-                            st.text, st.tokens, st.done = end, ntok, c.finished()
-                            completion_tokens[key] = ntok
-                            yield _sse({"id": rid, "object": "text_completion", "created": int(arrival),
-                                        "model": name, "choices": [{
-                                            "index": pi * req.n + c.index, "text": text, "logprobs": lp,
-                                            "finish_reason": reason, "stop_reason": c.stop_reason if reason else None,
-                                        }]})
+                        lp = (completion_logprobs(c, *d.tokens, req.logprobs, d.text_start)
+                              if req.logprobs is not None else None)
+                        yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                    "choices": [{
+                                        "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
+                                        "logprobs": lp, "finish_reason": d.finish_reason,
+                                        "stop_reason": c.stop_reason if d.finish_reason else None,
+                                    }]})
+                except _StreamFailed as e:
+                    for event in stream_failed(e):
+                        yield event
+                    return
                 if include_usage:
-                    n_out = sum(completion_tokens.values())
+                    n_out = sum(st.tokens for st in states.values())
                     yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                 "choices": [], "usage": _usage(prompt_tokens, n_out)})
                 yield "data: [DONE]\n\n"
@@ -471,13 +497,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        arrival = time.time()
-        check_auth(request)
-        check_admitting()
-        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        check_model(req.model)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        req, arrival = await open_request(request, ChatCompletionRequest)
         if req.tools:
             raise APIError(400, "tools: tool calling is not supported yet", param="tools")
         if req.response_format is not None and req.response_format.type != "text":
@@ -503,36 +523,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
-                states = [_ChoiceState() for _ in range(req.n)]
-                n_out = 0
-                async for batch in engine.stream(group):
-                    for out in batch:
-                        if out.error is not None:
-                            yield _sse(error_body(500, f"the engine failed this request: {out.error}"))
-                            yield "data: [DONE]\n\n"
-                            return
-                        for c in out.outputs:
-                            st = states[c.index]
-                            if st.done:
-                                continue
-                            if not st.started:  # the role comes first, with the first token, as vLLM sends it
-                                st.started = True
-                                yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None})
-                            end = _safe_text_end(c, params, c.finished(), st.text)
-                            delta = c.text[st.text:end]
-                            ntok = len(c.token_ids)
-                            reason = _finish_reason(c)
-                            if not delta and reason is None and ntok == st.tokens:
-                                continue
-                            lp = {"content": chat_logprobs(c, st.tokens, ntok, k)} if k is not None else None
-                            st.text, st.tokens, st.done = end, ntok, c.finished()
-                            if st.done:
-                                n_out += ntok
-                            yield chunk({"index": c.index, "delta": {"content": delta} if delta else {},
-                                         "logprobs": lp, "finish_reason": reason,
-                                         "stop_reason": c.stop_reason if reason else None})
+                states: dict[tuple[str, int], _ChoiceState] = {}
+                try:
+                    async for _, c, d in choice_deltas(group, params, states):
+                        if d.first:  # the role comes first, with the first token, as vLLM sends it
+                            yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None})
+                        lp = {"content": chat_logprobs(c, *d.tokens, k)} if k is not None else None
+                        yield chunk({"index": c.index, "delta": {"content": d.text} if d.text else {},
+                                     "logprobs": lp, "finish_reason": d.finish_reason,
+                                     "stop_reason": c.stop_reason if d.finish_reason else None})
+                except _StreamFailed as e:
+                    for event in stream_failed(e):
+                        yield event
+                    return
                 if include_usage:
+                    n_out = sum(st.tokens for st in states.values())
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival),
                                 "model": name, "choices": [], "usage": _usage(len(ids), n_out)})
                 yield "data: [DONE]\n\n"
@@ -558,20 +564,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: vocabulary character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_LEVEL = _byte_level_decoder()
+_BYTE_LEVEL = {c: b for b, c in BYTE_TO_UNICODE.items()}
 _HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
