@@ -89,3 +89,28 @@ def test_engine_thread_death_fails_waiting_and_running_requests(engine):
         assert not ae.is_running
 
     asyncio.run(main())
+
+
+def test_a_slow_reader_holds_only_the_newest_snapshot(engine):
+    """Outputs are full snapshots: one not read yet is replaced by the next, so a reader that
+    falls behind costs O(length) memory, not a backlog of every step's snapshot."""
+    async def main():
+        ae = AsyncEngine(engine)
+        ae.start(asyncio.get_running_loop())
+        try:
+            group = await ae.add_requests([("slow", _prompt(engine), SamplingParams(max_tokens=40, ignore_eos=True))])
+            most_unread = 0
+            for _ in range(2000):  # do not read until the request is done; just watch the group
+                most_unread = max(most_unread, group.num_unread)
+                if engine.has_unfinished_requests() is False and group.num_unread:
+                    break
+                await asyncio.sleep(0.005)
+            assert most_unread == 1
+            (out,) = await group.get()
+            assert out.finished and len(out.outputs[0].token_ids) == 40
+            assert not group.pending
+        finally:
+            ae.release(group)
+            await asyncio.to_thread(ae.stop)
+
+    asyncio.run(main())

@@ -218,3 +218,27 @@ def test_stream_and_generate_interleave(llm):
     assert first + "".join(a) == want == mid
     assert want.startswith(short)
     assert not llm.engine.has_unfinished_requests() and not llm._latest
+
+
+def test_stop_token_text_is_not_in_the_output(llm):
+    """EOS or a stop_token_ids hit ends the text before that token (vLLM's behaviour); the id stays
+    in token_ids, and include_stop_str_in_output keeps the text."""
+    base = _tokens(llm, PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    want = llm.engine.tokenizer.decode(base.token_ids[:first], skip_special_tokens=False)
+    out = _tokens(llm, PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id],
+                  skip_special_tokens=False)
+    assert out.token_ids == base.token_ids[: first + 1]
+    assert out.text == want
+    kept = _tokens(llm, PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id],
+                   skip_special_tokens=False, include_stop_str_in_output=True)
+    assert kept.text == llm.engine.tokenizer.decode(base.token_ids[: first + 1], skip_special_tokens=False)
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = (stop_id,)
+    try:
+        eos = _tokens(llm, PROMPTS[0], max_tokens=12, temperature=0, skip_special_tokens=False)
+        assert eos.token_ids == base.token_ids[: first + 1] and eos.text == want
+    finally:
+        engine.eos_token_ids = saved

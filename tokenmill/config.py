@@ -212,6 +212,8 @@ class EngineConfig:
     # On GPU: the fraction of device memory the engine may use in total (weights + activations + KV).
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    # Reuse the KV of full blocks across requests that share a prefix (vLLM's name; on by default).
+    enable_prefix_caching: bool = True
     attention_backend: str = "torch"
     tokenizer: str | None = None
     load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)

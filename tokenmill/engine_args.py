@@ -22,6 +22,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in GiB (default: a share of free memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                   help="reuse the KV cache of shared prompt prefixes across requests")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -33,5 +35,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching,
         load_progress=getattr(args, "progress", True),
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import safe_stream_end
-from tokenmill.engine.llm_engine import LLMEngine, batch_params
+from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -120,7 +120,9 @@ class LLM:
         for p, sp in zip(prompts, params):
             text, token_ids = engine.tokenize(p)
             engine.check_request(token_ids, sp)
-            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+            salt = cache_salt(p)
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids,
+                              **({"cache_salt": salt} if salt is not None else {})})
 
         ids = []
         try:

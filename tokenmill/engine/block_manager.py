@@ -1,79 +1,265 @@
-"""Paged KV cache bookkeeping: which physical blocks each sequence owns.
+"""Paged KV cache bookkeeping: which physical blocks each sequence owns, and the prefix cache.
 
 No tensors here: the model runner owns the cache memory, this class only hands out block
-numbers. Blocks are reference counted so that later features (prefix caching, parallel
-samples sharing a prompt, beam search) can share a block between sequences; a block
-returns to the free list when its count reaches zero.
+numbers. Blocks are reference counted; a block is in exactly one of three states:
+
+- used: referenced by one or more live block tables (ref count > 0);
+- cached: unreferenced, but its full contents are known by hash and can be reused
+  (`_evictable`, least recently used first);
+- free: unreferenced, nothing worth keeping (`_free`).
+
+Prefix caching: a full block's key is sha256(parent key || its token ids || extra keys),
+with the cache salt as the extra key of a sequence's first block, so a key names the whole
+prefix up to the end of its block. Sha256 rather than Python's hash(): keys are stable across
+processes (a router or a prefill worker can compute the same keys from token ids alone) and a
+collision is as unlikely as a sha256 collision, so a hit needs no comparison of token ids. It
+costs about a microsecond per 16-token block. Only full blocks whose KV has been computed are
+registered; a fresh block is taken from the free list first and only then by evicting the
+least recently used cached block.
+
+Copy-on-write: `fork` shares every block of a sequence, including a partly filled last one.
+Before a sequence writes into a partly filled block that another table also references, it
+gets a fresh block and a (src, dst) copy is queued for the runner (`take_copies`), so no
+sequence ever writes into a block another reads. Full blocks are never written again.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 
 from tokenmill.engine.sequence import Sequence
 
+_ROOT_KEY = hashlib.sha256(b"tokenmill prefix cache v1").digest()
+
+
+def hash_block(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """The key of a full block: the parent key (32 bytes), then the block's token ids as int64,
+    then extra keys. The first two parts have fixed sizes, so the encoding is unambiguous."""
+    h = hashlib.sha256(parent)
+    h.update(array("q", token_ids).tobytes())
+    h.update(extra)
+    return h.digest()
+
+
+def salt_key(salt: str | None) -> bytes:
+    return b"" if salt is None else b"salt:" + salt.encode("utf-8")
+
+
+def block_hashes(token_ids: list[int], block_size: int, salt: str | None = None) -> list[bytes]:
+    """Keys of every full block of a token sequence (what a KV-aware router would compute)."""
+    out: list[bytes] = []
+    parent = _ROOT_KEY
+    for i in range(len(token_ids) // block_size):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], salt_key(salt) if i == 0 else b"")
+        out.append(parent)
+    return out
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached and unreferenced, LRU first
+        self._cached: dict[bytes, int] = {}  # block key -> block
+        self._block_key: list[bytes | None] = [None] * num_blocks
+        self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        # Prefix cache counters, in tokens (as vLLM counts them): looked up and found.
+        self.num_query_tokens = 0
+        self.num_hit_tokens = 0
+        self.num_evictions = 0
 
+    # -- state ----------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a new allocation can take: free plus cached-but-unreferenced (evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Unreferenced blocks that still hold a reusable prefix."""
+        return len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use, 0 when idle (the kv_cache_usage_perc metric)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        """Fraction of blocks referenced by live sequences, 0 when idle (kv_cache_usage_perc)."""
+        return self.num_used_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # -- hashing --------------------------------------------------------------------------------
+    def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        """Makes seq.block_hashes cover the full blocks among its first num_tokens tokens."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else _ROOT_KEY
+            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs],
+                                     salt_key(seq.cache_salt) if i == 0 else b""))
+
+    # -- prefix cache ---------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest prefix of seq's tokens. Changes nothing. At least the
+        last token is left out, so the step that completes the sequence has logits to sample."""
+        if not self.enable_prefix_caching or not seq.uses_prefix_cache or seq.block_table:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, max_blocks * self.block_size)
+        blocks = []
+        for key in seq.block_hashes[:max_blocks]:
+            block = self._cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Offers seq's newly computed full blocks to the cache (after a step wrote their KV). A
+        block whose key is already cached (two sequences computed the same prefix at once) stays
+        private and is freed plainly."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if seq.num_registered_blocks >= full:
+            return
+        self._extend_hashes(seq, full * self.block_size)
+        for i in range(seq.num_registered_blocks, full):
+            key, block = seq.block_hashes[i], seq.block_table[i]
+            if key not in self._cached and self._block_key[block] is None:
+                self._cached[key] = block
+                self._block_key[block] = key
+        seq.num_registered_blocks = full
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (blocks in use keep their contents, just not their keys)."""
+        for block in self._evictable:
+            self._free.append(block)
+        self._evictable.clear()
+        self._cached.clear()
+        self._block_key = [None] * self.num_blocks
+
+    # -- allocation -----------------------------------------------------------------------------
+    def _needs_copy(self, seq: Sequence) -> bool:
+        """True when seq's next write lands in a partly filled block another table references."""
+        pos = seq.num_computed_tokens
+        if pos % self.block_size == 0:
+            return False
+        idx = pos // self.block_size
+        return idx < len(seq.block_table) and self.ref_counts[seq.block_table[idx]] > 1
+
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
-        return max(0, self.blocks_needed(total) - len(seq.block_table))
+        return max(0, self.blocks_needed(total) - len(seq.block_table)) + self._needs_copy(seq)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= len(self._free)
+        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
+
+    def _take_fresh(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        else:  # evict the least recently used cached block
+            block, _ = self._evictable.popitem(last=False)
+            key = self._block_key[block]
+            self._block_key[block] = None
+            if key is not None and self._cached.get(key) == block:
+                del self._cached[key]
+            self.num_evictions += 1
+        assert self.ref_counts[block] == 0, f"block {block} on the free list is in use"
+        self.ref_counts[block] = 1
+        return block
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self._evictable[block]  # a cached block becomes used again
+        self.ref_counts[block] += 1
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Grows seq's block table to hold its computed tokens plus num_new_tokens. All or nothing."""
+        """Grows seq's block table to hold its computed tokens plus num_new_tokens (copying a
+        shared, partly filled last block first). All or nothing."""
         need = self.num_new_blocks(seq, num_new_tokens)
-        if need > len(self._free):
+        if need > self.num_free_blocks:
             return False
+        if self._needs_copy(seq):
+            idx = seq.num_computed_tokens // self.block_size
+            src = seq.block_table[idx]
+            dst = self._take_fresh()
+            self.ref_counts[src] -= 1  # still > 0: another table holds it
+            seq.block_table[idx] = dst
+            self._copies.append((src, dst))
+            need -= 1
         for _ in range(need):
-            block = self._free.popleft()
-            assert self.ref_counts[block] == 0, f"block {block} on the free list is in use"
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_fresh())
         return True
 
+    def allocate_with_prefix(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
+        """Admission: seq (owning no blocks yet) takes the cached prefix blocks from match_prefix,
+        then fresh blocks for num_new_tokens after them. All or nothing; counts the lookup."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        cached_tokens = len(cached) * self.block_size
+        reused_free = sum(1 for b in cached if self.ref_counts[b] == 0)  # leave the evictable pool
+        need = self.blocks_needed(cached_tokens + num_new_tokens) - len(cached)
+        if need > self.num_free_blocks - reused_free:
+            return False
+        for block in cached:
+            self._ref(block)
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = cached_tokens
+        seq.num_registered_blocks = len(cached)
+        for _ in range(need):
+            seq.block_table.append(self._take_fresh())
+        if self.enable_prefix_caching and seq.uses_prefix_cache:
+            self.num_query_tokens += seq.num_tokens
+            self.num_hit_tokens += cached_tokens
+        return True
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self._copies = self._copies, []
+        return copies
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Child shares all of parent's blocks (copy-on-write is the caller's business)."""
+        """Child shares all of parent's blocks; a write into a shared partly filled block copies it."""
         if child.block_table:
             raise ValueError("fork: child already owns blocks")
         for block in parent.block_table:
-            self.ref_counts[block] += 1
+            self._ref(block)
         child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        n = min(len(parent.block_hashes), parent.num_computed_tokens // self.block_size)
+        child.block_hashes = parent.block_hashes[:n]
+        child.num_registered_blocks = min(parent.num_registered_blocks, n)
 
     def free(self, seq: Sequence) -> None:
-        """Releases seq's references; safe to call twice (the second call finds an empty table)."""
+        """Releases seq's references; safe to call twice (the second call finds an empty table).
+        Cached blocks stay findable; the last block of a table is released first, so it is
+        evicted before the blocks its key depends on."""
         for block in reversed(seq.block_table):
             count = self.ref_counts[block]
             if count <= 0:
                 raise RuntimeError(f"double free of block {block} by {seq!r}")
             self.ref_counts[block] = count - 1
             if count == 1:
-                self._free.append(block)
+                if self._block_key[block] is not None:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
+    # -- checks ---------------------------------------------------------------------------------
     def check_invariants(self, live: list[Sequence]) -> None:
-        """For tests: counts equal the number of live tables holding each block; free list is exact."""
+        """For tests: counts equal the live tables; every block is exactly one of free, cached or
+        used; the key index matches the blocks' keys."""
         expected = [0] * self.num_blocks
         for seq in live:
             for block in seq.block_table:
@@ -83,5 +269,24 @@ class BlockManager:
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("a block is on the free list twice")
-        if free != {b for b in range(self.num_blocks) if expected[b] == 0}:
-            raise AssertionError("free list differs from the unreferenced blocks")
+        evictable = set(self._evictable)
+        if free & evictable:
+            raise AssertionError("a block is both free and cached")
+        if free | evictable != {b for b in range(self.num_blocks) if expected[b] == 0}:
+            raise AssertionError("free + cached blocks differ from the unreferenced blocks")
+        if len(free) + len(evictable) + sum(1 for c in expected if c > 0) != self.num_blocks:
+            raise AssertionError("free + cached + used != total")
+        if any(self._block_key[b] is not None for b in free):
+            raise AssertionError("a free block still has a cache key")
+        if any(self._block_key[b] is None for b in evictable):
+            raise AssertionError("a cached free block has no key")
+        if {b: k for k, b in self._cached.items()} != {b: k for b, k in enumerate(self._block_key) if k is not None}:
+            raise AssertionError("the key index disagrees with the blocks' keys")
+        for seq in live:
+            if seq.num_registered_blocks > len(seq.block_table):
+                raise AssertionError("more registered blocks than the table holds")
+            n = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+            for i in range(min(n, len(seq.block_table))):
+                key = self._block_key[seq.block_table[i]]
+                if key is not None and key != seq.block_hashes[i]:
+                    raise AssertionError(f"block {seq.block_table[i]} is cached under another prefix")

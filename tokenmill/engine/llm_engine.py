@@ -73,7 +73,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
         num_blocks = self.runner.allocate_kv_cache()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
@@ -117,6 +117,7 @@ class LLMEngine:
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
         self.check_request(token_ids, params)
+        salt = cache_salt(prompt)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -124,15 +125,19 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         params = _copy_params(params)
         params._eos_token_ids = self.eos_token_ids
-        req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority)
+        req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
         self.requests[request_id] = req
         for seq in req.seqs:
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
             self._seq_by_id[seq.seq_id] = seq
-            self.scheduler.add(seq)
+        self.scheduler.add_request(req.seqs)
         return request_id
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (for benchmarks and tests; blocks in use are unaffected)."""
+        self.block_manager.reset_prefix_cache()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request wherever it is; its blocks are freed at once."""
@@ -166,6 +171,8 @@ class LLMEngine:
             m = s.seq.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
+        if sched.block_copies:  # copy-on-write of shared partial blocks, before anything writes
+            self.runner.copy_blocks(sched.block_copies)
         try:
             result = self.runner.execute(sched)
         except Exception as e:
@@ -264,17 +271,21 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
+        # A stop token (EOS or stop_token_ids) ends the text before itself, as in vLLM; its id
+        # stays in token_ids. include_stop_str_in_output keeps its text.
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            if seq.finish_reason is not None:
+                if seq.detokenizer is not None and p.include_stop_str_in_output:
+                    seq.detokenizer.add_token(token, check_stop=False)
+                return self._finish(seq)
         if seq.detokenizer is not None:
             hit = seq.detokenizer.add_token(token, check_stop=n_out >= p.min_tokens)
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
-                return self._finish(seq)
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                seq.finish_reason = "stop"
-                return self._finish(seq)
-            if token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
                 return self._finish(seq)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
@@ -308,16 +319,28 @@ class LLMEngine:
             outputs=outs,
             finished=finished,
             metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens or 0,
         )
 
     # -- introspection ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         return {
             "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
             "kv_cache_usage_perc": self.block_manager.usage,
+            "num_requests_waiting": len(self.scheduler.waiting) + self.scheduler.num_fork_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.num_query_tokens,
+            "prefix_cache_hits": self.block_manager.num_hit_tokens,
+            "kv_cache_cached_blocks": self.block_manager.num_cached_free_blocks,
         }
+
+
+def cache_salt(prompt: str | dict | list[int]) -> str | None:
+    """A dict prompt's cache_salt (vLLM's field): requests share cached blocks only with equal salts."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("cache_salt: must be a non-empty string")
+    return salt
 
 
 def _copy_params(p: SamplingParams) -> SamplingParams:

@@ -130,6 +130,14 @@ class ModelRunner:
                     num_blocks * per_block / 2**20, source)
         return num_blocks
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies whole KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
     # -- one step -----------------------------------------------------------------------
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is not None and seq.generator is None:
@@ -168,6 +176,9 @@ class ModelRunner:
             if s.completes:
                 inp.logit_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
+                for sib in s.forks:  # samples sharing this prompt draw their first token from the same row
+                    inp.logit_rows.append(row0 + n - 1)
+                    inp.sample_seqs.append(sib)
             if self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
 

@@ -7,6 +7,17 @@ token, an unfinished prompt takes a chunk of whatever budget is left), then wait
 sequences are admitted in priority order. When the cache runs out of blocks, the
 lowest-priority running sequence is preempted by recompute: its blocks are freed and it
 returns to the waiting queue with 0 computed tokens, keeping its generated tokens.
+
+Prefix caching happens at admission: a waiting sequence first takes the cached blocks that
+hold the longest prefix of its tokens and starts computing after them. Its own full blocks
+are offered to the cache as soon as a step has computed them (`advance`).
+
+Samples of one request (n > 1) share their prompt: only sample 0 is queued; the others wait
+(FORK_WAITING) until the step that completes sample 0's prompt. That step samples a first
+token for each of them from the same logits row, and `advance` forks them onto sample 0's
+blocks, so the prompt is prefilled once. Samples that would push the batch past
+max_num_seqs are queued as ordinary sequences instead (they then reuse the prompt's full
+blocks through the prefix cache).
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int  # num_computed_tokens when scheduled: the chunk covers [start, start + num_new_tokens)
+    # Samples of the same request that fork off this chunk's logits row (it completes the prompt).
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
@@ -34,6 +47,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the step runs
 
     @property
     def num_batched_tokens(self) -> int:
@@ -51,6 +65,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
+        self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
         self.num_preemptions = 0
 
     # -- queue management -------------------------------------------------------------
@@ -58,21 +73,43 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
 
+    def add_request(self, seqs: list[Sequence]) -> None:
+        """Queues a request's samples: the first prefills the prompt, the others wait to fork."""
+        self.add(seqs[0])
+        if len(seqs) > 1:
+            for seq in seqs[1:]:
+                seq.status = SeqStatus.FORK_WAITING
+            self.fork_waiting[seqs[0].seq_id] = list(seqs[1:])
+
     def finish(self, seq: Sequence) -> None:
         """Removes a sequence (finished or aborted) from the queues and frees its blocks."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SeqStatus.FORK_WAITING:
+            for leader, sibs in list(self.fork_waiting.items()):
+                if seq in sibs:
+                    sibs.remove(seq)
+                    if not sibs:
+                        del self.fork_waiting[leader]
         self.block_manager.free(seq)
         seq.status = SeqStatus.FINISHED
+        # Samples still waiting for a leader that is gone run on their own.
+        orphans = self.fork_waiting.pop(seq.seq_id, None)
+        for sib in orphans or ():
+            self.add(sib)
+
+    @property
+    def num_fork_waiting(self) -> int:
+        return sum(len(v) for v in self.fork_waiting.values())
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + self.num_fork_waiting
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.fork_waiting)
 
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -99,15 +136,38 @@ class Scheduler:
         # Admit waiting sequences only when nothing had to be preempted this step.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.allocate(seq, num_new):
+            if seq.block_table:  # cannot happen: waiting sequences own no blocks
+                raise RuntimeError(f"{seq!r} is waiting but owns blocks")
+            cached = bm.match_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if not bm.allocate_with_prefix(seq, cached, num_new):
                 break
+            req = seq.request
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = len(cached) * bm.block_size
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
             budget -= num_new
+        self._attach_forks(out)
+        out.block_copies = bm.take_copies()
         return out
+
+    def _attach_forks(self, out: SchedulerOutput) -> None:
+        """Chunks that complete a prompt whose request has samples waiting take them along, as
+        many as max_num_seqs leaves room for; the rest are queued to run on their own."""
+        if not self.fork_waiting:
+            return
+        for s in out.scheduled:
+            sibs = self.fork_waiting.get(s.seq.seq_id)
+            if sibs is None or not s.completes or s.seq.num_output_tokens:
+                continue
+            del self.fork_waiting[s.seq.seq_id]
+            room = max(0, self.max_num_seqs - len(self.running) - sum(len(x.forks) for x in out.scheduled))
+            s.forks = sibs[:room]
+            for sib in sibs[room:]:
+                self.add(sib)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -118,6 +178,14 @@ class Scheduler:
         self.add(seq)
 
     def advance(self, out: SchedulerOutput) -> None:
-        """Marks the scheduled chunks as computed (their KV is now in the cache)."""
+        """Marks the scheduled chunks as computed (their KV is now in the cache), offers their
+        full blocks to the prefix cache, and forks waiting samples off completed prompts."""
+        bm = self.block_manager
         for s in out.scheduled:
-            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            seq = s.seq
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            bm.register_computed(seq)
+            for sib in s.forks:
+                bm.fork(seq, sib)
+                sib.status = SeqStatus.RUNNING
+                bisect.insort(self.running, sib, key=Sequence.sort_key)

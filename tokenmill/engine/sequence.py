@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Sample i > 0 of an n > 1 request, waiting for sample 0 to prefill the shared prompt.
+    FORK_WAITING = "fork_waiting"
     FINISHED = "finished"
 
     @property
@@ -43,6 +45,10 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix cache: hashes of the full blocks of token_ids computed so far (hash-chained), and
+    # how many leading blocks of block_table are already offered to the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -81,6 +87,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def cache_salt(self) -> str | None:
+        return self.request.cache_salt
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Requests that ask for prompt logprobs compute their whole prompt (no cache lookups), so
+        every position has its logprob; their blocks are still offered to the cache."""
+        return self.request.params.prompt_logprobs is None
+
     def sort_key(self) -> tuple[int, float, int]:
         """Lower runs first: priority, then arrival, then submission order."""
         return (self.priority, self.arrival_time, self.seq_id)
@@ -102,6 +118,8 @@ class Request:
     metrics: RequestMetrics = field(init=False)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     aborted: bool = False
+    cache_salt: str | None = None  # only requests with the same salt share cached blocks
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

@@ -316,14 +316,25 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         if req.logit_bias:
             raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        if req.cache_salt is not None and not req.cache_salt:
+            raise APIError(400, "cache_salt: must be a non-empty string", param="cache_salt")
         return req, arrival
 
-    async def choice_deltas(group, params: SamplingParams, states: dict[tuple[str, int], _ChoiceState]):
-        """(request output, choice, delta) for every streamable change; _StreamFailed on an engine error."""
+    def prompt_dict(text: str | None, ids: list[int], cache_salt: str | None) -> dict[str, Any]:
+        d: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
+        if cache_salt is not None:
+            d["cache_salt"] = cache_salt
+        return d
+
+    async def choice_deltas(group, params: SamplingParams, states: dict[tuple[str, int], _ChoiceState],
+                            cached: dict[str, int]):
+        """(request output, choice, delta) for every streamable change; _StreamFailed on an engine error.
+        cached collects each request's prefix-cache hit (known once it is scheduled)."""
         async for batch in engine.stream(group):
             for out in batch:
                 if out.error is not None:
                     raise _StreamFailed(out.error)
+                cached[out.request_id] = out.num_cached_tokens
                 for c in out.outputs:
                     delta = states.setdefault((out.request_id, c.index), _ChoiceState()).advance(c, params)
                     if delta is not None:
@@ -437,7 +448,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "prompt: the prompt list is empty", param="prompt")
         params = req.sampling_params(req.max_tokens, req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        reqs = [(f"{rid}-{i}", {"prompt": t, "prompt_token_ids": ids}, params) for i, (t, ids) in enumerate(prompts)]
+        reqs = [(f"{rid}-{i}", prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
         group = await submit(reqs, req.priority, arrival)
         # Choice index = prompt index * n + sample index, as in the OpenAI API.
         index = {r[0]: i for i, r in enumerate(reqs)}
@@ -451,8 +462,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], _ChoiceState] = {}
+                cached: dict[str, int] = {}
                 try:
-                    async for out, c, d in choice_deltas(group, params, states):
+                    async for out, c, d in choice_deltas(group, params, states, cached):
                         pi = index[out.request_id]
                         lp = (completion_logprobs(c, *d.tokens, req.logprobs, d.text_start)
                               if req.logprobs is not None else None)
@@ -469,7 +481,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 if include_usage:
                     n_out = sum(st.tokens for st in states.values())
                     yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                                "choices": [], "usage": _usage(prompt_tokens, n_out)})
+                                "choices": [], "usage": _usage(prompt_tokens, n_out, sum(cached.values()))})
                 yield "data: [DONE]\n\n"
 
             return _sse_response(events(), lambda: engine.release(group))
@@ -477,11 +489,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         async def collect() -> Response:
             final = await _collect(engine, group)
             choices = []
-            n_out = 0
+            n_out = n_cached = 0
             for r, _ in enumerate(reqs):
                 out = final[reqs[r][0]]
                 if out.error is not None:
                     return error_response(engine_error(out))
+                n_cached += out.num_cached_tokens
                 for c in out.outputs:
                     n_out += len(c.token_ids)
                     choices.append({
@@ -491,7 +504,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
                     })
             return JSONResponse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                                 "choices": choices, "usage": _usage(prompt_tokens, n_out)})
+                                 "choices": choices, "usage": _usage(prompt_tokens, n_out, n_cached)})
 
         return await _unless_disconnected(request, collect())
 
@@ -513,7 +526,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await submit([(rid, {"prompt": text, "prompt_token_ids": ids}, params)], req.priority, arrival)
+        group = await submit([(rid, prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
 
         def chunk(choice: dict[str, Any]) -> str:
             return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
@@ -524,8 +537,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], _ChoiceState] = {}
+                cached: dict[str, int] = {}
                 try:
-                    async for _, c, d in choice_deltas(group, params, states):
+                    async for _, c, d in choice_deltas(group, params, states, cached):
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
                             yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None})
@@ -540,7 +554,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 if include_usage:
                     n_out = sum(st.tokens for st in states.values())
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival),
-                                "model": name, "choices": [], "usage": _usage(len(ids), n_out)})
+                                "model": name, "choices": [], "usage": _usage(len(ids), n_out, cached.get(rid, 0))})
                 yield "data: [DONE]\n\n"
 
             return _sse_response(events(), lambda: engine.release(group))
@@ -557,7 +571,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             } for c in out.outputs]
             n_out = sum(len(c.token_ids) for c in out.outputs)
             return JSONResponse({"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
-                                 "choices": choices, "usage": _usage(len(ids), n_out)})
+                                 "choices": choices, "usage": _usage(len(ids), n_out, out.num_cached_tokens)})
 
         return await _unless_disconnected(request, collect())
 
@@ -593,9 +607,10 @@ async def _collect(engine: AsyncEngine, group) -> dict[str, RequestOutput]:
     return final
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _sse(obj: dict[str, Any]) -> str:

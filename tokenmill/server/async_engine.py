@@ -41,31 +41,38 @@ class EngineStats:
     num_requests_waiting: int = 0
     kv_cache_usage_perc: float = 0.0
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # tokens found there
+    kv_cache_cached_blocks: int = 0  # unreferenced blocks still holding a reusable prefix
 
 
 class RequestGroup:
     """Outputs of one or more requests (a completion with several prompts), on the event loop.
 
-    Each output is a full snapshot of its request, so a slow reader skips to the newest one
-    per request instead of working through a backlog.
+    Each output is a full snapshot of its request, so only the newest unread one per request
+    is kept: a slow reader skips ahead, and memory stays O(length) per request however far
+    behind it falls (a queue of snapshots would grow O(length^2)).
     """
 
     def __init__(self, request_ids: list[str]) -> None:
         self.request_ids = list(request_ids)
         self.pending = set(request_ids)
         self.rejected: Exception | None = None  # set by the engine thread when an add is refused
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._latest: dict[str, RequestOutput] = {}
+        self._ready = asyncio.Event()
 
     def put(self, out: RequestOutput) -> None:
-        self._queue.put_nowait(out)
+        self._latest[out.request_id] = out
+        self._ready.set()
+
+    @property
+    def num_unread(self) -> int:
+        return len(self._latest)
 
     async def get(self) -> list[RequestOutput]:
-        latest = {}
-        out = await self._queue.get()
-        latest[out.request_id] = out
-        while not self._queue.empty():
-            out = self._queue.get_nowait()
-            latest[out.request_id] = out
+        await self._ready.wait()
+        self._ready.clear()
+        latest, self._latest = self._latest, {}
         for out in latest.values():
             if out.finished:
                 self.pending.discard(out.request_id)
@@ -246,7 +253,9 @@ class AsyncEngine:
     def _publish(self, outputs: list[RequestOutput]) -> None:
         s = self.engine.stats()
         self.stats = EngineStats(int(s["num_requests_running"]), int(s["num_requests_waiting"]),
-                                 float(s["kv_cache_usage_perc"]), int(s["num_preemptions"]))
+                                 float(s["kv_cache_usage_perc"]), int(s["num_preemptions"]),
+                                 int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
+                                 int(s["kv_cache_cached_blocks"]))
         if outputs:
             self._call_soon(self._dispatch, outputs)
 

@@ -119,11 +119,20 @@ class _EngineGauges:
             ("tokenmill:num_requests_running", "Sequences in the running batch.", s.num_requests_running),
             ("tokenmill:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_requests_waiting),
             ("tokenmill:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", s.kv_cache_usage_perc),
+            ("tokenmill:kv_cache_cached_blocks",
+             "KV cache blocks no sequence references that still hold a reusable prefix (evicted LRU when needed).",
+             s.kv_cache_cached_blocks),
         ):
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
             g.add_metric([name], value)
             yield g
-        c = CounterMetricFamily("tokenmill:num_preemptions", "Sequences preempted (recomputed later).",
-                                labels=["model_name"])
-        c.add_metric([name], s.num_preemptions)
-        yield c
+        for metric, doc, value in (
+            ("tokenmill:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions),
+            ("tokenmill:prefix_cache_queries", "Tokens looked up in the prefix cache (at each admission).",
+             s.prefix_cache_queries),
+            ("tokenmill:prefix_cache_hits", "Tokens found in the prefix cache (their prefill was skipped).",
+             s.prefix_cache_hits),
+        ):
+            c = CounterMetricFamily(metric, doc, labels=["model_name"])
+            c.add_metric([name], value)
+            yield c
