@@ -134,6 +134,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prefix_cache(args: argparse.Namespace) -> int:
+    from tokenmill.bench.prefix_cache import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -200,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sv_arguments(sv)
     sv.set_defaults(func=_bench_serve)
+    pc = bench_sub.add_parser("prefix-cache", help="bench serve's shared-prefix and multi-turn workloads against "
+                              "`tokenmill serve` with prefix caching on, then off",
+                              description="Start `tokenmill serve` with prefix caching on, then off, run the "
+                              "shared-prefix and multi-turn workloads against each and print TTFT, throughput and "
+                              "hit rates side by side.")
+    from tokenmill.bench.prefix_cache import add_arguments as add_pc_arguments
+
+    add_pc_arguments(pc)
+    pc.set_defaults(func=_bench_prefix_cache)
     return parser
 
 

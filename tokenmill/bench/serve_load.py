@@ -5,6 +5,12 @@ streamed; per request the client records TTFT (send to the first chunk carrying 
 inter-token latencies (gaps between those chunks), E2E latency, and token counts from the
 server's `usage`; TPOT = (E2E - TTFT) / (output tokens - 1). Failed requests are counted
 and their errors shown, never dropped. The flag names follow vLLM's benchmark_serving.
+
+Prefix caching: every report sums `usage.prompt_tokens_details.cached_tokens` (tokenmill and
+vLLM send it) into a hit rate. --dataset multi-turn runs conversations whose turns go one
+after another, each resending the history with the server's real answers; after the timed run
+it tokenizes the prompts through the server's /tokenize to count how many prompt tokens a
+perfect cache could have served (possible reuse), the yardstick for the measured hit rate.
 """
 
 from __future__ import annotations
@@ -16,9 +22,20 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tokenmill.bench.datasets import Request, arrival_times, file_requests, random_requests, synthetic_chat_requests
+from tokenmill.bench.datasets import (
+    Conversation,
+    Request,
+    arrival_times,
+    file_requests,
+    multi_turn_conversations,
+    random_requests,
+    read_words,
+    shared_prefix_requests,
+    synthetic_chat_requests,
+)
 
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
@@ -27,16 +44,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     p.add_argument("--model", default=None, help="model id (default: the server's first model)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--dataset", choices=["random", "synthetic-chat", "file"], default="synthetic-chat")
+    p.add_argument("--dataset", choices=["random", "synthetic-chat", "shared-prefix", "multi-turn", "file"],
+                   default="synthetic-chat")
     p.add_argument("--dataset-path", help="JSONL for --dataset file: {\"prompt\": ..., \"output_len\": N} per line")
     p.add_argument("--random-input-len", type=int, default=256)
-    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=128,
+                   help="output tokens per request (random, shared-prefix) or per turn (multi-turn)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in len * [1-r, 1+r]")
     p.add_argument("--random-token-ids", action="store_true",
-                   help="random prompts as token ids (exact lengths; completions endpoint only)")
+                   help="random and shared-prefix prompts as token ids (exact lengths; completions endpoint only)")
     p.add_argument("--vocab-size", type=int, default=32000, help="id range for --random-token-ids")
-    p.add_argument("--shared-prefix-len", type=int, default=0, help="a common prefix of this many tokens")
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="random, synthetic-chat: a prefix of this many tokens common to all requests")
+    p.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: distinct system prompts (K)")
+    p.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens per system prompt")
+    p.add_argument("--question-len", type=int, default=64, help="shared-prefix: tokens of each request's question")
+    p.add_argument("--num-turns", type=int, default=4, help="multi-turn: requests per conversation")
+    p.add_argument("--turn-len", type=int, default=64, help="multi-turn: tokens of each new user message")
+    p.add_argument("--word-list", help="text prompts draw words from this file (whitespace-separated; default: "
+                   "common English words); for tokenizers without English words")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests; for multi-turn: conversations")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s ('inf': all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -56,9 +83,11 @@ class RequestResult:
     error: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens; None: not reported
     ttft: float = 0.0
     e2el: float = 0.0
     itls: list[float] = field(default_factory=list)
+    text: str = ""  # the generated text (choice 0); multi-turn sends it back
 
     @property
     def tpot(self) -> float | None:
@@ -82,15 +111,24 @@ def parse_slo(text: str) -> dict[str, float]:
     return slo
 
 
-def build_requests(args: argparse.Namespace) -> list[Request]:
+def build_requests(args: argparse.Namespace) -> list[Request] | list[Conversation]:
+    """The requests, or for multi-turn the conversations (--num-prompts of them)."""
+    words = read_words(args.word_list) if args.word_list else None
+    vocab = args.vocab_size if args.random_token_ids else None
+    if vocab and (args.endpoint == "chat" or args.dataset not in ("random", "shared-prefix")):
+        raise ValueError("--random-token-ids works with --endpoint completions and --dataset random or "
+                         "shared-prefix only")
     if args.dataset == "random":
-        vocab = args.vocab_size if args.random_token_ids else None
-        if vocab and args.endpoint == "chat":
-            raise ValueError("--random-token-ids works with --endpoint completions only")
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.seed, vocab, args.shared_prefix_len)
+                               args.random_range_ratio, args.seed, vocab, args.shared_prefix_len, words)
     if args.dataset == "synthetic-chat":
-        return synthetic_chat_requests(args.num_prompts, args.seed, args.shared_prefix_len)
+        return synthetic_chat_requests(args.num_prompts, args.seed, args.shared_prefix_len, words)
+    if args.dataset == "shared-prefix":
+        return shared_prefix_requests(args.num_prompts, args.num_prefixes, args.prefix_len, args.question_len,
+                                      args.random_output_len, args.random_range_ratio, args.seed, vocab, words)
+    if args.dataset == "multi-turn":
+        return multi_turn_conversations(args.num_prompts, args.num_turns, args.turn_len, args.random_output_len,
+                                        args.random_range_ratio, args.seed, words)
     if not args.dataset_path:
         raise ValueError("--dataset file needs --dataset-path")
     return file_requests(args.dataset_path, args.num_prompts)
@@ -126,6 +164,11 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
         "itl_ms": _percentiles([x * 1000 for r in done for x in r.itls]),
         "e2el_ms": _percentiles([r.e2el * 1000 for r in done]),
     }
+    # Hit rate over the requests whose server reported cached tokens; None, not 0, when none did.
+    known = [r for r in done if r.cached_tokens is not None]
+    cached, prompt = sum(r.cached_tokens for r in known), sum(r.prompt_tokens for r in known)
+    out["cached_tokens"] = cached if known else None
+    out["prefix_hit_rate"] = cached / prompt if known and prompt else None
     good = 0
     for r in done:
         tpot = r.tpot if r.tpot is not None else (r.e2el - r.ttft)  # one token: its whole decode time
@@ -168,6 +211,7 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
     last = None
     chunks = 0
     done = False
+    pieces: list[str] = []
     async with http.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             text = (await resp.aread()).decode(errors="replace")
@@ -194,6 +238,9 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
             if isinstance(usage, dict):
                 res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 res.output_tokens = int(usage.get("completion_tokens") or 0)
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                    res.cached_tokens = int(details["cached_tokens"])
             # Every chunk carrying a choice marks a token step (as vLLM's client counts them);
             # usage-only chunks do not.
             if chunk.get("choices"):
@@ -204,6 +251,10 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
                     res.itls.append(now - last)
                 last = now
                 chunks += 1
+                for c in chunk["choices"]:
+                    if isinstance(c, dict) and c.get("index", 0) == 0:
+                        piece = c["delta"].get("content") if isinstance(c.get("delta"), dict) else c.get("text")
+                        pieces.append(piece or "")
     res.e2el = time.perf_counter() - start
     if not done:
         res.error = "stream ended without [DONE]"
@@ -213,11 +264,106 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
         return
     if res.output_tokens == 0:  # a server that sends no usage: one token per chunk, the best estimate
         res.output_tokens = chunks
+    res.text = "".join(pieces)
     res.ok = True
 
 
-async def run_once(args: argparse.Namespace, reqs: list[Request], rate: float, model: str | None = None,
-                   progress: bool = True) -> dict:
+Prompt = str | list[int] | list[dict]  # what one request sends: completions text or ids, or chat messages
+Turn = tuple[Prompt | None, RequestResult]  # (None, failure) for a turn never sent
+
+
+async def run_conversation(conv: Conversation, endpoint: str,
+                           send: Callable[[Prompt, int], Awaitable[RequestResult]]) -> list[Turn]:
+    """Sends the turns one after another: turn k carries turns 1..k-1 with the server's own answers
+    and the new user message. A failed turn ends the conversation; its later turns count as failed."""
+    turns: list[Turn] = []
+    messages: list[dict] = []
+    transcript = ""
+    for k, (user, max_tokens) in enumerate(zip(conv.user_turns, conv.output_lens)):
+        if endpoint == "chat":
+            messages = [*messages, {"role": "user", "content": user}]
+            prompt: Prompt = messages
+        else:
+            # A plain transcript needs no chat template; the answer goes in exactly as generated,
+            # so each prompt extends the previous prompt + answer, as a cache would want.
+            transcript += ("\n" if k else "") + f"User: {user}\nAssistant:"
+            prompt = transcript
+        res = await send(prompt, max_tokens)
+        turns.append((prompt, res))
+        if not res.ok:
+            turns += [(None, RequestResult(error=f"not sent: turn {k + 1} failed"))
+                      for _ in conv.user_turns[k + 1:]]
+            break
+        messages = [*messages, {"role": "assistant", "content": res.text}]
+        transcript += res.text
+    return turns
+
+
+class _NoTokenize(Exception):
+    pass
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+async def possible_reuse(http, base: str, model: str, endpoint: str, conversations: list[list[Turn]],
+                         cached_tokens: int | None, concurrency: int = 8) -> dict:
+    """How many prompt tokens a perfect prefix cache could have served: for each turn k > 1 whose
+    turn k-1 completed, the longest common token prefix of its prompt and tokens(turn k-1's prompt)
+    + tokens(turn k-1's answer), capped at its length - 1 (the last prompt token is always computed).
+    An upper bound: a server caches whole blocks, and the answer's last token never went through the
+    model. Hits from other conversations (a shared chat-template header) are not counted as possible,
+    so hit_rate_vs_possible can exceed 1. Tokenizes through /tokenize; without it, reported as unavailable."""
+    import httpx
+
+    async def tokenize(payload: dict) -> list[int]:
+        r = await http.post(base + "/tokenize", json={"model": model, **payload})
+        if r.status_code != 200:
+            raise _NoTokenize(f"/tokenize answered HTTP {r.status_code}")
+        data = r.json()
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list):
+            raise _NoTokenize("/tokenize sent no token list")
+        return tokens
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def conversation(turns: list[Turn]) -> tuple[int, int]:
+        reuse, prompt_tokens, prev = 0, 0, None  # prev: ids of the previous prompt + its answer
+        async with sem:
+            for k, (prompt, res) in enumerate(turns):
+                if not res.ok:
+                    break
+                ids = await tokenize({"messages": prompt} if endpoint == "chat" else {"prompt": prompt})
+                prompt_tokens += len(ids)
+                if prev is not None:
+                    reuse += max(0, min(_common_prefix(prev, ids), len(ids) - 1))
+                if k + 1 < len(turns):
+                    prev = ids + await tokenize({"prompt": res.text, "add_special_tokens": False})
+        return reuse, prompt_tokens
+
+    try:
+        counts = await asyncio.gather(*(conversation(t) for t in conversations))
+    except (_NoTokenize, httpx.HTTPError, ValueError) as e:  # ValueError: a body that is not JSON
+        why = str(e) if isinstance(e, _NoTokenize) else f"{type(e).__name__}: {str(e)[:120]}"
+        return {"possible_reuse_tokens": None, "possible_reuse_rate": None, "hit_rate_vs_possible": None,
+                "possible_reuse_error": why}
+    reuse, prompt_tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return {"possible_reuse_tokens": reuse,
+            "possible_reuse_rate": reuse / prompt_tokens if prompt_tokens else None,
+            "hit_rate_vs_possible": cached_tokens / reuse if cached_tokens is not None and reuse else None,
+            "possible_reuse_error": None}
+
+
+async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversation], rate: float,
+                   model: str | None = None, progress: bool = True, transport=None) -> dict:
+    """One run at one rate; transport (an httpx transport) replaces the network in tests."""
     import httpx
     from tqdm import tqdm
 
@@ -225,39 +371,54 @@ async def run_once(args: argparse.Namespace, reqs: list[Request], rate: float, m
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency or 1000, max_keepalive_connections=100)
     slo = parse_slo(args.slo)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=args.timeout) as http:
+    convs = [c for c in reqs if isinstance(c, Conversation)]
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=args.timeout, transport=transport) as http:
         model = model or args.model or await _first_model(http, base)
         url = base + ("/v1/completions" if args.endpoint == "completions" else "/v1/chat/completions")
+        # --max-concurrency limits requests in flight; a conversation holds no slot between its turns.
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         schedule = arrival_times(len(reqs), rate, args.burstiness, args.seed)
-        bar = tqdm(total=len(reqs), desc=f"rate {rate:g}", unit="req", leave=False, disable=not progress)
+        total = sum(len(c.user_turns) for c in convs) if convs else len(reqs)
+        bar = tqdm(total=total, desc=f"rate {rate:g}", unit="req", leave=False, disable=not progress)
 
-        def body(r: Request) -> dict:
-            b = {"model": model, "max_tokens": r.output_len, "stream": True, "temperature": 0.0,
-                 "stream_options": {"include_usage": True}}
+        async def send(prompt: Prompt, max_tokens: int) -> RequestResult:
+            body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
+                    "stream_options": {"include_usage": True}}
+            body["messages" if args.endpoint == "chat" else "prompt"] = prompt
             if args.ignore_eos:
-                b["ignore_eos"] = True
-            if args.endpoint == "completions":
-                b["prompt"] = r.prompt
-            else:
-                b["messages"] = [{"role": "user", "content": r.prompt}]
-            return b
-
-        async def send(r: Request, at: float, t0: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+                body["ignore_eos"] = True
             if sem is None:
-                res = await _one(http, url, body(r), args.timeout)
+                res = await _one(http, url, body, args.timeout)
             else:
                 async with sem:
-                    res = await _one(http, url, body(r), args.timeout)
+                    res = await _one(http, url, body, args.timeout)
             bar.update(1)
             return res
 
+        async def single(r: Request, at: float, t0: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            chat = r.messages or [{"role": "user", "content": r.prompt}]
+            return await send(chat if args.endpoint == "chat" else r.prompt, r.output_len)
+
+        async def converse(c: Conversation, at: float, t0: float) -> list[Turn]:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            turns = await run_conversation(c, args.endpoint, send)
+            bar.update(sum(p is None for p, _ in turns))
+            return turns
+
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(send(r, at, t0) for r, at in zip(reqs, schedule)))
+        if convs:
+            conversations = await asyncio.gather(*(converse(c, at, t0) for c, at in zip(convs, schedule)))
+            results = [res for turns in conversations for _, res in turns]
+        else:
+            results = await asyncio.gather(*(single(r, at, t0) for r, at in zip(reqs, schedule)))
         duration = time.perf_counter() - t0
         bar.close()
-    out = summarize(list(results), duration, slo, rate)
+        out = summarize(list(results), duration, slo, rate)
+        out["dataset"] = args.dataset
+        if convs:  # tokenizing after the clock stopped keeps it out of the timings
+            out["num_conversations"], out["num_turns"] = len(convs), max(len(c.user_turns) for c in convs)
+            out.update(await possible_reuse(http, base, model, args.endpoint, conversations, out["cached_tokens"]))
     out["model"] = model
     return out
 
@@ -285,7 +446,24 @@ def format_report(s: dict) -> str:
                        ("e2el_ms", "E2E (ms)")):
         v = s[key]
         lines.append(f"{label:<14}{v['mean']:>10.1f}{v['median']:>10.1f}{v['p90']:>10.1f}{v['p99']:>10.1f}")
+    if s["cached_tokens"] is None:
+        lines.append(f"{'prefix cache hits:':<34}not reported by the server (usage.prompt_tokens_details)")
+    else:
+        lines.append(f"{'prefix cache hits (tokens):':<34}{s['cached_tokens']}  (hit rate "
+                     f"{_pct(s['prefix_hit_rate'])} of prompt tokens)")
+    if "possible_reuse_tokens" in s:
+        lines.append(f"{'conversations x turns:':<34}{s['num_conversations']} x {s['num_turns']}")
+        if s["possible_reuse_tokens"] is None:
+            lines.append(f"{'possible reuse:':<34}unavailable ({s['possible_reuse_error']})")
+        else:
+            lines += [f"{'possible reuse (tokens):':<34}{s['possible_reuse_tokens']}  "
+                      f"({_pct(s['possible_reuse_rate'])} of prompt tokens)",
+                      f"{'hit rate vs possible:':<34}{_pct(s['hit_rate_vs_possible'])}"]
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def plot_sweep(results: list[dict], plot_dir: str) -> list[str]:
