@@ -114,3 +114,18 @@ def test_a_slow_reader_holds_only_the_newest_snapshot(engine):
             await asyncio.to_thread(ae.stop)
 
     asyncio.run(main())
+
+
+def test_an_unread_final_output_is_never_replaced():
+    from tokenmill.outputs import RequestOutput
+    from tokenmill.server.async_engine import RequestGroup
+
+    async def main():
+        group = RequestGroup(["a"])
+        group.put(RequestOutput("a", None, [], None, [], finished=False))
+        group.put(RequestOutput("a", None, [], None, [], finished=True))
+        group.put(RequestOutput("a", None, [], None, [], finished=True, error="engine stopped"))
+        (out,) = await group.get()
+        assert out.finished and out.error is None and not group.pending
+
+    asyncio.run(main())

@@ -98,8 +98,12 @@ class FakeServer:
     """A streaming OpenAI-ish server with a whitespace tokenizer and a 4-token-block prefix cache:
     each answer is unique, so a turn that contains it was sent after it arrived."""
 
-    def __init__(self, endpoint: str, tokenize: bool = True, cached: bool = True, fail_on: int | None = None):
+    def __init__(self, endpoint: str, tokenize: bool = True, cached: bool = True, fail_on: int | None = None,
+                 answer_ids: bool = False):
         self.endpoint, self.tokenize_ok, self.cached, self.fail_on = endpoint, tokenize, cached, fail_on
+        # answer_ids: send the answer's "generated" ids as logprob tokens, ids that its text does
+        # not tokenize back to (as with a model whose output does not round-trip).
+        self.answer_ids = answer_ids
         self.vocab: dict[str, int] = {}
         self.seen: list[list[int]] = []  # prompt ids, in arrival order
         self.requests: list[dict] = []  # bodies with their answers
@@ -136,11 +140,20 @@ class FakeServer:
         usage = {"prompt_tokens": len(ids), "completion_tokens": 3}
         if self.cached:
             usage["prompt_tokens_details"] = {"cached_tokens": hit}
+        want_ids = self.answer_ids and body.get("return_tokens_as_token_ids")
+
+        def lp(i: int) -> dict | None:
+            if not want_ids:
+                return None
+            tok = f"token_id:{10_000 + 3 * n + i}"
+            return {"content": [{"token": tok, "logprob": 0.0}]} if self.endpoint == "chat" else {"tokens": [tok]}
+
         if self.endpoint == "chat":
             chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
-            chunks += [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
+            chunks += [{"choices": [{"index": 0, "delta": {"content": p}, "logprobs": lp(i)}]}
+                       for i, p in enumerate(pieces)]
         else:
-            chunks = [{"choices": [{"index": 0, "text": p}]} for p in pieces]
+            chunks = [{"choices": [{"index": 0, "text": p, "logprobs": lp(i)}]} for i, p in enumerate(pieces)]
         chunks.append({"choices": [], "usage": usage})
         data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
         return httpx.Response(200, content=data.encode())
@@ -295,3 +308,16 @@ def test_prefix_cache_command(model_dir, tmp_path, capsys):
     assert "possible_reuse_tokens" in saved["multi_turn"]["on"]
     table = capsys.readouterr().out
     assert "prefix caching on vs off" in table and "hit rate vs possible" in table
+
+
+def test_possible_reuse_uses_the_generated_ids_when_the_server_sends_them():
+    """An answer whose text tokenizes to other ids than were generated cannot come from a cache:
+    with the ids (logprobs + return_tokens_as_token_ids), possible reuse stops at the answer."""
+    fake = FakeServer("completions", answer_ids=True)
+    s = _fake_run(fake)
+    assert all(b["return_tokens_as_token_ids"] and b["logprobs"] == 0 for b in fake.requests)
+    convs: dict[str, list[dict]] = {}
+    for body in fake.requests:
+        convs.setdefault(body["prompt"].split("\n")[0], []).append(body)
+    possible = sum(len(fake.prompt_ids(p)) for turns in convs.values() for p in turns[:-1])
+    assert s["possible_reuse_tokens"] == possible

@@ -156,8 +156,10 @@ def test_cached_tokens_for_three_requests_sharing_a_40_token_prefix(model_dir):
     salted = [llm.generate({"prompt_token_ids": prefix + [7] * 6, "cache_salt": s}, SamplingParams(max_tokens=2))[0]
               for s in ("tenant-a", "tenant-b", "tenant-a")]
     assert [o.num_cached_tokens for o in salted] == [0, 0, 32]
-    with pytest.raises(ValueError, match="cache_salt"):
-        llm.engine.add_request({"prompt_token_ids": prefix, "cache_salt": ""}, SamplingParams())
+    for bad in ("", "\ud800", 5):
+        with pytest.raises(ValueError, match="cache_salt"):
+            llm.engine.add_request({"prompt_token_ids": prefix, "cache_salt": bad}, SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_caching_off_computes_everything(model_dir):

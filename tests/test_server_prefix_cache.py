@@ -110,3 +110,19 @@ def test_stop_token_text_is_dropped(client, model_name, llm):
     assert c.finish_reason == "stop" and c.stop_reason == stop_id
     assert r.usage.completion_tokens == first + 1  # the stop token counts as generated
     assert c.text == llm.get_tokenizer().decode(ids[:first], skip_special_tokens=False)
+
+
+def test_return_tokens_as_token_ids(client, model_name, llm):
+    from tokenmill import SamplingParams
+
+    prompt = "Hello world! How"
+    want = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=6, temperature=0, logprobs=1,
+                                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in want]
+    assert all(k.startswith("token_id:") for top in r.choices[0].logprobs.top_logprobs for k in top)
+    stream = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=0, stream=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    tokens = [t.token for c in stream for ch in c.choices if ch.logprobs for t in ch.logprobs.content]
+    assert len(tokens) == 4 and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens)

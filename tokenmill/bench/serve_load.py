@@ -88,6 +88,9 @@ class RequestResult:
     e2el: float = 0.0
     itls: list[float] = field(default_factory=list)
     text: str = ""  # the generated text (choice 0); multi-turn sends it back
+    # The generated token ids (choice 0), when asked for through logprobs with
+    # return_tokens_as_token_ids; None when the server did not send them.
+    token_ids: list[int] | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -212,6 +215,7 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
     chunks = 0
     done = False
     pieces: list[str] = []
+    ids: list[int] | None = [] if body.get("return_tokens_as_token_ids") else None
     async with http.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             text = (await resp.aread()).decode(errors="replace")
@@ -255,6 +259,8 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
                     if isinstance(c, dict) and c.get("index", 0) == 0:
                         piece = c["delta"].get("content") if isinstance(c.get("delta"), dict) else c.get("text")
                         pieces.append(piece or "")
+                        if ids is not None:
+                            ids = _logprob_token_ids(c.get("logprobs"), ids)
     res.e2el = time.perf_counter() - start
     if not done:
         res.error = "stream ended without [DONE]"
@@ -265,7 +271,28 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
     if res.output_tokens == 0:  # a server that sends no usage: one token per chunk, the best estimate
         res.output_tokens = chunks
     res.text = "".join(pieces)
+    # Ids that do not account for every output token were not really sent (no logprobs, say).
+    res.token_ids = ids if ids is not None and len(ids) == res.output_tokens else None
     res.ok = True
+
+
+def _logprob_token_ids(lp, ids: list[int]) -> list[int] | None:
+    """Appends the "token_id:N" tokens of a chunk's logprobs (completions or chat format) to ids;
+    None once anything does not parse (the server ignored return_tokens_as_token_ids)."""
+    if lp is None:
+        return ids
+    if not isinstance(lp, dict):
+        return None
+    tokens = lp.get("tokens")
+    if tokens is None and isinstance(lp.get("content"), list):
+        tokens = [t.get("token") if isinstance(t, dict) else None for t in lp["content"]]
+    if not isinstance(tokens, list):
+        return None
+    for t in tokens:
+        if not (isinstance(t, str) and t.startswith("token_id:") and t[9:].isdigit()):
+            return None
+        ids.append(int(t[9:]))
+    return ids
 
 
 Prompt = str | list[int] | list[dict]  # what one request sends: completions text or ids, or chat messages
@@ -316,7 +343,8 @@ async def possible_reuse(http, base: str, model: str, endpoint: str, conversatio
                          cached_tokens: int | None, concurrency: int = 8) -> dict:
     """How many prompt tokens a perfect prefix cache could have served: for each turn k > 1 whose
     turn k-1 completed, the longest common token prefix of its prompt and tokens(turn k-1's prompt)
-    + tokens(turn k-1's answer), capped at its length - 1 (the last prompt token is always computed).
+    + turn k-1's answer ids (as generated, when the server returned them; else its text tokenized),
+    capped at its length - 1 (the last prompt token is always computed).
     An upper bound: a server caches whole blocks, and the answer's last token never went through the
     model. Hits from other conversations (a shared chat-template header) are not counted as possible,
     so hit_rate_vs_possible can exceed 1. Tokenizes through /tokenize; without it, reported as unavailable."""
@@ -345,7 +373,11 @@ async def possible_reuse(http, base: str, model: str, endpoint: str, conversatio
                 if prev is not None:
                     reuse += max(0, min(_common_prefix(prev, ids), len(ids) - 1))
                 if k + 1 < len(turns):
-                    prev = ids + await tokenize({"prompt": res.text, "add_special_tokens": False})
+                    # The answer as generated; retokenizing its text may give other ids, which a
+                    # cache could never match, so the text is only the fallback.
+                    answer = res.token_ids if res.token_ids is not None else await tokenize(
+                        {"prompt": res.text, "add_special_tokens": False})
+                    prev = ids + answer
         return reuse, prompt_tokens
 
     try:
@@ -381,10 +413,13 @@ async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversa
         total = sum(len(c.user_turns) for c in convs) if convs else len(reqs)
         bar = tqdm(total=total, desc=f"rate {rate:g}", unit="req", leave=False, disable=not progress)
 
-        async def send(prompt: Prompt, max_tokens: int) -> RequestResult:
+        async def send(prompt: Prompt, max_tokens: int, want_ids: bool = False) -> RequestResult:
             body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
                     "stream_options": {"include_usage": True}}
             body["messages" if args.endpoint == "chat" else "prompt"] = prompt
+            if want_ids:  # the exact answer ids, for the possible-reuse yardstick (vLLM has the field too)
+                body.update({"logprobs": True, "top_logprobs": 0} if args.endpoint == "chat" else {"logprobs": 0})
+                body["return_tokens_as_token_ids"] = True
             if args.ignore_eos:
                 body["ignore_eos"] = True
             if sem is None:
@@ -402,7 +437,7 @@ async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversa
 
         async def converse(c: Conversation, at: float, t0: float) -> list[Turn]:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            turns = await run_conversation(c, args.endpoint, send)
+            turns = await run_conversation(c, args.endpoint, lambda p, n: send(p, n, want_ids=True))
             bar.update(sum(p is None for p, _ in turns))
             return turns
 

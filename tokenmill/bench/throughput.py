@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each transformers batch size on at most max(this, batch size) requests "
                         "(0 = all); tokens/s is then measured on that subset")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens for the batch-1 decode comparison")
+    p.add_argument("--prefix-caching-ab", type=int, default=0, metavar="ROUNDS",
+                   help="also run the tokenmill workload with prefix caching on and off, ROUNDS times each in "
+                        "on/off/off/on order (cache emptied before each run), and report the ratio")
     p.add_argument("--json", help="write the figures to this file")
 
 
@@ -56,6 +59,9 @@ def run(args: argparse.Namespace) -> dict:
     tm = _run_tokenmill(llm, reqs)
     results["tokenmill"] = tm
     _print("tokenmill", tm, weight_bytes)
+
+    if args.prefix_caching_ab > 0:
+        results["prefix_caching_ab"] = _prefix_caching_ab(llm, reqs, args.prefix_caching_ab)
 
     tm_decode = _tokenmill_decode(llm, reqs[0], args.decode_tokens)
     results["tokenmill_batch1_decode_tok_s"] = tm_decode
@@ -129,6 +135,28 @@ def _run_tokenmill(llm, reqs: list[Request]) -> dict:
     return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + in_tokens) / dt, "steps": steps, "steps_per_s": steps / dt,
             "preemptions": engine.scheduler.num_preemptions}
+
+
+def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:
+    """Prefix caching's cost when nothing is shared: the same engine and workload with caching on
+    and off, interleaved (on, off, off, on, ...) so that drift in machine load hits both alike."""
+    bm = llm.engine.block_manager
+    saved = bm.enable_prefix_caching
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for i in range(2 * rounds):
+            mode = "on" if i % 4 in (0, 3) else "off"
+            bm.enable_prefix_caching = mode == "on"
+            bm.reset_prefix_cache()
+            r = _run_tokenmill(llm, reqs)
+            runs[mode].append(r["output_tok_s"])
+            print(f"prefix caching {mode}: {r['output_tok_s']:.1f} tok/s", flush=True)
+    finally:
+        bm.enable_prefix_caching = saved
+        bm.reset_prefix_cache()
+    on, off = sum(runs["on"]) / len(runs["on"]), sum(runs["off"]) / len(runs["off"])
+    print(f"prefix caching with nothing shared: on {on:.1f} vs off {off:.1f} tok/s -> {on / off:.3f}x")
+    return {"on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off}
 
 
 def _tokenmill_decode(llm, req: Request, n: int) -> float:

@@ -26,6 +26,7 @@ sequence ever writes into a block another reads. Full blocks are never written a
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from collections import OrderedDict, deque
 
@@ -35,10 +36,13 @@ _ROOT_KEY = hashlib.sha256(b"tokenmill prefix cache v1").digest()
 
 
 def hash_block(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes:
-    """The key of a full block: the parent key (32 bytes), then the block's token ids as int64,
+    """The key of a full block: the parent key (32 bytes), then the block's token ids as little-endian int64,
     then extra keys. The first two parts have fixed sizes, so the encoding is unambiguous."""
     h = hashlib.sha256(parent)
-    h.update(array("q", token_ids).tobytes())
+    ids = array("q", token_ids)
+    if sys.byteorder == "big":  # little-endian everywhere, so every machine computes the same keys
+        ids.byteswap()
+    h.update(ids.tobytes())
     h.update(extra)
     return h.digest()
 

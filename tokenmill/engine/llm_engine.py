@@ -338,8 +338,13 @@ class LLMEngine:
 def cache_salt(prompt: str | dict | list[int]) -> str | None:
     """A dict prompt's cache_salt (vLLM's field): requests share cached blocks only with equal salts."""
     salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError("cache_salt: must be a non-empty string")
+    if salt is not None:
+        if not isinstance(salt, str) or not salt:
+            raise ValueError("cache_salt: must be a non-empty string")
+        try:
+            salt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("cache_salt: must be valid Unicode (no lone surrogates)") from None
     return salt
 
 

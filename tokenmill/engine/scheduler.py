@@ -116,6 +116,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        bm.take_copies()  # copies left by a schedule() that raised never ran; their blocks are gone
 
         i = 0
         while i < len(self.running) and budget > 0:

@@ -277,8 +277,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             return list(s.encode("utf-8"))
         return list(_raw_token_bytes(s))
 
-    def token_str(tid: int) -> str:
-        if tokenizer is None:
+    def token_str(tid: int, as_id: bool = False) -> str:
+        if as_id or tokenizer is None:
             return f"token_id:{tid}"
         s = tokenizer.decode([tid])
         # A token holding part of a UTF-8 character decodes to U+FFFD; its vocabulary string is
@@ -344,25 +344,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return [_sse(error_body(500, f"the engine failed this request: {e}")), "data: [DONE]\n\n"]
 
     # -- logprob formats ------------------------------------------------------------------------
-    def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, offset: int) -> dict[str, Any]:
+    def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, offset: int,
+                            as_ids: bool) -> dict[str, Any]:
         tokens, lps, tops, offsets = [], [], [], []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
-            s = token_str(tid)
+            s = token_str(tid, as_ids)
             tokens.append(s)
             lps.append(entry[tid].logprob)
-            tops.append({token_str(t): lp.logprob for t, lp in _top(entry, k, tid)})
+            tops.append({token_str(t, as_ids): lp.logprob for t, lp in _top(entry, k, tid)})
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> list[dict[str, Any]]:
+    def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int, as_ids: bool) -> list[dict[str, Any]]:
         content = []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
-            s = token_str(tid)
+            s = token_str(tid, as_ids)
             content.append({
                 "token": s, "logprob": entry[tid].logprob, "bytes": token_bytes(tid, s),
                 "top_logprobs": [
-                    {"token": (ts := token_str(t)), "logprob": lp.logprob, "bytes": token_bytes(t, ts)}
+                    {"token": (ts := token_str(t, as_ids)), "logprob": lp.logprob, "bytes": token_bytes(t, ts)}
                     for t, lp in _top(entry, k, None)
                 ],
             })
@@ -447,6 +448,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         else:
             raise APIError(400, "prompt: the prompt list is empty", param="prompt")
         params = req.sampling_params(req.max_tokens, req.logprobs)
+        as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
         group = await submit(reqs, req.priority, arrival)
@@ -466,7 +468,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 try:
                     async for out, c, d in choice_deltas(group, params, states, cached):
                         pi = index[out.request_id]
-                        lp = (completion_logprobs(c, *d.tokens, req.logprobs, d.text_start)
+                        lp = (completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
                               if req.logprobs is not None else None)
                         yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                     "choices": [{
@@ -499,7 +501,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     n_out += len(c.token_ids)
                     choices.append({
                         "index": r * req.n + c.index, "text": prefix(r) + c.text,
-                        "logprobs": (completion_logprobs(c, 0, len(c.token_ids), req.logprobs, 0)
+                        "logprobs": (completion_logprobs(c, 0, len(c.token_ids), req.logprobs, 0, as_ids)
                                      if req.logprobs is not None else None),
                         "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
                     })
@@ -525,6 +527,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         ids = await encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, k)
+        as_ids = req.return_tokens_as_token_ids
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         group = await submit([(rid, prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
 
@@ -543,7 +546,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
                             yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None})
-                        lp = {"content": chat_logprobs(c, *d.tokens, k)} if k is not None else None
+                        lp = {"content": chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         yield chunk({"index": c.index, "delta": {"content": d.text} if d.text else {},
                                      "logprobs": lp, "finish_reason": d.finish_reason,
                                      "stop_reason": c.stop_reason if d.finish_reason else None})
@@ -566,7 +569,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             choices = [{
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": chat_logprobs(c, 0, len(c.token_ids), k)} if k is not None else None,
+                "logprobs": {"content": chat_logprobs(c, 0, len(c.token_ids), k, as_ids)} if k is not None else None,
                 "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
             } for c in out.outputs]
             n_out = sum(len(c.token_ids) for c in out.outputs)

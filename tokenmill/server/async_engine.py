@@ -62,6 +62,9 @@ class RequestGroup:
         self._ready = asyncio.Event()
 
     def put(self, out: RequestOutput) -> None:
+        prev = self._latest.get(out.request_id)
+        if prev is not None and prev.finished:  # an unread final answer is never replaced
+            return
         self._latest[out.request_id] = out
         self._ready.set()
 
@@ -232,7 +235,7 @@ class AsyncEngine:
                 try:
                     if group.rejected is not None:  # an earlier request of the group was refused
                         raise group.rejected
-                    waiting = len(engine.scheduler.waiting)
+                    waiting = len(engine.scheduler.waiting) + engine.scheduler.num_fork_waiting
                     if check_queue and self.max_queue is not None and waiting >= self.max_queue:
                         raise QueueFullError(f"{waiting} sequences are waiting "
                                              f"(--max-queue {self.max_queue})")

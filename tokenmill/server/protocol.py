@@ -48,6 +48,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (exact ids, vLLM's field)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
