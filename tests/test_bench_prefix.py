@@ -281,15 +281,6 @@ def test_multi_turn_against_a_server(server, endpoint):
     assert s["possible_reuse_tokens"] > 0 and 0 < s["possible_reuse_rate"] < 1
 
 
-def _serve_has_prefix_caching_flag() -> bool:
-    try:
-        build_parser().parse_args(["serve", "--no-enable-prefix-caching"])
-    except SystemExit:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _serve_has_prefix_caching_flag(), reason="tokenmill serve has no --no-enable-prefix-caching")
 def test_prefix_cache_command(model_dir, tmp_path, capsys):
     from tokenmill.bench.prefix_cache import run as prefix_cache_run
 
@@ -306,6 +297,11 @@ def test_prefix_cache_command(model_dir, tmp_path, capsys):
             assert {"cached_tokens", "prefix_hit_rate", "server_hit_rate"} <= set(saved[name][mode])
         assert {"ttft_p50_ratio_off_on", "ttft_p99_ratio_off_on", "output_throughput_ratio_on_off"} <= set(saved[name])
     assert "possible_reuse_tokens" in saved["multi_turn"]["on"]
+    for name in ("shared_prefix", "multi_turn"):  # the server caches with it on, never with it off
+        on, off = saved[name]["on"], saved[name]["off"]
+        assert on["prefix_hit_rate"] > 0 and on["server_hit_rate"] == pytest.approx(on["prefix_hit_rate"])
+        assert off["prefix_hit_rate"] == 0 and off["cached_tokens"] == 0
+    assert saved["multi_turn"]["on"]["hit_rate_vs_possible"] > 0.5
     table = capsys.readouterr().out
     assert "prefix caching on vs off" in table and "hit rate vs possible" in table
 

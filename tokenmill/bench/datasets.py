@@ -121,9 +121,11 @@ def synthetic_chat_requests(num: int, seed: int, shared_prefix_len: int = 0,
 
 def shared_prefix_requests(num: int, num_prefixes: int, prefix_len: int, question_len: int, output_len: int,
                            range_ratio: float, seed: int, vocab: int | None = None,
-                           words: Sequence[str] | None = None) -> list[Request]:
+                           words: Sequence[str] | None = None,
+                           output_range_ratio: float | None = None) -> list[Request]:
     """num_prefixes system prompts of prefix_len tokens; request i takes prefix i mod num_prefixes
-    (each is used equally often) plus its own question of question_len +- range_ratio tokens.
+    (each is used equally often) plus its own question of question_len +- range_ratio tokens; outputs
+    of output_len +- output_range_ratio (default: range_ratio).
     Token ids when vocab is given (exact lengths), else words: completions get "prefix\n\nquestion",
     chat gets the prefix as the system message and the question as the user message."""
     if num_prefixes < 1 or prefix_len < 1 or question_len < 1:
@@ -136,7 +138,8 @@ def shared_prefix_requests(num: int, num_prefixes: int, prefix_len: int, questio
         prefix_texts = [_text(rng, prefix_len, words) for _ in range(num_prefixes)]
     reqs = []
     for i in range(num):
-        n_q, n_out = _lengths(rng, question_len, range_ratio), _lengths(rng, output_len, range_ratio)
+        out_ratio = range_ratio if output_range_ratio is None else output_range_ratio
+        n_q, n_out = _lengths(rng, question_len, range_ratio), _lengths(rng, output_len, out_ratio)
         if vocab:
             reqs.append(Request(prefix_ids[i % num_prefixes] + [rng.randrange(10, vocab) for _ in range(n_q)],
                                 prefix_len + n_q, n_out))
@@ -149,9 +152,10 @@ def shared_prefix_requests(num: int, num_prefixes: int, prefix_len: int, questio
 
 
 def multi_turn_conversations(num: int, num_turns: int, turn_len: int, output_len: int, range_ratio: float,
-                             seed: int, words: Sequence[str] | None = None) -> list[Conversation]:
+                             seed: int, words: Sequence[str] | None = None,
+                             output_range_ratio: float | None = None) -> list[Conversation]:
     """num conversations of num_turns user messages of turn_len +- range_ratio words, each answered
-    with output_len +- range_ratio tokens."""
+    with output_len +- output_range_ratio (default: range_ratio) tokens."""
     if num_turns < 1 or turn_len < 1:
         raise ValueError("--num-turns and --turn-len must be >= 1")
     rng = random.Random(seed)
@@ -160,7 +164,7 @@ def multi_turn_conversations(num: int, num_turns: int, turn_len: int, output_len
         turns, outs = [], []
         for _ in range(num_turns):
             turns.append(_text(rng, _lengths(rng, turn_len, range_ratio), words))
-            outs.append(_lengths(rng, output_len, range_ratio))
+            outs.append(_lengths(rng, output_len, range_ratio if output_range_ratio is None else output_range_ratio))
         convs.append(Conversation(turns, outs))
     return convs
 

@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-turns", type=int, default=4)
     p.add_argument("--turn-len", type=int, default=64, help="multi-turn: tokens per new user message")
     p.add_argument("--output-len", type=int, default=32, help="output tokens per request (ignore_eos)")
+    p.add_argument("--output-range-ratio", type=float, default=0.5,
+                   help="output lengths uniform in output-len * [1-r, 1+r]. Varied answer lengths are what real "
+                        "traffic has; with 0, all requests in flight finish in the same step and the next ones "
+                        "arrive together, so each TTFT waits for all of their prefills")
+    p.add_argument("--text-prompts", action="store_true",
+                   help="shared-prefix prompts as text (lengths then depend on the tokenizer) instead of token ids "
+                        "of exactly --prefix-len and --question-len tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all figures to this file")
 
@@ -57,9 +64,9 @@ def run(args: argparse.Namespace) -> dict:
 
     workdir = tempfile.mkdtemp(prefix="tokenmill-prefix-cache-")
     model_dir = _prepare_model(args.model or os.path.join(workdir, "model"))
-    workloads = {"shared_prefix": _workload_args(args, "shared-prefix")}
+    workloads = {"shared_prefix": _workload_args(args, "shared-prefix", _vocab_size(model_dir))}
     if args.num_conversations > 0:
-        workloads["multi_turn"] = _workload_args(args, "multi-turn")
+        workloads["multi_turn"] = _workload_args(args, "multi-turn", _vocab_size(model_dir))
     words = _vocabulary_words(model_dir)
     if words:  # the synthetic tokenizer knows no English: build prompts from its own words
         path = os.path.join(workdir, "words.txt")
@@ -82,6 +89,11 @@ def run(args: argparse.Namespace) -> dict:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def _vocab_size(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
 
 
 def _prepare_model(path: str) -> str:
@@ -112,13 +124,15 @@ def _vocabulary_words(model_dir: str) -> list[str] | None:
     return words[:1000] or None
 
 
-def _workload_args(args: argparse.Namespace, dataset: str) -> list[str]:
+def _workload_args(args: argparse.Namespace, dataset: str, vocab: int) -> list[str]:
     common = ["--model", SERVED_NAME, "--endpoint", args.endpoint, "--dataset", dataset, "--request-rate", "inf",
               "--max-concurrency", str(args.max_concurrency), "--random-output-len", str(args.output_len),
-              "--ignore-eos", "--seed", str(args.seed)]
+              "--ignore-eos", "--seed", str(args.seed), "--output-range-ratio", str(args.output_range_ratio)]
     if dataset == "shared-prefix":
+        ids = [] if args.text_prompts or args.endpoint == "chat" else ["--random-token-ids", "--vocab-size",
+                                                                       str(vocab)]
         return [*common, "--num-prompts", str(args.num_prompts), "--num-prefixes", str(args.num_prefixes),
-                "--prefix-len", str(args.prefix_len), "--question-len", str(args.question_len)]
+                "--prefix-len", str(args.prefix_len), "--question-len", str(args.question_len), *ids]
     return [*common, "--num-prompts", str(args.num_conversations), "--num-turns", str(args.num_turns),
             "--turn-len", str(args.turn_len)]
 

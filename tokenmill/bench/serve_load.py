@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=128,
                    help="output tokens per request (random, shared-prefix) or per turn (multi-turn)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in len * [1-r, 1+r]")
+    p.add_argument("--output-range-ratio", type=float, default=None,
+                   help="shared-prefix and multi-turn: output lengths' own range ratio (default: --random-range-ratio)")
     p.add_argument("--random-token-ids", action="store_true",
                    help="random and shared-prefix prompts as token ids (exact lengths; completions endpoint only)")
     p.add_argument("--vocab-size", type=int, default=32000, help="id range for --random-token-ids")
@@ -128,10 +130,11 @@ def build_requests(args: argparse.Namespace) -> list[Request] | list[Conversatio
         return synthetic_chat_requests(args.num_prompts, args.seed, args.shared_prefix_len, words)
     if args.dataset == "shared-prefix":
         return shared_prefix_requests(args.num_prompts, args.num_prefixes, args.prefix_len, args.question_len,
-                                      args.random_output_len, args.random_range_ratio, args.seed, vocab, words)
+                                      args.random_output_len, args.random_range_ratio, args.seed, vocab, words,
+                                      args.output_range_ratio)
     if args.dataset == "multi-turn":
         return multi_turn_conversations(args.num_prompts, args.num_turns, args.turn_len, args.random_output_len,
-                                        args.random_range_ratio, args.seed, words)
+                                        args.random_range_ratio, args.seed, words, args.output_range_ratio)
     if not args.dataset_path:
         raise ValueError("--dataset file needs --dataset-path")
     return file_requests(args.dataset_path, args.num_prompts)
