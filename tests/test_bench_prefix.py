@@ -317,3 +317,12 @@ def test_possible_reuse_uses_the_generated_ids_when_the_server_sends_them():
         convs.setdefault(body["prompt"].split("\n")[0], []).append(body)
     possible = sum(len(fake.prompt_ids(p)) for turns in convs.values() for p in turns[:-1])
     assert s["possible_reuse_tokens"] == possible
+
+
+def test_no_answer_ids_sends_plain_requests_and_bad_output_range_is_refused():
+    fake = FakeServer("chat", answer_ids=True)
+    s = _fake_run(fake, "--no-answer-ids")
+    assert s["failed"] == 0
+    assert not any("return_tokens_as_token_ids" in b or "logprobs" in b for b in fake.requests)
+    with pytest.raises(ValueError, match="--output-range-ratio"):
+        run(_args("http://fake", "--dataset", "multi-turn", "--output-range-ratio", "1.5"))

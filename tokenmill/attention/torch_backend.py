@@ -122,7 +122,7 @@ class TorchAttentionBackend(AttentionBackend):
                 idx = meta.scratch[("prefill_slots", span.start)] = idx[: span.context_len]
             keys, vals = flat_k[idx], flat_v[idx]
         # [1, heads, tokens, head_dim]: with a batch dimension PyTorch's CPU SDPA takes its flash
-        # kernel (GQA and masks included); 3-D inputs fall back to the math path, 3-5x slower.
+        # kernel (GQA and masks included); 3-D inputs fall back to the math path, 2-5x slower.
         qt, kt, vt = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]
         gqa = self.num_heads != self.num_kv_heads
         if cached == 0 and window is None:

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from tokenmill.server.serve import free_port
 
+    if not 0 <= args.output_range_ratio < 1:  # fail before any server starts
+        raise ValueError(f"--output-range-ratio must be in [0, 1), got {args.output_range_ratio}")
     workdir = tempfile.mkdtemp(prefix="tokenmill-prefix-cache-")
     model_dir = _prepare_model(args.model or os.path.join(workdir, "model"))
     workloads = {"shared_prefix": _workload_args(args, "shared-prefix", _vocab_size(model_dir))}

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=128,
                    help="output tokens per request (random, shared-prefix) or per turn (multi-turn)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in len * [1-r, 1+r]")
+    p.add_argument("--no-answer-ids", dest="answer_ids", action="store_false",
+                   help="multi-turn: do not ask for the answers' token ids (logprobs + return_tokens_as_token_ids, "
+                        "for the possible-reuse figure); for servers that refuse those fields")
     p.add_argument("--output-range-ratio", type=float, default=None,
                    help="shared-prefix and multi-turn: output lengths' own range ratio (default: --random-range-ratio)")
     p.add_argument("--random-token-ids", action="store_true",
@@ -287,12 +290,14 @@ def _logprob_token_ids(lp, ids: list[int]) -> list[int] | None:
     if not isinstance(lp, dict):
         return None
     tokens = lp.get("tokens")
-    if tokens is None and isinstance(lp.get("content"), list):
-        tokens = [t.get("token") if isinstance(t, dict) else None for t in lp["content"]]
+    if tokens is None and "content" in lp:
+        content = lp["content"] or []  # null: no tokens in this chunk
+        tokens = [t.get("token") if isinstance(t, dict) else None for t in content] if isinstance(content, list) \
+            else None
     if not isinstance(tokens, list):
         return None
     for t in tokens:
-        if not (isinstance(t, str) and t.startswith("token_id:") and t[9:].isdigit()):
+        if not (isinstance(t, str) and t.startswith("token_id:") and t[9:].isascii() and t[9:].isdecimal()):
             return None
         ids.append(int(t[9:]))
     return ids
@@ -440,7 +445,7 @@ async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversa
 
         async def converse(c: Conversation, at: float, t0: float) -> list[Turn]:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            turns = await run_conversation(c, args.endpoint, lambda p, n: send(p, n, want_ids=True))
+            turns = await run_conversation(c, args.endpoint, lambda p, n: send(p, n, want_ids=args.answer_ids))
             bar.update(sum(p is None for p, _ in turns))
             return turns
 
@@ -553,6 +558,8 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
         raise ValueError("--max-concurrency must be >= 1")
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
+    if args.output_range_ratio is not None and not 0 <= args.output_range_ratio < 1:
+        raise ValueError(f"--output-range-ratio must be in [0, 1), got {args.output_range_ratio}")
     parse_slo(args.slo)  # fail on bad settings before sending anything
     if args.sweep:
         rates = sorted(_rate(x) for x in args.sweep.split(",") if x.strip())

@@ -146,10 +146,11 @@ def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:
     runs: dict[str, list[float]] = {"on": [], "off": []}
     cpu: dict[str, list[float]] = {"on": [], "off": []}  # CPU seconds: less sensitive to other tenants
     try:
-        # A discarded warm-up first: the first runs of a process are slower (memory the KV cache
-        # touches for the first time), which would count against whichever mode went first.
+        # A discarded warm-up first: the run after the main one was slower in two of three
+        # measurements here (cause unknown), which would count against whichever mode went first.
         bm.reset_prefix_cache()
-        print(f"warm-up: {_run_tokenmill(llm, reqs)['output_tok_s']:.1f} tok/s (not counted)", flush=True)
+        warm = _run_tokenmill(llm, reqs)
+        print(f"warm-up: {warm['output_tok_s']:.1f} tok/s (not counted)", flush=True)
         for i in range(2 * rounds):
             mode = "on" if i % 4 in (0, 3) else "off"
             bm.enable_prefix_caching = mode == "on"
@@ -165,7 +166,8 @@ def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:
     cpu_on, cpu_off = sum(cpu["on"]) / len(cpu["on"]), sum(cpu["off"]) / len(cpu["off"])
     print(f"prefix caching with nothing shared: on {on:.1f} vs off {off:.1f} tok/s -> {on / off:.3f}x; "
           f"CPU seconds on {cpu_on:.1f} vs off {cpu_off:.1f} -> {cpu_off / cpu_on:.3f}x")
-    return {"on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off,
+    return {"warmup_tok_s": warm["output_tok_s"], "warmup_cpu_s": warm["cpu_seconds"],
+            "on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off,
             "on_cpu_s": cpu["on"], "off_cpu_s": cpu["off"], "cpu_ratio": cpu_off / cpu_on}
 
 

@@ -361,7 +361,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
             s = token_str(tid, as_ids)
             content.append({
-                "token": s, "logprob": entry[tid].logprob, "bytes": token_bytes(tid, s),
+                # With return_tokens_as_token_ids the bytes stay the token's own (as vLLM does).
+                "token": s, "logprob": entry[tid].logprob, "bytes": token_bytes(tid, token_str(tid)),
                 "top_logprobs": [
                     {"token": (ts := token_str(t, as_ids)), "logprob": lp.logprob, "bytes": token_bytes(t, ts)}
                     for t, lp in _top(entry, k, None)
