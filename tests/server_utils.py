@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
-from tokenmill.server.serve import free_port
+from tokenmill.server.serve import free_port, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,18 +29,11 @@ class ServerProcess:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 120.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+        try:
+            wait_healthy(self.proc, self.base_url, timeout, lambda: f":\n{self.log()}")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def log(self) -> str:
         self._log.flush()

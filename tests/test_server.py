@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import httpx
 import openai
@@ -20,16 +19,6 @@ def server(model_dir, tmp_path_factory):
                         "--log-level", "info", log_path=log)
     yield srv
     assert srv.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_name(model_dir):
-    return os.path.basename(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import httpx
-import openai
 import pytest
 
 from tests.server_utils import ServerProcess
@@ -17,16 +14,6 @@ def server(model_dir, tmp_path_factory):
     srv = ServerProcess(model_dir, "--kv-cache-memory", "0.0625", "--block-size", "16", log_path=log)
     yield srv
     assert srv.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_name(model_dir):
-    return os.path.basename(model_dir)
 
 
 def _counters(server: ServerProcess) -> tuple[float, float]:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 from tokenmill.bench.datasets import WORDS
@@ -143,6 +142,8 @@ def _workload_args(args: argparse.Namespace, dataset: str, vocab: int) -> list[s
 def _server(model_dir: str, port: int, args: argparse.Namespace, extra: list[str], log_path: str) -> Iterator[str]:
     import httpx
 
+    from tokenmill.server.serve import wait_healthy
+
     cmd = [sys.executable, "-m", "tokenmill.cli", "--log-level", "warning", "serve", "--model", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", args.dtype,
            "--device", args.device, "--kv-cache-memory", str(args.kv_cache_memory), "--seed", str(args.seed), *extra]
@@ -154,19 +155,8 @@ def _server(model_dir: str, port: int, args: argparse.Namespace, extra: list[str
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 600
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server ({' '.join(extra) or 'caching on'}) exited with "
-                                       f"{proc.returncode}:\n{_tail(log_path)}")
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"the server did not come up in 600 s:\n{_tail(log_path)}")
-                time.sleep(0.2)
+            wait_healthy(proc, base, 600,
+                         lambda: f" ({' '.join(extra) or 'caching on'}):\n{_tail(log_path)}")
             # One short request first, so neither workload pays the server's first-step costs.
             httpx.post(base + "/v1/completions", json={"model": SERVED_NAME, "prompt": "warm up", "max_tokens": 2},
                        timeout=120)

@@ -85,9 +85,7 @@ def _run_offline(model_dir: str, reqs: list[Request], args: argparse.Namespace) 
 
 
 def _run_server(model_dir: str, reqs: list[Request], args: argparse.Namespace) -> dict:
-    import httpx
-
-    from tokenmill.server.serve import free_port
+    from tokenmill.server.serve import free_port, wait_healthy
 
     port = free_port()
     kw = _engine_kwargs(args)
@@ -98,18 +96,7 @@ def _run_server(model_dir: str, reqs: list[Request], args: argparse.Namespace) -
     proc = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not come up")
-            time.sleep(0.2)
+        wait_healthy(proc, base, 300)
         return asyncio.run(_drive(base, reqs, args.concurrency))
     finally:
         proc.terminate()

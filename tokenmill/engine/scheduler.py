@@ -87,12 +87,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        elif seq.status is SeqStatus.FORK_WAITING:
-            for leader, sibs in list(self.fork_waiting.items()):
-                if seq in sibs:
-                    sibs.remove(seq)
-                    if not sibs:
-                        del self.fork_waiting[leader]
+        elif seq.status is SeqStatus.FORK_WAITING:  # it waits for its request's sample 0
+            leader = seq.request.seqs[0].seq_id
+            sibs = self.fork_waiting[leader]
+            sibs.remove(seq)
+            if not sibs:
+                del self.fork_waiting[leader]
         self.block_manager.free(seq)
         seq.status = SeqStatus.FINISHED
         # Samples still waiting for a leader that is gone run on their own.

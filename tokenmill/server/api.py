@@ -316,8 +316,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         if req.logit_bias:
             raise APIError(400, "logit_bias: not supported", param="logit_bias")
-        if req.cache_salt is not None and not req.cache_salt:
-            raise APIError(400, "cache_salt: must be a non-empty string", param="cache_salt")
         return req, arrival
 
     def prompt_dict(text: str | None, ids: list[int], cache_salt: str | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.llm_engine import LLMEngine, cache_salt
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -134,6 +134,7 @@ class AsyncEngine:
             # check_request reads only immutable config, so it is safe on this thread and catches
             # bad input without a round trip to the engine thread.
             self.engine.check_request(prompt["prompt_token_ids"], params)
+            cache_salt(prompt)
         assert self._loop is not None
         group = RequestGroup([r[0] for r in requests])
         arrival = arrival_time or time.time()

@@ -14,6 +14,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
@@ -32,6 +34,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float,
+                 detail: Callable[[], str] = lambda: "") -> None:
+    """Waits until a `tokenmill serve` process started by a benchmark or test answers 200 on
+    /health. RuntimeError (with detail(), e.g. its log) if it exits or does not answer in time."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}{detail()}")
+        try:
+            if httpx.get(base_url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the server did not answer /health within {timeout:g} s{detail()}")
+        time.sleep(0.1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
