@@ -141,6 +141,19 @@ def _bench_prefix_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kernels(args: argparse.Namespace) -> int:
+    from tokenmill.kernels import build
+
+    return build(verbose=args.verbose)
+
+
+def _bench_latency(args: argparse.Namespace) -> int:
+    from tokenmill.bench.latency import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -183,8 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(ev)
     ev.set_defaults(func=_eval_demo)
 
+    bk = sub.add_parser("build-kernels", help="compile tokenmill's CPU kernels for this machine now",
+                        description="Compile tokenmill's CPU kernels (tokenmill/csrc) into PyTorch's extension cache. "
+                        "They are otherwise built on first use; `make install` runs this.")
+    bk.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
+    bk.set_defaults(func=_build_kernels)
+
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    lat = bench_sub.add_parser("latency", help="batch-1 prefill and decode speed and bandwidth achieved "
+                               "(optionally beside llama.cpp's llama-bench)",
+                               description="Batch-1 prefill and decode of one model folder at one dtype/quantization: "
+                               "tokens/s and memory bandwidth achieved (bytes read per token x tokens/s); with "
+                               "--llama-bench, llama.cpp on the same weights in the same run.")
+    from tokenmill.bench.latency import add_arguments as add_lat_arguments
+
+    add_lat_arguments(lat)
+    lat.set_defaults(func=_bench_latency)
     tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate",
                               description="Offline throughput: tokenmill vs transformers on the same random model.")
     from tokenmill.bench.throughput import add_arguments

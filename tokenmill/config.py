@@ -214,7 +214,10 @@ class EngineConfig:
     seed: int = 0
     # Reuse the KV of full blocks across requests that share a prefix (vLLM's name; on by default).
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    # "auto": "cpu" (tokenmill's kernels, PyTorch ops where they cannot be built) on CPU, "torch" on CUDA.
+    attention_backend: str = "auto"
+    # Weight quantization at load from a float checkpoint: None or "int8" (per-output-channel scales).
+    quantization: str | None = None
     tokenizer: str | None = None
     load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)
 
@@ -231,6 +234,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.quantization is not None and self.quantization not in ("int8",):
+            raise ValueError(f"quantization: unknown method {self.quantization!r}; available: int8")
         if not 0 < self.cpu_kv_cache_fraction < 1:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
 
@@ -243,6 +248,11 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device!r} is not supported (cpu, cuda or auto)")
         return dev
+
+    def resolve_attention_backend(self, device: torch.device) -> str:
+        if self.attention_backend == "auto":
+            return "cpu" if device.type == "cpu" else "torch"
+        return self.attention_backend
 
     def resolve_dtype(self, model_config: ModelConfig, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

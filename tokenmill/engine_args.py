@@ -22,6 +22,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in GiB (default: a share of free memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="quantize the weights at load: int8 (per-output-channel scales)")
+    p.add_argument("--attention-backend", default=d.attention_backend,
+                   help="auto (cpu kernels on CPU, torch on CUDA), cpu or torch")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV cache of shared prompt prefixes across requests")
 
@@ -35,6 +39,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+        attention_backend=args.attention_backend,
         load_progress=getattr(args, "progress", True),
     )

@@ -4,7 +4,6 @@ from tokenmill.attention import torch_backend as _torch_backend  # noqa: F401  (
 from tokenmill.attention.backend import (
     AttentionBackend,
     AttentionMetadata,
-    PrefillSpan,
     get_attention_backend,
     register_attention_backend,
 )
@@ -12,7 +11,6 @@ from tokenmill.attention.backend import (
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
-    "PrefillSpan",
     "get_attention_backend",
     "register_attention_backend",
 ]

@@ -1,10 +1,13 @@
 """The attention backend interface and the metadata the model runner hands to it.
 
-The runner lays out a step's tokens as [decode tokens | prefill chunks]: the first
-`num_decode_tokens` rows are single-token decodes, one per sequence, and each
-`PrefillSpan` after them is a chunk of one sequence's prompt (possibly with earlier
-context already in the cache). Everything a kernel needs is in this object; nothing is
-read from globals, so a faster backend only has to implement `forward`.
+The metadata has the varlen form fast kernels take (FlashAttention's, vLLM's): a step's
+sequences in one order, each owning a contiguous run of query rows
+(`query_start_loc[i]:query_start_loc[i+1]`), a context length once this step's tokens are
+in the cache (`seq_lens`), and one block table per sequence. Sequences with one query row
+(decodes) come first (`num_decodes` of them), then prefill chunks, which may have earlier
+context in the cache. The model runner builds it once per step; tensors live on the device,
+and the `_cpu` lists are the same figures for Python-side loops. Nothing is read from
+globals, so a faster backend only has to implement `forward`.
 """
 
 from __future__ import annotations
@@ -17,32 +20,34 @@ import torch
 
 
 @dataclass
-class PrefillSpan:
-    start: int  # first row of this chunk in the flattened batch
-    query_len: int  # tokens in this chunk
-    context_len: int  # tokens of this sequence in the cache once the chunk is written
-    block_table: torch.Tensor  # [num_blocks] int64, blocks covering context_len tokens
-
-    @property
-    def num_cached_before(self) -> int:
-        return self.context_len - self.query_len
-
-
-@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset)
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with block 0
-    decode_seq_lens: torch.Tensor  # [num_decodes] int64, context length including the new token
-    decode_max_seq_len: int
-    prefills: list[PrefillSpan]
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each row
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64: first query row of each sequence
+    seq_lens: torch.Tensor  # [num_seqs] int64: context length including this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with block 0
+    num_decodes: int  # the first num_decodes sequences have exactly one query row
+    max_query_len: int
+    max_seq_len: int
     block_size: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
     # Per-step scratch that backends may fill once and reuse in every layer (masks, indices).
     scratch: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes  # one row each, and they come first
+
+    def query_len(self, i: int) -> int:
+        return self.query_start_loc_cpu[i + 1] - self.query_start_loc_cpu[i]
 
 
 class AttentionBackend(ABC):

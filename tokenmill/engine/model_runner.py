@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.attention import AttentionMetadata, PrefillSpan, get_attention_backend
+from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
@@ -67,10 +67,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         mc = model_config
-        backend_cls = get_attention_backend(config.attention_backend)
+        backend_cls = get_attention_backend(config.resolve_attention_backend(device))
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
-                                progress=config.load_progress)
+                                progress=config.load_progress, quantization=config.quantization)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -152,16 +152,17 @@ class ModelRunner:
                 and len(req.prompt_logprobs) < seq.num_prompt_tokens and s.start < seq.num_prompt_tokens)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        """Flattens the scheduled chunks into model inputs: decodes (single-token chunks) first."""
+        """Flattens the scheduled chunks into model inputs and varlen attention metadata, decodes
+        (single-token chunks) first."""
         bs = self.block_size
         order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
-        decodes = [s for s in order if s.num_new_tokens == 1]
         inp = StepInputs(order=order)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        prefills: list[PrefillSpan] = []
-        dev = self.device
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
         for s in order:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             row0 = len(input_ids)
@@ -170,9 +171,9 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n > 1:
-                blocks = table[: -(-(start + n) // bs)]
-                prefills.append(PrefillSpan(row0, n, start + n, torch.tensor(blocks, dtype=torch.long, device=dev)))
+            qsl.append(row0 + n)
+            seq_lens.append(start + n)
+            tables.append(table[: -(-(start + n) // bs)])
             if s.completes:
                 inp.logit_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
@@ -182,20 +183,20 @@ class ModelRunner:
             if self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
 
-        if decodes:
-            max_blocks = max(len(s.seq.block_table) for s in decodes)
-            tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in decodes]
-            lens = [s.start + 1 for s in decodes]
-        else:
-            tables, lens = [[0]], [0]
+        dev = self.device
+        max_blocks = max((len(t) for t in tables), default=1)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         inp.meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev)[: len(decodes)],
-            decode_seq_lens=torch.tensor(lens, dtype=torch.long, device=dev)[: len(decodes)],
-            decode_max_seq_len=max(lens),
-            prefills=prefills,
+            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=dev).view(len(padded), max_blocks),
+            num_decodes=sum(1 for s in order if s.num_new_tokens == 1),
+            max_query_len=max((s.num_new_tokens for s in order), default=0),
+            max_seq_len=max(seq_lens, default=0),
             block_size=bs,
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
         )
         inp.input_ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         inp.positions = torch.tensor(positions, dtype=torch.long, device=dev)

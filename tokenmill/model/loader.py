@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from tokenmill.attention import AttentionBackend
 from tokenmill.config import ModelConfig
+from tokenmill.model.linear import quantize_model
 from tokenmill.model.transformer import DecoderLM
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-               max_positions: int, progress: bool = False) -> DecoderLM:
+               max_positions: int, progress: bool = False, quantization: str | None = None) -> DecoderLM:
     files = checkpoint_files(cfg.path)
     bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
@@ -158,6 +159,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if unexpected:
         logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
     model.rotary.reset_table()
+    if quantization is not None:
+        quantize_model(model, quantization)
     model.requires_grad_(False)  # inference only
     model.eval()
     return model

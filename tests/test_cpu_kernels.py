@@ -1,0 +1,163 @@
+"""tokenmill's CPU kernels against PyTorch references, and the engine with and without them."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.models import make_model
+from tokenmill import LLM, SamplingParams
+from tokenmill.kernels import cpu_ops
+from tokenmill.model.linear import quantize_rows_int8
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl"))
+
+
+def test_kernels_build_where_avx512_exists():
+    # CI and the dev machine have AVX-512: a broken build must fail here, not fall back silently.
+    if _has_avx512():
+        assert cpu_ops() is not None
+    else:
+        pytest.skip("no AVX-512 on this CPU: the kernels are not used")
+
+
+ops = cpu_ops()
+needs_ops = pytest.mark.skipif(ops is None, reason="tokenmill CPU kernels unavailable here")
+
+
+@needs_ops
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("k", [64, 100, 576])
+def test_linear_matches_torch(wdtype, xdtype, m, k):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    n = 37
+    w = torch.randn(n, k, generator=g)
+    scale = None
+    if wdtype is torch.int8:
+        w, scale = quantize_rows_int8(w)
+        ref_w = w.double() * scale.double()[:, None]
+    else:
+        w = w.to(wdtype)
+        ref_w = w.double()
+    x = torch.randn(m, k, generator=g).to(xdtype)
+    bias = torch.randn(n, generator=g)
+    out = ops.linear(x, w, scale, bias)
+    assert out.dtype == xdtype and out.shape == (m, n)
+    ref = x.double() @ ref_w.T + bias.double()
+    tol = 1e-4 if xdtype is torch.float32 else 2e-2  # bfloat16 output rounding
+    torch.testing.assert_close(out.double(), ref, atol=tol * math.sqrt(k), rtol=tol)
+    no_bias = ops.linear(x, w, scale)
+    torch.testing.assert_close(no_bias.double(), ref - bias.double(), atol=tol * math.sqrt(k), rtol=tol)
+
+
+@needs_ops
+def test_linear_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.linear(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="scale"):
+        ops.linear(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+
+
+def _reference_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, window):
+    """Row by row in float64, straight from the definition."""
+    t, h, d = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(t, h, d, dtype=torch.float64)
+    for b in range(len(seq_lens)):
+        length = int(seq_lens[b])
+        slots = [int(tables[b][p // bs]) * bs + p % bs for p in range(length)]
+        keys = k_cache.reshape(-1, kvh, d)[slots].double()
+        vals = v_cache.reshape(-1, kvh, d)[slots].double()
+        q_len = int(qsl[b + 1] - qsl[b])
+        for i in range(q_len):
+            row = int(qsl[b]) + i
+            pos = length - q_len + i
+            lo = max(0, pos + 1 - window) if window else 0
+            for head in range(h):
+                kv = head // (h // kvh)
+                s = (keys[lo : pos + 1, kv] @ q[row, head].double()) * scale
+                out[row, head] = torch.softmax(s, 0) @ vals[lo : pos + 1, kv]
+    return out
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_paged_attention_matches_reference(dtype, window, head_dim):
+    g = torch.Generator().manual_seed(head_dim + window)
+    heads, kv_heads, bs, num_blocks = 8, 2, 16, 40
+    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    q_lens = [1, 1, 1, 3, 16]
+    seq_lens = [1, 37, 200, 19, 16]
+    perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered over the cache
+    tables, used = [], 0
+    for n in seq_lens:
+        nb = -(-n // bs)
+        tables.append(perm[used : used + nb])
+        used += nb
+    max_blocks = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    q = torch.randn(int(qsl[-1]), heads, head_dim, generator=g).to(dtype)
+    scale = head_dim**-0.5
+    out = ops.paged_attention(q, k_cache, v_cache, block_tables, torch.tensor(seq_lens), qsl, scale, window)
+    ref = _reference_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, window)
+    tol = 1e-5 if dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_ops_match_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype is torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), w * h.to(dtype), **tol)
+
+    gate_up = torch.randn(5, 2 * 48, generator=g).to(dtype)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate_up[:, :48]) * gate_up[:, 48:], **tol)
+
+    # RoPE in place on a strided view (q and k inside a fused qkv row), as the model calls it.
+    qkv = torch.randn(5, 3 * 4 * 32, generator=g).to(dtype)
+    qk = qkv[:, : 2 * 4 * 32].view(5, 8, 32)
+    cos, sin = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g)
+    c, s = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    ref = qk * c + torch.cat((-qk[..., 16:], qk[..., :16]), -1) * s
+    untouched = qkv[:, 2 * 4 * 32 :].clone()
+    ops.rope_(qk, cos, sin)
+    torch.testing.assert_close(qk, ref, **tol)
+    assert torch.equal(qkv[:, 2 * 4 * 32 :], untouched)
+
+
+def test_long_and_short_sequences_batched_equal_each_alone(tmp_path):
+    """One 2,000-token prompt and 31 short ones in one batch: every output equals its run alone,
+    with the kernels and with PyTorch's backend (which pads decodes to the longest)."""
+    path = make_model(str(tmp_path / "m"), "llama", max_position_embeddings=4096)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (2000,), generator=g).tolist()]
+    lengths = torch.randint(3, 40, (31,), generator=g).tolist()
+    prompts += [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    results = {}
+    for backend in ("cpu", "torch"):
+        llm = LLM(path, max_model_len=2100, kv_cache_memory_bytes=64 * 2**20, attention_backend=backend,
+                  max_num_batched_tokens=2048, max_num_seqs=32)
+        together = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp)]
+        alone = [llm.generate({"prompt_token_ids": p}, sp)[0].outputs[0].token_ids for p in prompts]
+        assert together == alone, backend
+        results[backend] = together
+    assert results["cpu"] == results["torch"]

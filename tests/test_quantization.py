@@ -1,0 +1,90 @@
+"""bfloat16 and int8 weights against float32: top-1 agreement and logit error bounds.
+
+Bounds (measured values in docs/benchmarks/cpu.md): on the demo model's own kind of text,
+top-1 agreement >= 99% and max |logit error| <= 0.5 (logit std ~3); on random models,
+whose logits are nearly tied, max error <= 0.3 and mean error <= 0.05 of the logit std.
+"""
+
+import os
+
+import pytest
+import torch
+
+import tokenmill
+from tests.models import make_model
+from tokenmill import LLM, SamplingParams
+from tokenmill.demo import arithmetic_answer, held_out_questions, question
+from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
+from tokenmill.engine.sequence import Request
+
+DEMO = os.path.join(os.path.dirname(tokenmill.__file__), "demo_model")
+VARIANTS = [("float32", "int8"), ("bfloat16", None), ("bfloat16", "int8")]
+
+
+def _logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
+    """Logits at every position of the prompt, from one prefill."""
+    eng = llm.engine
+    seq = Request("x", None, prompt, SamplingParams(max_tokens=1), 0.0).seqs[0]
+    assert eng.block_manager.allocate(seq, len(prompt))
+    inp = eng.runner.prepare(SchedulerOutput([ScheduledSeq(seq, len(prompt), 0)]))
+    out = eng.runner.model.compute_logits(eng.runner.forward(inp)).float()
+    eng.block_manager.free(seq)
+    return out
+
+
+def _compare(path: str, prompts: list[list[int]], dtype: str, quant: str | None, max_len: int):
+    base = LLM(path, max_model_len=max_len, kv_cache_memory_bytes=2**24)
+    other = LLM(path, max_model_len=max_len, kv_cache_memory_bytes=2**24, dtype=dtype, quantization=quant)
+    a = torch.cat([_logits(base, p) for p in prompts])
+    b = torch.cat([_logits(other, p) for p in prompts])
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    err = (a - b).abs()
+    return agree, err.max().item(), err.mean().item(), a.std().item(), a.shape[0]
+
+
+@pytest.mark.parametrize("dtype,quant", VARIANTS)
+def test_demo_model_top1_agreement(dtype, quant):
+    tok = LLM(DEMO, max_model_len=1024, kv_cache_memory_bytes=2**24).get_tokenizer()
+    prompts = []
+    for a, op, b in held_out_questions(20):
+        msgs = [{"role": "user", "content": question(a, op, b)},
+                {"role": "assistant", "content": arithmetic_answer(a, op, b)}]
+        prompts.append(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    agree, max_err, _, _, positions = _compare(DEMO, prompts, dtype, quant, 1024)
+    assert positions > 2000
+    assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
+    assert max_err <= 0.5, f"max logit error {max_err:.3f}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype,quant", VARIANTS)
+def test_random_model_logit_error(tmp_path, arch, dtype, quant):
+    path = make_model(str(tmp_path / arch), arch)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(5)]
+    agree, max_err, mean_err, std, _ = _compare(path, prompts, dtype, quant, 512)
+    assert max_err <= 0.3 * std, f"max error {max_err:.4f} vs logit std {std:.3f}"
+    assert mean_err <= 0.05 * std, f"mean error {mean_err:.4f} vs logit std {std:.3f}"
+    assert agree >= 0.9, f"top-1 agreement {agree:.4f}"  # random logits are nearly tied
+
+
+def test_int8_engine_generates_with_kernels_and_without(tmp_path, monkeypatch):
+    path = make_model(str(tmp_path / "m"), "qwen2")  # biases on q/k/v, tied embeddings
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 40, 90)]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=2**22, quantization="int8")
+    float_llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=2**22)
+    assert llm.engine.runner.weight_bytes < 0.3 * float_llm.engine.runner.weight_bytes
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    # The same engine with every kernel replaced by PyTorch ops (what a machine without AVX-512 runs).
+    for mod in ("tokenmill.model.linear", "tokenmill.model.layers", "tokenmill.attention.torch_backend"):
+        monkeypatch.setattr(f"{mod}.cpu_ops", lambda: None)
+    slow = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    assert fast == slow
+    assert all(len(t) == 10 for t in fast)
+
+
+def test_unknown_quantization_is_rejected(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama")
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(path, quantization="int3")

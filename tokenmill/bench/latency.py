@@ -1,0 +1,144 @@
+"""`tokenmill bench latency`: batch-1 prefill and decode, and the memory bandwidth decode achieves.
+
+Decode at batch 1 reads every weight once per token, so bytes read per token x tokens/s is
+the bandwidth achieved; set beside the machine's read bandwidth (measured here with a large
+tensor sum) it says how close decode is to the limit. With --llama-bench (llama.cpp's
+llama-bench binary) and --gguf (the same weights as GGUF), llama.cpp runs the same
+prefill/decode lengths with the same threads in the same run, and the ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--quantization", default=None, choices=["int8"])
+    p.add_argument("--prompt-len", type=int, default=512, help="tokens prefilled in one step")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded after the prompt")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench, to run beside")
+    p.add_argument("--gguf", default=None, help="the same model as a GGUF file, for --llama-bench")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of summing a large float32 tensor (what streaming weights can reach here)."""
+    import torch
+
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bytes_per_decode_token(llm, context: int) -> int:
+    """Weights read for one token (all but the untied embedding table, of which one row is read)
+    plus the KV cache read by attention at this context length."""
+    runner = llm.engine.runner
+    model = runner.model
+    emb = model.embed_tokens
+    untied = model.lm_head is not None
+    weights = runner.weight_bytes
+    if untied:
+        weights -= sum(p.numel() * p.element_size() for p in emb.parameters())
+    kv = runner.kv_bytes_per_block // runner.block_size * context
+    return weights + kv
+
+
+def _tokenmill(args) -> dict:
+    import torch
+
+    from tokenmill import LLM, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    total = args.prompt_len + args.decode_tokens
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=max(total + 16, 256),
+              max_num_batched_tokens=max(args.prompt_len, 256), max_num_seqs=1, enable_prefix_caching=False,
+              kv_cache_memory_bytes=None)
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prefill_s, decode_step_s = [], []
+    for r in range(args.repeats + 1):  # the first run warms up
+        prompt = torch.randint(10, vocab - 10, (args.prompt_len,), generator=g).tolist()
+        eng.add_request({"prompt_token_ids": prompt},
+                        SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True))
+        t = time.perf_counter()
+        eng.step()  # the whole prompt in one step, and the first token
+        first = time.perf_counter() - t
+        steps = []
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            eng.step()
+            steps.append(time.perf_counter() - t)
+        if r:
+            prefill_s.append(first)
+            decode_step_s.append(statistics.median(steps))
+    prefill = statistics.median(prefill_s)
+    step = statistics.median(decode_step_s)
+    per_token = bytes_per_decode_token(llm, args.prompt_len + args.decode_tokens // 2)
+    return {
+        "prefill_s": prefill, "prefill_tok_s": args.prompt_len / prefill,
+        "decode_tok_s": 1 / step, "decode_step_ms": step * 1e3,
+        "bytes_per_token": per_token, "bandwidth_gb_s": per_token / step / 1e9,
+        "weight_bytes": eng.runner.weight_bytes,
+    }
+
+
+def _llama_bench(args) -> dict:
+    threads = args.threads or os.cpu_count() or 1
+    cmd = [args.llama_bench, "-m", args.gguf, "-p", str(args.prompt_len), "-n", str(args.decode_tokens),
+           "-t", str(threads), "-r", str(args.repeats), "-o", "json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    res = {"command": " ".join(cmd)}
+    for row in rows:
+        if row.get("n_prompt", 0) and not row.get("n_gen", 0):
+            res["prefill_tok_s"] = row["avg_ts"]
+            res["prefill_s"] = args.prompt_len / row["avg_ts"]
+        elif row.get("n_gen", 0) and not row.get("n_prompt", 0):
+            res["decode_tok_s"] = row["avg_ts"]
+        res.setdefault("type", row.get("model_type"))
+        res["model_size"] = row.get("model_size")
+    return res
+
+
+def run(args: argparse.Namespace) -> dict:
+    if bool(args.llama_bench) != bool(args.gguf):
+        raise ValueError("--llama-bench and --gguf go together")
+    bw = read_bandwidth()
+    ours = _tokenmill(args)
+    res = {"args": vars(args), "read_bandwidth_gb_s": bw / 1e9, "tokenmill": ours}
+    label = f"{args.dtype}{' + ' + args.quantization if args.quantization else ''}"
+    print(f"machine read bandwidth (sum of 512 MiB): {bw / 1e9:.1f} GB/s")
+    print(f"tokenmill {label}: prefill {args.prompt_len} tokens {ours['prefill_s']:.3f} s "
+          f"({ours['prefill_tok_s']:.0f} tok/s); decode {ours['decode_tok_s']:.1f} tok/s "
+          f"({ours['decode_step_ms']:.1f} ms/token), {ours['bytes_per_token'] / 1e6:.0f} MB/token -> "
+          f"{ours['bandwidth_gb_s']:.1f} GB/s ({ours['bandwidth_gb_s'] / (bw / 1e9):.0%} of read bandwidth)")
+    if args.llama_bench:
+        lc = _llama_bench(args)
+        res["llama_cpp"] = lc
+        print(f"llama.cpp {lc.get('type')}: prefill {lc['prefill_s']:.3f} s ({lc['prefill_tok_s']:.0f} tok/s); "
+              f"decode {lc['decode_tok_s']:.1f} tok/s")
+        print(f"ratio tokenmill/llama.cpp: decode {ours['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
+              f"prefill {ours['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res

@@ -1,0 +1,71 @@
+"""tokenmill's CPU kernels (tokenmill/csrc/cpu_ops.cpp), compiled for this machine on first use.
+
+Why a compiled extension: PyTorch's batch-1 matmul paths reach 8-17 GB/s of the ~28 GB/s this
+kind of machine can read, and its decode attention needs a gather into a padded copy; see
+docs/benchmarks/cpu.md. The source is compiled with `-march=native` by PyTorch's
+cpp_extension (the same compiler flags and thread pool as PyTorch itself) into PyTorch's
+extension cache, once per source version: `make install` does it ahead of time
+(`tokenmill build-kernels`). Where it cannot be built (no compiler, no AVX-512, or
+TOKENMILL_NO_KERNELS=1) every caller falls back to PyTorch's own ops, with one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_ops.cpp")
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+
+
+def _build(verbose: bool = False) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    # The name carries the source hash, so an edited kernel never loads a stale build.
+    return load(name=f"tokenmill_cpu_ops_{digest}", sources=[_SOURCE], verbose=verbose,
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno"])
+
+
+def cpu_ops() -> ModuleType | None:
+    """The compiled module, or None when it is unavailable here (callers then use PyTorch ops)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if os.environ.get("TOKENMILL_NO_KERNELS", "") not in ("", "0"):
+            logger.info("TOKENMILL_NO_KERNELS is set: using PyTorch ops only")
+        else:
+            try:
+                mod = _build()
+                if mod.available():
+                    _module = mod
+                else:
+                    logger.warning("tokenmill CPU kernels need AVX-512; using PyTorch ops (slower decode)")
+            except Exception as e:  # no compiler, no ninja, a failed build: fall back, say why once
+                logger.warning("tokenmill CPU kernels could not be built (%s); using PyTorch ops (slower decode)",
+                               str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        _tried = True
+        return _module
+
+
+def build(verbose: bool = False) -> int:
+    """Builds the kernels now (`tokenmill build-kernels`); returns a process exit code."""
+    try:
+        mod = _build(verbose=verbose)
+    except Exception as e:
+        print(f"tokenmill CPU kernels: build failed: {e}", file=sys.stderr)
+        return 1
+    print(f"tokenmill CPU kernels: built ({'AVX-512' if mod.available() else 'no AVX-512 here: not used'})")
+    return 0
