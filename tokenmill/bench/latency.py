@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--llama-bench and --gguf go together")
     bw = read_bandwidth()
     ours = _tokenmill(args)
-    res = {"args": vars(args), "read_bandwidth_gb_s": bw / 1e9, "tokenmill": ours}
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}
+    res = {"args": settings, "read_bandwidth_gb_s": bw / 1e9, "tokenmill": ours}
     label = f"{args.dtype}{' + ' + args.quantization if args.quantization else ''}"
     print(f"machine read bandwidth (sum of 512 MiB): {bw / 1e9:.1f} GB/s")
     print(f"tokenmill {label}: prefill {args.prompt_len} tokens {ours['prefill_s']:.3f} s "
