@@ -60,6 +60,15 @@ def cpu_ops() -> ModuleType | None:
         return _module
 
 
+def ops_for(x) -> ModuleType | None:
+    """The kernels when they can take tensor x (on CPU, float32 or bfloat16), else None."""
+    import torch
+
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_ops()
+
+
 def build(verbose: bool = False) -> int:
     """Builds the kernels now (`tokenmill build-kernels`); returns a process exit code."""
     try:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_attention_backend
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import ops_for
 
 
 @register_attention_backend
@@ -37,11 +37,7 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
 
         out = torch.empty_like(q)
         nd = meta.num_decodes
@@ -52,6 +48,15 @@ class TorchAttentionBackend(AttentionBackend):
             rows = slice(qsl[i], qsl[i + 1])
             out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, i, meta, sliding_window)
         return out
+
+    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
+        """Writes this step's k and v into their slots; returns the caches and their flat views."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+        return k_cache, v_cache, flat_k, flat_v
 
     def _decode(
         self,
@@ -170,14 +175,10 @@ class CpuAttentionBackend(TorchAttentionBackend):
         meta: AttentionMetadata,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        ops = cpu_ops() if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) else None
+        ops = ops_for(q)
         if ops is None:
             return super().forward(q, k, v, kv_cache, meta, sliding_window)
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
         window = sliding_window or 0
         groups = self._groups(meta)
         if len(groups) == 1 and groups[0][0] == "kernel" and groups[0][1] == 0 and groups[0][2] == meta.num_seqs:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import ops_for
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -27,9 +27,8 @@ _KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.int8: 16}
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (* scale per output channel) (+ bias), for 2-D x."""
-    if (x.device.type == "cpu" and x.shape[0] <= _KERNEL_MAX_ROWS.get(weight.dtype, 0)
-            and x.dtype in (torch.float32, torch.bfloat16)):
-        ops = cpu_ops()
+    if x.shape[0] <= _KERNEL_MAX_ROWS.get(weight.dtype, 0):
+        ops = ops_for(x)
         if ops is not None:
             return ops.linear(x, weight, scale, bias)
     if scale is not None:
