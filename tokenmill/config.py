@@ -195,6 +195,82 @@ def _parse_sliding_windows(raw: dict[str, Any], arch: str, num_layers: int) -> t
     return (None,) * num_layers
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding in vLLM's shape: `{"method": "ngram" | "draft_model", "num_speculative_tokens": k,
+    "model": ..., "prompt_lookup_max": ..., "prompt_lookup_min": ...}`.
+
+    ngram proposes the k tokens that followed the longest earlier occurrence (in prompt or output) of the
+    sequence's last n tokens, prompt_lookup_max >= n >= prompt_lookup_min; draft_model runs a smaller
+    checkpoint with the same vocabulary greedily for k tokens. Either way the target model checks the k
+    tokens in one forward pass and rejection sampling keeps its output distribution exact.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # draft_model: the draft checkpoint folder
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """From a dict (the LLM keyword) or a JSON string (the CLI flag); raises ValueError naming the field."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected an object, got {type(value).__name__}")
+        known = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(known)}")
+        method = value.get("method")
+        if method is None and value.get("model"):
+            method = "draft_model"
+        cfg = cls(method=method, num_speculative_tokens=value.get("num_speculative_tokens"),
+                  model=value.get("model"), prompt_lookup_max=value.get("prompt_lookup_max"),
+                  prompt_lookup_min=value.get("prompt_lookup_min"))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"speculative_config: {msg}")
+
+        if self.method not in SPEC_METHODS:
+            raise bad(f"method must be one of {list(SPEC_METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise bad(f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise bad("method 'draft_model' needs 'model' (the draft checkpoint folder)")
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise bad("prompt_lookup_max/prompt_lookup_min apply to method 'ngram' only")
+            return
+        if self.model is not None:
+            raise bad("'model' applies to method 'draft_model' only")
+        # Defaults: n-grams of 4 down to 2 tokens (a single token matches too often to be worth a draft).
+        hi, lo = self.prompt_lookup_max, self.prompt_lookup_min
+        if hi is None:
+            hi = max(4, lo or 0)
+        if lo is None:
+            lo = min(2, hi)
+        for name, v in (("prompt_lookup_max", hi), ("prompt_lookup_min", lo)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+                raise bad(f"{name} must be an integer in [1, 64], got {v!r}")
+        if lo > hi:
+            raise bad(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        self.prompt_lookup_max, self.prompt_lookup_min = hi, lo
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs: memory, batching and device settings (keyword arguments of `LLM`)."""
@@ -218,6 +294,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # Weight quantization at load from a float checkpoint: None or "int8" (per-output-channel scales).
     quantization: str | None = None
+    # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     tokenizer: str | None = None
     load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)
 
@@ -236,6 +314,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization is not None and self.quantization not in ("int8",):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; available: int8")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.cpu_kv_cache_fraction < 1:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
 

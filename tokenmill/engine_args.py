@@ -26,6 +26,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load: int8 (per-output-channel scales)")
     p.add_argument("--attention-backend", default=d.attention_backend,
                    help="auto (cpu kernels on CPU, torch on CUDA), cpu or torch")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV cache of shared prompt prefixes across requests")
 
@@ -40,6 +43,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, speculative_config=args.speculative_config,
         load_progress=getattr(args, "progress", True),
     )

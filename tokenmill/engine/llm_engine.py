@@ -21,6 +21,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -74,7 +75,13 @@ class LLMEngine:
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
         num_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.spec_stats = SpecStats()
+        self._ngram = None
+        spec = config.speculative_config
+        if spec is not None and spec.method == "ngram":
+            self._ngram = NgramProposer(spec)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   propose=self._propose if spec is not None else None)
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
@@ -161,6 +168,16 @@ class LLMEngine:
         return len(self.requests)
 
     # -- the step -----------------------------------------------------------------------
+    def _propose(self, seq: Sequence, budget: int) -> int:
+        """The scheduler's speculative-decoding hook: drafts for one decode (see spec_decode)."""
+        k = max_drafts(seq, self.config.speculative_config.num_speculative_tokens, budget, self.max_model_len)
+        if k <= 0:
+            return 0
+        if self._ngram is not None:
+            seq.spec_token_ids = self._ngram.propose(seq, k)
+            return len(seq.spec_token_ids)
+        return k  # the draft model fills seq.spec_token_ids in the step itself
+
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that changed (finished or not)."""
         sched = self.scheduler.schedule()
@@ -235,20 +252,30 @@ class LLMEngine:
             have = len(req.prompt_logprobs)
             skip = have - (s.start + 1)  # entries recomputed after a preemption
             req.prompt_logprobs.extend(entries[max(0, skip):])
-        for seq_id, (token, entry) in result.sampled.items():
+        for seq_id, tokens in result.sampled.items():
             seq = self._seq_by_id.get(seq_id)
             if seq is None:  # its request failed earlier in this loop
                 continue
             req = seq.request
             # A fault in one request's bookkeeping (detokenizer, stop checks) fails only that request.
             try:
-                seq.token_ids.append(token)
-                if entry is not None:
-                    seq.output_logprobs.append(entry)
-                    seq.cumulative_logprob += entry[token].logprob
-                if req.metrics.first_token_time is None:
-                    req.metrics.first_token_time = now
-                self._check_stop(seq, token)
+                appended = 0
+                for token, entry in tokens:
+                    seq.token_ids.append(token)
+                    appended += 1
+                    if entry is not None:
+                        seq.output_logprobs.append(entry)
+                        seq.cumulative_logprob += entry[token].logprob
+                    if req.metrics.first_token_time is None:
+                        req.metrics.first_token_time = now
+                    self._check_stop(seq, token)
+                    if seq.is_finished:
+                        break
+                spec = result.spec.get(seq_id)
+                if spec is not None:
+                    self.spec_stats.record(*spec)
+                    if not seq.is_finished:
+                        self.scheduler.accept(seq, min(appended, spec[1]))
             except Exception as e:
                 logger.exception("request %s failed while processing its output", req.request_id)
                 touched.pop(req.request_id, None)
@@ -332,6 +359,9 @@ class LLMEngine:
             "prefix_cache_queries": self.block_manager.num_query_tokens,
             "prefix_cache_hits": self.block_manager.num_hit_tokens,
             "kv_cache_cached_blocks": self.block_manager.num_cached_free_blocks,
+            "spec_decode_num_drafts": self.spec_stats.num_drafts,
+            "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
         }
 
 

@@ -18,6 +18,7 @@ from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.spec_decode import DraftModel, spec_logprob_entries, verify
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    # seq_id -> (sampled token, its logprobs entry or None)
-    sampled: dict[int, tuple[int, PositionLogprobs | None]] = field(default_factory=dict)
+    # seq_id -> the tokens sampled this step, each with its logprobs entry or None (one token, or
+    # with speculative decoding the accepted drafts and one more)
+    sampled: dict[int, list[tuple[int, PositionLogprobs | None]]] = field(default_factory=dict)
+    # seq_id -> (draft tokens verified, drafts accepted)
+    spec: dict[int, tuple[int, int]] = field(default_factory=dict)
     # seq_id -> prompt logprob entries computed this step, in prompt order
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
 
@@ -41,9 +45,51 @@ class StepInputs:
     logit_rows: list[int] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
     prompt_rows: list[tuple[ScheduledSeq, int, int]] = field(default_factory=list)  # (chunk, first row, count)
+    spec_chunks: list[tuple[ScheduledSeq, int]] = field(default_factory=list)  # (chunk with drafts, first row)
     input_ids: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     meta: AttentionMetadata | None = None
+
+
+def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Input ids, positions and varlen attention metadata for chunks of (token ids, first position,
+    block table), in the given order (single-row chunks must come first)."""
+    bs = block_size
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    qsl = [0]
+    seq_lens: list[int] = []
+    tables: list[list[int]] = []
+    num_decodes = 0
+    for ids, start, table in chunks:
+        n = len(ids)
+        end = start + n
+        input_ids.extend(ids)
+        positions.extend(range(start, end))
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(end)
+        tables.append(table[: -(-end // bs)])
+        num_decodes += n == 1
+    max_blocks = max((len(t) for t in tables), default=1)
+    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.long, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks),
+        num_decodes=num_decodes,
+        max_query_len=max((len(c[0]) for c in chunks), default=0),
+        max_seq_len=max(seq_lens, default=0),
+        block_size=bs,
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
+    )
+    ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
+    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+    return ids_t, pos_t, meta
 
 
 def available_ram_bytes() -> int:
@@ -72,6 +118,10 @@ class ModelRunner:
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
                                 progress=config.load_progress, quantization=config.quantization)
         self.sampler = Sampler()
+        spec = config.speculative_config
+        self.drafter = None
+        if spec is not None and spec.method == "draft_model":
+            self.drafter = DraftModel(spec, mc.vocab_size, config, device, dtype, max_model_len)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
 
@@ -82,9 +132,13 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
+        """Bytes of one block in every layer (and in the draft model's cache, which shares the layout)."""
         mc = self.model_config
         elem = torch.finfo(self.dtype).bits // 8
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        per = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        if self.drafter is not None:
+            per += self.drafter.kv_bytes_per_block(self.block_size)
+        return per
 
     def _activation_reserve(self) -> int:
         """A generous estimate of activation memory for one full step (GPU budget only)."""
@@ -125,6 +179,8 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still poison outputs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        if self.drafter is not None:
+            self.drafter.allocate(num_blocks, self.block_size)
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) from %s", num_blocks, self.block_size,
                     num_blocks * per_block / 2**20, source)
@@ -135,7 +191,7 @@ class ModelRunner:
         """Copies whole KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
         src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
         dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
-        for cache in self.kv_caches:
+        for cache in self.kv_caches + (self.drafter.kv_caches if self.drafter is not None else []):
             cache[:, dst] = cache[:, src]
 
     # -- one step -----------------------------------------------------------------------
@@ -153,28 +209,20 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flattens the scheduled chunks into model inputs and varlen attention metadata, decodes
-        (single-token chunks) first."""
-        bs = self.block_size
+        (single-token chunks) first. A chunk with draft tokens (speculative decoding) runs its last
+        token and the drafts, and every one of its rows gets logits."""
         order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         inp = StepInputs(order=order)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
+        chunks = []
+        row0 = 0
         for s in order:
             seq, start, n = s.seq, s.start, s.num_new_tokens
-            row0 = len(input_ids)
             inp.rows.append(row0)
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            qsl.append(row0 + n)
-            seq_lens.append(start + n)
-            tables.append(table[: -(-(start + n) // bs)])
-            if s.completes:
+            ids = seq.token_ids[start : start + n - s.num_spec]
+            if s.num_spec:
+                ids = ids + seq.spec_token_ids[: s.num_spec]
+                inp.spec_chunks.append((s, row0))
+            elif s.completes:
                 inp.logit_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
                 for sib in s.forks:  # samples sharing this prompt draw their first token from the same row
@@ -182,24 +230,9 @@ class ModelRunner:
                     inp.sample_seqs.append(sib)
             if self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
-
-        dev = self.device
-        max_blocks = max((len(t) for t in tables), default=1)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        inp.meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=dev).view(len(padded), max_blocks),
-            num_decodes=sum(1 for s in order if s.num_new_tokens == 1),
-            max_query_len=max((s.num_new_tokens for s in order), default=0),
-            max_seq_len=max(seq_lens, default=0),
-            block_size=bs,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
-        inp.input_ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        inp.positions = torch.tensor(positions, dtype=torch.long, device=dev)
+            chunks.append((ids, start, seq.block_table))
+            row0 += n
+        inp.input_ids, inp.positions, inp.meta = build_batch(chunks, self.block_size, self.device)
         return inp
 
     @torch.inference_mode()
@@ -209,26 +242,61 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        if self.drafter is not None:  # every step, so that its KV keeps level with the target's
+            self.drafter.propose(out.scheduled, self.block_size)
         inp = self.prepare(out)
         hidden = self.forward(inp)
         result = StepResult()
-        if inp.logit_rows:
-            seqs = inp.sample_seqs
-            logits = self.model.compute_logits(hidden[inp.logit_rows])
-            for seq in seqs:
-                self._generator(seq)
-            md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)
-            so = self.sampler(logits, md)
-            for i, seq in enumerate(seqs):
-                entry = None
-                k = seq.params.logprobs
-                if k is not None:
-                    entry = _entry(so.token_ids[i], so.sampled_logprobs[i], so.sampled_ranks[i],
-                                   so.topk_ids[i][:k], so.topk_logprobs[i][:k])
-                result.sampled[seq.seq_id] = (so.token_ids[i], entry)
+        spec_rows = [row0 + j for s, row0 in inp.spec_chunks for j in range(s.num_spec + 1)]
+        if inp.logit_rows or spec_rows:
+            all_logits = self.model.compute_logits(hidden[inp.logit_rows + spec_rows])
+            n = len(inp.logit_rows)
+            if n:
+                self._sample(all_logits[:n], inp.sample_seqs, result)
+            if spec_rows:
+                self._verify(all_logits[n:], inp.spec_chunks, result)
         for s, row0, n in inp.prompt_rows:
             result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
         return result
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], result: StepResult) -> None:
+        for seq in seqs:
+            self._generator(seq)
+        md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)
+        so = self.sampler(logits, md)
+        for i, seq in enumerate(seqs):
+            entry = None
+            k = seq.params.logprobs
+            if k is not None:
+                entry = _entry(so.token_ids[i], so.sampled_logprobs[i], so.sampled_ranks[i],
+                               so.topk_ids[i][:k], so.topk_logprobs[i][:k])
+            result.sampled[seq.seq_id] = [(so.token_ids[i], entry)]
+
+    def _verify(self, logits: torch.Tensor, chunks: list[tuple[ScheduledSeq, int]], result: StepResult) -> None:
+        """Rejection sampling of each chunk's drafts against its k + 1 rows of target logits."""
+        row_seqs = [s.seq for s, _ in chunks for _ in range(s.num_spec + 1)]
+        for seq in row_seqs:
+            self._generator(seq)
+        md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device)
+        argmax, probs = self.sampler.distribution(logits, md)
+        want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)
+        raw = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
+        dists, drafts, gens = [], [], []
+        r = 0
+        for s, _ in chunks:
+            k = s.num_spec
+            dists.append(argmax[r : r + k + 1] if s.seq.params.greedy else probs[r : r + k + 1])
+            drafts.append(s.seq.spec_token_ids[:k])
+            gens.append(s.seq.generator)
+            r += k + 1
+        r = 0
+        for (s, _), (tokens, accepted) in zip(chunks, verify(dists, drafts, gens)):
+            seq, k = s.seq, s.num_spec
+            lp = seq.params.logprobs
+            entries = spec_logprob_entries(raw[r : r + k + 1], tokens, lp) if lp is not None else [None] * len(tokens)
+            result.sampled[seq.seq_id] = list(zip(tokens, entries))
+            result.spec[seq.seq_id] = (k, accepted)
+            r += k + 1
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[PositionLogprobs]:
         """Logprobs of prompt tokens start+1 .. start+n given their prefixes."""

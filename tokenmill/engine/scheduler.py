@@ -23,6 +23,7 @@ blocks through the prefix cache).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.engine.block_manager import BlockManager
@@ -36,11 +37,12 @@ class ScheduledSeq:
     start: int  # num_computed_tokens when scheduled: the chunk covers [start, start + num_new_tokens)
     # Samples of the same request that fork off this chunk's logits row (it completes the prompt).
     forks: list[Sequence] = field(default_factory=list)
+    num_spec: int = 0  # draft tokens after the last token (seq.spec_token_ids[:num_spec]), in num_new_tokens
 
     @property
     def completes(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens - self.num_spec == self.seq.num_tokens
 
 
 @dataclass
@@ -59,8 +61,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 propose: Callable[[Sequence, int], int] | None = None) -> None:
         self.block_manager = block_manager
+        # Speculative decoding: propose(seq, at_most) readies up to at_most drafts for a decode and
+        # says how many (they go in seq.spec_token_ids, or the runner fills them in).
+        self.propose = propose
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by sort_key
@@ -122,6 +128,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_spec = 0
+            if self.propose is not None and num_new == 1 and seq.num_output_tokens and budget > 1:
+                num_spec = self.propose(seq, budget - 1)
+                if num_spec and not bm.can_allocate(seq, 1 + num_spec):
+                    num_spec = 0  # drafts never cost a preemption
+                num_new += num_spec
             while not bm.can_allocate(seq, num_new):
                 victim = self.running[-1]  # lowest priority, never one already scheduled
                 self._preempt(victim)
@@ -130,7 +142,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
+                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens, num_spec=num_spec))
                 budget -= num_new
                 i += 1
 
@@ -147,6 +159,7 @@ class Scheduler:
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = len(cached) * bm.block_size
             self.waiting.pop(0)
+            seq.num_draft_computed = seq.num_computed_tokens  # cached blocks hold the draft model's KV too
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
@@ -174,6 +187,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_draft_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
@@ -184,9 +198,18 @@ class Scheduler:
         bm = self.block_manager
         for s in out.scheduled:
             seq = s.seq
-            seq.num_computed_tokens = s.start + s.num_new_tokens
+            seq.num_computed_tokens = s.start + s.num_new_tokens - s.num_spec
             bm.register_computed(seq)
             for sib in s.forks:
                 bm.fork(seq, sib)
+                sib.num_draft_computed = seq.num_draft_computed
                 sib.status = SeqStatus.RUNNING
                 bisect.insort(self.running, sib, key=Sequence.sort_key)
+
+    def accept(self, seq: Sequence, num_drafts: int) -> None:
+        """After verification appended num_drafts accepted drafts to a running sequence: their KV
+        (written by this step's chunk) now counts as computed. The draft model's KV past them was
+        for rejected tokens."""
+        seq.num_computed_tokens += num_drafts
+        seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
+        self.block_manager.register_computed(seq)

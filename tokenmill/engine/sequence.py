@@ -50,6 +50,11 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_preemptions: int = 0
+    # Speculative decoding: the draft tokens this step verifies after the last token, how many
+    # leading positions hold the draft model's KV, and the n-gram proposer's index of token_ids.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_computed: int = 0
+    ngram_index: Any = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # sampling state

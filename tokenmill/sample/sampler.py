@@ -145,6 +145,21 @@ class Sampler:
             out.topk_ids, out.topk_logprobs = topk_logprobs(raw_logprobs, md.max_logprobs)
         return out
 
+    def distribution(self, logits: torch.Tensor, md: SamplingMetadata) -> tuple[list[int], torch.Tensor | None]:
+        """Each row's greedy token and, unless every row is greedy, the distribution sampling draws
+        from (after temperature, min-p, top-k and top-p) as probabilities: what speculative
+        decoding verifies drafts against."""
+        logits = logits.float()
+        if md.banned:
+            logits = logits.clone()
+            for row, ids in md.banned:
+                logits[row, ids] = float("-inf")
+        logits = self._apply_penalties(logits, md)
+        argmax = logits.argmax(dim=-1).tolist()
+        if md.all_greedy:
+            return argmax, None
+        return argmax, torch.softmax(self._filter(logits, md), dim=-1)
+
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         if md.repetition_penalty is not None:
@@ -161,6 +176,14 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        probs = torch.softmax(Sampler._filter(logits, md), dim=-1)
+        q = torch.empty_like(probs).exponential_()
+        for row, gen in md.generators.items():
+            q[row].exponential_(generator=gen)
+        return probs.div(q).argmax(dim=-1)
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits / md.temperature[:, None]
         if md.min_p is not None:
             probs = torch.softmax(logits, dim=-1)
@@ -168,11 +191,7 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        q = torch.empty_like(probs).exponential_()
-        for row, gen in md.generators.items():
-            q[row].exponential_(generator=gen)
-        return probs.div(q).argmax(dim=-1)
+        return logits
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

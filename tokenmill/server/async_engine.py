@@ -44,6 +44,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
     kv_cache_cached_blocks: int = 0  # unreferenced blocks still holding a reusable prefix
+    spec_decode_num_drafts: int = 0  # verification steps that carried draft tokens
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 class RequestGroup:
@@ -259,7 +262,8 @@ class AsyncEngine:
         self.stats = EngineStats(int(s["num_requests_running"]), int(s["num_requests_waiting"]),
                                  float(s["kv_cache_usage_perc"]), int(s["num_preemptions"]),
                                  int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
-                                 int(s["kv_cache_cached_blocks"]))
+                                 int(s["kv_cache_cached_blocks"]), int(s["spec_decode_num_drafts"]),
+                                 int(s["spec_decode_num_draft_tokens"]), int(s["spec_decode_num_accepted_tokens"]))
         if outputs:
             self._call_soon(self._dispatch, outputs)
 

@@ -132,6 +132,12 @@ class _EngineGauges:
              s.prefix_cache_queries),
             ("tokenmill:prefix_cache_hits", "Tokens found in the prefix cache (their prefill was skipped).",
              s.prefix_cache_hits),
+            ("tokenmill:spec_decode_num_drafts", "Speculative decoding: verification steps that carried drafts.",
+             s.spec_decode_num_drafts),
+            ("tokenmill:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed and verified.",
+             s.spec_decode_num_draft_tokens),
+            ("tokenmill:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+             s.spec_decode_num_accepted_tokens),
         ):
             c = CounterMetricFamily(metric, doc, labels=["model_name"])
             c.add_metric([name], value)

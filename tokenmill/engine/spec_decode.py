@@ -1,0 +1,217 @@
+"""Speculative decoding: propose k tokens cheaply, verify them in one forward pass of the target.
+
+A decode step of a sequence with drafts d1..dk runs k + 1 rows (its last token, then the
+drafts) and gets logits for each. Verification walks the rows in order: draft d_j is accepted
+with probability p_j(d_j) (under greedy: when it is the argmax); at the first rejection a
+token is drawn from p_j with d_j taken out, and when all k are accepted a bonus token comes
+from the last row. Proposals are deterministic (the n-gram lookup, or the draft model's
+argmax), and for a deterministic proposal this rule gives exactly the target distribution:
+P(d) = p(d), and any other x comes out with (1 - p(d)) * p(x) / (1 - p(d)) = p(x). Greedy
+output is the target's own greedy output.
+
+The KV the rejected rows wrote is simply overwritten later: the sequence's computed count
+advances by the accepted drafts only (`Scheduler.accept`).
+
+Requests whose sampling depends on the tokens before each position in ways the batch does
+not track per row (repetition/presence/frequency penalties, min_tokens not yet reached)
+decode without drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokenmill.config import SpeculativeConfig
+from tokenmill.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from tokenmill.outputs import PositionLogprobs
+
+
+@dataclass
+class SpecStats:
+    num_drafts: int = 0  # verification steps with at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        while len(self.accepted_per_pos) < num_drafted:
+            self.accepted_per_pos.append(0)
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+
+
+def can_speculate(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and seq.num_output_tokens >= p.min_tokens)
+
+
+def max_drafts(seq: Sequence, k: int, budget: int, max_model_len: int) -> int:
+    """How many drafts a decode of seq may carry: k, within the step's token budget, the tokens
+    max_tokens still allows after the one the step always yields, and the context length."""
+    if not can_speculate(seq):
+        return 0
+    k = min(k, budget, max_model_len - seq.num_tokens)
+    if seq.params.max_tokens is not None:
+        k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+    return max(k, 0)
+
+
+class NgramIndex:
+    """First position after each n-gram of a token list (min_n <= n <= max_n), grown as tokens append.
+
+    The first occurrence is kept: for "rewrite this with one change" it sits in the prompt, where
+    the continuation is longest."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.maps: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self.indexed = 0  # n-grams ending before this position are in the maps
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        # Index the n-grams that have at least one token after them (all but the suffix's own).
+        end = len(tokens) - 1
+        for p in range(self.indexed, end):  # the n-gram ends at p, its continuation starts at p + 1
+            for n, m in self.maps.items():
+                if p + 1 >= n:
+                    m.setdefault(tuple(tokens[p + 1 - n : p + 1]), p + 1)
+        self.indexed = max(self.indexed, end)
+        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
+            start = self.maps[n].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start : start + k]
+        return []
+
+
+class NgramProposer:
+    def __init__(self, cfg: SpeculativeConfig) -> None:
+        self.min_n = cfg.prompt_lookup_min
+        self.max_n = cfg.prompt_lookup_max
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        if seq.ngram_index is None:
+            seq.ngram_index = NgramIndex(self.min_n, self.max_n)
+        return seq.ngram_index.propose(seq.token_ids, k)
+
+
+def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[int]],
+           generators: list[torch.Generator | None]) -> list[tuple[list[int], int]]:
+    """Rejection sampling for each sequence: (emitted tokens, drafts accepted).
+
+    probs_or_argmax[i] is either the greedy argmax of each of the k + 1 rows (a list) or the final
+    sampling distribution of each row ([k + 1, V] probabilities after temperature, top-k/p, min-p).
+    """
+    results = []
+    for probs, d, gen in zip(probs_or_argmax, drafts, generators):
+        k = len(d)
+        if isinstance(probs, list):  # greedy
+            a = 0
+            while a < k and probs[a] == d[a]:
+                a += 1
+            results.append((d[:a] + [probs[a]], a))
+            continue
+        dev = probs.device
+        p_d = probs[torch.arange(k, device=dev), torch.tensor(d, dtype=torch.long, device=dev)]
+        u = torch.rand(k, device=dev, generator=gen)
+        accepted = (u < p_d).tolist()
+        a = accepted.index(False) if False in accepted else k
+        row = probs[a]
+        if a < k:  # the residual: p with the rejected draft taken out
+            row = row.clone()
+            row[d[a]] = 0.0
+        q = torch.empty_like(row).exponential_(generator=gen)
+        token = int(row.div(q).argmax())
+        results.append((d[:a] + [token], a))
+    return results
+
+
+def spec_logprob_entries(raw_logprobs: torch.Tensor, tokens: list[int], k: int) -> list[PositionLogprobs]:
+    """Logprobs entries (as the plain sampler gives them) for tokens emitted from consecutive rows."""
+    from tokenmill.engine.model_runner import _entry
+    from tokenmill.sample.sampler import token_logprobs, topk_logprobs
+
+    rows = raw_logprobs[: len(tokens)]
+    chosen, ranks = token_logprobs(rows, torch.tensor(tokens, device=rows.device))
+    ids, vals = topk_logprobs(rows, k)
+    return [_entry(t, c, r, i, v) for t, c, r, i, v in zip(tokens, chosen, ranks, ids, vals)]
+
+
+class DraftModel:
+    """The draft_model proposer: a smaller checkpoint with the target's vocabulary, run greedily.
+
+    Its KV cache has the target's block layout and lives in the same block ids, so it needs no
+    block bookkeeping of its own (copy-on-write copies apply to both); `seq.num_draft_computed`
+    says how many leading positions hold its KV. Each step it first catches up on every scheduled
+    chunk's tokens (prompt chunks too, so a finished prompt has draft KV), which also yields the
+    first draft of each decode from the last row, then runs k - 1 single-row passes.
+    """
+
+    def __init__(self, cfg: SpeculativeConfig, target_vocab: int, engine_config, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int) -> None:
+        from tokenmill.attention import get_attention_backend
+        from tokenmill.config import ModelConfig
+        from tokenmill.model import load_model
+
+        mc = ModelConfig.from_pretrained(cfg.model)
+        if mc.vocab_size != target_vocab:
+            raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
+                             f"from the target's ({target_vocab}); a draft model must share the tokenizer")
+        self.model_config = mc
+        self.device, self.dtype = device, dtype
+        backend_cls = get_attention_backend(engine_config.resolve_attention_backend(device))
+        backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
+        self.model = load_model(mc, backend, device, dtype, max_positions=max_model_len,
+                                quantization=engine_config.quantization)
+        self.kv_caches: list[torch.Tensor] = []
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        mc = self.model_config
+        return 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * (torch.finfo(self.dtype).bits // 8)
+
+    def allocate(self, num_blocks: int, block_size: int) -> None:
+        mc = self.model_config
+        shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+
+    @torch.inference_mode()
+    def propose(self, scheduled: list, block_size: int) -> None:
+        """Fills seq.spec_token_ids[:num_spec] for every scheduled chunk with drafts."""
+        from tokenmill.engine.model_runner import build_batch
+
+        chunks = []
+        for s in scheduled:
+            seq = s.seq
+            end = s.start + s.num_new_tokens - s.num_spec
+            first = min(seq.num_draft_computed, s.start)
+            chunks.append((seq.token_ids[first:end], first, seq.block_table, s))
+        chunks.sort(key=lambda c: len(c[0]) != 1)
+        ids, pos, meta = build_batch([c[:3] for c in chunks], block_size, self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        last_rows, spec = [], []
+        for i, (_ids, first, _table, s) in enumerate(chunks):
+            s.seq.num_draft_computed = first + len(_ids)
+            if s.num_spec:
+                last_rows.append(meta.query_start_loc_cpu[i + 1] - 1)
+                spec.append(s)
+        if not spec:
+            return
+        drafts = self.model.compute_logits(hidden[last_rows]).argmax(-1).tolist()
+        for s, d in zip(spec, drafts):
+            s.seq.spec_token_ids = [d]
+        for j in range(1, max(s.num_spec for s in spec)):
+            active = [s for s in spec if s.num_spec > j]
+            # The draft d_j sits at position num_tokens - 1 + j (after the last token).
+            batch = [([s.seq.spec_token_ids[-1]], s.seq.num_tokens - 1 + j, s.seq.block_table) for s in active]
+            ids, pos, meta = build_batch(batch, block_size, self.device)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            for s, d in zip(active, self.model.compute_logits(hidden).argmax(-1).tolist()):
+                s.seq.spec_token_ids.append(d)
+                s.seq.num_draft_computed += 1
