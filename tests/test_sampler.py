@@ -158,3 +158,34 @@ def test_validation_names_the_parameter():
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=f"^{name}"):
             SamplingParams(**kwargs).validate(V)
+
+
+def _reference_kept(row: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Definition: the top_k most likely tokens, then the smallest prefix of them (most likely
+    first) whose renormalized mass reaches top_p."""
+    vals, idx = row.sort(descending=True)
+    vals, idx = vals[:top_k], idx[:top_k]
+    probs = torch.softmax(vals.double(), 0)
+    before = probs.cumsum(0) - probs
+    return set(idx[before < top_p].tolist())
+
+
+def test_top_k_top_p_over_a_large_vocabulary():
+    """Rows whose nucleus fits the partial top-k candidates, rows that need the whole-row sort
+    (flat), a top_k above the candidate count and unfiltered rows, in one batch."""
+    from tokenmill.sample.sampler import _top_k_top_p
+
+    torch.manual_seed(1)
+    vocab = 5000
+    rows = [(torch.randn(vocab) * 8, 0, 0.9), (torch.randn(vocab) * 0.1, 0, 0.9), (torch.randn(vocab) * 3, 40, 1.0),
+            (torch.randn(vocab) * 0.1, 300, 1.0), (torch.randn(vocab) * 0.2, 700, 0.5), (torch.randn(vocab), 0, 1.0),
+            (torch.randn(vocab) * 4, 20, 0.8)]
+    logits = torch.stack([r[0] for r in rows])
+    top_k = torch.tensor([k or vocab for _, k, _ in rows])
+    top_p = torch.tensor([p for _, _, p in rows])
+    out = _top_k_top_p(logits, top_k, top_p)
+    for i, (row, k, p) in enumerate(rows):
+        kept = set(torch.isfinite(out[i]).nonzero()[:, 0].tolist())
+        assert kept == _reference_kept(row, k or vocab, p), i
+        assert torch.equal(out[i][list(kept)], row[list(kept)])
+    assert len(set(torch.isfinite(out[1]).nonzero()[:, 0].tolist())) > 256  # the flat row took the sort

@@ -281,3 +281,17 @@ def test_server_speculative_config_and_metrics(arch_dirs, tmp_path):
         assert srv.metric("tokenmill:spec_decode_num_drafts_total") > 0
     finally:
         srv.stop()
+
+
+def test_bench_spec_decode_runs_both_in_one_run(tmp_path):
+    import argparse
+
+    from tokenmill.bench.spec_decode import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "sd.json"
+    res = run(p.parse_args(["--num-prompts", "2", "--max-tokens", "24", "--json", str(out)]))
+    assert res["identical_outputs"] and res["draft_tokens"] > 0
+    assert res["spec_decode_tok_s"] > 0 and res["baseline_decode_tok_s"] > 0
+    assert json.loads(out.read_text())["speedup"] == pytest.approx(res["speedup"])

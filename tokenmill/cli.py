@@ -154,6 +154,13 @@ def _bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_spec_decode(args: argparse.Namespace) -> int:
+    from tokenmill.bench.spec_decode import run
+
+    res = run(args)
+    return 0 if res["identical_outputs"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -213,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lat_arguments(lat)
     lat.set_defaults(func=_bench_latency)
+    sd = bench_sub.add_parser("spec-decode", help="batch-1 decode with and without speculative decoding",
+                              description="Batch-1 greedy decode of the same prompts with and without "
+                              "speculative decoding in one run: tokens/s, ratio, acceptance, identical output.")
+    from tokenmill.bench.spec_decode import add_arguments as add_sd_arguments
+
+    add_sd_arguments(sd)
+    sd.set_defaults(func=_bench_spec_decode)
     tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate",
                               description="Offline throughput: tokenmill vs transformers on the same random model.")
     from tokenmill.bench.throughput import add_arguments

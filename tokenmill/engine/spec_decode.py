@@ -26,6 +26,7 @@ import torch
 
 from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.sequence import Sequence
+from tokenmill.sample.sampler import sample_rows
 
 if TYPE_CHECKING:
     from tokenmill.outputs import PositionLogprobs
@@ -127,8 +128,7 @@ def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[in
         if a < k:  # the residual: p with the rejected draft taken out
             row = row.clone()
             row[d[a]] = 0.0
-        q = torch.empty_like(row).exponential_(generator=gen)
-        token = int(row.div(q).argmax())
+        token = int(sample_rows(row[None], {0: gen} if gen is not None else None)[0])
         results.append((d[:a] + [token], a))
     return results
 
