@@ -189,3 +189,42 @@ def test_top_k_top_p_over_a_large_vocabulary():
         assert kept == _reference_kept(row, k or vocab, p), i
         assert torch.equal(out[i][list(kept)], row[list(kept)])
     assert len(set(torch.isfinite(out[1]).nonzero()[:, 0].tolist())) > 256  # the flat row took the sort
+
+
+def test_top_k_keeps_ties_and_top_p_one_keeps_all():
+    from tokenmill.sample.sampler import _CANDIDATES, _top_k_top_p
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0], [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]])
+    out = _top_k_top_p(logits, torch.tensor([2, 3]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, True, True, False, False]  # ties with the 2nd kept
+    assert torch.isfinite(out[1]).tolist() == [True, True, True, False, False, False]
+    # A tie that runs past the partial top-k's candidates still keeps every tied token.
+    vocab = 2 * _CANDIDATES + 10
+    row = torch.zeros(1, vocab)
+    row[0, :3] = 5.0
+    out = _top_k_top_p(row, torch.tensor([5]), None)
+    assert int(torch.isfinite(out).sum()) == vocab  # the 5th largest is 0.0, shared by all the rest
+    # top_p=1 rows beside top_p<1 rows lose nothing, even where the float sum reaches 1 early.
+    peaked = -60.0 - torch.arange(vocab, dtype=torch.float32)[None] * 1e-3
+    peaked[0, 0] = 30.0
+    out = _top_k_top_p(torch.cat([peaked, peaked]), torch.tensor([vocab, 300]), torch.tensor([0.5, 1.0]))
+    assert int(torch.isfinite(out[0]).sum()) == 1 and int(torch.isfinite(out[1]).sum()) == 300
+
+
+def test_inverse_cdf_reaches_the_smallest_tokens():
+    """A float32 running sum over a large vocabulary stops growing for tiny entries; the CDF is
+    summed in float64, so every token with probability > 0 can be drawn."""
+    from tokenmill.sample.sampler import sample_rows
+
+    vocab = 152_000
+    probs = torch.full((1, vocab), 1e-12)
+    probs[0, 0] = 1.0
+    probs[0, -1] = 1e-8  # the last entry
+    cum32 = probs.cumsum(-1)
+    assert float(cum32[0, -1] - cum32[0, -2]) == 0.0  # float32 could not draw it
+    gen = torch.Generator().manual_seed(0)
+    assert sample_rows(probs, {0: gen}).tolist() == [0]
+    # Draw with u forced near the top of the CDF: the float64 sum still separates the last token.
+    cum = probs.cumsum(-1, dtype=torch.float64)
+    x = cum[0, -2] + 0.5e-8
+    assert int(torch.searchsorted(cum, x[None, None], right=True)[0, 0]) == vocab - 1

@@ -295,3 +295,65 @@ def test_bench_spec_decode_runs_both_in_one_run(tmp_path):
     assert res["identical_outputs"] and res["draft_tokens"] > 0
     assert res["spec_decode_tok_s"] > 0 and res["baseline_decode_tok_s"] > 0
     assert json.loads(out.read_text())["speedup"] == pytest.approx(res["speedup"])
+
+
+def test_drafts_never_displace_other_sequences():
+    """Drafts take only blocks and budget left over: here none, so both decodes run plainly and
+    nothing is preempted (drafts first would have taken the last block)."""
+    from tokenmill.engine.block_manager import BlockManager
+    from tokenmill.engine.scheduler import Scheduler
+    from tokenmill.engine.sequence import Request
+
+    bm = BlockManager(4, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, 8, 64, propose=lambda seq, budget: min(4, budget))
+    reqs = [Request(str(i), None, [1, 2, 3, 4], SamplingParams(max_tokens=5), float(i)) for i in range(2)]
+    for r in reqs:
+        sched.add_request(r.seqs)
+    sched.advance(sched.schedule())
+    for r in reqs:
+        r.seqs[0].token_ids.append(7)
+    out = sched.schedule()
+    assert [(s.num_new_tokens, s.num_spec) for s in out.scheduled] == [(1, 0), (1, 0)] and not out.preempted
+    sched.advance(out)
+    sched.finish(reqs[1].seqs[0])  # blocks free up: the remaining decode takes drafts
+    reqs[0].seqs[0].token_ids.append(8)
+    out = sched.schedule()
+    assert [(s.num_new_tokens, s.num_spec) for s in out.scheduled] == [(5, 4)]
+
+
+def test_seeded_requests_do_not_depend_on_neighbours(arch_dirs):
+    d = arch_dirs["llama"]
+    prompt = {"prompt_token_ids": [9, 10, 11, 12] * 10}
+    p = SamplingParams(max_tokens=40, temperature=0.3, seed=42, ignore_eos=True)
+    others = [{"prompt_token_ids": [20 + i, 30, 40 + i] * 5} for i in range(5)]
+    q = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    llm = _engine(d, NGRAM, max_num_batched_tokens=8)
+    alone = llm.generate([prompt], p)[0].outputs[0].token_ids
+    mixed = llm.generate(others + [prompt], [q] * 5 + [p])[-1].outputs[0].token_ids
+    assert alone == mixed
+    assert llm.engine.spec_stats.num_accepted_tokens > 0  # the greedy neighbours did speculate
+
+
+def test_cached_blocks_hold_the_draft_models_kv(arch_dirs):
+    """A block enters the prefix cache only once the draft's KV covers it: after a preemption
+    that lands right after all drafts were accepted, the re-admitted sequence (the target as its
+    own draft) still has every draft accepted."""
+    d = arch_dirs["llama"]
+    llm = _engine(d, {"method": "draft_model", "model": d, "num_speculative_tokens": 3})
+    eng = llm.engine
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 500) for _ in range(20)]
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    eng.add_request({"prompt_token_ids": prompt}, p, request_id="a")
+    seq = eng.requests["a"].seqs[0]
+    while not (seq.num_computed_tokens % 16 == 0 and seq.num_draft_computed < seq.num_computed_tokens):
+        eng.step()
+        assert not seq.is_finished
+    eng.scheduler._preempt(seq)
+    before = eng.spec_stats.num_draft_tokens, eng.spec_stats.num_accepted_tokens
+    while eng.has_unfinished_requests():
+        eng.step()
+    drafted = eng.spec_stats.num_draft_tokens - before[0]
+    assert drafted > 0 and eng.spec_stats.num_accepted_tokens - before[1] == drafted
+    base = _engine(d).generate([{"prompt_token_ids": prompt}], p)[0].outputs[0].token_ids
+    assert seq.output_token_ids == base

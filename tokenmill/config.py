@@ -218,7 +218,10 @@ class SpeculativeConfig:
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
         """From a dict (the LLM keyword) or a JSON string (the CLI flag); raises ValueError naming the field."""
-        if value is None or isinstance(value, SpeculativeConfig):
+        if value is None:
+            return None
+        if isinstance(value, SpeculativeConfig):
+            value.validate()
             return value
         if isinstance(value, str):
             try:

@@ -128,13 +128,14 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Offers seq's newly computed full blocks to the cache (after a step wrote their KV). A
-        block whose key is already cached (two sequences computed the same prefix at once) stays
-        private and is freed plainly."""
+    def register_computed(self, seq: Sequence, upto: int | None = None) -> None:
+        """Offers seq's newly computed full blocks (within its first `upto` tokens, default all
+        computed ones) to the cache, after a step wrote their KV. A block whose key is already
+        cached (two sequences computed the same prefix at once) stays private and is freed plainly."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        computed = seq.num_computed_tokens if upto is None else min(upto, seq.num_computed_tokens)
+        full = min(computed // self.block_size, len(seq.block_table))
         if seq.num_registered_blocks >= full:
             return
         self._extend_hashes(seq, full * self.block_size)

@@ -82,6 +82,7 @@ class LLMEngine:
             self._ngram = NgramProposer(spec)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    propose=self._propose if spec is not None else None)
+        self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0

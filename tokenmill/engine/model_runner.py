@@ -146,7 +146,9 @@ class ModelRunner:
         tokens = self.config.max_num_batched_tokens
         elem = torch.finfo(self.dtype).bits // 8
         per_token = (4 * mc.hidden_size + 3 * mc.intermediate_size + 2 * mc.num_heads * mc.head_dim) * elem
-        logits = min(tokens, self.config.max_num_seqs) * mc.vocab_size * 4 * 3
+        spec = self.config.speculative_config
+        rows = self.config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+        logits = min(tokens, rows) * mc.vocab_size * 4 * 6  # logits, probabilities, cumulative sums
         return 2 * tokens * per_token + logits
 
     def kv_cache_budget(self) -> tuple[int, str]:

@@ -67,6 +67,8 @@ class Scheduler:
         # Speculative decoding: propose(seq, at_most) readies up to at_most drafts for a decode and
         # says how many (they go in seq.spec_token_ids, or the runner fills them in).
         self.propose = propose
+        # With a draft model, a block goes to the prefix cache only once the draft's KV covers it too.
+        self.draft_kv = False
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by sort_key
@@ -128,12 +130,6 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            num_spec = 0
-            if self.propose is not None and num_new == 1 and seq.num_output_tokens and budget > 1:
-                num_spec = self.propose(seq, budget - 1)
-                if num_spec and not bm.can_allocate(seq, 1 + num_spec):
-                    num_spec = 0  # drafts never cost a preemption
-                num_new += num_spec
             while not bm.can_allocate(seq, num_new):
                 victim = self.running[-1]  # lowest priority, never one already scheduled
                 self._preempt(victim)
@@ -142,7 +138,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens, num_spec=num_spec))
+                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
                 budget -= num_new
                 i += 1
 
@@ -164,9 +160,27 @@ class Scheduler:
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
             budget -= num_new
+        if self.propose is not None and not out.preempted:
+            self._add_drafts(out, budget)
         self._attach_forks(out)
         out.block_copies = bm.take_copies()
         return out
+
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Speculative decoding: scheduled decodes take drafts from what is left once every running
+        sequence has its token and waiting ones are admitted, so drafts never displace anything."""
+        bm = self.block_manager
+        for s in out.scheduled:
+            if budget <= 0:
+                break
+            seq = s.seq
+            if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens:
+                continue
+            k = self.propose(seq, budget)
+            if k and bm.allocate(seq, 1 + k):
+                s.num_new_tokens += k
+                s.num_spec = k
+                budget -= k
 
     def _attach_forks(self, out: SchedulerOutput) -> None:
         """Chunks that complete a prompt whose request has samples waiting take them along, as
@@ -199,7 +213,7 @@ class Scheduler:
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens - s.num_spec
-            bm.register_computed(seq)
+            self._register(seq)
             for sib in s.forks:
                 bm.fork(seq, sib)
                 sib.num_draft_computed = seq.num_draft_computed
@@ -212,4 +226,8 @@ class Scheduler:
         for rejected tokens."""
         seq.num_computed_tokens += num_drafts
         seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-        self.block_manager.register_computed(seq)
+        self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        upto = min(seq.num_computed_tokens, seq.num_draft_computed) if self.draft_kv else None
+        self.block_manager.register_computed(seq, upto)

@@ -13,8 +13,8 @@ The KV the rejected rows wrote is simply overwritten later: the sequence's compu
 advances by the accepted drafts only (`Scheduler.accept`).
 
 Requests whose sampling depends on the tokens before each position in ways the batch does
-not track per row (repetition/presence/frequency penalties, min_tokens not yet reached)
-decode without drafts.
+not track per row (repetition/presence/frequency penalties, min_tokens not yet reached), and
+seeded requests (see `can_speculate`), decode without drafts.
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ class SpecStats:
 
 
 def can_speculate(seq: Sequence) -> bool:
+    """Seeded requests decode without drafts: how many drafts a step carries depends on the
+    batch (budget, free blocks), and each verified row draws from the request's generator, so
+    drafts would make a seeded output depend on its neighbours."""
     p = seq.params
     return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-            and seq.num_output_tokens >= p.min_tokens)
+            and seq.num_output_tokens >= p.min_tokens and p.seed is None)
 
 
 def max_drafts(seq: Sequence, k: int, budget: int, max_model_len: int) -> int:

@@ -201,10 +201,12 @@ class Sampler:
 def sample_rows(probs: torch.Tensor, generators: dict[int, torch.Generator] | None = None) -> torch.Tensor:
     """One token per row of probs [B, V] (rows need not be normalized) by inverting the CDF at a
     uniform draw; rows listed in generators draw from their own generator."""
-    cum = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device)
+    # float64: a float32 running sum over a large vocabulary stops growing for the smallest
+    # entries (with 152K tokens, 18K of them could never be drawn).
+    cum = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=torch.float64)
     for row, gen in (generators or {}).items():
-        u[row] = torch.rand(1, device=probs.device, generator=gen)
+        u[row] = torch.rand(1, device=probs.device, generator=gen, dtype=torch.float64)
     idx = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)[:, 0]
     # Rounding can land on a zero-probability entry at the very end: take the row's mode instead.
     zero = probs.gather(1, idx[:, None])[:, 0] <= 0
@@ -218,39 +220,50 @@ _CANDIDATES = 256
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Masks all but each row's top_k logits, then all but the smallest set of most likely
-    tokens whose probability reaches top_p (within the top_k when both are set)."""
+    """Masks all but each row's top_k logits (ties with the k-th kept), then all but the smallest
+    set of most likely tokens whose probability reaches top_p (within the top_k when both are
+    set). Rows whose answer lies within a partial top-k of candidates are done there; the rest
+    (a nucleus or a tie wider than the candidates) sort the whole row."""
     b, vocab = logits.shape
     kk = top_k if top_k is not None else torch.full((b,), vocab, device=logits.device)
     limited = kk < vocab
     pp = top_p if top_p is not None else torch.ones(b, device=logits.device)
-    unfiltered = ~limited & (pp >= 1.0)
+    nucleus = pp < 1.0
+    unfiltered = ~limited & ~nucleus
     if bool(unfiltered.all()):
         return logits
-    c = min(vocab, max(_CANDIDATES, int(kk[limited].max()) if bool(limited.any()) else 0))
+    c = min(vocab, max(_CANDIDATES, int(kk[limited].max()) + 1 if bool(limited.any()) else 0))
     vals, idx = logits.topk(c, dim=-1)  # descending
-    vals = vals.masked_fill(torch.arange(c, device=logits.device)[None, :] >= kk[:, None], float("-inf"))
-    covered = limited.clone()
+    kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
+    vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
+    # A top-k row is done within the candidates unless its k-th value ties past them.
+    covered = limited & ((kth[:, 0] > vals[:, -1]) | (c == vocab))
     if top_p is not None:
         # Probabilities within the top-k when a row has one, else over the whole vocabulary.
         lse = torch.where(limited, vals.logsumexp(dim=-1), logits.logsumexp(dim=-1))
         probs = (vals - lse[:, None]).exp()
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
-        vals = vals.masked_fill(before >= pp[:, None], float("-inf"))
-        covered |= probs.sum(dim=-1) >= pp  # the nucleus ends within the candidates
+        vals = vals.masked_fill(nucleus[:, None] & (before >= pp[:, None]), float("-inf"))
+        # A row without top-k is done when the nucleus ends within the candidates.
+        covered |= ~limited & nucleus & (probs.sum(dim=-1) >= pp)
     out = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
     out = torch.where(unfiltered[:, None], logits, out)
     rest = (~covered & ~unfiltered).nonzero()[:, 0]
-    if rest.numel():  # nuclei wider than the candidates (top-p without top-k on a flat row)
-        out[rest] = _wide_top_p(logits[rest], pp[rest])
+    if rest.numel():
+        out[rest] = _top_k_top_p_sorted(logits[rest], kk[rest], pp[rest])
     return out
 
 
-def _wide_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-p by sorting whole rows: for nuclei wider than the candidates, which only nearly flat
-    distributions have."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(before >= top_p[:, None], float("-inf"))
+def _top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The same by sorting whole rows: for nuclei or ties wider than the candidates, which only
+    nearly flat rows have."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    # Keep the k largest (and ties): in ascending order they sit at positions >= vocab - k.
+    kth = sorted_logits.gather(1, (vocab - top_k.clamp(max=vocab))[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop = (cum <= (1 - top_p[:, None])) & (top_p[:, None] < 1.0)
+    drop[:, -1] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
