@@ -212,19 +212,30 @@ def test_top_k_keeps_ties_and_top_p_one_keeps_all():
 
 
 def test_inverse_cdf_reaches_the_smallest_tokens():
-    """A float32 running sum over a large vocabulary stops growing for tiny entries; the CDF is
-    summed in float64, so every token with probability > 0 can be drawn."""
+    """A float32 running sum over a large vocabulary stops growing for tiny entries; the sampler's
+    CDF is float64, so a token after a mass 1e8 times larger keeps its interval of draws."""
     from tokenmill.sample.sampler import sample_rows
 
     vocab = 152_000
     probs = torch.full((1, vocab), 1e-12)
     probs[0, 0] = 1.0
-    probs[0, -1] = 1e-8  # the last entry
+    probs[0, -1] = 1e-8
     cum32 = probs.cumsum(-1)
-    assert float(cum32[0, -1] - cum32[0, -2]) == 0.0  # float32 could not draw it
-    gen = torch.Generator().manual_seed(0)
-    assert sample_rows(probs, {0: gen}).tolist() == [0]
-    # Draw with u forced near the top of the CDF: the float64 sum still separates the last token.
-    cum = probs.cumsum(-1, dtype=torch.float64)
-    x = cum[0, -2] + 0.5e-8
-    assert int(torch.searchsorted(cum, x[None, None], right=True)[0, 0]) == vocab - 1
+    assert float(cum32[0, -1] - cum32[0, -2]) == 0.0  # float32: the last token's interval is empty
+    total = float(probs.double().sum())
+    for block in (1024, 7):
+        u_last = torch.tensor([[1 - 0.5e-8 / total]], dtype=torch.float64)
+        assert int(sample_rows(probs, block=block, u=u_last)) == vocab - 1
+        assert int(sample_rows(probs, block=block, u=torch.tensor([[0.3]], dtype=torch.float64))) == 0
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 1024])
+def test_inverse_cdf_follows_the_distribution_across_blocks(block):
+    from tokenmill.sample.sampler import sample_rows
+
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.0, 0.4]])
+    torch.manual_seed(0)
+    draws = sample_rows(probs.expand(8000, -1), block=block)
+    freq = torch.bincount(draws, minlength=6).double() / 8000
+    assert freq[1] == 0 and freq[4] == 0
+    assert freq.tolist() == pytest.approx([0.1, 0.0, 0.2, 0.3, 0.0, 0.4], abs=0.02)
