@@ -93,7 +93,7 @@ def _reference_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, wind
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("head_dim", [64, 40, 48, 128])
 def test_paged_attention_matches_reference(dtype, window, head_dim):
     g = torch.Generator().manual_seed(head_dim + window)
     heads, kv_heads, bs, num_blocks = 8, 2, 16, 40

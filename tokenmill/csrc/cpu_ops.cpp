@@ -183,8 +183,73 @@ inline void axpy_head(float p, const T* v, float* out, int64_t D) {
   }
 }
 
+// exp for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial on the reduced
+// argument, scaled by 2^n with vscalefps; within 2 ulp of std::exp.
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// In place: s[0:L] = softmax(s[0:L]).
+inline void softmax_inplace(float* s, int64_t L) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= L; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
+  if (i < L) vmax = _mm512_mask_max_ps(vmax, static_cast<__mmask16>((1u << (L - i)) - 1), vmax, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (L - i)) - 1), s + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= L; i += 16) {
+    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+    _mm512_storeu_ps(s + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (i < L) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (L - i)) - 1);
+    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + i), m));
+    _mm512_mask_storeu_ps(s + i, mask, e);
+    vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  for (i = 0; i + 16 <= L; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
+  if (i < L) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (L - i)) - 1);
+    _mm512_mask_storeu_ps(s + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + i), inv));
+  }
+}
+
+// out[0:16*NV] = sum over keys of p[i] * v_i, the accumulator held in registers (no read-modify-
+// write of out per key, which made the value pass latency-bound on the store-load chain).
+template <typename T, int NV>
+inline void weighted_values(const float* p, const T* vc, const int64_t* table, int64_t block_size, int64_t blk_stride,
+                            int64_t tok_stride, int64_t off, int64_t lo, int64_t hi, float* out) {
+  __m512 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t t = lo; t < hi;) {
+    const int64_t o = t % block_size, n = std::min(block_size - o, hi - t);
+    const T* vp = vc + table[t / block_size] * blk_stride + o * tok_stride + off;
+    for (int64_t i = 0; i < n; ++i, vp += tok_stride) {
+      const __m512 pv = _mm512_set1_ps(p[t + i - lo]);
+      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(pv, load16(vp + 16 * j), acc[j]);
+    }
+    t += n;
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+}
+
 // One work item: the G query heads of one kv head for one query row, over keys [lo, hi).
-// Scores for all keys first (one pass over K), then the softmax, then one pass over V.
+// Scores for all keys first (one pass over K, scores laid out per head), a vectorized softmax
+// per head, then the values.
 template <typename T>
 void attend(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t block_size, int64_t kvh,
             int64_t KVH, int64_t D, int64_t G, int64_t lo, int64_t hi, float scale, float* out,
@@ -193,25 +258,32 @@ void attend(const float* q, const T* kc, const T* vc, const int64_t* table, int6
   scores.resize(static_cast<size_t>(L * G));
   const int64_t tok_stride = KVH * D;
   const int64_t blk_stride = block_size * tok_stride;
-  std::vector<float> mx(G, -INFINITY), sum(G, 0.0f);
-  for (int64_t t = lo; t < hi; ++t) {
-    const T* kp = kc + table[t / block_size] * blk_stride + (t % block_size) * tok_stride + kvh * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float s = dot_head(kp, q + g * D, D) * scale;
-      scores[(t - lo) * G + g] = s;
-      mx[g] = std::max(mx[g], s);
-    }
+  // Walk the keys block by block: one division per block, not per key.
+  for (int64_t t = lo; t < hi;) {
+    const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
+    const T* kp = kc + table[t / block_size] * blk_stride + off * tok_stride + kvh * D;
+    for (int64_t i = 0; i < n; ++i, kp += tok_stride)
+      for (int64_t g = 0; g < G; ++g) scores[g * L + (t + i - lo)] = dot_head(kp, q + g * D, D) * scale;
+    t += n;
   }
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t g = 0; g < G; ++g) {
-      const float e = std::exp(scores[i * G + g] - mx[g]);
-      scores[i * G + g] = e;
-      sum[g] += e;
+  for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * L, L);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* p = scores.data() + g * L;
+    float* o = out + g * D;
+    switch (D) {
+      case 16: weighted_values<T, 1>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      case 32: weighted_values<T, 2>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      case 48: weighted_values<T, 3>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      case 64: weighted_values<T, 4>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      case 96: weighted_values<T, 6>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      case 128: weighted_values<T, 8>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
+      default:
+        std::fill(o, o + D, 0.0f);
+        for (int64_t t = lo; t < hi; ++t) {
+          const T* vp = vc + table[t / block_size] * blk_stride + (t % block_size) * tok_stride + kvh * D;
+          axpy_head(p[t - lo], vp, o, D);
+        }
     }
-  std::fill(out, out + G * D, 0.0f);
-  for (int64_t t = lo; t < hi; ++t) {
-    const T* vp = vc + table[t / block_size] * blk_stride + (t % block_size) * tok_stride + kvh * D;
-    for (int64_t g = 0; g < G; ++g) axpy_head(scores[(t - lo) * G + g] / sum[g], vp, out + g * D, D);
   }
 }
 
