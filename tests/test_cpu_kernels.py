@@ -161,3 +161,23 @@ def test_long_and_short_sequences_batched_equal_each_alone(tmp_path):
         assert together == alone, backend
         results[backend] = together
     assert results["cpu"] == results["torch"]
+
+
+@needs_ops
+def test_paged_attention_propagates_nan():
+    """A NaN in a key or the query reaches the output (the vectorized exp must not clamp it away)."""
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(4, 16, 1, 64, generator=g)
+    v_cache = torch.randn(4, 16, 1, 64, generator=g)
+    q = torch.randn(1, 2, 64, generator=g)
+    args = (torch.tensor([[0, 1]]), torch.tensor([20]), torch.tensor([0, 1]), 0.125, 0)
+    assert not ops.paged_attention(q, k_cache, v_cache, *args).isnan().any()
+    k_bad = k_cache.clone()
+    k_bad[0, 3, 0, 5] = float("nan")
+    assert ops.paged_attention(q, k_bad, v_cache, *args).isnan().all()
+    q_bad = q.clone()
+    q_bad[0, 0, 0] = float("nan")
+    assert ops.paged_attention(q_bad, k_cache, v_cache, *args)[0, 0].isnan().all()
+    with pytest.raises(RuntimeError, match="more query rows than context"):
+        ops.paged_attention(torch.randn(3, 2, 64), k_cache, v_cache, torch.tensor([[0, 1]]), torch.tensor([2]),
+                            torch.tensor([0, 3]), 0.125, 0)

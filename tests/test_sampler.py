@@ -239,3 +239,30 @@ def test_inverse_cdf_follows_the_distribution_across_blocks(block):
     freq = torch.bincount(draws, minlength=6).double() / 8000
     assert freq[1] == 0 and freq[4] == 0
     assert freq.tolist() == pytest.approx([0.1, 0.0, 0.2, 0.3, 0.0, 0.4], abs=0.02)
+
+
+def test_inverse_cdf_interval_of_a_block_end_token_is_its_probability():
+    """Each token's share of the uniform draw is its probability, including the last entry of a
+    block, where float32 block sums and the float64 running sum inside the block disagree."""
+    from tokenmill.sample.sampler import sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(20, 4096) * 2
+    logits[:, 1023] = -12.0  # a small token at the end of block 0
+    probs = torch.softmax(logits, -1)
+
+    def first_u_reaching(row: torch.Tensor, token: int) -> float:
+        lo, hi = 0.0, 1.0  # smallest u whose draw is >= token
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if int(sample_rows(row, u=torch.tensor([[mid]], dtype=torch.float64))) >= token:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    for r in range(probs.shape[0]):
+        row = probs[r : r + 1]
+        width = first_u_reaching(row, 1024) - first_u_reaching(row, 1023)
+        true = float(row[0, 1023].double() / row.double().sum())
+        assert width == pytest.approx(true, rel=0.01), r

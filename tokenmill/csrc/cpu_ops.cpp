@@ -186,7 +186,7 @@ inline void axpy_head(float p, const T* v, float* out, int64_t D) {
 // exp for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial on the reduced
 // argument, scaled by 2^n with vscalefps; within 2 ulp of std::exp.
 inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // x second: maxps returns it when it is NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -315,6 +315,9 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   TORCH_CHECK(qsl[B] == T, "paged_attention: query_start_loc[-1] must equal the number of query rows");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= qsl[b + 1] - qsl[b] && qsl[b + 1] >= qsl[b], "paged_attention: sequence ", b,
+                " has more query rows than context");
   // Work items: (row, kv head); the row's sequence is found by a binary search over qsl.
   torch::Tensor out = torch::empty({T, H, D}, q.options().dtype(at::kFloat));
 #ifdef TM_AVX512
