@@ -217,12 +217,12 @@ def test_verify_rejection_rule_is_exact():
     for draft in (0, 1, 3):
         counts = torch.zeros(4)
         for _ in range(20000):
-            tokens, accepted = verify([p], [[draft]], [None])[0]
+            tokens, accepted = verify([p], [[draft]])[0]
             counts[tokens[0]] += 1
             assert accepted == (tokens[0] == draft) and len(tokens) == 1 + accepted
         assert _chi2_pvalue(counts, p[0]) > 1e-3
-    assert verify([[4, 5, 6]], [[4, 9]], [None]) == [([4, 5], 1)]  # greedy: the first mismatch ends it
-    assert verify([[4, 9, 6]], [[4, 9]], [None]) == [([4, 9, 6], 2)]
+    assert verify([[4, 5, 6]], [[4, 9]]) == [([4, 5], 1)]  # greedy: the first mismatch ends it
+    assert verify([[4, 9, 6]], [[4, 9]]) == [([4, 9, 6], 2)]
 
 
 def test_ngram_index():

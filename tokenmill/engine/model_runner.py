@@ -18,7 +18,7 @@ from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
-from tokenmill.engine.spec_decode import DraftModel, spec_logprob_entries, verify
+from tokenmill.engine.spec_decode import DraftModel, verify
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -277,25 +277,22 @@ class ModelRunner:
     def _verify(self, logits: torch.Tensor, chunks: list[tuple[ScheduledSeq, int]], result: StepResult) -> None:
         """Rejection sampling of each chunk's drafts against its k + 1 rows of target logits."""
         row_seqs = [s.seq for s, _ in chunks for _ in range(s.num_spec + 1)]
-        for seq in row_seqs:
-            self._generator(seq)
         md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device)
         argmax, probs = self.sampler.distribution(logits, md)
         want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)
         raw = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
-        dists, drafts, gens = [], [], []
+        dists, drafts = [], []
         r = 0
         for s, _ in chunks:
             k = s.num_spec
             dists.append(argmax[r : r + k + 1] if s.seq.params.greedy else probs[r : r + k + 1])
             drafts.append(s.seq.spec_token_ids[:k])
-            gens.append(s.seq.generator)
             r += k + 1
         r = 0
-        for (s, _), (tokens, accepted) in zip(chunks, verify(dists, drafts, gens)):
+        for (s, _), (tokens, accepted) in zip(chunks, verify(dists, drafts)):
             seq, k = s.seq, s.num_spec
             lp = seq.params.logprobs
-            entries = spec_logprob_entries(raw[r : r + k + 1], tokens, lp) if lp is not None else [None] * len(tokens)
+            entries = _logprob_entries(raw[r : r + k + 1], tokens, lp) if lp is not None else [None] * len(tokens)
             result.sampled[seq.seq_id] = list(zip(tokens, entries))
             result.spec[seq.seq_id] = (k, accepted)
             r += k + 1
@@ -309,10 +306,15 @@ class ModelRunner:
             return []
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1)
         targets = seq.token_ids[s.start + 1 : s.start + 1 + count]
-        chosen, ranks = token_logprobs(logprobs, torch.tensor(targets, device=logprobs.device))
-        k = seq.params.prompt_logprobs
-        ids, vals = topk_logprobs(logprobs, k)
-        return [_entry(t, c, r, i, v) for t, c, r, i, v in zip(targets, chosen, ranks, ids, vals)]
+        return _logprob_entries(logprobs, targets, seq.params.prompt_logprobs)
+
+
+def _logprob_entries(logprobs: torch.Tensor, tokens: list[int], k: int) -> list[PositionLogprobs]:
+    """One entry per token: its logprob and rank in its row of logprobs, and the row's top k."""
+    rows = logprobs[: len(tokens)]
+    chosen, ranks = token_logprobs(rows, torch.tensor(tokens, device=rows.device))
+    ids, vals = topk_logprobs(rows, k)
+    return [_entry(t, c, r, i, v) for t, c, r, i, v in zip(tokens, chosen, ranks, ids, vals)]
 
 
 def _entry(token: int, logprob: float, rank: int, top_ids: list[int], top_vals: list[float]) -> PositionLogprobs:

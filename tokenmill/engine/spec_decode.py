@@ -19,8 +19,7 @@ seeded requests (see `can_speculate`), decode without drafts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
@@ -28,25 +27,17 @@ from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.sequence import Sequence
 from tokenmill.sample.sampler import sample_rows
 
-if TYPE_CHECKING:
-    from tokenmill.outputs import PositionLogprobs
-
 
 @dataclass
 class SpecStats:
     num_drafts: int = 0  # verification steps with at least one draft token
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    accepted_per_pos: list[int] = field(default_factory=list)
 
     def record(self, num_drafted: int, num_accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += num_drafted
         self.num_accepted_tokens += num_accepted
-        while len(self.accepted_per_pos) < num_drafted:
-            self.accepted_per_pos.append(0)
-        for j in range(num_accepted):
-            self.accepted_per_pos[j] += 1
 
 
 def can_speculate(seq: Sequence) -> bool:
@@ -106,15 +97,15 @@ class NgramProposer:
         return seq.ngram_index.propose(seq.token_ids, k)
 
 
-def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[int]],
-           generators: list[torch.Generator | None]) -> list[tuple[list[int], int]]:
-    """Rejection sampling for each sequence: (emitted tokens, drafts accepted).
+def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[int]]) -> list[tuple[list[int], int]]:
+    """Rejection sampling for each sequence: (emitted tokens, drafts accepted). Draws come from the
+    global generator: seeded requests never carry drafts (`can_speculate`).
 
     probs_or_argmax[i] is either the greedy argmax of each of the k + 1 rows (a list) or the final
     sampling distribution of each row ([k + 1, V] probabilities after temperature, top-k/p, min-p).
     """
     results = []
-    for probs, d, gen in zip(probs_or_argmax, drafts, generators):
+    for probs, d in zip(probs_or_argmax, drafts):
         k = len(d)
         if isinstance(probs, list):  # greedy
             a = 0
@@ -124,27 +115,16 @@ def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[in
             continue
         dev = probs.device
         p_d = probs[torch.arange(k, device=dev), torch.tensor(d, dtype=torch.long, device=dev)]
-        u = torch.rand(k, device=dev, generator=gen)
+        u = torch.rand(k, device=dev)
         accepted = (u < p_d).tolist()
         a = accepted.index(False) if False in accepted else k
         row = probs[a]
         if a < k:  # the residual: p with the rejected draft taken out
             row = row.clone()
             row[d[a]] = 0.0
-        token = int(sample_rows(row[None], {0: gen} if gen is not None else None)[0])
+        token = int(sample_rows(row[None])[0])
         results.append((d[:a] + [token], a))
     return results
-
-
-def spec_logprob_entries(raw_logprobs: torch.Tensor, tokens: list[int], k: int) -> list[PositionLogprobs]:
-    """Logprobs entries (as the plain sampler gives them) for tokens emitted from consecutive rows."""
-    from tokenmill.engine.model_runner import _entry
-    from tokenmill.sample.sampler import token_logprobs, topk_logprobs
-
-    rows = raw_logprobs[: len(tokens)]
-    chosen, ranks = token_logprobs(rows, torch.tensor(tokens, device=rows.device))
-    ids, vals = topk_logprobs(rows, k)
-    return [_entry(t, c, r, i, v) for t, c, r, i, v in zip(tokens, chosen, ranks, ids, vals)]
 
 
 class DraftModel:

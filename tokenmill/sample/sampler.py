@@ -133,12 +133,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if md.max_logprobs is not None else None
-
-        if md.banned:
-            logits = logits.clone()
-            for row, ids in md.banned:
-                logits[row, ids] = float("-inf")
-        logits = self._apply_penalties(logits, md)
+        logits = self._constrain(logits, md)
 
         if md.all_greedy:
             tokens = logits.argmax(dim=-1)
@@ -157,16 +152,19 @@ class Sampler:
         """Each row's greedy token and, unless every row is greedy, the distribution sampling draws
         from (after temperature, min-p, top-k and top-p) as probabilities: what speculative
         decoding verifies drafts against."""
-        logits = logits.float()
-        if md.banned:
-            logits = logits.clone()
-            for row, ids in md.banned:
-                logits[row, ids] = float("-inf")
-        logits = self._apply_penalties(logits, md)
+        logits = self._constrain(logits.float(), md)
         argmax = logits.argmax(dim=-1).tolist()
         if md.all_greedy:
             return argmax, None
         return argmax, torch.softmax(self._filter(logits, md), dim=-1)
+
+    def _constrain(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """min_tokens bans, then penalties, on float32 logits (a copy when anything changes)."""
+        if md.banned:
+            logits = logits.clone()
+            for row, ids in md.banned:
+                logits[row, ids] = float("-inf")
+        return self._apply_penalties(logits, md)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
