@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import time
 
+from tokenmill.bench import write_json
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model folder")
@@ -139,7 +141,5 @@ def run(args: argparse.Namespace) -> dict:
               f"decode {lc['decode_tok_s']:.1f} tok/s")
         print(f"ratio tokenmill/llama.cpp: decode {ours['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
               f"prefill {ours['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
     return res

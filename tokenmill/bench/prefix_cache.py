@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from tokenmill.bench import write_json
 from tokenmill.bench.datasets import WORDS
 from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
@@ -86,9 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in workloads:
         results[name].update(_ratios(results[name]["on"], results[name]["off"]))
     print("\n" + format_table(results, args))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tokenmill.bench import write_json
 from tokenmill.bench.datasets import (
     Conversation,
     Request,
@@ -575,7 +576,7 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
             s["offered_rate"] = rate
             print(format_report(s), flush=True)
             results.append(s)
-            _write_json(args.json, [_jsonable(x) for x in results])  # a failure later keeps these
+            write_json(args.json, [_jsonable(x) for x in results])  # a failure later keeps these
         print(f"\n{'rate':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
               f"{'TPOT p99':>9} {'E2E p50':>9} {'goodput':>8} {'failed':>6}")
         for s in results:
@@ -586,11 +587,11 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
         if args.plot_dir:
             for path in plot_sweep(results, args.plot_dir):
                 print(f"wrote {path}")
-        _write_json(args.json, [_jsonable(s) for s in results])
+        write_json(args.json, [_jsonable(s) for s in results])
         return results
     s = asyncio.run(run_once(args, reqs, rates[0]))
     print(format_report(s))
-    _write_json(args.json, _jsonable(s))
+    write_json(args.json, _jsonable(s))
     return s
 
 
@@ -608,7 +609,3 @@ def _jsonable(s: dict) -> dict:
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in s.items()}
 
 
-def _write_json(path: str | None, obj) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)

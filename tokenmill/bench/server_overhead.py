@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
@@ -57,9 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     ratio = server["output_tok_s"] / offline["output_tok_s"]
     results["ratio"] = ratio
     print(f"\nserver / offline output throughput: {ratio:.1%} (goal >= 80%)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -21,6 +21,8 @@ import random
 import statistics
 import time
 
+from tokenmill.bench import write_json
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the demo model)")
@@ -141,7 +143,5 @@ def run(args: argparse.Namespace) -> dict:
     print(f"drafts: {drafted} tokens, {accepted} accepted ({res['acceptance_rate']:.0%}), "
           f"{res['tokens_per_verify_step']:.2f} tokens per verification step; "
           f"identical outputs: {res['identical_outputs']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
     return res

@@ -9,13 +9,13 @@ request in each batch; only the tokens each request asked for are counted.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
 import torch
 from tqdm import tqdm
 
+from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.workload import make_random_model
 
@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{best['output_tok_s']:.1f} tok/s -> ratio {ratio:.2f}x")
         print(f"batch-1 decode: tokenmill {tm_decode:.1f} vs transformers {hf_decode:.1f} tok/s "
               f"-> ratio {tm_decode / hf_decode:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 
