@@ -105,19 +105,22 @@ def _tokenmill(args) -> dict:
 
 def _llama_bench(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
-    cmd = [args.llama_bench, "-m", args.gguf, "-p", str(args.prompt_len), "-n", str(args.decode_tokens),
-           "-t", str(threads), "-r", str(args.repeats), "-o", "json"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out)
-    res = {"command": " ".join(cmd)}
-    for row in rows:
-        if row.get("n_prompt", 0) and not row.get("n_gen", 0):
-            res["prefill_tok_s"] = row["avg_ts"]
-            res["prefill_s"] = args.prompt_len / row["avg_ts"]
-        elif row.get("n_gen", 0) and not row.get("n_prompt", 0):
-            res["decode_tok_s"] = row["avg_ts"]
-        res.setdefault("type", row.get("model_type"))
-        res["model_size"] = row.get("model_size")
+    base = [args.llama_bench, "-m", args.gguf, "-t", str(threads), "-r", str(args.repeats), "-o", "json"]
+    # Prefill from an empty cache, and decode at the depth tokenmill decodes at (after the prompt):
+    # llama-bench's tg test otherwise starts from an empty cache, where attention costs nothing.
+    prefill_cmd = base + ["-p", str(args.prompt_len), "-n", "0"]
+    decode_cmd = base + ["-p", "0", "-n", str(args.decode_tokens), "-d", str(args.prompt_len)]
+    res: dict = {"command": " ".join(prefill_cmd) + " && " + " ".join(decode_cmd)}
+    for cmd in (prefill_cmd, decode_cmd):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        for row in json.loads(out):
+            if row.get("n_prompt", 0) and not row.get("n_gen", 0):
+                res["prefill_tok_s"] = row["avg_ts"]
+                res["prefill_s"] = args.prompt_len / row["avg_ts"]
+            elif row.get("n_gen", 0) and not row.get("n_prompt", 0):
+                res["decode_tok_s"] = row["avg_ts"]
+            res.setdefault("type", row.get("model_type"))
+            res["model_size"] = row.get("model_size")
     return res
 
 

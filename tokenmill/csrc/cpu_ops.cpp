@@ -201,13 +201,17 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// In place: s[0:L] = softmax(s[0:L]).
-inline void softmax_inplace(float* s, int64_t L) {
+// In place: s[0:L] = exp(s[0:L] - max); returns the max, and the sum of the exps in *sum.
+inline float exp_shifted(float* s, int64_t L, float* sum) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 16 <= L; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
-  if (i < L) vmax = _mm512_mask_max_ps(vmax, static_cast<__mmask16>((1u << (L - i)) - 1), vmax, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (L - i)) - 1), s + i));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  if (i < L) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (L - i)) - 1);
+    vmax = _mm512_mask_max_ps(vmax, mask, vmax, _mm512_maskz_loadu_ps(mask, s + i));
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  const __m512 m = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
   for (i = 0; i + 16 <= L; i += 16) {
     const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
@@ -220,70 +224,129 @@ inline void softmax_inplace(float* s, int64_t L) {
     _mm512_mask_storeu_ps(s + i, mask, e);
     vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-  for (i = 0; i + 16 <= L; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
-  if (i < L) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (L - i)) - 1);
-    _mm512_mask_storeu_ps(s + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + i), inv));
-  }
+  *sum = _mm512_reduce_add_ps(vsum);
+  return mx;
 }
 
-// out[0:16*NV] = sum over keys of p[i] * v_i, the accumulator held in registers (no read-modify-
-// write of out per key, which made the value pass latency-bound on the store-load chain).
+// out[0:16*NV] += sum over n tokens of p[i] * v_i (v_i at stride tok_stride), the accumulator held
+// in registers across the tokens (a read-modify-write of out per token is latency-bound).
 template <typename T, int NV>
-inline void weighted_values(const float* p, const T* vc, const int64_t* table, int64_t block_size, int64_t blk_stride,
-                            int64_t tok_stride, int64_t off, int64_t lo, int64_t hi, float* out) {
-  __m512 acc[NV];
-  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t t = lo; t < hi;) {
-    const int64_t o = t % block_size, n = std::min(block_size - o, hi - t);
-    const T* vp = vc + table[t / block_size] * blk_stride + o * tok_stride + off;
-    for (int64_t i = 0; i < n; ++i, vp += tok_stride) {
-      const __m512 pv = _mm512_set1_ps(p[t + i - lo]);
-      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(pv, load16(vp + 16 * j), acc[j]);
-    }
-    t += n;
+inline void add_weighted_values(const float* p, const T* vp, int64_t n, int64_t tok_stride, float* out) {
+  // Even and odd tokens in separate accumulators: two FMA chains in flight instead of one.
+  __m512 acc[NV], acc2[NV];
+  for (int j = 0; j < NV; ++j) {
+    acc[j] = _mm512_loadu_ps(out + 16 * j);
+    acc2[j] = _mm512_setzero_ps();
   }
-  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2, vp += 2 * tok_stride) {
+    const __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
+    for (int j = 0; j < NV; ++j) {
+      acc[j] = _mm512_fmadd_ps(p0, load16(vp + 16 * j), acc[j]);
+      acc2[j] = _mm512_fmadd_ps(p1, load16(vp + tok_stride + 16 * j), acc2[j]);
+    }
+  }
+  if (i < n) {
+    const __m512 p0 = _mm512_set1_ps(p[i]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(p0, load16(vp + 16 * j), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(acc[j], acc2[j]));
 }
 
-// One work item: the G query heads of one kv head for one query row, over keys [lo, hi).
-// Scores for all keys first (one pass over K, scores laid out per head), a vectorized softmax
-// per head, then the values.
 template <typename T>
-void attend(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t block_size, int64_t kvh,
-            int64_t KVH, int64_t D, int64_t G, int64_t lo, int64_t hi, float scale, float* out,
-            std::vector<float>& scores) {
-  const int64_t L = hi - lo;
-  scores.resize(static_cast<size_t>(L * G));
-  const int64_t tok_stride = KVH * D;
-  const int64_t blk_stride = block_size * tok_stride;
-  // Walk the keys block by block: one division per block, not per key.
+inline void add_weighted_values_any(const float* p, const T* vp, int64_t n, int64_t tok_stride, float* out, int64_t D) {
+  switch (D) {
+    case 16: add_weighted_values<T, 1>(p, vp, n, tok_stride, out); return;
+    case 32: add_weighted_values<T, 2>(p, vp, n, tok_stride, out); return;
+    case 48: add_weighted_values<T, 3>(p, vp, n, tok_stride, out); return;
+    case 64: add_weighted_values<T, 4>(p, vp, n, tok_stride, out); return;
+    case 96: add_weighted_values<T, 6>(p, vp, n, tok_stride, out); return;
+    case 128: add_weighted_values<T, 8>(p, vp, n, tok_stride, out); return;
+    default:
+      for (int64_t i = 0; i < n; ++i, vp += tok_stride) axpy_head(p[i], vp, out, D);
+  }
+}
+
+// Lane j of the result = the sum of a[j]'s 16 lanes: 16 horizontal sums in 45 shuffles and adds
+// (one _mm512_reduce_add_ps per vector costs twice that and serialises on its latency).
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // c[i]'s 128-bit lane l holds lane l's partial sums of a[4i .. 4i+3].
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
+}
+
+// out[0:m] = scale * (k_i . q) for m <= 16 keys k_i at stride tok_stride, head dim 16 * NV.
+template <typename T, int NV>
+inline void scores16(const T* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out) {
+  __m512 qv[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j);
+  __m512 acc[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    if (i < m) {
+      const T* ki = k + i * tok_stride;
+      __m512 a = _mm512_mul_ps(load16(ki), qv[0]);
+      for (int j = 1; j < NV; ++j) a = _mm512_fmadd_ps(load16(ki + 16 * j), qv[j], a);
+      acc[i] = a;
+    } else {
+      acc[i] = _mm512_setzero_ps();
+    }
+  }
+  const __m512 r = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << m) - 1), r);
+}
+
+// Keys per work item. Each query row's keys are cut into splits of this many positions, a
+// function of the row alone, so a sequence gets the same result whatever else is in the batch.
+constexpr int64_t kSplit = 128;
+
+// One work item: all H query heads of one query row over keys [lo, hi) (at most kSplit). Every kv
+// head of a token sits in one contiguous row of the cache, so the item streams K and then V
+// block by block in address order (reading one kv head's slice across tokens instead left the
+// loads latency-bound: 5 GB/s). Leaves the unnormalised output o [H, D], each head's score max
+// m [H] and sum of exps l [H] for the combination of splits.
+template <typename T>
+void attend_split(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t block_size, int64_t KVH,
+                  int64_t D, int64_t G, int64_t lo, int64_t hi, float scale, float* o, float* m, float* l,
+                  float* scores) {
+  const int64_t L = hi - lo, H = KVH * G;
+  const int64_t tok_stride = KVH * D, blk_stride = block_size * tok_stride;
   for (int64_t t = lo; t < hi;) {
     const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
-    const T* kp = kc + table[t / block_size] * blk_stride + off * tok_stride + kvh * D;
-    for (int64_t i = 0; i < n; ++i, kp += tok_stride)
-      for (int64_t g = 0; g < G; ++g) scores[g * L + (t + i - lo)] = dot_head(kp, q + g * D, D) * scale;
+    const T* kp = kc + table[t / block_size] * blk_stride + off * tok_stride;
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - i0);
+      for (int64_t h = 0; h < H; ++h) {
+        const T* k = kp + i0 * tok_stride + (h / G) * D;
+        float* out = scores + h * L + (t + i0 - lo);
+        switch (D) {
+          case 16: scores16<T, 1>(k, tok_stride, m, q + h * D, scale, out); break;
+          case 32: scores16<T, 2>(k, tok_stride, m, q + h * D, scale, out); break;
+          case 48: scores16<T, 3>(k, tok_stride, m, q + h * D, scale, out); break;
+          case 64: scores16<T, 4>(k, tok_stride, m, q + h * D, scale, out); break;
+          case 96: scores16<T, 6>(k, tok_stride, m, q + h * D, scale, out); break;
+          case 128: scores16<T, 8>(k, tok_stride, m, q + h * D, scale, out); break;
+          default:
+            for (int64_t i = 0; i < m; ++i) out[i] = dot_head(k + i * tok_stride, q + h * D, D) * scale;
+        }
+      }
+    }
     t += n;
   }
-  for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * L, L);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* p = scores.data() + g * L;
-    float* o = out + g * D;
-    switch (D) {
-      case 16: weighted_values<T, 1>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      case 32: weighted_values<T, 2>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      case 48: weighted_values<T, 3>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      case 64: weighted_values<T, 4>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      case 96: weighted_values<T, 6>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      case 128: weighted_values<T, 8>(p, vc, table, block_size, blk_stride, tok_stride, kvh * D, lo, hi, o); break;
-      default:
-        std::fill(o, o + D, 0.0f);
-        for (int64_t t = lo; t < hi; ++t) {
-          const T* vp = vc + table[t / block_size] * blk_stride + (t % block_size) * tok_stride + kvh * D;
-          axpy_head(p[t - lo], vp, o, D);
-        }
-    }
+  for (int64_t h = 0; h < H; ++h) m[h] = exp_shifted(scores + h * L, L, l + h);
+  std::fill(o, o + H * D, 0.0f);
+  for (int64_t t = lo; t < hi;) {
+    const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
+    const T* vp = vc + table[t / block_size] * blk_stride + off * tok_stride;
+    for (int64_t h = 0; h < H; ++h)
+      add_weighted_values_any(scores + h * L + (t - lo), vp + (h / G) * D, n, tok_stride, o + h * D, D);
+    t += n;
   }
 }
 
@@ -318,33 +381,65 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= qsl[b + 1] - qsl[b] && qsl[b + 1] >= qsl[b], "paged_attention: sequence ", b,
                 " has more query rows than context");
-  // Work items: (row, kv head); the row's sequence is found by a binary search over qsl.
   torch::Tensor out = torch::empty({T, H, D}, q.options().dtype(at::kFloat));
 #ifdef TM_AVX512
+  // Work items: (query row, split of its keys); row_lo/row_first say where each row's keys start
+  // and its first item.
+  std::vector<int64_t> row_seq(T), row_lo(T), row_hi(T), row_first(T + 1);
+  row_first[0] = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t row = qsl[b]; row < qsl[b + 1]; ++row) {
+      const int64_t hi = lens[b] - (qsl[b + 1] - qsl[b]) + (row - qsl[b]) + 1;
+      row_seq[row] = b;
+      row_hi[row] = hi;
+      row_lo[row] = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+      row_first[row + 1] = row_first[row] + (hi - row_lo[row] + kSplit - 1) / kSplit;
+    }
+  const int64_t items = row_first[T];
+  std::vector<float> part(static_cast<size_t>(items * H * (D + 2)));  // per item: o [H, D], m [H], l [H]
   const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t max_blocks = tables.size(1);
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, T * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+  const bool f32 = k_cache.scalar_type() == at::kFloat;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(static_cast<size_t>(H * kSplit));
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t row = item / KVH, kvh = item % KVH;
-      const int64_t b = std::upper_bound(qsl, qsl + B + 1, row) - qsl - 1;
-      const int64_t q_len = qsl[b + 1] - qsl[b];
-      const int64_t pos = lens[b] - q_len + (row - qsl[b]);
-      const int64_t hi = pos + 1;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
-      const int64_t* table = tp + b * max_blocks;
-      const float* qrow = qp + (row * H + kvh * G) * D;
-      float* orow = op + (row * H + kvh * G) * D;
-      if (k_cache.scalar_type() == at::kFloat)
-        attend(qrow, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, block_size, kvh, KVH, D, G, lo, hi,
-               sc, orow, scores);
+      const int64_t row = std::upper_bound(row_first.begin(), row_first.end(), item) - row_first.begin() - 1;
+      const int64_t lo = row_lo[row] + (item - row_first[row]) * kSplit;
+      const int64_t hi = std::min(row_hi[row], lo + kSplit);
+      const int64_t* table = tp + row_seq[row] * max_blocks;
+      float* o = part.data() + item * H * (D + 2);
+      float* m = o + H * D;
+      float* l = m + H;
+      if (f32)
+        attend_split(qp + row * H * D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, block_size, KVH,
+                     D, G, lo, hi, sc, o, m, l, scores.data());
       else
-        attend(qrow, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), table, block_size, kvh,
-               KVH, D, G, lo, hi, sc, orow, scores);
+        attend_split(qp + row * H * D, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), table,
+                     block_size, KVH, D, G, lo, hi, sc, o, m, l, scores.data());
     }
+  });
+  // Combine each row's splits (in split order): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row)
+      for (int64_t h = 0; h < H; ++h) {
+        float M = -INFINITY;
+        for (int64_t it = row_first[row]; it < row_first[row + 1]; ++it)
+          M = std::max(M, part[(it * H) * (D + 2) + H * D + h]);
+        float den = 0.0f;
+        float* dst = op + (row * H + h) * D;
+        std::fill(dst, dst + D, 0.0f);
+        for (int64_t it = row_first[row]; it < row_first[row + 1]; ++it) {
+          const float* base = part.data() + it * H * (D + 2);
+          const float w = std::exp(base[H * D + h] - M);
+          den += w * base[H * D + H + h];
+          axpy_head(w, base + h * D, dst, D);
+        }
+        const float inv = 1.0f / den;
+        for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      }
   });
 #endif
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
@@ -428,6 +523,118 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
+
+// The decoder layers of a step whose chunks are all short (decodes, speculative verification,
+// prompt tails), run from C++: one Python call per step instead of ~15 per layer, whose
+// dispatch cost about as much as the weights' memory traffic at batch 1. The same kernels in
+// the same order as the Python path (tokenmill/model/transformer.py), so the results are
+// bit-identical; weights are bound once after loading.
+struct LayerWeights {
+  torch::Tensor in_norm, post_norm, q_norm, k_norm;  // q_norm/k_norm undefined without qk-norm
+  torch::Tensor qkv_w, o_w, gate_up_w, down_w;
+  c10::optional<torch::Tensor> qkv_s, qkv_b, o_s, o_b, gate_up_s, gate_up_b, down_s, down_b;
+  int64_t window = 0;
+};
+
+class Decoder {
+ public:
+  Decoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
+          torch::Tensor final_norm, int64_t max_rows_f32, int64_t max_rows_bf16, int64_t max_rows_int8)
+      : H_(num_heads), KVH_(num_kv_heads), D_(head_dim), eps_(eps), scale_(scale),
+        final_norm_(std::move(final_norm)), max_f32_(max_rows_f32), max_bf16_(max_rows_bf16), max_i8_(max_rows_int8) {}
+
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
+                 c10::optional<torch::Tensor> k_norm, torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_s,
+                 c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, c10::optional<torch::Tensor> o_s,
+                 c10::optional<torch::Tensor> o_b, torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_s,
+                 c10::optional<torch::Tensor> gate_up_b, torch::Tensor down_w, c10::optional<torch::Tensor> down_s,
+                 c10::optional<torch::Tensor> down_b, int64_t window) {
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "Decoder: q_norm and k_norm go together");
+    LayerWeights l;
+    l.in_norm = in_norm; l.post_norm = post_norm;
+    if (q_norm.has_value()) { l.q_norm = *q_norm; l.k_norm = *k_norm; }
+    l.qkv_w = qkv_w; l.qkv_s = qkv_s; l.qkv_b = qkv_b;
+    l.o_w = o_w; l.o_s = o_s; l.o_b = o_b;
+    l.gate_up_w = gate_up_w; l.gate_up_s = gate_up_s; l.gate_up_b = gate_up_b;
+    l.down_w = down_w; l.down_s = down_s; l.down_b = down_b;
+    l.window = window;
+    layers_.push_back(std::move(l));
+  }
+
+  // x: [T, C] embeddings; cos/sin: [T, D] float32 rows of the tokens' positions; kv_caches: one
+  // [2, blocks, block_size, KVH, D] per layer. Returns the final-normed hidden states [T, C].
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const std::vector<torch::Tensor>& kv_caches, const torch::Tensor& slot_mapping,
+                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                        const torch::Tensor& query_start_loc) {
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "Decoder: one KV cache per layer");
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0), "Decoder: slot_mapping");
+    const int64_t T = x.size(0), H = H_, KVH = KVH_, D = D_;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerWeights& l = layers_[i];
+      const torch::Tensor& cache = kv_caches[i];
+      torch::Tensor qkv = lin(rms_norm(x, l.in_norm, eps_), l.qkv_w, l.qkv_s, l.qkv_b);
+      torch::Tensor v = qkv.narrow(1, (H + KVH) * D, KVH * D).view({T, KVH, D});
+      torch::Tensor q, k;
+      if (!l.q_norm.defined()) {
+        torch::Tensor qk = qkv.narrow(1, 0, (H + KVH) * D).view({T, H + KVH, D});
+        rope_(qk, cos, sin);
+        q = qk.narrow(1, 0, H);
+        k = qk.narrow(1, H, KVH);
+      } else {
+        q = rms_norm(qkv.narrow(1, 0, H * D).reshape({T * H, D}), l.q_norm, eps_).view({T, H, D});
+        k = rms_norm(qkv.narrow(1, H * D, KVH * D).reshape({T * KVH, D}), l.k_norm, eps_).view({T, KVH, D});
+        rope_(q, cos, sin);
+        rope_(k, cos, sin);
+      }
+      write_cache(k, v, cache, slot_mapping);
+      torch::Tensor attn = paged_attention(q, cache[0], cache[1], block_tables, seq_lens, query_start_loc, scale_,
+                                           l.window);
+      x = x + lin(attn.reshape({T, H * D}), l.o_w, l.o_s, l.o_b);
+      x = x + lin(silu_mul(lin(rms_norm(x, l.post_norm, eps_), l.gate_up_w, l.gate_up_s, l.gate_up_b)), l.down_w,
+                  l.down_s, l.down_b);
+    }
+    return rms_norm(x, final_norm_, eps_);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  // tokenmill/model/linear.py's `linear`: the kernel for few rows, PyTorch's GEMM beyond.
+  torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& s,
+                    const c10::optional<torch::Tensor>& b) const {
+    const int64_t max_rows = w.scalar_type() == at::kFloat ? max_f32_ : w.scalar_type() == at::kBFloat16 ? max_bf16_
+                             : w.scalar_type() == at::kChar ? max_i8_ : 0;
+    if (x.size(0) <= max_rows) return linear(x, w, s, b);
+    const torch::Tensor wd = s.has_value() ? (w.to(at::kFloat) * s->unsqueeze(1)).to(x.scalar_type()) : w;
+    return at::linear(x, wd, b);
+  }
+
+  // Rows k[t], v[t] into cache slot slot_mapping[t] (the Python path's index_copy_).
+  void write_cache(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cache,
+                   const torch::Tensor& slot_mapping) const {
+    TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == k.scalar_type(), "Decoder: cache dtype/layout");
+    const int64_t T = k.size(0), row = KVH_ * D_, nslots = cache.size(1) * cache.size(2);
+    const int64_t esz = k.element_size();
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    char* kc = static_cast<char*>(cache.data_ptr());
+    char* vc = kc + nslots * row * esz;
+    const char* kp = static_cast<const char*>(k.data_ptr());
+    const char* vp = static_cast<const char*>(v.data_ptr());
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(slots[t] >= 0 && slots[t] < nslots, "Decoder: slot out of range");
+      std::memcpy(kc + slots[t] * row * esz, kp + t * k.stride(0) * esz, row * esz);
+      std::memcpy(vc + slots[t] * row * esz, vp + t * v.stride(0) * esz, row * esz);
+    }
+  }
+
+  int64_t H_, KVH_, D_;
+  double eps_, scale_;
+  torch::Tensor final_norm_;
+  int64_t max_f32_, max_bf16_, max_i8_;
+  std::vector<LayerWeights> layers_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -438,4 +645,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "HF-style RMSNorm");
   m.def("rope_", &rope_, "rotate-half RoPE in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, int64_t>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("num_layers", &Decoder::num_layers)
+      .def("forward", &Decoder::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -19,6 +19,7 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
+from tokenmill.kernels import cpu_ops
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -115,6 +116,8 @@ class ModelRunner:
         mc = model_config
         backend_cls = get_attention_backend(config.resolve_attention_backend(device))
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
+        if device.type == "cpu":
+            cpu_ops()  # built (or loaded) now, so that a fresh build does not stall the first request
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
                                 progress=config.load_progress, quantization=config.quantization)
         self.sampler = Sampler()

@@ -21,13 +21,13 @@ from tokenmill.kernels import ops_for
 QUANTIZATION_METHODS = ("int8",)
 
 # Largest number of rows for which the kernel beats PyTorch's matmul (docs/benchmarks/cpu.md).
-_KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.int8: 16}
+KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.int8: 16}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (* scale per output channel) (+ bias), for 2-D x."""
-    if x.shape[0] <= _KERNEL_MAX_ROWS.get(weight.dtype, 0):
+    if x.shape[0] <= KERNEL_MAX_ROWS.get(weight.dtype, 0):
         ops = ops_for(x)
         if ops is not None:
             return ops.linear(x, weight, scale, bias)

@@ -12,8 +12,9 @@ from torch import nn
 
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
+from tokenmill.kernels import ops_for
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
-from tokenmill.model.linear import Embedding, Linear, linear
+from tokenmill.model.linear import KERNEL_MAX_ROWS, Embedding, Linear, linear
 
 
 class Attention(nn.Module):
@@ -84,6 +85,41 @@ class DecoderLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.backend = backend
+        # Steps of short chunks run the layers from C++ (cpu_ops Decoder); False forces this module's
+        # own path (tests compare the two). The Decoder binds the weights on first use.
+        self.use_fused = True
+        self._fused = None
+
+    def reset_fused(self) -> None:
+        """Drops the C++ decoder's weight bindings (call after replacing weights)."""
+        self._fused = None
+
+    def _fused_decoder(self, x: torch.Tensor, meta: AttentionMetadata):
+        """The C++ decoder when this step can use it: CPU kernels, the `cpu` attention backend, and
+        every chunk short enough for the paged-attention kernel (what the Python path would do too)."""
+        if not self.use_fused or self.backend.name != "cpu" or meta.max_query_len > self.backend.max_kernel_query_len:
+            return None
+        ops = ops_for(x)
+        if ops is None or not hasattr(ops, "Decoder"):
+            return None
+        if self._fused is None:
+            self._fused = self._build_fused(ops)
+        return self._fused
+
+    def _build_fused(self, ops):
+        cfg = self.config
+        dec = ops.Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.backend.scale,
+                          self.norm.weight, KERNEL_MAX_ROWS[torch.float32], KERNEL_MAX_ROWS[torch.bfloat16],
+                          KERNEL_MAX_ROWS[torch.int8])
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            dec.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                          a.q_norm.weight if a.q_norm is not None else None,
+                          a.k_norm.weight if a.k_norm is not None else None,
+                          *_lin(a.qkv_proj), *_lin(a.o_proj), *_lin(m.gate_up_proj), *_lin(m.down_proj),
+                          a.sliding_window or 0)
+        return dec
 
     def forward(
         self,
@@ -95,6 +131,10 @@ class DecoderLM(nn.Module):
         """Returns final hidden states [num_tokens, hidden]; `compute_logits` turns chosen rows into logits."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.table(positions)
+        fused = self._fused_decoder(x, meta)
+        if fused is not None:
+            return fused.forward(x, *rope, kv_caches, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                 meta.query_start_loc)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         return self.norm(x)
@@ -102,3 +142,7 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return linear(hidden, head.weight, head.scale)
+
+
+def _lin(m: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    return m.weight, m.scale, m.bias
