@@ -9,6 +9,7 @@ and samples. Everything above it is plain-Python bookkeeping.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
 from tokenmill.kernels import cpu_ops
+from tokenmill.memory import host_arena
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -183,7 +185,12 @@ class ModelRunner:
         mc = self.model_config
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still poison outputs.
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        if self.device.type == "cpu":  # one huge-page region (tokenmill/memory.py), touched now, not mid-request
+            arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
+            arena.zero_()
+            self.kv_caches = list(arena.view(self.dtype).view(mc.num_layers, *shape).unbind(0))
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         if self.drafter is not None:
             self.drafter.allocate(num_blocks, self.block_size)
         self.num_blocks = num_blocks

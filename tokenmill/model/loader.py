@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from tokenmill.attention import AttentionBackend
 from tokenmill.config import ModelConfig
+from tokenmill.memory import pack
 from tokenmill.model.linear import quantize_model
 from tokenmill.model.transformer import DecoderLM
 
@@ -161,6 +162,12 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     model.rotary.reset_table()
     if quantization is not None:
         quantize_model(model, quantization)
+    if device.type == "cpu":
+        # Every weight in one huge-page region, in the order a decode step reads them (tokenmill/memory.py).
+        params = list(model.parameters())
+        for param, packed in zip(params, pack([p.data for p in params])):
+            param.data = packed
+        model.reset_fused()
     model.requires_grad_(False)  # inference only
     model.eval()
     return model
