@@ -267,6 +267,16 @@ inline void add_weighted_values_any(const float* p, const T* vp, int64_t n, int6
   }
 }
 
+// Copies n contiguous elements into the staging buffer and returns it: one sequential read of a
+// cache block, where the heads' passes over it would touch it in strided thirds from memory
+// (30 layers at 700 tokens of context, batch 1: 3.5 -> 2.6 ms; software prefetch of the next
+// block, tried with and without this, gained nothing measurable here).
+template <typename T>
+inline const T* stage_rows(const T* src, int64_t n, std::vector<T>& stage) {
+  std::memcpy(stage.data(), src, n * sizeof(T));
+  return stage.data();
+}
+
 // Lane j of the result = the sum of a[j]'s 16 lanes: 16 horizontal sums in 45 shuffles and adds
 // (one _mm512_reduce_add_ps per vector costs twice that and serialises on its latency).
 inline __m512 reduce16(const __m512* a) {
@@ -317,9 +327,11 @@ void attend_split(const float* q, const T* kc, const T* vc, const int64_t* table
                   float* scores) {
   const int64_t L = hi - lo, H = KVH * G;
   const int64_t tok_stride = KVH * D, blk_stride = block_size * tok_stride;
+  thread_local std::vector<T> stage;
+  if (stage.size() < static_cast<size_t>(blk_stride)) stage.resize(blk_stride);
   for (int64_t t = lo; t < hi;) {
     const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
-    const T* kp = kc + table[t / block_size] * blk_stride + off * tok_stride;
+    const T* kp = stage_rows(kc + table[t / block_size] * blk_stride + off * tok_stride, n * tok_stride, stage);
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - i0);
       for (int64_t h = 0; h < H; ++h) {
@@ -343,7 +355,7 @@ void attend_split(const float* q, const T* kc, const T* vc, const int64_t* table
   std::fill(o, o + H * D, 0.0f);
   for (int64_t t = lo; t < hi;) {
     const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
-    const T* vp = vc + table[t / block_size] * blk_stride + off * tok_stride;
+    const T* vp = stage_rows(vc + table[t / block_size] * blk_stride + off * tok_stride, n * tok_stride, stage);
     for (int64_t h = 0; h < H; ++h)
       add_weighted_values_any(scores + h * L + (t - lo), vp + (h / G) * D, n, tok_stride, o + h * D, D);
     t += n;
