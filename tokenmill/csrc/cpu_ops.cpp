@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -389,7 +390,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
   const torch::Tensor tables = block_tables.contiguous();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
-  TORCH_CHECK(qsl[B] == T, "paged_attention: query_start_loc[-1] must equal the number of query rows");
+  TORCH_CHECK(qsl[0] == 0 && qsl[B] == T, "paged_attention: query_start_loc must run from 0 to the number of query rows");
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= qsl[b + 1] - qsl[b] && qsl[b + 1] >= qsl[b], "paged_attention: sequence ", b,
                 " has more query rows than context");
@@ -408,7 +409,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
       row_first[row + 1] = row_first[row] + (hi - row_lo[row] + kSplit - 1) / kSplit;
     }
   const int64_t items = row_first[T];
-  std::vector<float> part(static_cast<size_t>(items * H * (D + 2)));  // per item: o [H, D], m [H], l [H]
+  // Per item: o [H, D], m [H], l [H]; every entry is written by its item (no zero fill).
+  std::unique_ptr<float[]> part(new float[static_cast<size_t>(items * H * (D + 2))]);
   const float* qp = qf.data_ptr<float>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t max_blocks = tables.size(1);
@@ -421,7 +423,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
       const int64_t lo = row_lo[row] + (item - row_first[row]) * kSplit;
       const int64_t hi = std::min(row_hi[row], lo + kSplit);
       const int64_t* table = tp + row_seq[row] * max_blocks;
-      float* o = part.data() + item * H * (D + 2);
+      float* o = part.get() + item * H * (D + 2);
       float* m = o + H * D;
       float* l = m + H;
       if (f32)
@@ -439,12 +441,12 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
       for (int64_t h = 0; h < H; ++h) {
         float M = -INFINITY;
         for (int64_t it = row_first[row]; it < row_first[row + 1]; ++it)
-          M = std::max(M, part[(it * H) * (D + 2) + H * D + h]);
+          M = std::max(M, part[it * H * (D + 2) + H * D + h]);
         float den = 0.0f;
         float* dst = op + (row * H + h) * D;
         std::fill(dst, dst + D, 0.0f);
         for (int64_t it = row_first[row]; it < row_first[row + 1]; ++it) {
-          const float* base = part.data() + it * H * (D + 2);
+          const float* base = part.get() + it * H * (D + 2);
           const float w = std::exp(base[H * D + h] - M);
           den += w * base[H * D + H + h];
           axpy_head(w, base + h * D, dst, D);

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from tokenmill.attention import AttentionBackend
 from tokenmill.config import ModelConfig
-from tokenmill.memory import pack
+from tokenmill.memory import pack_parameters
 from tokenmill.model.linear import quantize_model
 from tokenmill.model.transformer import DecoderLM
 
@@ -164,9 +164,7 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
         quantize_model(model, quantization)
     if device.type == "cpu":
         # Every weight in one huge-page region, in the order a decode step reads them (tokenmill/memory.py).
-        params = list(model.parameters())
-        for param, packed in zip(params, pack([p.data for p in params])):
-            param.data = packed
+        pack_parameters(list(model.parameters()))
         model.reset_fused()
     model.requires_grad_(False)  # inference only
     model.eval()
