@@ -4,12 +4,14 @@ import torch
 
 from tests.models import make_model
 from tokenmill import LLM
-from tokenmill.memory import pack
+from tokenmill.memory import pack_parameters
 
 
-def test_pack_keeps_values_in_order_and_aligned():
+def test_pack_parameters_keeps_values_in_order_and_aligned():
     ts = [torch.randn(3, 5), torch.arange(7, dtype=torch.int8), torch.randn(4, dtype=torch.bfloat16), torch.ones(1)]
-    out = pack(ts)
+    params = [torch.nn.Parameter(t.clone(), requires_grad=False) for t in ts]
+    pack_parameters(params)
+    out = [p.data for p in params]
     for a, b in zip(ts, out):
         assert torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape and b.is_contiguous()
         assert b.data_ptr() % 64 == 0

@@ -32,33 +32,16 @@ def host_arena(nbytes: int) -> torch.Tensor:
     return buf[off : off + nbytes]
 
 
-def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], int]:
-    sizes = [t.numel() * t.element_size() for t in tensors]
+def pack_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Moves the parameters' data into one huge-page arena, laid end to end in the given order
+    (each 64-byte aligned), one at a time, so each original is freed as soon as it is copied
+    (peak memory: the model plus one tensor)."""
+    sizes = [p.numel() * p.element_size() for p in params]
     offsets, total = [], 0
     for n in sizes:
         offsets.append(total)
         total += -(-n // _ALIGN) * _ALIGN
-    return sizes, offsets, max(total, 1)
-
-
-def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of the tensors laid end to end (in the given order, each 64-byte aligned) in one
-    huge-page arena."""
-    sizes, offsets, total = _layout(tensors)
-    arena = host_arena(total)
-    out = []
-    for t, off, n in zip(tensors, offsets, sizes):
-        view = arena[off : off + n].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        out.append(view)
-    return out
-
-
-def pack_parameters(params: list[torch.nn.Parameter]) -> None:
-    """Moves the parameters' data into one arena laid out as `pack` does, one at a time, so each
-    original is freed as soon as it is copied (peak memory: the model plus one tensor)."""
-    sizes, offsets, total = _layout([p.data for p in params])
-    arena = host_arena(total)
+    arena = host_arena(max(total, 1))
     for p, off, n in zip(params, offsets, sizes):
         view = arena[off : off + n].view(p.dtype).view(p.shape)
         view.copy_(p.data)

@@ -313,6 +313,21 @@ inline void scores16(const T* k, int64_t tok_stride, int64_t m, const float* q, 
   _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << m) - 1), r);
 }
 
+template <typename T>
+inline void scores16_any(const T* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out,
+                         int64_t D) {
+  switch (D) {
+    case 16: scores16<T, 1>(k, tok_stride, m, q, scale, out); return;
+    case 32: scores16<T, 2>(k, tok_stride, m, q, scale, out); return;
+    case 48: scores16<T, 3>(k, tok_stride, m, q, scale, out); return;
+    case 64: scores16<T, 4>(k, tok_stride, m, q, scale, out); return;
+    case 96: scores16<T, 6>(k, tok_stride, m, q, scale, out); return;
+    case 128: scores16<T, 8>(k, tok_stride, m, q, scale, out); return;
+    default:
+      for (int64_t i = 0; i < m; ++i) out[i] = dot_head(k + i * tok_stride, q, D) * scale;
+  }
+}
+
 // Keys per work item. Each query row's keys are cut into splits of this many positions, a
 // function of the row alone, so a sequence gets the same result whatever else is in the batch.
 constexpr int64_t kSplit = 128;
@@ -335,20 +350,9 @@ void attend_split(const float* q, const T* kc, const T* vc, const int64_t* table
     const T* kp = stage_rows(kc + table[t / block_size] * blk_stride + off * tok_stride, n * tok_stride, stage);
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - i0);
-      for (int64_t h = 0; h < H; ++h) {
-        const T* k = kp + i0 * tok_stride + (h / G) * D;
-        float* out = scores + h * L + (t + i0 - lo);
-        switch (D) {
-          case 16: scores16<T, 1>(k, tok_stride, m, q + h * D, scale, out); break;
-          case 32: scores16<T, 2>(k, tok_stride, m, q + h * D, scale, out); break;
-          case 48: scores16<T, 3>(k, tok_stride, m, q + h * D, scale, out); break;
-          case 64: scores16<T, 4>(k, tok_stride, m, q + h * D, scale, out); break;
-          case 96: scores16<T, 6>(k, tok_stride, m, q + h * D, scale, out); break;
-          case 128: scores16<T, 8>(k, tok_stride, m, q + h * D, scale, out); break;
-          default:
-            for (int64_t i = 0; i < m; ++i) out[i] = dot_head(k + i * tok_stride, q + h * D, D) * scale;
-        }
-      }
+      for (int64_t h = 0; h < H; ++h)
+        scores16_any(kp + i0 * tok_stride + (h / G) * D, tok_stride, m, q + h * D, scale,
+                     scores + h * L + (t + i0 - lo), D);
     }
     t += n;
   }

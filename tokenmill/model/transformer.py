@@ -101,7 +101,7 @@ class DecoderLM(nn.Module):
         if not self.use_fused or self.backend.name != "cpu" or meta.max_query_len > self.backend.max_kernel_query_len:
             return None
         ops = ops_for(x)
-        if ops is None or not hasattr(ops, "Decoder"):
+        if ops is None:
             return None
         if self._fused is None:
             self._fused = self._build_fused(ops)
