@@ -130,6 +130,13 @@ def test_fused_elementwise_ops_match_torch(dtype):
 
     gate_up = torch.randn(5, 2 * 48, generator=g).to(dtype)
     torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate_up[:, :48]) * gate_up[:, 48:], **tol)
+    # The vectorized path's masked tail (50 = 3 x 16 + 2) and the saturated ends of the sigmoid.
+    gate = torch.cat([torch.tensor([[-100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0]]).expand(3, 7),
+                      20 * torch.randn(3, 43, generator=g)], dim=1)
+    gate_up = torch.cat([gate, torch.randn(3, 50, generator=g)], dim=1).to(dtype)
+    ref = F.silu(gate_up[:, :50].double()).to(dtype).double() * gate_up[:, 50:].double()
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype is torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(ops.silu_mul(gate_up).double(), ref, **tol)
 
     # RoPE in place on a strided view (q and k inside a fused qkv row), as the model calls it.
     qkv = torch.randn(5, 3 * 4 * 32, generator=g).to(dtype)

@@ -29,11 +29,15 @@ _tried = False
 def _build(verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    # -fopenmp: at::parallel_for is a header template that only forks threads when the caller is
+    # compiled with OpenMP; without it every kernel ran on one core. The extension links
+    # libgomp.so.1, which resolves to the copy PyTorch already loaded (one thread pool).
+    cflags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    # The name carries the source hash, so an edited kernel never loads a stale build.
+        digest = hashlib.sha256(f.read() + " ".join(cflags).encode()).hexdigest()[:12]
+    # The name carries the source and flags' hash, so an edited kernel never loads a stale build.
     return load(name=f"tokenmill_cpu_ops_{digest}", sources=[_SOURCE], verbose=verbose,
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno"])
+                extra_cflags=cflags, extra_ldflags=["-fopenmp"])
 
 
 def cpu_ops() -> ModuleType | None:

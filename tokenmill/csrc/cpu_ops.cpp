@@ -16,8 +16,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -110,6 +112,65 @@ void linear_impl(const W* w, const float* x, const float* scale, const float* bi
   }
 }
 
+#ifdef __AVX512BF16__
+// bfloat16 weights against bfloat16 rows: vdpbf16ps multiplies 32 pairs per instruction straight
+// from the stored bits (products exact in float32, accumulated in float32), where widening every
+// weight to float32 first made bfloat16 decode compute-bound at ~18 GB/s.
+template <int M>
+inline void dot_rows_bf16(const at::BFloat16* w, const at::BFloat16* x, int64_t K, float* out) {
+  constexpr int A = M == 1 ? 4 : 1;  // independent chains hide vdpbf16ps' latency at one row
+  __m512 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * A <= K; k += 32 * A)
+    for (int a = 0; a < A; ++a) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * a);
+      for (int m = 0; m < M; ++m)
+        acc[m][a] = _mm512_dpbf16_ps(acc[m][a], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * a));
+    }
+  for (; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (K - k)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 t = acc[m][0];
+    for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
+    out[m] = _mm512_reduce_add_ps(t);
+  }
+}
+
+template <int M>
+void linear_tile_bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, float* y, int64_t N,
+                      int64_t K) {
+  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()) + 1);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float r[M];
+    for (int64_t n = n0; n < n1; ++n) {
+      dot_rows_bf16<M>(w + n * K, x, K, r);
+      const float b = bias ? bias[n] : 0.0f;
+      for (int m = 0; m < M; ++m) y[m * N + n] = r[m] + b;
+    }
+  });
+}
+
+void linear_bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, float* y, int64_t M, int64_t N,
+                 int64_t K) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const at::BFloat16* xt = x + m0 * K;
+    float* yt = y + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: linear_tile_bf16<1>(w, xt, bias, yt, N, K); break;
+      case 2: linear_tile_bf16<2>(w, xt, bias, yt, N, K); break;
+      case 3: linear_tile_bf16<3>(w, xt, bias, yt, N, K); break;
+      default: linear_tile_bf16<4>(w, xt, bias, yt, N, K); break;
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
 #endif  // TM_AVX512
 
 bool available() {
@@ -130,7 +191,6 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   TORCH_CHECK(w.is_contiguous(), "linear: weight must be contiguous");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "linear: x must be float32 or bfloat16");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const torch::Tensor xf = x.to(at::kFloat).contiguous();
   const float* sp = nullptr;
   const float* bp = nullptr;
   torch::Tensor sc, bs;
@@ -145,7 +205,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
     bp = bs.data_ptr<float>();
   }
   torch::Tensor y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+#if defined(TM_AVX512) && defined(__AVX512BF16__)
+  if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && !scale.has_value()) {
+    const torch::Tensor xc = x.contiguous();
+    linear_bf16(w.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), bp, y.data_ptr<float>(), M, N, K);
+    return y.to(x.scalar_type());
+  }
+#endif
 #ifdef TM_AVX512
+  const torch::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (w.scalar_type()) {
@@ -328,9 +396,31 @@ inline void scores16_any(const T* k, int64_t tok_stride, int64_t m, const float*
   }
 }
 
+// Asks for keys [lo, hi)'s K and V cache rows to be brought into L2: called for the next work item
+// before computing the current one, so the next item's (randomly placed) blocks stream in while
+// this one computes, where fetching each block on first touch left the loop waiting on memory.
+template <typename T>
+inline void prefetch_keys(const T* kc, const T* vc, const int64_t* table, int64_t block_size, int64_t tok_stride,
+                          int64_t lo, int64_t hi) {
+  const int64_t blk_stride = block_size * tok_stride;
+  for (int64_t t = lo; t < hi;) {
+    const int64_t off = t % block_size, n = std::min(block_size - off, hi - t);
+    const int64_t base = table[t / block_size] * blk_stride + off * tok_stride;
+    const char* kp = reinterpret_cast<const char*>(kc + base);
+    const char* vp = reinterpret_cast<const char*>(vc + base);
+    const int64_t bytes = n * tok_stride * static_cast<int64_t>(sizeof(T));
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(kp + b, _MM_HINT_T1);
+      _mm_prefetch(vp + b, _MM_HINT_T1);
+    }
+    t += n;
+  }
+}
+
 // Keys per work item. Each query row's keys are cut into splits of this many positions, a
 // function of the row alone, so a sequence gets the same result whatever else is in the batch.
 constexpr int64_t kSplit = 128;
+static const bool kPrefetch = std::getenv("TM_NOPF") == nullptr;
 
 // One work item: all H query heads of one query row over keys [lo, hi) (at most kSplit). Every kv
 // head of a token sits in one contiguous row of the cache, so the item streams K and then V
@@ -422,10 +512,26 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
   const bool f32 = k_cache.scalar_type() == at::kFloat;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(static_cast<size_t>(H * kSplit));
+    auto bounds = [&](int64_t item, int64_t* row, int64_t* lo, int64_t* hi) {
+      *row = std::upper_bound(row_first.begin(), row_first.end(), item) - row_first.begin() - 1;
+      *lo = row_lo[*row] + (item - row_first[*row]) * kSplit;
+      *hi = std::min(row_hi[*row], *lo + kSplit);
+    };
+    auto prefetch = [&](int64_t item) {
+      int64_t row, lo, hi;
+      bounds(item, &row, &lo, &hi);
+      const int64_t* table = tp + row_seq[row] * max_blocks;
+      if (f32)
+        prefetch_keys(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, block_size, KVH * D, lo, hi);
+      else
+        prefetch_keys(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), table, block_size, KVH * D,
+                      lo, hi);
+    };
+    if (kPrefetch && i0 < i1) prefetch(i0);
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t row = std::upper_bound(row_first.begin(), row_first.end(), item) - row_first.begin() - 1;
-      const int64_t lo = row_lo[row] + (item - row_first[row]) * kSplit;
-      const int64_t hi = std::min(row_hi[row], lo + kSplit);
+      int64_t row, lo, hi;
+      bounds(item, &row, &lo, &hi);
+      if (kPrefetch && item + 1 < i1) prefetch(item + 1);
       const int64_t* table = tp + row_seq[row] * max_blocks;
       float* o = part.get() + item * H * (D + 2);
       float* m = o + H * D;
@@ -522,6 +628,56 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
 }
 
 // silu(gate) * up for gate_up: [T, 2I] -> [T, I].
+#ifdef TM_AVX512
+// float32 -> bfloat16, round to nearest even (c10::BFloat16's conversion, NaN -> 0x7FC0).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(reinterpret_cast<__m256i*>(p), m, to_bf16(v));
+}
+inline __m512 round_to(float*, __m512 v) { return v; }
+inline __m512 round_to(at::BFloat16*, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+// silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) <= 1 so the exp never overflows.
+inline __m512 silu16(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+  const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                                        one, e), _mm512_add_ps(one, e));
+  return _mm512_mul_ps(g, sig);
+}
+#endif
+
+// One row of silu(gate) * up, each product rounded as PyTorch's F.silu(gate) * up rounds it (the
+// activation to the dtype first).
+template <typename T>
+void silu_mul_row(const T* g, const T* u, T* o, int64_t I) {
+  int64_t i = 0;
+#ifdef TM_AVX512
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    for (; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (I - i)) - 1);
+      store16(o + i, _mm512_mul_ps(round_to(o, silu16(load16(g + i, m))), load16(u + i, m)), m);
+    }
+  }
+#endif
+  for (; i < I; ++i) {
+    const float x = static_cast<float>(g[i]);
+    const T act = static_cast<T>(x / (1.0f + std::exp(-x)));
+    o[i] = act * u[i];
+  }
+}
+
+// silu(gate) * up over [gate | up] rows. Vectorized: the scalar std::exp loop cost about as
+// much as the GEMMs of the same rows in bfloat16 prefill.
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(), "silu_mul: bad input");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
@@ -529,13 +685,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t i = 0; i < I; ++i) {
-          const float g = static_cast<float>(gp[t * 2 * I + i]);
-          const scalar_t act = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
-          op[t * I + i] = act * gp[t * 2 * I + I + i];
-        }
+    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) silu_mul_row(gp + t * 2 * I, gp + t * 2 * I + I, op + t * I, I);
     });
   });
   return out;

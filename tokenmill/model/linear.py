@@ -21,7 +21,7 @@ from tokenmill.kernels import ops_for
 QUANTIZATION_METHODS = ("int8",)
 
 # Largest number of rows for which the kernel beats PyTorch's matmul (docs/benchmarks/cpu.md).
-KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.int8: 16}
+KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8, torch.int8: 16}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
