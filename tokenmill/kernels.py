@@ -2,8 +2,8 @@
 
 Why a compiled extension: PyTorch's batch-1 matmul paths reach 8-17 GB/s of the ~28 GB/s this
 kind of machine can read, and its decode attention needs a gather into a padded copy; see
-docs/benchmarks/cpu.md. The source is compiled with `-march=native` by PyTorch's
-cpp_extension (the same compiler flags and thread pool as PyTorch itself) into PyTorch's
+docs/benchmarks/cpu.md. The source is compiled with `-march=native -fopenmp` by PyTorch's
+cpp_extension (PyTorch's own flags and OpenMP thread pool) into PyTorch's
 extension cache, once per source version: `make install` does it ahead of time
 (`tokenmill build-kernels`). Where it cannot be built (no compiler, no AVX-512, or
 TOKENMILL_NO_KERNELS=1) every caller falls back to PyTorch's own ops, with one warning.
