@@ -79,38 +79,6 @@ inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-template <typename W, int M>
-void linear_tile(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t N,
-                 int64_t K) {
-  // Threads split the output channels, so each weight row is read by one thread, once.
-  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()) + 1);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    float r[M];
-    for (int64_t n = n0; n < n1; ++n) {
-      dot_rows<W, M>(w + n * K, x, K, r);
-      const float s = scale ? scale[n] : 1.0f;
-      const float b = bias ? bias[n] : 0.0f;
-      for (int m = 0; m < M; ++m) y[m * N + n] = r[m] * s + b;
-    }
-  });
-}
-
-template <typename W>
-void linear_impl(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M,
-                 int64_t N, int64_t K) {
-  // Tiles of up to 4 rows of x share each pass over the weights.
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xt = x + m0 * K;
-    float* yt = y + m0 * N;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: linear_tile<W, 1>(w, xt, scale, bias, yt, N, K); break;
-      case 2: linear_tile<W, 2>(w, xt, scale, bias, yt, N, K); break;
-      case 3: linear_tile<W, 3>(w, xt, scale, bias, yt, N, K); break;
-      default: linear_tile<W, 4>(w, xt, scale, bias, yt, N, K); break;
-    }
-  }
-}
-
 #ifdef __AVX512BF16__
 // bfloat16 weights against bfloat16 rows: vdpbf16ps multiplies 32 pairs per instruction straight
 // from the stored bits (products exact in float32, accumulated in float32), where widening every
@@ -141,34 +109,52 @@ inline void dot_rows_bf16(const at::BFloat16* w, const at::BFloat16* x, int64_t 
   }
 }
 
-template <int M>
-void linear_tile_bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, float* y, int64_t N,
-                      int64_t K) {
+#endif  // __AVX512BF16__
+
+// M rows of x against one weight row: bfloat16 rows against bfloat16 weights take vdpbf16ps,
+// every other pairing widens the weights against float32 rows.
+template <typename W, typename X, int M>
+inline void dot_rows_any(const W* w, const X* x, int64_t K, float* out) {
+  if constexpr (std::is_same_v<X, float>) {
+    dot_rows<W, M>(w, x, K, out);
+  } else {
+#ifdef __AVX512BF16__
+    static_assert(std::is_same_v<W, at::BFloat16> && std::is_same_v<X, at::BFloat16>);
+    dot_rows_bf16<M>(w, x, K, out);
+#endif
+  }
+}
+
+template <typename W, typename X, int M>
+void linear_tile(const W* w, const X* x, const float* scale, const float* bias, float* y, int64_t N, int64_t K) {
+  // Threads split the output channels, so each weight row is read by one thread, once.
   const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()) + 1);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     float r[M];
     for (int64_t n = n0; n < n1; ++n) {
-      dot_rows_bf16<M>(w + n * K, x, K, r);
+      dot_rows_any<W, X, M>(w + n * K, x, K, r);
+      const float s = scale ? scale[n] : 1.0f;
       const float b = bias ? bias[n] : 0.0f;
-      for (int m = 0; m < M; ++m) y[m * N + n] = r[m] + b;
+      for (int m = 0; m < M; ++m) y[m * N + n] = r[m] * s + b;
     }
   });
 }
 
-void linear_bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, float* y, int64_t M, int64_t N,
+template <typename W, typename X>
+void linear_impl(const W* w, const X* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
+  // Tiles of up to 4 rows of x share each pass over the weights.
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const at::BFloat16* xt = x + m0 * K;
+    const X* xt = x + m0 * K;
     float* yt = y + m0 * N;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: linear_tile_bf16<1>(w, xt, bias, yt, N, K); break;
-      case 2: linear_tile_bf16<2>(w, xt, bias, yt, N, K); break;
-      case 3: linear_tile_bf16<3>(w, xt, bias, yt, N, K); break;
-      default: linear_tile_bf16<4>(w, xt, bias, yt, N, K); break;
+      case 1: linear_tile<W, X, 1>(w, xt, scale, bias, yt, N, K); break;
+      case 2: linear_tile<W, X, 2>(w, xt, scale, bias, yt, N, K); break;
+      case 3: linear_tile<W, X, 3>(w, xt, scale, bias, yt, N, K); break;
+      default: linear_tile<W, X, 4>(w, xt, scale, bias, yt, N, K); break;
     }
   }
 }
-#endif  // __AVX512BF16__
 
 #endif  // TM_AVX512
 
@@ -207,7 +193,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 #if defined(TM_AVX512) && defined(__AVX512BF16__)
   if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && !scale.has_value()) {
     const torch::Tensor xc = x.contiguous();
-    linear_bf16(w.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), bp, y.data_ptr<float>(), M, N, K);
+    linear_impl(w.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), sp, bp, y.data_ptr<float>(), M, N, K);
     return y.to(x.scalar_type());
   }
 #endif
@@ -227,8 +213,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 
 #ifdef TM_AVX512
 
-template <typename T>
-inline float dot_head(const T* k, const float* q, int64_t D) {
+inline float dot_head(const float* k, const float* q, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(load16(k + d), _mm512_loadu_ps(q + d), acc);
@@ -240,8 +225,7 @@ inline float dot_head(const T* k, const float* q, int64_t D) {
 }
 
 // out[0:D] += p * v[0:D]
-template <typename T>
-inline void axpy_head(float p, const T* v, float* out, int64_t D) {
+inline void axpy_head(float p, const float* v, float* out, int64_t D) {
   const __m512 pv = _mm512_set1_ps(p);
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, _mm512_fmadd_ps(pv, load16(v + d), _mm512_loadu_ps(out + d)));
@@ -298,8 +282,8 @@ inline float exp_shifted(float* s, int64_t L, float* sum) {
 
 // out[0:16*NV] += sum over n tokens of p[i] * v_i (v_i at stride tok_stride), the accumulator held
 // in registers across the tokens (a read-modify-write of out per token is latency-bound).
-template <typename T, int NV>
-inline void add_weighted_values(const float* p, const T* vp, int64_t n, int64_t tok_stride, float* out) {
+template <int NV>
+inline void add_weighted_values(const float* p, const float* vp, int64_t n, int64_t tok_stride, float* out) {
   // Even and odd tokens in separate accumulators: two FMA chains in flight instead of one.
   __m512 acc[NV], acc2[NV];
   for (int j = 0; j < NV; ++j) {
@@ -321,15 +305,14 @@ inline void add_weighted_values(const float* p, const T* vp, int64_t n, int64_t 
   for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(acc[j], acc2[j]));
 }
 
-template <typename T>
-inline void add_weighted_values_any(const float* p, const T* vp, int64_t n, int64_t tok_stride, float* out, int64_t D) {
+inline void add_weighted_values_any(const float* p, const float* vp, int64_t n, int64_t tok_stride, float* out, int64_t D) {
   switch (D) {
-    case 16: add_weighted_values<T, 1>(p, vp, n, tok_stride, out); return;
-    case 32: add_weighted_values<T, 2>(p, vp, n, tok_stride, out); return;
-    case 48: add_weighted_values<T, 3>(p, vp, n, tok_stride, out); return;
-    case 64: add_weighted_values<T, 4>(p, vp, n, tok_stride, out); return;
-    case 96: add_weighted_values<T, 6>(p, vp, n, tok_stride, out); return;
-    case 128: add_weighted_values<T, 8>(p, vp, n, tok_stride, out); return;
+    case 16: add_weighted_values<1>(p, vp, n, tok_stride, out); return;
+    case 32: add_weighted_values<2>(p, vp, n, tok_stride, out); return;
+    case 48: add_weighted_values<3>(p, vp, n, tok_stride, out); return;
+    case 64: add_weighted_values<4>(p, vp, n, tok_stride, out); return;
+    case 96: add_weighted_values<6>(p, vp, n, tok_stride, out); return;
+    case 128: add_weighted_values<8>(p, vp, n, tok_stride, out); return;
     default:
       for (int64_t i = 0; i < n; ++i, vp += tok_stride) axpy_head(p[i], vp, out, D);
   }
@@ -372,14 +355,14 @@ inline __m512 reduce16(const __m512* a) {
 }
 
 // out[0:m] = scale * (k_i . q) for m <= 16 keys k_i at stride tok_stride, head dim 16 * NV.
-template <typename T, int NV>
-inline void scores16(const T* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out) {
+template <int NV>
+inline void scores16(const float* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out) {
   __m512 qv[NV];
   for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j);
   __m512 acc[16];
   for (int64_t i = 0; i < 16; ++i) {
     if (i < m) {
-      const T* ki = k + i * tok_stride;
+      const float* ki = k + i * tok_stride;
       __m512 a = _mm512_mul_ps(load16(ki), qv[0]);
       for (int j = 1; j < NV; ++j) a = _mm512_fmadd_ps(load16(ki + 16 * j), qv[j], a);
       acc[i] = a;
@@ -391,16 +374,15 @@ inline void scores16(const T* k, int64_t tok_stride, int64_t m, const float* q, 
   _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << m) - 1), r);
 }
 
-template <typename T>
-inline void scores16_any(const T* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out,
+inline void scores16_any(const float* k, int64_t tok_stride, int64_t m, const float* q, float scale, float* out,
                          int64_t D) {
   switch (D) {
-    case 16: scores16<T, 1>(k, tok_stride, m, q, scale, out); return;
-    case 32: scores16<T, 2>(k, tok_stride, m, q, scale, out); return;
-    case 48: scores16<T, 3>(k, tok_stride, m, q, scale, out); return;
-    case 64: scores16<T, 4>(k, tok_stride, m, q, scale, out); return;
-    case 96: scores16<T, 6>(k, tok_stride, m, q, scale, out); return;
-    case 128: scores16<T, 8>(k, tok_stride, m, q, scale, out); return;
+    case 16: scores16<1>(k, tok_stride, m, q, scale, out); return;
+    case 32: scores16<2>(k, tok_stride, m, q, scale, out); return;
+    case 48: scores16<3>(k, tok_stride, m, q, scale, out); return;
+    case 64: scores16<4>(k, tok_stride, m, q, scale, out); return;
+    case 96: scores16<6>(k, tok_stride, m, q, scale, out); return;
+    case 128: scores16<8>(k, tok_stride, m, q, scale, out); return;
     default:
       for (int64_t i = 0; i < m; ++i) out[i] = dot_head(k + i * tok_stride, q, D) * scale;
   }
