@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tests.models import make_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu_ops
-from tokenmill.model.linear import quantize_rows_int8
+from tokenmill.model.linear import can_prepack, linear, prepack_weight, quantize_rows_int8
 
 
 def _has_avx512() -> bool:
@@ -58,6 +58,26 @@ def test_linear_matches_torch(wdtype, xdtype, m, k):
     torch.testing.assert_close(out.double(), ref, atol=tol * math.sqrt(k), rtol=tol)
     no_bias = ops.linear(x, w, scale)
     torch.testing.assert_close(no_bias.double(), ref - bias.double(), atol=tol * math.sqrt(k), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [9, 32, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_prepacked_linear_matches_torch(dtype, m, bias):
+    """Rows above the kernel's limit go through the oneDNN-prepacked weight, non-contiguous input
+    included; the result is the plain GEMM's to rounding."""
+    w0 = torch.randn(70, 96, generator=torch.Generator().manual_seed(m)).to(dtype)
+    if not can_prepack(w0):
+        pytest.skip("no oneDNN path for this dtype here")
+    b = torch.randn(70).to(dtype) if bias else None
+    packed = prepack_weight(w0)
+    x = torch.randn(m, 2 * 96)[:, ::2].to(dtype)  # a strided view, as a narrowed activation is
+    out = linear(x, w0, None, b, packed)
+    assert out.dtype == dtype and out.shape == (m, 70)
+    ref = x.double() @ w0.double().T + (b.double() if bias else 0)
+    tol = 1e-4 if dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol * math.sqrt(96), rtol=tol)
+    assert packed.is_mkldnn  # the blocked copy, not the plain weight
 
 
 @needs_ops
@@ -192,18 +212,22 @@ def test_paged_attention_propagates_nan():
 
 @needs_ops
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("float32", "int8")])
-def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization):
+@pytest.mark.parametrize("dtype,quantization,prepack", [("float32", None, True), ("float32", None, False),
+                                                         ("bfloat16", None, True), ("float32", "int8", None)])
+def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, prepack):
     """The C++ decoder (cpu_ops.Decoder) and the Python modules give bit-identical hidden states and
-    KV caches: a prefill step of short chunks, then decodes beside a 3-row chunk (speculative
-    verification's shape), past a sliding window for Mistral."""
+    KV caches: a prefill step of short chunks (35 rows: the prepacked GEMM where there is one), then
+    decodes beside a 3-row chunk (speculative verification's shape), past a sliding window for Mistral."""
     from tokenmill.engine.model_runner import build_batch
 
     overrides = {"sliding_window": 8} if arch == "mistral" else {}
     path = make_model(str(tmp_path / "m"), arch, tokenizer=False, **overrides)
-    llm = LLM(path, dtype=dtype, quantization=quantization, max_model_len=128, kv_cache_memory_bytes=8 * 2**20)
+    llm = LLM(path, dtype=dtype, quantization=quantization, max_model_len=128, kv_cache_memory_bytes=8 * 2**20,
+              prepack_weights=prepack)
     runner = llm.engine.runner
     model, bs = runner.model, runner.block_size
+    packed = model.layers[0].mlp.gate_up_proj.packed is not None
+    assert packed == (bool(prepack) and can_prepack(model.layers[0].mlp.gate_up_proj.weight))
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 500, (30,), generator=g).tolist() for _ in range(3)]
     tables = [[1, 2], [3, 4], [5, 6]]

@@ -154,3 +154,38 @@ def test_bad_engine_settings(tmp_path):
         LLM(path, dtype="int3", **KV)
     with pytest.raises(TypeError, match="unknown settings"):
         LLM(path, not_a_setting=1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepacked_weights(tmp_path, tied, monkeypatch):
+    """On by default where the copy fits: every projection and the LM head (the token embedding when
+    tied) get oneDNN copies, and a batch of more rows than the kernel takes gives the unpacked
+    engine's logits to rounding and its greedy tokens. Off when asked, for int8 weights, and when
+    the copy would take more than a quarter of the available RAM."""
+    from tokenmill.model.linear import Linear, can_prepack
+
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False, tie_word_embeddings=tied)
+    if not can_prepack(torch.zeros(2, 2)):
+        pytest.skip("no oneDNN here")
+    on, off = LLM(path, **KV), LLM(path, prepack_weights=False, **KV)
+    model = on.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None for m in linears)
+    assert (model.embed_tokens.packed is not None) == tied
+    assert all(m.packed is None for m in off.engine.runner.model.modules() if hasattr(m, "packed"))
+    prompts = [{"prompt_token_ids": list(range(3 + i, 30 + 2 * i))} for i in range(12)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    a, b = on.generate(prompts, sp), off.generate(prompts, sp)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for px, py in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for tok, lp in px.items():
+                assert lp.logprob == pytest.approx(py[tok].logprob, abs=1e-4)
+    int8 = LLM(path, quantization="int8", **KV).engine.runner.model
+    assert all(m.packed is None for m in int8.modules() if hasattr(m, "packed"))
+    import tokenmill.engine.model_runner as mr
+
+    monkeypatch.setattr(mr, "available_ram_bytes", lambda: 1000)
+    assert all(m.packed is None for m in LLM(path, **KV).engine.runner.model.modules() if hasattr(m, "packed"))
+    forced = LLM(path, prepack_weights=True, **KV).engine.runner.model
+    assert all(m.packed is not None for m in forced.modules() if isinstance(m, Linear))

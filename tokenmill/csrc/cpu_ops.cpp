@@ -13,6 +13,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -656,6 +657,8 @@ struct LayerWeights {
   torch::Tensor in_norm, post_norm, q_norm, k_norm;  // q_norm/k_norm undefined without qk-norm
   torch::Tensor qkv_w, o_w, gate_up_w, down_w;
   c10::optional<torch::Tensor> qkv_s, qkv_b, o_s, o_b, gate_up_s, gate_up_b, down_s, down_b;
+  // The weights prepacked for oneDNN (tokenmill/model/linear.py prepack_weight), or none.
+  c10::optional<torch::Tensor> qkv_p, o_p, gate_up_p, down_p;
   int64_t window = 0;
 };
 
@@ -668,18 +671,20 @@ class Decoder {
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
                  c10::optional<torch::Tensor> k_norm, torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_s,
-                 c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, c10::optional<torch::Tensor> o_s,
-                 c10::optional<torch::Tensor> o_b, torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_s,
-                 c10::optional<torch::Tensor> gate_up_b, torch::Tensor down_w, c10::optional<torch::Tensor> down_s,
-                 c10::optional<torch::Tensor> down_b, int64_t window) {
+                 c10::optional<torch::Tensor> qkv_b, c10::optional<torch::Tensor> qkv_p, torch::Tensor o_w,
+                 c10::optional<torch::Tensor> o_s, c10::optional<torch::Tensor> o_b, c10::optional<torch::Tensor> o_p,
+                 torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_s,
+                 c10::optional<torch::Tensor> gate_up_b, c10::optional<torch::Tensor> gate_up_p, torch::Tensor down_w,
+                 c10::optional<torch::Tensor> down_s, c10::optional<torch::Tensor> down_b,
+                 c10::optional<torch::Tensor> down_p, int64_t window) {
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "Decoder: q_norm and k_norm go together");
     LayerWeights l;
     l.in_norm = in_norm; l.post_norm = post_norm;
     if (q_norm.has_value()) { l.q_norm = *q_norm; l.k_norm = *k_norm; }
-    l.qkv_w = qkv_w; l.qkv_s = qkv_s; l.qkv_b = qkv_b;
-    l.o_w = o_w; l.o_s = o_s; l.o_b = o_b;
-    l.gate_up_w = gate_up_w; l.gate_up_s = gate_up_s; l.gate_up_b = gate_up_b;
-    l.down_w = down_w; l.down_s = down_s; l.down_b = down_b;
+    l.qkv_w = qkv_w; l.qkv_s = qkv_s; l.qkv_b = qkv_b; l.qkv_p = qkv_p;
+    l.o_w = o_w; l.o_s = o_s; l.o_b = o_b; l.o_p = o_p;
+    l.gate_up_w = gate_up_w; l.gate_up_s = gate_up_s; l.gate_up_b = gate_up_b; l.gate_up_p = gate_up_p;
+    l.down_w = down_w; l.down_s = down_s; l.down_b = down_b; l.down_p = down_p;
     l.window = window;
     layers_.push_back(std::move(l));
   }
@@ -696,7 +701,7 @@ class Decoder {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerWeights& l = layers_[i];
       const torch::Tensor& cache = kv_caches[i];
-      torch::Tensor qkv = lin(rms_norm(x, l.in_norm, eps_), l.qkv_w, l.qkv_s, l.qkv_b);
+      torch::Tensor qkv = lin(rms_norm(x, l.in_norm, eps_), l.qkv_w, l.qkv_s, l.qkv_b, l.qkv_p);
       torch::Tensor v = qkv.narrow(1, (H + KVH) * D, KVH * D).view({T, KVH, D});
       torch::Tensor q, k;
       if (!l.q_norm.defined()) {
@@ -713,9 +718,9 @@ class Decoder {
       write_cache(k, v, cache, slot_mapping);
       torch::Tensor attn = paged_attention(q, cache[0], cache[1], block_tables, seq_lens, query_start_loc, scale_,
                                            l.window);
-      x = x + lin(attn.reshape({T, H * D}), l.o_w, l.o_s, l.o_b);
-      x = x + lin(silu_mul(lin(rms_norm(x, l.post_norm, eps_), l.gate_up_w, l.gate_up_s, l.gate_up_b)), l.down_w,
-                  l.down_s, l.down_b);
+      x = x + lin(attn.reshape({T, H * D}), l.o_w, l.o_s, l.o_b, l.o_p);
+      x = x + lin(silu_mul(lin(rms_norm(x, l.post_norm, eps_), l.gate_up_w, l.gate_up_s, l.gate_up_b, l.gate_up_p)),
+                  l.down_w, l.down_s, l.down_b, l.down_p);
     }
     return rms_norm(x, final_norm_, eps_);
   }
@@ -725,12 +730,26 @@ class Decoder {
  private:
   // tokenmill/model/linear.py's `linear`: the kernel for few rows, PyTorch's GEMM beyond.
   torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& s,
-                    const c10::optional<torch::Tensor>& b) const {
+                    const c10::optional<torch::Tensor>& b, const c10::optional<torch::Tensor>& packed) const {
     const int64_t max_rows = w.scalar_type() == at::kFloat ? max_f32_ : w.scalar_type() == at::kBFloat16 ? max_bf16_
                              : w.scalar_type() == at::kChar ? max_i8_ : 0;
     if (x.size(0) <= max_rows) return linear(x, w, s, b);
+    if (packed.has_value()) return packed_linear(x, *packed, b);
     const torch::Tensor wd = s.has_value() ? (w.to(at::kFloat) * s->unsqueeze(1)).to(x.scalar_type()) : w;
     return at::linear(x, wd, b);
+  }
+
+  // torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], None), what the Python path calls,
+  // through the dispatcher (the op has no C++ header).
+  static torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                                     const c10::optional<torch::Tensor>& b) {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    std::vector<c10::IValue> stack{x.contiguous(), packed, b.has_value() ? c10::IValue(*b) : c10::IValue(),
+                            c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
+                            c10::IValue()};
+    op.callBoxed(&stack);
+    return stack.back().toTensor();
   }
 
   // Rows k[t], v[t] into cache slot slot_mapping[t] (the Python path's index_copy_).

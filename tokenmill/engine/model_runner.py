@@ -121,7 +121,8 @@ class ModelRunner:
         if device.type == "cpu":
             cpu_ops()  # built (or loaded) now, so that a fresh build does not stall the first request
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
-                                progress=config.load_progress, quantization=config.quantization)
+                                progress=config.load_progress, quantization=config.quantization,
+                                prepack=config.prepack_weights)
         self.sampler = Sampler()
         spec = config.speculative_config
         self.drafter = None

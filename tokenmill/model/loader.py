@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tokenmill.attention import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.memory import pack_parameters
-from tokenmill.model.linear import quantize_model
+from tokenmill.model.linear import prepack_bytes, prepack_model, quantize_model
 from tokenmill.model.transformer import DecoderLM
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-               max_positions: int, progress: bool = False, quantization: str | None = None) -> DecoderLM:
+               max_positions: int, progress: bool = False, quantization: str | None = None,
+               prepack: bool | None = False) -> DecoderLM:
     files = checkpoint_files(cfg.path)
     bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
@@ -165,7 +166,27 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if device.type == "cpu":
         # Every weight in one huge-page region, in the order a decode step reads them (tokenmill/memory.py).
         pack_parameters(list(model.parameters()))
+        _prepack(model, prepack)
         model.reset_fused()
     model.requires_grad_(False)  # inference only
     model.eval()
     return model
+
+
+def _prepack(model: DecoderLM, prepack: bool | None) -> None:
+    """oneDNN copies of the float32/bfloat16 weights (linear.prepack_model); None decides by memory."""
+    if prepack is False:
+        return
+    nbytes = prepack_bytes(model)
+    if not nbytes:
+        return
+    if prepack is None:
+        from tokenmill.engine.model_runner import available_ram_bytes
+
+        avail = available_ram_bytes()
+        if nbytes > avail // 4:
+            logger.info("weights not prepacked: the copy (%.0f MiB) would take more than a quarter of the "
+                        "available RAM (%.0f MiB)", nbytes / 2**20, avail / 2**20)
+            return
+    count = prepack_model(model)
+    logger.info("prepacked %d weights for oneDNN (%.0f MiB)", count, nbytes / 2**20)

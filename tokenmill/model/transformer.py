@@ -141,8 +141,8 @@ class DecoderLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return linear(hidden, head.weight, head.scale)
+        return linear(hidden, head.weight, head.scale, packed=head.packed)
 
 
-def _lin(m: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    return m.weight, m.scale, m.bias
+def _lin(m: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    return m.weight, m.scale, m.bias, m.packed
