@@ -64,20 +64,26 @@ def test_linear_matches_torch(wdtype, xdtype, m, k):
 @pytest.mark.parametrize("m", [9, 32, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_prepacked_linear_matches_torch(dtype, m, bias):
-    """Rows above the kernel's limit go through the oneDNN-prepacked weight, non-contiguous input
-    included; the result is the plain GEMM's to rounding."""
+    """Rows above the kernel's limit multiply against the oneDNN-prepacked copy (here of 2w, to see
+    which weight was used), non-contiguous input included; at or below it, the plain weight."""
+    from tokenmill.model.linear import KERNEL_MAX_ROWS
+
     w0 = torch.randn(70, 96, generator=torch.Generator().manual_seed(m)).to(dtype)
     if not can_prepack(w0):
         pytest.skip("no oneDNN path for this dtype here")
     b = torch.randn(70).to(dtype) if bias else None
-    packed = prepack_weight(w0)
-    x = torch.randn(m, 2 * 96)[:, ::2].to(dtype)  # a strided view, as a narrowed activation is
+    packed = prepack_weight(2 * w0)
+    assert packed.is_mkldnn
+    x = torch.randn(m, 2 * 96).to(dtype)[:, ::2]  # a strided view, as a narrowed activation is
+    assert not x.is_contiguous()
     out = linear(x, w0, None, b, packed)
     assert out.dtype == dtype and out.shape == (m, 70)
-    ref = x.double() @ w0.double().T + (b.double() if bias else 0)
+    ref = x.double() @ (2 * w0.double()).T + (b.double() if bias else 0)
     tol = 1e-4 if dtype is torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, atol=tol * math.sqrt(96), rtol=tol)
-    assert packed.is_mkldnn  # the blocked copy, not the plain weight
+    few = x[: KERNEL_MAX_ROWS[dtype]]
+    plain = few.double() @ w0.double().T + (b.double() if bias else 0)
+    torch.testing.assert_close(linear(few, w0, None, b, packed).double(), plain, atol=tol * math.sqrt(96), rtol=tol)
 
 
 @needs_ops
@@ -213,7 +219,8 @@ def test_paged_attention_propagates_nan():
 @needs_ops
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("dtype,quantization,prepack", [("float32", None, True), ("float32", None, False),
-                                                         ("bfloat16", None, True), ("float32", "int8", None)])
+                                                         ("bfloat16", None, True), ("bfloat16", None, False),
+                                                         ("float32", "int8", None)])
 def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, prepack):
     """The C++ decoder (cpu_ops.Decoder) and the Python modules give bit-identical hidden states and
     KV caches: a prefill step of short chunks (35 rows: the prepacked GEMM where there is one), then
@@ -236,8 +243,8 @@ def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, p
         [(ids[0][12:13], 12, tables[0]), (ids[2][14:15], 14, tables[2]), (ids[1][9:12], 9, tables[1])],
         [(ids[0][13:14], 13, tables[0]), (ids[1][12:13], 12, tables[1]), (ids[2][15:27], 15, tables[2])],
     ]
-    results = {}
-    for fused in (True, False):
+
+    def run(fused: bool):
         model.use_fused = fused
         caches = [torch.zeros_like(c) for c in runner.kv_caches]
         hidden = []
@@ -245,9 +252,18 @@ def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, p
             for chunks in steps:
                 input_ids, positions, meta = build_batch(chunks, bs, runner.device)
                 hidden.append(model(input_ids, positions, caches, meta))
-        results[fused] = hidden, caches
+        return hidden, caches
+
+    results = {fused: run(fused) for fused in (True, False)}
     assert model._fused is not None  # the fused run did go through the C++ decoder
     for a, b in zip(results[True][0], results[False][0]):
         assert torch.equal(a, b)
     for a, b in zip(results[True][1], results[False][1]):
         assert torch.equal(a, b)
+    if packed:  # both paths multiply the 35-row step against the prepacked copy, not the plain weight
+        o_proj = model.layers[0].self_attn.o_proj
+        o_proj.packed = prepack_weight(2 * o_proj.weight)
+        model.reset_fused()
+        doctored = {fused: run(fused)[0] for fused in (True, False)}
+        assert torch.equal(doctored[True][0], doctored[False][0])
+        assert not torch.allclose(doctored[True][0], results[True][0][0])

@@ -739,7 +739,8 @@ class Decoder {
     return at::linear(x, wd, b);
   }
 
-  // torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], None), what the Python path calls,
+  // torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], None): the Python path's call (it
+  // passes "" as the algorithm, which "none" ignores),
   // through the dispatcher (the op has no C++ header).
   static torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
                                      const c10::optional<torch::Tensor>& b) {

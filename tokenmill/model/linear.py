@@ -6,8 +6,8 @@ each weight once at close to the memory bandwidth; larger ones (batched decode, 
 compute-bound and go to oneDNN.
 
 `prepack_model` gives each float32 and bfloat16 weight a second copy in oneDNN's blocked
-layout for those larger matmuls: float32 GEMMs run 1.3-2.5x faster than PyTorch's on the plain
-layout at 32 rows and 1.2x at prefill sizes; offline serving gains 40% in float32 and 20% in
+layout for those larger matmuls: float32 GEMMs run 1.4-2.5x faster than PyTorch's on the plain
+layout at 32 rows and 1.3-1.6x at prefill sizes; offline serving gains 40% in float32 and 20% in
 bfloat16 (docs/benchmarks/cpu.md). The plain weight stays for the kernel, which streams it
 faster at batch 1 than a blocked GEMM does; the price is the weights' memory a second time.
 Without a copy (int8 weights, prepacking off) PyTorch's GEMM takes the plain weight.
@@ -39,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         ops = ops_for(x)
         if ops is not None:
             return ops.linear(x, weight, scale, bias)
-    elif packed is not None:
+    elif packed is not None and packed.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if scale is not None:
         weight = dequantize(weight, scale, x.dtype)

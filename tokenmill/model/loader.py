@@ -109,7 +109,7 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
                max_positions: int, progress: bool = False, quantization: str | None = None,
-               prepack: bool | None = False) -> DecoderLM:
+               prepack: bool | None = False, reserved_bytes: int = 0) -> DecoderLM:
     files = checkpoint_files(cfg.path)
     bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
@@ -166,15 +166,17 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if device.type == "cpu":
         # Every weight in one huge-page region, in the order a decode step reads them (tokenmill/memory.py).
         pack_parameters(list(model.parameters()))
-        _prepack(model, prepack)
+        _prepack(model, prepack, reserved_bytes)
         model.reset_fused()
     model.requires_grad_(False)  # inference only
     model.eval()
     return model
 
 
-def _prepack(model: DecoderLM, prepack: bool | None) -> None:
-    """oneDNN copies of the float32/bfloat16 weights (linear.prepack_model); None decides by memory."""
+def _prepack(model: DecoderLM, prepack: bool | None, reserved_bytes: int) -> None:
+    """oneDNN copies of the float32/bfloat16 weights (linear.prepack_model); None decides by memory:
+    the copy may take a quarter of the RAM available beyond `reserved_bytes` (an explicit KV cache
+    size). A KV cache sized as a share of available RAM is sized after the copy exists."""
     if prepack is False:
         return
     nbytes = prepack_bytes(model)
@@ -183,7 +185,7 @@ def _prepack(model: DecoderLM, prepack: bool | None) -> None:
     if prepack is None:
         from tokenmill.engine.model_runner import available_ram_bytes
 
-        avail = available_ram_bytes()
+        avail = max(available_ram_bytes() - reserved_bytes, 0)
         if nbytes > avail // 4:
             logger.info("weights not prepacked: the copy (%.0f MiB) would take more than a quarter of the "
                         "available RAM (%.0f MiB)", nbytes / 2**20, avail / 2**20)

@@ -92,7 +92,8 @@ class DecoderLM(nn.Module):
         self._fused = None
 
     def reset_fused(self) -> None:
-        """Drops the C++ decoder's weight bindings (call after replacing weights)."""
+        """Drops the C++ decoder's weight bindings (call after replacing weights, and after
+        `linear.prepack_model` again if the model was prepacked: the copies do not follow edits)."""
         self._fused = None
 
     def _fused_decoder(self, x: torch.Tensor, meta: AttentionMetadata):
