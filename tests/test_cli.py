@@ -81,3 +81,44 @@ def test_eval_demo_runs_on_any_chat_model(model_dir, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "accuracy: " in out and "/4 = " in out and "time: " in out and "The weather today is" in out
     assert out_json.exists()
+
+
+def test_serve_on_a_busy_port_fails_before_loading(model_dir):
+    """The port is bound before the weights load: a taken one is a clear error at once, with no
+    "loading" log line, no "serving on" line, and exit status 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", *_engine_flags(model_dir),
+                            "--port", str(port)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"--port {port}: 127.0.0.1:{port} is already in use" in r.stderr
+    assert "loading" not in r.stderr and "serving" not in r.stderr
+
+
+def test_max_model_len_beyond_the_model_is_refused(tmp_path):
+    """vLLM's rule: max_model_len above max_position_embeddings (times a linear RoPE factor) is
+    an error naming the override; with the override it loads; a shorter draft model is refused."""
+    from tests.models import make_model
+    from tokenmill import LLM
+
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=False, max_position_embeddings=256)
+    kv = dict(kv_cache_memory_bytes=2**22)
+    with pytest.raises(ValueError, match=r"max_model_len=512 exceeds the model's context of 256 positions.*"
+                                         r"--allow-long-max-model-len"):
+        LLM(path, max_model_len=512, **kv)
+    assert LLM(path, max_model_len=512, allow_long_max_model_len=True, **kv).engine.max_model_len == 512
+    assert LLM(path, **kv).engine.max_model_len == 256
+    scaled = make_model(str(tmp_path / "s"), "llama", tokenizer=False, max_position_embeddings=256,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert LLM(scaled, **kv).engine.max_model_len == 512
+    with pytest.raises(ValueError, match="context of 512 positions.*linear RoPE scaling"):
+        LLM(scaled, max_model_len=513, **kv)
+    big = make_model(str(tmp_path / "big"), "llama", tokenizer=False, max_position_embeddings=1024)
+    with pytest.raises(ValueError, match="max_model_len=1024 exceeds the draft model's context of 256"):
+        LLM(big, speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2}, **kv)
+    r = main(["generate", "--model", path, "--max-model-len", "300", "--kv-cache-memory", "0.01", "hi"])
+    assert r == 2

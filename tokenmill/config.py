@@ -81,6 +81,23 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
 
+    @property
+    def max_context(self) -> int:
+        """Positions the model was built for: max_position_embeddings, times the factor under linear
+        RoPE scaling (llama3 scaling already counts in max_position_embeddings), as vLLM derives it."""
+        if self.rope.rope_type == "linear":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    def check_max_model_len(self, max_model_len: int, allow_long: bool, what: str = "the model") -> None:
+        if max_model_len > self.max_context and not allow_long:
+            scaling = f" with {self.rope.rope_type} RoPE scaling" if self.rope.rope_type != "default" else ""
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds {what}'s context of {self.max_context} positions "
+                f"(max_position_embeddings={self.max_position_embeddings}{scaling} in {self.path}/config.json); "
+                f"positions beyond it produce garbage. Lower --max-model-len, or pass --allow-long-max-model-len "
+                f"(allow_long_max_model_len=True) if you know the model handles them.")
+
     @classmethod
     def from_pretrained(cls, path: str) -> ModelConfig:
         cfg_file = os.path.join(path, "config.json")
@@ -301,6 +318,8 @@ class EngineConfig:
     # a few rows (batched decode, prefill), 1.3-2.5x faster GEMMs for the weights' memory again.
     # None: on when the copy takes at most a quarter of the available RAM.
     prepack_weights: bool | None = None
+    # Accept a max_model_len beyond the model's positions (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN).
+    allow_long_max_model_len: bool = False
     # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     tokenizer: str | None = None

@@ -65,7 +65,8 @@ class LLMEngine:
         self.model_config = mc = ModelConfig.from_pretrained(config.model)
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(mc, self.device)
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
+        self.max_model_len = config.max_model_len or mc.max_context
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         eos = set(mc.eos_token_ids) | set(_generation_eos(config.model))

@@ -1,6 +1,8 @@
 """`tokenmill serve`: load the model, then run the HTTP API under uvicorn until a signal.
 
-The model loads before the port opens, so /health answers 200 as soon as anything answers.
+The port is bound first (a busy port fails in a second, not after the model loaded) but listens
+only once the model has loaded, so connections are refused until then and /health answers 200
+as soon as anything answers.
 SIGTERM or SIGINT stops admitting (the listening socket closes; requests arriving on open
 connections get 503), lets in-flight requests finish for up to --shutdown-timeout seconds,
 stops the engine thread and exits with status 0. A second SIGINT forces the exit.
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +25,7 @@ from types import FrameType
 
 import uvicorn
 
+from tokenmill.config import EngineConfig
 from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
 
 logger = logging.getLogger("tokenmill.server")
@@ -56,6 +61,28 @@ def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float,
         time.sleep(0.1)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and not yet listening (uvicorn listens on it once the app
+    starts); ValueError naming the flag when the address is taken or not this machine's."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from e
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: restart over TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: {host}:{port} is already in use by another process; "
+                             f"stop it or choose another --port") from e
+        raise ValueError(f"--host {host!r} --port {port}: cannot bind ({e.strerror})") from e
+    sock.set_inheritable(True)
+    return sock
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -74,14 +101,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.server.api import ServerSettings, build_app
-    from tokenmill.server.async_engine import AsyncEngine
-
     config = engine_config_from_args(args)
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    sock = bind_socket(args.host, args.port)
+    try:
+        return _run(args, config, sock)
+    finally:
+        sock.close()
+
+
+def _run(args: argparse.Namespace, config: EngineConfig, sock: socket.socket) -> int:
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.api import ServerSettings, build_app
+    from tokenmill.server.async_engine import AsyncEngine
+
     logger.info("loading %s", config.model)
     engine = LLMEngine(config)
     logger.info("model loaded: %d KV blocks of %d tokens, max_model_len=%d, device=%s, dtype=%s",
@@ -108,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
     server = _Server(uv_config, on_exit=lambda: setattr(app.state, "draining", True))
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
