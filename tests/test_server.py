@@ -59,6 +59,31 @@ def test_health_models_and_tokenize(server, client, model_name):
     assert chat["count"] > tok["count"] - 2  # the template adds role markers
 
 
+def test_models_retrieve(client, model_name):
+    m = client.models.retrieve(model_name)
+    assert m.id == model_name and m.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found" and "no-such-model" in e.value.body["message"]
+
+
+def test_openapi_documents_request_bodies(server):
+    """Every POST route declares its JSON body with the request model's fields, so /docs and
+    schema-driven clients see the parameters."""
+    schema = httpx.get(server.base_url + "/openapi.json").json()
+    comps = schema["components"]["schemas"]
+    expected = {"/v1/completions": ("prompt", "max_tokens", "logprobs"),
+                "/v1/chat/completions": ("messages", "max_tokens", "response_format"),
+                "/tokenize": ("prompt", "messages"), "/detokenize": ("tokens",)}
+    for path, fields in expected.items():
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        props = comps[ref.rsplit("/", 1)[1]]["properties"]
+        assert set(fields) <= set(props), path
+    assert "/v1/models/{model_id}" in schema["paths"]
+    for ref in json.dumps(schema).split('"$ref": "')[1:]:  # every reference resolves
+        assert ref.split('"')[0].rsplit("/", 1)[1] in comps
+
+
 def test_completion_matches_offline_engine(client, model_name, offline):
     from tokenmill import SamplingParams
 

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.detokenizer import BYTE_TO_UNICODE, safe_stream_end
@@ -196,8 +197,35 @@ def _finish_reason(c: CompletionOutput) -> str | None:
     return c.finish_reason if c.finish_reason in ("stop", "length") else None
 
 
+_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+def body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses `model` itself (to answer with OpenAI-style
+    400s rather than FastAPI's 422), so /docs and schema-driven clients see its fields."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _with_body_schemas(app: FastAPI) -> None:
+    """Adds the request models (and the models they use) to the OpenAPI components."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            _, defs = models_json_schema([(m, "validation") for m in _BODIES],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="tokenmill", version="0.1.0", description="OpenAI-compatible LLM inference server")
+    _with_body_schemas(app)
     llm_engine = engine.engine
     # The HTTP side gets its own tokenizer instance: the engine thread decodes with the engine's
     # at the same time, and a Rust tokenizer object should not be shared across threads.
@@ -391,19 +419,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return Response(status_code=200)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
+                "root": settings.model_path, "max_model_len": llm_engine.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_auth(request)
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": created, "owned_by": "tokenmill",
-            "root": settings.model_path, "max_model_len": llm_engine.max_model_len,
-        }]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict[str, Any]:
+        check_auth(request)
+        check_model(model_id)
+        return model_card()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
         req: TokenizeRequest = await parse(request, TokenizeRequest)
         check_model(req.model)
@@ -415,7 +450,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             ids = await encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": llm_engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
         req: DetokenizeRequest = await parse(request, DetokenizeRequest)
         check_model(req.model)
@@ -426,7 +461,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "tokens: this model has no tokenizer", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req, arrival = await open_request(request, CompletionRequest)
         if req.best_of is not None and req.best_of != req.n:
@@ -509,7 +544,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         return await _unless_disconnected(request, collect())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req, arrival = await open_request(request, ChatCompletionRequest)
         if req.tools:
