@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.server_utils import ServerProcess
 
@@ -345,3 +346,82 @@ def test_metrics_count_requests_and_tokens(server, client, model_name):
     log = server.log()
     assert f"request {r.id}-0: prompt_tokens={r.usage.prompt_tokens} output_tokens=10 " in log
     assert "finish_reason=length" in log
+
+
+# -- scoring: echo + logprobs, max_tokens 0, prompt_logprobs ---------------------------------------
+def _hf_prompt_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
+    """transformers' log-probability of each prompt token given the ones before it ([len - 1])."""
+    from tests.models import hf_model
+
+    with torch.no_grad():
+        logits = hf_model(model_dir)(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_echo_logprobs_score_the_prompt(client, model_name, model_dir):
+    """lm-evaluation-harness's request: token-id prompts, echo, logprobs=1, max_tokens 0 or 1. Every
+    prompt position is scored (the first null), equal to transformers' within 1e-4, and a second
+    identical request (whose prefix the cache holds) scores every position the same."""
+    ids = [[5, 17, 99, 3, 250, 41, 7], [300, 12, 12, 12, 80]]
+    first = client.completions.create(model=model_name, prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                      temperature=0)
+    again = client.completions.create(model=model_name, prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                      temperature=0)
+    assert first.usage.completion_tokens == 0 and first.usage.prompt_tokens == 12
+    for prompt, a, b in zip(ids, first.choices, again.choices):
+        lp = a.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        ref = _hf_prompt_logprobs(model_dir, prompt)
+        for got, want in zip(lp.token_logprobs[1:], ref.tolist()):
+            assert got == pytest.approx(want, abs=1e-4)
+        for top, tok, got in zip(lp.top_logprobs[1:], lp.tokens[1:], lp.token_logprobs[1:]):
+            assert top[tok] == got and len(top) in (1, 2)  # the top token, and the prompt's own if other
+        assert a.finish_reason == "length" and a.text == b.text != ""  # the prompt, decoded
+        assert b.logprobs.token_logprobs == lp.token_logprobs
+    one = client.completions.create(model=model_name, prompt=ids[0], max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0)
+    lp = one.choices[0].logprobs
+    assert len(lp.tokens) == len(ids[0]) + 1 and one.usage.completion_tokens == 1
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids[0])] == pytest.approx(first.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_echo_logprobs_streamed_and_text_prompts(client, model_name):
+    kw = dict(model=model_name, prompt="Hello world, scored", echo=True, logprobs=2, temperature=0)
+    whole = client.completions.create(max_tokens=3, **kw)
+    chunks = list(client.completions.create(max_tokens=3, stream=True, **kw))
+    tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    lps = [x for ch in chunks for c in ch.choices if c.logprobs for x in c.logprobs.token_logprobs]
+    assert tokens == whole.choices[0].logprobs.tokens and lps == whole.choices[0].logprobs.token_logprobs
+    assert "".join(c.text for ch in chunks for c in ch.choices) == whole.choices[0].text
+    assert whole.choices[0].text.startswith("Hello world, scored")
+    scored = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert [c.text for ch in scored for c in ch.choices] == ["Hello world, scored"]
+
+
+def test_prompt_logprobs_field(client, model_name, model_dir):
+    """vLLM's prompt_logprobs: per prompt position None or {token id: {logprob, rank, decoded_token}},
+    on completions (in each choice) and chat (beside the choices); not with stream."""
+    ids = [5, 17, 99, 3, 250]
+    r = client.completions.create(model=model_name, prompt=ids, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    ref = _hf_prompt_logprobs(model_dir, ids).tolist()
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert entry[str(ids[pos])]["logprob"] == pytest.approx(ref[pos - 1], abs=1e-4)
+        assert 3 <= len(entry) <= 4 and {e["rank"] for e in entry.values()} >= {1, 2, 3}
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2, extra_body={"prompt_logprobs": 0})
+    cplp = chat.model_extra["prompt_logprobs"]
+    assert cplp[0] is None and all(len(e) in (1, 2) for e in cplp[1:]) and len(cplp) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=model_name, prompt="x", stream=True, extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                       extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0 is only allowed with echo"):
+        client.completions.create(model=model_name, prompt="x", max_tokens=0)

@@ -382,6 +382,33 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def echo_logprobs(ids: list[int], entries: list[PositionLogprobs | None], k: int,
+                      as_ids: bool) -> dict[str, Any]:
+        """The prompt's part of an echoed completion's logprobs, as OpenAI returned it: the first
+        token's logprob and top_logprobs null (nothing precedes it)."""
+        tokens, lps, tops, offsets, offset = [], [], [], [], 0
+        for i, tid in enumerate(ids):
+            s = token_str(tid, as_ids)
+            entry = entries[i] if i < len(entries) else None
+            tokens.append(s)
+            lps.append(None if entry is None else entry[tid].logprob)
+            tops.append(None if entry is None else {token_str(t, as_ids): lp.logprob for t, lp in _top(entry, k, tid)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def vllm_prompt_logprobs(ids: list[int], entries: list[PositionLogprobs | None],
+                             k: int) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: per position None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the top k and the prompt's own token."""
+        result: list[dict[str, Any] | None] = []
+        for i, tid in enumerate(ids):
+            entry = entries[i] if i < len(entries) else None
+            result.append(None if entry is None else {
+                str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": token_str(t)}
+                for t, lp in _top(entry, k, tid)})
+        return result
+
     def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int, as_ids: bool) -> list[dict[str, Any]]:
         content = []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
@@ -468,8 +495,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
         if req.suffix:
             raise APIError(400, "suffix: not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo: echo together with logprobs is not supported", param="echo")
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
         p = req.prompt
         if isinstance(p, str):
             prompts = [(p, await encode(p))]
@@ -481,7 +511,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             prompts = [(None, list(x)) for x in p]  # type: ignore[union-attr]
         else:
             raise APIError(400, "prompt: the prompt list is empty", param="prompt")
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        # echo with logprobs scores the prompt too: its positions come from the engine's prompt logprobs.
+        echo_lp = req.echo and req.logprobs is not None
+        want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
+        # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
+        params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
+                                     want_plp if want_plp >= 0 else None)
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
@@ -491,9 +526,23 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         prompt_tokens = sum(len(ids) for _, ids in prompts)
 
         def prefix(i: int) -> str:
-            return (prompts[i][0] or "") if req.echo else ""
+            if not req.echo:
+                return ""
+            text, ids = prompts[i]
+            return text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
 
-        if req.stream:
+        def prompt_lp(i: int, out: RequestOutput) -> dict[str, Any]:
+            return echo_logprobs(prompts[i][1], out.prompt_logprobs or [], req.logprobs, as_ids)
+
+        def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+            if a is None or b is None:
+                return a or b
+            end = a["text_offset"][-1] + len(a["tokens"][-1]) if a["tokens"] else 0
+            return {"tokens": a["tokens"] + b["tokens"], "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+                    "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+                    "text_offset": a["text_offset"] + [end + o for o in b["text_offset"]]}
+
+        if req.stream and not score_only:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
@@ -504,6 +553,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                         pi = index[out.request_id]
                         lp = (completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
                               if req.logprobs is not None else None)
+                        if echo_lp and d.first:
+                            lp = joined(prompt_lp(pi, out), lp)
                         yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                     "choices": [{
                                         "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
@@ -522,7 +573,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
             return _sse_response(events(), lambda: engine.release(group))
 
-        async def collect() -> Response:
+        async def final_choices() -> tuple[list[dict[str, Any]], int, int] | Response:
             final = await _collect(engine, group)
             choices = []
             n_out = n_cached = 0
@@ -532,13 +583,44 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     return error_response(engine_error(out))
                 n_cached += out.num_cached_tokens
                 for c in out.outputs:
-                    n_out += len(c.token_ids)
-                    choices.append({
-                        "index": r * req.n + c.index, "text": prefix(r) + c.text,
-                        "logprobs": (completion_logprobs(c, 0, len(c.token_ids), req.logprobs, 0, as_ids)
-                                     if req.logprobs is not None else None),
-                        "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
-                    })
+                    n_gen = 0 if score_only else len(c.token_ids)
+                    n_out += n_gen
+                    lp = completion_logprobs(c, 0, n_gen, req.logprobs, 0, as_ids) if req.logprobs is not None else None
+                    choice = {
+                        "index": r * req.n + c.index, "text": prefix(r) + ("" if score_only else c.text),
+                        "logprobs": joined(prompt_lp(r, out), lp) if echo_lp else lp,
+                        "finish_reason": "length" if score_only else _finish_reason(c),
+                        "stop_reason": None if score_only else c.stop_reason,
+                    }
+                    if req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = vllm_prompt_logprobs(prompts[r][1], out.prompt_logprobs or [],
+                                                                         req.prompt_logprobs)
+                    choices.append(choice)
+            return choices, n_out, n_cached
+
+        if req.stream:  # score only: the whole answer in one chunk per choice
+            async def scored_events() -> AsyncIterator[str]:
+                result = await final_choices()
+                if isinstance(result, Response):
+                    yield _sse(json.loads(result.body))
+                    yield "data: [DONE]\n\n"
+                    return
+                choices, n_out, n_cached = result
+                for ch in choices:
+                    yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                "choices": [ch]})
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                "choices": [], "usage": _usage(prompt_tokens, n_out, n_cached)})
+                yield "data: [DONE]\n\n"
+
+            return _sse_response(scored_events(), lambda: engine.release(group))
+
+        async def collect() -> Response:
+            result = await final_choices()
+            if isinstance(result, Response):
+                return result
+            choices, n_out, n_cached = result
             return JSONResponse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                  "choices": choices, "usage": _usage(prompt_tokens, n_out, n_cached)})
 
@@ -549,6 +631,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         req, arrival = await open_request(request, ChatCompletionRequest)
         if req.tools:
             raise APIError(400, "tools: tool calling is not supported yet", param="tools")
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
         if req.response_format is not None and req.response_format.type != "text":
             raise APIError(400, "response_format: only type 'text' is supported", param="response_format")
         if req.top_logprobs is not None:
@@ -607,8 +691,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 "finish_reason": _finish_reason(c), "stop_reason": c.stop_reason,
             } for c in out.outputs]
             n_out = sum(len(c.token_ids) for c in out.outputs)
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
-                                 "choices": choices, "usage": _usage(len(ids), n_out, out.num_cached_tokens)})
+            resp = {"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
+                    "choices": choices, "usage": _usage(len(ids), n_out, out.num_cached_tokens)}
+            if req.prompt_logprobs is not None:  # vLLM puts them beside the choices
+                resp["prompt_logprobs"] = vllm_prompt_logprobs(ids, out.prompt_logprobs or [], req.prompt_logprobs)
+            return JSONResponse(resp)
 
         return await _unless_disconnected(request, collect())
 

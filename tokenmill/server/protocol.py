@@ -49,8 +49,10 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (exact ids, vLLM's field)
+    prompt_logprobs: int | None = None  # vLLM's: the top-k logprobs of every prompt position
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -67,6 +69,7 @@ class _SamplingFields(_Strict):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
