@@ -1,0 +1,251 @@
+"""What every route shares: the engine and tokenizer it serves, and the request preamble.
+
+`ServerContext` is built once per app. Its methods are the steps the route families have in
+common: reading and validating a body, auth, the model name, admission, tokenizing, handing
+requests to the engine (with its errors as OpenAI-style ones), streaming a group's choices, and
+the logprob formats of both generation endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ValidationError
+
+from tokenmill.engine.llm_engine import load_tokenizer
+from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from tokenmill.server.errors import APIError, bad_request, error_body, validation_error
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import ChatMessage
+from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
+
+# Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
+MAX_SEQS_PER_REQUEST = 256
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    model_path: str
+    max_queue: int | None = None  # waiting sequences beyond which requests get 429
+    max_body_bytes: int = 8 * 2**20
+    api_key: str | None = None
+    retry_after_s: int = 1
+
+
+class ServerContext:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, app: FastAPI) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.app = app
+        self.llm_engine = engine.engine
+        # The HTTP side gets its own tokenizer instance: the engine thread decodes with the engine's
+        # at the same time, and a Rust tokenizer object should not be shared across threads.
+        self.tokenizer = load_tokenizer(self.llm_engine.config.tokenizer or self.llm_engine.config.model)
+        self.vocab = self.llm_engine.model_config.vocab_size
+        self.name = settings.served_model_name
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(self.name, lambda: engine.stats)
+        engine.on_output = self.metrics.observe
+        self.tokenize_lock = asyncio.Lock()
+
+    # -- the request preamble -------------------------------------------------------------------
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        max_bytes = self.settings.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise APIError(413, f"request body exceeds {max_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        except RecursionError:
+            raise APIError(400, "body: nested too deeply", code="invalid_json") from None
+
+    def check_auth(self, request: Request) -> None:
+        api_key = self.settings.api_key
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`.",
+                           param="model", code="model_not_found")
+
+    def check_admitting(self) -> None:
+        if self.app.state.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+
+    async def open_request(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
+        """What both generation endpoints do first: auth, admission, body, model, unsupported fields."""
+        arrival = time.time()
+        self.check_auth(request)
+        self.check_admitting()
+        req = await self.parse(request, model)
+        self.check_model(req.model)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias")
+        return req, arrival
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tokenmill",
+                "root": self.settings.model_path, "max_model_len": self.llm_engine.max_model_len}
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def encode_now(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # Long texts take milliseconds to tokenize: do that off the event loop, one at a time
+        # (and never while a short one runs on the loop, so the tokenizer has one user at a time).
+        if len(text) < 4096 and not self.tokenize_lock.locked():
+            return self.encode_now(text, add_special_tokens)
+        async with self.tokenize_lock:
+            return await asyncio.to_thread(self.encode_now, text, add_special_tokens)
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        tokenizer = self.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
+                           param="messages")
+        convo = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        try:
+            return tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as e:  # a template may raise on role orders it does not accept
+            raise APIError(400, f"messages: the chat template rejected the conversation: {e}",
+                           param="messages") from None
+
+    def token_bytes(self, tid: int, s: str) -> list[int]:
+        """The token's own bytes: for a piece of a UTF-8 character, not the encoding of U+FFFD."""
+        if self.tokenizer is None or "\ufffd" not in self.tokenizer.decode([tid]):
+            return list(s.encode("utf-8"))
+        return list(raw_token_bytes(s))
+
+    def token_str(self, tid: int, as_id: bool = False) -> str:
+        if as_id or self.tokenizer is None:
+            return f"token_id:{tid}"
+        s = self.tokenizer.decode([tid])
+        # A token holding part of a UTF-8 character decodes to U+FFFD; its vocabulary string is
+        # unique, so top_logprobs entries do not collide.
+        return self.tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
+
+    # -- the engine -----------------------------------------------------------------------------
+    def prompt_dict(self, text: str | None, ids: list[int], cache_salt: str | None) -> dict[str, Any]:
+        d: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
+        if cache_salt is not None:
+            d["cache_salt"] = cache_salt
+        return d
+
+    async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float):
+        try:
+            requests[0][2].validate(self.vocab)  # every prompt shares these params; n is checked before counting
+        except ValueError as e:
+            raise bad_request(e) from None
+        seqs = sum(r[2].n for r in requests)
+        if seqs > MAX_SEQS_PER_REQUEST:
+            raise APIError(400, f"prompt: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
+                           f"at most {MAX_SEQS_PER_REQUEST} per request", param="prompt")
+        try:
+            return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival)
+        except ValueError as e:
+            raise bad_request(e) from None
+        except QueueFullError as e:
+            raise APIError(429, f"too many requests waiting: {e}", code="queue_full",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        except EngineStoppedError as e:
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+
+    def engine_error(self, out: RequestOutput) -> APIError:
+        return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
+
+    async def choice_deltas(self, group, params: SamplingParams, states: dict[tuple[str, int], ChoiceState],
+                            cached: dict[str, int]):
+        """(request output, choice, delta) for every streamable change; StreamFailed on an engine error.
+        cached collects each request's prefix-cache hit (known once it is scheduled)."""
+        async for batch in self.engine.stream(group):
+            for out in batch:
+                if out.error is not None:
+                    raise StreamFailed(out.error)
+                cached[out.request_id] = out.num_cached_tokens
+                for c in out.outputs:
+                    delta = states.setdefault((out.request_id, c.index), ChoiceState()).advance(c, params)
+                    if delta is not None:
+                        yield out, c, delta
+
+    def stream_failed(self, e: StreamFailed) -> list[str]:
+        return [sse(error_body(500, f"the engine failed this request: {e}")), SSE_DONE]
+
+    # -- logprob formats ------------------------------------------------------------------------
+    def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offset: int,
+                            as_ids: bool) -> dict[str, Any]:
+        tokens, lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+            s = self.token_str(tid, as_ids)
+            tokens.append(s)
+            lps.append(entry[tid].logprob)
+            tops.append({self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def echo_logprobs(self, ids: list[int], entries: list[PositionLogprobs | None], k: int,
+                      as_ids: bool) -> dict[str, Any]:
+        """The prompt's part of an echoed completion's logprobs, as OpenAI returned it: the first
+        token's logprob and top_logprobs null (nothing precedes it)."""
+        tokens, lps, tops, offsets, offset = [], [], [], [], 0
+        for i, tid in enumerate(ids):
+            s = self.token_str(tid, as_ids)
+            entry = entries[i] if i < len(entries) else None
+            tokens.append(s)
+            lps.append(None if entry is None else entry[tid].logprob)
+            tops.append(None if entry is None
+                        else {self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def vllm_prompt_logprobs(self, ids: list[int], entries: list[PositionLogprobs | None],
+                             k: int) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: per position None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the top k and the prompt's own token."""
+        result: list[dict[str, Any] | None] = []
+        for i, tid in enumerate(ids):
+            entry = entries[i] if i < len(entries) else None
+            result.append(None if entry is None else {
+                str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_str(t)}
+                for t, lp in top(entry, k, tid)})
+        return result
+
+    def chat_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, as_ids: bool) -> list[dict[str, Any]]:
+        content = []
+        for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+            s = self.token_str(tid, as_ids)
+            content.append({
+                # With return_tokens_as_token_ids the bytes stay the token's own (as vLLM does).
+                "token": s, "logprob": entry[tid].logprob, "bytes": self.token_bytes(tid, self.token_str(tid)),
+                "top_logprobs": [
+                    {"token": (ts := self.token_str(t, as_ids)), "logprob": lp.logprob,
+                     "bytes": self.token_bytes(t, ts)}
+                    for t, lp in top(entry, k, None)
+                ],
+            })
+        return content

@@ -1,0 +1,173 @@
+"""/v1/completions: text or token-id prompts (one or many), streamed or not, with echo,
+logprobs, scoring (max_tokens 0 with echo) and vLLM's prompt_logprobs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.outputs import RequestOutput
+from tokenmill.server.context import ServerContext
+from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.protocol import CompletionRequest
+from tokenmill.server.routes import body
+from tokenmill.server.streaming import (
+    SSE_DONE,
+    ChoiceState,
+    StreamFailed,
+    collect_finished,
+    finish_reason,
+    sse,
+    sse_response,
+    unless_disconnected,
+    usage,
+)
+
+
+def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two completion logprobs objects as one (the prompt's, then the completion's)."""
+    if a is None or b is None:
+        return a or b
+    end = a["text_offset"][-1] + len(a["tokens"][-1]) if a["tokens"] else 0
+    return {"tokens": a["tokens"] + b["tokens"], "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+            "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+            "text_offset": a["text_offset"] + [end + o for o in b["text_offset"]]}
+
+
+def register(app: FastAPI, ctx: ServerContext) -> None:
+    @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        req, arrival = await ctx.open_request(request, CompletionRequest)
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
+        if req.suffix:
+            raise APIError(400, "suffix: not supported", param="suffix")
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [(p, await ctx.encode(p))]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [(x, await ctx.encode(x)) for x in p]  # type: ignore[arg-type]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [(None, list(p))]  # type: ignore[arg-type]
+        elif p:
+            prompts = [(None, list(x)) for x in p]  # type: ignore[union-attr]
+        else:
+            raise APIError(400, "prompt: the prompt list is empty", param="prompt")
+        # echo with logprobs scores the prompt too: its positions come from the engine's prompt logprobs.
+        echo_lp = req.echo and req.logprobs is not None
+        want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
+        # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
+        params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
+                                     want_plp if want_plp >= 0 else None)
+        as_ids = req.return_tokens_as_token_ids
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
+        group = await ctx.submit(reqs, req.priority, arrival)
+        # Choice index = prompt index * n + sample index, as in the OpenAI API.
+        index = {r[0]: i for i, r in enumerate(reqs)}
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        name, engine, tokenizer = ctx.name, ctx.engine, ctx.tokenizer
+
+        def prefix(i: int) -> str:
+            if not req.echo:
+                return ""
+            text, ids = prompts[i]
+            return text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
+
+        def prompt_lp(i: int, out: RequestOutput) -> dict[str, Any]:
+            return ctx.echo_logprobs(prompts[i][1], out.prompt_logprobs or [], req.logprobs, as_ids)
+
+        if req.stream and not score_only:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                states: dict[tuple[str, int], ChoiceState] = {}
+                cached: dict[str, int] = {}
+                try:
+                    async for out, c, d in ctx.choice_deltas(group, params, states, cached):
+                        pi = index[out.request_id]
+                        lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
+                              if req.logprobs is not None else None)
+                        if echo_lp and d.first:
+                            lp = joined(prompt_lp(pi, out), lp)
+                        yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                   "choices": [{
+                                       "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
+                                       "logprobs": lp, "finish_reason": d.finish_reason,
+                                       "stop_reason": c.stop_reason if d.finish_reason else None,
+                                   }]})
+                except StreamFailed as e:
+                    for event in ctx.stream_failed(e):
+                        yield event
+                    return
+                if include_usage:
+                    n_out = sum(st.tokens for st in states.values())
+                    yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                               "choices": [], "usage": usage(prompt_tokens, n_out, sum(cached.values()))})
+                yield SSE_DONE
+
+            return sse_response(events(), lambda: engine.release(group))
+
+        async def final_choices() -> tuple[list[dict[str, Any]], int, int] | Response:
+            final = await collect_finished(engine, group)
+            choices = []
+            n_out = n_cached = 0
+            for r, _ in enumerate(reqs):
+                out = final[reqs[r][0]]
+                if out.error is not None:
+                    return error_response(ctx.engine_error(out))
+                n_cached += out.num_cached_tokens
+                for c in out.outputs:
+                    n_gen = 0 if score_only else len(c.token_ids)
+                    n_out += n_gen
+                    lp = (ctx.completion_logprobs(c, 0, n_gen, req.logprobs, 0, as_ids)
+                          if req.logprobs is not None else None)
+                    choice = {
+                        "index": r * req.n + c.index, "text": prefix(r) + ("" if score_only else c.text),
+                        "logprobs": joined(prompt_lp(r, out), lp) if echo_lp else lp,
+                        "finish_reason": "length" if score_only else finish_reason(c),
+                        "stop_reason": None if score_only else c.stop_reason,
+                    }
+                    if req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = ctx.vllm_prompt_logprobs(prompts[r][1], out.prompt_logprobs or [],
+                                                                             req.prompt_logprobs)
+                    choices.append(choice)
+            return choices, n_out, n_cached
+
+        if req.stream:  # score only: the whole answer in one chunk per choice
+            async def scored_events() -> AsyncIterator[str]:
+                result = await final_choices()
+                if isinstance(result, Response):
+                    yield sse(json.loads(result.body))
+                    yield SSE_DONE
+                    return
+                choices, n_out, n_cached = result
+                for ch in choices:
+                    yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                               "choices": [ch]})
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                               "choices": [], "usage": usage(prompt_tokens, n_out, n_cached)})
+                yield SSE_DONE
+
+            return sse_response(scored_events(), lambda: engine.release(group))
+
+        async def collect() -> Response:
+            result = await final_choices()
+            if isinstance(result, Response):
+                return result
+            choices, n_out, n_cached = result
+            return JSONResponse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                 "choices": choices, "usage": usage(prompt_tokens, n_out, n_cached)})
+
+        return await unless_disconnected(request, collect())
