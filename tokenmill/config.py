@@ -15,6 +15,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
 )
+# The bare decoders (no LM head), as embedding checkpoints such as Qwen3-Embedding ship them.
+_BASE_MODELS = {a.replace("ForCausalLM", "Model"): a for a in SUPPORTED_ARCHITECTURES}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -80,6 +82,8 @@ class ModelConfig:
     checkpoint_dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    has_lm_head: bool = True  # False for a bare decoder (LlamaModel, Qwen3Model): an embedding model
+    matryoshka: bool = False  # embeddings may be truncated to fewer dimensions (config's is_matryoshka)
 
     @property
     def max_context(self) -> int:
@@ -116,6 +120,9 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], path: str = "") -> ModelConfig:
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        base_model = arch is None and any(a in _BASE_MODELS for a in archs)
+        if base_model:
+            arch = next(_BASE_MODELS[a] for a in archs if a in _BASE_MODELS)
         if arch is None:
             raise ValueError(
                 f"model: unsupported architecture {archs or raw.get('model_type')!r} in "
@@ -155,6 +162,8 @@ class ModelConfig:
             checkpoint_dtype=_checkpoint_dtype(raw),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
             bos_token_id=raw.get("bos_token_id"),
+            has_lm_head=not base_model,
+            matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
         )
 
 
@@ -318,6 +327,9 @@ class EngineConfig:
     # a few rows (batched decode, prefill), 1.3-2.5x faster GEMMs for the weights' memory again.
     # None: on when the copy takes at most a quarter of the available RAM.
     prepack_weights: bool | None = None
+    # "generate", "embed" (last-token pooling, L2-normalized: /v1/embeddings) or "auto": embed for a
+    # bare decoder (Qwen3Model, ...) or a sentence-transformers folder, generate otherwise.
+    task: str = "auto"
     # Accept a max_model_len beyond the model's positions (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN).
     allow_long_max_model_len: bool = False
     # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
@@ -338,6 +350,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.task not in ("auto", "generate", "embed"):
+            raise ValueError(f"task: must be auto, generate or embed, got {self.task!r}")
         if self.quantization is not None and self.quantization not in ("int8",):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; available: int8")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

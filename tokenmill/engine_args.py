@@ -27,6 +27,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=d.prepack_weights,
                    help="on CPU, keep a copy of the float32/bfloat16 weights in oneDNN's layout for batched steps "
                         "(faster, the weights' memory again; default: when it fits in a quarter of free RAM)")
+    p.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
+                   help="embed: serve /v1/embeddings (last-token pooling, normalized); auto: embed for a bare "
+                        "decoder or sentence-transformers folder")
     p.add_argument("--allow-long-max-model-len", action="store_true",
                    help="accept --max-model-len beyond the model's max_position_embeddings (and RoPE scaling)")
     p.add_argument("--attention-backend", default=d.attention_backend,
@@ -48,7 +51,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-        prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len,
+        prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len, task=args.task,
         attention_backend=args.attention_backend, speculative_config=args.speculative_config,
         load_progress=getattr(args, "progress", True),
     )

@@ -93,6 +93,16 @@ class LLM:
         for out in self.engine.step():
             self._latest[out.request_id] = out
 
+    def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Embeddings of an embedding model (`task="embed"`): each output's `.embedding` is the
+        L2-normalized final hidden state of its prompt's last token."""
+        if self.engine.task != "embed":
+            raise ValueError(f"task: {self.engine.config.model} runs as a generative model; load it with "
+                             f"task='embed' to embed")
+        n = 1 if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)) else len(prompts)
+        return self._run(prompts, [SamplingParams(max_tokens=1, temperature=0) for _ in range(n)], None, use_tqdm)
+
     def generate(
         self,
         prompts: PromptType | Seq[PromptType],
@@ -106,6 +116,13 @@ class LLM:
         Every request is validated before any is queued, so a bad one raises ValueError and
         leaves the engine as it was.
         """
+        if self.engine.task == "embed":
+            raise ValueError(f"task: {self.engine.config.model} runs as an embedding model; use embed()")
+        return self._run(prompts, sampling_params, priority, use_tqdm)
+
+    def _run(self, prompts: PromptType | Seq[PromptType],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None, priority: Seq[int] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):

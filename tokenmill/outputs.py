@@ -76,3 +76,4 @@ class RequestOutput:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    embedding: list[float] | None = None  # an embedding model's pooled, normalized prompt vector

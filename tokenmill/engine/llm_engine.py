@@ -7,6 +7,7 @@ frees finished sequences. abort_request works at any moment between steps.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -73,7 +74,11 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.task = resolve_task(config.task, mc)
+        if self.task == "embed" and config.speculative_config is not None:
+            raise ValueError("speculative_config: an embedding model generates nothing to speculate on")
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
+        self.runner.embed = self.task == "embed"
         num_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecStats()
@@ -254,6 +259,12 @@ class LLMEngine:
             have = len(req.prompt_logprobs)
             skip = have - (s.start + 1)  # entries recomputed after a preemption
             req.prompt_logprobs.extend(entries[max(0, skip):])
+        for seq_id, vec in result.embeddings.items():
+            seq = self._seq_by_id[seq_id]
+            seq.request.embedding = vec
+            seq.finish_reason = "stop"
+            self._finish(seq)
+            touched[seq.request.request_id] = seq.request
         for seq_id, tokens in result.sampled.items():
             seq = self._seq_by_id.get(seq_id)
             if seq is None:  # its request failed earlier in this loop
@@ -349,6 +360,7 @@ class LLMEngine:
             finished=finished,
             metrics=req.metrics,
             num_cached_tokens=req.num_cached_tokens or 0,
+            embedding=req.embedding,
         )
 
     # -- introspection ------------------------------------------------------------------
@@ -395,3 +407,21 @@ def batch_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) ->
     if len(params) != n:
         raise ValueError(f"sampling_params: {len(params)} given for {n} prompts")
     return params
+
+
+def resolve_task(task: str, mc: ModelConfig) -> str:
+    """"auto": embed for a bare decoder (no LM head) or a sentence-transformers folder, whose
+    pooling must be last-token (the only pooling implemented); generate otherwise."""
+    st = os.path.join(mc.path, "config_sentence_transformers.json")
+    if task == "auto":
+        task = "embed" if (not mc.has_lm_head or os.path.isfile(st)) else "generate"
+    if task == "generate" and not mc.has_lm_head:
+        raise ValueError(f"task: {mc.path} is a bare decoder without an LM head; it can only embed (--task embed)")
+    if task == "embed":
+        pooling = os.path.join(mc.path, "1_Pooling", "config.json")
+        if os.path.isfile(pooling):
+            with open(pooling) as f:
+                modes = [k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v is True]
+            if modes and modes != ["pooling_mode_lasttoken"]:
+                raise ValueError(f"task: {pooling} asks for {', '.join(modes)}; only last-token pooling is supported")
+    return task

@@ -39,6 +39,8 @@ class StepResult:
     spec: dict[int, tuple[int, int]] = field(default_factory=dict)
     # seq_id -> prompt logprob entries computed this step, in prompt order
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
+    # seq_id -> the pooled, normalized embedding of a prompt an embedding model finished this step
+    embeddings: dict[int, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class ModelRunner:
             self.drafter = DraftModel(spec, mc.vocab_size, config, device, dtype, max_model_len)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.embed = False  # set by the engine for an embedding model: prompts are pooled, not continued
 
     # -- memory -------------------------------------------------------------------------
     @property
@@ -261,7 +264,12 @@ class ModelRunner:
         hidden = self.forward(inp)
         result = StepResult()
         spec_rows = [row0 + j for s, row0 in inp.spec_chunks for j in range(s.num_spec + 1)]
-        if inp.logit_rows or spec_rows:
+        if self.embed and inp.logit_rows:
+            # Last-token pooling: the final (normed) hidden state of the prompt's last token.
+            pooled = torch.nn.functional.normalize(hidden[inp.logit_rows].float(), dim=-1).tolist()
+            for seq, vec in zip(inp.sample_seqs, pooled):
+                result.embeddings[seq.seq_id] = vec
+        elif inp.logit_rows or spec_rows:
             all_logits = self.model.compute_logits(hidden[inp.logit_rows + spec_rows])
             n = len(inp.logit_rows)
             if n:

@@ -125,6 +125,7 @@ class Request:
     aborted: bool = False
     cache_salt: str | None = None  # only requests with the same salt share cached blocks
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    embedding: list[float] | None = None  # set once an embedding model has pooled the prompt
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

@@ -91,6 +91,8 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
     """Maps a checkpoint tensor name to (our parameter name, shard index); None to skip it."""
     if _IGNORED.search(name):
         return None
+    if not cfg.has_lm_head and not name.startswith("model."):
+        name = "model." + name  # a bare decoder's checkpoint names its tensors without the prefix
     if name == "model.embed_tokens.weight":
         return "embed_tokens.weight", None
     if name == "model.norm.weight":

@@ -19,12 +19,12 @@ from pydantic.json_schema import models_json_schema
 from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.context import ServerContext, ServerSettings
 from tokenmill.server.errors import BodyLimitMiddleware, add_error_handlers
-from tokenmill.server.routes import BODIES, admin, chat, completions, tokenize
+from tokenmill.server.routes import BODIES, admin, chat, completions, embeddings, tokenize
 
 __all__ = ["ServerSettings", "build_app"]
 
 # The endpoint families, registered in this order (which is the order of /openapi.json's paths).
-FAMILIES = (admin, tokenize, completions, chat)
+FAMILIES = (admin, tokenize, completions, chat, embeddings)
 
 
 def _with_body_schemas(app: FastAPI) -> None:

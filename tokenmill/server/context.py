@@ -100,6 +100,9 @@ class ServerContext:
         self.check_admitting()
         req = await self.parse(request, model)
         self.check_model(req.model)
+        if self.llm_engine.task == "embed":
+            raise APIError(400, f"this server runs the embedding model `{self.name}`: it answers /v1/embeddings, "
+                           f"not text generation")
         if req.logit_bias:
             raise APIError(400, "logit_bias: not supported", param="logit_bias")
         return req, arrival

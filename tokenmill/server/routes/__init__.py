@@ -1,9 +1,10 @@
 """The HTTP routes, one module per endpoint family, each with `register(app, ctx)`.
 
 admin (health, models, metrics), tokenize (/tokenize, /detokenize), completions
-(/v1/completions), chat (/v1/chat/completions). A route that takes a body parses it itself with
-`ctx.parse` (to answer with OpenAI-style 400s rather than FastAPI's 422) and declares it with
-`openapi_extra=body(Model)`; the model goes in BODIES so the schema has its definition.
+(/v1/completions), chat (/v1/chat/completions), embeddings (/v1/embeddings). A route that
+takes a body parses it itself with `ctx.parse` (to answer with OpenAI-style 400s rather than
+FastAPI's 422) and declares it with `openapi_extra=body(Model)`; the model goes in BODIES so
+the schema has its definition.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 
-BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                                       EmbeddingRequest)
 
 
 def body(model: type[BaseModel]) -> dict[str, Any]:

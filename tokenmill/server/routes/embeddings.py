@@ -1,0 +1,94 @@
+"""/v1/embeddings: an embedding model's pooled, normalized vectors, as OpenAI returns them.
+
+`encoding_format` float or base64 (little-endian float32, what the openai client asks for by
+default and decodes); `dimensions` truncates and renormalizes, for models trained for it
+(Matryoshka: `is_matryoshka` or `matryoshka_dimensions` in config.json), as vLLM allows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.context import ServerContext
+from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.protocol import EmbeddingRequest
+from tokenmill.server.routes import body
+from tokenmill.server.streaming import collect_finished, unless_disconnected
+
+
+def register(app: FastAPI, ctx: ServerContext) -> None:
+    mc = ctx.llm_engine.model_config
+
+    @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        arrival = time.time()
+        ctx.check_auth(request)
+        ctx.check_admitting()
+        req: EmbeddingRequest = await ctx.parse(request, EmbeddingRequest)
+        ctx.check_model(req.model)
+        if ctx.llm_engine.task != "embed":
+            raise APIError(400, f"`{ctx.name}` is served as a generative model, which has no embeddings; serve an "
+                           f"embedding model, or this one with --task embed", param="model")
+        if req.dimensions is not None:
+            if not mc.matryoshka:
+                raise APIError(400, f"dimensions: `{ctx.name}` was not trained for truncated embeddings "
+                               f"(no is_matryoshka in its config.json)", param="dimensions")
+            if not 1 <= req.dimensions <= mc.hidden_size:
+                raise APIError(400, f"dimensions: must be in [1, {mc.hidden_size}], got {req.dimensions}",
+                               param="dimensions")
+        inp = req.input
+        if isinstance(inp, str):
+            prompts = [await ctx.encode(inp)]
+        elif inp and all(isinstance(x, str) for x in inp):
+            prompts = [await ctx.encode(x) for x in inp]  # type: ignore[arg-type]
+        elif inp and all(isinstance(x, int) for x in inp):
+            prompts = [list(inp)]  # type: ignore[arg-type]
+        elif inp:
+            prompts = [list(x) for x in inp]  # type: ignore[union-attr]
+        else:
+            raise APIError(400, "input: the input list is empty", param="input")
+        if any(not p for p in prompts):
+            raise APIError(400, "input: an input is empty", param="input")
+        rid = f"embd-{uuid.uuid4().hex}"
+        params = SamplingParams(max_tokens=1, temperature=0)
+        reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
+        group = await ctx.submit(reqs, 0, arrival)
+
+        async def collect() -> Response:
+            final = await collect_finished(ctx.engine, group)
+            data = []
+            for i, (r, _, _) in enumerate(reqs):
+                out = final[r]
+                if out.error is not None or out.embedding is None:
+                    return error_response(ctx.engine_error(out))
+                data.append({"object": "embedding", "index": i,
+                             "embedding": _encode(_truncate(out.embedding, req.dimensions), req.encoding_format)})
+            n = sum(len(p) for p in prompts)
+            return JSONResponse({"object": "list", "data": data, "model": ctx.name,
+                                 "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+        return await unless_disconnected(request, collect())
+
+
+def _truncate(vec: list[float], dims: int | None) -> list[float]:
+    if dims is None or dims >= len(vec):
+        return vec
+    head = vec[:dims]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
+
+
+def _encode(vec: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+    return vec
+
+
