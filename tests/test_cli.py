@@ -99,7 +99,7 @@ def test_serve_on_a_busy_port_fails_before_loading(model_dir):
     assert "loading" not in r.stderr and "serving" not in r.stderr
 
 
-def test_max_model_len_beyond_the_model_is_refused(tmp_path):
+def test_max_model_len_beyond_the_model_is_refused(tmp_path, capsys):
     """vLLM's rule: max_model_len above max_position_embeddings (times a linear RoPE factor) is
     an error naming the override; with the override it loads; a shorter draft model is refused."""
     from tests.models import make_model
@@ -120,5 +120,6 @@ def test_max_model_len_beyond_the_model_is_refused(tmp_path):
     big = make_model(str(tmp_path / "big"), "llama", tokenizer=False, max_position_embeddings=1024)
     with pytest.raises(ValueError, match="max_model_len=1024 exceeds the draft model's context of 256"):
         LLM(big, speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2}, **kv)
+    capsys.readouterr()
     r = main(["generate", "--model", path, "--max-model-len", "300", "--kv-cache-memory", "0.01", "hi"])
-    assert r == 2
+    assert r == 2 and "--allow-long-max-model-len" in capsys.readouterr().err

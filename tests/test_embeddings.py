@@ -64,6 +64,30 @@ def test_offline_embeddings_match_transformers(embed_dir, prefix_caching):
         LLM(make_model(str(embed_dir) + "_gen", "qwen3", tokenizer=False), **KV).embed([[1, 2, 3]])
 
 
+def test_sentence_transformers_folder_with_a_causal_config(embed_dir, tmp_path):
+    """As Qwen3-Embedding ships: config.json says Qwen3ForCausalLM, the tensors have no `model.`
+    prefix and no LM head, and sentence-transformers files say last-token pooling."""
+    import json
+
+    path = tmp_path / "st"
+    shutil.copytree(embed_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["Qwen3ForCausalLM"]
+    cfg["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "config_sentence_transformers.json").write_text("{}")
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True,
+                                                                "pooling_mode_mean_tokens": False}))
+    llm = LLM(str(path), **KV)
+    assert llm.engine.task == "embed"
+    for out, ref in zip(llm.embed([{"prompt_token_ids": p} for p in PROMPTS]), _reference(embed_dir, PROMPTS)):
+        torch.testing.assert_close(torch.tensor(out.embedding), ref, atol=1e-5, rtol=1e-4)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    with pytest.raises(ValueError, match="pooling_mode_mean_tokens; only last-token pooling"):
+        LLM(str(path), **KV)
+
+
 def test_task_selection(embed_dir, tmp_path):
     with pytest.raises(ValueError, match="bare decoder without an LM head"):
         LLM(embed_dir, task="generate", **KV)
@@ -106,3 +130,22 @@ def test_server_embeddings(embed_dir, tmp_path, model_dir):
             client.embeddings.create(model=os.path.basename(model_dir), input="x")
     finally:
         assert gen.stop() == 0
+
+
+def test_embedding_errors_name_input(embed_dir, tmp_path):
+    """Many inputs are fine (OpenAI allows 2,048; the generation cap of 256 sequences does not
+    apply), an empty input is a 400 naming `input`."""
+    srv = ServerProcess(embed_dir, "--kv-cache-memory", "0.0625", log_path=str(tmp_path / "e.log"))
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        name = os.path.basename(embed_dir)
+        r = client.embeddings.create(model=name, input=[[5, 6, 7 + i % 50] for i in range(300)])
+        assert len(r.data) == 300
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model=name, input=[])
+        assert e.value.body["param"] == "input"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model=name, input=[[1] for _ in range(2049)])
+        assert e.value.body["param"] == "input"
+    finally:
+        assert srv.stop() == 0

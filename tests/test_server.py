@@ -360,8 +360,8 @@ def _hf_prompt_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
 
 def test_echo_logprobs_score_the_prompt(client, model_name, model_dir):
     """lm-evaluation-harness's request: token-id prompts, echo, logprobs=1, max_tokens 0 or 1. Every
-    prompt position is scored (the first null), equal to transformers' within 1e-4, and a second
-    identical request (whose prefix the cache holds) scores every position the same."""
+    prompt position is scored (the first null), equal to transformers' within 1e-4, and the same
+    request again scores every position the same."""
     ids = [[5, 17, 99, 3, 250, 41, 7], [300, 12, 12, 12, 80]]
     first = client.completions.create(model=model_name, prompt=ids, max_tokens=0, echo=True, logprobs=1,
                                       temperature=0)
@@ -394,7 +394,14 @@ def test_echo_logprobs_streamed_and_text_prompts(client, model_name):
     chunks = list(client.completions.create(max_tokens=3, stream=True, **kw))
     tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
     lps = [x for ch in chunks for c in ch.choices if c.logprobs for x in c.logprobs.token_logprobs]
+    offsets = [o for ch in chunks for c in ch.choices if c.logprobs for o in c.logprobs.text_offset]
     assert tokens == whole.choices[0].logprobs.tokens and lps == whole.choices[0].logprobs.token_logprobs
+    # Offsets run on past the echoed prompt in every chunk (the prompt's part is exact; the
+    # completion's follow the streamed text, the whole answer's the token strings).
+    n_prompt = whole.usage.prompt_tokens
+    assert offsets[:n_prompt] == whole.choices[0].logprobs.text_offset[:n_prompt]
+    assert offsets == sorted(offsets) and offsets[n_prompt] >= offsets[n_prompt - 1]
+    assert len({ch.choices[0].logprobs is not None for ch in chunks if ch.choices}) == 1  # every chunk has some
     assert "".join(c.text for ch in chunks for c in ch.choices) == whole.choices[0].text
     assert whole.choices[0].text.startswith("Hello world, scored")
     scored = list(client.completions.create(max_tokens=0, stream=True, **kw))

@@ -7,6 +7,7 @@ frees finished sequences. abort_request works at any moment between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.task = resolve_task(config.task, mc)
+        if self.task == "embed":  # no LM head is loaded or needed, whatever the checkpoint holds
+            self.model_config = mc = dataclasses.replace(mc, has_lm_head=False)
         if self.task == "embed" and config.speculative_config is not None:
             raise ValueError("speculative_config: an embedding model generates nothing to speculate on")
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)

@@ -148,6 +148,9 @@ class DraftModel:
             raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
                              f"from the target's ({target_vocab}); a draft model must share the tokenizer")
         mc.check_max_model_len(max_model_len, engine_config.allow_long_max_model_len, "the draft model")
+        if not mc.has_lm_head:
+            raise ValueError(f"speculative_config: the draft model {cfg.model} has no LM head (a bare decoder); "
+                             f"it cannot propose tokens")
         self.model_config = mc
         self.device, self.dtype = device, dtype
         backend_cls = get_attention_backend(engine_config.resolve_attention_backend(device))

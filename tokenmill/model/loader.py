@@ -91,14 +91,15 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
     """Maps a checkpoint tensor name to (our parameter name, shard index); None to skip it."""
     if _IGNORED.search(name):
         return None
-    if not cfg.has_lm_head and not name.startswith("model."):
-        name = "model." + name  # a bare decoder's checkpoint names its tensors without the prefix
+    if not name.startswith(("model.", "lm_head.")):
+        # A bare decoder's tensors (Qwen3-Embedding's, whatever its config.json's architecture).
+        name = "model." + name
     if name == "model.embed_tokens.weight":
         return "embed_tokens.weight", None
     if name == "model.norm.weight":
         return "norm.weight", None
     if name == "lm_head.weight":
-        return (None if cfg.tie_word_embeddings else ("lm_head.weight", None))
+        return (None if cfg.tie_word_embeddings or not cfg.has_lm_head else ("lm_head.weight", None))
     m = _LAYER.match(name)
     if m:
         layer, module, kind = m.groups()

@@ -112,18 +112,18 @@ class ServerContext:
                 "root": self.settings.model_path, "max_model_len": self.llm_engine.max_model_len}
 
     # -- tokens ---------------------------------------------------------------------------------
-    def encode_now(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode_now(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         if self.tokenizer is None:
-            raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
+            raise APIError(400, f"{param}: this model has no tokenizer; send token ids", param=param)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         # Long texts take milliseconds to tokenize: do that off the event loop, one at a time
         # (and never while a short one runs on the loop, so the tokenizer has one user at a time).
         if len(text) < 4096 and not self.tokenize_lock.locked():
-            return self.encode_now(text, add_special_tokens)
+            return self.encode_now(text, add_special_tokens, param)
         async with self.tokenize_lock:
-            return await asyncio.to_thread(self.encode_now, text, add_special_tokens)
+            return await asyncio.to_thread(self.encode_now, text, add_special_tokens, param)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
         tokenizer = self.tokenizer
@@ -158,15 +158,16 @@ class ServerContext:
             d["cache_salt"] = cache_salt
         return d
 
-    async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float):
+    async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float,
+                     max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt"):
         try:
             requests[0][2].validate(self.vocab)  # every prompt shares these params; n is checked before counting
         except ValueError as e:
             raise bad_request(e) from None
         seqs = sum(r[2].n for r in requests)
-        if seqs > MAX_SEQS_PER_REQUEST:
-            raise APIError(400, f"prompt: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
-                           f"at most {MAX_SEQS_PER_REQUEST} per request", param="prompt")
+        if seqs > max_seqs:
+            raise APIError(400, f"{param}: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
+                           f"at most {max_seqs} per request", param=param)
         try:
             return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival)
         except ValueError as e:

@@ -1,8 +1,8 @@
 """`tokenmill serve`: load the model, then run the HTTP API under uvicorn until a signal.
 
-The port is bound first (a busy port fails in a second, not after the model loaded) but listens
-only once the model has loaded, so connections are refused until then and /health answers 200
-as soon as anything answers.
+The port is claimed first (bound and listening: a busy port fails in a second, not after the
+model loaded); connections made while the model loads wait in the backlog and are answered
+once it has, so /health answers 200 as soon as anything answers.
 SIGTERM or SIGINT stops admitting (the listening socket closes; requests arriving on open
 connections get 503), lets in-flight requests finish for up to --shutdown-timeout seconds,
 stops the engine thread and exits with status 0. A second SIGINT forces the exit.
@@ -62,24 +62,23 @@ def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float,
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port and not yet listening (uvicorn listens on it once the app
-    starts); ValueError naming the flag when the address is taken or not this machine's."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from e
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
+    """A TCP socket listening on host:port, opened before the model loads (uvicorn serves it once
+    the app starts; connections made meanwhile wait in the backlog); ValueError naming the flag
+    when the address is taken or not this machine's. IPv6 only for a host with a colon, as uvicorn
+    decides, so "localhost" is 127.0.0.1 and not whatever getaddrinfo lists first."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: restart over TIME_WAIT
     try:
-        sock.bind(addr)
+        sock.bind((host, port))
+        # Listening now, not at startup: two sockets with SO_REUSEADDR may both bind one port
+        # until one listens, so only listening claims it.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise ValueError(f"--port {port}: {host}:{port} is already in use by another process; "
                              f"stop it or choose another --port") from e
-        raise ValueError(f"--host {host!r} --port {port}: cannot bind ({e.strerror})") from e
-    sock.set_inheritable(True)
+        raise ValueError(f"--host {host!r} --port {port}: cannot bind ({e.strerror or e})") from e
     return sock
 
 
@@ -132,7 +131,8 @@ def _run(args: argparse.Namespace, config: EngineConfig, sock: socket.socket) ->
     @contextlib.asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
         async_engine.start(asyncio.get_running_loop())
-        logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+        host, port = sock.getsockname()[:2]
+        logger.info("serving %s on http://%s:%d", name, f"[{host}]" if ":" in host else host, port)
         yield
         app.state.draining = True
         await asyncio.to_thread(async_engine.stop)

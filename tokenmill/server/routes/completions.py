@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import MAX_LOGPROBS
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, error_response
 from tokenmill.server.protocol import CompletionRequest
@@ -29,14 +30,23 @@ from tokenmill.server.streaming import (
 )
 
 
+def text_end(lp: dict[str, Any]) -> int:
+    """Where the text of a logprobs object's tokens ends."""
+    return lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else 0
+
+
+def shifted(lp: dict[str, Any] | None, by: int) -> dict[str, Any] | None:
+    return None if lp is None else {**lp, "text_offset": [by + o for o in lp["text_offset"]]}
+
+
 def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Two completion logprobs objects as one (the prompt's, then the completion's)."""
+    """Two completion logprobs objects as one (the prompt's, then the completion's, its offsets
+    moved past the prompt's text)."""
     if a is None or b is None:
         return a or b
-    end = a["text_offset"][-1] + len(a["tokens"][-1]) if a["tokens"] else 0
+    b = shifted(b, text_end(a))
     return {"tokens": a["tokens"] + b["tokens"], "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
-            "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
-            "text_offset": a["text_offset"] + [end + o for o in b["text_offset"]]}
+            "top_logprobs": a["top_logprobs"] + b["top_logprobs"], "text_offset": a["text_offset"] + b["text_offset"]}
 
 
 def register(app: FastAPI, ctx: ServerContext) -> None:
@@ -52,6 +62,10 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
+        if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+            # Checked alone: with echo the engine gets the larger of it and logprobs.
+            raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
+                           f"got {req.prompt_logprobs}", param="prompt_logprobs")
         p = req.prompt
         if isinstance(p, str):
             prompts = [(p, await ctx.encode(p))]
@@ -93,13 +107,18 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 cached: dict[str, int] = {}
+                prompt_end: dict[int, int] = {}  # echo: where each prompt's token text ends
                 try:
                     async for out, c, d in ctx.choice_deltas(group, params, states, cached):
                         pi = index[out.request_id]
                         lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
                               if req.logprobs is not None else None)
                         if echo_lp and d.first:
-                            lp = joined(prompt_lp(pi, out), lp)
+                            head = prompt_lp(pi, out)
+                            prompt_end[pi] = text_end(head)
+                            lp = joined(head, lp)
+                        elif echo_lp:  # later chunks: offsets continue after the echoed prompt
+                            lp = shifted(lp, prompt_end[pi])
                         yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                    "choices": [{
                                        "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,

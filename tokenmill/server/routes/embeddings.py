@@ -23,6 +23,9 @@ from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import collect_finished, unless_disconnected
 
+# Inputs per request: OpenAI's limit (LangChain's OpenAIEmbeddings sends up to 1,000 at a time).
+MAX_INPUTS = 2048
+
 
 def register(app: FastAPI, ctx: ServerContext) -> None:
     mc = ctx.llm_engine.model_config
@@ -46,9 +49,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                                param="dimensions")
         inp = req.input
         if isinstance(inp, str):
-            prompts = [await ctx.encode(inp)]
+            prompts = [await ctx.encode(inp, param="input")]
         elif inp and all(isinstance(x, str) for x in inp):
-            prompts = [await ctx.encode(x) for x in inp]  # type: ignore[arg-type]
+            prompts = [await ctx.encode(x, param="input") for x in inp]  # type: ignore[arg-type]
         elif inp and all(isinstance(x, int) for x in inp):
             prompts = [list(inp)]  # type: ignore[arg-type]
         elif inp:
@@ -60,7 +63,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         rid = f"embd-{uuid.uuid4().hex}"
         params = SamplingParams(max_tokens=1, temperature=0)
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
-        group = await ctx.submit(reqs, 0, arrival)
+        group = await ctx.submit(reqs, 0, arrival, max_seqs=MAX_INPUTS, param="input")
 
         async def collect() -> Response:
             final = await collect_finished(ctx.engine, group)
