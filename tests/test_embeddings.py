@@ -88,6 +88,15 @@ def test_sentence_transformers_folder_with_a_causal_config(embed_dir, tmp_path):
         LLM(str(path), **KV)
 
 
+def test_a_prompt_may_fill_the_context(embed_dir):
+    llm = LLM(embed_dir, max_model_len=64, **KV)
+    full = list(range(3, 67))
+    (out,) = llm.embed([{"prompt_token_ids": full}])
+    torch.testing.assert_close(torch.tensor(out.embedding), _reference(embed_dir, [full])[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="exceed max_model_len=64"):
+        llm.embed([{"prompt_token_ids": full + [5]}])
+
+
 def test_task_selection(embed_dir, tmp_path):
     with pytest.raises(ValueError, match="bare decoder without an LM head"):
         LLM(embed_dir, task="generate", **KV)

@@ -119,6 +119,14 @@ def test_context_window_errors_give_both_numbers(http):
     assert str(MAX_LEN + 5) in err["message"] and str(MAX_LEN) in err["message"]
     err = _error(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 500}), 400, "max_tokens")
     assert "(500)" in err["message"]
+    # Scoring (echo, max_tokens 0) may fill the whole context; generating from it may not.
+    full = {**COMPLETION, "prompt": list(range(3, 3 + MAX_LEN)), "echo": True, "logprobs": 0}
+    r = http.post("/v1/completions", json={**full, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {**r.json()["usage"], "prompt_tokens": MAX_LEN, "completion_tokens": 0}
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == MAX_LEN
+    _error(http.post("/v1/completions", json={**full, "max_tokens": 1}), 400)
+    _error(http.post("/v1/completions", json={**full, "prompt": list(range(3, 4 + MAX_LEN)), "max_tokens": 0}), 400)
 
 
 def test_unknown_model_and_route_are_404(http):

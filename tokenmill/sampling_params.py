@@ -33,6 +33,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
+    # run with is thrown away, so the prompt may fill the whole context.
+    _prompt_only: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -120,6 +120,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
         n_prompt = len(token_ids)
+        if params._prompt_only:
+            if n_prompt > self.max_model_len:
+                raise ValueError(f"prompt: {n_prompt} tokens exceed max_model_len={self.max_model_len}")
+            return
         if n_prompt >= self.max_model_len:
             raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={self.max_model_len}")
         if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:

@@ -83,6 +83,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
         params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
                                      want_plp if want_plp >= 0 else None)
+        params._prompt_only = score_only
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]

@@ -61,7 +61,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         if any(not p for p in prompts):
             raise APIError(400, "input: an input is empty", param="input")
         rid = f"embd-{uuid.uuid4().hex}"
-        params = SamplingParams(max_tokens=1, temperature=0)
+        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True)
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
         group = await ctx.submit(reqs, 0, arrival, max_seqs=MAX_INPUTS, param="input")
 
