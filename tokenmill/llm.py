@@ -99,10 +99,7 @@ class LLM:
         if self.engine.task != "embed":
             raise ValueError(f"task: {self.engine.config.model} runs as a generative model; load it with "
                              f"task='embed' to embed")
-        n = 1 if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)) else len(prompts)
-        return self._run(prompts, [SamplingParams(max_tokens=1, temperature=0, _prompt_only=True) for _ in range(n)],
-                         None, use_tqdm)
+        return self._run(prompts, SamplingParams(max_tokens=1, temperature=0, _prompt_only=True), None, use_tqdm)
 
     def generate(
         self,

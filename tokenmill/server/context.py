@@ -94,12 +94,18 @@ class ServerContext:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
 
     async def open_request(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
-        """What both generation endpoints do first: auth, admission, body, model, unsupported fields."""
+        """What every engine endpoint does first: auth, admission, body, model. Returns the parsed
+        body and its arrival time."""
         arrival = time.time()
         self.check_auth(request)
         self.check_admitting()
         req = await self.parse(request, model)
         self.check_model(req.model)
+        return req, arrival
+
+    async def open_generation(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
+        """open_request, then what both generation endpoints refuse: an embedding model, logit_bias."""
+        req, arrival = await self.open_request(request, model)
         if self.llm_engine.task == "embed":
             raise APIError(400, f"this server runs the embedding model `{self.name}`: it answers /v1/embeddings, "
                            f"not text generation")
@@ -110,6 +116,20 @@ class ServerContext:
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tokenmill",
                 "root": self.settings.model_path, "max_model_len": self.llm_engine.max_model_len}
+
+    async def prompts(self, p: str | list[str] | list[int] | list[list[int]],
+                      param: str = "prompt") -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) of each prompt given as OpenAI allows it: a string, strings, token ids
+        or lists of token ids (text None for ids)."""
+        if isinstance(p, str):
+            return [(p, await self.encode(p, param=param))]
+        if p and all(isinstance(x, str) for x in p):
+            return [(x, await self.encode(x, param=param)) for x in p]  # type: ignore[misc]
+        if p and all(isinstance(x, int) for x in p):
+            return [(None, list(p))]  # type: ignore[arg-type]
+        if p:
+            return [(None, list(x)) for x in p]  # type: ignore[union-attr]
+        raise APIError(400, f"{param}: the {param} list is empty", param=param)
 
     # -- tokens ---------------------------------------------------------------------------------
     def encode_now(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:

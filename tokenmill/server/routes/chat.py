@@ -30,7 +30,7 @@ from tokenmill.server.streaming import (
 def register(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        req, arrival = await ctx.open_request(request, ChatCompletionRequest)
+        req, arrival = await ctx.open_generation(request, ChatCompletionRequest)
         if req.tools:
             raise APIError(400, "tools: tool calling is not supported yet", param="tools")
         if req.stream and req.prompt_logprobs is not None:

@@ -52,7 +52,7 @@ def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]
 def register(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        req, arrival = await ctx.open_request(request, CompletionRequest)
+        req, arrival = await ctx.open_generation(request, CompletionRequest)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
         if req.suffix:
@@ -66,17 +66,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             # Checked alone: with echo the engine gets the larger of it and logprobs.
             raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
                            f"got {req.prompt_logprobs}", param="prompt_logprobs")
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [(p, await ctx.encode(p))]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [(x, await ctx.encode(x)) for x in p]  # type: ignore[arg-type]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [(None, list(p))]  # type: ignore[arg-type]
-        elif p:
-            prompts = [(None, list(x)) for x in p]  # type: ignore[union-attr]
-        else:
-            raise APIError(400, "prompt: the prompt list is empty", param="prompt")
+        prompts = await ctx.prompts(req.prompt)
         # echo with logprobs scores the prompt too: its positions come from the engine's prompt logprobs.
         echo_lp = req.echo and req.logprobs is not None
         want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -32,11 +31,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
-        arrival = time.time()
-        ctx.check_auth(request)
-        ctx.check_admitting()
-        req: EmbeddingRequest = await ctx.parse(request, EmbeddingRequest)
-        ctx.check_model(req.model)
+        req, arrival = await ctx.open_request(request, EmbeddingRequest)
         if ctx.llm_engine.task != "embed":
             raise APIError(400, f"`{ctx.name}` is served as a generative model, which has no embeddings; serve an "
                            f"embedding model, or this one with --task embed", param="model")
@@ -47,17 +42,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             if not 1 <= req.dimensions <= mc.hidden_size:
                 raise APIError(400, f"dimensions: must be in [1, {mc.hidden_size}], got {req.dimensions}",
                                param="dimensions")
-        inp = req.input
-        if isinstance(inp, str):
-            prompts = [await ctx.encode(inp, param="input")]
-        elif inp and all(isinstance(x, str) for x in inp):
-            prompts = [await ctx.encode(x, param="input") for x in inp]  # type: ignore[arg-type]
-        elif inp and all(isinstance(x, int) for x in inp):
-            prompts = [list(inp)]  # type: ignore[arg-type]
-        elif inp:
-            prompts = [list(x) for x in inp]  # type: ignore[union-attr]
-        else:
-            raise APIError(400, "input: the input list is empty", param="input")
+        prompts = [ids for _, ids in await ctx.prompts(req.input, param="input")]
         if any(not p for p in prompts):
             raise APIError(400, "input: an input is empty", param="input")
         rid = f"embd-{uuid.uuid4().hex}"
