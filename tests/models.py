@@ -25,6 +25,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
 
+# A Qwen-like template that shows tools and writes calls as Hermes' <tool_call> blocks.
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<s>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call></s>\n{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}\n{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}<tool_call>"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{% endif %}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
 ARCH_CONFIGS = {
     "llama": dict(
         architectures=["LlamaForCausalLM"], model_type="llama",
@@ -40,7 +51,7 @@ ARCH_CONFIGS = {
 
 
 def make_model(path: str, arch: str = "llama", *, seed: int = 0, tokenizer: bool = True, shard: str | None = None,
-               **overrides) -> str:
+               chat_template: str = CHAT_TEMPLATE, **overrides) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(ARCH_CONFIGS[arch])
@@ -59,11 +70,11 @@ def make_model(path: str, arch: str = "llama", *, seed: int = 0, tokenizer: bool
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
     if tokenizer:
-        save_tokenizer(path)
+        save_tokenizer(path, chat_template)
     return path
 
 
-def save_tokenizer(path: str) -> None:
+def save_tokenizer(path: str, chat_template: str = CHAT_TEMPLATE) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,7 +85,7 @@ def save_tokenizer(path: str) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
 
 

@@ -79,7 +79,9 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
     ("/v1/completions", {"prompt": [100000]}, "prompt_token_ids"),
     ("/v1/completions", {"prompt": None}, "prompt"),
-    ("/v1/completions", {"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
     ("/v1/completions", {"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -87,7 +89,9 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("/v1/chat/completions", {"max_completion_tokens": -1}, "max_tokens"),
-    ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools[0]"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param):
     base = COMPLETION if path == "/v1/completions" else CHAT

@@ -161,6 +161,13 @@ def _bench_spec_decode(args: argparse.Namespace) -> int:
     return 0 if res["identical_outputs"] else 1
 
 
+def _bench_structured(args: argparse.Namespace) -> int:
+    from tokenmill.bench.structured import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -227,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sd_arguments(sd)
     sd.set_defaults(func=_bench_spec_decode)
+    so = bench_sub.add_parser("structured", help="batched decode step with and without JSON-schema constraints",
+                              description="The decode step of a batch (32) free and with every row constrained "
+                              "by a JSON schema, in one run: step times, overhead, grammar time per step.")
+    from tokenmill.bench.structured import add_arguments as add_so_arguments
+
+    add_so_arguments(so)
+    so.set_defaults(func=_bench_structured)
     tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate",
                               description="Offline throughput: tokenmill vs transformers on the same random model.")
     from tokenmill.bench.throughput import add_arguments

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tokenmill.structured import StructuredOutputsParams
+
 # Samples per request: each is a sequence with its own KV, so n is bounded.
 MAX_N = 128
 # Top logprobs per position (vLLM's default max_logprobs): each costs a decode and an object per token.
@@ -31,6 +33,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> a value in [-100, 100] added to its logit (OpenAI's logit_bias)
+    logit_bias: dict[int, float] | None = None
+    # Constrained decoding: a JSON schema, regex, choice or grammar the output must match.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
@@ -85,6 +91,15 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        for t, v in (self.logit_bias or {}).items():
+            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise bad("logit_bias", f"{t!r} is not a token id of this model")
+            if not _is_number(v) or not -100 <= v <= 100:
+                raise bad("logit_bias", f"bias of token {t} must be in [-100, 100], got {v!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", "must be a StructuredOutputsParams")
+            self.structured_outputs.kind()
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.task = resolve_task(config.task, mc)
+        # Its own tokenizer instance, loaded on first use: the server compiles on worker threads.
+        self.grammars = GrammarCompiler(lambda: load_tokenizer(config.tokenizer or config.model), mc.vocab_size,
+                                        self.eos_token_ids)
         if self.task == "embed":  # no LM head is loaded or needed, whatever the checkpoint holds
             self.model_config = mc = dataclasses.replace(mc, has_lm_head=False)
         if self.task == "embed" and config.speculative_config is not None:
@@ -144,11 +148,18 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.task == "embed":
+                raise ValueError("structured_outputs: an embedding model generates no text")
+            grammar = self.grammars.compile(params.structured_outputs)  # a cache hit when the server compiled it
         params = _copy_params(params)
         params._eos_token_ids = self.eos_token_ids
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
         self.requests[request_id] = req
         for seq in req.seqs:
+            if grammar is not None:
+                seq.matcher = grammar.matcher()
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
@@ -283,12 +294,18 @@ class LLMEngine:
                 for token, entry in tokens:
                     seq.token_ids.append(token)
                     appended += 1
+                    if seq.matcher is not None and not seq.matcher.consume_token(token):
+                        raise RuntimeError(f"structured outputs: token {token} is outside the grammar: "
+                                           f"{seq.matcher.get_error()}")
                     if entry is not None:
                         seq.output_logprobs.append(entry)
                         seq.cumulative_logprob += entry[token].logprob
                     if req.metrics.first_token_time is None:
                         req.metrics.first_token_time = now
                     self._check_stop(seq, token)
+                    if not seq.is_finished and seq.matcher is not None and seq.matcher.is_stopped():
+                        seq.finish_reason = "stop"  # the grammar is complete: nothing more may follow
+                        self._finish(seq)
                     if seq.is_finished:
                         break
                 spec = result.spec.get(seq_id)

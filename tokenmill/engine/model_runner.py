@@ -26,6 +26,7 @@ from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
 from tokenmill.sample.sampler import token_logprobs, topk_logprobs
+from tokenmill.structured import fill_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,10 @@ class ModelRunner:
         for seq in seqs:
             self._generator(seq)
         md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            md.bitmask = fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
+            md.mask_rows = constrained
         so = self.sampler(logits, md)
         for i, seq in enumerate(seqs):
             entry = None
@@ -297,6 +302,15 @@ class ModelRunner:
         """Rejection sampling of each chunk's drafts against its k + 1 rows of target logits."""
         row_seqs = [s.seq for s, _ in chunks for _ in range(s.num_spec + 1)]
         md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device)
+        grammar_chunks, mask_rows, r = [], [], 0
+        for s, _ in chunks:
+            if s.seq.matcher is not None:  # each draft position masked by the state after the drafts before it
+                grammar_chunks.append((s.seq.matcher, s.seq.spec_token_ids[: s.num_spec]))
+                mask_rows.extend(range(r, r + s.num_spec + 1))
+            r += s.num_spec + 1
+        if grammar_chunks:
+            md.bitmask = fill_bitmask(grammar_chunks, self.model_config.vocab_size)
+            md.mask_rows = mask_rows
         argmax, probs = self.sampler.distribution(logits, md)
         want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)
         raw = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None

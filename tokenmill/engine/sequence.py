@@ -62,6 +62,7 @@ class Sequence:
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""
 
     @property

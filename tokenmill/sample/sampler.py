@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.sequence import Sequence
+from tokenmill.structured import apply_bitmask
 
 
 @dataclass
@@ -36,8 +37,12 @@ class SamplingMetadata:
     output_counts: torch.Tensor | None  # [B, V] float: how often each token was generated
     seen_mask: torch.Tensor | None  # [B, V] bool: token appears in prompt or output (repetition)
     banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens): (row, token ids)
+    biases: list[tuple[int, list[int], list[float]]]  # logit_bias: (row, token ids, values)
     generators: dict[int, torch.Generator]
     max_logprobs: int | None  # largest top-k of logprobs asked for in this batch, None if none
+    # Structured outputs: allowed-token bitmasks (int32, 32 tokens a word) of the rows listed
+    bitmask: torch.Tensor | None = None
+    mask_rows: list[int] | None = None
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
@@ -84,6 +89,7 @@ class SamplingMetadata:
                 if ids:
                     banned.append((i, ids))
 
+        biases = [(i, list(p.logit_bias), list(p.logit_bias.values())) for i, p in enumerate(ps) if p.logit_bias]
         gens = {i: s.generator for i, s in enumerate(seqs) if s.generator is not None}
         want = [p.logprobs for p in ps if p.logprobs is not None]
         return cls(
@@ -99,6 +105,7 @@ class SamplingMetadata:
             output_counts=counts,
             seen_mask=seen,
             banned=banned,
+            biases=biases,
             generators=gens,
             max_logprobs=max(want) if want else None,
         )
@@ -159,11 +166,22 @@ class Sampler:
         return argmax, torch.softmax(self._filter(logits, md), dim=-1)
 
     def _constrain(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """min_tokens bans, then penalties, on float32 logits (a copy when anything changes)."""
-        if md.banned:
+        """logit_bias, grammar masks, min_tokens bans, then penalties, on float32 logits (a copy
+        when anything changes). Where a grammar's only way on is to end, it wins over min_tokens."""
+        if md.biases:
             logits = logits.clone()
+            for row, ids, vals in md.biases:
+                logits[row, ids] += torch.tensor(vals, dtype=logits.dtype, device=logits.device)
+        if md.bitmask is not None:
+            logits = apply_bitmask(logits, md.bitmask, md.mask_rows)
+        if md.banned:
+            if md.bitmask is None:
+                logits = logits.clone()
             for row, ids in md.banned:
+                kept = logits[row, ids].clone() if md.bitmask is not None else None
                 logits[row, ids] = float("-inf")
+                if kept is not None and not bool(torch.isfinite(logits[row]).any()):
+                    logits[row, ids] = kept
         return self._apply_penalties(logits, md)
 
     @staticmethod

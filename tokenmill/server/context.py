@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,13 @@ from tokenmill.server.errors import APIError, bad_request, error_body, validatio
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatMessage
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
+from tokenmill.server.tools import infer_parser, template_messages
+from tokenmill.structured import StructuredOutputsParams
 
 # Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
 MAX_SEQS_PER_REQUEST = 256
+# A grammar (JSON schema, regex, ...) that takes longer to compile is refused with a 400.
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -38,6 +43,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 2**20
     api_key: str | None = None
     retry_after_s: int = 1
+    tool_call_parser: str = "auto"  # a name in tools.PARSERS, or inferred from the chat template
 
 
 class ServerContext:
@@ -55,6 +61,11 @@ class ServerContext:
         self.metrics = ServerMetrics(self.name, lambda: engine.stats)
         engine.on_output = self.metrics.observe
         self.tokenize_lock = asyncio.Lock()
+        # Grammars compile here, never on the event loop or the engine thread.
+        self.grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        parser = settings.tool_call_parser
+        self.tool_parser = (infer_parser(getattr(self.tokenizer, "chat_template", None)) if parser == "auto"
+                            else parser)
 
     # -- the request preamble -------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
@@ -104,14 +115,40 @@ class ServerContext:
         return req, arrival
 
     async def open_generation(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
-        """open_request, then what both generation endpoints refuse: an embedding model, logit_bias."""
+        """open_request, then what both generation endpoints refuse: an embedding model."""
         req, arrival = await self.open_request(request, model)
         if self.llm_engine.task == "embed":
             raise APIError(400, f"this server runs the embedding model `{self.name}`: it answers /v1/embeddings, "
                            f"not text generation")
-        if req.logit_bias:
-            raise APIError(400, "logit_bias: not supported", param="logit_bias")
         return req, arrival
+
+    async def constrain(self, req: Any, params: SamplingParams,
+                        found: tuple[StructuredOutputsParams, str] | None = None) -> None:
+        """Sets params' structured output (the request's response_format / structured_outputs /
+        guided_* field unless `found` gives one), compiled now, off the loop and with a time limit,
+        so that the engine finds it in the cache; a bad or too complex constraint is a 400 naming
+        its field."""
+        if found is None:
+            try:
+                found = req.structured()
+            except ValueError as e:
+                raise bad_request(e) from None
+        if found is None:
+            return
+        so, param = found
+        params.structured_outputs = so
+        grammars = self.llm_engine.grammars
+        if grammars.cached(so) is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self.grammar_pool, grammars.compile, so),
+                                   GRAMMAR_COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"{param}: the constraint took longer than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to "
+                           f"compile; simplify it", param=param) from None
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tokenmill",
@@ -145,14 +182,15 @@ class ServerContext:
         async with self.tokenize_lock:
             return await asyncio.to_thread(self.encode_now, text, add_special_tokens, param)
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
                            param="messages")
-        convo = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         try:
-            return tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return tokenizer.apply_chat_template(template_messages(messages), tools=tools,
+                                                 add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # a template may raise on role orders it does not accept
             raise APIError(400, f"messages: the chat template rejected the conversation: {e}",
                            param="messages") from None

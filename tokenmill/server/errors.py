@@ -8,6 +8,7 @@ Starlette's and unexpected exceptions) into that body.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ def bad_request(e: ValueError) -> APIError:
     """The engine's ValueErrors start with the parameter at fault: "max_tokens: ..."."""
     msg = str(e)
     head, sep, _ = msg.partition(":")
-    param = head if sep and head.replace("_", "").isalnum() else None
+    param = head if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head) else None  # "tools[0].function.name"
     return APIError(400, msg, param=param)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured import StructuredOutputsParams
 
 
 class _Strict(BaseModel):
@@ -20,6 +21,30 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    # "schema" is a BaseModel attribute: the field is read from the key "schema" through an alias.
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's structured_outputs extra field: exactly one constraint."""
+
+    json_: str | dict[str, Any] | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_flexible: bool = False
 
 
 class _SamplingFields(_Strict):
@@ -50,10 +75,52 @@ class _SamplingFields(_Strict):
     cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (exact ids, vLLM's field)
     prompt_logprobs: int | None = None  # vLLM's: the top-k logprobs of every prompt position
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The request's output constraint and the field it came from; ValueError when the fields
+        contradict each other or a json_schema format has no schema."""
+        found: list[tuple[StructuredOutputsParams, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append((StructuredOutputsParams(json_object=True), "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format: type json_schema needs json_schema.schema")
+            schema = _schema(rf.json_schema.schema_, "response_format")
+            found.append((StructuredOutputsParams(json=schema), "response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            p = StructuredOutputsParams(json=_schema(so.json_, "structured_outputs"), regex=so.regex,
+                                        choice=so.choice, grammar=so.grammar, json_object=so.json_object,
+                                        whitespace_flexible=so.whitespace_flexible)
+            p.kind()  # exactly one constraint
+            found.append((p, "structured_outputs"))
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            v = getattr(self, name)
+            if v is not None:
+                key = name.removeprefix("guided_")
+                found.append((StructuredOutputsParams(**{key: _schema(v, name) if key == "json" else v}), name))
+        if len(found) > 1:
+            raise ValueError(f"{found[1][1]}: only one output constraint per request (also given: {found[0][1]})")
+        return found[0] if found else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias: keys must be token ids (integers as strings)") from None
         return SamplingParams(
+            logit_bias=bias,
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -75,6 +142,20 @@ class _SamplingFields(_Strict):
         )
 
 
+def _schema(v: Any, param: str) -> Any:
+    """A schema given as JSON text, parsed (vLLM accepts both)."""
+    if isinstance(v, str):
+        import json
+
+        try:
+            return json.loads(v)
+        except ValueError as e:
+            raise ValueError(f"{param}: invalid JSON schema: not valid JSON: {e}") from None
+    if v is True:
+        return {}
+    return v
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -89,10 +170,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -102,19 +196,15 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormat(_Strict):
-    type: str
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 

@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
+    p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json", "mistral"], default="auto",
+                   help="how tool calls appear in the model's text with tool_choice auto: hermes (Qwen2.5, Qwen3), "
+                        "llama3_json (Llama 3.x), mistral; auto (default) infers it from the chat template")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool_choice auto is always enabled")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.lower,
@@ -125,7 +130,8 @@ def _run(args: argparse.Namespace, config: EngineConfig, sock: socket.socket) ->
                                       else os.path.basename(os.path.normpath(config.model)))
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     settings = ServerSettings(served_model_name=name, model_path=config.model, max_queue=args.max_queue,
-                              max_body_bytes=args.max_body_size, api_key=args.api_key)
+                              max_body_bytes=args.max_body_size, api_key=args.api_key,
+                              tool_call_parser=args.tool_call_parser)
     app = build_app(async_engine, settings)
 
     @contextlib.asynccontextmanager

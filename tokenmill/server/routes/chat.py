@@ -1,5 +1,5 @@
 """/v1/chat/completions: a conversation through the tokenizer's chat template, streamed or
-not, with logprobs and vLLM's prompt_logprobs."""
+not, with logprobs, vLLM's prompt_logprobs, structured outputs and tool calls (server/tools.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.server.context import ServerContext
-from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
@@ -25,28 +25,48 @@ from tokenmill.server.streaming import (
     unless_disconnected,
     usage,
 )
+from tokenmill.server.tools import ToolSetup, ToolStream, parse_calls
+
+
+def tool_finish(tools: ToolSetup, reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish reason: "tool_calls" when the model chose to call (auto, required); a
+    named function's call ends with "stop", as OpenAI ends it."""
+    return "tool_calls" if called and reason == "stop" and tools.mode != "named" else reason
 
 
 def register(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req, arrival = await ctx.open_generation(request, ChatCompletionRequest)
-        if req.tools:
-            raise APIError(400, "tools: tool calling is not supported yet", param="tools")
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, "response_format: only type 'text' is supported", param="response_format")
         if req.top_logprobs is not None:
             if not req.logprobs:
                 raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
             if not 0 <= req.top_logprobs <= 20:
                 raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        text = ctx.chat_prompt(req.messages, req.add_generation_prompt)
+        try:
+            tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser)
+            other = req.structured()
+        except ValueError as e:
+            raise bad_request(e) from None
+        text = ctx.chat_prompt(req.messages, req.add_generation_prompt, tools.tools if tools else None)
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.sampling_params(max_tokens, k)
+        try:
+            params = req.sampling_params(max_tokens, k)
+        except ValueError as e:
+            raise bad_request(e) from None
+        if tools is not None and tools.constraint is not None:
+            if other is not None:
+                raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "
+                               f"combined with response_format or guided decoding", param="tool_choice")
+            await ctx.constrain(req, params, (tools.constraint, "tools"))
+        else:
+            await ctx.constrain(req, params, other)
+        if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
+            params.skip_special_tokens = False  # their call markers are special tokens
         as_ids = req.return_tokens_as_token_ids
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
@@ -61,6 +81,8 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
+                calls: dict[int, ToolStream] = {}
+                texts: dict[int, str] = {}
                 cached: dict[str, int] = {}
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached):
@@ -68,9 +90,22 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                             yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None})
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
-                        yield chunk({"index": c.index, "delta": {"content": d.text} if d.text else {},
-                                     "logprobs": lp, "finish_reason": d.finish_reason,
-                                     "stop_reason": c.stop_reason if d.finish_reason else None})
+                        reason = d.finish_reason
+                        deltas: list[dict[str, Any]] = [{"content": d.text} if d.text else {}]
+                        if tools is not None:
+                            ts = calls.setdefault(c.index, ToolStream(tools))
+                            texts[c.index] = texts.get(c.index, "") + d.text
+                            content, tool_deltas = ts.feed(texts[c.index], reason is not None)
+                            # One chunk per tool-call delta, as OpenAI streams them.
+                            deltas = [{"content": content} if content else {}] if content or not tool_deltas else []
+                            deltas += [{"tool_calls": [td]} for td in tool_deltas]
+                            if reason is not None:
+                                reason = tool_finish(tools, reason, ts.called)
+                        for j, delta in enumerate(deltas):
+                            last = j == len(deltas) - 1
+                            yield chunk({"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,
+                                         "finish_reason": reason if last else None,
+                                         "stop_reason": c.stop_reason if reason and last else None})
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):
                         yield event
@@ -87,13 +122,22 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             out = (await collect_finished(engine, group))[rid]
             if out.error is not None:
                 return error_response(ctx.engine_error(out))
-            choices = [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": ({"content": ctx.chat_logprobs(c, 0, len(c.token_ids), k, as_ids)}
-                             if k is not None else None),
-                "finish_reason": finish_reason(c), "stop_reason": c.stop_reason,
-            } for c in out.outputs]
+            choices = []
+            for c in out.outputs:
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                reason = finish_reason(c)
+                if tools is not None:
+                    content, tool_calls = parse_calls(tools, c.text) if reason == "stop" else (c.text, [])
+                    message = {"role": "assistant", "content": content}
+                    if tool_calls:
+                        message["tool_calls"] = tool_calls
+                    reason = tool_finish(tools, reason, bool(tool_calls))
+                choices.append({
+                    "index": c.index, "message": message,
+                    "logprobs": ({"content": ctx.chat_logprobs(c, 0, len(c.token_ids), k, as_ids)}
+                                 if k is not None else None),
+                    "finish_reason": reason, "stop_reason": c.stop_reason,
+                })
             n_out = sum(len(c.token_ids) for c in out.outputs)
             resp = {"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
                     "choices": choices, "usage": usage(len(ids), n_out, out.num_cached_tokens)}

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import MAX_LOGPROBS
 from tokenmill.server.context import ServerContext
-from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
@@ -71,9 +71,14 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         echo_lp = req.echo and req.logprobs is not None
         want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
         # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
-        params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
-                                     want_plp if want_plp >= 0 else None)
+        try:
+            params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
+                                         want_plp if want_plp >= 0 else None)
+        except ValueError as e:
+            raise bad_request(e) from None
         params._prompt_only = score_only
+        if not score_only:
+            await ctx.constrain(req, params)
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]

@@ -1,0 +1,202 @@
+"""Tool calling: tools and tool_choice through a real server with the official openai client
+(required and named calls constrained by the tools' schemas, streamed deltas that reassemble to
+the same calls, tool results in the history), and the hermes / llama3_json / mistral parsers on
+whole and streamed text."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from tests.models import TOOLS_CHAT_TEMPLATE, make_model
+from tests.server_utils import ServerProcess
+from tokenmill.server.tools import ToolSetup, ToolStream, infer_parser, parse_calls, scan_object
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "minLength": 1, "maxLength": 12},
+    "unit": {"enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "unit"]}
+SEARCH = {"type": "object", "properties": {"query": {"type": "string", "maxLength": 16},
+                                           "top_k": {"type": "integer", "minimum": 1, "maximum": 5}},
+          "required": ["query"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "search", "description": "Web search", "parameters": SEARCH}},
+]
+SCHEMAS = {"get_weather": WEATHER, "search": SEARCH}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tools_model(tmp_path_factory):
+    return make_model(str(tmp_path_factory.mktemp("tools") / "hermes"), chat_template=TOOLS_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def server(tools_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("tools_log") / "server.log"
+    s = ServerProcess(tools_model, "--kv-cache-memory", "0.0625", log_path=str(log))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def name():
+    return "hermes"
+
+
+def _check_calls(calls) -> None:
+    assert calls
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_")
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+def _reassemble(stream) -> tuple[dict[int, dict], list[str | None], str]:
+    calls: dict[int, dict] = {}
+    reasons, content = [], ""
+    for chunk in stream:
+        for ch in chunk.choices:
+            reasons.append(ch.finish_reason)
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                if d.index not in calls:  # OpenAI's first delta of a call: id, type, name, ""
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function.name is None
+                    calls[d.index]["arguments"] += d.function.arguments
+    return calls, reasons, content
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_required_calls_validate_and_stream_the_same(client, name, seed):
+    kw = dict(model=name, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0,
+              max_tokens=300, seed=seed)
+    r = client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    _check_calls(c.message.tool_calls)
+    calls, reasons, content = _reassemble(client.chat.completions.create(**kw, stream=True))
+    assert reasons[-1] == "tool_calls" and content == ""
+    assert [(v["name"], v["arguments"]) for _, v in sorted(calls.items())] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+
+
+def test_named_function_and_parallel_off(client, name):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=name, messages=MESSAGES, tools=TOOLS, temperature=1.0, max_tokens=200, seed=seed,
+            tool_choice={"type": "function", "function": {"name": "search"}})
+        c = r.choices[0]
+        assert c.finish_reason == "stop"  # as OpenAI ends a forced function call
+        assert [t.function.name for t in c.message.tool_calls] == ["search"]
+        _check_calls(c.message.tool_calls)
+        calls, reasons, _ = _reassemble(client.chat.completions.create(
+            model=name, messages=MESSAGES, tools=TOOLS, temperature=1.0, max_tokens=200, seed=seed, stream=True,
+            tool_choice={"type": "function", "function": {"name": "search"}}))
+        assert reasons[-1] == "stop"
+        assert calls[0]["arguments"] == c.message.tool_calls[0].function.arguments
+        r = client.chat.completions.create(model=name, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, temperature=1.0, max_tokens=300, seed=seed)
+        assert len(r.choices[0].message.tool_calls) == 1
+
+
+def test_tool_results_in_history_and_auto(client, name, server):
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    plain = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=1)
+    r = client.chat.completions.create(model=name, messages=history, tools=TOOLS, max_tokens=20)
+    # The template got the tools and the earlier call (its arguments as an object) and result.
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 40
+    c = r.choices[0]  # auto: a random model writes no <tool_call>, so this is content
+    assert c.message.tool_calls is None and isinstance(c.message.content, str)
+    r = client.chat.completions.create(model=name, messages=history, tools=TOOLS, tool_choice="none", max_tokens=5)
+    assert r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"tool_choice": "required"}, "only allowed when tools are given"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "no tool named 'nope'"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+      "tool_choice": "required"}, "Invalid type"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_tools_are_400s(client, name, kw, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=5, **kw)
+    assert needle in e.value.message, e.value.message
+
+
+# -- parsers ------------------------------------------------------------------------------------
+CASES = [
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
+               '"celsius"}}\n</tool_call>\n<tool_call>\n{"name": "search", "arguments": {"query": "a \\"b\\" }"}}'
+               '\n</tool_call>', "Let me check.",
+     [("get_weather", {"city": "Paris", "unit": "celsius"}), ("search", {"query": 'a "b" }'})]),
+    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}; '
+                    '{"name": "search", "parameters": {"query": "x"}}', None,
+     [("get_weather", {"city": "Oslo", "unit": "celsius"}), ("search", {"query": "x"})]),
+    ("llama3_json", '{"name": "search", "parameters": {"query": "[1, {2}]"}}', None,
+     [("search", {"query": "[1, {2}]"})]),
+    ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"query": "q", "top_k": 2}}, '
+                '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "fahrenheit"}}]', None,
+     [("search", {"query": "q", "top_k": 2}), ("get_weather", {"city": "Rome", "unit": "fahrenheit"})]),
+    ("mistral", 'Sure.[TOOL_CALLS]search[ARGS]{"query": "q"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", '
+                '"unit": "celsius"}', "Sure.",
+     [("search", {"query": "q"}), ("get_weather", {"city": "Rome", "unit": "celsius"})]),
+    ("hermes", "No tools needed: 2 < 3.", "No tools needed: 2 < 3.", []),
+    ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    ("mistral", "Plain [text].", "Plain [text].", []),
+]
+
+
+@pytest.mark.parametrize("parser,text,content,expected", CASES)
+def test_parsers_whole_and_streamed(parser, text, content, expected):
+    setup = ToolSetup.from_request(TOOLS, None, None, parser)
+    got_content, calls = parse_calls(setup, text)
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected
+    # Streamed one character at a time: the same content and calls.
+    ts = ToolStream(setup)
+    streamed, deltas = "", []
+    for i in range(1, len(text) + 1):
+        c, d = ts.feed(text[:i], i == len(text))
+        streamed += c
+        deltas.extend(d)
+    assembled: dict[int, list[str]] = {}
+    for d in deltas:
+        if d["index"] not in assembled:
+            assembled[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+        else:
+            assembled[d["index"]][1] += d["function"]["arguments"]
+    assert [(n, json.loads(a)) for n, a in assembled.values()] == expected
+    if expected:
+        assert streamed.strip() == (content or "")
+    else:
+        assert streamed == text
+
+
+def test_scan_object_unfinished():
+    text = '{"name": "f", "arguments": {"a": [1, "}"], "b": tr'
+    end, fields = scan_object(text, 0)
+    assert end is None and text[slice(*fields["name"])] == '"f"' and fields["arguments"][1] is None
+    end, fields = scan_object('{"x": 12 , "y": "s"}', 0)
+    assert end == 20 and fields == {"x": (6, 8), "y": (16, 19)}
+
+
+def test_infer_parser():
+    assert infer_parser(TOOLS_CHAT_TEMPLATE) == "hermes"
+    assert infer_parser("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert infer_parser("{{ '<|python_tag|>' }} ipython") == "llama3_json"
+    assert infer_parser("{{ messages }}") is None
