@@ -80,6 +80,7 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", {"prompt": [100000]}, "prompt_token_ids"),
     ("/v1/completions", {"prompt": None}, "prompt"),
     ("/v1/completions", {"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"1_0": 1.0}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
     ("/v1/completions", {"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),

@@ -102,6 +102,29 @@ def test_twenty_schemas_streamed(client, model_name):
         jsonschema.validate(json.loads(text), schema)
 
 
+def test_all_of_stays_satisfiable(client, model_name):
+    schema = {"allOf": [{"type": "object", "properties": {"a": _int}, "required": ["a"]},
+                        {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}]}
+    r = client.chat.completions.create(model=model_name, messages=_messages(0), temperature=1.0, max_tokens=200,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                                               "schema": schema}})
+    # Accepted (closing each branch would have made it unsatisfiable, a 400); the object stays open
+    # to other keys, which a random model may wander into until max_tokens.
+    c = r.choices[0]
+    assert c.message.content.startswith("{")
+    if c.finish_reason == "stop":
+        jsonschema.validate(json.loads(c.message.content), schema)
+
+
+def test_grammar_failing_mid_stream_is_an_error_event(client, model_name):
+    stream = client.chat.completions.create(model=model_name, messages=_messages(0), max_tokens=20, stream=True,
+                                            extra_body={"guided_grammar": 'start: "a" b\nb: "c" b'})
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            pass
+    assert "failed while decoding" in str(e.value)
+
+
 def test_json_object_and_n(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=_messages(0), temperature=1.0, n=3,
                                        max_tokens=600, response_format={"type": "json_object"})
@@ -144,6 +167,11 @@ def test_vllm_fields_on_completions(client, model_name):
     ({"guided_regex": "a", "guided_choice": ["b"]}, "only one output constraint"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
     ({"structured_outputs": {}}, "exactly one"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}}, "admits no value"),
+    ({"guided_json": "null"}, "must be a JSON object"),
+    ({"guided_json": "0"}, "must be a JSON object"),
+    # Compiles, then exceeds the parser's limits after the first token: still a 400, not a 500.
+    ({"guided_grammar": 'start: "a" b\nb: "c" b'}, "failed while decoding"),
 ])
 def test_bad_constraints_are_400s(client, model_name, body, needle):
     with pytest.raises(openai.BadRequestError) as e:

@@ -75,5 +75,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
+    error_status: int = 500  # 400 when the request's own input caused it (a grammar that fails mid-way)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     embedding: list[float] | None = None  # an embedding model's pooled, normalized prompt vector

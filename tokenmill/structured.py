@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+
+class GrammarError(ValueError):
+    """A constraint that compiled but failed while decoding (too complex for the parser's limits)."""
+
 
 # Compiled grammars kept per engine (specs repeat: the same schema across many requests).
 CACHE_SIZE = 256
@@ -49,6 +56,8 @@ class StructuredOutputsParams:
     # JSON is generated with the separators most training data has (", " and ": ", no newlines)
     # unless this is True. Weak or random models given free whitespace can spend every token on it.
     whitespace_flexible: bool = False
+    # Set by whoever compiled it (the server, off the engine thread), so the engine need not.
+    _compiled: Any = field(default=None, repr=False, compare=False)
 
     def kind(self) -> tuple[str, Any]:
         """(kind, spec) of the one constraint given; ValueError when none or several are."""
@@ -114,7 +123,7 @@ _SCHEMA_ONE = ("items", "additionalItems", "additionalProperties", "unevaluatedI
                "propertyNames", "contains", "not", "if", "then", "else")
 
 
-def close_objects(schema: Any) -> Any:
+def close_objects(schema: Any, in_all_of: bool = False) -> Any:
     """A copy of schema in which an object that lists `properties` and says nothing about other
     keys admits no other keys (vLLM's default, xgrammar's strict mode; what OpenAI requires): a
     model is never led into inventing keys. `additionalProperties: true` keeps them open."""
@@ -126,14 +135,15 @@ def close_objects(schema: Any) -> Any:
             out[k] = {name: close_objects(v) for name, v in out[k].items()}
     for k in _SCHEMA_LISTS:
         if isinstance(out.get(k), list):
-            out[k] = [close_objects(v) for v in out[k]]
+            # allOf branches each see only part of the object: closing one would forbid the others' keys.
+            out[k] = [close_objects(v, in_all_of=k == "allOf") for v in out[k]]
     for k in _SCHEMA_ONE:
         if isinstance(out.get(k), list):
             out[k] = [close_objects(v) for v in out[k]]
         elif isinstance(out.get(k), dict):
             out[k] = close_objects(out[k])
-    if ("properties" in out and "additionalProperties" not in out and "patternProperties" not in out
-            and "unevaluatedProperties" not in out):
+    if ("properties" in out and not in_all_of and "allOf" not in out and "additionalProperties" not in out
+            and "patternProperties" not in out and "unevaluatedProperties" not in out):
         out["additionalProperties"] = False
     return out
 
@@ -158,10 +168,11 @@ class GrammarCompiler:
         self.eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # held while building (a second); the cache's lock is not
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
 
     def _tokenizer(self) -> Any:
-        with self._lock:
+        with self._tokenizer_lock:
             if self._ll_tokenizer is None:
                 hf_tokenizer = self._load_tokenizer()
                 if hf_tokenizer is None:
@@ -239,15 +250,26 @@ def fill_bitmask(rows: list[tuple[Any, list[int]]], vocab_size: int) -> torch.Te
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The bitmask as a bool [rows, vocab_size] on device: bit b of word w is token 32 w + b."""
+    if device.type == "cpu" and sys.byteorder == "little":
+        # numpy's unpackbits is one vectorized pass (0.3 ms for 32 x 49K); the shift-and-compare
+        # below builds int32 intermediates 32x the mask's size (6 ms).
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab_size]).view(torch.bool)
+    words = bitmask.to(device)
+    return (((words[:, :, None] >> _SHIFTS.to(device)) & 1) != 0).view(len(bitmask), -1)[:, :vocab_size]
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """A copy of logits with every token that the masks forbid set to -inf (bitmask row i
     belongs to logits row rows[i])."""
-    v = logits.shape[1]
+    allowed = allowed_tokens(bitmask, logits.shape[1], logits.device)
+    if rows == list(range(logits.shape[0])):  # every row constrained: one pass
+        return logits.masked_fill(~allowed, float("-inf"))
     idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    bits = ((bitmask.to(logits.device)[:, :, None] >> _SHIFTS.to(logits.device)) & 1).view(len(rows), -1)[:, :v]
-    sub = logits.index_select(0, idx).masked_fill(bits == 0, float("-inf"))
     logits = logits.clone()
-    logits[idx] = sub
+    logits[idx] = logits.index_select(0, idx).masked_fill(~allowed, float("-inf"))
     return logits
 
 

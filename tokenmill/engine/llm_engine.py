@@ -26,7 +26,7 @@ from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.structured import GrammarCompiler
+from tokenmill.structured import GrammarCompiler, GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class LLMEngine:
         if params.structured_outputs is not None:
             if self.task == "embed":
                 raise ValueError("structured_outputs: an embedding model generates no text")
-            grammar = self.grammars.compile(params.structured_outputs)  # a cache hit when the server compiled it
+            so = params.structured_outputs
+            grammar = so._compiled or self.grammars.compile(so)  # the server compiles off this thread
         params = _copy_params(params)
         params._eos_token_ids = self.eos_token_ids
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
@@ -263,7 +264,10 @@ class LLMEngine:
             self._seq_by_id.pop(seq.seq_id, None)
         req.metrics.finished_time = time.time()
         out = self._make_output(req, finished=True)
-        out.error = f"{type(error).__name__}: {error}"
+        if isinstance(error, GrammarError):
+            out.error, out.error_status = str(error), 400
+        else:
+            out.error = f"{type(error).__name__}: {error}"
         return out
 
     def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -295,8 +299,11 @@ class LLMEngine:
                     seq.token_ids.append(token)
                     appended += 1
                     if seq.matcher is not None and not seq.matcher.consume_token(token):
-                        raise RuntimeError(f"structured outputs: token {token} is outside the grammar: "
-                                           f"{seq.matcher.get_error()}")
+                        # Masks only allow what the grammar accepts: this is the parser giving up
+                        # (a grammar too complex for its limits), the request's own doing.
+                        reason = (seq.matcher.get_error() or "").strip().splitlines()
+                        raise GrammarError(f"structured outputs: the constraint failed while decoding"
+                                           f"{': ' + reason[0][:300] if reason else ''}; simplify it")
                     if entry is not None:
                         seq.output_logprobs.append(entry)
                         seq.cumulative_logprob += entry[token].logprob

@@ -138,12 +138,10 @@ class ServerContext:
         so, param = found
         params.structured_outputs = so
         grammars = self.llm_engine.grammars
-        if grammars.cached(so) is not None:
-            return
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(self.grammar_pool, grammars.compile, so),
-                                   GRAMMAR_COMPILE_TIMEOUT_S)
+            so._compiled = grammars.cached(so) or await asyncio.wait_for(
+                loop.run_in_executor(self.grammar_pool, grammars.compile, so), GRAMMAR_COMPILE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise APIError(400, f"{param}: the constraint took longer than {GRAMMAR_COMPILE_TIMEOUT_S:g} s to "
                            f"compile; simplify it", param=param) from None
@@ -237,6 +235,8 @@ class ServerContext:
             raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
 
     def engine_error(self, out: RequestOutput) -> APIError:
+        if out.error_status == 400:
+            return APIError(400, out.error or "", code="invalid_constraint")
         return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
 
     async def choice_deltas(self, group, params: SamplingParams, states: dict[tuple[str, int], ChoiceState],
@@ -246,7 +246,7 @@ class ServerContext:
         async for batch in self.engine.stream(group):
             for out in batch:
                 if out.error is not None:
-                    raise StreamFailed(out.error)
+                    raise StreamFailed(out.error, out.error_status)
                 cached[out.request_id] = out.num_cached_tokens
                 for c in out.outputs:
                     delta = states.setdefault((out.request_id, c.index), ChoiceState()).advance(c, params)
@@ -254,7 +254,9 @@ class ServerContext:
                         yield out, c, delta
 
     def stream_failed(self, e: StreamFailed) -> list[str]:
-        return [sse(error_body(500, f"the engine failed this request: {e}")), SSE_DONE]
+        status = e.args[1] if len(e.args) > 1 else 500
+        msg = e.args[0] if status == 400 else f"the engine failed this request: {e.args[0]}"
+        return [sse(error_body(status, msg)), SSE_DONE]
 
     # -- logprob formats ------------------------------------------------------------------------
     def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offset: int,

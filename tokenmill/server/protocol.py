@@ -109,16 +109,21 @@ class _SamplingFields(_Strict):
                 found.append((StructuredOutputsParams(**{key: _schema(v, name) if key == "json" else v}), name))
         if len(found) > 1:
             raise ValueError(f"{found[1][1]}: only one output constraint per request (also given: {found[0][1]})")
+        for p, name in found:
+            try:
+                p.kind()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         return found[0] if found else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         bias = None
         if self.logit_bias:
-            try:
-                bias = {int(k): v for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise ValueError("logit_bias: keys must be token ids (integers as strings)") from None
+            bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
+            if bad:
+                raise ValueError(f"logit_bias: keys must be token ids (decimal integers as strings), got {bad[0]!r}")
+            bias = {int(k): v for k, v in self.logit_bias.items()}
         return SamplingParams(
             logit_bias=bias,
             n=self.n,
@@ -143,16 +148,22 @@ class _SamplingFields(_Strict):
 
 
 def _schema(v: Any, param: str) -> Any:
-    """A schema given as JSON text, parsed (vLLM accepts both)."""
+    """A schema given as JSON text, parsed (vLLM accepts both); None stays None (not given)."""
+    if v is None:
+        return None
     if isinstance(v, str):
         import json
 
         try:
-            return json.loads(v)
+            v = json.loads(v)
         except ValueError as e:
             raise ValueError(f"{param}: invalid JSON schema: not valid JSON: {e}") from None
     if v is True:
         return {}
+    if v is False:
+        raise ValueError(f"{param}: invalid JSON schema: false admits no value at all")
+    if not isinstance(v, dict):
+        raise ValueError(f"{param}: invalid JSON schema: must be a JSON object, got {type(v).__name__}")
     return v
 
 

@@ -35,7 +35,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 def infer_parser(chat_template: str | None) -> str | None:
     """The parser a chat template's tool-call format needs, when the template shows one."""
-    t = chat_template or ""
+    # A tokenizer may carry several named templates (default, tool_use, ...).
+    t = " ".join(chat_template.values()) if isinstance(chat_template, dict) else (chat_template or "")
     if "<tool_call>" in t:
         return "hermes"
     if "[TOOL_CALLS]" in t:
@@ -61,6 +62,7 @@ class ToolSetup:
     parser: str | None  # the text format for "auto"
     named: str | None = None
     constraint: StructuredOutputsParams | None = None
+    names: frozenset[str] = frozenset()  # the declared functions: a call to anything else is text
 
     @classmethod
     def from_request(cls, tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None,
@@ -98,14 +100,17 @@ class ToolSetup:
         elif choice not in ("none", "auto", "required"):
             raise ValueError(f"tool_choice: must be 'none', 'auto', 'required' or a named function, got {choice!r}")
         setup = cls(tools=[{"type": "function", "function": t["function"]} for t in tools], mode=choice,
-                    parser=parser, named=named)
+                    parser=parser, named=named, names=frozenset(funcs))
         if choice == "named":
             setup.constraint = StructuredOutputsParams(json=funcs[named])
         elif choice == "required":
-            one = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+            defs: dict[str, Any] = {}
+            one = [{"type": "object", "properties": {"name": {"const": n}, "parameters": _hoist_defs(p, n, defs)},
                     "required": ["name", "parameters"], "additionalProperties": False} for n, p in funcs.items()]
             array: dict[str, Any] = {"type": "array", "minItems": 1,
                                      "items": one[0] if len(one) == 1 else {"anyOf": one}}
+            if defs:
+                array["$defs"] = defs
             if parallel is False:
                 array["maxItems"] = 1
             setup.constraint = StructuredOutputsParams(json=array)
@@ -115,6 +120,29 @@ class ToolSetup:
     def text_format(self) -> str | None:
         """How calls appear in the generated text: a parser's name, "array", "arguments" or None."""
         return {"auto": self.parser, "required": "array", "named": "arguments"}.get(self.mode)
+
+
+def _hoist_defs(schema: dict[str, Any], tool: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema nested inside the `required` array schema: its own $defs (what
+    pydantic writes for nested models) move to the root under the tool's name, refs rewritten."""
+    own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not own:
+        return schema
+    renames = {}
+    for key in ("$defs", "definitions"):
+        for k in schema.get(key, {}):
+            renames[f"#/{key}/{k}"] = f"#/$defs/{tool}__{k}"
+
+    def rewrite(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: (renames.get(x, x) if k == "$ref" and isinstance(x, str) else rewrite(x)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rewrite(x) for x in v]
+        return v
+
+    for k, v in own.items():
+        defs[f"{tool}__{k}"] = rewrite(v)
+    return rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
 
 
 def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
@@ -282,10 +310,11 @@ def scan(fmt: str, text: str, final: bool) -> Scan:
             return Scan(text if final else text[: len(text) - _held(text, "<tool_call>")], [])
         calls = []
         for part in text[start:].split("<tool_call>")[1:]:
+            part = part.split("</tool_call>")[0]
             k = part.find("{")
             if k >= 0:
                 calls.append(call_from_object(part, k)[0])
-        return Scan(text[:start].rstrip() if calls or final else text[:start], calls)
+        return Scan(text[:start], calls)
     if fmt == "mistral":
         start = text.find("[TOOL_CALLS]")
         if start < 0:
@@ -305,7 +334,7 @@ def scan(fmt: str, text: str, final: bool) -> Scan:
                 end = scan_object(args, k)[0] if k >= 0 else None
                 calls.append(CallScan(name=name.strip(), args=args[k:end] if k >= 0 else "",
                                       args_done=end is not None, done=end is not None))
-        return Scan(text[:start].rstrip(), calls)
+        return Scan(text[:start], calls)
     if fmt == "llama3_json":
         body = text.lstrip()
         tagged = body.startswith("<|python_tag|>")
@@ -329,16 +358,15 @@ def _arguments(call: CallScan) -> str | None:
     """The call's arguments as a JSON text, or None when they are not valid JSON."""
     args = call.args if call.args is not None else "{}"
     try:
-        value = json.loads(args)
+        value = json.loads(args, strict=False)  # control characters inside strings are common
     except ValueError:
         return None
     if isinstance(value, str):  # some models write the arguments as a JSON string
         try:
-            json.loads(value)
-            return value
+            value, args = json.loads(value, strict=False), value
         except ValueError:
             return None
-    return args
+    return args if isinstance(value, dict) else None
 
 
 def parse_calls(setup: ToolSetup, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -352,7 +380,7 @@ def parse_calls(setup: ToolSetup, text: str) -> tuple[str | None, list[dict[str,
     for c in s.calls:
         name = setup.named if fmt == "arguments" else c.name
         args = _arguments(c)
-        if not c.done or name is None or args is None:
+        if not c.done or name not in setup.names or args is None:
             return text, []
         calls.append({"id": call_id(setup.parser), "type": "function", "function": {"name": name, "arguments": args}})
     if not calls:
@@ -387,8 +415,8 @@ class ToolStream:
         deltas = []
         for i, c in enumerate(s.calls):
             name = self.setup.named if fmt == "arguments" else c.name
-            if name is None:
-                break  # calls stream in order; this one's name is still being written
+            if name is None or name not in self.setup.names:
+                break  # calls stream in order; this one's name is still being written (or is no tool's)
             if i == len(self.sent):
                 self.sent.append(_Sent(call_id(self.setup.parser)))
             st = self.sent[i]
