@@ -99,7 +99,10 @@ class SamplingParams:
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise bad("structured_outputs", "must be a StructuredOutputsParams")
-            self.structured_outputs.kind()
+            try:
+                self.structured_outputs.kind()
+            except ValueError as e:
+                raise bad("structured_outputs", str(e)) from None
 
     @property
     def greedy(self) -> bool:

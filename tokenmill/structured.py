@@ -65,19 +65,17 @@ class StructuredOutputsParams:
                  if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             names = ", ".join(k for k, _ in given) or "none"
-            raise ValueError(f"structured_outputs: exactly one of json, regex, choice, grammar or json_object "
-                             f"must be given (got {names})")
+            raise ValueError(f"exactly one of json, regex, choice, grammar or json_object must be given "
+                             f"(got {names})")
         return given[0]
 
     def key(self) -> str:
         kind, spec = self.kind()
-        if kind == "json" and isinstance(spec, str):
+        if kind == "json":
             try:  # the same schema as text or as an object is one cache entry
-                spec = json.loads(spec)
+                spec = json.dumps(_parsed(spec), sort_keys=True)
             except ValueError:
-                pass
-        if kind == "json" and not isinstance(spec, str):
-            spec = json.dumps(spec, sort_keys=True)
+                pass  # invalid: compile() says so
         return json.dumps([kind, spec, self.whitespace_flexible])
 
     def lark_or_schema(self) -> str:
@@ -89,13 +87,7 @@ class StructuredOutputsParams:
         if not self.whitespace_flexible:
             defaults.update(item_separator=", ", key_separator=": ")
         if kind == "json" or kind == "json_object":
-            if kind == "json_object":
-                spec = {"type": "object"}
-            if isinstance(spec, str):
-                try:
-                    spec = json.loads(spec)
-                except ValueError as e:
-                    raise ValueError(f"invalid JSON schema: not valid JSON: {e}") from None
+            spec = {"type": "object"} if kind == "json_object" else _parsed(spec)
             if not isinstance(spec, (dict, bool)):
                 raise ValueError("invalid JSON schema: must be a JSON object (or a boolean)")
             spec = close_objects(spec)
@@ -111,6 +103,16 @@ class StructuredOutputsParams:
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError("invalid grammar: must be a non-empty string")
         return LLMatcher.grammar_from_lark(gbnf_to_lark(spec) if "::=" in spec else spec)
+
+
+def _parsed(spec: Any) -> Any:
+    """A JSON schema given as text, parsed; one given as an object, as it is."""
+    if not isinstance(spec, str):
+        return spec
+    try:
+        return json.loads(spec)
+    except ValueError as e:
+        raise ValueError(f"invalid JSON schema: not valid JSON: {e}") from None
 
 
 _WHAT = {"json": "JSON schema", "json_object": "JSON object format", "regex": "regex", "choice": "choice",

@@ -175,7 +175,7 @@ class Sampler:
         if md.bitmask is not None:
             logits = apply_bitmask(logits, md.bitmask, md.mask_rows)
         if md.banned:
-            if md.bitmask is None:
+            if not md.biases and md.bitmask is None:  # otherwise logits is already this call's copy
                 logits = logits.clone()
             for row, ids in md.banned:
                 kept = logits[row, ids].clone() if md.bitmask is not None else None

@@ -122,17 +122,19 @@ class ServerContext:
                            f"not text generation")
         return req, arrival
 
-    async def constrain(self, req: Any, params: SamplingParams,
-                        found: tuple[StructuredOutputsParams, str] | None = None) -> None:
-        """Sets params' structured output (the request's response_format / structured_outputs /
-        guided_* field unless `found` gives one), compiled now, off the loop and with a time limit,
-        so that the engine finds it in the cache; a bad or too complex constraint is a 400 naming
-        its field."""
-        if found is None:
-            try:
-                found = req.structured()
-            except ValueError as e:
-                raise bad_request(e) from None
+    @staticmethod
+    def constraint(req: Any) -> tuple[StructuredOutputsParams, str] | None:
+        """The request's response_format / structured_outputs / guided_* constraint and its field;
+        a 400 when they are malformed or contradict each other."""
+        try:
+            return req.structured()
+        except ValueError as e:
+            raise bad_request(e) from None
+
+    async def constrain(self, params: SamplingParams, found: tuple[StructuredOutputsParams, str] | None) -> None:
+        """Sets params' structured output to `found` (a constraint and its field), compiled now, off
+        the loop and with a time limit, so that the engine need not; a bad or too complex
+        constraint is a 400 naming its field."""
         if found is None:
             return
         so, param = found
@@ -254,9 +256,8 @@ class ServerContext:
                         yield out, c, delta
 
     def stream_failed(self, e: StreamFailed) -> list[str]:
-        status = e.args[1] if len(e.args) > 1 else 500
-        msg = e.args[0] if status == 400 else f"the engine failed this request: {e.args[0]}"
-        return [sse(error_body(status, msg)), SSE_DONE]
+        msg = e.message if e.status == 400 else f"the engine failed this request: {e.message}"
+        return [sse(error_body(e.status, msg)), SSE_DONE]
 
     # -- logprob formats ------------------------------------------------------------------------
     def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offset: int,

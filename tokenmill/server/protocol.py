@@ -97,11 +97,9 @@ class _SamplingFields(_Strict):
             found.append((StructuredOutputsParams(json=schema), "response_format"))
         so = self.structured_outputs
         if so is not None:
-            p = StructuredOutputsParams(json=_schema(so.json_, "structured_outputs"), regex=so.regex,
-                                        choice=so.choice, grammar=so.grammar, json_object=so.json_object,
-                                        whitespace_flexible=so.whitespace_flexible)
-            p.kind()  # exactly one constraint
-            found.append((p, "structured_outputs"))
+            found.append((StructuredOutputsParams(
+                json=_schema(so.json_, "structured_outputs"), regex=so.regex, choice=so.choice, grammar=so.grammar,
+                json_object=so.json_object, whitespace_flexible=so.whitespace_flexible), "structured_outputs"))
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
             v = getattr(self, name)
             if v is not None:
@@ -109,7 +107,7 @@ class _SamplingFields(_Strict):
                 found.append((StructuredOutputsParams(**{key: _schema(v, name) if key == "json" else v}), name))
         if len(found) > 1:
             raise ValueError(f"{found[1][1]}: only one output constraint per request (also given: {found[0][1]})")
-        for p, name in found:
+        for p, name in found:  # exactly one constraint each
             try:
                 p.kind()
             except ValueError as e:

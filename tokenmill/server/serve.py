@@ -93,7 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
-    p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json", "mistral"], default="auto",
+    from tokenmill.server.tools import PARSERS
+
+    p.add_argument("--tool-call-parser", choices=["auto", *PARSERS], default="auto",
                    help="how tool calls appear in the model's text with tool_choice auto: hermes (Qwen2.5, Qwen3), "
                         "llama3_json (Llama 3.x), mistral; auto (default) infers it from the chat template")
     p.add_argument("--enable-auto-tool-choice", action="store_true",

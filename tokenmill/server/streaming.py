@@ -86,7 +86,9 @@ class ChoiceState:
 
 
 class StreamFailed(Exception):
-    pass
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
 
 
 def finish_reason(c: CompletionOutput) -> str | None:

@@ -48,9 +48,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         k = (req.top_logprobs or 0) if req.logprobs else None
         try:
             tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser)
-            other = req.structured()
         except ValueError as e:
             raise bad_request(e) from None
+        other = ctx.constraint(req)
         text = ctx.chat_prompt(req.messages, req.add_generation_prompt, tools.tools if tools else None)
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -62,9 +62,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             if other is not None:
                 raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "
                                f"combined with response_format or guided decoding", param="tool_choice")
-            await ctx.constrain(req, params, (tools.constraint, "tools"))
+            await ctx.constrain(params, (tools.constraint, "tools"))
         else:
-            await ctx.constrain(req, params, other)
+            await ctx.constrain(params, other)
         if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
             params.skip_special_tokens = False  # their call markers are special tokens
         as_ids = req.return_tokens_as_token_ids
@@ -82,7 +82,6 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 calls: dict[int, ToolStream] = {}
-                texts: dict[int, str] = {}
                 cached: dict[str, int] = {}
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached):
@@ -91,16 +90,15 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                                          "logprobs": None, "finish_reason": None})
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         reason = d.finish_reason
-                        deltas: list[dict[str, Any]] = [{"content": d.text} if d.text else {}]
+                        content, tool_deltas = d.text, []
                         if tools is not None:
                             ts = calls.setdefault(c.index, ToolStream(tools))
-                            texts[c.index] = texts.get(c.index, "") + d.text
-                            content, tool_deltas = ts.feed(texts[c.index], reason is not None)
-                            # One chunk per tool-call delta, as OpenAI streams them.
-                            deltas = [{"content": content} if content else {}] if content or not tool_deltas else []
-                            deltas += [{"tool_calls": [td]} for td in tool_deltas]
+                            content, tool_deltas = ts.feed(c.text[: d.text_start + len(d.text)], reason is not None)
                             if reason is not None:
                                 reason = tool_finish(tools, reason, ts.called)
+                        # One chunk per tool-call delta, as OpenAI streams them; an empty one keeps the step's timing.
+                        deltas = [{"content": content}] if content else []
+                        deltas = (deltas + [{"tool_calls": [t]} for t in tool_deltas]) or [{}]
                         for j, delta in enumerate(deltas):
                             last = j == len(deltas) - 1
                             yield chunk({"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,

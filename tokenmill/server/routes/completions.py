@@ -78,7 +78,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             raise bad_request(e) from None
         params._prompt_only = score_only
         if not score_only:
-            await ctx.constrain(req, params)
+            await ctx.constrain(params, ctx.constraint(req))
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
