@@ -92,6 +92,8 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/chat/completions", {"max_completion_tokens": -1}, "max_tokens"),
     ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools[0]"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    # This model's chat template shows no tool-call format, so "auto" calls could not be found.
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param):

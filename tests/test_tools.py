@@ -13,7 +13,7 @@ import pytest
 
 from tests.models import TOOLS_CHAT_TEMPLATE, make_model
 from tests.server_utils import ServerProcess
-from tokenmill.server.tools import ToolSetup, ToolStream, infer_parser, parse_calls, scan_object
+from tokenmill.server.tools import ObjectScan, ToolSetup, ToolStream, infer_parser, parse_calls
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "minLength": 1, "maxLength": 12},
@@ -85,6 +85,25 @@ def test_required_calls_validate_and_stream_the_same(client, name, seed):
     assert reasons[-1] == "tool_calls" and content == ""
     assert [(v["name"], v["arguments"]) for _, v in sorted(calls.items())] == \
         [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+
+
+@pytest.mark.parametrize("max_tokens", [3, 12, 25])
+def test_cut_short_by_max_tokens_streams_the_same(client, name, max_tokens):
+    """finish_reason length: the calls begun (arguments as far as they go) or, before any call's
+    name is whole, the text as content; streamed and not alike."""
+    kw = dict(model=name, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0,
+              max_tokens=max_tokens, seed=1)
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "length"
+    calls, reasons, content = _reassemble(client.chat.completions.create(**kw, stream=True))
+    assert reasons[-1] == "length"
+    assert content == (c.message.content or "")
+    assert [(v["name"], v["arguments"]) for _, v in sorted(calls.items())] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+    if max_tokens == 3:
+        assert c.message.content and not c.message.tool_calls
+    if max_tokens == 25:
+        assert c.message.tool_calls and not c.message.content
 
 
 def test_named_function_and_parallel_off(client, name):
@@ -167,6 +186,24 @@ CASES = [
     ("mistral", 'Sure.[TOOL_CALLS]search[ARGS]{"query": "q"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", '
                 '"unit": "celsius"}', "Sure.",
      [("search", {"query": "q"}), ("get_weather", {"city": "Rome", "unit": "celsius"})]),
+    # Markers inside argument strings are text.
+    ("hermes", '<tool_call>\n{"name": "search", "arguments": {"query": "<tool_call>x</tool_call>"}}\n</tool_call>',
+     None, [("search", {"query": "<tool_call>x</tool_call>"})]),
+    ("mistral", '[TOOL_CALLS]search[ARGS]{"query": "[TOOL_CALLS]a[ARGS]"}', None,
+     [("search", {"query": "[TOOL_CALLS]a[ARGS]"})]),
+    ("mistral", '[TOOL_CALLS][{"name": "search", "arguments": {"query": "]}[TOOL_CALLS]"}}]', None,
+     [("search", {"query": "]}[TOOL_CALLS]"})]),
+    # Arguments as a JSON string, or none at all.
+    ("hermes", '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"s\\"}"}</tool_call>', None,
+     [("search", {"query": "s"})]),
+    ("hermes", '<tool_call>{"name": "search"}</tool_call><tool_call>{"name": "search", "arguments": {}}</tool_call>',
+     None, [("search", {}), ("search", {})]),
+    ("mistral", "[TOOL_CALLS]search", None, [("search", {})]),
+    # Text that holds no well-formed call to a declared tool is all content, streamed too.
+    ("hermes", "Hi <tool_call>oops</tool_call>", "Hi <tool_call>oops</tool_call>", []),
+    ("hermes", 'A<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
+     'A<tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
+    ("llama3_json", '{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', []),
     ("hermes", "No tools needed: 2 < 3.", "No tools needed: 2 < 3.", []),
     ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
     ("mistral", "Plain [text].", "Plain [text].", []),
@@ -179,29 +216,94 @@ def test_parsers_whole_and_streamed(parser, text, content, expected):
     got_content, calls = parse_calls(setup, text)
     assert got_content == content
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected
-    # Streamed one character at a time: the same content and calls.
+    # Streamed one character at a time, and in pieces: the same content and calls.
+    for step in (1, 5):
+        streamed, assembled = _stream(setup, text, step=step)
+        assert [(n, json.loads(a)) for n, a in assembled.values()] == expected
+        assert streamed == (content or "")
+
+
+def _stream(setup, text, complete=True, step=1):
+    """Feeds text to a ToolStream `step` characters at a time: (content, {index: [name, arguments]})."""
     ts = ToolStream(setup)
-    streamed, deltas = "", []
-    for i in range(1, len(text) + 1):
-        c, d = ts.feed(text[:i], i == len(text))
-        streamed += c
-        deltas.extend(d)
-    assembled: dict[int, list[str]] = {}
-    for d in deltas:
-        if d["index"] not in assembled:
-            assembled[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
-        else:
-            assembled[d["index"]][1] += d["function"]["arguments"]
-    assert [(n, json.loads(a)) for n, a in assembled.values()] == expected
-    assert streamed == (content or "")
+    content, assembled = "", {}
+    for i in list(range(step, len(text), step)) + [len(text)]:
+        c, deltas = ts.feed(text[:i], i == len(text), complete)
+        content += c
+        for d in deltas:
+            if d["index"] not in assembled:
+                assert d["function"]["arguments"] == "" and d["id"]
+                assembled[d["index"]] = [d["function"]["name"], ""]
+            else:
+                assembled[d["index"]][1] += d["function"]["arguments"]
+    return content, assembled
 
 
-def test_scan_object_unfinished():
+@pytest.mark.parametrize("mode,parser,text,content,expected", [
+    (None, "hermes", 'Hm.<tool_call>{"name": "search", "arguments": {"query": "ab', "Hm.",
+     [("search", '{"query": "ab')]),
+    (None, "hermes", 'Hm.<tool_call>{"name": "sea', 'Hm.<tool_call>{"name": "sea', []),
+    ("required", "hermes", '[{"name": "search", "parameters": {"query": "x"}}, {"name": "get_weather", '
+     '"parameters": {"ci', None, [("search", '{"query": "x"}'), ("get_weather", '{"ci')]),
+    ({"type": "function", "function": {"name": "search"}}, "hermes", '{"query": "abc', None,
+     [("search", '{"query": "abc')]),
+])
+def test_cut_short_keeps_the_calls_begun(mode, parser, text, content, expected):
+    """finish_reason length: the calls begun, arguments as far as they go (as OpenAI returns them),
+    streamed and not."""
+    setup = ToolSetup.from_request(TOOLS, mode, None, parser)
+    got, calls = parse_calls(setup, text, complete=False)
+    assert got == content and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == expected
+    for step in (1, 7):
+        streamed, assembled = _stream(setup, text, complete=False, step=step)
+        assert streamed == (content or "") and [tuple(v) for v in assembled.values()] == expected
+
+
+def test_malformed_call_is_content_unstreamed():
+    """A call whose JSON breaks before its closing tag is content unstreamed; a stream that already
+    sent its name finishes it as written (it cannot take the name back)."""
+    setup = ToolSetup.from_request(TOOLS, None, None, "hermes")
+    text = '<tool_call>{"name": "search", "arguments": {"query": "x"}</tool_call>'
+    assert parse_calls(setup, text) == (text, [])
+    content, assembled = _stream(setup, text)
+    assert content == "" and [tuple(v) for v in assembled.values()] == [("search", '{"query": "x"}')]
+
+
+def test_long_call_streams_in_linear_time():
+    """A 40K-character argument fed a character at a time: each feed reads only the new text."""
+    setup = ToolSetup.from_request(TOOLS, None, None, "hermes")
+    body = 'a \\" { [ <tool_call> ' * 2000
+    text = '<tool_call>{"name": "search", "arguments": {"query": "' + body + '"}}</tool_call>'
+    ts = ToolStream(setup)
+    reads = 0
+    advance = ObjectScan.advance
+
+    def counting(self, t):
+        nonlocal reads
+        before = self.j
+        advance(self, t)
+        reads += self.j - before + 1
+    ObjectScan.advance = counting
+    try:
+        args = ""
+        for i in range(1, len(text) + 1):
+            args += "".join(d["function"]["arguments"] for d in ts.feed(text[:i], i == len(text))[1])
+    finally:
+        ObjectScan.advance = advance
+    assert json.loads(args) == {"query": 'a " { [ <tool_call> ' * 2000}
+    assert reads < 2 * len(text)
+
+
+def test_object_scan_unfinished_and_resumed():
     text = '{"name": "f", "arguments": {"a": [1, "}"], "b": tr'
-    end, fields = scan_object(text, 0)
-    assert end is None and text[slice(*fields["name"])] == '"f"' and fields["arguments"][1] is None
-    end, fields = scan_object('{"x": 12 , "y": "s"}', 0)
-    assert end == 20 and fields == {"x": (6, 8), "y": (16, 19)}
+    o = ObjectScan(0)
+    o.advance(text)
+    assert o.end is None and text[slice(*o.span("name"))] == '"f"' and o.span("arguments")[1] is None
+    o = ObjectScan(0)
+    text = '{"x": 12 , "y": "s"}'
+    for i in range(1, len(text) + 1):  # resumed a character at a time
+        o.advance(text[:i])
+    assert o.end == 20 and o.fields == {"x": (6, 8), "y": (16, 19)}
 
 
 def test_infer_parser():

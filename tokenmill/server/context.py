@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from tokenmill.server.protocol import ChatMessage
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
 from tokenmill.server.tools import infer_parser, template_messages
 from tokenmill.structured import StructuredOutputsParams
+
+logger = logging.getLogger("tokenmill.server")
 
 # Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
 MAX_SEQS_PER_REQUEST = 256
@@ -66,6 +69,9 @@ class ServerContext:
         parser = settings.tool_call_parser
         self.tool_parser = (infer_parser(getattr(self.tokenizer, "chat_template", None)) if parser == "auto"
                             else parser)
+        logger.info("tool calls: %s", f"{self.tool_parser} format" if self.tool_parser else
+                    "no parser (the chat template shows no tool-call format; tool_choice 'auto' is refused, "
+                    "--tool-call-parser sets one)")
 
     # -- the request preamble -------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:

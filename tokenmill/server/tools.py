@@ -13,9 +13,9 @@ tool_choice decides how calls come about:
   the arguments.
 - "none": tools are shown to the template, nothing is parsed.
 
-Streaming re-scans the text so far on every delta (a tolerant scan of possibly unfinished JSON)
-and sends what is new, as OpenAI does: a call's first delta carries its index, id, type, name
-and empty arguments; later ones carry argument text.
+CallParser reads a choice's text as it grows, once in all (a tolerant, resumable scan of possibly
+unfinished JSON, in which markers inside strings are text); ToolStream sends what is new, as OpenAI
+streams calls, and parse_calls gives the unstreamed response by the same final rule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.structured import StructuredOutputsParams
@@ -99,6 +99,11 @@ class ToolSetup:
             choice = "named"
         elif choice not in ("none", "auto", "required"):
             raise ValueError(f"tool_choice: must be 'none', 'auto', 'required' or a named function, got {choice!r}")
+        elif choice == "auto" and parser is None:  # the calls could not be found in the text (vLLM: a 400 too)
+            raise ValueError("tool_choice: 'auto' (the default with tools) needs a tool-call parser, and this "
+                             "model's chat template shows no tool-call format; start the server with "
+                             f"--tool-call-parser ({'|'.join(PARSERS)}), or use tool_choice 'required', "
+                             "a named function or 'none'")
         setup = cls(tools=[{"type": "function", "function": t["function"]} for t in tools], mode=choice,
                     parser=parser, named=named, names=frozenset(funcs))
         if choice == "named":
@@ -170,193 +175,346 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
 
 
 # -- scanning text that may stop anywhere -------------------------------------------------------
+_IN_STRING = re.compile(r'["\\]')  # what ends a run of plain characters inside a JSON string
+_NESTED = re.compile(r'["{}\[\]<]')  # what matters below the top level of an object
+
+
+class ObjectScan:
+    """The JSON object starting at text[start] ('{'), read as far as the text goes and resumed
+    where it stopped when more text arrives, so a streamed call is read once in all. It tracks
+    strings and nesting and where each top-level value lies, not full JSON validity. A '<' outside
+    strings (a closing tag after a malformed object) ends it as broken."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.j = start  # the next character to read
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.str_start = 0
+        self.pending: str | None = None  # a key waiting for its ':'
+        self.key: str | None = None  # the key whose value is being read
+        self.vstart: int | None = None
+        self.fields: dict[str, tuple[int, int]] = {}  # finished top-level values
+        self.end: int | None = None  # the index after the closing brace
+        self.broken = False
+
+    def span(self, key: str) -> tuple[int, int | None] | None:
+        """Where key's value lies: (start, end), or (start, None) while it is being written."""
+        if key in self.fields:
+            return self.fields[key]
+        if key == self.key and self.vstart is not None and self.end is None and not self.broken:
+            return self.vstart, None
+        return None
+
+    def _end_scalar(self, text: str, at: int) -> None:
+        if self.key is not None and self.vstart is not None:
+            e = at
+            while e > self.vstart and text[e - 1].isspace():
+                e -= 1
+            self.fields[self.key] = (self.vstart, e)
+        self.key = None
+
+    def advance(self, text: str) -> None:
+        j, n = self.j, len(text)
+        while j < n and self.end is None and not self.broken:
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                    j += 1
+                    continue
+                m = _IN_STRING.search(text, j)
+                if m is None:
+                    j = n
+                    break
+                j = m.start()
+                if text[j] == "\\":
+                    self.esc = True
+                else:
+                    self.in_str = False
+                    if self.depth == 1:
+                        if self.key is None:
+                            try:
+                                self.pending = json.loads(text[self.str_start : j + 1], strict=False)
+                            except ValueError:
+                                self.pending = text[self.str_start + 1 : j]
+                        elif self.vstart == self.str_start:
+                            self.fields[self.key] = (self.vstart, j + 1)
+                            self.key = None
+                j += 1
+                continue
+            if self.depth > 1:  # inside a value: only strings and brackets matter
+                m = _NESTED.search(text, j)
+                if m is None:
+                    j = n
+                    break
+                j = m.start()
+            c = text[j]
+            if c == '"':
+                self.in_str, self.str_start = True, j
+                if self.depth == 1 and self.key is not None and self.vstart is None:
+                    self.vstart = j
+            elif c in "{[":
+                if self.depth == 1 and self.key is not None and self.vstart is None:
+                    self.vstart = j
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if (self.depth == 1 and self.key is not None and self.vstart is not None
+                        and text[self.vstart] in "{["):
+                    self.fields[self.key] = (self.vstart, j + 1)
+                    self.key = None
+                if self.depth == 0:
+                    self._end_scalar(text, j)
+                    self.end = j + 1
+            elif c == "<":
+                self.broken = True
+                break
+            elif self.depth == 1:
+                if c == ":" and self.pending is not None:
+                    self.key, self.pending, self.vstart = self.pending, None, None
+                elif c == ",":
+                    self._end_scalar(text, j)
+                elif not c.isspace() and self.key is not None and self.vstart is None:
+                    self.vstart = j
+            j += 1
+        self.j = j
+
+
 @dataclass
 class CallScan:
+    """One call as far as the text goes. Its arguments are a span of the text, or fixed."""
+
     name: str | None = None
-    args: str | None = None  # the arguments' text so far
-    args_done: bool = False
-    done: bool = False  # the whole call is complete
+    args_key: str | None = None
+    args_start: int | None = None
+    args_end: int | None = None  # None while the arguments are being written
+    fixed: str | None = None  # arguments that are not in the text ("{}" for a call without any)
+    done: bool = False  # the call is complete
+    ok: bool = True  # nothing malformed was met
+
+    @property
+    def args_done(self) -> bool:
+        return self.fixed is not None or self.args_end is not None
+
+    def args(self, text: str) -> str | None:
+        if self.fixed is not None:
+            return self.fixed
+        if self.args_start is None:
+            return None
+        return text[self.args_start : self.args_end if self.args_end is not None else len(text)]
 
 
-def scan_object(text: str, i: int) -> tuple[int | None, dict[str, tuple[int, int | None]]]:
-    """Scans the JSON object starting at text[i] ('{'), which may be unfinished: (the index after
-    its closing brace or None, {top-level key: (value start, value end or None while unfinished)})."""
-    fields: dict[str, tuple[int, int | None]] = {}
-    depth, j, n = 0, i, len(text)
-    in_str = esc = False
-    str_start = 0
-    pending: str | None = None  # a key waiting for its ':'
-    key: str | None = None  # the key whose value is being read
-    vstart: int | None = None
-
-    def end_scalar(at: int) -> None:
-        nonlocal key
-        if key is not None and vstart is not None:
-            e = at
-            while e > vstart and text[e - 1].isspace():
-                e -= 1
-            fields[key] = (vstart, e)
-        key = None
-
-    while j < n:
-        c = text[j]
-        if in_str:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_str = False
-                if depth == 1:
-                    if key is None:
-                        try:
-                            pending = json.loads(text[str_start : j + 1])
-                        except ValueError:
-                            pending = text[str_start + 1 : j]
-                    elif vstart == str_start:
-                        fields[key] = (vstart, j + 1)
-                        key = None
-        elif c == '"':
-            in_str, str_start = True, j
-            if depth == 1 and key is not None and vstart is None:
-                vstart = j
-        elif c in "{[":
-            if depth == 1 and key is not None and vstart is None:
-                vstart = j
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 1 and key is not None and vstart is not None and text[vstart] in "{[":
-                fields[key] = (vstart, j + 1)
-                key = None
-            if depth == 0:
-                end_scalar(j)
-                return j + 1, fields
-        elif depth == 1:
-            if c == ":" and pending is not None:
-                key, pending, vstart = pending, None, None
-            elif c == ",":
-                end_scalar(j)
-            elif not c.isspace() and key is not None and vstart is None:
-                vstart = j
-        j += 1
-    if key is not None and vstart is not None:
-        fields[key] = (vstart, None)
-    return None, fields
+@dataclass
+class Scan:
+    content: int  # the content is text[:content]: what is safe to send as content
+    calls: list[CallScan]
 
 
-def call_from_object(text: str, i: int, args_keys: tuple[str, ...] = ("arguments", "parameters")
-                     ) -> tuple[CallScan, int | None]:
-    end, fields = scan_object(text, i)
-    call = CallScan(done=end is not None)
-    span = fields.get("name")
-    if span is not None and span[1] is not None:
-        try:
-            name = json.loads(text[span[0] : span[1]])
-            call.name = name if isinstance(name, str) else None
-        except ValueError:
-            pass
-    for k in args_keys:
-        if k in fields:
-            s, e = fields[k]
-            call.args, call.args_done = text[s : e if e is not None else len(text)], e is not None
-            break
-    else:
-        if call.done:
-            call.args, call.args_done = "{}", True
-    return call, end
+_MARK = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+_HERMES_TAG = re.compile(r"</?tool_call>")
+_MISTRAL_TAG = re.compile(r"\[ARGS\]|\[TOOL_CALLS\]")
+_PYTHON_TAG = "<|python_tag|>"
+_START = {"hermes": "seek", "mistral": "seek", "llama3_json": "l3", "array": "seq", "arguments": "args"}
 
 
-def scan_sequence(text: str, i: int) -> tuple[list[CallScan], int]:
-    """Calls written as JSON objects from text[i] on, separated by whitespace, ',' or ';' (and
-    opened by '[' when they form an array); stops at anything else. Returns where it stopped."""
-    calls = []
-    while True:
-        while i < len(text) and (text[i].isspace() or text[i] in ",;["):
-            i += 1
-        if i >= len(text) or text[i] != "{":
-            return calls, i
-        call, end = call_from_object(text, i)
-        calls.append(call)
-        if end is None:
-            return calls, len(text)
-        i = end
+def _skip(text: str, i: int, chars: str = "") -> int:
+    while i < len(text) and (text[i].isspace() or text[i] in chars):
+        i += 1
+    return i
 
 
 def _held(text: str, marker: str) -> int:
     """How many trailing characters of text could start marker (held back from content)."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-k:]):
+        if text.endswith(marker[:k]):
             return k
     return 0
 
 
-@dataclass
-class Scan:
-    content: str  # content text that is safe to send
-    calls: list[CallScan]
+class CallParser:
+    """The content and calls of a growing text written in one format: a parser's name, "array"
+    (tool_choice required) or "arguments" (a named function). feed() gets the whole text so far
+    and reads only what is new, so a stream is read in linear time; markers inside JSON strings
+    are text. A small state machine: seek a format's marker, read the calls' objects, and so on."""
 
+    def __init__(self, fmt: str) -> None:
+        if fmt not in _START:
+            raise ValueError(f"unknown tool-call format {fmt!r}")
+        self.fmt = fmt
+        self.state = _START[fmt]
+        self.pos = self.search = 0  # where the state reads from; where a marker search resumes
+        self.calls: list[CallScan] = []
+        self.content_end: int | None = None  # where the calls begin, once a marker is found
+        self.obj: ObjectScan | None = None
+        self.after = ""  # the state after the current object
+        self.junk = False  # hermes: text between an object and its closing tag
+        self.tagged = False  # llama3_json: <|python_tag|> was seen
+        self.finished = False
 
-def scan(fmt: str, text: str, final: bool) -> Scan:
-    """The content and calls in `text` written in format fmt (a parser, "array" or "arguments")."""
-    if fmt == "arguments":
-        return Scan("", [CallScan(args=text, args_done=final, done=final)])
-    if fmt == "array":
-        calls, _ = scan_sequence(text, 0)
-        return Scan("", calls)
-    if fmt == "hermes":
-        start = text.find("<tool_call>")
-        if start < 0:
-            return Scan(text if final else text[: len(text) - _held(text, "<tool_call>")], [])
-        calls = []
-        for part in text[start:].split("<tool_call>")[1:]:
-            part = part.split("</tool_call>")[0]
-            k = part.find("{")
-            if k >= 0:
-                calls.append(call_from_object(part, k)[0])
-        return Scan(text[:start], calls)
-    if fmt == "mistral":
-        start = text.find("[TOOL_CALLS]")
-        if start < 0:
-            return Scan(text if final else text[: len(text) - _held(text, "[TOOL_CALLS]")], [])
-        rest = text[start + len("[TOOL_CALLS]"):]
-        if rest.lstrip().startswith("[") or rest.lstrip().startswith("{"):
-            calls, _ = scan_sequence(rest, 0)
-        else:  # [TOOL_CALLS]name[ARGS]{...}, once per call
-            calls = []
-            for part in rest.split("[TOOL_CALLS]"):
-                name, sep, args = part.partition("[ARGS]")
-                if not sep:
-                    if final and name.strip():
-                        calls.append(CallScan(name=name.strip(), args="{}", args_done=True, done=True))
-                    continue
-                k = args.find("{")
-                end = scan_object(args, k)[0] if k >= 0 else None
-                calls.append(CallScan(name=name.strip(), args=args[k:end] if k >= 0 else "",
-                                      args_done=end is not None, done=end is not None))
-        return Scan(text[:start], calls)
-    if fmt == "llama3_json":
-        body = text.lstrip()
-        tagged = body.startswith("<|python_tag|>")
-        if tagged:
-            body = body[len("<|python_tag|>"):].lstrip()
-        if not body:
-            return Scan(text if final and not tagged else "", [])
-        if not body.startswith("{"):
-            if "<|python_tag|>".startswith(text.lstrip()) and not final:
-                return Scan("", [])
-            return Scan(text, [])
-        calls, _ = scan_sequence(body, 0)
-        if final and not any(c.name for c in calls):
-            return Scan(text, [])  # plain JSON the model wrote as its answer
-        return Scan("", calls)
-    raise ValueError(f"unknown tool-call format {fmt!r}")
+    def feed(self, text: str, final: bool) -> Scan:
+        while self._step(text, final):
+            pass
+        if final and not self.finished:
+            self.finished = True
+            self._finish(text)
+        return Scan(self._content(text, final), self._visible())
+
+    def _go(self, state: str, pos: int) -> bool:
+        self.state, self.pos, self.search = state, pos, pos
+        return True
+
+    def _object(self, i: int, after: str, name: str | None = None) -> bool:
+        """Reads a call's object from text[i]; with a name, the object is the call's arguments."""
+        self.obj, self.after = ObjectScan(i), after
+        self.calls.append(CallScan(name=name, args_start=i if name is not None else None))
+        return self._go("obj", i)
+
+    def _step(self, text: str, final: bool) -> bool:
+        """Reads on from the current state; False when it must wait for more text."""
+        st, n = self.state, len(text)
+        if st == "seek":  # hermes, mistral: look for the format's opening marker
+            mark = _MARK[self.fmt]
+            i = text.find(mark, self.search)
+            if i < 0:
+                self.search = max(self.search, n - len(mark) + 1)
+                return False
+            if self.content_end is None:
+                self.content_end = i
+            return self._go("open" if self.fmt == "hermes" else "mstart", i + len(mark))
+        if st == "open":  # hermes, after <tool_call>
+            i = _skip(text, self.pos)
+            if i == n:
+                return False
+            if text[i] == "{":
+                return self._object(i, "close")
+            self.calls.append(CallScan(done=True, ok=False))
+            return self._go("close", i)
+        if st == "obj":
+            obj, call = self.obj, self.calls[-1]
+            assert obj is not None
+            obj.advance(text)
+            if call.args_start == obj.start:  # mistral's name[ARGS]{...}
+                call.args_end = obj.end
+            elif call.name is None and "name" in obj.fields:
+                try:
+                    name = json.loads(text[slice(*obj.fields["name"])], strict=False)
+                except ValueError:
+                    name = None
+                call.name, call.ok = (name, call.ok) if isinstance(name, str) else (None, False)
+            for k in (call.args_key,) if call.args_key else ("arguments", "parameters"):
+                span = obj.span(k) if call.args_start != obj.start else None
+                if span is not None:
+                    call.args_key, (call.args_start, call.args_end) = k, span
+                    break
+            if obj.end is None and not obj.broken:
+                return False
+            call.done, call.ok = True, call.ok and not obj.broken
+            if call.args_start is None and not obj.broken:
+                call.fixed = "{}"
+            self.obj = None
+            return self._go(self.after, obj.end if obj.end is not None else obj.j)
+        if st == "close":  # hermes: after a call's object, up to </tool_call> (or the next <tool_call>)
+            m = _HERMES_TAG.search(text, self.search)
+            stop = m.start() if m else max(self.search, n - len("</tool_call>") + 1)
+            self.junk = self.junk or bool(text[self.search : stop].strip())
+            self.search = stop
+            if m is None:
+                return False
+            if self.junk and self.calls:
+                self.calls[-1].ok = False
+            self.junk = False
+            return self._go("seek" if m.group() == "</tool_call>" else "open", m.end())
+        if st == "mstart":  # mistral, after [TOOL_CALLS]: a JSON array or object, or name[ARGS]{...}
+            i = _skip(text, self.pos)
+            if i == n:
+                return False
+            return self._go("seq" if text[i] in "[{" else "mname", i)
+        if st == "mname":
+            m = _MISTRAL_TAG.search(text, self.search)
+            if m is None:
+                self.search = max(self.search, n - len("[TOOL_CALLS]") + 1)
+                return False
+            name = text[self.pos : m.start()].strip()
+            if m.group() == "[ARGS]":
+                self.calls.append(CallScan(name=name))
+                return self._go("margs", m.end())
+            if name:  # a call without arguments
+                self.calls.append(CallScan(name=name, fixed="{}", done=True))
+            return self._go("mstart", m.end())
+        if st == "margs":
+            i = _skip(text, self.pos)
+            if i == n:
+                return False
+            if text[i] == "{":
+                return self._object(i, "seek", self.calls.pop().name)
+            self.calls[-1].done, self.calls[-1].ok = True, False
+            return self._go("seek", i)
+        if st == "seq":  # objects separated by whitespace, ',' or ';' (opened by '[' in an array)
+            i = _skip(text, self.pos, ",;[")
+            if i == n:
+                self.pos = i
+                return False
+            if text[i] == "{":
+                return self._object(i, "seq")
+            return self._go("seek" if self.fmt == "mistral" else "end", i)
+        if st == "l3":  # llama3_json: an optional <|python_tag|>, then JSON or plain text
+            i = _skip(text, self.pos)
+            if not self.tagged:
+                if text.startswith(_PYTHON_TAG, i):
+                    self.tagged = True
+                    return self._go("l3", i + len(_PYTHON_TAG))
+                if n - i < len(_PYTHON_TAG) and _PYTHON_TAG.startswith(text[i:]) and not final:
+                    return False
+            if i == n:
+                return False
+            return self._go("seq" if text[i] == "{" else "plain", i)
+        if st == "args":  # a named function: the whole text is the arguments
+            if not self.calls:
+                self.calls.append(CallScan(args_start=0))
+            return False
+        return False  # "end", "plain": nothing more to read
+
+    def _finish(self, text: str) -> None:
+        """The text ended: what was waiting for more is settled."""
+        if self.state == "args":
+            self.calls[-1].args_end, self.calls[-1].done = len(text), True
+        elif self.state == "mname":
+            name = text[self.pos :].strip()
+            if name:
+                self.calls.append(CallScan(name=name, fixed="{}", done=True))
+        elif self.state == "close":
+            if self.calls and (self.junk or text[self.search :].strip()):
+                self.calls[-1].ok = False
+        elif self.state == "margs" and self.calls:
+            self.calls[-1].done, self.calls[-1].ok = True, False
+
+    def _llama_plain(self, final: bool) -> bool:
+        """llama3_json text that is an answer, not calls: plain text, or JSON that names no tool."""
+        return self.state == "plain" or (final and not any(c.name for c in self.calls))
+
+    def _content(self, text: str, final: bool) -> int:
+        if self.fmt in ("array", "arguments"):
+            return 0
+        if self.fmt == "llama3_json":
+            if self._llama_plain(final):
+                return len(text) if final or self.state == "plain" else 0
+            return 0
+        if self.content_end is not None:
+            return self.content_end
+        return len(text) if final else len(text) - _held(text, _MARK[self.fmt])
+
+    def _visible(self) -> list[CallScan]:
+        if self.fmt == "llama3_json" and self._llama_plain(self.finished):
+            return []
+        return self.calls
 
 
 # -- responses ----------------------------------------------------------------------------------
-def _arguments(call: CallScan) -> str | None:
-    """The call's arguments as a JSON text, or None when they are not valid JSON."""
-    args = call.args if call.args is not None else "{}"
+def _arguments(call: CallScan, text: str) -> str | None:
+    """The call's arguments as a JSON text, or None when they are not a JSON object."""
+    args = call.args(text)
+    if args is None:
+        args = "{}"
     try:
         value = json.loads(args, strict=False)  # control characters inside strings are common
     except ValueError:
@@ -369,71 +527,113 @@ def _arguments(call: CallScan) -> str | None:
     return args if isinstance(value, dict) else None
 
 
-def parse_calls(setup: ToolSetup, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) of a finished choice. Text that does not hold well-formed calls
-    stays content."""
+def final_calls(setup: ToolSetup, scan: Scan, text: str, complete: bool) -> tuple[int, list[tuple[str, str]]]:
+    """(content length, [(name, arguments)]) of a finished choice; the content is text[:length].
+    complete: the choice ended by itself ("stop"); then every call must be whole, to a declared
+    function, with object arguments, else all the text is content. A choice cut short (length)
+    keeps the calls begun with a declared name, arguments as far as they go, as OpenAI returns a
+    call cut by max_tokens."""
+    named = setup.text_format == "arguments"
+    calls = []
+    for c in scan.calls:
+        name = setup.named if named else c.name
+        if name is None or name not in setup.names:
+            if complete:
+                return len(text), []
+            break
+        args = _arguments(c, text) if c.done and c.ok else None
+        if args is None:
+            if complete:
+                return len(text), []
+            args = c.args(text) or ""
+        calls.append((name, args))
+    if not calls:
+        return len(text), []
+    return scan.content, calls
+
+
+def parse_calls(setup: ToolSetup, text: str, complete: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a finished choice (see final_calls)."""
     fmt = setup.text_format
     if fmt is None:
         return text, []
-    s = scan(fmt, text, final=True)
-    calls = []
-    for c in s.calls:
-        name = setup.named if fmt == "arguments" else c.name
-        args = _arguments(c)
-        if not c.done or name not in setup.names or args is None:
-            return text, []
-        calls.append({"id": call_id(setup.parser), "type": "function", "function": {"name": name, "arguments": args}})
+    content, calls = final_calls(setup, CallParser(fmt).feed(text, final=True), text, complete)
     if not calls:
         return text, []
-    return (s.content or None), calls
+    return (text[:content] or None), [
+        {"id": call_id(setup.parser), "type": "function", "function": {"name": n, "arguments": a}}
+        for n, a in calls]
 
 
 @dataclass
 class _Sent:
     id: str
-    name_sent: bool = False
+    name: str
     args: int = 0  # characters of arguments sent
+    closed: bool = False  # the call is complete and all of it was sent
 
 
-@dataclass
 class ToolStream:
-    """One streamed choice: turns its growing text into content and tool-call deltas."""
+    """One streamed choice: turns its growing text into content and tool-call deltas, as OpenAI
+    streams them (a call's first delta: index, id, type, name and empty arguments; then argument
+    text). The last feed decides as parse_calls does, so a stream reassembles to the response the
+    same request gets unstreamed; the one exception is a call whose name was sent and whose text
+    then turns out malformed, which a stream cannot take back."""
 
-    setup: ToolSetup
-    content_sent: int = 0
-    sent: list[_Sent] = field(default_factory=list)
+    def __init__(self, setup: ToolSetup) -> None:
+        self.setup = setup
+        self.parser = CallParser(setup.text_format) if setup.text_format else None
+        self.content_sent = 0
+        self.sent: list[_Sent] = []
 
-    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
-        """(new content, new tool_calls delta entries) for the choice's whole text so far."""
-        fmt = self.setup.text_format
-        if fmt is None:
+    def feed(self, text: str, final: bool, complete: bool = True) -> tuple[str, list[dict[str, Any]]]:
+        """(new content, new tool_calls delta entries) for the choice's whole text so far. With
+        final, complete says whether the choice ended by itself (see final_calls)."""
+        if self.parser is None:
             new, self.content_sent = text[self.content_sent:], len(text)
             return new, []
-        s = scan(fmt, text, final)
-        content = s.content[self.content_sent:] if len(s.content) > self.content_sent else ""
-        self.content_sent = max(self.content_sent, len(s.content))
-        deltas = []
-        for i, c in enumerate(s.calls):
-            name = self.setup.named if fmt == "arguments" else c.name
-            if name is None or name not in self.setup.names:
-                break  # calls stream in order; this one's name is still being written (or is no tool's)
-            if i == len(self.sent):
-                self.sent.append(_Sent(call_id(self.setup.parser)))
-            st = self.sent[i]
-            args = c.args or ""
-            # Object arguments stream as they grow; a string or scalar waits until complete.
-            streamable = args.startswith("{") or c.args_done
-            if c.args_done:
-                args = _arguments(c) or args
-            new_args = args[st.args:] if streamable and len(args) > st.args else ""
-            if not st.name_sent:  # OpenAI's first delta of a call: its id, type, name and no arguments
-                deltas.append({"index": i, "id": st.id, "type": "function",
-                               "function": {"name": name, "arguments": ""}})
-                st.name_sent = True
-            if new_args:
-                deltas.append({"index": i, "function": {"arguments": new_args}})
-            st.args += len(new_args)
-        return content, deltas
+        s = self.parser.feed(text, final)
+        deltas: list[dict[str, Any]] = []
+        if final:
+            content, calls = final_calls(self.setup, s, text, complete)
+            if self.sent and not calls:  # announced calls turned out malformed: finish them as written
+                content, calls = s.content, [(self.sent[i].name, c.args(text) or "")
+                                             for i, c in enumerate(s.calls[: len(self.sent)])]
+            for i, (name, args) in enumerate(calls):
+                self._send(deltas, i, name, lambda start, a=args: a[start:], True)
+        else:
+            content = s.content
+            for i, c in enumerate(s.calls):
+                if i < len(self.sent) and self.sent[i].closed:
+                    continue
+                name = self.setup.named if self.setup.text_format == "arguments" else c.name
+                if name is None or name not in self.setup.names:
+                    break  # calls stream in order; this one's name is still being written (or is no tool's)
+                if c.args_done:
+                    args = _arguments(c, text) or c.args(text) or ""
+                    self._send(deltas, i, name, lambda start, a=args: a[start:], c.done)
+                elif c.args_start is not None and text.startswith("{", c.args_start):
+                    # Object arguments stream as they grow; a string or scalar waits until complete.
+                    s0 = c.args_start
+                    self._send(deltas, i, name, lambda start, s0=s0: text[s0 + start:], False)
+                else:
+                    self._send(deltas, i, name, lambda start: "", False)
+        new = text[self.content_sent:content] if content > self.content_sent else ""
+        self.content_sent = max(self.content_sent, content)
+        return new, deltas
+
+    def _send(self, deltas: list[dict[str, Any]], i: int, name: str, rest: Any, closed: bool) -> None:
+        """Appends call i's header (once) and its arguments after those already sent."""
+        if i == len(self.sent):
+            self.sent.append(_Sent(call_id(self.setup.parser), name))
+            deltas.append({"index": i, "id": self.sent[i].id, "type": "function",
+                           "function": {"name": name, "arguments": ""}})
+        st = self.sent[i]
+        new = rest(st.args)
+        if new:
+            deltas.append({"index": i, "function": {"arguments": new}})
+            st.args += len(new)
+        st.closed = closed
 
     @property
     def called(self) -> bool:

@@ -93,7 +93,8 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                         content, tool_deltas = d.text, []
                         if tools is not None:
                             ts = calls.setdefault(c.index, ToolStream(tools))
-                            content, tool_deltas = ts.feed(c.text[: d.text_start + len(d.text)], reason is not None)
+                            content, tool_deltas = ts.feed(c.text[: d.text_start + len(d.text)], reason is not None,
+                                                          complete=reason == "stop")
                             if reason is not None:
                                 reason = tool_finish(tools, reason, ts.called)
                         # One chunk per tool-call delta, as OpenAI streams them; an empty one keeps the step's timing.
@@ -125,7 +126,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                 message: dict[str, Any] = {"role": "assistant", "content": c.text}
                 reason = finish_reason(c)
                 if tools is not None:
-                    content, tool_calls = parse_calls(tools, c.text) if reason == "stop" else (c.text, [])
+                    content, tool_calls = parse_calls(tools, c.text, complete=reason == "stop")
                     message = {"role": "assistant", "content": content}
                     if tool_calls:
                         message["tool_calls"] = tool_calls
