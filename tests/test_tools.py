@@ -204,6 +204,9 @@ CASES = [
     ("hermes", 'A<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
      'A<tool_call>{"name": "nope", "arguments": {}}</tool_call>', []),
     ("llama3_json", '{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', []),
+    # The first of "arguments" / "parameters" (and of a repeated key) counts, streamed or not.
+    ("hermes", '<tool_call>{"name": "search", "parameters": {"query": "p"}, "arguments": {"query": "a"}}</tool_call>',
+     None, [("search", {"query": "p"})]),
     ("hermes", "No tools needed: 2 < 3.", "No tools needed: 2 < 3.", []),
     ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
     ("mistral", "Plain [text].", "Plain [text].", []),
@@ -247,6 +250,12 @@ def _stream(setup, text, complete=True, step=1):
      '"parameters": {"ci', None, [("search", '{"query": "x"}'), ("get_weather", '{"ci')]),
     ({"type": "function", "function": {"name": "search"}}, "hermes", '{"query": "abc', None,
      [("search", '{"query": "abc')]),
+    # Finished arguments written as a JSON string are sent decoded, streamed or not.
+    (None, "hermes", '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"q\\"}" ', None,
+     [("search", '{"query": "q"}')]),
+    # Arguments of an object that breaks end where it breaks, not at the end of the text.
+    (None, "hermes", 'Hi<tool_call>{"name": "search", "arguments": {"query": "x"</tool_call>\nBye', "Hi",
+     [("search", '{"query": "x"')]),
 ])
 def test_cut_short_keeps_the_calls_begun(mode, parser, text, content, expected):
     """finish_reason length: the calls begun, arguments as far as they go (as OpenAI returns them),
@@ -260,13 +269,18 @@ def test_cut_short_keeps_the_calls_begun(mode, parser, text, content, expected):
 
 
 def test_malformed_call_is_content_unstreamed():
-    """A call whose JSON breaks before its closing tag is content unstreamed; a stream that already
-    sent its name finishes it as written (it cannot take the name back)."""
+    """A call whose JSON breaks is content unstreamed; a stream that already sent its name
+    finishes it as written (it cannot take the name back)."""
     setup = ToolSetup.from_request(TOOLS, None, None, "hermes")
     text = '<tool_call>{"name": "search", "arguments": {"query": "x"}</tool_call>'
     assert parse_calls(setup, text) == (text, [])
     content, assembled = _stream(setup, text)
     assert content == "" and [tuple(v) for v in assembled.values()] == [("search", '{"query": "x"}')]
+    for fmt, bad in [("hermes", '<tool_call>{"name": "search", "arguments": {"query": "x"}]</tool_call>'),
+                     ("hermes", '<tool_call>{"name": "search", "arguments": {}} oops</tool_call>'),
+                     ("mistral", "[TOOL_CALLS]search[TOOL_CALLS][ARGS]5"),
+                     ("mistral", '[TOOL_CALLS][ARGS]{"query": "x"}')]:
+        assert parse_calls(ToolSetup.from_request(TOOLS, None, None, fmt), bad) == (bad, []), bad
 
 
 def test_long_call_streams_in_linear_time():
@@ -292,6 +306,29 @@ def test_long_call_streams_in_linear_time():
         ObjectScan.advance = advance
     assert json.loads(args) == {"query": 'a " { [ <tool_call> ' * 2000}
     assert reads < 2 * len(text)
+
+
+@pytest.mark.parametrize("parser,text", [
+    ("hermes", "<tool_call>" + "\n" * 20000 + '{"name": "search"}'),
+    ("mistral", "[TOOL_CALLS]" + " " * 20000 + "search[ARGS]" + " " * 20000 + "{}"),
+    ("llama3_json", " " * 20000 + "<|python_tag|>" + " " * 20000 + '{"name": "search"}'),
+])
+def test_whitespace_streams_in_linear_time(monkeypatch, parser, text):
+    """Whitespace before a call (a model stuck on newlines) is read once, however it streams."""
+    from tokenmill.server import tools
+
+    skipped = 0
+    skip = tools._skip
+
+    def counting(t, i, chars=""):
+        nonlocal skipped
+        j = skip(t, i, chars)
+        skipped += j - i + 1
+        return j
+    monkeypatch.setattr(tools, "_skip", counting)
+    _, assembled = _stream(ToolSetup.from_request(TOOLS, None, None, parser), text)
+    assert [n for n, _ in assembled.values()] == ["search"]
+    assert skipped < 2 * len(text)
 
 
 def test_object_scan_unfinished_and_resumed():

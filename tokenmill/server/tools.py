@@ -194,7 +194,7 @@ class ObjectScan:
         self.pending: str | None = None  # a key waiting for its ':'
         self.key: str | None = None  # the key whose value is being read
         self.vstart: int | None = None
-        self.fields: dict[str, tuple[int, int]] = {}  # finished top-level values
+        self.fields: dict[str, tuple[int, int]] = {}  # finished top-level values (a repeated key's first)
         self.end: int | None = None  # the index after the closing brace
         self.broken = False
 
@@ -202,7 +202,7 @@ class ObjectScan:
         """Where key's value lies: (start, end), or (start, None) while it is being written."""
         if key in self.fields:
             return self.fields[key]
-        if key == self.key and self.vstart is not None and self.end is None and not self.broken:
+        if key == self.key and self.vstart is not None and self.end is None:  # (or where it broke)
             return self.vstart, None
         return None
 
@@ -211,7 +211,7 @@ class ObjectScan:
             e = at
             while e > self.vstart and text[e - 1].isspace():
                 e -= 1
-            self.fields[self.key] = (self.vstart, e)
+            self.fields.setdefault(self.key, (self.vstart, e))
         self.key = None
 
     def advance(self, text: str) -> None:
@@ -238,7 +238,7 @@ class ObjectScan:
                             except ValueError:
                                 self.pending = text[self.str_start + 1 : j]
                         elif self.vstart == self.str_start:
-                            self.fields[self.key] = (self.vstart, j + 1)
+                            self.fields.setdefault(self.key, (self.vstart, j + 1))
                             self.key = None
                 j += 1
                 continue
@@ -261,7 +261,7 @@ class ObjectScan:
                 self.depth -= 1
                 if (self.depth == 1 and self.key is not None and self.vstart is not None
                         and text[self.vstart] in "{["):
-                    self.fields[self.key] = (self.vstart, j + 1)
+                    self.fields.setdefault(self.key, (self.vstart, j + 1))
                     self.key = None
                 if self.depth == 0:
                     self._end_scalar(text, j)
@@ -291,6 +291,8 @@ class CallScan:
     fixed: str | None = None  # arguments that are not in the text ("{}" for a call without any)
     done: bool = False  # the call is complete
     ok: bool = True  # nothing malformed was met
+    name_read: bool = False
+    normalized: str | None = None  # the finished arguments as sent (see view_args), once computed
 
     @property
     def args_done(self) -> bool:
@@ -302,6 +304,22 @@ class CallScan:
         if self.args_start is None:
             return None
         return text[self.args_start : self.args_end if self.args_end is not None else len(text)]
+
+    def view_args(self, text: str) -> str:
+        """The arguments as streamed and as a call cut short returns them: finished ones as JSON
+        (a JSON string holding an object decoded), unfinished ones as written so far."""
+        if not self.args_done:
+            return self.args(text) or ""
+        if self.normalized is None:
+            self.normalized = _arguments(self, text) or self.args(text) or ""
+        return self.normalized
+
+
+def _is_object(s: str) -> bool:
+    try:
+        return isinstance(json.loads(s, strict=False), dict)
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -382,7 +400,7 @@ class CallParser:
                 self.content_end = i
             return self._go("open" if self.fmt == "hermes" else "mstart", i + len(mark))
         if st == "open":  # hermes, after <tool_call>
-            i = _skip(text, self.pos)
+            i = self.pos = _skip(text, self.pos)  # (kept: whitespace is read once, however it streams)
             if i == n:
                 return False
             if text[i] == "{":
@@ -393,26 +411,34 @@ class CallParser:
             obj, call = self.obj, self.calls[-1]
             assert obj is not None
             obj.advance(text)
-            if call.args_start == obj.start:  # mistral's name[ARGS]{...}
-                call.args_end = obj.end
-            elif call.name is None and "name" in obj.fields:
+            whole = call.args_start == obj.start  # mistral's name[ARGS]{...}: the object is the arguments
+            if not whole and not call.name_read and "name" in obj.fields:
+                call.name_read = True
                 try:
                     name = json.loads(text[slice(*obj.fields["name"])], strict=False)
                 except ValueError:
                     name = None
                 call.name, call.ok = (name, call.ok) if isinstance(name, str) else (None, False)
-            for k in (call.args_key,) if call.args_key else ("arguments", "parameters"):
-                span = obj.span(k) if call.args_start != obj.start else None
-                if span is not None:
-                    call.args_key, (call.args_start, call.args_end) = k, span
-                    break
+            if not whole and call.args_end is None:
+                # The arguments are the first of these keys in the text, read as far as they go.
+                spans = [(sp[0], k, sp) for k in ((call.args_key,) if call.args_key else ("arguments", "parameters"))
+                         if (sp := obj.span(k)) is not None]
+                if spans:
+                    _, call.args_key, (call.args_start, call.args_end) = min(spans)
             if obj.end is None and not obj.broken:
                 return False
-            call.done, call.ok = True, call.ok and not obj.broken
-            if call.args_start is None and not obj.broken:
+            end = obj.end if obj.end is not None else obj.j
+            if whole:
+                call.args_end = end
+            elif call.args_start is not None and call.args_end is None:  # broken inside the arguments
+                call.args_end = end
+            call.done = True
+            # A closed object must be JSON (one parse per call): brackets that only balance are not.
+            call.ok = call.ok and obj.end is not None and _is_object(text[obj.start : obj.end])
+            if call.args_start is None and call.ok:
                 call.fixed = "{}"
             self.obj = None
-            return self._go(self.after, obj.end if obj.end is not None else obj.j)
+            return self._go(self.after, end)
         if st == "close":  # hermes: after a call's object, up to </tool_call> (or the next <tool_call>)
             m = _HERMES_TAG.search(text, self.search)
             stop = m.start() if m else max(self.search, n - len("</tool_call>") + 1)
@@ -425,10 +451,16 @@ class CallParser:
             self.junk = False
             return self._go("seek" if m.group() == "</tool_call>" else "open", m.end())
         if st == "mstart":  # mistral, after [TOOL_CALLS]: a JSON array or object, or name[ARGS]{...}
-            i = _skip(text, self.pos)
+            i = self.pos = _skip(text, self.pos)
             if i == n:
                 return False
-            return self._go("seq" if text[i] in "[{" else "mname", i)
+            if text[i] == "[":  # an array, unless it is a marker (a call without a name)
+                head = text[i : i + len("[TOOL_CALLS]")]
+                if any(m.startswith(head) for m in ("[ARGS]", "[TOOL_CALLS]")) and not final:
+                    return False  # could still be either
+                if not any(head.startswith(m) for m in ("[ARGS]", "[TOOL_CALLS]")):
+                    return self._go("seq", i)
+            return self._go("seq" if text[i] == "{" else "mname", i)
         if st == "mname":
             m = _MISTRAL_TAG.search(text, self.search)
             if m is None:
@@ -442,7 +474,7 @@ class CallParser:
                 self.calls.append(CallScan(name=name, fixed="{}", done=True))
             return self._go("mstart", m.end())
         if st == "margs":
-            i = _skip(text, self.pos)
+            i = self.pos = _skip(text, self.pos)
             if i == n:
                 return False
             if text[i] == "{":
@@ -458,7 +490,7 @@ class CallParser:
                 return self._object(i, "seq")
             return self._go("seek" if self.fmt == "mistral" else "end", i)
         if st == "l3":  # llama3_json: an optional <|python_tag|>, then JSON or plain text
-            i = _skip(text, self.pos)
+            i = self.pos = _skip(text, self.pos)
             if not self.tagged:
                 if text.startswith(_PYTHON_TAG, i):
                     self.tagged = True
@@ -541,12 +573,9 @@ def final_calls(setup: ToolSetup, scan: Scan, text: str, complete: bool) -> tupl
             if complete:
                 return len(text), []
             break
-        args = _arguments(c, text) if c.done and c.ok else None
-        if args is None:
-            if complete:
-                return len(text), []
-            args = c.args(text) or ""
-        calls.append((name, args))
+        if complete and not (c.done and c.ok and _arguments(c, text) is not None):
+            return len(text), []
+        calls.append((name, c.view_args(text)))
     if not calls:
         return len(text), []
     return scan.content, calls
@@ -585,6 +614,7 @@ class ToolStream:
         self.parser = CallParser(setup.text_format) if setup.text_format else None
         self.content_sent = 0
         self.sent: list[_Sent] = []
+        self.open_from = 0  # calls before this one are closed: all of them was sent
 
     def feed(self, text: str, final: bool, complete: bool = True) -> tuple[str, list[dict[str, Any]]]:
         """(new content, new tool_calls delta entries) for the choice's whole text so far. With
@@ -597,20 +627,20 @@ class ToolStream:
         if final:
             content, calls = final_calls(self.setup, s, text, complete)
             if self.sent and not calls:  # announced calls turned out malformed: finish them as written
-                content, calls = s.content, [(self.sent[i].name, c.args(text) or "")
+                content, calls = s.content, [(self.sent[i].name, c.view_args(text))
                                              for i, c in enumerate(s.calls[: len(self.sent)])]
             for i, (name, args) in enumerate(calls):
-                self._send(deltas, i, name, lambda start, a=args: a[start:], True)
+                if i >= self.open_from:
+                    self._send(deltas, i, name, lambda start, a=args: a[start:], True)
         else:
             content = s.content
-            for i, c in enumerate(s.calls):
-                if i < len(self.sent) and self.sent[i].closed:
-                    continue
+            for i in range(self.open_from, len(s.calls)):
+                c = s.calls[i]
                 name = self.setup.named if self.setup.text_format == "arguments" else c.name
                 if name is None or name not in self.setup.names:
                     break  # calls stream in order; this one's name is still being written (or is no tool's)
                 if c.args_done:
-                    args = _arguments(c, text) or c.args(text) or ""
+                    args = c.view_args(text)
                     self._send(deltas, i, name, lambda start, a=args: a[start:], c.done)
                 elif c.args_start is not None and text.startswith("{", c.args_start):
                     # Object arguments stream as they grow; a string or scalar waits until complete.
@@ -634,6 +664,8 @@ class ToolStream:
             deltas.append({"index": i, "function": {"arguments": new}})
             st.args += len(new)
         st.closed = closed
+        while self.open_from < len(self.sent) and self.sent[self.open_from].closed:
+            self.open_from += 1
 
     @property
     def called(self) -> bool:
