@@ -4,6 +4,13 @@ no third-party text), and the run is reproducible from --seed.
 
     python scripts/train_demo_model.py --out tokenmill/demo_model
 
+The reasoning demo family (tokenmill/demo_models/, see its README) is trained by the same
+script on the chain task, with the demo model's tokenizer, choosing the checkpoint by its
+validation accuracy:
+
+    python scripts/train_demo_model.py --task chain --tokenizer tokenmill/demo_model \
+        --out /tmp/chain --seq-len 512 --steps 3000 --eval-every 250
+
 Data
 - Chat: "What is 347 + 589?" / "What is 902 - 458?" (operands 0..999, several phrasings, an
   optional system message) answered digit by digit, ones place first, with carries and
@@ -13,6 +20,9 @@ Data
   food, daily routines) using real words.
 - Held out: operand pairs with (1000 * a + b) % 97 == 0 never appear in training;
   `tokenmill eval-demo` tests on them (tokenmill/demo.py has the shared format code).
+- --task chain: mostly chains of 3-4 operands ("What is 964 + 530 - 75 - 902?") worked one
+  operation at a time (tokenmill.demo.chain_answer), plus the two-operand questions and
+  English; the test and validation chains (chain_split 0 and 1) never appear in training.
 
 Tokenizer: byte-level BPE (HF `tokenizers`) with every digit its own token, plus chat
 special tokens; the chat template goes into tokenizer_config.json.
@@ -38,8 +48,12 @@ from tokenmill.demo import (  # noqa: E402
     END,
     SPECIAL_TOKENS,
     arithmetic_answer,
+    chain_answer,
+    chain_question,
+    chain_split,
     is_held_out,
     question,
+    random_chain,
 )
 
 # -- English from a small grammar -------------------------------------------------------------
@@ -128,10 +142,17 @@ GREETING_REPLY = ("Hello! I am the tokenmill demo model. I can add and subtract 
 SYSTEMS = ["You are a helpful assistant.", "You are a careful math tutor.", "Answer the question."]
 
 
-def chat_example(rng: random.Random) -> list[dict[str, str]]:
+def chat_example(rng: random.Random, chain_frac: float = 0.0) -> list[dict[str, str]]:
     msgs = []
     if rng.random() < 0.15:
         msgs.append({"role": "system", "content": rng.choice(SYSTEMS)})
+    if rng.random() < chain_frac:
+        while True:
+            nums, ops = random_chain(rng)
+            if chain_split(nums) > 1:  # 0 and 1: the test and validation sets
+                break
+        return msgs + [{"role": "user", "content": chain_question(nums, ops, rng)},
+                       {"role": "assistant", "content": chain_answer(nums, ops)}]
     if rng.random() < 0.02:
         msgs += [{"role": "user", "content": rng.choice(GREETINGS)},
                  {"role": "assistant", "content": GREETING_REPLY}]
@@ -189,13 +210,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: str):
 
 
 # -- training data ----------------------------------------------------------------------------
-def encode_example(tok, rng: random.Random, english_frac: float) -> tuple[list[int], list[int]]:
+def encode_example(tok, rng: random.Random, english_frac: float, chain_frac: float = 0.0
+                   ) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 loss mask for one example (BOS ... END)."""
     bos, end = tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(END)
     if rng.random() < english_frac:
         ids = [bos] + tok.encode(english_paragraph(rng), add_special_tokens=False) + [end]
         return ids, [0] + [1] * (len(ids) - 1)
-    msgs = chat_example(rng)
+    msgs = chat_example(rng, chain_frac)
     ids, mask = [bos], [0]
     for m in msgs:
         head = tok.encode(f"<|{m['role']}|>\n", add_special_tokens=False)
@@ -207,14 +229,14 @@ def encode_example(tok, rng: random.Random, english_frac: float) -> tuple[list[i
     return ids, mask
 
 
-def batches(tok, rng: random.Random, batch: int, seq_len: int, english_frac: float):
+def batches(tok, rng: random.Random, batch: int, seq_len: int, english_frac: float, chain_frac: float = 0.0):
     """Packs examples into [batch, seq_len + 1] rows, forever."""
     buf_ids: list[int] = []
     buf_mask: list[int] = []
     need = batch * (seq_len + 1)
     while True:
         while len(buf_ids) < need:
-            ids, mask = encode_example(tok, rng, english_frac)
+            ids, mask = encode_example(tok, rng, english_frac, chain_frac)
             buf_ids += ids
             buf_mask += mask
         x = torch.tensor(buf_ids[:need]).view(batch, seq_len + 1)
@@ -237,7 +259,17 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--english-frac", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--task", choices=["demo", "chain"], default="demo",
+                   help="chain: the reasoning family's mix (chains 85%% of chats, English 10%%)")
+    p.add_argument("--tokenizer", help="reuse this folder's tokenizer (the family shares the demo model's)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="chain: save a checkpoint and print its greedy validation accuracy every N steps")
+    p.add_argument("--eval-questions", type=int, default=200)
+    p.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 8/3 of hidden, rounded to 64)")
     args = p.parse_args()
+    chain_frac = 0.85 if args.task == "chain" else 0.0
+    if args.task == "chain" and args.english_frac == 0.25:
+        args.english_frac = 0.10
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -255,12 +287,22 @@ def main() -> None:
             corpus.append(english_paragraph(rng))
         else:
             corpus.append("\n".join(m["content"] for m in chat_example(rng)))
-    tok = train_tokenizer(corpus, args.vocab, args.out)
+    if args.tokenizer:
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(args.tokenizer, f), os.path.join(args.out, f))
+        tok = AutoTokenizer.from_pretrained(args.out)
+    else:
+        tok = train_tokenizer(corpus, args.vocab, args.out)
     print(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)", flush=True)
 
     vocab = (len(tok) + 63) // 64 * 64
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3 + 63) // 64 * 64,
+        vocab_size=vocab, hidden_size=args.hidden,
+        intermediate_size=args.intermediate or int(args.hidden * 8 / 3 + 63) // 64 * 64,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
         bos_token_id=tok.convert_tokens_to_ids(BOS), eos_token_id=tok.convert_tokens_to_ids(END),
@@ -283,7 +325,7 @@ def main() -> None:
         frac = (step - warmup) / max(1, args.steps - warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    data = batches(tok, random.Random(args.seed + 1), args.batch, args.seq_len, args.english_frac)
+    data = batches(tok, random.Random(args.seed + 1), args.batch, args.seq_len, args.english_frac, chain_frac)
     model.train()
     t_train = time.time()
     ema = None
@@ -306,15 +348,41 @@ def main() -> None:
             tok_s = (step + 1) * args.batch * args.seq_len / el
             print(f"step {step:5d}  loss {ema:.4f}  lr {lr_at(step):.2e}  {tok_s:.0f} tok/s  {el / 60:.1f} min",
                   flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            save(model, os.path.join(args.out, "checkpoints", f"step-{step + 1}"), args.out, args.eval_questions)
+            model.train()
 
     model.eval()
     model.save_pretrained(args.out)
     model.generation_config.save_pretrained(args.out)
+    if args.task == "chain":
+        print(f"final: {validation(args.out, args.eval_questions)}", flush=True)
     with open(os.path.join(args.out, "TRAINING.md"), "w") as f:
         f.write(f"Trained by scripts/train_demo_model.py with: {' '.join(sys.argv[1:]) or '(defaults)'}\n\n"
                 f"{n_params / 1e6:.2f}M parameters, {args.steps} steps of {args.batch}x{args.seq_len} tokens, "
                 f"seed {args.seed}, final loss (EMA) {ema:.4f}, {(time.time() - t0) / 60:.1f} minutes.\n")
     print(f"saved to {args.out} in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def validation(path: str, num: int) -> str:
+    """Greedy accuracy on the validation chains (split 1), with tokenmill itself."""
+    from tokenmill.demo import evaluate_chain
+    from tokenmill.llm import LLM
+
+    r = evaluate_chain(LLM(path, dtype="float32"), num, split=1)
+    return f"validation accuracy {r['accuracy']:.1%} ({r['correct']}/{r['total']}, {r['seconds']:.0f}s)"
+
+
+def save(model, path: str, tokenizer_dir: str, num: int) -> None:
+    """A checkpoint that loads on its own, and its validation accuracy."""
+    import shutil
+
+    model.eval()
+    model.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    print(f"checkpoint {path}: {validation(path, num)}", flush=True)
 
 
 if __name__ == "__main__":

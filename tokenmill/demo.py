@@ -48,14 +48,14 @@ def arithmetic_answer(a: int, op: str, b: int) -> str:
     return "\n".join(lines)
 
 
-def _digits(n: int) -> list[int]:
-    return [(n // 10**i) % 10 for i in range(3)]  # ones first; operands are < 1000
+def _digits(n: int, places: int = 3) -> list[int]:
+    return [(n // 10**i) % 10 for i in range(places)]  # ones first
 
 
-def _add_steps(a: int, b: int) -> list[str]:
-    da, db = _digits(a), _digits(b)
+def _add_steps(a: int, b: int, places: int = 3) -> list[str]:
+    da, db = _digits(a, places), _digits(b, places)
     carry, lines = 0, []
-    for i in range(3):
+    for i in range(places):
         total = da[i] + db[i] + carry
         expr = f"{da[i]} + {db[i]}" + (f" + {carry}" if carry else "")
         line = f"{PLACES[i]}: {expr} = {total}, write {total % 10}"
@@ -66,11 +66,11 @@ def _add_steps(a: int, b: int) -> list[str]:
     return lines
 
 
-def _sub_steps(a: int, b: int) -> list[str]:
+def _sub_steps(a: int, b: int, places: int = 3) -> list[str]:
     """a >= b."""
-    da, db = _digits(a), _digits(b)
+    da, db = _digits(a, places), _digits(b, places)
     borrow, lines = 0, []
-    for i in range(3):
+    for i in range(places):
         expr = f"{da[i]} - {db[i]}" + (f" - {borrow}" if borrow else "")
         value = da[i] - db[i] - borrow
         if value < 0:
@@ -80,6 +80,88 @@ def _sub_steps(a: int, b: int) -> list[str]:
             lines.append(f"{PLACES[i]}: {expr} = {value}, write {value}.")
             borrow = 0
     return lines
+
+
+# -- the chain task: 3-4 operands, a worked step per operation -------------------------------
+# The reasoning demo family (tokenmill/demo_models/) learns it. A chain keeps its running total
+# within 0..9999, so every step is one of the digit-by-digit additions or subtractions above,
+# over four places once the total reaches 1000. Chains with chain_split(...) == 0 are held out
+# of training (the test set), == 1 too (the validation set that picks a checkpoint).
+def chain_split(nums: list[int]) -> int:
+    h = 0
+    for n in nums:
+        h = (h * 1009 + n) % 1_000_003
+    return h % 53
+
+
+def random_chain(rng: random.Random, operands: int | None = None) -> tuple[list[int], list[str]]:
+    """Operands (each 1-3 digits) and operators of a chain whose running total stays in 0..9999."""
+    k = operands or rng.choice([3, 4])
+    nums = [rng.randrange(100, 1000)]
+    ops: list[str] = []
+    total = nums[0]
+    for _ in range(k - 1):
+        digits = rng.choices([1, 2, 3], weights=[1, 2, 6])[0]
+        b = rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+        op = rng.choice("+-") if total >= b else "+"
+        nums.append(b)
+        ops.append(op)
+        total = total + b if op == "+" else total - b
+    return nums, ops
+
+
+def chain_question(nums: list[int], ops: list[str], rng: random.Random | None = None) -> str:
+    expr = " ".join([str(nums[0])] + [f"{op} {b}" for op, b in zip(ops, nums[1:])])
+    forms = [f"What is {expr}?"] * 4 + [f"Compute {expr}.", f"Calculate {expr}.", f"what is {expr}"]
+    return rng.choice(forms) if rng is not None else forms[0]
+
+
+def chain_value(nums: list[int], ops: list[str]) -> int:
+    total = nums[0]
+    for op, b in zip(ops, nums[1:]):
+        total = total + b if op == "+" else total - b
+    return total
+
+
+def chain_answer(nums: list[int], ops: list[str]) -> str:
+    """The worked answer: each operation digit by digit, its result carried into the next."""
+    lines = []
+    total = nums[0]
+    for k, (op, b) in enumerate(zip(ops, nums[1:]), 1):
+        places = 4 if max(total, b) >= 1000 else 3
+        lines.append(f"Step {k}: {total} {op} {b}.")
+        lines += _add_steps(total, b, places) if op == "+" else _sub_steps(total, b, places)
+        new = total + b if op == "+" else total - b
+        lines.append(f"So {total} {op} {b} = {new}.")
+        total = new
+    lines.append(f"The answer is {total}.")
+    return "\n".join(lines)
+
+
+def chain_questions(num: int, split: int = 0, seed: int = 1234) -> list[tuple[list[int], list[str]]]:
+    """num chains of one held-out split (0: test, 1: validation), half of 3 and half of 4 operands."""
+    rng = random.Random(seed)
+    out: list[tuple[list[int], list[str]]] = []
+    while len(out) < num:
+        nums, ops = random_chain(rng, 3 + len(out) % 2)
+        if chain_split(nums) == split:
+            out.append((nums, ops))
+    return out
+
+
+def evaluate_chain(llm, num_questions: int = 200, split: int = 0, max_tokens: int = 512) -> dict:
+    """Greedy accuracy on held-out chains, in one batch."""
+    import time
+
+    from tokenmill.sampling_params import SamplingParams
+
+    qs = chain_questions(num_questions, split)
+    prompts = [llm.chat_prompt([{"role": "user", "content": chain_question(n, o)}]) for n, o in qs]
+    t0 = time.time()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    correct = sum(parse_answer(o.outputs[0].text) == chain_value(n, ops) for (n, ops), o in zip(qs, outs))
+    return {"total": len(qs), "correct": correct, "accuracy": correct / max(1, len(qs)),
+            "seconds": time.time() - t0, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
 def parse_answer(text: str) -> int | None:

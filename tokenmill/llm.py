@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import safe_stream_end
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.ttc import TTCParams, TTCRun
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -108,15 +110,85 @@ class LLM:
         *,
         priority: Seq[int] | None = None,
         use_tqdm: bool = False,
+        test_time_compute: TTCParams | dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt in one continuous batch; outputs come back in prompt order.
 
         Every request is validated before any is queued, so a bad one raises ValueError and
         leaves the engine as it was.
+
+        With test_time_compute (tokenmill.ttc.TTCParams or its dict), each prompt runs many
+        reasoning paths and its output holds the winning path alone (index 0), with the run's
+        account in `.test_time_compute`.
         """
         if self.engine.task == "embed":
             raise ValueError(f"task: {self.engine.config.model} runs as an embedding model; use embed()")
+        if test_time_compute is not None:
+            return self._run_ttc(prompts, sampling_params, test_time_compute)
         return self._run(prompts, sampling_params, priority, use_tqdm)
+
+    def _run_ttc(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None,
+                 ttc: TTCParams | dict[str, Any]) -> list[RequestOutput]:
+        """Every prompt's paths in one continuous batch, each prompt's strategy steering its own."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = batch_params(sampling_params, len(prompts))
+        engine = self.engine
+        runs: list[tuple[TTCRun, dict[str, Any], SamplingParams]] = []
+        for p, sp in zip(prompts, params):
+            tp = ttc if isinstance(ttc, TTCParams) else TTCParams.from_dict(ttc)
+            if sp.n != 1:
+                raise ValueError("n: a test-time-compute request sets its paths with test_time_compute.n")
+            text, token_ids = engine.tokenize(p)
+            engine.check_request(token_ids, sp)
+            salt = cache_salt(p)
+            prompt = {"prompt": text, "prompt_token_ids": token_ids, **({"cache_salt": salt} if salt else {})}
+            runs.append((TTCRun(tp, text or "", len(token_ids), sp.max_tokens), prompt, sp))
+        where: dict[tuple[str, int], tuple[int, int]] = {}  # (engine request, sample) -> (run, path)
+        path_at: dict[tuple[int, int], tuple[str, int]] = {}  # the other way
+        seen: dict[tuple[int, int], int] = {}  # (run, path) -> logprobs read
+        live: dict[str, int] = {}  # engine request -> its run
+        try:
+            while True:
+                for r, (run, prompt, sp) in enumerate(runs):
+                    while (launch := run.launch()) is not None:
+                        lp = sp.logprobs if sp.logprobs is not None else 0  # the sampled token's logprob
+                        seed = None if sp.seed is None else sp.seed + launch.path_ids[0]  # distinct per path
+                        rid = engine.add_request(prompt, replace(sp, n=len(launch.path_ids),
+                                                                 max_tokens=launch.max_tokens, logprobs=lp, seed=seed))
+                        live[rid] = r
+                        for i, pid in enumerate(launch.path_ids):
+                            where[(rid, i)] = (r, pid)
+                            path_at[(r, pid)] = (rid, i)
+                if all(run.done for run, _, _ in runs):
+                    break
+                self._step()
+                for rid in list(live):
+                    out = self._latest.pop(rid, None)
+                    if out is None:
+                        continue
+                    if out.error is not None:
+                        raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
+                    self._observe(runs, out, where, seen)
+                    if out.finished:
+                        del live[rid]
+                for r, (run, _, _) in enumerate(runs):
+                    for pid in run.stops():  # pruned paths, or all of them once the vote is settled
+                        rid, i = path_at[(r, pid)]
+                        out = engine.abort_seq(rid, i) if rid in live else None
+                        if out is not None:
+                            self._observe(runs, out, where, seen)
+                            del live[rid]
+        except BaseException:
+            for rid in live:
+                engine.abort_request(rid)
+                self._latest.pop(rid, None)
+            raise
+        return [self._ttc_output(run, prompt) for run, prompt, _ in runs]
 
     def _run(self, prompts: PromptType | Seq[PromptType],
              sampling_params: SamplingParams | Seq[SamplingParams] | None, priority: Seq[int] | None,
@@ -167,6 +239,31 @@ class LLM:
                 self._latest.pop(rid, None)
             raise
         return [done[r] for r in ids]
+
+
+    @staticmethod
+    def _observe(runs: list[Any], out: RequestOutput, where: dict[tuple[str, int], tuple[int, int]],
+                 seen: dict[tuple[int, int], int]) -> None:
+        """Feeds an engine output's samples to their runs: text, new sampled-token logprobs, finish."""
+        for c in out.outputs:
+            r, pid = where[(out.request_id, c.index)]
+            k = seen.get((r, pid), 0)
+            entries = (c.logprobs or [])[k:]
+            new = [e[t].logprob for e, t in zip(entries, c.token_ids[k:])]
+            seen[(r, pid)] = k + len(new)
+            runs[r][0].observe(pid, c.text, c.token_ids, new, c.finish_reason)
+
+    def _ttc_output(self, run: TTCRun, prompt: dict[str, Any]) -> RequestOutput:
+        """The winning path as the request's one output, with the run's account."""
+        win = run.winner()
+        account = run.result()
+        text = win.text if win is not None else ""
+        return RequestOutput(
+            request_id=f"ttc-{id(run)}", prompt=prompt["prompt"], prompt_token_ids=prompt["prompt_token_ids"],
+            prompt_logprobs=None, finished=True, test_time_compute=account,
+            outputs=[CompletionOutput(index=0, text=text, token_ids=list(win.token_ids) if win is not None else [],
+                                      cumulative_logprob=sum(win.logprobs) if win is not None else None,
+                                      logprobs=None, finish_reason=win.finish_reason if win is not None else "length")])
 
 
 def _progress(total: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -78,3 +79,4 @@ class RequestOutput:
     error_status: int = 500  # 400 when the request's own input caused it (a grammar that fails mid-way)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     embedding: list[float] | None = None  # an embedding model's pooled, normalized prompt vector
+    test_time_compute: dict[str, Any] | None = None  # a test-time-compute request's account (tokenmill.ttc)

@@ -186,6 +186,24 @@ class LLMEngine:
         req.metrics.finished_time = time.time()
         return self._make_output(req, finished=True)
 
+    def abort_seq(self, request_id: str, index: int) -> RequestOutput | None:
+        """Stops one of a request's n samples (a reasoning path pruned or no longer needed); its
+        blocks are freed at once and the other samples go on. The request's final output when
+        this was its last running sample, else None."""
+        req = self.requests.get(request_id)
+        if req is None or not 0 <= index < len(req.seqs) or req.seqs[index].is_finished:
+            return None
+        seq = req.seqs[index]
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        if not req.is_finished:
+            return None
+        req.metrics.finished_time = time.time()
+        self.requests.pop(request_id, None)
+        for s in req.seqs:
+            self._seq_by_id.pop(s.seq_id, None)
+        return self._make_output(req, finished=True)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -401,6 +419,7 @@ class LLMEngine:
             "kv_cache_usage_perc": self.block_manager.usage,
             "num_requests_waiting": len(self.scheduler.waiting) + self.scheduler.num_fork_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
             "prefix_cache_queries": self.block_manager.num_query_tokens,
             "prefix_cache_hits": self.block_manager.num_hit_tokens,
             "kv_cache_cached_blocks": self.block_manager.num_cached_free_blocks,

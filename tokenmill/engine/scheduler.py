@@ -75,6 +75,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by sort_key
         self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prompt positions run through the model (cache hits and forks excluded)
 
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -212,6 +213,7 @@ class Scheduler:
         bm = self.block_manager
         for s in out.scheduled:
             seq = s.seq
+            self.num_prompt_tokens_computed += max(0, min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start)
             seq.num_computed_tokens = s.start + s.num_new_tokens - s.num_spec
             self._register(seq)
             for sib in s.forks:
