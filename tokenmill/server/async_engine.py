@@ -123,11 +123,13 @@ class AsyncEngine:
 
     # -- requests (event loop side) ----------------------------------------------------------
     async def add_requests(self, requests: list[tuple[str, dict[str, Any], SamplingParams]], priority: int = 0,
-                           arrival_time: float | None = None) -> RequestGroup:
+                           arrival_time: float | None = None, group: RequestGroup | None = None) -> RequestGroup:
         """Queues (request_id, prompt, params) requests; returns once the engine accepted all.
 
         Raises ValueError (bad input), QueueFullError or EngineStoppedError before anything is
         streamed, so the caller can answer with a status code. Either all are queued or none.
+        With group, they join a group already streaming (paths a test-time-compute request
+        launches later), and releasing it aborts them too.
         """
         if self._stopping or not self.is_running:
             raise EngineStoppedError("the engine is not running")
@@ -139,7 +141,13 @@ class AsyncEngine:
             self.engine.check_request(prompt["prompt_token_ids"], params)
             cache_salt(prompt)
         assert self._loop is not None
-        group = RequestGroup([r[0] for r in requests])
+        if group is None:
+            group = RequestGroup([r[0] for r in requests])
+            joined: list[str] = []
+        else:
+            joined = [r[0] for r in requests]
+            group.request_ids += joined
+            group.pending.update(joined)
         arrival = arrival_time or time.time()
         futures = []
         for i, (rid, prompt, params) in enumerate(requests):
@@ -154,7 +162,13 @@ class AsyncEngine:
         try:
             await asyncio.gather(*futures)
         except BaseException:  # rejected or cancelled: take back whatever was queued
-            self.release(group)
+            if joined:
+                for rid in joined:
+                    self.abort(rid)
+                    self._streams.pop(rid, None)
+                    group.pending.discard(rid)
+            else:
+                self.release(group)
             raise
         return group
 
@@ -184,6 +198,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._cmds.append(("abort", request_id))
+        self._wake.set()
+
+    def abort_seq(self, request_id: str, index: int) -> None:
+        """Stops one sample of a request (a pruned reasoning path); the others go on."""
+        self._cmds.append(("abort_seq", request_id, index))
         self._wake.set()
 
     # -- the engine thread -------------------------------------------------------------------
@@ -251,8 +270,8 @@ class AsyncEngine:
                     self._call_soon(_resolve, fut, e)
                 else:
                     self._call_soon(_resolve, fut, None)
-            elif cmd[0] == "abort":
-                out = engine.abort_request(cmd[1])
+            elif cmd[0] in ("abort", "abort_seq"):
+                out = engine.abort_request(cmd[1]) if cmd[0] == "abort" else engine.abort_seq(cmd[1], cmd[2])
                 if out is not None:
                     outputs.append(out)
         return outputs

@@ -47,6 +47,21 @@ class StructuredOutputsField(_Strict):
     whitespace_flexible: bool = False
 
 
+class TestTimeComputeField(BaseModel):
+    """tokenmill's extra field: many reasoning paths, one answer (tokenmill.ttc.TTCParams)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    strategy: Literal["self_consistency", "best_of_n"] = "self_consistency"
+    n: int = 8
+    answer_pattern: str | None = None
+    max_total_tokens: int | None = None
+    early_stop: bool = False
+    wave: int | None = None
+    warmup: int | None = None
+    prune_percentile: float | None = 10.0
+    window: int = 16
+
+
 class _SamplingFields(_Strict):
     """Fields both generation endpoints share."""
 
@@ -82,6 +97,7 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    test_time_compute: TestTimeComputeField | None = None
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields

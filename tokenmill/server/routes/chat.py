@@ -26,6 +26,7 @@ from tokenmill.server.streaming import (
     usage,
 )
 from tokenmill.server.tools import ToolSetup, ToolStream, parse_calls
+from tokenmill.server.ttc import ttc_params, ttc_response
 
 
 def tool_finish(tools: ToolSetup, reason: str | None, called: bool) -> str | None:
@@ -46,6 +47,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             if not 0 <= req.top_logprobs <= 20:
                 raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None
+        tp = ttc_params(req)
         try:
             tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser)
         except ValueError as e:
@@ -69,6 +71,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             params.skip_special_tokens = False  # their call markers are special tokens
         as_ids = req.return_tokens_as_token_ids
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if tp is not None:
+            return await ttc_response(ctx, request, req, True, rid, ctx.prompt_dict(text, ids, req.cache_salt),
+                                      params, tp, arrival)
         group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
         name, engine = ctx.name, ctx.engine
 

@@ -28,6 +28,7 @@ from tokenmill.server.streaming import (
     unless_disconnected,
     usage,
 )
+from tokenmill.server.ttc import ttc_params, ttc_response
 
 
 def text_end(lp: dict[str, Any]) -> int:
@@ -66,7 +67,10 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             # Checked alone: with echo the engine gets the larger of it and logprobs.
             raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
                            f"got {req.prompt_logprobs}", param="prompt_logprobs")
+        tp = ttc_params(req)
         prompts = await ctx.prompts(req.prompt)
+        if tp is not None and len(prompts) != 1:
+            raise APIError(400, "prompt: test_time_compute takes one prompt", param="prompt")
         # echo with logprobs scores the prompt too: its positions come from the engine's prompt logprobs.
         echo_lp = req.echo and req.logprobs is not None
         want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
@@ -81,6 +85,10 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             await ctx.constrain(params, ctx.constraint(req))
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
+        if tp is not None:
+            (t, ids), = prompts
+            return await ttc_response(ctx, request, req, False, rid, ctx.prompt_dict(t, ids, req.cache_salt),
+                                      params, tp, arrival)
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
         group = await ctx.submit(reqs, req.priority, arrival)
         # Choice index = prompt index * n + sample index, as in the OpenAI API.
