@@ -168,6 +168,13 @@ def _bench_structured(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ttc(args: argparse.Namespace) -> int:
+    from tokenmill.bench.ttc import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference on PyTorch. "
                                      "Without --model, commands use the demo model shipped in the package.")
@@ -241,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_so_arguments(so)
     so.set_defaults(func=_bench_structured)
+    tt = bench_sub.add_parser("ttc", help="test-time compute strategies on the reasoning demo model",
+                              description="Greedy, self-consistency (with its accuracy-vs-tokens curve), early "
+                              "stopping and best-of-n on held-out chain questions, the prefill count, and the "
+                              "strategy layer's time against plain n, in one run.")
+    from tokenmill.bench.ttc import add_arguments as add_tt_arguments
+
+    add_tt_arguments(tt)
+    tt.set_defaults(func=_bench_ttc)
     tp = bench_sub.add_parser("throughput", help="offline throughput against transformers' generate",
                               description="Offline throughput: tokenmill vs transformers on the same random model.")
     from tokenmill.bench.throughput import add_arguments

@@ -372,4 +372,7 @@ class TTCRun:
             out["scores"] = {p.id: p.score for p in finished}
         if self.threshold is not None:
             out["prune_threshold"] = self.threshold
+        out["paths"] = [{"state": p.state, "tokens": p.tokens, "answer": p.answer, "finish_reason": p.finish_reason,
+                         "mean_logprob": round(mean_logprob(p.logprobs), 4) if p.logprobs else None}
+                        for p in self.paths]
         return out
