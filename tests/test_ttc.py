@@ -28,6 +28,7 @@ def test_extract_answer():
     assert extract_answer("no answer here", PATTERN) is None
     assert extract_answer("step one\n  42  \n\n", None) == "42"  # no pattern: the last non-empty line
     assert extract_answer(" \n", None) is None
+    assert extract_answer("b", "(a)|b") == "b"  # the group took no part: the match
 
 
 def test_vote_and_tie_break():
@@ -61,7 +62,8 @@ def _drive(run: TTCRun, paths: dict[int, tuple[str, list[float]]], chunk: int = 
     """Runs `run` as an engine would: launched paths make `chunk` tokens a step (their logprobs
     from `paths`), finishing with their text; returns the paths the run stopped."""
     progress: dict[int, int] = {}
-    stopped = []
+    stopped: list[int] = []
+    late: list[int] = []
     while not run.done:
         while (launch := run.launch()) is not None:
             for pid in launch.path_ids:
@@ -76,9 +78,13 @@ def _drive(run: TTCRun, paths: dict[int, tuple[str, list[float]]], chunk: int = 
             done = progress[pid] >= len(lps)
             reason = ("stop" if len(lps) == len(paths[pid][1]) else "length") if done else None
             run.observe(pid, text if done else "", list(range(progress[pid])), new, reason)
-        for s in run.stops():  # after the step, as the engine adapters ask
-            stopped.append(s)
-            run.observe(s, "", [], [], "abort")  # what the engine reports for an aborted path
+        for pid in late:  # stopped last step, they ran one more step before the abort landed
+            k = progress[pid]
+            new = paths[pid][1][: run.paths[pid].max_tokens][k : k + chunk]
+            progress[pid] = k + len(new)
+            run.observe(pid, "", list(range(progress[pid])), new, "abort")
+        late = run.stops()  # after the step, as the engine drivers ask
+        stopped += late
     return stopped
 
 
@@ -146,12 +152,11 @@ def test_budget_is_hard(seed):
     budget = rng.randint(prompt + 1, prompt + 400)
     paths = {i: _path(str(rng.randint(0, 2)), n=rng.randint(1, 80)) for i in range(n)}
     run = TTCRun(TTCParams(n=n, answer_pattern=PATTERN, max_total_tokens=budget, early_stop=rng.random() < 0.5),
-                 "q", prompt, rng.choice([None, 30, 200]))
+                 "q", prompt, rng.choice([None, 30, 200]), max_model_len=1000)
     _drive(run, paths, chunk=rng.randint(1, 5))
     r = run.result()
-    assert r["tokens"]["total"] <= budget
-    # Every launched path may generate at most its cap; the caps never exceeded what was left.
-    assert sum(p.max_tokens for p in run.paths if p.state == "running") == 0
+    assert r["tokens"]["total"] <= budget  # stopped paths' last tokens included
+    assert all(p.closed for p in run.paths) and all(p.tokens <= p.max_tokens for p in run.paths)
 
 
 @pytest.mark.parametrize("d,field", [
@@ -246,6 +251,16 @@ def test_abort_one_sample_frees_its_blocks(ttc_llm):
     out = eng.abort_seq(rid, 1)
     assert out.finished and [c.finish_reason for c in out.outputs] == ["abort", "abort"]
     assert eng.block_manager.usage == 0 and not eng.has_unfinished_requests()
+
+
+def test_no_max_tokens_runs_to_the_context(ttc_llm):
+    from tokenmill import SamplingParams
+
+    out = ttc_llm.generate("Hi", SamplingParams(max_tokens=None, temperature=1.0, seed=0, stop=[" "]),
+                           test_time_compute={"n": 3, "max_total_tokens": 100_000})[0]
+    assert out.test_time_compute["paths_started"] == 3
+    out = ttc_llm.generate("Hi", SamplingParams(max_tokens=5, seed=2**64 - 1), test_time_compute={"n": 3})[0]
+    assert out.test_time_compute["paths_started"] == 3
 
 
 @pytest.mark.parametrize("budget", [60, 150])

@@ -84,6 +84,8 @@ def test_early_stop_and_budget_over_http(client, model_name):
     ({"test_time_compute": {"beams": 2}}, "test_time_compute.beams"),
     ({"test_time_compute": {"n": 4}, "n": 2}, "n"),
     ({"test_time_compute": {"n": 4}, "logprobs": 1}, "logprobs"),
+    ({"test_time_compute": {"n": 4}, "logprobs": 0}, "logprobs"),
+    ({"test_time_compute": {"max_total_tokens": 2}, "stream": True}, "test_time_compute.max_total_tokens"),
     ({"test_time_compute": {"n": 4}, "prompt": ["a", "b"]}, "prompt"),
 ])
 def test_bad_input_is_a_400_naming_the_field(server, model_name, extra, param):
@@ -91,6 +93,23 @@ def test_bad_input_is_a_400_naming_the_field(server, model_name, extra, param):
     r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "Hi"}], "test_time_compute": {"n": 2}, "stop": [" "]},  # no max_tokens
+    {"messages": [{"role": "user", "content": "Hi"}], "stop": [" "], "seed": 2**64 - 1,
+     "test_time_compute": {"n": 4, "early_stop": True, "wave": 2}},
+    {"messages": [{"role": "user", "content": "Hi"}], "stop": [" "], "max_tokens": None,
+     "test_time_compute": {"n": 2, "max_total_tokens": 100_000}},
+    {"messages": [{"role": "user", "content": "Hi"}], "stop": [" "], "max_tokens": 6,
+     "test_time_compute": {"n": 3, "answer_pattern": "(qqqzzz)|[\\s\\S]"}},
+])
+def test_odd_but_valid_requests_succeed(server, model_name, body):
+    for stream in (False, True):
+        r = httpx.post(server.base_url + "/v1/chat/completions", json={"model": model_name, **body, "stream": stream},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert "error" not in r.text and (not stream or r.text.rstrip().endswith("data: [DONE]"))
 
 
 def test_a_client_that_goes_away_aborts_every_path(server, model_name):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from typing import Any
 
 from tokenmill.config import EngineConfig
@@ -13,7 +12,7 @@ from tokenmill.engine.detokenizer import safe_stream_end
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.ttc import TTCParams, TTCRun
+from tokenmill.ttc import TTCParams, TTCRun, launch_params
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -124,12 +123,12 @@ class LLM:
         if self.engine.task == "embed":
             raise ValueError(f"task: {self.engine.config.model} runs as an embedding model; use embed()")
         if test_time_compute is not None:
-            return self._run_ttc(prompts, sampling_params, test_time_compute)
+            return self._run_ttc(prompts, sampling_params, test_time_compute, priority)
         return self._run(prompts, sampling_params, priority, use_tqdm)
 
     def _run_ttc(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None,
-                 ttc: TTCParams | dict[str, Any]) -> list[RequestOutput]:
+                 ttc: TTCParams | dict[str, Any], priority: Seq[int] | None) -> list[RequestOutput]:
         """Every prompt's paths in one continuous batch, each prompt's strategy steering its own."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
@@ -137,6 +136,9 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = batch_params(sampling_params, len(prompts))
+        prios = list(priority) if priority is not None else [0] * len(prompts)
+        if len(prios) != len(prompts):
+            raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")
         engine = self.engine
         runs: list[tuple[TTCRun, dict[str, Any], SamplingParams]] = []
         for p, sp in zip(prompts, params):
@@ -147,7 +149,7 @@ class LLM:
             engine.check_request(token_ids, sp)
             salt = cache_salt(p)
             prompt = {"prompt": text, "prompt_token_ids": token_ids, **({"cache_salt": salt} if salt else {})}
-            runs.append((TTCRun(tp, text or "", len(token_ids), sp.max_tokens), prompt, sp))
+            runs.append((TTCRun(tp, text or "", len(token_ids), sp.max_tokens, engine.max_model_len), prompt, sp))
         where: dict[tuple[str, int], tuple[int, int]] = {}  # (engine request, sample) -> (run, path)
         path_at: dict[tuple[int, int], tuple[str, int]] = {}  # the other way
         seen: dict[tuple[int, int], int] = {}  # (run, path) -> logprobs read
@@ -156,10 +158,7 @@ class LLM:
             while True:
                 for r, (run, prompt, sp) in enumerate(runs):
                     while (launch := run.launch()) is not None:
-                        lp = sp.logprobs if sp.logprobs is not None else 0  # the sampled token's logprob
-                        seed = None if sp.seed is None else sp.seed + launch.path_ids[0]  # distinct per path
-                        rid = engine.add_request(prompt, replace(sp, n=len(launch.path_ids),
-                                                                 max_tokens=launch.max_tokens, logprobs=lp, seed=seed))
+                        rid = engine.add_request(prompt, launch_params(sp, run, launch), priority=prios[r])
                         live[rid] = r
                         for i, pid in enumerate(launch.path_ids):
                             where[(rid, i)] = (r, pid)

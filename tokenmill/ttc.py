@@ -30,11 +30,14 @@ generate never exceeds it; a path that finishes early leaves its unused share to
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import regex  # the `re` syntax with a match timeout: answer_pattern comes from clients
+
+from tokenmill.sampling_params import SamplingParams
 
 STRATEGIES = ("self_consistency", "best_of_n")
 MAX_PATHS = 64  # paths per request: each is a sequence with its own KV
@@ -48,7 +51,7 @@ class TTCParams:
     max_total_tokens: int | None = None  # the prompt once plus every path's output
     early_stop: bool = False
     wave: int | None = None  # paths in flight at once with early_stop (default: n // 4, at least 2)
-    warmup: int | None = None  # finished paths that set the pruning threshold (default: wave)
+    warmup: int | None = None  # finished paths that set the pruning threshold (default: wave, at least 4)
     prune_percentile: float | None = 10.0  # None: no pruning
     window: int = 16  # tokens per window of a path's confidence
     scorer: Callable[[str, str], float] | None = field(default=None, repr=False)  # best_of_n only
@@ -76,8 +79,8 @@ class TTCParams:
             if not isinstance(self.answer_pattern, str):
                 raise bad("answer_pattern", "must be a regular expression (a string)")
             try:
-                re.compile(self.answer_pattern)
-            except re.error as e:
+                regex.compile(self.answer_pattern)
+            except (regex.error, ValueError) as e:
                 raise bad("answer_pattern", f"invalid regular expression: {e}") from None
         if self.max_total_tokens is not None and (
                 not isinstance(self.max_total_tokens, int) or isinstance(self.max_total_tokens, bool)
@@ -108,18 +111,30 @@ class TTCParams:
             return self.n
         return self.wave or min(self.n, max(2, self.n // 4))
 
+    @property
+    def warmup_size(self) -> int:
+        """Finished paths that set the pruning threshold: a percentile of fewer is mostly noise."""
+        return self.warmup or min(self.n, max(4, self.wave_size))
+
 
 # -- the rules, on plain values ----------------------------------------------------------------
+ANSWER_TIMEOUT_S = 0.1  # a pattern that backtracks longer than this on one path finds no answer
+
+
 def extract_answer(text: str, pattern: str | None) -> str | None:
-    """The answer a path gives: the last match of pattern (its first group when it has one), or
-    the last non-empty line; None when there is none."""
+    """The answer a path gives: the last match of pattern (its first group when it has one and
+    it took part in the match), or the last non-empty line; None when there is none."""
     if pattern is not None:
         last = None
-        for m in re.finditer(pattern, text):
-            last = m
+        try:
+            for m in regex.finditer(pattern, text, timeout=ANSWER_TIMEOUT_S):
+                last = m
+        except TimeoutError:
+            return None
         if last is None:
             return None
-        return (last.group(1) if last.re.groups else last.group(0)).strip()
+        g = last.group(1) if last.re.groups else None
+        return (g if g is not None else last.group(0)).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else None
 
@@ -185,6 +200,7 @@ class Path:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # the sampled tokens'
     state: str = "running"  # running | finished | pruned | stopped
+    closed: bool = False  # the engine reported its end (a stopped path may run a little longer)
     finish_reason: str | None = None
     answer: str | None = None
     score: float | None = None
@@ -214,13 +230,19 @@ class TTCRun:
     """One request's strategy, fed each path's progress (observe), asked what to start (launch)
     and what to stop (stops). Finished when done is true; result() then gives the outcome."""
 
-    def __init__(self, params: TTCParams, prompt: str, prompt_tokens: int, max_tokens: int | None) -> None:
+    def __init__(self, params: TTCParams, prompt: str, prompt_tokens: int, max_tokens: int | None,
+                 max_model_len: int | None = None) -> None:
+        """max_tokens: each path's own limit (None: up to max_model_len)."""
         params.validate()
         params.check_budget(prompt_tokens)
         self.p = params
         self.prompt = prompt
         self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
+        limits = [x for x in (max_tokens, None if max_model_len is None else max_model_len - prompt_tokens)
+                  if x is not None]
+        if not limits or min(limits) < 1:
+            raise ValueError("max_tokens: a path needs a positive max_tokens or room left in the context")
+        self.max_tokens = min(limits)
         self.paths: list[Path] = []
         self.threshold: float | None = None
         self.settled = False
@@ -233,6 +255,10 @@ class TTCRun:
         """Tokens the paths may generate in all."""
         return None if self.p.max_total_tokens is None else self.p.max_total_tokens - self.prompt_tokens
 
+    def seed(self, seed: int | None, launch: Launch) -> int | None:
+        """A launch's seed: the engine seeds sample i with seed + i, so paths get seed + path id."""
+        return None if seed is None else (seed + launch.path_ids[0]) % 2**64
+
     def launch(self) -> Launch | None:
         """Paths to start now, or None."""
         if self.settled:
@@ -243,16 +269,16 @@ class TTCRun:
             return None
         cap = self.max_tokens
         if self.budget is not None:
-            # Reserved: what running paths may still generate; the rest is shared by every path to come.
-            spent = sum(p.tokens if p.state != "running" else p.max_tokens for p in self.paths)
+            # Reserved: what unclosed paths may still generate (a stopped one runs until its abort
+            # lands); the rest is shared by every path to come.
+            spent = sum(p.tokens if p.closed else p.max_tokens for p in self.paths)
             share = (self.budget - spent) // (self.p.n - len(self.paths))
             if share < 1:
                 k = min(k, self.budget - spent)  # one token each for as many as it can hold
                 share = 1
-            cap = share if cap is None else min(cap, share)
+            cap = min(cap, share)
             if k <= 0:
                 return None
-        assert cap is not None and cap >= 1
         ids = list(range(len(self.paths), len(self.paths) + k))
         self.paths += [Path(i, cap) for i in ids]
         self.launches += 1
@@ -283,7 +309,7 @@ class TTCRun:
 
     @property
     def done(self) -> bool:
-        if any(p.state == "running" for p in self.paths):
+        if not all(p.closed for p in self.paths):
             return False
         return self.settled or len(self.paths) >= self.p.n or self._budget_spent()
 
@@ -296,7 +322,11 @@ class TTCRun:
         """A path's text and tokens so far, the logprobs of its tokens since the last call, and
         its finish reason once it has finished."""
         path = self.paths[path_id]
-        if path.state != "running":
+        if path.closed:
+            return
+        if path.state != "running":  # stopped here, still running in the engine: its tokens count
+            path.logprobs += new_logprobs
+            path.closed = finish_reason is not None
             return
         path.text, path.token_ids = text, token_ids
         w = self.p.window
@@ -309,20 +339,20 @@ class TTCRun:
                 mean = path._win / w
                 path.low = mean if path.low is None else min(path.low, mean)
         if finish_reason is not None:
-            path.finish_reason = finish_reason
+            path.finish_reason, path.closed = finish_reason, True
             path.state = "finished" if finish_reason != "abort" else "stopped"
             if path.state == "finished":
                 self._finished(path)
 
     def _finished(self, path: Path) -> None:
-        if self.p.strategy == "self_consistency":
+        if self.p.strategy == "self_consistency" or self.p.answer_pattern is not None:
             # A path cut by max_tokens did not reach its answer: it does not vote.
             path.answer = extract_answer(path.text, self.p.answer_pattern) if path.finish_reason == "stop" else None
         if self.p.strategy == "best_of_n":
             path.score = (self.p.scorer(self.prompt, path.text) if self.p.scorer is not None
                           else mean_logprob(path.logprobs))
         if self.p.early_stop and self.p.prune_percentile is not None and self.threshold is None:
-            warm = self.p.warmup or self.p.wave_size
+            warm = self.p.warmup_size
             conf = [c for p in self.paths if p.state == "finished" and (c := p.confidence(self.p.window)) is not None]
             if len(conf) >= warm:
                 self.threshold = percentile(conf, self.p.prune_percentile)
@@ -335,7 +365,9 @@ class TTCRun:
     def winner(self) -> Path | None:
         done = [p for p in self.paths if p.state == "finished"]
         if self.p.strategy == "best_of_n":
-            scored = [p for p in done if p.score is not None]
+            # Paths that ended by themselves first: one cut by max_tokens is unfinished work.
+            scored = ([p for p in done if p.score is not None and p.finish_reason == "stop"]
+                      or [p for p in done if p.score is not None])
             return max(scored, key=lambda p: p.score) if scored else None
         answer, _ = vote([(p.answer, mean_logprob(p.logprobs)) for p in done if p.answer is not None])
         if answer is None:  # no path gave an answer: the most likely finished path
@@ -376,3 +408,11 @@ class TTCRun:
                          "mean_logprob": round(mean_logprob(p.logprobs), 4) if p.logprobs else None}
                         for p in self.paths]
         return out
+
+
+def launch_params(params: SamplingParams, run: TTCRun, launch: Launch) -> SamplingParams:
+    """The request's sampling params for one launch: its paths, its cap (min_tokens within it: the
+    budget wins), the sampled token's logprob (the paths' confidence), a seed per path."""
+    return replace(params, n=len(launch.path_ids), max_tokens=launch.max_tokens,
+                   min_tokens=min(params.min_tokens, launch.max_tokens),
+                   logprobs=params.logprobs if params.logprobs is not None else 0, seed=run.seed(params.seed, launch))

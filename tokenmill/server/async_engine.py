@@ -154,8 +154,9 @@ class AsyncEngine:
             self._streams[rid] = group
             fut: asyncio.Future[None] = self._loop.create_future()
             futures.append(fut)
-            # The queue limit admits or rejects the group as a whole, at its first request.
-            self._cmds.append(("add", rid, prompt, params, priority, arrival, fut, group, i == 0))
+            # The queue limit admits or rejects the group as a whole, at its first request (work
+            # joining an admitted group is not checked again).
+            self._cmds.append(("add", rid, prompt, params, priority, arrival, fut, group, i == 0 and not joined))
         self._wake.set()
         if self._closed:  # the engine thread exited after our check above: refuse what we queued
             self._refuse_queued()

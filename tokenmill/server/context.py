@@ -223,7 +223,8 @@ class ServerContext:
         return d
 
     async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float,
-                     max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt"):
+                     max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt", group: Any = None):
+        """Queues the requests (into group, when given: more of an admitted request's work)."""
         try:
             requests[0][2].validate(self.vocab)  # every prompt shares these params; n is checked before counting
         except ValueError as e:
@@ -233,7 +234,7 @@ class ServerContext:
             raise APIError(400, f"{param}: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
                            f"at most {max_seqs} per request", param=param)
         try:
-            return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival)
+            return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival, group=group)
         except ValueError as e:
             raise bad_request(e) from None
         except QueueFullError as e:

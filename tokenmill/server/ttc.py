@@ -4,8 +4,9 @@ them (and their blocks are freed); pruned or settled paths are aborted one sampl
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -15,7 +16,10 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request
 from tokenmill.server.streaming import SSE_DONE, StreamFailed, sse, sse_response, unless_disconnected, usage
-from tokenmill.ttc import MAX_PATHS, TTCParams, TTCRun
+from tokenmill.ttc import MAX_PATHS, TTCParams, TTCRun, launch_params
+
+logger = logging.getLogger("tokenmill.server")
+KEEPALIVE_S = 10.0
 
 
 def ttc_params(req: Any) -> TTCParams | None:
@@ -24,7 +28,8 @@ def ttc_params(req: Any) -> TTCParams | None:
     field = req.test_time_compute
     if field is None:
         return None
-    for name, bad in (("n", req.n != 1), ("logprobs", bool(getattr(req, "logprobs", None))),
+    logprobs = getattr(req, "logprobs", None)
+    for name, bad in (("n", req.n != 1), ("logprobs", logprobs is not None and logprobs is not False),
                       ("prompt_logprobs", req.prompt_logprobs is not None),
                       ("tools", bool(getattr(req, "tools", None))), ("echo", bool(getattr(req, "echo", False)))):
         if bad:
@@ -38,53 +43,76 @@ def ttc_params(req: Any) -> TTCParams | None:
     return tp
 
 
-def new_run(tp: TTCParams, prompt: dict[str, Any], params: SamplingParams) -> TTCRun:
-    try:
-        return TTCRun(tp, prompt.get("prompt") or "", len(prompt["prompt_token_ids"]), params.max_tokens)
-    except ValueError as e:  # a budget that cannot hold the prompt and one token
-        raise bad_request(e) from None
+class TTCDriver:
+    """Runs one request's paths over the async engine. start() makes the first launch (so bad
+    input or a full queue is an HTTP error before any stream starts); run() goes on to the
+    strategy's end. Every launch joins one request group: however the request ends (done, an
+    error, the client gone), closing it aborts whatever still runs."""
 
+    def __init__(self, ctx: ServerContext, tp: TTCParams, rid: str, prompt: dict[str, Any], params: SamplingParams,
+                 priority: int, arrival: float) -> None:
+        try:
+            self.run = TTCRun(tp, prompt.get("prompt") or "", len(prompt["prompt_token_ids"]), params.max_tokens,
+                              ctx.engine.engine.max_model_len)
+        except ValueError as e:  # a budget that cannot hold the prompt and one token
+            raise bad_request(e) from None
+        self.ctx, self.rid, self.prompt, self.params = ctx, rid, prompt, params
+        self.priority, self.arrival = priority, arrival
+        self.group: Any = None
+        self.where: dict[tuple[str, int], int] = {}  # (engine request, sample) -> path
+        self.path_at: dict[int, tuple[str, int]] = {}
+        self.seen: dict[int, int] = {}  # path -> logprobs read
+        self.cached_tokens = 0  # the first launch's prefix-cache hit
 
-async def run_ttc(ctx: ServerContext, run: TTCRun, rid: str, prompt: dict[str, Any], params: SamplingParams,
-                  priority: int, arrival: float) -> TTCRun:
-    """Runs every path of one request to the strategy's end; the run holds the winner and the account."""
-    engine = ctx.engine
-    group = None
-    where: dict[tuple[str, int], int] = {}  # (engine request, sample) -> path
-    path_at: dict[int, tuple[str, int]] = {}
-    seen: dict[int, int] = {}  # path -> logprobs read
-    try:
-        while True:
-            while (launch := run.launch()) is not None:
-                lrid = f"{rid}-{run.launches}"
-                sp = replace(params, n=len(launch.path_ids), max_tokens=launch.max_tokens,
-                             logprobs=0,  # the sampled token's logprob: the paths' confidence
-                             seed=None if params.seed is None else params.seed + launch.path_ids[0])
-                if group is None:
-                    group = await ctx.submit([(lrid, prompt, sp)], priority, arrival)
-                else:
-                    await engine.add_requests([(lrid, prompt, sp)], priority, arrival, group=group)
-                for i, pid in enumerate(launch.path_ids):
-                    where[(lrid, i)], path_at[pid] = pid, (lrid, i)
-            if run.done:
-                return run
-            assert group is not None
-            if not group.pending:  # cannot happen: a running path's request is pending
-                raise APIError(500, "test-time compute: no path is running but the run is not done")
-            for out in await group.get():
-                if out.error is not None:
-                    raise ctx.engine_error(out)
-                for c in out.outputs:
-                    pid = where[(out.request_id, c.index)]
-                    k = seen.get(pid, 0)
-                    new = [e[t].logprob for e, t in zip((c.logprobs or [])[k:], c.token_ids[k:])]
-                    seen[pid] = k + len(new)
-                    run.observe(pid, c.text, c.token_ids, new, c.finish_reason)
-            for pid in run.stops():
-                engine.abort_seq(*path_at[pid])
-    finally:
-        if group is not None:
-            engine.release(group)  # whatever still runs (stopped paths, a client gone) is aborted
+    async def _launch(self) -> None:
+        run = self.run
+        while (launch := run.launch()) is not None:
+            lrid = f"{self.rid}-{run.launches}"
+            sp = launch_params(self.params, run, launch)
+            # Through submit, so that a later launch refused (queue full, shutting down) is the
+            # same clear error as the first; later launches join the group and skip the queue
+            # limit (their request was admitted).
+            self.group = await self.ctx.submit([(lrid, self.prompt, sp)], self.priority, self.arrival,
+                                               group=self.group)
+            for i, pid in enumerate(launch.path_ids):
+                self.where[(lrid, i)], self.path_at[pid] = pid, (lrid, i)
+
+    async def start(self) -> None:
+        try:
+            await self._launch()
+        except BaseException:
+            self.close()
+            raise
+
+    async def finish(self) -> TTCRun:
+        """Runs to the end; the run holds the winner and the account."""
+        run, engine = self.run, self.ctx.engine
+        try:
+            while True:
+                await self._launch()
+                if run.done:
+                    return run
+                if not self.group.pending:  # cannot happen: an unclosed path's request is pending
+                    raise APIError(500, "test-time compute: no path is running but the run is not done")
+                for out in await self.group.get():
+                    if out.error is not None:
+                        raise self.ctx.engine_error(out)
+                    if out.request_id == f"{self.rid}-1":
+                        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+                    for c in out.outputs:
+                        pid = self.where[(out.request_id, c.index)]
+                        k = self.seen.get(pid, 0)
+                        new = [e[t].logprob for e, t in zip((c.logprobs or [])[k:], c.token_ids[k:])]
+                        self.seen[pid] = k + len(new)
+                        run.observe(pid, c.text, c.token_ids, new, c.finish_reason)
+                for pid in run.stops():
+                    engine.abort_seq(*self.path_at[pid])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.ctx.engine.release(self.group)  # whatever still runs (a client gone, an error) is aborted
 
 
 async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: bool, rid: str, prompt: dict[str, Any],
@@ -92,7 +120,9 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
     """The response to a test-time-compute request: the winning path as the one choice (message
     or text), every path's tokens in usage.completion_tokens, the run's account in
     test_time_compute. Streaming sends the role at once and the winner once decided."""
-    run = new_run(tp, prompt, params)
+    driver = TTCDriver(ctx, tp, rid, prompt, params, req.priority, arrival)
+    await driver.start()
+    run = driver.run
     created, name = int(arrival), ctx.name
     obj = "chat.completion" if chat else "text_completion"
     n_prompt = len(prompt["prompt_token_ids"])
@@ -113,16 +143,30 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
         chunk_obj = obj + ".chunk" if chat else obj
 
         async def events() -> AsyncIterator[str]:
-            if chat:
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": name,
-                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+            task = asyncio.ensure_future(driver.finish())
             try:
-                await run_ttc(ctx, run, rid, prompt, params, req.priority, arrival)
+                if chat:
+                    yield sse({"id": rid, "object": chunk_obj, "created": created, "model": name,
+                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+                while not task.done():  # paths run silently: a comment now and then keeps proxies patient
+                    await asyncio.wait({task}, timeout=KEEPALIVE_S)
+                    if not task.done():
+                        yield ": keep-alive\n\n"
+                task.result()
             except APIError as e:
                 for event in ctx.stream_failed(StreamFailed(e.message, e.status)):
                     yield event
                 return
+            except Exception as e:  # never a stream cut without an error event
+                logger.exception("test-time compute request %s failed", rid)
+                for event in ctx.stream_failed(StreamFailed(str(e), 500)):
+                    yield event
+                return
+            finally:
+                if not task.done():
+                    task.cancel()  # the client went away: finish() closes the group, aborting every path
+                driver.close()
             text, reason, account = outcome()
             c = choice(text, reason, delta=True)
             if chat:
@@ -131,17 +175,17 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
                        "test_time_compute": account})
             if include_usage:
                 yield sse({"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": [],
-                           "usage": usage(n_prompt, account["tokens"]["generated"], 0)})
+                           "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens)})
             yield SSE_DONE
 
-        return sse_response(events(), lambda: None)  # run_ttc releases its paths however it ends
+        return sse_response(events(), driver.close)
 
     async def collect() -> Response:
-        await run_ttc(ctx, run, rid, prompt, params, req.priority, arrival)
+        await driver.finish()
         text, reason, account = outcome()
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": name,
                              "choices": [choice(text, reason, delta=False)],
-                             "usage": usage(n_prompt, account["tokens"]["generated"], 0),
+                             "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens),
                              "test_time_compute": account})
 
     return await unless_disconnected(request, collect())
