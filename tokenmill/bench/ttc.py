@@ -7,7 +7,8 @@ trained on) it measures, with the same engine:
   accuracy of its first k paths for k = 1, 2, 4, ... (the accuracy-vs-tokens curve);
 - self-consistency with early stopping (waves, settled votes, confidence pruning);
 - best-of-n by mean token logprob;
-- the prompt's prefill: prompt tokens the model computed against the prompts' total length;
+- the prompt's prefill: prompt tokens the model computed against the prompts' length, for
+  requests run alone (in a batch too large for the KV cache, preempted paths recompute theirs);
 - the strategy layer's cost: one request's n paths through test_time_compute against the same
   request with plain n (the same seeds, so the same paths), timed one request at a time.
 With --plot, accuracy against generated tokens per question, per strategy (matplotlib).
@@ -52,11 +53,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model or default_model(), dtype="float32", seed=0)
+    model = args.model or default_model()
+    if not os.path.isdir(model):
+        raise SystemExit(f"{model}: no such model folder (the reasoning demo model is not shipped yet: "
+                         f"train one with scripts/train_demo_model.py --task chain and pass --model)")
+    llm = LLM(model, dtype="float32", seed=0)
     qs = chain_questions(args.questions, split=0)
     prompts = [llm.chat_prompt([{"role": "user", "content": chain_question(n, o)}]) for n, o in qs]
     truth = [str(chain_value(n, o)) for n, o in qs]
-    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     sampled = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=1)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))  # warm-up: first-call costs untimed
     out: dict[str, Any] = {"questions": len(qs), "n": args.n, "temperature": args.temperature}
@@ -74,17 +78,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            sum(len(o.outputs[0].token_ids) for o in greedy), time.time() - t)
 
     eng = llm.engine
-    eng.reset_prefix_cache()
-    before = eng.stats()["prompt_tokens_computed"]
     t = time.time()
     sc = llm.generate(prompts, sampled, test_time_compute={"n": args.n, "answer_pattern": PATTERN})
     record(f"self_consistency@{args.n}", [o.test_time_compute["answer"] for o in sc],
            sum(o.test_time_compute["tokens"]["generated"] for o in sc), time.time() - t)
-    out["prefill"] = {"prompt_tokens": prompt_tokens,
-                      "prompt_tokens_computed": eng.stats()["prompt_tokens_computed"] - before,
-                      "paths": args.n * len(qs)}
-    print(f"prefill: {out['prefill']['prompt_tokens_computed']} prompt tokens computed for {len(qs)} prompts "
-          f"of {prompt_tokens} tokens and {args.n * len(qs)} paths", flush=True)
     # The curve: the first k paths of each run, voted.
     curve = []
     k = 1
@@ -115,15 +112,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record(f"best_of_n@{args.n}", [_str(parse_answer(o.outputs[0].text)) for o in bo],
            sum(o.test_time_compute["tokens"]["generated"] for o in bo), time.time() - t)
 
-    # The strategy layer's cost: the same request (same seeds, so the same paths) alone.
+    # The strategy layer's cost: the same request (same seeds, so the same paths) alone; and its
+    # prefill, counted by the scheduler (a request alone is never preempted, so nothing is recomputed).
     plain_s = ttc_s = 0.0
+    computed = 0
     for p in prompts[: args.timed]:
         t = time.time()
         llm.generate(p, SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=1))
         plain_s += time.time() - t
+        eng.reset_prefix_cache()
+        before = eng.stats()["prompt_tokens_computed"]
         t = time.time()
         llm.generate(p, sampled, test_time_compute={"n": args.n, "answer_pattern": PATTERN})
         ttc_s += time.time() - t
+        computed += eng.stats()["prompt_tokens_computed"] - before
+    timed_prompt = sum(len(p["prompt_token_ids"]) for p in prompts[: args.timed])
+    out["prefill"] = {"requests": args.timed, "prompt_tokens": timed_prompt, "prompt_tokens_computed": computed,
+                      "paths": args.n * args.timed}
+    print(f"prefill: {computed} prompt tokens computed for {args.timed} requests of {timed_prompt} prompt tokens "
+          f"and {args.n * args.timed} paths", flush=True)
     out["overhead"] = {"requests": args.timed, "plain_n_seconds": plain_s, "test_time_compute_seconds": ttc_s,
                        "ratio": ttc_s / plain_s}
     print(f"one request, {args.n} paths: plain n {plain_s / args.timed:.2f}s, test_time_compute "
