@@ -21,8 +21,10 @@ Data
 - Held out: operand pairs with (1000 * a + b) % 97 == 0 never appear in training;
   `tokenmill eval-demo` tests on them (tokenmill/demo.py has the shared format code).
 - --task chain: mostly chains of 3-4 operands ("What is 964 + 530 - 75 - 902?") worked one
-  operation at a time (tokenmill.demo.chain_answer), plus the two-operand questions and
-  English; the test and validation chains (chain_split 0 and 1) never appear in training.
+  operation at a time (tokenmill.demo.chain_answer), each by one of two methods drawn at
+  random (left to right, or the added and the subtracted numbers summed apart), plus the
+  two-operand questions and English; the test and validation chains (chain_split 0 and 1)
+  never appear in training.
 
 Tokenizer: byte-level BPE (HF `tokenizers`) with every digit its own token, plus chat
 special tokens; the chat template goes into tokenizer_config.json.
@@ -44,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenmill.demo import (  # noqa: E402
     BOS,
+    CHAIN_METHODS,
     CHAT_TEMPLATE,
     END,
     SPECIAL_TOKENS,
@@ -152,7 +155,7 @@ def chat_example(rng: random.Random, chain_frac: float = 0.0) -> list[dict[str, 
             if chain_split(nums) > 1:  # 0 and 1: the test and validation sets
                 break
         return msgs + [{"role": "user", "content": chain_question(nums, ops, rng)},
-                       {"role": "assistant", "content": chain_answer(nums, ops)}]
+                       {"role": "assistant", "content": chain_answer(nums, ops, rng.choice(CHAIN_METHODS))}]
     if rng.random() < 0.02:
         msgs += [{"role": "user", "content": rng.choice(GREETINGS)},
                  {"role": "assistant", "content": GREETING_REPLY}]

@@ -116,3 +116,28 @@ def test_training_script_is_reproducible(tmp_path):
     assert outs[0] == outs[1]
     tuned = LLM(str(tmp_path / "a"), kv_cache_memory_bytes=2**20)
     assert tuned.chat([{"role": "user", "content": "What is 1 + 2?"}], SamplingParams(max_tokens=3))[0].outputs
+
+
+def test_chain_task_answers_are_right_by_both_methods():
+    """The reasoning family's task: every worked step and every answer checks out, by either method;
+    the held-out test and validation chains are disjoint from each other."""
+    import random
+
+    from tokenmill.demo import CHAIN_METHODS, chain_answer, chain_questions, chain_split, chain_value, random_chain
+
+    rng = random.Random(0)
+    for _ in range(500):
+        nums, ops = random_chain(rng)
+        value = chain_value(nums, ops)
+        assert 0 <= value <= 9999 and len(nums) in (3, 4)
+        texts = {m: chain_answer(nums, ops, m) for m in CHAIN_METHODS}
+        for text in texts.values():
+            assert parse_answer(text) == value
+            for line in text.splitlines():
+                if m := re.fullmatch(r"So (\d+) ([+-]) (\d+) = (\d+)\.", line):
+                    a, op, b, r = m.groups()
+                    assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        if "+" in ops and "-" in ops:  # both kinds: the methods differ (else grouped is in_order)
+            assert texts["grouped"] != texts["in_order"]
+    test, val = chain_questions(50, split=0), chain_questions(50, split=1)
+    assert all(chain_split(n) == 0 for n, _ in test) and all(chain_split(n) == 1 for n, _ in val)

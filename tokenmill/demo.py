@@ -123,19 +123,47 @@ def chain_value(nums: list[int], ops: list[str]) -> int:
     return total
 
 
-def chain_answer(nums: list[int], ops: list[str]) -> str:
-    """The worked answer: each operation digit by digit, its result carried into the next."""
-    lines = []
+CHAIN_METHODS = ("in_order", "grouped")
+
+
+def chain_answer(nums: list[int], ops: list[str], method: str = "in_order") -> str:
+    """The worked answer, each operation digit by digit, by one of two methods (sampled paths that
+    take different methods make different mistakes, which a vote can then outweigh):
+    - in_order: left to right, each result carried into the next operation;
+    - grouped: the numbers added summed first, then the numbers subtracted, then one subtraction
+      (used when the chain both adds and subtracts, else it is in_order)."""
+    plus = [nums[0]] + [b for op, b in zip(ops, nums[1:]) if op == "+"]
+    minus = [b for op, b in zip(ops, nums[1:]) if op == "-"]
+    if method == "grouped" and len(minus) and len(plus) > 1:
+        lines = ["Let's add what is added, subtract what is subtracted, then take the difference."]
+        k = 0
+        sums = []
+        for group in (plus, minus):
+            total = group[0]
+            for b in group[1:]:
+                k += 1
+                lines += _chain_step(k, total, "+", b)
+                total += b
+            sums.append(total)
+        k += 1
+        lines += _chain_step(k, sums[0], "-", sums[1])
+        lines.append(f"The answer is {sums[0] - sums[1]}.")
+        return "\n".join(lines)
+    lines = ["Let's go left to right."]
     total = nums[0]
     for k, (op, b) in enumerate(zip(ops, nums[1:]), 1):
-        places = 4 if max(total, b) >= 1000 else 3
-        lines.append(f"Step {k}: {total} {op} {b}.")
-        lines += _add_steps(total, b, places) if op == "+" else _sub_steps(total, b, places)
-        new = total + b if op == "+" else total - b
-        lines.append(f"So {total} {op} {b} = {new}.")
-        total = new
+        lines += _chain_step(k, total, op, b)
+        total = total + b if op == "+" else total - b
     lines.append(f"The answer is {total}.")
     return "\n".join(lines)
+
+
+def _chain_step(k: int, a: int, op: str, b: int) -> list[str]:
+    places = 4 if max(a, b) >= 1000 else 3
+    lines = [f"Step {k}: {a} {op} {b}."]
+    lines += _add_steps(a, b, places) if op == "+" else _sub_steps(a, b, places)
+    lines.append(f"So {a} {op} {b} = {a + b if op == '+' else a - b}.")
+    return lines
 
 
 def chain_questions(num: int, split: int = 0, seed: int = 1234) -> list[tuple[list[int], list[str]]]:
