@@ -47,6 +47,7 @@ class ServerSettings:
     api_key: str | None = None
     retry_after_s: int = 1
     tool_call_parser: str = "auto"  # a name in tools.PARSERS, or inferred from the chat template
+    reasoning_parser: str | None = None  # a name in reasoning.REASONING_PARSERS: `reasoning` apart from content
 
 
 class ServerContext:

@@ -98,6 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=["auto", *PARSERS], default="auto",
                    help="how tool calls appear in the model's text with tool_choice auto: hermes (Qwen2.5, Qwen3), "
                         "llama3_json (Llama 3.x), mistral; auto (default) infers it from the chat template")
+    from tokenmill.server.reasoning import REASONING_PARSERS
+
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="return a thinking model's <think> section as `reasoning`, apart from `content`: "
+                        "deepseek_r1 (DeepSeek-R1, QwQ, Qwen3 *-Thinking-2507) or qwen3 (Qwen3 hybrid models)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: tool_choice auto is always enabled")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -133,7 +138,7 @@ def _run(args: argparse.Namespace, config: EngineConfig, sock: socket.socket) ->
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     settings = ServerSettings(served_model_name=name, model_path=config.model, max_queue=args.max_queue,
                               max_body_bytes=args.max_body_size, api_key=args.api_key,
-                              tool_call_parser=args.tool_call_parser)
+                              tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     app = build_app(async_engine, settings)
 
     @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request
+from tokenmill.server.reasoning import split_reasoning
 from tokenmill.server.streaming import SSE_DONE, StreamFailed, sse, sse_response, unless_disconnected, usage
 from tokenmill.ttc import MAX_PATHS, TTCParams, TTCRun, launch_params
 
@@ -130,7 +131,9 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
     def choice(text: str, reason: str | None, delta: bool) -> dict[str, Any]:
         if not chat:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        body = {"role": "assistant", "content": text}
+        body: dict[str, Any] = {"role": "assistant", "content": text}
+        if ctx.settings.reasoning_parser is not None:
+            body["reasoning"], body["content"] = split_reasoning(ctx.settings.reasoning_parser, text)
         return {"index": 0, ("delta" if delta else "message"): body, "logprobs": None, "finish_reason": reason}
 
     def outcome() -> tuple[str, str, dict[str, Any]]:

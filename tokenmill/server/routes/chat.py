@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.protocol import ChatCompletionRequest
+from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
     SSE_DONE,
@@ -76,6 +77,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                                       params, tp, arrival)
         group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
         name, engine = ctx.name, ctx.engine
+        rparser = ctx.settings.reasoning_parser
 
         def chunk(choice: dict[str, Any]) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
@@ -87,6 +89,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 calls: dict[int, ToolStream] = {}
+                thoughts: dict[int, ReasoningStream] = {}
                 cached: dict[str, int] = {}
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached):
@@ -95,15 +98,20 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                                          "logprobs": None, "finish_reason": None})
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         reason = d.finish_reason
-                        content, tool_deltas = d.text, []
+                        content, tool_deltas, thought = d.text, [], ""
+                        text = c.text[: d.text_start + len(d.text)]
+                        if rparser is not None:  # the answer (content, calls) is what follows the reasoning
+                            rs = thoughts.setdefault(c.index, ReasoningStream(rparser))
+                            thought, content = rs.feed(text, reason is not None)
+                            text = text[rs.content_from:] if rs.content_from is not None else ""
                         if tools is not None:
                             ts = calls.setdefault(c.index, ToolStream(tools))
-                            content, tool_deltas = ts.feed(c.text[: d.text_start + len(d.text)], reason is not None,
-                                                          complete=reason == "stop")
+                            content, tool_deltas = ts.feed(text, reason is not None, complete=reason == "stop")
                             if reason is not None:
                                 reason = tool_finish(tools, reason, ts.called)
                         # One chunk per tool-call delta, as OpenAI streams them; an empty one keeps the step's timing.
-                        deltas = [{"content": content}] if content else []
+                        deltas = [{"reasoning": thought}] if thought else []
+                        deltas += [{"content": content}] if content else []
                         deltas = (deltas + [{"tool_calls": [t]} for t in tool_deltas]) or [{}]
                         for j, delta in enumerate(deltas):
                             last = j == len(deltas) - 1
@@ -128,14 +136,20 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                 return error_response(ctx.engine_error(out))
             choices = []
             for c in out.outputs:
-                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                text: str | None = c.text
+                thought = None
+                if rparser is not None:
+                    thought, text = split_reasoning(rparser, c.text)
+                message: dict[str, Any] = {"role": "assistant", "content": text}
                 reason = finish_reason(c)
                 if tools is not None:
-                    content, tool_calls = parse_calls(tools, c.text, complete=reason == "stop")
-                    message = {"role": "assistant", "content": content}
+                    content, tool_calls = parse_calls(tools, text or "", complete=reason == "stop")
+                    message = {"role": "assistant", "content": content if text is not None else None}
                     if tool_calls:
                         message["tool_calls"] = tool_calls
                     reason = tool_finish(tools, reason, bool(tool_calls))
+                if rparser is not None:
+                    message["reasoning"] = thought
                 choices.append({
                     "index": c.index, "message": message,
                     "logprobs": ({"content": ctx.chat_logprobs(c, 0, len(c.token_ids), k, as_ids)}

@@ -1,0 +1,61 @@
+"""--reasoning-parser: a thinking model's <think> section as `reasoning`, apart from `content`, by
+one rule whole and streamed; through a real server with the official openai client (the tiny
+random model is made to think by a regex constraint)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.server_utils import ServerProcess
+from tokenmill.server.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
+
+CASES = {
+    "<think>\nplan</think>\n\nAnswer": {"deepseek_r1": ("\nplan", "\n\nAnswer"), "qwen3": ("\nplan", "\n\nAnswer")},
+    "plan</think>Answer": {"deepseek_r1": ("plan", "Answer"), "qwen3": (None, "plan</think>Answer")},
+    "<think>unfinished": {"deepseek_r1": ("unfinished", None), "qwen3": ("unfinished", None)},
+    "Hello": {"deepseek_r1": ("Hello", None), "qwen3": (None, "Hello")},
+    "<think></think>x": {"deepseek_r1": (None, "x"), "qwen3": (None, "x")},
+    "a</think>b</think>c": {"deepseek_r1": ("a", "b</think>c"), "qwen3": (None, "a</think>b</think>c")},
+    "<thin": {"deepseek_r1": ("<thin", None), "qwen3": (None, "<thin")},
+    "x</thi": {"deepseek_r1": ("x</thi", None), "qwen3": (None, "x</thi")},
+}
+
+
+@pytest.mark.parametrize("parser", REASONING_PARSERS)
+@pytest.mark.parametrize("text", list(CASES))
+def test_whole_and_streamed_agree(parser, text):
+    assert split_reasoning(parser, text) == CASES[text][parser]
+    rng = random.Random(0)
+    for _ in range(20):
+        rs, r, c, i = ReasoningStream(parser), "", "", 0
+        while i < len(text):
+            i = min(len(text), i + rng.randint(1, 4))
+            a, b = rs.feed(text[:i], i == len(text))
+            r, c = r + a, c + b
+        assert (r or None, c or None) == CASES[text][parser]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = ServerProcess(model_dir, "--kv-cache-memory", "0.0625", "--reasoning-parser", "deepseek_r1",
+                      log_path=str(tmp_path_factory.mktemp("reasoning_log") / "server.log"))
+    yield s
+    s.stop()
+
+
+def test_reasoning_apart_from_content_streamed_and_not(client, model_name):
+    kw = dict(model=model_name, messages=[{"role": "user", "content": "Think first."}], max_tokens=60,
+              temperature=1.0, seed=3,
+              extra_body={"structured_outputs": {"regex": "<think>[a-z ]{3,20}</think>[a-z ]{3,10}"}})
+    m = client.chat.completions.create(**kw).choices[0].message
+    reasoning = m.model_extra["reasoning"]
+    assert reasoning and "<think>" not in reasoning and "</think>" not in m.content
+    assert m.content and not m.content.startswith("</think>")
+    r = c = ""
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        if chunk.choices:
+            r += chunk.choices[0].delta.model_extra.get("reasoning") or ""
+            c += chunk.choices[0].delta.content or ""
+    assert (r, c) == (reasoning, m.content)
