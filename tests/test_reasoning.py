@@ -59,3 +59,47 @@ def test_reasoning_apart_from_content_streamed_and_not(client, model_name):
             r += chunk.choices[0].delta.model_extra.get("reasoning") or ""
             c += chunk.choices[0].delta.content or ""
     assert (r, c) == (reasoning, m.content)
+
+
+# -- the reasoning budget (max_reasoning_tokens) -----------------------------------------------
+@pytest.fixture(scope="module")
+def budget_llm(model_dir):
+    from tokenmill import LLM
+
+    return LLM(model_dir, kv_cache_memory_bytes=8 * 2**20, max_num_batched_tokens=256, seed=0)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 7])
+def test_budget_closes_the_section(budget_llm, budget):
+    """A prompt that opens <think>: after `budget` tokens the engine writes </think> and the
+    model goes on answering; the budget is hard, with any sampling."""
+    from tokenmill import SamplingParams
+
+    eng = budget_llm.engine
+    end = list(eng.think_ids[1])
+    for seed in range(3):
+        out = budget_llm.generate("Question: why?<think>", SamplingParams(
+            max_tokens=40, ignore_eos=True, temperature=1.0, seed=seed, max_reasoning_tokens=budget,
+            logprobs=1))[0].outputs[0]
+        ids = out.token_ids
+        i = next(i for i in range(len(ids)) if ids[i : i + len(end)] == end)
+        assert i <= budget and "</think>" in out.text and len(ids) == 40  # it answered on
+        assert all(lp is not None for lp in out.logprobs)  # the forced tokens' logprobs are the model's
+
+
+def test_no_budget_without_a_section_and_bad_values(budget_llm):
+    from tokenmill import SamplingParams
+
+    free = budget_llm.generate("Plain prompt", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    capped = budget_llm.generate("Plain prompt", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                                 max_reasoning_tokens=0))
+    assert free[0].outputs[0].token_ids == capped[0].outputs[0].token_ids  # no <think>: nothing forced
+    with pytest.raises(ValueError, match="^max_reasoning_tokens:"):
+        budget_llm.generate("x", SamplingParams(max_tokens=2, max_reasoning_tokens=-1))
+
+
+def test_budget_over_http(client, model_name):
+    r = client.completions.create(model=model_name, prompt="Q<think>", max_tokens=30, temperature=1.0, seed=1,
+                                  extra_body={"max_reasoning_tokens": 3, "ignore_eos": True})
+    text = r.choices[0].text
+    assert "</think>" in text

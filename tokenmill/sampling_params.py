@@ -37,6 +37,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # Constrained decoding: a JSON schema, regex, choice or grammar the output must match.
     structured_outputs: StructuredOutputsParams | None = None
+    # Reasoning budget: tokens a <think> section may hold; then the engine closes it (writes
+    # </think>) and the model answers. The section is open when the prompt ends inside one or the
+    # model writes <think>.
+    max_reasoning_tokens: int | None = None
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
@@ -96,6 +100,13 @@ class SamplingParams:
                 raise bad("logit_bias", f"{t!r} is not a token id of this model")
             if not _is_number(v) or not -100 <= v <= 100:
                 raise bad("logit_bias", f"bias of token {t} must be in [-100, 100], got {v!r}")
+        if self.max_reasoning_tokens is not None:
+            if (not isinstance(self.max_reasoning_tokens, int) or isinstance(self.max_reasoning_tokens, bool)
+                    or self.max_reasoning_tokens < 0):
+                raise bad("max_reasoning_tokens", f"must be an integer >= 0, got {self.max_reasoning_tokens!r}")
+            if self.structured_outputs is not None:
+                raise bad("max_reasoning_tokens", "cannot be combined with structured outputs (the closing tag "
+                          "it writes is outside the grammar)")
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise bad("structured_outputs", "must be a StructuredOutputsParams")

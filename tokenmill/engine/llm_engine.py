@@ -99,6 +99,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
+        tok = self.tokenizer
+        # A reasoning budget's markers, as this tokenizer writes them (one token in thinking models).
+        self.think_ids = ((tuple(tok.encode(THINK_START, add_special_tokens=False)),
+                           tuple(tok.encode(THINK_END, add_special_tokens=False))) if tok is not None else None)
 
     # -- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
@@ -148,6 +152,8 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if params.max_reasoning_tokens is not None and self.think_ids is None:
+            raise ValueError("max_reasoning_tokens: needs the model's tokenizer (to find <think> sections)")
         grammar = None
         if params.structured_outputs is not None:
             if self.task == "embed":
@@ -158,7 +164,12 @@ class LLMEngine:
         params._eos_token_ids = self.eos_token_ids
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
         self.requests[request_id] = req
+        thinking = (_inside(token_ids, *self.think_ids) if params.max_reasoning_tokens is not None
+                    and self.think_ids is not None else None)
         for seq in req.seqs:
+            if thinking is not None:
+                seq.thinking = thinking or None  # the prompt ends inside a <think> section, or not yet
+                self._budget(seq)
             if grammar is not None:
                 seq.matcher = grammar.matcher()
             if self.tokenizer is not None:
@@ -316,6 +327,8 @@ class LLMEngine:
                 for token, entry in tokens:
                     seq.token_ids.append(token)
                     appended += 1
+                    if seq.params.max_reasoning_tokens is not None:
+                        self._reasoning(seq, token)
                     if seq.matcher is not None and not seq.matcher.consume_token(token):
                         # Masks only allow what the grammar accepts: this is the parser giving up
                         # (a grammar too complex for its limits), the request's own doing.
@@ -356,6 +369,29 @@ class LLMEngine:
                     self._seq_by_id.pop(seq.seq_id, None)
             outputs.append(self._make_output(req, finished))
         return outputs
+
+    def _reasoning(self, seq: Sequence, token: int) -> None:
+        """A reasoning budget's bookkeeping after each token: entering and leaving <think>
+        sections, counting what is written inside, closing the section when it is spent."""
+        assert self.think_ids is not None
+        start, end = self.think_ids
+        forced = bool(seq.forced) and seq.forced[0] == token
+        if forced:
+            seq.forced.pop(0)
+        ids = seq.token_ids
+        if seq.thinking:
+            if not forced:
+                seq.reasoning_tokens += 1
+            if end and len(ids) >= len(end) and tuple(ids[-len(end):]) == end:
+                seq.thinking, seq.forced = False, []
+        elif seq.thinking is None and start and len(ids) >= len(start) and tuple(ids[-len(start):]) == start:
+            seq.thinking = True
+        self._budget(seq)
+
+    def _budget(self, seq: Sequence) -> None:
+        if seq.thinking and not seq.forced and seq.reasoning_tokens >= (seq.params.max_reasoning_tokens or 0):
+            assert self.think_ids is not None
+            seq.forced = list(self.think_ids[1])  # the next tokens close the section
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -427,6 +463,24 @@ class LLMEngine:
             "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
         }
+
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def _inside(ids: list[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
+    """Whether ids end inside a start ... end section (its last start after its last end)."""
+    def last(sub: tuple[int, ...]) -> int:
+        n = len(sub)
+        if not n:
+            return -1
+        for i in range(len(ids) - n, -1, -1):
+            if tuple(ids[i : i + n]) == sub:
+                return i
+        return -1
+
+    s = last(start)
+    return s >= 0 and s > last(end)
 
 
 def cache_salt(prompt: str | dict | list[int]) -> str | None:

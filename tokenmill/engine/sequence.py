@@ -61,6 +61,11 @@ class Sequence:
     generator: Any = None  # torch.Generator for seeded requests, made by the runner
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # Reasoning budget (params.max_reasoning_tokens): inside a <think> section (None: not yet),
+    # the tokens written in it, and tokens the engine writes next (the closing tag).
+    thinking: bool | None = None
+    reasoning_tokens: int = 0
+    forced: list[int] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None
     matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""

@@ -46,7 +46,8 @@ def can_speculate(seq: Sequence) -> bool:
     drafts would make a seeded output depend on its neighbours."""
     p = seq.params
     return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-            and seq.num_output_tokens >= p.min_tokens and p.seed is None)
+            and seq.num_output_tokens >= p.min_tokens and p.seed is None
+            and p.max_reasoning_tokens is None)  # the closing tag it may force is not a draft's to guess
 
 
 def max_drafts(seq: Sequence, k: int, budget: int, max_model_len: int) -> int:

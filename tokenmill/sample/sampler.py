@@ -15,7 +15,7 @@ only when its nucleus reaches past them (a nearly flat distribution).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class SamplingMetadata:
     biases: list[tuple[int, list[int], list[float]]]  # logit_bias: (row, token ids, values)
     generators: dict[int, torch.Generator]
     max_logprobs: int | None  # largest top-k of logprobs asked for in this batch, None if none
+    forced: list[tuple[int, int]] = field(default_factory=list)  # (row, the only token it may take)
     # Structured outputs: allowed-token bitmasks (int32, 32 tokens a word) of the rows listed
     bitmask: torch.Tensor | None = None
     mask_rows: list[int] | None = None
@@ -90,6 +91,7 @@ class SamplingMetadata:
                     banned.append((i, ids))
 
         biases = [(i, list(p.logit_bias), list(p.logit_bias.values())) for i, p in enumerate(ps) if p.logit_bias]
+        forced = [(i, s.forced[0]) for i, s in enumerate(seqs) if s.forced]
         gens = {i: s.generator for i, s in enumerate(seqs) if s.generator is not None}
         want = [p.logprobs for p in ps if p.logprobs is not None]
         return cls(
@@ -106,6 +108,7 @@ class SamplingMetadata:
             seen_mask=seen,
             banned=banned,
             biases=biases,
+            forced=forced,
             generators=gens,
             max_logprobs=max(want) if want else None,
         )
@@ -182,6 +185,13 @@ class Sampler:
                 logits[row, ids] = float("-inf")
                 if kept is not None and not bool(torch.isfinite(logits[row]).any()):
                     logits[row, ids] = kept
+        if md.forced:  # a reasoning budget closing its section: one token allowed
+            if not md.biases and md.bitmask is None and not md.banned:
+                logits = logits.clone()
+            for row, token in md.forced:
+                keep = logits[row, token].clone()
+                logits[row] = float("-inf")
+                logits[row, token] = keep
         return self._apply_penalties(logits, md)
 
     @staticmethod

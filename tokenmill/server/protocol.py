@@ -98,6 +98,7 @@ class _SamplingFields(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     test_time_compute: TestTimeComputeField | None = None
+    max_reasoning_tokens: int | None = None  # tokens a <think> section may hold; then it is closed
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields
@@ -158,6 +159,7 @@ class _SamplingFields(_Strict):
             prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            max_reasoning_tokens=self.max_reasoning_tokens,
         )
 
 
