@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from tests.models import CHAT_TEMPLATE, make_model
 from tests.server_utils import ServerProcess
 from tokenmill.server.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
 
@@ -37,22 +38,36 @@ def test_whole_and_streamed_agree(parser, text):
         assert (r or None, c or None) == CASES[text][parser]
 
 
+# DeepSeek-R1's way: the generation prompt opens the thinking section.
+R1_TEMPLATE = CHAT_TEMPLATE.replace("<s>assistant\n{% endif %}", "<s>assistant\n<think>\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = ServerProcess(model_dir, "--kv-cache-memory", "0.0625", "--reasoning-parser", "deepseek_r1",
+def r1_model(tmp_path_factory):
+    return make_model(str(tmp_path_factory.mktemp("r1") / "r1"), chat_template=R1_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def model_name():
+    return "r1"
+
+
+@pytest.fixture(scope="module")
+def server(r1_model, tmp_path_factory):
+    s = ServerProcess(r1_model, "--kv-cache-memory", "0.0625", "--reasoning-parser", "deepseek_r1",
                       log_path=str(tmp_path_factory.mktemp("reasoning_log") / "server.log"))
     yield s
     s.stop()
 
 
 def test_reasoning_apart_from_content_streamed_and_not(client, model_name):
-    kw = dict(model=model_name, messages=[{"role": "user", "content": "Think first."}], max_tokens=60,
-              temperature=1.0, seed=3,
-              extra_body={"structured_outputs": {"regex": "<think>[a-z ]{3,20}</think>[a-z ]{3,10}"}})
+    """The random model thinks for 6 tokens, the budget closes its section, and it answers."""
+    kw = dict(model=model_name, messages=[{"role": "user", "content": "Think first."}], max_tokens=30,
+              temperature=1.0, seed=3, extra_body={"max_reasoning_tokens": 6, "ignore_eos": True})
     m = client.chat.completions.create(**kw).choices[0].message
     reasoning = m.model_extra["reasoning"]
-    assert reasoning and "<think>" not in reasoning and "</think>" not in m.content
-    assert m.content and not m.content.startswith("</think>")
+    assert reasoning and "</think>" not in reasoning and "</think>" not in m.content
+    assert m.content
     r = c = ""
     for chunk in client.chat.completions.create(**kw, stream=True):
         if chunk.choices:
@@ -99,7 +114,33 @@ def test_no_budget_without_a_section_and_bad_values(budget_llm):
 
 
 def test_budget_over_http(client, model_name):
-    r = client.completions.create(model=model_name, prompt="Q<think>", max_tokens=30, temperature=1.0, seed=1,
+    r = client.completions.create(model=model_name, prompt="Q <think>", max_tokens=30, temperature=1.0, seed=1,
                                   extra_body={"max_reasoning_tokens": 3, "ignore_eos": True})
     text = r.choices[0].text
     assert "</think>" in text
+
+
+def test_tags_are_read_from_text_not_from_token_ids(budget_llm):
+    """A prompt mentioning <think> mid-way or closing its section does not open one; a prompt
+    ending with "<think>" after a space does; a min_tokens ban on the closing tag's first token
+    does not stop the engine from closing the section."""
+    from tokenmill import SamplingParams
+
+    def gen(prompt, **kw):
+        sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, **kw)
+        return budget_llm.generate(prompt, sp)[0].outputs[0]
+
+    for prompt in ("What is the\n<think>\ntag for? Answer:", "Q<think>plan </think>Answer:"):
+        assert gen(prompt, max_reasoning_tokens=0).token_ids == gen(prompt).token_ids
+    assert gen("Question: <think>", max_reasoning_tokens=0).text.startswith("</think>")
+    first = budget_llm.engine.think_ids[1][0]
+    out = gen("Q<think>", max_reasoning_tokens=2, min_tokens=8, stop_token_ids=[first])
+    assert "</think>" in out.text and 0 not in out.token_ids  # no empty rows sampled as token 0
+
+
+def test_constrained_output_is_never_reasoning(client, model_name):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+    m = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Call f"}],
+                                       tools=tools, tool_choice="required", max_tokens=60, seed=1).choices[0].message
+    assert m.tool_calls and m.tool_calls[0].function.name == "f" and m.model_extra.get("reasoning") is None

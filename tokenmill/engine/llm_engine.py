@@ -164,8 +164,11 @@ class LLMEngine:
         params._eos_token_ids = self.eos_token_ids
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
         self.requests[request_id] = req
-        thinking = (_inside(token_ids, *self.think_ids) if params.max_reasoning_tokens is not None
-                    and self.think_ids is not None else None)
+        # The section is open when the prompt ends with <think> (a thinking model's generation prompt).
+        thinking = None
+        if params.max_reasoning_tokens is not None and self.tokenizer is not None:
+            tail = self.tokenizer.decode(token_ids[-32:], skip_special_tokens=False)
+            thinking = tail.rstrip().endswith(THINK_START)
         for seq in req.seqs:
             if thinking is not None:
                 seq.thinking = thinking or None  # the prompt ends inside a <think> section, or not yet
@@ -327,8 +330,6 @@ class LLMEngine:
                 for token, entry in tokens:
                     seq.token_ids.append(token)
                     appended += 1
-                    if seq.params.max_reasoning_tokens is not None:
-                        self._reasoning(seq, token)
                     if seq.matcher is not None and not seq.matcher.consume_token(token):
                         # Masks only allow what the grammar accepts: this is the parser giving up
                         # (a grammar too complex for its limits), the request's own doing.
@@ -341,6 +342,8 @@ class LLMEngine:
                     if req.metrics.first_token_time is None:
                         req.metrics.first_token_time = now
                     self._check_stop(seq, token)
+                    if not seq.is_finished and seq.params.max_reasoning_tokens is not None:
+                        self._reasoning(seq, token)
                     if not seq.is_finished and seq.matcher is not None and seq.matcher.is_stopped():
                         seq.finish_reason = "stop"  # the grammar is complete: nothing more may follow
                         self._finish(seq)
@@ -374,18 +377,23 @@ class LLMEngine:
         """A reasoning budget's bookkeeping after each token: entering and leaving <think>
         sections, counting what is written inside, closing the section when it is spent."""
         assert self.think_ids is not None
-        start, end = self.think_ids
         forced = bool(seq.forced) and seq.forced[0] == token
         if forced:
             seq.forced.pop(0)
-        ids = seq.token_ids
-        if seq.thinking:
+        # The tags are found in the text (their token ids depend on what precedes them), or as
+        # the token itself where a tag is one (special) token the text may leave out.
+        text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        start, end = self.think_ids
+        if seq.thinking is None:
+            i = text.find(THINK_START, max(0, seq.think_scan - len(THINK_START)))
+            if i >= 0 or start == (token,):
+                seq.thinking, seq.think_from = True, (i + len(THINK_START) if i >= 0 else len(text))
+        elif seq.thinking:
             if not forced:
                 seq.reasoning_tokens += 1
-            if end and len(ids) >= len(end) and tuple(ids[-len(end):]) == end:
+            if text.find(THINK_END, max(seq.think_from, seq.think_scan - len(THINK_END))) >= 0 or end == (token,):
                 seq.thinking, seq.forced = False, []
-        elif seq.thinking is None and start and len(ids) >= len(start) and tuple(ids[-len(start):]) == start:
-            seq.thinking = True
+        seq.think_scan = len(text)
         self._budget(seq)
 
     def _budget(self, seq: Sequence) -> None:
@@ -466,21 +474,6 @@ class LLMEngine:
 
 
 THINK_START, THINK_END = "<think>", "</think>"
-
-
-def _inside(ids: list[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
-    """Whether ids end inside a start ... end section (its last start after its last end)."""
-    def last(sub: tuple[int, ...]) -> int:
-        n = len(sub)
-        if not n:
-            return -1
-        for i in range(len(ids) - n, -1, -1):
-            if tuple(ids[i : i + n]) == sub:
-                return i
-        return -1
-
-    s = last(start)
-    return s >= 0 and s > last(end)
 
 
 def cache_salt(prompt: str | dict | list[int]) -> str | None:

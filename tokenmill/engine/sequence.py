@@ -66,6 +66,8 @@ class Sequence:
     thinking: bool | None = None
     reasoning_tokens: int = 0
     forced: list[int] = field(default_factory=list)
+    think_from: int = 0  # where the section's text starts in the output text
+    think_scan: int = 0  # the output text read for tags so far
     detokenizer: IncrementalDetokenizer | None = None
     matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""

@@ -188,10 +188,9 @@ class Sampler:
         if md.forced:  # a reasoning budget closing its section: one token allowed
             if not md.biases and md.bitmask is None and not md.banned:
                 logits = logits.clone()
-            for row, token in md.forced:
-                keep = logits[row, token].clone()
+            for row, token in md.forced:  # after bans: the closing tag wins over min_tokens
                 logits[row] = float("-inf")
-                logits[row, token] = keep
+                logits[row, token] = 0.0
         return self._apply_penalties(logits, md)
 
     @staticmethod

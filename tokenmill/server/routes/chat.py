@@ -77,7 +77,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                                       params, tp, arrival)
         group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
         name, engine = ctx.name, ctx.engine
-        rparser = ctx.settings.reasoning_parser
+        # Constrained output (tools required or named, response_format) is all answer: vLLM applies
+        # a grammar after the reasoning, here there is none to split off.
+        rparser = ctx.settings.reasoning_parser if params.structured_outputs is None else None
 
         def chunk(choice: dict[str, Any]) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
