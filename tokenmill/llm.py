@@ -130,29 +130,19 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None,
                  ttc: TTCParams | dict[str, Any], priority: Seq[int] | None) -> list[RequestOutput]:
         """Every prompt's paths in one continuous batch, each prompt's strategy steering its own."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        params = batch_params(sampling_params, len(prompts))
-        prios = list(priority) if priority is not None else [0] * len(prompts)
-        if len(prios) != len(prompts):
-            raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")
         engine = self.engine
+        prepared = self._prepare(prompts, sampling_params, priority)
+        prios = [prio for _, _, prio in prepared]
         runs: list[tuple[TTCRun, dict[str, Any], SamplingParams]] = []
-        for p, sp in zip(prompts, params):
+        for prompt, sp, _ in prepared:
             tp = ttc if isinstance(ttc, TTCParams) else TTCParams.from_dict(ttc)
             if sp.n != 1:
                 raise ValueError("n: a test-time-compute request sets its paths with test_time_compute.n")
-            text, token_ids = engine.tokenize(p)
-            engine.check_request(token_ids, sp)
-            salt = cache_salt(p)
-            prompt = {"prompt": text, "prompt_token_ids": token_ids, **({"cache_salt": salt} if salt else {})}
-            runs.append((TTCRun(tp, text or "", len(token_ids), sp.max_tokens, engine.max_model_len), prompt, sp))
+            token_ids = prompt["prompt_token_ids"]
+            runs.append((TTCRun(tp, prompt["prompt"] or "", len(token_ids), sp.max_tokens, engine.max_model_len),
+                         prompt, sp))
         where: dict[tuple[str, int], tuple[int, int]] = {}  # (engine request, sample) -> (run, path)
         path_at: dict[tuple[int, int], tuple[str, int]] = {}  # the other way
-        seen: dict[tuple[int, int], int] = {}  # (run, path) -> logprobs read
         live: dict[str, int] = {}  # engine request -> its run
         try:
             while True:
@@ -172,7 +162,7 @@ class LLM:
                         continue
                     if out.error is not None:
                         raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
-                    self._observe(runs, out, where, seen)
+                    self._observe(runs, out, where)
                     if out.finished:
                         del live[rid]
                 for r, (run, _, _) in enumerate(runs):
@@ -180,7 +170,7 @@ class LLM:
                         rid, i = path_at[(r, pid)]
                         out = engine.abort_seq(rid, i) if rid in live else None
                         if out is not None:
-                            self._observe(runs, out, where, seen)
+                            self._observe(runs, out, where)
                             del live[rid]
         except BaseException:
             for rid in live:
@@ -189,9 +179,10 @@ class LLM:
             raise
         return [self._ttc_output(run, prompt) for run, prompt, _ in runs]
 
-    def _run(self, prompts: PromptType | Seq[PromptType],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None, priority: Seq[int] | None,
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _prepare(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None,
+                 priority: Seq[int] | None) -> list[tuple[dict[str, Any], SamplingParams, int]]:
+        """(tokenized prompt, params, priority) for every prompt, all checked before any is queued."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -201,18 +192,23 @@ class LLM:
         prios = list(priority) if priority is not None else [0] * len(prompts)
         if len(prios) != len(prompts):
             raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")
-        engine = self.engine
-        tokenized = []
-        for p, sp in zip(prompts, params):
-            text, token_ids = engine.tokenize(p)
-            engine.check_request(token_ids, sp)
+        out = []
+        for p, sp, prio in zip(prompts, params, prios):
+            text, token_ids = self.engine.tokenize(p)
+            self.engine.check_request(token_ids, sp)
             salt = cache_salt(p)
-            tokenized.append({"prompt": text, "prompt_token_ids": token_ids,
-                              **({"cache_salt": salt} if salt is not None else {})})
+            out.append(({"prompt": text, "prompt_token_ids": token_ids,
+                         **({"cache_salt": salt} if salt is not None else {})}, sp, prio))
+        return out
 
+    def _run(self, prompts: PromptType | Seq[PromptType],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None, priority: Seq[int] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        prepared = self._prepare(prompts, sampling_params, priority)
         ids = []
         try:
-            for p, sp, prio in zip(tokenized, params, prios):
+            for p, sp, prio in prepared:
                 ids.append(engine.add_request(p, sp, priority=prio))
             done: dict[str, RequestOutput] = {}
             pending = set(ids)
@@ -241,16 +237,11 @@ class LLM:
 
 
     @staticmethod
-    def _observe(runs: list[Any], out: RequestOutput, where: dict[tuple[str, int], tuple[int, int]],
-                 seen: dict[tuple[int, int], int]) -> None:
-        """Feeds an engine output's samples to their runs: text, new sampled-token logprobs, finish."""
+    def _observe(runs: list[Any], out: RequestOutput, where: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Feeds an engine output's samples to their runs."""
         for c in out.outputs:
             r, pid = where[(out.request_id, c.index)]
-            k = seen.get((r, pid), 0)
-            entries = (c.logprobs or [])[k:]
-            new = [e[t].logprob for e, t in zip(entries, c.token_ids[k:])]
-            seen[(r, pid)] = k + len(new)
-            runs[r][0].observe(pid, c.text, c.token_ids, new, c.finish_reason)
+            runs[r][0].observe_output(pid, c)
 
     def _ttc_output(self, run: TTCRun, prompt: dict[str, Any]) -> RequestOutput:
         """The winning path as the request's one output, with the run's account."""

@@ -344,6 +344,13 @@ class TTCRun:
             if path.state == "finished":
                 self._finished(path)
 
+    def observe_output(self, path_id: int, c: Any) -> None:
+        """observe() from an engine CompletionOutput of the path (a full snapshot, with the sampled
+        tokens' logprobs): the logprobs past those the path already holds are new."""
+        k = self.paths[path_id].tokens
+        new = [e[t].logprob for e, t in zip((c.logprobs or [])[k:], c.token_ids[k:])]
+        self.observe(path_id, c.text, c.token_ids, new, c.finish_reason)
+
     def _finished(self, path: Path) -> None:
         if self.p.strategy == "self_consistency" or self.p.answer_pattern is not None:
             # A path cut by max_tokens did not reach its answer: it does not vote.

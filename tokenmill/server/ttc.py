@@ -62,7 +62,6 @@ class TTCDriver:
         self.group: Any = None
         self.where: dict[tuple[str, int], int] = {}  # (engine request, sample) -> path
         self.path_at: dict[int, tuple[str, int]] = {}
-        self.seen: dict[int, int] = {}  # path -> logprobs read
         self.cached_tokens = 0  # the first launch's prefix-cache hit
 
     async def _launch(self) -> None:
@@ -101,11 +100,7 @@ class TTCDriver:
                     if out.request_id == f"{self.rid}-1":
                         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
                     for c in out.outputs:
-                        pid = self.where[(out.request_id, c.index)]
-                        k = self.seen.get(pid, 0)
-                        new = [e[t].logprob for e, t in zip((c.logprobs or [])[k:], c.token_ids[k:])]
-                        self.seen[pid] = k + len(new)
-                        run.observe(pid, c.text, c.token_ids, new, c.finish_reason)
+                        run.observe_output(self.where[(out.request_id, c.index)], c)
                 for pid in run.stops():
                     engine.abort_seq(*self.path_at[pid])
         finally:
