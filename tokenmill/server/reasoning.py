@@ -10,6 +10,8 @@ as it streams, by one rule both ways:
 
 from __future__ import annotations
 
+from tokenmill.server.streaming import held_back
+
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
 
@@ -33,14 +35,6 @@ def split_reasoning(parser: str, text: str) -> tuple[str | None, str | None]:
     if end < 0:
         return body or None, None
     return body[:end] or None, body[end + len(END):] or None
-
-
-def _held(text: str, marker: str) -> int:
-    """How many trailing characters of text could start marker."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
 
 
 class ReasoningStream:
@@ -70,7 +64,7 @@ class ReasoningStream:
                 reasoning, self.sent = text[self.sent:end], end + len(END)
                 self.mode, self.content_from = "content", self.sent
             else:
-                upto = len(text) if final else len(text) - _held(text, END)
+                upto = len(text) if final else len(text) - held_back(text, END)
                 if upto > self.sent:
                     reasoning, self.sent = text[self.sent:upto], upto
         content = ""

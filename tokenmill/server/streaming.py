@@ -130,6 +130,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def held_back(text: str, marker: str) -> int:
+    """How many trailing characters of a growing text could be the start of marker: what a
+    stream holds back so that it never sends a marker's beginning as text."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
 SSE_DONE = "data: [DONE]\n\n"  # the last event of every stream, as OpenAI ends them
 
 

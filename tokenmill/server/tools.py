@@ -27,6 +27,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.server.streaming import held_back
 from tokenmill.structured import StructuredOutputsParams
 
 PARSERS = ("hermes", "llama3_json", "mistral")
@@ -341,14 +342,6 @@ def _skip(text: str, i: int, chars: str = "") -> int:
     return i
 
 
-def _held(text: str, marker: str) -> int:
-    """How many trailing characters of text could start marker (held back from content)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
-
-
 class CallParser:
     """The content and calls of a growing text written in one format: a parser's name, "array"
     (tool_choice required) or "arguments" (a named function). feed() gets the whole text so far
@@ -533,7 +526,7 @@ class CallParser:
             return 0
         if self.content_end is not None:
             return self.content_end
-        return len(text) if final else len(text) - _held(text, _MARK[self.fmt])
+        return len(text) if final else len(text) - held_back(text, _MARK[self.fmt])
 
     def _visible(self) -> list[CallScan]:
         if self.fmt == "llama3_json" and self._llama_plain(self.finished):
