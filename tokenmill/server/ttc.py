@@ -46,7 +46,7 @@ def ttc_params(req: Any) -> TTCParams | None:
 
 class TTCDriver:
     """Runs one request's paths over the async engine. start() makes the first launch (so bad
-    input or a full queue is an HTTP error before any stream starts); run() goes on to the
+    input or a full queue is an HTTP error before any stream starts); finish() goes on to the
     strategy's end. Every launch joins one request group: however the request ends (done, an
     error, the client gone), closing it aborts whatever still runs."""
 
