@@ -21,8 +21,9 @@ Data
 - Held out: operand pairs with (1000 * a + b) % 97 == 0 never appear in training;
   `tokenmill eval-demo` tests on them (tokenmill/demo.py has the shared format code).
 - --task chain: mostly chains of 3-4 operands ("What is 964 + 530 - 75 - 902?") worked one
-  operation at a time (tokenmill.demo.chain_answer), each by one of two methods drawn at
-  random (left to right, or the added and the subtracted numbers summed apart), plus the
+  operation at a time (tokenmill.demo.chain_answer), each by one of the methods that differ
+  for it drawn at random (left to right; the added and the subtracted numbers summed apart;
+  the same with each group summed from the right), plus the
   two-operand questions and English; the test and validation chains (chain_split 0 and 1)
   never appear in training.
 
@@ -46,12 +47,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenmill.demo import (  # noqa: E402
     BOS,
-    CHAIN_METHODS,
     CHAT_TEMPLATE,
     END,
     SPECIAL_TOKENS,
     arithmetic_answer,
     chain_answer,
+    chain_methods,
     chain_question,
     chain_split,
     is_held_out,
@@ -155,7 +156,7 @@ def chat_example(rng: random.Random, chain_frac: float = 0.0) -> list[dict[str, 
             if chain_split(nums) > 1:  # 0 and 1: the test and validation sets
                 break
         return msgs + [{"role": "user", "content": chain_question(nums, ops, rng)},
-                       {"role": "assistant", "content": chain_answer(nums, ops, rng.choice(CHAIN_METHODS))}]
+                       {"role": "assistant", "content": chain_answer(nums, ops, rng.choice(chain_methods(nums, ops)))}]
     if rng.random() < 0.02:
         msgs += [{"role": "user", "content": rng.choice(GREETINGS)},
                  {"role": "assistant", "content": GREETING_REPLY}]

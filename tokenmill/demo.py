@@ -123,39 +123,66 @@ def chain_value(nums: list[int], ops: list[str]) -> int:
     return total
 
 
-CHAIN_METHODS = ("in_order", "grouped")
+CHAIN_METHODS = ("in_order", "grouped", "reversed")
+_CHAIN_HEADERS = {
+    "in_order": "Let's go left to right.",
+    "grouped": "Let's add what is added, subtract what is subtracted, then take the difference.",
+    "reversed": "Let's add from the right, then subtract.",
+}
 
 
 def chain_answer(nums: list[int], ops: list[str], method: str = "in_order") -> str:
-    """The worked answer, each operation digit by digit, by one of two methods (sampled paths that
+    """The worked answer, each operation digit by digit, by one of three methods (sampled paths that
     take different methods make different mistakes, which a vote can then outweigh):
     - in_order: left to right, each result carried into the next operation;
-    - grouped: the numbers added summed first, then the numbers subtracted, then one subtraction
-      (used when the chain both adds and subtracts, else it is in_order)."""
+    - grouped: the numbers added summed first, then the numbers subtracted, then one subtraction;
+    - reversed: as grouped, but each group summed from its last number to its first.
+    chain_methods() says which of them take different steps for a chain."""
+    lines = [_CHAIN_HEADERS[method]]
+    for k, (a, op, b) in enumerate(_chain_ops(nums, ops, method), 1):
+        lines += _chain_step(k, a, op, b)
+    lines.append(f"The answer is {chain_value(nums, ops)}.")
+    return "\n".join(lines)
+
+
+def chain_methods(nums: list[int], ops: list[str]) -> list[str]:
+    """The methods whose operations differ for this chain (in CHAIN_METHODS order): pure additions
+    of two numbers have one, a chain like 5 + 7 - 2 two."""
+    out, seen = [], []
+    for m in CHAIN_METHODS:
+        steps = _chain_ops(nums, ops, m)
+        if steps not in seen:
+            seen.append(steps)
+            out.append(m)
+    return out
+
+
+def _chain_ops(nums: list[int], ops: list[str], method: str) -> list[tuple[int, str, int]]:
+    """(a, op, b) of each operation a method performs."""
+    if method == "in_order":
+        steps, total = [], nums[0]
+        for op, b in zip(ops, nums[1:]):
+            steps.append((total, op, b))
+            total = total + b if op == "+" else total - b
+        return steps
+    if method not in ("grouped", "reversed"):
+        raise ValueError(f"method: one of {CHAIN_METHODS}, got {method!r}")
     plus = [nums[0]] + [b for op, b in zip(ops, nums[1:]) if op == "+"]
     minus = [b for op, b in zip(ops, nums[1:]) if op == "-"]
-    if method == "grouped" and len(minus) and len(plus) > 1:
-        lines = ["Let's add what is added, subtract what is subtracted, then take the difference."]
-        k = 0
-        sums = []
-        for group in (plus, minus):
-            total = group[0]
-            for b in group[1:]:
-                k += 1
-                lines += _chain_step(k, total, "+", b)
-                total += b
-            sums.append(total)
-        k += 1
-        lines += _chain_step(k, sums[0], "-", sums[1])
-        lines.append(f"The answer is {sums[0] - sums[1]}.")
-        return "\n".join(lines)
-    lines = ["Let's go left to right."]
-    total = nums[0]
-    for k, (op, b) in enumerate(zip(ops, nums[1:]), 1):
-        lines += _chain_step(k, total, op, b)
-        total = total + b if op == "+" else total - b
-    lines.append(f"The answer is {total}.")
-    return "\n".join(lines)
+    steps, sums = [], []
+    for group in (plus, minus):
+        if method == "reversed":
+            group = group[::-1]
+        if not group:
+            continue
+        total = group[0]
+        for b in group[1:]:
+            steps.append((total, "+", b))
+            total += b
+        sums.append(total)
+    if len(sums) == 2:
+        steps.append((sums[0], "-", sums[1]))
+    return steps
 
 
 def _chain_step(k: int, a: int, op: str, b: int) -> list[str]:

@@ -41,6 +41,11 @@ class SamplingParams:
     # </think>) and the model answers. The section is open when the prompt ends inside one or the
     # model writes <think>.
     max_reasoning_tokens: int | None = None
+    # Beam search (vLLM's extra fields, transformers' rules): the n sequences are the beams and all
+    # n come back, best first. Deterministic: temperature, top_p, top_k, min_p and seed do not apply.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # a finished beam scores cumulative_logprob / length ** length_penalty
+    early_stopping: bool | str = False  # transformers' early_stopping: False, True or "never"
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
@@ -107,6 +112,14 @@ class SamplingParams:
             if self.structured_outputs is not None:
                 raise bad("max_reasoning_tokens", "cannot be combined with structured outputs (the closing tag "
                           "it writes is outside the grammar)")
+        if not isinstance(self.use_beam_search, bool):
+            raise bad("use_beam_search", f"must be a boolean, got {self.use_beam_search!r}")
+        if not _is_number(self.length_penalty):
+            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise bad("early_stopping", f"must be true, false or \"never\", got {self.early_stopping!r}")
+        if self.use_beam_search:
+            self._validate_beam_search()
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise bad("structured_outputs", "must be a StructuredOutputsParams")
@@ -114,6 +127,16 @@ class SamplingParams:
                 self.structured_outputs.kind()
             except ValueError as e:
                 raise bad("structured_outputs", str(e)) from None
+
+    def _validate_beam_search(self) -> None:
+        # Beam scores are the model's own log-probabilities (as in transformers and vLLM); what
+        # would change them, or needs a per-beam text state, is refused rather than ignored.
+        changed = [name for name, default in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                              ("frequency_penalty", 0.0)) if getattr(self, name) != default]
+        changed += [name for name in ("logit_bias", "structured_outputs", "max_reasoning_tokens", "stop")
+                    if getattr(self, name) not in (None, [], {})]
+        if changed:
+            raise ValueError(f"{changed[0]}: not supported with use_beam_search")
 
     @property
     def greedy(self) -> bool:

@@ -13,6 +13,8 @@ Strategies
   line; the majority wins, ties broken by the answers' mean token logprob.
 - best_of_n: paths scored by their mean token logprob (or a `scorer`, e.g. a reward or verifier
   model served beside this one: any callable (prompt text, path text) -> float); the best wins.
+- beam_search: n beams in one engine request (engine/beam.py: transformers' beam search on
+  forked KV blocks), scored by cumulative logprob / length ** length_penalty; the best wins.
 
 Early stopping (early_stop=True), from self-consistency with confidence (DeepConf, Fu et al. 2025):
 - paths launch a few at a time (`wave` in flight), so unlaunched paths can be saved;
@@ -39,7 +41,7 @@ import regex  # the `re` syntax with a match timeout: answer_pattern comes from 
 
 from tokenmill.sampling_params import SamplingParams
 
-STRATEGIES = ("self_consistency", "best_of_n")
+STRATEGIES = ("self_consistency", "best_of_n", "beam_search")
 MAX_PATHS = 64  # paths per request: each is a sequence with its own KV
 
 
@@ -54,6 +56,7 @@ class TTCParams:
     warmup: int | None = None  # finished paths that set the pruning threshold (default: wave, at least 4)
     prune_percentile: float | None = 10.0  # None: no pruning
     window: int = 16  # tokens per window of a path's confidence
+    length_penalty: float = 1.0  # beam_search only
     scorer: Callable[[str, str], float] | None = field(default=None, repr=False)  # best_of_n only
 
     @classmethod
@@ -98,6 +101,12 @@ class TTCParams:
             raise bad("prune_percentile", f"must be a number in [0, 100] or null, got {self.prune_percentile!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise bad("window", f"must be a positive integer, got {self.window!r}")
+        if (not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool)
+                or not math.isfinite(self.length_penalty)):
+            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
+        if self.strategy == "beam_search" and self.early_stop:
+            raise bad("early_stop", "beam_search stops by its own rule (the beams' scores); "
+                      "early_stop is for self_consistency and best_of_n")
 
     def check_budget(self, prompt_tokens: int) -> None:
         """A budget that cannot fit the prompt and one token of one path is refused."""
@@ -358,6 +367,8 @@ class TTCRun:
         if self.p.strategy == "best_of_n":
             path.score = (self.p.scorer(self.prompt, path.text) if self.p.scorer is not None
                           else mean_logprob(path.logprobs))
+        elif self.p.strategy == "beam_search" and path.logprobs:
+            path.score = sum(path.logprobs) / len(path.logprobs) ** self.p.length_penalty
         if self.p.early_stop and self.p.prune_percentile is not None and self.threshold is None:
             warm = self.p.warmup_size
             conf = [c for p in self.paths if p.state == "finished" and (c := p.confidence(self.p.window)) is not None]
@@ -371,6 +382,8 @@ class TTCRun:
     # -- the outcome
     def winner(self) -> Path | None:
         done = [p for p in self.paths if p.state == "finished"]
+        if self.p.strategy == "beam_search":  # the engine returns the beams best first
+            return min(done, key=lambda p: p.id) if done else None
         if self.p.strategy == "best_of_n":
             # Paths that ended by themselves first: one cut by max_tokens is unfinished work.
             scored = ([p for p in done if p.score is not None and p.finish_reason == "stop"]
@@ -420,6 +433,8 @@ class TTCRun:
 def launch_params(params: SamplingParams, run: TTCRun, launch: Launch) -> SamplingParams:
     """The request's sampling params for one launch: its paths, its cap (min_tokens within it: the
     budget wins), the sampled token's logprob (the paths' confidence), a seed per path."""
+    beam = run.p.strategy == "beam_search"
     return replace(params, n=len(launch.path_ids), max_tokens=launch.max_tokens,
                    min_tokens=min(params.min_tokens, launch.max_tokens),
-                   logprobs=params.logprobs if params.logprobs is not None else 0, seed=run.seed(params.seed, launch))
+                   logprobs=params.logprobs if params.logprobs is not None else 0, seed=run.seed(params.seed, launch),
+                   use_beam_search=beam, length_penalty=run.p.length_penalty if beam else params.length_penalty)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
@@ -162,7 +163,11 @@ class LLMEngine:
             grammar = so._compiled or self.grammars.compile(so)  # the server compiles off this thread
         params = _copy_params(params)
         params._eos_token_ids = self.eos_token_ids
+        if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
+            params.use_beam_search, params.temperature = False, 0.0
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
+        if params.use_beam_search:
+            req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
         # The section is open when the prompt ends with <think> (a thinking model's generation prompt).
         thinking = None
@@ -175,7 +180,7 @@ class LLMEngine:
                 self._budget(seq)
             if grammar is not None:
                 seq.matcher = grammar.matcher()
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and req.beam is None:  # a beam's text is decoded once it wins
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
             self._seq_by_id[seq.seq_id] = seq
@@ -305,7 +310,7 @@ class LLMEngine:
     def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, Request] = {}
-        failed: dict[str, RequestOutput] = {}
+        ended: dict[str, RequestOutput] = {}  # failed, or beam searches over
         for seq_id, entries in result.prompt_logprobs.items():
             seq = self._seq_by_id[seq_id]
             req = seq.request
@@ -319,6 +324,23 @@ class LLMEngine:
             seq.finish_reason = "stop"
             self._finish(seq)
             touched[seq.request.request_id] = seq.request
+        beam_reqs: dict[str, Request] = {}
+        for seq_id, row in result.beams.items():
+            seq = self._seq_by_id[seq_id]
+            seq.beam_candidates = row
+            beam_reqs[seq.request.request_id] = seq.request
+        for req in beam_reqs.values():
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            if any(s.beam_candidates is None for s in req.seqs):
+                continue
+            try:
+                out = self._beam_step(req)
+            except Exception as e:
+                logger.exception("request %s failed in a beam search step", req.request_id)
+                out = self.fail_request(req.request_id, e)
+            if out is not None:
+                ended[req.request_id] = out
         for seq_id, tokens in result.sampled.items():
             seq = self._seq_by_id.get(seq_id)
             if seq is None:  # its request failed earlier in this loop
@@ -359,10 +381,10 @@ class LLMEngine:
                 touched.pop(req.request_id, None)
                 out = self.fail_request(req.request_id, e)
                 if out is not None:
-                    failed[req.request_id] = out
+                    ended[req.request_id] = out
                 continue
             touched[req.request_id] = req
-        outputs = list(failed.values())
+        outputs = list(ended.values())
         for req in touched.values():
             finished = req.is_finished
             if finished:
@@ -372,6 +394,80 @@ class LLMEngine:
                     self._seq_by_id.pop(seq.seq_id, None)
             outputs.append(self._make_output(req, finished))
         return outputs
+
+    # -- beam search --------------------------------------------------------------------
+    def _beam_search(self, params: SamplingParams, num_prompt: int) -> BeamSearch:
+        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        # The beams may share nothing: the cache must hold all of them at full length, or the
+        # search could wait forever for blocks its own beams hold.
+        bm = self.block_manager
+        need = params.n * bm.blocks_needed(num_prompt + max_new)
+        if need > bm.num_blocks:
+            raise ValueError(f"n: beam search with {params.n} beams of up to {num_prompt + max_new} tokens needs "
+                             f"{need} KV cache blocks; the cache has {bm.num_blocks} (lower n or max_tokens)")
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        return BeamSearch(params.n, params.length_penalty, params.early_stopping, tuple(sorted(stop)), max_new,
+                          params.min_tokens, params.logprobs)
+
+    def _beam_step(self, req: Request) -> RequestOutput | None:
+        """Every beam of req has its candidates: pick the next beams and re-seat them (see
+        engine/beam.py). The request's output once the search is over, else None."""
+        beam, slots = req.beam, req.seqs
+        want = req.params.logprobs is not None
+
+        def history(slot: int) -> tuple[list[int], list | None, float]:
+            s = slots[slot]
+            return s.output_token_ids, (list(s.output_logprobs) if want else None), s.cumulative_logprob
+
+        rows = [s.beam_candidates for s in slots]
+        for s in slots:
+            s.beam_candidates = None
+        conts = beam.select(rows, history, at_limit=slots[0].num_tokens + 1 >= self.max_model_len)
+        if beam.done:
+            return self._finish_beams(req)
+        bm = self.block_manager
+        for c in conts:  # slots whose beam ended take a copy of a beam that continues twice
+            if c.slot != c.parent:
+                child, parent = slots[c.slot], slots[c.parent]
+                bm.free(child)
+                bm.fork(parent, child)
+                child.token_ids = list(parent.token_ids)
+                child.output_logprobs = list(parent.output_logprobs)
+                child.num_draft_computed = parent.num_draft_computed
+        for c in conts:
+            seq = slots[c.slot]
+            seq.token_ids.append(c.token)
+            if c.entry is not None:
+                seq.output_logprobs.append(c.entry)
+            seq.cumulative_logprob = float(beam.scores[c.slot])
+        return None
+
+    def _finish_beams(self, req: Request) -> RequestOutput:
+        """The w best finished hypotheses become the request's n outputs, best first."""
+        p = req.params
+        for seq, hyp in zip(req.seqs, req.beam.finished):
+            seq.token_ids = seq.token_ids[: seq.num_prompt_tokens] + hyp.tokens
+            seq.output_logprobs = hyp.logprobs or []
+            seq.cumulative_logprob = hyp.cumulative_logprob
+            last = hyp.tokens[-1]
+            seq.finish_reason = "stop" if hyp.stopped else "length"
+            if hyp.stopped and last in p.stop_token_ids and (p.ignore_eos or last not in self.eos_token_ids):
+                seq.stop_reason = last
+            if self.tokenizer is not None:
+                seq.detokenizer = det = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                                               p.skip_special_tokens, [], p.include_stop_str_in_output)
+                for t in hyp.tokens[:-1] if hyp.stopped and not p.include_stop_str_in_output else hyp.tokens:
+                    det.add_token(t, check_stop=False)
+                det.flush()
+        for seq in req.seqs:
+            if seq.finish_reason is None:  # more beams than finished hypotheses (a degenerate search)
+                seq.finish_reason = "length"
+            self.scheduler.finish(seq)
+        req.metrics.finished_time = time.time()
+        self.requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self._seq_by_id.pop(seq.seq_id, None)
+        return self._make_output(req, finished=True)
 
     def _reasoning(self, seq: Sequence, token: int) -> None:
         """A reasoning budget's bookkeeping after each token: entering and leaving <think>
@@ -438,7 +534,8 @@ class LLMEngine:
                 index=seq.index,
                 text=text,
                 token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
+                # a beam's score is its cumulative logprob: always reported
+                cumulative_logprob=seq.cumulative_logprob if logprobs is not None or req.beam is not None else None,
                 logprobs=logprobs,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,

@@ -42,6 +42,8 @@ class StepResult:
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)
     # seq_id -> the pooled, normalized embedding of a prompt an embedding model finished this step
     embeddings: dict[int, list[float]] = field(default_factory=dict)
+    # seq_id -> a beam's candidates: the top (token ids, logprobs) of its next-token distribution
+    beams: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,6 +284,17 @@ class ModelRunner:
         return result
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], result: StepResult) -> None:
+        beams = [i for i, s in enumerate(seqs) if s.request.beam is not None]
+        if beams:
+            # Beam search scores raw float32 log-probabilities, as transformers does.
+            k = min(max(seqs[i].request.beam.num_candidates for i in beams), logits.shape[-1])
+            vals, ids = torch.log_softmax(logits[beams].float(), dim=-1).topk(k, dim=-1)
+            for i, row_ids, row_vals in zip(beams, ids.tolist(), vals.tolist()):
+                result.beams[seqs[i].seq_id] = (row_ids, row_vals)
+            if len(beams) == len(seqs):
+                return
+            rest = [i for i in range(len(seqs)) if seqs[i].request.beam is None]
+            logits, seqs = logits[rest], [seqs[i] for i in rest]
         for seq in seqs:
             self._generator(seq)
         md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)

@@ -130,6 +130,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.beam_candidates is not None:  # a beam waiting for its request's other beams
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running[-1]  # lowest priority, never one already scheduled
@@ -161,6 +164,13 @@ class Scheduler:
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
             budget -= num_new
+        if not out.scheduled and not out.preempted and self.waiting:
+            # Only waiting beams whose request's other beams hold the blocks they need: free the
+            # lowest-priority waiting beam so the next step can admit (no step may stall for good).
+            parked = [s for s in self.running if s.beam_candidates is not None]
+            if parked:
+                self._preempt(parked[-1])
+                out.preempted.append(parked[-1])
         if self.propose is not None and not out.preempted:
             self._add_drafts(out, budget)
         self._attach_forks(out)
@@ -175,7 +185,7 @@ class Scheduler:
             if budget <= 0:
                 break
             seq = s.seq
-            if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens:
+            if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens or seq.request.beam is not None:
                 continue
             k = self.propose(seq, budget)
             if k and bm.allocate(seq, 1 + k):
@@ -203,6 +213,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_draft_computed = 0
+        seq.beam_candidates = None  # recomputed once it runs again
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)

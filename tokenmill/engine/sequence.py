@@ -69,6 +69,9 @@ class Sequence:
     think_from: int = 0  # where the section's text starts in the output text
     think_scan: int = 0  # the output text read for tags so far
     detokenizer: IncrementalDetokenizer | None = None
+    # Beam search: this step's candidate (token ids, logprobs) for the beam in this slot; set
+    # while the slot waits for the other beams, when the engine picks the next ones.
+    beam_candidates: tuple[list[int], list[float]] | None = None
     matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""
 
@@ -134,6 +137,7 @@ class Request:
     cache_salt: str | None = None  # only requests with the same salt share cached blocks
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     embedding: list[float] | None = None  # set once an embedding model has pooled the prompt
+    beam: Any = None  # a BeamSearch when params.use_beam_search: its seqs are the beams' slots
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

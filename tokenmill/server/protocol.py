@@ -51,7 +51,7 @@ class TestTimeComputeField(BaseModel):
     """tokenmill's extra field: many reasoning paths, one answer (tokenmill.ttc.TTCParams)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    strategy: Literal["self_consistency", "best_of_n"] = "self_consistency"
+    strategy: Literal["self_consistency", "best_of_n", "beam_search"] = "self_consistency"
     n: int = 8
     answer_pattern: str | None = None
     max_total_tokens: int | None = None
@@ -60,6 +60,7 @@ class TestTimeComputeField(BaseModel):
     warmup: int | None = None
     prune_percentile: float | None = 10.0
     window: int = 16
+    length_penalty: float = 1.0
 
 
 class _SamplingFields(_Strict):
@@ -99,6 +100,10 @@ class _SamplingFields(_Strict):
     guided_grammar: str | None = None
     test_time_compute: TestTimeComputeField | None = None
     max_reasoning_tokens: int | None = None  # tokens a <think> section may hold; then it is closed
+    # vLLM's beam search fields: n beams, all returned best first (transformers' rules)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields
@@ -160,6 +165,9 @@ class _SamplingFields(_Strict):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             max_reasoning_tokens=self.max_reasoning_tokens,
+            use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
         )
 
 
