@@ -275,3 +275,22 @@ def test_the_budget_holds_in_the_engine(ttc_llm, budget):
         ttc_llm.generate(prompt, SamplingParams(max_tokens=8), test_time_compute={"max_total_tokens": 3})
     with pytest.raises(ValueError, match=r"^n:"):
         ttc_llm.generate(prompt, SamplingParams(n=2), test_time_compute={"n": 4})
+
+
+def test_bench_ttc_runs_every_strategy_and_plots(model_dir, tmp_path):
+    """A smoke run of `tokenmill bench ttc` (tiny random model: the figures are noise, the
+    report's shape is what is checked)."""
+    import json
+
+    from tokenmill.bench.ttc import run
+    from tokenmill.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "ttc", "--model", model_dir, "--questions", "2", "--n", "2",
+                                      "--max-tokens", "8", "--timed", "1", "--beams", "2",
+                                      "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    out = run(args)
+    for name in ("greedy", "self_consistency@2", "early_stop@2", "best_of_n@2", "beam_search@2"):
+        assert 0 <= out[name]["accuracy"] <= 1 and out[name]["generated_tokens"] > 0
+    assert [c["k"] for c in out["self_consistency_curve"]] == [1, 2]
+    assert out["prefill"]["prompt_tokens_computed"] == out["prefill"]["prompt_tokens"]
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 2 and (tmp_path / "r.png").stat().st_size > 0

@@ -7,6 +7,7 @@ trained on) it measures, with the same engine:
   accuracy of its first k paths for k = 1, 2, 4, ... (the accuracy-vs-tokens curve);
 - self-consistency with early stopping (waves, settled votes, confidence pruning);
 - best-of-n by mean token logprob;
+- beam search (deterministic, --beams wide), the best beam's answer;
 - the prompt's prefill: prompt tokens the model computed against the prompts' length, for
   requests run alone (in a batch too large for the KV cache, preempted paths recompute theirs);
 - the strategy layer's cost: one request's n paths through test_time_compute against the same
@@ -33,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--beams", type=int, default=4, help="beam search width (0: skip beam search)")
     p.add_argument("--timed", type=int, default=8, help="requests timed one at a time for the overhead ratio")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures to this file")
@@ -112,6 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record(f"best_of_n@{args.n}", [_str(parse_answer(o.outputs[0].text)) for o in bo],
            sum(o.test_time_compute["tokens"]["generated"] for o in bo), time.time() - t)
 
+    if args.beams:
+        t = time.time()
+        bs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens),
+                          test_time_compute={"strategy": "beam_search", "n": args.beams})
+        record(f"beam_search@{args.beams}", [_str(parse_answer(o.outputs[0].text)) for o in bs],
+               sum(o.test_time_compute["tokens"]["generated"] for o in bs), time.time() - t)
+
     # The strategy layer's cost: the same request (same seeds, so the same paths) alone; and its
     # prefill, counted by the scheduler (a request alone is never preempted, so nothing is recomputed).
     plain_s = ttc_s = 0.0
@@ -172,7 +181,9 @@ def plot(out: dict[str, Any], path: str) -> None:
         ax.annotate(f"k={c['k']}", (c["tokens_per_question"], 100 * c["accuracy"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=8)
     n = out["n"]
-    for name, marker in (("greedy", "s"), (f"early_stop@{n}", "D"), (f"best_of_n@{n}", "^")):
+    points = [("greedy", "s"), (f"early_stop@{n}", "D"), (f"best_of_n@{n}", "^")]
+    points += [(k, "v") for k in out if k.startswith("beam_search@")]
+    for name, marker in points:
         r = out[name]
         ax.plot([r["tokens_per_question"]], [100 * r["accuracy"]], marker, markersize=9, label=name)
     ax.set_xscale("log")
