@@ -120,6 +120,23 @@ def test_early_stop_launches_no_more_once_the_vote_is_settled():
     assert r["tokens"]["generated"] < sum(len(lps) for _, lps in paths.values())
 
 
+def test_consensus_stops_once_the_warmup_votes_agree():
+    """DeepConf's adaptive rule: 4 of 4 agreeing is enough at consensus 0.95 (the strict rule would
+    wait for 10 votes here); a split warmup goes on."""
+    paths = {i: _path("7" if i % 5 else "3") for i in range(16)}  # path 0 (and 5, 10, 15) answer 3
+    run = TTCRun(TTCParams(n=16, answer_pattern=PATTERN, early_stop=True, wave=4, prune_percentile=None,
+                           consensus=0.75), "q", 10, 100)
+    _drive(run, paths)
+    r = run.result()
+    assert r["settled_by"] == "consensus" and r["answer"] == "7" and r["paths_started"] == 4
+    assert r["votes"] == {"7": 3, "3": 1}
+    run = TTCRun(TTCParams(n=16, answer_pattern=PATTERN, early_stop=True, wave=4, prune_percentile=None,
+                           consensus=0.95), "q", 10, 100)
+    _drive(run, paths)
+    r = run.result()  # 3 of 4 is short of 0.95: it goes on until the strict rule or a later consensus
+    assert r["paths_started"] > 4 and r["answer"] == "7"
+
+
 def test_pruning_below_the_warmup_threshold():
     rng = random.Random(1)
     paths = {i: _path("5" if i != 2 else "8", lp=-0.2 - 0.01 * rng.random()) for i in range(8)}
@@ -164,6 +181,8 @@ def test_budget_is_hard(seed):
     ({"answer_pattern": "(unclosed"}, "answer_pattern"), ({"max_total_tokens": 0}, "max_total_tokens"),
     ({"early_stop": "yes"}, "early_stop"), ({"wave": 99, "n": 4}, "wave"),
     ({"prune_percentile": 120}, "prune_percentile"), ({"window": 0}, "window"), ({"beams": 2}, "beams"),
+    ({"consensus": 0.5, "early_stop": True}, "consensus"), ({"consensus": 0.9}, "consensus"),
+    ({"strategy": "beam_search", "early_stop": True}, "early_stop"), ({"length_penalty": "x"}, "length_penalty"),
 ])
 def test_bad_params_name_the_field(d, field):
     with pytest.raises(ValueError, match=rf"^test_time_compute\.{field}:"):

@@ -20,6 +20,9 @@ Early stopping (early_stop=True), from self-consistency with confidence (DeepCon
 - paths launch a few at a time (`wave` in flight), so unlaunched paths can be saved;
 - once the vote can no longer change (the leader's count exceeds the runner-up's plus every
   path that could still vote), nothing more is launched and running paths stop;
+- with `consensus` set (DeepConf's adaptive sampling, e.g. 0.95), likewise once `warmup` paths
+  have voted and the leading answer holds at least that share of the votes: not a proof that
+  the vote can no longer change but a bet that it will not, which saves far more;
 - a path's confidence is the lowest mean token logprob over a sliding window of `window`
   tokens; once `warmup` paths have finished, a path whose running confidence falls below the
   `prune_percentile` percentile of theirs is pruned (it stops and does not vote).
@@ -56,6 +59,7 @@ class TTCParams:
     warmup: int | None = None  # finished paths that set the pruning threshold (default: wave, at least 4)
     prune_percentile: float | None = 10.0  # None: no pruning
     window: int = 16  # tokens per window of a path's confidence
+    consensus: float | None = None  # early_stop: also stop once the leader holds this share of >= warmup votes
     length_penalty: float = 1.0  # beam_search only
     scorer: Callable[[str, str], float] | None = field(default=None, repr=False)  # best_of_n only
 
@@ -101,6 +105,12 @@ class TTCParams:
             raise bad("prune_percentile", f"must be a number in [0, 100] or null, got {self.prune_percentile!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise bad("window", f"must be a positive integer, got {self.window!r}")
+        if self.consensus is not None:
+            if (not isinstance(self.consensus, (int, float)) or isinstance(self.consensus, bool)
+                    or not 0.5 < self.consensus <= 1):
+                raise bad("consensus", f"must be a number in (0.5, 1] or null, got {self.consensus!r}")
+            if not self.early_stop:
+                raise bad("consensus", "needs early_stop: true")
         if (not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool)
                 or not math.isfinite(self.length_penalty)):
             raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
@@ -255,6 +265,7 @@ class TTCRun:
         self.paths: list[Path] = []
         self.threshold: float | None = None
         self.settled = False
+        self.settled_by: str | None = None  # "vote" (it can no longer change) or "consensus"
         self.launches = 0  # engine requests made (each path of one shares its prompt's prefill)
         self.t0 = time.time()
 
@@ -308,13 +319,20 @@ class TTCRun:
         if self.p.strategy == "self_consistency" and not self.settled:
             counts = self.votes()
             undecided = sum(p.state == "running" for p in self.paths) + self.p.n - len(self.paths)
-            if counts and vote_settled(counts, undecided):
-                self.settled = True
+            rule = ("vote" if counts and vote_settled(counts, undecided)
+                    else "consensus" if counts and self._consensus(counts) else None)
+            if rule is not None:
+                self.settled, self.settled_by = True, rule
                 for p in self.paths:
                     if p.state == "running":
                         p.state = "stopped"
                         out.append(p.id)
         return out
+
+    def _consensus(self, counts: dict[str, int]) -> bool:
+        voted = sum(counts.values())
+        return (self.p.consensus is not None and voted >= self.p.warmup_size
+                and max(counts.values()) >= self.p.consensus * voted)
 
     @property
     def done(self) -> bool:
@@ -424,6 +442,8 @@ class TTCRun:
             out["scores"] = {p.id: p.score for p in finished}
         if self.threshold is not None:
             out["prune_threshold"] = self.threshold
+        if self.settled_by is not None:
+            out["settled_by"] = self.settled_by
         out["paths"] = [{"state": p.state, "tokens": p.tokens, "answer": p.answer, "finish_reason": p.finish_reason,
                          "mean_logprob": round(mean_logprob(p.logprobs), 4) if p.logprobs else None}
                         for p in self.paths]

@@ -60,6 +60,7 @@ class TestTimeComputeField(BaseModel):
     warmup: int | None = None
     prune_percentile: float | None = 10.0
     window: int = 16
+    consensus: float | None = None
     length_penalty: float = 1.0
 
 
