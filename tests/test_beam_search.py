@@ -187,17 +187,34 @@ def test_min_tokens_and_ignore_eos(peaked, hf):
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 0.5), ("repetition_penalty", 1.2), ("stop", ["x"]),
                                          ("logit_bias", {5: 1.0}), ("length_penalty", "long"),
+                                         ("length_penalty", 1100.0),
                                          ("early_stopping", "sometimes"), ("max_reasoning_tokens", 0)])
 def test_refused_combinations_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         SamplingParams(n=2, use_beam_search=True, **{field: value}).validate()
 
 
-def test_a_search_the_cache_cannot_hold_is_refused(peaked):
-    llm = _llm(peaked, 8, 4, max_model_len=32)
-    with pytest.raises(ValueError, match="^n: beam search with 4 beams"):
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(n=4, use_beam_search=True, max_tokens=20))
-    assert llm.engine.block_manager.num_free_blocks == 8
+def test_a_search_that_could_wait_forever_is_refused(peaked):
+    """Beams run in lockstep: a search the cache cannot hold at full length, or wider than
+    max_num_seqs, would wait on itself; it is refused up front, and nothing is held."""
+    llm = _llm(peaked, 8, 4, max_model_len=32, max_num_seqs=2)
+    with pytest.raises(ValueError, match="^n: beam search with 2 beams"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(n=2, use_beam_search=True, max_tokens=20))
+    with pytest.raises(ValueError, match="^n: beam search runs its 3 beams at once"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(n=3, use_beam_search=True, max_tokens=2))
+    assert llm.engine.block_manager.num_free_blocks == 8 and not llm.engine.has_unfinished_requests()
+
+
+def test_aborting_one_beam_ends_the_search(peaked):
+    llm = LLM(peaked, dtype="float32", kv_cache_memory_bytes=16 * 2**20)
+    eng = llm.engine
+    rid = eng.add_request({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(n=3, use_beam_search=True, max_tokens=30,
+                                                                             ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    out = eng.abort_seq(rid, 1)
+    assert out is not None and out.finished and not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
 # -- the rules without a model ---------------------------------------------------------------

@@ -114,8 +114,9 @@ class SamplingParams:
                           "it writes is outside the grammar)")
         if not isinstance(self.use_beam_search, bool):
             raise bad("use_beam_search", f"must be a boolean, got {self.use_beam_search!r}")
-        if not _is_number(self.length_penalty):
-            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
+        if not _is_number(self.length_penalty) or not -10 <= self.length_penalty <= 10:
+            # length ** penalty must stay a float for any length the context allows
+            raise bad("length_penalty", f"must be a number in [-10, 10], got {self.length_penalty!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise bad("early_stopping", f"must be true, false or \"never\", got {self.early_stopping!r}")
         if self.use_beam_search:

@@ -112,8 +112,8 @@ class TTCParams:
             if not self.early_stop:
                 raise bad("consensus", "needs early_stop: true")
         if (not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool)
-                or not math.isfinite(self.length_penalty)):
-            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
+                or not -10 <= self.length_penalty <= 10):
+            raise bad("length_penalty", f"must be a number in [-10, 10], got {self.length_penalty!r}")
         if self.strategy == "beam_search" and self.early_stop:
             raise bad("early_stop", "beam_search stops by its own rule (the beams' scores); "
                       "early_stop is for self_consistency and best_of_n")

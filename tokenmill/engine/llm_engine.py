@@ -212,6 +212,8 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or not 0 <= index < len(req.seqs) or req.seqs[index].is_finished:
             return None
+        if req.beam is not None:  # beams run in lockstep: without one the search cannot go on
+            return self.abort_request(request_id)
         seq = req.seqs[index]
         seq.finish_reason = "abort"
         self._finish(seq)
@@ -400,6 +402,9 @@ class LLMEngine:
         max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
         # The beams may share nothing: the cache must hold all of them at full length, or the
         # search could wait forever for blocks its own beams hold.
+        if params.n > self.scheduler.max_num_seqs:  # the beams run in lockstep: all at once
+            raise ValueError(f"n: beam search runs its {params.n} beams at once; this engine runs at most "
+                             f"max_num_seqs={self.scheduler.max_num_seqs} sequences")
         bm = self.block_manager
         need = params.n * bm.blocks_needed(num_prompt + max_new)
         if need > bm.num_blocks:
