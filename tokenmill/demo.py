@@ -127,7 +127,7 @@ CHAIN_METHODS = ("in_order", "grouped", "reversed")
 _CHAIN_HEADERS = {
     "in_order": "Let's go left to right.",
     "grouped": "Let's add what is added, subtract what is subtracted, then take the difference.",
-    "reversed": "Let's add from the right, then subtract.",
+    "reversed": "Let's add from the right.",
 }
 
 
@@ -137,10 +137,44 @@ def chain_answer(nums: list[int], ops: list[str], method: str = "in_order") -> s
     - in_order: left to right, each result carried into the next operation;
     - grouped: the numbers added summed first, then the numbers subtracted, then one subtraction;
     - reversed: as grouped, but each group summed from its last number to its first.
-    chain_methods() says which of them take different steps for a chain."""
+    What is left to compute is written out before every step ("Left: 1007 + 347 - 641.",
+    "Added: ...", "Subtracted: ..."), so each step copies its numbers from the line above rather
+    than finding them in the question: a small model's weak spot is that long-range lookup.
+    chain_methods() says which methods take different steps for a chain."""
     lines = [_CHAIN_HEADERS[method]]
-    for k, (a, op, b) in enumerate(_chain_ops(nums, ops, method), 1):
-        lines += _chain_step(k, a, op, b)
+    k = 0
+
+    def step(a: int, op: str, b: int) -> int:
+        nonlocal k
+        k += 1
+        lines.extend(_chain_step(k, a, op, b))
+        return a + b if op == "+" else a - b
+
+    if method == "in_order":
+        total, rest = nums[0], list(zip(ops, nums[1:]))
+        while rest:
+            lines.append("Left: " + " ".join([str(total)] + [f"{op} {b}" for op, b in rest]) + ".")
+            (op, b), rest = rest[0], rest[1:]
+            total = step(total, op, b)
+    elif method in ("grouped", "reversed"):
+        plus = [nums[0]] + [b for op, b in zip(ops, nums[1:]) if op == "+"]
+        minus = [b for op, b in zip(ops, nums[1:]) if op == "-"]
+        if method == "reversed":
+            plus, minus = plus[::-1], minus[::-1]
+        groups = [("Added", plus)] + ([("Subtracted", minus)] if minus else [])
+        lines.append(" ".join(f"{name}: {' + '.join(map(str, g))}." for name, g in groups))
+        sums = []
+        for name, g in groups:
+            while len(g) > 1:
+                g = [step(g[0], "+", g[1])] + g[2:]
+                if len(g) > 1:
+                    lines.append(f"{name}: {' + '.join(map(str, g))}.")
+            sums.append(g[0])
+        if minus:
+            lines.append(f"Left: {sums[0]} - {sums[1]}.")
+            step(sums[0], "-", sums[1])
+    else:
+        raise ValueError(f"method: one of {CHAIN_METHODS}, got {method!r}")
     lines.append(f"The answer is {chain_value(nums, ops)}.")
     return "\n".join(lines)
 
