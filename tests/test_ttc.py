@@ -308,7 +308,8 @@ def test_bench_ttc_runs_every_strategy_and_plots(model_dir, tmp_path):
                                       "--max-tokens", "8", "--timed", "1", "--beams", "2",
                                       "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     out = run(args)
-    for name in ("greedy", "self_consistency@2", "early_stop@2", "best_of_n@2", "beam_search@2"):
+    for name in ("greedy", "self_consistency@2", "early_stop@2", "early_stop+consensus@2", "best_of_n@2",
+                 "beam_search@2"):
         assert 0 <= out[name]["accuracy"] <= 1 and out[name]["generated_tokens"] > 0
     assert [c["k"] for c in out["self_consistency_curve"]] == [1, 2]
     assert out["prefill"]["prompt_tokens_computed"] == out["prefill"]["prompt_tokens"]

@@ -5,7 +5,8 @@ trained on) it measures, with the same engine:
 - greedy accuracy (one path);
 - self-consistency with n paths (sampled, majority vote over "The answer is N."), and the
   accuracy of its first k paths for k = 1, 2, 4, ... (the accuracy-vs-tokens curve);
-- self-consistency with early stopping (waves, settled votes, confidence pruning);
+- self-consistency with early stopping (waves, settled votes, confidence pruning), and the same
+  with DeepConf's consensus stop (--consensus, the leader's share of the first votes);
 - best-of-n by mean token logprob;
 - beam search (deterministic, --beams wide), the best beam's answer;
 - the prompt's prefill: prompt tokens the model computed against the prompts' length, for
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--consensus", type=float, default=0.95, help="early stop's consensus rule (0: skip that run)")
     p.add_argument("--beams", type=int, default=4, help="beam search width (0: skip beam search)")
     p.add_argument("--timed", type=int, default=8, help="requests timed one at a time for the overhead ratio")
     p.add_argument("--threads", type=int, default=None)
@@ -109,6 +111,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["early_stop_tokens_saved"] = saved
     print(f"  early stopping: {saved:.1%} fewer generated tokens than plain self-consistency", flush=True)
 
+    if args.consensus:
+        t = time.time()
+        ec = llm.generate(prompts, sampled, test_time_compute={"n": args.n, "answer_pattern": PATTERN,
+                                                               "early_stop": True, "consensus": args.consensus})
+        name = f"early_stop+consensus@{args.n}"
+        record(name, [o.test_time_compute["answer"] for o in ec],
+               sum(o.test_time_compute["tokens"]["generated"] for o in ec), time.time() - t)
+        saved = 1 - out[name]["generated_tokens"] / out[f"self_consistency@{args.n}"]["generated_tokens"]
+        out["early_stop_consensus_tokens_saved"] = saved
+        print(f"  with consensus {args.consensus}: {saved:.1%} fewer generated tokens than plain self-consistency",
+              flush=True)
+
     t = time.time()
     bo = llm.generate(prompts, sampled, test_time_compute={"n": args.n, "strategy": "best_of_n"})
     record(f"best_of_n@{args.n}", [_str(parse_answer(o.outputs[0].text)) for o in bo],
@@ -181,7 +195,8 @@ def plot(out: dict[str, Any], path: str) -> None:
         ax.annotate(f"k={c['k']}", (c["tokens_per_question"], 100 * c["accuracy"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=8)
     n = out["n"]
-    points = [("greedy", "s"), (f"early_stop@{n}", "D"), (f"best_of_n@{n}", "^")]
+    points = [("greedy", "s"), (f"early_stop@{n}", "D"), (f"early_stop+consensus@{n}", "P"), (f"best_of_n@{n}", "^")]
+    points = [(k, m) for k, m in points if k in out]
     points += [(k, "v") for k in out if k.startswith("beam_search@")]
     for name, marker in points:
         r = out[name]
