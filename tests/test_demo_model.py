@@ -151,3 +151,20 @@ def test_chain_task_answers_are_right_by_every_method():
         assert len({tuple(v) for v in steps.values()}) == len(methods)
     test, val = chain_questions(50, split=0), chain_questions(50, split=1)
     assert all(chain_split(n) == 0 for n, _ in test) and all(chain_split(n) == 1 for n, _ in val)
+
+
+def test_reasoning_demo_model_works_its_chains():
+    """The reasoning family's base model ships in the package and shows its work on held-out
+    chains (its accuracy is a benchmark figure, docs/benchmarks/test_time_compute.md: here only
+    that it is the trained model, not noise)."""
+    from tokenmill.bench.ttc import default_model
+    from tokenmill.demo import _CHAIN_HEADERS, chain_methods, chain_question, chain_questions, chain_value
+
+    llm = LLM(default_model(), dtype="float32", kv_cache_memory_bytes=32 * 2**20)
+    qs = chain_questions(10, split=0)
+    prompts = [llm.chat_prompt([{"role": "user", "content": chain_question(n, o)}]) for n, o in qs]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=512))
+    right = sum(parse_answer(o.outputs[0].text) == chain_value(n, ops) for (n, ops), o in zip(qs, outs))
+    assert right >= 4
+    for (n, ops), o in zip(qs, outs):  # each answer follows one of the methods it was taught
+        assert o.outputs[0].text.splitlines()[0] in {_CHAIN_HEADERS[m] for m in chain_methods(n, ops)}
