@@ -87,6 +87,9 @@ def test_early_stop_and_budget_over_http(client, model_name):
     ({"test_time_compute": {"n": 4}, "logprobs": 0}, "logprobs"),
     ({"test_time_compute": {"max_total_tokens": 2}, "stream": True}, "test_time_compute.max_total_tokens"),
     ({"test_time_compute": {"n": 4}, "prompt": ["a", "b"]}, "prompt"),
+    ({"test_time_compute": {"consensus": 0.9}}, "test_time_compute.consensus"),
+    ({"test_time_compute": {"strategy": "beam_search", "n": 4}, "presence_penalty": 1.0}, "presence_penalty"),
+    ({"test_time_compute": {"strategy": "beam_search", "length_penalty": 99}}, "test_time_compute.length_penalty"),
 ])
 def test_bad_input_is_a_400_naming_the_field(server, model_name, extra, param):
     body = {"model": model_name, "prompt": "Hello there", "max_tokens": 4, **extra}
@@ -103,6 +106,10 @@ def test_bad_input_is_a_400_naming_the_field(server, model_name, extra, param):
      "test_time_compute": {"n": 2, "max_total_tokens": 100_000}},
     {"messages": [{"role": "user", "content": "Hi"}], "stop": [" "], "max_tokens": 6,
      "test_time_compute": {"n": 3, "answer_pattern": "(qqqzzz)|[\\s\\S]"}},
+    {"messages": [{"role": "user", "content": "Hi"}], "stop": [" "], "max_tokens": 6,
+     "test_time_compute": {"n": 8, "early_stop": True, "consensus": 1}},
+    {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+     "test_time_compute": {"strategy": "beam_search", "n": 3, "length_penalty": 0}},
 ])
 def test_odd_but_valid_requests_succeed(server, model_name, body):
     for stream in (False, True):
