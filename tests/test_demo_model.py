@@ -168,3 +168,26 @@ def test_reasoning_demo_model_works_its_chains():
     assert right >= 4
     for (n, ops), o in zip(qs, outs):  # each answer follows one of the methods it was taught
         assert o.outputs[0].text.splitlines()[0] in {_CHAIN_HEADERS[m] for m in chain_methods(n, ops)}
+
+
+def test_small_reasoning_model_is_a_faithful_draft():
+    """chain_small ships beside chain with the same tokenizer, is the smaller of the two, and as
+    chain's speculative draft leaves chain's greedy output unchanged."""
+    from tokenmill.bench.ttc import default_model
+    from tokenmill.demo import chain_question, chain_questions
+
+    base = default_model()
+    small = os.path.join(os.path.dirname(base), "chain_small")
+    with open(os.path.join(base, "tokenizer.json")) as a, open(os.path.join(small, "tokenizer.json")) as b:
+        assert a.read() == b.read()
+    assert os.path.getsize(os.path.join(small, "model.safetensors")) < os.path.getsize(
+        os.path.join(base, "model.safetensors")) / 3
+    plain = LLM(base, dtype="float32", kv_cache_memory_bytes=32 * 2**20)
+    spec = LLM(base, dtype="float32", kv_cache_memory_bytes=32 * 2**20,
+               speculative_config={"method": "draft_model", "model": small, "num_speculative_tokens": 4})
+    prompts = [plain.chat_prompt([{"role": "user", "content": chain_question(n, o)}])
+               for n, o in chain_questions(3, split=0)]
+    sp = SamplingParams(temperature=0, max_tokens=512)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, sp)] == [
+        o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 0
