@@ -88,6 +88,12 @@ class BeamSearch:
         def entry(parent: int, token: int) -> PositionLogprobs | None:
             return self._entry(rows[parent], ranks[parent], token)
 
+        def finish(j: int) -> None:  # candidate j becomes a finished hypothesis
+            out, entries, _ = history(parents[j])
+            self.finished.append(Hypothesis(out + [tokens[j]], float(norm[j]), float(top_vals[j]),
+                                            None if entries is None else entries + [entry(parents[j], tokens[j])],
+                                            tokens[j] in self.stop_ids))
+
         for slot, (row_ids, row_vals) in enumerate(rows):
             kept = [(t, v) for t, v in zip(row_ids, row_vals) if t not in banned][:keep]
             if kept:
@@ -114,8 +120,7 @@ class BeamSearch:
         self.generated += 1
         best = float(running[order[0]])
         for j in sorted(added):
-            self.finished.append(self._hypothesis(history, parents[j], tokens[j], float(norm[j]),
-                                                  float(top_vals[j]), entry(parents[j], tokens[j])))
+            finish(j)
         self.finished.sort(key=lambda h: -h.score)  # stable: earlier hypotheses win ties
         del self.finished[w:]
         self._update_improvable(best)
@@ -128,8 +133,7 @@ class BeamSearch:
                     break
                 if j not in added and tokens[j] >= 0 and float(top_vals[j]) > _NEG / 2:
                     added.add(j)
-                    self.finished.append(self._hypothesis(history, parents[j], tokens[j], float(norm[j]),
-                                                          float(top_vals[j]), entry(parents[j], tokens[j])))
+                    finish(j)
             self.finished.sort(key=lambda h: -h.score)
             return []
         conts = self._seat([(parents[j], tokens[j]) for j in order])
@@ -173,9 +177,3 @@ class BeamSearch:
         entry = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(ids[:k], vals[:k]), 1)}
         entry[token] = Logprob(vals[ranks[token] - 1], ranks[token])
         return entry
-
-    def _hypothesis(self, history: History, parent: int, token: int, score: float, total: float,
-                    entry: PositionLogprobs | None) -> Hypothesis:
-        out, entries, _ = history(parent)
-        return Hypothesis(out + [token], score, total, None if entries is None else entries + [entry],
-                          token in self.stop_ids)

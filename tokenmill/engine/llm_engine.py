@@ -217,13 +217,7 @@ class LLMEngine:
         seq = req.seqs[index]
         seq.finish_reason = "abort"
         self._finish(seq)
-        if not req.is_finished:
-            return None
-        req.metrics.finished_time = time.time()
-        self.requests.pop(request_id, None)
-        for s in req.seqs:
-            self._seq_by_id.pop(s.seq_id, None)
-        return self._make_output(req, finished=True)
+        return self._retire(req, time.time()) if req.is_finished else None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -388,23 +382,25 @@ class LLMEngine:
             touched[req.request_id] = req
         outputs = list(ended.values())
         for req in touched.values():
-            finished = req.is_finished
-            if finished:
-                req.metrics.finished_time = now
-                self.requests.pop(req.request_id, None)
-                for seq in req.seqs:
-                    self._seq_by_id.pop(seq.seq_id, None)
-            outputs.append(self._make_output(req, finished))
+            outputs.append(self._retire(req, now) if req.is_finished else self._make_output(req, False))
         return outputs
+
+    def _retire(self, req: Request, now: float) -> RequestOutput:
+        """A request whose samples have all finished: forgotten by the engine, its final output."""
+        req.metrics.finished_time = now
+        self.requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self._seq_by_id.pop(seq.seq_id, None)
+        return self._make_output(req, finished=True)
 
     # -- beam search --------------------------------------------------------------------
     def _beam_search(self, params: SamplingParams, num_prompt: int) -> BeamSearch:
         max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
-        # The beams may share nothing: the cache must hold all of them at full length, or the
-        # search could wait forever for blocks its own beams hold.
         if params.n > self.scheduler.max_num_seqs:  # the beams run in lockstep: all at once
             raise ValueError(f"n: beam search runs its {params.n} beams at once; this engine runs at most "
                              f"max_num_seqs={self.scheduler.max_num_seqs} sequences")
+        # The beams may share nothing: the cache must hold all of them at full length, or the
+        # search could wait forever for blocks its own beams hold.
         bm = self.block_manager
         need = params.n * bm.blocks_needed(num_prompt + max_new)
         if need > bm.num_blocks:
@@ -468,11 +464,7 @@ class LLMEngine:
             if seq.finish_reason is None:  # more beams than finished hypotheses (a degenerate search)
                 seq.finish_reason = "length"
             self.scheduler.finish(seq)
-        req.metrics.finished_time = time.time()
-        self.requests.pop(req.request_id, None)
-        for seq in req.seqs:
-            self._seq_by_id.pop(seq.seq_id, None)
-        return self._make_output(req, finished=True)
+        return self._retire(req, time.time())
 
     def _reasoning(self, seq: Sequence, token: int) -> None:
         """A reasoning budget's bookkeeping after each token: entering and leaving <think>

@@ -185,7 +185,7 @@ class Scheduler:
             if budget <= 0:
                 break
             seq = s.seq
-            if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens or seq.request.beam is not None:
+            if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens:
                 continue
             k = self.propose(seq, budget)
             if k and bm.allocate(seq, 1 + k):

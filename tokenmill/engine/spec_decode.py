@@ -47,7 +47,8 @@ def can_speculate(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and seq.num_output_tokens >= p.min_tokens and p.seed is None
-            and p.max_reasoning_tokens is None)  # the closing tag it may force is not a draft's to guess
+            and p.max_reasoning_tokens is None  # the closing tag it may force is not a draft's to guess
+            and seq.request.beam is None)  # a beam's next token is the search's to pick, not a sample
 
 
 def max_drafts(seq: Sequence, k: int, budget: int, max_model_len: int) -> int:
