@@ -22,7 +22,7 @@ from typing import Any
 
 import regex
 
-from tokenmill.ttc import lowest_window_mean
+from tokenmill.ttc import WindowLow, lowest_window_mean
 
 METRICS = ("lowest_window", "mean", "min")
 PATTERN_TIMEOUT_S = 0.05  # a rule's regex gets this long per prompt; a timeout is no match
@@ -39,10 +39,10 @@ class Rule:
     keywords: list[str] = field(default_factory=list)  # any of them in the prompt text (case-insensitive)
 
     def matches(self, prompt_text: str, prompt_tokens: int, max_tokens: int | None) -> bool:
-        bounds = ((self.min_prompt_tokens, prompt_tokens, 1), (self.max_prompt_tokens, prompt_tokens, -1))
-        for limit, value, sign in bounds:
-            if limit is not None and sign * (value - limit) < 0:
-                return False
+        if self.min_prompt_tokens is not None and prompt_tokens < self.min_prompt_tokens:
+            return False
+        if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
+            return False
         if self.min_max_tokens is not None and (max_tokens is None or max_tokens < self.min_max_tokens):
             return False
         if self.max_max_tokens is not None and (max_tokens is None or max_tokens > self.max_max_tokens):
@@ -101,22 +101,17 @@ class CascadeMonitor:
     def __init__(self, policy: CascadePolicy) -> None:
         self.p = policy
         self.logprobs: list[float] = []
-        self._win = 0.0
+        self._windows = WindowLow(policy.window)
         self._low: float | None = None  # the lowest full window's mean (or token, for min) so far
         self.escalated = False
         self.escalated_at: int | None = None  # answer tokens seen when it escalated early
 
     def observe(self, new_logprobs: list[float]) -> bool:
-        w = self.p.window
         for lp in new_logprobs:
             self.logprobs.append(lp)
             if self.p.metric == "lowest_window":
-                self._win += lp
-                if len(self.logprobs) > w:
-                    self._win -= self.logprobs[-w - 1]
-                if len(self.logprobs) >= w:
-                    mean = self._win / w
-                    self._low = mean if self._low is None else min(self._low, mean)
+                self._windows.add(self.logprobs)
+                self._low = self._windows.low
             elif self.p.metric == "min":
                 self._low = lp if self._low is None else min(self._low, lp)
             if not self.escalated and self._low is not None and self._low < self.p.threshold:

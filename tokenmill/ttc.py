@@ -199,6 +199,26 @@ def lowest_window_mean(logprobs: list[float], window: int) -> float | None:
     return low / window
 
 
+@dataclass
+class WindowLow:
+    """lowest_window_mean kept as tokens arrive: the running sum of the last `window` logprobs and
+    the lowest full window's mean so far (None before the first full window)."""
+
+    window: int
+    low: float | None = None
+    _sum: float = 0.0
+
+    def add(self, logprobs: list[float]) -> None:
+        """Takes in logprobs[-1], just appended to the list it follows."""
+        w = self.window
+        self._sum += logprobs[-1]
+        if len(logprobs) > w:
+            self._sum -= logprobs[-w - 1]
+        if len(logprobs) >= w:
+            mean = self._sum / w
+            self.low = mean if self.low is None else min(self.low, mean)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation, as numpy's default."""
     v = sorted(values)
@@ -215,6 +235,7 @@ def percentile(values: list[float], q: float) -> float:
 class Path:
     id: int
     max_tokens: int
+    lows: WindowLow  # its running confidence
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # the sampled tokens'
@@ -223,9 +244,11 @@ class Path:
     finish_reason: str | None = None
     answer: str | None = None
     score: float | None = None
-    # Running confidence: the window's sum, and the lowest full window's mean so far.
-    _win: float = 0.0
-    low: float | None = None
+
+    @property
+    def low(self) -> float | None:
+        """The lowest full window's mean logprob so far."""
+        return self.lows.low
 
     @property
     def tokens(self) -> int:
@@ -300,7 +323,7 @@ class TTCRun:
             if k <= 0:
                 return None
         ids = list(range(len(self.paths), len(self.paths) + k))
-        self.paths += [Path(i, cap) for i in ids]
+        self.paths += [Path(i, cap, WindowLow(self.p.window)) for i in ids]
         self.launches += 1
         return Launch(ids, cap)
 
@@ -356,15 +379,9 @@ class TTCRun:
             path.closed = finish_reason is not None
             return
         path.text, path.token_ids = text, token_ids
-        w = self.p.window
         for lp in new_logprobs:
             path.logprobs.append(lp)
-            path._win += lp
-            if path.tokens > w:
-                path._win -= path.logprobs[-w - 1]
-            if path.tokens >= w:
-                mean = path._win / w
-                path.low = mean if path.low is None else min(path.low, mean)
+            path.lows.add(path.logprobs)
         if finish_reason is not None:
             path.finish_reason, path.closed = finish_reason, True
             path.state = "finished" if finish_reason != "abort" else "stopped"
