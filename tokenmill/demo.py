@@ -180,43 +180,15 @@ def chain_answer(nums: list[int], ops: list[str], method: str = "in_order") -> s
 
 
 def chain_methods(nums: list[int], ops: list[str]) -> list[str]:
-    """The methods whose operations differ for this chain (in CHAIN_METHODS order): pure additions
-    of two numbers have one, a chain like 5 + 7 - 2 two."""
+    """The methods whose operations (their "Step" lines) differ for this chain, in CHAIN_METHODS
+    order: pure additions of two numbers have one, a chain like 5 + 7 - 2 two."""
     out, seen = [], []
     for m in CHAIN_METHODS:
-        steps = _chain_ops(nums, ops, m)
+        steps = [line for line in chain_answer(nums, ops, m).splitlines() if line.startswith("Step ")]
         if steps not in seen:
             seen.append(steps)
             out.append(m)
     return out
-
-
-def _chain_ops(nums: list[int], ops: list[str], method: str) -> list[tuple[int, str, int]]:
-    """(a, op, b) of each operation a method performs."""
-    if method == "in_order":
-        steps, total = [], nums[0]
-        for op, b in zip(ops, nums[1:]):
-            steps.append((total, op, b))
-            total = total + b if op == "+" else total - b
-        return steps
-    if method not in ("grouped", "reversed"):
-        raise ValueError(f"method: one of {CHAIN_METHODS}, got {method!r}")
-    plus = [nums[0]] + [b for op, b in zip(ops, nums[1:]) if op == "+"]
-    minus = [b for op, b in zip(ops, nums[1:]) if op == "-"]
-    steps, sums = [], []
-    for group in (plus, minus):
-        if method == "reversed":
-            group = group[::-1]
-        if not group:
-            continue
-        total = group[0]
-        for b in group[1:]:
-            steps.append((total, "+", b))
-            total += b
-        sums.append(total)
-    if len(sums) == 2:
-        steps.append((sums[0], "-", sums[1]))
-    return steps
 
 
 def _chain_step(k: int, a: int, op: str, b: int) -> list[str]:

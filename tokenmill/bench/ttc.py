@@ -107,9 +107,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                            "early_stop": True})
     record(f"early_stop@{args.n}", [o.test_time_compute["answer"] for o in es],
            sum(o.test_time_compute["tokens"]["generated"] for o in es), time.time() - t)
-    saved = 1 - out[f"early_stop@{args.n}"]["generated_tokens"] / out[f"self_consistency@{args.n}"]["generated_tokens"]
-    out["early_stop_tokens_saved"] = saved
-    print(f"  early stopping: {saved:.1%} fewer generated tokens than plain self-consistency", flush=True)
+    def saved(name: str) -> float:  # the share of plain self-consistency's generated tokens a run saved
+        return 1 - out[name]["generated_tokens"] / out[f"self_consistency@{args.n}"]["generated_tokens"]
+
+    out["early_stop_tokens_saved"] = saved(f"early_stop@{args.n}")
+    print(f"  early stopping: {out['early_stop_tokens_saved']:.1%} fewer generated tokens than plain "
+          f"self-consistency", flush=True)
 
     if args.consensus:
         t = time.time()
@@ -118,10 +121,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = f"early_stop+consensus@{args.n}"
         record(name, [o.test_time_compute["answer"] for o in ec],
                sum(o.test_time_compute["tokens"]["generated"] for o in ec), time.time() - t)
-        saved = 1 - out[name]["generated_tokens"] / out[f"self_consistency@{args.n}"]["generated_tokens"]
-        out["early_stop_consensus_tokens_saved"] = saved
-        print(f"  with consensus {args.consensus}: {saved:.1%} fewer generated tokens than plain self-consistency",
-              flush=True)
+        out["early_stop_consensus_tokens_saved"] = saved(name)
+        print(f"  with consensus {args.consensus}: {saved(name):.1%} fewer generated tokens than plain "
+              f"self-consistency", flush=True)
 
     t = time.time()
     bo = llm.generate(prompts, sampled, test_time_compute={"n": args.n, "strategy": "best_of_n"})
