@@ -312,6 +312,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory_bytes: int | None = None
+    # Weights and KV cache together (a model pool's share of its budget): the KV cache gets what the
+    # loaded weights leave. kv_cache_memory_bytes, when set, takes precedence.
+    memory_bytes: int | None = None
     # On CPU without kv_cache_memory_bytes: this fraction of available RAM goes to the KV cache.
     cpu_kv_cache_fraction: float = 0.25
     # On GPU: the fraction of device memory the engine may use in total (weights + activations + KV).
@@ -348,6 +351,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ValueError(f"memory_bytes must be positive, got {self.memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.task not in ("auto", "generate", "embed"):

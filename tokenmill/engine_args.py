@@ -7,9 +7,15 @@ import argparse
 from tokenmill.config import EngineConfig
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) -> None:
     d = EngineConfig(model="")
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model in the package)")
+    if many_models:
+        p.add_argument("--model", action="append", default=None,
+                       help="Hugging Face model folder (default: the demo model in the package); repeat it to "
+                            "serve several models, each under its folder's name")
+    else:
+        p.add_argument("--model", default=None,
+                       help="Hugging Face model folder (default: the demo model in the package)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
@@ -41,12 +47,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV cache of shared prompt prefixes across requests")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
     from tokenmill.llm import default_model_path
 
     kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     return EngineConfig(
-        model=args.model or default_model_path(), tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=model or (args.model if isinstance(args.model, str) else None) or default_model_path(),
+        tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,

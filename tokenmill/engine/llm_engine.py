@@ -219,6 +219,37 @@ class LLMEngine:
         self._finish(seq)
         return self._retire(req, time.time()) if req.is_finished else None
 
+    # -- parking (a model pool's hot-swap) -----------------------------------------------
+    @property
+    def parked(self) -> bool:
+        return not self.runner.kv_caches
+
+    def park(self, offload_weights: bool | None = None) -> int:
+        """Frees this model's device memory so another can run: every running sequence is preempted
+        by recompute (it keeps its tokens and resumes unchanged after unpark), the KV cache and the
+        prefix cache go, and on an accelerator the weights move to pinned host memory (offload_weights
+        None: on any device but the CPU, where the weights already are in host memory). Requests may
+        still be added and aborted while parked; step() must not run. Returns the sequences preempted."""
+        if self.parked:
+            return 0
+        sched = self.scheduler
+        running = list(reversed(sched.running))  # lowest priority first, so waiting keeps the order
+        for seq in running:
+            sched._preempt(seq)
+        self.block_manager.reset_prefix_cache()  # the cached blocks' KV is about to be freed
+        self.runner.release_kv_cache()
+        if offload_weights if offload_weights is not None else self.device.type != "cpu":
+            self.runner.offload_weights()
+        return len(running)
+
+    def unpark(self) -> None:
+        """Brings a parked model back: weights on the device, a KV cache as large as before."""
+        if not self.parked:
+            return
+        if self.runner.weights_offloaded:
+            self.runner.restore_weights()
+        self.runner.allocate_kv_cache(self.block_manager.num_blocks)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

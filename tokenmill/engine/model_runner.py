@@ -111,6 +111,29 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _module_tensors(model: torch.nn.Module, mkldnn: bool = False) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(module, attribute, tensor) for every tensor a model holds: parameters, buffers and plain
+    tensor attributes (scales; prepacked oneDNN copies with mkldnn)."""
+    found = []
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None:
+                found.append((m, name, t))
+        for name, t in vars(m).items():  # oneDNN-layout copies exist only on CPU: nothing to move
+            if isinstance(t, torch.Tensor) and not name.startswith("_") and (mkldnn or not t.is_mkldnn):
+                found.append((m, name, t))
+    return found
+
+
+def _set_tensor(holder: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in holder._parameters:
+        holder._parameters[name].data = t
+    elif name in holder._buffers:
+        holder._buffers[name] = t
+    else:
+        setattr(holder, name, t)
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, max_model_len: int) -> None:
@@ -135,6 +158,8 @@ class ModelRunner:
             self.drafter = DraftModel(spec, mc.vocab_size, config, device, dtype, max_model_len)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.weights_offloaded = False
+        self._host_weights: dict[int, dict[tuple[int, str], torch.Tensor]] = {}  # offload_weights' copies
         self.embed = False  # set by the engine for an embedding model: prompts are pooled, not continued
 
     # -- memory -------------------------------------------------------------------------
@@ -163,10 +188,20 @@ class ModelRunner:
         logits = min(tokens, rows) * mc.vocab_size * 4 * 6  # logits, probabilities, cumulative sums
         return 2 * tokens * per_token + logits
 
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Every tensor the weights hold on the device: parameters, prepacked copies, the draft model's."""
+        models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
+        return sum(t.numel() * t.element_size() for m in models for _h, _n, t in _module_tensors(m, mkldnn=True))
+
     def kv_cache_budget(self) -> tuple[int, str]:
         """Bytes for the KV cache, and a description of where the figure came from."""
         if self.config.kv_cache_memory_bytes is not None:
             return self.config.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+        if self.config.memory_bytes is not None:
+            weights = self.resident_weight_bytes
+            return (self.config.memory_bytes - weights,
+                    f"memory_bytes={self.config.memory_bytes} less the weights' {weights} bytes")
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = int(free * self.config.gpu_memory_utilization) - self._activation_reserve()
@@ -174,10 +209,14 @@ class ModelRunner:
         budget = int(available_ram_bytes() * self.config.cpu_kv_cache_fraction)
         return budget, f"cpu_kv_cache_fraction={self.config.cpu_kv_cache_fraction} of available RAM"
 
-    def allocate_kv_cache(self) -> int:
-        budget, source = self.kv_cache_budget()
+    def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
+        """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
+        gets the cache it had)."""
+        budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
         blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if num_blocks is not None:
+            budget, source = num_blocks * per_block, "the cache it had before parking"
         num_blocks = budget // per_block
         if num_blocks < blocks_per_seq:
             need = blocks_per_seq * per_block
@@ -204,6 +243,46 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) from %s", num_blocks, self.block_size,
                     num_blocks * per_block / 2**20, source)
         return num_blocks
+
+    def release_kv_cache(self) -> None:
+        """Frees the KV cache (a parked model): its memory goes back to the allocator at once."""
+        self.kv_caches = []
+        if self.drafter is not None:
+            self.drafter.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def offload_weights(self) -> None:
+        """Moves every weight tensor to host memory (pinned where CUDA is, so restoring is one DMA
+        copy each). The host copies are kept: weights never change, so a later park only drops the
+        device copies."""
+        pin = torch.cuda.is_available()
+        for m in [self.model] + ([self.drafter.model] if self.drafter is not None else []):
+            host = self._host_weights.setdefault(id(m), {})
+            for holder, name, t in _module_tensors(m):
+                key = (id(holder), name)
+                if key not in host:
+                    h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                    h.copy_(t)
+                    host[key] = h
+                _set_tensor(holder, name, host[key])
+            if hasattr(m, "reset_fused"):
+                m.reset_fused()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.weights_offloaded = True
+
+    def restore_weights(self) -> None:
+        """Brings offloaded weights back to the device."""
+        for m in [self.model] + ([self.drafter.model] if self.drafter is not None else []):
+            for holder, name, t in _module_tensors(m):
+                _set_tensor(holder, name, t.to(self.device, non_blocking=True) if self.device.type != "cpu"
+                            else t.clone())
+            if hasattr(m, "reset_fused"):  # the C++ decoder bound the old tensors
+                m.reset_fused()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.weights_offloaded = False
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

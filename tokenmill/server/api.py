@@ -4,9 +4,10 @@ Every failure a client can cause becomes a 4xx with an OpenAI-style error body; 
 bodies are parsed and validated here (strict pydantic models, then the engine's own
 checks) before anything reaches the engine, so the engine only ever sees valid requests.
 
-`build_app` assembles the app: errors.py (error bodies, the body-size limit), context.py (the
-engine, tokenizer and request preamble every route shares), streaming.py (SSE and response
-pieces) and one module per endpoint family under routes/.
+`build_app` assembles the app over a model pool (pool.py): errors.py (error bodies, the body-size
+limit), gateway.py (body, auth, admission, which model or tier serves a request), context.py (one
+model's engine and tokenizer, and the steps every route takes with them), streaming.py (SSE and
+response pieces) and one module per endpoint family under routes/.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pydantic.json_schema import models_json_schema
 from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.context import ServerContext, ServerSettings
 from tokenmill.server.errors import BodyLimitMiddleware, add_error_handlers
+from tokenmill.server.gateway import Gateway, GatewaySettings, Tier
+from tokenmill.server.pool import ModelPool, ModelSpec
 from tokenmill.server.routes import BODIES, admin, chat, completions, embeddings, tokenize
 
-__all__ = ["ServerSettings", "build_app"]
+__all__ = ["GatewaySettings", "build_app"]
 
 # The endpoint families, registered in this order (which is the order of /openapi.json's paths).
 FAMILIES = (admin, tokenize, completions, chat, embeddings)
@@ -43,15 +46,23 @@ def _with_body_schemas(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def build_app(pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, retry_after_s: int = 1) -> FastAPI:
+    """The app over the pool; it also gives the pool the way to build each model's ServerContext,
+    so the pool's models load (pool.load_initial) after this."""
     app = FastAPI(title="tokenmill", version="0.1.0", description="OpenAI-compatible LLM inference server")
     _with_body_schemas(app)
-    ctx = ServerContext(engine, settings, app)
-    app.state.engine = engine
-    app.state.metrics = ctx.metrics
     app.state.draining = False
+    gw = Gateway(pool, tiers, settings, app)
+
+    def make_ctx(spec: ModelSpec, front: AsyncEngine) -> ServerContext:
+        return ServerContext(front, ServerSettings(spec.name, spec.config.model, retry_after_s, spec.tool_call_parser,
+                                                   spec.reasoning_parser), gw.metrics)
+
+    pool.make_ctx = make_ctx
+    app.state.pool = pool
+    app.state.metrics = gw.metrics
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for family in FAMILIES:
-        family.register(app, ctx)
+        family.register(app, gw)
     return app

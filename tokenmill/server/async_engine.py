@@ -1,17 +1,22 @@
-"""AsyncEngine: the LLMEngine's step loop on a background thread, with asyncio streams.
+"""AsyncEngine: an LLMEngine's step loop on a background thread, with asyncio streams.
 
 The engine is plain synchronous Python and not thread-safe, so exactly one thread, the
-engine thread, touches it. Handlers on the event loop submit commands (add, abort)
-through a thread-safe queue; the engine thread drains the queue between steps, runs a
+engine thread (a DeviceLoop), touches it. Handlers on the event loop submit commands (add,
+abort) through a thread-safe queue; the engine thread drains the queue between steps, runs a
 step, and hands the step's outputs to the loop in a single call_soon_threadsafe. Model
 work therefore never blocks the event loop (torch releases the GIL in its kernels), and
 an abort takes effect before the next step, so a dropped client's KV blocks are free
 within one step.
+
+A DeviceLoop runs every engine that shares a device (a model pool's): one step of each engine
+with work in turn, and between steps whatever the pool asks of it (parking one model,
+bringing back another), so a swap never races a step. A lone AsyncEngine gets a loop of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -85,6 +90,98 @@ class RequestGroup:
         return list(latest.values())
 
 
+class DeviceLoop:
+    """The thread that runs the engines sharing a device, one step of each in turn."""
+
+    def __init__(self) -> None:
+        self.fronts: list[AsyncEngine] = []
+        self.wake = threading.Event()
+        # Run on the device thread before each round of steps (a model pool's scheduling); returns
+        # how soon it wants to run again when nothing else happens (None: no sooner than a second).
+        self.between_steps: Callable[[], float | None] | None = None
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._thread: threading.Thread | None = None
+        self.stopping = False
+        self.closed = False  # the thread has exited
+        self.dead: BaseException | None = None
+
+    def attach(self, front: AsyncEngine) -> None:
+        """Adds an engine (from the device thread, or before start)."""
+        front.device = self
+        self.fronts.append(front)
+
+    def detach(self, front: AsyncEngine) -> None:
+        """Removes an idle engine (from the device thread): what it still had queued is refused."""
+        self.fronts.remove(front)
+        front._closed = True
+        front._refuse_queued()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuses new work, lets every engine finish what it has, then ends the thread."""
+        self.stopping = True
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs fn on the device thread between steps; its result (or exception) in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.closed:
+            fut.set_exception(EngineStoppedError("the engine has stopped"))
+            return fut
+        self._calls.append((fn, fut))
+        self.wake.set()
+        return fut
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # the caller gets it; the loop goes on
+                fut.set_exception(e)
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                self.wake.clear()
+                self._run_calls()
+                again = self.between_steps() if self.between_steps is not None else None
+                busy = False
+                for front in list(self.fronts):
+                    busy = front._tick() or busy
+                if self.stopping and not any(f.engine.has_unfinished_requests() for f in self.fronts):
+                    break
+                if not busy and not self._calls:
+                    self.wake.wait(timeout=1.0 if again is None else min(1.0, max(again, 0.001)))
+        except BaseException as e:  # last resort: never leave a client hanging
+            logger.exception("engine thread died")  # /health turns 503; clients get errors below
+            error = self.dead = e
+        finally:
+            # Whatever is still queued will never run: refuse it so no caller waits forever.
+            self.closed = True
+            for front in self.fronts:
+                front._closed = True
+                front._refuse_queued()
+                if error is not None:
+                    front._call_soon(front._fail_all_streams, error)
+            while self._calls:
+                _fn, fut = self._calls.popleft()
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(EngineStoppedError("the engine has stopped"))
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None,
                  on_output: Callable[[RequestOutput], None] | None = None) -> None:
@@ -92,34 +189,40 @@ class AsyncEngine:
         self.max_queue = max_queue
         self.on_output = on_output  # called on the loop for every output, read or not (metrics, logs)
         self.stats = EngineStats()
+        self.device: DeviceLoop | None = None  # the thread that runs it (attach); its own when started alone
         self._cmds: deque[tuple[Any, ...]] = deque()
-        self._wake = threading.Event()
         self._streams: dict[str, RequestGroup] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._closed = False  # the engine thread has exited
-        self._dead: BaseException | None = None
+        self._closed = False  # no engine thread will run this engine again
 
     # -- lifecycle (event loop side) ---------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts serving: on a DeviceLoop of its own unless one was attached (a model pool's,
+        which the pool starts)."""
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
-        self._thread.start()
+        if self.device is None:
+            DeviceLoop().attach(self)
+            self.device.start()  # type: ignore[union-attr]
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self.device is not None:
+            self.device.stop(timeout)
+
+    @property
+    def _stopping(self) -> bool:
+        return self.device is None or self.device.stopping
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        return self.device is not None and self.device.is_running and not self._closed
 
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def _wake(self) -> None:
+        if self.device is not None:
+            self.device.wake.set()
 
     # -- requests (event loop side) ----------------------------------------------------------
     async def add_requests(self, requests: list[tuple[str, dict[str, Any], SamplingParams]], priority: int = 0,
@@ -157,7 +260,7 @@ class AsyncEngine:
             # The queue limit admits or rejects the group as a whole, at its first request (work
             # joining an admitted group is not checked again).
             self._cmds.append(("add", rid, prompt, params, priority, arrival, fut, group, i == 0 and not joined))
-        self._wake.set()
+        self._wake()
         if self._closed:  # the engine thread exited after our check above: refuse what we queued
             self._refuse_queued()
         try:
@@ -199,45 +302,32 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._cmds.append(("abort", request_id))
-        self._wake.set()
+        self._wake()
 
     def abort_seq(self, request_id: str, index: int) -> None:
         """Stops one sample of a request (a pruned reasoning path); the others go on."""
         self._cmds.append(("abort_seq", request_id, index))
-        self._wake.set()
+        self._wake()
 
     # -- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
+    def _tick(self) -> bool:
+        """One turn on the device thread: queued commands, then a step unless the engine is parked.
+        True when there is more to do right away."""
         engine = self.engine
-        error: BaseException | None = None
-        try:
-            while True:
-                self._wake.clear()
-                outputs = self._drain_commands()
-                if self._stopping and not engine.has_unfinished_requests():
-                    self._publish(outputs)
-                    break
-                if engine.has_unfinished_requests():
-                    try:
-                        outputs.extend(engine.step())
-                    except Exception as e:  # the engine isolates per-request faults; this is a bug
-                        logger.exception("engine step failed; failing every request in flight")
-                        for rid in list(engine.requests):
-                            out = engine.fail_request(rid, e)
-                            if out is not None:
-                                outputs.append(out)
-                self._publish(outputs)
-                if not engine.has_unfinished_requests() and not self._cmds:
-                    self._wake.wait(timeout=1.0)
-        except BaseException as e:  # last resort: never leave a client hanging
-            logger.exception("engine thread died")  # /health turns 503; clients get errors below
-            error = self._dead = e
-        finally:
-            # Whatever is still queued will never run: refuse it so no caller waits forever.
-            self._closed = True
-            self._refuse_queued()
-            if error is not None:
-                self._call_soon(self._fail_all_streams, error)
+        outputs = self._drain_commands()
+        stepped = False
+        if not engine.parked and engine.has_unfinished_requests():
+            stepped = True
+            try:
+                outputs.extend(engine.step())
+            except Exception as e:  # the engine isolates per-request faults; this is a bug
+                logger.exception("engine step failed; failing every request in flight")
+                for rid in list(engine.requests):
+                    out = engine.fail_request(rid, e)
+                    if out is not None:
+                        outputs.append(out)
+        self._publish(outputs)
+        return stepped or bool(self._cmds)
 
     def _refuse_queued(self) -> None:
         """Callable from either thread (deque.popleft is atomic)."""

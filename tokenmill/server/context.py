@@ -1,29 +1,24 @@
-"""What every route shares: the engine and tokenizer it serves, and the request preamble.
+"""What every route does with the model it serves: one ServerContext per model of the pool.
 
-`ServerContext` is built once per app. Its methods are the steps the route families have in
-common: reading and validating a body, auth, the model name, admission, tokenizing, handing
-requests to the engine (with its errors as OpenAI-style ones), streaming a group's choices, and
-the logprob formats of both generation endpoints.
+Its methods are the steps the route families have in common once a request has its model (see
+gateway.py for the steps before: body, auth, admission, which model): tokenizing, chat
+templates, handing requests to the engine (with its errors as OpenAI-style ones), streaming a
+group's choices, and the logprob formats of both generation endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, ValidationError
 
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
-from tokenmill.server.errors import APIError, bad_request, error_body, validation_error
+from tokenmill.server.errors import APIError, bad_request, error_body
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatMessage
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
@@ -40,94 +35,39 @@ GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 @dataclass
 class ServerSettings:
+    """One served model's settings on the HTTP side."""
+
     served_model_name: str
     model_path: str
-    max_queue: int | None = None  # waiting sequences beyond which requests get 429
-    max_body_bytes: int = 8 * 2**20
-    api_key: str | None = None
-    retry_after_s: int = 1
+    retry_after_s: int = 1  # the Retry-After of a 429 (queue full)
     tool_call_parser: str = "auto"  # a name in tools.PARSERS, or inferred from the chat template
     reasoning_parser: str | None = None  # a name in reasoning.REASONING_PARSERS: `reasoning` apart from content
 
 
 class ServerContext:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, app: FastAPI) -> None:
+    """One model's side of the HTTP server: its engine, tokenizer and the request steps that use them."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.app = app
         self.llm_engine = engine.engine
         # The HTTP side gets its own tokenizer instance: the engine thread decodes with the engine's
         # at the same time, and a Rust tokenizer object should not be shared across threads.
         self.tokenizer = load_tokenizer(self.llm_engine.config.tokenizer or self.llm_engine.config.model)
         self.vocab = self.llm_engine.model_config.vocab_size
         self.name = settings.served_model_name
-        self.created = int(time.time())
-        self.metrics = ServerMetrics(self.name, lambda: engine.stats)
-        engine.on_output = self.metrics.observe
+        self.metrics = metrics
+        name = self.name
+        engine.on_output = lambda out: metrics.observe(out, name)
         self.tokenize_lock = asyncio.Lock()
         # Grammars compile here, never on the event loop or the engine thread.
         self.grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         parser = settings.tool_call_parser
         self.tool_parser = (infer_parser(getattr(self.tokenizer, "chat_template", None)) if parser == "auto"
                             else parser)
-        logger.info("tool calls: %s", f"{self.tool_parser} format" if self.tool_parser else
+        logger.info("%s: tool calls: %s", name, f"{self.tool_parser} format" if self.tool_parser else
                     "no parser (the chat template shows no tool-call format; tool_choice 'auto' is refused, "
                     "--tool-call-parser sets one)")
-
-    # -- the request preamble -------------------------------------------------------------------
-    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
-        max_bytes = self.settings.max_body_bytes
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise APIError(413, f"request body exceeds {max_bytes} bytes", code="request_too_large")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
-        try:
-            return model.model_validate_json(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        except RecursionError:
-            raise APIError(400, "body: nested too deeply", code="invalid_json") from None
-
-    def check_auth(self, request: Request) -> None:
-        api_key = self.settings.api_key
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`.",
-                           param="model", code="model_not_found")
-
-    def check_admitting(self) -> None:
-        if self.app.state.draining:
-            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
-
-    async def open_request(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
-        """What every engine endpoint does first: auth, admission, body, model. Returns the parsed
-        body and its arrival time."""
-        arrival = time.time()
-        self.check_auth(request)
-        self.check_admitting()
-        req = await self.parse(request, model)
-        self.check_model(req.model)
-        return req, arrival
-
-    async def open_generation(self, request: Request, model: type[BaseModel]) -> tuple[Any, float]:
-        """open_request, then what both generation endpoints refuse: an embedding model."""
-        req, arrival = await self.open_request(request, model)
-        if self.llm_engine.task == "embed":
-            raise APIError(400, f"this server runs the embedding model `{self.name}`: it answers /v1/embeddings, "
-                           f"not text generation")
-        return req, arrival
 
     @staticmethod
     def constraint(req: Any) -> tuple[StructuredOutputsParams, str] | None:
@@ -156,10 +96,6 @@ class ServerContext:
                            f"compile; simplify it", param=param) from None
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
-
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tokenmill",
-                "root": self.settings.model_path, "max_model_len": self.llm_engine.max_model_len}
 
     async def prompts(self, p: str | list[str] | list[int] | list[list[int]],
                       param: str = "prompt") -> list[tuple[str | None, list[int]]]:

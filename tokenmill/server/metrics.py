@@ -27,6 +27,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
+SWAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -37,10 +38,11 @@ class _Tracked:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    """One registry for every model of the server, each series labelled by model_name (as vLLM's)."""
+
+    def __init__(self, models: Callable[[], list[tuple[str, EngineStats, str]]]) -> None:
         self.registry = CollectorRegistry()
-        self.model_name = model_name
-        self._stats = stats
+        self._models = models  # (name, the engine's latest stats, pool state) of every model
         labels = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter("tokenmill:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
@@ -57,15 +59,22 @@ class ServerMetrics:
         self.queue_time = Histogram("tokenmill:request_queue_time_seconds",
                                     "Time from arrival until first scheduled.", labels, buckets=LATENCY_BUCKETS,
                                     registry=r)
+        self.swaps = Counter("tokenmill:model_swaps", "Times a model was brought back to the device (from parked "
+                             "or from disk) after the server started.", labels + ["from_state"], registry=r)
+        self.swap_seconds = Histogram("tokenmill:model_swap_seconds", "Time to bring a model back to the device.",
+                                      labels + ["from_state"], buckets=SWAP_BUCKETS, registry=r)
         r.register(_EngineGauges(self))
         self._tracked: dict[str, _Tracked] = {}
+
+    def observe_swap(self, name: str, seconds: float, from_state: str) -> None:
+        self.swaps.labels(name, from_state).inc()
+        self.swap_seconds.labels(name, from_state).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def observe(self, out: RequestOutput) -> None:
+    def observe(self, out: RequestOutput, name: str) -> None:
         t = self._tracked.setdefault(out.request_id, _Tracked())
-        name = self.model_name
         m = out.metrics
         if not t.prompt_counted and m.first_token_time is not None:
             t.prompt_counted = True
@@ -113,32 +122,39 @@ class _EngineGauges:
         self.metrics = metrics
 
     def collect(self):
-        s = self.metrics._stats()
-        name = self.metrics.model_name
-        for metric, doc, value in (
-            ("tokenmill:num_requests_running", "Sequences in the running batch.", s.num_requests_running),
-            ("tokenmill:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_requests_waiting),
-            ("tokenmill:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", s.kv_cache_usage_perc),
+        models = self.metrics._models()
+        for metric, doc, attr in (
+            ("tokenmill:num_requests_running", "Sequences in the running batch.", "num_requests_running"),
+            ("tokenmill:num_requests_waiting", "Sequences waiting to be scheduled.", "num_requests_waiting"),
+            ("tokenmill:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", "kv_cache_usage_perc"),
             ("tokenmill:kv_cache_cached_blocks",
              "KV cache blocks no sequence references that still hold a reusable prefix (evicted LRU when needed).",
-             s.kv_cache_cached_blocks),
+             "kv_cache_cached_blocks"),
         ):
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
-            g.add_metric([name], value)
+            for name, s, _state in models:
+                g.add_metric([name], getattr(s, attr))
             yield g
-        for metric, doc, value in (
-            ("tokenmill:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions),
+        for metric, doc, attr in (
+            ("tokenmill:num_preemptions", "Sequences preempted (recomputed later).", "num_preemptions"),
             ("tokenmill:prefix_cache_queries", "Tokens looked up in the prefix cache (at each admission).",
-             s.prefix_cache_queries),
+             "prefix_cache_queries"),
             ("tokenmill:prefix_cache_hits", "Tokens found in the prefix cache (their prefill was skipped).",
-             s.prefix_cache_hits),
+             "prefix_cache_hits"),
             ("tokenmill:spec_decode_num_drafts", "Speculative decoding: verification steps that carried drafts.",
-             s.spec_decode_num_drafts),
+             "spec_decode_num_drafts"),
             ("tokenmill:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed and verified.",
-             s.spec_decode_num_draft_tokens),
+             "spec_decode_num_draft_tokens"),
             ("tokenmill:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
-             s.spec_decode_num_accepted_tokens),
+             "spec_decode_num_accepted_tokens"),
         ):
             c = CounterMetricFamily(metric, doc, labels=["model_name"])
-            c.add_metric([name], value)
+            for name, s, _state in models:
+                c.add_metric([name], getattr(s, attr))
             yield c
+        g = GaugeMetricFamily("tokenmill:model_state", "1 for the state each model is in (active: on the device, "
+                              "parked: weights in host memory, loading, on_disk).", labels=["model_name", "state"])
+        for name, _s, state in models:
+            for st in ("active", "parked", "loading", "on_disk"):
+                g.add_metric([name, st], 1.0 if st == state else 0.0)
+        yield g

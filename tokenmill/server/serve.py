@@ -25,8 +25,8 @@ from types import FrameType
 
 import uvicorn
 
-from tokenmill.config import EngineConfig
 from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
+from tokenmill.server.pool import PoolConfig
 
 logger = logging.getLogger("tokenmill.server")
 DEMO_MODEL_NAME = "tokenmill-demo"  # the served name of the built-in demo model
@@ -83,10 +83,28 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_arguments(p)
+    add_engine_arguments(p, many_models=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the folder's name); with one --model only")
+    pool = p.add_argument_group("model pool", "several models in one server (--model repeated, or --models)")
+    pool.add_argument("--models", default=None, metavar="YAML",
+                      help="the models to serve with per-model settings, and tiers (see docs/model_pool.md)")
+    pool.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                      help="memory for the active models' weights and KV caches together; models beyond it are "
+                           "parked, least recently used first (default: no limit on CPU, "
+                           "--gpu-memory-utilization of the GPU)")
+    pool.add_argument("--host-memory-budget", type=float, default=None, metavar="GIB",
+                      help="host memory for parked models' weights; beyond it the least recently used go back "
+                           "to disk (default: half the available RAM)")
+    pool.add_argument("--swap-quantum", type=float, default=2.0, metavar="S",
+                      help="a busy model is parked for a waiting one only after both had this long (default 2)")
+    pool.add_argument("--model-load-timeout", type=float, default=120.0, metavar="S",
+                      help="how long a request waits for its model to be brought back, then 503 (default 120)")
+    p.add_argument("--admin-api-key", default=os.environ.get("TOKENMILL_ADMIN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the admin routes (POST /v1/models/ID/load, "
+                        "/unload, /pin); default: --api-key (or set TOKENMILL_ADMIN_API_KEY)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="answer 429 when this many sequences are already waiting (default: no limit)")
     p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES",
@@ -111,44 +129,101 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["debug", "info", "warning", "error", "critical"], help="default: info")
 
 
+def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
+    """The pool's model specs, tiers and settings from the flags (and --models)."""
+    from tokenmill.engine.model_runner import available_ram_bytes
+    from tokenmill.server.models_file import ModelEntry, build_pool_config, read_models_file, served_name
+
+    gib = 2**30
+    base = engine_config_from_args(args)
+    paths = args.model or []
+    if args.models is not None and paths:
+        raise ValueError("--models: give the models in the file or with --model, not both")
+    settings: dict[str, float] = {}
+    raw_tiers: list = []
+    if args.models is not None:
+        if args.served_model_name is not None:
+            raise ValueError("--served-model-name: with --models, name each model in the file (`name`)")
+        models, raw_tiers, settings = read_models_file(args.models, base, args.tool_call_parser,
+                                                       args.reasoning_parser)
+    else:
+        if args.served_model_name is not None and len(paths) > 1:
+            raise ValueError("--served-model-name: names one model; with several --model flags each is served "
+                             "under its folder's name (or name them in a --models file)")
+        models = []
+        for path in paths or [None]:
+            config = engine_config_from_args(args, path)
+            name = args.served_model_name or (DEMO_MODEL_NAME if path is None else served_name(config.model))
+            models.append(ModelEntry(name, config, tool_call_parser=args.tool_call_parser,
+                                     reasoning_parser=args.reasoning_parser))
+
+    def gib_flag(flag: str, key: str) -> int | None:
+        v = getattr(args, flag)
+        v = settings.get(key) if v is None else v
+        if v is None:
+            return None
+        if v <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {v:g}")
+        return int(v * gib)
+
+    budget = gib_flag("memory_budget", "memory_budget")
+    if budget is None and len(models) > 1 and base.resolve_device().type == "cuda":
+        import torch
+
+        budget = int(torch.cuda.mem_get_info(base.resolve_device())[1] * base.gpu_memory_utilization)
+    host = gib_flag("host_memory_budget", "host_memory_budget")
+    if host is None and len(models) > 1:
+        host = available_ram_bytes() // 2
+    quantum = settings.get("swap_quantum", args.swap_quantum) if args.swap_quantum == 2.0 else args.swap_quantum
+    timeout = (settings.get("load_timeout", args.model_load_timeout) if args.model_load_timeout == 120.0
+               else args.model_load_timeout)
+    for flag, v in (("--swap-quantum", quantum), ("--model-load-timeout", timeout)):
+        if not v >= 0:
+            raise ValueError(f"{flag}: must be >= 0, got {v}")
+    pool_config = PoolConfig(memory_budget=budget, host_memory_budget=host, swap_quantum_s=quantum,
+                             load_timeout_s=timeout, max_queue=args.max_queue)
+    specs, tiers = build_pool_config(models, raw_tiers, pool_config)
+    return specs, tiers, pool_config
+
+
 def run(args: argparse.Namespace) -> int:
-    config = engine_config_from_args(args)
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    specs, tiers, pool_config = pool_from_args(args)
     sock = bind_socket(args.host, args.port)
     try:
-        return _run(args, config, sock)
+        return _run(args, specs, tiers, pool_config, sock)
     finally:
         sock.close()
 
 
-def _run(args: argparse.Namespace, config: EngineConfig, sock: socket.socket) -> int:
-    from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.server.api import ServerSettings, build_app
-    from tokenmill.server.async_engine import AsyncEngine
+def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig, sock: socket.socket) -> int:
+    from tokenmill.server.api import GatewaySettings, build_app
+    from tokenmill.server.pool import ModelPool
 
-    logger.info("loading %s", config.model)
-    engine = LLMEngine(config)
-    logger.info("model loaded: %d KV blocks of %d tokens, max_model_len=%d, device=%s, dtype=%s",
-                engine.block_manager.num_blocks, config.block_size, engine.max_model_len, engine.device,
-                engine.dtype)
-    name = args.served_model_name or (DEMO_MODEL_NAME if args.model is None
-                                      else os.path.basename(os.path.normpath(config.model)))
-    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
-    settings = ServerSettings(served_model_name=name, model_path=config.model, max_queue=args.max_queue,
-                              max_body_bytes=args.max_body_size, api_key=args.api_key,
-                              tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
-    app = build_app(async_engine, settings)
+    pool = ModelPool(specs, pool_config, make_ctx=lambda spec, front: None)
+    settings = GatewaySettings(max_body_bytes=args.max_body_size, api_key=args.api_key,
+                               admin_api_key=args.admin_api_key)
+    app = build_app(pool, tiers, settings)
+    for spec in specs:
+        logger.info("loading %s from %s", spec.name, spec.config.model)
+    pool.load_initial()
+    for e in pool.entries.values():
+        if e.engine is not None:
+            eng = e.engine
+            logger.info("model %s: %d KV blocks of %d tokens, max_model_len=%d, device=%s, dtype=%s", e.name,
+                        eng.block_manager.num_blocks, eng.config.block_size, eng.max_model_len, eng.device, eng.dtype)
+    names = ", ".join(list(pool.entries) + [t.name for t in tiers])
 
     @contextlib.asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
-        async_engine.start(asyncio.get_running_loop())
+        pool.start(asyncio.get_running_loop())
         host, port = sock.getsockname()[:2]
-        logger.info("serving %s on http://%s:%d", name, f"[{host}]" if ":" in host else host, port)
+        logger.info("serving %s on http://%s:%d", names, f"[{host}]" if ":" in host else host, port)
         yield
         app.state.draining = True
-        await asyncio.to_thread(async_engine.stop)
+        await asyncio.to_thread(pool.stop)
         logger.info("engine stopped")
 
     app.router.lifespan_context = lifespan

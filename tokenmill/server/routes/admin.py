@@ -1,35 +1,121 @@
-"""/health, /v1/models, /v1/models/{id} and /metrics."""
+"""/health, /v1/models, /v1/models/{id}, /metrics, and the model pool's admin routes:
+POST /v1/models/{id}/load, /unload and /pin (behind the admin key, or the API key, when set)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill.server.context import ServerContext
-from tokenmill.server.errors import error_body
+from tokenmill.routing import CascadePolicy
+from tokenmill.server.errors import APIError, error_body
+from tokenmill.server.gateway import Gateway, Tier
 from tokenmill.server.metrics import CONTENT_TYPE
+from tokenmill.server.pool import PoolEntry, PoolError
 
 
-def register(app: FastAPI, ctx: ServerContext) -> None:
+def register(app: FastAPI, gw: Gateway) -> None:
+    pool = gw.pool
+
+    def card(e: PoolEntry) -> dict[str, Any]:
+        return {"id": e.name, "object": "model", "created": gw.created, "owned_by": "tokenmill",
+                "root": e.spec.config.model, "max_model_len": e.max_model_len, "state": e.state,
+                "pinned": e.spec.pinned, "size_bytes": e.footprint, "weight_bytes": e.weight_bytes or None,
+                "kv_cache_bytes": e.kv_bytes or None,
+                "last_used": None if e.last_used is None else int(e.last_used), "swaps": e.swaps}
+
+    def tier_card(t: Tier) -> dict[str, Any]:
+        p = t.policy
+        route: dict[str, Any] = ({"policy": "cascade", "small": p.small, "strong": p.strong, "metric": p.metric,
+                                  "threshold": p.threshold, "window": p.window} if isinstance(p, CascadePolicy)
+                                 else {"policy": "rules", "default": p.default, "rules": len(p.rules)})
+        return {"id": t.name, "object": "model", "created": gw.created, "owned_by": "tokenmill", "root": None,
+                "max_model_len": None, "state": "virtual", "models": t.models, "route": route}
+
+    def entry_for(model_id: str) -> PoolEntry:
+        e = pool.entry(model_id)
+        if e is None:
+            if model_id in gw.tiers:
+                raise APIError(400, f"`{model_id}` is a tier (a route over {', '.join(gw.tiers[model_id].models)}); "
+                               f"load, unload or pin its models", param="model")
+            raise gw.unknown(model_id)
+        return e
+
+    async def small_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "body: must be a JSON object")
+        return body
+
     @app.get("/health")
     async def health() -> Response:
-        if not ctx.engine.is_running:
+        if not pool.is_running:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        ctx.check_auth(request)
-        return {"object": "list", "data": [ctx.model_card()]}
+        gw.check_auth(request)
+        return {"object": "list",
+                "data": [card(e) for e in pool.entries.values()] + [tier_card(t) for t in gw.tiers.values()]}
+
+    @app.post("/v1/models/{model_id:path}/load")
+    async def load(request: Request, model_id: str) -> dict[str, Any]:
+        gw.check_admin(request)
+        e = entry_for(model_id)
+        try:
+            swap = await pool.load(e.name)
+        except PoolError as err:
+            raise APIError(err.status, str(err), code="model_unavailable") from None
+        return {**card(e), "swap": swap}
+
+    @app.post("/v1/models/{model_id:path}/unload")
+    async def unload(request: Request, model_id: str) -> dict[str, Any]:
+        gw.check_admin(request)
+        e = entry_for(model_id)
+        to = (await small_body(request)).get("to", "parked")
+        if to not in ("parked", "disk"):
+            raise APIError(400, f"to: 'parked' (weights kept in host memory) or 'disk', got {to!r}", param="to")
+        try:
+            await pool.run_on_device(lambda: pool.unload(e.name, to_disk=to == "disk"))
+        except PoolError as err:
+            raise APIError(err.status, str(err), code="model_busy") from None
+        return card(e)
+
+    @app.post("/v1/models/{model_id:path}/pin")
+    async def pin(request: Request, model_id: str) -> dict[str, Any]:
+        gw.check_admin(request)
+        e = entry_for(model_id)
+        pinned = (await small_body(request)).get("pinned", True)
+        if not isinstance(pinned, bool):
+            raise APIError(400, f"pinned: true or false, got {pinned!r}", param="pinned")
+        await pool.run_on_device(lambda: pool.pin(e.name, pinned))
+        if pinned:
+            try:
+                await pool.load(e.name)
+            except PoolError as err:
+                await pool.run_on_device(lambda: pool.pin(e.name, False))
+                raise APIError(err.status, str(err), code="model_unavailable") from None
+        return card(e)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> dict[str, Any]:
-        ctx.check_auth(request)
-        ctx.check_model(model_id)
-        return ctx.model_card()
+        gw.check_auth(request)
+        if model_id in gw.tiers:
+            return tier_card(gw.tiers[model_id])
+        e = pool.entry(model_id)
+        if e is None:
+            raise gw.unknown(model_id)
+        return card(e)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE)

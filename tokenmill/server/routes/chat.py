@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
+from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.routes import body
@@ -36,10 +36,11 @@ def tool_finish(tools: ToolSetup, reason: str | None, called: bool) -> str | Non
     return "tool_calls" if called and reason == "stop" and tools.mode != "named" else reason
 
 
-def register(app: FastAPI, ctx: ServerContext) -> None:
+def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
+    @gw.route
     async def chat_completions(request: Request) -> Response:
-        req, arrival = await ctx.open_generation(request, ChatCompletionRequest)
+        ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True)
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
         if req.top_logprobs is not None:

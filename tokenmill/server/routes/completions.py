@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import MAX_LOGPROBS
-from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
+from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
@@ -50,10 +50,11 @@ def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]
             "top_logprobs": a["top_logprobs"] + b["top_logprobs"], "text_offset": a["text_offset"] + b["text_offset"]}
 
 
-def register(app: FastAPI, ctx: ServerContext) -> None:
+def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
+    @gw.route
     async def completions(request: Request) -> Response:
-        req, arrival = await ctx.open_generation(request, CompletionRequest)
+        ctx, req, arrival = await gw.open_request(request, CompletionRequest, generation=True)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
         if req.suffix:

@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import collect_finished, unless_disconnected
@@ -26,12 +26,12 @@ from tokenmill.server.streaming import collect_finished, unless_disconnected
 MAX_INPUTS = 2048
 
 
-def register(app: FastAPI, ctx: ServerContext) -> None:
-    mc = ctx.llm_engine.model_config
-
+def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
+    @gw.route
     async def embeddings(request: Request) -> Response:
-        req, arrival = await ctx.open_request(request, EmbeddingRequest)
+        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest)
+        mc = ctx.llm_engine.model_config
         if ctx.llm_engine.task != "embed":
             raise APIError(400, f"`{ctx.name}` is served as a generative model, which has no embeddings; serve an "
                            f"embedding model, or this one with --task embed", param="model")

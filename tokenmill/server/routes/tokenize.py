@@ -6,17 +6,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError
+from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.server.routes import body
 
 
-def register(app: FastAPI, ctx: ServerContext) -> None:
+def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
+    @gw.route
     async def tokenize(request: Request) -> dict[str, Any]:
-        req: TokenizeRequest = await ctx.parse(request, TokenizeRequest)
-        ctx.check_model(req.model)
+        ctx, req, _ = await gw.open_request(request, TokenizeRequest, auth=False)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
@@ -26,9 +26,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         return {"count": len(ids), "max_model_len": ctx.llm_engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
+    @gw.route
     async def detokenize(request: Request) -> dict[str, Any]:
-        req: DetokenizeRequest = await ctx.parse(request, DetokenizeRequest)
-        ctx.check_model(req.model)
+        ctx, req, _ = await gw.open_request(request, DetokenizeRequest, auth=False)
         vocab = ctx.vocab
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:

@@ -1,0 +1,272 @@
+"""The model pool (issue 13): several models in one server with hot-swap, tiers, admin routes.
+
+Real server processes with the official openai client; references from the offline engine on
+the same weights. The memory budget holds one model at a time, so requests to the other
+model force swaps, and a short swap quantum lets a waiting model park a busy one mid-request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.models import make_model
+from tests.server_utils import ServerProcess
+from tokenmill import LLM, SamplingParams
+
+KV_GIB = 0.0625  # each model's KV cache: 64 MiB
+BUDGET_ONE = 0.1  # GiB: one model (64 MiB KV + ~1 MiB weights) at a time
+PROMPTS = ["Hello world", "The quick brown fox", "def fib(n):", "Café crème"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    return {name: make_model(str(root / name), arch, seed=seed)
+            for name, arch, seed in (("alpha", "llama", 0), ("beta", "llama", 1), ("gamma", "qwen2", 2))}
+
+
+def write_yaml(path, doc) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return str(path)
+
+
+def reference(path: str, prompts: list[str], max_tokens: int, seed: int | None = None) -> list[str]:
+    llm = LLM(path, kv_cache_memory_bytes=int(KV_GIB * 2**30))
+    p = SamplingParams(temperature=0 if seed is None else 1.0, seed=seed, max_tokens=max_tokens)
+    return [o.outputs[0].text for o in llm.generate(prompts, p)]
+
+
+@pytest.fixture(scope="module")
+def pool_server(models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pool_server")
+    doc = {"memory_budget": BUDGET_ONE, "swap_quantum": 0.2,
+           "models": [{"path": models["alpha"], "kv_cache_memory": KV_GIB},
+                      {"path": models["beta"], "kv_cache_memory": KV_GIB}],
+           "tiers": [{"name": "tokenmill/auto", "route": {"policy": "cascade", "small": "alpha", "strong": "beta",
+                                                          "threshold": -0.0001, "window": 4}},
+                     {"name": "trusting", "route": {"policy": "cascade", "small": "alpha", "strong": "beta",
+                                                    "threshold": -1000.0, "metric": "mean"}},
+                     {"name": "by-rules", "route": {"policy": "rules", "default": "alpha",
+                                                    "rules": [{"model": "beta", "keywords": ["fox"]},
+                                                              {"model": "beta", "min_max_tokens": 50}]}}]}
+    srv = ServerProcess(None, "--models", write_yaml(d / "models.yaml", doc), "--admin-api-key", "sesame",
+                        log_path=str(d / "server.log"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pool_server):
+    return openai.OpenAI(base_url=pool_server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def states(srv: ServerProcess) -> dict[str, str]:
+    data = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"]
+    return {m["id"]: m["state"] for m in data}
+
+
+def test_models_lists_states_and_unknown_model_is_404_listing_them(pool_server, client):
+    listed = {m.id for m in client.models.list().data}
+    assert listed == {"alpha", "beta", "tokenmill/auto", "trusting", "by-rules"}
+    card = httpx.get(pool_server.base_url + "/v1/models/alpha", timeout=10).json()
+    assert card["size_bytes"] > card["weight_bytes"] > 0 and card["kv_cache_bytes"] == int(KV_GIB * 2**30)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    msg = exc.value.body["message"]
+    assert exc.value.body["code"] == "model_not_found"
+    assert all(f"`{n}`" in msg for n in ("alpha", "beta", "tokenmill/auto"))
+    # The budget holds one model: asking for each in turn moves the other out, and says so.
+    for name, other in (("beta", "alpha"), ("alpha", "beta")):
+        raw = client.completions.with_raw_response.create(model=name, prompt="Hello", max_tokens=2, temperature=0)
+        body = raw.parse()
+        assert body.model == name
+        st = states(pool_server)
+        assert st[name] == "active" and st[other] == "parked", st
+    assert body.swap["from"] == "parked" and body.swap["wait_s"] >= 0  # type: ignore[attr-defined]
+
+
+def test_interleaved_requests_to_both_models_match_each_alone(models, pool_server, client):
+    want = {name: reference(models[name], PROMPTS, 24) for name in ("alpha", "beta")}
+    want_seeded = {name: reference(models[name], PROMPTS[:1], 24, seed=7)[0] for name in ("alpha", "beta")}
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in ("alpha", "beta")]
+
+    def run(job):
+        name, i = job
+        r = client.completions.create(model=name, prompt=PROMPTS[i], max_tokens=24, temperature=0)
+        return name, i, r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        for name, i, text in ex.map(run, jobs * 2):
+            assert text == want[name][i], (name, i)
+    for name in ("alpha", "beta"):
+        r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=24, temperature=1.0, seed=7)
+        assert r.choices[0].text == want_seeded[name]
+
+
+def test_parking_a_busy_model_mid_request_changes_nothing(models, pool_server, client):
+    long = reference(models["alpha"], PROMPTS[:1], 700)[0]
+    before = pool_server.metrics().get('tokenmill:num_preemptions_total{model_name="alpha"}', 0.0)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        stream = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=700, temperature=0,
+                                           stream=True)
+        it = iter(stream)
+        text = next(it).choices[0].text  # alpha is running its request now
+        other = ex.submit(client.completions.create, model="beta", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+        text += "".join(c.choices[0].text for c in it if c.choices)
+        assert other.result().choices[0].text == reference(models["beta"], PROMPTS[1:2], 8)[0]
+    assert text == long
+    # beta waited its turn, then parked alpha with the request running: it was preempted and resumed.
+    assert pool_server.metrics()['tokenmill:num_preemptions_total{model_name="alpha"}'] > before
+
+
+def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
+    strong = reference(models["beta"], PROMPTS[:2], 16)
+    small = reference(models["alpha"], PROMPTS[:2], 16)
+    for i in range(2):
+        r = client.completions.create(model="tokenmill/auto", prompt=PROMPTS[i], max_tokens=16, temperature=0)
+        assert r.model == "beta" and r.choices[0].text == strong[i]
+        routing = r.routing  # type: ignore[attr-defined]
+        assert routing["escalated"] is True and routing["model"] == "beta" and routing["confidence"] < -0.0001
+        # A random model is never that sure of a token: the first full window falls below, and the
+        # small model's answer stops there.
+        assert routing["escalated_at_token"] == 4 and routing["small_tokens"] < 16
+        r = client.completions.create(model="trusting", prompt=PROMPTS[i], max_tokens=16, temperature=0)
+        assert r.model == "alpha" and r.choices[0].text == small[i]
+        assert r.routing["escalated"] is False and r.routing["small_tokens"] == 16  # type: ignore[attr-defined]
+    # Streamed: held until the decision, then the answer that stands, under its model's name.
+    chunks = list(client.chat.completions.create(model="tokenmill/auto", max_tokens=8, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert {c.model for c in chunks} == {"beta"}
+    assert chunks[0].routing["escalated"] is True  # type: ignore[attr-defined]
+    direct = client.chat.completions.create(model="beta", max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="test_time_compute|use_beam_search"):
+        client.completions.create(model="tokenmill/auto", prompt="x", max_tokens=4,
+                                  extra_body={"use_beam_search": True, "n": 2})
+
+
+def test_rules_tier_picks_by_keyword_and_max_tokens(pool_server, client):
+    r = client.completions.create(model="by-rules", prompt="The quick brown fox", max_tokens=2, temperature=0)
+    assert r.model == "beta" and r.routing == {"tier": "by-rules", "policy": "rules", "rule": 0,  # type: ignore
+                                               "model": "beta"}
+    r = client.completions.create(model="by-rules", prompt="Hello", max_tokens=60, temperature=0)
+    assert r.model == "beta" and r.routing["rule"] == 1  # type: ignore[attr-defined]
+    r = client.completions.create(model="by-rules", prompt="Hello", max_tokens=2, temperature=0)
+    assert r.model == "alpha" and r.routing["rule"] is None  # type: ignore[attr-defined]
+
+
+def test_admin_load_unload_pin_behind_the_admin_key(pool_server):
+    base = pool_server.base_url
+    assert httpx.post(f"{base}/v1/models/alpha/load", timeout=30).status_code == 401
+    auth = {"Authorization": "Bearer sesame"}
+    r = httpx.post(f"{base}/v1/models/beta/load", headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "active"
+    assert states(pool_server)["alpha"] == "parked"
+    r = httpx.post(f"{base}/v1/models/beta/unload", headers=auth, json={"to": "disk"}, timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "on_disk"
+    r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, timeout=60)  # pinning brings it back from disk
+    assert r.status_code == 200 and r.json()["state"] == "active" and r.json()["pinned"] is True
+    # alpha cannot fit beside the pinned beta: a clear 503, not a wait.
+    r = httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1}, timeout=30)
+    assert r.status_code == 503 and "pinned" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, json={"pinned": False}, timeout=30)
+    assert r.status_code == 200 and r.json()["pinned"] is False
+    r = httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1}, timeout=30)
+    assert r.status_code == 200
+    for path, body, status in (("tokenmill/auto/load", None, 400), ("nope/load", None, 404),
+                               ("alpha/unload", {"to": "moon"}, 400), ("alpha/pin", {"pinned": "yes"}, 400)):
+        r = httpx.post(f"{base}/v1/models/{path}", headers=auth, json=body, timeout=30)
+        assert r.status_code == status and "error" in r.json(), (path, r.text)
+
+
+def test_many_streams_over_three_models_with_swaps(models, tmp_path):
+    doc = {"memory_budget": 0.15, "swap_quantum": 0.1,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta", "gamma")]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"))
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        names = ["alpha", "beta", "gamma"]
+
+        def run(i: int) -> tuple[str, str | None, int]:
+            stream = client.completions.create(model=names[i % 3], prompt=PROMPTS[i % 4], max_tokens=20 + i,
+                                               temperature=0.8, seed=i, stream=True,
+                                               stream_options={"include_usage": True})
+            reason, tokens = None, 0
+            for c in stream:
+                if c.choices and c.choices[0].finish_reason:
+                    reason = c.choices[0].finish_reason
+                if c.usage is not None:
+                    tokens = c.usage.completion_tokens
+            return names[i % 3], reason, tokens
+
+        with concurrent.futures.ThreadPoolExecutor(32) as ex:
+            results = list(ex.map(run, range(32)))
+        assert all(reason in ("stop", "length") and tokens > 0 for _, reason, tokens in results), results
+        deadline = time.time() + 10
+        while True:  # the last outputs' stats reach /metrics within a step
+            m = srv.metrics()
+            idle = all(m[f'tokenmill:num_requests_running{{model_name="{n}"}}'] == 0 for n in names)
+            if idle or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        for n in names:
+            assert m[f'tokenmill:num_requests_running{{model_name="{n}"}}'] == 0
+            assert m[f'tokenmill:num_requests_waiting{{model_name="{n}"}}'] == 0
+            assert m[f'tokenmill:kv_cache_usage_perc{{model_name="{n}"}}'] == 0
+            done = sum(v for k, v in m.items() if k.startswith("tokenmill:request_success_total")
+                       and f'model_name="{n}"' in k)
+            assert done == sum(1 for name, _, _ in results if name == n)
+        assert sum(v for k, v in m.items() if k.startswith("tokenmill:model_swaps_total")) > 0
+    finally:
+        assert srv.stop() == 0
+
+
+def test_several_model_flags_and_bad_pool_configs(models, tmp_path, capsys):
+    from tokenmill.cli import main
+
+    srv = ServerProcess(models["alpha"], "--model", models["beta"], "--kv-cache-memory", "0.03125",
+                        log_path=str(tmp_path / "log"))
+    try:
+        data = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"]
+        assert [(m["id"], m["state"]) for m in data] == [("alpha", "active"), ("beta", "active")]
+        r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.json()["model"] == "alpha"  # no `model`: the first one
+    finally:
+        srv.stop()
+    bad = [
+        ({"models": [{"path": "missing"}]}, "models[0].path"),
+        ({"models": [{"path": models["alpha"], "dtype": "float7"}]}, "models[0]"),
+        ({"models": [{"path": models["alpha"], "colour": 1}]}, "models[0].colour"),
+        ({"models": [{"path": models["alpha"], "memory_share": 0.5}]}, "memory_share: needs a memory_budget"),
+        ({"models": [{"path": models["alpha"]}, {"path": models["alpha"]}]}, "names two models"),
+        ({"models": [{"path": models["alpha"]}],
+          "tiers": [{"name": "t", "route": {"policy": "cascade", "small": "alpha", "strong": "zeta",
+                                            "threshold": -1}}]}, "tiers[0].route.strong"),
+        ({"memory_budget": 0.01, "models": [{"path": models["alpha"], "kv_cache_memory": KV_GIB}]},
+         "more than the whole --memory-budget"),
+    ]
+    for i, (doc, needle) in enumerate(bad):
+        path = write_yaml(tmp_path / f"bad{i}.yaml", doc)
+        assert main(["serve", "--models", path, "--port", "0"]) == 2
+        assert needle in capsys.readouterr().err, needle
+
+
+def test_cli_models_file_relative_paths(models, tmp_path):
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.models_file import read_models_file
+
+    os.symlink(models["alpha"], tmp_path / "a")
+    path = write_yaml(tmp_path / "m.yaml", {"models": [{"path": "a", "name": "first", "max_model_len": 128,
+                                                          "pinned": True}]})
+    entries, tiers, settings = read_models_file(path, EngineConfig(model=""))
+    assert entries[0].name == "first" and entries[0].config.model == str(tmp_path / "a")
+    assert entries[0].config.max_model_len == 128 and entries[0].pinned and tiers == [] and settings == {}

@@ -1,0 +1,334 @@
+"""The steps before a request reaches its model: body, auth, admission, and which model serves it.
+
+A request's `model` names a model of the pool or a tier (a virtual model with a route policy,
+tokenmill/routing.py). `Gateway.open_request` parses and checks the body, resolves the name
+(404 listing what exists), waits while the pool brings the model back (the wait is reported in
+the response's `swap` object), and returns that model's ServerContext. For a `rules` tier the
+policy picks the model from the prompt; for a `cascade` tier the context's engine is a
+CascadeEngine, which runs the small model first and the strong one when it must (cascade.py).
+
+Handlers are wrapped by `Gateway.route`, which gives back the model leases the request took and
+adds what the gateway learned (`routing`, `swap`, and for a cascade the model that answered) to
+the response: a JSON body, or the first event of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from tokenmill.engine.llm_engine import load_tokenizer
+from tokenmill.routing import CascadePolicy, RulesPolicy
+from tokenmill.server.async_engine import EngineStats
+from tokenmill.server.context import ServerContext
+from tokenmill.server.errors import APIError, validation_error
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.pool import ModelPool, PoolError
+from tokenmill.server.streaming import sse
+
+logger = logging.getLogger("tokenmill.server")
+
+# The response extras of the request being handled (routing, swap, the answering model).
+EXTRAS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_extras", default=None)
+
+
+@dataclass
+class GatewaySettings:
+    max_body_bytes: int = 8 * 2**20
+    api_key: str | None = None  # required on /v1 routes when set
+    admin_api_key: str | None = None  # required on the admin routes when set (else api_key, when set)
+
+
+@dataclass
+class Tier:
+    """A virtual model: a route policy over models of the pool."""
+
+    name: str
+    policy: RulesPolicy | CascadePolicy
+
+    @property
+    def models(self) -> list[str]:
+        p = self.policy
+        if isinstance(p, CascadePolicy):
+            return [p.small, p.strong]
+        return list(dict.fromkeys([r.model for r in p.rules] + [p.default]))
+
+
+class Gateway:
+    def __init__(self, pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, app: FastAPI) -> None:
+        self.pool = pool
+        self.tiers = {t.name: t for t in tiers}
+        for t in tiers:
+            if t.name in pool.entries:
+                raise ValueError(f"tiers: {t.name!r} is also the name of a model")
+        self.settings = settings
+        self.app = app
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(self._model_stats)
+        pool.on_swap = lambda name, s, frm: _call_soon(self, self.metrics.observe_swap, name, s, frm)
+        # A rules tier counts prompt tokens with its default model's tokenizer (loaded here, so a
+        # model on disk need not come back just to route a request).
+        self._tier_tokenizers: dict[str, Any] = {}
+        for t in tiers:
+            first = pool.entries[t.policy.default if isinstance(t.policy, RulesPolicy) else t.policy.small]
+            self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
+            if isinstance(t.policy, CascadePolicy):
+                _check_same_tokenizer(t, pool)
+
+    def _model_stats(self) -> list[tuple[str, EngineStats, str]]:
+        return [(e.name, e.front.stats if e.front is not None else EngineStats(), e.state)
+                for e in self.pool.entries.values()]
+
+    # -- the request preamble -----------------------------------------------------------------------
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        max_bytes = self.settings.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise APIError(413, f"request body exceeds {max_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        except RecursionError:
+            raise APIError(400, "body: nested too deeply", code="invalid_json") from None
+
+    def check_auth(self, request: Request) -> None:
+        api_key = self.settings.api_key
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def check_admin(self, request: Request) -> None:
+        key = self.settings.admin_api_key or self.settings.api_key
+        if key and request.headers.get("authorization") != f"Bearer {key}":
+            raise APIError(401, "invalid or missing admin API key", code="invalid_api_key")
+
+    def check_admitting(self) -> None:
+        if self.app.state.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.pool.entries) + list(self.tiers)
+
+    def unknown(self, model: str) -> APIError:
+        return APIError(404, f"The model `{model}` does not exist; this server serves: "
+                        f"{', '.join(f'`{n}`' for n in self.names)}.", param="model", code="model_not_found")
+
+    def check_model(self, model: str | None) -> str:
+        """The model or tier a request names (the first model when it names none); 404 otherwise."""
+        name = model if model is not None else self.pool.default
+        if name not in self.pool.entries and name not in self.tiers:
+            raise self.unknown(name)
+        return name
+
+    async def open_request(self, request: Request, body: type[BaseModel], generation: bool = False,
+                           auth: bool = True) -> tuple[ServerContext, Any, float]:
+        """What every model endpoint does first: auth, admission, body, model. Returns the serving
+        model's context (once it is active), the parsed body and its arrival time. /tokenize and
+        /detokenize skip auth and admission, as vLLM's do."""
+        arrival = time.time()
+        if auth:
+            self.check_auth(request)
+            self.check_admitting()
+        req = await self.parse(request, body)
+        name = self.check_model(req.model)
+        tier = self.tiers.get(name)
+        if tier is None:
+            ctx = await self.acquire(name)
+        elif isinstance(tier.policy, RulesPolicy):
+            ctx = await self._route_rules(tier, req)
+        else:
+            ctx = await self._cascade(tier, req, generation)
+        if generation and ctx.llm_engine.task == "embed":
+            raise APIError(400, f"this server runs the embedding model `{ctx.name}`: it answers /v1/embeddings, "
+                           f"not text generation")
+        return ctx, req, arrival
+
+    async def acquire(self, name: str) -> ServerContext:
+        """The model's context once it is active; the lease it takes is given back when the
+        handler returns (Gateway.route)."""
+        try:
+            ctx, swap = await self.pool.acquire(name)
+        except PoolError as e:
+            raise APIError(e.status, str(e), code="model_unavailable",
+                           headers={"Retry-After": "5"} if e.status == 503 else None) from None
+        leases = _extras().setdefault("_leases", [])
+        leases.append(name)
+        if swap is not None:
+            _extras()["swap"] = swap
+        return ctx
+
+    async def _route_rules(self, tier: Tier, req: Any) -> ServerContext:
+        text, ids = _prompt_text(req)
+        tok = self._tier_tokenizers[tier.name]
+        if ids is None:
+            if tok is None:
+                ntok = len(text.encode()) // 4  # no tokenizer: about four bytes a token
+            elif len(text) < 4096:
+                ntok = len(tok.encode(text, add_special_tokens=False))
+            else:
+                ntok = len(await asyncio.to_thread(tok.encode, text, add_special_tokens=False))
+        else:
+            ntok = ids
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = getattr(req, "max_tokens", None)
+        model, account = tier.policy.route(text, ntok, max_tokens)  # type: ignore[union-attr]
+        _extras()["routing"] = {"tier": tier.name, **account}
+        return await self.acquire(model)
+
+    async def _cascade(self, tier: Tier, req: Any, generation: bool) -> ServerContext:
+        from tokenmill.server.cascade import CascadeEngine
+
+        policy: CascadePolicy = tier.policy  # type: ignore[assignment]
+        if generation:
+            for field, bad in (("test_time_compute", getattr(req, "test_time_compute", None) is not None),
+                               ("use_beam_search", bool(getattr(req, "use_beam_search", False))),
+                               ("max_tokens", getattr(req, "max_tokens", None) == 0)):
+                if bad:
+                    raise APIError(400, f"{field}: not available on the cascade tier `{tier.name}` (its answer is "
+                                   f"judged by token confidence); name one of its models "
+                                   f"({', '.join(tier.models)})", param=field)
+        small = await self.acquire(policy.small)
+        if not generation:
+            return small
+        ctx = copy.copy(small)
+        extras = _extras()
+        extras["_decides_late"] = True  # a stream's events get the answering model once it is known
+        ctx.engine = CascadeEngine(self, tier.name, policy, small, extras)  # type: ignore[assignment]
+        return ctx
+
+    # -- handlers -----------------------------------------------------------------------------------
+    def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        """Wraps a handler: the model leases it took are given back when it returns, and the
+        response carries the gateway's extras (routing, swap, the model that answered)."""
+
+        @functools.wraps(handler)
+        async def wrapped(request: Request, *args: Any, **kwargs: Any) -> Any:
+            extras: dict[str, Any] = {}
+            token = EXTRAS.set(extras)
+            try:
+                resp = await handler(request, *args, **kwargs)
+            finally:
+                EXTRAS.reset(token)
+                for name in extras.pop("_leases", []):
+                    self.pool.release(name)
+            return with_extras(resp, extras)
+
+        return wrapped
+
+
+def _extras() -> dict[str, Any]:
+    extras = EXTRAS.get()
+    if extras is None:  # outside Gateway.route (a test calling a method directly): nothing to report to
+        extras = {}
+    return extras
+
+
+def _call_soon(gw: Gateway, fn: Callable[..., Any], *args: Any) -> None:
+    loop = gw.pool._loop
+    if loop is not None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
+
+
+def _prompt_text(req: Any) -> tuple[str, int | None]:
+    """The text a rules tier matches (completion prompts, or the conversation's text) and, for
+    token-id prompts, their token count."""
+    messages = getattr(req, "messages", None)
+    if messages is not None:
+        parts = []
+        for m in messages:
+            c = m.content
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts.extend(p.get("text", "") if isinstance(p, dict) else getattr(p, "text", "") or "" for p in c)
+        return "\n".join(parts), None
+    p = getattr(req, "prompt", None)
+    if isinstance(p, str):
+        return p, None
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return "\n".join(p), None
+    if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+        return "", len(p)
+    if isinstance(p, list) and p:
+        return "", max(len(x) for x in p)
+    return "", None
+
+
+def _check_same_tokenizer(tier: Tier, pool: ModelPool) -> None:
+    """A cascade sends the small model's prompt tokens to the strong model: both must read them alike."""
+    small, strong = (pool.entries[n].spec.config for n in tier.models)
+    a, b = (load_tokenizer(c.tokenizer or c.model) for c in (small, strong))
+    same = (a is None and b is None) or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
+    if not same:
+        raise ValueError(f"tiers: {tier.name!r}: a cascade's small and strong models must share a tokenizer "
+                         f"({small.model} and {strong.model} differ)")
+
+
+def with_extras(resp: Any, extras: dict[str, Any]) -> Any:
+    """The response with the gateway's extras: `routing` and `swap` in a JSON body or the first
+    event of a stream, and `model` set to the model that answered (a cascade decides late)."""
+    if not extras or not isinstance(resp, Response) or resp.status_code != 200:
+        return resp
+    if isinstance(resp, JSONResponse):
+        body = json.loads(resp.body)
+        if isinstance(body, dict) and "object" in body:
+            _apply(body, extras, first=True)
+            return JSONResponse(body, status_code=resp.status_code)
+        return resp
+    if isinstance(resp, StreamingResponse):
+        inner = resp.body_iterator
+
+        async def events() -> AsyncIterator[Any]:
+            first = True
+            try:
+                async for ev in inner:
+                    if isinstance(ev, str) and ev.startswith("data: {") and (first or "model" in extras):
+                        obj = json.loads(ev[6:])
+                        if "object" in obj:
+                            _apply(obj, extras, first)
+                            first = False
+                            ev = sse(obj)
+                    yield ev
+            finally:
+                aclose = getattr(inner, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        resp.body_iterator = events()
+    return resp
+
+
+def _apply(obj: dict[str, Any], extras: dict[str, Any], first: bool) -> None:
+    if "model" in extras:
+        obj["model"] = extras["model"]
+    if first:
+        for k in ("routing", "swap"):
+            if k in extras:
+                obj[k] = extras[k]

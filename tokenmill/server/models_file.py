@@ -1,0 +1,174 @@
+"""The model pool's configuration: repeated --model flags, or a models.yaml file.
+
+```yaml
+memory_budget: 4          # GiB for the active models' weights and KV caches (--memory-budget)
+host_memory_budget: 16    # GiB of parked weights kept in host memory (--host-memory-budget)
+swap_quantum: 2           # seconds before a busy model is parked for a waiting one (--swap-quantum)
+load_timeout: 120         # seconds a request waits for its model (--model-load-timeout)
+models:
+  - name: small           # the id clients send (default: the folder's name)
+    path: ./demo-small
+    pinned: true          # never parked to make room
+    memory_share: 0.25    # weights + KV cache as a share of memory_budget (or kv_cache_memory: GiB)
+    dtype: float32        # any engine setting: dtype, quantization, max_model_len, max_num_seqs, ...
+  - path: ./demo
+tiers:
+  - name: tokenmill/auto
+    route: {policy: cascade, small: small, strong: demo, threshold: -0.6}
+```
+
+A model entry takes the engine settings by their flag names with underscores; what it leaves out
+comes from the command line. Every mistake is a ValueError naming its field (models[1].dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from tokenmill.config import EngineConfig, parse_dtype
+from tokenmill.routing import policy_from_dict
+from tokenmill.server.gateway import Tier
+from tokenmill.server.pool import ModelSpec, PoolConfig
+
+GIB = 2**30
+# Engine settings a models.yaml entry may set (EngineConfig fields, flag names with underscores).
+ENGINE_KEYS = {"dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
+               "enable_prefix_caching", "attention_backend", "quantization", "prepack_weights", "task",
+               "allow_long_max_model_len", "speculative_config", "tokenizer", "gpu_memory_utilization"}
+MODEL_KEYS = ENGINE_KEYS | {"name", "path", "pinned", "memory_share", "kv_cache_memory", "tool_call_parser",
+                            "reasoning_parser"}
+TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"}
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """One model as configured, before the pool's memory is shared out."""
+
+    name: str
+    config: EngineConfig
+    pinned: bool = False
+    memory_share: float | None = None
+    tool_call_parser: str = "auto"
+    reasoning_parser: str | None = None
+
+
+def served_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def _number(v: Any, field: str, positive: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{field}: must be a positive number, got {v!r}")
+    return float(v)
+
+
+def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "auto",
+                     reasoning_parser: str | None = None) -> tuple[list[ModelEntry], list[dict[str, Any]],
+                                                                   dict[str, float]]:
+    """(models, raw tier entries, pool settings in the file) from a models.yaml."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--models: cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--models: {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--models: {path} must hold a mapping with a `models` list")
+    extra = sorted(set(doc) - TOP_KEYS)
+    if extra:
+        raise ValueError(f"{extra[0]}: unknown setting in {path} (known: {', '.join(sorted(TOP_KEYS))})")
+    raw = doc.get("models")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"models: {path} must list at least one model")
+    here = os.path.dirname(os.path.abspath(path))
+    models = []
+    for i, m in enumerate(raw):
+        f = f"models[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{f}: must be a mapping with at least `path`")
+        extra = sorted(set(m) - MODEL_KEYS)
+        if extra:
+            raise ValueError(f"{f}.{extra[0]}: unknown setting (known: {', '.join(sorted(MODEL_KEYS))})")
+        p = m.get("path")
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"{f}.path: the model's folder is required")
+        p = p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))
+        if not os.path.isdir(p):
+            raise ValueError(f"{f}.path: {p} is not a folder")
+        name = m.get("name", served_name(p))
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{f}.name: must be a non-empty string")
+        changes: dict[str, Any] = {k: m[k] for k in ENGINE_KEYS & set(m)}
+        changes["model"] = p
+        if "kv_cache_memory" in m:
+            changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)
+        try:
+            config = dataclasses.replace(base, **changes)
+            config.validate()
+            if config.dtype != "auto":
+                parse_dtype(config.dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{f}: {e}") from None
+        pinned = m.get("pinned", False)
+        if not isinstance(pinned, bool):
+            raise ValueError(f"{f}.pinned: true or false, got {pinned!r}")
+        share = m.get("memory_share")
+        if share is not None:
+            share = _number(share, f"{f}.memory_share")
+            if share > 1:
+                raise ValueError(f"{f}.memory_share: a share of memory_budget in (0, 1], got {share}")
+            if "kv_cache_memory" in m:
+                raise ValueError(f"{f}.memory_share: give memory_share or kv_cache_memory, not both")
+        models.append(ModelEntry(name, config, pinned, share, m.get("tool_call_parser", tool_call_parser),
+                                 m.get("reasoning_parser", reasoning_parser)))
+    tiers = doc.get("tiers") or []
+    if not isinstance(tiers, list):
+        raise ValueError("tiers: must be a list of {name, route}")
+    settings = {}
+    for k in ("memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"):
+        if doc.get(k) is not None:
+            settings[k] = _number(doc[k], k)
+    return models, tiers, settings
+
+
+def build_pool_config(models: list[ModelEntry], raw_tiers: list[dict[str, Any]], pool: PoolConfig,
+                      ) -> tuple[list[ModelSpec], list[Tier]]:
+    """The pool's model specs, with memory shared out, and its tiers. Every model without its own
+    memory_share or kv_cache_memory gets an equal share of the budget (of the CPU's KV cache
+    fraction when there is no budget), so that by default all of them fit at once."""
+    names = [m.name for m in models]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"models: {dup!r} names two models; give them distinct names (models.yaml `name`)")
+    n = len(models)
+    budget = pool.memory_budget
+    specs = []
+    for i, m in enumerate(models):
+        cfg = m.config
+        if m.memory_share is not None:
+            if budget is None:
+                raise ValueError(f"models[{i}].memory_share: needs a memory_budget (--memory-budget)")
+            cfg = dataclasses.replace(cfg, memory_bytes=int(m.memory_share * budget))
+        elif cfg.kv_cache_memory_bytes is None and n > 1:
+            if budget is not None:
+                cfg = dataclasses.replace(cfg, memory_bytes=budget // n)
+            else:
+                cfg = dataclasses.replace(cfg, cpu_kv_cache_fraction=cfg.cpu_kv_cache_fraction / n)
+        specs.append(ModelSpec(m.name, cfg, m.pinned, m.tool_call_parser, m.reasoning_parser))
+    tiers = []
+    for i, t in enumerate(raw_tiers):
+        if not isinstance(t, dict) or set(t) - {"name", "route"} or not isinstance(t.get("name"), str):
+            raise ValueError(f"tiers[{i}]: must be {{name: ..., route: {{policy: ...}}}}")
+        if t["name"] in names:
+            raise ValueError(f"tiers[{i}].name: {t['name']!r} is also a model's name")
+        try:
+            tiers.append(Tier(t["name"], policy_from_dict(t.get("route"), set(names))))
+        except ValueError as e:
+            raise ValueError(f"tiers[{i}].{e}") from None
+    return specs, tiers

@@ -1,0 +1,482 @@
+"""The model pool: several models in one server, on one device, within one memory budget.
+
+Each model is `active` (weights and KV cache on the device, serving), `parked` (weights in host
+memory, no KV cache: on a GPU in pinned memory, so coming back is one copy per tensor; on the
+CPU the weights simply stay where they are and only the KV cache goes), `loading` or `on_disk`.
+Every engine of the pool runs on one DeviceLoop thread, one step of each active engine in turn,
+and every change of state happens on that thread between steps, so a swap never races a step.
+
+The budget (`memory_budget`) holds the active models' weights and KV caches. A request for a
+model that is not active waits (no error) while the pool brings it back: when it does not fit,
+the least recently used unpinned active model is parked, idle ones first; a busy one only
+after the waiting model has waited, and the busy one has run, `swap_quantum_s` (so two busy
+models take turns instead of thrashing). Parking preempts a model's running sequences by
+recompute: they keep their tokens and resume unchanged when it comes back, which it does as
+soon as it can since it has work. Parked weights beyond `host_memory_budget` go back to disk,
+least recently used first, but only for an idle model nobody holds.
+
+HTTP handlers hold a lease on the model they use from `acquire` until they return (a model with
+leases, queued commands or requests in flight is never dropped to disk), so the context a
+handler got stays valid for as long as it needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.server.async_engine import AsyncEngine, DeviceLoop
+
+logger = logging.getLogger("tokenmill.server")
+
+ACTIVE, PARKED, LOADING, ON_DISK = "active", "parked", "loading", "on_disk"
+STATES = (ACTIVE, PARKED, LOADING, ON_DISK)
+
+
+class PoolError(Exception):
+    """A model cannot be brought back (it does not fit, it failed to load, it took too long)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ModelSpec:
+    """One model of the pool (a --model flag or a models.yaml entry)."""
+
+    name: str
+    config: EngineConfig
+    pinned: bool = False  # never parked to make room
+    tool_call_parser: str = "auto"
+    reasoning_parser: str | None = None
+
+
+@dataclass
+class PoolConfig:
+    memory_budget: int | None = None  # bytes for the active models' weights and KV caches; None: no limit
+    host_memory_budget: int | None = None  # bytes of parked weights kept in host memory; None: no limit
+    swap_quantum_s: float = 2.0  # how long a waiting model waits, and a busy one runs, before a busy one is parked
+    load_timeout_s: float = 120.0  # a request waits this long for its model, then gets a 503
+    max_queue: int | None = None
+
+
+class PoolEntry:
+    """One model's state. Written on the device thread (and before the pool starts); the event
+    loop reads it and counts its own leases, demand and waiters."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.state = ON_DISK
+        self.engine: LLMEngine | None = None
+        self.front: AsyncEngine | None = None
+        self.ctx: Any = None  # the HTTP side's per-model context (ServerContext)
+        self.weight_bytes = 0  # measured at the first load
+        self.kv_bytes = 0
+        self.est_bytes = _estimate_bytes(spec.config)  # until it has loaded once
+        self.max_model_len: int | None = None
+        self.last_used: float | None = None  # wall-clock time of the last request (or step with work)
+        self.active_since = 0.0  # monotonic
+        self.want_since: float | None = None  # monotonic: since when it waits to become active
+        self.leases = 0  # handlers between acquire and release (event loop)
+        self.demand = 0  # handlers waiting for it to become active (event loop)
+        self.waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self.load_requested = False  # an admin load or pin asked for it
+        self.error: str | None = None  # the last load failure
+        self.swaps = 0  # times it became active after the start
+        self.swap_seconds_total = 0.0
+
+    @property
+    def footprint(self) -> int:
+        """Device bytes while active: weights and KV cache (an estimate until it has loaded)."""
+        return self.weight_bytes + self.kv_bytes if self.weight_bytes else self.est_bytes
+
+    def busy(self) -> bool:
+        """Work in flight or on the way: then it is parked only once it has had its turn."""
+        front = self.front
+        return bool(self.demand or (front is not None and (front._cmds or front.num_in_flight))
+                    or (self.engine is not None and self.engine.has_unfinished_requests()))
+
+    def held(self) -> bool:
+        """Busy, or a handler holds its context: then it is never dropped to disk (parking a held
+        model is harmless: what the handler submits waits for it to come back)."""
+        return self.leases > 0 or self.busy()
+
+    def wants_device(self) -> bool:
+        return self.state in (PARKED, ON_DISK) and (
+            self.demand > 0 or self.load_requested
+            or (self.engine is not None and self.engine.has_unfinished_requests())
+            or (self.front is not None and bool(self.front._cmds)))
+
+
+def _estimate_bytes(config: EngineConfig) -> int:
+    """Device bytes a model will take before it has loaded: its checkpoint's tensors at the
+    dtype it will run in, plus its KV cache when that is given."""
+    import glob
+    import os
+
+    from tokenmill.engine.model_runner import available_ram_bytes
+
+    total = 0
+    for f in glob.glob(os.path.join(config.model, "*.safetensors")):
+        total += os.path.getsize(f)
+    if config.dtype in ("float32", "auto") and config.device in ("cpu", "auto"):
+        total *= 2  # a 16-bit checkpoint runs in float32 on CPU (an upper bound for a float32 one)
+    if config.memory_bytes is not None:
+        return max(total, config.memory_bytes)
+    kv = config.kv_cache_memory_bytes
+    if kv is None:
+        kv = int(available_ram_bytes() * config.cpu_kv_cache_fraction)
+    return total + kv
+
+
+class ModelPool:
+    def __init__(self, specs: list[ModelSpec], config: PoolConfig,
+                 make_ctx: Callable[[ModelSpec, AsyncEngine], Any]) -> None:
+        if not specs:
+            raise ValueError("the pool needs at least one model")
+        self.config = config
+        self.entries: dict[str, PoolEntry] = {}
+        for s in specs:
+            if s.name in self.entries:
+                raise ValueError(f"model {s.name!r} is listed twice; give each model its own name")
+            self.entries[s.name] = PoolEntry(s)
+        self.default = specs[0].name  # what a request without `model` gets
+        self.make_ctx = make_ctx
+        self.device = DeviceLoop()
+        self.device.between_steps = self._schedule
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-loader")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        # Swap times (seconds), newest last, for metrics: (model, seconds, from state).
+        self.swap_log: deque[tuple[str, float, str]] = deque(maxlen=1000)
+        self.on_swap: Callable[[str, float, str], None] | None = None  # called on the device thread
+
+    # -- startup and shutdown (main thread) -------------------------------------------------------
+    def load_initial(self) -> None:
+        """Loads the models before serving: pinned ones first, then in the order given. Each
+        becomes active while the budget holds it, else parked while host memory holds it, else
+        it stays on disk until a request needs it."""
+        order = sorted(self.entries.values(), key=lambda e: not e.spec.pinned)
+        budget = self.config.memory_budget
+        for e in order:
+            if budget is not None and e.est_bytes > budget:
+                raise ValueError(f"model {e.name!r}: it needs about {e.est_bytes / 2**30:.2f} GiB (weights and KV "
+                                 f"cache), more than the whole --memory-budget {budget / 2**30:.2f} GiB")
+            if (budget is not None and e.est_bytes > budget - self._used()
+                    and not self._host_fits(e.est_bytes)):
+                logger.info("model %s: left on disk (the memory budgets are full)", e.name)
+                continue
+            try:
+                engine, front, ctx = self._build(e.spec)
+            except ValueError as err:
+                raise ValueError(f"model {e.name!r}: {err}") from None
+            self._adopt(e, engine, front, ctx)
+            if budget is not None and e.footprint > budget:
+                raise ValueError(f"model {e.name!r}: it takes {e.footprint / 2**30:.2f} GiB (weights and KV cache), "
+                                 f"more than the whole --memory-budget {budget / 2**30:.2f} GiB")
+            if budget is not None and self._used() > budget:
+                if e.spec.pinned:
+                    raise ValueError(f"the pinned models take more than --memory-budget "
+                                     f"{budget / 2**30:.2f} GiB together")
+                e.engine.park()  # type: ignore[union-attr]
+                e.state = PARKED
+            logger.info("model %s: %s (%.1f MiB weights, %.1f MiB KV cache)", e.name, e.state,
+                        e.weight_bytes / 2**20, e.kv_bytes / 2**20)
+            self._enforce_host_budget()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for e in self.entries.values():
+            if e.front is not None:
+                e.front._loop = loop
+        self._started = True
+        self.device.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.device.stop(timeout)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_running(self) -> bool:
+        return self.device.is_running
+
+    # -- the event loop's side --------------------------------------------------------------------
+    def entry(self, name: str) -> PoolEntry | None:
+        return self.entries.get(name)
+
+    async def acquire(self, name: str) -> tuple[Any, dict[str, Any] | None]:
+        """The model's context once it is active, and how long the caller waited for it (None
+        when it was active already). Takes a lease the caller gives back with release(). PoolError
+        when it cannot come back."""
+        e = self.entries[name]
+        e.leases += 1
+        try:
+            e.last_used = time.time()
+            if e.state == ACTIVE:
+                return e.ctx, None
+            return e.ctx, await self._wait_active(e)
+        except BaseException:
+            e.leases -= 1
+            raise
+
+    def release(self, name: str) -> None:
+        self.entries[name].leases -= 1
+
+    async def _wait_active(self, e: PoolEntry) -> dict[str, Any]:
+        room = self._room_for(e)
+        if e.footprint > room:
+            raise PoolError(f"model {e.name!r} needs {e.footprint / 2**20:.0f} MiB but the pinned models leave "
+                            f"{room / 2**20:.0f} MiB of --memory-budget; unpin one (POST /v1/models/ID/pin "
+                            f'{{"pinned": false}})')
+        t0 = time.perf_counter()
+        from_state = e.state
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        e.demand += 1
+        if e.want_since is None:
+            e.want_since = time.monotonic()
+        e.waiters.append((loop, fut))
+        if e.state == ACTIVE:  # it became active between the check and the append
+            fut.set_result(None)
+        self.device.wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.config.load_timeout_s)
+        except asyncio.TimeoutError:
+            raise PoolError(f"model {e.name!r} was not brought back within {self.config.load_timeout_s:g} s "
+                            f"(it is {e.state}; the models holding the memory are busy)") from None
+        finally:
+            e.demand -= 1
+        return {"model": e.name, "from": from_state, "wait_s": round(time.perf_counter() - t0, 6)}
+
+    async def load(self, name: str) -> dict[str, Any] | None:
+        """Brings a model to active (an admin load)."""
+        ctx, swap = await self.acquire(name)
+        self.release(name)
+        return swap
+
+    async def run_on_device(self, fn: Callable[[], Any]) -> Any:
+        """fn's result, run on the device thread between steps."""
+        return await asyncio.wrap_future(self.device.call(fn))
+
+    def unload(self, name: str, to_disk: bool) -> str:
+        """Parks a model (or drops it to disk) now; on the device thread. PoolError(409) when it
+        has requests in flight."""
+        e = self.entries[name]
+        if e.busy() or (to_disk and e.leases):
+            raise PoolError(f"model {name!r} has requests in flight; unload it once they finish", 409)
+        e.load_requested = False
+        if e.state == ACTIVE:
+            self._park(e)
+        if to_disk and e.state == PARKED:
+            self._drop(e)
+        return e.state
+
+    def pin(self, name: str, pinned: bool) -> None:
+        """Pins a model (kept active; brought back now if it is not) or unpins it; on the device thread."""
+        e = self.entries[name]
+        e.spec.pinned = pinned
+        if pinned and e.state != ACTIVE:
+            e.load_requested = True
+            if e.want_since is None:
+                e.want_since = time.monotonic()
+
+    # -- the device thread ------------------------------------------------------------------------
+    def _schedule(self) -> float | None:
+        """Between steps: bring back the models that have work, parking others to make room.
+        Returns how soon to look again when a waiting model's turn is still to come."""
+        now = time.monotonic()
+        for e in self.entries.values():
+            if e.state == ACTIVE and e.engine is not None and e.engine.has_unfinished_requests():
+                e.last_used = time.time()
+        wanted = [e for e in self.entries.values() if e.wants_device()]
+        if wanted:
+            for e in sorted(wanted, key=lambda e: e.want_since if e.want_since is not None else now):
+                if e.want_since is None:
+                    e.want_since = now
+                self._bring_back(e, now)
+        self._enforce_device_budget()
+        self._enforce_host_budget()
+        waiting = [e.want_since for e in self.entries.values() if e.wants_device() and e.want_since is not None]
+        if not waiting:
+            return None
+        # A waiting model's turn comes once it has waited, and an active busy one has run, a quantum.
+        q = self.config.swap_quantum_s
+        turns = [w + q for w in waiting] + [v.active_since + q for v in self.entries.values() if v.state == ACTIVE]
+        later = [t - now for t in turns if t > now]
+        return min(later) if later else 0.05
+
+    def _used(self) -> int:
+        return sum(e.footprint for e in self.entries.values() if e.state in (ACTIVE, LOADING))
+
+    def _room_for(self, e: PoolEntry) -> int:
+        budget = self.config.memory_budget
+        if budget is None:
+            return 1 << 62
+        pinned = sum(o.footprint for o in self.entries.values()
+                     if o is not e and o.spec.pinned and o.state in (ACTIVE, LOADING))
+        return budget - pinned
+
+    def _host_fits(self, nbytes: int) -> bool:
+        hb = self.config.host_memory_budget
+        return hb is None or self._parked_bytes() + nbytes <= hb
+
+    def _parked_bytes(self) -> int:
+        return sum(e.weight_bytes for e in self.entries.values() if e.state == PARKED)
+
+    def _bring_back(self, e: PoolEntry, now: float) -> None:
+        budget = self.config.memory_budget
+        need = e.footprint
+        if budget is not None:
+            free = budget - self._used()
+            if need > free:
+                victims = self._victims(e, now)
+                if free + sum(v.footprint for v in victims) < need:
+                    return  # not yet: wait for a model to go idle or for its turn
+                for v in victims:
+                    if free >= need:
+                        break
+                    self._park(v)
+                    free += v.footprint
+        if e.state == PARKED:
+            t0 = time.perf_counter()
+            e.engine.unpark()  # type: ignore[union-attr]
+            self._activated(e, time.perf_counter() - t0, PARKED)
+        elif e.state == ON_DISK:
+            self._start_load(e)
+
+    def _victims(self, e: PoolEntry, now: float) -> list[PoolEntry]:
+        """Active models that may be parked for e, in the order to park them: idle ones least
+        recently used first, then (once e has waited its turn) busy ones that have run theirs."""
+        q = self.config.swap_quantum_s
+        active = [v for v in self.entries.values() if v is not e and v.state == ACTIVE and not v.spec.pinned]
+        idle = sorted((v for v in active if not v.busy()), key=lambda v: v.last_used or 0.0)
+        waited = e.want_since is not None and now - e.want_since >= q
+        busy = sorted((v for v in active if v.busy() and waited and now - v.active_since >= q),
+                      key=lambda v: v.active_since)
+        return idle + busy
+
+    def _park(self, v: PoolEntry) -> None:
+        t0 = time.perf_counter()
+        preempted = v.engine.park()  # type: ignore[union-attr]
+        v.state = PARKED
+        if v.engine.has_unfinished_requests():  # type: ignore[union-attr]
+            v.want_since = time.monotonic()  # its requests wait for it: it is next in line
+        logger.info("model %s parked in %.1f ms (%d sequences preempted, resumed when it is back)", v.name,
+                    1000 * (time.perf_counter() - t0), preempted)
+
+    def _activated(self, e: PoolEntry, seconds: float, from_state: str) -> None:
+        e.state = ACTIVE
+        e.active_since = time.monotonic()
+        e.want_since = None
+        e.load_requested = False
+        e.error = None
+        if self._started:
+            e.swaps += 1
+            e.swap_seconds_total += seconds
+            self.swap_log.append((e.name, seconds, from_state))
+            if self.on_swap is not None:
+                self.on_swap(e.name, seconds, from_state)
+        logger.info("model %s active (from %s in %.1f ms)", e.name, from_state, 1000 * seconds)
+        self._resolve_waiters(e, None)
+
+    def _resolve_waiters(self, e: PoolEntry, error: BaseException | None) -> None:
+        while e.waiters:
+            loop, fut = e.waiters.popleft()
+            try:
+                loop.call_soon_threadsafe(_settle, fut, error)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _enforce_device_budget(self) -> None:
+        """A model that turned out larger than its estimate may overfill the budget: park idle ones."""
+        budget = self.config.memory_budget
+        if budget is None or self._used() <= budget:
+            return
+        for v in sorted((v for v in self.entries.values() if v.state == ACTIVE and not v.spec.pinned
+                         and not v.busy()), key=lambda v: v.last_used or 0.0):
+            if self._used() <= budget:
+                return
+            self._park(v)
+
+    def _enforce_host_budget(self) -> None:
+        hb = self.config.host_memory_budget
+        if hb is None:
+            return
+        for v in sorted((v for v in self.entries.values() if v.state == PARKED and not v.held()),
+                        key=lambda v: v.last_used or 0.0):
+            if self._parked_bytes() <= hb:
+                return
+            self._drop(v)
+
+    def _drop(self, v: PoolEntry) -> None:
+        """Parked to on disk: the engine and its weights are let go."""
+        if v.front is not None and v.front in self.device.fronts:
+            self.device.detach(v.front)
+        v.engine = v.front = v.ctx = None
+        v.state = ON_DISK
+        gc.collect()
+        logger.info("model %s dropped to disk (host memory budget)", v.name)
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _build(self, spec: ModelSpec) -> tuple[LLMEngine, AsyncEngine, Any]:
+        engine = LLMEngine(spec.config)
+        front = AsyncEngine(engine, max_queue=self.config.max_queue)
+        return engine, front, self.make_ctx(spec, front)
+
+    def _adopt(self, e: PoolEntry, engine: LLMEngine, front: AsyncEngine, ctx: Any) -> None:
+        e.engine, e.front, e.ctx = engine, front, ctx
+        e.weight_bytes = engine.runner.resident_weight_bytes
+        e.kv_bytes = engine.runner.num_blocks * engine.runner.kv_bytes_per_block
+        e.max_model_len = engine.max_model_len
+        front._loop = self._loop
+        self.device.attach(front)
+        e.state = ACTIVE
+        e.active_since = time.monotonic()
+
+    def _start_load(self, e: PoolEntry) -> None:
+        e.state = LOADING
+        t0 = time.perf_counter()
+        logger.info("model %s: loading from %s", e.name, e.spec.config.model)
+        fut = self._loader.submit(self._build, e.spec)
+
+        def done(f: Future) -> None:
+            try:
+                self.device.call(lambda: self._loaded(e, f, time.perf_counter() - t0))
+            except Exception:  # the device loop is gone: nothing waits any more
+                pass
+
+        fut.add_done_callback(done)
+
+    def _loaded(self, e: PoolEntry, f: Future, seconds: float) -> None:
+        try:
+            engine, front, ctx = f.result()
+        except BaseException as err:
+            logger.exception("model %s failed to load", e.name)
+            e.state = ON_DISK
+            e.load_requested = False
+            e.want_since = None
+            e.error = f"{type(err).__name__}: {err}"
+            self._resolve_waiters(e, PoolError(f"model {e.name!r} failed to load: {e.error}"))
+            return
+        self._adopt(e, engine, front, ctx)
+        self._activated(e, seconds, ON_DISK)
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
