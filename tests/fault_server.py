@@ -1,7 +1,9 @@
 """`tokenmill serve` with an injected engine fault: any step that includes a request seeded
 666 raises, as a kernel bug triggered by one request's input would. Used by test_server.py to
-check that such a request fails alone and the server keeps serving the others."""
+check that such a request fails alone and the server keeps serving the others. With
+TOKENMILL_FAULT_UNPARK=NAME, bringing back the parked model in folder NAME fails (test_model_pool.py)."""
 
+import os
 import sys
 
 from tokenmill.engine.model_runner import ModelRunner
@@ -17,6 +19,16 @@ def _faulty_execute(self, sched):
 
 
 ModelRunner.execute = _faulty_execute
+
+if os.environ.get("TOKENMILL_FAULT_UNPARK"):  # bringing back this model (a folder name) fails: no memory
+    _allocate = ModelRunner.allocate_kv_cache
+
+    def _faulty_allocate(self, num_blocks=None):
+        if num_blocks is not None and os.path.basename(self.config.model) == os.environ["TOKENMILL_FAULT_UNPARK"]:
+            raise MemoryError("injected: no memory for the KV cache")
+        return _allocate(self, num_blocks)
+
+    ModelRunner.allocate_kv_cache = _faulty_allocate
 
 if __name__ == "__main__":
     from tokenmill.cli import main

@@ -34,3 +34,60 @@ def test_model_weights_and_kv_cache_are_packed(tmp_path):
     assert caches[1].data_ptr() - caches[0].data_ptr() == caches[0].numel() * caches[0].element_size()
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, None)
     assert len(out[0].outputs[0].token_ids) > 0
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_release_pages_frees_memory_and_pages_come_back_zeroed():
+    from tokenmill.memory import host_arena, release_pages
+
+    arena = host_arena(64 << 20)
+    arena.fill_(7)
+    before = _rss_bytes()
+    view = arena[100:]  # a view that starts mid-page: the partial page is zeroed by hand
+    release_pages(view)
+    assert before - _rss_bytes() > 48 << 20  # the pages went back to the kernel
+    assert torch.equal(arena[:100], torch.full((100,), 7, dtype=torch.uint8))
+    assert int(view.count_nonzero()) == 0
+    view.fill_(3)  # and they are writable memory again
+    assert int(arena[100:].eq(3).sum()) == arena.numel() - 100
+
+
+def test_park_and_unpark_mid_generation_changes_nothing(tmp_path):
+    """A parked engine (the model pool's swap) frees its KV cache; its running sequences are
+    preempted and resume unchanged once it is back, with the weights offloaded too or not."""
+    from tokenmill import SamplingParams
+
+    path = make_model(str(tmp_path / "m"), "llama")
+    llm = LLM(path, kv_cache_memory_bytes=8 * 2**20, max_num_batched_tokens=64)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    prompts = [[1 + i, 5, 7, 9, 11 + i] * (1 + i) for i in range(4)]
+    want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    want_seeded = llm.generate([{"prompt_token_ids": prompts[0]}], seeded)[0].outputs[0].token_ids
+    for offload in (False, True):
+        for i, p in enumerate(prompts):
+            engine.add_request({"prompt_token_ids": p}, params, request_id=f"g{i}")
+        engine.add_request({"prompt_token_ids": prompts[0]}, seeded, request_id="s")
+        done, steps = {}, 0
+        while engine.has_unfinished_requests():
+            if steps in (2, 9, 30):  # mid-prefill, then mid-decode
+                assert engine.park(offload_weights=offload) > 0 and engine.parked
+                assert engine.block_manager.num_used_blocks == 0
+                engine.add_request({"prompt_token_ids": [3, 4]}, params, request_id=f"late{steps}")
+                engine.abort_request(f"late{steps}")  # requests come and go while it is parked
+                engine.unpark()
+                assert not engine.parked and not engine.runner.weights_offloaded
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            steps += 1
+        assert [done[f"g{i}"] for i in range(4)] == want
+        assert done["s"] == want_seeded
+        assert engine.block_manager.num_used_blocks == 0

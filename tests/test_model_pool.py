@@ -164,24 +164,26 @@ def test_rules_tier_picks_by_keyword_and_max_tokens(pool_server, client):
     assert r.model == "alpha" and r.routing["rule"] is None  # type: ignore[attr-defined]
 
 
-def test_admin_load_unload_pin_behind_the_admin_key(pool_server):
+def test_admin_load_unload_pin_behind_the_admin_key(models, pool_server, client):
     base = pool_server.base_url
     assert httpx.post(f"{base}/v1/models/alpha/load", timeout=30).status_code == 401
     auth = {"Authorization": "Bearer sesame"}
     r = httpx.post(f"{base}/v1/models/beta/load", headers=auth, timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "active"
     assert states(pool_server)["alpha"] == "parked"
+    # Tokenizing needs no device: the parked model's tokenizer answers and nothing moves.
+    r = httpx.post(f"{base}/tokenize", json={"model": "alpha", "prompt": "Hello"}, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] > 0 and states(pool_server)["alpha"] == "parked"
     r = httpx.post(f"{base}/v1/models/beta/unload", headers=auth, json={"to": "disk"}, timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "on_disk"
-    r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, timeout=60)  # pinning brings it back from disk
-    assert r.status_code == 200 and r.json()["state"] == "active" and r.json()["pinned"] is True
-    # alpha cannot fit beside the pinned beta: a clear 503, not a wait.
-    r = httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1}, timeout=30)
-    assert r.status_code == 503 and "pinned" in r.json()["error"]["message"]
-    r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, json={"pinned": False}, timeout=30)
-    assert r.status_code == 200 and r.json()["pinned"] is False
-    r = httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1}, timeout=30)
-    assert r.status_code == 200
+    # A request for a model on disk waits while it loads, then is answered as ever.
+    r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert r.choices[0].text == reference(models["beta"], PROMPTS[1:2], 8)[0]
+    assert r.swap["from"] == "on_disk" and states(pool_server)["beta"] == "active"  # type: ignore[attr-defined]
+    # The budget holds one model: pinning one would leave the other no room, so it is refused.
+    r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, timeout=60)
+    assert r.status_code == 409 and "no room" in r.json()["error"]["message"]
+    assert httpx.get(f"{base}/v1/models/beta", timeout=10).json()["pinned"] is False
     for path, body, status in (("tokenmill/auto/load", None, 400), ("nope/load", None, 404),
                                ("alpha/unload", {"to": "moon"}, 400), ("alpha/pin", {"pinned": "yes"}, 400)):
         r = httpx.post(f"{base}/v1/models/{path}", headers=auth, json=body, timeout=30)
@@ -226,6 +228,15 @@ def test_many_streams_over_three_models_with_swaps(models, tmp_path):
                        and f'model_name="{n}"' in k)
             assert done == sum(1 for name, _, _ in results if name == n)
         assert sum(v for k, v in m.items() if k.startswith("tokenmill:model_swaps_total")) > 0
+        # Two of the three fit: alpha may be pinned, and a pinned model is neither parked nor unloaded.
+        auth = {"Authorization": "Bearer unused"}
+        r = httpx.post(f"{srv.base_url}/v1/models/alpha/pin", headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json() | {"state": "active", "pinned": True} == r.json()
+        for name in ("beta", "gamma", "beta"):
+            client.completions.create(model=name, prompt="Hi", max_tokens=2)
+            assert states(srv)["alpha"] == "active"
+        r = httpx.post(f"{srv.base_url}/v1/models/alpha/unload", headers=auth, timeout=30)
+        assert r.status_code == 409 and "pinned" in r.json()["error"]["message"]
     finally:
         assert srv.stop() == 0
 
@@ -233,6 +244,12 @@ def test_many_streams_over_three_models_with_swaps(models, tmp_path):
 def test_several_model_flags_and_bad_pool_configs(models, tmp_path, capsys):
     from tokenmill.cli import main
 
+    one = ServerProcess(models["alpha"], "--memory-budget", "0.05", log_path=str(tmp_path / "one.log"))
+    try:  # one model with a budget: all of it is the model's (weights, then the KV cache)
+        card = httpx.get(one.base_url + "/v1/models/alpha", timeout=10).json()
+        assert card["state"] == "active" and card["size_bytes"] <= 0.05 * 2**30 < card["size_bytes"] + 2**20
+    finally:
+        one.stop()
     srv = ServerProcess(models["alpha"], "--model", models["beta"], "--kv-cache-memory", "0.03125",
                         log_path=str(tmp_path / "log"))
     try:
@@ -253,6 +270,16 @@ def test_several_model_flags_and_bad_pool_configs(models, tmp_path, capsys):
                                             "threshold": -1}}]}, "tiers[0].route.strong"),
         ({"memory_budget": 0.01, "models": [{"path": models["alpha"], "kv_cache_memory": KV_GIB}]},
          "more than the whole --memory-budget"),
+        ({"models": [{"path": models["alpha"], "enable_prefix_caching": "no"}]}, "models[0].enable_prefix_caching"),
+        ({"models": [{"path": models["alpha"], "tool_call_parser": "bogus"}]}, "models[0].tool_call_parser"),
+        ({"models": [{"path": models["alpha"], "reasoning_parser": "bogus"}]}, "models[0].reasoning_parser"),
+        ({"models": [{"path": models["alpha"]}, {"path": models["beta"]}],
+          "tiers": [{"name": "t", "route": {"policy": "rules", "default": "alpha"}},
+                    {"name": "t", "route": {"policy": "rules", "default": "beta"}}]}, "tiers[1].name"),
+        ({"models": [{"path": models["alpha"]}],
+          "tiers": [{"name": "t", "route": {"policy": "cascade", "small": "alpha", "strong": "alpha",
+                                            "threshold": -1}}]}, "tiers[0].route.strong"),
+        ({"swap_quantum": -1, "models": [{"path": models["alpha"]}]}, "swap_quantum"),
     ]
     for i, (doc, needle) in enumerate(bad):
         path = write_yaml(tmp_path / f"bad{i}.yaml", doc)
@@ -270,3 +297,22 @@ def test_cli_models_file_relative_paths(models, tmp_path):
     entries, tiers, settings = read_models_file(path, EngineConfig(model=""))
     assert entries[0].name == "first" and entries[0].config.model == str(tmp_path / "a")
     assert entries[0].config.max_model_len == 128 and entries[0].pinned and tiers == [] and settings == {}
+
+
+def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_FAULT_UNPARK", "beta")
+    doc = {"memory_budget": BUDGET_ONE, "swap_quantum": 0.1,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta")]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"),
+                        script=os.path.join(os.path.dirname(__file__), "fault_server.py"))
+    try:
+        t0 = time.time()
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 503 and "could not be brought back" in r.json()["error"]["message"]
+        assert time.time() - t0 < 10  # at once, not after --model-load-timeout
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200 and httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
+    finally:
+        srv.stop()

@@ -92,3 +92,22 @@ def test_good_policies_load():
     rules = [{"model": "coder", "keywords": ["def "]}, {"model": "small", "max_prompt_tokens": 64}]
     r = policy_from_dict({"policy": "rules", "default": "strong", "rules": rules}, MODELS)
     assert [x.model for x in r.rules] == ["coder", "small"] and r.default == "strong"
+
+
+def test_surprise_adds_up_unlikely_tokens_and_escalates_once_it_cannot_recover():
+    lps = [-0.1, -0.05, -1.3, -0.2, -2.3]
+    assert confidence(lps, "surprise", margin=-0.3) == pytest.approx(-1.0 + -2.0)
+    assert confidence(lps, "surprise", margin=-0.05) == pytest.approx(-0.05 - 1.25 - 0.15 - 2.25)
+    m = CascadeMonitor(CascadePolicy("small", "strong", threshold=-2.5, metric="surprise", margin=-0.3))
+    assert not m.observe(lps[:4])  # -1.0 so far: likely tokens add nothing, so it may still pass
+    assert m.observe(lps[4:]) and m.escalated_at == 5
+    model, account = m.finish()
+    assert model == "strong" and account["confidence"] == pytest.approx(-3.0)
+    sure = CascadeMonitor(CascadePolicy("small", "strong", threshold=-2.5, metric="surprise"))
+    sure.observe([-0.01] * 500)  # a long answer of likely tokens stays sure
+    assert sure.finish()[0] == "small"
+    assert policy_from_dict({"policy": "cascade", "small": "small", "strong": "strong", "threshold": -3,
+                             "metric": "surprise", "margin": -0.5}, {"small", "strong"}).margin == -0.5
+    with pytest.raises(ValueError, match=r"^route\.margin"):
+        policy_from_dict({"policy": "cascade", "small": "small", "strong": "strong", "threshold": -3,
+                          "margin": 0.5}, {"small", "strong"})

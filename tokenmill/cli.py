@@ -152,6 +152,10 @@ BENCHMARKS = {
     "serve": ("serve_load", "load-test any OpenAI-compatible server: latency percentiles, goodput",
               "Send streaming requests on a seeded arrival schedule to an OpenAI-compatible server and report TTFT, "
               "TPOT, ITL and E2E percentiles, throughput and goodput; --sweep runs several rates and plots them."),
+    "model-pool": ("model_pool", "the model pool: swap times, cascade accuracy vs cost, mixed traffic",
+                   "Swaps between two demo-family models under load and a model loaded from disk beside dd; the "
+                   "cascade tier's accuracy and compute on held-out chains; three models' throughput in one server "
+                   "against each alone."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

@@ -32,6 +32,27 @@ def host_arena(nbytes: int) -> torch.Tensor:
     return buf[off : off + nbytes]
 
 
+def release_pages(t: torch.Tensor) -> None:
+    """Gives a host tensor's whole pages back to the kernel (MADV_DONTNEED) without unmapping them:
+    the memory is freed now, and the pages come back zero-filled, one fault at a time, when next
+    written. For memory of host_arena (private anonymous): a parked model's KV cache."""
+    import ctypes
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = t.data_ptr()
+    first = -(-start // page) * page
+    end = (start + t.numel() * t.element_size()) // page * page
+    if end <= first:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(first, end - first, 4) != 0:  # 4: MADV_DONTNEED on Linux
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+    if first > start:  # the partial first page stays mapped: zero it by hand
+        t.view(torch.uint8).view(-1)[: first - start].zero_()
+
+
 def pack_parameters(params: list[torch.nn.Parameter]) -> None:
     """Moves the parameters' data into one huge-page arena, laid end to end in the given order
     (each 64-byte aligned), one at a time, so each original is freed as soon as it is copied

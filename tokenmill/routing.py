@@ -8,9 +8,13 @@ server's model pool drives them.
 - `cascade`: the small model answers first; its answer's confidence, from the answer tokens'
   logprobs, decides whether the strong model answers instead. `CascadeMonitor` follows the
   answer as it is generated: with `lowest_window` (the lowest mean logprob over any `window`
-  consecutive tokens, DeepConf's group confidence) the confidence only falls, so a weak answer
+  consecutive tokens, DeepConf's group confidence), `min` (the least likely token) or `surprise`
+  (the sum, over the answer's tokens, of how far each logprob falls below `margin`: every
+  unlikely token adds to it, likely ones add nothing) the confidence only falls, so a weak answer
   escalates as soon as it dips below the threshold, without finishing; with `mean` (the mean
-  token logprob) or `min` (the least likely token) the decision waits for the end. A server
+  token logprob) the decision waits for the end. On the demo family's held-out chains
+  `surprise` separates right from wrong answers of the small model best among those that can
+  escalate early (docs/benchmarks/model_pool.md). A server
   holds the small model's stream until the decision, then streams the answer that stands.
 """
 
@@ -24,7 +28,7 @@ import regex
 
 from tokenmill.ttc import WindowLow, lowest_window_mean
 
-METRICS = ("lowest_window", "mean", "min")
+METRICS = ("lowest_window", "mean", "min", "surprise")
 PATTERN_TIMEOUT_S = 0.05  # a rule's regex gets this long per prompt; a timeout is no match
 
 
@@ -78,12 +82,15 @@ class CascadePolicy:
     threshold: float  # a confidence (a logprob) below this escalates
     metric: str = "lowest_window"
     window: int = 16
+    margin: float = -0.3  # surprise: a token's logprob below this adds the difference
 
 
-def confidence(logprobs: list[float], metric: str, window: int = 16) -> float | None:
+def confidence(logprobs: list[float], metric: str, window: int = 16, margin: float = -0.3) -> float | None:
     """An answer's confidence from its tokens' logprobs; None for no tokens."""
     if not logprobs:
         return None
+    if metric == "surprise":
+        return sum(min(0.0, lp - margin) for lp in logprobs)
     if metric == "mean":
         return sum(logprobs) / len(logprobs)
     if metric == "min":
@@ -102,7 +109,8 @@ class CascadeMonitor:
         self.p = policy
         self.logprobs: list[float] = []
         self._windows = WindowLow(policy.window)
-        self._low: float | None = None  # the lowest full window's mean (or token, for min) so far
+        # So far: the lowest full window's mean, the lowest token (min), the running surprise.
+        self._low: float | None = None
         self.escalated = False
         self.escalated_at: int | None = None  # answer tokens seen when it escalated early
 
@@ -114,15 +122,17 @@ class CascadeMonitor:
                 self._low = self._windows.low
             elif self.p.metric == "min":
                 self._low = lp if self._low is None else min(self._low, lp)
+            elif self.p.metric == "surprise":
+                self._low = (self._low or 0.0) + min(0.0, lp - self.p.margin)
             if not self.escalated and self._low is not None and self._low < self.p.threshold:
-                # a full window (or a token) below the threshold: no later token can lift it
+                # below the threshold: no later token can lift it
                 self.escalated, self.escalated_at = True, len(self.logprobs)
         return self.escalated
 
     def finish(self) -> tuple[str, dict[str, Any]]:
         """(the model whose answer stands, the routing account). An answer cut by max_tokens is
         judged like any other: the strong model would be held to the same max_tokens."""
-        conf = confidence(self.logprobs, self.p.metric, self.p.window)
+        conf = confidence(self.logprobs, self.p.metric, self.p.window, self.p.margin)
         escalate = self.escalated or conf is None or conf < self.p.threshold
         model = self.p.strong if escalate else self.p.small
         return model, {"policy": "cascade", "model": model, "escalated": escalate, "metric": self.p.metric,
@@ -140,13 +150,15 @@ def policy_from_dict(d: dict[str, Any], models: set[str]) -> RulesPolicy | Casca
         raise bad("policy", "must be an object")
     kind = d.get("policy")
     if kind == "cascade":
-        known = {"policy", "small", "strong", "threshold", "metric", "window"}
+        known = {"policy", "small", "strong", "threshold", "metric", "window", "margin"}
         extra = sorted(set(d) - known)
         if extra:
             raise bad(extra[0], "unknown field")
         for f in ("small", "strong"):
             if d.get(f) not in models:
                 raise bad(f, f"{d.get(f)!r} is not a model of this server ({', '.join(sorted(models))})")
+        if d["small"] == d["strong"]:
+            raise bad("strong", f"the strong model must differ from the small one ({d['small']!r})")
         t = d.get("threshold")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t > 0:
             raise bad("threshold", f"must be a logprob (a number <= 0), got {t!r}")
@@ -156,7 +168,10 @@ def policy_from_dict(d: dict[str, Any], models: set[str]) -> RulesPolicy | Casca
         window = d.get("window", 16)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise bad("window", f"must be a positive integer, got {window!r}")
-        return CascadePolicy(d["small"], d["strong"], float(t), metric, window)
+        margin = d.get("margin", -0.3)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin > 0:
+            raise bad("margin", f"must be a logprob (a number <= 0), got {margin!r}")
+        return CascadePolicy(d["small"], d["strong"], float(t), metric, window, float(margin))
     if kind == "rules":
         extra = sorted(set(d) - {"policy", "rules", "default"})
         if extra:

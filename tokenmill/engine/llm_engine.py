@@ -222,7 +222,7 @@ class LLMEngine:
     # -- parking (a model pool's hot-swap) -----------------------------------------------
     @property
     def parked(self) -> bool:
-        return not self.runner.kv_caches
+        return self.runner.kv_released
 
     def park(self, offload_weights: bool | None = None) -> int:
         """Frees this model's device memory so another can run: every running sequence is preempted

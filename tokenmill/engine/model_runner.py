@@ -21,7 +21,7 @@ from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
 from tokenmill.kernels import cpu_ops
-from tokenmill.memory import host_arena
+from tokenmill.memory import host_arena, release_pages
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -159,6 +159,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.weights_offloaded = False
+        self.kv_released = False  # parked: the KV cache's memory was given back (release_kv_cache)
+        self._kv_arena: torch.Tensor | None = None  # the CPU KV cache's mapping
         self._host_weights: dict[int, dict[tuple[int, str], torch.Tensor]] = {}  # offload_weights' copies
         self.embed = False  # set by the engine for an embedding model: prompts are pooled, not continued
 
@@ -211,7 +213,12 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
-        gets the cache it had)."""
+        gets the cache it had; on CPU the same mapping, whose pages were given back)."""
+        if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
+            self.kv_released = False  # the pages fault back in, zeroed, as steps write them
+            if self.drafter is not None:
+                self.drafter.allocate(num_blocks, self.block_size)
+            return num_blocks
         budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
         blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -234,23 +241,31 @@ class ModelRunner:
         if self.device.type == "cpu":  # one huge-page region (tokenmill/memory.py), touched now, not mid-request
             arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
             arena.zero_()
+            self._kv_arena = arena
             self.kv_caches = list(arena.view(self.dtype).view(mc.num_layers, *shape).unbind(0))
         else:
             self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         if self.drafter is not None:
             self.drafter.allocate(num_blocks, self.block_size)
         self.num_blocks = num_blocks
+        self.kv_released = False
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) from %s", num_blocks, self.block_size,
                     num_blocks * per_block / 2**20, source)
         return num_blocks
 
     def release_kv_cache(self) -> None:
-        """Frees the KV cache (a parked model): its memory goes back to the allocator at once."""
-        self.kv_caches = []
+        """Frees the KV cache (a parked model) at once. On CPU the mapping stays and only its pages
+        go back to the kernel (they return zeroed as they are written), so coming back allocates
+        nothing; on a GPU the tensors are freed and allocated again."""
+        if self.device.type == "cpu" and self._kv_arena is not None:
+            release_pages(self._kv_arena)
+        else:
+            self.kv_caches = []
         if self.drafter is not None:
             self.drafter.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        self.kv_released = True
 
     def offload_weights(self) -> None:
         """Moves every weight tensor to host memory (pinned where CUDA is, so restoring is one DMA

@@ -99,6 +99,7 @@ class DeviceLoop:
         # Run on the device thread before each round of steps (a model pool's scheduling); returns
         # how soon it wants to run again when nothing else happens (None: no sooner than a second).
         self.between_steps: Callable[[], float | None] | None = None
+        self.on_close: Callable[[], None] | None = None  # called on the thread as it ends (the pool's waiters)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._thread: threading.Thread | None = None
         self.stopping = False
@@ -180,6 +181,11 @@ class DeviceLoop:
                 _fn, fut = self._calls.popleft()
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(EngineStoppedError("the engine has stopped"))
+            if self.on_close is not None:
+                try:
+                    self.on_close()
+                except Exception:
+                    logger.exception("the device loop's on_close failed")
 
 
 class AsyncEngine:

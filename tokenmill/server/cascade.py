@@ -106,6 +106,8 @@ class CascadeEngine:
                    "confidence": account.get("confidence"), "threshold": self.policy.threshold,
                    "small_tokens": sum(len(m.logprobs) for m in monitors.values()),
                    "escalated_at_token": account.get("escalated_at_token")}
+        if self.policy.metric == "surprise":
+            routing["margin"] = self.policy.margin
         if not escalate:
             routing["model"] = self.policy.small
             self.extras["model"], self.extras["routing"] = self.policy.small, routing

@@ -183,6 +183,8 @@ class ServerContext:
     def engine_error(self, out: RequestOutput) -> APIError:
         if out.error_status == 400:
             return APIError(400, out.error or "", code="invalid_constraint")
+        if out.error_status == 503:  # a cascade's strong model could not be brought back
+            return APIError(503, out.error or "", code="model_unavailable", headers={"Retry-After": "5"})
         return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
 
     async def choice_deltas(self, group, params: SamplingParams, states: dict[tuple[str, int], ChoiceState],
@@ -200,7 +202,7 @@ class ServerContext:
                         yield out, c, delta
 
     def stream_failed(self, e: StreamFailed) -> list[str]:
-        msg = e.message if e.status == 400 else f"the engine failed this request: {e.message}"
+        msg = e.message if e.status in (400, 503) else f"the engine failed this request: {e.message}"
         return [sse(error_body(e.status, msg)), SSE_DONE]
 
     # -- logprob formats ------------------------------------------------------------------------

@@ -155,6 +155,13 @@ class Gateway:
         req = await self.parse(request, body)
         name = self.check_model(req.model)
         tier = self.tiers.get(name)
+        if not auth:  # tokenizing needs no device: a parked model's tokenizer serves as it is
+            if tier is not None:
+                name = tier.policy.default if isinstance(tier.policy, RulesPolicy) else tier.policy.small
+            e = self.pool.entries[name]
+            if e.ctx is None:  # on disk: loading it is work a client may ask for only with the key
+                self.check_auth(request)
+            return await self.acquire(name, need_device=False), req, arrival
         if tier is None:
             ctx = await self.acquire(name)
         elif isinstance(tier.policy, RulesPolicy):
@@ -166,11 +173,11 @@ class Gateway:
                            f"not text generation")
         return ctx, req, arrival
 
-    async def acquire(self, name: str) -> ServerContext:
+    async def acquire(self, name: str, need_device: bool = True) -> ServerContext:
         """The model's context once it is active; the lease it takes is given back when the
         handler returns (Gateway.route)."""
         try:
-            ctx, swap = await self.pool.acquire(name)
+            ctx, swap = await self.pool.acquire(name, need_device)
         except PoolError as e:
             raise APIError(e.status, str(e), code="model_unavailable",
                            headers={"Retry-After": "5"} if e.status == 503 else None) from None
@@ -283,9 +290,14 @@ def _prompt_text(req: Any) -> tuple[str, int | None]:
 
 def _check_same_tokenizer(tier: Tier, pool: ModelPool) -> None:
     """A cascade sends the small model's prompt tokens to the strong model: both must read them alike."""
+    from tokenmill.config import ModelConfig
+
     small, strong = (pool.entries[n].spec.config for n in tier.models)
     a, b = (load_tokenizer(c.tokenizer or c.model) for c in (small, strong))
     same = (a is None and b is None) or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
+    # Structured outputs compiled for the small model's vocabulary must fit the strong one's too.
+    same = same and ModelConfig.from_pretrained(small.model).vocab_size == ModelConfig.from_pretrained(
+        strong.model).vocab_size
     if not same:
         raise ValueError(f"tiers: {tier.name!r}: a cascade's small and strong models must share a tokenizer "
                          f"({small.model} and {strong.model} differ)")

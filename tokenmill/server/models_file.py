@@ -14,7 +14,7 @@ models:
   - path: ./demo
 tiers:
   - name: tokenmill/auto
-    route: {policy: cascade, small: small, strong: demo, threshold: -0.6}
+    route: {policy: cascade, small: small, strong: demo, threshold: -2.5, metric: surprise}
 ```
 
 A model entry takes the engine settings by their flag names with underscores; what it leaves out
@@ -41,6 +41,13 @@ ENGINE_KEYS = {"dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens
 MODEL_KEYS = ENGINE_KEYS | {"name", "path", "pinned", "memory_share", "kv_cache_memory", "tool_call_parser",
                             "reasoning_parser"}
 TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"}
+# The types of the engine settings (a YAML "no" is a string, not False).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "dtype": (str,), "max_model_len": (int,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,),
+    "block_size": (int,), "seed": (int,), "enable_prefix_caching": (bool,), "attention_backend": (str,),
+    "quantization": (str,), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
+    "speculative_config": (dict, str), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
+    "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,)}
 
 
 @dataclasses.dataclass
@@ -95,6 +102,10 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
         extra = sorted(set(m) - MODEL_KEYS)
         if extra:
             raise ValueError(f"{f}.{extra[0]}: unknown setting (known: {', '.join(sorted(MODEL_KEYS))})")
+        for k, types in _TYPES.items():
+            v = m.get(k)
+            if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+                raise ValueError(f"{f}.{k}: must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
         p = m.get("path")
         if not isinstance(p, str) or not p:
             raise ValueError(f"{f}.path: the model's folder is required")
@@ -125,15 +136,27 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
                 raise ValueError(f"{f}.memory_share: a share of memory_budget in (0, 1], got {share}")
             if "kv_cache_memory" in m:
                 raise ValueError(f"{f}.memory_share: give memory_share or kv_cache_memory, not both")
-        models.append(ModelEntry(name, config, pinned, share, m.get("tool_call_parser", tool_call_parser),
-                                 m.get("reasoning_parser", reasoning_parser)))
+        from tokenmill.server.reasoning import REASONING_PARSERS
+        from tokenmill.server.tools import PARSERS
+
+        tcp = m.get("tool_call_parser", tool_call_parser)
+        if tcp not in ("auto", *PARSERS):
+            raise ValueError(f"{f}.tool_call_parser: one of auto, {', '.join(PARSERS)}, got {tcp!r}")
+        rp = m.get("reasoning_parser", reasoning_parser)
+        if rp is not None and rp not in REASONING_PARSERS:
+            raise ValueError(f"{f}.reasoning_parser: one of {', '.join(REASONING_PARSERS)}, got {rp!r}")
+        models.append(ModelEntry(name, config, pinned, share, tcp, rp))
     tiers = doc.get("tiers") or []
     if not isinstance(tiers, list):
         raise ValueError("tiers: must be a list of {name, route}")
     settings = {}
-    for k in ("memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"):
+    for k in ("memory_budget", "host_memory_budget", "load_timeout"):
         if doc.get(k) is not None:
             settings[k] = _number(doc[k], k)
+    if doc.get("swap_quantum") is not None:
+        settings["swap_quantum"] = _number(doc["swap_quantum"], "swap_quantum", positive=False)
+        if settings["swap_quantum"] < 0:
+            raise ValueError(f"swap_quantum: must be >= 0, got {doc['swap_quantum']!r}")
     return models, tiers, settings
 
 
@@ -155,18 +178,20 @@ def build_pool_config(models: list[ModelEntry], raw_tiers: list[dict[str, Any]],
             if budget is None:
                 raise ValueError(f"models[{i}].memory_share: needs a memory_budget (--memory-budget)")
             cfg = dataclasses.replace(cfg, memory_bytes=int(m.memory_share * budget))
-        elif cfg.kv_cache_memory_bytes is None and n > 1:
+        elif cfg.kv_cache_memory_bytes is None:
             if budget is not None:
                 cfg = dataclasses.replace(cfg, memory_bytes=budget // n)
-            else:
+            elif n > 1:
                 cfg = dataclasses.replace(cfg, cpu_kv_cache_fraction=cfg.cpu_kv_cache_fraction / n)
         specs.append(ModelSpec(m.name, cfg, m.pinned, m.tool_call_parser, m.reasoning_parser))
-    tiers = []
+    tiers: list[Tier] = []
     for i, t in enumerate(raw_tiers):
         if not isinstance(t, dict) or set(t) - {"name", "route"} or not isinstance(t.get("name"), str):
             raise ValueError(f"tiers[{i}]: must be {{name: ..., route: {{policy: ...}}}}")
         if t["name"] in names:
             raise ValueError(f"tiers[{i}].name: {t['name']!r} is also a model's name")
+        if any(x.name == t["name"] for x in tiers):
+            raise ValueError(f"tiers[{i}].name: {t['name']!r} names two tiers")
         try:
             tiers.append(Tier(t["name"], policy_from_dict(t.get("route"), set(names))))
         except ValueError as e:

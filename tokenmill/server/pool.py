@@ -23,6 +23,7 @@ handler got stays valid for as long as it needs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -155,28 +156,35 @@ class ModelPool:
         self.make_ctx = make_ctx
         self.device = DeviceLoop()
         self.device.between_steps = self._schedule
+        self.device.on_close = self.fail_all_waiters
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-loader")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
-        # Swap times (seconds), newest last, for metrics: (model, seconds, from state).
-        self.swap_log: deque[tuple[str, float, str]] = deque(maxlen=1000)
         self.on_swap: Callable[[str, float, str], None] | None = None  # called on the device thread
 
     # -- startup and shutdown (main thread) -------------------------------------------------------
     def load_initial(self) -> None:
-        """Loads the models before serving: pinned ones first, then in the order given. Each
-        becomes active while the budget holds it, else parked while host memory holds it, else
-        it stays on disk until a request needs it."""
+        """Loads the models before serving: pinned ones first, then in the order given. The
+        first ones the budget holds end up active, the others parked while host memory holds
+        them, else on disk until a request needs them. A model is only ever built with room for
+        it in the budget (on a GPU it is built on the device): earlier ones are parked for it."""
         order = sorted(self.entries.values(), key=lambda e: not e.spec.pinned)
         budget = self.config.memory_budget
+        pinned = sum(e.est_bytes for e in order if e.spec.pinned)
         for e in order:
             if budget is not None and e.est_bytes > budget:
                 raise ValueError(f"model {e.name!r}: it needs about {e.est_bytes / 2**30:.2f} GiB (weights and KV "
                                  f"cache), more than the whole --memory-budget {budget / 2**30:.2f} GiB")
-            if (budget is not None and e.est_bytes > budget - self._used()
-                    and not self._host_fits(e.est_bytes)):
-                logger.info("model %s: left on disk (the memory budgets are full)", e.name)
-                continue
+            if budget is not None and not e.spec.pinned and pinned + e.est_bytes > budget:
+                raise ValueError(f"model {e.name!r} does not fit in --memory-budget {budget / 2**30:.2f} GiB beside "
+                                 f"the pinned models ({pinned / 2**30:.2f} GiB)")
+            if budget is not None:
+                for v in [v for v in reversed(order) if v.state == ACTIVE and not v.spec.pinned]:
+                    if e.est_bytes <= budget - self._used():
+                        break
+                    self._park(v)  # for now: who ends up active is settled below
+            if budget is not None and e.est_bytes > budget - self._used():
+                raise ValueError(f"the pinned models take more than --memory-budget {budget / 2**30:.2f} GiB")
             try:
                 engine, front, ctx = self._build(e.spec)
             except ValueError as err:
@@ -185,15 +193,23 @@ class ModelPool:
             if budget is not None and e.footprint > budget:
                 raise ValueError(f"model {e.name!r}: it takes {e.footprint / 2**30:.2f} GiB (weights and KV cache), "
                                  f"more than the whole --memory-budget {budget / 2**30:.2f} GiB")
-            if budget is not None and self._used() > budget:
-                if e.spec.pinned:
-                    raise ValueError(f"the pinned models take more than --memory-budget "
-                                     f"{budget / 2**30:.2f} GiB together")
-                e.engine.park()  # type: ignore[union-attr]
-                e.state = PARKED
+        if budget is not None:  # the first models the budget holds are the active ones
+            want, used = [], 0
+            for e in order:
+                if e.engine is not None and used + e.footprint <= budget:
+                    want.append(e)
+                    used += e.footprint
+            for e in order:
+                if e.state == ACTIVE and e not in want:
+                    self._park(e)
+            for e in want:
+                if e.state == PARKED:
+                    e.engine.unpark()  # type: ignore[union-attr]
+                    e.state = ACTIVE
+        self._enforce_host_budget()
+        for e in order:
             logger.info("model %s: %s (%.1f MiB weights, %.1f MiB KV cache)", e.name, e.state,
                         e.weight_bytes / 2**20, e.kv_bytes / 2**20)
-            self._enforce_host_budget()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -215,17 +231,18 @@ class ModelPool:
     def entry(self, name: str) -> PoolEntry | None:
         return self.entries.get(name)
 
-    async def acquire(self, name: str) -> tuple[Any, dict[str, Any] | None]:
+    async def acquire(self, name: str, need_device: bool = True) -> tuple[Any, dict[str, Any] | None]:
         """The model's context once it is active, and how long the caller waited for it (None
         when it was active already). Takes a lease the caller gives back with release(). PoolError
-        when it cannot come back."""
+        when it cannot come back. need_device False (tokenizing): a parked model's context as it is."""
         e = self.entries[name]
         e.leases += 1
         try:
             e.last_used = time.time()
-            if e.state == ACTIVE:
+            if e.state == ACTIVE or (not need_device and e.ctx is not None):
                 return e.ctx, None
-            return e.ctx, await self._wait_active(e)
+            swap = await self._wait_active(e)
+            return e.ctx, swap  # read after the wait: a model loaded from disk has a new context
         except BaseException:
             e.leases -= 1
             raise
@@ -234,6 +251,8 @@ class ModelPool:
         self.entries[name].leases -= 1
 
     async def _wait_active(self, e: PoolEntry) -> dict[str, Any]:
+        if self.device.closed or self.device.dead is not None:
+            raise PoolError("the engine is not running")
         room = self._room_for(e)
         if e.footprint > room:
             raise PoolError(f"model {e.name!r} needs {e.footprint / 2**20:.0f} MiB but the pinned models leave "
@@ -257,6 +276,10 @@ class ModelPool:
                             f"(it is {e.state}; the models holding the memory are busy)") from None
         finally:
             e.demand -= 1
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(ValueError):  # already taken by the device thread
+                    e.waiters.remove((loop, fut))
         return {"model": e.name, "from": from_state, "wait_s": round(time.perf_counter() - t0, 6)}
 
     async def load(self, name: str) -> dict[str, Any] | None:
@@ -271,22 +294,39 @@ class ModelPool:
 
     def unload(self, name: str, to_disk: bool) -> str:
         """Parks a model (or drops it to disk) now; on the device thread. PoolError(409) when it
-        has requests in flight."""
+        is pinned or has requests in flight."""
         e = self.entries[name]
+        if e.spec.pinned:
+            raise PoolError(f"model {name!r} is pinned; unpin it first (POST /v1/models/{name}/pin "
+                            f'{{"pinned": false}})', 409)
         if e.busy() or (to_disk and e.leases):
             raise PoolError(f"model {name!r} has requests in flight; unload it once they finish", 409)
         e.load_requested = False
         if e.state == ACTIVE:
             self._park(e)
         if to_disk and e.state == PARKED:
-            self._drop(e)
+            self._drop(e, "unloaded")
         return e.state
 
     def pin(self, name: str, pinned: bool) -> None:
-        """Pins a model (kept active; brought back now if it is not) or unpins it; on the device thread."""
+        """Pins a model (kept active; brought back now if it is not) or unpins it; on the device
+        thread. PoolError(409) when the pinned models would leave another model no room: its
+        requests could never be served (and a parked one's preempted requests never resume)."""
         e = self.entries[name]
-        e.spec.pinned = pinned
-        if pinned and e.state != ACTIVE:
+        if not pinned:
+            e.spec.pinned = False
+            e.load_requested = False
+            return
+        budget = self.config.memory_budget
+        if budget is not None:
+            pinned_bytes = sum(o.footprint for o in self.entries.values() if o.spec.pinned or o is e)
+            for o in self.entries.values():
+                if not o.spec.pinned and o is not e and pinned_bytes + o.footprint > budget:
+                    raise PoolError(f"pinning {name!r} would leave model {o.name!r} no room in --memory-budget "
+                                    f"({(pinned_bytes + o.footprint) / 2**20:.0f} MiB needed of "
+                                    f"{budget / 2**20:.0f} MiB); unpin another model first", 409)
+        e.spec.pinned = True
+        if e.state != ACTIVE:
             e.load_requested = True
             if e.want_since is None:
                 e.want_since = time.monotonic()
@@ -300,6 +340,9 @@ class ModelPool:
             if e.state == ACTIVE and e.engine is not None and e.engine.has_unfinished_requests():
                 e.last_used = time.time()
         wanted = [e for e in self.entries.values() if e.wants_device()]
+        for e in self.entries.values():
+            if e.want_since is not None and e not in wanted and e.state != LOADING:
+                e.want_since = None  # its waiters gave up: the next one waits its turn again
         if wanted:
             for e in sorted(wanted, key=lambda e: e.want_since if e.want_since is not None else now):
                 if e.want_since is None:
@@ -327,16 +370,13 @@ class ModelPool:
                      if o is not e and o.spec.pinned and o.state in (ACTIVE, LOADING))
         return budget - pinned
 
-    def _host_fits(self, nbytes: int) -> bool:
-        hb = self.config.host_memory_budget
-        return hb is None or self._parked_bytes() + nbytes <= hb
-
     def _parked_bytes(self) -> int:
         return sum(e.weight_bytes for e in self.entries.values() if e.state == PARKED)
 
     def _bring_back(self, e: PoolEntry, now: float) -> None:
         budget = self.config.memory_budget
         need = e.footprint
+        t0 = time.perf_counter()  # a swap's time: parking what must go, then bringing e back
         if budget is not None:
             free = budget - self._used()
             if need > free:
@@ -349,8 +389,11 @@ class ModelPool:
                     self._park(v)
                     free += v.footprint
         if e.state == PARKED:
-            t0 = time.perf_counter()
-            e.engine.unpark()  # type: ignore[union-attr]
+            try:
+                e.engine.unpark()  # type: ignore[union-attr]
+            except Exception as err:  # out of memory, say: this model fails, the others go on
+                self._failed_to_return(e, err)
+                return
             self._activated(e, time.perf_counter() - t0, PARKED)
         elif e.state == ON_DISK:
             self._start_load(e)
@@ -368,11 +411,15 @@ class ModelPool:
 
     def _park(self, v: PoolEntry) -> None:
         t0 = time.perf_counter()
-        preempted = v.engine.park()  # type: ignore[union-attr]
+        try:
+            preempted = v.engine.park()  # type: ignore[union-attr]
+        except Exception as err:  # cannot happen short of a bug: fail its requests, keep serving
+            self._failed_to_return(v, err)
+            return
         v.state = PARKED
         if v.engine.has_unfinished_requests():  # type: ignore[union-attr]
             v.want_since = time.monotonic()  # its requests wait for it: it is next in line
-        logger.info("model %s parked in %.1f ms (%d sequences preempted, resumed when it is back)", v.name,
+        logger.info("model %s parked in %.2f ms (%d sequences preempted, resumed when it is back)", v.name,
                     1000 * (time.perf_counter() - t0), preempted)
 
     def _activated(self, e: PoolEntry, seconds: float, from_state: str) -> None:
@@ -384,11 +431,27 @@ class ModelPool:
         if self._started:
             e.swaps += 1
             e.swap_seconds_total += seconds
-            self.swap_log.append((e.name, seconds, from_state))
             if self.on_swap is not None:
                 self.on_swap(e.name, seconds, from_state)
-        logger.info("model %s active (from %s in %.1f ms)", e.name, from_state, 1000 * seconds)
+        logger.info("model %s active (from %s in %.2f ms)", e.name, from_state, 1000 * seconds)
         self._resolve_waiters(e, None)
+
+    def _failed_to_return(self, e: PoolEntry, err: BaseException) -> None:
+        """A model that could not be brought back: its waiters get a 503 and its queued
+        requests fail (nothing would ever run them), so no one waits in vain."""
+        logger.exception("model %s could not be brought back", e.name, exc_info=err)
+        e.load_requested = False
+        e.want_since = None
+        e.error = f"{type(err).__name__}: {err}"
+        if e.engine is not None and e.front is not None:
+            outs = [o for rid in list(e.engine.requests) if (o := e.engine.fail_request(rid, err)) is not None]
+            e.front._publish(outs)
+        self._resolve_waiters(e, PoolError(f"model {e.name!r} could not be brought back: {e.error}"))
+
+    def fail_all_waiters(self) -> None:
+        """The device loop has ended: whoever waits for a model is told at once."""
+        for e in self.entries.values():
+            self._resolve_waiters(e, PoolError("the engine is not running"))
 
     def _resolve_waiters(self, e: PoolEntry, error: BaseException | None) -> None:
         while e.waiters:
@@ -419,14 +482,14 @@ class ModelPool:
                 return
             self._drop(v)
 
-    def _drop(self, v: PoolEntry) -> None:
+    def _drop(self, v: PoolEntry, why: str = "host memory budget") -> None:
         """Parked to on disk: the engine and its weights are let go."""
         if v.front is not None and v.front in self.device.fronts:
             self.device.detach(v.front)
         v.engine = v.front = v.ctx = None
         v.state = ON_DISK
         gc.collect()
-        logger.info("model %s dropped to disk (host memory budget)", v.name)
+        logger.info("model %s dropped to disk (%s)", v.name, why)
 
     # -- loading ----------------------------------------------------------------------------------
     def _build(self, spec: ModelSpec) -> tuple[LLMEngine, AsyncEngine, Any]:

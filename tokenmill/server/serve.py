@@ -90,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients use (default: the folder's name); with one --model only")
     pool = p.add_argument_group("model pool", "several models in one server (--model repeated, or --models)")
     pool.add_argument("--models", default=None, metavar="YAML",
-                      help="the models to serve with per-model settings, and tiers (see docs/model_pool.md)")
+                      help="the models to serve with per-model settings, and tiers (README: Several models in "
+                           "one server)")
     pool.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                       help="memory for the active models' weights and KV caches together; models beyond it are "
                            "parked, least recently used first (default: no limit on CPU, "
@@ -98,9 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pool.add_argument("--host-memory-budget", type=float, default=None, metavar="GIB",
                       help="host memory for parked models' weights; beyond it the least recently used go back "
                            "to disk (default: half the available RAM)")
-    pool.add_argument("--swap-quantum", type=float, default=2.0, metavar="S",
+    pool.add_argument("--swap-quantum", type=float, default=None, metavar="S",
                       help="a busy model is parked for a waiting one only after both had this long (default 2)")
-    pool.add_argument("--model-load-timeout", type=float, default=120.0, metavar="S",
+    pool.add_argument("--model-load-timeout", type=float, default=None, metavar="S",
                       help="how long a request waits for its model to be brought back, then 503 (default 120)")
     p.add_argument("--admin-api-key", default=os.environ.get("TOKENMILL_ADMIN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the admin routes (POST /v1/models/ID/load, "
@@ -174,9 +175,9 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
     host = gib_flag("host_memory_budget", "host_memory_budget")
     if host is None and len(models) > 1:
         host = available_ram_bytes() // 2
-    quantum = settings.get("swap_quantum", args.swap_quantum) if args.swap_quantum == 2.0 else args.swap_quantum
-    timeout = (settings.get("load_timeout", args.model_load_timeout) if args.model_load_timeout == 120.0
-               else args.model_load_timeout)
+    # A flag beats the file, which beats the default.
+    quantum = args.swap_quantum if args.swap_quantum is not None else settings.get("swap_quantum", 2.0)
+    timeout = args.model_load_timeout if args.model_load_timeout is not None else settings.get("load_timeout", 120.0)
     for flag, v in (("--swap-quantum", quantum), ("--model-load-timeout", timeout)):
         if not v >= 0:
             raise ValueError(f"{flag}: must be >= 0, got {v}")

@@ -29,7 +29,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
     def tier_card(t: Tier) -> dict[str, Any]:
         p = t.policy
         route: dict[str, Any] = ({"policy": "cascade", "small": p.small, "strong": p.strong, "metric": p.metric,
-                                  "threshold": p.threshold, "window": p.window} if isinstance(p, CascadePolicy)
+                                  "threshold": p.threshold, "window": p.window, "margin": p.margin}
+                                 if isinstance(p, CascadePolicy)
                                  else {"policy": "rules", "default": p.default, "rules": len(p.rules)})
         return {"id": t.name, "object": "model", "created": gw.created, "owned_by": "tokenmill", "root": None,
                 "max_model_len": None, "state": "virtual", "models": t.models, "route": route}
@@ -97,7 +98,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         pinned = (await small_body(request)).get("pinned", True)
         if not isinstance(pinned, bool):
             raise APIError(400, f"pinned: true or false, got {pinned!r}", param="pinned")
-        await pool.run_on_device(lambda: pool.pin(e.name, pinned))
+        try:
+            await pool.run_on_device(lambda: pool.pin(e.name, pinned))
+        except PoolError as err:
+            raise APIError(err.status, str(err), code="pin_conflict") from None
         if pinned:
             try:
                 await pool.load(e.name)
