@@ -53,10 +53,11 @@ def release_pages(t: torch.Tensor) -> None:
         t.view(torch.uint8).view(-1)[: first - start].zero_()
 
 
-def pack_parameters(params: list[torch.nn.Parameter]) -> None:
+def pack_parameters(params: list[torch.nn.Parameter], copy: bool = True) -> None:
     """Moves the parameters' data into one huge-page arena, laid end to end in the given order
     (each 64-byte aligned), one at a time, so each original is freed as soon as it is copied
-    (peak memory: the model plus one tensor)."""
+    (peak memory: the model plus one tensor). copy False: only places them (for parameters not
+    filled in yet, which the loader then writes straight into the arena)."""
     sizes = [p.numel() * p.element_size() for p in params]
     offsets, total = [], 0
     for n in sizes:
@@ -65,5 +66,6 @@ def pack_parameters(params: list[torch.nn.Parameter]) -> None:
     arena = host_arena(max(total, 1))
     for p, off, n in zip(params, offsets, sizes):
         view = arena[off : off + n].view(p.dtype).view(p.shape)
-        view.copy_(p.data)
+        if copy:
+            view.copy_(p.data)
         p.data = view

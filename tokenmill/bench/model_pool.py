@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swap: parameters of the random model loaded from disk (float32 on disk)")
     p.add_argument("--questions", type=int, default=600, help="cascade: questions per split")
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--rate", type=float, default=3.0, help="mixed: requests/s over the three models together")
-    p.add_argument("--requests", type=int, default=90, help="mixed: requests in all")
+    p.add_argument("--rate", type=float, default=20.0, help="mixed: requests/s over the three models together")
+    p.add_argument("--requests", type=int, default=150, help="mixed: requests in all")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--plot", default=None, help="cascade: write the accuracy-vs-cost plot to this PNG")
 
@@ -100,59 +100,76 @@ def _pcts(xs: list[float]) -> dict[str, float]:
 
 # -- swap --------------------------------------------------------------------------------------------
 def run_swap(args: argparse.Namespace, work: str) -> dict[str, Any]:
-    import httpx
-
-    from tokenmill.demo import chain_question, chain_questions
+    from tokenmill.demo import chain_questions
 
     models = {"demo": _demo("demo"), "chain": _demo("chain")}
     kv = args.kv_cache_memory
     doc = {"memory_budget": kv * 1.5, "swap_quantum": args.swap_quantum,
            "models": [{"name": n, "path": p, "kv_cache_memory": kv} for n, p in models.items()]}
-    log = os.path.join(work, "swap.log")
     qs = chain_questions(64, split=0)
     out: dict[str, Any] = {"kv_cache_gib": kv, "memory_budget_gib": kv * 1.5, "swap_quantum_s": args.swap_quantum}
-    with _server(["--models", _yaml(os.path.join(work, "swap.yaml"), doc)], log) as base:
-        waits: list[float] = []
-        tokens = {n: 0 for n in models}
-        errors: list[str] = []
-
-        async def client(name: str, k: int, stop: float) -> None:
-            async with httpx.AsyncClient(timeout=300) as http:
-                i = k
-                while time.perf_counter() < stop:
-                    nums, ops = qs[i % len(qs)]
-                    body = {"model": name, "max_tokens": 96, "temperature": 0,
-                            "messages": [{"role": "user", "content": chain_question(nums, ops)}]}
-                    r = await http.post(base + "/v1/chat/completions", json=body)
-                    if r.status_code != 200:
-                        errors.append(r.text[:200])
-                        continue
-                    d = r.json()
-                    tokens[name] += d["usage"]["completion_tokens"]
-                    if d.get("swap"):
-                        waits.append(d["swap"]["wait_s"])
-                    i += args.streams
-
-        async def load() -> float:
-            t0 = time.perf_counter()
-            stop = t0 + args.seconds
-            await asyncio.gather(*(client(n, k, stop) for n in models for k in range(args.streams)))
-            return time.perf_counter() - t0
-
-        elapsed = asyncio.run(load())
+    for budget, label in ((kv * 1.5, "under_load"), (kv * 3, "no_swaps")):
+        doc["memory_budget"] = budget
+        log = os.path.join(work, f"swap_{label}.log")
+        with _server(["--models", _yaml(os.path.join(work, f"swap_{label}.yaml"), doc)], log) as base:
+            elapsed, tokens, waits, errors = asyncio.run(_two_model_load(base, list(models), qs, args))
         text = open(log, errors="replace").read()
         swaps = [float(ms) for ms in re.findall(r"active \(from parked in ([\d.]+) ms\)", text)]
         parks = [int(n) for n in re.findall(r"parked in [\d.]+ ms \((\d+) sequences preempted", text)]
-        out["under_load"] = {"seconds": round(elapsed, 1), "swaps": len(swaps), "swap_ms": _pcts(swaps),
-                             "sequences_preempted_per_park": _pcts([float(p) for p in parks]),
-                             "request_wait_s": _pcts(waits), "output_tokens_per_s": {
-                                 n: round(t / elapsed, 1) for n, t in tokens.items()}, "errors": len(errors)}
-        print(f"swap under load: {len(swaps)} swaps in {elapsed:.0f}s, swap time p50 "
-              f"{_pcts(swaps).get('p50', 0):.2f} ms, p99 {_pcts(swaps).get('p99', 0):.2f} ms, max "
-              f"{_pcts(swaps).get('max', 0):.2f} ms (goal: <= 50 ms); requests that waited: {len(waits)}, "
-              f"wait p50 {_pcts(waits).get('p50', 0) * 1000:.0f} ms", flush=True)
+        total = sum(tokens.values()) / elapsed
+        out[label] = {"memory_budget_gib": budget, "seconds": round(elapsed, 1), "swaps": len(swaps),
+                      "swap_ms": _pcts(swaps), "sequences_preempted_per_park": _pcts([float(p) for p in parks]),
+                      "request_wait_s": _pcts(waits), "output_tokens_per_s": {
+                          n: round(t / elapsed, 1) for n, t in tokens.items()}, "total_tokens_per_s": round(total, 1),
+                      "errors": len(errors)}
+        if label == "under_load":
+            sw = _pcts(swaps)
+            print(f"swap under load: {len(swaps)} swaps in {elapsed:.0f}s, swap time p50 {sw.get('p50', 0):.2f} ms, "
+                  f"p99 {sw.get('p99', 0):.2f} ms, max {sw.get('max', 0):.2f} ms (goal: <= 50 ms); requests "
+                  f"that waited: {len(waits)}, wait p50 {_pcts(waits).get('p50', 0) * 1000:.0f} ms; "
+                  f"{total:.0f} output tokens/s", flush=True)
+        else:
+            ratio = out["under_load"]["total_tokens_per_s"] / total
+            out["throughput_with_swaps_vs_without"] = round(ratio, 3)
+            print(f"the same load with both models active (no swaps): {total:.0f} output tokens/s; with swaps "
+                  f"{ratio:.0%} of that", flush=True)
     out["from_disk"] = _disk_load(args, work)
     return out
+
+
+async def _two_model_load(base: str, models: list[str], qs: list, args: argparse.Namespace
+                          ) -> tuple[float, dict[str, int], list[float], list[str]]:
+    """--streams closed-loop clients per model for --seconds: (seconds, output tokens per model,
+    the swap waits the responses reported, errors)."""
+    import httpx
+
+    from tokenmill.demo import chain_question
+
+    waits: list[float] = []
+    tokens = {n: 0 for n in models}
+    errors: list[str] = []
+
+    async def client(name: str, k: int, stop: float) -> None:
+        async with httpx.AsyncClient(timeout=300) as http:
+            i = k
+            while time.perf_counter() < stop:
+                nums, ops = qs[i % len(qs)]
+                body = {"model": name, "max_tokens": 96, "temperature": 0,
+                        "messages": [{"role": "user", "content": chain_question(nums, ops)}]}
+                r = await http.post(base + "/v1/chat/completions", json=body)
+                i += args.streams
+                if r.status_code != 200:
+                    errors.append(r.text[:200])
+                    continue
+                d = r.json()
+                tokens[name] += d["usage"]["completion_tokens"]
+                if d.get("swap"):
+                    waits.append(d["swap"]["wait_s"])
+
+    t0 = time.perf_counter()
+    stop = t0 + args.seconds
+    await asyncio.gather(*(client(n, k, stop) for n in models for k in range(args.streams)))
+    return time.perf_counter() - t0, tokens, waits, errors
 
 
 def _random_model(path: str, params: float) -> str:
@@ -180,6 +197,19 @@ def _dd_gbps(files: list[str]) -> float:
     return total / seconds / 1e9
 
 
+def _first_touch_gbps(nbytes: int) -> float:
+    """How fast this machine hands out memory never touched before (a huge-page region, as the
+    weights get): on a VM each first touch may be a fault in the hypervisor too."""
+    from tokenmill.memory import host_arena
+
+    t0 = time.perf_counter()
+    arena = host_arena(nbytes)
+    arena.zero_()
+    seconds = time.perf_counter() - t0
+    del arena
+    return nbytes / seconds / 1e9
+
+
 def _drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -199,11 +229,13 @@ def _disk_load(args: argparse.Namespace, work: str) -> dict[str, Any]:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     nbytes = sum(os.path.getsize(f) for f in files)
     doc = {"models": [{"name": "demo", "path": _demo("demo"), "kv_cache_memory": 0.0625},
-                      {"name": "big", "path": path, "kv_cache_memory": 0.0625, "max_model_len": 1024,
+                      {"name": "big", "path": path, "kv_cache_memory": 0.25, "max_model_len": 512,
                        "prepack_weights": False}]}
     out: dict[str, Any] = {"checkpoint_bytes": nbytes}
     with _server(["--models", _yaml(os.path.join(work, "disk.yaml"), doc)], os.path.join(work, "disk.log")) as base:
-        for cache in ("warm", "cold"):
+        # Twice each: the first load in the process also pays for memory the VM never handed out
+        # before (see fresh_memory_gb_per_s); later ones reuse what the dropped model gave back.
+        for cache in ("warm", "cold", "warm", "cold"):
             r = httpx.post(f"{base}/v1/models/big/unload", json={"to": "disk"}, timeout=60)
             r.raise_for_status()
             if cache == "cold" and not _drop_caches():
@@ -215,10 +247,14 @@ def _disk_load(args: argparse.Namespace, work: str) -> dict[str, Any]:
             r = httpx.post(f"{base}/v1/models/big/load", timeout=600)
             r.raise_for_status()
             s = r.json()["swap"]["wait_s"]
-            out[cache] = {"load_s": round(s, 3), "load_gb_per_s": round(nbytes / s / 1e9, 2),
-                          "dd_gb_per_s": round(dd, 2)}
+            out.setdefault(cache, []).append({"load_s": round(s, 3), "load_gb_per_s": round(nbytes / s / 1e9, 2),
+                                              "dd_gb_per_s": round(dd, 2)})
             print(f"load from disk ({cache} page cache): {nbytes / 1e9:.2f} GB in {s:.2f}s = "
                   f"{nbytes / s / 1e9:.2f} GB/s; dd reads the files at {dd:.2f} GB/s", flush=True)
+    touch = _first_touch_gbps(nbytes)  # in this process, which has not held that much memory yet
+    out["fresh_memory_gb_per_s"] = round(touch, 2)
+    print(f"memory never touched before is handed out at {touch:.2f} GB/s here (the weights need "
+          f"{nbytes / 1e9:.2f} GB of it)", flush=True)
     return out
 
 

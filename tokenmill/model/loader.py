@@ -118,6 +118,11 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     with torch.device("meta"):
         model = DecoderLM(cfg, backend, max_positions)
     model = model.to(dtype).to_empty(device=device)
+    # On CPU the weights live in one huge-page region (tokenmill/memory.py), in the order a decode
+    # step reads them; unquantized ones are read from the checkpoint straight into it.
+    packed_now = device.type == "cpu" and quantization is None
+    if packed_now:
+        pack_parameters(list(model.parameters()), copy=False)
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
     unexpected: list[str] = []
@@ -167,8 +172,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if quantization is not None:
         quantize_model(model, quantization)
     if device.type == "cpu":
-        # Every weight in one huge-page region, in the order a decode step reads them (tokenmill/memory.py).
-        pack_parameters(list(model.parameters()))
+        if not packed_now:  # quantized weights replaced the loaded ones: pack those
+            pack_parameters(list(model.parameters()))
         _prepack(model, prepack, reserved_bytes)
         model.reset_fused()
     model.requires_grad_(False)  # inference only
