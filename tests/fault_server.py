@@ -1,7 +1,8 @@
 """`tokenmill serve` with an injected engine fault: any step that includes a request seeded
 666 raises, as a kernel bug triggered by one request's input would. Used by test_server.py to
 check that such a request fails alone and the server keeps serving the others. With
-TOKENMILL_FAULT_UNPARK=NAME, bringing back the parked model in folder NAME fails (test_model_pool.py)."""
+TOKENMILL_FAULT_UNPARK=NAME, bringing back the parked model in folder NAME fails; with
+TOKENMILL_FAULT_PARK=NAME, parking it fails once the server runs (test_model_pool.py)."""
 
 import os
 import sys
@@ -29,6 +30,23 @@ if os.environ.get("TOKENMILL_FAULT_UNPARK"):  # bringing back this model (a fold
         return _allocate(self, num_blocks)
 
     ModelRunner.allocate_kv_cache = _faulty_allocate
+
+if os.environ.get("TOKENMILL_FAULT_PARK"):  # parking this model fails (no pinned host memory for its weights)
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    _park = LLMEngine.park
+
+    def _faulty_park(self, offload_weights=None):
+        if os.path.basename(self.config.model) == os.environ["TOKENMILL_FAULT_PARK"] and _started():
+            raise RuntimeError("injected: no pinned memory for the weights")
+        return _park(self, offload_weights)
+
+    def _started() -> bool:  # startup may park to settle which models are active; the fault is for later
+        import threading
+
+        return any(t.name == "tokenmill-engine" for t in threading.enumerate())
+
+    LLMEngine.park = _faulty_park
 
 if __name__ == "__main__":
     from tokenmill.cli import main

@@ -316,3 +316,57 @@ def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(mod
         assert r.status_code == 200 and httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_model_that_cannot_be_parked_keeps_serving_and_the_other_waits_then_503s(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_FAULT_PARK", "alpha")
+    doc = {"memory_budget": BUDGET_ONE, "swap_quantum": 0.1, "load_timeout": 2,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta")]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"),
+                        script=os.path.join(os.path.dirname(__file__), "fault_server.py"))
+    try:
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 503 and "was not brought back" in r.json()["error"]["message"]
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200 and states(srv) == {"alpha": "active", "beta": "parked"}
+    finally:
+        srv.stop()
+
+
+def test_two_busy_models_with_long_prompts_both_finish(models, tmp_path):
+    """Taking turns must not starve: a model is not parked while its preempted sequences are
+    still recomputing what they had, so each turn makes progress even with no quantum at all."""
+    doc = {"memory_budget": BUDGET_ONE, "swap_quantum": 0,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB, "max_num_batched_tokens": 32}
+                      for n in ("alpha", "beta")]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"))
+    try:
+        prompt = [(7 * i) % 500 + 1 for i in range(200)]
+
+        def run(name: str) -> int:
+            r = httpx.post(srv.base_url + "/v1/completions", timeout=120, json={
+                "model": name, "prompt": prompt, "max_tokens": 30, "temperature": 0, "ignore_eos": True})
+            return r.json()["usage"]["completion_tokens"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(run, ["alpha", "beta", "alpha", "beta"])) == [30] * 4
+    finally:
+        srv.stop()
+
+
+def test_startup_leaves_on_disk_what_neither_budget_holds_and_tokenizes_it_there(models, tmp_path):
+    doc = {"memory_budget": BUDGET_ONE, "host_memory_budget": 0.0001,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta", "gamma")]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"))
+    try:
+        assert states(srv) == {"alpha": "active", "beta": "on_disk", "gamma": "on_disk"}
+        assert "dropped to disk" not in srv.log()  # never built, not built and dropped
+        r = httpx.post(srv.base_url + "/tokenize", json={"model": "gamma", "prompt": "Hello"}, timeout=30)
+        assert r.status_code == 200 and r.json()["count"] > 0 and r.json()["max_model_len"] > 0
+        r = httpx.post(srv.base_url + "/detokenize", json={"model": "gamma", "tokens": r.json()["tokens"]}, timeout=30)
+        assert r.status_code == 200 and r.json()["prompt"].endswith("Hello")
+        assert states(srv)["gamma"] == "on_disk"  # its tokenizer answered from its folder
+    finally:
+        srv.stop()

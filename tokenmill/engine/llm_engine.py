@@ -232,15 +232,22 @@ class LLMEngine:
         still be added and aborted while parked; step() must not run. Returns the sequences preempted."""
         if self.parked:
             return 0
+        # The weights first: if that fails (no pinned memory) nothing else has changed.
+        if offload_weights if offload_weights is not None else self.device.type != "cpu":
+            self.runner.offload_weights()
         sched = self.scheduler
         running = list(reversed(sched.running))  # lowest priority first, so waiting keeps the order
         for seq in running:
             sched._preempt(seq)
         self.block_manager.reset_prefix_cache()  # the cached blocks' KV is about to be freed
         self.runner.release_kv_cache()
-        if offload_weights if offload_weights is not None else self.device.type != "cpu":
-            self.runner.offload_weights()
         return len(running)
+
+    def catching_up(self) -> bool:
+        """Whether a preempted sequence is still recomputing what it had: parking the model now
+        would throw that work away again (two models taking turns must each make progress)."""
+        seqs = self.scheduler.running + self.scheduler.waiting
+        return any(s.num_preemptions and s.num_tokens <= s.preempted_at_tokens for s in seqs)
 
     def unpark(self) -> None:
         """Brings a parked model back: weights on the device, a KV cache as large as before."""

@@ -272,7 +272,9 @@ class ModelRunner:
         copy each). The host copies are kept: weights never change, so a later park only drops the
         device copies."""
         pin = torch.cuda.is_available()
-        for m in [self.model] + ([self.drafter.model] if self.drafter is not None else []):
+        models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
+        # Every host copy first, then the swap: a failure (no pinned memory) leaves the model whole.
+        for m in models:
             host = self._host_weights.setdefault(id(m), {})
             for holder, name, t in _module_tensors(m):
                 key = (id(holder), name)
@@ -280,7 +282,10 @@ class ModelRunner:
                     h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
                     h.copy_(t)
                     host[key] = h
-                _set_tensor(holder, name, host[key])
+        for m in models:
+            host = self._host_weights[id(m)]
+            for holder, name, _t in _module_tensors(m):
+                _set_tensor(holder, name, host[(id(holder), name)])
             if hasattr(m, "reset_fused"):
                 m.reset_fused()
         if self.device.type == "cuda":

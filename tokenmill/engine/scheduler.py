@@ -215,6 +215,7 @@ class Scheduler:
         seq.num_draft_computed = 0
         seq.beam_candidates = None  # recomputed once it runs again
         seq.num_preemptions += 1
+        seq.preempted_at_tokens = seq.num_tokens
         self.num_preemptions += 1
         self.add(seq)
 

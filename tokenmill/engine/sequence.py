@@ -50,6 +50,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_preemptions: int = 0
+    preempted_at_tokens: int = 0  # its token count when last preempted (it has caught up once it grows)
     # Speculative decoding: the draft tokens this step verifies after the last token, how many
     # leading positions hold the draft model's KV, and the n-gram proposer's index of token_ids.
     spec_token_ids: list[int] = field(default_factory=list)

@@ -81,6 +81,7 @@ class Gateway:
         # A rules tier counts prompt tokens with its default model's tokenizer (loaded here, so a
         # model on disk need not come back just to route a request).
         self._tier_tokenizers: dict[str, Any] = {}
+        self._tokenizer_ctxs: dict[str, ServerContext] = {}  # /tokenize of models on disk
         for t in tiers:
             first = pool.entries[t.policy.default if isinstance(t.policy, RulesPolicy) else t.policy.small]
             self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
@@ -158,10 +159,11 @@ class Gateway:
         if not auth:  # tokenizing needs no device: a parked model's tokenizer serves as it is
             if tier is not None:
                 name = tier.policy.default if isinstance(tier.policy, RulesPolicy) else tier.policy.small
-            e = self.pool.entries[name]
-            if e.ctx is None:  # on disk: loading it is work a client may ask for only with the key
-                self.check_auth(request)
-            return await self.acquire(name, need_device=False), req, arrival
+            ctx, _ = await self.pool.acquire(name, need_device=False)
+            if ctx is None:  # on disk: its tokenizer alone, from its folder
+                return self._tokenizer_only(name), req, arrival
+            _extras().setdefault("_leases", []).append(name)
+            return ctx, req, arrival
         if tier is None:
             ctx = await self.acquire(name)
         elif isinstance(tier.policy, RulesPolicy):
@@ -172,6 +174,25 @@ class Gateway:
             raise APIError(400, f"this server runs the embedding model `{ctx.name}`: it answers /v1/embeddings, "
                            f"not text generation")
         return ctx, req, arrival
+
+    def _tokenizer_only(self, name: str) -> ServerContext:
+        """A context for /tokenize and /detokenize of a model on disk: its tokenizer and limits,
+        read from its folder, and no engine (so nothing is loaded)."""
+        ctx = self._tokenizer_ctxs.get(name)
+        if ctx is None:
+            from types import SimpleNamespace
+
+            from tokenmill.config import ModelConfig
+
+            cfg = self.pool.entries[name].spec.config
+            mc = ModelConfig.from_pretrained(cfg.model)
+            ctx = object.__new__(ServerContext)
+            ctx.name, ctx.vocab = name, mc.vocab_size
+            ctx.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+            ctx.tokenize_lock = asyncio.Lock()
+            ctx.llm_engine = SimpleNamespace(max_model_len=cfg.max_model_len or mc.max_context)  # type: ignore
+            self._tokenizer_ctxs[name] = ctx
+        return ctx
 
     async def acquire(self, name: str, need_device: bool = True) -> ServerContext:
         """The model's context once it is active; the lease it takes is given back when the

@@ -115,7 +115,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
         name = m.get("name", served_name(p))
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{f}.name: must be a non-empty string")
-        changes: dict[str, Any] = {k: m[k] for k in ENGINE_KEYS & set(m)}
+        changes: dict[str, Any] = {k: m[k] for k in ENGINE_KEYS & set(m) if m[k] is not None}  # null: the default
         changes["model"] = p
         if "kv_cache_memory" in m:
             changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)

@@ -120,19 +120,42 @@ class PoolEntry:
             or (self.front is not None and bool(self.front._cmds)))
 
 
-def _estimate_bytes(config: EngineConfig) -> int:
-    """Device bytes a model will take before it has loaded: its checkpoint's tensors at the
-    dtype it will run in, plus its KV cache when that is given."""
+def _weight_bytes(config: EngineConfig) -> int:
+    """The checkpoint's tensors at the dtype they will run in (read from the safetensors headers;
+    the prepacked copy on CPU counted when prepacking is not off)."""
     import glob
     import os
 
-    from tokenmill.engine.model_runner import available_ram_bytes
+    import torch
+    from safetensors import safe_open
 
+    from tokenmill.config import ModelConfig
+
+    device = config.resolve_device()
+    try:
+        target = config.resolve_dtype(ModelConfig.from_pretrained(config.model), device)
+    except Exception:  # an unreadable config fails the load itself, with its own message
+        target = torch.float32
+    elem = torch.finfo(target).bits // 8 if target.is_floating_point else 1
     total = 0
     for f in glob.glob(os.path.join(config.model, "*.safetensors")):
-        total += os.path.getsize(f)
-    if config.dtype in ("float32", "auto") and config.device in ("cpu", "auto"):
-        total *= 2  # a 16-bit checkpoint runs in float32 on CPU (an upper bound for a float32 one)
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n * elem
+    if device.type == "cpu" and config.prepack_weights is not False and config.quantization is None:
+        total *= 2  # the oneDNN copy (None: made when RAM allows, so counted)
+    return total
+
+
+def _estimate_bytes(config: EngineConfig) -> int:
+    """Device bytes a model will take before it has loaded: its weights, plus its KV cache when
+    that is given."""
+    from tokenmill.engine.model_runner import available_ram_bytes
+
+    total = _weight_bytes(config)
     if config.memory_bytes is not None:
         return max(total, config.memory_bytes)
     kv = config.kv_cache_memory_bytes
@@ -170,21 +193,22 @@ class ModelPool:
         it in the budget (on a GPU it is built on the device): earlier ones are parked for it."""
         order = sorted(self.entries.values(), key=lambda e: not e.spec.pinned)
         budget = self.config.memory_budget
-        pinned = sum(e.est_bytes for e in order if e.spec.pinned)
         for e in order:
             if budget is not None and e.est_bytes > budget:
                 raise ValueError(f"model {e.name!r}: it needs about {e.est_bytes / 2**30:.2f} GiB (weights and KV "
                                  f"cache), more than the whole --memory-budget {budget / 2**30:.2f} GiB")
-            if budget is not None and not e.spec.pinned and pinned + e.est_bytes > budget:
-                raise ValueError(f"model {e.name!r} does not fit in --memory-budget {budget / 2**30:.2f} GiB beside "
-                                 f"the pinned models ({pinned / 2**30:.2f} GiB)")
-            if budget is not None:
+            if budget is not None and e.est_bytes > budget - self._used():
+                hb = self.config.host_memory_budget
+                if not e.spec.pinned and hb is not None and self._parked_bytes() + e.est_bytes > hb:
+                    logger.info("model %s: left on disk (neither budget holds it now)", e.name)
+                    continue
                 for v in [v for v in reversed(order) if v.state == ACTIVE and not v.spec.pinned]:
                     if e.est_bytes <= budget - self._used():
                         break
-                    self._park(v)  # for now: who ends up active is settled below
-            if budget is not None and e.est_bytes > budget - self._used():
-                raise ValueError(f"the pinned models take more than --memory-budget {budget / 2**30:.2f} GiB")
+                    if not self._park(v):  # for now: who ends up active is settled below
+                        raise ValueError(f"model {v.name!r} could not be parked to make room for {e.name!r}")
+                if e.est_bytes > budget - self._used():
+                    raise ValueError(f"the pinned models take more than --memory-budget {budget / 2**30:.2f} GiB")
             try:
                 engine, front, ctx = self._build(e.spec)
             except ValueError as err:
@@ -193,15 +217,22 @@ class ModelPool:
             if budget is not None and e.footprint > budget:
                 raise ValueError(f"model {e.name!r}: it takes {e.footprint / 2**30:.2f} GiB (weights and KV cache), "
                                  f"more than the whole --memory-budget {budget / 2**30:.2f} GiB")
-        if budget is not None:  # the first models the budget holds are the active ones
+        if budget is not None:
+            pinned = sum(e.footprint for e in order if e.spec.pinned)
+            for e in order:
+                if not e.spec.pinned and pinned + e.footprint > budget:
+                    raise ValueError(f"model {e.name!r} ({e.footprint / 2**30:.2f} GiB) does not fit in "
+                                     f"--memory-budget {budget / 2**30:.2f} GiB beside the pinned models "
+                                     f"({pinned / 2**30:.2f} GiB)")
+            # The first models the budget holds are the active ones.
             want, used = [], 0
             for e in order:
                 if e.engine is not None and used + e.footprint <= budget:
                     want.append(e)
                     used += e.footprint
             for e in order:
-                if e.state == ACTIVE and e not in want:
-                    self._park(e)
+                if e.state == ACTIVE and e not in want and not self._park(e):
+                    raise ValueError(f"model {e.name!r} could not be parked")
             for e in want:
                 if e.state == PARKED:
                     e.engine.unpark()  # type: ignore[union-attr]
@@ -238,8 +269,13 @@ class ModelPool:
         e = self.entries[name]
         e.leases += 1
         try:
+            ctx = e.ctx  # read once: the device thread may drop it meanwhile
+            if not need_device:  # None for a model on disk: the caller does without
+                if ctx is None:
+                    e.leases -= 1
+                return ctx, None
             e.last_used = time.time()
-            if e.state == ACTIVE or (not need_device and e.ctx is not None):
+            if e.state == ACTIVE:
                 return e.ctx, None
             swap = await self._wait_active(e)
             return e.ctx, swap  # read after the wait: a model loaded from disk has a new context
@@ -386,12 +422,17 @@ class ModelPool:
                 for v in victims:
                     if free >= need:
                         break
-                    self._park(v)
+                    if not self._park(v):
+                        return
                     free += v.footprint
         if e.state == PARKED:
             try:
                 e.engine.unpark()  # type: ignore[union-attr]
             except Exception as err:  # out of memory, say: this model fails, the others go on
+                with contextlib.suppress(Exception):  # weights restored before the KV cache failed: give them back
+                    runner = e.engine.runner  # type: ignore[union-attr]
+                    if runner.device.type != "cpu" and runner.kv_released and not runner.weights_offloaded:
+                        runner.offload_weights()
                 self._failed_to_return(e, err)
                 return
             self._activated(e, time.perf_counter() - t0, PARKED)
@@ -405,22 +446,26 @@ class ModelPool:
         active = [v for v in self.entries.values() if v is not e and v.state == ACTIVE and not v.spec.pinned]
         idle = sorted((v for v in active if not v.busy()), key=lambda v: v.last_used or 0.0)
         waited = e.want_since is not None and now - e.want_since >= q
-        busy = sorted((v for v in active if v.busy() and waited and now - v.active_since >= q),
+        busy = sorted((v for v in active if v.busy() and waited and now - v.active_since >= q
+                       and not v.engine.catching_up()),  # type: ignore[union-attr]
                       key=lambda v: v.active_since)
         return idle + busy
 
-    def _park(self, v: PoolEntry) -> None:
+    def _park(self, v: PoolEntry) -> bool:
+        """Parks v; False when it could not be (no pinned host memory for its weights, say): it
+        stays active and whole, and its memory is not free."""
         t0 = time.perf_counter()
         try:
             preempted = v.engine.park()  # type: ignore[union-attr]
-        except Exception as err:  # cannot happen short of a bug: fail its requests, keep serving
-            self._failed_to_return(v, err)
-            return
+        except Exception:
+            logger.exception("model %s could not be parked; it stays active", v.name)
+            return False
         v.state = PARKED
         if v.engine.has_unfinished_requests():  # type: ignore[union-attr]
             v.want_since = time.monotonic()  # its requests wait for it: it is next in line
         logger.info("model %s parked in %.2f ms (%d sequences preempted, resumed when it is back)", v.name,
                     1000 * (time.perf_counter() - t0), preempted)
+        return True
 
     def _activated(self, e: PoolEntry, seconds: float, from_state: str) -> None:
         e.state = ACTIVE
@@ -445,6 +490,8 @@ class ModelPool:
         e.error = f"{type(err).__name__}: {err}"
         if e.engine is not None and e.front is not None:
             outs = [o for rid in list(e.engine.requests) if (o := e.engine.fail_request(rid, err)) is not None]
+            for o in outs:
+                o.error, o.error_status = f"model {e.name!r} could not be brought back: {e.error}", 503
             e.front._publish(outs)
         self._resolve_waiters(e, PoolError(f"model {e.name!r} could not be brought back: {e.error}"))
 
@@ -470,7 +517,8 @@ class ModelPool:
                          and not v.busy()), key=lambda v: v.last_used or 0.0):
             if self._used() <= budget:
                 return
-            self._park(v)
+            if not self._park(v):
+                return
 
     def _enforce_host_budget(self) -> None:
         hb = self.config.host_memory_budget

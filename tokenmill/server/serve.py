@@ -178,9 +178,10 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
     # A flag beats the file, which beats the default.
     quantum = args.swap_quantum if args.swap_quantum is not None else settings.get("swap_quantum", 2.0)
     timeout = args.model_load_timeout if args.model_load_timeout is not None else settings.get("load_timeout", 120.0)
-    for flag, v in (("--swap-quantum", quantum), ("--model-load-timeout", timeout)):
-        if not v >= 0:
-            raise ValueError(f"{flag}: must be >= 0, got {v}")
+    if not quantum >= 0:
+        raise ValueError(f"--swap-quantum: must be >= 0, got {quantum}")
+    if not timeout > 0:
+        raise ValueError(f"--model-load-timeout: must be > 0, got {timeout}")
     pool_config = PoolConfig(memory_budget=budget, host_memory_budget=host, swap_quantum_s=quantum,
                              load_timeout_s=timeout, max_queue=args.max_queue)
     specs, tiers = build_pool_config(models, raw_tiers, pool_config)
