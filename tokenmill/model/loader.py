@@ -57,8 +57,28 @@ def checkpoint_files(path: str) -> list[str]:
     raise ValueError(f"model: no *.safetensors weight files in {path} (only safetensors checkpoints are supported)")
 
 
+def _read_ahead(file: str) -> None:
+    """Asks the kernel to read the whole file into the page cache now, in large sequential reads:
+    safetensors maps the file and the copies would otherwise fault it in a few pages at a time
+    (a cold load then runs well below the disk's speed)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return  # safe_open reports it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
     for file in files:
+        _read_ahead(file)
         try:
             handle = safe_open(file, framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error type for corrupt headers
