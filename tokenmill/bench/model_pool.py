@@ -15,6 +15,9 @@
 - mixed: three models in one server, Poisson arrivals split between them; each model's output
   tokens/s and latency against a server with that model alone, sent the same requests at the
   same times (its share of the arrivals).
+- park (not in the default parts): one model's park and unpark, timed in process, with a
+  request running across each (its output checked against an undisturbed run): the GPU figure,
+  `--parts park --model DIR --device cuda`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from typing import Any
 
 from tokenmill.bench import write_json
 
-PARTS = ("swap", "cascade", "mixed")
+PARTS = ("swap", "cascade", "mixed", "park")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, of {','.join(PARTS)}")
+    p.add_argument("--parts", default="swap,cascade,mixed", help=f"which parts to run, of {','.join(PARTS)}")
     p.add_argument("--seconds", type=float, default=30.0, help="swap: how long both models are under load")
     p.add_argument("--streams", type=int, default=4, help="swap: concurrent streams per model")
     p.add_argument("--kv-cache-memory", type=float, default=0.25, metavar="GIB",
@@ -50,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--rate", type=float, default=20.0, help="mixed: requests/s over the three models together")
     p.add_argument("--requests", type=int, default=150, help="mixed: requests in all")
+    p.add_argument("--model", default=None, help="park: the model folder (e.g. a 0.5-1B model on a GPU)")
+    p.add_argument("--device", default="auto", help="park: cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", help="park: the model's dtype")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--plot", default=None, help="cascade: write the accuracy-vs-cost plot to this PNG")
 
@@ -521,6 +527,48 @@ def run_mixed(args: argparse.Namespace, work: str) -> dict[str, Any]:
     return out
 
 
+def run_park(args: argparse.Namespace, work: str) -> dict[str, Any]:
+    import torch
+
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(args.model or _demo("chain"), device=args.device, dtype=args.dtype,
+              kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30))
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompt = {"prompt_token_ids": [1 + (7 * i) % 100 for i in range(32)]}
+    want = llm.generate([prompt], params)[0].outputs[0].token_ids
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    parks, unparks = [], []
+    engine.add_request(prompt, params, request_id="p")
+    got: list[int] = []
+    steps = 0
+    while engine.has_unfinished_requests():
+        if steps % 8 == 4 and len(parks) < 10:  # across the running request
+            sync()
+            t0 = time.perf_counter()
+            engine.park()
+            sync()
+            t1 = time.perf_counter()
+            engine.unpark()
+            sync()
+            parks.append(1000 * (t1 - t0))
+            unparks.append(1000 * (time.perf_counter() - t1))
+        for out in engine.step():
+            if out.finished:
+                got = out.outputs[0].token_ids
+        steps += 1
+    out = {"model": engine.config.model, "device": str(engine.device), "dtype": str(engine.dtype),
+           "weight_bytes": engine.runner.resident_weight_bytes,
+           "kv_cache_bytes": engine.runner.num_blocks * engine.runner.kv_bytes_per_block,
+           "park_ms": _pcts(parks), "unpark_ms": _pcts(unparks), "output_unchanged": got == want}
+    print(f"park {_pcts(parks).get('p50', 0):.2f} ms p50 (max {_pcts(parks).get('max', 0):.2f}), unpark "
+          f"{_pcts(unparks).get('p50', 0):.2f} ms p50 (max {_pcts(unparks).get('max', 0):.2f}) for "
+          f"{out['weight_bytes'] / 1e9:.2f} GB of weights on {out['device']}; output unchanged: {got == want}",
+          flush=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
@@ -529,6 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tokenmill-pool-bench-") as work:
         for part in parts:
-            out[part] = {"swap": run_swap, "cascade": run_cascade, "mixed": run_mixed}[part](args, work)
+            out[part] = {"swap": run_swap, "cascade": run_cascade, "mixed": run_mixed,
+                         "park": run_park}[part](args, work)
             write_json(args.json, out)
     return out
