@@ -29,13 +29,11 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from tokenmill.bench import write_json
+from tokenmill.bench import running_server, write_json
 
 PARTS = ("swap", "cascade", "mixed", "park")
 
@@ -67,25 +65,12 @@ def _demo(name: str) -> str:
     return os.path.join(root, "demo_model") if name == "demo" else os.path.join(root, "demo_models", name)
 
 
-@contextlib.contextmanager
-def _server(args: list[str], log_path: str) -> Iterator[str]:
-    from tokenmill.server.serve import free_port, wait_healthy
+def _server(args: list[str], log_path: str) -> contextlib.AbstractContextManager[str]:
+    from tokenmill.server.serve import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(proc, base, 600, lambda: f":\n{open(log_path, errors='replace').read()[-3000:]}")
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return running_server(["serve", "--host", "127.0.0.1", "--port", str(port), *args], port, log_path,
+                          lambda: f":\n{open(log_path, errors='replace').read()[-3000:]}")
 
 
 def _yaml(path: str, doc: dict) -> str:

@@ -14,8 +14,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -141,32 +139,21 @@ def _workload_args(args: argparse.Namespace, dataset: str, vocab: int) -> list[s
 def _server(model_dir: str, port: int, args: argparse.Namespace, extra: list[str], log_path: str) -> Iterator[str]:
     import httpx
 
-    from tokenmill.server.serve import wait_healthy
+    from tokenmill.bench import running_server
 
-    cmd = [sys.executable, "-m", "tokenmill.cli", "--log-level", "warning", "serve", "--model", model_dir,
+    cmd = ["--log-level", "warning", "serve", "--model", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", args.dtype,
            "--device", args.device, "--kv-cache-memory", str(args.kv_cache_memory), "--seed", str(args.seed), *extra]
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens",
                                                                args.max_num_batched_tokens)):
         if value is not None:
             cmd += [flag, str(value)]
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(proc, base, 600,
-                         lambda: f" ({' '.join(extra) or 'caching on'}):\n{_tail(log_path)}")
-            # One short request first, so neither workload pays the server's first-step costs.
-            httpx.post(base + "/v1/completions", json={"model": SERVED_NAME, "prompt": "warm up", "max_tokens": 2},
-                       timeout=120)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running_server(cmd, port, log_path,
+                        lambda: f" ({' '.join(extra) or 'caching on'}):\n{_tail(log_path)}") as base:
+        # One short request first, so neither workload pays the server's first-step costs.
+        httpx.post(base + "/v1/completions", json={"model": SERVED_NAME, "prompt": "warm up", "max_tokens": 2},
+                   timeout=120)
+        yield base
 
 
 def _tail(path: str, n: int = 30) -> str:

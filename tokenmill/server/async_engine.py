@@ -343,7 +343,7 @@ class AsyncEngine:
             except IndexError:
                 return
             if cmd[0] == "add":
-                self._call_soon(_resolve, cmd[6], EngineStoppedError("the engine has stopped"))
+                self._call_soon(settle, cmd[6], EngineStoppedError("the engine has stopped"))
 
     def _drain_commands(self) -> list[RequestOutput]:
         engine = self.engine
@@ -364,9 +364,9 @@ class AsyncEngine:
                     engine.add_request(prompt, params, request_id=rid, priority=priority, arrival_time=arrival)
                 except Exception as e:
                     group.rejected = e
-                    self._call_soon(_resolve, fut, e)
+                    self._call_soon(settle, fut, e)
                 else:
-                    self._call_soon(_resolve, fut, None)
+                    self._call_soon(settle, fut, None)
             elif cmd[0] in ("abort", "abort_seq"):
                 out = engine.abort_request(cmd[1]) if cmd[0] == "abort" else engine.abort_seq(cmd[1], cmd[2])
                 if out is not None:
@@ -407,7 +407,8 @@ class AsyncEngine:
                         for rid in list(self._streams)])
 
 
-def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+def settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    """Completes fut (on its loop) with None or error, unless it already is."""
     if fut.done():
         return
     if error is None:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tokenmill.outputs import RequestOutput
 from tokenmill.server.async_engine import EngineStats
+from tokenmill.server.pool import STATES
 
 logger = logging.getLogger("tokenmill.server")
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -155,6 +156,6 @@ class _EngineGauges:
         g = GaugeMetricFamily("tokenmill:model_state", "1 for the state each model is in (active: on the device, "
                               "parked: weights in host memory, loading, on_disk).", labels=["model_name", "state"])
         for name, _s, state in models:
-            for st in ("active", "parked", "loading", "on_disk"):
+            for st in STATES:
                 g.add_metric([name, st], 1.0 if st == state else 0.0)
         yield g

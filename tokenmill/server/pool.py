@@ -35,7 +35,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.server.async_engine import AsyncEngine, DeviceLoop
+from tokenmill.server.async_engine import AsyncEngine, DeviceLoop, settle
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -95,7 +95,6 @@ class PoolEntry:
         self.load_requested = False  # an admin load or pin asked for it
         self.error: str | None = None  # the last load failure
         self.swaps = 0  # times it became active after the start
-        self.swap_seconds_total = 0.0
 
     @property
     def footprint(self) -> int:
@@ -475,7 +474,6 @@ class ModelPool:
         e.error = None
         if self._started:
             e.swaps += 1
-            e.swap_seconds_total += seconds
             if self.on_swap is not None:
                 self.on_swap(e.name, seconds, from_state)
         logger.info("model %s active (from %s in %.2f ms)", e.name, from_state, 1000 * seconds)
@@ -504,7 +502,7 @@ class ModelPool:
         while e.waiters:
             loop, fut = e.waiters.popleft()
             try:
-                loop.call_soon_threadsafe(_settle, fut, error)
+                loop.call_soon_threadsafe(settle, fut, error)
             except RuntimeError:  # the loop is closed
                 pass
 
@@ -583,11 +581,3 @@ class ModelPool:
         self._adopt(e, engine, front, ctx)
         self._activated(e, seconds, ON_DISK)
 
-
-def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
