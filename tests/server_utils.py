@@ -16,14 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ServerProcess:
-    def __init__(self, model: str | None, *args: str, log_path: str, script: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, model: str | None, *args: str, log_path: str, script: str | None = None,
+                 command: str = "serve", port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         entry = [script] if script else ["-m", "tokenmill.cli"]
-        model_args = ["--model", model] if model else []  # no --model: the demo model
-        cmd = [sys.executable, *entry, "serve", *model_args, "--port", str(self.port), *args]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+        model_args = ["--model", model] if model else []  # no --model: the demo model (serve)
+        cmd = [sys.executable, *entry, command, *model_args, "--port", str(self.port), *args]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, **(env or {}))
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self._wait_healthy()

@@ -1,4 +1,4 @@
-"""The `tokenmill` command line: serve, generate, chat, eval-demo, bench."""
+"""The `tokenmill` command line: serve, router, generate, chat, eval-demo, bench."""
 
 from __future__ import annotations
 
@@ -109,6 +109,10 @@ def _eval_demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from tokenmill.ray import run_ray
+
+        return run_ray(args)
     from tokenmill.server.serve import run
 
     return run(args)
@@ -156,6 +160,10 @@ BENCHMARKS = {
                    "Swaps between two demo-family models under load and a model loaded from disk beside dd; the "
                    "cascade tier's accuracy and compute on held-out chains; three models' throughput in one server "
                    "against each alone."),
+    "fleet": ("fleet", "the router over 2 replicas: kv_aware vs round_robin, failover under SIGKILL, overhead",
+              "A shared-prefix multi-tenant workload on 2 replicas with round_robin then kv_aware routing; 64 streams "
+              "with one replica SIGKILLed midway against an undisturbed run; throughput through the router against "
+              "talking to the replica directly."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "
@@ -211,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     bk.set_defaults(func=_build_kernels)
 
+    router = sub.add_parser("router", help="one OpenAI-compatible endpoint over many replicas",
+                            description="The fleet router: KV-aware routing over tokenmill replicas (--replica URL, "
+                            "or --replicas N local ones), health checks, failover that resumes streams.")
+    from tokenmill.router.cli import add_arguments as add_router_arguments
+
+    add_router_arguments(router)
+    router.set_defaults(func=_router)
+
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for name, (module, help_, description) in BENCHMARKS.items():
@@ -220,9 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _router(args: argparse.Namespace) -> int:
+    from tokenmill.router.cli import run
+
+    return run(args, args.serve_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "router":  # only the router passes arguments on (to its replicas)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.serve_args = extra
+    level = args.log_level or ("INFO" if args.command in ("serve", "router") else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

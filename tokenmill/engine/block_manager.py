@@ -78,6 +78,19 @@ class BlockManager:
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
         self.num_evictions = 0
+        # KV events for a fleet router (None: not recorded): ("stored" | "removed", key) and
+        # ("cleared", None), in the order they happened; the server drains them after each step.
+        self.events: list[tuple[str, bytes | None]] | None = None
+
+    def record_events(self) -> list[bytes]:
+        """Starts recording KV events; returns the keys cached now (the snapshot they follow)."""
+        if self.events is None:
+            self.events = []
+        return list(self._cached)
+
+    def take_events(self) -> list[tuple[str, bytes | None]]:
+        events, self.events = self.events, ([] if self.events is not None else None)
+        return events or []
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -144,6 +157,8 @@ class BlockManager:
             if key not in self._cached and self._block_key[block] is None:
                 self._cached[key] = block
                 self._block_key[block] = key
+                if self.events is not None:
+                    self.events.append(("stored", key))
         seq.num_registered_blocks = full
 
     def reset_prefix_cache(self) -> None:
@@ -153,6 +168,8 @@ class BlockManager:
         self._evictable.clear()
         self._cached.clear()
         self._block_key = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.append(("cleared", None))
 
     # -- allocation -----------------------------------------------------------------------------
     def _needs_copy(self, seq: Sequence) -> bool:
@@ -179,6 +196,8 @@ class BlockManager:
             self._block_key[block] = None
             if key is not None and self._cached.get(key) == block:
                 del self._cached[key]
+                if self.events is not None:
+                    self.events.append(("removed", key))
             self.num_evictions += 1
         assert self.ref_counts[block] == 0, f"block {block} on the free list is in use"
         self.ref_counts[block] = 1

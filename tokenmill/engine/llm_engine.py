@@ -185,7 +185,46 @@ class LLMEngine:
                                                          params.stop, params.include_stop_str_in_output)
             self._seq_by_id[seq.seq_id] = seq
         self.scheduler.add_request(req.seqs)
+        resume = prompt.get("resume_token_ids") if isinstance(prompt, dict) else None
+        if resume:
+            try:
+                self._resume(req, list(resume))
+            except Exception:
+                self.abort_request(request_id)
+                raise
         return request_id
+
+    def _resume(self, req: Request, tokens: list[int]) -> None:
+        """Continues a generation another engine began (a fleet router's failover): the tokens it
+        produced become this sequence's first outputs, passed through every per-token check the
+        step makes (stop conditions, the grammar, the reasoning budget), and a seeded request's
+        generator skips the draws they took, so the rest is what the first engine would have made.
+        The prompt and these tokens are prefilled together on the first step."""
+        p = req.params
+        if p.n != 1 or req.beam is not None or p._prompt_only or self.task == "embed":
+            raise ValueError("resume_token_ids: only for one generated sequence (n=1, no beam search)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"resume_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        seq = req.seqs[0]
+        if seq.num_tokens + len(tokens) >= self.max_model_len or (p.max_tokens is not None
+                                                                   and len(tokens) >= p.max_tokens):
+            raise ValueError(f"resume_token_ids: {len(tokens)} tokens leave nothing to generate "
+                             f"(max_tokens={p.max_tokens}, max_model_len={self.max_model_len})")
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                raise ValueError(f"resume_token_ids: token {i} ({token}) does not fit the output constraint")
+            if p.logprobs is not None:
+                seq.output_logprobs.append({})  # sent by the first engine; only later positions are reported
+            self._check_stop(seq, token)
+            if not seq.is_finished and p.max_reasoning_tokens is not None:
+                self._reasoning(seq, token)
+            if seq.is_finished or (seq.matcher is not None and seq.matcher.is_stopped()):
+                raise ValueError(f"resume_token_ids: the generation already ended at token {i}")
+        if p.seed is not None and p.temperature > 0:
+            self.runner.skip_draws(seq, len(tokens))
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (for benchmarks and tests; blocks in use are unaffected)."""

@@ -318,6 +318,13 @@ class ModelRunner:
             seq.generator = torch.Generator(device=self.device).manual_seed((seq.params.seed + seq.index) % 2**64)
         return seq.generator
 
+    def skip_draws(self, seq: Sequence, draws: int) -> None:
+        """Advances a seeded sequence's generator past `draws` sampled tokens (one uniform draw
+        each, as sample_rows takes them), for a generation resumed after that many tokens."""
+        gen = self._generator(seq)
+        for _ in range(draws if gen is not None else 0):
+            torch.rand(1, device=self.device, generator=gen, dtype=torch.float64)
+
     @staticmethod
     def _wants_prompt_logprobs(s: ScheduledSeq) -> bool:
         seq = s.seq

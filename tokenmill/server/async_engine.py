@@ -200,6 +200,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestGroup] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False  # no engine thread will run this engine again
+        self.kv_hub: Any = None  # a kv_events.KVEventHub once a fleet router subscribed (set on the loop)
 
     # -- lifecycle (event loop side) ---------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -382,6 +383,13 @@ class AsyncEngine:
                                  int(s["spec_decode_num_draft_tokens"]), int(s["spec_decode_num_accepted_tokens"]))
         if outputs:
             self._call_soon(self._dispatch, outputs)
+        hub = self.kv_hub
+        if hub is not None:  # KV events: the cache's keys when recording starts, then each step's changes
+            bm = self.engine.block_manager
+            if bm.events is None:
+                self._call_soon(hub.reset, bm.record_events())
+            elif bm.events:
+                self._call_soon(hub.apply, bm.take_events())
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._loop is not None

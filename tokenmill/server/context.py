@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -153,10 +154,13 @@ class ServerContext:
         return self.tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
 
     # -- the engine -----------------------------------------------------------------------------
-    def prompt_dict(self, text: str | None, ids: list[int], cache_salt: str | None) -> dict[str, Any]:
+    def prompt_dict(self, text: str | None, ids: list[int], cache_salt: str | None,
+                    resume: list[int] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
         if cache_salt is not None:
             d["cache_salt"] = cache_salt
+        if resume:
+            d["resume_token_ids"] = resume
         return d
 
     async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float,
@@ -200,6 +204,34 @@ class ServerContext:
                     delta = states.setdefault((out.request_id, c.index), ChoiceState()).advance(c, params)
                     if delta is not None:
                         yield out, c, delta
+
+    def check_resume(self, req: Any, params: SamplingParams, prompts: int = 1) -> None:
+        """A 400 when a request's resume_token_ids cannot be honoured."""
+        if req.resume_token_ids is None:
+            return
+        for name, bad in (("stream", not req.stream), ("n", params.n != 1), ("prompt", prompts != 1),
+                          ("use_beam_search", params.use_beam_search),
+                          ("test_time_compute", req.test_time_compute is not None)):
+            if bad:
+                raise APIError(400, f"resume_token_ids: resumes one streamed choice; not with this {name}",
+                               param="resume_token_ids")
+
+    def resumed_state(self, prompt_ids: list[int], resume: list[int] | None,
+                      params: SamplingParams) -> tuple[ChoiceState, str]:
+        """The stream state after the resumed tokens, as the first server left it, and their text:
+        the same incremental decoding the engine does, so the next chunk starts where its last ended."""
+        state = ChoiceState()
+        if not resume:
+            return state, ""
+        state.tokens = len(resume)
+        if self.tokenizer is None:  # no text at all (token ids only)
+            return state, ""
+        det = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop or [],
+                                     params.include_stop_str_in_output)
+        for t in resume:
+            det.add_token(t)
+        state.text = safe_stream_end(det.text, params.stop or [], False, 0)
+        return state, det.text[: state.text]
 
     def stream_failed(self, e: StreamFailed) -> list[str]:
         msg = e.message if e.status in (400, 503) else f"the engine failed this request: {e.message}"

@@ -95,6 +95,7 @@ class PoolEntry:
         self.load_requested = False  # an admin load or pin asked for it
         self.error: str | None = None  # the last load failure
         self.swaps = 0  # times it became active after the start
+        self.kv_hub: Any = None  # its KV events (kv_events.KVEventHub) once a router subscribed
 
     @property
     def footprint(self) -> int:
@@ -258,6 +259,21 @@ class ModelPool:
         return self.device.is_running
 
     # -- the event loop's side --------------------------------------------------------------------
+    def kv_hub(self, name: str) -> Any:
+        """The model's KV event hub (event loop); made on first use, when recording starts."""
+        from tokenmill.server.kv_events import KVEventHub
+
+        e = self.entries[name]
+        if e.kv_hub is None:
+            hub = e.kv_hub = KVEventHub(name, e.spec.config.block_size)
+
+            def attach() -> None:  # on the device thread, as _adopt, so no new engine misses the hub
+                if e.front is not None:
+                    e.front.kv_hub = hub
+
+            self.device.call(attach)
+        return e.kv_hub
+
     def entry(self, name: str) -> PoolEntry | None:
         return self.entries.get(name)
 
@@ -534,6 +550,8 @@ class ModelPool:
             self.device.detach(v.front)
         v.engine = v.front = v.ctx = None
         v.state = ON_DISK
+        if v.kv_hub is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(v.kv_hub.dropped)
         gc.collect()
         logger.info("model %s dropped to disk (%s)", v.name, why)
 
@@ -545,6 +563,7 @@ class ModelPool:
 
     def _adopt(self, e: PoolEntry, engine: LLMEngine, front: AsyncEngine, ctx: Any) -> None:
         e.engine, e.front, e.ctx = engine, front, ctx
+        front.kv_hub = e.kv_hub
         e.weight_bytes = engine.runner.resident_weight_bytes
         e.kv_bytes = engine.runner.num_blocks * engine.runner.kv_bytes_per_block
         e.max_model_len = engine.max_model_len

@@ -101,6 +101,12 @@ class _SamplingFields(_Strict):
     guided_grammar: str | None = None
     test_time_compute: TestTimeComputeField | None = None
     max_reasoning_tokens: int | None = None  # tokens a <think> section may hold; then it is closed
+    # vLLM's return_token_ids: the prompt's and each choice's token ids in the response (streamed:
+    # each chunk's new ids). A fleet router asks for them to resume a stream elsewhere.
+    return_token_ids: bool = False
+    # tokenmill's: the tokens of this (one-choice, streamed) generation that another server already
+    # produced and sent; the stream goes on after them (a fleet router's failover).
+    resume_token_ids: list[int] | None = None
     # vLLM's beam search fields: n beams, all returned best first (transformers' rules)
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -128,6 +129,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.lower,
                    choices=["debug", "info", "warning", "error", "critical"], help="default: info")
+    from tokenmill.ray import add_ray_arguments
+
+    p.add_argument("--ray", action="store_true",
+                   help="run --replicas replicas on a Ray cluster behind the fleet router (tokenmill/ray.py; "
+                   "needs the `ray` extra); --host/--port are then Ray Serve's proxy")
+    add_ray_arguments(p)
 
 
 def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
@@ -200,7 +207,10 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
 
 
-def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig, sock: socket.socket) -> int:
+def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig,
+                     where: Callable[[], str]) -> tuple[Any, Any]:
+    """`tokenmill serve`'s app and model pool, the models loaded; the app's lifespan starts the pool's
+    engine thread and, on shutdown, lets it finish what it has. where() names the address (logged)."""
     from tokenmill.server.api import GatewaySettings, build_app
     from tokenmill.server.pool import ModelPool
 
@@ -221,14 +231,22 @@ def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolCo
     @contextlib.asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
         pool.start(asyncio.get_running_loop())
-        host, port = sock.getsockname()[:2]
-        logger.info("serving %s on http://%s:%d", names, f"[{host}]" if ":" in host else host, port)
+        logger.info("serving %s on %s", names, where())
         yield
         app.state.draining = True
         await asyncio.to_thread(pool.stop)
         logger.info("engine stopped")
 
     app.router.lifespan_context = lifespan
+    return app, pool
+
+
+def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig, sock: socket.socket) -> int:
+    def where() -> str:
+        host, port = sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    app, _pool = build_server_app(args, specs, tiers, pool_config, where)
     level = getattr(args, "log_level", None) or "info"
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)

@@ -1,19 +1,29 @@
-"""/health, /v1/models, /v1/models/{id}, /metrics, and the model pool's admin routes:
-POST /v1/models/{id}/load, /unload and /pin (behind the admin key, or the API key, when set)."""
+"""/health, /v1/models, /v1/models/{id}, /metrics, the model pool's admin routes: POST
+/v1/models/{id}/load, /unload and /pin (behind the admin key, or the API key, when set), and
+/v1/kv_events, the stream a fleet router follows (server/kv_events.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.routing import CascadePolicy
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.gateway import Gateway, Tier
+from tokenmill.server.kv_events import Subscriber
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.pool import PoolEntry, PoolError
+from tokenmill.server.streaming import sse
+
+# How often the KV event stream sends each model's load when it changed, and a heartbeat when idle.
+LOAD_INTERVAL_S = 0.05
+HEARTBEAT_S = 1.0
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
@@ -123,3 +133,58 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/kv_events")
+    async def kv_events(request: Request) -> Response:
+        """Server-Sent Events for a fleet router: a hello naming the models and their block sizes;
+        per model a snapshot of the cached block keys, then their changes (numbered: a gap means
+        resync); each model's load when it changes; a comment as heartbeat. Ends when the server
+        drains."""
+        gw.check_auth(request)
+        sub = Subscriber()
+        hubs = [pool.kv_hub(name) for name in pool.entries]
+        for hub in hubs:
+            hub.subscribe(sub)
+
+        def loads() -> dict[str, tuple[int, int, float]]:
+            out = {}
+            for e in pool.entries.values():
+                st = e.front.stats if e.front is not None and e.state == "active" else None
+                out[e.name] = ((st.num_requests_running, st.num_requests_waiting, round(st.kv_cache_usage_perc, 4))
+                               if st is not None else (0, 0, 0.0))
+            return out
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield sse({"type": "hello", "models": {h.model: h.block_size for h in hubs}, "started": gw.created})
+                sent: dict[str, tuple[int, int, float]] = {}
+                last_beat = time.monotonic()
+                while not app.state.draining:
+                    try:
+                        event = await asyncio.wait_for(sub.queue.get(), LOAD_INTERVAL_S)
+                    except asyncio.TimeoutError:
+                        event = None
+                    if sub.lost:  # fell behind: end the stream; the router reconnects for a fresh snapshot
+                        return
+                    out = []
+                    if event is not None:
+                        out.append(sse(event))
+                        while not sub.queue.empty():
+                            out.append(sse(sub.queue.get_nowait()))
+                    for name, load in loads().items():
+                        if sent.get(name) != load:
+                            sent[name] = load
+                            out.append(sse({"type": "load", "model": name, "running": load[0], "waiting": load[1],
+                                            "kv_usage": load[2]}))
+                    now = time.monotonic()
+                    if not out and now - last_beat >= HEARTBEAT_S:
+                        out.append(": ping\n\n")
+                    if out:
+                        last_beat = now
+                        yield "".join(out)
+            finally:
+                for hub in hubs:
+                    hub.unsubscribe(sub)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -71,20 +71,29 @@ def register(app: FastAPI, gw: Gateway) -> None:
             await ctx.constrain(params, other)
         if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
             params.skip_special_tokens = False  # their call markers are special tokens
+        ctx.check_resume(req, params)
         as_ids = req.return_tokens_as_token_ids
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if tp is not None:
             return await ttc_response(ctx, request, req, True, rid, ctx.prompt_dict(text, ids, req.cache_salt),
                                       params, tp, arrival)
-        group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt), params)], req.priority, arrival)
+        group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt, req.resume_token_ids), params)],
+                                 req.priority, arrival)
         name, engine = ctx.name, ctx.engine
         # Constrained output (tools required or named, response_format) is all answer: vLLM applies
         # a grammar after the reasoning, here there is none to split off.
         rparser = ctx.settings.reasoning_parser if params.structured_outputs is None else None
 
+        ids_out = req.return_token_ids
+        first_chunk = [True]
+
         def chunk(choice: dict[str, Any]) -> str:
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
-                        "choices": [choice]})
+            body = {"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
+                    "choices": [choice]}
+            if ids_out and first_chunk[0]:  # vLLM sends the prompt's ids with the first chunk
+                body["prompt_token_ids"] = ids
+                first_chunk[0] = False
+            return sse(body)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -94,6 +103,14 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 calls: dict[int, ToolStream] = {}
                 thoughts: dict[int, ReasoningStream] = {}
                 cached: dict[str, int] = {}
+                if req.resume_token_ids:  # the first server streamed this much: start where it stopped
+                    states[(rid, 0)], sent = ctx.resumed_state(ids, req.resume_token_ids, params)
+                    if rparser is not None:
+                        rs = thoughts.setdefault(0, ReasoningStream(rparser))
+                        rs.feed(sent, False)
+                        sent = sent[rs.content_from:] if rs.content_from is not None else ""
+                    if tools is not None:
+                        calls.setdefault(0, ToolStream(tools)).feed(sent, False, complete=False)
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached):
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
@@ -118,9 +135,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         deltas = (deltas + [{"tool_calls": [t]} for t in tool_deltas]) or [{}]
                         for j, delta in enumerate(deltas):
                             last = j == len(deltas) - 1
-                            yield chunk({"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,
-                                         "finish_reason": reason if last else None,
-                                         "stop_reason": c.stop_reason if reason and last else None})
+                            choice = {"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,
+                                      "finish_reason": reason if last else None,
+                                      "stop_reason": c.stop_reason if reason and last else None}
+                            if ids_out:
+                                choice["token_ids"] = c.token_ids[d.tokens[0]:d.tokens[1]] if j == 0 else []
+                            yield chunk(choice)
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):
                         yield event
@@ -158,10 +178,13 @@ def register(app: FastAPI, gw: Gateway) -> None:
                     "logprobs": ({"content": ctx.chat_logprobs(c, 0, len(c.token_ids), k, as_ids)}
                                  if k is not None else None),
                     "finish_reason": reason, "stop_reason": c.stop_reason,
+                    **({"token_ids": c.token_ids} if ids_out else {}),
                 })
             n_out = sum(len(c.token_ids) for c in out.outputs)
             resp = {"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
                     "choices": choices, "usage": usage(len(ids), n_out, out.num_cached_tokens)}
+            if ids_out:
+                resp["prompt_token_ids"] = ids
             if req.prompt_logprobs is not None:  # vLLM puts them beside the choices
                 resp["prompt_logprobs"] = ctx.vllm_prompt_logprobs(ids, out.prompt_logprobs or [],
                                                                    req.prompt_logprobs)

@@ -84,13 +84,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
         params._prompt_only = score_only
         if not score_only:
             await ctx.constrain(params, ctx.constraint(req))
+        ctx.check_resume(req, params, len(prompts))
+        if req.resume_token_ids and echo_lp:
+            raise APIError(400, "resume_token_ids: not with echo and logprobs", param="resume_token_ids")
         as_ids = req.return_tokens_as_token_ids
         rid = f"cmpl-{uuid.uuid4().hex}"
         if tp is not None:
             (t, ids), = prompts
             return await ttc_response(ctx, request, req, False, rid, ctx.prompt_dict(t, ids, req.cache_salt),
                                       params, tp, arrival)
-        reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt), params) for i, (t, ids) in enumerate(prompts)]
+        reqs = [(f"{rid}-{i}", ctx.prompt_dict(t, ids, req.cache_salt, req.resume_token_ids), params)
+                for i, (t, ids) in enumerate(prompts)]
         group = await ctx.submit(reqs, req.priority, arrival)
         # Choice index = prompt index * n + sample index, as in the OpenAI API.
         index = {r[0]: i for i, r in enumerate(reqs)}
@@ -113,6 +117,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 cached: dict[str, int] = {}
                 prompt_end: dict[int, int] = {}  # echo: where each prompt's token text ends
+                if req.resume_token_ids:  # the first server streamed this much: start where it stopped
+                    states[(reqs[0][0], 0)], _ = ctx.resumed_state(prompts[0][1], req.resume_token_ids, params)
                 try:
                     async for out, c, d in ctx.choice_deltas(group, params, states, cached):
                         pi = index[out.request_id]
@@ -124,12 +130,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             lp = joined(head, lp)
                         elif echo_lp:  # later chunks: offsets continue after the echoed prompt
                             lp = shifted(lp, prompt_end[pi])
+                        choice = {
+                            "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
+                            "logprobs": lp, "finish_reason": d.finish_reason,
+                            "stop_reason": c.stop_reason if d.finish_reason else None,
+                        }
+                        if req.return_token_ids:
+                            choice["token_ids"] = c.token_ids[d.tokens[0]:d.tokens[1]]
+                            if d.first:
+                                choice["prompt_token_ids"] = prompts[pi][1]
                         yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                                   "choices": [{
-                                       "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
-                                       "logprobs": lp, "finish_reason": d.finish_reason,
-                                       "stop_reason": c.stop_reason if d.finish_reason else None,
-                                   }]})
+                                   "choices": [choice]})
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):
                         yield event
@@ -162,6 +173,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         "finish_reason": "length" if score_only else finish_reason(c),
                         "stop_reason": None if score_only else c.stop_reason,
                     }
+                    if req.return_token_ids:
+                        choice["prompt_token_ids"] = prompts[r][1]
+                        choice["token_ids"] = [] if score_only else c.token_ids
                     if req.prompt_logprobs is not None:
                         choice["prompt_logprobs"] = ctx.vllm_prompt_logprobs(prompts[r][1], out.prompt_logprobs or [],
                                                                              req.prompt_logprobs)

@@ -1,0 +1,259 @@
+"""The fleet router with real processes on 127.0.0.1: two `tokenmill serve` replicas and
+`tokenmill router` over them, driven with the official openai client.
+
+Covers the replicas' side (KV events, resume_token_ids, return_token_ids) and the router's:
+KV-aware routing to the replica holding a prefix, a replica SIGKILLed mid-stream with the stream
+finishing on the other with identical greedy text, the killed replica used again once it is back,
+and the router's SIGTERM letting streams in flight finish.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import ServerProcess
+from tokenmill.router.index import PromptHasher
+
+REPLICA_ARGS = ("--kv-cache-memory", "0.02", "--log-level", "warning")
+HEADER = "x-tokenmill-replica"
+
+
+def router_metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def wait_fleet(router: ServerProcess, replicas: list[str], timeout: float = 60.0) -> None:
+    """Until the router sees every replica up with its KV events connected."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = router_metrics(router.base_url)
+        if all(m.get(f'tokenmill_router:replica_up{{replica="{u}"}}') == 1 and
+               m.get(f'tokenmill_router:replica_kv_events_synced{{replica="{u}"}}') == 1 for u in replicas):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"fleet not ready: {router_metrics(router.base_url)}")
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fleet")
+    reps = [ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(d / f"r{i}.log"), env={"OMP_NUM_THREADS": "1"})
+            for i in range(2)]
+    router = ServerProcess(None, *[a for r in reps for a in ("--replica", r.base_url)], "--health-interval", "0.2",
+                           log_path=str(d / "router.log"), command="router")
+    wait_fleet(router, [r.base_url for r in reps])
+    state = {"replicas": reps, "router": router, "dir": d}
+    yield state
+    router.stop()
+    for r in state["replicas"]:
+        r.stop()
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# -- the replica's side ----------------------------------------------------------------------------
+def test_kv_events_publish_the_keys_a_router_computes(fleet, model_dir, model_name):
+    rep = fleet["replicas"][0]
+    prompt = "kv events carry the engine's block keys " * 4
+    ids = PromptHasher(model_dir).token_ids("completions", {"prompt": prompt})
+    with httpx.Client(timeout=30) as http, http.stream("GET", rep.base_url + "/v1/kv_events") as r:
+        lines = r.iter_lines()
+        hello = json.loads(next(lines)[6:])
+        assert hello["type"] == "hello" and model_name in hello["models"]
+        bs = hello["models"][model_name]
+        want = {k.hex() for k in PromptHasher.keys(ids, bs, None)}
+        client_for(rep.base_url).completions.create(model=model_name, prompt=prompt, max_tokens=2)
+        seen: set[str] = set()
+        loads = 0
+        deadline = time.time() + 20
+        for line in lines:
+            assert time.time() < deadline, "no stored event for the prompt"
+            if not line.startswith("data: "):
+                continue
+            ev = json.loads(line[6:])
+            if ev["type"] == "snapshot":
+                seen |= set(ev["hashes"])
+            elif ev["type"] == "events":
+                for op in ev["ops"]:
+                    if op[0] == "stored":
+                        seen |= set(op[1])
+            elif ev["type"] == "load":
+                loads += 1
+            if want <= seen and loads:
+                break
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.95, "seed": 11}],
+                         ids=["greedy", "seeded"])
+def test_resume_token_ids_continue_a_stream_exactly(fleet, model_name, endpoint, sampling):
+    """What one replica streamed up to token k, then another's stream resumed there, is the
+    undisturbed stream: same text, same token ids, usage counting all of them."""
+    a, b = (client_for(r.base_url) for r in fleet["replicas"])
+    common = dict(model=model_name, max_tokens=48, stream=True, stream_options={"include_usage": True},
+                  **sampling, extra_body={"ignore_eos": True, "return_token_ids": True})
+
+    def run(c: openai.OpenAI, **extra) -> tuple[list[tuple[str, list[int]]], dict]:
+        """(text, token ids) of every chunk, and the usage."""
+        kw = {**common, "extra_body": {**common["extra_body"], **extra}}
+        if endpoint == "chat":
+            stream = c.chat.completions.create(messages=[{"role": "user", "content": "tell me a story"}], **kw)
+        else:
+            stream = c.completions.create(prompt="Once upon a time", **kw)
+        chunks, usage = [], {}
+        for ch in stream:
+            if ch.usage:
+                usage = ch.usage.model_dump()
+            for c_ in ch.choices:
+                chunks.append(((c_.delta.content or "") if endpoint == "chat" else c_.text,
+                               c_.model_extra.get("token_ids") or []))
+        return chunks, usage
+
+    chunks, usage = run(a)
+    text, ids = "".join(t for t, _ in chunks), [i for _, x in chunks for i in x]
+    assert len(ids) == 48 and usage["completion_tokens"] == 48
+    # the client had the chunks up to token 17 when the first replica went away
+    head, head_ids = "", []
+    for t, x in chunks:
+        if len(head_ids) >= 17:
+            break
+        head, head_ids = head + t, head_ids + x
+    tail_chunks, usage2 = run(b, resume_token_ids=head_ids)
+    assert head_ids + [i for _, x in tail_chunks for i in x] == ids
+    # text held back at the cut (a partial character, a possible stop string) comes with the resumed stream
+    assert head + "".join(t for t, _ in tail_chunks) == text
+    assert usage2["completion_tokens"] == 48 and usage2["prompt_tokens"] == usage["prompt_tokens"]
+
+
+def test_resume_refusals_are_400(fleet, model_name):
+    c = client_for(fleet["replicas"][0].base_url)
+    for kw, param in [(dict(stream=False), "resume_token_ids"), (dict(stream=True, n=2), "resume_token_ids")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=model_name, prompt="hi", max_tokens=8, extra_body={"resume_token_ids": [5]},
+                                 **kw)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError, match="nothing to generate"):
+        list(c.completions.create(model=model_name, prompt="hi", max_tokens=2, stream=True,
+                                  extra_body={"resume_token_ids": [5, 6]}))
+
+
+# -- the router --------------------------------------------------------------------------------------
+def test_router_lists_models_and_relays_errors(fleet, model_name):
+    router = fleet["router"]
+    c = client_for(router.base_url)
+    assert [m.id for m in c.models.list().data] == [model_name]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.completions.create(model="nope", prompt="hi", max_tokens=2)
+    r = httpx.post(router.base_url + "/v1/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model=model_name, prompt="hi", max_tokens=10**6, stream=True)
+    r = httpx.get(router.base_url + "/v1/kv_events", timeout=10)
+    assert r.status_code == 404
+    assert httpx.get(router.base_url + "/health", timeout=10).json()["replicas_up"] == 2
+
+
+def test_kv_aware_sends_a_request_to_the_replica_holding_its_prefix(fleet, model_name):
+    router = fleet["router"]
+    c = client_for(router.base_url)
+    system = "You answer questions about the tokenmill fleet router and nothing else. " * 4
+
+    def ask(i: int, sys_prompt: str) -> tuple[str, int]:
+        raw = c.chat.completions.with_raw_response.create(
+            model=model_name, max_tokens=2,
+            messages=[{"role": "system", "content": sys_prompt}, {"role": "user", "content": f"question {i}"}])
+        return raw.headers[HEADER], raw.parse().usage.prompt_tokens_details.cached_tokens
+
+    holder, _ = ask(0, system)
+    time.sleep(0.3)  # the replica's KV events reach the router
+    for i in range(1, 7):
+        rep, cached = ask(i, system)
+        assert rep == holder, f"request {i} went to {rep}, not to {holder} which holds its prefix"
+        assert cached > 0
+    other = "A different system prompt about something else entirely, long enough to fill blocks. " * 4
+    first_other, _ = ask(100, other)
+    time.sleep(0.3)
+    assert all(ask(100 + i, other)[0] == first_other for i in range(1, 4))
+    m = router_metrics(router.base_url)
+    assert m['tokenmill_router:routing_decisions_total{policy="kv_aware",reason="prefix"}'] >= 9
+    assert m["tokenmill_router:predicted_cached_tokens_total"] > 0
+
+
+def test_sigkill_mid_stream_finishes_on_the_other_replica_then_it_comes_back(fleet, model_name):
+    router = fleet["router"]
+    reps = {r.base_url: r for r in fleet["replicas"]}
+    c = client_for(router.base_url)
+    kw = dict(model=model_name, prompt="The fleet keeps going when", max_tokens=300, temperature=0,
+              extra_body={"ignore_eos": True})
+    with c.completions.with_streaming_response.create(stream=True, stream_options={"include_usage": True},
+                                                      **kw) as resp:
+        victim = reps[resp.headers[HEADER]]
+        text, chunks, usage, failover = "", 0, None, None
+        for ch in resp.parse():
+            chunks += 1
+            if chunks == 20:
+                victim.proc.send_signal(signal.SIGKILL)
+            for c_ in ch.choices:
+                text += c_.text
+            failover = (ch.model_extra or {}).get("failover") or failover
+            usage = ch.usage or usage
+    survivor = next(r for r in reps.values() if r is not victim)
+    want = client_for(survivor.base_url).completions.create(**kw).choices[0].text
+    assert text == want  # no token lost, none repeated
+    assert usage.completion_tokens == 300
+    assert failover is not None and failover["resumed_at_token"] >= 19
+    assert failover["replicas"] == [victim.base_url, survivor.base_url]
+    m = router_metrics(router.base_url)
+    assert m['tokenmill_router:failovers_total{outcome="resumed",phase="mid_stream"}'] == 1
+    assert m[f'tokenmill_router:replica_up{{replica="{victim.base_url}"}}'] == 0
+    # requests go on while it is down
+    assert c.completions.create(model=model_name, prompt="still here", max_tokens=2).choices[0].text is not None
+    # it comes back on the same address and gets work again
+    back = ServerProcess(_model_dir(victim), *REPLICA_ARGS, log_path=victim.log_path + ".2", port=victim.port,
+                         env={"OMP_NUM_THREADS": "1"})
+    fleet["replicas"] = [back if r is victim else r for r in fleet["replicas"]]
+    wait_fleet(router, [r.base_url for r in fleet["replicas"]])
+    used = {c.completions.with_raw_response.create(model=model_name, prompt=f"fresh prompt number {i}",
+                                                   max_tokens=2).headers[HEADER] for i in range(6)}
+    assert back.base_url in used
+
+
+def _model_dir(srv: ServerProcess) -> str:
+    args = srv.proc.args
+    return args[args.index("--model") + 1]
+
+
+def test_router_sigterm_lets_streams_in_flight_finish(fleet, model_name, tmp_path):
+    reps = fleet["replicas"]
+    router = ServerProcess(None, *[a for r in reps for a in ("--replica", r.base_url)], log_path=str(tmp_path / "log"),
+                           command="router")
+    wait_fleet(router, [r.base_url for r in reps])
+    c = client_for(router.base_url)
+    stream = c.completions.create(model=model_name, prompt="Draining", max_tokens=150, temperature=0, stream=True,
+                                  stream_options={"include_usage": True},
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids, n, usage = [], 0, None
+    for ch in stream:  # (a chunk may carry several tokens when the client reads slower than they come)
+        n += 1
+        if n == 5:
+            router.signal(signal.SIGTERM)
+        for c_ in ch.choices:
+            ids += c_.model_extra["token_ids"]
+        usage = ch.usage or usage
+    assert len(ids) == 150 and usage.completion_tokens == 150
+    assert router.proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(router.base_url + "/health", timeout=5)

@@ -1,0 +1,107 @@
+"""`tokenmill router`: the fleet router as a server, over given replicas or N local ones."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+
+from tokenmill.router.policy import POLICIES, KVAwareWeights
+from tokenmill.router.router import Router, RouterConfig
+
+logger = logging.getLogger("tokenmill.router")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replica", action="append", default=[], metavar="URL",
+                   help="a replica's base URL, e.g. http://h1:8000 (repeatable)")
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="start N local `tokenmill serve` replicas; the arguments the router does not know "
+                   "(--model, --max-num-seqs, ...) are passed to each")
+    p.add_argument("--replica-threads", type=int, default=None, metavar="T",
+                   help="torch threads per local replica (default: the cores shared out among them)")
+    p.add_argument("--replica-log-dir", default=None, help="where local replicas write their logs")
+    p.add_argument("--policy", choices=POLICIES, default="kv_aware")
+    p.add_argument("--kv-decode-weight", type=float, default=KVAwareWeights.decode_weight,
+                   help="kv_aware: prompt tokens of prefill one running sequence is worth")
+    p.add_argument("--kv-full", type=float, default=KVAwareWeights.kv_full,
+                   help="kv_aware: KV cache usage from which a replica counts as full")
+    p.add_argument("--max-retries", type=int, default=2, help="other replicas a failed request is tried on (0: off)")
+    p.add_argument("--health-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--tokenizer", default=None,
+                   help="the folder whose tokenizer hashes prompts (default: each model's folder as replicas "
+                   "report it, when on this machine)")
+    p.add_argument("--replica-api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                   help="the key the router uses for replicas' KV event streams (env TOKENMILL_API_KEY)")
+    p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    return RouterConfig(policy=args.policy, weights=KVAwareWeights(args.kv_decode_weight, args.kv_full),
+                        max_retries=args.max_retries, health_interval_s=args.health_interval,
+                        tokenizer=args.tokenizer, replica_api_key=args.replica_api_key,
+                        max_body_bytes=args.max_body_size)
+
+
+def run(args: argparse.Namespace, serve_args: list[str]) -> int:
+    import uvicorn
+
+    from tokenmill.router.replicas import LocalReplicas
+    from tokenmill.server.serve import _Server, bind_socket
+
+    if not args.replica and not args.replicas:
+        raise ValueError("router: give replicas (--replica URL, repeatable) or --replicas N to start local ones")
+    if serve_args and not args.replicas:
+        raise ValueError(f"unrecognized arguments: {' '.join(serve_args)} (serve arguments go with --replicas N)")
+    if args.replicas < 0:
+        raise ValueError(f"--replicas: must be >= 0, got {args.replicas}")
+    config = config_from_args(args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health check otherwise
+    sock = bind_socket(args.host, args.port)
+    local = None
+    try:
+        urls = list(args.replica)
+        if args.replicas:
+            threads = args.replica_threads or max(1, (os.cpu_count() or 1) // args.replicas)
+            log_dir = args.replica_log_dir or tempfile.mkdtemp(prefix="tokenmill-replicas-")
+            local = LocalReplicas(args.replicas, serve_args, threads=threads, log_dir=log_dir)
+            local.start()
+            logger.info("starting %d local replicas (logs in %s)", args.replicas, log_dir)
+            local.wait_ready()
+            urls += local.urls
+        router = Router(config, urls)
+        app = router.app
+        if local is not None:
+            inner = app.router.lifespan_context
+
+            def lifespan(a):  # supervise the local replicas while serving
+                import contextlib
+
+                @contextlib.asynccontextmanager
+                async def cm():
+                    async with inner(a):
+                        local.supervise()
+                        yield
+
+                return cm()
+
+            app.router.lifespan_context = lifespan
+        logger.info("router on http://%s:%d over %s (policy %s)", args.host, sock.getsockname()[1], ", ".join(urls),
+                    config.policy)
+        level = (getattr(args, "log_level", None) or "info").lower()
+        server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level, access_log=False,
+                                        timeout_graceful_shutdown=args.shutdown_timeout, log_config=None),
+                         on_exit=lambda: setattr(router, "draining", True))
+        server.run(sockets=[sock])
+        return 0 if server.started else 1
+    finally:
+        if local is not None:
+            local.stop()
+        sock.close()

@@ -1,0 +1,688 @@
+"""The fleet router: one OpenAI-compatible endpoint over many tokenmill replicas.
+
+A request's body is read once; for the generation endpoints the router computes the prompt's
+block keys (index.PromptHasher), asks the policy (policy.py) for a replica, and relays the
+replica's answer. It talks to replicas only over their public HTTP API and KV event stream, so a
+replica is any `tokenmill serve`.
+
+Failover, on by default (`max_retries` other replicas at most):
+- before a response has started (connection refused or reset, a 502/503/504, a 429 when another
+  replica may have room), the request is sent to another replica, unchanged;
+- a stream whose replica dies midway goes on elsewhere: the router asks replicas for the token
+  ids of every chunk (`return_token_ids`, stripped again unless the client asked), and sends the
+  same request with `resume_token_ids` (what the client already has) to another replica, which
+  prefills prompt and tokens and continues (a seeded request's generator skips the draws already
+  taken; see LLMEngine._resume). The client sees one stream: the first replica's id, no repeated
+  role chunk, and a `failover` object on each chunk after the switch. Greedy and seeded outputs
+  equal an undisturbed run. Streams of several choices or prompts cannot resume: they end with an
+  error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from tokenmill.router.index import PromptHasher
+from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
+from tokenmill.router.replicas import Replica, merge_models
+from tokenmill.server.errors import error_body
+from tokenmill.server.streaming import unless_disconnected
+
+logger = logging.getLogger("tokenmill.router")
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+# Headers a replica gets from the client (the rest are the router's business).
+FORWARDED = ("authorization", "content-type", "accept", "openai-organization", "openai-project")
+RETRY_STATUS = (502, 503, 504)
+# The replica that answered (the first one, for a stream that moved: see its `failover` object).
+REPLICA_HEADER = "X-Tokenmill-Replica"
+# Bodies larger than this are tokenized off the event loop.
+THREAD_TOKENIZE_BYTES = 8192
+
+
+@dataclass
+class RouterConfig:
+    policy: str = "kv_aware"
+    weights: KVAwareWeights = field(default_factory=KVAwareWeights)
+    max_retries: int = 2  # other replicas a failed request is tried on
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+    backoff_max_s: float = 10.0
+    connect_timeout_s: float = 2.0
+    tokenizer: str | None = None  # the folder whose tokenizer hashes prompts (default: each model's own, if local)
+    replica_api_key: str | None = None  # for the router's own calls (KV events)
+    max_body_bytes: int = 8 * 2**20
+
+
+class NoReplica(Exception):
+    pass
+
+
+class _Metrics:
+    def __init__(self, router: Router) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "tokenmill_router:"
+        self.requests = Counter(p + "requests", "Requests relayed, by replica, endpoint and outcome",
+                                ["replica", "endpoint", "outcome"], registry=r)
+        self.decisions = Counter(p + "routing_decisions", "Routing decisions by policy and reason",
+                                 ["policy", "reason"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of routed requests (hashed)", registry=r)
+        self.cached_tokens = Counter(p + "predicted_cached_tokens",
+                                     "Prompt tokens the chosen replica's cache held (from its KV events)", registry=r)
+        self.failovers = Counter(p + "failovers", "Requests moved to another replica, by phase and outcome",
+                                 ["phase", "outcome"], registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token seen by the router",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency seen by the router",
+                             buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        up = Gauge(p + "replica_up", "1 while the replica passes its health checks", ["replica"], registry=r)
+        synced = Gauge(p + "replica_kv_events_synced", "1 while the replica's KV event stream is connected",
+                       ["replica"], registry=r)
+        inflight = Gauge(p + "replica_requests_in_flight", "Requests the router has in flight there",
+                         ["replica"], registry=r)
+        blocks = Gauge(p + "replica_cached_blocks", "Cached prefix blocks the replica reports", ["replica"],
+                       registry=r)
+        self._gauges = (up, synced, inflight, blocks)
+        self.router = router
+
+    def render(self) -> bytes:
+        up, synced, inflight, blocks = self._gauges
+        for g in self._gauges:
+            g.clear()
+        for rep in self.router.replicas.values():
+            up.labels(rep.url).set(1 if rep.up else 0)
+            synced.labels(rep.url).set(1 if rep.stream_connected else 0)
+            inflight.labels(rep.url).set(rep.inflight)
+            blocks.labels(rep.url).set(sum(len(m.keys) for m in rep.index.models.values()))
+        return generate_latest(self.registry)
+
+
+class _Ticket:
+    """One attempt of a request on a replica: the router's ledger of it (load, pending prefix)."""
+
+    _ids = iter(range(1 << 62))
+
+    def __init__(self, replica: Replica, model: str, keys: list[bytes], uncached: int) -> None:
+        self.id = next(self._ids)
+        self.replica, self.model, self.keys = replica, model, keys
+        replica.inflight += 1
+        replica.prefilling[self.id] = uncached
+        replica.index.add_pending(model, keys)
+        self.open = True
+
+    def first_token(self) -> None:
+        if self.open and self.replica.prefilling.pop(self.id, None) is not None:
+            self.replica.decoding += 1
+
+    def end(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        r = self.replica
+        r.inflight -= 1
+        if r.prefilling.pop(self.id, None) is None:
+            r.decoding -= 1
+        r.index.remove_pending(self.model, self.keys)
+
+
+@dataclass
+class _Plan:
+    """What routing knows of a request: its model, prompt token ids and salt."""
+
+    model: str | None
+    ids: list[int] | None
+    salt: Any
+    keys_by_bs: dict[int, list[bytes]] = field(default_factory=dict)
+
+    def keys(self, block_size: int | None) -> list[bytes]:
+        if self.ids is None or block_size is None:
+            return []
+        if block_size not in self.keys_by_bs:
+            self.keys_by_bs[block_size] = PromptHasher.keys(self.ids, block_size, self.salt)
+        return self.keys_by_bs[block_size]
+
+
+class Router:
+    def __init__(self, config: RouterConfig | None = None, replicas: list[str] | None = None) -> None:
+        self.config = config or RouterConfig()
+        self.chooser = Chooser(self.config.policy, self.config.weights)
+        self.replicas: dict[str, Replica] = {}
+        self.hashers: dict[str, PromptHasher] = {}
+        self.roots: dict[str, str] = {}  # model -> its folder, as replicas report it
+        self.client: httpx.AsyncClient | None = None
+        self.metrics = _Metrics(self)
+        self.draining = False
+        for url in replicas or []:
+            self._add(url)
+        self.app = self._build_app()
+
+    # -- replicas -------------------------------------------------------------------------------
+    def _add(self, url: str) -> Replica:
+        headers = {"authorization": f"Bearer {self.config.replica_api_key}"} if self.config.replica_api_key else {}
+        rep = Replica(url, headers)
+        rep.on_change = self._replica_changed
+        self.replicas[rep.url] = rep
+        if self.client is not None:
+            self._start(rep)
+        return rep
+
+    def _start(self, rep: Replica) -> None:
+        c = self.config
+        assert self.client is not None
+        rep.start(self.client, c.health_interval_s, c.health_timeout_s, c.backoff_max_s)
+
+    def set_replicas(self, urls: list[str]) -> None:
+        """Adds and removes replicas at run time (on the router's event loop)."""
+        want = {u.rstrip("/") for u in urls}
+        for url in list(self.replicas):
+            if url not in want:
+                rep = self.replicas.pop(url)
+                asyncio.ensure_future(rep.stop())
+        for url in want - set(self.replicas):
+            self._add(url)
+
+    def fleet_load(self) -> dict[str, dict[str, Any]]:
+        """Each replica's load as reported on its event stream, with the router's own count."""
+        out = {}
+        for rep in self.replicas.values():
+            loads = list(rep.load.values())
+            out[rep.url] = {"healthy": rep.up, "inflight": rep.inflight,
+                            "running": sum(x[0] for x in loads), "waiting": sum(x[1] for x in loads),
+                            "kv_usage": max((x[2] for x in loads), default=0.0)}
+        return out
+
+    def _replica_changed(self, rep: Replica) -> None:
+        if rep.up and self.client is not None and not self.roots:
+            asyncio.ensure_future(self._learn_roots(rep))
+
+    async def _learn_roots(self, rep: Replica) -> None:
+        """The model folders a replica reports (/v1/models `root`): on this machine, their
+        tokenizers hash prompts."""
+        try:
+            assert self.client is not None
+            r = await self.client.get(rep.url + "/v1/models", headers=rep.headers, timeout=5.0)
+            for card in r.json().get("data", []):
+                root = card.get("root")
+                if card.get("id") and root:
+                    self.roots.setdefault(card["id"], root)
+        except Exception as e:
+            logger.debug("router: /v1/models of %s: %s", rep.url, e)
+
+    def _hasher(self, model: str) -> PromptHasher | None:
+        h = self.hashers.get(model)
+        if h is None:
+            path = self.config.tokenizer or self.roots.get(model)
+            if path is None or not os.path.isdir(path):
+                return None
+            h = self.hashers[model] = PromptHasher(path)
+        return h
+
+    # -- routing --------------------------------------------------------------------------------
+    def _candidates(self, model: str | None, exclude: set[str]) -> list[Replica]:
+        return [r for r in self.replicas.values()
+                if r.up and r.url not in exclude and (model is None or not r.models or model in r.models)]
+
+    async def _plan(self, endpoint: str, body: dict[str, Any], size: int) -> _Plan:
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
+        ids = None
+        if self.config.policy == "kv_aware" and name is not None and endpoint in ("chat", "completions"):
+            h = self._hasher(name)
+            if h is not None:
+                if size > THREAD_TOKENIZE_BYTES or h._tokenizer is None:
+                    ids = await asyncio.to_thread(h.token_ids, endpoint, body)
+                else:
+                    ids = h.token_ids(endpoint, body)
+        return _Plan(name, ids, body.get("cache_salt"))
+
+    def _pick(self, plan: _Plan, exclude: set[str]) -> tuple[Replica, _Ticket]:
+        reps = self._candidates(plan.model, exclude)
+        if not reps and plan.model is not None and not any(plan.model in r.models for r in self.replicas.values()):
+            reps = self._candidates(None, exclude)  # a model no replica serves: one of them answers the 404
+        if not reps:
+            raise NoReplica("no replica is available" + (" for this model" if plan.model else ""))
+        prompt = len(plan.ids) if plan.ids is not None else 0
+        cands, keys = [], []
+        for r in reps:
+            model = plan.model or ""
+            bs = r.index.block_size(model)
+            k = plan.keys(bs)
+            cached = r.index.match(model, k) * (bs or 0)
+            running, waiting, kv = r.reported(model)
+            cands.append(Candidate(r.url, inflight=r.inflight, queued_prefill=sum(r.prefilling.values()),
+                                   running=max(running, r.decoding), waiting=waiting, kv_usage=kv,
+                                   cached_tokens=cached, synced=r.index.synced(model)))
+            keys.append(k)
+        i, reason = self.chooser.choose(cands, prompt)
+        self.metrics.decisions.labels(self.config.policy, reason).inc()
+        if plan.ids is not None:
+            self.metrics.prompt_tokens.inc(prompt)
+            self.metrics.cached_tokens.inc(cands[i].cached_tokens)
+        return reps[i], _Ticket(reps[i], plan.model or "", keys[i], max(0, prompt - cands[i].cached_tokens))
+
+    # -- the app --------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            await self.start()
+            yield
+            self.draining = True
+            await self.stop()
+
+        app = FastAPI(title="tokenmill router", lifespan=lifespan)
+
+        @app.get("/health")
+        async def health() -> Response:
+            up = sum(r.up for r in self.replicas.values())
+            if up == 0:
+                return JSONResponse(error_body(503, "no replica is up"), status_code=503)
+            return JSONResponse({"replicas_up": up, "replicas": len(self.replicas)})
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            return await self._models(request)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._generate(request, "chat")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._generate(request, "completions")
+
+        @app.get("/v1/kv_events")
+        async def kv_events() -> Response:  # each replica has its own; the router has none
+            return JSONResponse(error_body(404, "the router publishes no KV events; subscribe to a replica"),
+                                status_code=404)
+
+        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+        async def other(request: Request, path: str) -> Response:
+            return await self._generate(request, "other")
+
+        return app
+
+    async def start(self) -> None:
+        c = self.config
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=c.connect_timeout_s),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        for rep in self.replicas.values():
+            self._start(rep)
+
+    async def stop(self) -> None:
+        for rep in self.replicas.values():
+            await rep.stop()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every replica is up with its KV events in sync (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(r.up and r.stream_connected and all(m.synced for m in r.index.models.values())
+                   for r in self.replicas.values()):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("replicas not ready")
+
+    # -- relaying -------------------------------------------------------------------------------
+    @staticmethod
+    def _headers(request: Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _TooLarge(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _models(self, request: Request) -> Response:
+        reps = self._candidates(None, set())
+        if not reps:
+            return JSONResponse(error_body(503, "no replica is up"), status_code=503, headers={"Retry-After": "1"})
+        assert self.client is not None
+        results = await asyncio.gather(*(self.client.get(r.url + "/v1/models", headers=self._headers(request),
+                                                         timeout=10.0) for r in reps), return_exceptions=True)
+        ok = [x for x in results if isinstance(x, httpx.Response) and x.status_code == 200]
+        if not ok:
+            first = next((x for x in results if isinstance(x, httpx.Response)), None)
+            if first is not None:
+                return Response(first.content, first.status_code, media_type="application/json")
+            return JSONResponse(error_body(503, "no replica answered"), status_code=503)
+        return JSONResponse({"object": "list", "data": merge_models([x.json().get("data", []) for x in ok])})
+
+    async def _generate(self, request: Request, endpoint: str) -> Response:
+        t0 = time.perf_counter()
+        try:
+            raw = await self._body(request)
+        except _TooLarge as e:
+            return JSONResponse(error_body(413, f"request body exceeds {e.limit} bytes", code="request_too_large"),
+                                status_code=413)
+        body: Any = None
+        if endpoint != "other":
+            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+                body = json.loads(raw)
+        if not isinstance(body, dict):  # not ours to judge: a replica answers it (with its own error)
+            body, endpoint = {}, endpoint if endpoint == "other" else "invalid"
+        plan = await self._plan(endpoint, body, len(raw))
+        headers = self._headers(request)
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if body.get("stream") is True and endpoint in ("chat", "completions"):
+            return await self._stream(request, endpoint, path, body, plan, headers, t0)
+        return await unless_disconnected(request, self._unary(request, endpoint, path, raw, plan, headers, t0))
+
+    async def _unary(self, request: Request, endpoint: str, path: str, raw: bytes, plan: _Plan,
+                     headers: dict[str, str], t0: float) -> Response:
+        assert self.client is not None
+        tried: list[str] = []
+        last: httpx.Response | None = None
+        for _attempt in range(self.config.max_retries + 1):
+            try:
+                rep, ticket = self._pick(plan, set(tried))
+            except NoReplica as e:
+                if last is not None:
+                    break
+                return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
+                                    headers={"Retry-After": "1"})
+            try:
+                resp = await self.client.request(request.method, rep.url + path, content=raw, headers=headers)
+            except httpx.TransportError as e:
+                rep.mark_down(f"{type(e).__name__}: {e}")
+                tried.append(rep.url)
+                self.metrics.requests.labels(rep.url, endpoint, "failed").inc()
+                continue
+            finally:
+                ticket.end()
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1):
+                tried.append(rep.url)
+                last = resp
+                self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
+                continue
+            self.metrics.requests.labels(rep.url, endpoint, "ok" if resp.status_code < 400 else
+                                         str(resp.status_code)).inc()
+            if tried:
+                self.metrics.failovers.labels("before_response", "retried").inc()
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+            return self._relay(resp, {"retries": len(tried), "replicas": tried + [rep.url]} if tried else None,
+                               rep.url)
+        if tried:
+            self.metrics.failovers.labels("before_response", "failed").inc()
+        if last is not None:
+            return self._relay(last, None)
+        return JSONResponse(error_body(503, f"every replica tried failed ({', '.join(tried)})",
+                                       code="replica_failed"), status_code=503, headers={"Retry-After": "1"})
+
+    @staticmethod
+    def _relay(resp: httpx.Response, failover: dict[str, Any] | None, replica: str | None = None) -> Response:
+        content = resp.content
+        ctype = resp.headers.get("content-type", "application/json")
+        if failover is not None and ctype.startswith("application/json"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(content)
+                if isinstance(obj, dict):
+                    obj["failover"] = failover
+                    content = json.dumps(obj).encode()
+        headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after",)}
+        if replica is not None:
+            headers[REPLICA_HEADER] = replica
+        return Response(content, resp.status_code, headers=headers, media_type=ctype)
+
+    async def _open(self, path: str, body: dict[str, Any], plan: _Plan, headers: dict[str, str], tried: list[str],
+                    endpoint: str) -> tuple[Replica, _Ticket, httpx.Response] | Response:
+        """A replica's stream that answered 200, trying others on failure; else the response to relay."""
+        assert self.client is not None
+        content = json.dumps(body).encode()
+        last: httpx.Response | None = None
+        while len(tried) <= self.config.max_retries:
+            try:
+                rep, ticket = self._pick(plan, set(tried))
+            except NoReplica as e:
+                if last is not None:
+                    return self._relay(last, None)
+                return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
+                                    headers={"Retry-After": "1"})
+            req = self.client.build_request("POST", rep.url + path, content=content, headers=headers)
+            try:
+                resp = await self.client.send(req, stream=True)
+            except httpx.TransportError as e:
+                ticket.end()
+                rep.mark_down(f"{type(e).__name__}: {e}")
+                tried.append(rep.url)
+                self.metrics.requests.labels(rep.url, endpoint, "failed").inc()
+                continue
+            if resp.status_code == 200:
+                return rep, ticket, resp
+            await resp.aread()
+            await resp.aclose()
+            ticket.end()
+            self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1):
+                tried.append(rep.url)
+                last = resp
+                continue
+            return self._relay(resp, None, rep.url)
+        if last is not None:
+            return self._relay(last, None)
+        return JSONResponse(error_body(503, f"every replica tried failed ({', '.join(tried)})", code="replica_failed"),
+                            status_code=503, headers={"Retry-After": "1"})
+
+    async def _stream(self, request: Request, endpoint: str, path: str, body: dict[str, Any], plan: _Plan,
+                      headers: dict[str, str], t0: float) -> Response:
+        want_ids = body.get("return_token_ids") is True
+        upstream = {**body, "return_token_ids": True}
+        tried: list[str] = []
+        opened = await self._open(path, upstream, plan, headers, tried, endpoint)
+        if isinstance(opened, Response):
+            return opened
+        state = _StreamState(body, endpoint, want_ids)
+        if tried:
+            state.failover = {"retries": len(tried), "replicas": tried + [opened[0].url], "resumed_at_token": 0}
+        metrics = self.metrics
+
+        async def events() -> AsyncIterator[str]:
+            rep, ticket, resp = opened
+            first = True
+            try:
+                while True:
+                    try:
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: "):
+                                continue
+                            data = line[6:]
+                            if data == "[DONE]":
+                                state.done = True
+                                break
+                            out = state.take(json.loads(data))
+                            if state.tokens_seen and first:
+                                first = False
+                                ticket.first_token()
+                                metrics.ttft.observe(time.perf_counter() - t0)
+                            if out is not None:
+                                yield out
+                        if not state.done:
+                            raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+                        metrics.requests.labels(rep.url, endpoint, "ok").inc()
+                        metrics.e2e.observe(time.perf_counter() - t0)
+                        yield "data: [DONE]\n\n"
+                        return
+                    except (httpx.TransportError, ValueError) as e:
+                        why = f"{type(e).__name__}: {e}"
+                    # The replica failed midway.
+                    ticket.end()
+                    await resp.aclose()
+                    rep.mark_down(why)
+                    tried.append(rep.url)
+                    metrics.requests.labels(rep.url, endpoint, "failed").inc()
+                    if state.finished():
+                        # Everything was generated; only the end of the stream was lost.
+                        for event in state.ending():
+                            yield event
+                        return
+                    refusal = state.unresumable() if state.sent_any else None  # nothing sent: start again
+                    if refusal is not None:
+                        metrics.failovers.labels("mid_stream", "failed").inc()
+                        yield _sse(error_body(503, f"replica {rep.url} failed mid-stream ({why}); {refusal}",
+                                              code="replica_failed"))
+                        yield "data: [DONE]\n\n"
+                        return
+                    resumed = state.tokens.get(0, []) if state.sent_any else []
+                    up = {**upstream, **({"resume_token_ids": resumed} if resumed else {})}
+                    if "max_tokens" in up and up.get("max_tokens") is None:
+                        up.pop("max_tokens")
+                    opened2 = await self._open(path, up, plan, headers, tried, endpoint)
+                    if isinstance(opened2, Response):
+                        metrics.failovers.labels("mid_stream", "failed").inc()
+                        yield _sse(error_body(503, f"replica {rep.url} failed mid-stream ({why}) and no other "
+                                              f"replica could continue the stream", code="replica_failed"))
+                        yield "data: [DONE]\n\n"
+                        return
+                    metrics.failovers.labels("mid_stream", "resumed").inc()
+                    logger.info("stream moved from %s to %s after %d tokens (%s)", rep.url, opened2[0].url,
+                                len(resumed), why)
+                    rep, ticket, resp = opened2
+                    state.switched({"retries": len(tried), "replicas": tried + [rep.url],
+                                    "resumed_at_token": len(resumed)})
+                    if resumed:
+                        first = False
+                        ticket.first_token()
+            finally:
+                ticket.end()
+                await resp.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          REPLICA_HEADER: opened[0].url})
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _StreamState:
+    """What a relayed stream has sent: per choice its token ids and whether it finished; the
+    first replica's id and creation time (kept after a switch); whether usage went out."""
+
+    def __init__(self, body: dict[str, Any], endpoint: str, want_ids: bool) -> None:
+        self.body = body
+        self.endpoint = endpoint
+        self.want_ids = want_ids
+        self.id: str | None = None
+        self.created: Any = None
+        self.model: Any = None
+        self.tokens: dict[int, list[int]] = {}
+        self.ended: set[int] = set()
+        self.prompt_tokens = 0
+        self.usage_sent = False
+        self.role_sent = False
+        self.done = False
+        self.tokens_seen = False
+        self.sent_any = False  # a choice chunk went to the client
+        self.failover: dict[str, Any] | None = None
+
+    def take(self, obj: dict[str, Any]) -> str | None:
+        """A replica's chunk as the client gets it (None: dropped)."""
+        if "error" in obj and "choices" not in obj:
+            return _sse(obj)
+        if self.id is None:
+            self.id, self.created, self.model = obj.get("id"), obj.get("created"), obj.get("model")
+        else:
+            obj["id"], obj["created"] = self.id, self.created
+        pids = obj.get("prompt_token_ids") if "prompt_token_ids" in obj else None
+        keep = []
+        for ch in obj.get("choices") or []:
+            idx = ch.get("index", 0)
+            ids = ch.get("token_ids") if self.want_ids else ch.pop("token_ids", None)
+            if ids:
+                self.tokens.setdefault(idx, []).extend(ids)
+                self.tokens_seen = True
+            p = ch.get("prompt_token_ids") if self.want_ids else ch.pop("prompt_token_ids", None)
+            if p is not None and pids is None:
+                pids = p
+            if ch.get("finish_reason") is not None:
+                self.ended.add(idx)
+            delta = ch.get("delta")
+            if delta == {"role": "assistant", "content": ""} and not ids:
+                if self.role_sent:  # a replica that took over starts again with it
+                    continue
+                self.role_sent = True
+            keep.append(ch)
+        if "choices" in obj:
+            if not keep and obj["choices"]:
+                return None
+            obj["choices"] = keep
+            self.sent_any = self.sent_any or bool(keep)
+        if pids is not None and not self.prompt_tokens:
+            self.prompt_tokens = len(pids)
+        if not self.want_ids:
+            obj.pop("prompt_token_ids", None)
+        if obj.get("usage"):
+            self.usage_sent = True
+        if self.failover is not None:
+            obj["failover"] = self.failover
+        return _sse(obj)
+
+    def switched(self, failover: dict[str, Any]) -> None:
+        self.failover = failover
+
+    def n_choices(self) -> int:
+        n = self.body.get("n") or 1
+        prompt = self.body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+        return n * prompts if isinstance(n, int) else 1
+
+    def finished(self) -> bool:
+        return len(self.ended) >= self.n_choices()
+
+    def unresumable(self) -> str | None:
+        """Why the stream cannot go on elsewhere (None: it can)."""
+        b = self.body
+        if self.n_choices() != 1:
+            return "a stream of several choices or prompts cannot be resumed"
+        if b.get("use_beam_search") or b.get("test_time_compute") is not None:
+            return "beam search and test-time compute streams cannot be resumed"
+        if b.get("echo") and b.get("logprobs") is not None and self.tokens_seen:
+            return "an echoed stream with logprobs cannot be resumed"
+        return None
+
+    def ending(self) -> list[str]:
+        """The end of a stream whose choices all finished before the replica went away."""
+        out = []
+        opts = self.body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") and not self.usage_sent:
+            n = sum(len(t) for t in self.tokens.values())
+            obj = {"id": self.id, "object": "chat.completion.chunk" if self.endpoint == "chat" else "text_completion",
+                   "created": self.created, "model": self.model, "choices": [],
+                   "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                             "total_tokens": self.prompt_tokens + n}}
+            out.append(_sse(obj))
+        out.append("data: [DONE]\n\n")
+        return out
