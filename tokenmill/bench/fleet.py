@@ -9,7 +9,8 @@
   once with one replica SIGKILLed midway: failed requests, outputs against the undisturbed run
   (missing or repeated tokens), and the latency the moved requests gained.
 - overhead: the same workload sent to one replica directly and through the router over it,
-  alternately, twice each: throughput through the router against direct.
+  alternately (after one pass that warms the replica up), --overhead-rounds times each: the
+  median throughput through the router against direct.
 
 Replicas are `tokenmill serve` processes of a random SmolLM-135M-shaped model (written to --model
 when it has no config.json), prompts are token ids.
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder (default: a random SmolLM-135M-shaped model in a temp dir)")
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (kv, failover)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None, help="the replicas' (default: the model's)")
     # kv
     p.add_argument("--num-prefixes", type=int, default=8, help="kv: distinct system prompts (tenants)")
     p.add_argument("--prefix-len", type=int, default=1024, help="kv: tokens per system prompt")
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # overhead
     p.add_argument("--overhead-threads", type=int, default=2, help="overhead: torch threads of the one replica")
     p.add_argument("--overhead-requests", type=int, default=96)
+    p.add_argument("--overhead-rounds", type=int, default=3, help="overhead: runs of each way (medians reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--log-dir", help="replica and router logs (default: a temp dir)")
@@ -98,8 +101,9 @@ def _replica(model: str, args: argparse.Namespace, log: str, threads: int, kv_gi
     cmd = ["serve", "--model", model, "--served-model-name", SERVED, "--seed", str(args.seed)]
     if kv_gib is not None:
         cmd += ["--kv-cache-memory", f"{kv_gib:.4f}"]
-    if args.max_num_batched_tokens:
-        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    for flag, v in (("--max-num-batched-tokens", args.max_num_batched_tokens), ("--max-model-len", args.max_model_len)):
+        if v:
+            cmd += [flag, str(v)]
     return _Proc(cmd, log, threads)
 
 
@@ -162,6 +166,7 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
         body = {"model": SERVED, "prompt": ids, "max_tokens": n_out, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
         r = results[i]
+        last_token: list[float | None] = [None]
         async with sem:
             t0 = time.perf_counter()
             r.update(ok=False, tokens=[], failover=None, cached=0)
@@ -178,6 +183,9 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
                             r["error"] = ev["error"]["message"]
                             continue
                         if ev.get("failover"):
+                            if r["failover"] is None and last_token[0] is not None:
+                                # the stream's pause while it moved: last token before, first after
+                                r["switch_gap"] = time.perf_counter() - last_token[0]
                             r["failover"] = ev["failover"]
                         if ev.get("usage"):
                             r["cached"] = (ev["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
@@ -185,6 +193,8 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
                             new = ch.get("token_ids") or []
                             if new and "ttft" not in r:
                                 r["ttft"] = time.perf_counter() - t0
+                            if new:
+                                last_token[0] = time.perf_counter()
                             r["tokens"] += new
                             if on_token is not None and new:
                                 on_token(len(new))
@@ -225,7 +235,7 @@ def _pcts(xs: list[float]) -> dict[str, float]:
     def q(p: float) -> float:
         return xs[min(len(xs) - 1, int(p * len(xs)))]
 
-    return {"p50": statistics.median(xs), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(xs)}
+    return {"p50": statistics.median(xs), "p90": q(0.9), "p99": q(0.99), "max": xs[-1], "mean": statistics.fmean(xs)}
 
 
 def _shared_prefix(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
@@ -320,6 +330,7 @@ def part_failover(args: argparse.Namespace, model: str, vocab: int, logs: str) -
            "missing_tokens": missing, "extra_tokens": extra, "moved_requests": len(moved),
            "resumed_at_tokens": _pcts([float(b[i]["failover"]["resumed_at_token"]) for i in moved]),
            "added_latency_ms": _pcts(added),
+           "switch_gap_ms": _pcts([b[i]["switch_gap"] * 1000 for i in moved if "switch_gap" in b[i]]),
            "clean_e2e_of_moved_ms": _pcts([a[i]["e2e"] * 1000 for i in moved])}
     print(f"failover: {hit['failed']} failed, {same}/{len(reqs)} identical to the clean run, {len(moved)} moved, "
           f"added latency p50 {out['added_latency_ms'].get('p50', float('nan')):.0f} ms", flush=True)
@@ -335,9 +346,12 @@ def part_overhead(args: argparse.Namespace, model: str, vocab: int, logs: str) -
         rep.wait()
         router = _router([rep], "kv_aware", f"{logs}/overhead-router.log", model).wait()
         _wait_synced(router, 1)
-        asyncio.run(_load(rep.url, _random_prompts(4, vocab, 999, 16, 2), 4))
-        for _ in range(2):
-            for name, url in (("direct", rep.url), ("router", router.url)):
+        # One whole pass first (the replica's first large batches run slower), then the two ways
+        # alternately, each going first in turn.
+        asyncio.run(_load(rep.url, reqs, args.max_concurrency))
+        for k in range(args.overhead_rounds):
+            ways = (("direct", rep.url), ("router", router.url))
+            for name, url in (ways if k % 2 == 0 else ways[::-1]):
                 s = asyncio.run(_load(url, reqs, args.max_concurrency))
                 runs[name].append(s)
                 print(f"overhead {name}: {s['output_throughput']:.1f} tok/s, TTFT p50 "
@@ -346,11 +360,11 @@ def part_overhead(args: argparse.Namespace, model: str, vocab: int, logs: str) -
         for p in [router, rep]:
             if p is not None:
                 p.stop()
-    d = statistics.fmean(s["output_throughput"] for s in runs["direct"])
-    r = statistics.fmean(s["output_throughput"] for s in runs["router"])
+    d = statistics.median(s["output_throughput"] for s in runs["direct"])
+    r = statistics.median(s["output_throughput"] for s in runs["router"])
     return {"direct": runs["direct"], "router": runs["router"], "direct_tok_s": d, "router_tok_s": r,
             "throughput_ratio_router_over_direct": r / d,
-            "ttft_p50_ms": {k: statistics.fmean(s["ttft_ms"]["p50"] for s in v) for k, v in runs.items()}}
+            "ttft_p50_ms": {k: statistics.median(s["ttft_ms"]["p50"] for s in v) for k, v in runs.items()}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -366,7 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = args.log_dir or tempfile.mkdtemp(prefix="tokenmill-fleet-logs-")
     os.makedirs(logs, exist_ok=True)
     print(f"model {model}, logs in {logs}", flush=True)
-    out: dict[str, Any] = {"model": model, "cpu_count": os.cpu_count(), "args": vars(args)}
+    flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
+    out: dict[str, Any] = {"model": model, "cpu_count": os.cpu_count(), "args": flags}
     for part, fn in (("kv", part_kv), ("failover", part_failover), ("overhead", part_overhead)):
         if part in parts:
             out[part] = fn(args, model, vocab, logs)
@@ -397,7 +412,9 @@ def format_report(out: dict[str, Any]) -> str:
                      f"identical to the undisturbed run; {f['missing_tokens']} tokens missing, {f['extra_tokens']} "
                      f"extra; {f['moved_requests']} moved, added latency p50 "
                      f"{f['added_latency_ms'].get('p50', float('nan')):.0f} ms (their undisturbed e2e p50 "
-                     f"{f['clean_e2e_of_moved_ms'].get('p50', float('nan')):.0f} ms)")
+                     f"{f['clean_e2e_of_moved_ms'].get('p50', float('nan')):.0f} ms); the stream's pause at the move "
+                     f"p50 {f['switch_gap_ms'].get('p50', float('nan')):.0f} ms, max "
+                     f"{f['switch_gap_ms'].get('max', float('nan')):.0f} ms")
     if "overhead" in out:
         o = out["overhead"]
         lines.append(f"overhead: direct {o['direct_tok_s']:.1f} tok/s, through the router {o['router_tok_s']:.1f} "

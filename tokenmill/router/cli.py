@@ -62,6 +62,9 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         raise ValueError(f"unrecognized arguments: {' '.join(serve_args)} (serve arguments go with --replicas N)")
     if args.replicas < 0:
         raise ValueError(f"--replicas: must be >= 0, got {args.replicas}")
+    if args.replicas and args.replica_api_key is None and "--api-key" in serve_args:
+        i = serve_args.index("--api-key")  # local replicas behind a key: the router's own calls need it too
+        args.replica_api_key = serve_args[i + 1] if i + 1 < len(serve_args) else None
     config = config_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health check otherwise
     sock = bind_socket(args.host, args.port)

@@ -14,6 +14,7 @@ prefix follows the first one instead of spreading before any event arrives.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,18 +112,31 @@ class PromptHasher:
         self.path = path
         self._tokenizer: Any = None
         self.failed: str | None = None
+        # Requests tokenize on worker threads; the first load (and transformers' lazy imports, which
+        # are not thread-safe) must happen once.
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._tokenizer is not None or self.failed is not None
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None and self.failed is None:
+        if self.loaded:
+            return self._tokenizer
+        with self._lock:
+            if self.loaded:
+                return self._tokenizer
             from tokenmill.engine.llm_engine import load_tokenizer
 
             try:
-                self._tokenizer = load_tokenizer(self.path)
+                tok = load_tokenizer(self.path)
             except Exception as e:  # routing still works, by load
                 self.failed = f"{type(e).__name__}: {e}"
-            if self._tokenizer is None and self.failed is None:
-                self.failed = "no tokenizer in the folder"
+            else:
+                if tok is None:
+                    self.failed = "no tokenizer in the folder"
+                self._tokenizer = tok
             if self.failed:
                 logger.warning("router: no tokenizer from %s (%s): KV-aware routing off for it", self.path,
                                self.failed)

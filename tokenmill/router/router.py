@@ -223,9 +223,11 @@ class Router:
             logger.debug("router: /v1/models of %s: %s", rep.url, e)
 
     def _hasher(self, model: str) -> PromptHasher | None:
+        if self.config.tokenizer is not None:  # one tokenizer for every model
+            return self.hashers.setdefault("", PromptHasher(self.config.tokenizer))
         h = self.hashers.get(model)
         if h is None:
-            path = self.config.tokenizer or self.roots.get(model)
+            path = self.roots.get(model)
             if path is None or not os.path.isdir(path):
                 return None
             h = self.hashers[model] = PromptHasher(path)
@@ -243,7 +245,7 @@ class Router:
         if self.config.policy == "kv_aware" and name is not None and endpoint in ("chat", "completions"):
             h = self._hasher(name)
             if h is not None:
-                if size > THREAD_TOKENIZE_BYTES or h._tokenizer is None:
+                if size > THREAD_TOKENIZE_BYTES or not h.loaded:
                     ids = await asyncio.to_thread(h.token_ids, endpoint, body)
                 else:
                     ids = h.token_ids(endpoint, body)
@@ -321,6 +323,9 @@ class Router:
 
     async def start(self) -> None:
         c = self.config
+        if c.tokenizer is not None:  # loaded now rather than by the first requests
+            h = self.hashers.setdefault("", PromptHasher(c.tokenizer))
+            await asyncio.to_thread(lambda: h.tokenizer)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=c.connect_timeout_s),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         for rep in self.replicas.values():
