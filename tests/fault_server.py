@@ -2,7 +2,9 @@
 666 raises, as a kernel bug triggered by one request's input would. Used by test_server.py to
 check that such a request fails alone and the server keeps serving the others. With
 TOKENMILL_FAULT_UNPARK=NAME, bringing back the parked model in folder NAME fails; with
-TOKENMILL_FAULT_PARK=NAME, parking it fails once the server runs (test_model_pool.py)."""
+TOKENMILL_FAULT_PARK=NAME, parking it fails once the server runs (test_model_pool.py); with
+TOKENMILL_FAULT_DIE_SEED=N, the process dies (as a crash would) at the first step of a request
+seeded N, before its first token (test_fleet.py)."""
 
 import os
 import sys
@@ -13,9 +15,14 @@ POISON_SEED = 666
 _execute = ModelRunner.execute
 
 
+DIE_SEED = int(os.environ.get("TOKENMILL_FAULT_DIE_SEED", "-1"))
+
+
 def _faulty_execute(self, sched):
     if any(s.seq.params.seed == POISON_SEED for s in sched.scheduled):
         raise RuntimeError("injected fault")
+    if any(s.seq.params.seed == DIE_SEED for s in sched.scheduled):
+        os._exit(9)
     return _execute(self, sched)
 
 

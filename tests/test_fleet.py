@@ -10,6 +10,7 @@ and the router's SIGTERM letting streams in flight finish.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -17,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess
+from tests.server_utils import ROOT, ServerProcess
 from tokenmill.router.index import PromptHasher
 
 REPLICA_ARGS = ("--kv-cache-memory", "0.02", "--log-level", "warning")
@@ -138,6 +139,28 @@ def test_resume_token_ids_continue_a_stream_exactly(fleet, model_name, endpoint,
     assert usage2["completion_tokens"] == 48 and usage2["prompt_tokens"] == usage["prompt_tokens"]
 
 
+def test_resume_with_min_tokens_and_a_stop_string_before_it(fleet, model_name):
+    """A stop string that appears before min_tokens does not count: the resumed stream must not cut
+    the text there (it would send part of it again)."""
+    a, b = (client_for(r.base_url) for r in fleet["replicas"])
+    base = dict(model=model_name, prompt="Once upon a time", max_tokens=40, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    text = a.completions.create(**base).choices[0].text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip() and
+                text[i:i + 2] in text[:i + 2] and text.find(text[i:i + 2]) < len(text) // 3)
+    kw = {**base, "stop": [stop], "stream": True, "extra_body": {**base["extra_body"], "min_tokens": 30}}
+    chunks = [(c.text, c.model_extra["token_ids"]) for ch in a.completions.create(**kw) for c in ch.choices]
+    full = "".join(t for t, _ in chunks)
+    head, ids = "", []
+    for t, x in chunks:
+        if len(ids) >= 20:
+            break
+        head, ids = head + t, ids + x
+    kw["extra_body"] = {**kw["extra_body"], "resume_token_ids": ids}
+    tail = "".join(c.text for ch in b.completions.create(**kw) for c in ch.choices)
+    assert head + tail == full
+
+
 def test_resume_refusals_are_400(fleet, model_name):
     c = client_for(fleet["replicas"][0].base_url)
     for kw, param in [(dict(stream=False), "resume_token_ids"), (dict(stream=True, n=2), "resume_token_ids")]:
@@ -231,6 +254,78 @@ def test_sigkill_mid_stream_finishes_on_the_other_replica_then_it_comes_back(fle
     assert back.base_url in used
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_replica_dying_before_the_first_token_is_retried_elsewhere(fleet, model_dir, model_name, tmp_path, stream):
+    """A replica that crashes on a request before answering anything: the router sends the request
+    to the other replica, and the client gets the answer (the same text: seeded sampling)."""
+    good = fleet["replicas"][0]
+    bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
+                        script=os.path.join(ROOT, "tests", "fault_server.py"),
+                        env={"OMP_NUM_THREADS": "1", "TOKENMILL_FAULT_DIE_SEED": "4242"})
+    router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
+                           "--policy", "round_robin", log_path=str(tmp_path / "router.log"), command="router")
+    try:
+        wait_fleet(router, [bad.base_url, good.base_url])
+        c = client_for(router.base_url)
+        kw = dict(model=model_name, prompt="A crash before the first token", max_tokens=12, temperature=1.0,
+                  seed=4242, extra_body={"ignore_eos": True})
+        want = client_for(good.base_url).completions.create(**kw).choices[0].text
+        moved = []
+        for _ in range(4):  # round robin: one of these reaches the bad replica
+            if stream:
+                text, fo = "", None
+                for ch in c.completions.create(stream=True, **kw):
+                    text += "".join(x.text for x in ch.choices)
+                    fo = (ch.model_extra or {}).get("failover") or fo
+            else:
+                r = c.completions.create(**kw)
+                text, fo = r.choices[0].text, (r.model_extra or {}).get("failover")
+            assert text == want
+            if fo is not None:
+                moved.append(fo)
+            if bad.proc.poll() is not None and moved:
+                break
+        assert bad.proc.poll() is not None, "the faulty replica never got the request"
+        assert moved and moved[0]["replicas"] == [bad.base_url, good.base_url]
+        m = router_metrics(router.base_url)
+        # (a stream's replica may die before or after it sent the response's headers)
+        assert sum(v for k, v in m.items() if k.startswith("tokenmill_router:failovers_total")
+                   and ("resumed" in k or "retried" in k)) == 1
+    finally:
+        router.stop()
+        bad.stop()
+
+
+def test_a_hung_replica_mid_stream_is_given_up_on(fleet, model_name, tmp_path):
+    """A replica that stops answering (SIGSTOP) mid-stream: once it has failed 3 health checks, its
+    streams move on and finish on the other replica, text identical."""
+    reps = fleet["replicas"]
+    router = ServerProcess(None, *[a for r in reps for a in ("--replica", r.base_url)], "--health-interval", "0.2",
+                           "--health-timeout", "0.5", log_path=str(tmp_path / "router.log"), command="router")
+    c = client_for(router.base_url)
+    kw = dict(model=model_name, prompt="A replica that hangs", max_tokens=200, temperature=0,
+              extra_body={"ignore_eos": True})
+    try:
+        wait_fleet(router, [r.base_url for r in reps])
+        with c.completions.with_streaming_response.create(stream=True, **kw) as resp:
+            victim = next(r for r in reps if r.base_url == resp.headers[HEADER])
+            text, n, failover = "", 0, None
+            for ch in resp.parse():
+                n += 1
+                if n == 10:
+                    victim.proc.send_signal(signal.SIGSTOP)
+                text += "".join(x.text for x in ch.choices)
+                failover = (ch.model_extra or {}).get("failover") or failover
+        victim.proc.send_signal(signal.SIGCONT)
+        other = next(r for r in reps if r is not victim)
+        assert text == client_for(other.base_url).completions.create(**kw).choices[0].text
+        assert failover is not None and failover["replicas"] == [victim.base_url, other.base_url]
+    finally:
+        for r in reps:
+            r.proc.send_signal(signal.SIGCONT)
+        router.stop()
+
+
 def _model_dir(srv: ServerProcess) -> str:
     args = srv.proc.args
     return args[args.index("--model") + 1]
@@ -257,3 +352,35 @@ def test_router_sigterm_lets_streams_in_flight_finish(fleet, model_name, tmp_pat
     assert router.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(router.base_url + "/health", timeout=5)
+
+
+def test_router_with_local_replicas_restarts_one_that_dies(model_dir, model_name, tmp_path):
+    """`tokenmill router --replicas 2 --model DIR ...`: the router starts two replicas (the serve
+    flags go to them), restarts one that dies, and stops both with itself."""
+    import re
+
+    logs = tmp_path / "replicas"
+    router = ServerProcess(model_dir, "--replicas", "2", "--replica-threads", "1", "--replica-log-dir", str(logs),
+                           "--health-interval", "0.2", "--kv-cache-memory", "0.02",
+                           log_path=str(tmp_path / "router.log"), command="router")
+    log0 = logs / "replica0.log"
+    try:
+        urls = sorted({k.split('"')[1] for k in router_metrics(router.base_url) if "replica_up{" in k})
+        assert len(urls) == 2
+        wait_fleet(router, urls)
+        c = client_for(router.base_url)
+        r = c.completions.create(model=model_name, prompt="local replicas", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        pid = int(re.search(r"Started server process \[(\d+)\]", log0.read_text()).group(1))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 90
+        while log0.read_text().count("Started server process") < 2:  # restarted, on the same address
+            assert time.time() < deadline, "the replica was not restarted"
+            time.sleep(0.2)
+        wait_fleet(router, urls, timeout=90)
+        assert c.completions.create(model=model_name, prompt="after the restart", max_tokens=3).choices
+    finally:
+        assert router.stop() == 0
+    for u in urls:  # stopped with the router
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(u + "/health", timeout=2)

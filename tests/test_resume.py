@@ -57,3 +57,14 @@ def test_resume_refused_cleanly(engine):
         engine.add_request({**PROMPT, "resume_token_ids": full[:2]}, SamplingParams(n=2, max_tokens=8))
     assert not engine.has_unfinished_requests()
     engine.block_manager.check_invariants([])
+
+
+def test_cached_tokens_never_exceed_the_prompt_after_a_resume(engine):
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = run(engine, PROMPT, p)
+    rid = engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p)
+    out = None
+    while out is None or not out.finished:
+        out = next((o for o in engine.step() if o.request_id == rid), out)
+    assert out.outputs[0].token_ids == full
+    assert out.num_cached_tokens <= len(PROMPT["prompt_token_ids"])  # usage's cached_tokens: prompt tokens only

@@ -3,11 +3,18 @@ synthetic event streams, and prompt keys equal to the engine's own."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import httpx
 import pytest
 
 from tokenmill.engine.block_manager import block_hashes
+from tokenmill.router import replicas as replicas_mod
 from tokenmill.router.index import PromptHasher, ReplicaIndex
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights, kv_aware_cost
+from tokenmill.router.replicas import Replica
+from tokenmill.router.router import Router, RouterConfig
 from tokenmill.server.kv_events import KVEventHub, Subscriber
 
 
@@ -113,8 +120,6 @@ def test_pending_prefixes_count_until_the_request_ends():
 def test_hub_events_rebuild_the_engine_state():
     """A hub's snapshot and events, applied by a router's index, give the hub's key set; a
     subscriber that falls behind is dropped."""
-    import asyncio
-
     async def go():
         hub = KVEventHub("m", 4)
         k = keys(list(range(64)))
@@ -179,3 +184,66 @@ def test_router_keys_are_the_engines_keys(model_dir, llm):
     assert h.token_ids("chat", {"messages": "not a list"}) is None
     assert h.token_ids("completions", {"prompt": [1, 2, 3]}) == [1, 2, 3]
     assert h.token_ids("completions", {"prompt": ["first one", "second"]}) == h.tokenizer.encode("first one")
+    # tools as clients send them (type left out, keys in another order) render as the server renders them
+    from tests.models import TOOLS_CHAT_TEMPLATE
+
+    tok = h.tokenizer
+    tok.chat_template = TOOLS_CHAT_TEMPLATE
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    msgs = [{"role": "user", "content": "weather?"}]
+    want = tok.encode(tok.apply_chat_template(msgs, tools=[{"type": "function", "function": fn}],
+                                              add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    for tools in ([{"function": fn}], [{"function": fn, "type": "function"}]):
+        assert h.token_ids("chat", {"messages": msgs, "tools": tools}) == want
+
+
+# -- replicas (no processes: httpx's mock transport) ---------------------------------------------------
+def test_kv_event_stream_backoff_resets_after_a_stream_that_connected(monkeypatch):
+    """Streams that connect (hello, snapshot) and then end (a replica restarted, or it dropped a slow
+    subscriber) are reopened at once, not after a delay that kept doubling."""
+    body = ("data: " + json.dumps({"type": "hello", "models": {"m": 16}}) + "\n\n" +
+            "data: " + json.dumps({"type": "snapshot", "model": "m", "block_size": 16, "seq": 1, "hashes": []})
+            + "\n\n")
+    transport = httpx.MockTransport(lambda req: httpx.Response(200, text=body,
+                                                               headers={"content-type": "text/event-stream"}))
+    delays = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(d, *a):
+        delays.append(d)
+        if len(delays) >= 7:
+            raise asyncio.CancelledError
+        await real_sleep(0)
+
+    monkeypatch.setattr(replicas_mod.asyncio, "sleep", fake_sleep)
+
+    async def main():
+        rep = Replica("http://r")
+        rep.up = True
+        async with httpx.AsyncClient(transport=transport) as c:
+            with pytest.raises(asyncio.CancelledError):
+                await rep._events(c, 10.0)
+
+    asyncio.run(main())
+    assert max(delays) <= 0.25, delays
+
+
+def test_router_learns_the_tokenizer_folder_of_every_model(tmp_path):
+    """Replicas serving different models: each model's folder (their /v1/models `root`) is learned."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    cards = {"a": [{"id": "X", "root": str(tmp_path / "x")}], "b": [{"id": "Y", "root": str(tmp_path / "y")}]}
+    transport = httpx.MockTransport(lambda req: httpx.Response(200, json={"object": "list",
+                                                                           "data": cards[req.url.host]}))
+
+    async def main():
+        router = Router(RouterConfig(), ["http://a", "http://b"])
+        router.client = httpx.AsyncClient(transport=transport)
+        for rep in router.replicas.values():
+            rep._mark_up()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        await router.client.aclose()
+        return router.roots
+
+    assert set(asyncio.run(main())) == {"X", "Y"}

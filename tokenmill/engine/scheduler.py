@@ -157,7 +157,8 @@ class Scheduler:
                 break
             req = seq.request
             if req.num_cached_tokens is None:
-                req.num_cached_tokens = len(cached) * bm.block_size
+                # (a resumed sequence's cached blocks may reach past its prompt: usage counts prompt tokens)
+                req.num_cached_tokens = min(len(cached) * bm.block_size, seq.num_prompt_tokens)
             self.waiting.pop(0)
             seq.num_draft_computed = seq.num_computed_tokens  # cached blocks hold the draft model's KV too
             seq.status = SeqStatus.RUNNING

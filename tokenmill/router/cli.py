@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kv_aware: KV cache usage from which a replica counts as full")
     p.add_argument("--max-retries", type=int, default=2, help="other replicas a failed request is tried on (0: off)")
     p.add_argument("--health-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--health-timeout", type=float, default=2.0, metavar="S",
+                   help="a replica slower than this to answer /health fails the check; after 3 in a row its open "
+                   "streams move to another replica")
     p.add_argument("--tokenizer", default=None,
                    help="the folder whose tokenizer hashes prompts (default: each model's folder as replicas "
                    "report it, when on this machine)")
@@ -46,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ValueError(f"--max-retries: must be >= 0, got {args.max_retries}")
     return RouterConfig(policy=args.policy, weights=KVAwareWeights(args.kv_decode_weight, args.kv_full),
                         max_retries=args.max_retries, health_interval_s=args.health_interval,
+                        health_timeout_s=args.health_timeout,
                         tokenizer=args.tokenizer, replica_api_key=args.replica_api_key,
                         max_body_bytes=args.max_body_size)
 

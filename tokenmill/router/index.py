@@ -151,10 +151,10 @@ class PromptHasher:
         try:
             if endpoint == "chat":
                 from tokenmill.server.protocol import ChatCompletionRequest
-                from tokenmill.server.tools import template_messages
+                from tokenmill.server.tools import template_messages, template_tools
 
                 req = ChatCompletionRequest.model_validate(body)
-                text = tok.apply_chat_template(template_messages(req.messages), tools=req.tools,
+                text = tok.apply_chat_template(template_messages(req.messages), tools=template_tools(req.tools),
                                                add_generation_prompt=req.add_generation_prompt, tokenize=False)
                 return tok.encode(text, add_special_tokens=False)
             p = body.get("prompt")

@@ -28,6 +28,9 @@ from tokenmill.router.index import ReplicaIndex
 logger = logging.getLogger("tokenmill.router")
 
 BACKOFF_START_S = 0.25
+# Health checks a replica may fail in a row (a few seconds: each waits for its timeout) before the
+# streams open on it are moved elsewhere; fewer would move streams off a replica that is only busy.
+ABORT_AFTER_FAILURES = 3
 
 
 class Replica:
@@ -45,6 +48,7 @@ class Replica:
         self.prefilling: dict[int, int] = {}  # request -> uncached prompt tokens, until its first token
         self.decoding = 0  # requests past their first token
         self.recovered = asyncio.Event()  # set when it comes back up
+        self.relays: set[Any] = set()  # streams open on it (router._Relay)
         self.on_change: Callable[[Replica], None] | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -68,23 +72,30 @@ class Replica:
         self._tasks = []
 
     def mark_down(self, why: str) -> None:
-        if self.up:
+        was = self.up
+        if was:
             logger.warning("replica %s is down: %s", self.url, why)
         self.up = False
         self.recovered.clear()
         # (Its KV index stays: a replica that really went away breaks its event stream, which
         # clears it; one that missed a health check keeps a stream that is still exact.)
-        if self.on_change is not None:
+        if was and self.on_change is not None:
             self.on_change(self)
 
     def _mark_up(self) -> None:
-        if not self.up:
+        was = self.up
+        if not was:
             logger.info("replica %s is up", self.url)
         self.up = True
         self.failures = 0
         self.recovered.set()
-        if self.on_change is not None:
+        if not was and self.on_change is not None:
             self.on_change(self)
+
+    def abort_relays(self, why: str) -> None:
+        """Streams open on this replica give up on it (it stopped answering) and move elsewhere."""
+        for relay in list(self.relays):
+            relay.abort(why)
 
     def backoff(self, backoff_max: float) -> float:
         return min(backoff_max, BACKOFF_START_S * 2 ** max(0, self.failures - 1))
@@ -104,6 +115,8 @@ class Replica:
             else:
                 self.failures += 1
                 self.mark_down(why)
+                if self.failures >= ABORT_AFTER_FAILURES:  # hung, not just slow: its open streams move on
+                    self.abort_relays(f"{self.failures} health checks failed ({why})")
                 await asyncio.sleep(self.backoff(backoff_max))
 
     # -- KV events ------------------------------------------------------------------------------
@@ -117,13 +130,11 @@ class Replica:
                 why = "the stream ended"
             except (httpx.HTTPError, ValueError, KeyError) as e:
                 why = f"{type(e).__name__}: {e}"
+            fails = 1 if self.stream_connected else fails + 1  # a stream that got going resets the backoff
             self.stream_connected = False
             self.index.lost()
-            fails += 1
             logger.info("replica %s: KV event stream lost (%s); load-only routing until it resyncs", self.url, why)
             await asyncio.sleep(min(backoff_max, BACKOFF_START_S * 2 ** min(fails - 1, 10)))
-            if self.stream_connected:
-                fails = 0
 
     async def _follow(self, client: httpx.AsyncClient) -> None:
         # Heartbeats come every second: a stream silent for 5 s is dead.
@@ -186,11 +197,12 @@ class LocalReplicas:
         env = dict(os.environ)
         if self.threads:  # replicas sharing a machine share its cores
             env["OMP_NUM_THREADS"] = str(self.threads)
-        out = None
-        if self.log_dir:
-            out = open(os.path.join(self.log_dir, f"replica{i}.log"), "a")  # noqa: SIM115 (the child holds it)
         logger.info("starting replica %d: %s", i, " ".join(cmd))
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        if not self.log_dir:
+            return subprocess.Popen(cmd, env=env)
+        os.makedirs(self.log_dir, exist_ok=True)
+        with open(os.path.join(self.log_dir, f"replica{i}.log"), "a") as out:  # the child keeps its own copy
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def start(self) -> None:
         for i in range(len(self.ports)):

@@ -206,7 +206,7 @@ class Router:
         return out
 
     def _replica_changed(self, rep: Replica) -> None:
-        if rep.up and self.client is not None and not self.roots:
+        if rep.up and self.client is not None:  # (re)joined: learn where its models' folders are
             asyncio.ensure_future(self._learn_roots(rep))
 
     async def _learn_roots(self, rep: Replica) -> None:
@@ -289,6 +289,8 @@ class Router:
 
         @app.get("/health")
         async def health() -> Response:
+            if self.draining:
+                return JSONResponse(error_body(503, "the router is shutting down"), status_code=503)
             up = sum(r.up for r in self.replicas.values())
             if up == 0:
                 return JSONResponse(error_body(503, "no replica is up"), status_code=503)
@@ -413,8 +415,9 @@ class Router:
                     break
                 return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
                                     headers={"Retry-After": "1"})
+            call = _Call(rep, self.client.request(request.method, rep.url + path, content=raw, headers=headers))
             try:
-                resp = await self.client.request(request.method, rep.url + path, content=raw, headers=headers)
+                resp = await call.result()
             except httpx.TransportError as e:
                 rep.mark_down(f"{type(e).__name__}: {e}")
                 tried.append(rep.url)
@@ -457,7 +460,7 @@ class Router:
         return Response(content, resp.status_code, headers=headers, media_type=ctype)
 
     async def _open(self, path: str, body: dict[str, Any], plan: _Plan, headers: dict[str, str], tried: list[str],
-                    endpoint: str) -> tuple[Replica, _Ticket, httpx.Response] | Response:
+                    endpoint: str) -> tuple[Replica, _Ticket, _Relay] | Response:
         """A replica's stream that answered 200, trying others on failure; else the response to relay."""
         assert self.client is not None
         content = json.dumps(body).encode()
@@ -470,18 +473,26 @@ class Router:
                     return self._relay(last, None)
                 return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
                                     headers={"Retry-After": "1"})
-            req = self.client.build_request("POST", rep.url + path, content=content, headers=headers)
+            resp: httpx.Response | None = None
             try:
-                resp = await self.client.send(req, stream=True)
+                resp = await self.client.send(self.client.build_request("POST", rep.url + path, content=content,
+                                                                        headers=headers), stream=True)
+                if resp.status_code == 200:
+                    return rep, ticket, _Relay(rep, resp)
+                await resp.aread()
             except httpx.TransportError as e:
                 ticket.end()
+                if resp is not None:
+                    await resp.aclose()
                 rep.mark_down(f"{type(e).__name__}: {e}")
                 tried.append(rep.url)
                 self.metrics.requests.labels(rep.url, endpoint, "failed").inc()
                 continue
-            if resp.status_code == 200:
-                return rep, ticket, resp
-            await resp.aread()
+            except BaseException:  # the client went away (cancelled) or worse: leave the ledger straight
+                ticket.end()
+                if resp is not None:
+                    await asyncio.shield(resp.aclose())
+                raise
             await resp.aclose()
             ticket.end()
             self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
@@ -502,19 +513,22 @@ class Router:
         tried: list[str] = []
         opened = await self._open(path, upstream, plan, headers, tried, endpoint)
         if isinstance(opened, Response):
+            if tried:
+                self.metrics.failovers.labels("before_response", "failed").inc()
             return opened
         state = _StreamState(body, endpoint, want_ids)
         if tried:
             state.failover = {"retries": len(tried), "replicas": tried + [opened[0].url], "resumed_at_token": 0}
+            self.metrics.failovers.labels("before_response", "retried").inc()
         metrics = self.metrics
 
         async def events() -> AsyncIterator[str]:
-            rep, ticket, resp = opened
+            rep, ticket, relay = opened
             first = True
             try:
                 while True:
                     try:
-                        async for line in resp.aiter_lines():
+                        async for line in relay.lines():
                             if not line.startswith("data: "):
                                 continue
                             data = line[6:]
@@ -538,7 +552,7 @@ class Router:
                         why = f"{type(e).__name__}: {e}"
                     # The replica failed midway.
                     ticket.end()
-                    await resp.aclose()
+                    await relay.close()
                     rep.mark_down(why)
                     tried.append(rep.url)
                     metrics.requests.labels(rep.url, endpoint, "failed").inc()
@@ -555,6 +569,9 @@ class Router:
                         yield "data: [DONE]\n\n"
                         return
                     resumed = state.tokens.get(0, []) if state.sent_any else []
+                    given = body.get("resume_token_ids")  # a client resuming a stream itself: its tokens first
+                    if isinstance(given, list):
+                        resumed = given + resumed
                     up = {**upstream, **({"resume_token_ids": resumed} if resumed else {})}
                     if "max_tokens" in up and up.get("max_tokens") is None:
                         up.pop("max_tokens")
@@ -568,7 +585,7 @@ class Router:
                     metrics.failovers.labels("mid_stream", "resumed").inc()
                     logger.info("stream moved from %s to %s after %d tokens (%s)", rep.url, opened2[0].url,
                                 len(resumed), why)
-                    rep, ticket, resp = opened2
+                    rep, ticket, relay = opened2
                     state.switched({"retries": len(tried), "replicas": tried + [rep.url],
                                     "resumed_at_token": len(resumed)})
                     if resumed:
@@ -576,11 +593,76 @@ class Router:
                         ticket.first_token()
             finally:
                 ticket.end()
-                await resp.aclose()
+                await relay.close()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: opened[0].url})
+
+
+class _Relay:
+    """A replica's open stream, read by a task of its own into a queue, so that the replica can
+    be given up on (Replica.abort_relays: it stopped answering) while a read is pending."""
+
+    _END = object()
+
+    def __init__(self, replica: Replica, resp: httpx.Response) -> None:
+        self.replica, self.resp = replica, resp
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._read())
+        replica.relays.add(self)
+
+    async def _read(self) -> None:
+        try:
+            async for line in self.resp.aiter_lines():
+                self.queue.put_nowait(line)
+            self.queue.put_nowait(self._END)
+        except Exception as e:  # handed to the reader
+            self.queue.put_nowait(e)
+
+    def abort(self, why: str) -> None:
+        self.queue.put_nowait(httpx.ReadError(f"given up: {why}"))
+
+    async def lines(self) -> AsyncIterator[str]:
+        while True:
+            item = await self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        self.replica.relays.discard(self)
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+        await asyncio.shield(self.resp.aclose())
+
+
+class _Call:
+    """A non-streamed request to a replica, which can be given up on like a stream (_Relay)."""
+
+    def __init__(self, replica: Replica, coro: Any) -> None:
+        self.replica = replica
+        self.task = asyncio.ensure_future(coro)
+        self.why: str | None = None
+        replica.relays.add(self)
+
+    def abort(self, why: str) -> None:
+        self.why = why
+        self.task.cancel()
+
+    async def result(self) -> httpx.Response:
+        try:
+            return await self.task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.why is not None and not getattr(me, "cancelling", lambda: 0)():  # (3.11+; 3.10: no check)
+                raise httpx.ReadError(f"given up: {self.why}") from None
+            raise
+        finally:
+            self.replica.relays.discard(self)
 
 
 class _TooLarge(Exception):
@@ -647,6 +729,10 @@ class _StreamState:
             self.sent_any = self.sent_any or bool(keep)
         if pids is not None and not self.prompt_tokens:
             self.prompt_tokens = len(pids)
+        elif pids is not None:  # a replica that took over sends them again: the client has them
+            obj.pop("prompt_token_ids", None)
+            for ch in keep:
+                ch.pop("prompt_token_ids", None)
         if not self.want_ids:
             obj.pop("prompt_token_ids", None)
         if obj.get("usage"):

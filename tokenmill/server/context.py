@@ -228,8 +228,8 @@ class ServerContext:
             return state, ""
         det = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop or [],
                                      params.include_stop_str_in_output)
-        for t in resume:
-            det.add_token(t)
+        for i, t in enumerate(resume):  # stop strings count from min_tokens on, as LLMEngine._check_stop has it
+            det.add_token(t, check_stop=i + 1 >= params.min_tokens)
         state.text = safe_stream_end(det.text, params.stop or [], False, 0)
         return state, det.text[: state.text]
 

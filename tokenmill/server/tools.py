@@ -105,7 +105,7 @@ class ToolSetup:
                              "model's chat template shows no tool-call format; start the server with "
                              f"--tool-call-parser ({'|'.join(PARSERS)}), or use tool_choice 'required', "
                              "a named function or 'none'")
-        setup = cls(tools=[{"type": "function", "function": t["function"]} for t in tools], mode=choice,
+        setup = cls(tools=template_tools(tools), mode=choice,
                     parser=parser, named=named, names=frozenset(funcs))
         if choice == "named":
             setup.constraint = StructuredOutputsParams(json=funcs[named])
@@ -149,6 +149,14 @@ def _hoist_defs(schema: dict[str, Any], tool: str, defs: dict[str, Any]) -> dict
     for k, v in own.items():
         defs[f"{tool}__{k}"] = rewrite(v)
     return rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
+
+
+def template_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tools as the chat template gets them (each {"type": "function", "function": ...}, whatever
+    order or omissions the client sent); a fleet router renders prompts with the same."""
+    if not tools:
+        return None
+    return [{"type": "function", "function": t["function"]} for t in tools]
 
 
 def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
