@@ -326,6 +326,36 @@ def test_a_hung_replica_mid_stream_is_given_up_on(fleet, model_name, tmp_path):
         router.stop()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_an_engine_failure_on_one_replica_is_retried_on_another(fleet, model_dir, model_name, tmp_path, stream):
+    """A replica whose engine fails a request (a fault injected for requests seeded 666) answers with
+    an engine error; the router tries the request on another replica, where it succeeds."""
+    good = fleet["replicas"][0]
+    bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
+                        script=os.path.join(ROOT, "tests", "fault_server.py"), env={"OMP_NUM_THREADS": "1"})
+    router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
+                           "--policy", "round_robin", log_path=str(tmp_path / "router.log"), command="router")
+    try:
+        wait_fleet(router, [bad.base_url, good.base_url])
+        c = client_for(router.base_url)
+        kw = dict(model=model_name, prompt="An engine fault", max_tokens=8, temperature=1.0, seed=666,
+                  extra_body={"ignore_eos": True})
+        want = client_for(good.base_url).completions.create(**kw).choices[0].text
+        for _ in range(2):  # round robin: one of them goes to the faulty replica first
+            if stream:
+                text = "".join(x.text for ch in c.completions.create(stream=True, **kw) for x in ch.choices)
+            else:
+                text = c.completions.create(**kw).choices[0].text
+            assert text == want
+        m = router_metrics(router.base_url)
+        assert sum(v for k, v in m.items() if k.startswith("tokenmill_router:failovers_total")
+                   and ("resumed" in k or "retried" in k)) == 1
+        assert bad.proc.poll() is None  # it lives on, serving others
+    finally:
+        router.stop()
+        bad.stop()
+
+
 def _model_dir(srv: ServerProcess) -> str:
     args = srv.proc.args
     return args[args.index("--model") + 1]

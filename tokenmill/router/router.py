@@ -47,7 +47,10 @@ disable_created_metrics()  # the *_created series only add noise to every scrape
 
 # Headers a replica gets from the client (the rest are the router's business).
 FORWARDED = ("authorization", "content-type", "accept", "openai-organization", "openai-project")
-RETRY_STATUS = (502, 503, 504)
+RETRY_STATUS = (500, 502, 503, 504)  # a replica's failure, not the request's: another replica may succeed
+# In-stream errors that are the replica's failure, not the request's (server_error: the engine failed
+# the request; service_unavailable: a model could not be brought back): the stream moves on.
+ENGINE_FAILURE_TYPES = ("server_error", "service_unavailable")
 # The replica that answered (the first one, for a stream that moved: see its `failover` object).
 REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
@@ -535,7 +538,11 @@ class Router:
                             if data == "[DONE]":
                                 state.done = True
                                 break
-                            out = state.take(json.loads(data))
+                            obj = json.loads(data)
+                            err = obj.get("error") if "choices" not in obj else None
+                            if isinstance(err, dict) and err.get("type") in ENGINE_FAILURE_TYPES:
+                                raise _EngineFailed(str(err.get("message")))
+                            out = state.take(obj)
                             if state.tokens_seen and first:
                                 first = False
                                 ticket.first_token()
@@ -550,10 +557,12 @@ class Router:
                         return
                     except (httpx.TransportError, ValueError) as e:
                         why = f"{type(e).__name__}: {e}"
+                        rep.mark_down(why)
+                    except _EngineFailed as e:  # the replica answers; its engine failed this request
+                        why = f"its engine failed: {e}"
                     # The replica failed midway.
                     ticket.end()
                     await relay.close()
-                    rep.mark_down(why)
                     tried.append(rep.url)
                     metrics.requests.labels(rep.url, endpoint, "failed").inc()
                     if state.finished():
@@ -663,6 +672,11 @@ class _Call:
             raise
         finally:
             self.replica.relays.discard(self)
+
+
+class _EngineFailed(Exception):
+    """A replica's stream ended with an engine error (its engine thread died, or a fault in this
+    request's step): tried on another replica, which may well succeed."""
 
 
 class _TooLarge(Exception):
