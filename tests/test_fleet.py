@@ -52,7 +52,7 @@ def fleet(model_dir, tmp_path_factory):
     reps = [ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(d / f"r{i}.log"), env={"OMP_NUM_THREADS": "1"})
             for i in range(2)]
     router = ServerProcess(None, *[a for r in reps for a in ("--replica", r.base_url)], "--health-interval", "0.2",
-                           log_path=str(d / "router.log"), command="router")
+                           "--health-timeout", "5", log_path=str(d / "router.log"), command="router")
     wait_fleet(router, [r.base_url for r in reps])
     state = {"replicas": reps, "router": router, "dir": d}
     yield state
@@ -251,7 +251,7 @@ def test_sigkill_mid_stream_finishes_on_the_other_replica_then_it_comes_back(fle
     wait_fleet(router, [r.base_url for r in fleet["replicas"]])
     used = {c.completions.with_raw_response.create(model=model_name, prompt=f"fresh prompt number {i}",
                                                    max_tokens=2).headers[HEADER] for i in range(6)}
-    assert back.base_url in used
+    assert back.base_url in used, {k: v for k, v in router_metrics(router.base_url).items() if "replica" in k}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
@@ -263,7 +263,8 @@ def test_a_replica_dying_before_the_first_token_is_retried_elsewhere(fleet, mode
                         script=os.path.join(ROOT, "tests", "fault_server.py"),
                         env={"OMP_NUM_THREADS": "1", "TOKENMILL_FAULT_DIE_SEED": "4242"})
     router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
-                           "--policy", "round_robin", log_path=str(tmp_path / "router.log"), command="router")
+                           "--health-timeout", "5", "--policy", "round_robin", log_path=str(tmp_path / "router.log"),
+                           command="router")
     try:
         wait_fleet(router, [bad.base_url, good.base_url])
         c = client_for(router.base_url)
@@ -334,7 +335,8 @@ def test_an_engine_failure_on_one_replica_is_retried_on_another(fleet, model_dir
     bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
                         script=os.path.join(ROOT, "tests", "fault_server.py"), env={"OMP_NUM_THREADS": "1"})
     router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
-                           "--policy", "round_robin", log_path=str(tmp_path / "router.log"), command="router")
+                           "--health-timeout", "5", "--policy", "round_robin", log_path=str(tmp_path / "router.log"),
+                           command="router")
     try:
         wait_fleet(router, [bad.base_url, good.base_url])
         c = client_for(router.base_url)
@@ -391,7 +393,7 @@ def test_router_with_local_replicas_restarts_one_that_dies(model_dir, model_name
 
     logs = tmp_path / "replicas"
     router = ServerProcess(model_dir, "--replicas", "2", "--replica-threads", "1", "--replica-log-dir", str(logs),
-                           "--health-interval", "0.2", "--kv-cache-memory", "0.02",
+                           "--health-interval", "0.2", "--health-timeout", "5", "--kv-cache-memory", "0.02",
                            log_path=str(tmp_path / "router.log"), command="router")
     log0 = logs / "replica0.log"
     try:

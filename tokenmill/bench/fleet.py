@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 from tokenmill.bench import write_json
@@ -172,6 +173,7 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
             r.update(ok=False, tokens=[], failover=None, cached=0)
             try:
                 async with http.stream("POST", base + "/v1/completions", json=body) as resp:
+                    r["replica"] = resp.headers.get("x-tokenmill-replica")
                     if resp.status_code != 200:
                         r["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                         return
@@ -197,7 +199,7 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
                                 last_token[0] = time.perf_counter()
                             r["tokens"] += new
                             if on_token is not None and new:
-                                on_token(len(new))
+                                on_token(len(new), results)
                 r["ok"] = "error" not in r and len(r["tokens"]) == n_out
                 if not r["ok"] and "error" not in r:
                     r["error"] = f"{len(r['tokens'])} of {n_out} tokens"
@@ -306,14 +308,16 @@ def part_failover(args: argparse.Namespace, model: str, vocab: int, logs: str) -
         clean = asyncio.run(_load(router.url, reqs, len(reqs), record=True))
         total = sum(n for _, n in reqs)
         streamed = [0]
-        victim = reps[0]
-        killed_at: list[float] = []
+        killed: list[str] = []
 
-        def on_token(n: int) -> None:
+        def on_token(n: int, results: list[dict[str, Any]]) -> None:
             streamed[0] += n
-            if not killed_at and streamed[0] >= args.kill_at * total:
+            if not killed and streamed[0] >= args.kill_at * total:
+                # the replica with the most streams still going (routing decides how many each has)
+                busy = Counter(r.get("replica") for r in results if r and "e2e" not in r)
+                victim = max(reps, key=lambda p: busy.get(p.url, 0))
                 victim.proc.send_signal(signal.SIGKILL)
-                killed_at.append(time.perf_counter())
+                killed.append(victim.url)
 
         hit = asyncio.run(_load(router.url, reqs, len(reqs), record=True, on_token=on_token))
     finally:
@@ -326,7 +330,7 @@ def part_failover(args: argparse.Namespace, model: str, vocab: int, logs: str) -
     extra = sum(max(0, len(y["tokens"]) - len(x["tokens"])) for x, y in zip(a, b))
     moved = [i for i, y in enumerate(b) if y["failover"]]
     added = [(b[i]["e2e"] - a[i]["e2e"]) * 1000 for i in moved]
-    out = {"clean": clean, "with_kill": hit, "identical_outputs": same, "requests": len(reqs),
+    out = {"clean": clean, "with_kill": hit, "killed": killed, "identical_outputs": same, "requests": len(reqs),
            "missing_tokens": missing, "extra_tokens": extra, "moved_requests": len(moved),
            "resumed_at_tokens": _pcts([float(b[i]["failover"]["resumed_at_token"]) for i in moved]),
            "added_latency_ms": _pcts(added),

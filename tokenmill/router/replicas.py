@@ -28,9 +28,9 @@ from tokenmill.router.index import ReplicaIndex
 logger = logging.getLogger("tokenmill.router")
 
 BACKOFF_START_S = 0.25
-# Health checks a replica may fail in a row (a few seconds: each waits for its timeout) before the
-# streams open on it are moved elsewhere; fewer would move streams off a replica that is only busy.
-ABORT_AFTER_FAILURES = 3
+# Health checks that may time out in a row (a few seconds: each waits for its timeout) before the
+# requests open on a replica are moved elsewhere; fewer would move them off a replica only busy.
+ABORT_AFTER_TIMEOUTS = 3
 
 
 class Replica:
@@ -39,6 +39,7 @@ class Replica:
         self.headers = headers or {}
         self.up = False
         self.failures = 0  # consecutive failed checks (backoff)
+        self.timeouts = 0  # consecutive checks that got no answer at all (a hung replica)
         self.index = ReplicaIndex()
         self.models: list[str] = []  # from its event stream's hello (the first is its default)
         self.load: dict[str, tuple[int, int, float]] = {}  # model -> reported (running, waiting, kv usage)
@@ -103,20 +104,27 @@ class Replica:
     # -- health ---------------------------------------------------------------------------------
     async def _health(self, client: httpx.AsyncClient, interval: float, timeout: float, backoff_max: float) -> None:
         while True:
+            timed_out = False
             try:
                 r = await client.get(self.url + "/health", timeout=timeout)
                 ok = r.status_code == 200
                 why = f"/health answered {r.status_code}"
             except httpx.HTTPError as e:
                 ok, why = False, f"{type(e).__name__}: {e}"
+                timed_out = isinstance(e, httpx.TimeoutException)
             if ok:
+                self.timeouts = 0
                 self._mark_up()
                 await asyncio.sleep(interval)
             else:
                 self.failures += 1
+                self.timeouts = self.timeouts + 1 if timed_out else 0
                 self.mark_down(why)
-                if self.failures >= ABORT_AFTER_FAILURES:  # hung, not just slow: its open streams move on
-                    self.abort_relays(f"{self.failures} health checks failed ({why})")
+                # Only a replica that stopped answering at all is hung: its open requests move on. One
+                # that refuses or answers 503 is gone (its streams break by themselves) or draining
+                # (it finishes what it has).
+                if self.timeouts >= ABORT_AFTER_TIMEOUTS:
+                    self.abort_relays(f"{self.timeouts} health checks timed out")
                 await asyncio.sleep(self.backoff(backoff_max))
 
     # -- KV events ------------------------------------------------------------------------------
@@ -133,6 +141,7 @@ class Replica:
             fails = 1 if self.stream_connected else fails + 1  # a stream that got going resets the backoff
             self.stream_connected = False
             self.index.lost()
+            self.load.clear()  # (a replica that restarts must not be judged by its old load)
             logger.info("replica %s: KV event stream lost (%s); load-only routing until it resyncs", self.url, why)
             await asyncio.sleep(min(backoff_max, BACKOFF_START_S * 2 ** min(fails - 1, 10)))
 
@@ -150,6 +159,7 @@ class Replica:
                 if kind == "hello":
                     self.models = list(ev["models"])
                     self.index.hello(ev["models"])
+                    self.load.clear()
                     self.stream_connected = True
                 elif kind == "snapshot":
                     self.index.snapshot(ev["model"], ev["block_size"], ev["seq"], ev["hashes"])

@@ -169,6 +169,7 @@ class Router:
         self.client: httpx.AsyncClient | None = None
         self.metrics = _Metrics(self)
         self.draining = False
+        self._tasks: set[asyncio.Future] = set()
         for url in replicas or []:
             self._add(url)
         self.app = self._build_app()
@@ -210,7 +211,9 @@ class Router:
 
     def _replica_changed(self, rep: Replica) -> None:
         if rep.up and self.client is not None:  # (re)joined: learn where its models' folders are
-            asyncio.ensure_future(self._learn_roots(rep))
+            task = asyncio.ensure_future(self._learn_roots(rep))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _learn_roots(self, rep: Replica) -> None:
         """The model folders a replica reports (/v1/models `root`): on this machine, their
@@ -478,8 +481,9 @@ class Router:
                                     headers={"Retry-After": "1"})
             resp: httpx.Response | None = None
             try:
-                resp = await self.client.send(self.client.build_request("POST", rep.url + path, content=content,
-                                                                        headers=headers), stream=True)
+                # (abortable while it waits for the headers: a replica that hangs now is given up on)
+                resp = await _Call(rep, self.client.send(self.client.build_request(
+                    "POST", rep.url + path, content=content, headers=headers), stream=True)).result()
                 if resp.status_code == 200:
                     return rep, ticket, _Relay(rep, resp)
                 await resp.aread()
@@ -643,35 +647,44 @@ class _Relay:
 
     async def close(self) -> None:
         self.replica.relays.discard(self)
+        # Shielded, and the reader awaited without passing a cancellation on: Starlette cancels a
+        # stream whose client left with an anyio cancel scope that cancels again and again, which
+        # cut httpcore's cleanup short and left the replica's connection open and generating.
+        await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
         self.task.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
-        await asyncio.shield(self.resp.aclose())
+        await asyncio.wait({self.task})
+        await self.resp.aclose()
 
 
 class _Call:
-    """A non-streamed request to a replica, which can be given up on like a stream (_Relay)."""
+    """A request to a replica awaiting its answer (a non-streamed one, or a stream's headers), which
+    can be given up on like an open stream (_Relay): abort() makes result() raise ReadError. The
+    abort is its own future, so a CancelledError reaching the caller is always the caller's own."""
 
     def __init__(self, replica: Replica, coro: Any) -> None:
         self.replica = replica
         self.task = asyncio.ensure_future(coro)
-        self.why: str | None = None
+        self.aborted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         replica.relays.add(self)
 
     def abort(self, why: str) -> None:
-        self.why = why
-        self.task.cancel()
+        if not self.aborted.done():
+            self.aborted.set_result(why)
 
     async def result(self) -> httpx.Response:
         try:
-            return await self.task
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if self.why is not None and not getattr(me, "cancelling", lambda: 0)():  # (3.11+; 3.10: no check)
-                raise httpx.ReadError(f"given up: {self.why}") from None
+            done, _ = await asyncio.wait({self.task, self.aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: so does the request to the replica
+            self.task.cancel()
             raise
         finally:
             self.replica.relays.discard(self)
+        if self.task in done:
+            return self.task.result()
+        self.task.cancel()
+        raise httpx.ReadError(f"given up: {self.aborted.result()}")
 
 
 class _EngineFailed(Exception):
