@@ -61,6 +61,19 @@ def fleet(model_dir, tmp_path_factory):
         r.stop()
 
 
+def faulty_pair(model_dir: str, good: ServerProcess, tmp_path, fault_env: dict[str, str]):
+    """A replica with injected faults (tests/fault_server.py; seed 666 fails in the engine, plus
+    fault_env) and a round-robin router over it and `good`, ready."""
+    bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
+                        script=os.path.join(ROOT, "tests", "fault_server.py"),
+                        env={"OMP_NUM_THREADS": "1", **fault_env})
+    router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
+                           "--health-timeout", "5", "--policy", "round_robin", log_path=str(tmp_path / "router.log"),
+                           command="router")
+    wait_fleet(router, [bad.base_url, good.base_url])
+    return bad, router
+
+
 def client_for(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -259,14 +272,8 @@ def test_a_replica_dying_before_the_first_token_is_retried_elsewhere(fleet, mode
     """A replica that crashes on a request before answering anything: the router sends the request
     to the other replica, and the client gets the answer (the same text: seeded sampling)."""
     good = fleet["replicas"][0]
-    bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
-                        script=os.path.join(ROOT, "tests", "fault_server.py"),
-                        env={"OMP_NUM_THREADS": "1", "TOKENMILL_FAULT_DIE_SEED": "4242"})
-    router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
-                           "--health-timeout", "5", "--policy", "round_robin", log_path=str(tmp_path / "router.log"),
-                           command="router")
+    bad, router = faulty_pair(model_dir, good, tmp_path, {"TOKENMILL_FAULT_DIE_SEED": "4242"})
     try:
-        wait_fleet(router, [bad.base_url, good.base_url])
         c = client_for(router.base_url)
         kw = dict(model=model_name, prompt="A crash before the first token", max_tokens=12, temperature=1.0,
                   seed=4242, extra_body={"ignore_eos": True})
@@ -332,13 +339,8 @@ def test_an_engine_failure_on_one_replica_is_retried_on_another(fleet, model_dir
     """A replica whose engine fails a request (a fault injected for requests seeded 666) answers with
     an engine error; the router tries the request on another replica, where it succeeds."""
     good = fleet["replicas"][0]
-    bad = ServerProcess(model_dir, *REPLICA_ARGS, log_path=str(tmp_path / "bad.log"),
-                        script=os.path.join(ROOT, "tests", "fault_server.py"), env={"OMP_NUM_THREADS": "1"})
-    router = ServerProcess(None, "--replica", bad.base_url, "--replica", good.base_url, "--health-interval", "0.2",
-                           "--health-timeout", "5", "--policy", "round_robin", log_path=str(tmp_path / "router.log"),
-                           command="router")
+    bad, router = faulty_pair(model_dir, good, tmp_path, {})
     try:
-        wait_fleet(router, [bad.base_url, good.base_url])
         c = client_for(router.base_url)
         kw = dict(model=model_name, prompt="An engine fault", max_tokens=8, temperature=1.0, seed=666,
                   extra_body={"ignore_eos": True})

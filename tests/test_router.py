@@ -25,7 +25,7 @@ def keys(ids, bs=4, salt=None):
 # -- policies ----------------------------------------------------------------------------------------
 def test_kv_aware_prefers_the_replica_holding_the_prefix():
     c = Chooser("kv_aware")
-    cands = [Candidate("a"), Candidate("b", cached_tokens=480, synced=True), Candidate("c")]
+    cands = [Candidate("a"), Candidate("b", cached_tokens=480), Candidate("c")]
     for _ in range(5):  # whatever the turn
         assert c.choose(cands, 500) == (1, "prefix")
 
@@ -33,7 +33,7 @@ def test_kv_aware_prefers_the_replica_holding_the_prefix():
 def test_kv_aware_leaves_a_holder_that_is_too_busy():
     w = KVAwareWeights(decode_weight=32)
     c = Chooser("kv_aware", w)
-    holder = Candidate("a", cached_tokens=480, synced=True, queued_prefill=900, running=4)
+    holder = Candidate("a", cached_tokens=480, queued_prefill=900, running=4)
     idle = Candidate("b")
     # 20 uncached + 900 queued + 128 > 500 uncached on an idle one
     assert kv_aware_cost(holder, 500, w) > kv_aware_cost(idle, 500, w)
@@ -45,7 +45,7 @@ def test_kv_aware_leaves_a_holder_that_is_too_busy():
 
 def test_kv_aware_full_cache_counts_against_a_replica():
     c = Chooser("kv_aware")
-    full = Candidate("a", cached_tokens=200, synced=True, kv_usage=0.99)
+    full = Candidate("a", cached_tokens=200, kv_usage=0.99)
     other = Candidate("b", kv_usage=0.2)
     assert c.choose([full, other], 250)[0] == 1
     full.kv_usage = 0.5

@@ -97,7 +97,7 @@ class InProcessServer:
             raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
         specs, tiers, pool_config = pool_from_args(args)
         app, self.pool = build_server_app(args, specs, tiers, pool_config, lambda: self.url)
-        # Claimed only once the model has loaded: nothing routes here before url() is known anyway.
+        # Claimed only once the model has loaded: nothing routes here before its URL is known anyway.
         self._sock = bind_socket(host, port)
         bound_host, bound_port = self._sock.getsockname()[:2]
         self.url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
@@ -154,12 +154,6 @@ class TokenmillReplica:
         logging.getLogger("tokenmill").setLevel((getattr(args, "log_level", None) or "info").upper())
         self._server = InProcessServer(args, host=ray.util.get_node_ip_address())
         logger.info("tokenmill replica serving on %s", self._server.url)
-
-    def url(self) -> str:
-        return self._server.url
-
-    def load(self) -> dict[str, float]:
-        return self._server.load()
 
     def info(self) -> dict[str, Any]:
         """What the ingress polls (by broadcast): where this replica is and how loaded."""

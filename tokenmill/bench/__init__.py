@@ -18,19 +18,16 @@ def write_json(path: str | None, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def running_server(cli_args: list[str], port: int, log_path: str, detail: Callable[[], str],
-                   env: dict[str, str] | None = None) -> Iterator[str]:
+def running_server(cli_args: list[str], port: int, log_path: str, detail: Callable[[], str]) -> Iterator[str]:
     """`python -m tokenmill.cli *cli_args` (a `serve` listening on 127.0.0.1:port), its output in
     log_path; yields the base URL once /health answers (detail() says why when it does not),
     and stops the server however the block ends."""
-    import os
-
     from tokenmill.server.serve import wait_healthy
 
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", *cli_args], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                stderr=subprocess.STDOUT)
         try:
             wait_healthy(proc, base, 600, detail)
             yield base

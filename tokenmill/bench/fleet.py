@@ -33,6 +33,7 @@ from collections import Counter
 from typing import Any
 
 from tokenmill.bench import write_json
+from tokenmill.bench.prefix_cache import _cache_counters, _prepare_model
 
 SERVED = "bench"
 
@@ -128,20 +129,6 @@ def _wait_synced(router: _Proc, n: int, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("the router did not see every replica")
-
-
-def _counters(url: str) -> tuple[float, float]:
-    """(prefix-cache queried, hit) prompt tokens from a replica's /metrics."""
-    import httpx
-
-    q = h = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name == "tokenmill:prefix_cache_queries_total":
-            q += float(line.rsplit(" ", 1)[1])
-        elif name == "tokenmill:prefix_cache_hits_total":
-            h += float(line.rsplit(" ", 1)[1])
-    return q, h
 
 
 def _kv_bytes_per_token(model: str) -> int:
@@ -276,9 +263,9 @@ def part_kv(args: argparse.Namespace, model: str, vocab: int, logs: str) -> dict
             _wait_synced(router, 2)
             # warm both replicas' first steps with prompts that share nothing with the workload
             asyncio.run(_load(router.url, _random_prompts(4, vocab, 999, 16, 2), 4))
-            before = [_counters(r.url) for r in reps]
+            before = [_cache_counters(r.url) or (0.0, 0.0) for r in reps]
             s = asyncio.run(_load(router.url, reqs, args.max_concurrency))
-            after = [_counters(r.url) for r in reps]
+            after = [_cache_counters(r.url) or (0.0, 0.0) for r in reps]
             s["replica_hit_rate"] = [(a[1] - b[1]) / (a[0] - b[0]) if a[0] > b[0] else None
                                      for a, b in zip(after, before)]
             s["replica_prompt_tokens"] = [a[0] - b[0] for a, b in zip(after, before)]
@@ -372,8 +359,6 @@ def part_overhead(args: argparse.Namespace, model: str, vocab: int, logs: str) -
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tokenmill.bench.prefix_cache import _prepare_model
-
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in ("kv", "failover", "overhead")]
     if bad:

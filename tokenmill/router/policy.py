@@ -44,8 +44,7 @@ class Candidate:
     running: int = 0  # sequences running (the larger of the router's count and the replica's report)
     waiting: int = 0  # reported waiting sequences
     kv_usage: float = 0.0  # reported, 0..1
-    cached_tokens: int = 0  # prompt tokens its prefix cache holds (kv_aware)
-    synced: bool = False  # its KV events are in sync (else cached_tokens is 0: load only)
+    cached_tokens: int = 0  # prompt tokens its prefix cache holds (kv_aware; 0 while its KV events are out of sync)
 
 
 def kv_aware_cost(c: Candidate, prompt_tokens: int, w: KVAwareWeights) -> float:

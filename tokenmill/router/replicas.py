@@ -220,20 +220,13 @@ class LocalReplicas:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every replica answers /health (RuntimeError when one exits first)."""
+        from tokenmill.server.serve import wait_healthy
+
         deadline = time.time() + timeout
-        for i, url in enumerate(self.urls):
-            while True:
-                p = self.procs[i]
-                if p is not None and p.poll() is not None:
-                    raise RuntimeError(f"replica {i} exited with {p.returncode} while starting")
-                try:
-                    if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"replica {i} did not start in {timeout:.0f} s")
-                time.sleep(0.2)
+        for i, (p, url) in enumerate(zip(self.procs, self.urls)):
+            assert p is not None
+            log = f"; its log: {self.log_dir}/replica{i}.log" if self.log_dir else ""
+            wait_healthy(p, url, max(0.0, deadline - time.time()), lambda i=i, log=log: f" (replica {i}{log})")
 
     def supervise(self, backoff_max: float = 10.0) -> None:
         """Restarts replicas that die (on the event loop)."""

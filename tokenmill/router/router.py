@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -117,7 +118,7 @@ class _Metrics:
 class _Ticket:
     """One attempt of a request on a replica: the router's ledger of it (load, pending prefix)."""
 
-    _ids = iter(range(1 << 62))
+    _ids = itertools.count()
 
     def __init__(self, replica: Replica, model: str, keys: list[bytes], uncached: int) -> None:
         self.id = next(self._ids)
@@ -273,7 +274,7 @@ class Router:
             running, waiting, kv = r.reported(model)
             cands.append(Candidate(r.url, inflight=r.inflight, queued_prefill=sum(r.prefilling.values()),
                                    running=max(running, r.decoding), waiting=waiting, kv_usage=kv,
-                                   cached_tokens=cached, synced=r.index.synced(model)))
+                                   cached_tokens=cached))
             keys.append(k)
         i, reason = self.chooser.choose(cands, prompt)
         self.metrics.decisions.labels(self.config.policy, reason).inc()
