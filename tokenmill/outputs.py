@@ -80,3 +80,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     embedding: list[float] | None = None  # an embedding model's pooled, normalized prompt vector
     test_time_compute: dict[str, Any] | None = None  # a test-time-compute request's account (tokenmill.ttc)
+    tenant: str | None = None  # the tenant that sent it (the server's --tenants)
+    slo: Any = None  # its SLOTarget (tokenmill.engine.slo), when it has targets
+    compute: dict[str, Any] | None = None  # device seconds, FLOPs, energy, cost so far (tokenmill.ops.energy)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -24,6 +25,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -97,6 +99,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    propose=self._propose if spec is not None else None)
         self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
+        self.step_model = StepTimeModel()
+        # Called after every step that ran, with (sched, row_features of each chunk, seconds): energy accounting.
+        self.on_step: Callable[[SchedulerOutput, list[tuple[float, float, float]], float], None] | None = None
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
@@ -148,6 +153,7 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         self.check_request(token_ids, params)
         salt = cache_salt(prompt)
+        tenant, slo = request_tags(prompt)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -165,7 +171,8 @@ class LLMEngine:
         params._eos_token_ids = self.eos_token_ids
         if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
             params.use_beam_search, params.temperature = False, 0.0
-        req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt)
+        req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
+                      tenant=tenant, slo=slo)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -326,12 +333,24 @@ class LLMEngine:
                 m.first_scheduled_time = now
         if sched.block_copies:  # copy-on-write of shared partial blocks, before anything writes
             self.runner.copy_blocks(sched.block_copies)
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(sched)
         except Exception as e:
             return self._isolate_failure(sched, e)
+        self._observe_step(sched, time.perf_counter() - t0)
         self.scheduler.advance(sched)
         return self._process(sched, result)
+
+    def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """Feeds the step-time model (and the step hook: energy accounting) with what the step held."""
+        rows = [row_features(s.num_new_tokens, s.start, s.completes) for s in sched.scheduled]
+        tokens = sum(r[0] for r in rows)
+        sampled = sum(r[1] for r in rows)
+        attn = sum(r[2] for r in rows)
+        self.step_model.observe(tokens, sampled, attn, seconds)
+        if self.on_step is not None:
+            self.on_step(sched, rows, seconds)
 
     def _isolate_failure(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """A batched step failed: rerun it one request at a time so that only the culprit fails.
@@ -625,6 +644,8 @@ class LLMEngine:
             metrics=req.metrics,
             num_cached_tokens=req.num_cached_tokens or 0,
             embedding=req.embedding,
+            tenant=req.tenant,
+            slo=req.slo,
         )
 
     # -- introspection ------------------------------------------------------------------
@@ -658,6 +679,20 @@ def cache_salt(prompt: str | dict | list[int]) -> str | None:
         except UnicodeEncodeError:
             raise ValueError("cache_salt: must be valid Unicode (no lone surrogates)") from None
     return salt
+
+
+def request_tags(prompt: str | dict | list[int]) -> tuple[str | None, SLOTarget | None]:
+    """A dict prompt's `tenant` (a name, for metrics and accounting) and `slo` (an SLOTarget or
+    `{"ttft_ms", "tpot_ms"}`); ValueError names what is wrong."""
+    if not isinstance(prompt, dict):
+        return None, None
+    tenant = prompt.get("tenant")
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise ValueError("tenant: must be a non-empty string")
+    slo = prompt.get("slo")
+    if slo is not None and not isinstance(slo, SLOTarget):
+        slo = SLOTarget.from_dict(slo)
+    return tenant, (None if slo is None or slo.best_effort else slo)
 
 
 def _copy_params(p: SamplingParams) -> SamplingParams:

@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.engine.slo import SLOTarget
 from tokenmill.outputs import PositionLogprobs, RequestMetrics
 from tokenmill.sampling_params import SamplingParams
 
@@ -139,6 +140,9 @@ class Request:
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     embedding: list[float] | None = None  # set once an embedding model has pooled the prompt
     beam: Any = None  # a BeamSearch when params.use_beam_search: its seqs are the beams' slots
+    tenant: str | None = None  # who sent it (the server's tenants): metrics and accounting are kept per tenant
+    slo: SLOTarget | None = None  # latency targets (the slo scheduling policy); None: best effort
+    compute: Any = None  # the request's share of the steps it ran in (tokenmill/ops/energy.py), when accounted
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.llm_engine import LLMEngine, cache_salt
+from tokenmill.engine.llm_engine import LLMEngine, cache_salt, request_tags
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -250,6 +250,7 @@ class AsyncEngine:
             # bad input without a round trip to the engine thread.
             self.engine.check_request(prompt["prompt_token_ids"], params)
             cache_salt(prompt)
+            request_tags(prompt)
         assert self._loop is not None
         if group is None:
             group = RequestGroup([r[0] for r in requests])

@@ -9,6 +9,7 @@ group's choices, and the logprob formats of both generation endpoints.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from tokenmill.server.tools import infer_parser, template_messages
 from tokenmill.structured import StructuredOutputsParams
 
 logger = logging.getLogger("tokenmill.server")
+
+# The tags of the request being handled (gateway.py sets them): its "tenant" and "slo" (an SLOTarget).
+REQUEST_TAGS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_tags", default=None)
+
+
+def tenant_salt(tenant: str, client_salt: str | None) -> str:
+    """The prefix-cache salt of a tenant's request: its own namespace, within which a client's
+    cache_salt still separates further."""
+    return f"tenant:{tenant}" if client_salt is None else f"tenant:{tenant}\x00{client_salt}"
+
 
 # Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
 MAX_SEQS_PER_REQUEST = 256
@@ -156,7 +167,16 @@ class ServerContext:
     # -- the engine -----------------------------------------------------------------------------
     def prompt_dict(self, text: str | None, ids: list[int], cache_salt: str | None,
                     resume: list[int] | None = None) -> dict[str, Any]:
+        """The engine's prompt, with the request's tags (REQUEST_TAGS: its tenant and SLO targets).
+        A tenant is mixed into the cache salt, so tenants never share prefix-cache blocks."""
         d: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
+        tags = REQUEST_TAGS.get()
+        tenant = tags.get("tenant") if tags else None
+        if tenant is not None:
+            d["tenant"] = tenant
+            cache_salt = tenant_salt(tenant, cache_salt)
+        if tags and tags.get("slo") is not None:
+            d["slo"] = tags["slo"]
         if cache_salt is not None:
             d["cache_salt"] = cache_salt
         if resume:

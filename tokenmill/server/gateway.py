@@ -30,9 +30,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from tokenmill.engine.llm_engine import load_tokenizer
+from tokenmill.engine.slo import SLOTarget
 from tokenmill.routing import CascadePolicy, RulesPolicy
 from tokenmill.server.async_engine import EngineStats
-from tokenmill.server.context import ServerContext
+from tokenmill.server.context import REQUEST_TAGS, ServerContext
 from tokenmill.server.errors import APIError, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
@@ -154,6 +155,13 @@ class Gateway:
             self.check_auth(request)
             self.check_admitting()
         req = await self.parse(request, body)
+        tags = REQUEST_TAGS.get()
+        slo = getattr(req, "slo", None)
+        if slo is not None and tags is not None:
+            try:
+                tags["slo"] = SLOTarget.from_dict(slo)
+            except ValueError as e:
+                raise APIError(400, str(e), param="slo") from None
         name = self.check_model(req.model)
         tier = self.tiers.get(name)
         if not auth:  # tokenizing needs no device: a parked model's tokenizer serves as it is
@@ -257,10 +265,12 @@ class Gateway:
         async def wrapped(request: Request, *args: Any, **kwargs: Any) -> Any:
             extras: dict[str, Any] = {}
             token = EXTRAS.set(extras)
+            tags_token = REQUEST_TAGS.set({})
             try:
                 resp = await handler(request, *args, **kwargs)
             finally:
                 EXTRAS.reset(token)
+                REQUEST_TAGS.reset(tags_token)
                 for name in extras.pop("_leases", []):
                     self.pool.release(name)
             return with_extras(resp, extras)

@@ -86,6 +86,9 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     priority: int = 0
+    # Latency targets, {"ttft_ms": ..., "tpot_ms": ...}: the slo scheduling policy orders work by them and
+    # goodput counts whether they were met; a tenant's SLO class gives them when a request does not.
+    slo: dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

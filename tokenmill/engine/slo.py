@@ -1,0 +1,150 @@
+"""Latency targets (SLOs) and the step-time model the slo scheduler and the energy accounting share.
+
+A request may carry an `SLOTarget`: a time to first token and a time per output token, both
+optional (a request with neither is best effort). The scheduler's `slo` policy orders work by
+slack, the deadline minus the predicted finish, and so it must predict how long a step takes.
+
+`StepTimeModel` predicts a step's duration from what the step holds:
+
+    t = c0 + c_tok * new_tokens + c_row * sampled_rows + c_att * sum(new_tokens * context) / 1024
+
+c0 is the fixed cost of a step (reading every weight once: what makes small decode batches
+memory bound), c_tok the per-token matmul work, c_row the per-row LM head and sampler, c_att
+attention over the cached context. It is fitted by exponentially weighted least squares on the
+engine's own steps (`observe`, every step), kept near a prior by a ridge term so that steps that
+never vary a feature (all decodes, say) leave its coefficient where the prior put it, and
+coefficients are kept non-negative. `LLMEngine.calibrate` measures a prior at startup.
+
+The same row costs weigh each request's share of a step when energy and device time are
+attributed (tokenmill/ops/energy.py): a prefill chunk of 500 tokens costs about 500 c_tok plus
+its attention, a decode row c_tok + c_row + its attention, as measured, not as assumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+NUM_FEATURES = 4  # intercept, new tokens, sampled rows, attention (new tokens x context / 1024)
+
+
+@dataclass(frozen=True)
+class SLOTarget:
+    """A request's latency targets, in seconds; None: no target for that part."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    slo_class: str = "custom"  # the tenant's SLO class it came from, or "custom" (the request's own)
+
+    @property
+    def best_effort(self) -> bool:
+        return self.ttft_s is None and self.tpot_s is None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], slo_class: str = "custom", param: str = "slo") -> SLOTarget:
+        """From `{"ttft_ms": ..., "tpot_ms": ...}` (the HTTP field); ValueError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{param}: expected an object with ttft_ms and/or tpot_ms")
+        unknown = set(d) - {"ttft_ms", "tpot_ms", "class"}
+        if unknown:
+            raise ValueError(f"{param}: unknown field(s) {sorted(unknown)}; expected ttft_ms, tpot_ms")
+        vals = {}
+        for k in ("ttft_ms", "tpot_ms"):
+            v = d.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{param}.{k}: must be a positive number of milliseconds, got {v!r}")
+            vals[k] = float(v) / 1000.0
+        return cls(vals.get("ttft_ms"), vals.get("tpot_ms"), str(d.get("class") or slo_class))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.slo_class,
+                "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 3),
+                "tpot_ms": None if self.tpot_s is None else round(self.tpot_s * 1000, 3)}
+
+
+def row_features(new_tokens: int, context: int, sampled: bool) -> tuple[float, float, float]:
+    """One chunk's variable features: its new tokens, whether a row of logits is sampled, and its
+    attention work (each new token attends to the context before it and to the chunk)."""
+    attn = new_tokens * (context + (new_tokens + 1) / 2) / 1024.0
+    return float(new_tokens), 1.0 if sampled else 0.0, attn
+
+
+class StepTimeModel:
+    """Predicts a step's seconds from its features; fitted online (see the module docstring)."""
+
+    def __init__(self, prior: tuple[float, float, float, float] = (5e-3, 2e-4, 1e-4, 2e-6),
+                 decay: float = 0.995, prior_weight: float = 0.25) -> None:
+        self.decay = decay
+        self.prior_weight = prior_weight
+        self.set_prior(prior)
+
+    def set_prior(self, prior: tuple[float, ...]) -> None:
+        """Restarts the fit from these coefficients (a calibration's, or the defaults)."""
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self.coef = self.prior.copy()
+        self._xtx = np.zeros((NUM_FEATURES, NUM_FEATURES))
+        self._xty = np.zeros(NUM_FEATURES)
+        self.num_observed = 0
+
+    # -- prediction -------------------------------------------------------------------------------
+    def predict(self, tokens: float, rows: float, attn: float) -> float:
+        c = self.coef
+        return float(c[0] + c[1] * tokens + c[2] * rows + c[3] * attn)
+
+    def row_cost(self, tokens: float, sampled: float, attn: float) -> float:
+        """A chunk's variable cost in seconds (the step's fixed cost c0 excluded)."""
+        c = self.coef
+        return float(c[1] * tokens + c[2] * sampled + c[3] * attn)
+
+    @property
+    def per_token(self) -> float:
+        return float(self.coef[1])
+
+    # -- fitting ----------------------------------------------------------------------------------
+    def observe(self, tokens: float, rows: float, attn: float, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds <= 0:
+            return
+        x = np.array([1.0, tokens, rows, attn])
+        # Relative error matters (a 5 ms decode and a 500 ms prefill alike): weigh by 1/t^2.
+        w = 1.0 / max(seconds, 1e-4) ** 2
+        self._xtx *= self.decay
+        self._xty *= self.decay
+        self._xtx += w * np.outer(x, x)
+        self._xty += w * x * seconds
+        self.num_observed += 1
+        self._solve()
+
+    def _solve(self) -> None:
+        # Ridge toward the prior, each coefficient scaled by its own size so the units do not matter.
+        scale = np.maximum(np.abs(self.prior), 1e-12)
+        # Deviating a coefficient by 100% costs as much as prior_weight steps mispredicted by 100%.
+        lam = self.prior_weight * np.diag(1.0 / scale**2)
+        active = list(range(NUM_FEATURES))
+        coef = self.prior.copy()
+        for _ in range(NUM_FEATURES):
+            a = self._xtx[np.ix_(active, active)] + lam[np.ix_(active, active)]
+            b = self._xty[active] + lam[np.ix_(active, active)] @ self.prior[active]
+            # Coefficients taken out of the fit stay at 0 and what they explained moves to the others.
+            try:
+                sol = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:
+                return
+            neg = [active[i] for i, v in enumerate(sol) if v < 0]
+            coef = np.zeros(NUM_FEATURES)
+            coef[active] = sol
+            if not neg:
+                break
+            active = [i for i in active if i not in neg]
+            if not active:
+                return
+        self.coef = np.maximum(coef, 0.0)
+
+    def to_dict(self) -> dict[str, float]:
+        c = self.coef
+        return {"step_s": float(c[0]), "per_token_s": float(c[1]), "per_row_s": float(c[2]),
+                "per_attention_ktoken_s": float(c[3]), "steps_observed": self.num_observed}
