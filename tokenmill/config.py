@@ -339,6 +339,15 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     tokenizer: str | None = None
     load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)
+    # The scheduler's order: "fcfs", "priority" (vLLM's: lower first, then arrival) or "slo" (latency
+    # targets; engine/scheduler.py). With all priorities equal, priority is fcfs.
+    scheduling_policy: str = "priority"
+    # slo policy, a request whose TTFT target the queue makes unreachable: "reject" (the server answers
+    # 429 with the reason), "demote" (it runs as best effort and counts as missed) or "off".
+    slo_admission: str = "demote"
+    # slo policy: measure the step-time model at startup with a few synthetic steps (else it starts from
+    # defaults and learns from the first requests' steps).
+    calibrate_step_model: bool = True
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -362,6 +371,10 @@ class EngineConfig:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.cpu_kv_cache_fraction < 1:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
+        if self.scheduling_policy not in ("fcfs", "priority", "slo"):
+            raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
+        if self.slo_admission not in ("reject", "demote", "off"):
+            raise ValueError(f"slo_admission: must be reject, demote or off, got {self.slo_admission!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -45,6 +45,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
                         'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV cache of shared prompt prefixes across requests")
+    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority", "slo"],
+                   help="fcfs (arrival), priority (the request's priority, then arrival) or slo (latency targets: "
+                        "requests with ttft/tpot targets first, ordered by slack, steps sized to keep TPOT targets)")
+    p.add_argument("--slo-admission", default=d.slo_admission, choices=["reject", "demote", "off"],
+                   help="slo policy: a request whose TTFT target cannot be met is refused (429 with the reason), "
+                        "demoted to best effort, or queued anyway (off)")
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -61,4 +67,6 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len, task=args.task,
         attention_backend=args.attention_backend, speculative_config=args.speculative_config,
         load_progress=getattr(args, "progress", True),
+        scheduling_policy=getattr(args, "scheduling_policy", "priority"),
+        slo_admission=getattr(args, "slo_admission", "demote"),
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import safe_stream_end
-from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt
+from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt, request_tags
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.ttc import TTCParams, TTCRun, launch_params
@@ -197,8 +197,9 @@ class LLM:
             text, token_ids = self.engine.tokenize(p)
             self.engine.check_request(token_ids, sp)
             salt = cache_salt(p)
-            out.append(({"prompt": text, "prompt_token_ids": token_ids,
-                         **({"cache_salt": salt} if salt is not None else {})}, sp, prio))
+            tenant, slo = request_tags(p)
+            tags = {k: v for k, v in (("cache_salt", salt), ("tenant", tenant), ("slo", slo)) if v is not None}
+            out.append(({"prompt": text, "prompt_token_ids": token_ids, **tags}, sp, prio))
         return out
 
     def _run(self, prompts: PromptType | Seq[PromptType],

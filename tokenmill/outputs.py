@@ -82,4 +82,5 @@ class RequestOutput:
     test_time_compute: dict[str, Any] | None = None  # a test-time-compute request's account (tokenmill.ttc)
     tenant: str | None = None  # the tenant that sent it (the server's --tenants)
     slo: Any = None  # its SLOTarget (tokenmill.engine.slo), when it has targets
+    slo_demoted: bool = False  # admission found its TTFT target unreachable and ran it as best effort
     compute: dict[str, Any] | None = None  # device seconds, FLOPs, energy, cost so far (tokenmill.ops.energy)

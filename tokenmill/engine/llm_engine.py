@@ -25,7 +25,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
+from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, row_features
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -96,10 +96,11 @@ class LLMEngine:
         spec = config.speculative_config
         if spec is not None and spec.method == "ngram":
             self._ngram = NgramProposer(spec)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   propose=self._propose if spec is not None else None)
-        self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
         self.step_model = StepTimeModel()
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   propose=self._propose if spec is not None else None,
+                                   policy=config.scheduling_policy, step_model=self.step_model)
+        self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
         # Called after every step that ran, with (sched, row_features of each chunk, seconds): energy accounting.
         self.on_step: Callable[[SchedulerOutput, list[tuple[float, float, float]], float], None] | None = None
         self.requests: dict[str, Request] = {}
@@ -109,6 +110,43 @@ class LLMEngine:
         # A reasoning budget's markers, as this tokenizer writes them (one token in thinking models).
         self.think_ids = ((tuple(tok.encode(THINK_START, add_special_tokens=False)),
                            tuple(tok.encode(THINK_END, add_special_tokens=False))) if tok is not None else None)
+        if config.scheduling_policy == "slo" and config.calibrate_step_model and self.task != "embed":
+            self.calibrate()
+
+    def calibrate(self, budget_s: float = 5.0) -> dict[str, float]:
+        """Measures the step-time model (the slo policy's prior) with synthetic requests: prefills
+        of a few lengths and decode batches of a few sizes, run through the real step. Their cache
+        entries and counters are forgotten afterwards. Returns the fitted coefficients."""
+        import random
+
+        rng = random.Random(0)
+        vocab = self.model_config.vocab_size
+        mnbt, seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        room = self.max_model_len - 8
+        plans = [(16, 1)]  # a warm-up, then the measured runs
+        plans += [(n, 1) for n in (64, 256, 1024) if n <= min(mnbt, room)]
+        plans += [(16, b) for b in (4, 16, 64) if b <= seqs and 16 <= room]
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        deadline = time.perf_counter() + budget_s
+        for i, (length, batch) in enumerate(plans * 2):
+            if i == 1:
+                self.step_model.set_prior(tuple(self.step_model.prior))  # forget the warm-up's slow steps
+            ids = [f"__calibrate-{i}-{b}" for b in range(batch)]
+            for rid in ids:
+                self.add_request({"prompt_token_ids": [rng.randrange(vocab) for _ in range(length)],
+                                  "cache_salt": "__calibrate"}, params, request_id=rid)
+            while any(rid in self.requests for rid in ids):
+                self.step()
+            if time.perf_counter() > deadline:
+                break
+        self.step_model.set_prior(tuple(self.step_model.coef))
+        self.reset_prefix_cache()
+        bm, sched = self.block_manager, self.scheduler
+        bm.num_query_tokens = bm.num_hit_tokens = 0
+        sched.num_preemptions = sched.num_prompt_tokens_computed = 0
+        self.spec_stats = SpecStats()
+        logger.info("step-time model: %s", self.step_model.to_dict())
+        return self.step_model.to_dict()
 
     # -- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
@@ -191,6 +229,7 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.stop, params.include_stop_str_in_output)
             self._seq_by_id[seq.seq_id] = seq
+        self._admit_slo(req)
         self.scheduler.add_request(req.seqs)
         resume = prompt.get("resume_token_ids") if isinstance(prompt, dict) else None
         if resume:
@@ -200,6 +239,27 @@ class LLMEngine:
                 self.abort_request(request_id)
                 raise
         return request_id
+
+    def _admit_slo(self, req: Request) -> None:
+        """slo policy: a request whose TTFT target the queued work makes unreachable is refused
+        (SLOAdmissionError) or runs as best effort (req.slo_demoted), as slo_admission says."""
+        if self.scheduler.policy != "slo" or req.slo is None or self.config.slo_admission == "off":
+            return
+        predicted = self.scheduler.admission_check(req.seqs[0])
+        if predicted is None or req.slo.ttft_s is None:
+            return
+        budget = req.slo.ttft_s - (time.time() - req.arrival_time)
+        if predicted <= budget:
+            return
+        reason = (f"slo: the predicted time to first token, {predicted * 1000:.4g} ms, exceeds the target of "
+                  f"{req.slo.ttft_s * 1000:.4g} ms (work queued ahead and this prompt's prefill)")
+        if self.config.slo_admission == "reject":
+            self.requests.pop(req.request_id, None)
+            for seq in req.seqs:
+                self._seq_by_id.pop(seq.seq_id, None)
+            raise SLOAdmissionError(reason)
+        logger.info("request %s demoted to best effort: %s", req.request_id, reason)
+        req.slo_demoted, req.slo = req.slo, None
 
     def _resume(self, req: Request, tokens: list[int]) -> None:
         """Continues a generation another engine began (a fleet router's failover): the tokens it
@@ -323,6 +383,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that changed (finished or not)."""
+        t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -338,9 +399,12 @@ class LLMEngine:
             result = self.runner.execute(sched)
         except Exception as e:
             return self._isolate_failure(sched, e)
-        self._observe_step(sched, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._observe_step(sched, t1 - t0)
         self.scheduler.advance(sched)
-        return self._process(sched, result)
+        outputs = self._process(sched, result)
+        self.step_model.observe_overhead(time.perf_counter() - t_begin - (t1 - t0))
+        return outputs
 
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feeds the step-time model (and the step hook: energy accounting) with what the step held."""
@@ -645,7 +709,8 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens or 0,
             embedding=req.embedding,
             tenant=req.tenant,
-            slo=req.slo,
+            slo=req.slo or req.slo_demoted,
+            slo_demoted=req.slo_demoted is not None,
         )
 
     # -- introspection ------------------------------------------------------------------

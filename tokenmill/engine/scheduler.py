@@ -12,6 +12,17 @@ Prefix caching happens at admission: a waiting sequence first takes the cached b
 hold the longest prefix of its tokens and starts computing after them. Its own full blocks
 are offered to the cache as soon as a step has computed them (`advance`).
 
+Policies (`scheduling_policy`) decide the order: `fcfs` by arrival, `priority` by the
+request's priority then arrival (vLLM's), `slo` by latency targets (engine/slo.py). Under `slo`,
+requests with targets form a class that is served before best-effort work in every step: their
+decodes, then their prefill chunks, then their admissions, each ordered by laxity (the TTFT
+deadline minus the predicted prefill time); best-effort work gets what is left. While a decode
+with a TPOT target runs, the step is sized to keep it: the step-time model predicts each chunk's
+cost and prefill chunks (and best-effort decodes) take only the time the tightest target leaves.
+A request with targets that finds no room (max_num_seqs, or KV blocks) preempts best-effort
+sequences. `admission_check` predicts a new request's TTFT from the work queued ahead of it, so
+the engine can refuse or demote one that cannot make its target.
+
 Samples of one request (n > 1) share their prompt: only sample 0 is queued; the others wait
 (FORK_WAITING) until the step that completes sample 0's prompt. That step samples a first
 token for each of them from the same logits row, and `advance` forks them onto sample 0's
@@ -23,11 +34,22 @@ blocks through the prefix cache).
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import SeqStatus, Sequence
+from tokenmill.engine.slo import StepTimeModel, row_features
+
+POLICIES = ("fcfs", "priority", "slo")
+# A step runs at most this share of the tightest TPOT target: the rest is the engine's own work
+# between steps (sampling output, detokenizing, streaming) and the model's error.
+TPOT_MARGIN = 0.8
+
+
+def _key(seq: Sequence) -> tuple:
+    return seq.sched_key
 
 
 @dataclass
@@ -62,7 +84,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 propose: Callable[[Sequence, int], int] | None = None) -> None:
+                 propose: Callable[[Sequence, int], int] | None = None, policy: str = "priority",
+                 step_model: StepTimeModel | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling_policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.step_model = step_model if step_model is not None else StepTimeModel()
         self.block_manager = block_manager
         # Speculative decoding: propose(seq, at_most) readies up to at_most drafts for a decode and
         # says how many (they go in seq.spec_token_ids, or the runner fills them in).
@@ -71,8 +98,8 @@ class Scheduler:
         self.draft_kv = False
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[Sequence] = []  # sorted by sort_key
-        self.running: list[Sequence] = []  # sorted by sort_key
+        self.waiting: list[Sequence] = []  # sorted by sched_key
+        self.running: list[Sequence] = []  # sorted by sched_key
         self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0  # prompt positions run through the model (cache hits and forks excluded)
@@ -80,7 +107,32 @@ class Scheduler:
     # -- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        seq.sched_key = self.order(seq)
+        bisect.insort(self.waiting, seq, key=_key)
+
+    def order(self, seq: Sequence) -> tuple:
+        """The policy's sort key (lower runs first), fixed when the sequence is queued."""
+        if self.policy == "fcfs":
+            return (0, 0, 0.0, seq.arrival_time, seq.seq_id)
+        if self.policy == "priority":
+            return (seq.priority, 0, 0.0, seq.arrival_time, seq.seq_id)
+        slo = seq.request.slo
+        if slo is None:
+            return (seq.priority, 1, 0.0, seq.arrival_time, seq.seq_id)
+        # Least laxity first: the latest time its prefill can start and still make the TTFT target.
+        ttft = slo.ttft_s if slo.ttft_s is not None else 60.0
+        laxity = seq.arrival_time + ttft - self.prefill_seconds(seq.num_tokens - seq.num_computed_tokens)
+        return (seq.priority, 0, laxity, seq.arrival_time, seq.seq_id)
+
+    def prefill_seconds(self, tokens: int, context: int = 0) -> float:
+        """Predicted time to prefill `tokens` alone, in steps of max_num_batched_tokens."""
+        m = self.step_model
+        steps = max(1, math.ceil(tokens / self.max_num_batched_tokens))
+        return steps * (m.coef[0] + m.overhead_s) + m.row_cost(*row_features(tokens, context, False)) + m.coef[2]
+
+    @staticmethod
+    def has_targets(seq: Sequence) -> bool:
+        return seq.request.slo is not None
 
     def add_request(self, seqs: list[Sequence]) -> None:
         """Queues a request's samples: the first prefills the prompt, the others wait to fork."""
@@ -123,48 +175,20 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        bm = self.block_manager
-        bm.take_copies()  # copies left by a schedule() that raised never ran; their blocks are gone
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.beam_candidates is not None:  # a beam waiting for its request's other beams
-                i += 1
-                continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.can_allocate(seq, num_new):
-                victim = self.running[-1]  # lowest priority, never one already scheduled
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                bm.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
-                budget -= num_new
-                i += 1
-
-        # Admit waiting sequences only when nothing had to be preempted this step.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.block_table:  # cannot happen: waiting sequences own no blocks
-                raise RuntimeError(f"{seq!r} is waiting but owns blocks")
-            cached = bm.match_prefix(seq)
-            num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
-            if not bm.allocate_with_prefix(seq, cached, num_new):
-                break
-            req = seq.request
-            if req.num_cached_tokens is None:
-                # (a resumed sequence's cached blocks may reach past its prompt: usage counts prompt tokens)
-                req.num_cached_tokens = min(len(cached) * bm.block_size, seq.num_prompt_tokens)
-            self.waiting.pop(0)
-            seq.num_draft_computed = seq.num_computed_tokens  # cached blocks hold the draft model's KV too
-            seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=Sequence.sort_key)
-            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
-            budget -= num_new
+        self.block_manager.take_copies()  # copies left by a schedule() that raised never ran; their blocks are gone
+        self._budget = self.max_num_batched_tokens
+        self._time_left: float | None = None
+        self._scheduled: set[int] = set()
+        self._thrashing = False  # a running sequence was preempted for blocks: admit nothing this step
+        if self.policy == "slo":
+            self._time_left = self._step_time_cap()
+            self._make_room(out)
+            for slo_class in (True, False):  # requests with targets first, then best effort
+                self._schedule_running(out, slo_class)
+                self._admit(out, slo_class)
+        else:
+            self._schedule_running(out, None)
+            self._admit(out, None)
         if not out.scheduled and not out.preempted and self.waiting:
             # Only waiting beams whose request's other beams hold the blocks they need: free the
             # lowest-priority waiting beam so the next step can admit (no step may stall for good).
@@ -173,10 +197,155 @@ class Scheduler:
                 self._preempt(parked[-1])
                 out.preempted.append(parked[-1])
         if self.propose is not None and not out.preempted:
-            self._add_drafts(out, budget)
+            self._add_drafts(out, self._budget)
         self._attach_forks(out)
-        out.block_copies = bm.take_copies()
+        out.block_copies = self.block_manager.take_copies()
         return out
+
+    def _in_class(self, seq: Sequence, slo_class: bool | None) -> bool:
+        return slo_class is None or self.has_targets(seq) == slo_class
+
+    def _chunk(self, seq: Sequence, slo_class: bool | None) -> int:
+        """How many of the sequence's uncomputed tokens fit this step (0: none)."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        n = min(remaining, self._budget)
+        if self._time_left is None or n <= 0:
+            return n
+        m = self.step_model
+        if remaining == 1:  # a decode: the class with targets always decodes, best effort if time is left
+            cost = m.row_cost(*row_features(1, seq.num_computed_tokens, True))
+            return 1 if slo_class or cost <= self._time_left else 0
+        fits = self._fit_tokens(seq.num_computed_tokens, max(0.0, self._time_left))
+        if fits >= remaining and m.row_cost(*row_features(remaining, seq.num_computed_tokens, True)) > self._time_left:
+            fits = remaining - 1  # completing the prompt adds its sampled row
+        if slo_class:  # a prompt with targets always makes progress, a block at a time at least
+            fits = max(fits, self.block_manager.block_size)
+        return min(n, fits)
+
+    def _fit_tokens(self, context: int, seconds: float) -> int:
+        """The most prompt tokens after `context` whose cost (row_features, unsampled) fits."""
+        c = self.step_model.coef
+        a = c[3] / 2048.0  # attention grows with the chunk's own length too: solve the quadratic
+        b = c[1] + c[3] * (context + 0.5) / 1024.0
+        if a <= 0:
+            return int(seconds / b) if b > 0 else self.max_num_batched_tokens
+        return int((-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a))
+
+    def _charge(self, seq: Sequence, start: int, num_new: int) -> None:
+        self._budget -= num_new
+        if self._time_left is not None:
+            completes = start + num_new == seq.num_tokens
+            self._time_left -= self.step_model.row_cost(*row_features(num_new, start, completes))
+
+    def _schedule_running(self, out: SchedulerOutput, slo_class: bool | None) -> None:
+        bm = self.block_manager
+        seqs = [s for s in self.running if self._in_class(s, slo_class) and s.beam_candidates is None]
+        if self._time_left is not None:  # decodes before prefill chunks: they hold the TPOT targets
+            seqs.sort(key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in seqs:
+            if self._budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = self._chunk(seq, slo_class)
+            if num_new <= 0:
+                continue
+            while not bm.can_allocate(seq, num_new):
+                # The lowest-priority running sequence not scheduled yet (it may be seq itself).
+                victim = next(v for v in reversed(self.running) if v.seq_id not in self._scheduled)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                self._thrashing = True
+                if victim is seq:
+                    break
+            else:
+                start = seq.num_computed_tokens
+                bm.allocate(seq, num_new)
+                out.scheduled.append(ScheduledSeq(seq, num_new, start))
+                self._scheduled.add(seq.seq_id)
+                self._charge(seq, start, num_new)
+
+    def _admit(self, out: SchedulerOutput, slo_class: bool | None) -> None:
+        """Admits waiting sequences in order, only when no running one was preempted for blocks."""
+        bm = self.block_manager
+        while (not self._thrashing and self.waiting and self._budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if not self._in_class(seq, slo_class):
+                break
+            if seq.block_table:  # cannot happen: waiting sequences own no blocks
+                raise RuntimeError(f"{seq!r} is waiting but owns blocks")
+            cached = bm.match_prefix(seq)
+            start = len(cached) * bm.block_size
+            seq.num_computed_tokens = start  # what _chunk measures from (allocate_with_prefix sets it too)
+            num_new = self._chunk(seq, slo_class)
+            seq.num_computed_tokens = 0
+            if num_new <= 0 or not bm.allocate_with_prefix(seq, cached, num_new):
+                break
+            req = seq.request
+            if req.num_cached_tokens is None:
+                # (a resumed sequence's cached blocks may reach past its prompt: usage counts prompt tokens)
+                req.num_cached_tokens = min(len(cached) * bm.block_size, seq.num_prompt_tokens)
+            self.waiting.pop(0)
+            seq.num_draft_computed = seq.num_computed_tokens  # cached blocks hold the draft model's KV too
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_key)
+            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens))
+            self._scheduled.add(seq.seq_id)
+            self._charge(seq, seq.num_computed_tokens, num_new)
+
+    def _step_time_cap(self) -> float | None:
+        """Seconds of variable work this step may take (slo policy): the tightest TPOT target of a
+        running decode with one, times the margin, less the step's fixed cost. None: no such decode."""
+        tight = min((s.request.slo.tpot_s for s in self.running
+                     if s.request.slo is not None and s.request.slo.tpot_s is not None
+                     and s.num_computed_tokens >= s.num_prompt_tokens), default=None)
+        if tight is None:
+            return None
+        return tight * TPOT_MARGIN - float(self.step_model.coef[0]) - self.step_model.overhead_s
+
+    def _make_room(self, out: SchedulerOutput) -> None:
+        """Preempts best-effort sequences (lowest first) until the waiting requests with targets
+        that this step could admit have the sequence slots and blocks for their first chunk."""
+        bm = self.block_manager
+        seqs = blocks = tokens = 0
+        for seq in self.waiting:
+            if not self.has_targets(seq) or tokens >= self.max_num_batched_tokens:
+                break
+            chunk = min(seq.num_tokens, self.max_num_batched_tokens - tokens)
+            tokens += chunk
+            seqs += 1
+            blocks += -(-chunk // bm.block_size)
+        if not seqs:
+            return
+        while (len(self.running) + seqs > self.max_num_seqs or blocks > bm.num_free_blocks):
+            victim = next((v for v in reversed(self.running) if not self.has_targets(v)), None)
+            if victim is None:
+                return
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    def admission_check(self, seq: Sequence) -> float | None:
+        """The predicted TTFT (seconds from now) of a sequence with a TTFT target about to be
+        queued: the prefill work of requests with targets queued before it, its own, and the
+        steps they take beside the running decodes. None when it has no TTFT target."""
+        slo = seq.request.slo
+        if slo is None or slo.ttft_s is None:
+            return None
+        key = self.order(seq)
+        m = self.step_model
+        ahead = [s for s in self.waiting if self.has_targets(s) and s.sched_key < key]
+        ahead += [s for s in self.running if self.has_targets(s) and s.num_tokens - s.num_computed_tokens > 1]
+        tokens = seq.num_tokens
+        work = m.row_cost(*row_features(seq.num_tokens, 0, True))
+        for s in ahead:
+            left = s.num_tokens - s.num_computed_tokens
+            tokens += left
+            work += m.row_cost(*row_features(left, s.num_computed_tokens, True))
+        # Each step also carries the running decodes (and its fixed cost); the prompts' own work once.
+        decodes = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens <= 1)
+        steps = max(1, math.ceil(tokens / self.max_num_batched_tokens))
+        return steps * (float(m.coef[0]) + m.overhead_s + decodes * m.row_cost(1.0, 1.0, 0.0)) + work
 
     def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
         """Speculative decoding: scheduled decodes take drafts from what is left once every running
@@ -233,7 +402,8 @@ class Scheduler:
                 bm.fork(seq, sib)
                 sib.num_draft_computed = seq.num_draft_computed
                 sib.status = SeqStatus.RUNNING
-                bisect.insort(self.running, sib, key=Sequence.sort_key)
+                sib.sched_key = self.order(sib)
+                bisect.insort(self.running, sib, key=_key)
 
     def accept(self, seq: Sequence, num_drafts: int) -> None:
         """After verification appended num_drafts accepted drafts to a running sequence: their KV

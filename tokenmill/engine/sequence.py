@@ -76,6 +76,8 @@ class Sequence:
     beam_candidates: tuple[list[int], list[float]] | None = None
     matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""
+    # The scheduler's order (lower runs first), set by its policy when the sequence is queued.
+    sched_key: tuple = ()
 
     @property
     def params(self) -> SamplingParams:
@@ -115,9 +117,6 @@ class Sequence:
         every position has its logprob; their blocks are still offered to the cache."""
         return self.request.params.prompt_logprobs is None
 
-    def sort_key(self) -> tuple[int, float, int]:
-        """Lower runs first: priority, then arrival, then submission order."""
-        return (self.priority, self.arrival_time, self.seq_id)
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, status={self.status.value}, "
@@ -142,6 +141,7 @@ class Request:
     beam: Any = None  # a BeamSearch when params.use_beam_search: its seqs are the beams' slots
     tenant: str | None = None  # who sent it (the server's tenants): metrics and accounting are kept per tenant
     slo: SLOTarget | None = None  # latency targets (the slo scheduling policy); None: best effort
+    slo_demoted: SLOTarget | None = None  # the targets it came with, when admission demoted it to best effort
     compute: Any = None  # the request's share of the steps it ran in (tokenmill/ops/energy.py), when accounted
 
     def __post_init__(self) -> None:

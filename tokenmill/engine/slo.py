@@ -31,6 +31,10 @@ import numpy as np
 NUM_FEATURES = 4  # intercept, new tokens, sampled rows, attention (new tokens x context / 1024)
 
 
+class SLOAdmissionError(Exception):
+    """A request's TTFT target cannot be met (slo_admission="reject"); the server answers 429."""
+
+
 @dataclass(frozen=True)
 class SLOTarget:
     """A request's latency targets, in seconds; None: no target for that part."""
@@ -81,7 +85,14 @@ class StepTimeModel:
                  decay: float = 0.995, prior_weight: float = 0.25) -> None:
         self.decay = decay
         self.prior_weight = prior_weight
+        self.overhead_s = 0.0
         self.set_prior(prior)
+
+    def observe_overhead(self, seconds: float) -> None:
+        """The engine's own work per step outside the model (scheduling, stop checks, detokenizing):
+        a running mean, which the scheduler adds to each step's predicted time."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self.overhead_s += 0.05 * (seconds - self.overhead_s)
 
     def set_prior(self, prior: tuple[float, ...]) -> None:
         """Restarts the fit from these coefficients (a calibration's, or the defaults)."""
@@ -146,5 +157,5 @@ class StepTimeModel:
 
     def to_dict(self) -> dict[str, float]:
         c = self.coef
-        return {"step_s": float(c[0]), "per_token_s": float(c[1]), "per_row_s": float(c[2]),
-                "per_attention_ktoken_s": float(c[3]), "steps_observed": self.num_observed}
+        return {"step_s": float(c[0]), "overhead_s": self.overhead_s, "per_token_s": float(c[1]),
+                "per_row_s": float(c[2]), "per_attention_ktoken_s": float(c[3]), "steps_observed": self.num_observed}

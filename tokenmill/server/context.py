@@ -17,6 +17,7 @@ from typing import Any
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end
 from tokenmill.engine.llm_engine import load_tokenizer
+from tokenmill.engine.slo import SLOAdmissionError
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -198,6 +199,12 @@ class ServerContext:
             return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival, group=group)
         except ValueError as e:
             raise bad_request(e) from None
+        except SLOAdmissionError as e:
+            tags = REQUEST_TAGS.get() or {}
+            slo = tags.get("slo")
+            self.metrics.observe_slo_rejected(self.name, tags.get("tenant"), slo.slo_class if slo else "custom")
+            raise APIError(429, str(e), param="slo", code="slo_unattainable",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except QueueFullError as e:
             raise APIError(429, f"too many requests waiting: {e}", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None

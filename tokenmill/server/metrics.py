@@ -7,7 +7,9 @@ outputs of requests whose client has gone.
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
 SWAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEFAULT_TENANT = "default"  # the tenant label of requests on a server without --tenants
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -66,6 +69,39 @@ class ServerMetrics:
                                       labels + ["from_state"], buckets=SWAP_BUCKETS, registry=r)
         r.register(_EngineGauges(self))
         self._tracked: dict[str, _Tracked] = {}
+        slo_labels = ["model_name", "tenant", "slo_class"]
+        self.slo_attained = Counter("tokenmill:slo_attained", "Requests with latency targets that met them all.",
+                                    slo_labels, registry=r)
+        self.slo_missed = Counter("tokenmill:slo_missed", "Requests with latency targets that missed one, by the "
+                                  "first missed (ttft, tpot), or were refused (rejected), demoted to best effort at "
+                                  "admission (demoted) or failed (error).", slo_labels + ["reason"], registry=r)
+        self.goodput = Goodput()
+        r.register(self.goodput)
+
+    def observe_slo_rejected(self, name: str, tenant: str | None, slo_class: str) -> None:
+        self.slo_missed.labels(name, tenant or DEFAULT_TENANT, slo_class, "rejected").inc()
+
+    def _observe_slo(self, out: RequestOutput, name: str, reason: str) -> None:
+        """Whether a finished request with targets met them (a client's abort counts neither way)."""
+        slo = out.slo
+        if slo is None or reason == "abort":
+            return
+        m = out.metrics
+        missed = None
+        if out.slo_demoted:
+            missed = "demoted"
+        elif reason == "error":
+            missed = "error"
+        elif slo.ttft_s is not None and (m.ttft is None or m.ttft > slo.ttft_s):
+            missed = "ttft"
+        elif slo.tpot_s is not None and m.mean_tpot is not None and m.mean_tpot > slo.tpot_s:
+            missed = "tpot"
+        tenant = out.tenant or DEFAULT_TENANT
+        if missed is None:
+            self.slo_attained.labels(name, tenant, slo.slo_class).inc()
+            self.goodput.add(name, slo.slo_class)
+        else:
+            self.slo_missed.labels(name, tenant, slo.slo_class, missed).inc()
 
     def observe_swap(self, name: str, seconds: float, from_state: str) -> None:
         self.swaps.labels(name, from_state).inc()
@@ -89,6 +125,7 @@ class ServerMetrics:
         del self._tracked[out.request_id]
         reason = _request_finish_reason(out)
         self.request_success.labels(name, reason).inc()
+        self._observe_slo(out, name, reason)
         if m.ttft is not None:
             self.ttft.labels(name).observe(m.ttft)
         if m.mean_tpot is not None:
@@ -102,6 +139,35 @@ class ServerMetrics:
             out.request_id, len(out.prompt_token_ids), tokens, _secs(m.ttft), _secs(m.e2e_latency), reason,
             f" error={out.error!r}" if out.error else "",
         )
+
+
+class Goodput:
+    """tokenmill:goodput: requests per second that met their targets, over the last WINDOW_S."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._met: dict[tuple[str, str], collections.deque[float]] = {}
+
+    def add(self, name: str, slo_class: str) -> None:
+        self._met.setdefault((name, slo_class), collections.deque()).append(time.monotonic())
+
+    def rate(self, name: str, slo_class: str) -> float:
+        now = time.monotonic()
+        q = self._met.get((name, slo_class))
+        if q is None:
+            return 0.0
+        while q and q[0] < now - self.WINDOW_S:
+            q.popleft()
+        return len(q) / max(1.0, min(self.WINDOW_S, now - self.started))
+
+    def collect(self):
+        g = GaugeMetricFamily("tokenmill:goodput", f"Requests per second that met their latency targets, over the "
+                              f"last {self.WINDOW_S:.0f} s.", labels=["model_name", "slo_class"])
+        for name, cls in list(self._met):
+            g.add_metric([name, cls], self.rate(name, cls))
+        yield g
 
 
 def _request_finish_reason(out: RequestOutput) -> str:

@@ -37,7 +37,8 @@ GIB = 2**30
 # Engine settings a models.yaml entry may set (EngineConfig fields, flag names with underscores).
 ENGINE_KEYS = {"dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
                "enable_prefix_caching", "attention_backend", "quantization", "prepack_weights", "task",
-               "allow_long_max_model_len", "speculative_config", "tokenizer", "gpu_memory_utilization"}
+               "allow_long_max_model_len", "speculative_config", "tokenizer", "gpu_memory_utilization",
+               "scheduling_policy", "slo_admission"}
 MODEL_KEYS = ENGINE_KEYS | {"name", "path", "pinned", "memory_share", "kv_cache_memory", "tool_call_parser",
                             "reasoning_parser"}
 TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"}
@@ -47,7 +48,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "block_size": (int,), "seed": (int,), "enable_prefix_caching": (bool,), "attention_backend": (str,),
     "quantization": (str,), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
     "speculative_config": (dict, str), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
-    "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,)}
+    "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,), "scheduling_policy": (str,),
+    "slo_admission": (str,)}
 
 
 @dataclasses.dataclass

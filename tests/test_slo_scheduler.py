@@ -1,0 +1,246 @@
+"""Scheduling policies (fcfs, priority, slo) on a simulated clock with a known step-time model.
+
+The scheduler and block manager run as plain bookkeeping (as in test_scheduler.py); each step
+advances a simulated clock by what the step-time model predicts for it, so TTFT and TPOT are
+exact functions of the policy's choices.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import rule
+
+from tests.test_scheduler import SchedulerMachine
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler import TPOT_MARGIN, Scheduler
+from tokenmill.engine.sequence import Request
+from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
+from tokenmill.sampling_params import SamplingParams
+
+BLOCK = 16
+# 20 ms a step, 0.2 ms a token, 0.1 ms a sampled row, attention 2 us per 1k token-pairs
+COEF = (0.02, 2e-4, 1e-4, 2e-6)
+
+
+def _req(rid: str, prompt: int, out: int, arrival: float, slo: SLOTarget | None = None,
+         priority: int = 0) -> Request:
+    rng = random.Random(rid)  # distinct prompts: no prefix-cache hits between requests
+    return Request(rid, None, [rng.randrange(50_000) for _ in range(prompt)], SamplingParams(max_tokens=out),
+                   arrival, priority, slo=slo)
+
+
+class Sim:
+    """A scheduler over a block manager, stepped on a simulated clock."""
+
+    def __init__(self, policy: str, num_blocks: int = 4096, max_num_seqs: int = 64, mnbt: int = 512) -> None:
+        self.model = StepTimeModel(prior=COEF)
+        self.bm = BlockManager(num_blocks, BLOCK)
+        self.sched = Scheduler(self.bm, max_num_seqs, mnbt, policy=policy, step_model=self.model)
+        self.now = 0.0
+        self.first: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.step_times: list[float] = []
+        self.reqs: dict[str, Request] = {}
+
+    def add(self, req: Request) -> None:
+        self.reqs[req.request_id] = req
+        self.sched.add_request(req.seqs)
+
+    def step(self):
+        out = self.sched.schedule()
+        rows = [row_features(s.num_new_tokens, s.start, s.completes) for s in out.scheduled]
+        dt = self.model.predict(sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
+        self.now += dt if out.scheduled else 0.001
+        if out.scheduled:
+            self.step_times.append(dt)
+        self.sched.advance(out)
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(1)
+                rid = seq.request.request_id
+                self.first.setdefault(rid, self.now)
+                if seq.num_output_tokens >= seq.params.max_tokens:
+                    self.sched.finish(seq)
+                    self.done[rid] = self.now
+        return out
+
+    def run(self, arrivals: list[Request], until: float | None = None) -> None:
+        """Adds each request when the clock reaches its arrival, steps until all are done."""
+        pending = sorted(arrivals, key=lambda r: r.arrival_time)
+        while pending or self.sched.has_unfinished():
+            while pending and pending[0].arrival_time <= self.now:
+                self.add(pending.pop(0))
+            if not self.sched.has_unfinished():
+                self.now = pending[0].arrival_time
+                continue
+            self.step()
+            if until is not None and self.now > until:
+                break
+
+    def ttft(self, rid: str) -> float:
+        return self.first[rid] - self.reqs[rid].arrival_time
+
+    def tpot(self, rid: str) -> float:
+        req = self.reqs[rid]
+        return (self.done[rid] - self.first[rid]) / max(1, req.params.max_tokens - 1)
+
+
+def test_fcfs_ignores_priority_and_priority_orders_by_it():
+    for policy, first in (("fcfs", "early"), ("priority", "urgent")):
+        sim = Sim(policy, max_num_seqs=1)
+        sim.add(_req("early", 32, 2, arrival=0.0, priority=5))
+        sim.add(_req("urgent", 32, 2, arrival=1.0, priority=0))
+        sim.run([])
+        assert min(sim.first, key=sim.first.get) == first, policy
+
+
+def test_slo_serves_requests_with_targets_first_by_laxity():
+    sim = Sim("slo", max_num_seqs=1)
+    sim.add(_req("batch", 64, 2, arrival=0.0))
+    sim.add(_req("loose", 64, 2, arrival=0.0, slo=SLOTarget(ttft_s=5.0)))
+    sim.add(_req("tight", 64, 2, arrival=0.1, slo=SLOTarget(ttft_s=0.5)))
+    # A long prompt with the same deadline as "tight" must start earlier: less laxity.
+    sim.add(_req("long", 2000, 2, arrival=0.1, slo=SLOTarget(ttft_s=0.5)))
+    sim.run([])
+    order = sorted(sim.first, key=sim.first.get)
+    assert order == ["long", "tight", "loose", "batch"]
+
+
+def test_slo_step_is_sized_to_keep_running_tpot_targets():
+    """A decode with a 60 ms TPOT target runs while a 4,000-token batch prompt prefills: every
+    step stays under the target (margin included), and the prefill still completes."""
+    sim = Sim("slo", mnbt=2048)
+    tpot = 0.06
+    sim.add(_req("chat", 16, 10, arrival=0.0, slo=SLOTarget(ttft_s=1.0, tpot_s=tpot)))
+    sim.step()  # the chat request's prefill
+    sim.add(_req("batch", 4000, 4, arrival=sim.now))
+    while "chat" not in sim.done:
+        sim.step()
+    assert max(sim.step_times[1:]) <= tpot * TPOT_MARGIN + 1e-9  # while the chat request decodes
+    assert sim.tpot("chat") <= tpot
+    assert sim.reqs["batch"].seqs[0].num_computed_tokens > 0  # the prefill went on beside it
+    sim.run([])
+    assert "batch" in sim.done
+    # fcfs gives the batch prompt its whole budget per step and the chat request misses its target.
+    fcfs = Sim("fcfs", mnbt=2048)
+    fcfs.add(_req("chat", 16, 10, arrival=0.0, slo=SLOTarget(ttft_s=1.0, tpot_s=tpot)))
+    fcfs.step()
+    fcfs.add(_req("batch", 4000, 4, arrival=fcfs.now))
+    fcfs.run([])
+    assert fcfs.tpot("chat") > tpot
+
+
+def test_slo_preempts_best_effort_for_requests_with_targets():
+    sim = Sim("slo", max_num_seqs=4)
+    for i in range(4):
+        sim.add(_req(f"b{i}", 32, 50, arrival=0.0))
+    for _ in range(5):
+        sim.step()
+    assert len(sim.sched.running) == 4
+    sim.add(_req("chat", 32, 5, arrival=sim.now, slo=SLOTarget(ttft_s=0.2)))
+    out = sim.step()
+    assert [s.request.request_id for s in out.preempted] == ["b3"]  # the latest best-effort arrival
+    assert any(s.seq.request.request_id == "chat" for s in out.scheduled)
+    sim.run([])
+    assert sim.ttft("chat") <= 0.2
+    assert all(f"b{i}" in sim.done for i in range(4))
+    assert sim.bm.num_free_blocks == sim.bm.num_blocks
+
+
+def test_admission_check_predicts_the_queue():
+    sim = Sim("slo", mnbt=256)
+    new = _req("x", 256, 4, arrival=0.0, slo=SLOTarget(ttft_s=1.0))
+    alone = sim.sched.admission_check(new.seqs[0])
+    for i in range(8):
+        sim.add(_req(f"q{i}", 256, 4, arrival=0.0, slo=SLOTarget(ttft_s=0.5)))  # ahead of y: less laxity
+    queued = sim.sched.admission_check(_req("y", 256, 4, arrival=1.0, slo=SLOTarget(ttft_s=1.0)).seqs[0])
+    assert alone == pytest.approx(COEF[0] + 256 * COEF[1] + COEF[2] + COEF[3] * 256 * 128.5 / 1024, rel=0.01)
+    assert queued > 8 * alone
+    urgent = _req("urgent", 256, 4, arrival=0.0, slo=SLOTarget(ttft_s=0.2))  # it goes ahead of the queue
+    assert sim.sched.admission_check(urgent.seqs[0]) == pytest.approx(alone)
+    # the prediction is what the simulation then measures (within a step)
+    sim.add(_req("y", 256, 4, arrival=0.0, slo=SLOTarget(ttft_s=1.0)))
+    sim.run([])
+    assert abs(sim.ttft("y") - queued) < 0.1
+    assert sim.sched.admission_check(_req("z", 8, 4, arrival=0.0).seqs[0]) is None  # no target
+
+
+def _workload(seed: int, duration: float, rate: float, ttft: float, tpot: float) -> list[Request]:
+    """30% interactive (short prompts, short answers, targets), 70% batch (long ones), Poisson."""
+    rng = random.Random(seed)
+    t, reqs = 0.0, []
+    while t < duration:
+        t += rng.expovariate(rate)
+        i = len(reqs)
+        if rng.random() < 0.3:
+            reqs.append(_req(f"i{i}", rng.randint(32, 128), rng.randint(16, 32), t, SLOTarget(ttft, tpot)))
+        else:
+            reqs.append(_req(f"b{i}", rng.randint(256, 1024), rng.randint(64, 128), t))
+    return reqs
+
+
+def test_overload_interactive_attainment_slo_vs_fcfs():
+    """Offered load about twice what the engine can do: slo keeps >= 95% of the interactive
+    requests within their targets, fcfs does not, and batch tokens/s lose at most 15%."""
+    duration = 60.0
+    results = {}
+    for policy in ("fcfs", "slo"):
+        sim = Sim(policy, max_num_seqs=16, mnbt=512)
+        reqs = _workload(1, duration, rate=8.0, ttft=0.5, tpot=0.08)
+        sim.run(reqs, until=duration)
+        inter = [r.request_id for r in reqs if r.slo is not None and r.arrival_time < duration * 0.8]
+        met = [rid for rid in inter if rid in sim.done and sim.ttft(rid) <= 0.5 and sim.tpot(rid) <= 0.08]
+        batch_tokens = sum(r.seqs[0].num_output_tokens for r in reqs if r.slo is None)
+        results[policy] = (len(met) / len(inter), batch_tokens)
+        # the run was overloaded: requests were still queued or running at the end
+        assert sim.sched.has_unfinished(), policy
+    (fcfs_att, fcfs_batch), (slo_att, slo_batch) = results["fcfs"], results["slo"]
+    assert slo_att >= 0.95, results
+    assert fcfs_att < 0.5, results
+    assert slo_batch >= 0.85 * fcfs_batch, results
+
+
+class SLOSchedulerMachine(SchedulerMachine):
+    """test_scheduler's state machine (random adds, steps, aborts, preemption) under the slo
+    policy with random targets: blocks stay consistent and every request still finishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched = Scheduler(self.bm, max_num_seqs=6, max_num_batched_tokens=20, policy="slo",
+                               step_model=StepTimeModel(prior=COEF))
+
+    @rule(prompt_len=st.integers(1, 60), max_tokens=st.integers(1, 30), ttft=st.sampled_from([None, 0.05, 1.0]),
+          tpot=st.sampled_from([None, 0.021, 0.1]), n=st.integers(1, 2))
+    def add_with_targets(self, prompt_len, max_tokens, ttft, tpot, n):
+        rid = str(self.next_id)
+        self.next_id += 1
+        slo = None if ttft is None and tpot is None else SLOTarget(ttft, tpot)
+        req = Request(rid, None, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, n=n),
+                      float(rid), 0, slo=slo)
+        self.requests[rid] = req
+        for seq in req.seqs:  # (as the base machine: its fake step does not sample forked samples)
+            self.sched.add(seq)
+
+
+class FCFSSchedulerMachine(SchedulerMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched = Scheduler(self.bm, max_num_seqs=6, max_num_batched_tokens=20, policy="fcfs")
+
+
+for _machine in (SLOSchedulerMachine, FCFSSchedulerMachine):
+    _case = _machine.TestCase
+    _case.settings = settings(max_examples=100, stateful_step_count=60, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    globals()[f"Test{_machine.__name__}"] = _case
+del _case, _machine
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        Scheduler(BlockManager(4, BLOCK), 1, 16, policy="edf")
