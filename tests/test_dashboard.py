@@ -229,6 +229,68 @@ def test_dashboard_live_in_chromium(server, browser, model_name, tmp_path):
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
+def with_pending_series(data: dict, k: int, model: str) -> dict:
+    """The server's real data plus the series the other parts add, growing with k (the poll number)."""
+    def add(name: str, kind: str, samples: list[tuple[dict, float]]) -> None:
+        data["series"].setdefault(name, []).extend({"labels": labels, "value": v} for labels, v in samples)
+        data["types"][name] = kind
+
+    tenants = ("acme", "globex")
+    add("tokenmill:slo_attained_total", "counter", [
+        ({"model_name": model, "tenant": "acme", "slo_class": "interactive"}, 5.0 * k),
+        ({"model_name": model, "tenant": "globex", "slo_class": "batch"}, 3.0 * k)])
+    add("tokenmill:slo_missed_total", "counter", [
+        ({"model_name": model, "tenant": "acme", "slo_class": "interactive", "reason": "ttft"}, 1.0 * k)])
+    add("tokenmill:goodput", "gauge", [({"model_name": model, "slo_class": "interactive"}, 4.0),
+                                       ({"model_name": model, "slo_class": "batch"}, 3.0)])
+    add("tokenmill:engine_energy_joules_total", "counter", [({"model_name": model, "source": "rapl"}, 30.0 * k)])
+    for i, t in enumerate(tenants):
+        labels = {"model_name": model, "tenant": t}
+        add("tokenmill:request_energy_joules_total", "counter", [(labels, (10.0 + i) * k)])
+        add("tokenmill:request_cost_usd_total", "counter", [(labels, 0.001 * (1 + i) * k)])
+        add("tokenmill:request_success_total", "counter", [({**labels, "finished_reason": "stop"}, 2.0 * k)])
+        add("tokenmill:tenant_requests_in_flight", "gauge", [({"tenant": t}, 2.0 + i)])
+        add("tokenmill:tenant_rejected_requests_total", "counter", [({"tenant": t, "limit": "requests_per_minute"},
+                                                                     float(i * k))])
+    return data
+
+
+def test_dashboard_draws_the_other_parts_series(server, browser, model_name):
+    """The SLO, energy, cost and tenant charts and the tenants table, fed the series the tenants, SLO
+    and energy parts add (the real /dashboard/data with those series added in the browser's route)."""
+    calls = []
+
+    def feed(route):
+        calls.append(1)
+        real = route.fetch()
+        route.fulfill(status=200, json=with_pending_series(real.json(), len(calls), model_name))
+
+    console: list[str] = []
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.on("console", lambda m: m.type in ("error", "warning") and console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+    page.route("**/dashboard/data", feed)
+    page.goto(f"{server.base_url}/dashboard#key={ADMIN_KEY}")
+    page.wait_for_function("window.tokenmillDashboard && window.tokenmillDashboard.polls >= 4", timeout=30_000)
+    charts = page.evaluate(CHARTS_JS)
+    tenants = page.locator("#tenants-table tbody tr").all_inner_texts()
+    page.close()
+    assert not console, console
+    for cid in OPTIONAL_CHARTS:
+        assert any(v > 0 for v in values(charts[cid])) and not charts[cid]["note"], (cid, charts[cid])
+    att = charts["slo_attainment"]
+    got = {label: [v for v in ys if v is not None][-1] for label, ys in zip(att["labels"], att["ys"])}
+    assert got == {"attained · interactive": pytest.approx(500 / 6), "attained · batch": pytest.approx(100)}
+    assert {lab.split(" · ")[1] for lab in charts["tenant_cost"]["labels"]} == {"acme", "globex"}
+    assert any("rapl" in lab for lab in charts["power"]["labels"])
+    # tenant, requests/s, tokens/s, in flight, rejected, SLO attained, energy (Wh), cost ($)
+    rows = {r.split("\t")[0]: r.split("\t") for r in tenants}
+    assert set(rows) == {"acme", "globex"}, tenants
+    assert rows["acme"][3] == "2.00" and rows["globex"][3] == "3.00"
+    assert rows["acme"][5] == "83.33 %" and rows["globex"][5] == "100 %"
+    assert float(rows["globex"][4]) > 0 and float(rows["acme"][7]) > 0
+
+
 def test_dashboard_asks_for_the_key(server, browser):
     page = browser.new_page()
     page.goto(f"{server.base_url}/dashboard")
