@@ -164,6 +164,10 @@ BENCHMARKS = {
               "A shared-prefix multi-tenant workload on 2 replicas with round_robin then kv_aware routing; 64 streams "
               "with one replica SIGKILLed midway against an undisturbed run; throughput through the router against "
               "talking to the replica directly."),
+    "slo": ("slo", "interactive latency targets under 2x overload: fcfs vs the slo scheduling policy",
+            "An unloaded baseline sets interactive targets (3x its TTFT and TPOT p50), a burst measures capacity, "
+            "then a Poisson stream at 2x capacity (30%% interactive with targets, 70%% batch) runs against a fcfs "
+            "server and an slo server: interactive attainment and batch throughput side by side."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

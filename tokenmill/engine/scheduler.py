@@ -34,7 +34,9 @@ blocks through the prefix cache).
 from __future__ import annotations
 
 import bisect
+import collections
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +48,10 @@ POLICIES = ("fcfs", "priority", "slo")
 # A step runs at most this share of the tightest TPOT target: the rest is the engine's own work
 # between steps (sampling output, detokenizing, streaming) and the model's error.
 TPOT_MARGIN = 0.8
+# While requests with TTFT targets keep arriving, a step may take this share of the least slack among
+# them (their target less their own prefill), for SLACK_WINDOW_S after the last one.
+TTFT_SHARE = 0.4
+SLACK_WINDOW_S = 30.0
 
 
 def _key(seq: Sequence) -> tuple:
@@ -102,6 +108,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by sched_key
         self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
         self.num_preemptions = 0
+        self._recent_slack: collections.deque[tuple[float, float]] = collections.deque()  # (when, seconds)
         self.num_prompt_tokens_computed = 0  # prompt positions run through the model (cache hits and forks excluded)
 
     # -- queue management -------------------------------------------------------------
@@ -109,6 +116,11 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.sched_key = self.order(seq)
         bisect.insort(self.waiting, seq, key=_key)
+        slo = seq.request.slo
+        if self.policy == "slo" and slo is not None and slo.ttft_s is not None and not seq.num_preemptions:
+            # What is left of its TTFT target once its own prefill is paid: a step already running when
+            # the next such request arrives must fit in it (_step_time_cap).
+            self._recent_slack.append((time.monotonic(), slo.ttft_s - self.prefill_seconds(seq.num_tokens)))
 
     def order(self, seq: Sequence) -> tuple:
         """The policy's sort key (lower runs first), fixed when the sequence is queued."""
@@ -268,8 +280,13 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, slo_class: bool | None) -> None:
         """Admits waiting sequences in order, only when no running one was preempted for blocks."""
         bm = self.block_manager
+        # While requests with targets keep arriving, best effort leaves them a few sequence slots, so
+        # that they rarely need to preempt (a preempted sequence recomputes its whole prefix).
+        room = self.max_num_seqs
+        if slo_class is False and self._recent_slack:
+            room -= max(1, self.max_num_seqs // 8)
         while (not self._thrashing and self.waiting and self._budget > 0
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < room):
             seq = self.waiting[0]
             if not self._in_class(seq, slo_class):
                 break
@@ -295,14 +312,26 @@ class Scheduler:
             self._charge(seq, seq.num_computed_tokens, num_new)
 
     def _step_time_cap(self) -> float | None:
-        """Seconds of variable work this step may take (slo policy): the tightest TPOT target of a
-        running decode with one, times the margin, less the step's fixed cost. None: no such decode."""
-        tight = min((s.request.slo.tpot_s for s in self.running
-                     if s.request.slo is not None and s.request.slo.tpot_s is not None
-                     and s.num_computed_tokens >= s.num_prompt_tokens), default=None)
-        if tight is None:
+        """Seconds of variable work this step may take (slo policy), less the step's fixed cost:
+        - the tightest TPOT target of a running decode with one, times TPOT_MARGIN;
+        - while requests with TTFT targets are arriving (any in the last SLACK_WINDOW_S), the least
+          slack one had (its target less its own prefill), times TTFT_SHARE: a request arriving
+          mid-step waits for that step before its own prefill runs.
+        None: neither applies (the token budget alone sizes the step)."""
+        fixed = float(self.step_model.coef[0]) + self.step_model.overhead_s
+        caps = [s.request.slo.tpot_s * TPOT_MARGIN for s in self.running
+                if s.request.slo is not None and s.request.slo.tpot_s is not None
+                and s.num_computed_tokens >= s.num_prompt_tokens]
+        recent = self._recent_slack
+        now = time.monotonic()
+        while recent and recent[0][0] < now - SLACK_WINDOW_S:
+            recent.popleft()
+        if recent:
+            # Never below twice the fixed cost: best-effort work keeps making progress.
+            caps.append(max(2 * fixed, min(v for _, v in recent) * TTFT_SHARE))
+        if not caps:
             return None
-        return tight * TPOT_MARGIN - float(self.step_model.coef[0]) - self.step_model.overhead_s
+        return min(caps) - fixed
 
     def _make_room(self, out: SchedulerOutput) -> None:
         """Preempts best-effort sequences (lowest first) until the waiting requests with targets
