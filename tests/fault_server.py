@@ -4,10 +4,13 @@ check that such a request fails alone and the server keeps serving the others. W
 TOKENMILL_FAULT_UNPARK=NAME, bringing back the parked model in folder NAME fails; with
 TOKENMILL_FAULT_PARK=NAME, parking it fails once the server runs (test_model_pool.py); with
 TOKENMILL_FAULT_DIE_SEED=N, the process dies (as a crash would) at the first step of a request
-seeded N, before its first token (test_fleet.py)."""
+seeded N, before its first token (test_fleet.py); with TOKENMILL_FAULT_SLOW_SEED=N, every step
+that includes a request seeded N first sleeps TOKENMILL_FAULT_SLOW_S seconds (default 0.05): a
+request that stays in flight long enough for a test to act meanwhile (test_tenants.py)."""
 
 import os
 import sys
+import time
 
 from tokenmill.engine.model_runner import ModelRunner
 
@@ -16,9 +19,13 @@ _execute = ModelRunner.execute
 
 
 DIE_SEED = int(os.environ.get("TOKENMILL_FAULT_DIE_SEED", "-1"))
+SLOW_SEED = int(os.environ.get("TOKENMILL_FAULT_SLOW_SEED", "-1"))
+SLOW_S = float(os.environ.get("TOKENMILL_FAULT_SLOW_S", "0.05"))
 
 
 def _faulty_execute(self, sched):
+    if any(s.seq.params.seed == SLOW_SEED for s in sched.scheduled):
+        time.sleep(SLOW_S)
     if any(s.seq.params.seed == POISON_SEED for s in sched.scheduled):
         raise RuntimeError("injected fault")
     if any(s.seq.params.seed == DIE_SEED for s in sched.scheduled):

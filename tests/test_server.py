@@ -279,7 +279,7 @@ def _wait_idle(server, timeout: float = 10.0) -> dict[str, float]:
 
 def test_dropped_streams_are_aborted_and_free_their_blocks(server, model_name):
     aborted_before = server.metrics().get(
-        f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}"}}', 0)
+        f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}",tenant="default"}}', 0)
 
     async def drop_after_a_few_tokens(i: int) -> int:
         body = {"model": model_name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 900, "stream": True,
@@ -303,7 +303,8 @@ def test_dropped_streams_are_aborted_and_free_their_blocks(server, model_name):
     assert m["tokenmill:num_requests_running"] == 0
     assert m["tokenmill:num_requests_waiting"] == 0
     assert m["tokenmill:kv_cache_usage_perc"] == 0
-    aborted = server.metrics()[f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}"}}']
+    aborted = server.metrics()[
+        f'tokenmill:request_success_total{{finished_reason="abort",model_name="{model_name}",tenant="default"}}']
     assert aborted - aborted_before == 8
 
 
@@ -331,20 +332,22 @@ def test_metrics_count_requests_and_tokens(server, client, model_name):
                                   extra_body={"ignore_eos": True})
     after = server.metrics()
     label = f'{{model_name="{model_name}"}}'
+    request_label = f'{{model_name="{model_name}",tenant="default"}}'  # no --tenants: the default tenant
 
     def delta(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
 
-    assert delta(f"tokenmill:prompt_tokens_total{label}") == r.usage.prompt_tokens
-    assert delta(f"tokenmill:generation_tokens_total{label}") == 10
-    assert delta(f'tokenmill:request_success_total{{finished_reason="length",model_name="{model_name}"}}') == 1
+    assert delta(f"tokenmill:prompt_tokens_total{request_label}") == r.usage.prompt_tokens
+    assert delta(f"tokenmill:generation_tokens_total{request_label}") == 10
+    assert delta(f'tokenmill:request_success_total{{finished_reason="length",model_name="{model_name}",'
+                 f'tenant="default"}}') == 1
     for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds"):
-        assert delta(f"tokenmill:{h}_count{label}") == 1
+        assert delta(f"tokenmill:{h}_count{request_label}") == 1
     assert after[f"tokenmill:num_preemptions_total{label}"] >= 0
     assert after[f"tokenmill:kv_cache_usage_perc{label}"] == 0
     log = server.log()
-    assert f"request {r.id}-0: prompt_tokens={r.usage.prompt_tokens} output_tokens=10 " in log
+    assert f"request {r.id}-0: tenant=default prompt_tokens={r.usage.prompt_tokens} output_tokens=10 " in log
     assert "finish_reason=length" in log
 
 

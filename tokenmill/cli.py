@@ -1,4 +1,4 @@
-"""The `tokenmill` command line: serve, router, generate, chat, eval-demo, bench."""
+"""The `tokenmill` command line: serve, router, generate, chat, eval-demo, bench, tenants."""
 
 from __future__ import annotations
 
@@ -223,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     bk.set_defaults(func=_build_kernels)
 
+    tenants = sub.add_parser("tenants", help="tools for a --tenants file",
+                             description="Tools for the --tenants file of `tokenmill serve`.")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="TOOL")
+    hk = tenants_sub.add_parser("hash-key", help="print the sha256 of an API key read from stdin",
+                                description="Read an API key from stdin (prompted without echo on a terminal; "
+                                "surrounding whitespace is dropped) and print its sha256, the form a --tenants "
+                                "file stores in keys_sha256.")
+    hk.set_defaults(func=_hash_key)
+
     router = sub.add_parser("router", help="one OpenAI-compatible endpoint over many replicas",
                             description="The fleet router: KV-aware routing over tokenmill replicas (--replica URL, "
                             "or --replicas N local ones), health checks, failover that resumes streams.")
@@ -238,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"tokenmill.bench.{module}").add_arguments(b)
         b.set_defaults(func=_bench, bench_module=module)
     return parser
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from tokenmill.ops.tenants import hash_key
+
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key: ")
+    else:
+        key = sys.stdin.read()
+    key = key.strip()
+    if not key:
+        raise ValueError("hash-key: no key on stdin")
+    print(hash_key(key))
+    return 0
 
 
 def _router(args: argparse.Namespace) -> int:

@@ -55,8 +55,21 @@ def build_app(pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, ret
     gw = Gateway(pool, tiers, settings, app)
 
     def make_ctx(spec: ModelSpec, front: AsyncEngine) -> ServerContext:
-        return ServerContext(front, ServerSettings(spec.name, spec.config.model, retry_after_s, spec.tool_call_parser,
-                                                   spec.reasoning_parser), gw.metrics)
+        ctx = ServerContext(front, ServerSettings(spec.name, spec.config.model, retry_after_s, spec.tool_call_parser,
+                                                  spec.reasoning_parser), gw.metrics)
+        tenants = gw.tenants
+        if tenants is not None:  # the engine's outputs settle tenants' token reservations too
+            observe = front.on_output
+
+            def on_output(out: Any) -> None:
+                try:
+                    tenants.observe(out)
+                finally:
+                    if observe is not None:
+                        observe(out)
+
+            front.on_output = on_output
+        return ctx
 
     pool.make_ctx = make_ctx
     app.state.pool = pool

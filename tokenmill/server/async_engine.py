@@ -66,6 +66,7 @@ class RequestGroup:
         self.request_ids = list(request_ids)
         self.pending = set(request_ids)
         self.rejected: Exception | None = None  # set by the engine thread when an add is refused
+        self.admission: Any = None  # the tenant admission whose work it is (server/context.py)
         self._latest: dict[str, RequestOutput] = {}
         self._ready = asyncio.Event()
 

@@ -18,6 +18,7 @@ from typing import Any
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.engine.slo import SLOAdmissionError
+from tokenmill.ops.tenants import Admission, LimitExceeded, RequestTooLarge
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -32,6 +33,13 @@ logger = logging.getLogger("tokenmill.server")
 
 # The tags of the request being handled (gateway.py sets them): its "tenant" and "slo" (an SLOTarget).
 REQUEST_TAGS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_tags", default=None)
+# The tenant admission of the request being handled (gateway.py admits it, submit reserves its tokens).
+ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("tokenmill_admission", default=None)
+
+
+def limit_error(e: LimitExceeded) -> APIError:
+    """A tenant's limit as OpenAI answers one: 429, rate_limit_exceeded, Retry-After."""
+    return APIError(429, e.message, code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)})
 
 
 def tenant_salt(tenant: str, client_salt: str | None) -> str:
@@ -185,8 +193,14 @@ class ServerContext:
         return d
 
     async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float,
-                     max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt", group: Any = None):
-        """Queues the requests (into group, when given: more of an admitted request's work)."""
+                     max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt", group: Any = None,
+                     reserve_tokens: int | None = None):
+        """Queues the requests (into group, when given: more of an admitted request's work).
+
+        A tenant's request (ADMISSION, or the group's) runs at no lower priority than its tenant's,
+        and its tokens are reserved here, where the prompts are known, with no await between the
+        check and the reservation: prompt plus the most it may generate (reserve_tokens when the
+        caller knows better: a test-time-compute run's paths); its outputs settle the count."""
         try:
             requests[0][2].validate(self.vocab)  # every prompt shares these params; n is checked before counting
         except ValueError as e:
@@ -195,21 +209,54 @@ class ServerContext:
         if seqs > max_seqs:
             raise APIError(400, f"{param}: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "
                            f"at most {max_seqs} per request", param=param)
+        adm = ADMISSION.get() if group is None else getattr(group, "admission", None)
+        rids = [r[0] for r in requests]
+        if adm is not None:
+            priority = max(priority, adm.tenant.priority)  # vLLM's convention: a larger value runs later
+            if group is None:
+                prompt_tokens = sum(len(r[1]["prompt_token_ids"]) for r in requests)
+                need = reserve_tokens if reserve_tokens is not None else prompt_tokens + sum(
+                    self.max_new_tokens(len(r[1]["prompt_token_ids"]), r[2]) for r in requests)
+                try:
+                    adm.reserve(prompt_tokens, need)
+                except LimitExceeded as e:
+                    raise limit_error(e) from None
+                except RequestTooLarge as e:
+                    raise APIError(400, str(e), param="max_tokens", code="request_too_large") from None
+            adm.track(rids, counts_output=not requests[0][2]._prompt_only)
         try:
-            return await self.engine.add_requests(requests, priority=priority, arrival_time=arrival, group=group)
-        except ValueError as e:
-            raise bad_request(e) from None
-        except SLOAdmissionError as e:
-            tags = REQUEST_TAGS.get() or {}
-            slo = tags.get("slo")
-            self.metrics.observe_slo_rejected(self.name, tags.get("tenant"), slo.slo_class if slo else "custom")
-            raise APIError(429, str(e), param="slo", code="slo_unattainable",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-        except QueueFullError as e:
-            raise APIError(429, f"too many requests waiting: {e}", code="queue_full",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-        except EngineStoppedError as e:
-            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+            added = await self.engine.add_requests(requests, priority=priority, arrival_time=arrival, group=group)
+        except BaseException as e:
+            if adm is not None:  # nothing of it runs: it used nothing
+                adm.untrack(rids)
+                if group is None:
+                    adm.cancel_reservation()
+            if isinstance(e, ValueError):
+                raise bad_request(e) from None
+            if isinstance(e, SLOAdmissionError):
+                tags = REQUEST_TAGS.get() or {}
+                slo = tags.get("slo")
+                self.metrics.observe_slo_rejected(self.name, tags.get("tenant"),
+                                                  slo.slo_class if slo else "custom")
+                raise APIError(429, str(e), param="slo", code="slo_unattainable",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            if isinstance(e, QueueFullError):
+                raise APIError(429, f"too many requests waiting: {e}", code="queue_full",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            if isinstance(e, EngineStoppedError):
+                raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+            raise
+        if adm is not None and group is None:
+            added.admission = adm  # later work joining the group (test-time compute) finds it there
+        return added
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """The most tokens one prompt's request may generate: n samples of max_tokens (the rest of
+        the context when it sets none); none for a prompt that is only scored or embedded."""
+        if params._prompt_only:
+            return 0
+        per = params.max_tokens if params.max_tokens is not None else self.llm_engine.max_model_len - prompt_len
+        return params.n * max(per, 0)
 
     def engine_error(self, out: RequestOutput) -> APIError:
         if out.error_status == 400:

@@ -10,6 +10,12 @@ CascadeEngine, which runs the small model first and the strong one when it must 
 Handlers are wrapped by `Gateway.route`, which gives back the model leases the request took and
 adds what the gateway learned (`routing`, `swap`, and for a cascade the model that answered) to
 the response: a JSON body, or the first event of a stream.
+
+With tenants (`--tenants`, tokenmill/ops/tenants.py) `open_request` also finds the caller's tenant
+from its key, keeps it to its models and max_tokens cap, and admits it under its concurrency and
+requests-per-minute limits before anything waits for a model (its tokens are reserved where the
+prompt is known, `ServerContext.submit`). `route` gives the admission back when the response has
+ended: when the handler returns, or for a stream when its last event is sent or it is dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import asyncio
 import contextvars
 import copy
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -31,9 +39,10 @@ from pydantic import BaseModel, ValidationError
 
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.engine.slo import SLOTarget
+from tokenmill.ops.tenants import Admission, LimitExceeded, Tenant, Tenants, TenantsConfig, hash_key
 from tokenmill.routing import CascadePolicy, RulesPolicy
 from tokenmill.server.async_engine import EngineStats
-from tokenmill.server.context import REQUEST_TAGS, ServerContext
+from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, limit_error
 from tokenmill.server.errors import APIError, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
@@ -50,6 +59,8 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 2**20
     api_key: str | None = None  # required on /v1 routes when set
     admin_api_key: str | None = None  # required on the admin routes when set (else api_key, when set)
+    # --tenants: the generation and embedding routes take tenants' keys (and api_key no longer opens them)
+    tenants: TenantsConfig | None = None
 
 
 @dataclass
@@ -78,6 +89,9 @@ class Gateway:
         self.app = app
         self.created = int(time.time())
         self.metrics = ServerMetrics(self._model_stats)
+        self.tenants: Tenants | None = None
+        if settings.tenants is not None:
+            self.tenants = self._make_tenants(settings.tenants)
         pool.on_swap = lambda name, s, frm: _call_soon(self, self.metrics.observe_swap, name, s, frm)
         # A rules tier counts prompt tokens with its default model's tokenizer (loaded here, so a
         # model on disk need not come back just to route a request).
@@ -88,6 +102,19 @@ class Gateway:
             self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
             if isinstance(t.policy, CascadePolicy):
                 _check_same_tokenizer(t, pool)
+
+    def _make_tenants(self, config: TenantsConfig) -> Tenants:
+        for t in config.tenants:
+            for m in t.models or ():
+                if m not in self.pool.entries and m not in self.tiers:
+                    raise ValueError(f"--tenants: tenant {t.name!r}: models: {m!r} is not a model or tier of this "
+                                     f"server (it serves {', '.join(self.names)})")
+            if self.settings.api_key and hash_key(self.settings.api_key) in t.keys_sha256:
+                raise ValueError(f"--api-key: it is also a key of tenant {t.name!r}; give the operator's key and "
+                                 f"the tenants' keys apart")
+        tenants = Tenants(config, on_reject=self.metrics.observe_rejected)
+        self.metrics.watch_tenants(tenants)
+        return tenants
 
     def _model_stats(self) -> list[tuple[str, EngineStats, str]]:
         return [(e.name, e.front.stats if e.front is not None else EngineStats(), e.state)
@@ -116,15 +143,48 @@ class Gateway:
         except RecursionError:
             raise APIError(400, "body: nested too deeply", code="invalid_json") from None
 
-    def check_auth(self, request: Request) -> None:
+    def check_auth(self, request: Request, service: bool = False) -> Tenant | None:
+        """The caller's tenant (None without --tenants); 401 for a missing or unknown key. With
+        tenants, the generation and embedding routes take a tenant's key only; the routes an
+        operator or a fleet router reads (service: /v1/models, /v1/kv_events) take --api-key too."""
+        header = request.headers.get("authorization")
+        if self.tenants is not None:
+            tenant = self.tenants.authenticate(header)
+            if tenant is not None:
+                return tenant
+            if not (service and self.settings.api_key and _key_matches(header, self.settings.api_key)):
+                raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+            return None
         api_key = self.settings.api_key
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key and not _key_matches(header, api_key):
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return None
+
+    def check_service(self, request: Request) -> None:
+        """/v1/kv_events: with tenants, the operator's --api-key only (a fleet router's
+        --replica-api-key); a tenant's key does not watch the cache."""
+        if self.tenants is None:
+            self.check_auth(request)
+            return
+        key = self.settings.api_key
+        if not key:
+            raise APIError(403, "this route is closed: this server has tenants (--tenants); start it with --api-key "
+                           "(a fleet router's --replica-api-key) to open it", type_="permission_error",
+                           code="permission_denied")
+        if not _key_matches(request.headers.get("authorization"), key):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     def check_admin(self, request: Request) -> None:
         key = self.settings.admin_api_key or self.settings.api_key
-        if key and request.headers.get("authorization") != f"Bearer {key}":
+        if not key and self.tenants is not None:  # a tenant's key must not unload models
+            raise APIError(403, "the admin routes are closed: this server has tenants (--tenants); start it with "
+                           "--admin-api-key to use them", type_="permission_error", code="permission_denied")
+        if key and not _key_matches(request.headers.get("authorization"), key):
             raise APIError(401, "invalid or missing admin API key", code="invalid_api_key")
+
+    def visible(self, tenant: Tenant | None) -> list[str]:
+        """The models and tiers a caller may use (all of them without a tenant, or for --api-key)."""
+        return [n for n in self.names if tenant is None or tenant.allows(n)]
 
     def check_admitting(self) -> None:
         if self.app.state.draining:
@@ -138,12 +198,48 @@ class Gateway:
         return APIError(404, f"The model `{model}` does not exist; this server serves: "
                         f"{', '.join(f'`{n}`' for n in self.names)}.", param="model", code="model_not_found")
 
-    def check_model(self, model: str | None) -> str:
-        """The model or tier a request names (the first model when it names none); 404 otherwise."""
-        name = model if model is not None else self.pool.default
+    def check_model(self, model: str | None, tenant: Tenant | None = None) -> str:
+        """The model or tier a request names (the first model when it names none, or its tenant's
+        first); 404 otherwise, also for a model its tenant may not use (as OpenAI answers a key
+        that cannot see a model), naming only what the tenant may use."""
+        if tenant is not None and tenant.models is not None:
+            name = model if model is not None else tenant.models[0]
+            if not tenant.allows(name):
+                raise APIError(404, f"The model `{name}` does not exist or you do not have access to it; "
+                               f"tenant {tenant.name} may use: {', '.join(f'`{n}`' for n in tenant.models)}.",
+                               param="model", code="model_not_found")
+        else:
+            name = model if model is not None else self.pool.default
         if name not in self.pool.entries and name not in self.tiers:
             raise self.unknown(name)
         return name
+
+    def cap_max_tokens(self, req: Any, tenant: Tenant) -> None:
+        """A 400 for a max_tokens / max_completion_tokens above the tenant's cap; a request that
+        sets neither gets the cap (a completion's default of 16 stays when it is lower)."""
+        cap = tenant.max_tokens
+        fields = [f for f in ("max_tokens", "max_completion_tokens") if f in type(req).model_fields]
+        if cap is None or not fields:
+            return
+        given = [f for f in fields if f in req.model_fields_set and getattr(req, f) is not None]
+        for f in given:
+            if getattr(req, f) > cap:
+                raise APIError(400, f"{f}: tenant {tenant.name} may ask for at most {cap} tokens per request "
+                               f"(its max_tokens cap), got {getattr(req, f)}", param=f)
+        if not given:
+            default = getattr(req, fields[0])
+            setattr(req, fields[0], cap if default is None else min(default, cap))
+
+    def admit(self, tenant: Tenant) -> Admission:
+        """The tenant's admission (concurrency and requests per minute) or a 429; the request's
+        route gives it back when the response has ended."""
+        assert self.tenants is not None
+        try:
+            adm = self.tenants.admit(tenant)
+        except LimitExceeded as e:
+            raise limit_error(e) from None
+        ADMISSION.set(adm)
+        return adm
 
     async def open_request(self, request: Request, body: type[BaseModel], generation: bool = False,
                            auth: bool = True) -> tuple[ServerContext, Any, float]:
@@ -151,8 +247,9 @@ class Gateway:
         model's context (once it is active), the parsed body and its arrival time. /tokenize and
         /detokenize skip auth and admission, as vLLM's do."""
         arrival = time.time()
+        tenant = None
         if auth:
-            self.check_auth(request)
+            tenant = self.check_auth(request)
             self.check_admitting()
         req = await self.parse(request, body)
         tags = REQUEST_TAGS.get()
@@ -162,7 +259,14 @@ class Gateway:
                 tags["slo"] = SLOTarget.from_dict(slo)
             except ValueError as e:
                 raise APIError(400, str(e), param="slo") from None
-        name = self.check_model(req.model)
+        name = self.check_model(req.model, tenant)
+        if tenant is not None:
+            if tags is not None:  # its prompts carry it: its own prefix-cache namespace, metrics, accounting
+                tags["tenant"] = tenant.name
+                if tags.get("slo") is None and tenant.slo is not None:
+                    tags["slo"] = tenant.slo
+            self.cap_max_tokens(req, tenant)
+            self.admit(tenant)  # before waiting for a model: a tenant over its limits waits for nothing
         tier = self.tiers.get(name)
         if not auth:  # tokenizing needs no device: a parked model's tokenizer serves as it is
             if tier is not None:
@@ -266,16 +370,67 @@ class Gateway:
             extras: dict[str, Any] = {}
             token = EXTRAS.set(extras)
             tags_token = REQUEST_TAGS.set({})
+            adm_token = ADMISSION.set(None)
+            resp = None
             try:
                 resp = await handler(request, *args, **kwargs)
             finally:
+                adm = ADMISSION.get()
                 EXTRAS.reset(token)
                 REQUEST_TAGS.reset(tags_token)
+                ADMISSION.reset(adm_token)
                 for name in extras.pop("_leases", []):
                     self.pool.release(name)
-            return with_extras(resp, extras)
+                if adm is not None and not isinstance(resp, StreamingResponse):
+                    adm.release()  # an error, or a whole answer: the request has ended
+            if adm is None:
+                return with_extras(resp, extras)
+            try:
+                resp = with_extras(resp, extras)
+            except BaseException:
+                adm.release()
+                raise
+            if isinstance(resp, StreamingResponse):  # held until the stream has ended, however it ends
+                resp.body_iterator = ReleasingIterator(resp.body_iterator, adm.release)
+            return resp
 
         return wrapped
+
+
+class ReleasingIterator:
+    """A response body that calls release once it has ended: its last event sent, an error, the
+    client gone (cancelled), closed, or dropped unstarted (a generator never started would skip
+    its finally: hence a class, whose __del__ releases too)."""
+
+    def __init__(self, inner: Any, release: Callable[[], None]) -> None:
+        self._inner, self._release = inner, release
+
+    def __aiter__(self) -> ReleasingIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:  # StopAsyncIteration included: the stream is over
+            self._release()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        self._release()
+
+
+def _key_matches(header: str | None, key: str) -> bool:
+    """Whether an Authorization header carries `Bearer key`, compared in constant time."""
+    got = hashlib.sha256((header or "").encode("utf-8", "surrogatepass")).digest()
+    return hmac.compare_digest(got, hashlib.sha256(f"Bearer {key}".encode("utf-8", "surrogatepass")).digest())
 
 
 def _extras() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Gauges are read from the engine thread's latest stats snapshot at scrape time. Counters and
 histograms are fed by `observe`, which sees every engine output on the event loop, including
-outputs of requests whose client has gone.
+outputs of requests whose client has gone. The request-level series carry a `tenant` label (the
+tenant's name, "default" without --tenants); tenants' refusals and requests in flight have their own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,7 +49,7 @@ class ServerMetrics:
     def __init__(self, models: Callable[[], list[tuple[str, EngineStats, str]]]) -> None:
         self.registry = CollectorRegistry()
         self._models = models  # (name, the engine's latest stats, pool state) of every model
-        labels = ["model_name"]
+        labels = ["model_name", "tenant"]  # the request-level series
         r = self.registry
         self.prompt_tokens = Counter("tokenmill:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("tokenmill:generation_tokens", "Tokens generated.", labels, registry=r)
@@ -64,9 +66,13 @@ class ServerMetrics:
                                     "Time from arrival until first scheduled.", labels, buckets=LATENCY_BUCKETS,
                                     registry=r)
         self.swaps = Counter("tokenmill:model_swaps", "Times a model was brought back to the device (from parked "
-                             "or from disk) after the server started.", labels + ["from_state"], registry=r)
+                             "or from disk) after the server started.", ["model_name", "from_state"], registry=r)
         self.swap_seconds = Histogram("tokenmill:model_swap_seconds", "Time to bring a model back to the device.",
-                                      labels + ["from_state"], buckets=SWAP_BUCKETS, registry=r)
+                                      ["model_name", "from_state"], buckets=SWAP_BUCKETS, registry=r)
+        self.tenant_rejected = Counter("tokenmill:tenant_rejected_requests", "Requests a tenant's limit refused "
+                                       "(requests_per_minute, tokens_per_minute, concurrent_requests).",
+                                       ["tenant", "limit"], registry=r)
+        self._tenants: Any = None  # ops.tenants.Tenants (watch_tenants)
         r.register(_EngineGauges(self))
         self._tracked: dict[str, _Tracked] = {}
         slo_labels = ["model_name", "tenant", "slo_class"]
@@ -103,6 +109,18 @@ class ServerMetrics:
         else:
             self.slo_missed.labels(name, tenant, slo.slo_class, missed).inc()
 
+    def watch_tenants(self, tenants: Any) -> None:
+        """Exports the tenants' requests in flight, and a zero for each tenant and limit from the start."""
+        from tokenmill.ops.tenants import LIMIT_NAMES
+
+        self._tenants = tenants
+        for t in tenants:
+            for limit in LIMIT_NAMES:
+                self.tenant_rejected.labels(t.name, limit)
+
+    def observe_rejected(self, tenant: str, limit: str) -> None:
+        self.tenant_rejected.labels(tenant, limit).inc()
+
     def observe_swap(self, name: str, seconds: float, from_state: str) -> None:
         self.swaps.labels(name, from_state).inc()
         self.swap_seconds.labels(name, from_state).observe(seconds)
@@ -113,30 +131,31 @@ class ServerMetrics:
     def observe(self, out: RequestOutput, name: str) -> None:
         t = self._tracked.setdefault(out.request_id, _Tracked())
         m = out.metrics
+        tenant = out.tenant or DEFAULT_TENANT
         if not t.prompt_counted and m.first_token_time is not None:
             t.prompt_counted = True
-            self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+            self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
         tokens = sum(len(c.token_ids) for c in out.outputs)
         if tokens > t.tokens:
-            self.generation_tokens.labels(name).inc(tokens - t.tokens)
+            self.generation_tokens.labels(name, tenant).inc(tokens - t.tokens)
             t.tokens = tokens
         if not out.finished:
             return
         del self._tracked[out.request_id]
         reason = _request_finish_reason(out)
-        self.request_success.labels(name, reason).inc()
+        self.request_success.labels(name, tenant, reason).inc()
         self._observe_slo(out, name, reason)
         if m.ttft is not None:
-            self.ttft.labels(name).observe(m.ttft)
+            self.ttft.labels(name, tenant).observe(m.ttft)
         if m.mean_tpot is not None:
-            self.tpot.labels(name).observe(m.mean_tpot)
+            self.tpot.labels(name, tenant).observe(m.mean_tpot)
         if m.e2e_latency is not None:
-            self.e2e.labels(name).observe(m.e2e_latency)
+            self.e2e.labels(name, tenant).observe(m.e2e_latency)
         if m.time_in_queue is not None:
-            self.queue_time.labels(name).observe(m.time_in_queue)
+            self.queue_time.labels(name, tenant).observe(m.time_in_queue)
         logger.info(
-            "request %s: prompt_tokens=%d output_tokens=%d ttft=%s e2e=%s finish_reason=%s%s",
-            out.request_id, len(out.prompt_token_ids), tokens, _secs(m.ttft), _secs(m.e2e_latency), reason,
+            "request %s: tenant=%s prompt_tokens=%d output_tokens=%d ttft=%s e2e=%s finish_reason=%s%s",
+            out.request_id, tenant, len(out.prompt_token_ids), tokens, _secs(m.ttft), _secs(m.e2e_latency), reason,
             f" error={out.error!r}" if out.error else "",
         )
 
@@ -219,6 +238,13 @@ class _EngineGauges:
             for name, s, _state in models:
                 c.add_metric([name], getattr(s, attr))
             yield c
+        tenants = self.metrics._tenants
+        if tenants is not None:
+            g = GaugeMetricFamily("tokenmill:tenant_requests_in_flight", "A tenant's admitted requests whose "
+                                  "response has not ended (what max_concurrent_requests limits).", labels=["tenant"])
+            for name, n in tenants.in_flight().items():
+                g.add_metric([name], n)
+            yield g
         g = GaugeMetricFamily("tokenmill:model_state", "1 for the state each model is in (active: on the device, "
                               "parked: weights in host memory, loading, on_disk).", labels=["model_name", "state"])
         for name, _s, state in models:

@@ -112,7 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES",
                    help="larger request bodies get 413")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
+                        "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
+    p.add_argument("--tenants", default=None, metavar="YAML",
+                   help="tenants: hashed API keys, priority, SLO class, rate limits, max_tokens cap and models per "
+                        "tenant (README: Tenants and keys); the generation and embedding routes then take tenants' "
+                        "keys only")
     from tokenmill.server.tools import PARSERS
 
     p.add_argument("--tool-call-parser", choices=["auto", *PARSERS], default="auto",
@@ -199,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    if args.tenants is not None:  # a bad file fails before any model loads
+        from tokenmill.ops.tenants import load_tenants
+
+        args.tenants_config = load_tenants(args.tenants)
     specs, tiers, pool_config = pool_from_args(args)
     sock = bind_socket(args.host, args.port)
     try:
@@ -215,8 +224,13 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
     from tokenmill.server.pool import ModelPool
 
     pool = ModelPool(specs, pool_config, make_ctx=lambda spec, front: None)
+    tenants = getattr(args, "tenants_config", None)
+    if tenants is None and getattr(args, "tenants", None) is not None:
+        from tokenmill.ops.tenants import load_tenants
+
+        tenants = load_tenants(args.tenants)
     settings = GatewaySettings(max_body_bytes=args.max_body_size, api_key=args.api_key,
-                               admin_api_key=args.admin_api_key)
+                               admin_api_key=args.admin_api_key, tenants=tenants)
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)

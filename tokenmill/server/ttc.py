@@ -72,10 +72,18 @@ class TTCDriver:
             # Through submit, so that a later launch refused (queue full, shutting down) is the
             # same clear error as the first; later launches join the group and skip the queue
             # limit (their request was admitted).
+            # A tenant's tokens are reserved at the first launch for the whole run: every path's most.
             self.group = await self.ctx.submit([(lrid, self.prompt, sp)], self.priority, self.arrival,
-                                               group=self.group)
+                                               group=self.group,
+                                               reserve_tokens=self.most_tokens() if self.group is None else None)
             for i, pid in enumerate(launch.path_ids):
                 self.where[(lrid, i)], self.path_at[pid] = pid, (lrid, i)
+
+    def most_tokens(self) -> int:
+        """The prompt once and the most every path together may generate."""
+        run = self.run
+        paths = run.p.n * run.max_tokens
+        return run.prompt_tokens + (paths if run.budget is None else min(paths, run.budget))
 
     async def start(self) -> None:
         try:

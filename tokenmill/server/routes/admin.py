@@ -74,9 +74,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        gw.check_auth(request)
+        shown = set(gw.visible(gw.check_auth(request, service=True)))  # a tenant sees its models only
         return {"object": "list",
-                "data": [card(e) for e in pool.entries.values()] + [tier_card(t) for t in gw.tiers.values()]}
+                "data": [card(e) for e in pool.entries.values() if e.name in shown]
+                + [tier_card(t) for t in gw.tiers.values() if t.name in shown]}
 
     @app.post("/v1/models/{model_id:path}/load")
     async def load(request: Request, model_id: str) -> dict[str, Any]:
@@ -122,7 +123,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> dict[str, Any]:
-        gw.check_auth(request)
+        tenant = gw.check_auth(request, service=True)
+        if tenant is not None and not tenant.allows(model_id):
+            gw.check_model(model_id, tenant)  # the 404 a tenant gets for a model it may not use
         if model_id in gw.tiers:
             return tier_card(gw.tiers[model_id])
         e = pool.entry(model_id)
@@ -140,7 +143,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         per model a snapshot of the cached block keys, then their changes (numbered: a gap means
         resync); each model's load when it changes; a comment as heartbeat. Ends when the server
         drains."""
-        gw.check_auth(request)
+        gw.check_service(request)
         sub = Subscriber()
         hubs = [pool.kv_hub(name) for name in pool.entries]
         for hub in hubs:
