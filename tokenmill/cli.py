@@ -164,6 +164,10 @@ BENCHMARKS = {
               "A shared-prefix multi-tenant workload on 2 replicas with round_robin then kv_aware routing; 64 streams "
               "with one replica SIGKILLed midway against an undisturbed run; throughput through the router against "
               "talking to the replica directly."),
+    "energy": ("energy", "energy, device time and FLOPs per output token, with the method's error bound",
+               "A fixed offline workload (mixed prompt lengths, fixed output length) on the demo model and a "
+               "SmolLM-135M-shaped one: energy per output token from the engine's accounting (RAPL, NVML or the "
+               "power model), device seconds and FLOPs per token, and the error bound of the figure."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

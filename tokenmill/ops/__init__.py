@@ -1,0 +1,1 @@
+"""Operating tokenmill as a service."""
