@@ -331,12 +331,15 @@ class FlopModel:
         self.per_token = 2 * per_layer * mc.num_layers
         self.lm_head_row = 2 * h * mc.vocab_size if lm_head else 0
         self.attn_per_layer = 4 * mc.num_heads * d
-        windows = tuple(mc.sliding_windows) or (None,) * mc.num_layers
-        self.windows = sorted(Counter(windows).items(), key=lambda kv_: (kv_[0] is None, kv_[0] or 0))
+        windows = Counter(tuple(mc.sliding_windows) or (None,) * mc.num_layers)
+        self.full_layers = windows.pop(None, 0)
+        self.windows = sorted(windows.items())  # (window, layers) of the sliding-window layers
 
     def chunk(self, new_tokens: int, context: int, logit_rows: int) -> int:
         span = context + new_tokens / 2
-        attn = sum(n * (span if w is None else min(span, w)) for w, n in self.windows)
+        attn = self.full_layers * span
+        for w, n in self.windows:
+            attn += n * min(span, w)
         return int(self.per_token * new_tokens + self.attn_per_layer * attn * new_tokens
                    + self.lm_head_row * logit_rows)
 
@@ -383,25 +386,28 @@ class EnergyAccounting:
         self.num_steps += 1
         self.step_joules += joules
         self.step_seconds += seconds
-        weights = [self.row_cost(*r) for r in rows]
+        row_cost = self.row_cost
+        weights = [row_cost(*r) for r in rows]
         total = sum(weights)
         if not total > 0:  # a model with nothing fitted yet: by new tokens
             weights = [r[0] for r in rows]
             total = sum(weights) or 1.0
+        e_per, t_per = joules / total, seconds / total
+        chunk, logit_rows = self.flop_model.chunk, self._logit_rows
+        flops = 0
         for s, w in zip(sched.scheduled, weights):
             req = s.seq.request
             c = req.compute
             if c is None:
                 c = req.compute = RequestCompute()
-            share = w / total
-            e, t = joules * share, seconds * share
-            c.energy_joules += e
-            c.device_seconds += t
-            self.attributed_joules += e
-            self.attributed_seconds += t
-            f = self.flop_model.chunk(s.num_new_tokens, s.start, self._logit_rows(s))
+            c.energy_joules += e_per * w
+            c.device_seconds += t_per * w
+            f = chunk(s.num_new_tokens, s.start, logit_rows(s))
             c.flops += f
-            self.flops += f
+            flops += f
+        self.attributed_joules += e_per * total
+        self.attributed_seconds += t_per * total
+        self.flops += flops
 
     def _logit_rows(self, s: Any) -> int:
         """Rows of this chunk that go through the LM head (as ModelRunner.prepare picks them)."""
