@@ -115,6 +115,8 @@ def test_server_embeddings(embed_dir, tmp_path, model_dir):
         # The openai client asks for base64 by default and decodes it.
         r = client.embeddings.create(model=name, input=PROMPTS)
         assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens == sum(map(len, PROMPTS))
+        compute = r.usage.model_extra["compute"]  # the three inputs' shares of their steps (ops/energy.py)
+        assert compute["energy_joules"] > 0 and compute["flops"] > 0 and compute["energy_source"]
         for d, ref in zip(r.data, refs):
             torch.testing.assert_close(torch.tensor(d.embedding), ref, atol=1e-5, rtol=1e-4)
         f = client.embeddings.create(model=name, input=PROMPTS[0], encoding_format="float")

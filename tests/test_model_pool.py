@@ -138,6 +138,9 @@ def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
         # A random model is never that sure of a token: the first full window falls below, and the
         # small model's answer stops there.
         assert routing["escalated_at_token"] == 4 and routing["small_tokens"] < 16
+        if i == 0:  # the small model's work is in the usage too (a prompt under one block: no cache hit)
+            alone = client.completions.create(model="beta", prompt=PROMPTS[i], max_tokens=16, temperature=0)
+            assert r.usage.compute["flops"] > alone.usage.compute["flops"] > 0  # type: ignore[attr-defined]
         r = client.completions.create(model="trusting", prompt=PROMPTS[i], max_tokens=16, temperature=0)
         assert r.model == "alpha" and r.choices[0].text == small[i]
         assert r.routing["escalated"] is False and r.routing["small_tokens"] == 16  # type: ignore[attr-defined]

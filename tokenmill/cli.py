@@ -168,6 +168,10 @@ BENCHMARKS = {
             "An unloaded baseline sets interactive targets (3x its TTFT and TPOT p50), a burst measures capacity, "
             "then a Poisson stream at 2x capacity (30%% interactive with targets, 70%% batch) runs against a fcfs "
             "server and an slo server: interactive attainment and batch throughput side by side."),
+    "energy": ("energy", "energy, device time and FLOPs per output token, with the method's error bound",
+               "A fixed offline workload (mixed prompt lengths, fixed output length) on the demo model and a "
+               "SmolLM-135M-shaped one: energy per output token from the engine's accounting (RAPL, NVML or the "
+               "power model), device seconds and FLOPs per token, and the error bound of the figure."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

@@ -348,6 +348,14 @@ class EngineConfig:
     # slo policy: measure the step-time model at startup with a few synthetic steps (else it starts from
     # defaults and learns from the first requests' steps).
     calibrate_step_model: bool = True
+    # Energy and cost per request (tokenmill/ops/energy.py): the energy counter ("auto": nvml on CUDA, rapl
+    # on the CPU, else the power model), the power model's watts (None: its defaults), and the prices.
+    energy_source: str = "auto"
+    power_idle_watts: float | None = None  # the model's idle draw (default: 1.5 W per CPU thread; 50 W a GPU)
+    power_watts: float | None = None  # the model's busy draw per busy CPU thread (default 5 W), or per GPU (250 W)
+    price_per_device_hour: float = 0.0  # $ per hour of device time (the machine's or the GPU's rental)
+    price_per_kwh: float = 0.0  # $ per kWh
+    pue: float = 1.0  # power usage effectiveness: the facility's energy per joule the device draws
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -375,6 +383,10 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
         if self.slo_admission not in ("reject", "demote", "off"):
             raise ValueError(f"slo_admission: must be reject, demote or off, got {self.slo_admission!r}")
+        from tokenmill.ops.energy import check_config
+
+        check_config(self.energy_source, self.power_idle_watts, self.power_watts, self.price_per_device_hour,
+                     self.price_per_kwh, self.pue)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

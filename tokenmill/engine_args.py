@@ -51,6 +51,21 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
     p.add_argument("--slo-admission", default=d.slo_admission, choices=["reject", "demote", "off"],
                    help="slo policy: a request whose TTFT target cannot be met is refused (429 with the reason), "
                         "demoted to best effort, or queued anyway (off)")
+    en = p.add_argument_group("energy and cost", "per-request energy, device time and cost (usage.compute)")
+    en.add_argument("--energy-source", default=d.energy_source, choices=["auto", "rapl", "nvml", "model"],
+                    help="where step energy is read: rapl (Linux powercap), nvml (the GPU's counter, needs pynvml), "
+                         "model (a power model: idle + busy watts per thread); auto: nvml on CUDA, rapl on the CPU, "
+                         "else the model")
+    en.add_argument("--power-watts", type=float, default=None, metavar="W",
+                    help="the power model's draw per busy CPU thread (default 5) or per GPU (default 250)")
+    en.add_argument("--power-idle-watts", type=float, default=None, metavar="W",
+                    help="the power model's idle draw (default 1.5 per CPU thread used, 50 for a GPU)")
+    en.add_argument("--price-per-device-hour", type=float, default=d.price_per_device_hour, metavar="USD",
+                    help="$ per hour of device time (the machine's or GPU's rental), for usage.compute.cost_usd")
+    en.add_argument("--price-per-kwh", type=float, default=d.price_per_kwh, metavar="USD", help="$ per kWh")
+    en.add_argument("--pue", type=float, default=d.pue,
+                    help="power usage effectiveness: facility energy per joule the device draws (default 1.0: "
+                         "the device alone; data centres run about 1.1 to 1.6)")
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -69,4 +84,6 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         load_progress=getattr(args, "progress", True),
         scheduling_policy=getattr(args, "scheduling_policy", "priority"),
         slo_admission=getattr(args, "slo_admission", "demote"),
+        energy_source=args.energy_source, power_watts=args.power_watts, power_idle_watts=args.power_idle_watts,
+        price_per_device_hour=args.price_per_device_hour, price_per_kwh=args.price_per_kwh, pue=args.pue,
     )

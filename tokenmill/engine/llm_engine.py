@@ -27,6 +27,7 @@ from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, row_features
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
+from tokenmill.ops.energy import EnergyAccounting, Prices, open_meter
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import GrammarCompiler, GrammarError
@@ -103,6 +104,13 @@ class LLMEngine:
         self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
         # Called after every step that ran, with (sched, row_features of each chunk, seconds): energy accounting.
         self.on_step: Callable[[SchedulerOutput, list[tuple[float, float, float]], float], None] | None = None
+        # Energy, device time, FLOPs and cost of each request (tokenmill/ops/energy.py): it reads its meter
+        # right before the model step (before_step) and after it (on_step).
+        meter = open_meter(config.energy_source, str(self.device), config.power_idle_watts, config.power_watts)
+        self.energy = EnergyAccounting(mc, meter, Prices(config.price_per_device_hour, config.price_per_kwh,
+                                                         config.pue), self.step_model.row_cost, self.task == "embed")
+        self.before_step: Callable[[], None] | None = self.energy.before_step
+        self.on_step = self.energy.on_step
         self.requests: dict[str, Request] = {}
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
@@ -145,6 +153,7 @@ class LLMEngine:
         bm.num_query_tokens = bm.num_hit_tokens = 0
         sched.num_preemptions = sched.num_prompt_tokens_computed = 0
         self.spec_stats = SpecStats()
+        self.energy.reset()  # the synthetic steps are nobody's work
         logger.info("step-time model: %s", self.step_model.to_dict())
         return self.step_model.to_dict()
 
@@ -394,6 +403,8 @@ class LLMEngine:
                 m.first_scheduled_time = now
         if sched.block_copies:  # copy-on-write of shared partial blocks, before anything writes
             self.runner.copy_blocks(sched.block_copies)
+        if self.before_step is not None:
+            self.before_step()
         t0 = time.perf_counter()
         try:
             result = self.runner.execute(sched)
@@ -711,6 +722,7 @@ class LLMEngine:
             tenant=req.tenant,
             slo=req.slo or req.slo_demoted,
             slo_demoted=req.slo_demoted is not None,
+            compute=self.energy.report(req.compute),
         )
 
     # -- introspection ------------------------------------------------------------------
@@ -727,6 +739,8 @@ class LLMEngine:
             "spec_decode_num_drafts": self.spec_stats.num_drafts,
             "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
+            "energy_joules": self.energy.step_joules,  # measured over this engine's steps
+            "idle_energy_joules": self.energy.idle_joules(),  # the meter's, outside every engine's steps
         }
 
 

@@ -52,6 +52,9 @@ class EngineStats:
     spec_decode_num_drafts: int = 0  # verification steps that carried draft tokens
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    energy_joules: float = 0.0  # measured over the engine's steps (tokenmill/ops/energy.py)
+    idle_energy_joules: float = 0.0  # its meter's energy outside every step
+    energy_source: str = ""
 
 
 class RequestGroup:
@@ -382,7 +385,10 @@ class AsyncEngine:
                                  float(s["kv_cache_usage_perc"]), int(s["num_preemptions"]),
                                  int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
                                  int(s["kv_cache_cached_blocks"]), int(s["spec_decode_num_drafts"]),
-                                 int(s["spec_decode_num_draft_tokens"]), int(s["spec_decode_num_accepted_tokens"]))
+                                 int(s["spec_decode_num_draft_tokens"]), int(s["spec_decode_num_accepted_tokens"]),
+                                 energy_joules=float(s["energy_joules"]),
+                                 idle_energy_joules=float(s["idle_energy_joules"]),
+                                 energy_source=self.engine.energy.source)
         if outputs:
             self._call_soon(self._dispatch, outputs)
         hub = self.kv_hub

@@ -12,9 +12,11 @@ response's `model` is the model that answered, and its `routing` object says why
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import RequestOutput
 from tokenmill.routing import CascadeMonitor, CascadePolicy
 from tokenmill.sampling_params import SamplingParams
@@ -137,8 +139,11 @@ class CascadeEngine:
             cg.strong_engine = strong.engine
         finally:
             pool.release(self.policy.strong)
+        # The small model's work counts in the request's compute too (usage.compute sums both models).
+        spent = {rid: out.compute for rid, out in latest.items() if out.compute is not None}
         async for batch in strong.engine.stream(cg.strong_group):
-            yield batch
+            yield [dataclasses.replace(out, compute=sum_compute([spent[out.request_id], out.compute]))
+                   if out.request_id in spent else out for out in batch]
 
     def _failed(self, cg: CascadeGroup, message: str, status: int) -> list[RequestOutput]:
         return [RequestOutput(rid, None, [], None, [], finished=True, error=message, error_status=status)

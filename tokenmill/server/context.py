@@ -266,14 +266,17 @@ class ServerContext:
         return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
 
     async def choice_deltas(self, group, params: SamplingParams, states: dict[tuple[str, int], ChoiceState],
-                            cached: dict[str, int]):
+                            cached: dict[str, int], computes: dict[str, Any] | None = None):
         """(request output, choice, delta) for every streamable change; StreamFailed on an engine error.
-        cached collects each request's prefix-cache hit (known once it is scheduled)."""
+        cached collects each request's prefix-cache hit (known once it is scheduled), computes its
+        latest compute account (the final usage sums them)."""
         async for batch in self.engine.stream(group):
             for out in batch:
                 if out.error is not None:
                     raise StreamFailed(out.error, out.error_status)
                 cached[out.request_id] = out.num_cached_tokens
+                if computes is not None and out.compute is not None:
+                    computes[out.request_id] = out.compute
                 for c in out.outputs:
                     delta = states.setdefault((out.request_id, c.index), ChoiceState()).advance(c, params)
                     if delta is not None:

@@ -41,6 +41,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Tracked:
     prompt_counted: bool = False
     tokens: int = 0
+    compute: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # energy, device seconds, FLOPs, cost counted so far
 
 
 class ServerMetrics:
@@ -73,6 +74,18 @@ class ServerMetrics:
                                        "(requests_per_minute, tokens_per_minute, concurrent_requests).",
                                        ["tenant", "limit"], registry=r)
         self._tenants: Any = None  # ops.tenants.Tenants (watch_tenants)
+        # What was attributed to requests (tokenmill/ops/energy.py), per model and tenant.
+        compute_labels = ["model_name", "tenant"]
+        self.compute_counters = [
+            Counter("tokenmill:request_energy_joules", "Energy attributed to requests (joules).", compute_labels,
+                    registry=r),
+            Counter("tokenmill:request_device_seconds", "Device time attributed to requests.", compute_labels,
+                    registry=r),
+            Counter("tokenmill:request_flops", "FLOPs of requests (from the model's shape).", compute_labels,
+                    registry=r),
+            Counter("tokenmill:request_cost_usd", "Cost of requests in US dollars (device time and energy at the "
+                    "configured prices).", compute_labels, registry=r),
+        ]
         r.register(_EngineGauges(self))
         self._tracked: dict[str, _Tracked] = {}
         slo_labels = ["model_name", "tenant", "slo_class"]
@@ -139,6 +152,14 @@ class ServerMetrics:
         if tokens > t.tokens:
             self.generation_tokens.labels(name, tenant).inc(tokens - t.tokens)
             t.tokens = tokens
+        if out.compute is not None:  # counted as it grows, so the counters are live
+            c = out.compute
+            now = (c["energy_joules"], c["device_seconds"], c["flops"], c["cost_usd"])
+            tenant = out.tenant or "default"
+            for counter, new, old in zip(self.compute_counters, now, t.compute):
+                if new > old:
+                    counter.labels(name, tenant).inc(new - old)
+            t.compute = now
         if not out.finished:
             return
         del self._tracked[out.request_id]
@@ -245,6 +266,21 @@ class _EngineGauges:
             for name, n in tenants.in_flight().items():
                 g.add_metric([name], n)
             yield g
+        c = CounterMetricFamily("tokenmill:engine_energy_joules", "Energy measured over the engine's steps "
+                                "(source: rapl, nvml, or model: a power model's estimate).",
+                                labels=["model_name", "source"])
+        idle = CounterMetricFamily("tokenmill:idle_energy_joules", "Energy measured outside every engine step (idle, "
+                                   "host work between steps): attributed to no request. One per meter (device).",
+                                   labels=["source"])
+        idle_by_source: dict[str, float] = {}
+        for name, s, _state in models:
+            if s.energy_source:
+                c.add_metric([name, s.energy_source], s.energy_joules)
+                idle_by_source[s.energy_source] = max(idle_by_source.get(s.energy_source, 0.0), s.idle_energy_joules)
+        for source, v in idle_by_source.items():
+            idle.add_metric([source], v)
+        yield c
+        yield idle
         g = GaugeMetricFamily("tokenmill:model_state", "1 for the state each model is in (active: on the device, "
                               "parked: weights in host memory, loading, on_disk).", labels=["model_name", "state"])
         for name, _s, state in models:

@@ -11,6 +11,7 @@ models:
     pinned: true          # never parked to make room
     memory_share: 0.25    # weights + KV cache as a share of memory_budget (or kv_cache_memory: GiB)
     dtype: float32        # any engine setting: dtype, quantization, max_model_len, max_num_seqs, ...
+    price_per_device_hour: 0.5   # this model's prices (usage.compute.cost_usd), else the command line's
   - path: ./demo
 tiers:
   - name: tokenmill/auto
@@ -38,7 +39,7 @@ GIB = 2**30
 ENGINE_KEYS = {"dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
                "enable_prefix_caching", "attention_backend", "quantization", "prepack_weights", "task",
                "allow_long_max_model_len", "speculative_config", "tokenizer", "gpu_memory_utilization",
-               "scheduling_policy", "slo_admission"}
+               "scheduling_policy", "slo_admission", "price_per_device_hour", "price_per_kwh", "pue"}
 MODEL_KEYS = ENGINE_KEYS | {"name", "path", "pinned", "memory_share", "kv_cache_memory", "tool_call_parser",
                             "reasoning_parser"}
 TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"}
@@ -49,7 +50,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "quantization": (str,), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
     "speculative_config": (dict, str), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
     "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,), "scheduling_policy": (str,),
-    "slo_admission": (str,)}
+    "slo_admission": (str,), "price_per_device_hour": (int, float), "price_per_kwh": (int, float),
+    "pue": (int, float)}
 
 
 @dataclasses.dataclass

@@ -124,10 +124,16 @@ async def collect_finished(engine: AsyncEngine, group) -> dict[str, RequestOutpu
     return final
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          compute: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI's usage object, plus `compute` (device seconds, FLOPs, energy, cost and the energy's
+    source: tokenmill/ops/energy.py) when the engine accounted for the request."""
+    u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens,
+                         "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if compute is not None:
+        u["compute"] = compute
+    return u
 
 
 def held_back(text: str, marker: str) -> int:

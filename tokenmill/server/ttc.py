@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.ops.energy import sum_compute
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request
@@ -63,6 +64,7 @@ class TTCDriver:
         self.where: dict[tuple[str, int], int] = {}  # (engine request, sample) -> path
         self.path_at: dict[int, tuple[str, int]] = {}
         self.cached_tokens = 0  # the first launch's prefix-cache hit
+        self.computes: dict[str, Any] = {}  # each launch's latest compute account (usage.compute sums them)
 
     async def _launch(self) -> None:
         run = self.run
@@ -105,6 +107,8 @@ class TTCDriver:
                 for out in await self.group.get():
                     if out.error is not None:
                         raise self.ctx.engine_error(out)
+                    if out.compute is not None:
+                        self.computes[out.request_id] = out.compute
                     if out.request_id == f"{self.rid}-1":
                         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
                     for c in out.outputs:
@@ -181,7 +185,8 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
                        "test_time_compute": account})
             if include_usage:
                 yield sse({"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": [],
-                           "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens)})
+                           "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens,
+                                          sum_compute(driver.computes.values()))})
             yield SSE_DONE
 
         return sse_response(events(), driver.close)
@@ -191,7 +196,8 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
         text, reason, account = outcome()
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": name,
                              "choices": [choice(text, reason, delta=False)],
-                             "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens),
+                             "usage": usage(n_prompt, account["tokens"]["generated"], driver.cached_tokens,
+                                            sum_compute(driver.computes.values())),
                              "test_time_compute": account})
 
     return await unless_disconnected(request, collect())

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.ops.energy import sum_compute
 from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import ChatCompletionRequest
@@ -103,6 +104,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 calls: dict[int, ToolStream] = {}
                 thoughts: dict[int, ReasoningStream] = {}
                 cached: dict[str, int] = {}
+                computes: dict[str, Any] = {}
                 if req.resume_token_ids:  # the first server streamed this much: start where it stopped
                     states[(rid, 0)], sent = ctx.resumed_state(ids, req.resume_token_ids, params)
                     if rparser is not None:
@@ -112,7 +114,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                     if tools is not None:
                         calls.setdefault(0, ToolStream(tools)).feed(sent, False, complete=False)
                 try:
-                    async for _, c, d in ctx.choice_deltas(group, params, states, cached):
+                    async for _, c, d in ctx.choice_deltas(group, params, states, cached, computes):
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
                             yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None})
@@ -148,7 +150,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 if include_usage:
                     n_out = sum(st.tokens for st in states.values())
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(arrival),
-                               "model": name, "choices": [], "usage": usage(len(ids), n_out, cached.get(rid, 0))})
+                               "model": name, "choices": [],
+                               "usage": usage(len(ids), n_out, cached.get(rid, 0), sum_compute(computes.values()))})
                 yield SSE_DONE
 
             return sse_response(events(), lambda: engine.release(group))
@@ -182,7 +185,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 })
             n_out = sum(len(c.token_ids) for c in out.outputs)
             resp = {"id": rid, "object": "chat.completion", "created": int(arrival), "model": name,
-                    "choices": choices, "usage": usage(len(ids), n_out, out.num_cached_tokens)}
+                    "choices": choices, "usage": usage(len(ids), n_out, out.num_cached_tokens, out.compute)}
             if ids_out:
                 resp["prompt_token_ids"] = ids
             if req.prompt_logprobs is not None:  # vLLM puts them beside the choices

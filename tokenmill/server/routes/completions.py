@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import MAX_LOGPROBS
 from tokenmill.server.errors import APIError, bad_request, error_response
@@ -116,11 +117,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 cached: dict[str, int] = {}
+                computes: dict[str, Any] = {}
                 prompt_end: dict[int, int] = {}  # echo: where each prompt's token text ends
                 if req.resume_token_ids:  # the first server streamed this much: start where it stopped
                     states[(reqs[0][0], 0)], _ = ctx.resumed_state(prompts[0][1], req.resume_token_ids, params)
                 try:
-                    async for out, c, d in ctx.choice_deltas(group, params, states, cached):
+                    async for out, c, d in ctx.choice_deltas(group, params, states, cached, computes):
                         pi = index[out.request_id]
                         lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
                               if req.logprobs is not None else None)
@@ -148,12 +150,13 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 if include_usage:
                     n_out = sum(st.tokens for st in states.values())
                     yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                               "choices": [], "usage": usage(prompt_tokens, n_out, sum(cached.values()))})
+                               "choices": [], "usage": usage(prompt_tokens, n_out, sum(cached.values()),
+                                                             sum_compute(computes.values()))})
                 yield SSE_DONE
 
             return sse_response(events(), lambda: engine.release(group))
 
-        async def final_choices() -> tuple[list[dict[str, Any]], int, int] | Response:
+        async def final_choices() -> tuple[list[dict[str, Any]], int, int, dict[str, Any] | None] | Response:
             final = await collect_finished(engine, group)
             choices = []
             n_out = n_cached = 0
@@ -180,7 +183,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         choice["prompt_logprobs"] = ctx.vllm_prompt_logprobs(prompts[r][1], out.prompt_logprobs or [],
                                                                              req.prompt_logprobs)
                     choices.append(choice)
-            return choices, n_out, n_cached
+            return choices, n_out, n_cached, sum_compute(final[r[0]].compute for r in reqs)
 
         if req.stream:  # score only: the whole answer in one chunk per choice
             async def scored_events() -> AsyncIterator[str]:
@@ -189,13 +192,13 @@ def register(app: FastAPI, gw: Gateway) -> None:
                     yield sse(json.loads(result.body))
                     yield SSE_DONE
                     return
-                choices, n_out, n_cached = result
+                choices, n_out, n_cached, compute = result
                 for ch in choices:
                     yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                "choices": [ch]})
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                               "choices": [], "usage": usage(prompt_tokens, n_out, n_cached)})
+                               "choices": [], "usage": usage(prompt_tokens, n_out, n_cached, compute)})
                 yield SSE_DONE
 
             return sse_response(scored_events(), lambda: engine.release(group))
@@ -204,8 +207,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
             result = await final_choices()
             if isinstance(result, Response):
                 return result
-            choices, n_out, n_cached = result
+            choices, n_out, n_cached, compute = result
             return JSONResponse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                                 "choices": choices, "usage": usage(prompt_tokens, n_out, n_cached)})
+                                 "choices": choices, "usage": usage(prompt_tokens, n_out, n_cached, compute)})
 
         return await unless_disconnected(request, collect())

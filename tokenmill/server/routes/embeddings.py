@@ -11,10 +11,12 @@ import base64
 import math
 import struct
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.ops.energy import sum_compute
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError, error_response
 from tokenmill.server.gateway import Gateway
@@ -60,8 +62,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 data.append({"object": "embedding", "index": i,
                              "embedding": _encode(_truncate(out.embedding, req.dimensions), req.encoding_format)})
             n = sum(len(p) for p in prompts)
-            return JSONResponse({"object": "list", "data": data, "model": ctx.name,
-                                 "usage": {"prompt_tokens": n, "total_tokens": n}})
+            use: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n}
+            compute = sum_compute(final[r].compute for r, _, _ in reqs)
+            if compute is not None:
+                use["compute"] = compute
+            return JSONResponse({"object": "list", "data": data, "model": ctx.name, "usage": use})
 
         return await unless_disconnected(request, collect())
 
