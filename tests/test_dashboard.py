@@ -9,6 +9,7 @@ Set TOKENMILL_DASHBOARD_SCREENSHOT=docs/dashboard.png to write the README's scre
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -27,33 +28,17 @@ from tokenmill.server.routes.dashboard import snapshot
 
 CI = bool(os.environ.get("CI"))
 ADMIN_KEY = "dashboard-test-admin-key"
+# Two tenants, so the tenant charts and table have rows: acme's requests carry its SLO class.
+TENANT_KEYS = {"acme": "sk-acme-dashboard", "globex": "sk-globex-dashboard"}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GRAFANA = os.path.join(ROOT, "deploy", "grafana", "tokenmill.json")
 PAGE_JS = os.path.join(ROOT, "tokenmill", "server", "static", "dashboard.js")
 
-# Series the other parts of issue 15 add (tenants, SLO, energy and cost); the page and the Grafana
-# panels already use them. PENDING: once merged, the server exports them and these allowances go.
-PENDING_METRICS = {
-    "tokenmill:slo_attained_total", "tokenmill:slo_missed_total", "tokenmill:goodput",
-    "tokenmill:request_energy_joules_total", "tokenmill:request_device_seconds_total",
-    "tokenmill:request_flops_total", "tokenmill:request_cost_usd_total", "tokenmill:engine_energy_joules_total",
-    "tokenmill:tenant_rejected_requests_total", "tokenmill:tenant_requests_in_flight",
-}
-PENDING_LABELS = {"tenant", "slo_class", "reason", "limit", "source"}
-# Charts that must show non-zero data under load on any server.
-CORE_CHARTS = ("tokens", "requests", "ttft", "tpot", "queue", "cache")
-# Charts drawn from the pending series: checked for data when their series are in /dashboard/data.
-# PENDING: the lead moves them to CORE_CHARTS (with a server that has tenants, SLO traffic, energy).
-OPTIONAL_CHARTS = {
-    "slo_attainment": ["tokenmill:slo_attained_total", "tokenmill:slo_missed_total"],
-    "slo_rates": ["tokenmill:slo_attained_total", "tokenmill:slo_missed_total"],
-    "goodput": ["tokenmill:goodput"],
-    "power": ["tokenmill:request_energy_joules_total", "tokenmill:engine_energy_joules_total"],
-    "cost": ["tokenmill:request_cost_usd_total"],
-    "tenant_power": ["tokenmill:request_energy_joules_total"],
-    "tenant_cost": ["tokenmill:request_cost_usd_total"],
-}
+# Every chart must show data under load on the test's server (tenants, SLO traffic, energy and cost).
+MODEL_CHARTS = ("tokens", "requests", "ttft", "tpot", "queue", "cache")  # one series per model
+CORE_CHARTS = ("tokens", "requests", "ttft", "tpot", "queue", "cache", "slo_attainment", "slo_rates", "goodput",
+               "power", "cost", "tenant_power", "tenant_cost")
 SLO = {"ttft_ms": 5000, "tpot_ms": 1000, "class": "interactive"}
 PREFIX = "The quick brown fox jumps over the lazy dog. " * 3  # shared by every prompt: prefix-cache hits
 
@@ -62,8 +47,16 @@ PREFIX = "The quick brown fox jumps over the lazy dog. " * 3  # shared by every 
 def server(model_dir, tmp_path_factory):
     # A small KV cache and batch, so that under load the cache is visibly used and requests queue.
     log = str(tmp_path_factory.mktemp("dashboard") / "server.log")
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    tenants.write_text(
+        "slo_classes:\n  interactive: {ttft_ms: 5000, tpot_ms: 1000}\n  batch: {}\n"
+        "tenants:\n"
+        + "".join(f"  - name: {name}\n    keys_sha256: [{hashlib.sha256(key.encode()).hexdigest()}]\n"
+                  f"    slo_class: {'interactive' if name == 'acme' else 'batch'}\n"
+                  for name, key in TENANT_KEYS.items()))
     srv = ServerProcess(model_dir, "--admin-api-key", ADMIN_KEY, "--kv-cache-memory", "0.002", "--max-num-seqs", "4",
-                        "--max-model-len", "256", log_path=log)
+                        "--max-model-len", "256", "--tenants", str(tenants), "--scheduling-policy", "slo",
+                        "--price-per-device-hour", "2.5", "--price-per-kwh", "0.3", log_path=log)
     yield srv
     assert srv.stop() == 0
 
@@ -73,7 +66,8 @@ class Load:
     some wait; prompts share a prefix, so the prefix cache hits); every request must succeed."""
 
     def __init__(self, base_url: str, model: str, threads: int = 6) -> None:
-        self.client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.clients = [openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=60)
+                        for key in TENANT_KEYS.values()]
         self.model = model
         self.stop_event = threading.Event()
         self.done = 0
@@ -87,9 +81,9 @@ class Load:
             # Every third request carries (loose) latency targets: SLO traffic for the SLO charts.
             extra = {"ignore_eos": True, **({"slo": SLO} if (i + worker) % 3 == 0 else {})}
             try:
-                self.client.completions.create(model=self.model, prompt=f"{PREFIX}Client {worker}, request {i}:",
-                                               max_tokens=16 + (7 * i + worker) % 48, temperature=0.8,
-                                               extra_body=extra)
+                self.clients[worker % 2].completions.create(
+                    model=self.model, prompt=f"{PREFIX}Client {worker}, request {i}:",
+                    max_tokens=16 + (7 * i + worker) % 48, temperature=0.8, extra_body=extra)
                 self.done += 1
             except Exception as e:  # noqa: BLE001 (reported by the test)
                 self.errors.append(repr(e))
@@ -190,7 +184,9 @@ def test_dashboard_live_in_chromium(server, browser, model_name, tmp_path):
     for cid in CORE_CHARTS:
         c = second[cid]
         assert c["canvas"][0] > 0 and c["canvas"][1] > 0, cid
-        assert c["labels"] and any(model_name in label for label in c["labels"]), (cid, c["labels"])
+        assert c["labels"], cid
+        if cid in MODEL_CHARTS:
+            assert any(model_name in label for label in c["labels"]), (cid, c["labels"])
         assert any(v > 0 for v in values(c)), (cid, c)
         assert inked[cid] > 20, (cid, inked[cid], "series data but nothing drawn")
         assert not c["note"], (cid, c["note"])
@@ -212,19 +208,9 @@ def test_dashboard_live_in_chromium(server, browser, model_name, tmp_path):
     assert data2["series"][gen][0]["value"] > data["series"][gen][0]["value"]
     assert any(row.startswith(model_name) for row in models_rows), models_rows
 
-    # The other parts' series: when the server exports them, their charts must have data; when not,
-    # the chart is empty and says why.
-    present = {name for name, s in data2["series"].items() if s}
-    report = {}
-    for cid, needs in OPTIONAL_CHARTS.items():
-        c = second[cid]
-        if present & set(needs):
-            report[cid] = "present"
-            assert values(c), (cid, c)
-        else:
-            report[cid] = "absent"
-            assert not values(c) and c["note"], (cid, c)
-    print("optional charts:", report)
+    # The tenants' series: both tenants in the tenant charts.
+    for cid in ("tenant_power", "tenant_cost"):
+        assert {lab.split(" · ")[-1] for lab in second[cid]["labels"]} >= set(TENANT_KEYS), second[cid]["labels"]
 
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
@@ -235,14 +221,14 @@ def with_pending_series(data: dict, k: int, model: str) -> dict:
         data["series"].setdefault(name, []).extend({"labels": labels, "value": v} for labels, v in samples)
         data["types"][name] = kind
 
-    tenants = ("acme", "globex")
+    tenants = ("initech", "umbrella")
     add("tokenmill:slo_attained_total", "counter", [
-        ({"model_name": model, "tenant": "acme", "slo_class": "interactive"}, 5.0 * k),
-        ({"model_name": model, "tenant": "globex", "slo_class": "batch"}, 3.0 * k)])
+        ({"model_name": model, "tenant": "initech", "slo_class": "gold"}, 5.0 * k),
+        ({"model_name": model, "tenant": "umbrella", "slo_class": "bronze"}, 3.0 * k)])
     add("tokenmill:slo_missed_total", "counter", [
-        ({"model_name": model, "tenant": "acme", "slo_class": "interactive", "reason": "ttft"}, 1.0 * k)])
-    add("tokenmill:goodput", "gauge", [({"model_name": model, "slo_class": "interactive"}, 4.0),
-                                       ({"model_name": model, "slo_class": "batch"}, 3.0)])
+        ({"model_name": model, "tenant": "initech", "slo_class": "gold", "reason": "ttft"}, 1.0 * k)])
+    add("tokenmill:goodput", "gauge", [({"model_name": model, "slo_class": "gold"}, 4.0),
+                                       ({"model_name": model, "slo_class": "bronze"}, 3.0)])
     add("tokenmill:engine_energy_joules_total", "counter", [({"model_name": model, "source": "rapl"}, 30.0 * k)])
     for i, t in enumerate(tenants):
         labels = {"model_name": model, "tenant": t}
@@ -276,19 +262,21 @@ def test_dashboard_draws_the_other_parts_series(server, browser, model_name):
     tenants = page.locator("#tenants-table tbody tr").all_inner_texts()
     page.close()
     assert not console, console
-    for cid in OPTIONAL_CHARTS:
+    for cid in set(CORE_CHARTS) - set(MODEL_CHARTS):
         assert any(v > 0 for v in values(charts[cid])) and not charts[cid]["note"], (cid, charts[cid])
     att = charts["slo_attainment"]
-    got = {label: [v for v in ys if v is not None][-1] for label, ys in zip(att["labels"], att["ys"])}
-    assert got == {"attained · interactive": pytest.approx(500 / 6), "attained · batch": pytest.approx(100)}
-    assert {lab.split(" · ")[1] for lab in charts["tenant_cost"]["labels"]} == {"acme", "globex"}
+    # the injected classes (the live server's own have their own series)
+    got = {label: [v for v in ys if v is not None][-1] for label, ys in zip(att["labels"], att["ys"])
+           if label.endswith(("gold", "bronze"))}
+    assert got == {"attained · gold": pytest.approx(500 / 6), "attained · bronze": pytest.approx(100)}
+    assert {lab.split(" · ")[1] for lab in charts["tenant_cost"]["labels"]} >= {"initech", "umbrella"}
     assert any("rapl" in lab for lab in charts["power"]["labels"])
     # tenant, requests/s, tokens/s, in flight, rejected, SLO attained, energy (Wh), cost ($)
     rows = {r.split("\t")[0]: r.split("\t") for r in tenants}
-    assert set(rows) - {"default"} == {"acme", "globex"}, tenants  # default: the live server's own requests
-    assert rows["acme"][3] == "2.00" and rows["globex"][3] == "3.00"
-    assert rows["acme"][5] == "83.33 %" and rows["globex"][5] == "100 %"
-    assert float(rows["globex"][4]) > 0 and float(rows["acme"][7]) > 0
+    assert set(rows) >= {"initech", "umbrella"}, tenants  # beside the live server's own tenants
+    assert rows["initech"][3] == "2.00" and rows["umbrella"][3] == "3.00"
+    assert rows["initech"][5] == "83.33 %" and rows["umbrella"][5] == "100 %"
+    assert float(rows["umbrella"][4]) > 0 and float(rows["initech"][7]) > 0
 
 
 def test_dashboard_asks_for_the_key(server, browser):
@@ -367,7 +355,9 @@ def test_snapshot_json_safe():
 
 def exported_names(server, model_name) -> tuple[set[str], set[str]]:
     """Sample names and label names on /metrics once requests have finished (histograms appear then)."""
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=TENANT_KEYS["acme"], max_retries=0, timeout=60)
+    # one request that cannot meet its target (demoted): slo_missed appears with its first miss
+    client.completions.create(model=model_name, prompt=PREFIX, max_tokens=2, extra_body={"slo": {"ttft_ms": 0.001}})
     for stream in (False, True):
         out = client.completions.create(model=model_name, prompt=PREFIX, max_tokens=4, stream=stream)
         if stream:
@@ -404,8 +394,8 @@ def test_grafana_dashboard(server, model_name):
     assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
     assert dash["__inputs"][0]["pluginId"] == "prometheus"
     names, labels = exported_names(server, model_name)
-    known_names = names | PENDING_METRICS
-    known_labels = labels | PENDING_LABELS | {"le"}
+    known_names = names
+    known_labels = labels | {"le"}
     panels = grafana_panels(dash)
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
