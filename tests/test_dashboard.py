@@ -39,7 +39,7 @@ PAGE_JS = os.path.join(ROOT, "tokenmill", "server", "static", "dashboard.js")
 MODEL_CHARTS = ("tokens", "requests", "ttft", "tpot", "queue", "cache")  # one series per model
 CORE_CHARTS = ("tokens", "requests", "ttft", "tpot", "queue", "cache", "slo_attainment", "slo_rates", "goodput",
                "power", "cost", "tenant_power", "tenant_cost")
-SLO = {"ttft_ms": 5000, "tpot_ms": 1000, "class": "interactive"}
+SLO = {"ttft_ms": 5000, "tpot_ms": 1000}
 PREFIX = "The quick brown fox jumps over the lazy dog. " * 3  # shared by every prompt: prefix-cache hits
 
 

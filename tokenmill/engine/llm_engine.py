@@ -130,11 +130,14 @@ class LLMEngine:
         rng = random.Random(0)
         vocab = self.model_config.vocab_size
         mnbt, seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
-        room = self.max_model_len - 8
-        plans = [(16, 1)]  # a warm-up, then the measured runs
-        plans += [(n, 1) for n in (64, 256, 1024) if n <= min(mnbt, room)]
-        plans += [(16, b) for b in (4, 16, 64) if b <= seqs and 16 <= room]
+        room = self.max_model_len
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        short = min(16, room - params.max_tokens)
+        if short < 1:
+            return self.step_model.to_dict()  # no room for a synthetic request: learn from real steps
+        plans = [(short, 1)]  # a warm-up, then the measured runs
+        plans += [(n, 1) for n in (64, 256, 1024) if n <= min(mnbt, room - params.max_tokens)]
+        plans += [(short, b) for b in (4, 16, 64) if b <= seqs]
         deadline = time.perf_counter() + budget_s
         for i, (length, batch) in enumerate(plans * 2):
             if i == 1:
@@ -410,6 +413,8 @@ class LLMEngine:
             result = self.runner.execute(sched)
         except Exception as e:
             return self._isolate_failure(sched, e)
+        if self.device.type == "cuda":  # a chunk that samples nothing returns before its kernels ran
+            torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         self._observe_step(sched, t1 - t0)
         self.scheduler.advance(sched)

@@ -47,11 +47,16 @@ from tokenmill.engine.slo import StepTimeModel, row_features
 POLICIES = ("fcfs", "priority", "slo")
 # A step runs at most this share of the tightest TPOT target: the rest is the engine's own work
 # between steps (sampling output, detokenizing, streaming) and the model's error.
-TPOT_MARGIN = 0.8
+# A decode with a TPOT target must have its next token by first_token_time + tokens so far x target x
+# TPOT_MARGIN (the mean over its tokens is what the target bounds, so time banked by fast steps may pay
+# for a long one, up to TPOT_BANK targets' worth at once); the rest of the margin is the engine's own
+# work between steps and the model's error.
+TPOT_MARGIN = 0.85
+TPOT_BANK = 6.0
 # While requests with TTFT targets keep arriving, a step may take this share of the least slack among
 # them (their target less their own prefill), for SLACK_WINDOW_S after the last one.
-TTFT_SHARE = 0.4
-SLACK_WINDOW_S = 30.0
+TTFT_SHARE = 0.6
+SLACK_WINDOW_S = 10.0
 
 
 def _key(seq: Sequence) -> tuple:
@@ -91,10 +96,11 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  propose: Callable[[Sequence, int], int] | None = None, policy: str = "priority",
-                 step_model: StepTimeModel | None = None) -> None:
+                 step_model: StepTimeModel | None = None, clock: Callable[[], float] = time.time) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduling_policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
+        self.clock = clock  # the time requests' metrics use (time.time in the engine; a test's own clock)
         self.step_model = step_model if step_model is not None else StepTimeModel()
         self.block_manager = block_manager
         # Speculative decoding: propose(seq, at_most) readies up to at_most drafts for a decode and
@@ -120,7 +126,7 @@ class Scheduler:
         if self.policy == "slo" and slo is not None and slo.ttft_s is not None and not seq.num_preemptions:
             # What is left of its TTFT target once its own prefill is paid: a step already running when
             # the next such request arrives must fit in it (_step_time_cap).
-            self._recent_slack.append((time.monotonic(), slo.ttft_s - self.prefill_seconds(seq.num_tokens)))
+            self._recent_slack.append((self.clock(), slo.ttft_s - self.prefill_seconds(seq.num_tokens)))
 
     def order(self, seq: Sequence) -> tuple:
         """The policy's sort key (lower runs first), fixed when the sequence is queued."""
@@ -284,7 +290,7 @@ class Scheduler:
         # that they rarely need to preempt (a preempted sequence recomputes its whole prefix).
         room = self.max_num_seqs
         if slo_class is False and self._recent_slack:
-            room -= max(1, self.max_num_seqs // 8)
+            room -= self.max_num_seqs // 8
         while (not self._thrashing and self.waiting and self._budget > 0
                and len(self.running) < room):
             seq = self.waiting[0]
@@ -313,31 +319,40 @@ class Scheduler:
 
     def _step_time_cap(self) -> float | None:
         """Seconds of variable work this step may take (slo policy), less the step's fixed cost:
-        - the tightest TPOT target of a running decode with one, times TPOT_MARGIN;
+        - for each running decode with a TPOT target, the time until its next token is due (see
+          TPOT_MARGIN; a decode that has banked time allows a longer step, up to TPOT_BANK targets);
         - while requests with TTFT targets are arriving (any in the last SLACK_WINDOW_S), the least
           slack one had (its target less its own prefill), times TTFT_SHARE: a request arriving
           mid-step waits for that step before its own prefill runs.
+        Never below a quarter of the fixed cost, so best-effort work always makes some progress.
         None: neither applies (the token budget alone sizes the step)."""
-        fixed = float(self.step_model.coef[0]) + self.step_model.overhead_s
-        caps = [s.request.slo.tpot_s * TPOT_MARGIN for s in self.running
-                if s.request.slo is not None and s.request.slo.tpot_s is not None
-                and s.num_computed_tokens >= s.num_prompt_tokens]
+        m = self.step_model
+        fixed = float(m.coef[0]) + m.overhead_s
+        now = self.clock()
+        caps = []
+        for s in self.running:
+            slo = s.request.slo
+            if slo is None or slo.tpot_s is None or s.num_computed_tokens < s.num_prompt_tokens:
+                continue
+            first = s.request.metrics.first_token_time
+            n = max(1, s.num_output_tokens)
+            due = (first + n * slo.tpot_s * TPOT_MARGIN - now) if first is not None else slo.tpot_s * TPOT_MARGIN
+            caps.append(min(due, TPOT_BANK * slo.tpot_s))
         recent = self._recent_slack
-        now = time.monotonic()
         while recent and recent[0][0] < now - SLACK_WINDOW_S:
             recent.popleft()
         if recent:
-            # Never below twice the fixed cost: best-effort work keeps making progress.
             caps.append(max(2 * fixed, min(v for _, v in recent) * TTFT_SHARE))
         if not caps:
             return None
-        return min(caps) - fixed
+        return max(min(caps) - fixed, 0.25 * fixed)
 
     def _make_room(self, out: SchedulerOutput) -> None:
         """Preempts best-effort sequences (lowest first) until the waiting requests with targets
         that this step could admit have the sequence slots and blocks for their first chunk."""
         bm = self.block_manager
         seqs = blocks = tokens = 0
+        last = None
         for seq in self.waiting:
             if not self.has_targets(seq) or tokens >= self.max_num_batched_tokens:
                 break
@@ -345,10 +360,14 @@ class Scheduler:
             tokens += chunk
             seqs += 1
             blocks += -(-chunk // bm.block_size)
-        if not seqs:
+            last = seq
+        if last is None:
             return
         while (len(self.running) + seqs > self.max_num_seqs or blocks > bm.num_free_blocks):
-            victim = next((v for v in reversed(self.running) if not self.has_targets(v)), None)
+            # Only work that sorts after them (a better-priority best-effort sequence would be queued
+            # again ahead of them and re-admitted: a preemption every step for nothing).
+            victim = next((v for v in reversed(self.running)
+                           if not self.has_targets(v) and v.sched_key > last.sched_key), None)
             if victim is None:
                 return
             self._preempt(victim)
@@ -373,7 +392,11 @@ class Scheduler:
             work += m.row_cost(*row_features(left, s.num_computed_tokens, True))
         # Each step also carries the running decodes (and its fixed cost); the prompts' own work once.
         decodes = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens <= 1)
-        steps = max(1, math.ceil(tokens / self.max_num_batched_tokens))
+        per_step = self.max_num_batched_tokens
+        cap = self._step_time_cap()
+        if cap is not None:  # steps sized for running targets take smaller chunks
+            per_step = max(self.block_manager.block_size, min(per_step, self._fit_tokens(0, cap)))
+        steps = max(1, math.ceil(tokens / per_step))
         return steps * (float(m.coef[0]) + m.overhead_s + decodes * m.row_cost(1.0, 1.0, 0.0)) + work
 
     def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
@@ -386,11 +409,18 @@ class Scheduler:
             seq = s.seq
             if s.num_new_tokens != 1 or not s.completes or not seq.num_output_tokens:
                 continue
-            k = self.propose(seq, budget)
+            at_most = budget
+            if self._time_left is not None:  # slo: drafts only in the time the step has left
+                at_most = min(at_most, self._fit_tokens(seq.num_computed_tokens, max(0.0, self._time_left)))
+                if at_most <= 0:
+                    break
+            k = self.propose(seq, at_most)
             if k and bm.allocate(seq, 1 + k):
                 s.num_new_tokens += k
                 s.num_spec = k
                 budget -= k
+                if self._time_left is not None:
+                    self._time_left -= self.step_model.row_cost(*row_features(k, seq.num_computed_tokens, False))
 
     def _attach_forks(self, out: SchedulerOutput) -> None:
         """Chunks that complete a prompt whose request has samples waiting take them along, as

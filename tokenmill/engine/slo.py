@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 NUM_FEATURES = 4  # intercept, new tokens, sampled rows, attention (new tokens x context / 1024)
+DEFAULT_PRIOR = (5e-3, 2e-4, 1e-4, 2e-6)  # seconds: a small model on a CPU core, before anything is measured
 
 
 class SLOAdmissionError(Exception):
@@ -52,7 +53,8 @@ class SLOTarget:
         """From `{"ttft_ms": ..., "tpot_ms": ...}` (the HTTP field); ValueError names what is wrong."""
         if not isinstance(d, dict):
             raise ValueError(f"{param}: expected an object with ttft_ms and/or tpot_ms")
-        unknown = set(d) - {"ttft_ms", "tpot_ms", "class"}
+        # (no "class": the class label is the server's, a tenant's class or "custom", never the client's)
+        unknown = set(d) - {"ttft_ms", "tpot_ms"}
         if unknown:
             raise ValueError(f"{param}: unknown field(s) {sorted(unknown)}; expected ttft_ms, tpot_ms")
         vals = {}
@@ -63,7 +65,7 @@ class SLOTarget:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{param}.{k}: must be a positive number of milliseconds, got {v!r}")
             vals[k] = float(v) / 1000.0
-        return cls(vals.get("ttft_ms"), vals.get("tpot_ms"), str(d.get("class") or slo_class))
+        return cls(vals.get("ttft_ms"), vals.get("tpot_ms"), slo_class)
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": self.slo_class,
@@ -81,8 +83,8 @@ def row_features(new_tokens: int, context: int, sampled: bool) -> tuple[float, f
 class StepTimeModel:
     """Predicts a step's seconds from its features; fitted online (see the module docstring)."""
 
-    def __init__(self, prior: tuple[float, float, float, float] = (5e-3, 2e-4, 1e-4, 2e-6),
-                 decay: float = 0.995, prior_weight: float = 0.25) -> None:
+    def __init__(self, prior: tuple[float, float, float, float] = DEFAULT_PRIOR,
+                 decay: float = 0.995, prior_weight: float = 1.0) -> None:
         self.decay = decay
         self.prior_weight = prior_weight
         self.overhead_s = 0.0
@@ -100,6 +102,7 @@ class StepTimeModel:
         self.coef = self.prior.copy()
         self._xtx = np.zeros((NUM_FEATURES, NUM_FEATURES))
         self._xty = np.zeros(NUM_FEATURES)
+        self._n = 0.0  # observations, decayed as the sums are
         self.num_observed = 0
 
     # -- prediction -------------------------------------------------------------------------------
@@ -125,16 +128,21 @@ class StepTimeModel:
         w = 1.0 / max(seconds, 1e-4) ** 2
         self._xtx *= self.decay
         self._xty *= self.decay
+        self._n = self._n * self.decay + 1.0
         self._xtx += w * np.outer(x, x)
         self._xty += w * x * seconds
         self.num_observed += 1
         self._solve()
 
     def _solve(self) -> None:
-        # Ridge toward the prior, each coefficient scaled by its own size so the units do not matter.
-        scale = np.maximum(np.abs(self.prior), 1e-12)
-        # Deviating a coefficient by 100% costs as much as prior_weight steps mispredicted by 100%.
-        lam = self.prior_weight * np.diag(1.0 / scale**2)
+        # Ridge toward the prior: deviating a coefficient costs as much as prior_weight average steps
+        # would tell about it (the data's own scale), so a feature the steps vary is learned from them
+        # within a few steps, whatever the prior, and one they never vary apart from the others (say
+        # tokens and rows in decode-only steps) stays where the prior put it. The small second term
+        # keeps coefficients of features never seen at all (zero columns) at the prior.
+        n = max(self._n, 1.0)
+        scale = np.maximum(np.abs(self.prior), DEFAULT_PRIOR)
+        lam = self.prior_weight * (np.diag(np.diag(self._xtx)) / n + 1e-6 * np.diag(1.0 / scale**2))
         active = list(range(NUM_FEATURES))
         coef = self.prior.copy()
         for _ in range(NUM_FEATURES):

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.engine.slo import SLOAdmissionError
 from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import RequestOutput
 from tokenmill.routing import CascadeMonitor, CascadePolicy
@@ -133,7 +134,8 @@ class CascadeEngine:
             except ValueError as e:  # the strong model's own limits (a shorter max_model_len)
                 yield self._failed(cg, f"escalated to `{self.policy.strong}`: {e}", 400)
                 return
-            except (QueueFullError, EngineStoppedError) as e:
+            except (QueueFullError, EngineStoppedError, SLOAdmissionError) as e:
+                # (an slo refusal too: the small model took the request, the answer is the strong one's)
                 yield self._failed(cg, f"escalated to `{self.policy.strong}`: {e}", 503)
                 return
             cg.strong_engine = strong.engine
