@@ -6,7 +6,9 @@ TOKENMILL_FAULT_PARK=NAME, parking it fails once the server runs (test_model_poo
 TOKENMILL_FAULT_DIE_SEED=N, the process dies (as a crash would) at the first step of a request
 seeded N, before its first token (test_fleet.py); with TOKENMILL_FAULT_SLOW_SEED=N, every step
 that includes a request seeded N first sleeps TOKENMILL_FAULT_SLOW_S seconds (default 0.05): a
-request that stays in flight long enough for a test to act meanwhile (test_tenants.py)."""
+request that stays in flight long enough for a test to act meanwhile (test_tenants.py); with
+TOKENMILL_FAULT_TRACE_THREADS=1, it prints the thread each model is built on and first stepped
+on (test_model_pool.py)."""
 
 import os
 import sys
@@ -56,11 +58,36 @@ if os.environ.get("TOKENMILL_FAULT_PARK"):  # parking this model fails (no pinne
         return _park(self, offload_weights)
 
     def _started() -> bool:  # startup may park to settle which models are active; the fault is for later
-        import threading
-
-        return any(t.name == "tokenmill-engine" for t in threading.enumerate())
+        f = sys._getframe()
+        while f is not None:  # the pool's startup (_load_initial) runs on the engine thread too
+            if f.f_code.co_name == "_load_initial":
+                return False
+            f = f.f_back
+        return True
 
     LLMEngine.park = _faulty_park
+
+if os.environ.get("TOKENMILL_FAULT_TRACE_THREADS"):
+    import threading
+
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.pool import ModelPool
+
+    _build, _step = ModelPool._build, LLMEngine.step
+    _stepped: set[int] = set()
+
+    def _traced_build(self, spec):
+        print(f"[threads] build {os.path.basename(spec.config.model)} on {threading.current_thread().name}", flush=True)
+        return _build(self, spec)
+
+    def _traced_step(self):
+        if id(self) not in _stepped:
+            _stepped.add(id(self))
+            print(f"[threads] step {os.path.basename(self.config.model)} on {threading.current_thread().name}",
+                  flush=True)
+        return _step(self)
+
+    ModelPool._build, LLMEngine.step = _traced_build, _traced_step
 
 if __name__ == "__main__":
     from tokenmill.cli import main

@@ -373,3 +373,27 @@ def test_startup_leaves_on_disk_what_neither_budget_holds_and_tokenizes_it_there
         assert states(srv)["gamma"] == "on_disk"  # its tokenizer answered from its folder
     finally:
         srv.stop()
+
+
+def test_models_are_built_and_stepped_on_one_thread_and_a_background_load_thread_ends(models, tmp_path, monkeypatch):
+    """libgomp keeps an OpenMP worker pool per thread that ran a parallel region, while that thread
+    lives; with more workers than CPUs it stops spin-waiting, which made every step of a model built
+    on the main thread and stepped on the engine thread about 1.5x slower on 2 CPUs. So the startup
+    models are built on the engine thread, and a later load runs on a thread that then ends."""
+    monkeypatch.setenv("TOKENMILL_FAULT_TRACE_THREADS", "1")
+    doc = {"memory_budget": BUDGET_ONE, "host_memory_budget": 0.0001,
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta")]}
+    log = tmp_path / "log"
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(log),
+                        script=os.path.join(os.path.dirname(__file__), "fault_server.py"))
+    try:
+        for name in ("alpha", "beta", "alpha"):
+            r = httpx.post(srv.base_url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 2},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+        lines = [ln.split("] ", 1)[1] for ln in srv.log().splitlines() if ln.startswith("[threads]")]
+    finally:
+        srv.stop()
+    assert lines[0] == "build alpha on tokenmill-engine", lines
+    assert "step alpha on tokenmill-engine" in lines and "build beta on tokenmill-load-beta" in lines, lines
+    assert all(ln.endswith("on tokenmill-engine") for ln in lines if ln.startswith("step")), lines

@@ -95,7 +95,15 @@ class RequestGroup:
 
 
 class DeviceLoop:
-    """The thread that runs the engines sharing a device, one step of each in turn."""
+    """The thread that runs the engines sharing a device, one step of each in turn.
+
+    It is also the thread that builds them (ModelPool.load_initial runs there): every torch kernel
+    of a server runs on this one thread. OpenMP (libgomp, as in torch's CPU wheels) keeps a pool of
+    worker threads per thread that ever ran a parallel region, for as long as that thread lives;
+    with more such workers alive than CPUs it stops spin-waiting between parallel regions and puts
+    its workers to sleep after every one. A model loaded on the main thread and stepped on this one
+    ran its forward about 1.5x slower on 2 CPUs for the server's whole life (measured; see
+    docs/architecture.md)."""
 
     def __init__(self) -> None:
         self.fronts: list[AsyncEngine] = []
@@ -122,8 +130,10 @@ class DeviceLoop:
         front._refuse_queued()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
-        self._thread.start()
+        """Starts the thread (once; later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuses new work, lets every engine finish what it has, then ends the thread."""

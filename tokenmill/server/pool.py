@@ -26,10 +26,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,20 +178,29 @@ class ModelPool:
             self.entries[s.name] = PoolEntry(s)
         self.default = specs[0].name  # what a request without `model` gets
         self.make_ctx = make_ctx
-        self.device = DeviceLoop()
-        self.device.between_steps = self._schedule
+        self.device = DeviceLoop()  # its scheduling (between_steps) starts with start()
         self.device.on_close = self.fail_all_waiters
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-loader")
+        self._load_lock = threading.Lock()  # one background load at a time
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self.on_swap: Callable[[str, float, str], None] | None = None  # called on the device thread
 
     # -- startup and shutdown (main thread) -------------------------------------------------------
     def load_initial(self) -> None:
-        """Loads the models before serving: pinned ones first, then in the order given. The
-        first ones the budget holds end up active, the others parked while host memory holds
-        them, else on disk until a request needs them. A model is only ever built with room for
-        it in the budget (on a GPU it is built on the device): earlier ones are parked for it."""
+        """Loads the models before serving, on the engine thread (see DeviceLoop: the thread that
+        steps a model must be the one that built it). Raises what loading raised."""
+        self.device.start()
+        try:
+            self.device.call(self._load_initial).result()
+        except BaseException:
+            self.device.stop()
+            raise
+
+    def _load_initial(self) -> None:
+        """Pinned models first, then in the order given. The first ones the budget holds end up
+        active, the others parked while host memory holds them, else on disk until a request
+        needs them. A model is only ever built with room for it in the budget (on a GPU it is
+        built on the device): earlier ones are parked for it."""
         order = sorted(self.entries.values(), key=lambda e: not e.spec.pinned)
         budget = self.config.memory_budget
         for e in order:
@@ -248,11 +258,12 @@ class ModelPool:
             if e.front is not None:
                 e.front._loop = loop
         self._started = True
+        self.device.between_steps = self._schedule
         self.device.start()
+        self.device.wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.device.stop(timeout)
-        self._loader.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_running(self) -> bool:
@@ -576,7 +587,20 @@ class ModelPool:
         e.state = LOADING
         t0 = time.perf_counter()
         logger.info("model %s: loading from %s", e.name, e.spec.config.model)
-        fut = self._loader.submit(self._build, e.spec)
+        fut: Future = Future()
+
+        def load() -> None:
+            # A thread of its own, which ends with the load: its OpenMP workers go with it (see
+            # DeviceLoop), so serving runs at full speed again once the model is in.
+            with self._load_lock:
+                if not fut.set_running_or_notify_cancel():
+                    return
+                try:
+                    fut.set_result(self._build(e.spec))
+                except BaseException as err:
+                    fut.set_exception(err)
+
+        threading.Thread(target=load, name=f"tokenmill-load-{e.name}", daemon=True).start()
 
         def done(f: Future) -> None:
             try:
