@@ -16,7 +16,7 @@ from hypothesis.stateful import rule
 
 from tests.test_scheduler import SchedulerMachine
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.scheduler import TPOT_BANK, Scheduler
+from tokenmill.engine.scheduler import TPOT_BANK, TPOT_HARD, Scheduler
 from tokenmill.engine.sequence import Request
 from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
 from tokenmill.sampling_params import SamplingParams
@@ -295,3 +295,38 @@ def test_a_tight_request_stops_capping_steps_after_the_window():
     sim.add(_req("batch2", 2000, 2, arrival=sim.now))
     out = sim.step()
     assert max(s.num_new_tokens for s in out.scheduled) > 1000
+
+
+def test_an_urgent_prompt_takes_a_whole_step_within_the_decodes_banked_time():
+    """A running decode's steps are held to its TPOT target less the margin; a prompt with a TTFT
+    target that would need two such steps gets one longer step instead (one fixed cost, an earlier
+    first token), paid from the time the decode banked between the margin and TPOT_HARD."""
+    tpot = 0.06
+    sim = Sim("slo", mnbt=4096)
+    sim.add(_req("chat", 16, 60, arrival=0.0, slo=SLOTarget(tpot_s=tpot)))
+    sim.add(_req("batch", 8000, 4, arrival=0.0))  # keeps every step as long as the chat decode allows
+    while sim.reqs["chat"].seqs[0].num_output_tokens < 20:
+        sim.step()
+    steps = len(sim.step_times)
+    assert max(sim.step_times[2:]) < tpot * 0.9  # held under the margin
+    sim.add(_req("urgent", 250, 4, arrival=sim.now, slo=SLOTarget(ttft_s=0.5)))
+    out = sim.step()
+    assert [s.num_new_tokens for s in out.scheduled if s.seq.request.request_id == "urgent"] == [250]
+    assert sim.step_times[steps] > tpot  # longer than the target itself
+    while "chat" not in sim.done:
+        sim.step()
+    assert sim.tpot("chat") <= tpot * TPOT_HARD
+
+
+def test_only_the_most_urgent_prompt_gets_the_progress_floor():
+    """With no time left in a step, the most urgent prompt with targets still gets a block; the
+    ones behind it wait instead of taking a block each (which would delay it for all of them)."""
+    sim = Sim("slo")
+    for i in range(30):  # their decodes fill every step's time
+        sim.add(_req(f"chat{i}", 8, 40, arrival=0.0, slo=SLOTarget(tpot_s=COEF[0] * 1.2)))
+    sim.step()
+    sim.add(_req("first", 200, 4, arrival=sim.now, slo=SLOTarget(ttft_s=10.0)))
+    sim.add(_req("second", 200, 4, arrival=sim.now, slo=SLOTarget(ttft_s=20.0)))
+    out = sim.step()
+    got = {s.seq.request.request_id: s.num_new_tokens for s in out.scheduled}
+    assert got.get("first") == BLOCK and "second" not in got, got

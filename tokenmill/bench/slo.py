@@ -69,10 +69,12 @@ class _Res:
     done_at: float | None = None  # seconds into the window
     token_times: list[float] = field(default_factory=list)  # seconds into the window, one per chunk
 
-    def tpot(self, sent: float) -> float | None:
-        if self.ttft is None or self.done_at is None or len(self.token_times) < 2:
+    def tpot(self, num_tokens: int) -> float | None:
+        """The mean time per output token after the first, from the first chunk to the last (a
+        slow reader's chunk may carry several tokens: divided by the tokens, not the chunks)."""
+        if not self.ok or len(self.token_times) < 2 or num_tokens < 2:
             return None
-        return (self.done_at - sent - self.ttft) / (len(self.token_times) - 1)
+        return (self.token_times[-1] - self.token_times[0]) / (num_tokens - 1)
 
 
 def _lens(spec: str) -> tuple[int, int]:
@@ -142,7 +144,7 @@ async def _baseline(base: str, reqs: list[_Req]) -> dict[str, Any]:
             if not res.ok:
                 raise RuntimeError(f"baseline request failed: {res.error}")
             ttfts.append(res.ttft)
-            tp = res.tpot(0.0)
+            tp = res.tpot(r.max_tokens)
             if tp is not None:
                 tpots.append(tp)
     return {"ttft_p50_ms": statistics.median(ttfts) * 1000, "tpot_p50_ms": statistics.median(tpots) * 1000,
@@ -202,7 +204,7 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
     for r, x in inter:
         if x.ttft is not None:
             ttfts.append(x.ttft)
-        tp = x.tpot(r.at)
+        tp = x.tpot(r.max_tokens)
         if x.ok and tp is not None:
             tpots.append(tp)
         if x.ok and x.ttft is not None and x.ttft * 1000 <= slo["ttft_ms"] and tp is not None \

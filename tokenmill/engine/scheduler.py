@@ -53,6 +53,8 @@ POLICIES = ("fcfs", "priority", "slo")
 # work between steps and the model's error.
 TPOT_MARGIN = 0.85
 TPOT_BANK = 6.0
+# How far a prompt with a TTFT target may stretch a step into the decodes' margin (see _step_time_cap).
+TPOT_HARD = 0.95
 # While requests with TTFT targets keep arriving, a step may take this share of the least slack among
 # them (their target less their own prefill), for SLACK_WINDOW_S after the last one.
 TTFT_SHARE = 0.6
@@ -196,6 +198,7 @@ class Scheduler:
         self.block_manager.take_copies()  # copies left by a schedule() that raised never ran; their blocks are gone
         self._budget = self.max_num_batched_tokens
         self._time_left: float | None = None
+        self._target_prefills = 0  # prompt chunks with targets scheduled so far in this step
         self._scheduled: set[int] = set()
         self._thrashing = False  # a running sequence was preempted for blocks: admit nothing this step
         if self.policy == "slo":
@@ -236,7 +239,9 @@ class Scheduler:
         fits = self._fit_tokens(seq.num_computed_tokens, max(0.0, self._time_left))
         if fits >= remaining and m.row_cost(*row_features(remaining, seq.num_computed_tokens, True)) > self._time_left:
             fits = remaining - 1  # completing the prompt adds its sampled row
-        if slo_class:  # a prompt with targets always makes progress, a block at a time at least
+        if slo_class and not self._target_prefills:
+            # The most urgent prompt with targets always makes progress, a block at a time at
+            # least; the next ones only in the time left (a block each would delay it for them).
             fits = max(fits, self.block_manager.block_size)
         return min(n, fits)
 
@@ -251,6 +256,8 @@ class Scheduler:
 
     def _charge(self, seq: Sequence, start: int, num_new: int) -> None:
         self._budget -= num_new
+        if num_new > 1 or start + num_new < seq.num_tokens:
+            self._target_prefills += self.has_targets(seq)
         if self._time_left is not None:
             completes = start + num_new == seq.num_tokens
             self._time_left -= self.step_model.row_cost(*row_features(num_new, start, completes))
@@ -329,15 +336,20 @@ class Scheduler:
         m = self.step_model
         fixed = float(m.coef[0]) + m.overhead_s
         now = self.clock()
-        caps = []
+        caps, hard, decodes = [], [], 0.0
         for s in self.running:
             slo = s.request.slo
-            if slo is None or slo.tpot_s is None or s.num_computed_tokens < s.num_prompt_tokens:
+            if slo is None or s.num_computed_tokens < s.num_prompt_tokens:
+                continue
+            decodes += m.row_cost(*row_features(1, s.num_computed_tokens, True))
+            if slo.tpot_s is None:
                 continue
             first = s.request.metrics.first_token_time
             n = max(1, s.num_output_tokens)
             due = (first + n * slo.tpot_s * TPOT_MARGIN - now) if first is not None else slo.tpot_s * TPOT_MARGIN
             caps.append(min(due, TPOT_BANK * slo.tpot_s))
+            hard.append(min((first + n * slo.tpot_s * TPOT_HARD - now) if first is not None else slo.tpot_s,
+                            TPOT_BANK * slo.tpot_s))
         recent = self._recent_slack
         while recent and recent[0][0] < now - SLACK_WINDOW_S:
             recent.popleft()
@@ -345,7 +357,20 @@ class Scheduler:
             caps.append(max(2 * fixed, min(v for _, v in recent) * TTFT_SHARE))
         if not caps:
             return None
-        return max(min(caps) - fixed, 0.25 * fixed)
+        cap = min(caps)
+        head = next((s for s in self.running if self.has_targets(s) and s.num_tokens - s.num_computed_tokens > 1),
+                    None)
+        if head is None:
+            head = next((s for s in self.waiting if self.has_targets(s)), None)
+        if head is not None and head.request.slo.ttft_s is not None:
+            # The most urgent prompt with a TTFT target may take the whole step, beyond the share
+            # kept for later arrivals and beyond the TPOT margin (as far as the running decodes'
+            # banked time allows): split over several steps it pays their fixed cost each time.
+            left = head.num_tokens - head.num_computed_tokens
+            need = fixed + decodes + m.row_cost(*row_features(left, head.num_computed_tokens, True)) + 1e-6
+            if need > cap:
+                cap = max(cap, min([need, *hard]))
+        return max(cap - fixed, 0.25 * fixed)
 
     def _make_room(self, out: SchedulerOutput) -> None:
         """Preempts best-effort sequences (lowest first) until the waiting requests with targets
