@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from tests.test_scheduler import SchedulerMachine
+from tokenmill.bench.slo_sim import Sim as _Sim
+from tokenmill.bench.slo_sim import make_request
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import TPOT_BANK, TPOT_HARD, Scheduler
 from tokenmill.engine.sequence import Request
-from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
+from tokenmill.engine.slo import SLOTarget, StepTimeModel
 from tokenmill.sampling_params import SamplingParams
 
 BLOCK = 16
@@ -28,69 +30,12 @@ COEF = (0.02, 2e-4, 1e-4, 2e-6)
 
 def _req(rid: str, prompt: int, out: int, arrival: float, slo: SLOTarget | None = None,
          priority: int = 0) -> Request:
-    rng = random.Random(rid)  # distinct prompts: no prefix-cache hits between requests
-    return Request(rid, None, [rng.randrange(50_000) for _ in range(prompt)], SamplingParams(max_tokens=out),
-                   arrival, priority, slo=slo)
+    return make_request(rid, prompt, out, arrival, slo, priority)
 
 
-class Sim:
-    """A scheduler over a block manager, stepped on a simulated clock."""
-
-    def __init__(self, policy: str, num_blocks: int = 4096, max_num_seqs: int = 64, mnbt: int = 512) -> None:
-        self.model = StepTimeModel(prior=COEF)
-        self.bm = BlockManager(num_blocks, BLOCK)
-        self.now = 0.0
-        self.sched = Scheduler(self.bm, max_num_seqs, mnbt, policy=policy, step_model=self.model,
-                               clock=lambda: self.now)
-        self.first: dict[str, float] = {}
-        self.done: dict[str, float] = {}
-        self.step_times: list[float] = []
-        self.reqs: dict[str, Request] = {}
-
-    def add(self, req: Request) -> None:
-        self.reqs[req.request_id] = req
-        self.sched.add_request(req.seqs)
-
-    def step(self):
-        out = self.sched.schedule()
-        rows = [row_features(s.num_new_tokens, s.start, s.completes) for s in out.scheduled]
-        dt = self.model.predict(sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
-        self.now += dt if out.scheduled else 0.001
-        if out.scheduled:
-            self.step_times.append(dt)
-        self.sched.advance(out)
-        for s in out.scheduled:
-            seq = s.seq
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.token_ids.append(1)
-                rid = seq.request.request_id
-                self.first.setdefault(rid, self.now)
-                if seq.request.metrics.first_token_time is None:
-                    seq.request.metrics.first_token_time = self.now
-                if seq.num_output_tokens >= seq.params.max_tokens:
-                    self.sched.finish(seq)
-                    self.done[rid] = self.now
-        return out
-
-    def run(self, arrivals: list[Request], until: float | None = None) -> None:
-        """Adds each request when the clock reaches its arrival, steps until all are done."""
-        pending = sorted(arrivals, key=lambda r: r.arrival_time)
-        while pending or self.sched.has_unfinished():
-            while pending and pending[0].arrival_time <= self.now:
-                self.add(pending.pop(0))
-            if not self.sched.has_unfinished():
-                self.now = pending[0].arrival_time
-                continue
-            self.step()
-            if until is not None and self.now > until:
-                break
-
-    def ttft(self, rid: str) -> float:
-        return self.first[rid] - self.reqs[rid].arrival_time
-
-    def tpot(self, rid: str) -> float:
-        req = self.reqs[rid]
-        return (self.done[rid] - self.first[rid]) / max(1, req.params.max_tokens - 1)
+def Sim(policy: str, **kw) -> _Sim:
+    """The simulator of `bench slo --simulate`, with this file's step-time model."""
+    return _Sim(policy, COEF, **kw)
 
 
 def test_fcfs_ignores_priority_and_priority_orders_by_it():

@@ -51,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--log-dir", help="server logs (default: a temp dir)")
+    p.add_argument("--simulate", action="store_true",
+                   help="no servers: the same phases with the scheduler on a simulated clock, each step taking what "
+                        "the step-time model predicts (tokenmill/bench/slo_sim.py): what the policies reach with "
+                        "exact predictions and nothing but the model's steps")
+    p.add_argument("--step-model", metavar="STEP,TOKEN,ROW,ATTN",
+                   help="with --simulate: the model's coefficients in seconds (a step, a token, a sampled row, 1k "
+                        "attention pairs); default: calibrated on --model here, the engine's overhead per step "
+                        "added to the first")
 
 
 @dataclass
@@ -223,7 +231,42 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
     }
 
 
+def _simulate(args: argparse.Namespace) -> dict[str, Any]:
+    from tokenmill.bench.slo_sim import Workload, format_simulation, simulate
+
+    if args.step_model:
+        coef = tuple(float(x) for x in args.step_model.split(","))
+        if len(coef) != 4:
+            raise ValueError(f"--step-model: expected 4 comma-separated numbers, got {args.step_model!r}")
+    else:
+        import torch
+
+        from tokenmill.bench.prefix_cache import _prepare_model
+        from tokenmill.config import EngineConfig
+        from tokenmill.engine.llm_engine import LLMEngine
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-slo-"), "model"))
+        engine = LLMEngine(EngineConfig(model=model, scheduling_policy="slo", max_num_seqs=args.max_num_seqs,
+                                        max_num_batched_tokens=args.max_num_batched_tokens))
+        c = engine.step_model.coef
+        coef = (float(c[0]) + engine.step_model.overhead_s, float(c[1]), float(c[2]), float(c[3]))
+        del engine
+    wl = Workload(_lens(args.interactive_len), _lens(args.batch_len), args.interactive_share)
+    out = simulate(coef, wl, load=args.load, target_factor=args.target_factor, duration=args.duration,  # type: ignore[arg-type]
+                   max_num_seqs=args.max_num_seqs, mnbt=args.max_num_batched_tokens,
+                   capacity_requests=args.capacity_requests,
+                   policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seed=args.seed)
+    out["args"] = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
+    print(format_simulation(out))
+    write_json(args.json, out)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.simulate:
+        return _simulate(args)
     from tokenmill.bench.fleet import _Proc
     from tokenmill.bench.prefix_cache import _prepare_model
 
