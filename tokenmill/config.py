@@ -30,6 +30,20 @@ _DTYPES = {
 }
 
 
+def load_yaml_file(path: str, flag: str) -> Any:
+    """A YAML file given by a command-line flag (--models, --tenants): its document, or a
+    ValueError naming the flag and the file."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag}: {path} is not valid YAML: {e}") from None
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():

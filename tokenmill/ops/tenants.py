@@ -78,15 +78,9 @@ class TenantsConfig:
 
 def load_tenants(path: str) -> TenantsConfig:
     """A tenants.yaml file, validated; ValueError naming the file and the field at fault."""
-    import yaml
+    from tokenmill.config import load_yaml_file
 
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"--tenants: cannot read {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--tenants: {path} is not valid YAML: {e}") from None
+    doc = load_yaml_file(path, "--tenants")
     try:
         return parse_tenants(doc)
     except ValueError as e:

@@ -29,7 +29,7 @@ import math
 import os
 from typing import Any
 
-from tokenmill.config import EngineConfig, parse_dtype
+from tokenmill.config import EngineConfig, load_yaml_file, parse_dtype
 from tokenmill.routing import policy_from_dict
 from tokenmill.server.gateway import Tier
 from tokenmill.server.pool import ModelSpec, PoolConfig
@@ -80,15 +80,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
                      reasoning_parser: str | None = None) -> tuple[list[ModelEntry], list[dict[str, Any]],
                                                                    dict[str, float]]:
     """(models, raw tier entries, pool settings in the file) from a models.yaml."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"--models: cannot read {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--models: {path} is not valid YAML: {e}") from None
+    doc = load_yaml_file(path, "--models")
     if not isinstance(doc, dict):
         raise ValueError(f"--models: {path} must hold a mapping with a `models` list")
     extra = sorted(set(doc) - TOP_KEYS)
