@@ -39,7 +39,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
     p.add_argument("--allow-long-max-model-len", action="store_true",
                    help="accept --max-model-len beyond the model's max_position_embeddings (and RoPE scaling)")
     p.add_argument("--attention-backend", default=d.attention_backend,
-                   help="auto (cpu kernels on CPU, torch on CUDA), cpu or torch")
+                   help="auto (cpu kernels on CPU, torch on CUDA), cpu, torch or triton (one Triton kernel "
+                        "per step; needs the triton package)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'')
