@@ -275,3 +275,37 @@ def test_only_the_most_urgent_prompt_gets_the_progress_floor():
     out = sim.step()
     got = {s.seq.request.request_id: s.num_new_tokens for s in out.scheduled}
     assert got.get("first") == BLOCK and "second" not in got, got
+
+
+def test_time_lent_to_an_urgent_prompt_that_cannot_run_is_not_spent_by_best_effort():
+    """The urgent prompt cannot be admitted (no sequence slot, and the best effort that holds it
+    sorts ahead); the longer step lent for it must not go to best effort instead (review)."""
+    def step_len(with_urgent: bool) -> float:
+        sim = Sim("slo", max_num_seqs=2)
+        sim.add(_req("chat", 16, 200, arrival=0.0, slo=SLOTarget(tpot_s=0.03)))
+        sim.add(_req("batch", 8000, 4, arrival=0.0, priority=-1))
+        for _ in range(12):
+            sim.step()
+        if with_urgent:
+            sim.add(_req("urgent", 3000, 4, arrival=sim.now, slo=SLOTarget(ttft_s=5.0)))
+        out = sim.step()
+        assert all(s.seq.request.request_id != "urgent" for s in out.scheduled)
+        return sim.step_times[-1]
+
+    assert step_len(True) == pytest.approx(step_len(False), rel=0.05)
+
+
+def test_room_is_made_only_for_the_prompt_a_capped_step_admits():
+    """Under a step time cap only the most urgent prompt with targets is sure to be admitted;
+    best effort is not preempted for the ones behind it (review)."""
+    sim = Sim("slo", max_num_seqs=4)
+    sim.add(_req("chat", 8, 100, arrival=0.0, slo=SLOTarget(tpot_s=COEF[0] * 1.3)))
+    for i in range(3):
+        sim.add(_req(f"b{i}", 32, 100, arrival=0.0))
+    for _ in range(6):
+        sim.step()
+    assert len(sim.sched.running) == 4
+    sim.add(_req("first", 200, 4, arrival=sim.now, slo=SLOTarget(ttft_s=10.0)))
+    sim.add(_req("second", 200, 4, arrival=sim.now, slo=SLOTarget(ttft_s=20.0)))
+    out = sim.step()
+    assert len(out.preempted) == 1, [s.request.request_id for s in out.preempted]

@@ -67,9 +67,9 @@ def _get_kernel():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Keys a row may see: [pos - window + 1, pos]; the block loop starts at the first row's.
-        lo = 0
-        if window > 0:
-            lo = tl.maximum(ctx - q_len - window + 1, 0)
+        lo = ctx * 0  # int64 like ctx: the compiler wants one type on both sides of the branch
+        if window > 0:  # from the window of this program's first row
+            lo = tl.maximum(ctx - q_len + mblock * BLOCK_M - window + 1, 0)
             lo = (lo // BLOCK_SIZE) * BLOCK_SIZE
         hi = tl.minimum(ctx, ctx - q_len + (mblock + 1) * BLOCK_M)  # the block's last row's position + 1
         offs = tl.arange(0, BLOCK_SIZE)
@@ -81,7 +81,7 @@ def _get_kernel():
             kv_mask = k_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # not TF32: float32 parity
             allowed = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
             if window > 0:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
@@ -92,7 +92,7 @@ def _get_kernel():
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -122,6 +122,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
         if bs & (bs - 1) or bs < 16:  # tl.arange and tl.dot want powers of two, at least 16
             raise ValueError(f"attention_backend 'triton': block_size must be a power of two >= 16, got {bs}")
         k_cache, v_cache, _, _ = self._write_cache(k, v, kv_cache, meta)
+        if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+            raise ValueError("attention_backend 'triton': q and the KV cache must be contiguous in head_dim")
         out = torch.empty_like(q)
         if meta.num_seqs == 0:
             return out
@@ -136,7 +138,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
             out.stride(0), out.stride(1),
             meta.block_tables.stride(0),
             num_queries_per_kv=self.num_heads // self.num_kv_heads,
-            HEAD_DIM=self.head_dim, BLOCK_D=triton.next_power_of_2(self.head_dim),
+            HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
             BLOCK_M=self.BLOCK_M, BLOCK_SIZE=bs,
         )
         return out

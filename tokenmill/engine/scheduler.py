@@ -117,6 +117,7 @@ class Scheduler:
         self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
         self.num_preemptions = 0
         self._recent_slack: collections.deque[tuple[float, float]] = collections.deque()  # (when, seconds)
+        self._head_extra: tuple[int, float] | None = None  # (seq_id, seconds) lent to the urgent prompt this step
         self.num_prompt_tokens_computed = 0  # prompt positions run through the model (cache hits and forks excluded)
 
     # -- queue management -------------------------------------------------------------
@@ -202,11 +203,16 @@ class Scheduler:
         self._scheduled: set[int] = set()
         self._thrashing = False  # a running sequence was preempted for blocks: admit nothing this step
         if self.policy == "slo":
-            self._time_left = self._step_time_cap()
+            self._head_extra = None
+            self._time_left = self._step_time_cap(extend=True)
             self._make_room(out)
             for slo_class in (True, False):  # requests with targets first, then best effort
                 self._schedule_running(out, slo_class)
                 self._admit(out, slo_class)
+                extra = self._head_extra
+                if slo_class and extra is not None and extra[0] not in self._scheduled:
+                    # The time lent for the urgent prompt is not best effort's to spend.
+                    self._time_left = max(0.0, self._time_left - extra[1])  # type: ignore[operator]
         else:
             self._schedule_running(out, None)
             self._admit(out, None)
@@ -324,7 +330,7 @@ class Scheduler:
             self._scheduled.add(seq.seq_id)
             self._charge(seq, seq.num_computed_tokens, num_new)
 
-    def _step_time_cap(self) -> float | None:
+    def _step_time_cap(self, extend: bool = False) -> float | None:
         """Seconds of variable work this step may take (slo policy), less the step's fixed cost:
         - for each running decode with a TPOT target, the time until its next token is due (see
           TPOT_MARGIN; a decode that has banked time allows a longer step, up to TPOT_BANK targets);
@@ -362,14 +368,16 @@ class Scheduler:
                     None)
         if head is None:
             head = next((s for s in self.waiting if self.has_targets(s)), None)
-        if head is not None and head.request.slo.ttft_s is not None:
+        if extend and head is not None and head.request.slo.ttft_s is not None:
             # The most urgent prompt with a TTFT target may take the whole step, beyond the share
             # kept for later arrivals and beyond the TPOT margin (as far as the running decodes'
             # banked time allows): split over several steps it pays their fixed cost each time.
             left = head.num_tokens - head.num_computed_tokens
             need = fixed + decodes + m.row_cost(*row_features(left, head.num_computed_tokens, True)) + 1e-6
             if need > cap:
-                cap = max(cap, min([need, *hard]))
+                longer = max(cap, min([need, *hard]))
+                self._head_extra = (head.seq_id, longer - cap)
+                cap = longer
         return max(cap - fixed, 0.25 * fixed)
 
     def _make_room(self, out: SchedulerOutput) -> None:
@@ -381,6 +389,8 @@ class Scheduler:
         for seq in self.waiting:
             if not self.has_targets(seq) or tokens >= self.max_num_batched_tokens:
                 break
+            if last is not None and self._time_left is not None:
+                break  # with a step time cap, only the most urgent prompt is sure to be admitted (_chunk)
             chunk = min(seq.num_tokens, self.max_num_batched_tokens - tokens)
             tokens += chunk
             seqs += 1

@@ -410,7 +410,8 @@ class AsyncEngine:
                 self._call_soon(hub.apply, bm.take_events())
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
+        if self._loop is None:  # not serving yet (a pool still loading): nobody to tell
+            return
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the server is gone

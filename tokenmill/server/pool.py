@@ -204,6 +204,8 @@ class ModelPool:
         order = sorted(self.entries.values(), key=lambda e: not e.spec.pinned)
         budget = self.config.memory_budget
         for e in order:
+            if self.device.stopping:  # interrupted (Ctrl-C) while loading: build no more
+                raise PoolError("startup interrupted")
             if budget is not None and e.est_bytes > budget:
                 raise ValueError(f"model {e.name!r}: it needs about {e.est_bytes / 2**30:.2f} GiB (weights and KV "
                                  f"cache), more than the whole --memory-budget {budget / 2**30:.2f} GiB")
@@ -594,6 +596,9 @@ class ModelPool:
             # DeviceLoop), so serving runs at full speed again once the model is in.
             with self._load_lock:
                 if not fut.set_running_or_notify_cancel():
+                    return
+                if self.device.stopping:  # shutting down: no more models
+                    fut.set_exception(PoolError(f"model {e.name!r}: the server is shutting down"))
                     return
                 try:
                     fut.set_result(self._build(e.spec))

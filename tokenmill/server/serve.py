@@ -265,7 +265,10 @@ def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolCo
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
     server = _Server(uv_config, on_exit=lambda: setattr(app.state, "draining", True))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:  # the lifespan stops it; where uvicorn never started, the engine thread must stop here
+        _pool.stop()
     return 0 if server.started else 1
 
 
