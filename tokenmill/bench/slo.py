@@ -96,6 +96,16 @@ def _make(kind: str, lens: tuple[int, int], vocab: int, rng: random.Random) -> _
     return _Req(kind, [rng.randrange(3, vocab) for _ in range(n)], max(2, round(o * rng.uniform(0.75, 1.25))))
 
 
+def _model_folder(args: argparse.Namespace) -> str:
+    from tokenmill.bench.prefix_cache import _prepare_model
+
+    return _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-slo-"), "model"))
+
+
+def _policies(args: argparse.Namespace) -> list[str]:
+    return [p.strip() for p in args.policies.split(",") if p.strip()]
+
+
 async def _send(http, base: str, req: _Req, slo: dict[str, float] | None, t0: float) -> _Res:
     res = _Res()
     body: dict[str, Any] = {"model": "m", "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
@@ -241,13 +251,12 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         import torch
 
-        from tokenmill.bench.prefix_cache import _prepare_model
         from tokenmill.config import EngineConfig
         from tokenmill.engine.llm_engine import LLMEngine
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-slo-"), "model"))
+        model = _model_folder(args)
         engine = LLMEngine(EngineConfig(model=model, scheduling_policy="slo", max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=args.max_num_batched_tokens))
         c = engine.step_model.coef
@@ -257,7 +266,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     out = simulate(coef, wl, load=args.load, target_factor=args.target_factor, duration=args.duration,  # type: ignore[arg-type]
                    max_num_seqs=args.max_num_seqs, mnbt=args.max_num_batched_tokens,
                    capacity_requests=args.capacity_requests,
-                   policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seed=args.seed)
+                   policies=tuple(_policies(args)), seed=args.seed)
     out["args"] = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
     print(format_simulation(out))
     write_json(args.json, out)
@@ -268,10 +277,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.simulate:
         return _simulate(args)
     from tokenmill.bench.fleet import _Proc
-    from tokenmill.bench.prefix_cache import _prepare_model
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    model = _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-slo-"), "model"))
+    policies = _policies(args)
+    model = _model_folder(args)
     with open(os.path.join(model, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
     logs = args.log_dir or tempfile.mkdtemp(prefix="tokenmill-slo-logs-")

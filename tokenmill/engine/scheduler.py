@@ -337,6 +337,9 @@ class Scheduler:
         - while requests with TTFT targets are arriving (any in the last SLACK_WINDOW_S), the least
           slack one had (its target less its own prefill), times TTFT_SHARE: a request arriving
           mid-step waits for that step before its own prefill runs.
+        With extend (schedule(), not admission's prediction), the most urgent prompt with a TTFT
+        target may lengthen the step to finish in it, up to the decodes' TPOT_HARD dues; the loan
+        is kept in _head_extra.
         Never below a quarter of the fixed cost, so best-effort work always makes some progress.
         None: neither applies (the token budget alone sizes the step)."""
         m = self.step_model
@@ -364,11 +367,8 @@ class Scheduler:
         if not caps:
             return None
         cap = min(caps)
-        head = next((s for s in self.running if self.has_targets(s) and s.num_tokens - s.num_computed_tokens > 1),
-                    None)
-        if head is None:
-            head = next((s for s in self.waiting if self.has_targets(s)), None)
-        if extend and head is not None and head.request.slo.ttft_s is not None:
+        head = self._urgent_prompt() if extend else None
+        if head is not None and head.request.slo.ttft_s is not None:
             # The most urgent prompt with a TTFT target may take the whole step, beyond the share
             # kept for later arrivals and beyond the TPOT margin (as far as the running decodes'
             # banked time allows): split over several steps it pays their fixed cost each time.
@@ -379,6 +379,13 @@ class Scheduler:
                 self._head_extra = (head.seq_id, longer - cap)
                 cap = longer
         return max(cap - fixed, 0.25 * fixed)
+
+    def _urgent_prompt(self) -> Sequence | None:
+        """The prompt with targets that runs first: one part-way through its prefill, else the
+        first waiting one."""
+        head = next((s for s in self.running if self.has_targets(s) and s.num_tokens - s.num_computed_tokens > 1),
+                    None)
+        return head if head is not None else next((s for s in self.waiting if self.has_targets(s)), None)
 
     def _make_room(self, out: SchedulerOutput) -> None:
         """Preempts best-effort sequences (lowest first) until the waiting requests with targets

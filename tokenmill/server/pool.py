@@ -595,12 +595,9 @@ class ModelPool:
             # A thread of its own, which ends with the load: its OpenMP workers go with it (see
             # DeviceLoop), so serving runs at full speed again once the model is in.
             with self._load_lock:
-                if not fut.set_running_or_notify_cancel():
-                    return
-                if self.device.stopping:  # shutting down: no more models
-                    fut.set_exception(PoolError(f"model {e.name!r}: the server is shutting down"))
-                    return
                 try:
+                    if self.device.stopping:  # shutting down: no more models
+                        raise PoolError(f"model {e.name!r}: the server is shutting down")
                     fut.set_result(self._build(e.spec))
                 except BaseException as err:
                     fut.set_exception(err)

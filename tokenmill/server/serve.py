@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolCo
         host, port = sock.getsockname()[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
-    app, _pool = build_server_app(args, specs, tiers, pool_config, where)
+    app, pool = build_server_app(args, specs, tiers, pool_config, where)
     level = getattr(args, "log_level", None) or "info"
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolCo
     try:
         server.run(sockets=[sock])
     finally:  # the lifespan stops it; where uvicorn never started, the engine thread must stop here
-        _pool.stop()
+        pool.stop()
     return 0 if server.started else 1
 
 
