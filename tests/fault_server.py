@@ -7,8 +7,8 @@ TOKENMILL_FAULT_DIE_SEED=N, the process dies (as a crash would) at the first ste
 seeded N, before its first token (test_fleet.py); with TOKENMILL_FAULT_SLOW_SEED=N, every step
 that includes a request seeded N first sleeps TOKENMILL_FAULT_SLOW_S seconds (default 0.05): a
 request that stays in flight long enough for a test to act meanwhile (test_tenants.py); with
-TOKENMILL_FAULT_TRACE_THREADS=1, it prints the thread each model is built on and first stepped
-on (test_model_pool.py)."""
+TOKENMILL_FAULT_TRACE_THREADS=PATH, it appends to PATH the thread each model is built on and
+first stepped on (test_model_pool.py; a file of its own, since the log interleaves threads' lines)."""
 
 import os
 import sys
@@ -75,16 +75,20 @@ if os.environ.get("TOKENMILL_FAULT_TRACE_THREADS"):
 
     _build, _step = ModelPool._build, LLMEngine.step
     _stepped: set[int] = set()
+    _trace_lock = threading.Lock()
+
+    def _trace(line: str) -> None:
+        with _trace_lock, open(os.environ["TOKENMILL_FAULT_TRACE_THREADS"], "a") as f:
+            f.write(line + "\n")
 
     def _traced_build(self, spec):
-        print(f"[threads] build {os.path.basename(spec.config.model)} on {threading.current_thread().name}", flush=True)
+        _trace(f"build {os.path.basename(spec.config.model)} on {threading.current_thread().name}")
         return _build(self, spec)
 
     def _traced_step(self):
         if id(self) not in _stepped:
             _stepped.add(id(self))
-            print(f"[threads] step {os.path.basename(self.config.model)} on {threading.current_thread().name}",
-                  flush=True)
+            _trace(f"step {os.path.basename(self.config.model)} on {threading.current_thread().name}")
         return _step(self)
 
     ModelPool._build, LLMEngine.step = _traced_build, _traced_step

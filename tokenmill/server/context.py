@@ -316,14 +316,17 @@ class ServerContext:
 
     # -- logprob formats ------------------------------------------------------------------------
     def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offset: int,
-                            as_ids: bool) -> dict[str, Any]:
+                            as_ids: bool, text_end: int | None = None) -> dict[str, Any]:
+        """text_end (a stream chunk's): offsets stop there. A chunk carrying several tokens, one of
+        which printed nothing yet (a partial character), would otherwise place the next ones past
+        its text, and the next chunk's first token before them."""
         tokens, lps, tops, offsets = [], [], [], []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
             s = self.token_str(tid, as_ids)
             tokens.append(s)
             lps.append(entry[tid].logprob)
             tops.append({self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
-            offsets.append(offset)
+            offsets.append(offset if text_end is None else min(offset, text_end))
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 

@@ -124,7 +124,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 try:
                     async for out, c, d in ctx.choice_deltas(group, params, states, cached, computes):
                         pi = index[out.request_id]
-                        lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids)
+                        lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids,
+                                                      d.text_start + len(d.text))
                               if req.logprobs is not None else None)
                         if echo_lp and d.first:
                             head = prompt_lp(pi, out)
