@@ -76,6 +76,11 @@ class _Res:
     ttft: float | None = None
     done_at: float | None = None  # seconds into the window
     token_times: list[float] = field(default_factory=list)  # seconds into the window, one per chunk
+    chunk_tokens: list[int] = field(default_factory=list)  # the tokens each chunk carried
+
+    def tokens_by(self, t: float) -> int:
+        """Output tokens received by `t` seconds into the window."""
+        return sum(n for at, n in zip(self.token_times, self.chunk_tokens) if at <= t)
 
     def tpot(self, num_tokens: int) -> float | None:
         """The mean time per output token after the first, from the first chunk to the last (a
@@ -109,7 +114,9 @@ def _policies(args: argparse.Namespace) -> list[str]:
 async def _send(http, base: str, req: _Req, slo: dict[str, float] | None, t0: float) -> _Res:
     res = _Res()
     body: dict[str, Any] = {"model": "m", "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
-                            "ignore_eos": True, "temperature": 0.0}
+                            "ignore_eos": True, "temperature": 0.0,
+                            # the ids count each chunk's tokens: a slow reader's chunk may carry several
+                            "return_token_ids": True}
     if slo is not None:
         body["slo"] = slo
     sent = time.perf_counter()
@@ -134,6 +141,7 @@ async def _send(http, base: str, req: _Req, slo: dict[str, float] | None, t0: fl
                     if res.ttft is None:
                         res.ttft = now - sent
                     res.token_times.append(now - t0)
+                    res.chunk_tokens.append(sum(len(c.get("token_ids") or ()) for c in chunk["choices"]))
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -179,8 +187,11 @@ async def _capacity(base: str, reqs: list[_Req]) -> dict[str, Any]:
     failed = [r.error for r in res if not r.ok]
     if failed:
         raise RuntimeError(f"capacity run: {len(failed)} failed: {failed[0]}")
+    miscounted = [(sum(x.chunk_tokens), r.max_tokens) for r, x in zip(reqs, res) if sum(x.chunk_tokens) != r.max_tokens]
+    if miscounted:  # ignore_eos: every request streams exactly max_tokens
+        raise RuntimeError(f"capacity run: {len(miscounted)} streamed a token count other than asked: {miscounted[0]}")
     return {"requests": len(reqs), "seconds": span, "requests_per_s": len(reqs) / span,
-            "output_tokens_per_s": sum(len(r.token_times) for r in res) / span}
+            "output_tokens_per_s": sum(sum(r.chunk_tokens) for r in res) / span}
 
 
 async def _window(base: str, reqs: list[_Req], slo: dict[str, float], duration: float) -> list[tuple[_Req, _Res]]:
@@ -228,8 +239,10 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
         if x.ok and x.ttft is not None and x.ttft * 1000 <= slo["ttft_ms"] and tp is not None \
                 and tp * 1000 <= slo["tpot_ms"]:
             met += 1
-    batch_tokens = sum(sum(1 for t in x.token_times if t <= duration) for r, x in pairs if r.kind == "batch")
+    batch_tokens = sum(x.tokens_by(duration) for r, x in pairs if r.kind == "batch")
     errors = [x.error for _, x in pairs if x.error]
+    errors += [f"{sum(x.chunk_tokens)} tokens streamed, {r.max_tokens} asked" for r, x in pairs
+               if x.ok and sum(x.chunk_tokens) != r.max_tokens]
     return {
         "interactive_requests": len(inter), "interactive_met": met,
         "interactive_attainment": met / len(inter) if inter else None,
