@@ -1,8 +1,8 @@
 """`tokenmill bench latency`: batch-1 prefill and decode, and the memory bandwidth decode achieves.
 
 Decode at batch 1 reads every weight once per token, so bytes read per token x tokens/s is
-the bandwidth achieved; set beside the machine's read bandwidth (measured here with a large
-tensor sum) it says how close decode is to the limit. With --llama-bench (llama.cpp's
+the bandwidth achieved; set beside the device's copy bandwidth and read bandwidth (measured in
+the same run, tokenmill/bench/roofline.py) it says how close decode is to the limit. With --llama-bench (llama.cpp's
 llama-bench binary) and --gguf (the same weights as GGUF), llama.cpp runs the same
 prefill/decode lengths with the same threads in the same run, and the ratios are printed.
 """
@@ -17,11 +17,13 @@ import subprocess
 import time
 
 from tokenmill.bench import write_json
+from tokenmill.bench.roofline import copy_bandwidth, read_bandwidth
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model folder")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--prompt-len", type=int, default=512, help="tokens prefilled in one step")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded after the prompt")
@@ -30,22 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench, to run beside")
     p.add_argument("--gguf", default=None, help="the same model as a GGUF file, for --llama-bench")
     p.add_argument("--json", default=None, help="write the figures to this file")
-
-
-def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of summing a large float32 tensor (what streaming weights can reach here)."""
-    import torch
-
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return nbytes / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def bytes_per_decode_token(llm, context: int) -> int:
@@ -70,7 +56,8 @@ def _tokenmill(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     total = args.prompt_len + args.decode_tokens
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_model_len=max(total + 16, 256),
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+              max_model_len=max(total + 16, 256),
               max_num_batched_tokens=max(args.prompt_len, 256), max_num_seqs=1, enable_prefix_caching=False,
               kv_cache_memory_bytes=None)
     eng = llm.engine
@@ -127,16 +114,23 @@ def _llama_bench(args) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if bool(args.llama_bench) != bool(args.gguf):
         raise ValueError("--llama-bench and --gguf go together")
-    bw = read_bandwidth()
+    if args.llama_bench and args.device != "cpu":
+        raise ValueError("--llama-bench runs on the CPU: leave --device at cpu")
+    copy_bw, read_bw = copy_bandwidth(args.device), read_bandwidth(args.device)
     ours = _tokenmill(args)
+    ours["of_copy_bandwidth"] = ours["bandwidth_gb_s"] * 1e9 / copy_bw
+    ours["of_read_bandwidth"] = ours["bandwidth_gb_s"] * 1e9 / read_bw
     settings = {k: v for k, v in vars(args).items() if not callable(v)}
-    res = {"args": settings, "read_bandwidth_gb_s": bw / 1e9, "tokenmill": ours}
+    res = {"args": settings, "copy_bandwidth_gb_s": copy_bw / 1e9, "read_bandwidth_gb_s": read_bw / 1e9,
+           "tokenmill": ours}
     label = f"{args.dtype}{' + ' + args.quantization if args.quantization else ''}"
-    print(f"machine read bandwidth (sum of 512 MiB): {bw / 1e9:.1f} GB/s")
+    print(f"{args.device} bandwidth: copy {copy_bw / 1e9:.1f} GB/s (bytes read + written), "
+          f"read {read_bw / 1e9:.1f} GB/s (a sum)")
     print(f"tokenmill {label}: prefill {args.prompt_len} tokens {ours['prefill_s']:.3f} s "
           f"({ours['prefill_tok_s']:.0f} tok/s); decode {ours['decode_tok_s']:.1f} tok/s "
-          f"({ours['decode_step_ms']:.1f} ms/token), {ours['bytes_per_token'] / 1e6:.0f} MB/token -> "
-          f"{ours['bandwidth_gb_s']:.1f} GB/s ({ours['bandwidth_gb_s'] / (bw / 1e9):.0%} of read bandwidth)")
+          f"({ours['decode_step_ms']:.2f} ms/token), {ours['bytes_per_token'] / 1e6:.0f} MB/token -> "
+          f"{ours['bandwidth_gb_s']:.1f} GB/s: {ours['of_copy_bandwidth']:.0%} of copy bandwidth, "
+          f"{ours['of_read_bandwidth']:.0%} of read bandwidth")
     if args.llama_bench:
         lc = _llama_bench(args)
         res["llama_cpp"] = lc

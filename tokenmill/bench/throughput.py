@@ -4,6 +4,11 @@ Both run the same requests (random prompts, per-request output lengths, ignore_e
 transformers side does what a competent user does: sorts the requests by prompt length so
 that each batch pads little, batches with left padding and generates up to the longest
 request in each batch; only the tokens each request asked for are counted.
+
+Beside the throughput: tokenmill's MFU (the model FLOPs of its steps, as the energy accounting
+counts them, per second, over the device's measured matmul peak in the run's dtype, and over
+--peak-tflops when given), and the bandwidth its steps achieve (the weights read once a step)
+over the measured copy bandwidth (tokenmill/bench/roofline.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
+from tokenmill.bench.roofline import copy_bandwidth, matmul_flops
 from tokenmill.bench.workload import make_random_model
 
 
@@ -40,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-caching-ab", type=int, default=0, metavar="ROUNDS",
                    help="also run the tokenmill workload with prefix caching on and off, ROUNDS times each in "
                         "on/off/off/on order (cache emptied before each run), and report the ratio")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's spec peak in the run's dtype (dense), for MFU as usually quoted; MFU is "
+                        "always also given against the matmul peak measured here")
     p.add_argument("--json", help="write the figures to this file")
 
 
@@ -53,13 +62,27 @@ def run(args: argparse.Namespace) -> dict:
     vocab = llm.engine.model_config.vocab_size
     reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
     weight_bytes = llm.engine.runner.weight_bytes
-    results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes}
+    copy_bw = copy_bandwidth(args.device)
+    peak = matmul_flops(args.device, getattr(torch, args.dtype))
+    results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes,
+                     "copy_bandwidth_gb_s": copy_bw / 1e9, "matmul_tflops": peak / 1e12}
+    print(f"{args.device}: copy bandwidth {copy_bw / 1e9:.1f} GB/s, {args.dtype} matmul {peak / 1e12:.2f} TFLOP/s "
+          "(measured)", flush=True)
 
     # Warm up once (allocator, kernels), then measure.
     llm.generate({"prompt_token_ids": reqs[0].prompt[:16]}, SamplingParams(max_tokens=2))
+    llm.engine.reset_prefix_cache()  # the measured run computes every prompt token
     tm = _run_tokenmill(llm, reqs)
+    tm["bandwidth_gb_s"] = weight_bytes * tm["steps_per_s"] / 1e9
+    tm["of_copy_bandwidth"] = tm["bandwidth_gb_s"] * 1e9 / copy_bw
+    tm["mfu"] = tm["flops_per_s"] / peak
+    if args.peak_tflops:
+        tm["mfu_of_spec_peak"] = tm["flops_per_s"] / (args.peak_tflops * 1e12)
     results["tokenmill"] = tm
     _print("tokenmill", tm, weight_bytes)
+    print(f"tokenmill: {tm['flops_per_s'] / 1e12:.3f} TFLOP/s of model FLOPs, MFU {tm['mfu']:.1%} of the measured "
+          f"matmul peak" + (f", {tm['mfu_of_spec_peak']:.1%} of {args.peak_tflops:g} TFLOP/s" if args.peak_tflops
+                            else "") + f"; weights read at {tm['of_copy_bandwidth']:.0%} of copy bandwidth", flush=True)
 
     if args.prefix_caching_ab > 0:
         results["prefix_caching_ab"] = _prefix_caching_ab(llm, reqs, args.prefix_caching_ab)
@@ -118,6 +141,7 @@ def _run_tokenmill(llm, reqs: list[Request]) -> dict:
     engine = llm.engine
     ids = [engine.add_request({"prompt_token_ids": r.prompt},
                               SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)) for r in reqs]
+    flops0 = engine.energy.flops
     t0, c0 = time.perf_counter(), time.process_time()
     steps = 0
     done = {}
@@ -133,7 +157,8 @@ def _run_tokenmill(llm, reqs: list[Request]) -> dict:
     in_tokens = sum(len(r.prompt) for r in reqs)
     return {"seconds": dt, "cpu_seconds": cpu, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + in_tokens) / dt, "steps": steps, "steps_per_s": steps / dt,
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "flops": engine.energy.flops - flops0,
+            "flops_per_s": (engine.energy.flops - flops0) / dt}
 
 
 def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:

@@ -1,0 +1,67 @@
+"""The machine limits benchmarks compare with (tokenmill/bench/roofline.py), and `bench latency`
+and `bench throughput` setting their figures beside them: achieved bandwidth and MFU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.server_utils import ROOT
+from tokenmill.bench.datasets import token_id_requests
+from tokenmill.bench.roofline import copy_bandwidth, matmul_flops, read_bandwidth
+
+
+def test_limits_are_measured_on_the_cpu():
+    for bw in (copy_bandwidth("cpu", nbytes=64 * 2**20, repeats=2), read_bandwidth("cpu", nbytes=64 * 2**20,
+                                                                                   repeats=2)):
+        assert 1e8 < bw < 1e13  # 0.1 GB/s .. 10 TB/s: bytes per second, not bits or GB
+    assert 1e7 < matmul_flops("cpu", n=256, repeats=2) < 1e15
+
+
+def _bench(args: list[str], tmp_path) -> dict:
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "tokenmill.cli", "bench", *args, "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"stdout": r.stdout, **json.loads(out.read_text())}
+
+
+def test_bench_throughput_reports_mfu_from_the_model_flops_of_its_run(model_dir, tmp_path):
+    n, lin, lout = 6, (20, 60), (4, 12)
+    d = _bench(["throughput", "--model", model_dir, "--num-prompts", str(n), "--input-len", *map(str, lin),
+                "--output-len", *map(str, lout), "--hf-batch-sizes", "", "--decode-tokens", "4",
+                "--max-num-seqs", "4", "--peak-tflops", "2"], tmp_path)
+    tm = d["tokenmill"]
+    assert tm["preemptions"] == 0
+    # Every prompt token and every generated token but the last goes through the model once; every
+    # generated token is one row through the LM head; attention over a sequence of L tokens is L^2/2
+    # pairs whatever the chunking.
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    kvh = cfg.get("num_key_value_heads") or heads
+    per_token = 2 * layers * (h * heads * hd + 2 * h * kvh * hd + heads * hd * h + 3 * h * cfg["intermediate_size"])
+    want = 0.0
+    for r in token_id_requests(n, lin, lout, cfg["vocab_size"], 0):
+        fed = len(r.prompt) + r.output_len - 1
+        want += per_token * fed + 4 * heads * hd * layers * fed * fed / 2 + 2 * h * cfg["vocab_size"] * r.output_len
+    assert abs(tm["flops"] - want) <= 1e-6 * want, (tm["flops"], want)
+    assert abs(tm["flops_per_s"] - tm["flops"] / tm["seconds"]) <= 1e-9 * tm["flops_per_s"]
+    assert abs(tm["mfu"] - tm["flops_per_s"] / (d["matmul_tflops"] * 1e12)) <= 1e-9 * tm["mfu"]
+    assert abs(tm["mfu_of_spec_peak"] - tm["flops_per_s"] / 2e12) <= 1e-9 * tm["mfu_of_spec_peak"]
+    assert abs(tm["of_copy_bandwidth"] - d["weight_bytes"] * tm["steps_per_s"] / (d["copy_bandwidth_gb_s"] * 1e9)) \
+        <= 1e-9 * tm["of_copy_bandwidth"]
+    assert "MFU" in d["stdout"] and "of copy bandwidth" in d["stdout"]
+
+
+def test_bench_latency_sets_decode_bandwidth_beside_the_measured_copy_bandwidth(model_dir, tmp_path):
+    d = _bench(["latency", "--model", model_dir, "--prompt-len", "32", "--decode-tokens", "8", "--repeats", "1"],
+               tmp_path)
+    tm = d["tokenmill"]
+    assert abs(tm["bandwidth_gb_s"] - tm["bytes_per_token"] / (tm["decode_step_ms"] / 1e3) / 1e9) \
+        <= 1e-9 * tm["bandwidth_gb_s"]
+    assert abs(tm["of_copy_bandwidth"] - tm["bandwidth_gb_s"] / d["copy_bandwidth_gb_s"]) <= 1e-9
+    assert abs(tm["of_read_bandwidth"] - tm["bandwidth_gb_s"] / d["read_bandwidth_gb_s"]) <= 1e-9
+    assert "of copy bandwidth" in d["stdout"]
