@@ -336,8 +336,15 @@ class EngineConfig:
     seed: int = 0
     # Reuse the KV of full blocks across requests that share a prefix (vLLM's name; on by default).
     enable_prefix_caching: bool = True
-    # "auto": "cpu" (tokenmill's kernels, PyTorch ops where they cannot be built) on CPU, "torch" on CUDA.
+    # "auto": "cpu" (tokenmill's kernels, PyTorch ops where they cannot be built) on CPU; on CUDA "triton"
+    # (one Triton kernel per step) where triton is installed, else "torch".
     attention_backend: str = "auto"
+    # CUDA graphs for decode-only steps (engine/cuda_graphs.py): "auto" (on CUDA with the triton backend),
+    # "on" (the same, an error where it cannot be), "off" (vLLM's enforce_eager), or "padded" (the graphs'
+    # static buffers and padding without capture, on any device: what tests run on a CPU).
+    cuda_graphs: str = "auto"
+    # The decode batch sizes captured (None: 1, 2, 4 and every multiple of 8 up to max_num_seqs, at most 512).
+    cuda_graph_sizes: list[int] | None = None
     # Weight quantization at load from a float checkpoint: None or "int8" (per-output-channel scales).
     quantization: str | None = None
     # On CPU: a second copy of the float32/bfloat16 weights in oneDNN's blocked layout for steps of more than
@@ -395,6 +402,11 @@ class EngineConfig:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
         if self.scheduling_policy not in ("fcfs", "priority", "slo"):
             raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
+        if self.cuda_graphs not in ("auto", "on", "off", "padded"):
+            raise ValueError(f"cuda_graphs: must be auto, on, off or padded, got {self.cuda_graphs!r}")
+        sizes = self.cuda_graph_sizes
+        if sizes is not None and (not sizes or not all(type(x) is int and x > 0 for x in sizes)):
+            raise ValueError(f"cuda_graph_sizes: must be positive batch sizes, got {self.cuda_graph_sizes!r}")
         if self.slo_admission not in ("reject", "demote", "off"):
             raise ValueError(f"slo_admission: must be reject, demote or off, got {self.slo_admission!r}")
         from tokenmill.ops.energy import check_config
@@ -414,8 +426,23 @@ class EngineConfig:
 
     def resolve_attention_backend(self, device: torch.device) -> str:
         if self.attention_backend == "auto":
-            return "cpu" if device.type == "cpu" else "torch"
+            if device.type == "cpu":
+                return "cpu"
+            import importlib.util
+
+            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
         return self.attention_backend
+
+    def resolve_cuda_graphs(self, device: torch.device, backend: str) -> str:
+        """"capture", "padded" or "off" for this device and attention backend."""
+        if self.cuda_graphs in ("off", "padded"):
+            return self.cuda_graphs
+        if device.type == "cuda" and backend == "triton":
+            return "capture"
+        if self.cuda_graphs == "on":
+            raise ValueError(f"cuda_graphs: 'on' needs a CUDA device and the triton attention backend, "
+                             f"got {device.type} with {backend!r} (use auto, off or padded)")
+        return "off"
 
     def resolve_dtype(self, model_config: ModelConfig, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

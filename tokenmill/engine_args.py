@@ -39,8 +39,14 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
     p.add_argument("--allow-long-max-model-len", action="store_true",
                    help="accept --max-model-len beyond the model's max_position_embeddings (and RoPE scaling)")
     p.add_argument("--attention-backend", default=d.attention_backend,
-                   help="auto (cpu kernels on CPU, torch on CUDA), cpu, torch or triton (one Triton kernel "
-                        "per step; needs the triton package)")
+                   help="auto (cpu kernels on CPU; on CUDA triton where installed, else torch), cpu, torch or "
+                        "triton (one Triton kernel per step; needs the triton package)")
+    p.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=["auto", "on", "off", "padded"],
+                   help="CUDA graphs for decode-only steps: auto (on CUDA with the triton backend), on, off (as "
+                        "vLLM's --enforce-eager), padded (their static buffers without capture, any device)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (--cuda-graphs off)")
+    p.add_argument("--cuda-graph-sizes", default=None, metavar="N,N,...",
+                   help="decode batch sizes to capture (default: 1,2,4 and multiples of 8 up to --max-num-seqs)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'')
@@ -82,9 +88,20 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
         prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len, task=args.task,
         attention_backend=args.attention_backend, speculative_config=args.speculative_config,
+        cuda_graphs="off" if getattr(args, "enforce_eager", False) else getattr(args, "cuda_graphs", "auto"),
+        cuda_graph_sizes=_sizes(getattr(args, "cuda_graph_sizes", None)),
         load_progress=getattr(args, "progress", True),
         scheduling_policy=getattr(args, "scheduling_policy", "priority"),
         slo_admission=getattr(args, "slo_admission", "demote"),
         energy_source=args.energy_source, power_watts=args.power_watts, power_idle_watts=args.power_idle_watts,
         price_per_device_hour=args.price_per_device_hour, price_per_kwh=args.price_per_kwh, pue=args.pue,
     )
+
+
+def _sizes(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--cuda-graph-sizes: expected comma-separated integers, got {spec!r}") from None

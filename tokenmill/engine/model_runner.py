@@ -17,6 +17,8 @@ import torch
 
 from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.cuda_graphs import DecodeGraphs
+from tokenmill.engine.cuda_graphs import default_sizes as default_graph_sizes
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
@@ -144,8 +146,15 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         mc = model_config
-        backend_cls = get_attention_backend(config.resolve_attention_backend(device))
+        backend = config.resolve_attention_backend(device)
+        backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
+        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured at the first such step,
+        # dropped when the weights or the KV cache go away. Their padded rows write to a spare KV block.
+        self.graph_mode = config.resolve_cuda_graphs(device, backend)
+        self.spare_blocks = 0 if self.graph_mode == "off" else 1
+        self.graph_sizes = config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
+        self._graphs: DecodeGraphs | None = None
         if device.type == "cpu":
             cpu_ops()  # built (or loaded) now, so that a fresh build does not stall the first request
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
@@ -214,6 +223,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
         gets the cache it had; on CPU the same mapping, whose pages were given back)."""
+        self._graphs = None  # they hold the old cache's addresses
         if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
             self.kv_released = False  # the pages fault back in, zeroed, as steps write them
             if self.drafter is not None:
@@ -222,9 +232,10 @@ class ModelRunner:
         budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
         blocks_per_seq = -(-self.max_model_len // self.block_size)
+        spare = self.spare_blocks  # within the budget
         if num_blocks is not None:
-            budget, source = num_blocks * per_block, "the cache it had before parking"
-        num_blocks = budget // per_block
+            budget, source, spare = num_blocks * per_block, "the cache it had before parking", 0
+        num_blocks = budget // per_block - spare
         if num_blocks < blocks_per_seq:
             need = blocks_per_seq * per_block
             raise ValueError(
@@ -236,7 +247,7 @@ class ModelRunner:
         # No point holding more than every running sequence at full length could use.
         num_blocks = min(num_blocks, blocks_per_seq * self.config.max_num_seqs)
         mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (2, num_blocks + self.spare_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still poison outputs.
         if self.device.type == "cpu":  # one huge-page region (tokenmill/memory.py), touched now, not mid-request
             arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
@@ -257,6 +268,7 @@ class ModelRunner:
         """Frees the KV cache (a parked model) at once. On CPU the mapping stays and only its pages
         go back to the kernel (they return zeroed as they are written), so coming back allocates
         nothing; on a GPU the tensors are freed and allocated again."""
+        self._graphs = None
         if self.device.type == "cpu" and self._kv_arena is not None:
             release_pages(self._kv_arena)
         else:
@@ -272,6 +284,7 @@ class ModelRunner:
         copy each). The host copies are kept: weights never change, so a later park only drops the
         device copies."""
         pin = torch.cuda.is_available()
+        self._graphs = None  # they hold the device weights' addresses
         models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
         # Every host copy first, then the swap: a failure (no pinned memory) leaves the model whole.
         for m in models:
@@ -362,8 +375,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Final hidden states for every scheduled token."""
-        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        """Final hidden states for every scheduled token: a decode-only step through a CUDA graph
+        where there is one for its size, any other eagerly."""
+        meta = inp.meta
+        if self.graph_mode != "off" and meta.max_query_len == 1 and meta.num_decodes == meta.num_seqs:
+            if self._graphs is None:
+                self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
+                                            self.max_model_len, self.graph_sizes, self.device,
+                                            capture=self.graph_mode == "capture")
+            hidden = self._graphs.forward(inp.input_ids, inp.positions, meta)
+            if hidden is not None:
+                return hidden
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, meta)
+
+    @property
+    def graph_replays(self) -> int:
+        """Decode steps run by a CUDA graph (padded: by the graphs' static buffers) since the graphs were made."""
+        return self._graphs.num_replays if self._graphs is not None else 0
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

@@ -1,0 +1,77 @@
+"""CUDA graphs for decode-only steps (tokenmill/engine/cuda_graphs.py, issue 16).
+
+On a GPU the engine captures the graphs (cuda_graphs="on") and replays them; on a CPU the same
+static buffers, padding and spare block run without capture (cuda_graphs="padded"), with the
+Triton kernel under its interpreter. Either way the tokens must be those of plain eager steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.engine.cuda_graphs import default_sizes  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GRAPHS = "on" if DEVICE.type == "cuda" else "padded"
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # k and v, 2 layers, 16 tokens, 2 KV heads of 16, float32 (tests/models.py)
+
+
+def _run(model_dir: str, graphs: str, sizes: list[int] | None) -> tuple[dict[str, list[int]], int, int]:
+    """Requests arriving over the steps, so that decode batches grow and shrink (padded up, rows left
+    over from larger batches) and blocks freed by finished or preempted sequences go to others."""
+    llm = LLM(model_dir, attention_backend="triton", cuda_graphs=graphs, cuda_graph_sizes=sizes, device=DEVICE.type,
+              dtype="float32", max_model_len=128, max_num_seqs=6, max_num_batched_tokens=48,
+              kv_cache_memory_bytes=15 * BLOCK_BYTES, enable_prefix_caching=False)
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    rng = random.Random(0)
+    pending = sorted((rng.randint(0, 30), f"r{i}", [rng.randrange(3, vocab) for _ in range(rng.randint(2, 60))],
+                      rng.randint(2, 30)) for i in range(14))
+    out: dict[str, list[int]] = {}
+    step = 0
+    while pending or eng.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, n = pending.pop(0)
+            eng.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                            request_id=rid)
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+        step += 1
+    return out, eng.runner.graph_replays, eng.scheduler.num_preemptions
+
+
+def test_decode_steps_through_the_graphs_generate_what_eager_steps_do(model_dir):
+    eager, replays, _ = _run(model_dir, "off", None)
+    assert replays == 0
+    graphs, replays, preemptions = _run(model_dir, GRAPHS, [1, 2, 4])  # batches of 5 and 6 decodes run eagerly
+    assert len(eager) == 14 and graphs == eager
+    assert replays > 10
+    assert preemptions > 0  # blocks went from one sequence to another while the graphs ran
+
+
+def test_graph_configuration():
+    assert default_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))
+    assert default_sizes(6) == [1, 2, 4, 6]
+    assert default_sizes(1000)[-1] == 512
+    cpu = torch.device("cpu")
+    assert EngineConfig(model="m").resolve_cuda_graphs(cpu, "cpu") == "off"
+    assert EngineConfig(model="m", cuda_graphs="padded").resolve_cuda_graphs(cpu, "cpu") == "padded"
+    assert EngineConfig(model="m").resolve_cuda_graphs(torch.device("cuda"), "triton") == "capture"
+    assert EngineConfig(model="m").resolve_cuda_graphs(torch.device("cuda"), "torch") == "off"
+    with pytest.raises(ValueError, match="needs a CUDA device and the triton"):
+        EngineConfig(model="m", cuda_graphs="on").resolve_cuda_graphs(cpu, "triton")
+    for bad in ({"cuda_graphs": "yes"}, {"cuda_graph_sizes": []}, {"cuda_graph_sizes": [0, 4]},
+                {"cuda_graph_sizes": ["8"]}):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            EngineConfig(model="m", **bad).validate()
