@@ -102,6 +102,11 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
     return ids_t, pos_t, meta
 
 
+def _cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(free device bytes, bytes PyTorch's allocator holds)."""
+    return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+
 def available_ram_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -146,6 +151,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         mc = model_config
+        # This process's device memory before the model: what it adds outside PyTorch's allocator
+        # (cuBLAS workspaces, kernels) is counted against gpu_memory_utilization (profile_memory).
+        self._mem_start = _cuda_memory(device) if device.type == "cuda" else None
+        self._profile_kv_bytes = 0  # the profiling step's own KV cache (profile_step)
         backend = config.resolve_attention_backend(device)
         backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
@@ -188,16 +197,55 @@ class ModelRunner:
             per += self.drafter.kv_bytes_per_block(self.block_size)
         return per
 
-    def _activation_reserve(self) -> int:
-        """A generous estimate of activation memory for one full step (GPU budget only)."""
-        mc = self.model_config
+    @torch.inference_mode()
+    def profile_step(self) -> None:
+        """The largest step the engine may run, on dummy inputs and a KV cache of its own: a prefill
+        of max_num_batched_tokens tokens (in sequences of at most max_model_len), then logits and
+        sampling with top-p for max_num_seqs rows (nearly flat logits: whole rows get sorted,
+        the sampler's costliest path)."""
+        mc, bs = self.model_config, self.block_size
         tokens = self.config.max_num_batched_tokens
+        lens = [min(self.max_model_len, tokens - i) for i in range(0, tokens, self.max_model_len)]
+        chunks, block = [], 0
+        for n in lens:
+            need = -(-n // bs)
+            chunks.append(([1] * n, 0, list(range(block, block + need))))
+            block += need
         elem = torch.finfo(self.dtype).bits // 8
-        per_token = (4 * mc.hidden_size + 3 * mc.intermediate_size + 2 * mc.num_heads * mc.head_dim) * elem
-        spec = self.config.speculative_config
-        rows = self.config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
-        logits = min(tokens, rows) * mc.vocab_size * 4 * 6  # logits, probabilities, cumulative sums
-        return 2 * tokens * per_token + logits
+        caches = [torch.zeros((2, block, bs, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=self.device)
+                  for _ in range(mc.num_layers)]
+        chunks.sort(key=lambda c: len(c[0]) != 1)  # single rows first, as build_batch wants
+        ids, pos, meta = build_batch(chunks, bs, self.device)
+        hidden = self.model(ids, pos, caches, meta)
+        del caches
+        rows = self.config.max_num_seqs
+        logits = self.model.compute_logits(hidden[torch.arange(rows, device=self.device) % hidden.shape[0]])
+        logits = logits.float().uniform_(0, 1e-3)  # nearly flat
+        md = SamplingMetadata(
+            temperature=torch.ones(rows, device=self.device), greedy=torch.zeros(rows, dtype=torch.bool,
+                                                                                 device=self.device),
+            all_greedy=False, top_k=None, top_p=torch.full((rows,), 0.99, device=self.device), min_p=None,
+            repetition_penalty=None, presence_penalty=None, frequency_penalty=None, output_counts=None,
+            seen_mask=None, banned=[], biases=[], generators={}, max_logprobs=None)
+        self.sampler(logits, md)
+        self._profile_kv_bytes = block * 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * elem
+
+    def profile_memory(self) -> int:
+        """Device bytes this engine needs besides its KV cache, measured (CUDA): PyTorch's peak over
+        the largest step (weights included, the step's own KV cache not), plus what the process
+        allocated outside PyTorch since the runner was made."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.profile_step()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - self._profile_kv_bytes
+        torch.cuda.empty_cache()
+        free, reserved = _cuda_memory(dev)
+        free0, reserved0 = self._mem_start
+        outside = max(0, (free0 - free) - (reserved - reserved0))
+        return peak + outside
 
     @property
     def resident_weight_bytes(self) -> int:
@@ -214,9 +262,14 @@ class ModelRunner:
             return (self.config.memory_bytes - weights,
                     f"memory_bytes={self.config.memory_bytes} less the weights' {weights} bytes")
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization) - self._activation_reserve()
-            return budget, f"gpu_memory_utilization={self.config.gpu_memory_utilization} of free GPU memory"
+            # A share of the device's total memory, so that engines in several processes can share a
+            # device (vLLM's meaning): less what a profiling step measured this engine needs besides.
+            util = self.config.gpu_memory_utilization
+            total = torch.cuda.mem_get_info(self.device)[1]
+            used = self.profile_memory()
+            return (int(total * util) - used, f"gpu_memory_utilization={util} of the device's {total / 2**30:.1f} "
+                    f"GiB less {used / 2**30:.2f} GiB measured in a profiling step (weights, the largest step's "
+                    f"activations and sampling, memory outside PyTorch)")
         budget = int(available_ram_bytes() * self.config.cpu_kv_cache_fraction)
         return budget, f"cpu_kv_cache_fraction={self.config.cpu_kv_cache_fraction} of available RAM"
 
