@@ -189,3 +189,22 @@ def test_prepacked_weights(tmp_path, tied, monkeypatch):
     assert all(m.packed is None for m in LLM(path, **KV).engine.runner.model.modules() if hasattr(m, "packed"))
     forced = LLM(path, prepack_weights=True, **KV).engine.runner.model
     assert all(m.packed is not None for m in forced.modules() if isinstance(m, Linear))
+
+
+def test_dummy_weights_need_only_config_json(model_dir, tmp_path):
+    """load_format="dummy" (vLLM's): random weights made on the device from config.json alone, the
+    same for the same seed; norms at 1 and the rest N(0, 0.02), so activations keep their scale."""
+    shutil.copy(os.path.join(model_dir, "config.json"), tmp_path / "config.json")
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(tmp_path), kv_cache_memory_bytes=2**20)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs, models = [], []
+    for _ in range(2):
+        llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory_bytes=2**20)
+        outs.append(llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, params)[0].outputs[0].token_ids)
+        models.append(llm.engine.runner.model)
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    named = dict(models[0].named_parameters())
+    assert torch.equal(named["norm.weight"], torch.ones_like(named["norm.weight"]))
+    w = named["layers.0.mlp.down_proj.weight"].float()
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002

@@ -347,6 +347,9 @@ class EngineConfig:
     cuda_graph_sizes: list[int] | None = None
     # Weight quantization at load from a float checkpoint: None or "int8" (per-output-channel scales).
     quantization: str | None = None
+    # "auto": the folder's safetensors; "dummy": random weights made on the device from config.json alone
+    # (vLLM's --load-format dummy: for benchmarks of shapes whose checkpoint is not at hand).
+    load_format: str = "auto"
     # On CPU: a second copy of the float32/bfloat16 weights in oneDNN's blocked layout for steps of more than
     # a few rows (batched decode, prefill), 1.3-2.5x faster GEMMs for the weights' memory again.
     # None: on when the copy takes at most a quarter of the available RAM.
@@ -402,6 +405,8 @@ class EngineConfig:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
         if self.scheduling_policy not in ("fcfs", "priority", "slo"):
             raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: must be auto or dummy, got {self.load_format!r}")
         if self.cuda_graphs not in ("auto", "on", "off", "padded"):
             raise ValueError(f"cuda_graphs: must be auto, on, off or padded, got {self.cuda_graphs!r}")
         sizes = self.cuda_graph_sizes

@@ -41,6 +41,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
     p.add_argument("--attention-backend", default=d.attention_backend,
                    help="auto (cpu kernels on CPU; on CUDA triton where installed, else torch), cpu, torch or "
                         "triton (one Triton kernel per step; needs the triton package)")
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="auto: the folder's safetensors; dummy: random weights from config.json alone (benchmarks)")
     p.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=["auto", "on", "off", "padded"],
                    help="CUDA graphs for decode-only steps: auto (on CUDA with the triton backend), on, off (as "
                         "vLLM's --enforce-eager), padded (their static buffers without capture, any device)")
@@ -88,6 +90,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
         prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len, task=args.task,
         attention_backend=args.attention_backend, speculative_config=args.speculative_config,
+        load_format=getattr(args, "load_format", "auto"),
         cuda_graphs="off" if getattr(args, "enforce_eager", False) else getattr(args, "cuda_graphs", "auto"),
         cuda_graph_sizes=_sizes(getattr(args, "cuda_graph_sizes", None)),
         load_progress=getattr(args, "progress", True),

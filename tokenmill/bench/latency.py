@@ -21,9 +21,14 @@ from tokenmill.bench.roofline import copy_bandwidth, read_bandwidth
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (with --shape: written there when it "
+                   "has no config.json)")
+    p.add_argument("--shape", default=None, help="a published shape for a random model (tokenmill.bench.workload."
+                   "SHAPES: smollm-135m, qwen2.5-0.5b, llama3-8b); with --load-format dummy only its config.json")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone (a large shape with no checkpoint at hand)")
     p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--prompt-len", type=int, default=512, help="tokens prefilled in one step")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded after the prompt")
@@ -55,8 +60,13 @@ def _tokenmill(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.shape:
+        from tokenmill.bench.workload import make_random_model
+
+        make_random_model(args.model, shape_name=args.shape, weights=args.load_format != "dummy")
     total = args.prompt_len + args.decode_tokens
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+              load_format=args.load_format,
               max_model_len=max(total + 16, 256),
               max_num_batched_tokens=max(args.prompt_len, 256), max_num_seqs=1, enable_prefix_caching=False,
               kv_cache_memory_bytes=None)

@@ -23,18 +23,23 @@ from tqdm import tqdm
 from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.roofline import copy_bandwidth, matmul_flops
-from tokenmill.bench.workload import make_random_model
+from tokenmill.bench.workload import SHAPES, make_random_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model folder; if it has no config.json, a random SmolLM-135M-shaped Llama "
-                   "is written there (default: a temp dir)")
+    p.add_argument("--model", help="model folder; if it has no config.json, a random model of --shape is written "
+                   "there (default: a temp dir; with --load-format dummy only its config.json)")
+    p.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES),
+                   help="the random model's shape when --model has none")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone, for both systems (a large shape with no "
+                        "checkpoint at hand; throughput does not depend on the weights' values)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--hf-batch-sizes", default="1,8,64",
@@ -56,8 +61,10 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill import LLM, SamplingParams
 
     # A folder without config.json gets a random SmolLM-135M-shaped model written into it.
-    model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"))
-    llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+    model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"), shape_name=args.shape,
+                                  weights=args.load_format != "dummy")
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, load_format=args.load_format,
+              max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     vocab = llm.engine.model_config.vocab_size
     reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
@@ -204,9 +211,14 @@ def _tokenmill_decode(llm, req: Request, n: int) -> float:
 
 
 def _load_hf(model_dir: str, args):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.load_format == "dummy":  # random weights made on the device, as tokenmill's
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)
     model.eval()
     return model
 

@@ -11,17 +11,41 @@ SMOLLM_135M_SHAPE = dict(
 )
 
 
-def make_random_model(path: str, seed: int = 0, **shape) -> str:
-    """Saves a random Llama-architecture checkpoint of the given shape (SmolLM-135M's by default)."""
+# Published models' shapes (their config.json's figures), for benchmarks with random weights.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "smollm-135m": ("llama", SMOLLM_135M_SHAPE),
+    "qwen2.5-0.5b": ("qwen2", dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+        vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1000000.0,
+        rms_norm_eps=1e-6)),
+    "llama3-8b": ("llama", dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+        rope_theta=500000.0, rms_norm_eps=1e-5)),
+}
+
+
+def make_random_model(path: str, seed: int = 0, shape_name: str = "smollm-135m", weights: bool = True,
+                      **shape) -> str:
+    """Saves a random checkpoint of a published shape (SmolLM-135M's by default; `shape` overrides
+    figures). Without weights only config.json is written: for load_format "dummy", where an 8B
+    shape's random checkpoint would take minutes and 16 GB to write."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cfg = LlamaConfig(**{**SMOLLM_135M_SHAPE, **shape})
+    if shape_name not in SHAPES:
+        raise ValueError(f"unknown shape {shape_name!r}; known: {', '.join(SHAPES)}")
+    model_type, figures = SHAPES[shape_name]
+    cfg = AutoConfig.for_model(model_type, **{**figures, **shape})
+    if not weights:
+        cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]]
+        os.makedirs(path, exist_ok=True)
+        cfg.save_pretrained(path)
+        return path
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
 

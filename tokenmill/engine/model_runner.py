@@ -168,6 +168,7 @@ class ModelRunner:
             cpu_ops()  # built (or loaded) now, so that a fresh build does not stall the first request
         self.model = load_model(mc, self.attn_backend, device, dtype, max_positions=max_model_len,
                                 progress=config.load_progress, quantization=config.quantization,
+                                load_format=config.load_format,
                                 prepack=config.prepack_weights, reserved_bytes=config.kv_cache_memory_bytes or 0)
         self.sampler = Sampler()
         spec = config.speculative_config

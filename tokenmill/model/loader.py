@@ -132,8 +132,11 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
                max_positions: int, progress: bool = False, quantization: str | None = None,
-               prepack: bool | None = False, reserved_bytes: int = 0) -> DecoderLM:
-    files = checkpoint_files(cfg.path)
+               prepack: bool | None = False, reserved_bytes: int = 0, load_format: str = "auto") -> DecoderLM:
+    """The model of config.json with its checkpoint's weights; with load_format "dummy" random ones,
+    made on the device with no checkpoint read (vLLM's --load-format dummy: benchmarks of large
+    shapes need only a config.json)."""
+    files = checkpoint_files(cfg.path) if load_format != "dummy" else []
     bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
         model = DecoderLM(cfg, backend, max_positions)
@@ -143,6 +146,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     packed_now = device.type == "cpu" and quantization is None
     if packed_now:
         pack_parameters(list(model.parameters()), copy=False)
+    if load_format == "dummy":
+        _dummy_weights(model, device)
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
     unexpected: list[str] = []
@@ -182,7 +187,7 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
             expected.update((pname, i) for i in range(len(shard_sizes[kind])))
         else:
             expected.add((pname, None))
-    missing = sorted({p for p, _ in expected - loaded})
+    missing = sorted({p for p, _ in expected - loaded}) if load_format != "dummy" else []
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"model: {len(missing)} weights missing from {', '.join(files)}: {shown}")
@@ -199,6 +204,20 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     model.requires_grad_(False)  # inference only
     model.eval()
     return model
+
+
+@torch.no_grad()
+def _dummy_weights(model: DecoderLM, device: torch.device) -> None:
+    """Norm weights 1, every other weight N(0, 0.02) from a fixed seed: activations keep a sane scale,
+    so a step costs what it would with real weights."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+        elif p.dtype.is_floating_point:
+            p.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.zero_()
 
 
 def _prepack(model: DecoderLM, prepack: bool | None, reserved_bytes: int) -> None:
