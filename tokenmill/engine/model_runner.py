@@ -286,10 +286,9 @@ class ModelRunner:
         budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
         blocks_per_seq = -(-self.max_model_len // self.block_size)
-        spare = self.spare_blocks  # within the budget
         if num_blocks is not None:
-            budget, source, spare = num_blocks * per_block, "the cache it had before parking", 0
-        num_blocks = budget // per_block - spare
+            budget, source = num_blocks * per_block, "the cache it had before parking"
+        num_blocks = budget // per_block  # (the graphs' spare block comes on top: one block)
         if num_blocks < blocks_per_seq:
             need = blocks_per_seq * per_block
             raise ValueError(
