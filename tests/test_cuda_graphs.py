@@ -66,7 +66,9 @@ def test_graph_configuration():
     assert default_sizes(1000)[-1] == 512
     cpu = torch.device("cpu")
     assert EngineConfig(model="m").resolve_cuda_graphs(cpu, "cpu") == "off"
-    assert EngineConfig(model="m", cuda_graphs="padded").resolve_cuda_graphs(cpu, "cpu") == "padded"
+    assert EngineConfig(model="m", cuda_graphs="padded").resolve_cuda_graphs(cpu, "triton") == "padded"
+    with pytest.raises(ValueError, match="'padded' needs the triton"):
+        EngineConfig(model="m", cuda_graphs="padded").resolve_cuda_graphs(cpu, "cpu")
     assert EngineConfig(model="m").resolve_cuda_graphs(torch.device("cuda"), "triton") == "capture"
     assert EngineConfig(model="m").resolve_cuda_graphs(torch.device("cuda"), "torch") == "off"
     with pytest.raises(ValueError, match="needs a CUDA device and the triton"):
@@ -75,3 +77,26 @@ def test_graph_configuration():
                 {"cuda_graph_sizes": ["8"]}):
         with pytest.raises(ValueError, match="cuda_graph"):
             EngineConfig(model="m", **bad).validate()
+
+
+def test_graphs_that_cannot_be_made_leave_the_engine_serving_eagerly(model_dir, monkeypatch):
+    """A capture that fails (out of memory, say) is logged once and every step then runs eagerly."""
+    import tokenmill.engine.model_runner as mr
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(mr, "DecodeGraphs", broken)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm = LLM(model_dir, attention_backend="triton", cuda_graphs=GRAPHS, device=DEVICE.type, dtype="float32",
+              kv_cache_memory_bytes=64 * BLOCK_BYTES, max_model_len=128)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9]}],
+                                                        params)]
+    assert llm.engine.runner.graph_mode == "off" and calls == [1]
+    ref = LLM(model_dir, attention_backend="triton", cuda_graphs="off", device=DEVICE.type, dtype="float32",
+              kv_cache_memory_bytes=64 * BLOCK_BYTES, max_model_len=128)
+    assert got == [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": [5, 6, 7]},
+                                                                 {"prompt_token_ids": [9]}], params)]

@@ -43,9 +43,11 @@ def _step(rng: random.Random, kinds: list[str], num_blocks: int) -> list[tuple[l
     return chunks
 
 
+@pytest.mark.parametrize("kernel_prefill", [True, False], ids=["kernel-prefill", "sdpa-prefill"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 48), (6, 1, 32)])
 @pytest.mark.parametrize("window", [None, 8, 37])
-def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window):
+def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window, kernel_prefill):
+    """The kernel on every row (kernel_prefill) and as the backend runs it (decodes only)."""
     rng = random.Random(f"{heads}-{kv_heads}-{head_dim}-{window}")
     torch.manual_seed(0)
     scale = head_dim ** -0.5
@@ -64,6 +66,7 @@ def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window
         outs, caches = {}, {}
         for name in ("torch", "triton"):
             backend = get_attention_backend(name)(heads, kv_heads, head_dim, scale)
+            backend.kernel_prefill = kernel_prefill
             c = cache.clone()
             _, _, meta = build_batch(chunks, BS, DEVICE)  # fresh scratch per backend
             outs[name] = backend.forward(q, k, v, c, meta, window)
@@ -89,8 +92,9 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir):
     prompts = ["Hello world", "The quick brown fox jumps over the lazy dog " * 3, "def fib(n):"]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     got = {}
-    for name in ("torch", "triton"):
-        llm = LLM(model_dir, attention_backend=name, kv_cache_memory_bytes=4 * 2**20, max_num_batched_tokens=24,
-                  device=DEVICE.type)
+    for name in ("torch", "triton", "triton-kernel-prefill"):
+        llm = LLM(model_dir, attention_backend=name.split("-")[0], kv_cache_memory_bytes=4 * 2**20,
+                  max_num_batched_tokens=24, device=DEVICE.type, cuda_graphs="off")
+        llm.engine.runner.attn_backend.kernel_prefill = name.endswith("prefill")
         got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got["triton"] == got["torch"]
+    assert got["triton"] == got["torch"] == got["triton-kernel-prefill"]

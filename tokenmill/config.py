@@ -337,7 +337,7 @@ class EngineConfig:
     # Reuse the KV of full blocks across requests that share a prefix (vLLM's name; on by default).
     enable_prefix_caching: bool = True
     # "auto": "cpu" (tokenmill's kernels, PyTorch ops where they cannot be built) on CPU; on CUDA "triton"
-    # (one Triton kernel per step) where triton is installed, else "torch".
+    # (a Triton kernel for decodes, SDPA for prefill) where triton is installed, else "torch".
     attention_backend: str = "auto"
     # CUDA graphs for decode-only steps (engine/cuda_graphs.py): "auto" (on CUDA with the triton backend),
     # "on" (the same, an error where it cannot be), "off" (vLLM's enforce_eager), or "padded" (the graphs'
@@ -435,13 +435,19 @@ class EngineConfig:
                 return "cpu"
             import importlib.util
 
-            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+            # (the kernel's tiles want a power-of-two block of at least 16 tokens)
+            ok = importlib.util.find_spec("triton") is not None and self.block_size >= 16
+            return "triton" if ok else "torch"
         return self.attention_backend
 
     def resolve_cuda_graphs(self, device: torch.device, backend: str) -> str:
         """"capture", "padded" or "off" for this device and attention backend."""
-        if self.cuda_graphs in ("off", "padded"):
-            return self.cuda_graphs
+        if self.cuda_graphs == "off":
+            return "off"
+        if self.cuda_graphs == "padded":
+            if backend != "triton":  # the torch backend would gather max_model_len keys for every row
+                raise ValueError(f"cuda_graphs: 'padded' needs the triton attention backend, got {backend!r}")
+            return "padded"
         if device.type == "cuda" and backend == "triton":
             return "capture"
         if self.cuda_graphs == "on":

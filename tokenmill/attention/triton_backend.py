@@ -1,6 +1,8 @@
-"""`triton`: one Triton kernel for a whole step's paged attention (issue 16).
+"""`triton`: a Triton kernel for paged attention (issue 16).
 
-Decodes and prefill chunks, with or without earlier context in the cache, run in the same
+The backend sends a step's decodes to it (one launch, which a CUDA graph can hold) and its
+prefill chunks to PyTorch's SDPA (`kernel_prefill` sends those to the kernel too). The kernel
+handles decodes and prefill chunks, with or without earlier context in the cache, in one
 launch: one program per (sequence, query head, block of BLOCK_M query rows), which walks the
 sequence's block table a KV block at a time with an online softmax (FlashAttention's), masking
 causally from the row's position (context length - query length + row) and by the sliding
@@ -104,8 +106,14 @@ def _get_kernel():
 
 @register_attention_backend
 class TritonAttentionBackend(TorchAttentionBackend):
+    """The kernel for the step's decodes (a decode-only step is one launch per layer, which a CUDA
+    graph can hold); prefill chunks, with or without cached context, go to PyTorch's SDPA as in the
+    `torch` backend, whose flash kernels use the tensor cores (this kernel's fp32 dots do not).
+    `kernel_prefill` sends them to the kernel too (one launch for the whole step)."""
+
     name = "triton"
     BLOCK_M = 16
+    kernel_prefill = False
 
     def forward(
         self,
@@ -116,29 +124,46 @@ class TritonAttentionBackend(TorchAttentionBackend):
         meta: AttentionMetadata,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        import triton
-
         bs = meta.block_size
         if bs & (bs - 1) or bs < 16:  # tl.arange and tl.dot want powers of two, at least 16
             raise ValueError(f"attention_backend 'triton': block_size must be a power of two >= 16, got {bs}")
-        k_cache, v_cache, _, _ = self._write_cache(k, v, kv_cache, meta)
+        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
         if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("attention_backend 'triton': q and the KV cache must be contiguous in head_dim")
         out = torch.empty_like(q)
         if meta.num_seqs == 0:
             return out
-        kernel = _get_kernel()
-        grid = (meta.num_seqs, self.num_heads, triton.cdiv(meta.max_query_len, self.BLOCK_M))
-        kernel[grid](
-            q, k_cache, v_cache, out,
-            meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, sliding_window or 0,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), out.stride(1),
-            meta.block_tables.stride(0),
-            num_queries_per_kv=self.num_heads // self.num_kv_heads,
-            HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
-            BLOCK_M=self.BLOCK_M, BLOCK_SIZE=bs,
-        )
+        seqs = meta.num_seqs if self.kernel_prefill else meta.num_decodes
+        if seqs:
+            rows = meta.max_query_len if seqs > meta.num_decodes else 1
+            self._launch(q, k_cache, v_cache, out, meta, seqs, rows, sliding_window)
+        qsl = meta.query_start_loc_cpu
+        for i in range(seqs, meta.num_seqs):
+            span = slice(qsl[i], qsl[i + 1])
+            out[span] = self._prefill(q[span], k[span], v[span], flat_k, flat_v, i, meta, sliding_window)
         return out
+
+    def _launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                meta: AttentionMetadata, seqs: int, max_rows: int, window: int | None) -> None:
+        """The kernel over the first `seqs` sequences of the step (their rows are the first ones)."""
+        import contextlib
+
+        import triton
+
+        kernel = _get_kernel()
+        grid = (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M))
+        # Triton launches on the current device: make it the tensors' (a model on cuda:1).
+        where = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+        with where:
+            kernel[grid](
+                q, k_cache, v_cache, out,
+                meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                self.scale, window or 0,
+                q.stride(0), q.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                out.stride(0), out.stride(1),
+                meta.block_tables.stride(0),
+                num_queries_per_kv=self.num_heads // self.num_kv_heads,
+                HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
+                BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size,
+            )

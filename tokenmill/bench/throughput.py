@@ -63,14 +63,17 @@ def run(args: argparse.Namespace) -> dict:
     # A folder without config.json gets a random SmolLM-135M-shaped model written into it.
     model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"), shape_name=args.shape,
                                   weights=args.load_format != "dummy")
+    # The device's limits first, before the engine takes its memory.
+    copy_bw = copy_bandwidth(args.device)
+    peak = matmul_flops(args.device, getattr(torch, args.dtype))
+    if args.device != "cpu":
+        torch.cuda.empty_cache()
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, load_format=args.load_format,
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     vocab = llm.engine.model_config.vocab_size
     reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
     weight_bytes = llm.engine.runner.weight_bytes
-    copy_bw = copy_bandwidth(args.device)
-    peak = matmul_flops(args.device, getattr(torch, args.dtype))
     results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes,
                      "copy_bandwidth_gb_s": copy_bw / 1e9, "matmul_tflops": peak / 1e12}
     print(f"{args.device}: copy bandwidth {copy_bw / 1e9:.1f} GB/s, {args.dtype} matmul {peak / 1e12:.2f} TFLOP/s "

@@ -99,16 +99,20 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         t0 = time.perf_counter()
         pool = None
-        # Largest first, all in one memory pool: a smaller graph reuses the larger one's memory.
-        for b in reversed(self.sizes):
-            self._forward(b)  # warm-up outside the capture: kernels compile, workspaces are allocated
+        # On the model's device (Triton and the capture stream follow the current device), in
+        # thread_local mode: a model pool may be loading another model on another thread meanwhile.
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            # Largest first, all in one memory pool: a smaller graph reuses the larger one's memory.
+            for b in reversed(self.sizes):
+                self._forward(b)  # warm-up outside the capture: kernels compile, workspaces are allocated
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._outputs[b] = self._forward(b)
+                pool = graph.pool()
+                self._graphs[b] = graph
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[b] = self._forward(b)
-            pool = graph.pool()
-            self._graphs[b] = graph
-        torch.cuda.synchronize(self.device)
         logger.info("CUDA graphs: captured %d decode batch sizes (%d..%d) in %.2f s", len(self.sizes),
                     self.sizes[0], self.sizes[-1], time.perf_counter() - t0)
 

@@ -102,9 +102,10 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
     return ids_t, pos_t, meta
 
 
-def _cuda_memory(device: torch.device) -> tuple[int, int]:
-    """(free device bytes, bytes PyTorch's allocator holds)."""
-    return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+def _cuda_memory(device: torch.device) -> tuple[int, int, int]:
+    """(free device bytes, bytes PyTorch's allocator holds, bytes in live tensors)."""
+    return (torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device),
+            torch.cuda.memory_allocated(device))
 
 
 def available_ram_bytes() -> int:
@@ -201,9 +202,10 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_step(self) -> None:
         """The largest step the engine may run, on dummy inputs and a KV cache of its own: a prefill
-        of max_num_batched_tokens tokens (in sequences of at most max_model_len), then logits and
-        sampling with top-p for max_num_seqs rows (nearly flat logits: whole rows get sorted,
-        the sampler's costliest path)."""
+        of max_num_batched_tokens tokens (in sequences of at most max_model_len), then logits for
+        max_num_seqs rows (each with its drafts under speculative decoding), their logprobs, and
+        top-p sampling (nearly flat logits: whole rows get sorted, the sampler's costliest path).
+        The cache lives to the end, so that it is in the peak whichever part peaks."""
         mc, bs = self.model_config, self.block_size
         tokens = self.config.max_num_batched_tokens
         lens = [min(self.max_model_len, tokens - i) for i in range(0, tokens, self.max_model_len)]
@@ -218,10 +220,11 @@ class ModelRunner:
         chunks.sort(key=lambda c: len(c[0]) != 1)  # single rows first, as build_batch wants
         ids, pos, meta = build_batch(chunks, bs, self.device)
         hidden = self.model(ids, pos, caches, meta)
-        del caches
-        rows = self.config.max_num_seqs
+        spec = self.config.speculative_config
+        rows = self.config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
         logits = self.model.compute_logits(hidden[torch.arange(rows, device=self.device) % hidden.shape[0]])
         logits = logits.float().uniform_(0, 1e-3)  # nearly flat
+        _logprobs = torch.log_softmax(logits, dim=-1)  # alive through sampling, as when logprobs are asked for
         md = SamplingMetadata(
             temperature=torch.ones(rows, device=self.device), greedy=torch.zeros(rows, dtype=torch.bool,
                                                                                  device=self.device),
@@ -229,7 +232,8 @@ class ModelRunner:
             repetition_penalty=None, presence_penalty=None, frequency_penalty=None, output_counts=None,
             seen_mask=None, banned=[], biases=[], generators={}, max_logprobs=None)
         self.sampler(logits, md)
-        self._profile_kv_bytes = block * 2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * elem
+        self._profile_kv_bytes = sum(c.numel() for c in caches) * elem
+        del caches
 
     def profile_memory(self) -> int:
         """Device bytes this engine needs besides its KV cache, measured (CUDA): PyTorch's peak over
@@ -241,10 +245,11 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(dev)
         self.profile_step()
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - self._profile_kv_bytes
+        # The peak is the process's: less what was allocated before this runner (another engine's).
+        free0, reserved0, allocated0 = self._mem_start
+        peak = torch.cuda.max_memory_allocated(dev) - allocated0 - self._profile_kv_bytes
         torch.cuda.empty_cache()
-        free, reserved = _cuda_memory(dev)
-        free0, reserved0 = self._mem_start
+        free, reserved, _ = _cuda_memory(dev)
         outside = max(0, (free0 - free) - (reserved - reserved0))
         return peak + outside
 
@@ -268,6 +273,14 @@ class ModelRunner:
             util = self.config.gpu_memory_utilization
             total = torch.cuda.mem_get_info(self.device)[1]
             used = self.profile_memory()
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+                - torch.cuda.memory_allocated(self.device)
+            if int(total * util) - used > free:
+                raise ValueError(
+                    f"gpu_memory_utilization={util} gives this engine {total * util / 2**30:.1f} GiB of the device's "
+                    f"{total / 2**30:.1f} GiB, of which {used / 2**30:.2f} GiB are its weights and activations; the KV "
+                    f"cache would need {(int(total * util) - used) / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
+                    f"are free (other processes or engines use the rest): lower gpu_memory_utilization")
             return (int(total * util) - used, f"gpu_memory_utilization={util} of the device's {total / 2**30:.1f} "
                     f"GiB less {used / 2**30:.2f} GiB measured in a profiling step (weights, the largest step's "
                     f"activations and sampling, memory outside PyTorch)")
@@ -360,6 +373,7 @@ class ModelRunner:
 
     def restore_weights(self) -> None:
         """Brings offloaded weights back to the device."""
+        self._graphs = None  # (offload_weights dropped them already; new addresses either way)
         for m in [self.model] + ([self.drafter.model] if self.drafter is not None else []):
             for holder, name, t in _module_tensors(m):
                 _set_tensor(holder, name, t.to(self.device, non_blocking=True) if self.device.type != "cpu"
@@ -433,12 +447,19 @@ class ModelRunner:
         meta = inp.meta
         if self.graph_mode != "off" and meta.max_query_len == 1 and meta.num_decodes == meta.num_seqs:
             if self._graphs is None:
-                self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
-                                            self.max_model_len, self.graph_sizes, self.device,
-                                            capture=self.graph_mode == "capture")
-            hidden = self._graphs.forward(inp.input_ids, inp.positions, meta)
-            if hidden is not None:
-                return hidden
+                try:
+                    self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
+                                                self.max_model_len, self.graph_sizes, self.device,
+                                                capture=self.graph_mode == "capture")
+                except Exception:  # out of memory, a capture error: serve eagerly rather than not at all
+                    logger.exception("CUDA graphs could not be made; every step runs eagerly from now on")
+                    self.graph_mode = "off"
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if self._graphs is not None:
+                hidden = self._graphs.forward(inp.input_ids, inp.positions, meta)
+                if hidden is not None:
+                    return hidden
         return self.model(inp.input_ids, inp.positions, self.kv_caches, meta)
 
     @property
