@@ -43,11 +43,17 @@ class TorchAttentionBackend(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, sliding_window)
-        qsl = meta.query_start_loc_cpu
-        for i in range(nd, meta.num_seqs):
-            rows = slice(qsl[i], qsl[i + 1])
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, i, meta, sliding_window)
+        self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, nd, sliding_window)
         return out
+
+    def _prefill_chunks(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        flat_k: torch.Tensor, flat_v: torch.Tensor, meta: AttentionMetadata, first: int,
+                        window: int | None) -> None:
+        """Sequences first.. of the step, one at a time through SDPA, into their rows of out."""
+        qsl = meta.query_start_loc_cpu
+        for i in range(first, meta.num_seqs):
+            rows = slice(qsl[i], qsl[i + 1])
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, i, meta, window)
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
         """Writes this step's k and v into their slots; returns the caches and their flat views."""

@@ -137,33 +137,26 @@ class TritonAttentionBackend(TorchAttentionBackend):
         if seqs:
             rows = meta.max_query_len if seqs > meta.num_decodes else 1
             self._launch(q, k_cache, v_cache, out, meta, seqs, rows, sliding_window)
-        qsl = meta.query_start_loc_cpu
-        for i in range(seqs, meta.num_seqs):
-            span = slice(qsl[i], qsl[i + 1])
-            out[span] = self._prefill(q[span], k[span], v[span], flat_k, flat_v, i, meta, sliding_window)
+        self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, seqs, sliding_window)
         return out
 
     def _launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                 meta: AttentionMetadata, seqs: int, max_rows: int, window: int | None) -> None:
-        """The kernel over the first `seqs` sequences of the step (their rows are the first ones)."""
-        import contextlib
-
+        """The kernel over the first `seqs` sequences of the step (their rows are the first ones). It
+        launches on the current device: the model runner makes that the model's (ModelRunner.on_device)."""
         import triton
 
         kernel = _get_kernel()
         grid = (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M))
-        # Triton launches on the current device: make it the tensors' (a model on cuda:1).
-        where = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-        with where:
-            kernel[grid](
-                q, k_cache, v_cache, out,
-                meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                self.scale, window or 0,
-                q.stride(0), q.stride(1),
-                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                out.stride(0), out.stride(1),
-                meta.block_tables.stride(0),
-                num_queries_per_kv=self.num_heads // self.num_kv_heads,
-                HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
-                BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size,
-            )
+        kernel[grid](
+            q, k_cache, v_cache, out,
+            meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            self.scale, window or 0,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            out.stride(0), out.stride(1),
+            meta.block_tables.stride(0),
+            num_queries_per_kv=self.num_heads // self.num_kv_heads,
+            HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
+            BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size,
+        )

@@ -78,6 +78,11 @@ class _Res:
     token_times: list[float] = field(default_factory=list)  # seconds into the window, one per chunk
     chunk_tokens: list[int] = field(default_factory=list)  # the tokens each chunk carried
 
+    @property
+    def tokens(self) -> int:
+        """Output tokens received."""
+        return sum(self.chunk_tokens)
+
     def tokens_by(self, t: float) -> int:
         """Output tokens received by `t` seconds into the window."""
         return sum(n for at, n in zip(self.token_times, self.chunk_tokens) if at <= t)
@@ -187,11 +192,11 @@ async def _capacity(base: str, reqs: list[_Req]) -> dict[str, Any]:
     failed = [r.error for r in res if not r.ok]
     if failed:
         raise RuntimeError(f"capacity run: {len(failed)} failed: {failed[0]}")
-    miscounted = [(sum(x.chunk_tokens), r.max_tokens) for r, x in zip(reqs, res) if sum(x.chunk_tokens) != r.max_tokens]
+    miscounted = [(x.tokens, r.max_tokens) for r, x in zip(reqs, res) if x.tokens != r.max_tokens]
     if miscounted:  # ignore_eos: every request streams exactly max_tokens
         raise RuntimeError(f"capacity run: {len(miscounted)} streamed a token count other than asked: {miscounted[0]}")
     return {"requests": len(reqs), "seconds": span, "requests_per_s": len(reqs) / span,
-            "output_tokens_per_s": sum(sum(r.chunk_tokens) for r in res) / span}
+            "output_tokens_per_s": sum(r.tokens for r in res) / span}
 
 
 async def _window(base: str, reqs: list[_Req], slo: dict[str, float], duration: float) -> list[tuple[_Req, _Res]]:
@@ -241,8 +246,8 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
             met += 1
     batch_tokens = sum(x.tokens_by(duration) for r, x in pairs if r.kind == "batch")
     errors = [x.error for _, x in pairs if x.error]
-    errors += [f"{sum(x.chunk_tokens)} tokens streamed, {r.max_tokens} asked" for r, x in pairs
-               if x.ok and sum(x.chunk_tokens) != r.max_tokens]
+    errors += [f"{x.tokens} tokens streamed, {r.max_tokens} asked" for r, x in pairs
+               if x.ok and x.tokens != r.max_tokens]
     return {
         "interactive_requests": len(inter), "interactive_met": met,
         "interactive_attainment": met / len(inter) if inter else None,

@@ -19,7 +19,7 @@ on any device: that is how CI tests this logic on a CPU (Triton under its interp
 then adds only the capture.
 
 Graphs hold the addresses of the weights and the KV cache: parking a model (which frees both)
-drops them, and they are captured again at the first decode step after it comes back.
+drops them, and they are captured again at the first step after it comes back.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ and samples. Everything above it is plain-Python bookkeeping.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -159,7 +160,7 @@ class ModelRunner:
         backend = config.resolve_attention_backend(device)
         backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured at the first such step,
+        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured at the first step,
         # dropped when the weights or the KV cache go away. Their padded rows write to a spare KV block.
         self.graph_mode = config.resolve_cuda_graphs(device, backend)
         self.spare_blocks = 0 if self.graph_mode == "off" else 1
@@ -243,7 +244,8 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        self.profile_step()
+        with self.on_device():
+            self.profile_step()
         torch.cuda.synchronize(dev)
         # The peak is the process's: less what was allocated before this runner (another engine's).
         free0, reserved0, allocated0 = self._mem_start
@@ -273,15 +275,16 @@ class ModelRunner:
             util = self.config.gpu_memory_utilization
             total = torch.cuda.mem_get_info(self.device)[1]
             used = self.profile_memory()
-            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
-                - torch.cuda.memory_allocated(self.device)
-            if int(total * util) - used > free:
+            budget = int(total * util) - used
+            free, reserved, allocated = _cuda_memory(self.device)
+            free += reserved - allocated  # what PyTorch holds cached is free for the cache too
+            if budget > free:
                 raise ValueError(
                     f"gpu_memory_utilization={util} gives this engine {total * util / 2**30:.1f} GiB of the device's "
                     f"{total / 2**30:.1f} GiB, of which {used / 2**30:.2f} GiB are its weights and activations; the KV "
-                    f"cache would need {(int(total * util) - used) / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
+                    f"cache would need {budget / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
                     f"are free (other processes or engines use the rest): lower gpu_memory_utilization")
-            return (int(total * util) - used, f"gpu_memory_utilization={util} of the device's {total / 2**30:.1f} "
+            return (budget, f"gpu_memory_utilization={util} of the device's {total / 2**30:.1f} "
                     f"GiB less {used / 2**30:.2f} GiB measured in a profiling step (weights, the largest step's "
                     f"activations and sampling, memory outside PyTorch)")
         budget = int(available_ram_bytes() * self.config.cpu_kv_cache_fraction)
@@ -445,7 +448,7 @@ class ModelRunner:
         """Final hidden states for every scheduled token: a decode-only step through a CUDA graph
         where there is one for its size, any other eagerly."""
         meta = inp.meta
-        if self.graph_mode != "off" and meta.max_query_len == 1 and meta.num_decodes == meta.num_seqs:
+        if self.graph_mode != "off":
             if self._graphs is None:
                 try:
                     self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
@@ -467,8 +470,17 @@ class ModelRunner:
         """Decode steps run by a CUDA graph (padded: by the graphs' static buffers) since the graphs were made."""
         return self._graphs.num_replays if self._graphs is not None else 0
 
-    @torch.inference_mode()
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """The model's GPU as the current device while it runs (Triton launches and CUDA graphs
+        capture on the current device, which may be another: a model on cuda:1); once a step."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def execute(self, out: SchedulerOutput) -> StepResult:
+        with self.on_device():
+            return self._execute(out)
+
+    @torch.inference_mode()
+    def _execute(self, out: SchedulerOutput) -> StepResult:
         if self.drafter is not None:  # every step, so that its KV keeps level with the target's
             self.drafter.propose(out.scheduled, self.block_size)
         inp = self.prepare(out)
