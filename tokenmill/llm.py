@@ -86,13 +86,15 @@ class LLM:
             if not finished:
                 engine.abort_request(rid)
 
-    def _step(self) -> None:
+    def _step(self) -> list[RequestOutput]:
         """One engine step; each request's newest output is kept until its caller reads it, so
         interleaved stream() and generate() calls never lose each other's outputs."""
         if not self.engine.has_unfinished_requests():
             raise RuntimeError("the engine has no unfinished requests but outputs are missing")
-        for out in self.engine.step():
+        outs = self.engine.step()
+        for out in outs:
             self._latest[out.request_id] = out
+        return outs
 
     def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Embeddings of an embedding model (`task="embed"`): each output's `.embedding` is the
@@ -210,15 +212,14 @@ class LLM:
         ids = []
         try:
             for p, sp, prio in prepared:
-                ids.append(engine.add_request(p, sp, priority=prio))
+                ids.append(engine.add_request(p, sp, priority=prio, final_only=True))
             done: dict[str, RequestOutput] = {}
             pending = set(ids)
             bar = _progress(len(ids)) if use_tqdm else None
             while pending:
-                self._step()
-                for rid in list(pending):
-                    out = self._latest.get(rid)
-                    if out is None:
+                for out in self._step():
+                    rid = out.request_id
+                    if rid not in pending:
                         continue
                     if out.error is not None:
                         raise RuntimeError(f"request {rid} failed in the engine: {out.error}")

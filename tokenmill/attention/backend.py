@@ -24,7 +24,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each row
     query_start_loc: torch.Tensor  # [num_seqs + 1] int64: first query row of each sequence
     seq_lens: torch.Tensor  # [num_seqs] int64: context length including this step's tokens
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with block 0
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64; past a sequence's context: any valid block
     num_decodes: int  # the first num_decodes sequences have exactly one query row
     max_query_len: int
     max_seq_len: int

@@ -70,6 +70,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._freed: list[int] = []  # seq ids whose tables free() emptied (take_freed)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached and unreferenced, LRU first
         self._cached: dict[bytes, int] = {}  # block key -> block
         self._block_key: list[bytes | None] = [None] * num_blocks
@@ -277,8 +278,16 @@ class BlockManager:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
+        if seq.block_table:
+            self._freed.append(seq.seq_id)
         seq.block_table = []
         seq.num_registered_blocks = 0
+
+    def take_freed(self) -> list[int]:
+        """Ids of the sequences whose blocks were freed since the last call (the model runner
+        releases their rows of its persistent batch)."""
+        freed, self._freed = self._freed, []
+        return freed
 
     # -- checks ---------------------------------------------------------------------------------
     def check_invariants(self, live: list[Sequence]) -> None:

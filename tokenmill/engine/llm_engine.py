@@ -197,7 +197,10 @@ class LLMEngine:
             )
 
     def add_request(self, prompt: str | dict | list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> str:
+                    priority: int = 0, arrival_time: float | None = None, final_only: bool = False) -> str:
+        """Queues a request; its id. `step()` returns an output for it after every step that changed
+        it, or with final_only only once it has finished (vLLM's RequestOutputKind.FINAL_ONLY: what
+        offline generation wants, sparing a snapshot per request per step)."""
         if not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
@@ -222,7 +225,7 @@ class LLMEngine:
         if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
             params.use_beam_search, params.temperature = False, 0.0
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
-                      tenant=tenant, slo=slo)
+                      tenant=tenant, slo=slo, final_only=final_only)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -397,6 +400,8 @@ class LLMEngine:
         """Runs one batch; returns an output for every request that changed (finished or not)."""
         t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
+        if sched.freed_seq_ids:  # their rows of the runner's persistent batch, before anything takes rows
+            self.runner.batch.release(sched.freed_seq_ids)
         if sched.is_empty:
             return []
         now = time.time()
@@ -558,7 +563,10 @@ class LLMEngine:
             touched[req.request_id] = req
         outputs = list(ended.values())
         for req in touched.values():
-            outputs.append(self._retire(req, now) if req.is_finished else self._make_output(req, False))
+            if req.is_finished:
+                outputs.append(self._retire(req, now))
+            elif not req.final_only:
+                outputs.append(self._make_output(req, False))
         return outputs
 
     def _retire(self, req: Request, now: float) -> RequestOutput:
@@ -706,7 +714,7 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=seq.index,
                 text=text,
-                token_ids=list(seq.output_token_ids),
+                token_ids=seq.token_ids[seq.num_prompt_tokens :],  # (a copy: the snapshot's own)
                 # a beam's score is its cumulative logprob: always reported
                 cumulative_logprob=seq.cumulative_logprob if logprobs is not None or req.beam is not None else None,
                 logprobs=logprobs,

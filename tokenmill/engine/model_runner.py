@@ -14,12 +14,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.cuda_graphs import DecodeGraphs
 from tokenmill.engine.cuda_graphs import default_sizes as default_graph_sizes
+from tokenmill.engine.input_batch import InputBatch
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
@@ -55,6 +57,7 @@ class StepInputs:
     rows: list[int] = field(default_factory=list)  # first row of each chunk in `order`
     logit_rows: list[int] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
+    sample_batch_rows: list[int] = field(default_factory=list)  # each sampled row's row in the persistent batch
     prompt_rows: list[tuple[ScheduledSeq, int, int]] = field(default_factory=list)  # (chunk, first row, count)
     spec_chunks: list[tuple[ScheduledSeq, int]] = field(default_factory=list)  # (chunk with drafts, first row)
     input_ids: torch.Tensor | None = None
@@ -184,6 +187,10 @@ class ModelRunner:
         self._kv_arena: torch.Tensor | None = None  # the CPU KV cache's mapping
         self._host_weights: dict[int, dict[tuple[int, str], torch.Tensor]] = {}  # offload_weights' copies
         self.embed = False  # set by the engine for an embedding model: prompts are pooled, not continued
+        # The running sequences' rows (block tables, sampling parameters) kept between steps.
+        spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.batch = InputBatch(self.block_size, -(-(max_model_len + spec_tokens) // self.block_size) + 1, device,
+                                capacity=min(config.max_num_seqs, 256))
 
     # -- memory -------------------------------------------------------------------------
     @property
@@ -417,30 +424,43 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flattens the scheduled chunks into model inputs and varlen attention metadata, decodes
-        (single-token chunks) first. A chunk with draft tokens (speculative decoding) runs its last
-        token and the drafts, and every one of its rows gets logits."""
+        (single-token chunks) first, from the persistent batch's rows (engine/input_batch.py). A
+        chunk with draft tokens (speculative decoding) runs its last token and the drafts, and
+        every one of its rows gets logits."""
+        batch = self.batch
         order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         inp = StepInputs(order=order)
-        chunks = []
+        ids: list[int] = []
+        rows, starts, counts = [], [], []
+        num_decodes = 0
         row0 = 0
         for s in order:
             seq, start, n = s.seq, s.start, s.num_new_tokens
+            row = batch.sync(seq, start)
+            rows.append(row)
+            starts.append(start)
+            counts.append(n)
             inp.rows.append(row0)
-            ids = seq.token_ids[start : start + n - s.num_spec]
+            if n == 1:
+                num_decodes += 1
+                ids.append(seq.token_ids[start])
+            else:
+                ids.extend(seq.token_ids[start : start + n - s.num_spec])
             if s.num_spec:
-                ids = ids + seq.spec_token_ids[: s.num_spec]
+                ids.extend(seq.spec_token_ids[: s.num_spec])
                 inp.spec_chunks.append((s, row0))
             elif s.completes:
                 inp.logit_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
+                inp.sample_batch_rows.append(row)
                 for sib in s.forks:  # samples sharing this prompt draw their first token from the same row
                     inp.logit_rows.append(row0 + n - 1)
                     inp.sample_seqs.append(sib)
+                    inp.sample_batch_rows.append(row)  # (the same request: the same parameters)
             if self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
-            chunks.append((ids, start, seq.block_table))
             row0 += n
-        inp.input_ids, inp.positions, inp.meta = build_batch(chunks, self.block_size, self.device)
+        inp.input_ids, inp.positions, inp.meta = batch.build(ids, rows, starts, counts, num_decodes)
         return inp
 
     @torch.inference_mode()
@@ -496,15 +516,20 @@ class ModelRunner:
             all_logits = self.model.compute_logits(hidden[inp.logit_rows + spec_rows])
             n = len(inp.logit_rows)
             if n:
-                self._sample(all_logits[:n], inp.sample_seqs, result)
+                self._sample(all_logits[:n], inp, result)
             if spec_rows:
                 self._verify(all_logits[n:], inp.spec_chunks, result)
         for s, row0, n in inp.prompt_rows:
             result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
         return result
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], result: StepResult) -> None:
-        beams = [i for i, s in enumerate(seqs) if s.request.beam is not None]
+    def _sample(self, logits: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
+        """Samples a token for every logits row from the persistent batch's parameter columns; only
+        rows marked special (a seed, bans, biases, penalties, a grammar, beams) are visited one by one."""
+        seqs = inp.sample_seqs
+        cols = self.batch.columns.take(np.array(inp.sample_batch_rows, np.int64))
+        special = np.flatnonzero(cols.special).tolist()
+        beams = [i for i in special if seqs[i].request.beam is not None]
         if beams:
             # Beam search scores raw float32 log-probabilities, as transformers does.
             k = min(max(seqs[i].request.beam.num_candidates for i in beams), logits.shape[-1])
@@ -513,16 +538,22 @@ class ModelRunner:
                 result.beams[seqs[i].seq_id] = (row_ids, row_vals)
             if len(beams) == len(seqs):
                 return
-            rest = [i for i in range(len(seqs)) if seqs[i].request.beam is None]
-            logits, seqs = logits[rest], [seqs[i] for i in rest]
-        for seq in seqs:
-            self._generator(seq)
-        md = SamplingMetadata.from_sequences(seqs, self.model_config.vocab_size, self.device)
-        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+            rest = sorted(set(range(len(seqs))) - set(beams))
+            logits, seqs, cols = logits[rest], [seqs[i] for i in rest], cols.take(np.array(rest, np.int64))
+            special = np.flatnonzero(cols.special).tolist()
+        for i in special:
+            self._generator(seqs[i])
+        md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,
+                                           stage=self.batch.sample_staging)
+        constrained = [i for i in special if seqs[i].matcher is not None]
         if constrained:
             md.bitmask = fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
             md.mask_rows = constrained
         so = self.sampler(logits, md)
+        if md.max_logprobs is None:
+            for seq, token in zip(seqs, so.token_ids):
+                result.sampled[seq.seq_id] = [(token, None)]
+            return
         for i, seq in enumerate(seqs):
             entry = None
             k = seq.params.logprobs

@@ -85,6 +85,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the step runs
+    # Sequences whose blocks were freed since the last step (finished, aborted, preempted): the
+    # runner drops them from its persistent batch before this step's sequences take rows.
+    freed_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -227,6 +230,7 @@ class Scheduler:
             self._add_drafts(out, self._budget)
         self._attach_forks(out)
         out.block_copies = self.block_manager.take_copies()
+        out.freed_seq_ids = self.block_manager.take_freed()
         return out
 
     def _in_class(self, seq: Sequence, slo_class: bool | None) -> bool:

@@ -9,24 +9,45 @@ default).
 Cost follows what is asked: greedy rows take an argmax; sampling is a softmax, a cumulative
 sum and a binary search per row (no random number per vocabulary entry: drawing one
 exponential per entry cost 1 ms a row for a 49K vocabulary); top-k and top-p look at the
-top candidates only (a partial top-k, not a sort of the vocabulary) and sort a whole row
-only when its nucleus reaches past them (a nearly flat distribution).
+top candidates only (a partial top-k, not a sort of the vocabulary), draw among them when the
+row's kept tokens all lie there, and sort a whole row only when its nucleus reaches past them
+(a nearly flat distribution).
+
+The metadata is built from parameter columns (engine/input_batch.py's SamplingColumns): which
+parameters a batch uses is decided on the host, so the sampler takes no device round trip to
+find out, and only rows that need it (a seed, bans, biases, penalties, a grammar) are visited
+in Python.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from tokenmill.engine.input_batch import (
+    USES_FREQUENCY,
+    USES_GREEDY,
+    USES_LOGPROBS,
+    USES_MIN_P,
+    USES_PRESENCE,
+    USES_REPETITION,
+    USES_SPECIAL,
+    USES_TOP_K,
+    USES_TOP_P,
+    SamplingColumns,
+)
 from tokenmill.engine.sequence import Sequence
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import apply_bitmask
 
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [B] float; rows with greedy[i] use argmax
-    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor | None  # [B] float (None when all_greedy); rows with greedy[i] use argmax
+    greedy: torch.Tensor | None  # [B] bool, None when no row (or every row) is greedy
     all_greedy: bool
     top_k: torch.Tensor | None  # [B] long, vocab size where disabled
     top_p: torch.Tensor | None  # [B] float
@@ -44,63 +65,100 @@ class SamplingMetadata:
     # Structured outputs: allowed-token bitmasks (int32, 32 tokens a word) of the rows listed
     bitmask: torch.Tensor | None = None
     mask_rows: list[int] | None = None
+    max_top_k: int | None = None  # the largest top_k of a row with one (known on the host), None: unknown
+    top_p_alone: bool = True  # some row has top_p but no top_k (False only when known on the host)
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
-        ps = [s.params for s in seqs]
+        return cls.from_columns(SamplingColumns.of(seqs), seqs, vocab_size, device)
+
+    @classmethod
+    def from_columns(cls, cols: SamplingColumns, seqs: list[Sequence], vocab_size: int, device: torch.device,
+                     stage: Callable[[list[np.ndarray]], list[torch.Tensor]] | None = None) -> SamplingMetadata:
+        """The metadata of rows whose parameters are `cols` (seqs: each row's sequence). Which
+        parameters are in use is decided on the host from the columns' USES_* bits, the columns in
+        use reach the device in one copy (`stage`), and only rows marked special are visited one by
+        one."""
         b = len(seqs)
-        greedy = [p.greedy for p in ps]
-        temps = [1.0 if g else p.temperature for p, g in zip(ps, greedy)]
+        some = int(np.bitwise_or.reduce(cols.uses)) if b else 0
+        every = int(np.bitwise_and.reduce(cols.uses)) if b else USES_GREEDY
+        all_greedy = bool(every & USES_GREEDY)
+        names: list[str] = []
+        arrays: list[np.ndarray] = []
 
-        def column(values: list, default, dtype) -> torch.Tensor | None:
-            if all(v == default for v in values):
-                return None
-            return torch.tensor(values, dtype=dtype, device=device)
+        def column(name: str, values: np.ndarray) -> None:
+            names.append(name)
+            arrays.append(values)
 
-        sampled_rows = [not g for g in greedy]
-        top_k = column([min(p.top_k, vocab_size) if (p.top_k and s) else 0 for p, s in zip(ps, sampled_rows)], 0,
-                       torch.long)
-        if top_k is not None:
-            top_k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-        top_p = column([p.top_p if s else 1.0 for p, s in zip(ps, sampled_rows)], 1.0, torch.float32)
-        min_p = column([p.min_p if s else 0.0 for p, s in zip(ps, sampled_rows)], 0.0, torch.float32)
-        rep = column([p.repetition_penalty for p in ps], 1.0, torch.float32)
-        pres = column([p.presence_penalty for p in ps], 0.0, torch.float32)
-        freq = column([p.frequency_penalty for p in ps], 0.0, torch.float32)
+        max_top_k = None
+        top_k = cols.top_k
+        if not all_greedy:
+            column("temperature", cols.temperature)
+            if some & USES_GREEDY:
+                column("greedy", cols.greedy)
+            if some & USES_TOP_K:
+                top_k = np.where(top_k < vocab_size, top_k, 0)  # 0: none (a top_k past the vocabulary is none)
+                if top_k.any():
+                    column("top_k", np.where(top_k > 0, top_k, vocab_size))
+                    max_top_k = int(top_k.max())
+            if some & USES_TOP_P:
+                column("top_p", cols.top_p)
+            if some & USES_MIN_P:
+                column("min_p", cols.min_p)
+        if some & USES_REPETITION:
+            column("repetition_penalty", cols.repetition_penalty)
+        if some & USES_PRESENCE:
+            column("presence_penalty", cols.presence_penalty)
+        if some & USES_FREQUENCY:
+            column("frequency_penalty", cols.frequency_penalty)
+        if not arrays:
+            tensors = []
+        elif stage is None:
+            tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+        else:
+            tensors = stage(arrays)
+        t = dict(zip(names, tensors))
+        rep, pres, freq = t.get("repetition_penalty"), t.get("presence_penalty"), t.get("frequency_penalty")
+        special = np.flatnonzero(cols.special).tolist() if some & USES_SPECIAL else []
 
         counts = seen = None
         if pres is not None or freq is not None or rep is not None:
             counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
-            for i, s in enumerate(seqs):
-                out = s.output_token_ids
+            penalised = [i for i in special if _has_penalty(seqs[i].params)]
+            for i in penalised:
+                out = seqs[i].output_token_ids
                 if out:
                     idx = torch.tensor(out, dtype=torch.long, device=device)
                     counts[i].index_add_(0, idx, torch.ones(len(out), device=device))
             if rep is not None:
                 seen = counts > 0
-                for i, s in enumerate(seqs):
+                for i in penalised:
+                    s = seqs[i]
                     prompt = torch.tensor(s.token_ids[: s.num_prompt_tokens], dtype=torch.long, device=device)
                     seen[i, prompt] = True
 
-        banned = []
-        for i, s in enumerate(seqs):
+        banned, biases, forced, gens = [], [], [], {}
+        for i in special:
+            s = seqs[i]
             p = s.params
             if s.num_output_tokens < p.min_tokens:
                 ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p._eos_token_ids))
                 if ids:
                     banned.append((i, ids))
-
-        biases = [(i, list(p.logit_bias), list(p.logit_bias.values())) for i, p in enumerate(ps) if p.logit_bias]
-        forced = [(i, s.forced[0]) for i, s in enumerate(seqs) if s.forced]
-        gens = {i: s.generator for i, s in enumerate(seqs) if s.generator is not None}
-        want = [p.logprobs for p in ps if p.logprobs is not None]
+            if p.logit_bias:
+                biases.append((i, list(p.logit_bias), list(p.logit_bias.values())))
+            if s.forced:
+                forced.append((i, s.forced[0]))
+            if s.generator is not None:
+                gens[i] = s.generator
+        want = int(cols.logprobs.max()) if some & USES_LOGPROBS else -1
         return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            all_greedy=all(greedy),
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
+            temperature=t.get("temperature"),
+            greedy=t.get("greedy"),
+            all_greedy=all_greedy,
+            top_k=t.get("top_k"),
+            top_p=t.get("top_p"),
+            min_p=t.get("min_p"),
             repetition_penalty=rep,
             presence_penalty=pres,
             frequency_penalty=freq,
@@ -110,8 +168,14 @@ class SamplingMetadata:
             biases=biases,
             forced=forced,
             generators=gens,
-            max_logprobs=max(want) if want else None,
+            max_logprobs=want if want >= 0 else None,
+            max_top_k=max_top_k,
+            top_p_alone=bool(some & USES_TOP_P) and bool((((cols.uses & USES_TOP_P) != 0) & (top_k == 0)).any()),
         )
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 @dataclass
@@ -149,7 +213,7 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, md)
-            if bool(md.greedy.any()):
+            if md.greedy is not None:
                 tokens = torch.where(md.greedy, logits.argmax(dim=-1), tokens)
 
         out = SamplerOutput(token_ids=tokens.tolist())
@@ -209,7 +273,59 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
+        """A token for every row (greedy rows' are replaced by the caller). A row with top-k or top-p
+        whose kept tokens all lie within a partial top-k of candidates (a small k, the nucleus of a
+        peaked distribution: most rows) draws among the candidates alone, so temperature, the
+        filters, the softmax and the CDF touch c entries rather than the vocabulary. The candidates
+        are put in token-id order first, so that a draw picks the token the whole masked row would
+        give (up to rounding): which path a row takes changes nothing."""
+        if md.min_p is not None or (md.top_k is None and md.top_p is None):
+            return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
+        b, vocab = logits.shape
+        dev = logits.device
+        u = draws(b, md.generators, dev)
+        temp = md.temperature[:, None]
+        kk = md.top_k if md.top_k is not None else torch.full((b,), vocab, device=dev)
+        limited = kk < vocab
+        pp = md.top_p if md.top_p is not None else torch.ones(b, device=dev)
+        nucleus = pp < 1.0
+        if md.top_k is None:
+            need = 0
+        elif md.max_top_k is not None:  # known on the host: no sync
+            need = md.max_top_k + 1
+        else:
+            need = int(kk[limited].max()) + 1 if bool(limited.any()) else 0
+        c = min(vocab, max(_CANDIDATES, need))
+        vals, idx = logits.topk(c, dim=-1)  # descending; temperature keeps the order
+        vals = vals / temp
+        kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
+        vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
+        # A top-k row is done within the candidates unless its k-th value ties past them.
+        covered = limited & ((kth[:, 0] > vals[:, -1]) | (c == vocab))
+        if md.top_p is not None:
+            # Probabilities within the top-k when a row has one, else over the whole vocabulary.
+            lse = vals.logsumexp(dim=-1)
+            if md.top_p_alone:
+                lse = torch.where(limited, lse, (logits / temp).logsumexp(dim=-1))
+            probs = (vals - lse[:, None]).exp()
+            before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
+            vals = vals.masked_fill(nucleus[:, None] & (before >= pp[:, None]), float("-inf"))
+            covered |= ~limited & nucleus & (probs.sum(dim=-1) >= pp)
+        idx, order = idx.sort(dim=-1)
+        vals = vals.gather(1, order)
+        tokens = idx.gather(1, sample_rows(torch.softmax(vals, dim=-1), u=u)[:, None])[:, 0]
+        plain = ~limited & ~nucleus  # temperature alone: the whole row
+        wide = ~covered & ~plain  # a nucleus or a tie wider than the candidates: sort the whole row
+        if md.greedy is not None:
+            plain &= ~md.greedy
+            wide &= ~md.greedy
+        for rows, sort in ((plain.nonzero()[:, 0], False), (wide.nonzero()[:, 0], True)):
+            if rows.numel():
+                sub = logits[rows] / temp[rows]
+                if sort:
+                    sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
+                tokens[rows] = sample_rows(torch.softmax(sub, dim=-1), u=u[rows])
+        return tokens
 
     @staticmethod
     def _filter(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -221,6 +337,15 @@ class Sampler:
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
         return logits
+
+
+def draws(b: int, generators: dict[int, torch.Generator] | None, device: torch.device) -> torch.Tensor:
+    """One uniform float64 draw per row [b, 1]; rows listed in generators draw from their own
+    (one draw per sampled token, which is what skip_draws replays)."""
+    u = torch.rand(b, 1, device=device, dtype=torch.float64)
+    for row, gen in (generators or {}).items():
+        u[row] = torch.rand(1, device=device, generator=gen, dtype=torch.float64)
+    return u
 
 
 def sample_rows(probs: torch.Tensor, generators: dict[int, torch.Generator] | None = None,
@@ -237,9 +362,7 @@ def sample_rows(probs: torch.Tensor, generators: dict[int, torch.Generator] | No
     b, vocab = probs.shape
     dev = probs.device
     if u is None:  # (tests pass their own draws)
-        u = torch.rand(b, 1, device=dev, dtype=torch.float64)
-        for row, gen in (generators or {}).items():
-            u[row] = torch.rand(1, device=dev, generator=gen, dtype=torch.float64)
+        u = draws(b, generators, dev)
     pad = (-vocab) % block
     blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).reshape(b, -1, block)
     nb = blocks.shape[1]
