@@ -1,19 +1,31 @@
-"""`triton`: a Triton kernel for paged attention (issue 16).
+"""`triton`: Triton kernels for paged attention (issue 16).
 
-The backend sends a step's decodes to it (one launch, which a CUDA graph can hold) and its
-prefill chunks to PyTorch's SDPA (`kernel_prefill` sends those to the kernel too). The kernel
-handles decodes and prefill chunks, with or without earlier context in the cache, in one
-launch: one program per (sequence, query head, block of BLOCK_M query rows), which walks the
-sequence's block table a KV block at a time with an online softmax (FlashAttention's), masking
-causally from the row's position (context length - query length + row) and by the sliding
-window. The KV cache is read in place; nothing is gathered or padded. GQA: query head h reads
-KV head h // (num_heads // num_kv_heads).
+Decodes go to `paged_decode` (flash decoding): one program per (sequence, KV head, split of the
+context). The query heads that share a KV head (GQA) are the rows of one tile, so each key and
+value is read once for all of them and the dots are matrix products (padded to 16 rows: the tensor
+cores' smallest). The program walks its split of the context BLOCK_N keys at a time, whatever the
+block size (a tile's keys gather their blocks from the table), with an online softmax
+(FlashAttention's); with more than one split, `combine_splits` merges the splits' partial sums
+(max-rescaled). Splits exist so that a small batch still fills the device: 8 KV heads of one
+sequence are 8 programs, where an H200 has 132 SMs. Their number depends on the batch size and
+the longest context the metadata allows (for a CUDA graph: max_model_len), so a captured graph
+always launches the same grid.
+
+Prefill chunks go to PyTorch's SDPA (flash kernels), or with `kernel_prefill` to `paged_attention`:
+one program per (sequence, query head, block of BLOCK_M query rows), masking causally from the
+row's position (context length - query length + row) and by the sliding window.
+
+Both read the KV cache in place; nothing is gathered or padded. float32 models compute in
+float32 (IEEE dots, not TF32: exact parity), 16-bit models take the tensor cores with float32
+accumulation.
 
 Its logic is tested on the CPU under Triton's interpreter (TRITON_INTERPRET=1) against the torch
 backend; on a GPU the same source compiles.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -38,16 +50,16 @@ def _get_kernel():
     def paged_attention(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-        scale, window,
+        scale, window, seq0,
         stride_qt, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_ot, stride_oh,
         stride_bt,
         num_queries_per_kv: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
     ):
-        seq = tl.program_id(0)
+        seq = tl.program_id(0) + seq0
         head = tl.program_id(1)
         mblock = tl.program_id(2)
         q_start = tl.load(query_start_loc_ptr + seq)
@@ -63,7 +75,9 @@ def _get_kernel():
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -81,9 +95,12 @@ def _get_kernel():
             k_ok = kpos < ctx
             kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
             kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # not TF32: float32 parity
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # not TF32: parity
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
             allowed = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
             if window > 0:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
@@ -94,26 +111,137 @@ def _get_kernel():
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    _kernel = paged_attention
+    @triton.jit
+    def paged_decode(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ml_ptr,
+        query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+        scale, window,
+        stride_qt, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_ot, stride_oh,
+        stride_bt,
+        GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        row = tl.load(query_start_loc_ptr + seq)
+        ctx = tl.load(seq_lens_ptr + seq)
+        h = tl.arange(0, BLOCK_H)
+        h_ok = h < GROUP
+        heads = kvh * GROUP + h
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
+        # Keys this query (at position ctx - 1) sees: [ctx - window, ctx); this split's share of them,
+        # in whole tiles of BLOCK_N keys.
+        lo = ctx * 0
+        if window > 0:
+            lo = tl.maximum(ctx - window, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        tiles = tl.cdiv(ctx - lo, BLOCK_N)
+        per = tl.cdiv(tiles, SPLITS)
+        first = lo + split * per * BLOCK_N
+        last = tl.minimum(ctx, first + per * BLOCK_N)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        offs = tl.arange(0, BLOCK_N)
+        for start in range(first, last, BLOCK_N):
+            kpos = start + offs
+            k_ok = kpos < ctx
+            block = tl.load(block_tables_ptr + seq * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
+            kv_off = (block[:, None] * stride_kb + (kpos % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh
+                      + d[None, :])
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            if IEEE:  # float32 models: float32 dots, for parity (not TF32)
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+            else:  # 16-bit models: the tensor cores, float32 accumulation
+                s = tl.dot(q, tl.trans(k)) * scale
+            allowed = k_ok
+            if window > 0:
+                allowed = allowed & (kpos >= ctx - window)
+            s = tl.where(allowed[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        mask = h_ok[:, None] & d_ok[None, :]
+        if SPLITS == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # partial results: [seq, head, split, d] and (max, sum) per [seq, head, split]
+            num_heads = tl.num_programs(1) * GROUP
+            base = (seq * num_heads + heads) * SPLITS + split
+            tl.store(part_ptr + base[:, None] * BLOCK_D + d[None, :], acc, mask=mask)
+            tl.store(ml_ptr + base * 2, m_i, mask=h_ok)
+            tl.store(ml_ptr + base * 2 + 1, l_i, mask=h_ok)
+
+
+    @triton.jit
+    def combine_splits(
+        out_ptr, part_ptr, ml_ptr, query_start_loc_ptr,
+        stride_ot, stride_oh,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        row = tl.load(query_start_loc_ptr + seq)
+        sp = tl.arange(0, SPLITS)
+        base = (seq * tl.num_programs(1) + head) * SPLITS + sp
+        m = tl.load(ml_ptr + base * 2)
+        l_ = tl.load(ml_ptr + base * 2 + 1)
+        m_all = tl.max(m, 0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w = tl.exp(m - m_all)  # splits that saw no key: m = -inf, weight 0
+        d = tl.arange(0, BLOCK_D)
+        part = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :])
+        total = tl.sum(w * l_, 0)
+        out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+    _kernel = (paged_attention, paged_decode, combine_splits)
     return _kernel
 
 
 @register_attention_backend
 class TritonAttentionBackend(TorchAttentionBackend):
-    """The kernel for the step's decodes (a decode-only step is one launch per layer, which a CUDA
-    graph can hold); prefill chunks, with or without cached context, go to PyTorch's SDPA as in the
-    `torch` backend, whose flash kernels use the tensor cores (this kernel's fp32 dots do not).
-    `kernel_prefill` sends them to the kernel too (one launch for the whole step)."""
+    """paged_decode for the step's decodes (a decode-only step is one or two launches per layer,
+    which a CUDA graph holds); prefill chunks, with or without cached context, go to PyTorch's SDPA
+    as in the `torch` backend, or with `kernel_prefill` to paged_attention (one more launch)."""
 
     name = "triton"
     BLOCK_M = 16
     kernel_prefill = False
+    # Programs a decode launch aims at (splits of the context are added until it gets there): twice
+    # the SMs on a GPU; under the interpreter a few, so that tests on a CPU cover the splits.
+    target_programs: int | None = None
+    MAX_SPLITS = 16
 
     def forward(
         self,
@@ -133,30 +261,86 @@ class TritonAttentionBackend(TorchAttentionBackend):
         out = torch.empty_like(q)
         if meta.num_seqs == 0:
             return out
-        seqs = meta.num_seqs if self.kernel_prefill else meta.num_decodes
-        if seqs:
-            rows = meta.max_query_len if seqs > meta.num_decodes else 1
-            self._launch(q, k_cache, v_cache, out, meta, seqs, rows, sliding_window)
-        self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, seqs, sliding_window)
+        nd = meta.num_decodes
+        if nd:
+            self._decode_kernel(q, k_cache, v_cache, out, meta, nd, sliding_window)
+        if self.kernel_prefill and meta.num_seqs > nd:
+            self._launch(q, k_cache, v_cache, out, meta, nd, meta.num_seqs - nd, meta.max_query_len, sliding_window)
+            return out
+        self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, nd, sliding_window)
         return out
 
-    def _launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                meta: AttentionMetadata, seqs: int, max_rows: int, window: int | None) -> None:
-        """The kernel over the first `seqs` sequences of the step (their rows are the first ones). It
-        launches on the current device: the model runner makes that the model's (ModelRunner.on_device)."""
+    def _ieee(self, q: torch.Tensor) -> bool:
+        # Under the interpreter, bfloat16 dots are not emulated: they compute in float32 there.
+        return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+    def num_splits(self, meta: AttentionMetadata, seqs: int, block_n: int) -> int:
+        """Splits of each decode's context: enough programs for the device, at most one per tile of
+        the longest context, a power of two (the combine kernel's arange)."""
+        if self.target_programs is None:
+            on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+            self.target_programs = (
+                2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if on_gpu
+                else 8)
+        want = -(-self.target_programs // (seqs * self.num_kv_heads))
+        cap = min(self.MAX_SPLITS, max(1, -(-meta.max_seq_len // block_n)), want)
+        splits = 1
+        while splits * 2 <= cap:
+            splits *= 2
+        return splits
+
+    def _decode_kernel(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                       meta: AttentionMetadata, seqs: int, window: int | None) -> None:
+        """The first `seqs` sequences of the step, one query row each, through paged_decode."""
         import triton
 
-        kernel = _get_kernel()
-        grid = (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M))
-        kernel[grid](
-            q, k_cache, v_cache, out,
+        _, decode, combine = _get_kernel()
+        group = self.num_heads // self.num_kv_heads
+        ieee = self._ieee(q)
+        block_n = 32 if ieee else 64
+        block_d = max(16, triton.next_power_of_2(self.head_dim))
+        splits = self.num_splits(meta, seqs, block_n)
+        parts = ml = out  # (unused with one split)
+        if splits > 1:  # partial sums, once per step (every layer has the same shapes)
+            key = ("decode_parts", seqs, splits, block_d)
+            if key not in meta.scratch:
+                meta.scratch[key] = (
+                    torch.empty(seqs, self.num_heads, splits, block_d, dtype=torch.float32, device=q.device),
+                    torch.empty(seqs, self.num_heads, splits, 2, dtype=torch.float32, device=q.device))
+            parts, ml = meta.scratch[key]
+        decode[(seqs, self.num_kv_heads, splits)](
+            q, k_cache, v_cache, out, parts, ml,
             meta.query_start_loc, meta.seq_lens, meta.block_tables,
             self.scale, window or 0,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1),
             meta.block_tables.stride(0),
+            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=self.head_dim, BLOCK_D=block_d, BLOCK_SIZE=meta.block_size, BLOCK_N=block_n,
+            SPLITS=splits, IEEE=ieee,
+        )
+        if splits > 1:
+            combine[(seqs, self.num_heads)](out, parts, ml, meta.query_start_loc, out.stride(0), out.stride(1),
+                                            HEAD_DIM=self.head_dim, BLOCK_D=block_d, SPLITS=splits)
+
+    def _launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                meta: AttentionMetadata, seq0: int, seqs: int, max_rows: int, window: int | None) -> None:
+        """paged_attention over sequences seq0 .. seq0 + seqs - 1 of the step. Kernels launch on the
+        current device: the model runner makes that the model's (ModelRunner.on_device)."""
+        import triton
+
+        kernel = _get_kernel()[0]
+        grid = (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M))
+        kernel[grid](
+            q, k_cache, v_cache, out,
+            meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            self.scale, window or 0, seq0,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            out.stride(0), out.stride(1),
+            meta.block_tables.stride(0),
             num_queries_per_kv=self.num_heads // self.num_kv_heads,
             HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
-            BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size,
+            BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size, IEEE=self._ieee(q),
         )

@@ -1,0 +1,71 @@
+"""The engine's host work per decode step, on a model so small that its forward costs almost
+nothing: what a fast accelerator would leave of a step (issue 16). Offline generation through
+LLM.generate, every request decoding at once; prints the median step and its parts.
+
+    python scripts/bench_host_overhead.py --batch 256 --sampling topk-topp
+
+Run it at two commits on one quiet machine to compare (docs/benchmarks/gpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per request")
+    ap.add_argument("--sampling", choices=["greedy", "temperature", "topk-topp"], default="greedy")
+    ap.add_argument("--vocab", type=int, default=32000)
+    args = ap.parse_args()
+
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.bench.workload import make_random_model
+
+    path = make_random_model(tempfile.mkdtemp() + "/tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=128, vocab_size=args.vocab)
+    llm = LLM(path, max_num_seqs=args.batch, max_num_batched_tokens=max(2048, 16 * args.batch), dtype="float32",
+              seed=0)
+    eng, runner = llm.engine, llm.engine.runner
+    times: dict[str, list[float]] = {}
+
+    def timed(obj, name: str, key: str) -> None:
+        f = getattr(obj, name)
+
+        def g(*a, **k):
+            t = time.perf_counter()
+            out = f(*a, **k)
+            times.setdefault(key, []).append(time.perf_counter() - t)
+            return out
+        setattr(obj, name, g)
+
+    for obj, name, key in [(eng, "step", "step"), (runner, "execute", "execute"), (runner, "prepare", "prepare"),
+                           (runner, "forward", "forward"), (runner, "_sample", "sample")]:
+        timed(obj, name, key)
+    kw = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
+          "topk-topp": dict(temperature=0.8, top_k=50, top_p=0.9)}[args.sampling]
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, args.vocab) for _ in range(16)]} for _ in range(args.batch)]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=args.steps, ignore_eos=True, **kw))
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    # Decode steps only: the first steps prefill, the last ones drain.
+    steps = times["step"][3:-2] or times["step"]
+
+    def med(key: str) -> float:
+        v = times[key][3:-2] or times[key]
+        return 1000 * statistics.median(v)
+    parts = "  ".join(f"{k} {med(k):.2f}" for k in ("execute", "prepare", "forward", "sample"))
+    step = 1000 * statistics.median(steps)
+    print(f"batch {args.batch}, {args.sampling}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
+          f" (in it, ms: {parts}; engine outside execute {med('step') - med('execute'):.2f})")
+
+
+if __name__ == "__main__":
+    main()
