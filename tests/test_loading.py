@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests.models import hf_greedy, hf_model, make_model
+from tests.models import ARCH_CONFIGS, hf_greedy, hf_model, make_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import ModelConfig
 
@@ -208,3 +208,23 @@ def test_dummy_weights_need_only_config_json(model_dir, tmp_path):
     assert torch.equal(named["norm.weight"], torch.ones_like(named["norm.weight"]))
     w = named["layers.0.mlp.down_proj.weight"].float()
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_a_dummy_model_is_sized_from_its_shape(tmp_path, arch):
+    """A model pool budgets a dummy-weight model (no checkpoint to read) by its shape's parameters:
+    what transformers counts for the same config, and what the checkpoint's tensors would take."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.pool import _weight_bytes
+
+    path = make_model(str(tmp_path / "m"), arch)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert ModelConfig.from_pretrained(path).num_parameters == hf.num_parameters()
+    dummy = tmp_path / "dummy"
+    dummy.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), dummy / "config.json")
+    real = _weight_bytes(EngineConfig(model=path, device="cpu", prepack_weights=False))
+    assert real > 0 and _weight_bytes(EngineConfig(model=str(dummy), device="cpu", prepack_weights=False,
+                                                   load_format="dummy")) == real

@@ -101,36 +101,42 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(8, 2, 64, None), (32, 1, 32, 50), (4, 4, 80, None)])
-def test_decode_kernel_over_splits_and_dtypes(heads, kv_heads, head_dim, window, dtype):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window,bs", [(8, 2, 64, None, 16), (64, 2, 32, 50, 16),
+                                                               (4, 4, 80, None, 64), (6, 3, 32, 50, 32)])
+def test_decode_kernel_over_splits_and_dtypes(heads, kv_heads, head_dim, window, bs, dtype):
     """paged_decode alone (a decode-only step) with its context split 1 to 16 ways, long and short
-    contexts in one batch, GQA groups up to 32 query heads, float32 exactly and 16-bit models (their
-    tensor-core path; bfloat16 computes in float32 under the interpreter) within rounding."""
+    contexts in one batch, GQA groups up to 32 query heads (over two KV heads), blocks shorter and
+    longer than the kernel's key tiles, windows that start on either side of a tile's edge, float32
+    exactly and 16-bit models (their tensor-core path; bfloat16 computes in float32 under the
+    interpreter) within rounding."""
     rng = random.Random(f"{heads}{dtype}")
     torch.manual_seed(1)
-    num_blocks = 160
+    num_blocks = 2400 // bs
     free = list(range(1, num_blocks))
     rng.shuffle(free)
     lens = [1, 2, 15, 16, 17, 63, 300, 700]
-    chunks = [([0], n - 1, [free.pop() for _ in range(-(-n // BS))]) for n in lens]
+    if window:  # context - window one before, at and after a multiple of 32 and of 64 keys
+        lens += [window + 64 + d for d in (-1, 0, 1)] + [window + 96 + d for d in (-1, 0, 1)]
+    chunks = [([0], n - 1, [free.pop() for _ in range(-(-n // bs))]) for n in lens]
     q = torch.randn(len(lens), heads, head_dim, device=DEVICE).to(dtype)
     k = torch.randn(len(lens), kv_heads, head_dim, device=DEVICE).to(dtype)
     v = torch.randn(len(lens), kv_heads, head_dim, device=DEVICE).to(dtype)
-    cache = torch.randn(2, num_blocks, BS, kv_heads, head_dim, device=DEVICE).to(dtype)
+    cache = torch.randn(2, num_blocks, bs, kv_heads, head_dim, device=DEVICE).to(dtype)
     ref_cache = cache.clone()
-    _, _, meta = build_batch(chunks, BS, DEVICE)
+    _, _, meta = build_batch(chunks, bs, DEVICE)
     ref = get_attention_backend("torch")(heads, kv_heads, head_dim, head_dim ** -0.5).forward(
         q, k, v, ref_cache, meta, window)
     seen = set()
     for target in (1, 64, 10_000):
         backend = get_attention_backend("triton")(heads, kv_heads, head_dim, head_dim ** -0.5)
         backend.target_programs = target
-        _, _, meta = build_batch(chunks, BS, DEVICE)
-        seen.add(backend.num_splits(meta, len(lens), 32 if dtype == torch.float32 else 64))
+        _, _, meta = build_batch(chunks, bs, DEVICE)
+        tile = backend.decode_tile(q)
+        seen.add(backend.num_splits(meta, len(lens), tile, q.device))
         c = cache.clone()
         out = backend.forward(q, k, v, c, meta, window)
         assert torch.equal(c, ref_cache)
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
-    # 700 tokens: 22 tiles of 32 keys (float32; capped at 16 splits) or 11 of 64 (a power of two: 8).
-    assert 1 in seen and max(seen) == (16 if dtype == torch.float32 else 8)
+    # 700 tokens: 22 tiles of 32 keys (capped at 16 splits) or 11 of 64 (a power of two: 8).
+    assert 1 in seen and max(seen) == (16 if tile == 32 else 8)

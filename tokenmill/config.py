@@ -100,6 +100,16 @@ class ModelConfig:
     matryoshka: bool = False  # embeddings may be truncated to fewer dimensions (config's is_matryoshka)
 
     @property
+    def num_parameters(self) -> int:
+        """The model's parameters, from its shape (what a checkpoint of it holds)."""
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        layer = (h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
+                 + self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * d)
+        heads = 0 if not self.has_lm_head or self.tie_word_embeddings else self.vocab_size * h
+        return self.num_layers * layer + self.vocab_size * h + heads + h
+
+    @property
     def max_context(self) -> int:
         """Positions the model was built for: max_position_embeddings, times the factor under linear
         RoPE scaling (llama3 scaling already counts in max_position_embeddings), as vLLM derives it."""

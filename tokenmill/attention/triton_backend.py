@@ -46,7 +46,7 @@ def _get_kernel():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("attention_backend 'triton' needs the triton package (pip install triton)") from e
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["window", "seq0"])  # one compiled version whatever their values
     def paged_attention(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -120,7 +120,7 @@ def _get_kernel():
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["window"])
     def paged_decode(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ml_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -220,7 +220,7 @@ def _get_kernel():
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         w = tl.exp(m - m_all)  # splits that saw no key: m = -inf, weight 0
         d = tl.arange(0, BLOCK_D)
-        part = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :])
+        part = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :], mask=(d < HEAD_DIM)[None, :], other=0.0)
         total = tl.sum(w * l_, 0)
         out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -270,18 +270,20 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, nd, sliding_window)
         return out
 
+    def decode_tile(self, q: torch.Tensor) -> int:
+        """Keys per step of paged_decode's loop: 64 for 16-bit models, 32 in float32 (registers)."""
+        return 32 if self._ieee(q) else 64
+
     def _ieee(self, q: torch.Tensor) -> bool:
         # Under the interpreter, bfloat16 dots are not emulated: they compute in float32 there.
         return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
-    def num_splits(self, meta: AttentionMetadata, seqs: int, block_n: int) -> int:
+    def num_splits(self, meta: AttentionMetadata, seqs: int, block_n: int, device: torch.device) -> int:
         """Splits of each decode's context: enough programs for the device, at most one per tile of
         the longest context, a power of two (the combine kernel's arange)."""
         if self.target_programs is None:
-            on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-            self.target_programs = (
-                2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if on_gpu
-                else 8)
+            on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            self.target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 8
         want = -(-self.target_programs // (seqs * self.num_kv_heads))
         cap = min(self.MAX_SPLITS, max(1, -(-meta.max_seq_len // block_n)), want)
         splits = 1
@@ -297,12 +299,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
         _, decode, combine = _get_kernel()
         group = self.num_heads // self.num_kv_heads
         ieee = self._ieee(q)
-        block_n = 32 if ieee else 64
+        block_n = self.decode_tile(q)
         block_d = max(16, triton.next_power_of_2(self.head_dim))
-        splits = self.num_splits(meta, seqs, block_n)
+        splits = self.num_splits(meta, seqs, block_n, q.device)
         parts = ml = out  # (unused with one split)
         if splits > 1:  # partial sums, once per step (every layer has the same shapes)
-            key = ("decode_parts", seqs, splits, block_d)
+            key = ("decode_parts", seqs, self.num_heads, splits, block_d)
             if key not in meta.scratch:
                 meta.scratch[key] = (
                     torch.empty(seqs, self.num_heads, splits, block_d, dtype=torch.float32, device=q.device),
