@@ -22,13 +22,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per request")
     ap.add_argument("--sampling", choices=["greedy", "temperature", "topk-topp"], default="greedy")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokenizer", action="store_true",
+                    help="give the model a tokenizer (benchmarks' synthetic one): outputs are detokenized")
     args = ap.parse_args()
 
     from tokenmill import LLM, SamplingParams
-    from tokenmill.bench.workload import make_random_model
+    from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
     path = make_random_model(tempfile.mkdtemp() + "/tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=128, vocab_size=args.vocab)
+    if args.tokenizer:
+        save_synthetic_tokenizer(path, args.vocab)
     llm = LLM(path, max_num_seqs=args.batch, max_num_batched_tokens=max(2048, 16 * args.batch), dtype="float32",
               seed=0)
     eng, runner = llm.engine, llm.engine.runner
@@ -63,7 +67,7 @@ def main() -> None:
         return 1000 * statistics.median(v)
     parts = "  ".join(f"{k} {med(k):.2f}" for k in ("execute", "prepare", "forward", "sample"))
     step = 1000 * statistics.median(steps)
-    print(f"batch {args.batch}, {args.sampling}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
+    print(f"batch {args.batch}, {args.sampling}{', detokenized' if args.tokenizer else ''}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
           f" (in it, ms: {parts}; engine outside execute {med('step') - med('execute'):.2f})")
 
 

@@ -74,3 +74,38 @@ def test_earliest_stop_wins(tok):
     ids = _gpt2_ids(tok, "xx one two")
     d, _, hit = _run(tok, ids, stop=["two", "one"])
     assert hit == "one" and d.text == "xx "
+
+
+def test_decoding_once_at_the_end_gives_the_incremental_text(tok, model_dir):
+    """FinalDetokenizer (final-only requests without stop strings) decodes once; its text is the
+    incremental decode's, across split multi-byte characters, a broken final character and random ids."""
+    from tokenmill.engine.detokenizer import FinalDetokenizer
+
+    rng = random.Random(1)
+    cases = [_gpt2_ids(tok, TEXT), _gpt2_ids(tok, "ok 😀")[:-1]]
+    cases += [[rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 60))] for _ in range(30)]
+    for ids in cases:
+        prompt = [rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 9))]
+        inc = IncrementalDetokenizer(tok, prompt, True, [])
+        once = FinalDetokenizer(tok, prompt, True, [])
+        for t in ids:
+            inc.add_token(t)
+            once.add_token(t)
+        inc.flush()
+        assert once.text == inc.text == tok.decode(ids, skip_special_tokens=True)
+    # Through the engine: LLM.generate's final-only requests against a streamed one's text.
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model_dir, kv_cache_memory_bytes=4 * 2**20)
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = ["Café crème", "日本語のテキスト", "Emoji: 😀 🚀"]
+    outs = llm.generate(prompts, params)
+    eng = llm.engine
+    rid = eng.add_request(prompts[0], params, final_only=True)
+    assert isinstance(eng.requests[rid].seqs[0].detokenizer, FinalDetokenizer)
+    stop = eng.add_request(prompts[0], SamplingParams(max_tokens=4, stop=["x"]), final_only=True)
+    assert type(eng.requests[stop].seqs[0].detokenizer) is IncrementalDetokenizer  # stop strings: watched
+    eng.abort_request(rid)
+    eng.abort_request(stop)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].text == "".join(llm.stream(prompt, params)) != ""

@@ -21,7 +21,7 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
@@ -241,8 +241,12 @@ class LLMEngine:
             if grammar is not None:
                 seq.matcher = grammar.matcher()
             if self.tokenizer is not None and req.beam is None:  # a beam's text is decoded once it wins
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
-                                                         params.stop, params.include_stop_str_in_output)
+                # Nobody reads a final-only request's text before it ends, unless stop strings or a
+                # reasoning budget must watch it: then it is decoded once, at the end.
+                once = final_only and not params.stop and params.max_reasoning_tokens is None
+                seq.detokenizer = (FinalDetokenizer if once else IncrementalDetokenizer)(
+                    self.tokenizer, token_ids, params.skip_special_tokens, params.stop,
+                    params.include_stop_str_in_output)
             self._seq_by_id[seq.seq_id] = seq
         self._admit_slo(req)
         self.scheduler.add_request(req.seqs)
