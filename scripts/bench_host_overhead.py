@@ -67,7 +67,8 @@ def main() -> None:
         return 1000 * statistics.median(v)
     parts = "  ".join(f"{k} {med(k):.2f}" for k in ("execute", "prepare", "forward", "sample"))
     step = 1000 * statistics.median(steps)
-    print(f"batch {args.batch}, {args.sampling}{', detokenized' if args.tokenizer else ''}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
+    what = f"batch {args.batch}, {args.sampling}{', detokenized' if args.tokenizer else ''}"
+    print(f"{what}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
           f" (in it, ms: {parts}; engine outside execute {med('step') - med('execute'):.2f})")
 
 
