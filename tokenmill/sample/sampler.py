@@ -281,36 +281,11 @@ class Sampler:
         give (up to rounding): which path a row takes changes nothing."""
         if md.min_p is not None or (md.top_k is None and md.top_p is None):
             return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
-        b, vocab = logits.shape
-        dev = logits.device
-        u = draws(b, md.generators, dev)
+        u = draws(logits.shape[0], md.generators, logits.device)
         temp = md.temperature[:, None]
-        kk = md.top_k if md.top_k is not None else torch.full((b,), vocab, device=dev)
-        limited = kk < vocab
-        pp = md.top_p if md.top_p is not None else torch.ones(b, device=dev)
-        nucleus = pp < 1.0
-        if md.top_k is None:
-            need = 0
-        elif md.max_top_k is not None:  # known on the host: no sync
-            need = md.max_top_k + 1
-        else:
-            need = int(kk[limited].max()) + 1 if bool(limited.any()) else 0
-        c = min(vocab, max(_CANDIDATES, need))
-        vals, idx = logits.topk(c, dim=-1)  # descending; temperature keeps the order
-        vals = vals / temp
-        kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
-        vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
-        # A top-k row is done within the candidates unless its k-th value ties past them.
-        covered = limited & ((kth[:, 0] > vals[:, -1]) | (c == vocab))
-        if md.top_p is not None:
-            # Probabilities within the top-k when a row has one, else over the whole vocabulary.
-            lse = vals.logsumexp(dim=-1)
-            if md.top_p_alone:
-                lse = torch.where(limited, lse, (logits / temp).logsumexp(dim=-1))
-            probs = (vals - lse[:, None]).exp()
-            before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
-            vals = vals.masked_fill(nucleus[:, None] & (before >= pp[:, None]), float("-inf"))
-            covered |= ~limited & nucleus & (probs.sum(dim=-1) >= pp)
+        kk, limited, pp, nucleus = _filter_rows(logits, md.top_k, md.top_p)
+        vals, idx, covered = _candidates(logits, kk, limited, md.top_p, nucleus,
+                                         -1 if md.top_k is None else md.max_top_k, temp, md.top_p_alone)
         idx, order = idx.sort(dim=-1)
         vals = vals.gather(1, order)
         tokens = idx.gather(1, sample_rows(torch.softmax(vals, dim=-1), u=u)[:, None])[:, 0]
@@ -387,33 +362,57 @@ def sample_rows(probs: torch.Tensor, generators: dict[int, torch.Generator] | No
 _CANDIDATES = 256
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Masks all but each row's top_k logits (ties with the k-th kept), then all but the smallest
-    set of most likely tokens whose probability reaches top_p (within the top_k when both are
-    set). Rows whose answer lies within a partial top-k of candidates are done there; the rest
-    (a nucleus or a tie wider than the candidates) sort the whole row."""
+def _filter_rows(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top_k (the vocabulary size where none) and whether it limits, its top_p (1 where
+    none) and whether it forms a nucleus."""
     b, vocab = logits.shape
     kk = top_k if top_k is not None else torch.full((b,), vocab, device=logits.device)
-    limited = kk < vocab
     pp = top_p if top_p is not None else torch.ones(b, device=logits.device)
-    nucleus = pp < 1.0
-    unfiltered = ~limited & ~nucleus
-    if bool(unfiltered.all()):
-        return logits
-    c = min(vocab, max(_CANDIDATES, int(kk[limited].max()) + 1 if bool(limited.any()) else 0))
-    vals, idx = logits.topk(c, dim=-1)  # descending
+    return kk, kk < vocab, pp, pp < 1.0
+
+
+def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, top_p: torch.Tensor | None,
+                nucleus: torch.Tensor, max_top_k: int | None = None, temp: torch.Tensor | None = None,
+                top_p_alone: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top candidates (values descending, divided by temp when given; their token ids)
+    masked to the row's top_k (ties with the k-th kept) and then to its top_p nucleus, and whether
+    the row's kept tokens all lie among them (covered). max_top_k (-1: no row has one), when the host
+    knows it, saves a device sync; top_p_alone=False says no row has top_p without top_k (no whole-row logsumexp)."""
+    vocab = logits.shape[1]
+    if max_top_k is None:
+        max_top_k = int(kk[limited].max()) if bool(limited.any()) else -1
+    c = min(vocab, max(_CANDIDATES, max_top_k + 1))
+    vals, idx = logits.topk(c, dim=-1)  # descending; a temperature keeps the order
+    if temp is not None:
+        vals = vals / temp
     kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
     vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
     # A top-k row is done within the candidates unless its k-th value ties past them.
     covered = limited & ((kth[:, 0] > vals[:, -1]) | (c == vocab))
     if top_p is not None:
         # Probabilities within the top-k when a row has one, else over the whole vocabulary.
-        lse = torch.where(limited, vals.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+        lse = vals.logsumexp(dim=-1)
+        if top_p_alone:
+            lse = torch.where(limited, lse, (logits if temp is None else logits / temp).logsumexp(dim=-1))
         probs = (vals - lse[:, None]).exp()
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
-        vals = vals.masked_fill(nucleus[:, None] & (before >= pp[:, None]), float("-inf"))
+        vals = vals.masked_fill(nucleus[:, None] & (before >= top_p[:, None]), float("-inf"))
         # A row without top-k is done when the nucleus ends within the candidates.
-        covered |= ~limited & nucleus & (probs.sum(dim=-1) >= pp)
+        covered |= ~limited & nucleus & (probs.sum(dim=-1) >= top_p)
+    return vals, idx, covered
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks all but each row's top_k logits (ties with the k-th kept), then all but the smallest
+    set of most likely tokens whose probability reaches top_p (within the top_k when both are
+    set). Rows whose answer lies within a partial top-k of candidates are done there; the rest
+    (a nucleus or a tie wider than the candidates) sort the whole row."""
+    kk, limited, pp, nucleus = _filter_rows(logits, top_k, top_p)
+    unfiltered = ~limited & ~nucleus
+    if bool(unfiltered.all()):
+        return logits
+    vals, idx, covered = _candidates(logits, kk, limited, top_p, nucleus, -1 if top_k is None else None)
     out = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
     out = torch.where(unfiltered[:, None], logits, out)
     rest = (~covered & ~unfiltered).nonzero()[:, 0]
