@@ -33,11 +33,12 @@ from tokenmill.attention.backend import AttentionMetadata, register_attention_ba
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 
 _kernel = None
+_attend_tile = None  # set by _get_kernel, with the kernels
 
 
 def _get_kernel():
     """Compiles (defines) the kernel on first use, so that importing tokenmill needs no triton."""
-    global _kernel
+    global _kernel, _attend_tile
     if _kernel is not None:
         return _kernel
     try:
@@ -45,6 +46,31 @@ def _get_kernel():
         import triton.language as tl
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("attention_backend 'triton' needs the triton package (pip install triton)") from e
+
+    @triton.jit
+    def attend_tile(q, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr):
+        """One tile of keys in both kernels' online softmax (FlashAttention's): the scores of the
+        allowed keys, the running max and sum rescaled, the values accumulated. float32 models take
+        IEEE float32 dots (not TF32: exact parity), 16-bit models the tensor cores with float32
+        accumulation."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf: subtract 0 there, not -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    _attend_tile = attend_tile  # a module global: the kernels find the functions they call there
 
     @triton.jit(do_not_specialize=["window", "seq0"])  # one compiled version whatever their values
     def paged_attention(
@@ -97,25 +123,10 @@ def _get_kernel():
             kv_mask = k_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # not TF32: parity
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
             allowed = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
             if window > 0:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no key yet keep m = -inf: subtract 0 there, not -inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, allowed, scale, m_i, l_i, acc, IEEE)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -172,24 +183,10 @@ def _get_kernel():
             kv_mask = k_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            if IEEE:  # float32 models: float32 dots, for parity (not TF32)
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-            else:  # 16-bit models: the tensor cores, float32 accumulation
-                s = tl.dot(q, tl.trans(k)) * scale
             allowed = k_ok
             if window > 0:
                 allowed = allowed & (kpos >= ctx - window)
-            s = tl.where(allowed[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, allowed[None, :], scale, m_i, l_i, acc, IEEE)
         mask = h_ok[:, None] & d_ok[None, :]
         if SPLITS == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
