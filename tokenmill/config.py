@@ -100,11 +100,19 @@ class ModelConfig:
     matryoshka: bool = False  # embeddings may be truncated to fewer dimensions (config's is_matryoshka)
 
     @property
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one decoder layer's projections (q, k, v, o, gate, up, down): a token's
+        multiply-adds per layer, besides attention."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return h * (q + 2 * kv) + q * h + 3 * h * i
+
+    @property
     def num_parameters(self) -> int:
         """The model's parameters, from its shape (what a checkpoint of it holds)."""
         h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
         q, kv = self.num_heads * d, self.num_kv_heads * d
-        layer = (h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
+        layer = (self.layer_matmul_parameters + 2 * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
                  + self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * d)
         heads = 0 if not self.has_lm_head or self.tie_word_embeddings else self.vocab_size * h
         return self.num_layers * layer + self.vocab_size * h + heads + h

@@ -326,9 +326,7 @@ class FlopModel:
 
     def __init__(self, mc: Any, lm_head: bool = True) -> None:
         h, d = mc.hidden_size, mc.head_dim
-        q, kv = mc.num_heads * d, mc.num_kv_heads * d
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * mc.intermediate_size
-        self.per_token = 2 * per_layer * mc.num_layers
+        self.per_token = 2 * mc.layer_matmul_parameters * mc.num_layers
         self.lm_head_row = 2 * h * mc.vocab_size if lm_head else 0
         self.attn_per_layer = 4 * mc.num_heads * d
         windows = Counter(tuple(mc.sliding_windows) or (None,) * mc.num_layers)
