@@ -94,17 +94,8 @@ class FinalDetokenizer(IncrementalDetokenizer):
         self._text = value
 
     def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
-        self.ids.append(token_id)
+        self.ids.append(token_id)  # decoded by flush(), when the text is read
         return None
-
-    def flush(self) -> None:
-        if self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset :])
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            if len(full) > len(prefix):
-                self._append(full[len(prefix) :], check_stop=False)
 
 
 def safe_stream_end(text: str, stop: list[str], finished: bool, emitted: int) -> int:

@@ -134,20 +134,22 @@ def _weight_bytes(config: EngineConfig) -> int:
 
     device = config.resolve_device()
     try:
-        target = config.resolve_dtype(ModelConfig.from_pretrained(config.model), device)
+        mc = ModelConfig.from_pretrained(config.model)
+        target = config.resolve_dtype(mc, device)
     except Exception:  # an unreadable config fails the load itself, with its own message
-        target = torch.float32
+        mc, target = None, torch.float32
     elem = torch.finfo(target).bits // 8 if target.is_floating_point else 1
     total = 0
     if config.load_format == "dummy":  # no checkpoint to read: its shape says the same
-        total = ModelConfig.from_pretrained(config.model).num_parameters * elem
-    for f in glob.glob(os.path.join(config.model, "*.safetensors")) if config.load_format != "dummy" else ():
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n * elem
+        total = mc.num_parameters * elem if mc is not None else 0
+    else:
+        for f in glob.glob(os.path.join(config.model, "*.safetensors")):
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    n = 1
+                    for d in st.get_slice(k).get_shape():
+                        n *= d
+                    total += n * elem
     if device.type == "cpu" and config.prepack_weights is not False and config.quantization is None:
         total *= 2  # the oneDNN copy (None: made when RAM allows, so counted)
     return total
