@@ -112,18 +112,18 @@ class SamplingColumns:
     presence_penalty: np.ndarray  # float32
     frequency_penalty: np.ndarray  # float32
     logprobs: np.ndarray  # int64, -1: not asked for
-    special: np.ndarray  # bool: the row needs per-row work (see `needs_row_work`)
     uses: np.ndarray  # int64: the USES_* bits of what the row's parameters use, so that a batch's
-    # needs are two reductions (an OR: some row uses it; an AND: every row is greedy)
+    # needs are two reductions (an OR: some row uses it; an AND: every row is greedy); USES_SPECIAL:
+    # the row needs per-row work (see `needs_row_work`)
 
     FIELDS = ("greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-              "frequency_penalty", "logprobs", "special", "uses")
+              "frequency_penalty", "logprobs", "uses")
 
     @classmethod
     def empty(cls, n: int) -> SamplingColumns:
         return cls(np.zeros(n, np.bool_), np.ones(n, np.float32), np.zeros(n, np.int64), np.ones(n, np.float32),
                    np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32),
-                   np.full(n, -1, np.int64), np.zeros(n, np.bool_), np.zeros(n, np.int64))
+                   np.full(n, -1, np.int64), np.zeros(n, np.int64))
 
     @classmethod
     def of(cls, seqs: list[Sequence]) -> SamplingColumns:
@@ -145,12 +145,16 @@ class SamplingColumns:
         self.presence_penalty[i] = p.presence_penalty
         self.frequency_penalty[i] = p.frequency_penalty
         self.logprobs[i] = -1 if p.logprobs is None else p.logprobs
-        self.special[i] = special = needs_row_work(seq)
+        special = needs_row_work(seq)
         self.uses[i] = (USES_GREEDY * g | USES_TOP_K * bool(self.top_k[i]) | USES_TOP_P * bool(self.top_p[i] < 1.0)
                         | USES_MIN_P * bool(self.min_p[i] > 0.0)
                         | USES_REPETITION * (p.repetition_penalty != 1.0) | USES_PRESENCE * (p.presence_penalty != 0.0)
                         | USES_FREQUENCY * (p.frequency_penalty != 0.0) | USES_SPECIAL * special
                         | USES_LOGPROBS * (p.logprobs is not None))
+
+    def rows_with(self, bits: int) -> list[int]:
+        """The rows that use any of these USES_* bits."""
+        return np.flatnonzero(self.uses & bits).tolist()
 
     def take(self, rows: np.ndarray) -> SamplingColumns:
         return SamplingColumns(*(getattr(self, f)[rows] for f in self.FIELDS))
@@ -213,9 +217,6 @@ class InputBatch:
                 self._tables[row] = None
                 self._synced[row] = 0
                 self._free.append(row)
-
-    def clear(self) -> None:
-        self.release(list(self.rows))
 
     def sync(self, seq: Sequence, start: int) -> int:
         """The sequence's row, its block table brought up to date for a chunk from `start`."""

@@ -21,7 +21,7 @@ from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.cuda_graphs import DecodeGraphs
 from tokenmill.engine.cuda_graphs import default_sizes as default_graph_sizes
-from tokenmill.engine.input_batch import InputBatch
+from tokenmill.engine.input_batch import USES_SPECIAL, InputBatch
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
@@ -528,7 +528,7 @@ class ModelRunner:
         rows marked special (a seed, bans, biases, penalties, a grammar, beams) are visited one by one."""
         seqs = inp.sample_seqs
         cols = self.batch.columns.take(np.array(inp.sample_batch_rows, np.int64))
-        special = np.flatnonzero(cols.special).tolist()
+        special = cols.rows_with(USES_SPECIAL)
         beams = [i for i in special if seqs[i].request.beam is not None]
         if beams:
             # Beam search scores raw float32 log-probabilities, as transformers does.
@@ -540,7 +540,7 @@ class ModelRunner:
                 return
             rest = sorted(set(range(len(seqs))) - set(beams))
             logits, seqs, cols = logits[rest], [seqs[i] for i in rest], cols.take(np.array(rest, np.int64))
-            special = np.flatnonzero(cols.special).tolist()
+            special = cols.rows_with(USES_SPECIAL)
         for i in special:
             self._generator(seqs[i])
         md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,

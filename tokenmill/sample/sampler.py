@@ -40,7 +40,6 @@ from tokenmill.engine.input_batch import (
     SamplingColumns,
 )
 from tokenmill.engine.sequence import Sequence
-from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import apply_bitmask
 
 
@@ -119,12 +118,12 @@ class SamplingMetadata:
             tensors = stage(arrays)
         t = dict(zip(names, tensors))
         rep, pres, freq = t.get("repetition_penalty"), t.get("presence_penalty"), t.get("frequency_penalty")
-        special = np.flatnonzero(cols.special).tolist() if some & USES_SPECIAL else []
+        special = cols.rows_with(USES_SPECIAL) if some & USES_SPECIAL else []
 
         counts = seen = None
         if pres is not None or freq is not None or rep is not None:
             counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
-            penalised = [i for i in special if _has_penalty(seqs[i].params)]
+            penalised = cols.rows_with(USES_REPETITION | USES_PRESENCE | USES_FREQUENCY)
             for i in penalised:
                 out = seqs[i].output_token_ids
                 if out:
@@ -172,10 +171,6 @@ class SamplingMetadata:
             max_top_k=max_top_k,
             top_p_alone=bool(some & USES_TOP_P) and bool((((cols.uses & USES_TOP_P) != 0) & (top_k == 0)).any()),
         )
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 @dataclass
