@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.server_utils import ROOT
 from tokenmill.bench.datasets import token_id_requests
 from tokenmill.bench.roofline import copy_bandwidth, matmul_flops, read_bandwidth
@@ -65,3 +67,27 @@ def test_bench_latency_sets_decode_bandwidth_beside_the_measured_copy_bandwidth(
     assert abs(tm["of_copy_bandwidth"] - tm["bandwidth_gb_s"] / d["copy_bandwidth_gb_s"]) <= 1e-9
     assert abs(tm["of_read_bandwidth"] - tm["bandwidth_gb_s"] / d["read_bandwidth_gb_s"]) <= 1e-9
     assert "of copy bandwidth" in d["stdout"]
+
+
+def test_bench_attention_times_backends_and_tilings_against_the_read_bandwidth(tmp_path):
+    """bench attention on the CPU with Triton's interpreter: the torch baseline and each tiling of
+    the triton backend, with their bytes over time and their agreement with the baseline."""
+    import os
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "att.json"
+    r = subprocess.run([sys.executable, "-m", "tokenmill.cli", "bench", "attention", "--shape", "smollm-135m",
+                        "--dtype", "float32", "--device", "cpu", "--batch-sizes", "1,3", "--context-lens", "40",
+                        "--tilings", "32x4,64x8", "--repeats", "1", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert [(x["batch"], x["backend"], x["tiling"]) for x in d["rows"]] == [
+        (b, name, t) for b in (1, 3) for name, t in [("torch", None), ("triton", "32x4"), ("triton", "64x8")]]
+    for x in d["rows"]:
+        # 3 KV heads x 64 x 2 (K and V) x 4 bytes per token of context, over the time
+        kv = x["batch"] * 40 * 3 * 64 * 2 * 4
+        assert x["gb_s"] == pytest.approx(kv / (x["microseconds"] * 1e-6) / 1e9, rel=1e-6)
+        assert x["fraction_of_read_bw"] == pytest.approx(x["gb_s"] / d["read_bandwidth_gb_s"], rel=1e-6)
+        assert x["max_abs_diff"] < 1e-4

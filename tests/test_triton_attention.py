@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from tokenmill.attention import get_attention_backend  # noqa: E402
 from tokenmill.attention import triton_backend as _triton_backend  # noqa: E402, F401  (registers "triton")
+from tokenmill.attention.triton_backend import DecodeTiling  # noqa: E402
 from tokenmill.engine.model_runner import build_batch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,15 +101,16 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir):
     assert got["triton"] == got["torch"] == got["triton-kernel-prefill"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,block_n", [(torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 32),
+                                           (torch.float32, 64), (torch.float16, 64)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,window,bs", [(8, 2, 64, None, 16), (64, 2, 32, 50, 16),
                                                                (4, 4, 80, None, 64), (6, 3, 32, 50, 32)])
-def test_decode_kernel_over_splits_and_dtypes(heads, kv_heads, head_dim, window, bs, dtype):
+def test_decode_kernel_over_splits_and_dtypes(heads, kv_heads, head_dim, window, bs, dtype, block_n):
     """paged_decode alone (a decode-only step) with its context split 1 to 16 ways, long and short
     contexts in one batch, GQA groups up to 32 query heads (over two KV heads), blocks shorter and
-    longer than the kernel's key tiles, windows that start on either side of a tile's edge, float32
-    exactly and 16-bit models (their tensor-core path; bfloat16 computes in float32 under the
-    interpreter) within rounding."""
+    longer than the kernel's key tiles (of both sizes a tiling may choose), windows that start on
+    either side of a tile's edge, float32 exactly and 16-bit models (their tensor-core path; bfloat16
+    computes in float32 under the interpreter) within rounding."""
     rng = random.Random(f"{heads}{dtype}")
     torch.manual_seed(1)
     num_blocks = 2400 // bs
@@ -130,8 +132,9 @@ def test_decode_kernel_over_splits_and_dtypes(heads, kv_heads, head_dim, window,
     for target in (1, 64, 10_000):
         backend = get_attention_backend("triton")(heads, kv_heads, head_dim, head_dim ** -0.5)
         backend.target_programs = target
+        backend.DECODE_16BIT = backend.DECODE_FLOAT32 = DecodeTiling(block_n=block_n, num_warps=4)
         _, _, meta = build_batch(chunks, bs, DEVICE)
-        tile = backend.decode_tile(q)
+        tile = backend.decode_tiling(q.dtype).block_n
         seen.add(backend.num_splits(meta, len(lens), tile, q.device))
         c = cache.clone()
         out = backend.forward(q, k, v, c, meta, window)

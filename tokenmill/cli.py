@@ -138,6 +138,10 @@ BENCHMARKS = {
                 "Batch-1 prefill and decode of one model folder at one dtype/quantization: tokens/s and memory "
                 "bandwidth achieved (bytes read per token x tokens/s); with --llama-bench, llama.cpp on the same "
                 "weights in the same run."),
+    "attention": ("attention", "one layer's decode attention over a paged KV cache, per backend and tiling",
+                  "Decode attention of one layer (a model shape's heads, shuffled block tables) for batch sizes and "
+                  "context lengths: microseconds, bandwidth achieved against the read bandwidth measured in the "
+                  "same run, the torch backend as baseline and the triton tilings beside it (on a GPU)."),
     "spec-decode": ("spec_decode", "batch-1 decode with and without speculative decoding",
                     "Batch-1 greedy decode of the same prompts with and without speculative decoding in one run: "
                     "tokens/s, ratio, acceptance, identical output."),

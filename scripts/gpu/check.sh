@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Run ON the lent GPU machine (the device tool's `run`, carry [".whl"] made by scripts/gpu/wheels.sh),
-# from the repository root, one stage a call (each ends within the tool's 10 minutes):
+# from the repository root. Stages run in the order given, all within one call's 10 minutes (580 s
+# shared: each gets what the ones before left), so that a call can hold several short ones:
 #   bash scripts/gpu/check.sh tests        the CUDA-specific tests, then the engine suite on CUDA
+#   bash scripts/gpu/check.sh kernels      the Triton kernels' registers and spills as compiled there, and
+#                                          bench attention (torch vs the triton tilings, bandwidth achieved)
 #   bash scripts/gpu/check.sh latency      batch-1 decode of a Llama-3-8B shape, bf16: bandwidth achieved
 #   bash scripts/gpu/check.sh qwen         offline throughput, Qwen2.5-0.5B shape, against transformers
 #   bash scripts/gpu/check.sh llama        the same on the Llama-3-8B shape
 #   bash scripts/gpu/check.sh slo          bench slo (fcfs vs slo at 2x capacity) on the GPU
 # Logs and JSON go to $OUT (what the tool brings back); docs/benchmarks/gpu.md says what to record.
 set -uo pipefail
-stage=${1:?stage: tests, latency, qwen, llama or slo}
+[ $# -gt 0 ] || { echo "stages: tests, kernels, latency, qwen, llama, slo"; exit 2; }
+deadline=$((SECONDS + 580))
 OUT=${OUT:-/tmp/tokenmill-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -18,39 +22,54 @@ export PYTHONPATH="/tmp/site:$PWD"
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-tm() { python3 -m tokenmill.cli "$@"; }
+left() { echo $((deadline - SECONDS)); }
+rc=0
+for stage in "$@"; do
+[ "$(left)" -gt 20 ] || { echo "no time left for $stage"; rc=124; break; }
+echo "=== $stage ($(left) s left)"
 case $stage in
+  kernels)
+    timeout "$(left)" python3 -m tokenmill.attention.triton_aot 2>&1 | tee "$OUT/kernels_aot.log"
+    for shape in llama3-8b qwen2.5-0.5b; do
+      timeout "$(left)" python3 -m tokenmill.cli bench attention --shape $shape --dtype bfloat16 \
+        --json "$OUT/attention_$shape.json" 2>&1 | tee -a "$OUT/kernels.log"
+    done
+    ;;
   tests)
     # The CUDA code first (kernel against torch, graph replay against eager, memory sizing), then the
     # suite's engine tests, which run on the GPU by default (device "auto").
-    timeout 560 python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
+    timeout "$(left)" python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
       tests/test_triton_attention.py tests/test_cuda_graphs.py tests/test_gpu_memory.py tests/test_input_batch.py \
       tests/test_parity.py \
       tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py \
       2>&1 | tee "$OUT/tests.log"
     ;;
   latency)
-    timeout 560 bash -c 'python3 -m tokenmill.cli bench latency --model /tmp/llama3-8b --shape llama3-8b \
+    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench latency --model /tmp/llama3-8b --shape llama3-8b \
       --load-format dummy --device cuda --dtype bfloat16 --prompt-len 512 --decode-tokens 128 --repeats 3 \
       --json "$0/latency_llama3_8b_bf16.json"' "$OUT" 2>&1 | tee "$OUT/latency.log"
     ;;
   qwen)
-    timeout 560 bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
+    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 1024 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 64,256 \
       --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --json "$0/throughput_qwen2.5_0.5b.json"' \
       "$OUT" 2>&1 | tee "$OUT/qwen.log"
     ;;
   llama)
-    timeout 560 bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/llama3-8b --shape llama3-8b \
+    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/llama3-8b --shape llama3-8b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 512 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 32,128 \
       --hf-max-requests 128 --decode-tokens 64 --peak-tflops 989.4 --json "$0/throughput_llama3_8b.json"' \
       "$OUT" 2>&1 | tee "$OUT/llama.log"
     ;;
   slo)
-    timeout 560 python3 -m tokenmill.cli bench slo --duration 60 --json "$OUT/slo_gpu.json" \
+    timeout "$(left)" python3 -m tokenmill.cli bench slo --duration 60 --json "$OUT/slo_gpu.json" \
       --log-dir "$OUT/slo_logs" 2>&1 | tee "$OUT/slo.log"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
+st=${PIPESTATUS[0]}
+[ "$st" -eq 0 ] || rc=$st
+done
+exit $rc

@@ -26,6 +26,8 @@ backend; on a GPU the same source compiles.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -226,6 +228,29 @@ def _get_kernel():
     return _kernel
 
 
+@dataclass(frozen=True)
+class DecodeTiling:
+    """How paged_decode walks a context: keys per tile, and warps per program."""
+
+    block_n: int
+    num_warps: int
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch as the backend makes it: run (`launch`) or compiled ahead of time for a GPU
+    with no GPU here (attention/triton_aot.py), with the same arguments."""
+
+    kernel: Any  # a triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    constants: dict[str, Any] = field(default_factory=dict)  # the constexpr parameters
+    num_warps: int = 4
+
+    def launch(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constants, num_warps=self.num_warps)
+
+
 @register_attention_backend
 class TritonAttentionBackend(TorchAttentionBackend):
     """paged_decode for the step's decodes (a decode-only step is one or two launches per layer,
@@ -235,6 +260,14 @@ class TritonAttentionBackend(TorchAttentionBackend):
     name = "triton"
     BLOCK_M = 16
     kernel_prefill = False
+    # Launch shapes. Compiled for sm_90 (H100/H200) by Triton 3.6 and 3.9 none spills registers
+    # for head sizes 64 and 128 in 16 or 32 bits (tests/test_triton_compile.py; `python -m
+    # tokenmill.attention.triton_aot` prints registers and shared memory). 16-bit models take
+    # 64-key tiles; float32's IEEE dots hold more per key, so 32. Speed is unmeasured: `bench
+    # kernels` on a GPU times other tilings (scripts/gpu/check.sh kernels).
+    DECODE_16BIT = DecodeTiling(block_n=64, num_warps=4)
+    DECODE_FLOAT32 = DecodeTiling(block_n=32, num_warps=4)
+    PREFILL_WARPS = 4
     # Programs a decode launch aims at (splits of the context are added until it gets there): twice
     # the SMs on a GPU; under the interpreter a few, so that tests on a CPU cover the splits.
     target_programs: int | None = None
@@ -260,20 +293,22 @@ class TritonAttentionBackend(TorchAttentionBackend):
             return out
         nd = meta.num_decodes
         if nd:
-            self._decode_kernel(q, k_cache, v_cache, out, meta, nd, sliding_window)
+            for launch in self.decode_launches(q, k_cache, v_cache, out, meta, nd, sliding_window):
+                launch.launch()
         if self.kernel_prefill and meta.num_seqs > nd:
-            self._launch(q, k_cache, v_cache, out, meta, nd, meta.num_seqs - nd, meta.max_query_len, sliding_window)
+            self.prefill_launch(q, k_cache, v_cache, out, meta, nd, meta.num_seqs - nd, meta.max_query_len,
+                                sliding_window).launch()
             return out
         self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, nd, sliding_window)
         return out
 
-    def decode_tile(self, q: torch.Tensor) -> int:
-        """Keys per step of paged_decode's loop: 64 for 16-bit models, 32 in float32 (registers)."""
-        return 32 if self._ieee(q) else 64
+    def decode_tiling(self, dtype: torch.dtype) -> DecodeTiling:
+        return self.DECODE_FLOAT32 if dtype == torch.float32 else self.DECODE_16BIT
 
-    def _ieee(self, q: torch.Tensor) -> bool:
+    @staticmethod
+    def _ieee(dtype: torch.dtype) -> bool:
         # Under the interpreter, bfloat16 dots are not emulated: they compute in float32 there.
-        return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
     def num_splits(self, meta: AttentionMetadata, seqs: int, block_n: int, device: torch.device) -> int:
         """Splits of each decode's context: enough programs for the device, at most one per tile of
@@ -288,17 +323,19 @@ class TritonAttentionBackend(TorchAttentionBackend):
             splits *= 2
         return splits
 
-    def _decode_kernel(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                       meta: AttentionMetadata, seqs: int, window: int | None) -> None:
-        """The first `seqs` sequences of the step, one query row each, through paged_decode."""
+    def decode_launches(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                        meta: AttentionMetadata, seqs: int, window: int | None,
+                        splits: int | None = None) -> list[KernelLaunch]:
+        """paged_decode over the first `seqs` sequences of the step (one query row each), then with
+        more than one split of their contexts combine_splits."""
         import triton
 
         _, decode, combine = _get_kernel()
         group = self.num_heads // self.num_kv_heads
-        ieee = self._ieee(q)
-        block_n = self.decode_tile(q)
+        tiling = self.decode_tiling(q.dtype)
         block_d = max(16, triton.next_power_of_2(self.head_dim))
-        splits = self.num_splits(meta, seqs, block_n, q.device)
+        if splits is None:
+            splits = self.num_splits(meta, seqs, tiling.block_n, q.device)
         parts = ml = out  # (unused with one split)
         if splits > 1:  # partial sums, once per step (every layer has the same shapes)
             key = ("decode_parts", seqs, self.num_heads, splits, block_d)
@@ -307,39 +344,43 @@ class TritonAttentionBackend(TorchAttentionBackend):
                     torch.empty(seqs, self.num_heads, splits, block_d, dtype=torch.float32, device=q.device),
                     torch.empty(seqs, self.num_heads, splits, 2, dtype=torch.float32, device=q.device))
             parts, ml = meta.scratch[key]
-        decode[(seqs, self.num_kv_heads, splits)](
-            q, k_cache, v_cache, out, parts, ml,
-            meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, window or 0,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), out.stride(1),
-            meta.block_tables.stride(0),
-            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=self.head_dim, BLOCK_D=block_d, BLOCK_SIZE=meta.block_size, BLOCK_N=block_n,
-            SPLITS=splits, IEEE=ieee,
-        )
+        launches = [KernelLaunch(
+            decode, (seqs, self.num_kv_heads, splits),
+            (q, k_cache, v_cache, out, parts, ml,
+             meta.query_start_loc, meta.seq_lens, meta.block_tables,
+             self.scale, window or 0,
+             q.stride(0), q.stride(1),
+             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+             out.stride(0), out.stride(1),
+             meta.block_tables.stride(0)),
+            dict(GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+                 HEAD_DIM=self.head_dim, BLOCK_D=block_d, BLOCK_SIZE=meta.block_size, BLOCK_N=tiling.block_n,
+                 SPLITS=splits, IEEE=self._ieee(q.dtype)),
+            tiling.num_warps)]
         if splits > 1:
-            combine[(seqs, self.num_heads)](out, parts, ml, meta.query_start_loc, out.stride(0), out.stride(1),
-                                            HEAD_DIM=self.head_dim, BLOCK_D=block_d, SPLITS=splits)
+            launches.append(KernelLaunch(
+                combine, (seqs, self.num_heads),
+                (out, parts, ml, meta.query_start_loc, out.stride(0), out.stride(1)),
+                dict(HEAD_DIM=self.head_dim, BLOCK_D=block_d, SPLITS=splits)))
+        return launches
 
-    def _launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                meta: AttentionMetadata, seq0: int, seqs: int, max_rows: int, window: int | None) -> None:
+    def prefill_launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                       meta: AttentionMetadata, seq0: int, seqs: int, max_rows: int,
+                       window: int | None) -> KernelLaunch:
         """paged_attention over sequences seq0 .. seq0 + seqs - 1 of the step. Kernels launch on the
         current device: the model runner makes that the model's (ModelRunner.on_device)."""
         import triton
 
-        kernel = _get_kernel()[0]
-        grid = (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M))
-        kernel[grid](
-            q, k_cache, v_cache, out,
-            meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, window or 0, seq0,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), out.stride(1),
-            meta.block_tables.stride(0),
-            num_queries_per_kv=self.num_heads // self.num_kv_heads,
-            HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
-            BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size, IEEE=self._ieee(q),
-        )
+        return KernelLaunch(
+            _get_kernel()[0], (seqs, self.num_heads, triton.cdiv(max_rows, self.BLOCK_M)),
+            (q, k_cache, v_cache, out,
+             meta.query_start_loc, meta.seq_lens, meta.block_tables,
+             self.scale, window or 0, seq0,
+             q.stride(0), q.stride(1),
+             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+             out.stride(0), out.stride(1),
+             meta.block_tables.stride(0)),
+            dict(num_queries_per_kv=self.num_heads // self.num_kv_heads,
+                 HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)),
+                 BLOCK_M=self.BLOCK_M, BLOCK_SIZE=meta.block_size, IEEE=self._ieee(q.dtype)),
+            self.PREFILL_WARPS)
