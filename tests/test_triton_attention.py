@@ -85,9 +85,32 @@ def test_triton_needs_a_power_of_two_block_size():
         backend.forward(x, x, x, torch.zeros(2, 8, 8, 2, 16, device=DEVICE), meta)
 
 
-def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir):
+@pytest.fixture
+def kernel_specs(monkeypatch) -> dict[tuple, set]:
+    """Every kernel launch from here on, as {(kernel, constexprs): {JIT specialisations}}: the
+    compiled variants a GPU would need (tokenmill/attention/triton_aot.py's reading of the arguments)."""
+    from tokenmill.attention.triton_aot import _signature
+    from tokenmill.attention.triton_backend import KernelLaunch
+
+    specs: dict[tuple, set] = {}
+    launch = KernelLaunch.launch
+
+    def recording(self):
+        sig, consts, attrs = _signature(self)
+        specs.setdefault((self.kernel.__name__, tuple(sorted(self.constants.items()))), set()).add(
+            (tuple(sig.items()), tuple(sorted(consts)), tuple(sorted(attrs))))
+        launch(self)
+
+    monkeypatch.setattr(KernelLaunch, "launch", recording)
+    return specs
+
+
+def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir, kernel_specs):
     """The whole engine on attention_backend="triton" (chunked prefill with a small token budget,
-    batched decodes): greedy tokens equal the torch backend's."""
+    batched decodes): greedy tokens equal the torch backend's. With the kernel prefill, the step's
+    inputs packed as on a GPU: every launch of a kernel with the same constexprs has the same JIT
+    specialisation (alignment, divisibility), however the step's lengths and block-table width
+    vary, so that a GPU compiles each variant once, not mid-serving."""
     from tokenmill import LLM, SamplingParams
 
     prompts = ["Hello world", "The quick brown fox jumps over the lazy dog " * 3, "def fib(n):"]
@@ -97,8 +120,40 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir):
         llm = LLM(model_dir, attention_backend=name.split("-")[0], kv_cache_memory_bytes=4 * 2**20,
                   max_num_batched_tokens=24, device=DEVICE.type, cuda_graphs="off")
         llm.engine.runner.attn_backend.kernel_prefill = name.endswith("prefill")
+        if name.endswith("prefill"):
+            kernel_specs.clear()
+            llm.engine.runner.batch.staging._pack = True  # one buffer of views, as on a GPU
         got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    llm.generate(["Hi"], params)  # alone: steps whose block tables are one block wide
+    assert {"paged_decode", "paged_attention"} <= {k[0] for k in kernel_specs}, kernel_specs
+    for key, variants in kernel_specs.items():
+        assert len(variants) == 1, (key, variants)
     assert got["triton"] == got["torch"] == got["triton-kernel-prefill"]
+
+
+def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_specs):
+    """ModelRunner.compile_decode_variants (a GPU runs it at start-up and after a park) launches
+    every kernel variant, constexprs and JIT specialisation, that serving then launches: decodes
+    split 1 to 4 ways (here: 8 programs over 2 KV heads), the combine, the prefill kernel, in
+    eager mixed steps with their inputs packed as on a GPU. Nothing is compiled mid-serving."""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model_dir, attention_backend="triton", kv_cache_memory_bytes=4 * 2**20, max_model_len=256,
+              max_num_batched_tokens=24, device=DEVICE.type, cuda_graphs="off")
+    runner = llm.engine.runner
+    runner.attn_backend.kernel_prefill = True
+    runner.batch.staging._pack = True
+    kernel_specs.clear()
+    assert runner.compile_decode_variants() == [1, 2, 4]
+    warmed = {(k, v) for k, vs in kernel_specs.items() for v in vs}
+    kernel_specs.clear()
+    rng = random.Random(3)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(n)]} for n in (3, 40, 90, 7, 150)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    served = {(k, v) for k, vs in kernel_specs.items() for v in vs}
+    assert {dict(k[1]).get("SPLITS") for k, _ in served if k[0] == "paged_decode"} == {1, 2, 4}
+    assert served <= warmed, served - warmed
 
 
 @pytest.mark.parametrize("dtype,block_n", [(torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 32),

@@ -56,7 +56,8 @@ def _signature(launch) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for triton.compile, from the launch's values as the JIT sees them."""
     fn = launch.kernel
     names = fn.arg_names
-    dns = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+    marked = fn.kwargs.get("do_not_specialize") if hasattr(fn, "kwargs") else fn.do_not_specialize  # (interpreted)
+    dns = {names[i] if isinstance(i, int) else i for i in marked or ()}
     sig: dict[str, str] = {}
     consts = dict(launch.constants)
     attrs: dict[tuple[int, ...], list] = {}

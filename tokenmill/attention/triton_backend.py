@@ -74,7 +74,10 @@ def _get_kernel():
 
     _attend_tile = attend_tile  # a module global: the kernels find the functions they call there
 
-    @triton.jit(do_not_specialize=["window", "seq0"])  # one compiled version whatever their values
+    # One compiled version whatever these values are: the window, the first sequence, and the block
+    # table's width (a step's longest context: specialising on its divisibility by 16, or on 1,
+    # would compile variants mid-serving, for scalar loads that gain nothing from it).
+    @triton.jit(do_not_specialize=["window", "seq0", "stride_bt"])
     def paged_attention(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -133,7 +136,7 @@ def _get_kernel():
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    @triton.jit(do_not_specialize=["window"])
+    @triton.jit(do_not_specialize=["window", "stride_bt"])
     def paged_decode(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ml_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,

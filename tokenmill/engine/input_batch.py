@@ -37,6 +37,9 @@ from tokenmill.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+ALIGN = 16
+
+
 class Staging:
     """One host buffer (pinned where CUDA is) that a step's small arrays are written into, and
     that reaches the device in one asynchronous copy. The next use waits for that copy, so the
@@ -70,7 +73,10 @@ class Staging:
         offsets, end = [], 0
         for a in arrays:
             offsets.append(end)
-            end += -(-a.nbytes // 8) * 8  # 8-byte aligned, so every view is aligned for its dtype
+            # 16-byte aligned: Triton compiles a kernel once per pattern of its pointers' alignment
+            # to 16 bytes (its JIT's specialisation), and views whose alignment changed with the
+            # lengths before them would compile new variants mid-serving.
+            end += -(-a.nbytes // ALIGN) * ALIGN
         if self._event is not None:
             self._event.synchronize()  # the previous copy out of the buffer has finished
             self._event = None

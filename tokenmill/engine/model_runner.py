@@ -163,8 +163,9 @@ class ModelRunner:
         backend = config.resolve_attention_backend(device)
         backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured at the first step,
-        # dropped when the weights or the KV cache go away. Their padded rows write to a spare KV block.
+        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured once the KV cache is
+        # allocated (warm_up), dropped when the weights or the KV cache go away. Their padded rows
+        # write to a spare KV block.
         self.graph_mode = config.resolve_cuda_graphs(device, backend)
         self.spare_blocks = 0 if self.graph_mode == "off" else 1
         self.graph_sizes = config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
@@ -299,7 +300,13 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
-        gets the cache it had; on CPU the same mapping, whose pages were given back)."""
+        gets the cache it had; on CPU the same mapping, whose pages were given back). Then warms up
+        what would otherwise stall the first steps (warm_up)."""
+        num_blocks = self._allocate_kv_cache(num_blocks)
+        self.warm_up()
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int | None) -> int:
         self._graphs = None  # they hold the old cache's addresses
         if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
             self.kv_released = False  # the pages fault back in, zeroed, as steps write them
@@ -463,22 +470,65 @@ class ModelRunner:
         inp.input_ids, inp.positions, inp.meta = batch.build(ids, rows, starts, counts, num_decodes)
         return inp
 
+    def warm_up(self) -> None:
+        """At start-up and when a parked model comes back, rather than in the first steps: the CUDA
+        graphs are made (captured on a GPU, which compiles the kernels at their sizes), and on a
+        GPU the triton decode kernel is compiled for every split count an eager step may use."""
+        if self.kv_released or not self.kv_caches:
+            return
+        with self.on_device():
+            self._ensure_graphs()
+            if (self.device.type == "cuda" and self.attn_backend.name == "triton"
+                    and os.environ.get("TRITON_INTERPRET") != "1"):
+                self.compile_decode_variants()
+
+    def _ensure_graphs(self) -> None:
+        if self.graph_mode == "off" or self._graphs is not None:
+            return
+        try:
+            self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
+                                        self.max_model_len, self.graph_sizes, self.device,
+                                        capture=self.graph_mode == "capture")
+        except Exception:  # out of memory, a capture error: serve eagerly rather than not at all
+            logger.exception("CUDA graphs could not be made; every step runs eagerly from now on")
+            self.graph_mode = "off"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def compile_decode_variants(self) -> list[int]:
+        """One eager decode of one sequence per split count of paged_decode (1, 2, 4, ...: as many
+        as a context of max_model_len allows), whose first launch compiles it, so that no serving
+        step waits for Triton's compiler. Its key and value land in the cache's first blocks, which
+        hold no sequence yet (at start-up; after a park, every sequence is recomputed). Returns the
+        split counts run."""
+        backend = self.attn_backend
+        block_n = backend.decode_tiling(self.dtype).block_n
+        seen = []
+        for want in (1, 2, 4, 8, 16):
+            context = min(want * block_n, self.max_model_len)
+            blocks = -(-context // self.block_size)
+            if blocks > self.num_blocks:
+                break
+            chunks = [([0], context - 1, list(range(blocks)))]
+            ids, pos, meta = build_batch(chunks, self.block_size, self.device)
+            splits = backend.num_splits(meta, 1, block_n, self.device)
+            if splits in seen:
+                continue
+            seen.append(splits)
+            self.model(ids, pos, self.kv_caches, meta)
+        if backend.kernel_prefill:  # (a prompt of two tokens)
+            ids, pos, meta = build_batch([([0, 0], 0, [0])], self.block_size, self.device)
+            self.model(ids, pos, self.kv_caches, meta)
+        return seen
+
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Final hidden states for every scheduled token: a decode-only step through a CUDA graph
         where there is one for its size, any other eagerly."""
         meta = inp.meta
         if self.graph_mode != "off":
-            if self._graphs is None:
-                try:
-                    self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
-                                                self.max_model_len, self.graph_sizes, self.device,
-                                                capture=self.graph_mode == "capture")
-                except Exception:  # out of memory, a capture error: serve eagerly rather than not at all
-                    logger.exception("CUDA graphs could not be made; every step runs eagerly from now on")
-                    self.graph_mode = "off"
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+            self._ensure_graphs()  # (made by warm_up; again here after the weights moved)
             if self._graphs is not None:
                 hidden = self._graphs.forward(inp.input_ids, inp.positions, meta)
                 if hidden is not None:
