@@ -170,3 +170,26 @@ def test_policy_from_queue_depth_and_kv_usage(ray_env):
     assert policy(ctx([], [], [], current=3))[0] == 3  # no reports yet: hold
     with pytest.raises(ValueError):
         rs.QueueKVAutoscalingPolicy(target_kv_usage=1.5)
+
+
+def test_a_replica_that_cannot_listen_stops_its_engines(model_dir, monkeypatch):
+    """InProcessServer (a replica's server; no Ray needed): when its port cannot be bound after the
+    model has loaded, the model pool is stopped before the error goes up, so the process that
+    lives on holds no engine threads."""
+    import socket
+
+    from tokenmill.server.pool import ModelPool
+
+    stopped = []
+    stop = ModelPool.stop
+    monkeypatch.setattr(ModelPool, "stop", lambda self, *a, **k: (stopped.append(self), stop(self, *a, **k)))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        args = rs.build_parser().parse_args(["--model", model_dir, *FLAGS])
+        with pytest.raises(ValueError, match="already in use"):
+            rs.InProcessServer(args, host="127.0.0.1", port=taken.getsockname()[1])
+    finally:
+        taken.close()
+    assert len(stopped) == 1 and not stopped[0].is_running

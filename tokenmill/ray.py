@@ -89,15 +89,27 @@ class InProcessServer:
     and a free port; tokenmill.server.serve._run does the same on the main thread."""
 
     def __init__(self, args: argparse.Namespace, host: str, port: int = 0, start_timeout: float = 60.0) -> None:
-        import uvicorn
-
-        from tokenmill.server.serve import bind_socket, build_server_app, pool_from_args
+        from tokenmill.server.serve import build_server_app, pool_from_args
 
         if args.max_queue is not None and args.max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
         specs, tiers, pool_config = pool_from_args(args)
         app, self.pool = build_server_app(args, specs, tiers, pool_config, lambda: self.url)
         # Claimed only once the model has loaded: nothing routes here before its URL is known anyway.
+        self._sock = None
+        try:
+            self._start(app, args, host, port, start_timeout)
+        except BaseException:  # the engines (their threads, the device memory) go with the failed start
+            self.pool.stop()
+            if self._sock is not None:
+                self._sock.close()
+            raise
+
+    def _start(self, app: Any, args: argparse.Namespace, host: str, port: int, start_timeout: float) -> None:
+        import uvicorn
+
+        from tokenmill.server.serve import bind_socket
+
         self._sock = bind_socket(host, port)
         bound_host, bound_port = self._sock.getsockname()[:2]
         self.url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
@@ -114,7 +126,8 @@ class InProcessServer:
         deadline = time.monotonic() + start_timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._sock.close()
+                self._server.should_exit = True
+                self._thread.join(5)
                 raise RuntimeError(f"the tokenmill server on {self.url} did not start")
             time.sleep(0.02)
 

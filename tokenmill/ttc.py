@@ -43,6 +43,7 @@ from typing import Any
 import regex  # the `re` syntax with a match timeout: answer_pattern comes from clients
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.stats import percentile
 
 STRATEGIES = ("self_consistency", "best_of_n", "beam_search")
 MAX_PATHS = 64  # paths per request: each is a sequence with its own KV
@@ -217,17 +218,6 @@ class WindowLow:
         if len(logprobs) >= w:
             mean = self._sum / w
             self.low = mean if self.low is None else min(self.low, mean)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation, as numpy's default."""
-    v = sorted(values)
-    if len(v) == 1:
-        return v[0]
-    pos = (len(v) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # -- one request's run -------------------------------------------------------------------------

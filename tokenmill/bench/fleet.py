@@ -34,6 +34,7 @@ from typing import Any
 
 from tokenmill.bench import write_json
 from tokenmill.bench.prefix_cache import _cache_counters, _prepare_model
+from tokenmill.stats import percentile_summary
 
 SERVED = "bench"
 
@@ -206,25 +207,14 @@ async def _load(base: str, reqs: list[tuple[list[int], int]], concurrency: int, 
     summary = {
         "requests": len(reqs), "completed": len(done), "failed": len(reqs) - len(done), "wall_s": wall,
         "request_throughput": len(done) / wall, "output_throughput": out_tokens / wall,
-        "ttft_ms": _pcts([r["ttft"] * 1000 for r in done if "ttft" in r]),
-        "e2e_ms": _pcts([r["e2e"] * 1000 for r in done]),
+        "ttft_ms": percentile_summary([r["ttft"] * 1000 for r in done if "ttft" in r]),
+        "e2e_ms": percentile_summary([r["e2e"] * 1000 for r in done]),
         "client_hit_rate": sum(r["cached"] for r in done) / prompt if prompt else None,
         "errors": sorted({str(r.get("error")) for r in results if not r["ok"]})[:5],
     }
     if record:
         summary["results"] = results
     return summary
-
-
-def _pcts(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    xs = sorted(xs)
-
-    def q(p: float) -> float:
-        return xs[min(len(xs) - 1, int(p * len(xs)))]
-
-    return {"p50": statistics.median(xs), "p90": q(0.9), "p99": q(0.99), "max": xs[-1], "mean": statistics.fmean(xs)}
 
 
 def _shared_prefix(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
@@ -319,10 +309,10 @@ def part_failover(args: argparse.Namespace, model: str, vocab: int, logs: str) -
     added = [(b[i]["e2e"] - a[i]["e2e"]) * 1000 for i in moved]
     out = {"clean": clean, "with_kill": hit, "killed": killed, "identical_outputs": same, "requests": len(reqs),
            "missing_tokens": missing, "extra_tokens": extra, "moved_requests": len(moved),
-           "resumed_at_tokens": _pcts([float(b[i]["failover"]["resumed_at_token"]) for i in moved]),
-           "added_latency_ms": _pcts(added),
-           "switch_gap_ms": _pcts([b[i]["switch_gap"] * 1000 for i in moved if "switch_gap" in b[i]]),
-           "clean_e2e_of_moved_ms": _pcts([a[i]["e2e"] * 1000 for i in moved])}
+           "resumed_at_tokens": percentile_summary([float(b[i]["failover"]["resumed_at_token"]) for i in moved]),
+           "added_latency_ms": percentile_summary(added),
+           "switch_gap_ms": percentile_summary([b[i]["switch_gap"] * 1000 for i in moved if "switch_gap" in b[i]]),
+           "clean_e2e_of_moved_ms": percentile_summary([a[i]["e2e"] * 1000 for i in moved])}
     print(f"failover: {hit['failed']} failed, {same}/{len(reqs)} identical to the clean run, {len(moved)} moved, "
           f"added latency p50 {out['added_latency_ms'].get('p50', float('nan')):.0f} ms", flush=True)
     return out

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from tokenmill.bench import running_server, write_json
+from tokenmill.stats import percentile_summary
 
 PARTS = ("swap", "cascade", "mixed", "park")
 
@@ -81,14 +82,6 @@ def _yaml(path: str, doc: dict) -> str:
     return path
 
 
-def _pcts(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    s = sorted(xs)
-    return {"n": len(s), "p50": s[len(s) // 2], "p99": s[min(len(s) - 1, int(0.99 * len(s)))], "max": s[-1],
-            "mean": statistics.fmean(s)}
-
-
 # -- swap --------------------------------------------------------------------------------------------
 def run_swap(args: argparse.Namespace, work: str) -> dict[str, Any]:
     from tokenmill.demo import chain_questions
@@ -109,15 +102,16 @@ def run_swap(args: argparse.Namespace, work: str) -> dict[str, Any]:
         parks = [int(n) for n in re.findall(r"parked in [\d.]+ ms \((\d+) sequences preempted", text)]
         total = sum(tokens.values()) / elapsed
         out[label] = {"memory_budget_gib": budget, "seconds": round(elapsed, 1), "swaps": len(swaps),
-                      "swap_ms": _pcts(swaps), "sequences_preempted_per_park": _pcts([float(p) for p in parks]),
-                      "request_wait_s": _pcts(waits), "output_tokens_per_s": {
+                      "swap_ms": percentile_summary(swaps), "sequences_preempted_per_park":
+                          percentile_summary([float(p) for p in parks]),
+                      "request_wait_s": percentile_summary(waits), "output_tokens_per_s": {
                           n: round(t / elapsed, 1) for n, t in tokens.items()}, "total_tokens_per_s": round(total, 1),
                       "errors": len(errors)}
         if label == "under_load":
-            sw = _pcts(swaps)
+            sw = percentile_summary(swaps)
             print(f"swap under load: {len(swaps)} swaps in {elapsed:.0f}s, swap time p50 {sw.get('p50', 0):.2f} ms, "
                   f"p99 {sw.get('p99', 0):.2f} ms, max {sw.get('max', 0):.2f} ms (goal: <= 50 ms); requests "
-                  f"that waited: {len(waits)}, wait p50 {_pcts(waits).get('p50', 0) * 1000:.0f} ms; "
+                  f"that waited: {len(waits)}, wait p50 {percentile_summary(waits).get('p50', 0) * 1000:.0f} ms; "
                   f"{total:.0f} output tokens/s", flush=True)
         else:
             ratio = out["under_load"]["total_tokens_per_s"] / total
@@ -546,9 +540,11 @@ def run_park(args: argparse.Namespace, work: str) -> dict[str, Any]:
     out = {"model": engine.config.model, "device": str(engine.device), "dtype": str(engine.dtype),
            "weight_bytes": engine.runner.resident_weight_bytes,
            "kv_cache_bytes": engine.runner.num_blocks * engine.runner.kv_bytes_per_block,
-           "park_ms": _pcts(parks), "unpark_ms": _pcts(unparks), "output_unchanged": got == want}
-    print(f"park {_pcts(parks).get('p50', 0):.2f} ms p50 (max {_pcts(parks).get('max', 0):.2f}), unpark "
-          f"{_pcts(unparks).get('p50', 0):.2f} ms p50 (max {_pcts(unparks).get('max', 0):.2f}) for "
+           "park_ms": percentile_summary(parks), "unpark_ms": percentile_summary(unparks),
+           "output_unchanged": got == want}
+    park, unpark = out["park_ms"], out["unpark_ms"]
+    print(f"park {park.get('p50', 0):.2f} ms p50 (max {park.get('max', 0):.2f}), unpark "
+          f"{unpark.get('p50', 0):.2f} ms p50 (max {unpark.get('max', 0):.2f}) for "
           f"{out['weight_bytes'] / 1e9:.2f} GB of weights on {out['device']}; output unchanged: {got == want}",
           flush=True)
     return out

@@ -37,6 +37,7 @@ from tokenmill.bench.datasets import (
     shared_prefix_requests,
     synthetic_chat_requests,
 )
+from tokenmill.stats import percentile
 
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
@@ -147,14 +148,8 @@ def build_requests(args: argparse.Namespace) -> list[Request] | list[Conversatio
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:  # nothing measured: NaN, not a flattering 0
         return {"mean": math.nan, "median": math.nan, "p90": math.nan, "p99": math.nan}
-    v = sorted(values)
-
-    def pct(q: float) -> float:  # linear interpolation, as numpy's default
-        pos = (len(v) - 1) * q
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-    return {"mean": sum(v) / len(v), "median": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
+    return {"mean": sum(values) / len(values), "median": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99)}
 
 
 def summarize(results: list[RequestResult], duration: float, slo: dict[str, float], rate: float) -> dict:

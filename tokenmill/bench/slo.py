@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.bench import write_json
+from tokenmill.stats import percentile_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,13 +157,6 @@ async def _send(http, base: str, req: _Req, slo: dict[str, float] | None, t0: fl
     return res
 
 
-def _pcts(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    xs = sorted(xs)
-    return {f"p{q}": xs[min(len(xs) - 1, int(q / 100 * len(xs)))] * 1000 for q in (50, 90, 99)}
-
-
 async def _baseline(base: str, reqs: list[_Req]) -> dict[str, Any]:
     import httpx
 
@@ -179,7 +173,7 @@ async def _baseline(base: str, reqs: list[_Req]) -> dict[str, Any]:
             if tp is not None:
                 tpots.append(tp)
     return {"ttft_p50_ms": statistics.median(ttfts) * 1000, "tpot_p50_ms": statistics.median(tpots) * 1000,
-            "ttft_ms": _pcts(ttfts), "tpot_ms": _pcts(tpots)}
+            "ttft_ms": percentile_summary(ttfts, 1000), "tpot_ms": percentile_summary(tpots, 1000)}
 
 
 async def _capacity(base: str, reqs: list[_Req]) -> dict[str, Any]:
@@ -251,7 +245,7 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
     return {
         "interactive_requests": len(inter), "interactive_met": met,
         "interactive_attainment": met / len(inter) if inter else None,
-        "interactive_ttft_ms": _pcts(ttfts), "interactive_tpot_ms": _pcts(tpots),
+        "interactive_ttft_ms": percentile_summary(ttfts, 1000), "interactive_tpot_ms": percentile_summary(tpots, 1000),
         "batch_requests_sent": sum(1 for r, _ in pairs if r.kind == "batch"),
         "batch_requests_finished": sum(1 for r, x in pairs if r.kind == "batch" and x.ok),
         "batch_output_tokens_per_s": batch_tokens / duration,
