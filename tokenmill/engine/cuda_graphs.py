@@ -19,8 +19,8 @@ on any device: that is how CI tests this logic on a CPU (Triton under its interp
 then adds only the capture.
 
 Graphs hold the addresses of the weights and the KV cache: parking a model (which frees both)
-drops them. They are captured when the KV cache is allocated (ModelRunner.warm_up): at start-up,
-and again when a parked model comes back, so that no request's step waits for a capture.
+drops them. They are captured before the first step after the KV cache is allocated
+(ModelRunner.warm_up): at start-up, and again when a parked model comes back.
 """
 
 from __future__ import annotations

@@ -163,8 +163,8 @@ class ModelRunner:
         backend = config.resolve_attention_backend(device)
         backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured once the KV cache is
-        # allocated (warm_up), dropped when the weights or the KV cache go away. Their padded rows
+        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured before the first step
+        # after the KV cache is allocated (warm_up), dropped when the weights or the KV cache go away. Their padded rows
         # write to a spare KV block.
         self.graph_mode = config.resolve_cuda_graphs(device, backend)
         self.spare_blocks = 0 if self.graph_mode == "off" else 1
@@ -187,6 +187,7 @@ class ModelRunner:
         self.kv_released = False  # parked: the KV cache's memory was given back (release_kv_cache)
         self._kv_arena: torch.Tensor | None = None  # the CPU KV cache's mapping
         self._host_weights: dict[int, dict[tuple[int, str], torch.Tensor]] = {}  # offload_weights' copies
+        self._warm = True  # False from a KV cache allocation to the next step's warm_up
         self.embed = False  # set by the engine for an embedding model: prompts are pooled, not continued
         # The running sequences' rows (block tables, sampling parameters) kept between steps.
         spec_tokens = spec.num_speculative_tokens if spec is not None else 0
@@ -300,10 +301,10 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
-        gets the cache it had; on CPU the same mapping, whose pages were given back). Then warms up
-        what would otherwise stall the first steps (warm_up)."""
+        gets the cache it had; on CPU the same mapping, whose pages were given back). The next
+        step warms up first (warm_up)."""
         num_blocks = self._allocate_kv_cache(num_blocks)
-        self.warm_up()
+        self._warm = False
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int | None) -> int:
@@ -471,16 +472,23 @@ class ModelRunner:
         return inp
 
     def warm_up(self) -> None:
-        """At start-up and when a parked model comes back, rather than in the first steps: the CUDA
-        graphs are made (captured on a GPU, which compiles the kernels at their sizes), and on a
-        GPU the triton decode kernel is compiled for every split count an eager step may use."""
+        """Before the first step after the KV cache is allocated (start-up, a parked model coming
+        back), on the thread that runs the steps (a pool loads models on another thread, and a
+        capture must not overlap the device thread's frees): the CUDA graphs are made (captured on
+        a GPU, which compiles the kernels at their sizes), and on a GPU the triton decode kernel is
+        compiled for every split count an eager step may use, all at once rather than one variant
+        at a time in later steps."""
+        self._warm = True
         if self.kv_released or not self.kv_caches:
             return
         with self.on_device():
             self._ensure_graphs()
             if (self.device.type == "cuda" and self.attn_backend.name == "triton"
                     and os.environ.get("TRITON_INTERPRET") != "1"):
-                self.compile_decode_variants()
+                try:
+                    self.compile_decode_variants()
+                except Exception:  # (out of memory, say): the variants then compile when first used
+                    logger.exception("compiling the decode kernel's variants failed; continuing without")
 
     def _ensure_graphs(self) -> None:
         if self.graph_mode == "off" or self._graphs is not None:
@@ -546,6 +554,8 @@ class ModelRunner:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def execute(self, out: SchedulerOutput) -> StepResult:
+        if not self._warm:
+            self.warm_up()
         with self.on_device():
             return self._execute(out)
 
