@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_tiling:
         from tokenmill.attention.triton_backend import DecodeTiling, TritonAttentionBackend
 
-        keys, warps = (int(x) for x in args.decode_tiling.lower().split("x"))
-        TritonAttentionBackend.DECODE_16BIT = TritonAttentionBackend.DECODE_FLOAT32 = DecodeTiling(keys, warps)
+        TritonAttentionBackend.DECODE_16BIT = TritonAttentionBackend.DECODE_FLOAT32 = DecodeTiling.parse(
+            args.decode_tiling)
     shapes = [s for s in SHAPES if args.shape is None or s[0] in args.shape]
     rows = report(args.arch, shapes, args.dtype)
     if args.json:

@@ -238,6 +238,12 @@ class DecodeTiling:
     block_n: int
     num_warps: int
 
+    @classmethod
+    def parse(cls, text: str) -> DecodeTiling:
+        """From "KEYSxWARPS" (e.g. "64x4"), as the benchmarks' and tools' flags give it."""
+        keys, warps = (int(x) for x in text.lower().split("x"))
+        return cls(keys, warps)
+
 
 @dataclass
 class KernelLaunch:
@@ -267,7 +273,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
     # for head sizes 64 and 128 in 16 or 32 bits (tests/test_triton_compile.py; `python -m
     # tokenmill.attention.triton_aot` prints registers and shared memory). 16-bit models take
     # 64-key tiles; float32's IEEE dots hold more per key, so 32. Speed is unmeasured: `bench
-    # kernels` on a GPU times other tilings (scripts/gpu/check.sh kernels).
+    # attention` on a GPU times other tilings (scripts/gpu/check.sh kernels).
     DECODE_16BIT = DecodeTiling(block_n=64, num_warps=4)
     DECODE_FLOAT32 = DecodeTiling(block_n=32, num_warps=4)
     PREFILL_WARPS = 4

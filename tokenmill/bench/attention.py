@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     elem = torch.finfo(dtype).bits // 8
     runs: list[tuple[str, str | None]] = [("torch", None)]
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from tokenmill.attention import triton_backend  # noqa: F401  (registers "triton")
+        from tokenmill.attention.triton_backend import DecodeTiling  # (the import registers "triton")
 
         runs += [("triton", t) for t in args.tilings.split(",") if t]
     bw = read_bandwidth(device)
@@ -115,10 +115,7 @@ def run(args: argparse.Namespace) -> dict:
             for name, tiling in runs:
                 backend = get_attention_backend(name)(heads, kv_heads, head_dim, head_dim**-0.5)
                 if tiling:
-                    from tokenmill.attention.triton_backend import DecodeTiling
-
-                    keys, warps = (int(x) for x in tiling.lower().split("x"))
-                    backend.DECODE_16BIT = backend.DECODE_FLOAT32 = DecodeTiling(keys, warps)
+                    backend.DECODE_16BIT = backend.DECODE_FLOAT32 = DecodeTiling.parse(tiling)
 
                 def step(backend=backend, q=q, k=k, v=v, cache=cache, meta=meta):
                     return backend.forward(q, k, v, cache, meta)

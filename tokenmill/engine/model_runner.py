@@ -163,9 +163,9 @@ class ModelRunner:
         backend = config.resolve_attention_backend(device)
         backend_cls = get_attention_backend(backend)
         self.attn_backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured before the first step
-        # after the KV cache is allocated (warm_up), dropped when the weights or the KV cache go away. Their padded rows
-        # write to a spare KV block.
+        # Decode-only steps through CUDA graphs (engine/cuda_graphs.py): captured before the first
+        # step after the KV cache is allocated (warm_up), dropped when the weights or the KV cache go
+        # away. Their padded rows write to a spare KV block.
         self.graph_mode = config.resolve_cuda_graphs(device, backend)
         self.spare_blocks = 0 if self.graph_mode == "off" else 1
         self.graph_sizes = config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
@@ -303,12 +303,8 @@ class ModelRunner:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
         gets the cache it had; on CPU the same mapping, whose pages were given back). The next
         step warms up first (warm_up)."""
-        num_blocks = self._allocate_kv_cache(num_blocks)
-        self._warm = False
-        return num_blocks
-
-    def _allocate_kv_cache(self, num_blocks: int | None) -> int:
         self._graphs = None  # they hold the old cache's addresses
+        self._warm = False
         if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
             self.kv_released = False  # the pages fault back in, zeroed, as steps write them
             if self.drafter is not None:
@@ -513,7 +509,7 @@ class ModelRunner:
         backend = self.attn_backend
         block_n = backend.decode_tiling(self.dtype).block_n
         seen = []
-        for want in (1, 2, 4, 8, 16):
+        for want in (2**i for i in range(backend.MAX_SPLITS.bit_length())):  # 1, 2, 4, ... MAX_SPLITS
             context = min(want * block_n, self.max_model_len)
             blocks = -(-context // self.block_size)
             if blocks > self.num_blocks:
