@@ -131,17 +131,27 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir, ker
     assert got["triton"] == got["torch"] == got["triton-kernel-prefill"]
 
 
-def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_specs):
+@pytest.mark.parametrize("draft", [False, True], ids=["alone", "with-draft-model"])
+def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_specs, tmp_path, draft):
     """ModelRunner.compile_decode_variants (a GPU runs it at start-up and after a park) launches
     every kernel variant, constexprs and JIT specialisation, that serving then launches: decodes
     split 1 to 4 ways (here: 8 programs over 2 KV heads), the combine, the prefill kernel, in
-    eager mixed steps with their inputs packed as on a GPU. Nothing is compiled mid-serving."""
+    eager mixed steps with their inputs packed as on a GPU; with a draft model of other head
+    counts and head size, its variants too. Nothing is compiled mid-serving."""
+    from tests.models import make_model
     from tokenmill import LLM, SamplingParams
 
+    spec = None
+    if draft:
+        d = make_model(str(tmp_path / "draft"), "llama", seed=11, tokenizer=False, hidden_size=64,
+                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        spec = {"method": "draft_model", "model": d, "num_speculative_tokens": 3}
     llm = LLM(model_dir, attention_backend="triton", kv_cache_memory_bytes=4 * 2**20, max_model_len=256,
-              max_num_batched_tokens=24, device=DEVICE.type, cuda_graphs="off")
+              max_num_batched_tokens=24, device=DEVICE.type, cuda_graphs="off", speculative_config=spec)
     runner = llm.engine.runner
-    runner.attn_backend.kernel_prefill = True
+    backends = [runner.attn_backend] + ([runner.drafter.backend] if draft else [])
+    for b in backends:
+        b.kernel_prefill = True
     runner.batch.staging._pack = True
     kernel_specs.clear()
     assert runner.compile_decode_variants() == [1, 2, 4]
@@ -153,6 +163,8 @@ def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     served = {(k, v) for k, vs in kernel_specs.items() for v in vs}
     assert {dict(k[1]).get("SPLITS") for k, _ in served if k[0] == "paged_decode"} == {1, 2, 4}
+    if draft:  # the draft model's decodes are variants of their own (2 query heads over 1 KV head, 32 wide)
+        assert len({k for k, _ in served if k[0] == "paged_decode"}) > 3
     assert served <= warmed, served - warmed
 
 

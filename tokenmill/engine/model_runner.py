@@ -106,6 +106,32 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
     return ids_t, pos_t, meta
 
 
+@torch.inference_mode()
+def _compile_decode_variants(model: torch.nn.Module, kv_caches: list[torch.Tensor], backend, dtype: torch.dtype,
+                             block_size: int, num_blocks: int, max_model_len: int, device: torch.device) -> list[int]:
+    """One eager decode of one sequence per split count of paged_decode (1, 2, 4, ...: as many as
+    a context of max_model_len allows), whose first launch compiles it, and a two-token prompt for
+    the prefill kernel. Their key and value land in the cache's first blocks, which hold no sequence
+    yet (at start-up; after a park, every sequence is recomputed). Returns the split counts run."""
+    block_n = backend.decode_tiling(dtype).block_n
+    seen = []
+    for want in (2**i for i in range(backend.MAX_SPLITS.bit_length())):  # 1, 2, 4, ... MAX_SPLITS
+        context = min(want * block_n, max_model_len)
+        blocks = -(-context // block_size)
+        if blocks > num_blocks:
+            break
+        ids, pos, meta = build_batch([([0], context - 1, list(range(blocks)))], block_size, device)
+        splits = backend.num_splits(meta, 1, block_n, device)
+        if splits in seen:
+            continue
+        seen.append(splits)
+        model(ids, pos, kv_caches, meta)
+    if backend.kernel_prefill:  # (a prompt of two tokens)
+        ids, pos, meta = build_batch([([0, 0], 0, [0])], block_size, device)
+        model(ids, pos, kv_caches, meta)
+    return seen
+
+
 def _cuda_memory(device: torch.device) -> tuple[int, int, int]:
     """(free device bytes, bytes PyTorch's allocator holds, bytes in live tensors)."""
     return (torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device),
@@ -499,32 +525,18 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    @torch.inference_mode()
     def compile_decode_variants(self) -> list[int]:
-        """One eager decode of one sequence per split count of paged_decode (1, 2, 4, ...: as many
-        as a context of max_model_len allows), whose first launch compiles it, so that no serving
-        step waits for Triton's compiler. Its key and value land in the cache's first blocks, which
-        hold no sequence yet (at start-up; after a park, every sequence is recomputed). Returns the
-        split counts run."""
-        backend = self.attn_backend
-        block_n = backend.decode_tiling(self.dtype).block_n
-        seen = []
-        for want in (2**i for i in range(backend.MAX_SPLITS.bit_length())):  # 1, 2, 4, ... MAX_SPLITS
-            context = min(want * block_n, self.max_model_len)
-            blocks = -(-context // self.block_size)
-            if blocks > self.num_blocks:
-                break
-            chunks = [([0], context - 1, list(range(blocks)))]
-            ids, pos, meta = build_batch(chunks, self.block_size, self.device)
-            splits = backend.num_splits(meta, 1, block_n, self.device)
-            if splits in seen:
-                continue
-            seen.append(splits)
-            self.model(ids, pos, self.kv_caches, meta)
-        if backend.kernel_prefill:  # (a prompt of two tokens)
-            ids, pos, meta = build_batch([([0, 0], 0, [0])], self.block_size, self.device)
-            self.model(ids, pos, self.kv_caches, meta)
-        return seen
+        """Compiles paged_decode for every split count an eager step may use, and the prefill
+        kernel, for the model and then for the draft model (its own head counts and head size are
+        other variants), so that no serving step waits for Triton's compiler. Returns the model's
+        split counts."""
+        splits = _compile_decode_variants(self.model, self.kv_caches, self.attn_backend, self.dtype,
+                                          self.block_size, self.num_blocks, self.max_model_len, self.device)
+        if self.drafter is not None and self.drafter.kv_caches:
+            d = self.drafter
+            _compile_decode_variants(d.model, d.kv_caches, d.backend, self.dtype, self.block_size,
+                                     self.num_blocks, self.max_model_len, self.device)
+        return splits
 
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:

@@ -156,8 +156,8 @@ class DraftModel:
         self.model_config = mc
         self.device, self.dtype = device, dtype
         backend_cls = get_attention_backend(engine_config.resolve_attention_backend(device))
-        backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
-        self.model = load_model(mc, backend, device, dtype, max_positions=max_model_len,
+        self.backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
+        self.model = load_model(mc, self.backend, device, dtype, max_positions=max_model_len,
                                 quantization=engine_config.quantization,
                                 prepack=engine_config.prepack_weights)
         self.kv_caches: list[torch.Tensor] = []
