@@ -71,7 +71,8 @@ def test_bench_latency_sets_decode_bandwidth_beside_the_measured_copy_bandwidth(
 
 def test_bench_attention_times_backends_and_tilings_against_the_read_bandwidth(tmp_path):
     """bench attention on the CPU with Triton's interpreter: the torch baseline and each tiling of
-    the triton backend, with their bytes over time and their agreement with the baseline."""
+    the triton backend, with their bytes over time and their agreement with the baseline; the
+    small case rotates over copies of its KV cache (3 of 60 KiB for --rotate-mib 0.15)."""
     import os
 
     pytest.importorskip("triton")
@@ -79,8 +80,8 @@ def test_bench_attention_times_backends_and_tilings_against_the_read_bandwidth(t
     out = tmp_path / "att.json"
     r = subprocess.run([sys.executable, "-m", "tokenmill.cli", "bench", "attention", "--shape", "smollm-135m",
                         "--dtype", "float32", "--device", "cpu", "--batch-sizes", "1,3", "--context-lens", "40",
-                        "--tilings", "32x4,64x8", "--repeats", "1", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=env)
+                        "--tilings", "32x4,64x8", "--repeats", "1", "--rotate-mib", "0.15", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert [(x["batch"], x["backend"], x["tiling"]) for x in d["rows"]] == [
@@ -91,3 +92,4 @@ def test_bench_attention_times_backends_and_tilings_against_the_read_bandwidth(t
         assert x["gb_s"] == pytest.approx(kv / (x["microseconds"] * 1e-6) / 1e9, rel=1e-6)
         assert x["fraction_of_read_bw"] == pytest.approx(x["gb_s"] / d["read_bandwidth_gb_s"], rel=1e-6)
         assert x["max_abs_diff"] < 1e-4
+        assert x["copies"] == {1: 3, 3: 1}[x["batch"]]

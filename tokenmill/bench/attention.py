@@ -8,7 +8,10 @@ and the `triton` backend runs once per tiling given (keys per tile x warps), so 
 can pick the fastest (TritonAttentionBackend.DECODE_16BIT). Each result is checked against the
 torch backend's output. Block tables are shuffled, as a cache that has served a while is. Times
 are one layer's, the step's scratch (made once a step for every layer) left out; on a GPU they are
-CUDA-graph replays, as the engine's decode steps run.
+CUDA-graph replays, as the engine's decode steps run. A case whose KV cache is small (a few
+sequences) would be read from the L2 cache on every call but the first (an H200's holds 60 MB), and
+time faster than memory allows; its calls therefore rotate over copies of it, together at least
+--rotate-mib, so that each call reads its KV from memory, as a layer's attention does in a step.
 
 On a CPU only `torch` runs: Triton needs a GPU, or its interpreter (TRITON_INTERPRET=1), which
 runs the kernels far too slowly to time but checks their outputs (the tests do).
@@ -17,6 +20,7 @@ runs the kernels far too slowly to time but checks their outputs (the tests do).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 
@@ -37,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tilings", default="64x4,32x4,64x8,128x8",
                    help="triton paged_decode tilings to time, KEYSxWARPS (the first is the backend's default)")
     p.add_argument("--max-cache-gib", type=float, default=16.0, help="skip cases whose KV cache is larger")
+    p.add_argument("--rotate-mib", type=float, default=256.0,
+                   help="copies of a small case's KV cache, together at least this many MiB, that its calls "
+                        "take in turn, so that none reads its KV from cache (0: one copy)")
     p.add_argument("--repeats", type=int, default=5, help="timings of each; the best is reported")
     p.add_argument("--json", default=None, help="write the figures to this file")
 
@@ -61,7 +68,8 @@ def _case(heads: int, kv_heads: int, head_dim: int, batch: int, context: int, bs
 def _seconds(step, device: torch.device, repeats: int, calls: int = 10) -> tuple[float, str]:
     """Seconds per call of step, and how they were timed. On a GPU: `calls` calls captured in a CUDA
     graph and replayed, so that the launches' host time (tens of microseconds, more than a small
-    batch's kernel) stays out, as in the engine's graphs; eagerly where capture fails."""
+    batch's kernel) stays out, as in the engine's graphs; eagerly where capture fails. (step takes
+    the next copy of its case at each call: `calls` is a multiple of the copies.)"""
     if device.type == "cuda":
         try:
             graph = torch.cuda.CUDAGraph()
@@ -109,26 +117,33 @@ def run(args: argparse.Namespace) -> dict:
             if kv_bytes > args.max_cache_gib * 2**30:
                 print(f"batch {batch}, context {context}: {kv_bytes / 2**30:.1f} GiB of KV > --max-cache-gib, skipped")
                 continue
-            q, k, v, cache, meta = _case(heads, kv_heads, head_dim, batch, context, args.block_size, dtype, device,
-                                         seed=batch * 7919 + context)
+            ncopies = max(1, min(64, -(-int(args.rotate_mib * 2**20) // kv_bytes)))
+            cases = [_case(heads, kv_heads, head_dim, batch, context, args.block_size, dtype, device,
+                           seed=batch * 7919 + context + i) for i in range(ncopies)]
+            calls = ncopies * -(-10 // ncopies)
             ref = base_us = None
             for name, tiling in runs:
                 backend = get_attention_backend(name)(heads, kv_heads, head_dim, head_dim**-0.5)
                 if tiling:
                     backend.DECODE_16BIT = backend.DECODE_FLOAT32 = DecodeTiling.parse(tiling)
+                turn = itertools.cycle(cases)
 
-                def step(backend=backend, q=q, k=k, v=v, cache=cache, meta=meta):
+                def step(backend=backend, turn=turn):
+                    q, k, v, cache, meta = next(turn)
                     return backend.forward(q, k, v, cache, meta)
 
-                meta.scratch.clear()  # the step's scratch (masks, split buffers): made once, used by every layer
-                out = step()
+                for c in cases:  # the step's scratch (masks, split buffers): made once, used by every layer
+                    c[4].scratch.clear()
+                out = step()  # (the first copy's)
                 if ref is None:  # the torch backend's, the first
                     ref = out.float()
                 err = (out.float() - ref).abs().max().item()
+                for _ in cases[1:]:  # the other copies' scratch, made before timing; back to the first
+                    step()
                 with torch.inference_mode():
-                    secs, timed = _seconds(step, device, args.repeats)
+                    secs, timed = _seconds(step, device, args.repeats, calls)
                 row = dict(context=context, batch=batch, backend=name, tiling=tiling, timed=timed,
-                           microseconds=secs * 1e6,
+                           copies=ncopies, microseconds=secs * 1e6,
                            gb_s=kv_bytes / secs / 1e9, fraction_of_read_bw=kv_bytes / secs / bw, max_abs_diff=err)
                 rows.append(row)
                 base_us = base_us or row["microseconds"]
@@ -136,8 +151,8 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"context {context:6}  batch {batch:4}  {label:14} {secs * 1e6:9.1f} us  "
                       f"{row['gb_s']:8.1f} GB/s  {100 * row['fraction_of_read_bw']:5.1f}% of read bw  "
                       f"x{base_us / row['microseconds']:.2f} vs torch  "
-                      f"max |diff| {err:.1e}  ({timed})")
-            del q, k, v, cache, meta, step  # before the next case's cache is made
+                      f"max |diff| {err:.1e}  ({timed}{f', {ncopies} copies' if ncopies > 1 else ''})")
+            del cases, step, turn  # before the next case's caches are made
     res = dict(shape=args.shape, dtype=args.dtype, device=str(device), block_size=args.block_size,
                read_bandwidth_gb_s=bw / 1e9, rows=rows)
     write_json(args.json, res)
