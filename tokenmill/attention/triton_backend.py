@@ -297,7 +297,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
         k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
         if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("attention_backend 'triton': q and the KV cache must be contiguous in head_dim")
-        out = torch.empty_like(q)
+        # Contiguous, not empty_like(q): q is a slice of the fused projection, and with one token
+        # empty_like would keep its row stride, a launch argument specialised differently.
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_seqs == 0:
             return out
         nd = meta.num_decodes
