@@ -299,3 +299,21 @@ def test_usage_compute_streamed_and_not_adds_up_to_the_metrics(server, client, m
                                   extra_body={"test_time_compute": {"n": 3}})
     c = _check(r.usage.compute)
     assert c["energy_joules"] <= (server.metric("tokenmill:request_energy_joules_total") - before) * (1 + 1e-9)
+
+
+def test_flop_model_over_arrays_equals_its_formula_with_sliding_windows():
+    """FlopModel.chunks (a step's chunks at once) against the formula written out per chunk, on a
+    model whose layers mix full attention and two window sizes."""
+    import numpy as np
+
+    from tokenmill.ops.energy import FlopModel
+
+    mc = types.SimpleNamespace(hidden_size=64, head_dim=16, layer_matmul_parameters=12345, num_layers=5,
+                               vocab_size=1000, num_heads=4, sliding_windows=[None, 32, None, 100, 32])
+    fm = FlopModel(mc)
+    rng = np.random.default_rng(0)
+    new, ctx, rows = rng.integers(1, 300, 50), rng.integers(0, 500, 50), rng.integers(0, 3, 50)
+    for n, c, r, got in zip(new.tolist(), ctx.tolist(), rows.tolist(), fm.chunks(new, ctx, rows).tolist()):
+        span = c + n / 2
+        attn = 2 * span + 2 * min(span, 32) + min(span, 100)
+        assert got == int(2 * 12345 * 5 * n + 4 * 4 * 16 * attn * n + 2 * 64 * 1000 * r)

@@ -309,3 +309,27 @@ def test_room_is_made_only_for_the_prompt_a_capped_step_admits():
     sim.add(_req("second", 200, 4, arrival=sim.now, slo=SLOTarget(ttft_s=20.0)))
     out = sim.step()
     assert len(out.preempted) == 1, [s.request.request_id for s in out.preempted]
+
+
+def test_step_features_and_row_costs_are_row_features_per_chunk():
+    """The engine's per-step features (one numpy pass over the step) equal row_features of each
+    chunk, and row_costs equals row_cost row by row: decodes, prompt chunks, completing chunks."""
+    import numpy as np
+
+    from tokenmill.engine.scheduler import ScheduledSeq
+    from tokenmill.engine.slo import row_features, step_features
+
+    rng = random.Random(5)
+    m = StepTimeModel(COEF)
+    chunks = []
+    for i in range(40):
+        req = _req(f"r{i}", rng.randint(1, 300), 8, 0.0)
+        seq = req.seqs[0]
+        start = rng.randint(0, seq.num_tokens - 1)
+        chunks.append(ScheduledSeq(seq, rng.randint(1, seq.num_tokens - start), start))
+    feats = step_features(chunks)
+    want = np.array([row_features(s.num_new_tokens, s.start, s.completes) for s in chunks])
+    assert feats.shape == (40, 3) and {s.completes for s in chunks} == {True, False}
+    np.testing.assert_allclose(feats, want, rtol=1e-15)
+    np.testing.assert_allclose(m.row_costs(feats), [m.row_cost(*r) for r in want], rtol=1e-12)
+    assert step_features([]).shape == (0, 3)

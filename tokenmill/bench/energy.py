@@ -92,8 +92,8 @@ def measure(label: str, model_dir: str, args: argparse.Namespace) -> dict[str, A
     errors: list[float] = []
     hook = eng.on_step
 
-    def on_step(sched: Any, rows: list[tuple[float, float, float]], seconds: float) -> None:
-        tokens, sampled, attn = (sum(r[i] for r in rows) for i in range(3))
+    def on_step(sched: Any, rows: Any, seconds: float) -> None:  # rows: step_features, [chunks, 3]
+        tokens, sampled, attn = rows.sum(axis=0).tolist()
         errors.append(abs(eng.step_model.predict(tokens, sampled, attn) - seconds) / seconds)
         hook(sched, rows, seconds)  # type: ignore[misc]
 

@@ -17,7 +17,7 @@ from typing import Any
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request
-from tokenmill.engine.slo import SLOTarget, StepTimeModel, row_features
+from tokenmill.engine.slo import SLOTarget, StepTimeModel, step_features
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -42,8 +42,7 @@ class Sim:
 
     def step(self):
         out = self.sched.schedule()
-        rows = [row_features(s.num_new_tokens, s.start, s.completes) for s in out.scheduled]
-        dt = self.model.predict(sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
+        dt = self.model.predict(*step_features(out.scheduled).sum(axis=0).tolist())
         self.now += dt if out.scheduled else 0.001
         if out.scheduled:
             self.step_times.append(dt)

@@ -212,10 +212,14 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grows seq's block table to hold its computed tokens plus num_new_tokens (copying a
         shared, partly filled last block first). All or nothing."""
-        need = self.num_new_blocks(seq, num_new_tokens)
-        if need > self.num_free_blocks:
+        # (num_new_blocks inlined: every running sequence comes here every step)
+        table = seq.block_table
+        grow = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
+        copy = self._needs_copy(seq)
+        need = max(0, grow) + copy
+        if need > len(self._free) + len(self._evictable):
             return False
-        if self._needs_copy(seq):
+        if copy:
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._take_fresh()

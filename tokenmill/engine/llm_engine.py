@@ -16,6 +16,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
@@ -25,7 +26,7 @@ from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenize
 from tokenmill.engine.model_runner import ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, row_features
+from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, step_features
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.ops.energy import EnergyAccounting, Prices, open_meter
 from tokenmill.outputs import CompletionOutput, RequestOutput
@@ -102,13 +103,13 @@ class LLMEngine:
                                    propose=self._propose if spec is not None else None,
                                    policy=config.scheduling_policy, step_model=self.step_model)
         self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
-        # Called after every step that ran, with (sched, row_features of each chunk, seconds): energy accounting.
-        self.on_step: Callable[[SchedulerOutput, list[tuple[float, float, float]], float], None] | None = None
+        # Called after every step that ran, with (sched, step_features: [chunks, 3], seconds): energy accounting.
+        self.on_step: Callable[[SchedulerOutput, np.ndarray, float], None] | None = None
         # Energy, device time, FLOPs and cost of each request (tokenmill/ops/energy.py): it reads its meter
         # right before the model step (before_step) and after it (on_step).
         meter = open_meter(config.energy_source, str(self.device), config.power_idle_watts, config.power_watts)
         self.energy = EnergyAccounting(mc, meter, Prices(config.price_per_device_hour, config.price_per_kwh,
-                                                         config.pue), self.step_model.row_cost, self.task == "embed")
+                                                         config.pue), self.step_model.row_costs, self.task == "embed")
         self.before_step: Callable[[], None] | None = self.energy.before_step
         self.on_step = self.energy.on_step
         self.requests: dict[str, Request] = {}
@@ -433,10 +434,8 @@ class LLMEngine:
 
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feeds the step-time model (and the step hook: energy accounting) with what the step held."""
-        rows = [row_features(s.num_new_tokens, s.start, s.completes) for s in sched.scheduled]
-        tokens = sum(r[0] for r in rows)
-        sampled = sum(r[1] for r in rows)
-        attn = sum(r[2] for r in rows)
+        rows = step_features(sched.scheduled)
+        tokens, sampled, attn = rows.sum(axis=0).tolist()
         self.step_model.observe(tokens, sampled, attn, seconds)
         if self.on_step is not None:
             self.on_step(sched, rows, seconds)

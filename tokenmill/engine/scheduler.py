@@ -285,7 +285,7 @@ class Scheduler:
             num_new = self._chunk(seq, slo_class)
             if num_new <= 0:
                 continue
-            while not bm.can_allocate(seq, num_new):
+            while not bm.allocate(seq, num_new):  # (all or nothing)
                 # The lowest-priority running sequence not scheduled yet (it may be seq itself).
                 victim = next(v for v in reversed(self.running) if v.seq_id not in self._scheduled)
                 self._preempt(victim)
@@ -295,7 +295,6 @@ class Scheduler:
                     break
             else:
                 start = seq.num_computed_tokens
-                bm.allocate(seq, num_new)
                 out.scheduled.append(ScheduledSeq(seq, num_new, start))
                 self._scheduled.add(seq.seq_id)
                 self._charge(seq, start, num_new)

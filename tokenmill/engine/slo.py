@@ -80,6 +80,17 @@ def row_features(new_tokens: int, context: int, sampled: bool) -> tuple[float, f
     return float(new_tokens), 1.0 if sampled else 0.0, attn
 
 
+def step_features(scheduled: list) -> np.ndarray:
+    """row_features of each of a step's chunks (ScheduledSeq), as the rows of an [n, 3] array:
+    one pass in Python, the arithmetic in numpy (a step may hold hundreds of decodes)."""
+    raw = np.array([(s.num_new_tokens, s.start, s.completes) for s in scheduled], dtype=np.float64).reshape(-1, 3)
+    new = raw[:, 0]
+    attn = new * (raw[:, 1] + (new + 1) / 2) / 1024.0
+    raw[:, 1] = raw[:, 2]
+    raw[:, 2] = attn
+    return raw
+
+
 class StepTimeModel:
     """Predicts a step's seconds from its features; fitted online (see the module docstring)."""
 
@@ -115,6 +126,10 @@ class StepTimeModel:
         c = self.coef
         return float(c[1] * tokens + c[2] * sampled + c[3] * attn)
 
+    def row_costs(self, features: np.ndarray) -> np.ndarray:
+        """row_cost of each row of step_features."""
+        return features @ self.coef[1:]
+
     @property
     def per_token(self) -> float:
         return float(self.coef[1])
@@ -142,24 +157,23 @@ class StepTimeModel:
         # keeps coefficients of features never seen at all (zero columns) at the prior.
         n = max(self._n, 1.0)
         scale = np.maximum(np.abs(self.prior), DEFAULT_PRIOR)
-        lam = self.prior_weight * (np.diag(np.diag(self._xtx)) / n + 1e-6 * np.diag(1.0 / scale**2))
-        active = list(range(NUM_FEATURES))
+        lam = self.prior_weight * (np.diag(self._xtx) / n + 1e-6 / scale**2)  # (a diagonal)
+        a_all = self._xtx + np.diag(lam)
+        b_all = self._xty + lam * self.prior
+        active = np.arange(NUM_FEATURES)
         coef = self.prior.copy()
         for _ in range(NUM_FEATURES):
-            a = self._xtx[np.ix_(active, active)] + lam[np.ix_(active, active)]
-            b = self._xty[active] + lam[np.ix_(active, active)] @ self.prior[active]
             # Coefficients taken out of the fit stay at 0 and what they explained moves to the others.
             try:
-                sol = np.linalg.solve(a, b)
+                sol = np.linalg.solve(a_all[np.ix_(active, active)], b_all[active])
             except np.linalg.LinAlgError:
                 return
-            neg = [active[i] for i, v in enumerate(sol) if v < 0]
             coef = np.zeros(NUM_FEATURES)
             coef[active] = sol
-            if not neg:
+            if not (sol < 0).any():
                 break
-            active = [i for i in active if i not in neg]
-            if not active:
+            active = active[sol >= 0]
+            if not len(active):
                 return
         self.coef = np.maximum(coef, 0.0)
 

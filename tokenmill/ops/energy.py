@@ -61,6 +61,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ENERGY_SOURCES = ("auto", "rapl", "nvml", "model")
 RAPL_ROOT = "/sys/class/powercap"
 # The power model's defaults: (idle watts per thread, busy watts per thread) on CPU; (idle, busy) per GPU.
@@ -334,24 +336,29 @@ class FlopModel:
         self.windows = sorted(windows.items())  # (window, layers) of the sliding-window layers
 
     def chunk(self, new_tokens: int, context: int, logit_rows: int) -> int:
-        span = context + new_tokens / 2
+        return int(self.chunks(np.array([new_tokens]), np.array([context]), np.array([logit_rows]))[0])
+
+    def chunks(self, new_tokens: np.ndarray, context: np.ndarray, logit_rows: np.ndarray) -> np.ndarray:
+        """chunk over arrays: one step's chunks at once (float64 holds the sums exactly)."""
+        new = new_tokens.astype(np.float64)
+        span = context + new / 2
         attn = self.full_layers * span
         for w, n in self.windows:
-            attn += n * min(span, w)
-        return int(self.per_token * new_tokens + self.attn_per_layer * attn * new_tokens
-                   + self.lm_head_row * logit_rows)
+            attn = attn + n * np.minimum(span, w)
+        return np.floor(self.per_token * new + self.attn_per_layer * attn * new
+                        + self.lm_head_row * logit_rows).astype(np.int64)
 
 
 class EnergyAccounting:
     """One engine's accounting: measures each step, splits it among the step's requests, keeps
     the engine's totals. `before_step` and `on_step` are the engine's hooks (LLMEngine)."""
 
-    def __init__(self, mc: Any, meter: EnergyMeter, prices: Prices, row_cost: Callable[..., float],
+    def __init__(self, mc: Any, meter: EnergyMeter, prices: Prices, row_costs: Callable[[np.ndarray], np.ndarray],
                  embed: bool = False) -> None:
         self.meter = meter
         self.source = meter.source
         self.prices = prices
-        self.row_cost = row_cost
+        self.row_costs = row_costs  # StepTimeModel.row_costs: each chunk's share of the step
         self.embed = embed
         self.flop_model = FlopModel(mc, lm_head=not embed)
         self.num_steps = 0
@@ -372,7 +379,7 @@ class EnergyAccounting:
     def before_step(self) -> None:
         self._e0 = self.meter.read_joules()
 
-    def on_step(self, sched: Any, rows: list[tuple[float, float, float]], seconds: float) -> None:
+    def on_step(self, sched: Any, rows: np.ndarray, seconds: float) -> None:
         e0, self._e0 = self._e0, None
         if e0 is None:
             return
@@ -384,28 +391,28 @@ class EnergyAccounting:
         self.num_steps += 1
         self.step_joules += joules
         self.step_seconds += seconds
-        row_cost = self.row_cost
-        weights = [row_cost(*r) for r in rows]
-        total = sum(weights)
+        weights = self.row_costs(rows)
+        total = float(weights.sum())
         if not total > 0:  # a model with nothing fitted yet: by new tokens
-            weights = [r[0] for r in rows]
-            total = sum(weights) or 1.0
-        e_per, t_per = joules / total, seconds / total
-        chunk, logit_rows = self.flop_model.chunk, self._logit_rows
-        flops = 0
-        for s, w in zip(sched.scheduled, weights):
+            weights = rows[:, 0]
+            total = float(weights.sum()) or 1.0
+        scheduled = sched.scheduled
+        logit_rows = self._logit_rows
+        starts = np.array([s.start for s in scheduled], dtype=np.float64)
+        lrows = np.array([logit_rows(s) for s in scheduled], dtype=np.float64)
+        flops = self.flop_model.chunks(rows[:, 0], starts, lrows)
+        for s, e, t, f in zip(scheduled, (weights * (joules / total)).tolist(), (weights * (seconds / total)).tolist(),
+                              flops.tolist()):
             req = s.seq.request
             c = req.compute
             if c is None:
                 c = req.compute = RequestCompute()
-            c.energy_joules += e_per * w
-            c.device_seconds += t_per * w
-            f = chunk(s.num_new_tokens, s.start, logit_rows(s))
+            c.energy_joules += e
+            c.device_seconds += t
             c.flops += f
-            flops += f
-        self.attributed_joules += e_per * total
-        self.attributed_seconds += t_per * total
-        self.flops += flops
+        self.attributed_joules += joules
+        self.attributed_seconds += seconds
+        self.flops += int(flops.sum())
 
     def _logit_rows(self, s: Any) -> int:
         """Rows of this chunk that go through the LM head (as ModelRunner.prepare picks them)."""
