@@ -100,3 +100,35 @@ def test_graphs_that_cannot_be_made_leave_the_engine_serving_eagerly(model_dir, 
               kv_cache_memory_bytes=64 * BLOCK_BYTES, max_model_len=128)
     assert got == [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": [5, 6, 7]},
                                                                  {"prompt_token_ids": [9]}], params)]
+
+
+def test_draft_model_passes_through_its_own_graphs(model_dir):
+    """With a draft model, its single-row passes (k - 1 a step) run through its own graphs, on the
+    same spare block: greedy tokens equal those of eager steps, and the drafts (the model itself)
+    are all accepted (greedy output alone would not show a wrong draft), so the draft's padded rows
+    touch no sequence's draft KV; its graphs are dropped and made again with the model's (a park)."""
+    draft = model_dir  # the model itself: every draft is right, if the draft passes are
+    rng = random.Random(1)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(rng.randint(2, 40))]} for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got, accepted = {}, {}
+    for graphs in ("off", GRAPHS):
+        llm = LLM(model_dir, attention_backend="triton", cuda_graphs=graphs, cuda_graph_sizes=[1, 2, 4, 8],
+                  device=DEVICE.type, dtype="float32", max_model_len=128, max_num_seqs=8,
+                  kv_cache_memory_bytes=64 * BLOCK_BYTES, enable_prefix_caching=False,
+                  speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+        got[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        stats = llm.engine.spec_stats
+        accepted[graphs] = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
+        drafter = llm.engine.runner.drafter
+        if graphs == "off":
+            assert drafter.graphs is None
+            continue
+        assert drafter.graphs.num_replays > 5 and drafter.graphs.model is drafter.model
+        llm.engine.park()
+        assert drafter.graphs is None and llm.engine.runner._graphs is None
+        llm.engine.unpark()
+        again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert again == got["off"] and drafter.graphs.num_replays > 5
+    assert got[GRAPHS] == got["off"] and accepted[GRAPHS] == accepted["off"]
+    assert 0 < accepted["off"][2] == accepted["off"][1]

@@ -18,6 +18,9 @@ With `padded` (EngineConfig.cuda_graphs) the same static buffers and padding run
 on any device: that is how CI tests this logic on a CPU (Triton under its interpreter); a GPU
 then adds only the capture.
 
+A draft model (speculative decoding) has graphs of its own for its single-row passes, made and
+dropped with the model's (DraftModel.graphs), on the same spare block of its own cache.
+
 Graphs hold the addresses of the weights and the KV cache: parking a model (which frees both)
 drops them. They are captured before the first step after the KV cache is allocated
 (ModelRunner.warm_up): at start-up, and again when a parked model comes back.

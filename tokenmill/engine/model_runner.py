@@ -329,12 +329,12 @@ class ModelRunner:
         """Allocates the KV cache: sized from the budget, or num_blocks (a parked model coming back
         gets the cache it had; on CPU the same mapping, whose pages were given back). The next
         step warms up first (warm_up)."""
-        self._graphs = None  # they hold the old cache's addresses
+        self._drop_graphs()  # they hold the old cache's addresses
         self._warm = False
         if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
             self.kv_released = False  # the pages fault back in, zeroed, as steps write them
             if self.drafter is not None:
-                self.drafter.allocate(num_blocks, self.block_size)
+                self.drafter.allocate(num_blocks + self.spare_blocks, self.block_size)
             return num_blocks
         budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
@@ -363,7 +363,7 @@ class ModelRunner:
         else:
             self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         if self.drafter is not None:
-            self.drafter.allocate(num_blocks, self.block_size)
+            self.drafter.allocate(num_blocks + self.spare_blocks, self.block_size)
         self.num_blocks = num_blocks
         self.kv_released = False
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) from %s", num_blocks, self.block_size,
@@ -374,7 +374,7 @@ class ModelRunner:
         """Frees the KV cache (a parked model) at once. On CPU the mapping stays and only its pages
         go back to the kernel (they return zeroed as they are written), so coming back allocates
         nothing; on a GPU the tensors are freed and allocated again."""
-        self._graphs = None
+        self._drop_graphs()
         if self.device.type == "cpu" and self._kv_arena is not None:
             release_pages(self._kv_arena)
         else:
@@ -390,7 +390,7 @@ class ModelRunner:
         copy each). The host copies are kept: weights never change, so a later park only drops the
         device copies."""
         pin = torch.cuda.is_available()
-        self._graphs = None  # they hold the device weights' addresses
+        self._drop_graphs()  # they hold the device weights' addresses
         models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
         # Every host copy first, then the swap: a failure (no pinned memory) leaves the model whole.
         for m in models:
@@ -413,7 +413,7 @@ class ModelRunner:
 
     def restore_weights(self) -> None:
         """Brings offloaded weights back to the device."""
-        self._graphs = None  # (offload_weights dropped them already; new addresses either way)
+        self._drop_graphs()  # (offload_weights dropped them already; new addresses either way)
         for m in [self.model] + ([self.drafter.model] if self.drafter is not None else []):
             for holder, name, t in _module_tensors(m):
                 _set_tensor(holder, name, t.to(self.device, non_blocking=True) if self.device.type != "cpu"
@@ -513,17 +513,29 @@ class ModelRunner:
                     logger.exception("compiling the decode kernel's variants failed; continuing without")
 
     def _ensure_graphs(self) -> None:
+        """The decode graphs of the model and of the draft model (whose single-row passes, k - 1 a
+        step, are decode-only batches too), on the same spare block, sizes and mode."""
         if self.graph_mode == "off" or self._graphs is not None:
             return
         try:
+            d = self.drafter
+            if d is not None:
+                d.graphs = DecodeGraphs(d.model, d.kv_caches, self.num_blocks, self.block_size, self.max_model_len,
+                                        self.graph_sizes, self.device, capture=self.graph_mode == "capture")
             self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
                                         self.max_model_len, self.graph_sizes, self.device,
                                         capture=self.graph_mode == "capture")
         except Exception:  # out of memory, a capture error: serve eagerly rather than not at all
             logger.exception("CUDA graphs could not be made; every step runs eagerly from now on")
             self.graph_mode = "off"
+            self._drop_graphs()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _drop_graphs(self) -> None:
+        self._graphs = None
+        if self.drafter is not None:
+            self.drafter.graphs = None
 
     def compile_decode_variants(self) -> list[int]:
         """Compiles paged_decode for every split count an eager step may use, and the prefill

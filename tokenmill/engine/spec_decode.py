@@ -161,12 +161,14 @@ class DraftModel:
                                 quantization=engine_config.quantization,
                                 prepack=engine_config.prepack_weights)
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs = None  # its DecodeGraphs, made and dropped by the model runner with the model's
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         mc = self.model_config
         return 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * (torch.finfo(self.dtype).bits // 8)
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
+        """The cache, with the target's block ids (num_blocks counts the graphs' spare block)."""
         mc = self.model_config
         shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
@@ -184,7 +186,7 @@ class DraftModel:
             chunks.append((seq.token_ids[first:end], first, seq.block_table, s))
         chunks.sort(key=lambda c: len(c[0]) != 1)
         ids, pos, meta = build_batch([c[:3] for c in chunks], block_size, self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self._forward(ids, pos, meta)
         last_rows, spec = [], []
         for i, (_ids, first, _table, s) in enumerate(chunks):
             s.seq.num_draft_computed = first + len(_ids)
@@ -201,7 +203,16 @@ class DraftModel:
             # The draft d_j sits at position num_tokens - 1 + j (after the last token).
             batch = [([s.seq.spec_token_ids[-1]], s.seq.num_tokens - 1 + j, s.seq.block_table) for s in active]
             ids, pos, meta = build_batch(batch, block_size, self.device)
-            hidden = self.model(ids, pos, self.kv_caches, meta)
+            hidden = self._forward(ids, pos, meta)
             for s, d in zip(active, self.model.compute_logits(hidden).argmax(-1).tolist()):
                 s.seq.spec_token_ids.append(d)
                 s.seq.num_draft_computed += 1
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
+        """A decode-only pass through the draft model's graph of its size (launch-bound eagerly on
+        a GPU: a small model's kernels last less than their launches), any other eagerly."""
+        if self.graphs is not None:
+            hidden = self.graphs.forward(ids, pos, meta)
+            if hidden is not None:
+                return hidden
+        return self.model(ids, pos, self.kv_caches, meta)
