@@ -33,3 +33,31 @@ def test_the_profiling_step_runs_the_largest_step_on_a_cache_of_its_own(model_di
     if DEVICE.type == "cuda":
         used = runner.profile_memory()
         assert runner.weight_bytes < used < torch.cuda.mem_get_info()[1]
+
+
+def test_the_graphs_memory_is_profiled_at_the_largest_captured_size(model_dir, monkeypatch):
+    """profile_graph_step runs a decode of the largest captured batch size through the model and
+    the draft model, each on a one-block cache of its own (what the graphs' private pools hold,
+    counted on a GPU against gpu_memory_utilization), leaving the engine's caches as they were."""
+    pytest.importorskip("triton")
+    llm = LLM(model_dir, attention_backend="triton", cuda_graphs="on" if DEVICE.type == "cuda" else "padded",
+              cuda_graph_sizes=[1, 4, 12], device=DEVICE.type, dtype="float32", max_model_len=40, max_num_seqs=12,
+              kv_cache_memory_bytes=64 * BLOCK_BYTES,
+              speculative_config={"method": "draft_model", "model": model_dir, "num_speculative_tokens": 2})
+    runner = llm.engine.runner
+    before = [c.clone() for c in runner.kv_caches + runner.drafter.kv_caches]
+    rows = []
+    for m in (runner.model, runner.drafter.model):
+        forward = m.forward
+
+        def counting(ids, *a, forward=forward, **k):
+            rows.append(ids.shape[0])
+            return forward(ids, *a, **k)
+        monkeypatch.setattr(m, "forward", counting)
+    made = runner.profile_graph_step()
+    assert rows == [12, 12]
+    assert made == 2 * BLOCK_BYTES  # a block per layer, for each model
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches + runner.drafter.kv_caches))
+    if DEVICE.type == "cuda":
+        used = runner.profile_memory()
+        assert runner.weight_bytes < used < torch.cuda.mem_get_info()[1]
