@@ -54,6 +54,15 @@ def _checked(llm: LLM) -> list[int]:
         for i, n in enumerate(ref.seq_lens_cpu):  # every entry a step may read (past them: never read)
             used = -(-n // runner.block_size)
             assert meta.block_tables[i, :used].tolist() == ref.block_tables[i, :used].tolist()
+        # The LM head's rows: each sampled chunk's last row (once per fork too), then every row of
+        # each chunk with drafts.
+        qsl, sampled, drafted = ref.query_start_loc_cpu, [], []
+        for i, s in enumerate(inp.order):
+            if s.num_spec:
+                drafted.extend(range(qsl[i], qsl[i + 1]))
+            elif s.completes:
+                sampled.extend([qsl[i + 1] - 1] * (1 + len(s.forks)))
+        assert inp.head_rows.tolist() == sampled + drafted
         steps[0] += 1
         return inp
 

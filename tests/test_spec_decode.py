@@ -211,18 +211,30 @@ def test_sampled_distribution_is_the_targets(tmp_path, method):
 
 
 def test_verify_rejection_rule_is_exact():
-    """Unit check of the rule itself, including a draft the target gives probability 0."""
+    """Unit check of the rule itself, including a draft the target gives probability 0, with the
+    sampled sequences of a step verified together (a greedy one among them)."""
     torch.manual_seed(0)
     p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]])
-    for draft in (0, 1, 3):
-        counts = torch.zeros(4)
-        for _ in range(20000):
-            tokens, accepted = verify([p], [[draft]])[0]
-            counts[tokens[0]] += 1
-            assert accepted == (tokens[0] == draft) and len(tokens) == 1 + accepted
-        assert _chi2_pvalue(counts, p[0]) > 1e-3
-    assert verify([[4, 5, 6]], [[4, 9]]) == [([4, 5], 1)]  # greedy: the first mismatch ends it
-    assert verify([[4, 9, 6]], [[4, 9]]) == [([4, 9, 6], 2)]
+    probs = torch.cat([p, p, torch.zeros(2, 4), p])  # rows of 4 sequences: drafts 0, 1, (greedy), 3
+    argmax = probs.argmax(-1).tolist()
+    argmax[4:6] = [2, 1]  # the greedy sequence's own rows: its draft 2 is right, then 1
+    drafts = [[0], [1], [2], [3]]
+    counts, bonus = torch.zeros(3, 4), torch.zeros(3, 4)
+    for _ in range(20000):
+        out = verify(argmax, probs, [0, 2, 4, 6], drafts, [False, False, True, False])
+        assert out[2] == ([2, 1], 1)
+        for c, b, (tokens, accepted), d in zip(counts, bonus, out[:2] + out[3:], (0, 1, 3)):
+            c[tokens[0]] += 1
+            assert accepted == (tokens[0] == d) and len(tokens) == 1 + accepted
+            if accepted:  # the token after an accepted draft comes from the sequence's next row
+                b[tokens[1]] += 1
+    for c in counts:
+        assert _chi2_pvalue(c, p[0]) > 1e-3
+    for b in bonus[:2]:  # (draft 3 has probability 0: never accepted)
+        assert b.sum() > 3000 and _chi2_pvalue(b, p[1]) > 1e-3
+    assert bonus[2].sum() == 0
+    assert verify([4, 5, 6], None, [0], [[4, 9]], [True]) == [([4, 5], 1)]  # greedy: the first mismatch ends it
+    assert verify([4, 9, 6], None, [0], [[4, 9]], [True]) == [([4, 9, 6], 2)]
 
 
 def test_ngram_index():

@@ -254,9 +254,11 @@ class InputBatch:
         return row
 
     def build(self, input_ids: list[int], rows: list[int], starts: list[int], counts: list[int],
-              num_decodes: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+              num_decodes: int, head_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                torch.Tensor]:
         """A step's model inputs and varlen metadata for chunks (row, first position, tokens) in
-        order, decodes first; input_ids are the chunks' tokens, concatenated."""
+        order, decodes first; input_ids are the chunks' tokens, concatenated. head_rows (the rows
+        that get logits) come along in the same copy."""
         bs = self.block_size
         r = np.array(rows, np.int64)
         start = np.array(starts, np.int64)
@@ -276,9 +278,10 @@ class InputBatch:
         width = max(1, -(-max_seq_len // bs))
         tables = self.block_table[r, :width]
         ids = np.array(input_ids, np.int64)
-        ids_t, pos_t, slots_t, qsl_t, lens_t, tables_t = self.staging([ids, positions, slots, qsl, seq_lens, tables])
+        ids_t, pos_t, slots_t, qsl_t, lens_t, tables_t, head_t = self.staging(
+            [ids, positions, slots, qsl, seq_lens, tables, np.array(head_rows, np.int64)])
         meta = AttentionMetadata(
             slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=lens_t, block_tables=tables_t,
             num_decodes=num_decodes, max_query_len=int(n.max()) if b else 0, max_seq_len=max_seq_len, block_size=bs,
             query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist())
-        return ids_t, pos_t, meta
+        return ids_t, pos_t, meta, head_t

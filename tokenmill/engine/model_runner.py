@@ -60,6 +60,11 @@ class StepInputs:
     sample_batch_rows: list[int] = field(default_factory=list)  # each sampled row's row in the persistent batch
     prompt_rows: list[tuple[ScheduledSeq, int, int]] = field(default_factory=list)  # (chunk, first row, count)
     spec_chunks: list[tuple[ScheduledSeq, int]] = field(default_factory=list)  # (chunk with drafts, first row)
+    # The rows that go through the LM head, on the device: logit_rows, then every row of each
+    # chunk with drafts. Staged with the step's inputs: indexing with a host list would copy from
+    # pageable memory, which waits for the device to finish the forward before the LM head can
+    # even be queued.
+    head_rows: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     meta: AttentionMetadata | None = None
@@ -519,7 +524,9 @@ class ModelRunner:
             if self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
             row0 += n
-        inp.input_ids, inp.positions, inp.meta = batch.build(ids, rows, starts, counts, num_decodes)
+        head = inp.logit_rows + [r0 + j for s, r0 in inp.spec_chunks for j in range(s.num_spec + 1)]
+        inp.input_ids, inp.positions, inp.meta, inp.head_rows = batch.build(ids, rows, starts, counts, num_decodes,
+                                                                            head)
         return inp
 
     def warm_up(self) -> None:
@@ -615,18 +622,17 @@ class ModelRunner:
         inp = self.prepare(out)
         hidden = self.forward(inp)
         result = StepResult()
-        spec_rows = [row0 + j for s, row0 in inp.spec_chunks for j in range(s.num_spec + 1)]
         if self.embed and inp.logit_rows:
             # Last-token pooling: the final (normed) hidden state of the prompt's last token.
-            pooled = torch.nn.functional.normalize(hidden[inp.logit_rows].float(), dim=-1).tolist()
+            pooled = torch.nn.functional.normalize(hidden[inp.head_rows].float(), dim=-1).tolist()
             for seq, vec in zip(inp.sample_seqs, pooled):
                 result.embeddings[seq.seq_id] = vec
-        elif inp.logit_rows or spec_rows:
-            all_logits = self.model.compute_logits(hidden[inp.logit_rows + spec_rows])
+        elif inp.logit_rows or inp.spec_chunks:
+            all_logits = self.model.compute_logits(hidden[inp.head_rows])
             n = len(inp.logit_rows)
             if n:
                 self._sample(all_logits[:n], inp, result)
-            if spec_rows:
+            if inp.spec_chunks:
                 self._verify(all_logits[n:], inp.spec_chunks, result)
         for s, row0, n in inp.prompt_rows:
             result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
@@ -687,21 +693,19 @@ class ModelRunner:
         argmax, probs = self.sampler.distribution(logits, md)
         want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)
         raw = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
-        dists, drafts = [], []
+        starts, drafts, greedy = [], [], []
         r = 0
         for s, _ in chunks:
-            k = s.num_spec
-            dists.append(argmax[r : r + k + 1] if s.seq.params.greedy else probs[r : r + k + 1])
-            drafts.append(s.seq.spec_token_ids[:k])
-            r += k + 1
-        r = 0
-        for (s, _), (tokens, accepted) in zip(chunks, verify(dists, drafts)):
+            starts.append(r)
+            drafts.append(s.seq.spec_token_ids[: s.num_spec])
+            greedy.append(s.seq.params.greedy)
+            r += s.num_spec + 1
+        for (s, _), r, (tokens, accepted) in zip(chunks, starts, verify(argmax, probs, starts, drafts, greedy)):
             seq, k = s.seq, s.num_spec
             lp = seq.params.logprobs
             entries = _logprob_entries(raw[r : r + k + 1], tokens, lp) if lp is not None else [None] * len(tokens)
             result.sampled[seq.seq_id] = list(zip(tokens, entries))
             result.spec[seq.seq_id] = (k, accepted)
-            r += k + 1
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[PositionLogprobs]:
         """Logprobs of prompt tokens start+1 .. start+n given their prefixes."""

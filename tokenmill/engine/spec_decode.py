@@ -99,34 +99,49 @@ class NgramProposer:
         return seq.ngram_index.propose(seq.token_ids, k)
 
 
-def verify(probs_or_argmax: list[torch.Tensor | list[int]], drafts: list[list[int]]) -> list[tuple[list[int], int]]:
-    """Rejection sampling for each sequence: (emitted tokens, drafts accepted). Draws come from the
-    global generator: seeded requests never carry drafts (`can_speculate`).
-
-    probs_or_argmax[i] is either the greedy argmax of each of the k + 1 rows (a list) or the final
-    sampling distribution of each row ([k + 1, V] probabilities after temperature, top-k/p, min-p).
-    """
-    results = []
-    for probs, d in zip(probs_or_argmax, drafts):
-        k = len(d)
-        if isinstance(probs, list):  # greedy
+def verify(argmax: list[int], probs: torch.Tensor | None, starts: list[int], drafts: list[list[int]],
+           greedy: list[bool]) -> list[tuple[list[int], int]]:
+    """Rejection sampling for each sequence: (emitted tokens, drafts accepted). Sequence i's k_i
+    drafts were scored by the k_i + 1 rows from starts[i]: argmax holds every row's greedy token,
+    probs (unless every sequence is greedy) every row's final sampling distribution, after
+    temperature, top-k/p and min-p. A greedy sequence accepts drafts while they are the argmax; a
+    sampled one accepts draft j with probability p_j(d_j) and, at the first rejection, draws from
+    p_j with d_j taken out (drafts are deterministic: the residual of a point mass). The sampled
+    sequences are verified together: two transfers to the host a step, not two per sequence.
+    Draws come from the global generator: seeded requests never carry drafts (`can_speculate`)."""
+    results: list[tuple[list[int], int] | None] = [None] * len(drafts)
+    sampled = []
+    for i, (r0, d, g) in enumerate(zip(starts, drafts, greedy)):
+        if g:
             a = 0
-            while a < k and probs[a] == d[a]:
+            while a < len(d) and argmax[r0 + a] == d[a]:
                 a += 1
-            results.append((d[:a] + [probs[a]], a))
-            continue
+            results[i] = (d[:a] + [argmax[r0 + a]], a)
+        else:
+            sampled.append(i)
+    if sampled:
+        assert probs is not None
         dev = probs.device
-        p_d = probs[torch.arange(k, device=dev), torch.tensor(d, dtype=torch.long, device=dev)]
-        u = torch.rand(k, device=dev)
-        accepted = (u < p_d).tolist()
-        a = accepted.index(False) if False in accepted else k
-        row = probs[a]
-        if a < k:  # the residual: p with the rejected draft taken out
-            row = row.clone()
-            row[d[a]] = 0.0
-        token = int(sample_rows(row[None])[0])
-        results.append((d[:a] + [token], a))
-    return results
+        rows = [starts[i] + j for i in sampled for j in range(len(drafts[i]))]
+        toks = [t for i in sampled for t in drafts[i]]
+        p_d = probs[torch.tensor(rows, dtype=torch.long, device=dev), torch.tensor(toks, dtype=torch.long, device=dev)]
+        ok = (torch.rand(len(rows), device=dev) < p_d).tolist()
+        finals, holes, at = [], [], 0  # each sequence's row to draw from; (its index, the rejected draft)
+        for n, i in enumerate(sampled):
+            k = len(drafts[i])
+            a = ok[at : at + k].index(False) if False in ok[at : at + k] else k
+            at += k
+            finals.append(starts[i] + a)
+            if a < k:
+                holes.append((n, drafts[i][a]))
+        last = probs[torch.tensor(finals, dtype=torch.long, device=dev)]  # (a copy)
+        if holes:
+            hi, ht = zip(*holes)
+            last[torch.tensor(hi, device=dev), torch.tensor(ht, device=dev)] = 0.0
+        for i, r, token in zip(sampled, finals, sample_rows(last).tolist()):
+            a = r - starts[i]
+            results[i] = (drafts[i][:a] + [int(token)], a)
+    return results  # type: ignore[return-value]
 
 
 class DraftModel:
