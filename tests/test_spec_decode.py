@@ -5,6 +5,7 @@ target's (chi-square against transformers); configuration errors; metrics over H
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -307,6 +308,27 @@ def test_bench_spec_decode_runs_both_in_one_run(tmp_path):
     assert res["identical_outputs"] and res["draft_tokens"] > 0
     assert res["spec_decode_tok_s"] > 0 and res["baseline_decode_tok_s"] > 0
     assert json.loads(out.read_text())["speedup"] == pytest.approx(res["speedup"])
+
+
+def test_bench_spec_decode_workloads_for_a_gpu(tmp_path):
+    """The two runs scripts/gpu/check.sh spec makes: the chain model with its small sibling as the
+    draft model, and n-gram drafts on a random model of a named shape from its config.json alone."""
+    import argparse
+
+    from tokenmill.bench.spec_decode import add_arguments, run
+    from tokenmill.llm import default_model_path
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    demos = os.path.join(os.path.dirname(default_model_path()), "demo_models")
+    draft = {"method": "draft_model", "model": os.path.join(demos, "chain_small"), "num_speculative_tokens": 4}
+    res = run(p.parse_args(["--model", os.path.join(demos, "chain"), "--workload", "chain", "--num-prompts", "1",
+                            "--max-tokens", "60", "--speculative-config", json.dumps(draft)]))
+    assert res["identical_outputs"] and res["acceptance_rate"] > 0.5  # the sibling is right most of the time
+    folder = tmp_path / "shape"
+    res = run(p.parse_args(["--model", str(folder), "--shape", "smollm-135m", "--load-format", "dummy",
+                            "--workload", "random", "--num-prompts", "1", "--prompt-len", "16", "--max-tokens", "24"]))
+    assert sorted(os.listdir(folder)) == ["config.json"] and res["draft_tokens"] > 0 and res["identical_outputs"]
 
 
 def test_drafts_never_displace_other_sequences():

@@ -8,10 +8,13 @@
 #   bash scripts/gpu/check.sh latency      batch-1 decode of a Llama-3-8B shape, bf16: bandwidth achieved
 #   bash scripts/gpu/check.sh qwen         offline throughput, Qwen2.5-0.5B shape, against transformers
 #   bash scripts/gpu/check.sh llama        the same on the Llama-3-8B shape
+#   bash scripts/gpu/check.sh spec         bench spec-decode: the chain model with chain_small drafting (draft-model
+#                                          graphs), and n-gram drafts on the Llama-3-8B shape in bf16
+#   bash scripts/gpu/check.sh prefix       bench prefix-cache (shared-prefix and multi-turn, cache on and off)
 #   bash scripts/gpu/check.sh slo          bench slo (fcfs vs slo at 2x capacity) on the GPU
 # Logs and JSON go to $OUT (what the tool brings back); docs/benchmarks/gpu.md says what to record.
 set -uo pipefail
-[ $# -gt 0 ] || { echo "stages: tests, kernels, latency, qwen, llama, slo"; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, kernels, latency, qwen, llama, spec, prefix, slo"; exit 2; }
 deadline=$((SECONDS + 580))
 OUT=${OUT:-/tmp/tokenmill-gpu-out}
 mkdir -p "$OUT"
@@ -62,6 +65,20 @@ case $stage in
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 32,128 \
       --hf-max-requests 128 --decode-tokens 64 --peak-tflops 989.4 --json "$0/throughput_llama3_8b.json"' \
       "$OUT" 2>&1 | tee "$OUT/llama.log"
+    ;;
+  spec)
+    timeout "$(left)" python3 -m tokenmill.cli bench spec-decode --model tokenmill/demo_models/chain --workload chain \
+      --device cuda --num-prompts 8 --max-tokens 400 --json "$OUT/spec_chain_draft.json" --speculative-config \
+      '{"method": "draft_model", "model": "tokenmill/demo_models/chain_small", "num_speculative_tokens": 4}' \
+      2>&1 | tee "$OUT/spec.log"
+    timeout "$(left)" python3 -m tokenmill.cli bench spec-decode --model /tmp/llama3-8b --shape llama3-8b \
+      --load-format dummy --device cuda --dtype bfloat16 --workload random --num-prompts 4 --prompt-len 256 \
+      --max-tokens 128 --json "$OUT/spec_llama3_8b_ngram.json" \
+      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' 2>&1 | tee -a "$OUT/spec.log"
+    ;;
+  prefix)
+    timeout "$(left)" python3 -m tokenmill.cli bench prefix-cache --device cuda --dtype bfloat16 --kv-cache-memory 8 \
+      --json "$OUT/prefix_cache_gpu.json" 2>&1 | tee "$OUT/prefix.log"
     ;;
   slo)
     timeout "$(left)" python3 -m tokenmill.cli bench slo --duration 60 --json "$OUT/slo_gpu.json" \

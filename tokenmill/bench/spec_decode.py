@@ -10,6 +10,10 @@ Workloads
   the answer repeats the template and the digits of the question.
 - `random` (any model folder): random token ids. A random model's greedy output quickly
   repeats itself, which makes n-gram drafts nearly always right: the ceiling of the method.
+  A --model folder without config.json gets a random model of --shape (with --load-format
+  dummy only its config.json: an 8B shape on a GPU without writing a checkpoint).
+- `chain` (tokenmill/demo_models/chain): held-out arithmetic chains through its chat template,
+  answered step by step; with chain_small as the draft model.
 - `--prompt-file`: one prompt per line (text, or JSON token-id lists).
 """
 
@@ -17,20 +21,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
 
 from tokenmill.bench import write_json
+from tokenmill.bench.workload import SHAPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    p.add_argument("--model", default=None, help="model folder (default: the demo model); one without "
+                   "config.json gets a random model of --shape written into it")
+    p.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="that random model's shape")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone (the random workload needs no trained weights)")
+    p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4}',
                    help="JSON, vLLM's shape")
-    p.add_argument("--workload", default="chat-arithmetic", choices=["chat-arithmetic", "random"])
+    p.add_argument("--workload", default="chat-arithmetic", choices=["chat-arithmetic", "random", "chain"])
     p.add_argument("--prompt-file", default=None, help="one prompt per line (text or a JSON list of token ids)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=256, help="random workload: prompt tokens")
@@ -51,6 +62,11 @@ def _prompts(args, llm) -> list:
         vocab = llm.engine.model_config.vocab_size
         return [{"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(args.prompt_len)]}
                 for _ in range(args.num_prompts)]
+    if args.workload == "chain":  # the held-out test split, as tokenmill.demo.evaluate_chain asks them
+        from tokenmill.demo import chain_question, chain_questions
+
+        return [llm.chat_prompt([{"role": "user", "content": chain_question(n, o)}])
+                for n, o in chain_questions(args.num_prompts, split=0)]
     from tokenmill.demo import arithmetic_answer, question
 
     tok = llm.engine.tokenizer
@@ -103,8 +119,12 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     spec = SpeculativeConfig.parse(args.speculative_config)
     model = args.model or default_model_path()
+    if not os.path.exists(os.path.join(model, "config.json")):
+        from tokenmill.bench.workload import make_random_model
+
+        model = make_random_model(model, shape_name=args.shape, weights=args.load_format != "dummy")
     common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=1, enable_prefix_caching=False,
-                  max_model_len=None)
+                  max_model_len=None, device=args.device, load_format=args.load_format)
     base = LLM(model, **common)
     fast = LLM(model, speculative_config=spec, **common)
     prompts = _prompts(args, base)
