@@ -153,6 +153,8 @@ def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_
     for b in backends:
         b.kernel_prefill = True
     runner.batch.staging._pack = True
+    if draft:
+        runner.drafter.staging._pack = True  # its passes' inputs packed as on a GPU too
     kernel_specs.clear()
     assert runner.compile_decode_variants() == [1, 2, 4]
     warmed = {(k, v) for k, vs in kernel_specs.items() for v in vs}

@@ -21,7 +21,7 @@ from tokenmill.attention import AttentionMetadata, get_attention_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.cuda_graphs import DecodeGraphs
 from tokenmill.engine.cuda_graphs import default_sizes as default_graph_sizes
-from tokenmill.engine.input_batch import USES_SPECIAL, InputBatch
+from tokenmill.engine.input_batch import USES_SPECIAL, InputBatch, Staging
 from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
@@ -70,10 +70,14 @@ class StepInputs:
     meta: AttentionMetadata | None = None
 
 
-def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device
+def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device,
+                stage: Staging | None = None, extra: list[int] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Input ids, positions and varlen attention metadata for chunks of (token ids, first position,
-    block table), in the given order (single-row chunks must come first)."""
+    block table), in the given order (single-row chunks must come first). With `stage` the
+    tensors reach the device in one asynchronous copy (a tensor made from a host list is a
+    blocking copy: the host would wait for the device's queue to drain), and `extra` (int64s)
+    comes along as meta.scratch["extra"]."""
     bs = block_size
     input_ids: list[int] = []
     positions: list[int] = []
@@ -94,11 +98,19 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
         num_decodes += n == 1
     max_blocks = max((len(t) for t in tables), default=1)
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+    lists = [input_ids, positions, slots, qsl, seq_lens] + ([extra] if extra is not None else [])
+    if stage is not None:
+        arrays = [np.array(x, np.int64) for x in lists] + [np.array(padded, np.int64).reshape(len(padded), max_blocks)]
+        *staged, tables_t = stage(arrays)
+    else:
+        staged = [torch.tensor(x, dtype=torch.long, device=device) for x in lists]
+        tables_t = torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks)
+    ids_t, pos_t, slots_t, qsl_t, lens_t = staged[:5]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.long, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), max_blocks),
+        slot_mapping=slots_t,
+        query_start_loc=qsl_t,
+        seq_lens=lens_t,
+        block_tables=tables_t,
         num_decodes=num_decodes,
         max_query_len=max((len(c[0]) for c in chunks), default=0),
         max_seq_len=max(seq_lens, default=0),
@@ -106,8 +118,8 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
         query_start_loc_cpu=qsl,
         seq_lens_cpu=seq_lens,
     )
-    ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
-    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+    if extra is not None:
+        meta.scratch["extra"] = staged[5]
     return ids_t, pos_t, meta
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import SpeculativeConfig
+from tokenmill.engine.input_batch import Staging
 from tokenmill.engine.sequence import Sequence
 from tokenmill.sample.sampler import sample_rows
 
@@ -177,6 +178,7 @@ class DraftModel:
                                 prepack=engine_config.prepack_weights)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # its DecodeGraphs, made and dropped by the model runner with the model's
+        self.staging = Staging(device)  # its passes' inputs (the runner's is in use by the step)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         mc = self.model_config
@@ -190,7 +192,10 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, scheduled: list, block_size: int) -> None:
-        """Fills seq.spec_token_ids[:num_spec] for every scheduled chunk with drafts."""
+        """Fills seq.spec_token_ids[:num_spec] for every scheduled chunk with drafts. The passes
+        chain on the device: each takes the previous one's argmax as its input ids, their inputs
+        are staged (one asynchronous copy each), and the drafts reach the host once, at the end,
+        so that on a GPU the host prepares a pass while the one before runs."""
         from tokenmill.engine.model_runner import build_batch
 
         chunks = []
@@ -200,28 +205,43 @@ class DraftModel:
             first = min(seq.num_draft_computed, s.start)
             chunks.append((seq.token_ids[first:end], first, seq.block_table, s))
         chunks.sort(key=lambda c: len(c[0]) != 1)
-        ids, pos, meta = build_batch([c[:3] for c in chunks], block_size, self.device)
-        hidden = self._forward(ids, pos, meta)
-        last_rows, spec = [], []
-        for i, (_ids, first, _table, s) in enumerate(chunks):
-            s.seq.num_draft_computed = first + len(_ids)
+        last_rows, spec, row = [], [], 0
+        for ids, first, _table, s in chunks:
+            row += len(ids)
+            s.seq.num_draft_computed = first + len(ids)
             if s.num_spec:
-                last_rows.append(meta.query_start_loc_cpu[i + 1] - 1)
+                last_rows.append(row - 1)
                 spec.append(s)
+        ids, pos, meta = build_batch([c[:3] for c in chunks], block_size, self.device, self.staging, last_rows)
+        hidden = self._forward(ids, pos, meta)
         if not spec:
             return
-        drafts = self.model.compute_logits(hidden[last_rows]).argmax(-1).tolist()
-        for s, d in zip(spec, drafts):
-            s.seq.spec_token_ids = [d]
+        tokens = self.model.compute_logits(hidden[meta.scratch["extra"]]).argmax(-1)
+        passes = [(spec, tokens)]
         for j in range(1, max(s.num_spec for s in spec)):
-            active = [s for s in spec if s.num_spec > j]
-            # The draft d_j sits at position num_tokens - 1 + j (after the last token).
-            batch = [([s.seq.spec_token_ids[-1]], s.seq.num_tokens - 1 + j, s.seq.block_table) for s in active]
-            ids, pos, meta = build_batch(batch, block_size, self.device)
+            prev = passes[-1][0]
+            keep = [i for i, s in enumerate(prev) if s.num_spec > j]
+            active = [prev[i] for i in keep]
+            # The draft d_j sits at position num_tokens - 1 + j (after the last token); its id is
+            # on the device (the previous pass's argmax), the host list holds a stand-in.
+            batch = [([0], s.seq.num_tokens - 1 + j, s.seq.block_table) for s in active]
+            whole = len(keep) == len(prev)
+            _, pos, meta = build_batch(batch, block_size, self.device, self.staging, None if whole else keep)
+            ids = tokens if whole else tokens[meta.scratch["extra"]]
             hidden = self._forward(ids, pos, meta)
-            for s, d in zip(active, self.model.compute_logits(hidden).argmax(-1).tolist()):
-                s.seq.spec_token_ids.append(d)
+            tokens = self.model.compute_logits(hidden).argmax(-1)
+            passes.append((active, tokens))
+            for s in active:
                 s.seq.num_draft_computed += 1
+        drafts = torch.cat([t for _, t in passes]).tolist()  # (the one wait)
+        at = 0
+        for active, _ in passes:
+            for s, d in zip(active, drafts[at : at + len(active)]):
+                if active is spec:
+                    s.seq.spec_token_ids = [d]
+                else:
+                    s.seq.spec_token_ids.append(d)
+            at += len(active)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
         """A decode-only pass through the draft model's graph of its size (launch-bound eagerly on
