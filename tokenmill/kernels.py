@@ -73,6 +73,41 @@ def ops_for(x) -> ModuleType | None:
     return cpu_ops()
 
 
+def elementwise_ops(x) -> ModuleType | None:
+    """The fused RMSNorm / RoPE / SiLU * up kernels that can take tensor x: the CPU module's
+    (ops_for), on CUDA the Triton ones (tokenmill/gpu_ops.py), else None (PyTorch ops).
+    TOKENMILL_NO_KERNELS=1 turns both off."""
+    import torch
+
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if x.device.type == "cuda":
+        return _gpu_ops()
+    return ops_for(x)
+
+
+_gpu_module: ModuleType | None = None
+_gpu_tried = False
+
+
+def _gpu_ops() -> ModuleType | None:
+    global _gpu_module, _gpu_tried
+    if not _gpu_tried:
+        with _lock:
+            if not _gpu_tried:
+                if os.environ.get("TOKENMILL_NO_KERNELS", "") in ("", "0"):
+                    try:
+                        import triton  # noqa: F401
+
+                        from tokenmill import gpu_ops
+
+                        _gpu_module = gpu_ops
+                    except ImportError:
+                        logger.warning("triton is not installed: RMSNorm, RoPE and SiLU run as PyTorch ops on the GPU")
+                _gpu_tried = True
+    return _gpu_module
+
+
 def build(verbose: bool = False) -> int:
     """Builds the kernels now (`tokenmill build-kernels`); returns a process exit code."""
     try:

@@ -42,7 +42,8 @@ case $stage in
     # The CUDA code first (kernel against torch, graph replay against eager, memory sizing), then the
     # suite's engine tests, which run on the GPU by default (device "auto").
     timeout "$(left)" python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
-      tests/test_triton_attention.py tests/test_cuda_graphs.py tests/test_gpu_memory.py tests/test_input_batch.py \
+      tests/test_triton_attention.py tests/test_gpu_ops.py tests/test_cuda_graphs.py tests/test_gpu_memory.py \
+      tests/test_input_batch.py \
       tests/test_parity.py \
       tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py \
       2>&1 | tee "$OUT/tests.log"

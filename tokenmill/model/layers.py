@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import RopeConfig
-from tokenmill.kernels import ops_for
+from tokenmill.kernels import elementwise_ops
 from tokenmill.model.linear import Linear
 
 
@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = ops_for(x)
+        ops = elementwise_ops(x)
         if ops is not None and x.dim() == 2:
             return ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
@@ -73,7 +73,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x: [T, heads, D], in place when the fused op is there (returns x)."""
-    ops = ops_for(x)
+    ops = elementwise_ops(x)
     if ops is not None and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
         ops.rope_(x, cos, sin)
         return x
@@ -98,7 +98,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        ops = ops_for(x)
+        ops = elementwise_ops(x)
         if ops is not None:
             return self.down_proj(ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
