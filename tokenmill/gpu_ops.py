@@ -14,7 +14,8 @@ the CPU kernels in csrc/cpu_ops.cpp do): the normalised row to the model's dtype
 weight's product, cos/sin to the dtype and each RoPE product on its own, the activation before
 its product with `up`. Only the order of a row's sum of squares differs. The same functions as
 the CPU module (`rms_norm`, `rope_`, `silu_mul`), chosen by `tokenmill.kernels.elementwise_ops`;
-tests run them under Triton's interpreter on a CPU (tests/test_gpu_ops.py).
+tests run them under Triton's interpreter on a CPU (tests/test_gpu_ops.py), and
+tokenmill/attention/triton_aot.py compiles them for sm_90 as it does the attention kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from tokenmill.attention.triton_backend import KernelLaunch
 
 
 @functools.cache
@@ -79,17 +82,36 @@ def _warps(block: int) -> int:
     return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> KernelLaunch:
+    triton, kernel, _, _ = _kernels()
+    block = triton.next_power_of_2(x.shape[1])
+    return KernelLaunch(kernel, (x.shape[0],), (x, weight, out, x.stride(0), out.stride(0), x.shape[1], float(eps)),
+                        dict(BLOCK=block), _warps(block))
+
+
+def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> KernelLaunch:
+    triton, _, kernel, _ = _kernels()
+    half = x.shape[2] // 2
+    return KernelLaunch(kernel, (x.shape[0], x.shape[1]), (x, cos, sin, x.stride(0), x.stride(1), cos.stride(0)),
+                        dict(HALF=half, BLOCK=triton.next_power_of_2(half)), 1)
+
+
+def silu_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> KernelLaunch:
+    triton, _, _, kernel = _kernels()
+    inter = out.shape[1]
+    block = min(1024, triton.next_power_of_2(inter))
+    return KernelLaunch(kernel, (gate_up.shape[0], triton.cdiv(inter, block)),
+                        (gate_up, out, gate_up.stride(0), out.stride(0), inter), dict(BLOCK=block),
+                        4 if block >= 512 else 1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * normalise(x) over the last dimension of x [T, C] (rows of any stride)."""
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
         raise ValueError("rms_norm: x must be [T, C] with contiguous rows and weight [C] of x's dtype")
-    triton, kernel, _, _ = _kernels()
-    t, c = x.shape
-    out = torch.empty((t, c), dtype=x.dtype, device=x.device)
-    if t:
-        block = triton.next_power_of_2(c)
-        kernel[(t,)](x, weight.contiguous(), out, x.stride(0), out.stride(0), c, float(eps), BLOCK=block,
-                     num_warps=_warps(block))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        rms_norm_launch(x, weight.contiguous(), eps, out).launch()
     return out
 
 
@@ -99,22 +121,15 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     t, heads, d = x.shape
     if x.stride(2) != 1 or d % 2 or cos.shape != (t, d) or sin.shape != (t, d) or cos.stride() != sin.stride():
         raise ValueError("rope_: x must be [T, heads, D] with a contiguous head dimension, cos/sin [T, D]")
-    triton, _, kernel, _ = _kernels()
     if t and heads:
-        half = d // 2
-        kernel[(t, heads)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=half,
-                           BLOCK=triton.next_power_of_2(half), num_warps=1)
+        rope_launch(x, cos, sin).launch()
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2I] = [gate | up] (rows of any stride) -> [T, I]."""
     if gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2:
         raise ValueError("silu_mul: gate_up must be [T, 2I] with contiguous rows")
-    triton, _, _, kernel = _kernels()
-    t, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
-    if t:
-        block = min(1024, triton.next_power_of_2(inter))
-        kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block,
-                                               num_warps=4 if block >= 512 else 1)
+    out = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype, device=gate_up.device)
+    if gate_up.shape[0]:
+        silu_mul_launch(gate_up, out).launch()
     return out

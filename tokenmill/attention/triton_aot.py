@@ -1,4 +1,5 @@
-"""Compile the Triton attention kernels for a GPU ahead of time, with no GPU here (issue 16).
+"""Compile the Triton kernels for a GPU ahead of time, with no GPU here (issue 16): attention, and
+gpu_ops' fused RMSNorm, RoPE and SiLU * up.
 
 A kernel that spills registers to local memory runs slowly on the GPU but passes every test under
 Triton's interpreter, which compiles nothing. This module compiles the launches the `triton`
@@ -35,6 +36,8 @@ SHAPES = [
     ("qwen2.5-7b", 28, 4, 128),
     ("llama2-7b (MHA)", 32, 32, 128),
 ]
+# Their MLPs' intermediate sizes (silu_mul's rows).
+INTERMEDIATE = {"llama3-8b": 14336, "qwen2.5-0.5b": 4864, "qwen2.5-7b": 18944, "llama2-7b (MHA)": 11008}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32"}
@@ -129,6 +132,23 @@ def backend_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
             ("combine_splits", split[1]), ("paged_attention", prefill)]
 
 
+def elementwise_launches(heads: int, kv_heads: int, head_dim: int, intermediate: int, dtype: torch.dtype
+                         ) -> list[tuple[str, object]]:
+    """(label, launch) of the fused RMSNorm, RoPE and SiLU * up (tokenmill/gpu_ops.py) at a model's
+    shape: the norm over the hidden size, RoPE on q and k as one view of the qkv projection."""
+    from tokenmill import gpu_ops
+
+    hidden, t = heads * head_dim, 3
+    x = torch.zeros(t, hidden, dtype=dtype)
+    qkv = torch.zeros(t, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(t, heads + kv_heads, head_dim)
+    cos = torch.zeros(t, head_dim)
+    gate_up = torch.zeros(t, 2 * intermediate, dtype=dtype)
+    return [("rms_norm", gpu_ops.rms_norm_launch(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.empty_like(x))),
+            ("rope", gpu_ops.rope_launch(qk, cos, cos.clone())),
+            ("silu_mul", gpu_ops.silu_mul_launch(gate_up, torch.empty(t, intermediate, dtype=dtype)))]
+
+
 def report(arch: int = 90, shapes: list[tuple[str, int, int, int]] | None = None,
            dtypes: list[str] | None = None) -> list[KernelResources]:
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -136,7 +156,9 @@ def report(arch: int = 90, shapes: list[tuple[str, int, int, int]] | None = None
     rows = []
     for name, heads, kv_heads, head_dim in shapes or SHAPES:
         for dt in dtypes or list(DTYPES):
-            for label, launch in backend_launches(heads, kv_heads, head_dim, DTYPES[dt]):
+            launches = backend_launches(heads, kv_heads, head_dim, DTYPES[dt]) + elementwise_launches(
+                heads, kv_heads, head_dim, INTERMEDIATE[name], DTYPES[dt])
+            for label, launch in launches:
                 regs, stores, loads, shared = compile_launch(launch, arch)
                 rows.append(KernelResources(label, name, dt, launch.num_warps, regs, stores, loads, shared))
     return rows
