@@ -55,6 +55,19 @@ def test_rms_norm(dtype, c):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [64, 896, 4096])
+def test_add_rms_norm(dtype, c):
+    """The residual sum (exactly x + delta) and the norm of it, in one pass."""
+    g = torch.Generator(device=DEVICE).manual_seed(c + 1)
+    x, delta = (torch.randn(5, c, generator=g, device=DEVICE).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(c, generator=g, device=DEVICE)).to(dtype)
+    total, normed = gpu_ops.add_rms_norm(x, delta, w, 1e-5)
+    _same(total, x + delta)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(normed, _hf_rms_norm(x + delta, w, 1e-5), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 64), (14, 2, 64), (8, 8, 128), (3, 1, 80)])
 def test_rope_in_place_on_the_fused_projection(dtype, heads, kv_heads, d):
     """q and k rotated as one [T, heads + kv_heads, D] view of the qkv projection (the model's
@@ -95,36 +108,53 @@ def test_bad_shapes_are_refused():
                       torch.zeros(2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="silu_mul"):
         gpu_ops.silu_mul(torch.zeros(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        gpu_ops.add_rms_norm(x, torch.zeros(2, 4, device=DEVICE), torch.zeros(8, device=DEVICE), 1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_the_model_through_the_fused_kernels_matches_pytorch_ops(tmp_path, monkeypatch, arch):
     """The whole model with its norms, RoPE and activation on the Triton kernels (as on CUDA)
     against PyTorch's ops alone: the same hidden states within float32 rounding, the same greedy
-    tokens. Qwen3 adds per-head q/k norms and RoPE on separate q and k."""
+    tokens. The fused path also sums each residual inside the next norm (add_rms_norm). Qwen3
+    adds per-head q/k norms and RoPE on separate q and k."""
     from tests.models import make_model
     from tokenmill import LLM, SamplingParams
-    from tokenmill.model import layers
+    from tokenmill.model import layers, transformer
 
     path = make_model(str(tmp_path / arch), arch, tokenizer=False)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": [5, 9, 200, 31, 7]}, {"prompt_token_ids": list(range(3, 40))}]
     outs = {}
+    originals = {name: getattr(gpu_ops, name) for name in ("rope_", "add_rms_norm")}
     for fused in (False, True):
         # (the layers' choice of kernels; the matmuls and attention are the same in both runs)
-        monkeypatch.setattr(layers, "elementwise_ops", (lambda x: gpu_ops) if fused else (lambda x: None))
+        for mod in (layers, transformer):
+            monkeypatch.setattr(mod, "elementwise_ops", (lambda x: gpu_ops) if fused else (lambda x: None))
         calls = []
-        monkeypatch.setattr(gpu_ops, "rope_", lambda *a, f=gpu_ops.rope_, c=calls: (c.append(1), f(*a))[1])
+        for name, f in originals.items():
+            monkeypatch.setattr(gpu_ops, name, _counting(f, name, calls))
         llm = LLM(path, attention_backend="torch", dtype="float32", device=DEVICE.type,
                   kv_cache_memory_bytes=4 * 2**20)
         model, runner = llm.engine.runner.model, llm.engine.runner
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        for m in model.modules():  # norms of their own (a random checkpoint's are all ones)
+            if isinstance(m, layers.RMSNorm):
+                m.weight.data = 1 + 0.3 * torch.randn(m.weight.shape, generator=g, device=DEVICE)
         ids, pos, meta = runner_batch(runner, prompts[1]["prompt_token_ids"])
         with torch.inference_mode():
             hidden = model(ids, pos, runner.kv_caches, meta)
         outs[fused] = (hidden, [o.outputs[0].token_ids for o in llm.generate(prompts, params)])
-        assert bool(calls) == fused
+        assert set(calls) == ({"rope_", "add_rms_norm"} if fused else set())
     torch.testing.assert_close(outs[True][0], outs[False][0], atol=1e-5, rtol=1e-5)
     assert outs[True][1] == outs[False][1]
+
+
+def _counting(f, name: str, calls: list):
+    def counted(*args):
+        calls.append(name)
+        return f(*args)
+    return counted
 
 
 def runner_batch(runner, tokens: list[int]):

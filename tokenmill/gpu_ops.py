@@ -6,8 +6,9 @@ the half rotation's slice, negation and concatenation, the sum). A batch-1 decod
 Llama-3-8B shape would run ~35 kernels per layer, ~1,100 a token; inside a CUDA graph each
 still costs a few microseconds of device time, against the ~3.7 ms the step's weights take to
 read on an H200: a sixth of the step's time, at the batch size whose goal is 80% of the
-memory-bandwidth limit. Fused, a layer is about a dozen kernels (4 matmuls, 2 norms, RoPE, the
-cache write, attention, SiLU * up, 2 residual adds).
+memory-bandwidth limit. Fused, with each residual sum inside the norm after it (add_rms_norm,
+DecoderLM._forward_fused_norms), a layer is about a dozen kernels (4 matmuls, 2 norms, RoPE, the
+cache write, attention, SiLU * up).
 
 Each kernel rounds where PyTorch's sequence of ops rounds (as Hugging Face computes them, and as
 the CPU kernels in csrc/cpu_ops.cpp do): the normalised row to the model's dtype before the
@@ -44,6 +45,22 @@ def _kernels():
         tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h.to(tl.float32)).to(w.dtype), mask=mask)
 
     @triton.jit
+    def add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, C, eps,
+                            BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        s = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)  # the residual sum, rounded as x + d is
+        tl.store(sum_ptr + row * stride_s + cols, s, mask=mask)
+        sf = s.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / C + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        h = (sf * inv).to(w.dtype)
+        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h.to(tl.float32)).to(w.dtype), mask=mask)
+
+    @triton.jit
     def rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr,
                     BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -75,7 +92,7 @@ def _kernels():
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu rounds to the dtype before the product
         tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
-    return triton, rms_norm_kernel, rope_kernel, silu_mul_kernel
+    return triton, rms_norm_kernel, rope_kernel, silu_mul_kernel, add_rms_norm_kernel
 
 
 def _warps(block: int) -> int:
@@ -83,21 +100,30 @@ def _warps(block: int) -> int:
 
 
 def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> KernelLaunch:
-    triton, kernel, _, _ = _kernels()
+    triton, kernel, _, _, _ = _kernels()
     block = triton.next_power_of_2(x.shape[1])
     return KernelLaunch(kernel, (x.shape[0],), (x, weight, out, x.stride(0), out.stride(0), x.shape[1], float(eps)),
                         dict(BLOCK=block), _warps(block))
 
 
+def add_rms_norm_launch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, total: torch.Tensor,
+                        out: torch.Tensor) -> KernelLaunch:
+    triton, _, _, _, kernel = _kernels()
+    block = triton.next_power_of_2(x.shape[1])
+    return KernelLaunch(kernel, (x.shape[0],), (x, delta, weight, total, out, x.stride(0), delta.stride(0),
+                                                total.stride(0), out.stride(0), x.shape[1], float(eps)),
+                        dict(BLOCK=block), _warps(block))
+
+
 def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> KernelLaunch:
-    triton, _, kernel, _ = _kernels()
+    triton, _, kernel, _, _ = _kernels()
     half = x.shape[2] // 2
     return KernelLaunch(kernel, (x.shape[0], x.shape[1]), (x, cos, sin, x.stride(0), x.stride(1), cos.stride(0)),
                         dict(HALF=half, BLOCK=triton.next_power_of_2(half)), 1)
 
 
 def silu_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> KernelLaunch:
-    triton, _, _, kernel = _kernels()
+    triton, _, _, kernel, _ = _kernels()
     inter = out.shape[1]
     block = min(1024, triton.next_power_of_2(inter))
     return KernelLaunch(kernel, (gate_up.shape[0], triton.cdiv(inter, block)),
@@ -113,6 +139,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.shape[0]:
         rms_norm_launch(x, weight.contiguous(), eps, out).launch()
     return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass: a layer's residual sum and the next norm."""
+    if (x.dim() != 2 or x.shape != delta.shape or x.stride(1) != 1 or delta.stride(1) != 1
+            or weight.shape != (x.shape[1],) or x.dtype != delta.dtype or weight.dtype != x.dtype):
+        raise ValueError("add_rms_norm: x and delta must be [T, C] of one dtype with contiguous rows, weight [C]")
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        add_rms_norm_launch(x, delta, weight.contiguous(), eps, total, out).launch()
+    return total, out
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

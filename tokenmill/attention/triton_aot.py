@@ -134,8 +134,8 @@ def backend_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
 
 def elementwise_launches(heads: int, kv_heads: int, head_dim: int, intermediate: int, dtype: torch.dtype
                          ) -> list[tuple[str, object]]:
-    """(label, launch) of the fused RMSNorm, RoPE and SiLU * up (tokenmill/gpu_ops.py) at a model's
-    shape: the norm over the hidden size, RoPE on q and k as one view of the qkv projection."""
+    """(label, launch) of gpu_ops' kernels at a model's shape: RMSNorm over the hidden size, alone
+    and after the residual sum, RoPE on q and k as one view of the qkv projection, SiLU * up."""
     from tokenmill import gpu_ops
 
     hidden, t = heads * head_dim, 3
@@ -144,7 +144,10 @@ def elementwise_launches(heads: int, kv_heads: int, head_dim: int, intermediate:
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(t, heads + kv_heads, head_dim)
     cos = torch.zeros(t, head_dim)
     gate_up = torch.zeros(t, 2 * intermediate, dtype=dtype)
-    return [("rms_norm", gpu_ops.rms_norm_launch(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.empty_like(x))),
+    w = torch.ones(hidden, dtype=dtype)
+    return [("rms_norm", gpu_ops.rms_norm_launch(x, w, 1e-6, torch.empty_like(x))),
+            ("add_rms_norm", gpu_ops.add_rms_norm_launch(x, x.clone(), w, 1e-6, torch.empty_like(x),
+                                                         torch.empty_like(x))),
             ("rope", gpu_ops.rope_launch(qk, cos, cos.clone())),
             ("silu_mul", gpu_ops.silu_mul_launch(gate_up, torch.empty(t, intermediate, dtype=dtype)))]
 
