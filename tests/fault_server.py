@@ -20,17 +20,19 @@ POISON_SEED = 666
 _execute = ModelRunner.execute
 
 
-DIE_SEED = int(os.environ.get("TOKENMILL_FAULT_DIE_SEED", "-1"))
-SLOW_SEED = int(os.environ.get("TOKENMILL_FAULT_SLOW_SEED", "-1"))
+# None when unset: a default such as -1 is a seed a request may carry (the fuzz tests sent one,
+# and the server died on it).
+DIE_SEED = int(os.environ["TOKENMILL_FAULT_DIE_SEED"]) if "TOKENMILL_FAULT_DIE_SEED" in os.environ else None
+SLOW_SEED = int(os.environ["TOKENMILL_FAULT_SLOW_SEED"]) if "TOKENMILL_FAULT_SLOW_SEED" in os.environ else None
 SLOW_S = float(os.environ.get("TOKENMILL_FAULT_SLOW_S", "0.05"))
 
 
 def _faulty_execute(self, sched):
-    if any(s.seq.params.seed == SLOW_SEED for s in sched.scheduled):
+    if SLOW_SEED is not None and any(s.seq.params.seed == SLOW_SEED for s in sched.scheduled):
         time.sleep(SLOW_S)
     if any(s.seq.params.seed == POISON_SEED for s in sched.scheduled):
         raise RuntimeError("injected fault")
-    if any(s.seq.params.seed == DIE_SEED for s in sched.scheduled):
+    if DIE_SEED is not None and any(s.seq.params.seed == DIE_SEED for s in sched.scheduled):
         os._exit(9)
     return _execute(self, sched)
 
