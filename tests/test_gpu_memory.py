@@ -37,7 +37,8 @@ def test_the_profiling_step_runs_the_largest_step_on_a_cache_of_its_own(model_di
 
 def test_the_graphs_memory_is_profiled_at_the_largest_captured_size(model_dir, monkeypatch):
     """profile_graph_step runs a decode of the largest captured batch size through the model and
-    the draft model, each on a one-block cache of its own (what the graphs' private pools hold,
+    the draft model (graph_models; on a GPU their peaks are measured one at a time and added), each
+    on a one-block cache of its own (what the graphs' private pools hold,
     counted on a GPU against gpu_memory_utilization), leaving the engine's caches as they were."""
     pytest.importorskip("triton")
     llm = LLM(model_dir, attention_backend="triton", cuda_graphs="on" if DEVICE.type == "cuda" else "padded",
@@ -54,9 +55,9 @@ def test_the_graphs_memory_is_profiled_at_the_largest_captured_size(model_dir, m
             rows.append(ids.shape[0])
             return forward(ids, *a, **k)
         monkeypatch.setattr(m, "forward", counting)
-    made = runner.profile_graph_step()
+    made = [runner.profile_graph_step(m, mc) for m, mc in runner.graph_models()]
     assert rows == [12, 12]
-    assert made == 2 * BLOCK_BYTES  # a block per layer, for each model
+    assert made == [BLOCK_BYTES, BLOCK_BYTES]  # a block per layer, for each model
     assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches + runner.drafter.kv_caches))
     if DEVICE.type == "cuda":
         used = runner.profile_memory()

@@ -162,3 +162,23 @@ def runner_batch(runner, tokens: list[int]):
 
     blocks = -(-len(tokens) // runner.block_size)
     return build_batch([(tokens, 0, list(range(blocks)))], runner.block_size, runner.device)
+
+
+def test_kernels_that_fail_on_the_device_fall_back_to_pytorch_ops(monkeypatch, caplog):
+    """Tried once per device and dtype: where Triton cannot compile or launch them, the model runs
+    PyTorch's ops (with a warning) instead of failing to start."""
+    import types
+
+    from tokenmill import kernels
+
+    monkeypatch.setattr(kernels, "_gpu_checked", {})
+    x = torch.zeros(2, 16, device=DEVICE)
+    assert kernels._gpu_ops_work(gpu_ops, x)
+
+    def broken(*a):
+        raise RuntimeError("Failed to find C compiler")
+
+    fake = types.SimpleNamespace(rms_norm=broken)
+    assert not kernels._gpu_ops_work(fake, x.half())
+    assert "fail" in caplog.text and "Failed to find C compiler" in caplog.text
+    assert kernels._gpu_checked == {(x.device, torch.float32): True, (x.device, torch.float16): False}

@@ -82,8 +82,37 @@ def elementwise_ops(x) -> ModuleType | None:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     if x.device.type == "cuda":
-        return _gpu_ops()
+        mod = _gpu_ops()
+        return mod if mod is not None and _gpu_ops_work(mod, x) else None
     return ops_for(x)
+
+
+_gpu_checked: dict = {}
+
+
+def _gpu_ops_work(mod: ModuleType, x) -> bool:
+    """Whether the Triton kernels compile and run for x's device and dtype, tried once each on a
+    small row (a missing C compiler for Triton's launcher, a dtype the GPU lacks): where they do
+    not, the model runs PyTorch's ops rather than failing to start."""
+    import torch
+
+    key = (x.device, x.dtype)
+    ok = _gpu_checked.get(key)
+    if ok is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # (not a first use: profiling runs eagerly)
+            return False
+        try:
+            row = torch.ones(1, 16, dtype=x.dtype, device=x.device)
+            mod.rms_norm(row, row[0], 1e-6)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            ok = True
+        except Exception as e:
+            logger.warning("the Triton RMSNorm/RoPE/SiLU kernels fail on %s %s (%s); using PyTorch ops", x.device,
+                           x.dtype, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            ok = False
+        _gpu_checked[key] = ok
+    return ok
 
 
 _gpu_module: ModuleType | None = None

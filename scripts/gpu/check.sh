@@ -27,67 +27,69 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 left() { echo $((deadline - SECONDS)); }
 rc=0
+# step LOG CMD...: run CMD within the time left, its output shown and appended to $OUT/LOG; a
+# failure or a timeout sets rc (every command's, not only a stage's last).
+step() {
+  local log=$1; shift
+  local t; t=$(left)
+  if [ "$t" -le 5 ]; then echo "no time left for: $*" | tee -a "$OUT/$log"; rc=124; return; fi
+  timeout "$t" "$@" 2>&1 | tee -a "$OUT/$log"
+  local st=${PIPESTATUS[0]}
+  [ "$st" -eq 0 ] || rc=$st
+}
 for stage in "$@"; do
 [ "$(left)" -gt 20 ] || { echo "no time left for $stage"; rc=124; break; }
 echo "=== $stage ($(left) s left)"
 case $stage in
   kernels)
-    timeout "$(left)" python3 -m tokenmill.attention.triton_aot 2>&1 | tee "$OUT/kernels_aot.log"
+    step kernels_aot.log python3 -m tokenmill.attention.triton_aot
     for shape in llama3-8b qwen2.5-0.5b; do
-      timeout "$(left)" python3 -m tokenmill.cli bench attention --shape $shape --dtype bfloat16 \
-        --json "$OUT/attention_$shape.json" 2>&1 | tee -a "$OUT/kernels.log"
+      step kernels.log python3 -m tokenmill.cli bench attention --shape $shape --dtype bfloat16 \
+        --json "$OUT/attention_$shape.json"
     done
     ;;
   tests)
     # The CUDA code first (kernel against torch, graph replay against eager, memory sizing), then the
     # suite's engine tests, which run on the GPU by default (device "auto").
-    timeout "$(left)" python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
+    step tests.log python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
       tests/test_triton_attention.py tests/test_gpu_ops.py tests/test_cuda_graphs.py tests/test_gpu_memory.py \
-      tests/test_input_batch.py \
-      tests/test_parity.py \
-      tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py \
-      2>&1 | tee "$OUT/tests.log"
+      tests/test_input_batch.py tests/test_parity.py \
+      tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py
     ;;
   latency)
-    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench latency --model /tmp/llama3-8b --shape llama3-8b \
+    step latency.log python3 -m tokenmill.cli bench latency --model /tmp/llama3-8b --shape llama3-8b \
       --load-format dummy --device cuda --dtype bfloat16 --prompt-len 512 --decode-tokens 128 --repeats 3 \
-      --json "$0/latency_llama3_8b_bf16.json"' "$OUT" 2>&1 | tee "$OUT/latency.log"
+      --json "$OUT/latency_llama3_8b_bf16.json"
     ;;
   qwen)
-    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
+    step qwen.log python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 1024 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 64,256 \
-      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --json "$0/throughput_qwen2.5_0.5b.json"' \
-      "$OUT" 2>&1 | tee "$OUT/qwen.log"
+      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --json "$OUT/throughput_qwen2.5_0.5b.json"
     ;;
   llama)
-    timeout "$(left)" bash -c 'python3 -m tokenmill.cli bench throughput --model /tmp/llama3-8b --shape llama3-8b \
+    step llama.log python3 -m tokenmill.cli bench throughput --model /tmp/llama3-8b --shape llama3-8b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 512 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 32,128 \
-      --hf-max-requests 128 --decode-tokens 64 --peak-tflops 989.4 --json "$0/throughput_llama3_8b.json"' \
-      "$OUT" 2>&1 | tee "$OUT/llama.log"
+      --hf-max-requests 128 --decode-tokens 64 --peak-tflops 989.4 --json "$OUT/throughput_llama3_8b.json"
     ;;
   spec)
-    timeout "$(left)" python3 -m tokenmill.cli bench spec-decode --model tokenmill/demo_models/chain --workload chain \
+    step spec.log python3 -m tokenmill.cli bench spec-decode --model tokenmill/demo_models/chain --workload chain \
       --device cuda --num-prompts 8 --max-tokens 400 --json "$OUT/spec_chain_draft.json" --speculative-config \
-      '{"method": "draft_model", "model": "tokenmill/demo_models/chain_small", "num_speculative_tokens": 4}' \
-      2>&1 | tee "$OUT/spec.log"
-    timeout "$(left)" python3 -m tokenmill.cli bench spec-decode --model /tmp/llama3-8b --shape llama3-8b \
+      '{"method": "draft_model", "model": "tokenmill/demo_models/chain_small", "num_speculative_tokens": 4}'
+    step spec.log python3 -m tokenmill.cli bench spec-decode --model /tmp/llama3-8b --shape llama3-8b \
       --load-format dummy --device cuda --dtype bfloat16 --workload random --num-prompts 4 --prompt-len 256 \
       --max-tokens 128 --json "$OUT/spec_llama3_8b_ngram.json" \
-      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' 2>&1 | tee -a "$OUT/spec.log"
+      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
     ;;
   prefix)
-    timeout "$(left)" python3 -m tokenmill.cli bench prefix-cache --device cuda --dtype bfloat16 --kv-cache-memory 8 \
-      --json "$OUT/prefix_cache_gpu.json" 2>&1 | tee "$OUT/prefix.log"
+    step prefix.log python3 -m tokenmill.cli bench prefix-cache --device cuda --dtype bfloat16 --kv-cache-memory 8 \
+      --json "$OUT/prefix_cache_gpu.json"
     ;;
   slo)
-    timeout "$(left)" python3 -m tokenmill.cli bench slo --duration 60 --json "$OUT/slo_gpu.json" \
-      --log-dir "$OUT/slo_logs" 2>&1 | tee "$OUT/slo.log"
+    step slo.log python3 -m tokenmill.cli bench slo --duration 60 --json "$OUT/slo_gpu.json" --log-dir "$OUT/slo_logs"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
-st=${PIPESTATUS[0]}
-[ "$st" -eq 0 ] || rc=$st
 done
 exit $rc

@@ -94,7 +94,7 @@ def compile_launch(launch, arch: int = 90) -> tuple[int, int, int, int]:
 
     sig, consts, attrs = _signature(launch)
     compiled = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": launch.num_warps})
+                              options={"num_warps": launch.num_warps, **launch.options})
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")

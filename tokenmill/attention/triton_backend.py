@@ -255,9 +255,10 @@ class KernelLaunch:
     args: tuple
     constants: dict[str, Any] = field(default_factory=dict)  # the constexpr parameters
     num_warps: int = 4
+    options: dict[str, Any] = field(default_factory=dict)  # other compile options (enable_fp_fusion)
 
     def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constants, num_warps=self.num_warps)
+        self.kernel[self.grid](*self.args, **self.constants, num_warps=self.num_warps, **self.options)
 
 
 @register_attention_backend

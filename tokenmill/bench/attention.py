@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             if kv_bytes > args.max_cache_gib * 2**30:
                 print(f"batch {batch}, context {context}: {kv_bytes / 2**30:.1f} GiB of KV > --max-cache-gib, skipped")
                 continue
-            ncopies = max(1, min(64, -(-int(args.rotate_mib * 2**20) // kv_bytes)))
+            ncopies = max(1, min(1024, -(-int(args.rotate_mib * 2**20) // kv_bytes)))  # (Qwen2.5-0.5B, batch 1: 512)
             cases = [_case(heads, kv_heads, head_dim, batch, context, args.block_size, dtype, device,
                            seed=batch * 7919 + context + i) for i in range(ncopies)]
             calls = ncopies * -(-10 // ncopies)

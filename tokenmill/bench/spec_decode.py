@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json alone (the random workload needs no trained weights)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="each engine's share of a GPU: the two are in this process at once")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4}',
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
 
         model = make_random_model(model, shape_name=args.shape, weights=args.load_format != "dummy")
     common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=1, enable_prefix_caching=False,
-                  max_model_len=None, device=args.device, load_format=args.load_format)
+                  max_model_len=None, device=args.device, load_format=args.load_format,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
     base = LLM(model, **common)
     fast = LLM(model, speculative_config=spec, **common)
     prompts = _prompts(args, base)

@@ -14,6 +14,7 @@ over the measured copy bandwidth (tokenmill/bench/roofline.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -103,7 +104,10 @@ def run(args: argparse.Namespace) -> dict:
           f"(bandwidth achieved {weight_bytes * tm_decode / 1e9:.2f} GB/s)")
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
     if sizes:
-        del llm
+        del llm  # its weights and KV cache (90% of a GPU) go before transformers loads
+        gc.collect()
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
         hf = _load_hf(model_dir, args)
         best = None
         for b in sizes:

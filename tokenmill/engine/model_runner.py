@@ -288,30 +288,30 @@ class ModelRunner:
         self._profile_kv_bytes = sum(c.numel() for c in caches) * elem
         del caches
 
-    @torch.inference_mode()
-    def profile_graph_step(self) -> int:
-        """A decode of the largest captured batch size through each model (and the draft model),
-        eagerly, on a one-block cache of its own: what a graph's private memory pool holds (a
-        capture keeps the largest size's activations; the smaller sizes reuse them), which the
-        caching allocator cannot lend to eager steps. Returns the bytes of the caches it made."""
-        n, bs = max(self.graph_sizes), self.block_size
-        made = 0
+    def graph_models(self) -> list[tuple[torch.nn.Module, ModelConfig]]:
+        """The models that get CUDA graphs: the model, and the draft model."""
         models = [(self.model, self.model_config)]
         if self.drafter is not None:
             models.append((self.drafter.model, self.drafter.model_config))
-        for model, mc in models:
-            caches = [torch.zeros((2, 1, bs, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=self.device)
-                      for _ in range(mc.num_layers)]
-            made += sum(c.numel() * c.element_size() for c in caches)
-            ids, pos, meta = build_batch([([1], 0, [0])] * n, bs, self.device)  # (every row on block 0)
-            model(ids, pos, caches, meta)
-            del caches
-        return made
+        return models
+
+    @torch.inference_mode()
+    def profile_graph_step(self, model: torch.nn.Module, mc: ModelConfig) -> int:
+        """A decode of the largest captured batch size through `model`, eagerly, on a one-block
+        cache of its own: what its graphs' private memory pool holds (a capture keeps the largest
+        size's activations; the smaller sizes reuse them), which the caching allocator cannot lend
+        to eager steps. Returns the bytes of the cache it made."""
+        n, bs = max(self.graph_sizes), self.block_size
+        caches = [torch.zeros((2, 1, bs, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=self.device)
+                  for _ in range(mc.num_layers)]
+        ids, pos, meta = build_batch([([1], 0, [0])] * n, bs, self.device)  # (every row on block 0)
+        model(ids, pos, caches, meta)
+        return sum(c.numel() * c.element_size() for c in caches)
 
     def profile_memory(self) -> int:
         """Device bytes this engine needs besides its KV cache, measured (CUDA): PyTorch's peak over
         the largest step (weights included, the step's own KV cache not), the CUDA graphs' memory
-        pools (profile_graph_step), and what the process allocated outside PyTorch since the
+        pools (profile_graph_step, per model), and what the process allocated outside PyTorch since the
         runner was made."""
         dev = self.device
         torch.cuda.synchronize(dev)
@@ -325,12 +325,13 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(dev) - allocated0 - self._profile_kv_bytes
         graphs = 0
         if self.graph_mode == "capture":  # the graphs' pools come on top: eager steps cannot use them
-            base = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            with self.on_device():
-                made = self.profile_graph_step()
-            torch.cuda.synchronize(dev)
-            graphs = max(0, torch.cuda.max_memory_allocated(dev) - base - made)
+            for model, mc in self.graph_models():  # (a pool each: their peaks add up)
+                base = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                with self.on_device():
+                    made = self.profile_graph_step(model, mc)
+                torch.cuda.synchronize(dev)
+                graphs += max(0, torch.cuda.max_memory_allocated(dev) - base - made)
         torch.cuda.empty_cache()
         free, reserved, _ = _cuda_memory(dev)
         outside = max(0, (free0 - free) - (reserved - reserved0))
