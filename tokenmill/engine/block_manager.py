@@ -181,13 +181,6 @@ class BlockManager:
         idx = pos // self.block_size
         return idx < len(seq.block_table) and self.ref_counts[seq.block_table[idx]] > 1
 
-    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = seq.num_computed_tokens + num_new_tokens
-        return max(0, self.blocks_needed(total) - len(seq.block_table)) + self._needs_copy(seq)
-
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
-
     def _take_fresh(self) -> int:
         if self._free:
             block = self._free.popleft()
@@ -212,12 +205,9 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grows seq's block table to hold its computed tokens plus num_new_tokens (copying a
         shared, partly filled last block first). All or nothing."""
-        # (num_new_blocks inlined: every running sequence comes here every step)
-        table = seq.block_table
-        grow = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
         copy = self._needs_copy(seq)
-        need = max(0, grow) + copy
-        if need > len(self._free) + len(self._evictable):
+        need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
+        if need > self.num_free_blocks:
             return False
         if copy:
             idx = seq.num_computed_tokens // self.block_size

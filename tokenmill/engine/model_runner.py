@@ -566,14 +566,14 @@ class ModelRunner:
         step, are decode-only batches too), on the same spare block, sizes and mode."""
         if self.graph_mode == "off" or self._graphs is not None:
             return
+        def make(model: torch.nn.Module, caches: list[torch.Tensor]) -> DecodeGraphs:
+            return DecodeGraphs(model, caches, self.num_blocks, self.block_size, self.max_model_len,
+                                self.graph_sizes, self.device, capture=self.graph_mode == "capture")
+
         try:
-            d = self.drafter
-            if d is not None:
-                d.graphs = DecodeGraphs(d.model, d.kv_caches, self.num_blocks, self.block_size, self.max_model_len,
-                                        self.graph_sizes, self.device, capture=self.graph_mode == "capture")
-            self._graphs = DecodeGraphs(self.model, self.kv_caches, self.num_blocks, self.block_size,
-                                        self.max_model_len, self.graph_sizes, self.device,
-                                        capture=self.graph_mode == "capture")
+            if self.drafter is not None:
+                self.drafter.graphs = make(self.drafter.model, self.drafter.kv_caches)
+            self._graphs = make(self.model, self.kv_caches)
         except Exception:  # out of memory, a capture error: serve eagerly rather than not at all
             logger.exception("CUDA graphs could not be made; every step runs eagerly from now on")
             self.graph_mode = "off"
