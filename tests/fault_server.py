@@ -17,7 +17,7 @@ import time
 from tokenmill.engine.model_runner import ModelRunner
 
 POISON_SEED = 666
-_execute = ModelRunner.execute
+_launch = ModelRunner.launch  # (every step starts there, synchronous or async)
 
 
 # None when unset: a default such as -1 is a seed a request may carry (the fuzz tests sent one,
@@ -27,17 +27,17 @@ SLOW_SEED = int(os.environ["TOKENMILL_FAULT_SLOW_SEED"]) if "TOKENMILL_FAULT_SLO
 SLOW_S = float(os.environ.get("TOKENMILL_FAULT_SLOW_S", "0.05"))
 
 
-def _faulty_execute(self, sched):
+def _faulty_launch(self, sched, *args, **kwargs):
     if SLOW_SEED is not None and any(s.seq.params.seed == SLOW_SEED for s in sched.scheduled):
         time.sleep(SLOW_S)
     if any(s.seq.params.seed == POISON_SEED for s in sched.scheduled):
         raise RuntimeError("injected fault")
     if DIE_SEED is not None and any(s.seq.params.seed == DIE_SEED for s in sched.scheduled):
         os._exit(9)
-    return _execute(self, sched)
+    return _launch(self, sched, *args, **kwargs)
 
 
-ModelRunner.execute = _faulty_execute
+ModelRunner.launch = _faulty_launch
 
 if os.environ.get("TOKENMILL_FAULT_UNPARK"):  # bringing back this model (a folder name) fails: no memory
     _allocate = ModelRunner.allocate_kv_cache

@@ -26,12 +26,13 @@ GRAPHS = "on" if DEVICE.type == "cuda" else "padded"
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # k and v, 2 layers, 16 tokens, 2 KV heads of 16, float32 (tests/models.py)
 
 
-def _run(model_dir: str, graphs: str, sizes: list[int] | None) -> tuple[dict[str, list[int]], int, int]:
+def _run(model_dir: str, graphs: str, sizes: list[int] | None,
+         async_scheduling: str = "off") -> tuple[dict[str, list[int]], int, int]:
     """Requests arriving over the steps, so that decode batches grow and shrink (padded up, rows left
     over from larger batches) and blocks freed by finished or preempted sequences go to others."""
     llm = LLM(model_dir, attention_backend="triton", cuda_graphs=graphs, cuda_graph_sizes=sizes, device=DEVICE.type,
               dtype="float32", max_model_len=128, max_num_seqs=6, max_num_batched_tokens=48,
-              kv_cache_memory_bytes=15 * BLOCK_BYTES, enable_prefix_caching=False)
+              kv_cache_memory_bytes=15 * BLOCK_BYTES, enable_prefix_caching=False, async_scheduling=async_scheduling)
     eng = llm.engine
     vocab = eng.model_config.vocab_size
     rng = random.Random(0)
@@ -58,6 +59,10 @@ def test_decode_steps_through_the_graphs_generate_what_eager_steps_do(model_dir)
     assert len(eager) == 14 and graphs == eager
     assert replays > 10
     assert preemptions > 0  # blocks went from one sequence to another while the graphs ran
+    # Async scheduling: each graph step's input ids are the step before's tokens, copied on the
+    # device into the buffer the graph reads.
+    overlapped, replays, _ = _run(model_dir, GRAPHS, [1, 2, 4], "on")
+    assert overlapped == eager and replays > 10
 
 
 def test_graph_configuration():

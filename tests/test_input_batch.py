@@ -32,14 +32,19 @@ def _checked(llm: LLM) -> list[int]:
     """Wraps the runner's prepare so that every step's inputs are compared with build_batch's."""
     runner = llm.engine.runner
     prepare = runner.prepare
-    steps = [0]
+    steps = [0, 0]  # steps, and inputs read from the step in flight (async scheduling)
 
-    def checked(out):
-        inp = prepare(out)
+    def checked(out, prev=None):
+        inp = prepare(out, prev)
         chunks = []
         for s in inp.order:
             seq = s.seq
-            ids = seq.token_ids[s.start : s.start + s.num_new_tokens - s.num_spec] + seq.spec_token_ids[: s.num_spec]
+            end = s.start + s.num_new_tokens - s.num_spec
+            ids = seq.token_ids[s.start : end]
+            if end > len(seq.token_ids):  # pending: the token the step in flight sampled for it
+                ids.append(int(prev.tokens[prev.token_rows[seq.seq_id]]))
+                steps[1] += 1
+            ids += seq.spec_token_ids[: s.num_spec]
             chunks.append((ids, s.start, s.seq.block_table))
         ids, pos, ref = build_batch(chunks, runner.block_size, runner.device)
         meta = inp.meta
@@ -76,11 +81,13 @@ def _prompts(seed: int, count: int, shared: int = 0) -> list[list[int]]:
     return [prefix + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 70))] for _ in range(count)]
 
 
-def test_inputs_equal_a_fresh_build_through_preemption_forks_and_prefix_hits(model):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_inputs_equal_a_fresh_build_through_preemption_forks_and_prefix_hits(model, async_scheduling):
     # 30 blocks of 8 tokens: 24 sequences cannot all fit, so some are preempted and recompute; n = 3
-    # forks share a partly filled block (copy-on-write); shared prefixes hit the cache.
+    # forks share a partly filled block (copy-on-write); shared prefixes hit the cache. With async
+    # scheduling, decodes read their input from the step in flight.
     llm = LLM(model, dtype="float32", block_size=8, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=160,
-              kv_cache_memory_bytes=30 * 8 * 512)
+              kv_cache_memory_bytes=30 * 8 * 512, async_scheduling=async_scheduling)
     assert llm.engine.block_manager.num_blocks == 30
     steps = _checked(llm)
     copies = []
@@ -95,6 +102,7 @@ def test_inputs_equal_a_fresh_build_through_preemption_forks_and_prefix_hits(mod
     assert copies  # forks wrote into a shared partly filled block: copy-on-write replaced table entries
     assert all(len(c.token_ids) == 30 for o in outs for c in o.outputs)
     assert steps[0] > 30
+    assert (steps[1] > 100) == (async_scheduling == "on")
     # Every finished sequence gives its row back (at the next step, which has nothing to run).
     assert llm.engine.step() == [] and len(llm.engine.runner.batch) == 0
 

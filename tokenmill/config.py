@@ -363,6 +363,11 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     # The decode batch sizes captured (None: 1, 2, 4 and every multiple of 8 up to max_num_seqs, at most 512).
     cuda_graph_sizes: list[int] | None = None
+    # Async scheduling (LLMEngine._step_async): each step is scheduled and queued while the one before
+    # it still runs on the device. "auto": on CUDA (a CPU runs a step as it is queued: nothing to
+    # overlap); "on": on any device (what tests run on a CPU); "off". Not with speculative decoding
+    # or an embedding model.
+    async_scheduling: str = "auto"
     # Weight quantization at load from a float checkpoint: None or "int8" (per-output-channel scales).
     quantization: str | None = None
     # "auto": the folder's safetensors; "dummy": random weights made on the device from config.json alone
@@ -425,6 +430,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be auto or dummy, got {self.load_format!r}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling: must be auto, on or off, got {self.async_scheduling!r}")
         if self.cuda_graphs not in ("auto", "on", "off", "padded"):
             raise ValueError(f"cuda_graphs: must be auto, on, off or padded, got {self.cuda_graphs!r}")
         sizes = self.cuda_graph_sizes
@@ -457,6 +464,17 @@ class EngineConfig:
             ok = importlib.util.find_spec("triton") is not None and self.block_size >= 16
             return "triton" if ok else "torch"
         return self.attention_backend
+
+    def resolve_async_scheduling(self, device: torch.device, task: str) -> bool:
+        if self.async_scheduling == "off":
+            return False
+        why = ("speculative decoding" if self.speculative_config is not None
+               else "an embedding model" if task == "embed" else None)
+        if why is not None:
+            if self.async_scheduling == "on":
+                raise ValueError(f"async_scheduling: 'on' does not work with {why} (use auto or off)")
+            return False
+        return self.async_scheduling == "on" or device.type == "cuda"
 
     def resolve_cuda_graphs(self, device: torch.device, backend: str) -> str:
         """"capture", "padded" or "off" for this device and attention backend."""

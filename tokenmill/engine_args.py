@@ -47,6 +47,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
                    help="CUDA graphs for decode-only steps: auto (on CUDA with the triton backend), on, off (as "
                         "vLLM's --enforce-eager), padded (their static buffers without capture, any device)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (--cuda-graphs off)")
+    p.add_argument("--async-scheduling", default=d.async_scheduling, choices=["auto", "on", "off"],
+                   help="schedule and queue each step while the one before still runs on the device: auto (on "
+                        "CUDA), on, off (not with speculative decoding or an embedding model)")
     p.add_argument("--cuda-graph-sizes", default=None, metavar="N,N,...",
                    help="decode batch sizes to capture (default: 1,2,4 and multiples of 8 up to --max-num-seqs)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -93,6 +96,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         load_format=getattr(args, "load_format", "auto"),
         cuda_graphs="off" if getattr(args, "enforce_eager", False) else getattr(args, "cuda_graphs", "auto"),
         cuda_graph_sizes=_sizes(getattr(args, "cuda_graph_sizes", None)),
+        async_scheduling=getattr(args, "async_scheduling", "auto"),
         load_progress=getattr(args, "progress", True),
         scheduling_policy=getattr(args, "scheduling_policy", "priority"),
         slo_admission=getattr(args, "slo_admission", "demote"),

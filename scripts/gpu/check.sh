@@ -6,7 +6,8 @@
 #   bash scripts/gpu/check.sh kernels      the Triton kernels' registers and spills as compiled there, and
 #                                          bench attention (torch vs the triton tilings, bandwidth achieved)
 #   bash scripts/gpu/check.sh latency      batch-1 decode of a Llama-3-8B shape, bf16: bandwidth achieved
-#   bash scripts/gpu/check.sh qwen         offline throughput, Qwen2.5-0.5B shape, against transformers
+#   bash scripts/gpu/check.sh qwen         offline throughput, Qwen2.5-0.5B shape, against transformers, and
+#                                          async scheduling on against off
 #   bash scripts/gpu/check.sh llama        the same on the Llama-3-8B shape
 #   bash scripts/gpu/check.sh spec         bench spec-decode: the chain model with chain_small drafting (draft-model
 #                                          graphs), and n-gram drafts on the Llama-3-8B shape in bf16
@@ -54,7 +55,8 @@ case $stage in
     step tests.log python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
       tests/test_triton_attention.py tests/test_gpu_ops.py tests/test_cuda_graphs.py tests/test_gpu_memory.py \
       tests/test_input_batch.py tests/test_parity.py \
-      tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py
+      tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py \
+      tests/test_async_scheduling.py
     ;;
   latency)
     step latency.log python3 -m tokenmill.cli bench latency --model /tmp/llama3-8b --shape llama3-8b \
@@ -65,7 +67,8 @@ case $stage in
     step qwen.log python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 1024 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 64,256 \
-      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --json "$OUT/throughput_qwen2.5_0.5b.json"
+      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --async-ab 1 \
+      --json "$OUT/throughput_qwen2.5_0.5b.json"
     ;;
   llama)
     step llama.log python3 -m tokenmill.cli bench throughput --model /tmp/llama3-8b --shape llama3-8b \

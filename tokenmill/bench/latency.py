@@ -80,6 +80,7 @@ def _tokenmill(args) -> dict:
                         SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True))
         t = time.perf_counter()
         eng.step()  # the whole prompt in one step, and the first token
+        eng.drain()  # (with async scheduling, step() returns with the step still on the device)
         first = time.perf_counter() - t
         steps = []
         while eng.has_unfinished_requests():

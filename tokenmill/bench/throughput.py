@@ -14,6 +14,7 @@ over the measured copy bandwidth (tokenmill/bench/roofline.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import tempfile
 import time
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-caching-ab", type=int, default=0, metavar="ROUNDS",
                    help="also run the tokenmill workload with prefix caching on and off, ROUNDS times each in "
                         "on/off/off/on order (cache emptied before each run), and report the ratio")
+    p.add_argument("--async-ab", type=int, default=0, metavar="ROUNDS",
+                   help="also run the workload with async scheduling on and off, interleaved, ROUNDS times each")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's spec peak in the run's dtype (dense), for MFU as usually quoted; MFU is "
                         "always also given against the matmul peak measured here")
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
     weight_bytes = llm.engine.runner.weight_bytes
     results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes,
+                     "async_scheduling": llm.engine.async_scheduling,
                      "copy_bandwidth_gb_s": copy_bw / 1e9, "matmul_tflops": peak / 1e12}
     print(f"{args.device}: copy bandwidth {copy_bw / 1e9:.1f} GB/s, {args.dtype} matmul {peak / 1e12:.2f} TFLOP/s "
           "(measured)", flush=True)
@@ -97,6 +101,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.prefix_caching_ab > 0:
         results["prefix_caching_ab"] = _prefix_caching_ab(llm, reqs, args.prefix_caching_ab)
+    if args.async_ab > 0:
+        results["async_ab"] = _async_ab(llm, reqs, args.async_ab)
 
     tm_decode = _tokenmill_decode(llm, reqs[0], args.decode_tokens)
     results["tokenmill_batch1_decode_tok_s"] = tm_decode
@@ -207,6 +213,30 @@ def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:
     return {"warmup_tok_s": warm["output_tok_s"], "warmup_cpu_s": warm["cpu_seconds"],
             "on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off,
             "on_cpu_s": cpu["on"], "off_cpu_s": cpu["off"], "cpu_ratio": cpu_off / cpu_on}
+
+
+def _async_ab(llm, reqs: list[Request], rounds: int) -> dict:
+    """Async scheduling's gain: the same engine and workload with it on and off, interleaved (on,
+    off, off, on, ...) so that drift in machine load hits both alike. On a CPU there is nothing to
+    overlap (a step runs as it is launched): the two should be equal there."""
+    eng = llm.engine
+    # (raises where it cannot run: speculative decoding, an embedding model)
+    dataclasses.replace(eng.config, async_scheduling="on").resolve_async_scheduling(eng.device, eng.task)
+    saved = eng.async_scheduling
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for i in range(2 * rounds):
+            mode = "on" if i % 4 in (0, 3) else "off"
+            eng.async_scheduling = mode == "on"  # (nothing is in flight between runs)
+            eng.reset_prefix_cache()
+            r = _run_tokenmill(llm, reqs)
+            runs[mode].append(r["output_tok_s"])
+            print(f"async scheduling {mode}: {r['output_tok_s']:.1f} tok/s, {r['steps_per_s']:.1f} steps/s", flush=True)
+    finally:
+        eng.async_scheduling = saved
+    on, off = sum(runs["on"]) / len(runs["on"]), sum(runs["off"]) / len(runs["off"])
+    print(f"async scheduling: on {on:.1f} vs off {off:.1f} tok/s -> {on / off:.3f}x", flush=True)
+    return {"on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off}
 
 
 def _tokenmill_decode(llm, req: Request, n: int) -> float:

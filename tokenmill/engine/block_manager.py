@@ -121,7 +121,8 @@ class BlockManager:
         """Makes seq.block_hashes cover the full blocks among its first num_tokens tokens."""
         bs = self.block_size
         hashes = seq.block_hashes
-        for i in range(len(hashes), num_tokens // bs):
+        # (only tokens known on the host: a pending token's block is hashed once it is appended)
+        for i in range(len(hashes), min(num_tokens, len(seq.token_ids)) // bs):
             parent = hashes[-1] if hashes else _ROOT_KEY
             hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs],
                                      salt_key(seq.cache_salt) if i == 0 else b""))
@@ -149,6 +150,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         computed = seq.num_computed_tokens if upto is None else min(upto, seq.num_computed_tokens)
+        # A block holding a pending token (async scheduling) has no hash yet: offered once it is known.
+        computed = min(computed, len(seq.token_ids))
         full = min(computed // self.block_size, len(seq.block_table))
         if seq.num_registered_blocks >= full:
             return

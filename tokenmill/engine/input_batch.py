@@ -254,11 +254,14 @@ class InputBatch:
         return row
 
     def build(self, input_ids: list[int], rows: list[int], starts: list[int], counts: list[int],
-              num_decodes: int, head_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                                torch.Tensor]:
+              num_decodes: int, head_rows: list[int],
+              fill: tuple[list[int], list[int], torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """A step's model inputs and varlen metadata for chunks (row, first position, tokens) in
         order, decodes first; input_ids are the chunks' tokens, concatenated. head_rows (the rows
-        that get logits) come along in the same copy."""
+        that get logits) come along in the same copy. fill (async scheduling) is (positions in
+        input_ids, rows of `tokens`, tokens): input ids that are tokens the previous step sampled,
+        still on the device, copied there without the host waiting for them."""
         bs = self.block_size
         r = np.array(rows, np.int64)
         start = np.array(starts, np.int64)
@@ -278,8 +281,12 @@ class InputBatch:
         width = max(1, -(-max_seq_len // bs))
         tables = self.block_table[r, :width]
         ids = np.array(input_ids, np.int64)
-        ids_t, pos_t, slots_t, qsl_t, lens_t, tables_t, head_t = self.staging(
-            [ids, positions, slots, qsl, seq_lens, tables, np.array(head_rows, np.int64)])
+        arrays = [ids, positions, slots, qsl, seq_lens, tables, np.array(head_rows, np.int64)]
+        if fill is not None:
+            arrays += [np.array(fill[0], np.int64), np.array(fill[1], np.int64)]
+        ids_t, pos_t, slots_t, qsl_t, lens_t, tables_t, head_t, *where = self.staging(arrays)
+        if fill is not None:
+            ids_t[where[0]] = fill[2][where[1]]
         meta = AttentionMetadata(
             slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=lens_t, block_tables=tables_t,
             num_decodes=num_decodes, max_query_len=int(n.max()) if b else 0, max_seq_len=max_seq_len, block_size=bs,

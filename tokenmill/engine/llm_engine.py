@@ -23,7 +23,7 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
-from tokenmill.engine.model_runner import ModelRunner, StepResult
+from tokenmill.engine.model_runner import Launch, ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, step_features
@@ -103,6 +103,14 @@ class LLMEngine:
                                    propose=self._propose if spec is not None else None,
                                    policy=config.scheduling_policy, step_model=self.step_model)
         self.scheduler.draft_kv = spec is not None and spec.method == "draft_model"
+        self.scheduler.max_model_len = self.max_model_len
+        # Async scheduling (_step_async): the step in flight, outputs kept for the next step() (made
+        # by park's drain), and the unfinished requests that need steps one at a time.
+        self.async_scheduling = config.resolve_async_scheduling(self.device, self.task)
+        self._inflight: Launch | None = None
+        self._ready: list[RequestOutput] = []
+        self._sync_requests: list[Request] = []
+        self._waited, self._stepped = 0.0, None  # (one step() call's wait for the device, and its step's time)
         # Called after every step that ran, with (sched, step_features: [chunks, 3], seconds): energy accounting.
         self.on_step: Callable[[SchedulerOutput, np.ndarray, float], None] | None = None
         # Energy, device time, FLOPs and cost of each request (tokenmill/ops/energy.py): it reads its meter
@@ -149,6 +157,7 @@ class LLMEngine:
                                   "cache_salt": "__calibrate"}, params, request_id=rid)
             while any(rid in self.requests for rid in ids):
                 self.step()
+            self.drain()  # (a step in flight holds only their last rows)
             if time.perf_counter() > deadline:
                 break
         self.step_model.set_prior(tuple(self.step_model.coef))
@@ -251,6 +260,8 @@ class LLMEngine:
             self._seq_by_id[seq.seq_id] = seq
         self._admit_slo(req)
         self.scheduler.add_request(req.seqs)
+        if req.beam is not None and self.async_scheduling:  # its beams are re-seated between steps
+            self._sync_requests.append(req)
         resume = prompt.get("resume_token_ids") if isinstance(prompt, dict) else None
         if resume:
             try:
@@ -329,7 +340,14 @@ class LLMEngine:
                 self._finish(seq)
             self._seq_by_id.pop(seq.seq_id, None)
         req.metrics.finished_time = time.time()
+        self._settle()
         return self._make_output(req, finished=True)
+
+    def _settle(self) -> None:
+        """Finishes the step in flight once nothing is left to run (every request aborted or
+        failed): its rows are all dropped, and it must not linger into the engine's idle time."""
+        if self._inflight is not None and not self.scheduler.has_unfinished():
+            self._ready = self.drain()
 
     def abort_seq(self, request_id: str, index: int) -> RequestOutput | None:
         """Stops one of a request's n samples (a reasoning path pruned or no longer needed); its
@@ -343,7 +361,9 @@ class LLMEngine:
         seq = req.seqs[index]
         seq.finish_reason = "abort"
         self._finish(seq)
-        return self._retire(req, time.time()) if req.is_finished else None
+        out = self._retire(req, time.time()) if req.is_finished else None
+        self._settle()
+        return out
 
     # -- parking (a model pool's hot-swap) -----------------------------------------------
     @property
@@ -358,6 +378,7 @@ class LLMEngine:
         still be added and aborted while parked; step() must not run. Returns the sequences preempted."""
         if self.parked:
             return 0
+        self._ready = self.drain()  # (their outputs go out with take_outputs, or the next step)
         # The weights first: if that fails (no pinned memory) nothing else has changed.
         if offload_weights if offload_weights is not None else self.device.type != "cpu":
             self.runner.offload_weights()
@@ -384,7 +405,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(self.block_manager.num_blocks)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -402,7 +423,11 @@ class LLMEngine:
         return k  # the draft model fills seq.spec_token_ids in the step itself
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that changed (finished or not)."""
+        """Runs one batch; returns an output for every request that changed (finished or not).
+        With async scheduling the batch is left running on the device and the outputs are those of
+        the step before it (see _step_async)."""
+        if self.async_scheduling:
+            return self._step_async()
         t_begin = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.freed_seq_ids:  # their rows of the runner's persistent batch, before anything takes rows
@@ -432,6 +457,107 @@ class LLMEngine:
         self.step_model.observe_overhead(time.perf_counter() - t_begin - (t1 - t0))
         return outputs
 
+    def _step_async(self) -> list[RequestOutput]:
+        """Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): step N+1 is
+        scheduled and queued on the device before step N's tokens reach the host, so the host's
+        work between steps (N's stop checks and detokenizing, N+1's scheduling and inputs) runs
+        while the device computes, instead of the device waiting for it.
+
+        - Each sampled sequence counts its token as pending (Sequence.num_pending) until its step
+          is processed: the scheduler plans around it, and N+1's input for it is copied from N's
+          sampled tokens on the device (ModelRunner.prepare).
+        - A sequence that N finishes has run one more row in N+1, whose token is dropped; one whose
+          pending token surely ends it (max_tokens, the context length) gets no row (Scheduler._ends).
+        - Blocks holding a pending token are offered to the prefix cache once it is known.
+        - N's tokens are processed after N+1's forward is queued and before N+1 is sampled, so what
+          sampling reads on the host (a grammar's state, penalties' counts, min_tokens, a reasoning
+          budget's forced tokens) is as up to date as in a synchronous step.
+        - Beam search re-seats its beams between steps: while a beam search is in the engine, steps
+          run one at a time (_needs_sync). Speculative decoding and embedding models never overlap
+          (EngineConfig.resolve_async_scheduling)."""
+        t_begin = time.perf_counter()
+        self._waited = 0.0
+        self._stepped = None  # device seconds of the step this call completes
+        outputs, self._ready = self._ready, []
+        prev, self._inflight = self._inflight, None
+        overlap = not self._needs_sync()
+        if prev is not None and not overlap:
+            outputs += self._complete(prev)
+            prev = None
+        sched = self.scheduler.schedule()
+        if sched.freed_seq_ids:
+            self.runner.batch.release(sched.freed_seq_ids)
+        if sched.is_empty:
+            return outputs + (self._complete(prev) if prev is not None else [])
+        now = time.time()
+        for s in sched.scheduled:
+            m = s.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        if sched.block_copies:
+            self.runner.copy_blocks(sched.block_copies)
+        if prev is None and self.before_step is not None:
+            self.before_step()
+        try:
+            launch = self.runner.launch(sched, prev, timed=True)
+        except Exception as e:
+            if prev is not None:  # its tokens first: the failed step's pending inputs are among them
+                outputs += self._complete(prev)
+            return outputs + self._isolate_failure(sched, e)
+        if prev is not None:  # N's outputs while the device runs N+1's forward
+            outputs += self._complete(prev, then=True)
+        try:
+            self.runner.sample(launch)
+        except Exception as e:
+            return outputs + self._isolate_failure(sched, e)
+        self.scheduler.advance(sched)
+        if overlap and self.scheduler.has_unfinished():  # (else every row is of a sequence that ended)
+            for seq in launch.token_seqs:
+                if not seq.is_finished:
+                    seq.num_pending += 1
+            launch.pending = True
+            self._inflight = launch
+        else:
+            outputs += self._complete(launch)
+        if self._stepped is not None:
+            # The host's work beyond the device's: what a step takes on top of its device time (the
+            # step-time model's overhead), zero while overlap hides it.
+            host = time.perf_counter() - t_begin - self._waited
+            self.step_model.observe_overhead(max(0.0, host - self._stepped))
+        return outputs
+
+    def _complete(self, launch: Launch, then: bool = False) -> list[RequestOutput]:
+        """Waits for a launched step's tokens and processes them (async scheduling). then: another
+        step is on the device after it, whose energy interval starts at this one's end."""
+        t0 = time.perf_counter()
+        result = self.runner.collect(launch)
+        self._waited += time.perf_counter() - t0
+        self._stepped = seconds = launch.device_seconds()
+        self._observe_step(launch.sched, seconds)
+        if then and self.before_step is not None:
+            self.before_step()
+        return self._process(launch.sched, result, pending=launch.pending)
+
+    def _needs_sync(self) -> bool:
+        """Whether an unfinished request needs each step processed before the next is scheduled."""
+        if self._sync_requests:
+            self._sync_requests = [r for r in self._sync_requests if not r.is_finished]
+        return bool(self._sync_requests)
+
+    def drain(self) -> list[RequestOutput]:
+        """Finishes the step in flight (async scheduling), if any: the outputs it makes and any kept
+        for the next step()."""
+        outputs, self._ready = self._ready, []
+        if self._inflight is not None:
+            launch, self._inflight = self._inflight, None
+            outputs += self._complete(launch)
+        return outputs
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """Outputs made outside step() (a step in flight finished by park()), for the caller to deliver."""
+        outputs, self._ready = self._ready, []
+        return outputs
+
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feeds the step-time model (and the step hook: energy accounting) with what the step held."""
         rows = step_features(sched.scheduled)
@@ -449,8 +575,11 @@ class LLMEngine:
         """
         groups: dict[str, list] = {}
         for s in sched.scheduled:
+            if s.seq.is_finished:  # ended since it was scheduled (async scheduling): its blocks are gone
+                continue
+            s.forks = [f for f in s.forks if not f.is_finished]
             groups.setdefault(s.seq.request.request_id, []).append(s)
-        if len(groups) == 1:
+        if len({s.seq.request.request_id for s in sched.scheduled}) == 1 and groups:
             (rid,) = groups
             logger.exception("request %s failed in the model step", rid, exc_info=error)
             return [out for out in [self.fail_request(rid, error)] if out is not None]
@@ -480,6 +609,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             self._seq_by_id.pop(seq.seq_id, None)
         req.metrics.finished_time = time.time()
+        self._settle()
         out = self._make_output(req, finished=True)
         if isinstance(error, GrammarError):
             out.error, out.error_status = str(error), 400
@@ -487,26 +617,34 @@ class LLMEngine:
             out.error = f"{type(error).__name__}: {error}"
         return out
 
-    def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, result: StepResult, pending: bool = False) -> list[RequestOutput]:
+        """Appends a step's tokens (pending: its sampled tokens were counted as pending, async
+        scheduling), applies stop conditions, and makes the outputs of the requests it changed."""
         now = time.time()
         touched: dict[str, Request] = {}
         ended: dict[str, RequestOutput] = {}  # failed, or beam searches over
         for seq_id, entries in result.prompt_logprobs.items():
-            seq = self._seq_by_id[seq_id]
+            seq = self._seq_by_id.get(seq_id)
+            if seq is None:  # aborted while its step was in flight (async scheduling)
+                continue
             req = seq.request
             s = next(x for x in sched.scheduled if x.seq is seq)
             have = len(req.prompt_logprobs)
             skip = have - (s.start + 1)  # entries recomputed after a preemption
             req.prompt_logprobs.extend(entries[max(0, skip):])
         for seq_id, vec in result.embeddings.items():
-            seq = self._seq_by_id[seq_id]
+            seq = self._seq_by_id.get(seq_id)
+            if seq is None or seq.is_finished:
+                continue
             seq.request.embedding = vec
             seq.finish_reason = "stop"
             self._finish(seq)
             touched[seq.request.request_id] = seq.request
         beam_reqs: dict[str, Request] = {}
         for seq_id, row in result.beams.items():
-            seq = self._seq_by_id[seq_id]
+            seq = self._seq_by_id.get(seq_id)
+            if seq is None or seq.is_finished:
+                continue
             seq.beam_candidates = row
             beam_reqs[seq.request.request_id] = seq.request
         for req in beam_reqs.values():
@@ -523,8 +661,10 @@ class LLMEngine:
                 ended[req.request_id] = out
         for seq_id, tokens in result.sampled.items():
             seq = self._seq_by_id.get(seq_id)
-            if seq is None:  # its request failed earlier in this loop
-                continue
+            if seq is None or seq.is_finished:  # its request failed earlier in this loop, or it ended
+                continue  # before this step (async scheduling ran it one row further)
+            if pending:
+                seq.num_pending -= 1
             req = seq.request
             # A fault in one request's bookkeeping (detokenizer, stop checks) fails only that request.
             try:
@@ -700,7 +840,7 @@ class LLMEngine:
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
                 return self._finish(seq)
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
             return self._finish(seq)
 

@@ -12,7 +12,9 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +51,36 @@ class StepResult:
     embeddings: dict[int, list[float]] = field(default_factory=dict)
     # seq_id -> a beam's candidates: the top (token ids, logprobs) of its next-token distribution
     beams: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+
+@dataclass
+class Launch:
+    """A step on its way through the device: launched (forward and LM head queued), sampled
+    (sampling and the tokens' copy to the host queued), collected (the host has its tokens)."""
+
+    sched: SchedulerOutput
+    inp: StepInputs | None = None
+    hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # the LM head's rows, until sampled
+    result: StepResult = field(default_factory=StepResult)
+    # The sampled token of each of token_seqs, on the device: a pending input of the next step is
+    # read from here (token_rows: seq_id -> row).
+    tokens: torch.Tensor | None = None
+    token_seqs: list[Sequence] = field(default_factory=list)
+    token_rows: dict[int, int] = field(default_factory=dict)
+    deferred: bool = False  # tokens still to be read back into result.sampled (collect)
+    host_tokens: torch.Tensor | None = None  # their pinned host copy, in flight until `done`
+    done: Any = None  # a CUDA event after the step's last work
+    events: tuple[Any, Any] | None = None  # CUDA timing events around the step (launch(timed=True))
+    host_seconds: float = 0.0  # host time in launch and sample (the whole step on a CPU)
+    pending: bool = False  # its sampled tokens count as pending (async scheduling: left in flight)
+
+    def device_seconds(self) -> float:
+        """The step's time on the device (after collect): its CUDA events' span where timed, else the
+        host's time launching and sampling it (a CPU runs the step as it is launched)."""
+        if self.events is not None:
+            return self.events[0].elapsed_time(self.events[1]) / 1000.0
+        return self.host_seconds
 
 
 @dataclass
@@ -474,8 +506,10 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copies whole KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
-        src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
+        idx = torch.tensor(copies, dtype=torch.long).t()
+        if self.device.type == "cuda":  # (pinned, asynchronous: a step may be in flight, async scheduling)
+            idx = idx.contiguous().pin_memory().to(self.device, non_blocking=True)
+        src, dst = idx[0], idx[1]
         for cache in self.kv_caches + (self.drafter.kv_caches if self.drafter is not None else []):
             cache[:, dst] = cache[:, src]
 
@@ -499,16 +533,19 @@ class ModelRunner:
         return (seq.index == 0 and req.prompt_logprobs is not None
                 and len(req.prompt_logprobs) < seq.num_prompt_tokens and s.start < seq.num_prompt_tokens)
 
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, prev: Launch | None = None) -> StepInputs:
         """Flattens the scheduled chunks into model inputs and varlen attention metadata, decodes
         (single-token chunks) first, from the persistent batch's rows (engine/input_batch.py). A
         chunk with draft tokens (speculative decoding) runs its last token and the drafts, and
-        every one of its rows gets logits."""
+        every one of its rows gets logits. A chunk whose last token is still pending (async
+        scheduling: `prev`, the step in flight, sampled it) reads it from prev's tokens on the device."""
         batch = self.batch
         order = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         inp = StepInputs(order=order)
         ids: list[int] = []
         rows, starts, counts = [], [], []
+        fill_at: list[int] = []
+        fill_from: list[int] = []
         num_decodes = 0
         row0 = 0
         for s in order:
@@ -518,11 +555,21 @@ class ModelRunner:
             starts.append(start)
             counts.append(n)
             inp.rows.append(row0)
-            if n == 1:
+            end = start + n - s.num_spec
+            if n == 1 and start < len(seq.token_ids):
                 num_decodes += 1
                 ids.append(seq.token_ids[start])
             else:
-                ids.extend(seq.token_ids[start : start + n - s.num_spec])
+                num_decodes += n == 1
+                ids.extend(seq.token_ids[start:end])
+                if end > len(seq.token_ids):  # its last token is pending
+                    src = prev.token_rows.get(seq.seq_id) if prev is not None else None
+                    if src is None or end != len(seq.token_ids) + 1:
+                        raise RuntimeError(f"{seq!r}: tokens {len(seq.token_ids)}..{end} are pending, "
+                                           "but no step in flight samples them")
+                    fill_at.append(len(ids))
+                    fill_from.append(src)
+                    ids.append(0)
             if s.num_spec:
                 ids.extend(seq.spec_token_ids[: s.num_spec])
                 inp.spec_chunks.append((s, row0))
@@ -538,8 +585,9 @@ class ModelRunner:
                 inp.prompt_rows.append((s, row0, n))
             row0 += n
         head = inp.logit_rows + [r0 + j for s, r0 in inp.spec_chunks for j in range(s.num_spec + 1)]
+        fill = (fill_at, fill_from, prev.tokens) if fill_at else None  # (prev.tokens: see token_rows)
         inp.input_ids, inp.positions, inp.meta, inp.head_rows = batch.build(ids, rows, starts, counts, num_decodes,
-                                                                            head)
+                                                                            head, fill)
         return inp
 
     def warm_up(self) -> None:
@@ -623,38 +671,82 @@ class ModelRunner:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def execute(self, out: SchedulerOutput) -> StepResult:
+        """One step, start to finish: launch, sample, collect."""
+        return self.collect(self.sample(self.launch(out)))
+
+    def launch(self, out: SchedulerOutput, prev: Launch | None = None, timed: bool = False) -> Launch:
+        """Queues a step's forward and LM head on the device; the host does not wait for them.
+        prev: the step still in flight whose sampled tokens this one's pending inputs are (async
+        scheduling). timed: on a GPU, CUDA events time the step on the device (Launch.device_seconds)."""
         if not self._warm:
             self.warm_up()
-        with self.on_device():
-            return self._execute(out)
+        with self.on_device(), torch.inference_mode():
+            t0 = time.perf_counter()
+            launch = Launch(out)
+            if timed and self.device.type == "cuda":
+                launch.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                launch.events[0].record()
+            if self.drafter is not None:  # every step, so that its KV keeps level with the target's
+                self.drafter.propose(out.scheduled, self.block_size)
+            launch.inp = inp = self.prepare(out, prev)
+            launch.hidden = hidden = self.forward(inp)
+            if not self.embed and (inp.logit_rows or inp.spec_chunks):
+                launch.logits = self.model.compute_logits(hidden[inp.head_rows])
+            launch.host_seconds = time.perf_counter() - t0
+        return launch
 
-    @torch.inference_mode()
-    def _execute(self, out: SchedulerOutput) -> StepResult:
-        if self.drafter is not None:  # every step, so that its KV keeps level with the target's
-            self.drafter.propose(out.scheduled, self.block_size)
-        inp = self.prepare(out)
-        hidden = self.forward(inp)
-        result = StepResult()
-        if self.embed and inp.logit_rows:
-            # Last-token pooling: the final (normed) hidden state of the prompt's last token.
-            pooled = torch.nn.functional.normalize(hidden[inp.head_rows].float(), dim=-1).tolist()
-            for seq, vec in zip(inp.sample_seqs, pooled):
-                result.embeddings[seq.seq_id] = vec
-        elif inp.logit_rows or inp.spec_chunks:
-            all_logits = self.model.compute_logits(hidden[inp.head_rows])
-            n = len(inp.logit_rows)
-            if n:
-                self._sample(all_logits[:n], inp, result)
-            if inp.spec_chunks:
-                self._verify(all_logits[n:], inp.spec_chunks, result)
-        for s, row0, n in inp.prompt_rows:
-            result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
-        return result
+    def sample(self, launch: Launch) -> Launch:
+        """Queues the sampling of a launched step, and the copy of its tokens to the host. Steps that
+        ask for logprobs, prompt logprobs, embeddings or verify drafts read them back here."""
+        with self.on_device(), torch.inference_mode():
+            t0 = time.perf_counter()
+            inp, hidden, result = launch.inp, launch.hidden, launch.result
+            if self.embed and inp.logit_rows:
+                # Last-token pooling: the final (normed) hidden state of the prompt's last token.
+                pooled = torch.nn.functional.normalize(hidden[inp.head_rows].float(), dim=-1).tolist()
+                for seq, vec in zip(inp.sample_seqs, pooled):
+                    result.embeddings[seq.seq_id] = vec
+            elif launch.logits is not None:
+                n = len(inp.logit_rows)
+                if n:
+                    self._sample(launch.logits[:n], inp, launch)
+                if inp.spec_chunks:
+                    self._verify(launch.logits[n:], inp.spec_chunks, result)
+            for s, row0, n in inp.prompt_rows:
+                result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row0 : row0 + n])
+            launch.hidden = launch.logits = None
+            if launch.deferred and self.device.type == "cuda":
+                try:
+                    host = torch.empty(launch.tokens.shape, dtype=launch.tokens.dtype, pin_memory=True)
+                except RuntimeError:  # no page-locked memory: collect() copies them synchronously
+                    host = None
+                if host is not None:
+                    launch.host_tokens = host.copy_(launch.tokens, non_blocking=True)
+            if launch.events is not None:  # (before `done`: collect's wait covers it, elapsed_time needs it)
+                launch.events[1].record()
+            if self.device.type == "cuda":
+                launch.done = torch.cuda.Event()
+                launch.done.record()
+            launch.host_seconds += time.perf_counter() - t0
+        return launch
 
-    def _sample(self, logits: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
+    def collect(self, launch: Launch) -> StepResult:
+        """A sampled step's result, once the device has finished it (the host waits here)."""
+        if launch.done is not None:
+            launch.done.synchronize()
+        if launch.deferred:
+            host = launch.host_tokens if launch.host_tokens is not None else launch.tokens
+            sampled = launch.result.sampled
+            for seq, token in zip(launch.token_seqs, host.tolist()):
+                sampled[seq.seq_id] = [(token, None)]
+            launch.deferred = False
+        return launch.result
+
+    def _sample(self, logits: torch.Tensor, inp: StepInputs, launch: Launch) -> None:
         """Samples a token for every logits row from the persistent batch's parameter columns; only
         rows marked special (a seed, bans, biases, penalties, a grammar, beams) are visited one by one."""
         seqs = inp.sample_seqs
+        result = launch.result
         cols = self.batch.columns.take(np.array(inp.sample_batch_rows, np.int64))
         special = cols.rows_with(USES_SPECIAL)
         beams = [i for i in special if seqs[i].request.beam is not None]
@@ -673,15 +765,19 @@ class ModelRunner:
             self._generator(seqs[i])
         md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,
                                            stage=self.batch.sample_staging)
-        constrained = [i for i in special if seqs[i].matcher is not None]
+        # (a sequence that ended while this step was in flight has a row whose token is dropped)
+        constrained = [i for i in special if seqs[i].matcher is not None and not seqs[i].is_finished]
         if constrained:
             md.bitmask = fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
             md.mask_rows = constrained
-        so = self.sampler(logits, md)
-        if md.max_logprobs is None:
-            for seq, token in zip(seqs, so.token_ids):
-                result.sampled[seq.seq_id] = [(token, None)]
+        launch.token_seqs = seqs
+        launch.token_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        if md.max_logprobs is None:  # read back in collect(), without waiting here
+            launch.tokens = self.sampler.tokens(logits, md)
+            launch.deferred = True
             return
+        so = self.sampler(logits, md)
+        launch.tokens = so.tokens
         for i, seq in enumerate(seqs):
             entry = None
             k = seq.params.logprobs

@@ -73,11 +73,13 @@ class ScheduledSeq:
     # Samples of the same request that fork off this chunk's logits row (it completes the prompt).
     forks: list[Sequence] = field(default_factory=list)
     num_spec: int = 0  # draft tokens after the last token (seq.spec_token_ids[:num_spec]), in num_new_tokens
+    # True when this chunk reaches the end of the sequence, so a token is sampled. Fixed when it is
+    # scheduled (drafts added later do not change it): with async scheduling the sequence grows a
+    # pending token before the step's energy and features are accounted.
+    completes: bool = field(init=False)
 
-    @property
-    def completes(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.start + self.num_new_tokens - self.num_spec == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.completes = self.start + self.num_new_tokens - self.num_spec == self.seq.num_tokens
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Scheduler:
         self.draft_kv = False
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len: int | None = None  # (set by the engine: a sequence ends there)
         self.waiting: list[Sequence] = []  # sorted by sched_key
         self.running: list[Sequence] = []  # sorted by sched_key
         self.fork_waiting: dict[int, list[Sequence]] = {}  # sample 0's seq_id -> samples waiting for it
@@ -174,12 +177,14 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.FORK_WAITING:  # it waits for its request's sample 0
             leader = seq.request.seqs[0].seq_id
-            sibs = self.fork_waiting[leader]
-            sibs.remove(seq)
-            if not sibs:
-                del self.fork_waiting[leader]
+            sibs = self.fork_waiting.get(leader)
+            if sibs is not None and seq in sibs:  # (else a scheduled chunk took it along: advance skips it)
+                sibs.remove(seq)
+                if not sibs:
+                    del self.fork_waiting[leader]
         self.block_manager.free(seq)
         seq.status = SeqStatus.FINISHED
+        seq.num_pending = 0  # (async scheduling: what steps in flight sample for it is dropped)
         # Samples still waiting for a leader that is gone run on their own.
         orphans = self.fork_waiting.pop(seq.seq_id, None)
         for sib in orphans or ():
@@ -282,6 +287,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.num_pending and self._ends(seq):
+                continue  # its pending token reaches max_tokens or the context: a row for it would be wasted
             num_new = self._chunk(seq, slo_class)
             if num_new <= 0:
                 continue
@@ -298,6 +305,13 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, num_new, start))
                 self._scheduled.add(seq.seq_id)
                 self._charge(seq, start, num_new)
+
+    def _ends(self, seq: Sequence) -> bool:
+        """Whether the sequence is over once its pending tokens are appended, whatever they are."""
+        p = seq.params
+        n = seq.num_tokens
+        return ((p.max_tokens is not None and n - seq.num_prompt_tokens >= p.max_tokens)
+                or (self.max_model_len is not None and n >= self.max_model_len))
 
     def _admit(self, out: SchedulerOutput, slo_class: bool | None) -> None:
         """Admits waiting sequences in order, only when no running one was preempted for blocks."""
@@ -357,7 +371,7 @@ class Scheduler:
             if slo.tpot_s is None:
                 continue
             first = s.request.metrics.first_token_time
-            n = max(1, s.num_output_tokens)
+            n = max(1, s.num_tokens - s.num_prompt_tokens)  # (a pending token, async scheduling, counts)
             due = (first + n * slo.tpot_s * TPOT_MARGIN - now) if first is not None else slo.tpot_s * TPOT_MARGIN
             caps.append(min(due, TPOT_BANK * slo.tpot_s))
             hard.append(min((first + n * slo.tpot_s * TPOT_HARD - now) if first is not None else slo.tpot_s,
@@ -499,10 +513,14 @@ class Scheduler:
         bm = self.block_manager
         for s in out.scheduled:
             seq = s.seq
+            if seq.is_finished:  # (async scheduling: it ended while the step was in flight)
+                continue
             self.num_prompt_tokens_computed += max(0, min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start)
             seq.num_computed_tokens = s.start + s.num_new_tokens - s.num_spec
             self._register(seq)
             for sib in s.forks:
+                if sib.is_finished:  # (aborted or failed since the step was scheduled)
+                    continue
                 bm.fork(seq, sib)
                 sib.num_draft_computed = seq.num_draft_computed
                 sib.status = SeqStatus.RUNNING

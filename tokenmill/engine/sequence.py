@@ -45,6 +45,10 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    # Async scheduling: tokens sampled by steps still in flight, not in token_ids yet. They count in
+    # num_tokens (the scheduler plans the next step around them); the next step reads the last one's
+    # value on the device (ModelRunner.prepare), and the engine appends them as their steps finish.
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     # Prefix cache: hashes of the full blocks of token_ids computed so far (hash-chained), and
     # how many leading blocks of block_table are already offered to the cache.
@@ -93,7 +97,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

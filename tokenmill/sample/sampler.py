@@ -176,6 +176,7 @@ class SamplingMetadata:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
+    tokens: torch.Tensor | None = None  # the same, on the device
     # Present when some row asked for logprobs: the sampled token's logprob and rank,
     # and the top max_logprobs (ids, logprobs) of every row.
     sampled_logprobs: list[float] | None = None
@@ -202,20 +203,24 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if md.max_logprobs is not None else None
-        logits = self._constrain(logits, md)
-
-        if md.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, md)
-            if md.greedy is not None:
-                tokens = torch.where(md.greedy, logits.argmax(dim=-1), tokens)
-
-        out = SamplerOutput(token_ids=tokens.tolist())
+        tokens = self.tokens(logits, md)
+        out = SamplerOutput(token_ids=tokens.tolist(), tokens=tokens)
         if raw_logprobs is not None:
             out.sampled_logprobs, out.sampled_ranks = token_logprobs(raw_logprobs, tokens)
             out.topk_ids, out.topk_logprobs = topk_logprobs(raw_logprobs, md.max_logprobs)
         return out
+
+    def tokens(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The sampled token of every row, on the device (int64). Greedy rows and plain temperature
+        sampling never wait for the device; top-k/top-p rows do, to find the rare rows whose
+        nucleus reaches past the candidates."""
+        logits = self._constrain(logits.float(), md)
+        if md.all_greedy:
+            return logits.argmax(dim=-1)
+        tokens = self._sample(logits, md)
+        if md.greedy is not None:
+            tokens = torch.where(md.greedy, logits.argmax(dim=-1), tokens)
+        return tokens
 
     def distribution(self, logits: torch.Tensor, md: SamplingMetadata) -> tuple[list[int], torch.Tensor | None]:
         """Each row's greedy token and, unless every row is greedy, the distribution sampling draws
@@ -348,7 +353,7 @@ def sample_rows(probs: torch.Tensor, generators: dict[int, torch.Generator] | No
     idx = (bi * block + j)[:, 0].clamp_(max=vocab - 1)
     # Rounding can land on a zero-probability entry at the very end: take the row's mode instead.
     zero = probs.gather(1, idx[:, None])[:, 0] <= 0
-    if bool(zero.any()):
+    if probs.device.type != "cpu" or bool(zero.any()):  # (on a GPU without asking it: the host would wait)
         idx = torch.where(zero, probs.argmax(dim=-1), idx)
     return idx
 

@@ -337,6 +337,7 @@ class AsyncEngine:
         True when there is more to do right away."""
         engine = self.engine
         outputs = self._drain_commands()
+        outputs += engine.take_outputs()  # (a step in flight that parking the model finished)
         stepped = False
         if not engine.parked and engine.has_unfinished_requests():
             stepped = True
