@@ -88,6 +88,36 @@ def test_rope_in_place_on_the_fused_projection(dtype, heads, kv_heads, d):
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)  # v untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 64), (8, 8, 128), (0, 2, 64)])
+def test_rope_writes_keys_and_values_into_the_cache(dtype, heads, kv_heads, d):
+    """RoPE with the cache write (model/layers.rope_and_cache): q and k rotated in place as alone,
+    each token's rotated key heads and its value heads in the cache at its slot, nothing else
+    touched. heads=0: keys alone (Qwen3 rotates its normed q and k apart)."""
+    t, blocks, bs = 6, 5, 16
+    g = torch.Generator(device=DEVICE).manual_seed(d + heads + kv_heads)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=g, device=DEVICE).to(dtype)
+    x = qkv[:, : (heads + kv_heads) * d].view(t, heads + kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
+    pos = torch.tensor([0, 3, 17, 500, 9000, 4], device=DEVICE)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=DEVICE).float() / d))
+    emb = torch.cat([pos[:, None].float() * inv[None, :]] * 2, dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    cache = torch.randn(2, blocks, bs, kv_heads, d, generator=g, device=DEVICE).to(dtype)
+    slots = torch.tensor([3, 17, 79, 40, 0, 64], device=DEVICE)
+    want_x = x.clone()
+    gpu_ops.rope_(want_x, cos, sin)
+    want_cache = cache.clone()
+    want_cache[0].view(-1, kv_heads, d)[slots] = want_x[:, heads:]
+    want_cache[1].view(-1, kv_heads, d)[slots] = v
+    v_before = v.clone()
+    gpu_ops.rope_(x, cos, sin, (v, cache[0], cache[1], slots), heads)
+    assert torch.equal(x, want_x) and torch.equal(v, v_before)
+    assert torch.equal(cache, want_cache)
+    with pytest.raises(ValueError, match="cache"):
+        gpu_ops.rope_(x, cos, sin, (v, cache[0].to(torch.float16), cache[1], slots), heads)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [128, 1000, 4864])
 def test_silu_mul(dtype, inter):

@@ -7,8 +7,8 @@ Llama-3-8B shape would run ~35 kernels per layer, ~1,100 a token; inside a CUDA 
 still costs a few microseconds of device time, against the ~3.7 ms the step's weights take to
 read on an H200: a sixth of the step's time, at the batch size whose goal is 80% of the
 memory-bandwidth limit. Fused, with each residual sum inside the norm after it (add_rms_norm,
-DecoderLM._forward_fused_norms), a layer is about a dozen kernels (4 matmuls, 2 norms, RoPE, the
-cache write, attention, SiLU * up).
+DecoderLM._forward_fused_norms) and the KV cache write inside RoPE, a layer is about ten kernels
+(4 matmuls, 2 norms, RoPE with the cache write, attention, SiLU * up).
 
 Each kernel rounds where PyTorch's sequence of ops rounds (as Hugging Face computes them, and as
 the CPU kernels in csrc/cpu_ops.cpp do): the normalised row to the model's dtype before the
@@ -26,6 +26,8 @@ import functools
 import torch
 
 from tokenmill.attention.triton_backend import KernelLaunch
+
+ROPE_WRITES_CACHE = True  # rope_ takes a cache to write the keys and values into (model/layers.rope_and_cache)
 
 
 @functools.cache
@@ -61,8 +63,8 @@ def _kernels():
         tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * h.to(tl.float32)).to(w.dtype), mask=mask)
 
     @triton.jit
-    def rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr,
-                    BLOCK: tl.constexpr):
+    def rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                    stride_vt, stride_vh, NQ, HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         i = tl.arange(0, BLOCK)
@@ -80,6 +82,16 @@ def _kernels():
         hi = (bf * c2).to(dt).to(tl.float32) + (af * s2).to(dt).to(tl.float32)
         tl.store(base + i, lo.to(dt), mask=mask)
         tl.store(base + HALF + i, hi.to(dt), mask=mask)
+        if WRITE:
+            if h >= NQ:  # a key head: it and its value head go into the cache at the token's slot
+                kvh = h - NQ
+                slot = tl.load(slot_ptr + t)
+                dst = (slot * (tl.num_programs(1) - NQ) + kvh) * (2 * HALF)  # cache [slots, kv_heads, D]
+                tl.store(kc_ptr + dst + i, lo.to(dt), mask=mask)
+                tl.store(kc_ptr + dst + HALF + i, hi.to(dt), mask=mask)
+                vsrc = v_ptr + t * stride_vt + kvh * stride_vh
+                tl.store(vc_ptr + dst + i, tl.load(vsrc + i, mask=mask, other=0.0), mask=mask)
+                tl.store(vc_ptr + dst + HALF + i, tl.load(vsrc + HALF + i, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
     def silu_mul_kernel(gu_ptr, out_ptr, stride_g, stride_o, INTER, BLOCK: tl.constexpr):
@@ -115,13 +127,19 @@ def add_rms_norm_launch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
                         dict(BLOCK=block), _warps(block))
 
 
-def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> KernelLaunch:
+def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                num_q_heads: int = 0) -> KernelLaunch:
     triton, _, kernel, _, _ = _kernels()
     half = x.shape[2] // 2
+    v, k_cache, v_cache, slots = cache if cache is not None else (x, x, x, x)
     # No fused multiply-adds: PyTorch rounds each product before the sum (in float32 the casts
     # to the dtype are no-ops, and the compiler would contract a * c + b * s into one rounding).
-    return KernelLaunch(kernel, (x.shape[0], x.shape[1]), (x, cos, sin, x.stride(0), x.stride(1), cos.stride(0)),
-                        dict(HALF=half, BLOCK=triton.next_power_of_2(half)), 1, dict(enable_fp_fusion=False))
+    return KernelLaunch(kernel, (x.shape[0], x.shape[1]),
+                        (x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), v, k_cache, v_cache, slots,
+                         v.stride(0), v.stride(1), num_q_heads),
+                        dict(HALF=half, BLOCK=triton.next_power_of_2(half), WRITE=cache is not None), 1,
+                        dict(enable_fp_fusion=False))
 
 
 def silu_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> KernelLaunch:
@@ -156,14 +174,29 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return total, out
 
 
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+          num_q_heads: int = 0) -> None:
     """Rotate-half RoPE in place on x [T, heads, D] (any row and head strides, contiguous head
-    dimension), from cos/sin [T, D] float32 rows (each token's position)."""
+    dimension), from cos/sin [T, D] float32 rows (each token's position).
+
+    With cache = (v [T, kv_heads, D], k_cache, v_cache [blocks, block_size, kv_heads, D], slots [T]),
+    x's heads from num_q_heads on are keys: each is written, rotated, into k_cache at its token's
+    slot, and v's head beside it into v_cache, in the same kernel (the attention backend's two
+    index copies a layer, saved)."""
     t, heads, d = x.shape
     if x.stride(2) != 1 or d % 2 or cos.shape != (t, d) or sin.shape != (t, d) or cos.stride() != sin.stride():
         raise ValueError("rope_: x must be [T, heads, D] with a contiguous head dimension, cos/sin [T, D]")
+    if cache is not None:
+        v, k_cache, v_cache, slots = cache
+        kv = heads - num_q_heads
+        if (v.shape != (t, kv, d) or v.stride(2) != 1 or k_cache.shape != v_cache.shape or k_cache.shape[-2:] != (kv, d)
+                or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k_cache.dtype != x.dtype
+                or v_cache.dtype != x.dtype or v.dtype != x.dtype or slots.shape != (t,)):
+            raise ValueError("rope_: cache must be (v [T, kv_heads, D], two contiguous caches [.., kv_heads, D] of "
+                             "x's dtype, slots [T])")
     if t and heads:
-        rope_launch(x, cos, sin).launch()
+        rope_launch(x, cos, sin, cache, num_q_heads).launch()
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = ""
+    # Whether forward takes cache_written=True: the step's keys and values are already in kv_cache
+    # (written by the RoPE kernel, model/layers.rope_and_cache), so it must not write them again.
+    takes_written_cache: bool = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads

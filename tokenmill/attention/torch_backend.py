@@ -28,6 +28,8 @@ class TorchAttentionBackend(AttentionBackend):
         super().__init__(*args, **kwargs)
         self._buffers: dict[str, torch.Tensor] = {}
 
+    takes_written_cache = True
+
     def forward(
         self,
         q: torch.Tensor,
@@ -36,8 +38,9 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None = None,
+        cache_written: bool = False,
     ) -> torch.Tensor:
-        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
+        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta, cache_written)
 
         out = torch.empty_like(q)
         nd = meta.num_decodes
@@ -55,13 +58,16 @@ class TorchAttentionBackend(AttentionBackend):
             rows = slice(qsl[i], qsl[i + 1])
             out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, i, meta, window)
 
-    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
-        """Writes this step's k and v into their slots; returns the caches and their flat views."""
+    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                     written: bool = False):
+        """Writes this step's k and v into their slots (unless they are already: `written`); returns
+        the caches and their flat views."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        if not written:
+            flat_k.index_copy_(0, meta.slot_mapping, k)
+            flat_v.index_copy_(0, meta.slot_mapping, v)
         return k_cache, v_cache, flat_k, flat_v
 
     def _decode(
@@ -169,6 +175,7 @@ class TorchAttentionBackend(AttentionBackend):
 @register_attention_backend
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
+    takes_written_cache = False
     # Chunks up to this many query rows use the kernel; longer ones PyTorch's flash attention.
     max_kernel_query_len = 16
 

@@ -135,7 +135,8 @@ def backend_launches(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
 def elementwise_launches(heads: int, kv_heads: int, head_dim: int, intermediate: int, dtype: torch.dtype
                          ) -> list[tuple[str, object]]:
     """(label, launch) of gpu_ops' kernels at a model's shape: RMSNorm over the hidden size, alone
-    and after the residual sum, RoPE on q and k as one view of the qkv projection, SiLU * up."""
+    and after the residual sum, RoPE on q and k as one view of the qkv projection (alone, and
+    writing k and v into a KV cache), SiLU * up."""
     from tokenmill import gpu_ops
 
     hidden, t = heads * head_dim, 3
@@ -143,12 +144,16 @@ def elementwise_launches(heads: int, kv_heads: int, head_dim: int, intermediate:
     qkv = torch.zeros(t, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(t, heads + kv_heads, head_dim)
     cos = torch.zeros(t, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
+    cache = torch.zeros(2, 4, 16, kv_heads, head_dim, dtype=dtype)
+    slots = torch.zeros(t, dtype=torch.long)
     gate_up = torch.zeros(t, 2 * intermediate, dtype=dtype)
     w = torch.ones(hidden, dtype=dtype)
     return [("rms_norm", gpu_ops.rms_norm_launch(x, w, 1e-6, torch.empty_like(x))),
             ("add_rms_norm", gpu_ops.add_rms_norm_launch(x, x.clone(), w, 1e-6, torch.empty_like(x),
                                                          torch.empty_like(x))),
             ("rope", gpu_ops.rope_launch(qk, cos, cos.clone())),
+            ("rope_cache", gpu_ops.rope_launch(qk, cos, cos.clone(), (v, cache[0], cache[1], slots), heads)),
             ("silu_mul", gpu_ops.silu_mul_launch(gate_up, torch.empty(t, intermediate, dtype=dtype)))]
 
 

@@ -291,11 +291,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None = None,
+        cache_written: bool = False,
     ) -> torch.Tensor:
         bs = meta.block_size
         if bs & (bs - 1) or bs < 16:  # tl.arange and tl.dot want powers of two, at least 16
             raise ValueError(f"attention_backend 'triton': block_size must be a power of two >= 16, got {bs}")
-        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta)
+        k_cache, v_cache, flat_k, flat_v = self._write_cache(k, v, kv_cache, meta, cache_written)
         if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("attention_backend 'triton': q and the KV cache must be contiguous in head_dim")
         # Contiguous, not empty_like(q): q is a slice of the fused projection, and with one token

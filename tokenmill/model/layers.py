@@ -82,6 +82,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * c + _rotate_half(x) * s
 
 
+def rope_and_cache(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                   slots: torch.Tensor, num_q_heads: int) -> bool:
+    """RoPE of x [T, heads, D] in place, its heads from num_q_heads on (keys) written rotated into
+    kv_cache [2, blocks, block_size, kv_heads, D] at their tokens' slots with v's beside them, in one
+    kernel where the fused op is there (CUDA). False where it is not: nothing is done, the caller
+    rotates and the attention backend writes the cache."""
+    ops = elementwise_ops(x)
+    if (ops is None or not getattr(ops, "ROPE_WRITES_CACHE", False) or x.stride(2) != 1 or x.stride(1) != x.shape[2]
+            or kv_cache.dtype != x.dtype or v.dtype != x.dtype or not kv_cache.is_contiguous()):
+        return False
+    ops.rope_(x, cos, sin, (v, kv_cache[0], kv_cache[1], slots), num_q_heads)
+    return True
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

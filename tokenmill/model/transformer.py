@@ -13,7 +13,7 @@ from torch import nn
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
 from tokenmill.kernels import elementwise_ops, ops_for
-from tokenmill.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from tokenmill.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, rope_and_cache
 from tokenmill.model.linear import KERNEL_MAX_ROWS, Embedding, Linear, linear
 
 
@@ -46,17 +46,27 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        # On CUDA RoPE's kernel also writes k and v into the cache (when the backend takes it so).
+        write = self.backend.takes_written_cache
         if self.q_norm is None:
             # q and k sit side by side in qkv: rotate them as one [T, heads + kv_heads, D] tensor.
             qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = apply_rope(qk, *rope)
+            written = write and rope_and_cache(qk, *rope, v, kv_cache, meta.slot_mapping, self.num_heads)
+            if not written:
+                qk = apply_rope(qk, *rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q = qkv[:, : self.q_size].reshape(t * self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(t * self.num_kv_heads, self.head_dim)
             q = apply_rope(self.q_norm(q).view(t, self.num_heads, self.head_dim), *rope)
-            k = apply_rope(self.k_norm(k).view(t, self.num_kv_heads, self.head_dim), *rope)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.sliding_window)
+            k = self.k_norm(k).view(t, self.num_kv_heads, self.head_dim)
+            written = write and rope_and_cache(k, *rope, v, kv_cache, meta.slot_mapping, 0)
+            if not written:
+                k = apply_rope(k, *rope)
+        if written:
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.sliding_window, cache_written=True)
+        else:
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.sliding_window)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
