@@ -25,7 +25,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
 from tokenmill.engine.model_runner import Launch, ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
-from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.sequence import Request, SeqStatus, Sequence
 from tokenmill.engine.slo import SLOAdmissionError, SLOTarget, StepTimeModel, step_features
 from tokenmill.engine.spec_decode import NgramProposer, SpecStats, max_drafts
 from tokenmill.ops.energy import EnergyAccounting, Prices, open_meter
@@ -513,7 +513,7 @@ class LLMEngine:
         self.scheduler.advance(sched)
         if overlap and self.scheduler.has_unfinished():  # (else every row is of a sequence that ended)
             for seq in launch.token_seqs:
-                if not seq.is_finished:
+                if seq.status is not SeqStatus.FINISHED:
                     seq.num_pending += 1
             launch.pending = True
             self._inflight = launch

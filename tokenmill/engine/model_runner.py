@@ -555,21 +555,25 @@ class ModelRunner:
             starts.append(start)
             counts.append(n)
             inp.rows.append(row0)
+            tokens = seq.token_ids
             end = start + n - s.num_spec
-            if n == 1 and start < len(seq.token_ids):
+            if n == 1:
                 num_decodes += 1
-                ids.append(seq.token_ids[start])
-            else:
-                num_decodes += n == 1
-                ids.extend(seq.token_ids[start:end])
-                if end > len(seq.token_ids):  # its last token is pending
-                    src = prev.token_rows.get(seq.seq_id) if prev is not None else None
-                    if src is None or end != len(seq.token_ids) + 1:
-                        raise RuntimeError(f"{seq!r}: tokens {len(seq.token_ids)}..{end} are pending, "
-                                           "but no step in flight samples them")
-                    fill_at.append(len(ids))
-                    fill_from.append(src)
-                    ids.append(0)
+            if end <= len(tokens):
+                if n == 1:
+                    ids.append(tokens[start])
+                else:
+                    ids.extend(tokens[start:end])
+            else:  # its last token is pending: the step in flight sampled it
+                if n > 1:
+                    ids.extend(tokens[start:])
+                src = prev.token_rows.get(seq.seq_id) if prev is not None else None
+                if src is None or end != len(tokens) + 1:
+                    raise RuntimeError(f"{seq!r}: tokens {len(tokens)}..{end} are pending, "
+                                       "but no step in flight samples them")
+                fill_at.append(len(ids))
+                fill_from.append(src)
+                ids.append(0)
             if s.num_spec:
                 ids.extend(seq.spec_token_ids[: s.num_spec])
                 inp.spec_chunks.append((s, row0))

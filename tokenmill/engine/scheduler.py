@@ -308,10 +308,14 @@ class Scheduler:
 
     def _ends(self, seq: Sequence) -> bool:
         """Whether the sequence is over once its pending tokens are appended, whatever they are."""
-        p = seq.params
-        n = seq.num_tokens
-        return ((p.max_tokens is not None and n - seq.num_prompt_tokens >= p.max_tokens)
-                or (self.max_model_len is not None and n >= self.max_model_len))
+        limit = seq.length_limit
+        if limit is None:  # (once per sequence: this runs for every decode of every step)
+            p = seq.params
+            limit = self.max_model_len if self.max_model_len is not None else 2**62
+            if p.max_tokens is not None:
+                limit = min(limit, seq.num_prompt_tokens + p.max_tokens)
+            seq.length_limit = limit
+        return len(seq.token_ids) + seq.num_pending >= limit
 
     def _admit(self, out: SchedulerOutput, slo_class: bool | None) -> None:
         """Admits waiting sequences in order, only when no running one was preempted for blocks."""

@@ -49,6 +49,7 @@ class Sequence:
     # num_tokens (the scheduler plans the next step around them); the next step reads the last one's
     # value on the device (ModelRunner.prepare), and the engine appends them as their steps finish.
     num_pending: int = 0
+    length_limit: int | None = None  # tokens at which it ends by length (Scheduler._ends, computed once)
     block_table: list[int] = field(default_factory=list)
     # Prefix cache: hashes of the full blocks of token_ids computed so far (hash-chained), and
     # how many leading blocks of block_table are already offered to the cache.
