@@ -42,7 +42,7 @@ def _checked(llm: LLM) -> list[int]:
             end = s.start + s.num_new_tokens - s.num_spec
             ids = seq.token_ids[s.start : end]
             if end > len(seq.token_ids):  # pending: the token the step in flight sampled for it
-                ids.append(int(prev.tokens[prev.token_rows[seq.seq_id]]))
+                ids.append(int(prev.tokens[prev.token_row(seq.seq_id)]))
                 steps[1] += 1
             ids += seq.spec_token_ids[: s.num_spec]
             chunks.append((ids, s.start, s.seq.block_table))

@@ -429,33 +429,41 @@ class LLMEngine:
         if self.async_scheduling:
             return self._step_async()
         t_begin = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if sched.freed_seq_ids:  # their rows of the runner's persistent batch, before anything takes rows
-            self.runner.batch.release(sched.freed_seq_ids)
-        if sched.is_empty:
+        sched = self._schedule()
+        if sched is None:
             return []
-        now = time.time()
-        for s in sched.scheduled:
-            m = s.seq.request.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
-        if sched.block_copies:  # copy-on-write of shared partial blocks, before anything writes
-            self.runner.copy_blocks(sched.block_copies)
         if self.before_step is not None:
             self.before_step()
         t0 = time.perf_counter()
         try:
-            result = self.runner.execute(sched)
+            result = self.runner.execute(sched)  # (collect waits for the step's last kernel)
         except Exception as e:
             return self._isolate_failure(sched, e)
-        if self.device.type == "cuda":  # a chunk that samples nothing returns before its kernels ran
-            torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         self._observe_step(sched, t1 - t0)
         self.scheduler.advance(sched)
         outputs = self._process(sched, result)
         self.step_model.observe_overhead(time.perf_counter() - t_begin - (t1 - t0))
         return outputs
+
+    def _schedule(self) -> SchedulerOutput | None:
+        """The next step's batch, readied to run (None when it holds nothing): freed sequences' rows
+        of the runner's persistent batch released before anything takes rows (even if nothing runs),
+        first-scheduled times stamped, copy-on-write of shared partial blocks done before anything
+        writes."""
+        sched = self.scheduler.schedule()
+        if sched.freed_seq_ids:
+            self.runner.batch.release(sched.freed_seq_ids)
+        if sched.is_empty:
+            return None
+        now = time.time()
+        for s in sched.scheduled:
+            m = s.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        if sched.block_copies:
+            self.runner.copy_blocks(sched.block_copies)
+        return sched
 
     def _step_async(self) -> list[RequestOutput]:
         """Async scheduling (vLLM's --async-scheduling, SGLang's overlap scheduler): step N+1 is
@@ -484,18 +492,9 @@ class LLMEngine:
         if prev is not None and not overlap:
             outputs += self._complete(prev)
             prev = None
-        sched = self.scheduler.schedule()
-        if sched.freed_seq_ids:
-            self.runner.batch.release(sched.freed_seq_ids)
-        if sched.is_empty:
+        sched = self._schedule()
+        if sched is None:
             return outputs + (self._complete(prev) if prev is not None else [])
-        now = time.time()
-        for s in sched.scheduled:
-            m = s.seq.request.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
-        if sched.block_copies:
-            self.runner.copy_blocks(sched.block_copies)
         if prev is None and self.before_step is not None:
             self.before_step()
         try:
@@ -547,7 +546,7 @@ class LLMEngine:
     def drain(self) -> list[RequestOutput]:
         """Finishes the step in flight (async scheduling), if any: the outputs it makes and any kept
         for the next step()."""
-        outputs, self._ready = self._ready, []
+        outputs = self.take_outputs()
         if self._inflight is not None:
             launch, self._inflight = self._inflight, None
             outputs += self._complete(launch)

@@ -64,16 +64,24 @@ class Launch:
     logits: torch.Tensor | None = None  # the LM head's rows, until sampled
     result: StepResult = field(default_factory=StepResult)
     # The sampled token of each of token_seqs, on the device: a pending input of the next step is
-    # read from here (token_rows: seq_id -> row).
+    # read from here (token_row).
     tokens: torch.Tensor | None = None
     token_seqs: list[Sequence] = field(default_factory=list)
-    token_rows: dict[int, int] = field(default_factory=dict)
     deferred: bool = False  # tokens still to be read back into result.sampled (collect)
     host_tokens: torch.Tensor | None = None  # their pinned host copy, in flight until `done`
     done: Any = None  # a CUDA event after the step's last work
     events: tuple[Any, Any] | None = None  # CUDA timing events around the step (launch(timed=True))
     host_seconds: float = 0.0  # host time in launch and sample (the whole step on a CPU)
     pending: bool = False  # its sampled tokens count as pending (async scheduling: left in flight)
+
+    _rows: dict[int, int] | None = field(default=None, repr=False)
+
+    def token_row(self, seq_id: int) -> int | None:
+        """The row of `tokens` that holds this sequence's token (made when first asked: only a step
+        after this one in flight asks)."""
+        if self._rows is None:
+            self._rows = {seq.seq_id: i for i, seq in enumerate(self.token_seqs)}
+        return self._rows.get(seq_id)
 
     def device_seconds(self) -> float:
         """The step's time on the device (after collect): its CUDA events' span where timed, else the
@@ -567,7 +575,7 @@ class ModelRunner:
             else:  # its last token is pending: the step in flight sampled it
                 if n > 1:
                     ids.extend(tokens[start:])
-                src = prev.token_rows.get(seq.seq_id) if prev is not None else None
+                src = prev.token_row(seq.seq_id) if prev is not None else None
                 if src is None or end != len(tokens) + 1:
                     raise RuntimeError(f"{seq!r}: tokens {len(tokens)}..{end} are pending, "
                                        "but no step in flight samples them")
@@ -589,7 +597,7 @@ class ModelRunner:
                 inp.prompt_rows.append((s, row0, n))
             row0 += n
         head = inp.logit_rows + [r0 + j for s, r0 in inp.spec_chunks for j in range(s.num_spec + 1)]
-        fill = (fill_at, fill_from, prev.tokens) if fill_at else None  # (prev.tokens: see token_rows)
+        fill = (fill_at, fill_from, prev.tokens) if fill_at else None  # (prev.tokens: see token_row)
         inp.input_ids, inp.positions, inp.meta, inp.head_rows = batch.build(ids, rows, starts, counts, num_decodes,
                                                                             head, fill)
         return inp
@@ -775,7 +783,6 @@ class ModelRunner:
             md.bitmask = fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
             md.mask_rows = constrained
         launch.token_seqs = seqs
-        launch.token_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
         if md.max_logprobs is None:  # read back in collect(), without waiting here
             launch.tokens = self.sampler.tokens(logits, md)
             launch.deferred = True
