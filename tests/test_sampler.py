@@ -1,6 +1,7 @@
 """The sampler's parameters, each checked against its definition on synthetic logits."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from tokenmill.sample import Sampler, SamplingMetadata
 from tokenmill.sampling_params import SamplingParams
 
 V = 50
+if not torch.cuda.is_available():  # (before anything imports Triton: its kernels run interpreted on a CPU)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _seqs(params: list[SamplingParams], outputs: list[list[int]] | None = None, prompt=(1, 2, 3)):
@@ -266,3 +269,179 @@ def test_inverse_cdf_interval_of_a_block_end_token_is_its_probability():
         width = first_u_reaching(row, 1024) - first_u_reaching(row, 1023)
         true = float(row[0, 1023].double() / row.double().sum())
         assert width == pytest.approx(true, rel=0.01), r
+
+
+# -- on a GPU, nothing waits for the device (async scheduling's overlap depends on it) ---------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _interpreted_triton():
+    return pytest.importorskip("triton")
+
+
+def test_wide_row_kernel_equals_sorting_the_row():
+    """triton_sample's kernel (rows whose nucleus or top-k tie reaches past the candidates) against
+    the whole-row sort and the float64 inverse CDF, with the same draws: flat and peaked rows, ties at
+    the k-th value, top-k with top-p, tokens a grammar masked (-inf), and rows it must leave alone."""
+    _interpreted_triton()
+    from tokenmill.sample.sampler import _top_k_top_p_sorted, sample_rows
+    from tokenmill.sample.triton_sample import wide_sample_
+
+    dev = DEVICES[-1]
+    g = torch.Generator().manual_seed(0)
+    vocab = 3000
+    rows, ks, ps = [], [], []
+    for i in range(16):
+        kind = i % 5
+        if kind == 0:
+            row, k, p = torch.randn(vocab, generator=g) * 0.01, vocab, 0.95  # flat: a nucleus of thousands
+        elif kind == 1:
+            row, k, p = torch.randn(vocab, generator=g) * 3, vocab, 0.999
+        elif kind == 2:
+            row, k, p = torch.zeros(vocab), 50, 1.0  # the 50th value ties past the candidates
+            row[:400] = 5.0
+        elif kind == 3:
+            row, k, p = torch.randn(vocab, generator=g) * 0.5, 600, 0.7
+        else:
+            row, k, p = torch.randn(vocab, generator=g) * 0.2, vocab, 0.9
+            row[torch.randperm(vocab, generator=g)[:2000]] = float("-inf")  # a grammar's mask
+        rows.append(row)
+        ks.append(k)
+        ps.append(p)
+    logits = torch.stack(rows).to(dev)
+    kk, pp = torch.tensor(ks, device=dev), torch.tensor(ps, device=dev)
+    temp = torch.linspace(0.6, 1.4, 16, device=dev)
+    u = torch.rand(16, 1, generator=g, dtype=torch.float64).to(dev)
+    wide = torch.ones(16, dtype=torch.bool, device=dev)
+    wide[[3, 7]] = False
+    tokens = torch.full((16,), -1, dtype=torch.long, device=dev)
+    wide_sample_(logits, temp, kk, pp, wide, u, tokens)
+    ref = sample_rows(torch.softmax(_top_k_top_p_sorted(logits / temp[:, None], kk, pp), dim=-1), u=u)
+    want = torch.where(wide, ref, -1)
+    assert tokens.tolist() == want.tolist()
+    assert all(torch.isfinite(logits[i, t]) for i, t in enumerate(tokens.tolist()) if t >= 0)
+
+
+def test_wide_row_kernel_draws_from_the_nucleus():
+    """Many draws from one flat row: only nucleus tokens, and a spread over most of them."""
+    _interpreted_triton()
+    from tokenmill.sample.triton_sample import wide_sample_
+
+    dev = DEVICES[-1]
+    vocab, n = 600, 64
+    row = torch.linspace(0.0, 1.0, vocab, device=dev)  # increasing: the nucleus is the tail of the ids
+    probs = torch.softmax(row, 0).double()
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    nucleus = set(order[before < 0.5].tolist())
+    tokens = torch.zeros(n, dtype=torch.long, device=dev)
+    wide_sample_(row.expand(n, -1).contiguous(), torch.ones(n, device=dev), torch.full((n,), vocab, device=dev),
+                 torch.full((n,), 0.5, device=dev), torch.ones(n, dtype=torch.bool, device=dev),
+                 torch.rand(n, 1, dtype=torch.float64, device=dev), tokens)
+    got = set(tokens.tolist())
+    assert got <= nucleus and len(got) > n // 3
+
+
+def _every_kind_of_row(device: torch.device, vocab: int, outputs: bool = True):
+    """A batch with every sampling feature: greedy, plain, top-k, top-p (peaked and flat: a nucleus
+    past the candidates), min-p-free seeded rows, logit_bias, min_tokens bans, penalties, a forced
+    token, and grammar masks; returns (logits, sequences, bitmask, mask rows)."""
+    g = torch.Generator().manual_seed(3)
+    kinds = [dict(temperature=0), dict(temperature=0.9, max_reasoning_tokens=4), dict(temperature=0.8, top_k=20),
+             dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_p=0.95, seed=7),
+             dict(temperature=0.7, logit_bias={5: 100.0, 9: -100.0}), dict(temperature=0, min_tokens=3),
+             dict(temperature=0.9, top_p=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+             dict(temperature=0, repetition_penalty=2.0), dict(temperature=0.8, top_k=5, seed=11),
+             dict(temperature=1.0, min_tokens=2, stop_token_ids=[4])]
+    params = [SamplingParams(**kw) for kw in kinds]
+    seqs = []
+    for i, p in enumerate(params):
+        p._eos_token_ids = (0,)
+        s = Request(str(i), None, [1, 2, 3, 2 + i], p, 0.0).seqs[0]
+        if outputs:
+            s.token_ids.extend([7, 8, 7][: i % 4])
+        if p.seed is not None:
+            s.generator = torch.Generator(device=device).manual_seed(p.seed)
+        seqs.append(s)
+    seqs[1].forced = [12]  # a reasoning budget closing its section
+    logits = torch.randn(len(seqs), vocab, generator=g) * 4
+    logits[4] = torch.randn(vocab, generator=g) * 0.01  # flat: its nucleus is past the candidates
+    mask_rows = [2, 6]
+    bitmask = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32)
+    bitmask[0, :4] = -1  # tokens 0..127
+    bitmask[1, 0] = 1  # token 0 alone (EOS, which min_tokens bans: the grammar wins)
+    return logits.to(device), seqs, bitmask, mask_rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("outputs", [True, False], ids=["outputs", "none-yet"])
+def test_staged_metadata_samples_as_built_from_sequences(device, outputs):
+    """Metadata whose per-row work (bans, biases, forced tokens, penalty counts, grammar masks, plain
+    rows) reaches the device in the one staged copy samples exactly the tokens that metadata built
+    row by row gives."""
+    from tokenmill.engine.input_batch import SamplingColumns, Staging
+
+    dev = torch.device(device)
+    vocab = 2000
+    logits, seqs, bitmask, mask_rows = _every_kind_of_row(dev, vocab, outputs)
+    stage = Staging(dev)
+    stage._pack = True  # (on a CPU too: the packed buffer's views)
+    staged = SamplingMetadata.from_columns(SamplingColumns.of(seqs), seqs, vocab, dev, stage=stage,
+                                           bitmask=bitmask, mask_rows=mask_rows)
+    assert staged.plain_rows is not None and staged.plain_rows.tolist() == [1, 5, 10]
+    torch.manual_seed(5)
+    got = Sampler().tokens(logits, staged).tolist()
+    logits2, seqs, _, _ = _every_kind_of_row(dev, vocab, outputs)
+    plain = SamplingMetadata.from_sequences(seqs, vocab, dev)
+    plain.bitmask, plain.mask_rows = bitmask, mask_rows
+    torch.manual_seed(5)
+    want = Sampler().tokens(logits2, plain).tolist()
+    assert got == want
+    assert got[1] == 12 and got[5] == 5 and got[6] == 0 and got[2] < 128
+    if not outputs:
+        assert got[10] != 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_never_waits_for_the_device(device, monkeypatch):
+    """Building staged metadata and sampling a batch with every feature makes no copy from a host
+    list (a copy that waits for the device) and reads nothing back: on a GPU the sync debug mode
+    errors on any wait; on a CPU, the calls that would wait there are refused. Rows whose nucleus is
+    past the candidates take the kernel (interpreted on a CPU)."""
+    _interpreted_triton()
+    import tokenmill.sample.sampler as sampler_mod
+    from tokenmill.engine.input_batch import SamplingColumns, Staging
+
+    dev = torch.device(device)
+    vocab = 2000
+    logits, seqs, bitmask, mask_rows = _every_kind_of_row(dev, vocab)
+    cols = SamplingColumns.of(seqs)
+    stage = Staging(dev)
+    stage._pack = True
+    Sampler().tokens(logits, SamplingMetadata.from_columns(cols, seqs, vocab, dev, stage=stage, bitmask=bitmask,
+                                                           mask_rows=mask_rows))  # (warm: the kernel compiles)
+    monkeypatch.setattr(sampler_mod, "WIDE_KERNEL", True)
+
+    def refuse(name):
+        def f(*a, **k):
+            raise AssertionError(f"{name}: waits for the device")
+        return f
+
+    with monkeypatch.context() as m:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        else:
+            m.setattr(torch, "tensor", refuse("torch.tensor"))
+            m.setattr(torch.Tensor, "nonzero", refuse("nonzero"))
+            m.setattr(torch.Tensor, "tolist", refuse("tolist"))
+            m.setattr(torch.Tensor, "item", refuse("item"))
+        try:
+            md = SamplingMetadata.from_columns(cols, seqs, vocab, dev, stage=stage, bitmask=bitmask,
+                                               mask_rows=mask_rows)
+            tokens = Sampler().tokens(logits, md)
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    assert tokens.shape == (len(seqs),)
+    assert tokens[1].item() == 12

@@ -249,30 +249,27 @@ def fill_bitmask(rows: list[tuple[Any, list[int]]], vocab_size: int) -> torch.Te
     return bitmask
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The bitmask as a bool [rows, vocab_size] on device: bit b of word w is token 32 w + b."""
-    if device.type == "cpu" and sys.byteorder == "little":
+    if device.type == "cpu" and bitmask.device.type == "cpu" and sys.byteorder == "little":
         # numpy's unpackbits is one vectorized pass (0.3 ms for 32 x 49K); the shift-and-compare
         # below builds int32 intermediates 32x the mask's size (6 ms).
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits[:, :vocab_size]).view(torch.bool)
     words = bitmask.to(device)
-    return (((words[:, :, None] >> _SHIFTS.to(device)) & 1) != 0).view(len(bitmask), -1)[:, :vocab_size]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)  # (made there: a copy would wait for the device)
+    return (((words[:, :, None] >> shifts) & 1) != 0).view(len(bitmask), -1)[:, :vocab_size]
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
+                  index: torch.Tensor | None = None) -> torch.Tensor:
     """A copy of logits with every token that the masks forbid set to -inf (bitmask row i
-    belongs to logits row rows[i])."""
+    belongs to logits row rows[i]; index: rows on logits' device, when the caller staged it)."""
     allowed = allowed_tokens(bitmask, logits.shape[1], logits.device)
     if rows == list(range(logits.shape[0])):  # every row constrained: one pass
         return logits.masked_fill(~allowed, float("-inf"))
-    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits = logits.clone()
-    logits[idx] = logits.index_select(0, idx).masked_fill(~allowed, float("-inf"))
-    return logits
+    idx = index if index is not None else torch.tensor(rows, dtype=torch.long, device=logits.device)
+    return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
 
 
 # -- GBNF -------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Compile the Triton kernels for a GPU ahead of time, with no GPU here (issue 16): attention, and
-gpu_ops' fused RMSNorm, RoPE and SiLU * up.
+"""Compile the Triton kernels for a GPU ahead of time, with no GPU here (issue 16): attention,
+gpu_ops' fused RMSNorm, RoPE and SiLU * up, and the sampler's kernel for wide nuclei.
 
 A kernel that spills registers to local memory runs slowly on the GPU but passes every test under
 Triton's interpreter, which compiles nothing. This module compiles the launches the `triton`
@@ -40,7 +40,7 @@ SHAPES = [
 INTERMEDIATE = {"llama3-8b": 14336, "qwen2.5-0.5b": 4864, "qwen2.5-7b": 18944, "llama2-7b (MHA)": 11008}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-          torch.int32: "i32"}
+          torch.int32: "i32", torch.float64: "fp64", torch.uint8: "u8"}
 
 
 @dataclass
@@ -169,7 +169,21 @@ def report(arch: int = 90, shapes: list[tuple[str, int, int, int]] | None = None
             for label, launch in launches:
                 regs, stores, loads, shared = compile_launch(launch, arch)
                 rows.append(KernelResources(label, name, dt, launch.num_warps, regs, stores, loads, shared))
+    launch = sampler_launch()  # (float32 logits, whatever the model's dtype)
+    regs, stores, loads, shared = compile_launch(launch, arch)
+    rows.append(KernelResources("wide_sample", "vocab 152064", "float32", launch.num_warps, regs, stores, loads,
+                                shared))
     return rows
+
+
+def sampler_launch(vocab: int = 152064, rows: int = 256):
+    """The sampler's kernel for rows whose nucleus is past the candidates (sample/triton_sample.py)."""
+    from tokenmill.sample.triton_sample import wide_sample_launch
+
+    f32 = torch.zeros(rows)
+    return wide_sample_launch(torch.zeros(rows, vocab), f32, torch.zeros(rows, dtype=torch.long), f32.clone(),
+                              torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.float64),
+                              torch.zeros(rows, dtype=torch.long))
 
 
 def main(argv: list[str] | None = None) -> int:

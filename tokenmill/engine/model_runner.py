@@ -323,7 +323,7 @@ class ModelRunner:
                                                                                  device=self.device),
             all_greedy=False, top_k=None, top_p=torch.full((rows,), 0.99, device=self.device), min_p=None,
             repetition_penalty=None, presence_penalty=None, frequency_penalty=None, output_counts=None,
-            seen_mask=None, banned=[], biases=[], generators={}, max_logprobs=None)
+            seen_mask=None, generators={}, max_logprobs=None)
         self.sampler(logits, md)
         self._profile_kv_bytes = sum(c.numel() for c in caches) * elem
         del caches
@@ -775,13 +775,12 @@ class ModelRunner:
             special = cols.rows_with(USES_SPECIAL)
         for i in special:
             self._generator(seqs[i])
-        md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,
-                                           stage=self.batch.sample_staging)
         # (a sequence that ended while this step was in flight has a row whose token is dropped)
         constrained = [i for i in special if seqs[i].matcher is not None and not seqs[i].is_finished]
-        if constrained:
-            md.bitmask = fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
-            md.mask_rows = constrained
+        bitmask = (fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
+                   if constrained else None)
+        md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,
+                                           stage=self.batch.sample_staging, bitmask=bitmask, mask_rows=constrained)
         launch.token_seqs = seqs
         if md.max_logprobs is None:  # read back in collect(), without waiting here
             launch.tokens = self.sampler.tokens(logits, md)

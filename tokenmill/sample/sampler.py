@@ -21,8 +21,11 @@ in Python.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -56,16 +59,24 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor | None
     output_counts: torch.Tensor | None  # [B, V] float: how often each token was generated
     seen_mask: torch.Tensor | None  # [B, V] bool: token appears in prompt or output (repetition)
-    banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens): (row, token ids)
-    biases: list[tuple[int, list[int], list[float]]]  # logit_bias: (row, token ids, values)
     generators: dict[int, torch.Generator]
     max_logprobs: int | None  # largest top-k of logprobs asked for in this batch, None if none
-    forced: list[tuple[int, int]] = field(default_factory=list)  # (row, the only token it may take)
+    # Per-row work as flat indices into the [B, V] logits (row * V + token), on the device:
+    banned: torch.Tensor | None = None  # tokens of rows that may not end yet (min_tokens)
+    bias_at: torch.Tensor | None = None  # logit_bias: where, and the values added (bias)
+    bias: torch.Tensor | None = None
+    forced_rows: torch.Tensor | None = None  # rows a reasoning budget allows one token (forced_at)
+    forced_at: torch.Tensor | None = None
     # Structured outputs: allowed-token bitmasks (int32, 32 tokens a word) of the rows listed
+    # (mask_index: mask_rows on the device, when staged)
     bitmask: torch.Tensor | None = None
     mask_rows: list[int] | None = None
+    mask_index: torch.Tensor | None = None
     max_top_k: int | None = None  # the largest top_k of a row with one (known on the host), None: unknown
     top_p_alone: bool = True  # some row has top_p but no top_k (False only when known on the host)
+    # Rows sampled with temperature alone in a batch that has top-k/top-p rows (known on the host);
+    # None: found on the device
+    plain_rows: torch.Tensor | None = None
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
@@ -73,11 +84,15 @@ class SamplingMetadata:
 
     @classmethod
     def from_columns(cls, cols: SamplingColumns, seqs: list[Sequence], vocab_size: int, device: torch.device,
-                     stage: Callable[[list[np.ndarray]], list[torch.Tensor]] | None = None) -> SamplingMetadata:
-        """The metadata of rows whose parameters are `cols` (seqs: each row's sequence). Which
-        parameters are in use is decided on the host from the columns' USES_* bits, the columns in
-        use reach the device in one copy (`stage`), and only rows marked special are visited one by
-        one."""
+                     stage: Callable[[list[np.ndarray]], list[torch.Tensor]] | None = None,
+                     bitmask: torch.Tensor | None = None, mask_rows: list[int] | None = None) -> SamplingMetadata:
+        """The metadata of rows whose parameters are `cols` (seqs: each row's sequence; bitmask: the
+        grammar masks of rows mask_rows, on the host). Which parameters are in use is decided on the
+        host from the columns' USES_* bits; everything the device needs, per-row work included
+        (bans, biases, penalty counts, masks), reaches it in one copy (`stage`), so that building
+        the metadata never waits for the device (a tensor made from a list is a copy that waits for
+        the work queued before it, which under async scheduling is the forward in flight). Only rows
+        marked special are visited one by one."""
         b = len(seqs)
         some = int(np.bitwise_or.reduce(cols.uses)) if b else 0
         every = int(np.bitwise_and.reduce(cols.uses)) if b else USES_GREEDY
@@ -88,6 +103,9 @@ class SamplingMetadata:
         def column(name: str, values: np.ndarray) -> None:
             names.append(name)
             arrays.append(values)
+
+        def flat(rows: list[int] | np.ndarray, tokens: list[int] | np.ndarray) -> np.ndarray:
+            return np.asarray(rows, np.int64) * vocab_size + np.asarray(tokens, np.int64)
 
         max_top_k = None
         top_k = cols.top_k
@@ -104,12 +122,60 @@ class SamplingMetadata:
                 column("top_p", cols.top_p)
             if some & USES_MIN_P:
                 column("min_p", cols.min_p)
-        if some & USES_REPETITION:
-            column("repetition_penalty", cols.repetition_penalty)
-        if some & USES_PRESENCE:
-            column("presence_penalty", cols.presence_penalty)
-        if some & USES_FREQUENCY:
-            column("frequency_penalty", cols.frequency_penalty)
+            if some & (USES_TOP_K | USES_TOP_P):
+                filtered = (top_k > 0) | ((cols.uses & USES_TOP_P) != 0) | cols.greedy
+                column("plain_rows", np.flatnonzero(~filtered).astype(np.int64))
+        for bit, name in ((USES_REPETITION, "repetition_penalty"), (USES_PRESENCE, "presence_penalty"),
+                          (USES_FREQUENCY, "frequency_penalty")):
+            if some & bit:
+                column(name, getattr(cols, name))
+        if some & (USES_PRESENCE | USES_FREQUENCY):  # each row's output tokens, counted on the device
+            rows = cols.rows_with(USES_PRESENCE | USES_FREQUENCY)
+            outs = [seqs[i].token_ids[seqs[i].num_prompt_tokens :] for i in rows]
+            column("counts_at", flat(np.repeat(rows, [len(o) for o in outs]),
+                                     np.fromiter(chain.from_iterable(outs), np.int64)))
+        if some & USES_REPETITION:  # every token of the row, prompt and output
+            rows = cols.rows_with(USES_REPETITION)
+            column("seen_at", flat(np.repeat(rows, [len(seqs[i].token_ids) for i in rows]),
+                                   np.fromiter(chain.from_iterable(seqs[i].token_ids for i in rows), np.int64)))
+
+        gens: dict[int, torch.Generator] = {}
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_vals: list[float] = []
+        forced_rows: list[int] = []
+        forced_ids: list[int] = []
+        for i in (cols.rows_with(USES_SPECIAL) if some & USES_SPECIAL else []):
+            s = seqs[i]
+            p = s.params
+            if s.num_output_tokens < p.min_tokens:
+                ids = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else p._eos_token_ids)) if t < vocab_size]
+                ban_rows += [i] * len(ids)
+                ban_ids += ids
+            if p.logit_bias:
+                bias_rows += [i] * len(p.logit_bias)
+                bias_ids += p.logit_bias
+                bias_vals += p.logit_bias.values()
+            if s.forced:
+                forced_rows.append(i)
+                forced_ids.append(s.forced[0])
+            if s.generator is not None:
+                gens[i] = s.generator
+        if ban_rows:
+            column("banned", flat(ban_rows, ban_ids))
+        if bias_rows:
+            column("bias_at", flat(bias_rows, bias_ids))
+            column("bias", np.asarray(bias_vals, np.float32))
+        if forced_rows:
+            column("forced_rows", np.asarray(forced_rows, np.int64))
+            column("forced_at", flat(forced_rows, forced_ids))
+        if bitmask is not None:
+            column("mask_index", np.asarray(mask_rows, np.int64))
+            if device.type != "cpu":  # (a CPU reads the host's bitmask directly)
+                column("bitmask", bitmask.numpy())
+
         if not arrays:
             tensors = []
         elif stage is None:
@@ -117,39 +183,14 @@ class SamplingMetadata:
         else:
             tensors = stage(arrays)
         t = dict(zip(names, tensors))
-        rep, pres, freq = t.get("repetition_penalty"), t.get("presence_penalty"), t.get("frequency_penalty")
-        special = cols.rows_with(USES_SPECIAL) if some & USES_SPECIAL else []
-
         counts = seen = None
-        if pres is not None or freq is not None or rep is not None:
-            counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
-            penalised = cols.rows_with(USES_REPETITION | USES_PRESENCE | USES_FREQUENCY)
-            for i in penalised:
-                out = seqs[i].output_token_ids
-                if out:
-                    idx = torch.tensor(out, dtype=torch.long, device=device)
-                    counts[i].index_add_(0, idx, torch.ones(len(out), device=device))
-            if rep is not None:
-                seen = counts > 0
-                for i in penalised:
-                    s = seqs[i]
-                    prompt = torch.tensor(s.token_ids[: s.num_prompt_tokens], dtype=torch.long, device=device)
-                    seen[i, prompt] = True
-
-        banned, biases, forced, gens = [], [], [], {}
-        for i in special:
-            s = seqs[i]
-            p = s.params
-            if s.num_output_tokens < p.min_tokens:
-                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p._eos_token_ids))
-                if ids:
-                    banned.append((i, ids))
-            if p.logit_bias:
-                biases.append((i, list(p.logit_bias), list(p.logit_bias.values())))
-            if s.forced:
-                forced.append((i, s.forced[0]))
-            if s.generator is not None:
-                gens[i] = s.generator
+        if "counts_at" in t:
+            at = t["counts_at"]
+            counts = torch.zeros(b * vocab_size, dtype=torch.float32, device=device)
+            counts = counts.index_add_(0, at, torch.ones(at.shape, device=device)).view(b, vocab_size)
+        if "seen_at" in t:
+            seen = torch.zeros(b * vocab_size, dtype=torch.bool, device=device)
+            seen = seen.index_fill_(0, t["seen_at"], True).view(b, vocab_size)
         want = int(cols.logprobs.max()) if some & USES_LOGPROBS else -1
         return cls(
             temperature=t.get("temperature"),
@@ -158,18 +199,24 @@ class SamplingMetadata:
             top_k=t.get("top_k"),
             top_p=t.get("top_p"),
             min_p=t.get("min_p"),
-            repetition_penalty=rep,
-            presence_penalty=pres,
-            frequency_penalty=freq,
+            repetition_penalty=t.get("repetition_penalty"),
+            presence_penalty=t.get("presence_penalty"),
+            frequency_penalty=t.get("frequency_penalty"),
             output_counts=counts,
             seen_mask=seen,
-            banned=banned,
-            biases=biases,
-            forced=forced,
             generators=gens,
             max_logprobs=want if want >= 0 else None,
+            banned=t.get("banned"),
+            bias_at=t.get("bias_at"),
+            bias=t.get("bias"),
+            forced_rows=t.get("forced_rows"),
+            forced_at=t.get("forced_at"),
+            bitmask=t.get("bitmask", bitmask),
+            mask_rows=mask_rows if bitmask is not None else None,
+            mask_index=t.get("mask_index"),
             max_top_k=max_top_k,
             top_p_alone=bool(some & USES_TOP_P) and bool((((cols.uses & USES_TOP_P) != 0) & (top_k == 0)).any()),
+            plain_rows=t.get("plain_rows"),
         )
 
 
@@ -211,9 +258,9 @@ class Sampler:
         return out
 
     def tokens(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """The sampled token of every row, on the device (int64). Greedy rows and plain temperature
-        sampling never wait for the device; top-k/top-p rows do, to find the rare rows whose
-        nucleus reaches past the candidates."""
+        """The sampled token of every row, on the device (int64). With metadata built from columns,
+        nothing here waits for the device on a GPU (rows whose nucleus reaches past the candidates
+        go to triton_sample's kernel); min-p with top-k/top-p, and a CPU, find such rows first."""
         logits = self._constrain(logits.float(), md)
         if md.all_greedy:
             return logits.argmax(dim=-1)
@@ -234,27 +281,31 @@ class Sampler:
 
     def _constrain(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """logit_bias, grammar masks, min_tokens bans, then penalties, on float32 logits (a copy
-        when anything changes). Where a grammar's only way on is to end, it wins over min_tokens."""
-        if md.biases:
+        when anything changes). Where a grammar's only way on is to end, it wins over min_tokens.
+        Nothing here waits for the device."""
+        copied = False
+        if md.bias_at is not None:
             logits = logits.clone()
-            for row, ids, vals in md.biases:
-                logits[row, ids] += torch.tensor(vals, dtype=logits.dtype, device=logits.device)
+            copied = True
+            logits.view(-1).index_add_(0, md.bias_at, md.bias)
         if md.bitmask is not None:
-            logits = apply_bitmask(logits, md.bitmask, md.mask_rows)
-        if md.banned:
-            if not md.biases and md.bitmask is None:  # otherwise logits is already this call's copy
+            logits = apply_bitmask(logits, md.bitmask, md.mask_rows, md.mask_index)
+            copied = True
+        if md.banned is not None:
+            if md.bitmask is not None:  # a row the bans leave nothing keeps its ending tokens
+                banned = logits.clone()
+                banned.view(-1).index_fill_(0, md.banned, float("-inf"))
+                logits = torch.where(torch.isfinite(banned).any(dim=-1, keepdim=True), banned, logits)
+            else:
+                if not copied:
+                    logits = logits.clone()
+                logits.view(-1).index_fill_(0, md.banned, float("-inf"))
+            copied = True
+        if md.forced_rows is not None:  # a reasoning budget closing its section: one token allowed
+            if not copied:  # after bans: the closing tag wins over min_tokens
                 logits = logits.clone()
-            for row, ids in md.banned:
-                kept = logits[row, ids].clone() if md.bitmask is not None else None
-                logits[row, ids] = float("-inf")
-                if kept is not None and not bool(torch.isfinite(logits[row]).any()):
-                    logits[row, ids] = kept
-        if md.forced:  # a reasoning budget closing its section: one token allowed
-            if not md.biases and md.bitmask is None and not md.banned:
-                logits = logits.clone()
-            for row, token in md.forced:  # after bans: the closing tag wins over min_tokens
-                logits[row] = float("-inf")
-                logits[row, token] = 0.0
+            logits.index_fill_(0, md.forced_rows, float("-inf"))
+            logits.view(-1).index_fill_(0, md.forced_at, 0.0)
         return self._apply_penalties(logits, md)
 
     @staticmethod
@@ -294,12 +345,21 @@ class Sampler:
         if md.greedy is not None:
             plain &= ~md.greedy
             wide &= ~md.greedy
-        for rows, sort in ((plain.nonzero()[:, 0], False), (wide.nonzero()[:, 0], True)):
+        # Plain rows are known on the host when the metadata was built from columns. Which rows are
+        # wide only the device knows: on a GPU a kernel draws them without asking (asking would make
+        # the host wait for the step), elsewhere they are found and sorted.
+        plain_rows = md.plain_rows if md.plain_rows is not None else plain.nonzero()[:, 0]
+        on_gpu = (logits.is_cuda if WIDE_KERNEL is None else WIDE_KERNEL) and _has_triton()
+        if on_gpu:
+            from tokenmill.sample.triton_sample import wide_sample_
+
+            wide_sample_(logits.contiguous(), md.temperature, kk, pp, wide, u, tokens)
+        for rows, sort in ((plain_rows, False),) + (() if on_gpu else ((wide.nonzero()[:, 0], True),)):
             if rows.numel():
                 sub = logits[rows] / temp[rows]
                 if sort:
                     sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
-                tokens[rows] = sample_rows(torch.softmax(sub, dim=-1), u=u[rows])
+                tokens.index_copy_(0, rows, sample_rows(torch.softmax(sub, dim=-1), u=u[rows]))
         return tokens
 
     @staticmethod
@@ -312,6 +372,16 @@ class Sampler:
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
         return logits
+
+
+# Rows whose nucleus reaches past the candidates go to triton_sample's kernel: None, on CUDA
+# (tests set True to run it interpreted on a CPU).
+WIDE_KERNEL: bool | None = None
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def draws(b: int, generators: dict[int, torch.Generator] | None, device: torch.device) -> torch.Tensor:

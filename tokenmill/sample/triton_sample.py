@@ -1,0 +1,134 @@
+"""Top-k/top-p sampling of the rows whose nucleus reaches past the sampler's candidates, on a GPU,
+with no sort and no wait for the device (Triton; sampler.Sampler._sample uses it on CUDA).
+
+The sampler draws most top-k/top-p rows among a partial top-k of candidates. A row whose nucleus
+(or a tie at its k-th value) reaches past them needs its whole row: on a CPU those rows are found
+and sorted, but finding them on a GPU means asking the device, a wait that under async scheduling
+would stall the host until the forward in flight ends. This kernel runs over every row with a
+fixed shape instead; a row not marked wide returns at once. Each threshold (the k-th value, then
+the nucleus's edge) is searched over the row's values, K at a time, one pass over the row each
+(about a dozen passes, from L2), and the draw inverts the kept mass's CDF in token-id order with
+a float64 running sum, as sampler.sample_rows does. Ties at the nucleus's edge are all kept (a
+sort keeps some of them). Tests run it under Triton's interpreter on a CPU
+(tests/test_sampler.py); attention/triton_aot.py compiles it for sm_90.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.attention.triton_backend import KernelLaunch
+
+BLOCK, THRESHOLDS = 1024, 8  # values a pass loads at a time; thresholds a search pass weighs
+
+@triton.jit
+def _ordered(x):
+    # float32 -> an integer in the same order (negative floats' magnitude bits flipped), so that a
+    # threshold is searched over the integers and lands on one of the row's values exactly
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _search(base, V, temp, m, lo, hi, target, COUNT: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr):
+    # The smallest t in (lo, hi] where the weight of the row's values above t falls below target
+    # (weight: 1 a value with COUNT, else exp(x - m)); known: weight above lo >= target, above hi
+    # < target. Each pass over the row weighs K thresholds spread over the interval.
+    offs = tl.arange(0, BLOCK)
+    j = tl.arange(1, K + 1).to(tl.int64)
+    while hi - lo > 1:
+        step = (hi - lo + K) // (K + 1)
+        t = tl.minimum(lo + j * step, hi - 1)
+        acc = tl.zeros([K], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            w = tl.where(idx < V, 1.0, 0.0) if COUNT else tl.exp(x - m)
+            above = _ordered(x)[:, None] > t[None, :]
+            acc += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+        ge = acc >= target
+        lo = tl.max(tl.where(ge, t, lo), axis=0)
+        hi = tl.min(tl.where(ge, hi, t), axis=0)
+    return hi
+
+
+@triton.jit
+def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_ptr, out_ptr, V,
+                       BLOCK: tl.constexpr, K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(wide_ptr + row) != 0:
+        base = logits_ptr + row * stride
+        temp = tl.load(temp_ptr + row)
+        k = tl.load(k_ptr + row)
+        p = tl.load(p_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        m = tl.full([], float("-inf"), tl.float32)
+        lo = (2**31 - 1) + tl.zeros([], dtype=tl.int64)
+        hi = -(2**31) + tl.zeros([], dtype=tl.int64)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            m = tl.maximum(m, tl.max(x, axis=0))
+            o = _ordered(x)
+            lo = tl.minimum(lo, tl.min(tl.where(idx < V, o, 2**31 - 1), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(idx < V, o, -(2**31)), axis=0))
+        # top-k: keep the values no fewer than k others exceed (the k-th and its ties)
+        kept = lo
+        if k < V:
+            kept = _search(base, V, temp, m, lo - 1, hi, k.to(tl.float32), True, BLOCK, K)
+        # top-p: then the values that less than top_p of the kept mass exceeds
+        if p < 1.0:
+            z = tl.zeros([], dtype=tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+                z += tl.sum(tl.where(_ordered(x) >= kept, tl.exp(x - m), 0.0), axis=0)
+            kept = _search(base, V, temp, m, kept - 1, hi, p * z, False, BLOCK, K)
+        # One draw: the first token, in id order, where the kept mass's running sum (float64)
+        # passes u times the total
+        total = tl.zeros([], dtype=tl.float64)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            total += tl.sum(tl.where(_ordered(x) >= kept, tl.exp(x - m), 0.0).to(tl.float64), axis=0)
+        goal = tl.load(u_ptr + row) * total
+        run = tl.zeros([], dtype=tl.float64)
+        token = -1 + tl.zeros([], dtype=tl.int64)
+        last = -1 + tl.zeros([], dtype=tl.int64)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            keep = (_ordered(x) >= kept) & (idx < V)
+            e = tl.where(keep, tl.exp(x - m), 0.0).to(tl.float64)
+            cum = run + tl.cumsum(e, axis=0)
+            first = tl.min(tl.where(keep & (cum > goal), idx, V), axis=0).to(tl.int64)
+            token = tl.where((token < 0) & (first < V), first, token)
+            last = tl.maximum(last, tl.max(tl.where(keep, idx, -1), axis=0).to(tl.int64))
+            run += tl.sum(e, axis=0)
+        # (rounding can leave u * total past the running sum's end: the last kept token)
+        tl.store(out_ptr + row, tl.where(token >= 0, token, last))
+
+
+def wide_sample_launch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> KernelLaunch:
+    return KernelLaunch(wide_sample_kernel, (logits.shape[0],),
+                        (logits, logits.stride(0), temp, top_k, top_p, wide.view(torch.uint8), u, tokens,
+                         logits.shape[1]), dict(BLOCK=BLOCK, K=THRESHOLDS), 4)
+
+
+def wide_sample_(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> None:
+    """For each row with wide[i], tokens[i] = a draw at u[i] from softmax(logits[i] / temp[i])
+    restricted to its top_k values (ties with the k-th kept; top_k >= V: none) and then to its
+    top_p nucleus (the values less than top_p of the kept mass exceeds; 1: none). Other rows are
+    left as they are."""
+    b, v = logits.shape
+    if logits.stride(1) != 1 or logits.dtype != torch.float32 or not (
+            temp.shape == top_k.shape == top_p.shape == wide.shape == tokens.shape == (b,) and u.numel() == b):
+        raise ValueError("wide_sample_: logits [B, V] float32 with contiguous rows; temp, top_k, top_p, wide, "
+                         "tokens [B]; u [B] or [B, 1]")
+    if b:
+        wide_sample_launch(logits, temp.float().contiguous(), top_k.long().contiguous(),
+                           top_p.float().contiguous(), wide.contiguous(), u.double().contiguous(), tokens).launch()
