@@ -34,11 +34,13 @@ def test_bench_throughput_reports_mfu_from_the_model_flops_of_its_run(model_dir,
     n, lin, lout = 6, (20, 60), (4, 12)
     d = _bench(["throughput", "--model", model_dir, "--num-prompts", str(n), "--input-len", *map(str, lin),
                 "--output-len", *map(str, lout), "--hf-batch-sizes", "", "--decode-tokens", "4",
-                "--max-num-seqs", "4", "--peak-tflops", "2", "--async-ab", "1"], tmp_path)
+                "--max-num-seqs", "4", "--peak-tflops", "2", "--async-ab", "1", "--ab-top-p", "0.9"], tmp_path)
     tm = d["tokenmill"]
     ab = d["async_ab"]  # (on a CPU nothing overlaps: the A/B only has to run both ways)
     assert d["async_scheduling"] is False and len(ab["on_tok_s"]) == len(ab["off_tok_s"]) == 1
     assert "async scheduling: on" in d["stdout"]
+    assert d["async_ab_top_p"]["sampling"] == {"temperature": 1.0, "top_p": 0.9}
+    assert "async scheduling (temperature 1, top_p 0.9): on" in d["stdout"]
     assert tm["preemptions"] == 0
     # Every prompt token and every generated token but the last goes through the model once; every
     # generated token is one row through the LM head; attention over a sequence of L tokens is L^2/2

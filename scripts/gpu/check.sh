@@ -67,7 +67,7 @@ case $stage in
     step qwen.log python3 -m tokenmill.cli bench throughput --model /tmp/qwen2.5-0.5b --shape qwen2.5-0.5b \
       --load-format dummy --device cuda --dtype bfloat16 --num-prompts 1024 --input-len 32 512 \
       --output-len 16 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --hf-batch-sizes 64,256 \
-      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --async-ab 1 \
+      --hf-max-requests 256 --decode-tokens 128 --peak-tflops 989.4 --async-ab 1 --ab-top-p 0.95 \
       --json "$OUT/throughput_qwen2.5_0.5b.json"
     ;;
   llama)

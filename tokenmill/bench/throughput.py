@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on/off/off/on order (cache emptied before each run), and report the ratio")
     p.add_argument("--async-ab", type=int, default=0, metavar="ROUNDS",
                    help="also run the workload with async scheduling on and off, interleaved, ROUNDS times each")
+    p.add_argument("--ab-top-p", type=float, default=None, metavar="P",
+                   help="--async-ab also samples with temperature 1 and this top_p, both modes (on random weights "
+                        "nearly every row's nucleus reaches past the sampler's candidates: its costliest path)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's spec peak in the run's dtype (dense), for MFU as usually quoted; MFU is "
                         "always also given against the matmul peak measured here")
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
         results["prefix_caching_ab"] = _prefix_caching_ab(llm, reqs, args.prefix_caching_ab)
     if args.async_ab > 0:
         results["async_ab"] = _async_ab(llm, reqs, args.async_ab)
+        if args.ab_top_p is not None:
+            results["async_ab_top_p"] = _async_ab(llm, reqs, args.async_ab, dict(temperature=1.0, top_p=args.ab_top_p))
 
     tm_decode = _tokenmill_decode(llm, reqs[0], args.decode_tokens)
     results["tokenmill_batch1_decode_tok_s"] = tm_decode
@@ -155,12 +160,14 @@ def _print(name: str, r: dict, weight_bytes: int) -> None:
     print(line, flush=True)
 
 
-def _run_tokenmill(llm, reqs: list[Request]) -> dict:
+def _run_tokenmill(llm, reqs: list[Request], sampling: dict | None = None) -> dict:
+    """The workload through the engine's steps; sampling: SamplingParams fields (default greedy)."""
     from tokenmill import SamplingParams
 
     engine = llm.engine
+    kw = sampling or dict(temperature=0)
     ids = [engine.add_request({"prompt_token_ids": r.prompt},
-                              SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)) for r in reqs]
+                              SamplingParams(max_tokens=r.output_len, ignore_eos=True, **kw)) for r in reqs]
     flops0 = engine.energy.flops
     t0, c0 = time.perf_counter(), time.process_time()
     steps = 0
@@ -215,28 +222,32 @@ def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:
             "on_cpu_s": cpu["on"], "off_cpu_s": cpu["off"], "cpu_ratio": cpu_off / cpu_on}
 
 
-def _async_ab(llm, reqs: list[Request], rounds: int) -> dict:
+def _async_ab(llm, reqs: list[Request], rounds: int, sampling: dict | None = None) -> dict:
     """Async scheduling's gain: the same engine and workload with it on and off, interleaved (on,
     off, off, on, ...) so that drift in machine load hits both alike. On a CPU there is nothing to
-    overlap (a step runs as it is launched): the two should be equal there."""
+    overlap (a step runs as it is launched): the two should be equal there. sampling: as
+    _run_tokenmill's (greedy by default)."""
     eng = llm.engine
     # (raises where it cannot run: speculative decoding, an embedding model)
     dataclasses.replace(eng.config, async_scheduling="on").resolve_async_scheduling(eng.device, eng.task)
     saved = eng.async_scheduling
+    label = "" if not sampling else " (" + ", ".join(f"{k} {v:g}" for k, v in sampling.items()) + ")"
     runs: dict[str, list[float]] = {"on": [], "off": []}
     try:
         for i in range(2 * rounds):
             mode = "on" if i % 4 in (0, 3) else "off"
             eng.async_scheduling = mode == "on"  # (nothing is in flight between runs)
             eng.reset_prefix_cache()
-            r = _run_tokenmill(llm, reqs)
+            r = _run_tokenmill(llm, reqs, sampling)
             runs[mode].append(r["output_tok_s"])
-            print(f"async scheduling {mode}: {r['output_tok_s']:.1f} tok/s, {r['steps_per_s']:.1f} steps/s", flush=True)
+            print(f"async scheduling {mode}{label}: {r['output_tok_s']:.1f} tok/s, {r['steps_per_s']:.1f} steps/s",
+                  flush=True)
     finally:
         eng.async_scheduling = saved
     on, off = sum(runs["on"]) / len(runs["on"]), sum(runs["off"]) / len(runs["off"])
-    print(f"async scheduling: on {on:.1f} vs off {off:.1f} tok/s -> {on / off:.3f}x", flush=True)
-    return {"on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off}
+    print(f"async scheduling{label}: on {on:.1f} vs off {off:.1f} tok/s -> {on / off:.3f}x", flush=True)
+    return {"on_tok_s": runs["on"], "off_tok_s": runs["off"], "on_mean": on, "off_mean": off, "ratio": on / off,
+            "sampling": sampling or {"temperature": 0}}
 
 
 def _tokenmill_decode(llm, req: Request, n: int) -> float:
