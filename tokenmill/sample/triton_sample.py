@@ -21,7 +21,9 @@ import triton.language as tl
 
 from tokenmill.attention.triton_backend import KernelLaunch
 
-BLOCK, THRESHOLDS = 1024, 8  # values a pass loads at a time; thresholds a search pass weighs
+# Values a pass loads at a time, thresholds a search pass weighs, warps: one row's program spans a
+# whole SM's worth of threads, since a batch usually has few wide rows and each is ~14 passes long.
+BLOCK, THRESHOLDS, WARPS = 4096, 8, 16
 
 @triton.jit
 def _ordered(x):
@@ -115,7 +117,7 @@ def wide_sample_launch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Te
                        wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> KernelLaunch:
     return KernelLaunch(wide_sample_kernel, (logits.shape[0],),
                         (logits, logits.stride(0), temp, top_k, top_p, wide.view(torch.uint8), u, tokens,
-                         logits.shape[1]), dict(BLOCK=BLOCK, K=THRESHOLDS), 4)
+                         logits.shape[1]), dict(BLOCK=BLOCK, K=THRESHOLDS), WARPS)
 
 
 def wide_sample_(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
