@@ -308,3 +308,51 @@ def test_a_failed_step_after_one_in_flight_fails_only_its_culprit(model_dir, mon
     assert got == want
     assert finished["x"].outputs[0].finish_reason == "stop" and len(finished["x"].outputs[0].token_ids) == 1
     assert finished["y"].outputs[0].finish_reason == "error"
+
+
+def test_engines_taking_turns_on_a_device_leave_no_step_in_flight(model_dir):
+    """Two engines on one DeviceLoop (a model pool): while both have work, each step is processed
+    before the other engine's (a step in flight would hold the other's work in its energy interval);
+    alone, an engine overlaps again. Tokens are those of synchronous steps."""
+    import asyncio
+
+    from tokenmill.server.async_engine import AsyncEngine, DeviceLoop
+
+    p = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    ref = _engine(model_dir, "off", kv_cache_memory_bytes=64 * BLOCK_BYTES)
+    want = {}
+    for rid, prompt, params in (("a", [5, 6, 7], p), ("b", [8, 9], short)):
+        ref.add_request({"prompt_token_ids": prompt}, params, request_id=rid)
+    while ref.has_unfinished_requests():
+        for o in ref.step():
+            if o.finished:
+                want[o.request_id] = o.outputs[0].token_ids
+    engines = {name: _engine(model_dir, "on", kv_cache_memory_bytes=64 * BLOCK_BYTES) for name in "ab"}
+    seen = []
+    for name, eng in engines.items():
+        def step(orig=eng.step, eng=eng, name=name):
+            out = orig()
+            seen.append((name, eng.shares_device, eng._inflight is not None))
+            return out
+        eng.step = step
+
+    async def main():
+        loop = DeviceLoop()
+        fronts = {name: AsyncEngine(eng) for name, eng in engines.items()}
+        for f in fronts.values():
+            loop.attach(f)
+            f.start(asyncio.get_running_loop())
+        loop.start()
+        try:
+            outs = await asyncio.gather(_last(fronts["a"].generate("a", {"prompt_token_ids": [5, 6, 7]}, p)),
+                                        _last(fronts["b"].generate("b", {"prompt_token_ids": [8, 9]}, short)))
+            return {o.request_id: o.outputs[0].token_ids for o in outs}
+        finally:
+            await asyncio.to_thread(loop.stop)
+
+    assert asyncio.run(main()) == want
+    shared = [s for s in seen if s[1]]
+    assert shared and not any(inflight for _, _, inflight in shared)  # both busy: nothing left in flight
+    assert any(name == "a" and not sh and inflight for name, sh, inflight in seen)  # a alone: overlapping
+    assert all(e._inflight is None and not e.requests for e in engines.values())

@@ -108,6 +108,10 @@ class LLMEngine:
         # by park's drain), and the unfinished requests that need steps one at a time.
         self.async_scheduling = config.resolve_async_scheduling(self.device, self.task)
         self._inflight: Launch | None = None
+        # Other engines step on this device between this one's steps (a model pool, set by its
+        # DeviceLoop): a step left in flight would have their work inside its energy interval, so
+        # with async scheduling each step is processed before the next engine's.
+        self.shares_device = False
         self._ready: list[RequestOutput] = []
         self._sync_requests: list[Request] = []
         self._waited, self._stepped = 0.0, None  # (one step() call's wait for the device, and its step's time)
@@ -481,14 +485,15 @@ class LLMEngine:
           sampling reads on the host (a grammar's state, penalties' counts, min_tokens, a reasoning
           budget's forced tokens) is as up to date as in a synchronous step.
         - Beam search re-seats its beams between steps: while a beam search is in the engine, steps
-          run one at a time (_needs_sync). Speculative decoding and embedding models never overlap
+          run one at a time (_needs_sync), and so do they while other engines step on the same device
+          (shares_device). Speculative decoding and embedding models never overlap
           (EngineConfig.resolve_async_scheduling)."""
         t_begin = time.perf_counter()
         self._waited = 0.0
         self._stepped = None  # device seconds of the step this call completes
         outputs, self._ready = self._ready, []
         prev, self._inflight = self._inflight, None
-        overlap = not self._needs_sync()
+        overlap = not self._needs_sync() and not self.shares_device
         if prev is not None and not overlap:
             outputs += self._complete(prev)
             prev = None

@@ -174,7 +174,13 @@ class DeviceLoop:
                 self._run_calls()
                 again = self.between_steps() if self.between_steps is not None else None
                 busy = False
-                for front in list(self.fronts):
+                fronts = list(self.fronts)
+                # Engines taking turns on the device run their steps one at a time (async scheduling
+                # leaves none in flight while another steps: its energy interval would hold theirs).
+                shared = sum(1 for f in fronts
+                             if not f.engine.parked and (f._cmds or f.engine.has_unfinished_requests())) > 1
+                for front in fronts:
+                    front.engine.shares_device = shared
                     busy = front._tick() or busy
                 if self.stopping and not any(f.engine.has_unfinished_requests() for f in self.fronts):
                     break
