@@ -247,9 +247,12 @@ def test_candidate_path_skips_whole_row_work(monkeypatch):
     params = [SamplingParams(temperature=0.8, top_k=10 + i) if i % 3 == 1
               else SamplingParams(temperature=0.8, top_p=0.5) for i in range(8)]
     params += [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0),  # plain and greedy rows
-               SamplingParams(temperature=0.8, top_k=9000), SamplingParams(temperature=0.8, top_k=-1)]  # no top-k
+               SamplingParams(temperature=0.8, top_k=9000), SamplingParams(temperature=0.8, top_k=-1),  # no top-k
+               SamplingParams(temperature=0.8, top_k=20)]  # a grammar allowing fewer tokens than top_k
+    logits = torch.cat([logits, torch.full((1, 5000), float("-inf"))])
+    logits[12, 100:110] = torch.randn(10)
     out = Sampler()(logits, SamplingMetadata.from_sequences(_seqs(params), 5000, torch.device("cpu")))
-    assert len(out.token_ids) == 12
+    assert len(out.token_ids) == 13 and 100 <= out.token_ids[12] < 110
     assert widths == [256]  # candidates only: a top_k past the vocabulary does not widen them
 
 

@@ -1,10 +1,12 @@
 """The sampler's parameters, each checked against its definition on synthetic logits."""
 
+import contextlib
 import math
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenmill.engine.sequence import Request
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -291,8 +293,8 @@ def test_wide_row_kernel_equals_sorting_the_row():
     g = torch.Generator().manual_seed(0)
     vocab = 3000
     rows, ks, ps = [], [], []
-    for i in range(16):
-        kind = i % 5
+    for i in range(18):
+        kind = i % 6
         if kind == 0:
             row, k, p = torch.randn(vocab, generator=g) * 0.01, vocab, 0.95  # flat: a nucleus of thousands
         elif kind == 1:
@@ -302,24 +304,48 @@ def test_wide_row_kernel_equals_sorting_the_row():
             row[:400] = 5.0
         elif kind == 3:
             row, k, p = torch.randn(vocab, generator=g) * 0.5, 600, 0.7
-        else:
+        elif kind == 4:
             row, k, p = torch.randn(vocab, generator=g) * 0.2, vocab, 0.9
             row[torch.randperm(vocab, generator=g)[:2000]] = float("-inf")  # a grammar's mask
+        else:  # -0.0 ties with +0.0 at the k-th value
+            row, k, p = torch.full((vocab,), float("-inf")), 2, 1.0
+            row[7], row[100], row[2000] = 1.0, 0.0, -0.0
         rows.append(row)
         ks.append(k)
         ps.append(p)
     logits = torch.stack(rows).to(dev)
     kk, pp = torch.tensor(ks, device=dev), torch.tensor(ps, device=dev)
-    temp = torch.linspace(0.6, 1.4, 16, device=dev)
-    u = torch.rand(16, 1, generator=g, dtype=torch.float64).to(dev)
-    wide = torch.ones(16, dtype=torch.bool, device=dev)
+    temp = torch.linspace(0.6, 1.4, 18, device=dev)
+    u = torch.rand(18, 1, generator=g, dtype=torch.float64).to(dev)
+    u[11, 0] = 0.99  # (the -0.0 row: past +0.0's and 1.0's share of the draw)
+    wide = torch.ones(18, dtype=torch.bool, device=dev)
     wide[[3, 7]] = False
-    tokens = torch.full((16,), -1, dtype=torch.long, device=dev)
+    tokens = torch.full((18,), -1, dtype=torch.long, device=dev)
     wide_sample_(logits, temp, kk, pp, wide, u, tokens)
     ref = sample_rows(torch.softmax(_top_k_top_p_sorted(logits / temp[:, None], kk, pp), dim=-1), u=u)
     want = torch.where(wide, ref, -1)
     assert tokens.tolist() == want.tolist()
     assert all(torch.isfinite(logits[i, t]) for i, t in enumerate(tokens.tolist()) if t >= 0)
+    assert tokens[11] == 2000
+
+
+def test_wide_row_kernel_sums_the_cdf_in_float64():
+    """A token after a mass 1e8 times larger keeps its share of the draws over a 152K vocabulary
+    (a float32 running sum stops growing there)."""
+    _interpreted_triton()
+    from tokenmill.sample.triton_sample import wide_sample_
+
+    dev = DEVICES[-1]
+    vocab = 152_000
+    row = torch.full((1, vocab), -60.0, device=dev)
+    row[0, -3:] = torch.tensor([0.0, math.log(1e-8), math.log(1e-8)])  # (in one block of the kernel's sums)
+    total = 1.0 + 2e-8
+    one = torch.ones(1, device=dev)
+    for u, want in (((1 + 0.5e-8) / total, vocab - 2), ((1 + 1.5e-8) / total, vocab - 1), (0.3, vocab - 3)):
+        tokens = torch.zeros(1, dtype=torch.long, device=dev)
+        wide_sample_(row, one, torch.full((1,), 3, device=dev), one.clone(), one.bool(),
+                     torch.tensor([[u]], dtype=torch.float64, device=dev), tokens)
+        assert int(tokens) == want
 
 
 def test_wide_row_kernel_draws_from_the_nucleus():
@@ -342,6 +368,9 @@ def test_wide_row_kernel_draws_from_the_nucleus():
     assert got <= nucleus and len(got) > n // 3
 
 
+EOS = 40  # (not 0: an all -inf row's argmax is 0)
+
+
 def _every_kind_of_row(device: torch.device, vocab: int, outputs: bool = True):
     """A batch with every sampling feature: greedy, plain, top-k, top-p (peaked and flat: a nucleus
     past the candidates), min-p-free seeded rows, logit_bias, min_tokens bans, penalties, a forced
@@ -356,7 +385,7 @@ def _every_kind_of_row(device: torch.device, vocab: int, outputs: bool = True):
     params = [SamplingParams(**kw) for kw in kinds]
     seqs = []
     for i, p in enumerate(params):
-        p._eos_token_ids = (0,)
+        p._eos_token_ids = (EOS,)
         s = Request(str(i), None, [1, 2, 3, 2 + i], p, 0.0).seqs[0]
         if outputs:
             s.token_ids.extend([7, 8, 7][: i % 4])
@@ -369,16 +398,49 @@ def _every_kind_of_row(device: torch.device, vocab: int, outputs: bool = True):
     mask_rows = [2, 6]
     bitmask = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int32)
     bitmask[0, :4] = -1  # tokens 0..127
-    bitmask[1, 0] = 1  # token 0 alone (EOS, which min_tokens bans: the grammar wins)
+    bitmask[1, EOS // 32] = 1 << (EOS % 32)  # EOS alone, which min_tokens bans: the grammar wins
     return logits.to(device), seqs, bitmask, mask_rows
+
+
+def _reference_constrain(logits: torch.Tensor, seqs, bitmask: torch.Tensor, mask_rows: list[int]) -> torch.Tensor:
+    """Each row's logits constrained one by one, from the definitions: logit_bias added; a grammar's
+    forbidden tokens -inf; min_tokens bans (EOS and stop ids) unless the grammar allows nothing else;
+    a reasoning budget's forced token alone; repetition (prompt and output tokens), frequency and
+    presence penalties."""
+    out = logits.double().cpu().clone()
+    for i, s in enumerate(seqs):
+        p, row = s.params, out[i]
+        for t, v in (p.logit_bias or {}).items():
+            row[t] += v
+        if i in mask_rows:
+            words = bitmask[mask_rows.index(i)].tolist()
+            for t in range(len(row)):
+                if not (words[t // 32] >> (t % 32)) & 1:
+                    row[t] = float("-inf")
+        if s.num_output_tokens < p.min_tokens:
+            banned = row.clone()
+            banned[list(p.stop_token_ids) + list(p._eos_token_ids)] = float("-inf")
+            if torch.isfinite(banned).any():
+                row[:] = banned
+        if s.forced:
+            token = s.forced[0]
+            row[:] = float("-inf")
+            row[token] = 0.0
+        outputs = s.token_ids[s.num_prompt_tokens :]
+        for t in set(s.token_ids):
+            if p.repetition_penalty != 1.0:
+                row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+        for t in set(outputs):
+            row[t] -= p.frequency_penalty * outputs.count(t) + p.presence_penalty
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("outputs", [True, False], ids=["outputs", "none-yet"])
-def test_staged_metadata_samples_as_built_from_sequences(device, outputs):
+def test_staged_metadata_constrains_as_defined(device, outputs):
     """Metadata whose per-row work (bans, biases, forced tokens, penalty counts, grammar masks, plain
-    rows) reaches the device in the one staged copy samples exactly the tokens that metadata built
-    row by row gives."""
+    rows) reaches the device in the one staged copy: the constrained logits are those of the
+    definitions applied row by row, and the tokens drawn those of metadata built without staging."""
     from tokenmill.engine.input_batch import SamplingColumns, Staging
 
     dev = torch.device(device)
@@ -389,17 +451,18 @@ def test_staged_metadata_samples_as_built_from_sequences(device, outputs):
     staged = SamplingMetadata.from_columns(SamplingColumns.of(seqs), seqs, vocab, dev, stage=stage,
                                            bitmask=bitmask, mask_rows=mask_rows)
     assert staged.plain_rows is not None and staged.plain_rows.tolist() == [1, 5, 10]
+    want = _reference_constrain(logits, seqs, bitmask, mask_rows)
+    torch.testing.assert_close(Sampler()._constrain(logits.float(), staged).double().cpu(), want,
+                               rtol=1e-6, atol=1e-5)
     torch.manual_seed(5)
     got = Sampler().tokens(logits, staged).tolist()
     logits2, seqs, _, _ = _every_kind_of_row(dev, vocab, outputs)
-    plain = SamplingMetadata.from_sequences(seqs, vocab, dev)
-    plain.bitmask, plain.mask_rows = bitmask, mask_rows
     torch.manual_seed(5)
-    want = Sampler().tokens(logits2, plain).tolist()
-    assert got == want
-    assert got[1] == 12 and got[5] == 5 and got[6] == 0 and got[2] < 128
+    assert got == Sampler().tokens(logits2, SamplingMetadata.from_sequences(seqs, vocab, dev, bitmask,
+                                                                            mask_rows)).tolist()
+    assert got[1] == 12 and got[5] == 5 and got[6] == EOS and got[2] < 128
     if not outputs:
-        assert got[10] != 4
+        assert got[10] not in (4, EOS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -418,24 +481,40 @@ def test_sampling_never_waits_for_the_device(device, monkeypatch):
     cols = SamplingColumns.of(seqs)
     stage = Staging(dev)
     stage._pack = True
+    monkeypatch.setattr(sampler_mod, "WIDE_KERNEL", True)
     Sampler().tokens(logits, SamplingMetadata.from_columns(cols, seqs, vocab, dev, stage=stage, bitmask=bitmask,
                                                            mask_rows=mask_rows))  # (warm: the kernel compiles)
-    monkeypatch.setattr(sampler_mod, "WIDE_KERNEL", True)
 
     def refuse(name):
         def f(*a, **k):
             raise AssertionError(f"{name}: waits for the device")
         return f
 
-    with monkeypatch.context() as m:
+    class Reads(TorchDispatchMode):
+        """Refuses the ops that read a tensor's values back to the host (item, bool, nonzero...)."""
+        inside = 0  # (sample_rows' zero-probability check reads them on a CPU only)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                        torch.ops.aten.masked_select.default) and not Reads.inside:
+                raise AssertionError(f"{func}: reads the device's values")
+            return func(*args, **(kwargs or {}))
+
+    def sample_rows(*a, _orig=sampler_mod.sample_rows, **k):
+        Reads.inside += 1
+        try:
+            return _orig(*a, **k)
+        finally:
+            Reads.inside -= 1
+
+    with monkeypatch.context() as m, contextlib.ExitStack() as stack:
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         else:
             m.setattr(torch, "tensor", refuse("torch.tensor"))
-            m.setattr(torch.Tensor, "nonzero", refuse("nonzero"))
-            m.setattr(torch.Tensor, "tolist", refuse("tolist"))
-            m.setattr(torch.Tensor, "item", refuse("item"))
+            m.setattr(sampler_mod, "sample_rows", sample_rows)
+            stack.enter_context(Reads())
         try:
             md = SamplingMetadata.from_columns(cols, seqs, vocab, dev, stage=stage, bitmask=bitmask,
                                                mask_rows=mask_rows)

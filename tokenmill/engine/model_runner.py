@@ -9,6 +9,7 @@ and samples. Everything above it is plain-Python bookkeeping.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -297,7 +298,9 @@ class ModelRunner:
         """The largest step the engine may run, on dummy inputs and a KV cache of its own: a prefill
         of max_num_batched_tokens tokens (in sequences of at most max_model_len), then logits for
         max_num_seqs rows (each with its drafts under speculative decoding), their logprobs, and
-        top-p sampling (nearly flat logits: whole rows get sorted, the sampler's costliest path).
+        top-p sampling of nearly flat logits: every nucleus reaches past the candidates, drawn by the
+        GPU kernel, then sorted whole as the filter before a min-p draw or a verification does (the
+        sampler's costliest path).
         The cache lives to the end, so that it is in the peak whichever part peaks."""
         mc, bs = self.model_config, self.block_size
         tokens = self.config.max_num_batched_tokens
@@ -325,6 +328,7 @@ class ModelRunner:
             repetition_penalty=None, presence_penalty=None, frequency_penalty=None, output_counts=None,
             seen_mask=None, generators={}, max_logprobs=None)
         self.sampler(logits, md)
+        self.sampler.distribution(logits, md)  # (the whole-row sort: min-p with top-p, drafts' verification)
         self._profile_kv_bytes = sum(c.numel() for c in caches) * elem
         del caches
 
@@ -608,7 +612,7 @@ class ModelRunner:
         capture must not overlap the device thread's frees): the CUDA graphs are made (captured on
         a GPU, which compiles the kernels at their sizes), and on a GPU the triton decode kernel is
         compiled for every split count an eager step may use, all at once rather than one variant
-        at a time in later steps."""
+        at a time in later steps, and so is the sampler's kernel for wide nuclei."""
         self._warm = True
         if self.kv_released or not self.kv_caches:
             return
@@ -620,6 +624,27 @@ class ModelRunner:
                     self.compile_decode_variants()
                 except Exception:  # (out of memory, say): the variants then compile when first used
                     logger.exception("compiling the decode kernel's variants failed; continuing without")
+            if self.device.type == "cuda" and not self.embed and importlib.util.find_spec("triton") is not None:
+                self._compile_sampler_kernel()
+
+    def _compile_sampler_kernel(self) -> None:
+        """The sampler's kernel for wide nuclei, compiled now rather than by the first top-p step;
+        should it fail, the sampler finds and sorts those rows instead (a wait for the device)."""
+        import tokenmill.sample.sampler as sampler_mod
+
+        if sampler_mod.WIDE_KERNEL is False:
+            return
+        dev, v = self.device, self.model_config.vocab_size
+        try:
+            from tokenmill.sample.triton_sample import wide_sample_
+
+            one = torch.ones(1, device=dev)
+            wide_sample_(torch.zeros(1, v, device=dev), one, torch.full((1,), v, device=dev), one.clone(),
+                         torch.zeros(1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.float64, device=dev),
+                         torch.zeros(1, dtype=torch.long, device=dev))
+        except Exception:
+            logger.exception("compiling the sampler's kernel failed; wide nuclei will be sorted instead")
+            sampler_mod.WIDE_KERNEL = False
 
     def _ensure_graphs(self) -> None:
         """The decode graphs of the model and of the draft model (whose single-row passes, k - 1 a
@@ -799,16 +824,14 @@ class ModelRunner:
     def _verify(self, logits: torch.Tensor, chunks: list[tuple[ScheduledSeq, int]], result: StepResult) -> None:
         """Rejection sampling of each chunk's drafts against its k + 1 rows of target logits."""
         row_seqs = [s.seq for s, _ in chunks for _ in range(s.num_spec + 1)]
-        md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device)
         grammar_chunks, mask_rows, r = [], [], 0
         for s, _ in chunks:
             if s.seq.matcher is not None:  # each draft position masked by the state after the drafts before it
                 grammar_chunks.append((s.seq.matcher, s.seq.spec_token_ids[: s.num_spec]))
                 mask_rows.extend(range(r, r + s.num_spec + 1))
             r += s.num_spec + 1
-        if grammar_chunks:
-            md.bitmask = fill_bitmask(grammar_chunks, self.model_config.vocab_size)
-            md.mask_rows = mask_rows
+        bitmask = fill_bitmask(grammar_chunks, self.model_config.vocab_size) if grammar_chunks else None
+        md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device, bitmask, mask_rows)
         argmax, probs = self.sampler.distribution(logits, md)
         want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)
         raw = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None

@@ -79,8 +79,10 @@ class SamplingMetadata:
     plain_rows: torch.Tensor | None = None
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
-        return cls.from_columns(SamplingColumns.of(seqs), seqs, vocab_size, device)
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
+                       bitmask: torch.Tensor | None = None, mask_rows: list[int] | None = None) -> SamplingMetadata:
+        return cls.from_columns(SamplingColumns.of(seqs), seqs, vocab_size, device, bitmask=bitmask,
+                                mask_rows=mask_rows)
 
     @classmethod
     def from_columns(cls, cols: SamplingColumns, seqs: list[Sequence], vocab_size: int, device: torch.device,
@@ -134,11 +136,19 @@ class SamplingMetadata:
             outs = [seqs[i].token_ids[seqs[i].num_prompt_tokens :] for i in rows]
             column("counts_at", flat(np.repeat(rows, [len(o) for o in outs]),
                                      np.fromiter(chain.from_iterable(outs), np.int64)))
-        if some & USES_REPETITION:  # every token of the row, prompt and output
+        if some & USES_REPETITION:  # every token of the row, prompt (converted once a request) and output
             rows = cols.rows_with(USES_REPETITION)
-            column("seen_at", flat(np.repeat(rows, [len(seqs[i].token_ids) for i in rows]),
-                                   np.fromiter(chain.from_iterable(seqs[i].token_ids for i in rows), np.int64)))
+            parts = []
+            for i in rows:
+                s = seqs[i]
+                req = s.request
+                if req.prompt_array is None:
+                    req.prompt_array = np.asarray(req.prompt_token_ids, np.int64)
+                parts += [req.prompt_array[: s.num_prompt_tokens],
+                          np.asarray(s.token_ids[s.num_prompt_tokens :], np.int64)]
+            column("seen_at", flat(np.repeat(rows, [len(seqs[i].token_ids) for i in rows]), np.concatenate(parts)))
 
+        masks = dict(zip(mask_rows, bitmask.numpy().view(np.uint32))) if bitmask is not None else {}
         gens: dict[int, torch.Generator] = {}
         ban_rows: list[int] = []
         ban_ids: list[int] = []
@@ -152,13 +162,15 @@ class SamplingMetadata:
             p = s.params
             if s.num_output_tokens < p.min_tokens:
                 ids = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else p._eos_token_ids)) if t < vocab_size]
+                if ids and i in masks and not _allows_more(masks[i], ids):
+                    ids = []  # the grammar's only way on is to end: it wins over min_tokens
                 ban_rows += [i] * len(ids)
                 ban_ids += ids
             if p.logit_bias:
                 bias_rows += [i] * len(p.logit_bias)
                 bias_ids += p.logit_bias
                 bias_vals += p.logit_bias.values()
-            if s.forced:
+            if s.forced and s.forced[0] < vocab_size:
                 forced_rows.append(i)
                 forced_ids.append(s.forced[0])
             if s.generator is not None:
@@ -281,8 +293,7 @@ class Sampler:
 
     def _constrain(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """logit_bias, grammar masks, min_tokens bans, then penalties, on float32 logits (a copy
-        when anything changes). Where a grammar's only way on is to end, it wins over min_tokens.
-        Nothing here waits for the device."""
+        when anything changes). Nothing here waits for the device."""
         copied = False
         if md.bias_at is not None:
             logits = logits.clone()
@@ -291,16 +302,11 @@ class Sampler:
         if md.bitmask is not None:
             logits = apply_bitmask(logits, md.bitmask, md.mask_rows, md.mask_index)
             copied = True
-        if md.banned is not None:
-            if md.bitmask is not None:  # a row the bans leave nothing keeps its ending tokens
-                banned = logits.clone()
-                banned.view(-1).index_fill_(0, md.banned, float("-inf"))
-                logits = torch.where(torch.isfinite(banned).any(dim=-1, keepdim=True), banned, logits)
-            else:
-                if not copied:
-                    logits = logits.clone()
-                logits.view(-1).index_fill_(0, md.banned, float("-inf"))
-            copied = True
+        if md.banned is not None:  # (rows whose grammar allows nothing else have none: from_columns)
+            if not copied:
+                logits = logits.clone()
+                copied = True
+            logits.view(-1).index_fill_(0, md.banned, float("-inf"))
         if md.forced_rows is not None:  # a reasoning budget closing its section: one token allowed
             if not copied:  # after bans: the closing tag wins over min_tokens
                 logits = logits.clone()
@@ -329,7 +335,8 @@ class Sampler:
         peaked distribution: most rows) draws among the candidates alone, so temperature, the
         filters, the softmax and the CDF touch c entries rather than the vocabulary. The candidates
         are put in token-id order first, so that a draw picks the token the whole masked row would
-        give (up to rounding): which path a row takes changes nothing."""
+        give (up to rounding): which path a row takes changes nothing, but for ties at the edge of
+        a nucleus wider than the candidates, which the GPU kernel keeps all of (a sort, some)."""
         if md.min_p is not None or (md.top_k is None and md.top_p is None):
             return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
         u = draws(logits.shape[0], md.generators, logits.device)
@@ -372,6 +379,15 @@ class Sampler:
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
         return logits
+
+
+def _allows_more(words: np.ndarray, ids: list[int]) -> bool:
+    """Whether a grammar's bitmask row (uint32 words) allows a token besides ids."""
+    words = words.copy()
+    for t in ids:
+        if t // 32 < len(words):
+            words[t // 32] &= ~np.uint32(1 << (t % 32))
+    return bool(words.any())
 
 
 # Rows whose nucleus reaches past the candidates go to triton_sample's kernel: None, on CUDA
@@ -459,7 +475,8 @@ def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, t
     kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
     vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
     # A top-k row is done within the candidates unless its k-th value ties past them.
-    covered = limited & ((kth[:, 0] > vals[:, -1]) | (c == vocab))
+    # (a k-th value of -inf, a grammar allowing fewer than k tokens: every allowed one is a candidate)
+    covered = limited & ((kth[:, 0] > vals[:, -1]) | torch.isneginf(kth[:, 0]) | (c == vocab))
     if top_p is not None:
         # Probabilities within the top-k when a row has one, else over the whole vocabulary.
         lse = vals.logsumexp(dim=-1)

@@ -23,14 +23,20 @@ from tokenmill.attention.triton_backend import KernelLaunch
 
 # Values a pass loads at a time, thresholds a search pass weighs, warps: one row's program spans a
 # whole SM's worth of threads, since a batch usually has few wide rows and each is ~14 passes long.
-BLOCK, THRESHOLDS, WARPS = 4096, 8, 16
+BLOCK, THRESHOLDS, WARPS = 2048, 8, 16
 
 @triton.jit
 def _ordered(x):
     # float32 -> an integer in the same order (negative floats' magnitude bits flipped), so that a
     # threshold is searched over the integers and lands on one of the row's values exactly
-    b = x.to(tl.int32, bitcast=True)
+    b = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # (-0.0 ties with +0.0)
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _scaled(base, idx, V, temp):
+    # logits / temp, rounded as torch divides (Triton's `/` is an approximate division)
+    return tl.math.div_rn(tl.load(base + idx, mask=idx < V, other=float("-inf")), temp)
 
 
 @triton.jit
@@ -43,14 +49,13 @@ def _search(base, V, temp, m, lo, hi, target, COUNT: tl.constexpr, BLOCK: tl.con
     while hi - lo > 1:
         step = (hi - lo + K) // (K + 1)
         t = tl.minimum(lo + j * step, hi - 1)
-        acc = tl.zeros([K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK, K], dtype=tl.float32)  # (summed across the block once, after the pass)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            x = _scaled(base, idx, V, temp)
             w = tl.where(idx < V, 1.0, 0.0) if COUNT else tl.exp(x - m)
-            above = _ordered(x)[:, None] > t[None, :]
-            acc += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
-        ge = acc >= target
+            acc += tl.where(_ordered(x)[:, None] > t[None, :], w[:, None], 0.0)
+        ge = tl.sum(acc, axis=0) >= target
         lo = tl.max(tl.where(ge, t, lo), axis=0)
         hi = tl.min(tl.where(ge, hi, t), axis=0)
     return hi
@@ -66,34 +71,37 @@ def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_p
         k = tl.load(k_ptr + row)
         p = tl.load(p_ptr + row)
         offs = tl.arange(0, BLOCK)
-        m = tl.full([], float("-inf"), tl.float32)
-        lo = (2**31 - 1) + tl.zeros([], dtype=tl.int64)
-        hi = -(2**31) + tl.zeros([], dtype=tl.int64)
+        mx = tl.full([BLOCK], float("-inf"), tl.float32)
+        los = tl.full([BLOCK], 2**31 - 1, tl.int64)
+        his = tl.full([BLOCK], -(2**31), tl.int64)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
-            m = tl.maximum(m, tl.max(x, axis=0))
+            x = _scaled(base, idx, V, temp)
+            mx = tl.maximum(mx, x)
             o = _ordered(x)
-            lo = tl.minimum(lo, tl.min(tl.where(idx < V, o, 2**31 - 1), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(idx < V, o, -(2**31)), axis=0))
+            los = tl.minimum(los, tl.where(idx < V, o, 2**31 - 1))
+            his = tl.maximum(his, tl.where(idx < V, o, -(2**31)))
+        m = tl.max(mx, axis=0)
+        lo = tl.min(los, axis=0)
+        hi = tl.max(his, axis=0)
         # top-k: keep the values no fewer than k others exceed (the k-th and its ties)
         kept = lo
         if k < V:
             kept = _search(base, V, temp, m, lo - 1, hi, k.to(tl.float32), True, BLOCK, K)
         # top-p: then the values that less than top_p of the kept mass exceeds
         if p < 1.0:
-            z = tl.zeros([], dtype=tl.float32)
+            zs = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, V, BLOCK):
                 idx = start + offs
-                x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
-                z += tl.sum(tl.where(_ordered(x) >= kept, tl.exp(x - m), 0.0), axis=0)
-            kept = _search(base, V, temp, m, kept - 1, hi, p * z, False, BLOCK, K)
+                x = _scaled(base, idx, V, temp)
+                zs += tl.where(_ordered(x) >= kept, tl.exp(x - m), 0.0)
+            kept = _search(base, V, temp, m, kept - 1, hi, p * tl.sum(zs, axis=0), False, BLOCK, K)
         # One draw: the first token, in id order, where the kept mass's running sum (float64)
         # passes u times the total
         total = tl.zeros([], dtype=tl.float64)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            x = _scaled(base, idx, V, temp)
             total += tl.sum(tl.where(_ordered(x) >= kept, tl.exp(x - m), 0.0).to(tl.float64), axis=0)
         goal = tl.load(u_ptr + row) * total
         run = tl.zeros([], dtype=tl.float64)
@@ -101,15 +109,15 @@ def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_p
         last = -1 + tl.zeros([], dtype=tl.int64)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / temp
+            x = _scaled(base, idx, V, temp)
             keep = (_ordered(x) >= kept) & (idx < V)
             e = tl.where(keep, tl.exp(x - m), 0.0).to(tl.float64)
             cum = run + tl.cumsum(e, axis=0)
             first = tl.min(tl.where(keep & (cum > goal), idx, V), axis=0).to(tl.int64)
             token = tl.where((token < 0) & (first < V), first, token)
-            last = tl.maximum(last, tl.max(tl.where(keep, idx, -1), axis=0).to(tl.int64))
+            last = tl.maximum(last, tl.max(tl.where(e > 0, idx, -1), axis=0).to(tl.int64))
             run += tl.sum(e, axis=0)
-        # (rounding can leave u * total past the running sum's end: the last kept token)
+        # (rounding can leave u * total past the running sum's end: the last kept token of any weight)
         tl.store(out_ptr + row, tl.where(token >= 0, token, last))
 
 
@@ -127,10 +135,11 @@ def wide_sample_(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, 
     top_p nucleus (the values less than top_p of the kept mass exceeds; 1: none). Other rows are
     left as they are."""
     b, v = logits.shape
-    if logits.stride(1) != 1 or logits.dtype != torch.float32 or not (
-            temp.shape == top_k.shape == top_p.shape == wide.shape == tokens.shape == (b,) and u.numel() == b):
-        raise ValueError("wide_sample_: logits [B, V] float32 with contiguous rows; temp, top_k, top_p, wide, "
-                         "tokens [B]; u [B] or [B, 1]")
+    if logits.stride(1) != 1 or logits.dtype != torch.float32 or tokens.dtype != torch.int64 or not (
+            temp.shape == top_k.shape == top_p.shape == wide.shape == tokens.shape == (b,) and u.numel() == b
+            and tokens.is_contiguous()):
+        raise ValueError("wide_sample_: logits [B, V] float32 with contiguous rows; temp, top_k, top_p, wide [B]; "
+                         "u [B] or [B, 1]; tokens [B] int64, contiguous")
     if b:
         wide_sample_launch(logits, temp.float().contiguous(), top_k.long().contiguous(),
                            top_p.float().contiguous(), wide.contiguous(), u.double().contiguous(), tokens).launch()
