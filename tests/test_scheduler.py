@@ -218,3 +218,20 @@ def test_random_long_run_never_leaks():
     while sched.has_unfinished():
         _fake_step(sched)
     assert bm.num_free_blocks == 30
+
+
+def test_a_waiting_sequence_whose_pending_token_ends_it_is_not_admitted():
+    """Async scheduling: a sequence preempted while a token it sampled is still pending, that token
+    reaching max_tokens, finishes once the token is processed; admitting it again would recompute
+    its prefix for a row whose token is dropped. One whose pending token does not end it is admitted."""
+    for max_tokens, admitted in ((3, False), (4, True)):
+        bm = BlockManager(10, BLOCK)
+        sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+        req = _request("0", 6, max_tokens)
+        seq = req.seqs[0]
+        seq.token_ids += [7, 7]  # two outputs, a third pending
+        seq.num_pending = 1
+        sched.add(seq)
+        out = sched.schedule()
+        assert bool(out.scheduled) is admitted
+        assert (seq.status is SeqStatus.RUNNING) is admitted

@@ -330,6 +330,11 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._in_class(seq, slo_class):
                 break
+            if seq.num_pending and self._ends(seq):
+                # Preempted in this schedule (async scheduling) with a pending token that ends it: it
+                # finishes once that token is processed; admitted again it would recompute its prefix
+                # for a row whose token is dropped. (What waits behind it sorts after it.)
+                break
             if seq.block_table:  # cannot happen: waiting sequences own no blocks
                 raise RuntimeError(f"{seq!r} is waiting but owns blocks")
             cached = bm.match_prefix(seq)
