@@ -8,11 +8,15 @@ leave a stale entry where a step reads.
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # (before anything imports Triton: the sampler's kernel runs interpreted)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.models import VOCAB, make_model
 from tokenmill import LLM, SamplingParams
@@ -201,9 +205,17 @@ def _seqs(params: list[SamplingParams]):
     return seqs
 
 
-def test_candidate_draws_equal_whole_row_draws():
+@pytest.mark.parametrize("kernel", [False, True], ids=["sorted", "kernel"])
+def test_candidate_draws_equal_whole_row_draws(kernel, monkeypatch):
     """Rows drawn among their top candidates get the token a draw over the whole masked row gives,
-    whichever path each row takes (a nucleus within the candidates or wider, ties, top_k past them)."""
+    whichever path each row takes (a nucleus, a min-p floor within the candidates or wider, ties,
+    top_k past them), and whether wide rows are sorted or drawn by the GPU's kernel (interpreted
+    here)."""
+    import tokenmill.sample.sampler as sampler_mod
+
+    if kernel:
+        pytest.importorskip("triton")
+    monkeypatch.setattr(sampler_mod, "WIDE_KERNEL", kernel)
     vocab = 3000
     g = torch.Generator().manual_seed(0)
     peaked = torch.randn(1, vocab, generator=g) * 6
@@ -214,6 +226,8 @@ def test_candidate_draws_equal_whole_row_draws():
         (peaked, dict(top_k=20)), (peaked, dict(top_p=0.9)), (peaked, dict(top_k=40, top_p=0.8)),
         (flat, dict(top_p=0.95)), (flat, dict(top_k=600)), (flat, dict(top_k=600, top_p=0.5)),
         (tied, dict(top_k=50)), (peaked, dict()), (flat, dict(temperature=0.0)), (peaked, dict(top_k=5000)),
+        (flat, dict(min_p=0.5)), (peaked, dict(min_p=0.1)), (peaked, dict(min_p=0.05, top_p=0.9)),
+        (flat, dict(min_p=0.2, top_k=600)), (peaked, dict(min_p=0.1, top_k=30)), (flat, dict(min_p=0.9, top_p=0.5)),
     ]
     rows, params = [], []
     for rep in range(6):

@@ -286,7 +286,7 @@ def test_wide_row_kernel_equals_sorting_the_row():
     the whole-row sort and the float64 inverse CDF, with the same draws: flat and peaked rows, ties at
     the k-th value, top-k with top-p, tokens a grammar masked (-inf), and rows it must leave alone."""
     _interpreted_triton()
-    from tokenmill.sample.sampler import _top_k_top_p_sorted, sample_rows
+    from tokenmill.sample.sampler import _min_p, _top_k_top_p_sorted, sample_rows
     from tokenmill.sample.triton_sample import wide_sample_
 
     dev = DEVICES[-1]
@@ -321,8 +321,9 @@ def test_wide_row_kernel_equals_sorting_the_row():
     wide = torch.ones(18, dtype=torch.bool, device=dev)
     wide[[3, 7]] = False
     tokens = torch.full((18,), -1, dtype=torch.long, device=dev)
-    wide_sample_(logits, temp, kk, pp, wide, u, tokens)
-    ref = sample_rows(torch.softmax(_top_k_top_p_sorted(logits / temp[:, None], kk, pp), dim=-1), u=u)
+    mp = torch.tensor([0.0] * 12 + [0.02, 0.0, 0.05, 0.3, 0.0, 0.0], device=dev)  # a min-p floor on some rows
+    wide_sample_(logits, temp, kk, pp, torch.log(mp), wide, u, tokens)
+    ref = sample_rows(torch.softmax(_top_k_top_p_sorted(_min_p(logits / temp[:, None], mp), kk, pp), dim=-1), u=u)
     want = torch.where(wide, ref, -1)
     assert tokens.tolist() == want.tolist()
     assert all(torch.isfinite(logits[i, t]) for i, t in enumerate(tokens.tolist()) if t >= 0)
@@ -343,7 +344,7 @@ def test_wide_row_kernel_sums_the_cdf_in_float64():
     one = torch.ones(1, device=dev)
     for u, want in (((1 + 0.5e-8) / total, vocab - 2), ((1 + 1.5e-8) / total, vocab - 1), (0.3, vocab - 3)):
         tokens = torch.zeros(1, dtype=torch.long, device=dev)
-        wide_sample_(row, one, torch.full((1,), 3, device=dev), one.clone(), one.bool(),
+        wide_sample_(row, one, torch.full((1,), 3, device=dev), one.clone(), torch.log(one * 1e-30), one.bool(),
                      torch.tensor([[u]], dtype=torch.float64, device=dev), tokens)
         assert int(tokens) == want
 
@@ -362,7 +363,8 @@ def test_wide_row_kernel_draws_from_the_nucleus():
     nucleus = set(order[before < 0.5].tolist())
     tokens = torch.zeros(n, dtype=torch.long, device=dev)
     wide_sample_(row.expand(n, -1).contiguous(), torch.ones(n, device=dev), torch.full((n,), vocab, device=dev),
-                 torch.full((n,), 0.5, device=dev), torch.ones(n, dtype=torch.bool, device=dev),
+                 torch.full((n,), 0.5, device=dev), torch.full((n,), float("-inf"), device=dev),
+                 torch.ones(n, dtype=torch.bool, device=dev),
                  torch.rand(n, 1, dtype=torch.float64, device=dev), tokens)
     got = set(tokens.tolist())
     assert got <= nucleus and len(got) > n // 3

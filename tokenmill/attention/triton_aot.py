@@ -182,7 +182,7 @@ def sampler_launch(vocab: int = 152064, rows: int = 256):
 
     f32 = torch.zeros(rows)
     return wide_sample_launch(torch.zeros(rows, vocab), f32, torch.zeros(rows, dtype=torch.long), f32.clone(),
-                              torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.float64),
+                              f32.clone(), torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.float64),
                               torch.zeros(rows, dtype=torch.long))
 
 

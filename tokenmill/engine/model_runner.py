@@ -640,8 +640,8 @@ class ModelRunner:
 
             one = torch.ones(1, device=dev)
             wide_sample_(torch.zeros(1, v, device=dev), one, torch.full((1,), v, device=dev), one.clone(),
-                         torch.zeros(1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.float64, device=dev),
-                         torch.zeros(1, dtype=torch.long, device=dev))
+                         torch.full((1,), float("-inf"), device=dev), torch.zeros(1, dtype=torch.bool, device=dev),
+                         torch.zeros(1, dtype=torch.float64, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
         except Exception:
             logger.exception("compiling the sampler's kernel failed; wide nuclei will be sorted instead")
             sampler_mod.WIDE_KERNEL = False

@@ -8,10 +8,12 @@ default).
 
 Cost follows what is asked: greedy rows take an argmax; sampling is a softmax, a cumulative
 sum and a binary search per row (no random number per vocabulary entry: drawing one
-exponential per entry cost 1 ms a row for a 49K vocabulary); top-k and top-p look at the
-top candidates only (a partial top-k, not a sort of the vocabulary), draw among them when the
-row's kept tokens all lie there, and sort a whole row only when its nucleus reaches past them
-(a nearly flat distribution).
+exponential per entry cost 1 ms a row for a 49K vocabulary); min-p, top-k and top-p look at
+the top candidates only (a partial top-k, not a sort of the vocabulary), draw among them when
+the row's kept tokens all lie there, and take the whole row only when they reach past them (a
+nearly flat distribution): sorted on a CPU, drawn by sample/triton_sample.py's kernel on a GPU.
+Min-p compares in log space (a logit below the row's largest plus log(min_p)), which is the
+probability test without a softmax over the vocabulary.
 
 The metadata is built from parameter columns (engine/input_batch.py's SamplingColumns): which
 parameters a batch uses is decided on the host, so the sampler takes no device round trip to
@@ -124,8 +126,8 @@ class SamplingMetadata:
                 column("top_p", cols.top_p)
             if some & USES_MIN_P:
                 column("min_p", cols.min_p)
-            if some & (USES_TOP_K | USES_TOP_P):
-                filtered = (top_k > 0) | ((cols.uses & USES_TOP_P) != 0) | cols.greedy
+            if some & (USES_TOP_K | USES_TOP_P | USES_MIN_P):
+                filtered = (top_k > 0) | ((cols.uses & (USES_TOP_P | USES_MIN_P)) != 0) | cols.greedy
                 column("plain_rows", np.flatnonzero(~filtered).astype(np.int64))
         for bit, name in ((USES_REPETITION, "repetition_penalty"), (USES_PRESENCE, "presence_penalty"),
                           (USES_FREQUENCY, "frequency_penalty")):
@@ -271,8 +273,8 @@ class Sampler:
 
     def tokens(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """The sampled token of every row, on the device (int64). With metadata built from columns,
-        nothing here waits for the device on a GPU (rows whose nucleus reaches past the candidates
-        go to triton_sample's kernel); min-p with top-k/top-p, and a CPU, find such rows first."""
+        nothing here waits for the device on a GPU (rows whose kept tokens reach past the candidates
+        go to triton_sample's kernel); a CPU finds such rows first."""
         logits = self._constrain(logits.float(), md)
         if md.all_greedy:
             return logits.argmax(dim=-1)
@@ -337,18 +339,20 @@ class Sampler:
         are put in token-id order first, so that a draw picks the token the whole masked row would
         give (up to rounding): which path a row takes changes nothing, but for ties at the edge of
         a nucleus wider than the candidates, which the GPU kernel keeps all of (a sort, some)."""
-        if md.min_p is not None or (md.top_k is None and md.top_p is None):
+        if md.top_k is None and md.top_p is None and md.min_p is None:
             return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
         u = draws(logits.shape[0], md.generators, logits.device)
         temp = md.temperature[:, None]
         kk, limited, pp, nucleus = _filter_rows(logits, md.top_k, md.top_p)
         vals, idx, covered = _candidates(logits, kk, limited, md.top_p, nucleus,
-                                         -1 if md.top_k is None else md.max_top_k, temp, md.top_p_alone)
+                                         -1 if md.top_k is None else md.max_top_k, temp, md.top_p_alone, md.min_p)
         idx, order = idx.sort(dim=-1)
         vals = vals.gather(1, order)
         tokens = idx.gather(1, sample_rows(torch.softmax(vals, dim=-1), u=u)[:, None])[:, 0]
         plain = ~limited & ~nucleus  # temperature alone: the whole row
-        wide = ~covered & ~plain  # a nucleus or a tie wider than the candidates: sort the whole row
+        if md.min_p is not None:
+            plain &= md.min_p <= 0
+        wide = ~covered & ~plain  # a nucleus, a floor or a tie wider than the candidates: the whole row
         if md.greedy is not None:
             plain &= ~md.greedy
             wide &= ~md.greedy
@@ -360,11 +364,15 @@ class Sampler:
         if on_gpu:
             from tokenmill.sample.triton_sample import wide_sample_
 
-            wide_sample_(logits.contiguous(), md.temperature, kk, pp, wide, u, tokens)
+            log_min_p = (torch.log(md.min_p) if md.min_p is not None
+                         else torch.full_like(md.temperature, float("-inf")))
+            wide_sample_(logits.contiguous(), md.temperature, kk, pp, log_min_p, wide, u, tokens)
         for rows, sort in ((plain_rows, False),) + (() if on_gpu else ((wide.nonzero()[:, 0], True),)):
             if rows.numel():
                 sub = logits[rows] / temp[rows]
                 if sort:
+                    if md.min_p is not None:
+                        sub = _min_p(sub, md.min_p[rows])
                     sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
                 tokens.index_copy_(0, rows, sample_rows(torch.softmax(sub, dim=-1), u=u[rows]))
         return tokens
@@ -373,12 +381,17 @@ class Sampler:
     def _filter(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits / md.temperature[:, None]
         if md.min_p is not None:
-            probs = torch.softmax(logits, dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * md.min_p[:, None]
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
+            logits = _min_p(logits, md.min_p)
         if md.top_k is not None or md.top_p is not None:
             logits = _top_k_top_p(logits, md.top_k, md.top_p)
         return logits
+
+
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Masks the tokens less likely than min_p times the most likely one: in log space, those below
+    the row's largest logit plus log(min_p) (-inf where min_p is 0: nothing masked)."""
+    floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None]
+    return logits.masked_fill(logits < floor, float("-inf"))
 
 
 def _allows_more(words: np.ndarray, ids: list[int]) -> bool:
@@ -460,11 +473,13 @@ def _filter_rows(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
 
 def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, top_p: torch.Tensor | None,
                 nucleus: torch.Tensor, max_top_k: int | None = None, temp: torch.Tensor | None = None,
-                top_p_alone: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                top_p_alone: bool = True, min_p: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's top candidates (values descending, divided by temp when given; their token ids)
-    masked to the row's top_k (ties with the k-th kept) and then to its top_p nucleus, and whether
-    the row's kept tokens all lie among them (covered). max_top_k (-1: no row has one), when the host
-    knows it, saves a device sync; top_p_alone=False says no row has top_p without top_k (no whole-row logsumexp)."""
+    masked to its min_p (when given), then to its top_k (ties with the k-th kept) and then to its
+    top_p nucleus, and whether the row's kept tokens all lie among them (covered). max_top_k (-1: no
+    row has one), when the host knows it, saves a device sync; top_p_alone=False says no row has
+    top_p without top_k (no whole-row logsumexp)."""
     vocab = logits.shape[1]
     if max_top_k is None:
         max_top_k = int(kk[limited].max()) if bool(limited.any()) else -1
@@ -472,22 +487,31 @@ def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, t
     vals, idx = logits.topk(c, dim=-1)  # descending; a temperature keeps the order
     if temp is not None:
         vals = vals / temp
+    cut = torch.zeros_like(limited)
+    if min_p is not None:
+        # A min-p row is done within the candidates when the last of them is already below its floor.
+        floor = vals[:, :1] + torch.log(min_p)[:, None]
+        cut = (min_p > 0) & ((vals[:, -1] < floor[:, 0]) | (c == vocab))
+        vals = vals.masked_fill(vals < floor, float("-inf"))
     kth = vals.gather(1, (kk.clamp(max=c) - 1)[:, None])
     vals = torch.where(limited[:, None] & (vals < kth), float("-inf"), vals)
     # A top-k row is done within the candidates unless its k-th value ties past them.
     # (a k-th value of -inf, a grammar allowing fewer than k tokens: every allowed one is a candidate)
     covered = limited & ((kth[:, 0] > vals[:, -1]) | torch.isneginf(kth[:, 0]) | (c == vocab))
     if top_p is not None:
-        # Probabilities within the top-k when a row has one, else over the whole vocabulary.
+        # Probabilities within the top-k or the min-p floor when a row has one (and it lies within
+        # the candidates), else over the whole vocabulary.
         lse = vals.logsumexp(dim=-1)
         if top_p_alone:
-            lse = torch.where(limited, lse, (logits if temp is None else logits / temp).logsumexp(dim=-1))
+            lse = torch.where(limited | cut, lse, (logits if temp is None else logits / temp).logsumexp(dim=-1))
         probs = (vals - lse[:, None]).exp()
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
         vals = vals.masked_fill(nucleus[:, None] & (before >= top_p[:, None]), float("-inf"))
-        # A row without top-k is done when the nucleus ends within the candidates.
-        covered |= ~limited & nucleus & (probs.sum(dim=-1) >= top_p)
-    return vals, idx, covered
+        # A row without top-k is done when the nucleus ends within the candidates (unless a min-p
+        # floor past them leaves its mass unknown).
+        done = ~limited & nucleus & (probs.sum(dim=-1) >= top_p)
+        covered |= done & ~(min_p > 0) if min_p is not None else done
+    return vals, idx, covered | cut
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""Top-k/top-p sampling of the rows whose nucleus reaches past the sampler's candidates, on a GPU,
-with no sort and no wait for the device (Triton; sampler.Sampler._sample uses it on CUDA).
+"""Min-p/top-k/top-p sampling of the rows whose kept tokens reach past the sampler's candidates,
+on a GPU, with no sort and no wait for the device (Triton; sampler.Sampler._sample uses it on CUDA).
 
-The sampler draws most top-k/top-p rows among a partial top-k of candidates. A row whose nucleus
-(or a tie at its k-th value) reaches past them needs its whole row: on a CPU those rows are found
+The sampler draws most filtered rows among a partial top-k of candidates. A row whose nucleus,
+min-p floor or k-th value tie reaches past them needs its whole row: on a CPU those rows are found
 and sorted, but finding them on a GPU means asking the device, a wait that under async scheduling
 would stall the host until the forward in flight ends. This kernel runs over every row with a
-fixed shape instead; a row not marked wide returns at once. Each threshold (the k-th value, then
-the nucleus's edge) is searched over the row's values, K at a time, one pass over the row each
-(about a dozen passes, from L2), and the draw inverts the kept mass's CDF in token-id order with
-a float64 running sum, as sampler.sample_rows does. Ties at the nucleus's edge are all kept (a
-sort keeps some of them). Tests run it under Triton's interpreter on a CPU
-(tests/test_sampler.py); attention/triton_aot.py compiles it for sm_90.
+fixed shape instead; a row not marked wide returns at once. The min-p floor is the row's largest
+value plus log(min_p); each other threshold (the k-th value, then the nucleus's edge) is searched
+over the row's values, K at a time, one pass over the row each (about a dozen passes, from L2),
+and the draw inverts the kept mass's CDF in token-id order with a float64 running sum, as
+sampler.sample_rows does. Ties at the nucleus's edge are all kept (a sort keeps some of them).
+Tests run it under Triton's interpreter on a CPU (tests/test_sampler.py, tests/test_input_batch.py);
+attention/triton_aot.py compiles it for sm_90.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _search(base, V, temp, m, lo, hi, target, COUNT: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_ptr, out_ptr, V,
+def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, lmp_ptr, wide_ptr, u_ptr, out_ptr, V,
                        BLOCK: tl.constexpr, K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if tl.load(wide_ptr + row) != 0:
@@ -84,10 +85,20 @@ def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_p
         m = tl.max(mx, axis=0)
         lo = tl.min(los, axis=0)
         hi = tl.max(his, axis=0)
-        # top-k: keep the values no fewer than k others exceed (the k-th and its ties)
+        # min-p: keep the values at or above the largest plus log(min_p)
         kept = lo
-        if k < V:
-            kept = _search(base, V, temp, m, lo - 1, hi, k.to(tl.float32), True, BLOCK, K)
+        count = V
+        floor = m + tl.load(lmp_ptr + row)
+        if floor > float("-inf"):
+            kept = tl.maximum(lo, _ordered(floor))
+            cs = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                cs += tl.where((_ordered(_scaled(base, idx, V, temp)) >= kept) & (idx < V), 1, 0)
+            count = tl.sum(cs, axis=0)
+        # top-k: then the values no fewer than k of those exceed (the k-th and its ties)
+        if k < count:
+            kept = _search(base, V, temp, m, kept - 1, hi, k.to(tl.float32), True, BLOCK, K)
         # top-p: then the values that less than top_p of the kept mass exceeds
         if p < 1.0:
             zs = tl.zeros([BLOCK], dtype=tl.float32)
@@ -122,24 +133,26 @@ def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, wide_ptr, u_p
 
 
 def wide_sample_launch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> KernelLaunch:
+                       log_min_p: torch.Tensor, wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor
+                       ) -> KernelLaunch:
     return KernelLaunch(wide_sample_kernel, (logits.shape[0],),
-                        (logits, logits.stride(0), temp, top_k, top_p, wide.view(torch.uint8), u, tokens,
+                        (logits, logits.stride(0), temp, top_k, top_p, log_min_p, wide.view(torch.uint8), u, tokens,
                          logits.shape[1]), dict(BLOCK=BLOCK, K=THRESHOLDS), WARPS)
 
 
 def wide_sample_(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> None:
+                 log_min_p: torch.Tensor, wide: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor) -> None:
     """For each row with wide[i], tokens[i] = a draw at u[i] from softmax(logits[i] / temp[i])
-    restricted to its top_k values (ties with the k-th kept; top_k >= V: none) and then to its
-    top_p nucleus (the values less than top_p of the kept mass exceeds; 1: none). Other rows are
-    left as they are."""
+    restricted to the values at or above its largest plus log_min_p (-inf: none), then to its
+    top_k of those (ties with the k-th kept; top_k >= V: none), then to its top_p nucleus (the
+    values less than top_p of the kept mass exceeds; 1: none). Other rows are left as they are."""
     b, v = logits.shape
     if logits.stride(1) != 1 or logits.dtype != torch.float32 or tokens.dtype != torch.int64 or not (
-            temp.shape == top_k.shape == top_p.shape == wide.shape == tokens.shape == (b,) and u.numel() == b
-            and tokens.is_contiguous()):
-        raise ValueError("wide_sample_: logits [B, V] float32 with contiguous rows; temp, top_k, top_p, wide [B]; "
-                         "u [B] or [B, 1]; tokens [B] int64, contiguous")
+            temp.shape == top_k.shape == top_p.shape == log_min_p.shape == wide.shape == tokens.shape == (b,)
+            and u.numel() == b and tokens.is_contiguous()):
+        raise ValueError("wide_sample_: logits [B, V] float32 with contiguous rows; temp, top_k, top_p, log_min_p, "
+                         "wide [B]; u [B] or [B, 1]; tokens [B] int64, contiguous")
     if b:
-        wide_sample_launch(logits, temp.float().contiguous(), top_k.long().contiguous(),
-                           top_p.float().contiguous(), wide.contiguous(), u.double().contiguous(), tokens).launch()
+        wide_sample_launch(logits, temp.float().contiguous(), top_k.long().contiguous(), top_p.float().contiguous(),
+                           log_min_p.float().contiguous(), wide.contiguous(), u.double().contiguous(),
+                           tokens).launch()
