@@ -321,7 +321,8 @@ def test_wide_row_kernel_equals_sorting_the_row():
     wide = torch.ones(18, dtype=torch.bool, device=dev)
     wide[[3, 7]] = False
     tokens = torch.full((18,), -1, dtype=torch.long, device=dev)
-    mp = torch.tensor([0.0] * 12 + [0.02, 0.0, 0.05, 0.3, 0.0, 0.0], device=dev)  # a min-p floor on some rows
+    # A min-p floor on some rows (row 15's leaves fewer than its top_k of 600)
+    mp = torch.tensor([0.0] * 12 + [0.02, 0.0, 0.05, 0.6, 0.0, 0.0], device=dev)
     wide_sample_(logits, temp, kk, pp, torch.log(mp), wide, u, tokens)
     ref = sample_rows(torch.softmax(_top_k_top_p_sorted(_min_p(logits / temp[:, None], mp), kk, pp), dim=-1), u=u)
     want = torch.where(wide, ref, -1)
@@ -526,3 +527,24 @@ def test_sampling_never_waits_for_the_device(device, monkeypatch):
                 torch.cuda.set_sync_debug_mode(0)
     assert tokens.shape == (len(seqs),)
     assert tokens[1].item() == 12
+
+
+def test_min_p_with_top_p_keeps_the_ties_the_whole_row_filter_keeps():
+    """Rows with min-p and top-p whose nucleus edge falls among 300 tied tokens (past the candidates):
+    sampling keeps the tied tokens that Sampler._filter (speculative decoding's distribution) keeps,
+    so both paths agree token for token."""
+    from tokenmill.sample.sampler import draws, sample_rows
+
+    vocab = 3000
+    row = torch.zeros(vocab)
+    row[:300] = 5.0
+    logits = row.expand(16, -1).clone()
+
+    def metadata():
+        seqs = _seqs([SamplingParams(temperature=1.0, min_p=0.2, top_p=0.1, seed=i) for i in range(16)])
+        return SamplingMetadata.from_sequences(seqs, vocab, torch.device("cpu"))
+
+    got = Sampler().tokens(logits, metadata()).tolist()
+    md = metadata()
+    u = draws(16, md.generators, torch.device("cpu"))
+    assert got == sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), u=u).tolist()

@@ -299,8 +299,8 @@ class ModelRunner:
         of max_num_batched_tokens tokens (in sequences of at most max_model_len), then logits for
         max_num_seqs rows (each with its drafts under speculative decoding), their logprobs, and
         top-p sampling of nearly flat logits: every nucleus reaches past the candidates, drawn by the
-        GPU kernel, then sorted whole as the filter before a min-p draw or a verification does (the
-        sampler's costliest path).
+        GPU kernel, then sorted whole as speculative decoding's verification does (the sampler's
+        costliest path).
         The cache lives to the end, so that it is in the peak whichever part peaks."""
         mc, bs = self.model_config, self.block_size
         tokens = self.config.max_num_batched_tokens
@@ -328,7 +328,7 @@ class ModelRunner:
             repetition_penalty=None, presence_penalty=None, frequency_penalty=None, output_counts=None,
             seen_mask=None, generators={}, max_logprobs=None)
         self.sampler(logits, md)
-        self.sampler.distribution(logits, md)  # (the whole-row sort: min-p with top-p, drafts' verification)
+        self.sampler.distribution(logits, md)  # (the whole-row sort of drafts' verification)
         self._profile_kv_bytes = sum(c.numel() for c in caches) * elem
         del caches
 

@@ -332,10 +332,10 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """A token for every row (greedy rows' are replaced by the caller). A row with top-k or top-p
-        whose kept tokens all lie within a partial top-k of candidates (a small k, the nucleus of a
-        peaked distribution: most rows) draws among the candidates alone, so temperature, the
-        filters, the softmax and the CDF touch c entries rather than the vocabulary. The candidates
+        """A token for every row (greedy rows' are replaced by the caller). A row with min-p, top-k or
+        top-p whose kept tokens all lie within a partial top-k of candidates (a small k, the nucleus
+        or min-p floor of a peaked distribution: most rows) draws among the candidates alone, so
+        temperature, the filters, the softmax and the CDF touch c entries rather than the vocabulary. The candidates
         are put in token-id order first, so that a draw picks the token the whole masked row would
         give (up to rounding): which path a row takes changes nothing, but for ties at the edge of
         a nucleus wider than the candidates, which the GPU kernel keeps all of (a sort, some)."""
@@ -373,7 +373,11 @@ class Sampler:
                 if sort:
                     if md.min_p is not None:
                         sub = _min_p(sub, md.min_p[rows])
-                    sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
+                    f = (limited | nucleus)[rows]  # (a floor alone needs no sort)
+                    if bool(f.all()):
+                        sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
+                    elif bool(f.any()):
+                        sub[f] = _top_k_top_p_sorted(sub[f], kk[rows][f], pp[rows][f])
                 tokens.index_copy_(0, rows, sample_rows(torch.softmax(sub, dim=-1), u=u[rows]))
         return tokens
 
@@ -403,7 +407,7 @@ def _allows_more(words: np.ndarray, ids: list[int]) -> bool:
     return bool(words.any())
 
 
-# Rows whose nucleus reaches past the candidates go to triton_sample's kernel: None, on CUDA
+# Rows whose kept tokens reach past the candidates go to triton_sample's kernel: None, on CUDA
 # (tests set True to run it interpreted on a CPU).
 WIDE_KERNEL: bool | None = None
 
@@ -488,6 +492,7 @@ def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, t
     if temp is not None:
         vals = vals / temp
     cut = torch.zeros_like(limited)
+    floor = None
     if min_p is not None:
         # A min-p row is done within the candidates when the last of them is already below its floor.
         floor = vals[:, :1] + torch.log(min_p)[:, None]
@@ -499,18 +504,19 @@ def _candidates(logits: torch.Tensor, kk: torch.Tensor, limited: torch.Tensor, t
     # (a k-th value of -inf, a grammar allowing fewer than k tokens: every allowed one is a candidate)
     covered = limited & ((kth[:, 0] > vals[:, -1]) | torch.isneginf(kth[:, 0]) | (c == vocab))
     if top_p is not None:
-        # Probabilities within the top-k or the min-p floor when a row has one (and it lies within
-        # the candidates), else over the whole vocabulary.
+        # Probabilities within the top-k when a row has one, else over the whole vocabulary (above
+        # the row's min-p floor).
         lse = vals.logsumexp(dim=-1)
         if top_p_alone:
-            lse = torch.where(limited | cut, lse, (logits if temp is None else logits / temp).logsumexp(dim=-1))
+            full = logits if temp is None else logits / temp
+            if floor is not None:
+                full = full.masked_fill(full < floor, float("-inf"))
+            lse = torch.where(limited, lse, full.logsumexp(dim=-1))
         probs = (vals - lse[:, None]).exp()
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
         vals = vals.masked_fill(nucleus[:, None] & (before >= top_p[:, None]), float("-inf"))
-        # A row without top-k is done when the nucleus ends within the candidates (unless a min-p
-        # floor past them leaves its mass unknown).
-        done = ~limited & nucleus & (probs.sum(dim=-1) >= top_p)
-        covered |= done & ~(min_p > 0) if min_p is not None else done
+        # A row without top-k is done when the nucleus ends within the candidates.
+        covered |= ~limited & nucleus & (probs.sum(dim=-1) >= top_p)
     return vals, idx, covered | cut
 
 

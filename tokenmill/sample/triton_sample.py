@@ -91,6 +91,7 @@ def wide_sample_kernel(logits_ptr, stride, temp_ptr, k_ptr, p_ptr, lmp_ptr, wide
         floor = m + tl.load(lmp_ptr + row)
         if floor > float("-inf"):
             kept = tl.maximum(lo, _ordered(floor))
+        if (floor > float("-inf")) & (k < V):  # (what the floor keeps only matters to a top-k)
             cs = tl.zeros([BLOCK], dtype=tl.int32)
             for start in range(0, V, BLOCK):
                 idx = start + offs
