@@ -177,13 +177,10 @@ def report(arch: int = 90, shapes: list[tuple[str, int, int, int]] | None = None
 
 
 def sampler_launch(vocab: int = 152064, rows: int = 256):
-    """The sampler's kernel for rows whose nucleus is past the candidates (sample/triton_sample.py)."""
-    from tokenmill.sample.triton_sample import wide_sample_launch
+    """The sampler's kernel for rows whose kept tokens reach past the candidates (sample/triton_sample.py)."""
+    from tokenmill.sample.triton_sample import example_launch
 
-    f32 = torch.zeros(rows)
-    return wide_sample_launch(torch.zeros(rows, vocab), f32, torch.zeros(rows, dtype=torch.long), f32.clone(),
-                              f32.clone(), torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.float64),
-                              torch.zeros(rows, dtype=torch.long))
+    return example_launch(vocab, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

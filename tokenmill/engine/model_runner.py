@@ -9,7 +9,6 @@ and samples. Everything above it is plain-Python bookkeeping.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import os
@@ -624,7 +623,7 @@ class ModelRunner:
                     self.compile_decode_variants()
                 except Exception:  # (out of memory, say): the variants then compile when first used
                     logger.exception("compiling the decode kernel's variants failed; continuing without")
-            if self.device.type == "cuda" and not self.embed and importlib.util.find_spec("triton") is not None:
+            if self.device.type == "cuda" and not self.embed:
                 self._compile_sampler_kernel()
 
     def _compile_sampler_kernel(self) -> None:
@@ -632,16 +631,12 @@ class ModelRunner:
         should it fail, the sampler finds and sorts those rows instead (a wait for the device)."""
         import tokenmill.sample.sampler as sampler_mod
 
-        if sampler_mod.WIDE_KERNEL is False:
+        if sampler_mod.WIDE_KERNEL is False or not sampler_mod.has_triton():
             return
-        dev, v = self.device, self.model_config.vocab_size
         try:
-            from tokenmill.sample.triton_sample import wide_sample_
+            from tokenmill.sample.triton_sample import example_launch
 
-            one = torch.ones(1, device=dev)
-            wide_sample_(torch.zeros(1, v, device=dev), one, torch.full((1,), v, device=dev), one.clone(),
-                         torch.full((1,), float("-inf"), device=dev), torch.zeros(1, dtype=torch.bool, device=dev),
-                         torch.zeros(1, dtype=torch.float64, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+            example_launch(self.model_config.vocab_size, device=self.device).launch()
         except Exception:
             logger.exception("compiling the sampler's kernel failed; wide nuclei will be sorted instead")
             sampler_mod.WIDE_KERNEL = False

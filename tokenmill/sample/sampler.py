@@ -135,7 +135,7 @@ class SamplingMetadata:
                 column(name, getattr(cols, name))
         if some & (USES_PRESENCE | USES_FREQUENCY):  # each row's output tokens, counted on the device
             rows = cols.rows_with(USES_PRESENCE | USES_FREQUENCY)
-            outs = [seqs[i].token_ids[seqs[i].num_prompt_tokens :] for i in rows]
+            outs = [seqs[i].output_token_ids for i in rows]
             column("counts_at", flat(np.repeat(rows, [len(o) for o in outs]),
                                      np.fromiter(chain.from_iterable(outs), np.int64)))
         if some & USES_REPETITION:  # every token of the row, prompt (converted once a request) and output
@@ -146,8 +146,7 @@ class SamplingMetadata:
                 req = s.request
                 if req.prompt_array is None:
                     req.prompt_array = np.asarray(req.prompt_token_ids, np.int64)
-                parts += [req.prompt_array[: s.num_prompt_tokens],
-                          np.asarray(s.token_ids[s.num_prompt_tokens :], np.int64)]
+                parts += [req.prompt_array[: s.num_prompt_tokens], np.asarray(s.output_token_ids, np.int64)]
             column("seen_at", flat(np.repeat(rows, [len(seqs[i].token_ids) for i in rows]), np.concatenate(parts)))
 
         masks = dict(zip(mask_rows, bitmask.numpy().view(np.uint32))) if bitmask is not None else {}
@@ -294,25 +293,19 @@ class Sampler:
         return argmax, torch.softmax(self._filter(logits, md), dim=-1)
 
     def _constrain(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """logit_bias, grammar masks, min_tokens bans, then penalties, on float32 logits (a copy
-        when anything changes). Nothing here waits for the device."""
-        copied = False
-        if md.bias_at is not None:
-            logits = logits.clone()
-            copied = True
-            logits.view(-1).index_add_(0, md.bias_at, md.bias)
+        """Grammar masks, logit_bias, min_tokens bans, then penalties, on float32 logits (a copy
+        when anything changes; a bias on a masked token leaves it -inf, so the order of the first
+        two does not matter). Nothing here waits for the device."""
         if md.bitmask is not None:
-            logits = apply_bitmask(logits, md.bitmask, md.mask_rows, md.mask_index)
-            copied = True
+            logits = apply_bitmask(logits, md.bitmask, md.mask_rows, md.mask_index)  # (a copy)
+        elif md.bias_at is not None or md.banned is not None or md.forced_rows is not None:
+            logits = logits.clone()
+        if md.bias_at is not None:
+            logits.view(-1).index_add_(0, md.bias_at, md.bias)
         if md.banned is not None:  # (rows whose grammar allows nothing else have none: from_columns)
-            if not copied:
-                logits = logits.clone()
-                copied = True
             logits.view(-1).index_fill_(0, md.banned, float("-inf"))
         if md.forced_rows is not None:  # a reasoning budget closing its section: one token allowed
-            if not copied:  # after bans: the closing tag wins over min_tokens
-                logits = logits.clone()
-            logits.index_fill_(0, md.forced_rows, float("-inf"))
+            logits.index_fill_(0, md.forced_rows, float("-inf"))  # (after bans: the closing tag wins over min_tokens)
             logits.view(-1).index_fill_(0, md.forced_at, 0.0)
         return self._apply_penalties(logits, md)
 
@@ -335,10 +328,11 @@ class Sampler:
         """A token for every row (greedy rows' are replaced by the caller). A row with min-p, top-k or
         top-p whose kept tokens all lie within a partial top-k of candidates (a small k, the nucleus
         or min-p floor of a peaked distribution: most rows) draws among the candidates alone, so
-        temperature, the filters, the softmax and the CDF touch c entries rather than the vocabulary. The candidates
-        are put in token-id order first, so that a draw picks the token the whole masked row would
-        give (up to rounding): which path a row takes changes nothing, but for ties at the edge of
-        a nucleus wider than the candidates, which the GPU kernel keeps all of (a sort, some)."""
+        temperature, the filters, the softmax and the CDF touch c entries rather than the
+        vocabulary. The candidates are put in token-id order first, so that a draw picks the token
+        the whole masked row would give (up to rounding): which path a row takes changes nothing,
+        but for ties at the edge of a nucleus wider than the candidates, which the GPU kernel keeps
+        all of (a sort, some)."""
         if md.top_k is None and md.top_p is None and md.min_p is None:
             return sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), md.generators)
         u = draws(logits.shape[0], md.generators, logits.device)
@@ -360,7 +354,7 @@ class Sampler:
         # wide only the device knows: on a GPU a kernel draws them without asking (asking would make
         # the host wait for the step), elsewhere they are found and sorted.
         plain_rows = md.plain_rows if md.plain_rows is not None else plain.nonzero()[:, 0]
-        on_gpu = (logits.is_cuda if WIDE_KERNEL is None else WIDE_KERNEL) and _has_triton()
+        on_gpu = (logits.is_cuda if WIDE_KERNEL is None else WIDE_KERNEL) and has_triton()
         if on_gpu:
             from tokenmill.sample.triton_sample import wide_sample_
 
@@ -374,9 +368,7 @@ class Sampler:
                     if md.min_p is not None:
                         sub = _min_p(sub, md.min_p[rows])
                     f = (limited | nucleus)[rows]  # (a floor alone needs no sort)
-                    if bool(f.all()):
-                        sub = _top_k_top_p_sorted(sub, kk[rows], pp[rows])
-                    elif bool(f.any()):
+                    if bool(f.any()):
                         sub[f] = _top_k_top_p_sorted(sub[f], kk[rows][f], pp[rows][f])
                 tokens.index_copy_(0, rows, sample_rows(torch.softmax(sub, dim=-1), u=u[rows]))
         return tokens
@@ -413,7 +405,8 @@ WIDE_KERNEL: bool | None = None
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
+    """Whether Triton is installed (triton_sample's kernel is then used on CUDA)."""
     return importlib.util.find_spec("triton") is not None
 
 

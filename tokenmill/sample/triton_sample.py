@@ -26,6 +26,7 @@ from tokenmill.attention.triton_backend import KernelLaunch
 # whole SM's worth of threads, since a batch usually has few wide rows and each is ~14 passes long.
 BLOCK, THRESHOLDS, WARPS = 2048, 8, 16
 
+
 @triton.jit
 def _ordered(x):
     # float32 -> an integer in the same order (negative floats' magnitude bits flipped), so that a
@@ -139,6 +140,16 @@ def wide_sample_launch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Te
     return KernelLaunch(wide_sample_kernel, (logits.shape[0],),
                         (logits, logits.stride(0), temp, top_k, top_p, log_min_p, wide.view(torch.uint8), u, tokens,
                          logits.shape[1]), dict(BLOCK=BLOCK, K=THRESHOLDS), WARPS)
+
+
+def example_launch(vocab: int, rows: int = 1, device: torch.device | str = "cpu") -> KernelLaunch:
+    """A launch on zeros with no row marked wide: compiling it is all it does (the engine's warm-up,
+    attention/triton_aot.py's report)."""
+    one = torch.ones(rows, device=device)
+    return wide_sample_launch(torch.zeros(rows, vocab, device=device), one, torch.full((rows,), vocab, device=device),
+                              one, one * float("-inf"), torch.zeros(rows, dtype=torch.bool, device=device),
+                              torch.zeros(rows, dtype=torch.float64, device=device),
+                              torch.zeros(rows, dtype=torch.long, device=device))
 
 
 def wide_sample_(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
