@@ -7,6 +7,7 @@ Triton kernel under its interpreter. Either way the tokens must be those of plai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -138,3 +139,53 @@ def test_draft_model_passes_through_its_own_graphs(model_dir):
         assert again == got["off"] and drafter.graphs.num_replays > 5
     assert got[GRAPHS] == got["off"] and accepted[GRAPHS] == accepted["off"]
     assert 0 < accepted["off"][2] == accepted["off"][1]
+
+
+def test_the_graphed_forward_never_reads_the_device_back(model_dir, monkeypatch):
+    """What a graph records must run without the host: a capture fails on any op that waits for
+    the device (item, bool, nonzero: a shape from values) or copies host data in. On a CPU nothing
+    is captured, so each padded size's forward runs here under a dispatch mode that refuses those
+    ops, with the model's norms, RoPE and cache write on the Triton kernels as on CUDA (the CPU would
+    run its C++ ones); on CUDA under the sync debug mode too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tokenmill import gpu_ops
+    from tokenmill.model import layers, transformer
+
+    for mod in (layers, transformer):
+        monkeypatch.setattr(mod, "elementwise_ops", lambda x: gpu_ops)
+    llm = LLM(model_dir, attention_backend="triton", cuda_graphs=GRAPHS, cuda_graph_sizes=[1, 2, 4],
+              device=DEVICE.type, dtype="float32", max_model_len=128, max_num_seqs=4,
+              kv_cache_memory_bytes=64 * BLOCK_BYTES)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9, 10]}], params)  # (kernels compiled)
+    graphs = llm.engine.runner._graphs
+    assert graphs is not None and graphs.num_replays > 0
+
+    aten = torch.ops.aten  # (under inference mode item and bool() stay whole: aten.item, aten.is_nonzero)
+    refused = (aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
+               aten.nonzero.default, aten.masked_select.default, aten.lift_fresh.default, aten.lift_fresh_copy.default)
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in refused:
+                raise AssertionError(f"{func} in the graphed forward: a capture cannot hold it")
+            if func is torch.ops.aten.index.Tensor and any(
+                    i is not None and i.dtype == torch.bool for i in args[1]):
+                raise AssertionError("a boolean index in the graphed forward: its shape comes from values")
+            return func(*args, **(kwargs or {}))
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.tensor in the graphed forward: host data copied in")
+
+    for size in graphs.sizes:
+        with monkeypatch.context() as m, contextlib.ExitStack() as stack:
+            m.setattr(torch, "tensor", refuse)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                stack.callback(torch.cuda.set_sync_debug_mode, 0)
+            stack.enter_context(Reads())
+            with torch.inference_mode():
+                hidden = graphs._forward(size)
+        assert hidden.shape == (size, llm.engine.model_config.hidden_size)
