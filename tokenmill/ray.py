@@ -426,6 +426,10 @@ def router_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {"policy": args.router_policy}
     if args.api_key:
         config["replica_api_key"] = args.api_key  # the router's own calls to the replicas (KV events)
+    if getattr(args, "tenants", None) is not None:  # the replicas' tenants: keys, salts, fleet-wide limits
+        from tokenmill.ops.tenants import load_tenants
+
+        config["tenants"] = getattr(args, "tenants_config", None) or load_tenants(args.tenants)
     return config
 
 

@@ -53,6 +53,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def tenant_salt(tenant: str, client_salt: str | None) -> str:
+    """The prefix-cache salt of a tenant's request: its own namespace, within which a client's
+    cache_salt still separates further. (A fleet router hashes prompts with it too.)"""
+    return f"tenant:{tenant}" if client_salt is None else f"tenant:{tenant}\x00{client_salt}"
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import tempfile
 
 from tokenmill.router.policy import POLICIES, KVAwareWeights
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "report it, when on this machine)")
     p.add_argument("--replica-api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="the key the router uses for replicas' KV event streams (env TOKENMILL_API_KEY)")
+    p.add_argument("--tenants", default=None, metavar="YAML",
+                   help="the replicas' tenants file: the router then takes tenants' keys (401 otherwise), hashes "
+                   "their prompts with their cache salt, and holds their max_concurrent_requests and "
+                   "requests_per_minute across the fleet; with --replicas N the local replicas get it too")
     p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish")
@@ -47,11 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     if args.max_retries < 0:
         raise ValueError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    tenants = None
+    if args.tenants is not None:
+        from tokenmill.ops.tenants import load_tenants
+
+        tenants = load_tenants(args.tenants)
     return RouterConfig(policy=args.policy, weights=KVAwareWeights(args.kv_decode_weight, args.kv_full),
                         max_retries=args.max_retries, health_interval_s=args.health_interval,
                         health_timeout_s=args.health_timeout,
                         tokenizer=args.tokenizer, replica_api_key=args.replica_api_key,
-                        max_body_bytes=args.max_body_size)
+                        max_body_bytes=args.max_body_size, tenants=tenants)
 
 
 def run(args: argparse.Namespace, serve_args: list[str]) -> int:
@@ -69,6 +79,12 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
     if args.replicas and args.replica_api_key is None and "--api-key" in serve_args:
         i = serve_args.index("--api-key")  # local replicas behind a key: the router's own calls need it too
         args.replica_api_key = serve_args[i + 1] if i + 1 < len(serve_args) else None
+    if args.replicas and args.tenants is not None:
+        serve_args = [*serve_args, "--tenants", args.tenants]
+        if args.replica_api_key is None:
+            # A replica with tenants opens its KV events to the operator's key only: local replicas get
+            # one made here (through their environment, not their command line) and the router uses it.
+            args.replica_api_key = os.environ["TOKENMILL_API_KEY"] = secrets.token_urlsafe(32)
     config = config_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health check otherwise
     sock = bind_socket(args.host, args.port)

@@ -16,6 +16,18 @@ Failover, on by default (`max_retries` other replicas at most):
   role chunk, and a `failover` object on each chunk after the switch. Greedy and seeded outputs
   equal an undisturbed run. Streams of several choices or prompts cannot resume: they end with an
   error event.
+
+Tenants (`tokenmill router --tenants tenants.yaml`, the replicas' file): the router knows the caller
+from its key (401 for a missing or unknown one, at the edge) and
+- hashes the tenant's prompts with the salt a replica gives them (ops.tenants.tenant_salt), so
+  KV-aware routing finds the tenant's cached blocks (without the file it would look for blocks
+  no replica holds, and route tenants' traffic by load alone);
+- holds each tenant's max_concurrent_requests and requests_per_minute for the whole fleet (each
+  replica holds them too, for what reaches it);
+- relays a replica's refusal by the tenant's own limit (429, rate_limit_exceeded) instead of trying
+  another replica, whose window the tenant has not used yet: that would multiply its limit.
+tokens_per_minute, max_tokens and models stay with the replicas (the router does not count the
+tokens of a response): a tenant's tokens_per_minute holds per replica.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_salt
 from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
@@ -56,6 +69,8 @@ ENGINE_FAILURE_TYPES = ("server_error", "service_unavailable")
 REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
 THREAD_TOKENIZE_BYTES = 8192
+# With --tenants, the routes a replica opens to tenants' keys (its generation and embedding routes).
+TENANT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 @dataclass
@@ -70,6 +85,7 @@ class RouterConfig:
     tokenizer: str | None = None  # the folder whose tokenizer hashes prompts (default: each model's own, if local)
     replica_api_key: str | None = None  # for the router's own calls (KV events)
     max_body_bytes: int = 8 * 2**20
+    tenants: TenantsConfig | None = None  # keys, and fleet-wide concurrency and requests/min (module docstring)
 
 
 class NoReplica(Exception):
@@ -100,11 +116,15 @@ class _Metrics:
                          ["replica"], registry=r)
         blocks = Gauge(p + "replica_cached_blocks", "Cached prefix blocks the replica reports", ["replica"],
                        registry=r)
-        self._gauges = (up, synced, inflight, blocks)
+        self.rejected = Counter(p + "tenant_rejected", "Requests the router refused by a tenant's limit",
+                                ["tenant", "limit"], registry=r)
+        tenant_inflight = Gauge(p + "tenant_requests_in_flight", "A tenant's requests in flight in the fleet",
+                                ["tenant"], registry=r)
+        self._gauges = (up, synced, inflight, blocks, tenant_inflight)
         self.router = router
 
     def render(self) -> bytes:
-        up, synced, inflight, blocks = self._gauges
+        up, synced, inflight, blocks, tenant_inflight = self._gauges
         for g in self._gauges:
             g.clear()
         for rep in self.router.replicas.values():
@@ -112,6 +132,9 @@ class _Metrics:
             synced.labels(rep.url).set(1 if rep.stream_connected else 0)
             inflight.labels(rep.url).set(rep.inflight)
             blocks.labels(rep.url).set(sum(len(m.keys) for m in rep.index.models.values()))
+        if self.router.tenants is not None:
+            for name, n in self.router.tenants.in_flight().items():
+                tenant_inflight.labels(name).set(n)
         return generate_latest(self.registry)
 
 
@@ -169,6 +192,8 @@ class Router:
         self.roots: dict[str, str] = {}  # model -> its folder, as replicas report it
         self.client: httpx.AsyncClient | None = None
         self.metrics = _Metrics(self)
+        self.tenants = None if self.config.tenants is None else Tenants(
+            self.config.tenants, on_reject=lambda tenant, limit: self.metrics.rejected.labels(tenant, limit).inc())
         self.draining = False
         self._tasks: set[asyncio.Future] = set()
         for url in replicas or []:
@@ -245,7 +270,7 @@ class Router:
         return [r for r in self.replicas.values()
                 if r.up and r.url not in exclude and (model is None or not r.models or model in r.models)]
 
-    async def _plan(self, endpoint: str, body: dict[str, Any], size: int) -> _Plan:
+    async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None) -> _Plan:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
@@ -256,7 +281,10 @@ class Router:
                     ids = await asyncio.to_thread(h.token_ids, endpoint, body)
                 else:
                     ids = h.token_ids(endpoint, body)
-        return _Plan(name, ids, body.get("cache_salt"))
+        salt = body.get("cache_salt")
+        if tenant is not None:  # as the replica salts it (a salt that is no string: the replica's 400)
+            salt = tenant_salt(tenant, salt if isinstance(salt, str) else None)
+        return _Plan(name, ids, salt)
 
     def _pick(self, plan: _Plan, exclude: set[str]) -> tuple[Replica, _Ticket]:
         reps = self._candidates(plan.model, exclude)
@@ -390,6 +418,24 @@ class Router:
         return JSONResponse({"object": "list", "data": merge_models([x.json().get("data", []) for x in ok])})
 
     async def _generate(self, request: Request, endpoint: str) -> Response:
+        if self.tenants is None or request.url.path not in TENANT_PATHS:
+            return await self._relay_request(request, endpoint, None)
+        tenant = self.tenants.authenticate(request.headers.get("authorization"))
+        if tenant is None:
+            return JSONResponse(error_body(401, "invalid or missing API key", code="invalid_api_key"), status_code=401)
+        try:
+            adm = self.tenants.admit(tenant)
+        except LimitExceeded as e:
+            return JSONResponse(error_body(429, e.message, code="rate_limit_exceeded"), status_code=429,
+                                headers={"Retry-After": str(e.retry_after_s)})
+        try:
+            resp = await self._relay_request(request, endpoint, tenant.name)
+        except BaseException:
+            adm.release()
+            raise
+        return _Releasing(resp, adm.release)  # (a stream holds its slot until its last byte)
+
+    async def _relay_request(self, request: Request, endpoint: str, tenant: str | None) -> Response:
         t0 = time.perf_counter()
         try:
             raw = await self._body(request)
@@ -402,7 +448,7 @@ class Router:
                 body = json.loads(raw)
         if not isinstance(body, dict):  # not ours to judge: a replica answers it (with its own error)
             body, endpoint = {}, endpoint if endpoint == "other" else "invalid"
-        plan = await self._plan(endpoint, body, len(raw))
+        plan = await self._plan(endpoint, body, len(raw), tenant)
         headers = self._headers(request)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if body.get("stream") is True and endpoint in ("chat", "completions"):
@@ -432,7 +478,8 @@ class Router:
                 continue
             finally:
                 ticket.end()
-            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1):
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1
+                                                    and not _tenant_limit(resp)):
                 tried.append(rep.url)
                 last = resp
                 self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
@@ -504,7 +551,8 @@ class Router:
             await resp.aclose()
             ticket.end()
             self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
-            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1):
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1
+                                                    and not _tenant_limit(resp)):
                 tried.append(rep.url)
                 last = resp
                 continue
@@ -612,6 +660,43 @@ class Router:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: opened[0].url})
+
+
+class _Releasing(Response):
+    """A response that calls `release` once it has been sent, or has failed to be (a tenant's
+    admission: a stream holds it until its last byte, whether or not the client stays). Also when
+    it is dropped unsent: a slot leaked would lock the tenant out."""
+
+    def __init__(self, inner: Response, release: Any) -> None:  # (no super().__init__: inner renders)
+        self.inner, self._release = inner, release
+        self.status_code, self.background = inner.status_code, None
+
+    @property
+    def headers(self):  # type: ignore[override]
+        return self.inner.headers
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.release()
+        if self.background is not None:
+            await self.background()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _tenant_limit(resp: httpx.Response) -> bool:
+    """Whether a replica's 429 is the tenant's own limit (not a full queue or an SLO it cannot meet)."""
+    with contextlib.suppress(ValueError, LookupError, TypeError):
+        return resp.json()["error"]["code"] == "rate_limit_exceeded"
+    return False
 
 
 class _Relay:

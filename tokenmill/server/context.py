@@ -18,7 +18,7 @@ from typing import Any
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.engine.slo import SLOAdmissionError
-from tokenmill.ops.tenants import Admission, LimitExceeded, RequestTooLarge
+from tokenmill.ops.tenants import Admission, LimitExceeded, RequestTooLarge, tenant_salt
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -40,12 +40,6 @@ ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("to
 def limit_error(e: LimitExceeded) -> APIError:
     """A tenant's limit as OpenAI answers one: 429, rate_limit_exceeded, Retry-After."""
     return APIError(429, e.message, code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)})
-
-
-def tenant_salt(tenant: str, client_salt: str | None) -> str:
-    """The prefix-cache salt of a tenant's request: its own namespace, within which a client's
-    cache_salt still separates further."""
-    return f"tenant:{tenant}" if client_salt is None else f"tenant:{tenant}\x00{client_salt}"
 
 
 # Sequences one HTTP request may start (prompts x n): a small body must not queue millions.
