@@ -193,3 +193,25 @@ def test_a_replica_that_cannot_listen_stops_its_engines(model_dir, monkeypatch):
     finally:
         taken.close()
     assert len(stopped) == 1 and not stopped[0].is_running
+
+
+def test_tenants_reach_the_ingress_router_with_an_operator_key(model_dir, tmp_path):
+    """`serve --ray --tenants FILE`: the replicas get the file with the rest of the flags, the ingress
+    router gets the tenants (keys, salts, fleet-wide limits) and, without --api-key, the key the
+    replicas show their KV events to (with tenants, the operator's only): one made for both."""
+    import yaml
+
+    from tokenmill.ops.tenants import hash_key
+
+    path = tmp_path / "tenants.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [{"name": "acme", "keys_sha256": [hash_key("k")]}]}))
+    for given in ([], ["--api-key", "operator"]):
+        args = rs.build_parser().parse_args(["--model", model_dir, "--replicas", "2", "--tenants", str(path), *given])
+        (group,) = rs.groups_from_args(args)
+        config = rs.router_config_from_args(args)
+        assert [t.name for t in config["tenants"].tenants] == ["acme"]
+        assert group.args.tenants == str(path) and config["replica_api_key"] == group.args.api_key
+        assert (group.args.api_key == "operator") if given else (len(group.args.api_key) > 30)
+    args = rs.build_parser().parse_args(["--model", model_dir, "--replicas", "2"])  # no tenants: no key made
+    assert rs.router_config_from_args(args) == {"policy": args.router_policy}
+    assert not rs.groups_from_args(args)[0].args.api_key

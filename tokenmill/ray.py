@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -370,7 +371,15 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local cluster started without --ray-address (default: this machine's)")
 
 
+def _operator_key(args: argparse.Namespace) -> None:
+    """Replicas with tenants show their KV events to the operator's key (--api-key) only: without
+    one, the replicas and the ingress router share a key made here (idempotent: both builders call it)."""
+    if getattr(args, "tenants", None) is not None and not args.api_key:
+        args.api_key = secrets.token_urlsafe(32)
+
+
 def groups_from_args(args: argparse.Namespace, cluster_gpus: float = 0.0) -> list[ReplicaGroup]:
+    _operator_key(args)
     gpus = args.num_gpus_per_replica
     if gpus is None:
         gpus = 1.0 if args.device == "cuda" or (args.device == "auto" and cluster_gpus > 0) else 0.0
@@ -423,6 +432,7 @@ def wait_for_fleet(handle: DeploymentHandle, n: int, timeout: float = 120.0) -> 
 
 
 def router_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    _operator_key(args)
     config: dict[str, Any] = {"policy": args.router_policy}
     if args.api_key:
         config["replica_api_key"] = args.api_key  # the router's own calls to the replicas (KV events)
