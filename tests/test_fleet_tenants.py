@@ -150,7 +150,12 @@ def test_max_concurrent_requests_holds_across_the_fleet(fleet, model_name):
 
 
 def test_requests_per_minute_hold_across_the_fleet(fleet, model_name):
+    """beta may send 3 a minute: the router counts them over both replicas; requests no replica
+    admitted (here a model that does not exist) give their place back."""
     c = client(fleet, "beta-key")
+    for _ in range(3):
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="no-such-model", prompt="q", max_tokens=1)
     reps = [c.completions.with_raw_response.create(model=model_name, prompt=f"q{i}", max_tokens=1).headers[HEADER]
             for i in range(3)]
     assert len(set(reps)) == 2  # each replica saw fewer than 3: alone, neither would refuse a fourth
@@ -178,15 +183,21 @@ def test_a_replicas_refusal_by_a_tenants_limit_is_not_tried_elsewhere(fleet, mod
         ask(2)
     assert "tokens_per_minute limit 100" in str(e.value) and HEADER in e.value.response.headers
     assert relayed(fleet, "429") == before + 1
+    with pytest.raises(openai.RateLimitError) as e:  # a stream's the same (the router opens it elsewhere)
+        c.completions.create(model=model_name, prompt="d3", max_tokens=60, stream=True)
+    assert HEADER in e.value.response.headers
+    assert relayed(fleet, "429") == before + 2
 
 
-def test_local_replicas_get_the_tenants_and_a_key_for_the_router(model_dir, model_name, tmp_path):
-    """`tokenmill router --replicas 1 --tenants FILE`: the local replica gets the tenants too, and a
-    key made by the router (a replica with tenants shows its KV events to the operator's key only),
-    so KV-aware routing has the replica's events and a tenant's prefix is found again."""
+@pytest.mark.parametrize("key", [[], ["--replica-api-key", "the-operators"]])
+def test_local_replicas_get_the_tenants_and_a_key_for_the_router(model_dir, model_name, tmp_path, key):
+    """`tokenmill router --replicas 1 --tenants FILE`: the local replica gets the tenants too, and the
+    router's key (--replica-api-key, or one it made): a replica with tenants shows its KV events to
+    the operator's key only. So KV-aware routing has the replica's events and a tenant's prefix is
+    found again."""
     path = tmp_path / "tenants.yaml"
     path.write_text(yaml.safe_dump({"tenants": TENANTS}))
-    router = ServerProcess(model_dir, "--replicas", "1", "--replica-threads", "1", "--tenants", str(path),
+    router = ServerProcess(model_dir, "--replicas", "1", "--replica-threads", "1", "--tenants", str(path), *key,
                            "--replica-log-dir", str(tmp_path / "replicas"), "--health-interval", "0.2",
                            "--kv-cache-memory", "0.02", log_path=str(tmp_path / "router.log"), command="router")
     try:

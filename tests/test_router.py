@@ -181,6 +181,7 @@ def test_router_keys_are_the_engines_keys(model_dir, llm):
         # another salt, or none, gives other keys
         other = PromptHasher.keys(ids, bs, "someone-else")
         assert not set(other) & cached
+    assert PromptHasher.keys(ids, bs, "tenant:acme\x00\ud800") == []  # a salt the replica refuses (400): no keys
     assert h.token_ids("chat", {"messages": "not a list"}) is None
     assert h.token_ids("completions", {"prompt": [1, 2, 3]}) == [1, 2, 3]
     assert h.token_ids("completions", {"prompt": ["first one", "second"]}) == h.tokenizer.encode("first one")

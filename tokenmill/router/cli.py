@@ -76,15 +76,19 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         raise ValueError(f"unrecognized arguments: {' '.join(serve_args)} (serve arguments go with --replicas N)")
     if args.replicas < 0:
         raise ValueError(f"--replicas: must be >= 0, got {args.replicas}")
-    if args.replicas and args.replica_api_key is None and "--api-key" in serve_args:
-        i = serve_args.index("--api-key")  # local replicas behind a key: the router's own calls need it too
-        args.replica_api_key = serve_args[i + 1] if i + 1 < len(serve_args) else None
-    if args.replicas and args.tenants is not None:
-        serve_args = [*serve_args, "--tenants", args.tenants]
-        if args.replica_api_key is None:
-            # A replica with tenants opens its KV events to the operator's key only: local replicas get
-            # one made here (through their environment, not their command line) and the router uses it.
-            args.replica_api_key = os.environ["TOKENMILL_API_KEY"] = secrets.token_urlsafe(32)
+    if args.replicas:
+        given = _serve_api_key(serve_args)
+        if args.replica_api_key is None:  # local replicas behind a key: the router's own calls need it too
+            args.replica_api_key = given
+        if args.tenants is not None:
+            serve_args = [*serve_args, "--tenants", args.tenants]
+            # A replica with tenants opens its KV events and model list to the operator's key only:
+            # without --api-key among their flags, local replicas take the router's (--replica-api-key,
+            # or one made here) through their environment, not their command line.
+            if args.replica_api_key is None:
+                args.replica_api_key = secrets.token_urlsafe(32)
+            if given is None:
+                os.environ["TOKENMILL_API_KEY"] = args.replica_api_key
     config = config_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health check otherwise
     sock = bind_socket(args.host, args.port)
@@ -128,3 +132,11 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         if local is not None:
             local.stop()
         sock.close()
+
+
+def _serve_api_key(serve_args: list[str]) -> str | None:
+    """The --api-key among the serve flags (either form: `--api-key K`, `--api-key=K`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--api-key")
+    known, _ = p.parse_known_args(serve_args)
+    return known.api_key

@@ -172,7 +172,16 @@ class PromptHasher:
     def keys(ids: list[int], block_size: int, salt: Any) -> list[bytes]:
         """The block keys the replica's cache can match: at most (len - 1) // block_size blocks
         (the last prompt token is always computed)."""
-        if salt is not None and not isinstance(salt, str):
-            return []
+        if salt is not None and not (isinstance(salt, str) and _utf8(salt)):
+            return []  # (the replica refuses such a salt: a 400, nothing to match)
         n = (len(ids) - 1) // block_size
         return block_hashes(ids[: n * block_size], block_size, salt or None)
+
+
+def _utf8(s: str) -> bool:
+    """Whether s encodes as UTF-8 (a lone surrogate does not: the salt's hash would raise)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

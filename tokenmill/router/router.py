@@ -23,7 +23,9 @@ from its key (401 for a missing or unknown one, at the edge) and
   KV-aware routing finds the tenant's cached blocks (without the file it would look for blocks
   no replica holds, and route tenants' traffic by load alone);
 - holds each tenant's max_concurrent_requests and requests_per_minute for the whole fleet (each
-  replica holds them too, for what reaches it);
+  replica holds them too, for what reaches it); a request that no replica admitted (the router's
+  own 413 or 503, a replica's 401/403/404/5xx or its refusal by the tenant's limit) gives its
+  place in the requests window back;
 - relays a replica's refusal by the tenant's own limit (429, rate_limit_exceeded) instead of trying
   another replica, whose window the tenant has not used yet: that would multiply its limit.
 tokens_per_minute, max_tokens and models stay with the replicas (the router does not count the
@@ -54,7 +56,7 @@ from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
 from tokenmill.server.errors import error_body
-from tokenmill.server.streaming import unless_disconnected
+from tokenmill.server.streaming import ReleasingIterator, unless_disconnected
 
 logger = logging.getLogger("tokenmill.router")
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -69,8 +71,11 @@ ENGINE_FAILURE_TYPES = ("server_error", "service_unavailable")
 REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
 THREAD_TOKENIZE_BYTES = 8192
-# With --tenants, the routes a replica opens to tenants' keys (its generation and embedding routes).
-TENANT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
+TENANT_ENDPOINTS = ("chat", "completions", "embeddings")
+# Answers that mean the request was not admitted (the router's own 413 and 503s, a replica's key,
+# permission or model refusal, a failure): they do not count against requests_per_minute.
+NOT_ADMITTED = (401, 403, 404, 413)
 
 
 @dataclass
@@ -347,6 +352,10 @@ class Router:
         async def completions(request: Request) -> Response:
             return await self._generate(request, "completions")
 
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request) -> Response:
+            return await self._generate(request, "embeddings")
+
         @app.get("/v1/kv_events")
         async def kv_events() -> Response:  # each replica has its own; the router has none
             return JSONResponse(error_body(404, "the router publishes no KV events; subscribe to a replica"),
@@ -418,7 +427,7 @@ class Router:
         return JSONResponse({"object": "list", "data": merge_models([x.json().get("data", []) for x in ok])})
 
     async def _generate(self, request: Request, endpoint: str) -> Response:
-        if self.tenants is None or request.url.path not in TENANT_PATHS:
+        if self.tenants is None or endpoint not in TENANT_ENDPOINTS:
             return await self._relay_request(request, endpoint, None)
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
         if tenant is None:
@@ -428,12 +437,18 @@ class Router:
         except LimitExceeded as e:
             return JSONResponse(error_body(429, e.message, code="rate_limit_exceeded"), status_code=429,
                                 headers={"Retry-After": str(e.retry_after_s)})
+        resp = None
         try:
             resp = await self._relay_request(request, endpoint, tenant.name)
-        except BaseException:
-            adm.release()
-            raise
-        return _Releasing(resp, adm.release)  # (a stream holds its slot until its last byte)
+            if resp.status_code in NOT_ADMITTED or resp.status_code >= 500 or (
+                    resp.status_code == 429 and _error_code(getattr(resp, "body", b"")) == "rate_limit_exceeded"):
+                adm.refund_request()  # (a replica refused by tokens_per_minute refunds its own window too)
+            if isinstance(resp, StreamingResponse):  # its slot is held until the stream has ended, however
+                resp.body_iterator = ReleasingIterator(resp.body_iterator, adm.release)
+            return resp
+        finally:
+            if not isinstance(resp, StreamingResponse):
+                adm.release()  # an error, a whole answer, or cancelled: the request has ended
 
     async def _relay_request(self, request: Request, endpoint: str, tenant: str | None) -> Response:
         t0 = time.perf_counter()
@@ -662,41 +677,16 @@ class Router:
                                           REPLICA_HEADER: opened[0].url})
 
 
-class _Releasing(Response):
-    """A response that calls `release` once it has been sent, or has failed to be (a tenant's
-    admission: a stream holds it until its last byte, whether or not the client stays). Also when
-    it is dropped unsent: a slot leaked would lock the tenant out."""
-
-    def __init__(self, inner: Response, release: Any) -> None:  # (no super().__init__: inner renders)
-        self.inner, self._release = inner, release
-        self.status_code, self.background = inner.status_code, None
-
-    @property
-    def headers(self):  # type: ignore[override]
-        return self.inner.headers
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await self.inner(scope, receive, send)
-        finally:
-            self.release()
-        if self.background is not None:
-            await self.background()
-
-    def __del__(self) -> None:
-        self.release()
+def _error_code(body: bytes) -> Any:
+    """The `error.code` of an OpenAI-style error body (None for anything else)."""
+    with contextlib.suppress(ValueError, LookupError, TypeError, AttributeError):
+        return json.loads(body)["error"]["code"]
+    return None
 
 
 def _tenant_limit(resp: httpx.Response) -> bool:
     """Whether a replica's 429 is the tenant's own limit (not a full queue or an SLO it cannot meet)."""
-    with contextlib.suppress(ValueError, LookupError, TypeError):
-        return resp.json()["error"]["code"] == "rate_limit_exceeded"
-    return False
+    return _error_code(resp.content) == "rate_limit_exceeded"
 
 
 class _Relay:

@@ -46,7 +46,7 @@ from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, lim
 from tokenmill.server.errors import APIError, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
-from tokenmill.server.streaming import sse
+from tokenmill.server.streaming import ReleasingIterator, sse
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -395,36 +395,6 @@ class Gateway:
             return resp
 
         return wrapped
-
-
-class ReleasingIterator:
-    """A response body that calls release once it has ended: its last event sent, an error, the
-    client gone (cancelled), closed, or dropped unstarted (a generator never started would skip
-    its finally: hence a class, whose __del__ releases too)."""
-
-    def __init__(self, inner: Any, release: Callable[[], None]) -> None:
-        self._inner, self._release = inner, release
-
-    def __aiter__(self) -> ReleasingIterator:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self._inner.__anext__()
-        except BaseException:  # StopAsyncIteration included: the stream is over
-            self._release()
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._release()
-
-    def __del__(self) -> None:
-        self._release()
 
 
 def _key_matches(header: str | None, key: str) -> bool:

@@ -22,6 +22,36 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine
 
 
+class ReleasingIterator:
+    """A response body that calls release once it has ended: its last event sent, an error, the
+    client gone (cancelled), closed, or dropped unstarted (a generator never started would skip
+    its finally: hence a class, whose __del__ releases too)."""
+
+    def __init__(self, inner: Any, release: Callable[[], None]) -> None:
+        self._inner, self._release = inner, release
+
+    def __aiter__(self) -> ReleasingIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:  # StopAsyncIteration included: the stream is over
+            self._release()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        self._release()
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     while True:
         msg = await request.receive()
