@@ -248,3 +248,75 @@ def test_router_learns_the_tokenizer_folder_of_every_model(tmp_path):
         return router.roots
 
     assert set(asyncio.run(main())) == {"X", "Y"}
+
+
+def test_tenant_requests_no_replica_admitted_give_their_place_back():
+    """A router with --tenants counts a tenant's request against requests_per_minute only when a
+    replica took it: the router's own 413 and 503, a replica's 401/403/404/429 (whatever its
+    body)/5xx give the place back, streamed or not; a 400 (validation after admission) and a 200
+    count. Every path releases the concurrency slot."""
+    from tokenmill.ops.tenants import hash_key, parse_tenants
+    from tokenmill.router.cli import _serve_api_key
+
+    answers = {
+        "ok": None, "e400": (400, "invalid_request"), "e401": (401, "invalid_api_key"),
+        "e404": (404, "model_not_found"), "e500": (500, None), "e503": (503, None),
+        "tpm": (429, "rate_limit_exceeded"), "queue": (429, "queue_full"), "text429": (429, "text"),
+    }
+    mode = ["ok"]
+
+    def replica(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
+        if req.url.path != "/v1/completions":
+            return httpx.Response(404, json={"error": {"message": "no", "code": None}})
+        ans = answers[mode[0]]
+        if ans is not None and ans[1] == "text":
+            return httpx.Response(ans[0], text="Too Many Requests")
+        if ans is not None:
+            return httpx.Response(ans[0], json={"error": {"message": "refused", "type": "t", "param": None,
+                                                          "code": ans[1]}})
+        if json.loads(req.content).get("stream"):
+            chunk = {"id": "x", "choices": [{"index": 0, "text": "a", "token_ids": [7], "finish_reason": "stop"}]}
+            return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json={"id": "x", "choices": [{"index": 0, "text": "a", "finish_reason": "stop"}]})
+
+    tenants = parse_tenants({"tenants": [{"name": "acme", "keys_sha256": [hash_key("k")],
+                                          "requests_per_minute": 1000, "max_concurrent_requests": 5}]})
+    auth = {"authorization": "Bearer k"}
+
+    async def main() -> dict[tuple[str, bool], tuple[int, int]]:
+        router = Router(RouterConfig(policy="round_robin", tenants=tenants, max_body_bytes=2000), ["http://r"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        (rep,) = router.replicas.values()
+        state = router.tenants.states["acme"]
+        got = {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router.app), base_url="http://router") as c:
+            async def counted(**kw) -> tuple[int, int]:
+                before = state.requests.total
+                r = await c.post("/v1/completions", headers=auth, **kw)
+                await r.aread()
+                assert state.in_flight == 0
+                return r.status_code, state.requests.total - before
+
+            got["down", False] = await counted(json={"model": "m", "prompt": "x"})  # no replica up: 503
+            rep.up = True
+            for m in answers:
+                for stream in (False, True):
+                    mode[0] = m
+                    got[m, stream] = await counted(json={"model": "m", "prompt": "x", "stream": stream})
+            got["too large", False] = await counted(content=b"x" * 3000)
+            r = await c.post("/v1/completions", json={"model": "m", "prompt": "x"})
+            assert r.status_code == 401 and state.requests.total == 4  # (2 oks, 2 400s) the router's 401 adds none
+        await router.client.aclose()
+        return got
+
+    got = asyncio.run(main())
+    want = {("down", False): (503, 0), ("too large", False): (413, 0)}
+    for m, ans in answers.items():
+        for stream in (False, True):
+            want[m, stream] = (200, 1) if ans is None else (ans[0], 1 if ans[0] == 400 else 0)
+    assert got == want
+    assert _serve_api_key(["--model", "m", "--api-key", "a", "--api-key=b", "--admin-api-key", "c"]) == "b"
+    assert _serve_api_key(["--api-key"]) is None and _serve_api_key(["--api-keys", "x"]) is None

@@ -168,6 +168,32 @@ def test_a_refused_add_uses_nothing_and_stale_tracking_is_dropped():
     c.release()
 
 
+def test_refused_requests_leave_nothing_in_the_windows():
+    """A request refused after its admission (by tokens_per_minute, or, at a fleet router, by
+    every replica) is taken out of the windows, not kept at 0: `wait` walks the window on every
+    refusal, and a client sending refused requests must not make that walk long."""
+    clock = Clock()
+    lim, acme = tenants(clock, requests_per_minute=5, tokens_per_minute=100)
+    keep = lim.admit(acme)
+    keep.reserve(5, 90)
+    for _ in range(1000):
+        a = lim.admit(acme)
+        with pytest.raises(LimitExceeded, match="tokens_per_minute"):
+            a.reserve(5, 50)  # (refunds its request itself)
+        a.release()
+        b = lim.admit(acme)
+        b.refund_request()  # (a router: no replica admitted it)
+        b.refund_request()  # (twice is once)
+        b.release()
+        c = lim.admit(acme)
+        c.reserve(1, 5)
+        c.cancel_reservation()
+        c.refund_request()
+        c.release()
+    s = lim.states["acme"]
+    assert len(s.requests) == 1 and s.requests.total == 1 and len(s.tokens) == 1 and s.tokens.total == 90
+
+
 def test_keys_are_compared_in_constant_time_against_every_hash(monkeypatch):
     cfg = parse_tenants({"tenants": [{"name": "a", "keys_sha256": [hash_key("ka1"), hash_key("ka2")]},
                                      {"name": "b", "keys_sha256": [hash_key("kb").upper()]}]})

@@ -243,6 +243,19 @@ class SlidingWindow:
         self.total += amount
         return e
 
+    def remove(self, e: _Entry) -> None:
+        """Takes an entry out (a request refused after all): refused requests must not pile up in
+        the window, where `wait` walks them on every refusal. Searched from the newest end,
+        where such an entry almost always is."""
+        if not e.live:
+            return
+        e.live = False
+        self.total -= e.amount
+        for i in range(len(self._entries) - 1, -1, -1):
+            if self._entries[i] is e:
+                del self._entries[i]
+                return
+
     def set(self, e: _Entry, amount: int) -> None:
         """Changes an entry's amount; an entry that left the window no longer counts."""
         if e.live:
@@ -317,15 +330,14 @@ class Admission:
     def cancel_reservation(self) -> None:
         """The engine refused the request: nothing was used."""
         if self._token_entry is not None:
-            self._state.tokens.set(self._token_entry, 0)
-            self._token_entry.live = False
+            self._state.tokens.remove(self._token_entry)
             self.untrack(list(self._rids))
             self._token_entry = None
 
     def refund_request(self) -> None:
         """Takes the request out of the requests window (refused by tokens_per_minute: not admitted)."""
         if self._request_entry is not None:
-            self._state.requests.set(self._request_entry, 0)
+            self._state.requests.remove(self._request_entry)
             self._request_entry = None
 
     def release(self) -> None:

@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="the folder whose tokenizer hashes prompts (default: each model's folder as replicas "
                    "report it, when on this machine)")
-    p.add_argument("--replica-api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-                   help="the key the router uses for replicas' KV event streams (env TOKENMILL_API_KEY)")
+    p.add_argument("--replica-api-key", default=None,
+                   help="the key the router uses for replicas' KV event streams and model lists (default: the "
+                   "--api-key given to local replicas, else env TOKENMILL_API_KEY)")
     p.add_argument("--tenants", default=None, metavar="YAML",
                    help="the replicas' tenants file: the router then takes tenants' keys (401 otherwise), hashes "
                    "their prompts with their cache salt, and holds their max_concurrent_requests and "
@@ -60,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(policy=args.policy, weights=KVAwareWeights(args.kv_decode_weight, args.kv_full),
                         max_retries=args.max_retries, health_interval_s=args.health_interval,
                         health_timeout_s=args.health_timeout,
-                        tokenizer=args.tokenizer, replica_api_key=args.replica_api_key,
+                        tokenizer=args.tokenizer,
+                        replica_api_key=args.replica_api_key or os.environ.get("TOKENMILL_API_KEY"),
                         max_body_bytes=args.max_body_size, tenants=tenants)
 
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
     if args.replicas:
         given = _serve_api_key(serve_args)
         if args.replica_api_key is None:  # local replicas behind a key: the router's own calls need it too
-            args.replica_api_key = given
+            args.replica_api_key = given or os.environ.get("TOKENMILL_API_KEY")  # (theirs by default too)
         if args.tenants is not None:
             serve_args = [*serve_args, "--tenants", args.tenants]
             # A replica with tenants opens its KV events and model list to the operator's key only:
@@ -135,8 +137,12 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:
-    """The --api-key among the serve flags (either form: `--api-key K`, `--api-key=K`)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--api-key")
-    known, _ = p.parse_known_args(serve_args)
-    return known.api_key
+    """The --api-key among the serve flags (`--api-key K` or `--api-key=K`, the last one given, as
+    argparse takes it); a malformed one is left for the replicas' own parser to report."""
+    key = None
+    for i, a in enumerate(serve_args):
+        if a == "--api-key" and i + 1 < len(serve_args):
+            key = serve_args[i + 1]
+        elif a.startswith("--api-key="):
+            key = a.split("=", 1)[1]
+    return key

@@ -24,8 +24,7 @@ from its key (401 for a missing or unknown one, at the edge) and
   no replica holds, and route tenants' traffic by load alone);
 - holds each tenant's max_concurrent_requests and requests_per_minute for the whole fleet (each
   replica holds them too, for what reaches it); a request that no replica admitted (the router's
-  own 413 or 503, a replica's 401/403/404/5xx or its refusal by the tenant's limit) gives its
-  place in the requests window back;
+  own 413 or 503, a replica's 401/403/404/429/5xx) gives its place in the requests window back;
 - relays a replica's refusal by the tenant's own limit (429, rate_limit_exceeded) instead of trying
   another replica, whose window the tenant has not used yet: that would multiply its limit.
 tokens_per_minute, max_tokens and models stay with the replicas (the router does not count the
@@ -74,8 +73,9 @@ THREAD_TOKENIZE_BYTES = 8192
 # With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
 TENANT_ENDPOINTS = ("chat", "completions", "embeddings")
 # Answers that mean the request was not admitted (the router's own 413 and 503s, a replica's key,
-# permission or model refusal, a failure): they do not count against requests_per_minute.
-NOT_ADMITTED = (401, 403, 404, 413)
+# permission or model refusal, its 429s: a tenant's limit, a full queue, an SLO it cannot meet; and
+# 5xx): they do not count against requests_per_minute.
+NOT_ADMITTED = (401, 403, 404, 413, 429)
 
 
 @dataclass
@@ -439,10 +439,13 @@ class Router:
                                 headers={"Retry-After": str(e.retry_after_s)})
         resp = None
         try:
-            resp = await self._relay_request(request, endpoint, tenant.name)
-            if resp.status_code in NOT_ADMITTED or resp.status_code >= 500 or (
-                    resp.status_code == 429 and _error_code(getattr(resp, "body", b"")) == "rate_limit_exceeded"):
-                adm.refund_request()  # (a replica refused by tokens_per_minute refunds its own window too)
+            try:
+                resp = await self._relay_request(request, endpoint, tenant.name)
+            except Exception:
+                adm.refund_request()  # (a 500 of the router's own)
+                raise
+            if resp.status_code in NOT_ADMITTED or resp.status_code >= 500:
+                adm.refund_request()
             if isinstance(resp, StreamingResponse):  # its slot is held until the stream has ended, however
                 resp.body_iterator = ReleasingIterator(resp.body_iterator, adm.release)
             return resp
