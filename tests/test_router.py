@@ -4,6 +4,7 @@ synthetic event streams, and prompt keys equal to the engine's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import httpx
@@ -320,3 +321,56 @@ def test_tenant_requests_no_replica_admitted_give_their_place_back():
     assert got == want
     assert _serve_api_key(["--model", "m", "--api-key", "a", "--api-key=b", "--admin-api-key", "c"]) == "b"
     assert _serve_api_key(["--api-key"]) is None and _serve_api_key(["--api-keys", "x"]) is None
+
+
+def test_a_stream_never_started_leaves_nothing_open():
+    """A client gone before a stream's response starts (its `send` fails; Starlette then never
+    iterates the body, whose generator's finally would have cleaned up): the replica's ticket
+    ends and its relay closes anyway, and a tenant's slot is released."""
+    import gc
+
+    from tokenmill.ops.tenants import hash_key, parse_tenants
+
+    chunk = {"id": "x", "choices": [{"index": 0, "text": "a", "token_ids": [7], "finish_reason": "stop"}]}
+
+    def replica(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    tenants = parse_tenants({"tenants": [{"name": "acme", "keys_sha256": [hash_key("k")]}]})
+    body = json.dumps({"model": "m", "prompt": "x", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "root_path": "", "query_string": b"", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+             "headers": [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")], "state": {}}
+
+    async def main() -> None:
+        router = Router(RouterConfig(policy="round_robin", tenants=tenants), ["http://r"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        (rep,) = router.replicas.values()
+        rep.up = True
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                raise OSError("the client is gone")
+
+        from starlette.requests import ClientDisconnect
+
+        with contextlib.suppress(OSError, ClientDisconnect):
+            await router.app(scope, receive, send)
+        gc.collect()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert (rep.inflight, rep.prefilling, rep.decoding, len(rep.relays)) == (0, {}, 0, 0)
+        assert router.tenants.in_flight() == {"acme": 0}
+        await router.client.aclose()
+
+    asyncio.run(main())

@@ -596,6 +596,8 @@ class Router:
             self.metrics.failovers.labels("before_response", "retried").inc()
         metrics = self.metrics
 
+        current = {"ticket": opened[1], "relay": opened[2]}  # the attempt in use (failover replaces it)
+
         async def events() -> AsyncIterator[str]:
             rep, ticket, relay = opened
             first = True
@@ -666,6 +668,7 @@ class Router:
                     logger.info("stream moved from %s to %s after %d tokens (%s)", rep.url, opened2[0].url,
                                 len(resumed), why)
                     rep, ticket, relay = opened2
+                    current["ticket"], current["relay"] = ticket, relay
                     state.switched({"retries": len(tried), "replicas": tried + [rep.url],
                                     "resumed_at_token": len(resumed)})
                     if resumed:
@@ -675,7 +678,18 @@ class Router:
                 ticket.end()
                 await relay.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        loop = asyncio.get_running_loop()
+
+        def cleanup() -> None:
+            """What events()'s finally does, for a body that was never iterated (the client gone
+            before the response started): a generator never started skips its finally."""
+            current["ticket"].end()
+            relay = current["relay"]
+            if relay in relay.replica.relays:  # (close() takes it out first)
+                with contextlib.suppress(RuntimeError):  # (the loop closed: nothing left to close)
+                    loop.call_soon_threadsafe(lambda: loop.create_task(relay.close()))
+
+        return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: opened[0].url})
 
