@@ -54,7 +54,7 @@ from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_
 from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
-from tokenmill.server.errors import error_body
+from tokenmill.server.errors import error_body, error_response, invalid_key_error, limit_error
 from tokenmill.server.streaming import ReleasingIterator, unless_disconnected
 
 logger = logging.getLogger("tokenmill.router")
@@ -316,6 +316,12 @@ class Router:
             self.metrics.cached_tokens.inc(cands[i].cached_tokens)
         return reps[i], _Ticket(reps[i], plan.model or "", keys[i], max(0, prompt - cands[i].cached_tokens))
 
+    def _retryable(self, resp: httpx.Response) -> bool:
+        """A replica's answer that another replica may do better with: a failure, or a 429 other than
+        the tenant's own limit (a full queue, an SLO it cannot meet) while there is another replica."""
+        return resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1
+                                                    and not _tenant_limit(resp))
+
     # -- the app --------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -431,12 +437,11 @@ class Router:
             return await self._relay_request(request, endpoint, None)
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
         if tenant is None:
-            return JSONResponse(error_body(401, "invalid or missing API key", code="invalid_api_key"), status_code=401)
+            return error_response(invalid_key_error())
         try:
             adm = self.tenants.admit(tenant)
         except LimitExceeded as e:
-            return JSONResponse(error_body(429, e.message, code="rate_limit_exceeded"), status_code=429,
-                                headers={"Retry-After": str(e.retry_after_s)})
+            return error_response(limit_error(e))
         resp = None
         try:
             try:
@@ -496,8 +501,7 @@ class Router:
                 continue
             finally:
                 ticket.end()
-            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1
-                                                    and not _tenant_limit(resp)):
+            if self._retryable(resp):
                 tried.append(rep.url)
                 last = resp
                 self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
@@ -569,8 +573,7 @@ class Router:
             await resp.aclose()
             ticket.end()
             self.metrics.requests.labels(rep.url, endpoint, str(resp.status_code)).inc()
-            if resp.status_code in RETRY_STATUS or (resp.status_code == 429 and len(self.replicas) > 1
-                                                    and not _tenant_limit(resp)):
+            if self._retryable(resp):
                 tried.append(rep.url)
                 last = resp
                 continue

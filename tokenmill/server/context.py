@@ -22,7 +22,7 @@ from tokenmill.ops.tenants import Admission, LimitExceeded, RequestTooLarge, ten
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
-from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.server.errors import APIError, bad_request, error_body, limit_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatMessage
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
@@ -35,11 +35,6 @@ logger = logging.getLogger("tokenmill.server")
 REQUEST_TAGS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_tags", default=None)
 # The tenant admission of the request being handled (gateway.py admits it, submit reserves its tokens).
 ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("tokenmill_admission", default=None)
-
-
-def limit_error(e: LimitExceeded) -> APIError:
-    """A tenant's limit as OpenAI answers one: 429, rate_limit_exceeded, Retry-After."""
-    return APIError(429, e.message, code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)})
 
 
 # Sequences one HTTP request may start (prompts x n): a small body must not queue millions.

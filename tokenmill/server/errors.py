@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+if TYPE_CHECKING:
+    from tokenmill.ops.tenants import LimitExceeded
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -42,6 +45,17 @@ def error_body(status: int, message: str, param: str | None = None, type_: str |
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_ or _ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+
+
+def invalid_key_error() -> APIError:
+    """A missing or unknown API key (a server's, or a fleet router's with tenants)."""
+    return APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+
+def limit_error(e: LimitExceeded) -> APIError:
+    """A tenant's limit as OpenAI answers one: 429, rate_limit_exceeded, Retry-After (a server's,
+    or a fleet router's holding the limit for the fleet)."""
+    return APIError(429, e.message, code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)})
 
 
 def error_response(e: APIError) -> JSONResponse:

@@ -42,8 +42,8 @@ from tokenmill.engine.slo import SLOTarget
 from tokenmill.ops.tenants import Admission, LimitExceeded, Tenant, Tenants, TenantsConfig, hash_key
 from tokenmill.routing import CascadePolicy, RulesPolicy
 from tokenmill.server.async_engine import EngineStats
-from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, limit_error
-from tokenmill.server.errors import APIError, validation_error
+from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext
+from tokenmill.server.errors import APIError, invalid_key_error, limit_error, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
 from tokenmill.server.streaming import ReleasingIterator, sse
@@ -153,11 +153,11 @@ class Gateway:
             if tenant is not None:
                 return tenant
             if not (service and self.settings.api_key and _key_matches(header, self.settings.api_key)):
-                raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+                raise invalid_key_error()
             return None
         api_key = self.settings.api_key
         if api_key and not _key_matches(header, api_key):
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+            raise invalid_key_error()
         return None
 
     def check_service(self, request: Request) -> None:
@@ -172,7 +172,7 @@ class Gateway:
                            "(a fleet router's --replica-api-key) to open it", type_="permission_error",
                            code="permission_denied")
         if not _key_matches(request.headers.get("authorization"), key):
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+            raise invalid_key_error()
 
     def check_admin(self, request: Request) -> None:
         key = self.settings.admin_api_key or self.settings.api_key
