@@ -42,6 +42,7 @@ def test_bench_throughput_reports_mfu_from_the_model_flops_of_its_run(model_dir,
     assert d["async_ab_top_p"]["sampling"] == {"temperature": 1.0, "top_p": 0.9}
     assert "async scheduling (temperature 1, top_p 0.9): on" in d["stdout"]
     assert tm["preemptions"] == 0
+    assert tm["device_wait_s"] is None  # (reported under async scheduling on a GPU only)
     # Every prompt token and every generated token but the last goes through the model once; every
     # generated token is one row through the LM head; attention over a sequence of L tokens is L^2/2
     # pairs whatever the chunking.

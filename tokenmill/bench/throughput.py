@@ -157,6 +157,10 @@ def _print(name: str, r: dict, weight_bytes: int) -> None:
             f"{r['total_tok_s']:.1f} total tok/s")
     if "steps_per_s" in r:
         line += f", {r['steps_per_s']:.2f} steps/s, bandwidth achieved {weight_bytes * r['steps_per_s'] / 1e9:.2f} GB/s"
+    if r.get("device_wait_s") is not None:  # async scheduling on a GPU: who waits for whom
+        line += (f", the host waited for the device {r['device_wait_s']:.2f}s "
+                 f"({r['device_wait_s'] / r['seconds']:.0%} of the run; near 0%: the host's work per step "
+                 f"is the bottleneck)")
     print(line, flush=True)
 
 
@@ -171,6 +175,7 @@ def _run_tokenmill(llm, reqs: list[Request], sampling: dict | None = None) -> di
     flops0 = engine.energy.flops
     t0, c0 = time.perf_counter(), time.process_time()
     steps = 0
+    waited = 0.0  # (async scheduling) the host's waits for the device: near 0, the host is the bottleneck
     done = {}
     with tqdm(total=len(reqs), desc="tokenmill", unit="req", leave=False) as bar:
         while engine.has_unfinished_requests():
@@ -179,13 +184,15 @@ def _run_tokenmill(llm, reqs: list[Request], sampling: dict | None = None) -> di
                     done[out.request_id] = out
                     bar.update(1)
             steps += 1
+            waited += engine.waited_seconds
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     out_tokens = sum(len(done[i].outputs[0].token_ids) for i in ids)
     in_tokens = sum(len(r.prompt) for r in reqs)
     return {"seconds": dt, "cpu_seconds": cpu, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + in_tokens) / dt, "steps": steps, "steps_per_s": steps / dt,
             "preemptions": engine.scheduler.num_preemptions, "flops": engine.energy.flops - flops0,
-            "flops_per_s": (engine.energy.flops - flops0) / dt}
+            "flops_per_s": (engine.energy.flops - flops0) / dt,
+            "device_wait_s": waited if engine.async_scheduling and engine.device.type == "cuda" else None}
 
 
 def _prefix_caching_ab(llm, reqs: list[Request], rounds: int) -> dict:

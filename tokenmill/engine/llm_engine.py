@@ -438,6 +438,7 @@ class LLMEngine:
         the step before it (see _step_async)."""
         if self.async_scheduling:
             return self._step_async()
+        self._waited = 0.0  # (collect's wait is inside execute here)
         t_begin = time.perf_counter()
         sched = self._schedule()
         if sched is None:
@@ -547,6 +548,12 @@ class LLMEngine:
         if then and self.before_step is not None:
             self.before_step()
         return self._process(launch.sched, result, pending=launch.pending)
+
+    @property
+    def waited_seconds(self) -> float:
+        """How long the last step() call waited for the device's tokens (async scheduling; 0 when
+        nothing was in flight). Near 0 step after step: the host's work is the bottleneck."""
+        return self._waited
 
     def _needs_sync(self) -> bool:
         """Whether an unfinished request needs each step processed before the next is scheduled."""
