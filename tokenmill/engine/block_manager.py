@@ -208,6 +208,12 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grows seq's block table to hold its computed tokens plus num_new_tokens (copying a
         shared, partly filled last block first). All or nothing."""
+        pos, table = seq.num_computed_tokens, seq.block_table
+        if num_new_tokens == 1 and pos // self.block_size < len(table):
+            # A decode whose slot is in a block it holds (the common case): nothing to take, and a
+            # copy only when that block is partly filled and shared (as _needs_copy says).
+            if pos % self.block_size == 0 or self.ref_counts[table[pos // self.block_size]] <= 1:
+                return True
         copy = self._needs_copy(seq)
         need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
         if need > self.num_free_blocks:

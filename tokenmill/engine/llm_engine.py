@@ -676,13 +676,17 @@ class LLMEngine:
                 out = self.fail_request(req.request_id, e)
             if out is not None:
                 ended[req.request_id] = out
+        # (this loop runs for every sampled row of every step: statuses are compared directly)
+        finished = SeqStatus.FINISHED
+        seq_by_id = self._seq_by_id
         for seq_id, tokens in result.sampled.items():
-            seq = self._seq_by_id.get(seq_id)
-            if seq is None or seq.is_finished:  # its request failed earlier in this loop, or it ended
+            seq = seq_by_id.get(seq_id)
+            if seq is None or seq.status is finished:  # its request failed earlier in this loop, or it ended
                 continue  # before this step (async scheduling ran it one row further)
             if pending:
                 seq.num_pending -= 1
             req = seq.request
+            reasoning_budget = req.params.max_reasoning_tokens is not None
             # A fault in one request's bookkeeping (detokenizer, stop checks) fails only that request.
             try:
                 appended = 0
@@ -701,12 +705,12 @@ class LLMEngine:
                     if req.metrics.first_token_time is None:
                         req.metrics.first_token_time = now
                     self._check_stop(seq, token)
-                    if not seq.is_finished and seq.params.max_reasoning_tokens is not None:
+                    if seq.status is not finished and reasoning_budget:
                         self._reasoning(seq, token)
-                    if not seq.is_finished and seq.matcher is not None and seq.matcher.is_stopped():
+                    if seq.status is not finished and seq.matcher is not None and seq.matcher.is_stopped():
                         seq.finish_reason = "stop"  # the grammar is complete: nothing more may follow
                         self._finish(seq)
-                    if seq.is_finished:
+                    if seq.status is finished:
                         break
                 spec = result.spec.get(seq_id)
                 if spec is not None:
@@ -839,8 +843,8 @@ class LLMEngine:
             seq.forced = list(self.think_ids[1])  # the next tokens close the section
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        n_out = seq.num_output_tokens
+        p = seq.request.params
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
         # A stop token (EOS or stop_token_ids) ends the text before itself, as in vLLM; its id
         # stays in token_ids. include_stop_str_in_output keeps its text.
         if n_out >= p.min_tokens:

@@ -65,7 +65,7 @@ def _key(seq: Sequence) -> tuple:
     return seq.sched_key
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
@@ -279,17 +279,25 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, slo_class: bool | None) -> None:
         bm = self.block_manager
-        seqs = [s for s in self.running if self._in_class(s, slo_class) and s.beam_candidates is None]
-        if self._time_left is not None:  # decodes before prefill chunks: they hold the TPOT targets
+        if slo_class is None:
+            seqs = [s for s in self.running if s.beam_candidates is None]
+        else:
+            seqs = [s for s in self.running if self._in_class(s, slo_class) and s.beam_candidates is None]
+        timed = self._time_left is not None
+        if timed:  # decodes before prefill chunks: they hold the TPOT targets
             seqs.sort(key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        running = SeqStatus.RUNNING
         for seq in seqs:
             if self._budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
             if seq.num_pending and self._ends(seq):
                 continue  # its pending token reaches max_tokens or the context: a row for it would be wasted
-            num_new = self._chunk(seq, slo_class)
+            if timed:
+                num_new = self._chunk(seq, slo_class)
+            else:  # (_chunk without a time budget; inline: this runs for every decode of every step)
+                num_new = min(len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens, self._budget)
             if num_new <= 0:
                 continue
             while not bm.allocate(seq, num_new):  # (all or nothing)
@@ -520,11 +528,13 @@ class Scheduler:
         """Marks the scheduled chunks as computed (their KV is now in the cache), offers their
         full blocks to the prefix cache, and forks waiting samples off completed prompts."""
         bm = self.block_manager
+        finished = SeqStatus.FINISHED
         for s in out.scheduled:
             seq = s.seq
-            if seq.is_finished:  # (async scheduling: it ended while the step was in flight)
+            if seq.status is finished:  # (async scheduling: it ended while the step was in flight)
                 continue
-            self.num_prompt_tokens_computed += max(0, min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start)
+            if s.start < seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(s.start + s.num_new_tokens, seq.num_prompt_tokens) - s.start
             seq.num_computed_tokens = s.start + s.num_new_tokens - s.num_spec
             self._register(seq)
             for sib in s.forks:

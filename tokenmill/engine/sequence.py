@@ -110,7 +110,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status is SeqStatus.FINISHED  # (not status.is_finished: one property less, every row, every step)
 
     @property
     def cache_salt(self) -> str | None:
@@ -162,7 +162,10 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:  # (n = 1: no generator to make, once per request per step)
+            return seqs[0].status is SeqStatus.FINISHED
+        return all(s.is_finished for s in seqs)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -83,11 +83,13 @@ def row_features(new_tokens: int, context: int, sampled: bool) -> tuple[float, f
 def step_features(scheduled: list) -> np.ndarray:
     """row_features of each of a step's chunks (ScheduledSeq), as the rows of an [n, 3] array:
     one pass in Python, the arithmetic in numpy (a step may hold hundreds of decodes)."""
-    raw = np.array([(s.num_new_tokens, s.start, s.completes) for s in scheduled], dtype=np.float64).reshape(-1, 3)
+    raw = np.empty((len(scheduled), 3), dtype=np.float64)
     new = raw[:, 0]
-    attn = new * (raw[:, 1] + (new + 1) / 2) / 1024.0
-    raw[:, 1] = raw[:, 2]
-    raw[:, 2] = attn
+    new[:] = [s.num_new_tokens for s in scheduled]  # (column lists: twice as fast as an array of tuples)
+    raw[:, 1] = [s.completes for s in scheduled]
+    raw[:, 2] = [s.start for s in scheduled]
+    raw[:, 2] += (new + 1) / 2
+    raw[:, 2] *= new / 1024.0
     return raw
 
 
@@ -111,6 +113,7 @@ class StepTimeModel:
         """Restarts the fit from these coefficients (a calibration's, or the defaults)."""
         self.prior = np.asarray(prior, dtype=np.float64)
         self.coef = self.prior.copy()
+        self._floor = 1e-6 / np.maximum(np.abs(self.prior), DEFAULT_PRIOR) ** 2  # (_solve's second term)
         self._xtx = np.zeros((NUM_FEATURES, NUM_FEATURES))
         self._xty = np.zeros(NUM_FEATURES)
         self._n = 0.0  # observations, decayed as the sums are
@@ -141,11 +144,10 @@ class StepTimeModel:
         x = np.array([1.0, tokens, rows, attn])
         # Relative error matters (a 5 ms decode and a 500 ms prefill alike): weigh by 1/t^2.
         w = 1.0 / max(seconds, 1e-4) ** 2
-        self._xtx *= self.decay
-        self._xty *= self.decay
+        wx = w * x
+        self._xtx = self._xtx * self.decay + np.outer(wx, x)
+        self._xty = self._xty * self.decay + wx * seconds
         self._n = self._n * self.decay + 1.0
-        self._xtx += w * np.outer(x, x)
-        self._xty += w * x * seconds
         self.num_observed += 1
         self._solve()
 
@@ -156,10 +158,17 @@ class StepTimeModel:
         # tokens and rows in decode-only steps) stays where the prior put it. The small second term
         # keeps coefficients of features never seen at all (zero columns) at the prior.
         n = max(self._n, 1.0)
-        scale = np.maximum(np.abs(self.prior), DEFAULT_PRIOR)
-        lam = self.prior_weight * (np.diag(self._xtx) / n + 1e-6 / scale**2)  # (a diagonal)
+        lam = self.prior_weight * (np.diag(self._xtx) / n + self._floor)  # (a diagonal)
         a_all = self._xtx + np.diag(lam)
         b_all = self._xty + lam * self.prior
+        # (every step: the whole system first, which is the answer unless a coefficient comes out negative)
+        try:
+            sol = np.linalg.solve(a_all, b_all)
+        except np.linalg.LinAlgError:
+            return
+        if not (sol < 0).any():
+            self.coef = sol
+            return
         active = np.arange(NUM_FEATURES)
         coef = self.prior.copy()
         for _ in range(NUM_FEATURES):
