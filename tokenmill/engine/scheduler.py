@@ -292,7 +292,9 @@ class Scheduler:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            if seq.num_pending and self._ends(seq):
+            pending = seq.num_pending
+            if pending and (seq.length_limit is None or len(seq.token_ids) + pending >= seq.length_limit) \
+                    and self._ends(seq):  # (_ends only where its limit is unknown yet or reached)
                 continue  # its pending token reaches max_tokens or the context: a row for it would be wasted
             if timed:
                 num_new = self._chunk(seq, slo_class)
