@@ -3,6 +3,11 @@ nothing: what a fast accelerator would leave of a step (issue 16). Offline gener
 LLM.generate, every request decoding at once; prints the median step and its parts.
 
     python scripts/bench_host_overhead.py --batch 256 --sampling topk-topp
+    python scripts/bench_host_overhead.py --batch 256 --vocab 1000 --async-scheduling on
+
+With --async-scheduling on (as on a GPU) it also prints the host's work per step, the medians of
+its parts summed (what a GPU step cannot hide once the device's step is shorter), and the longest
+step (a garbage collector's pause shows there).
 
 Run it at two commits on one quiet machine to compare (docs/benchmarks/gpu.md).
 """
@@ -22,6 +27,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per request")
     ap.add_argument("--sampling", choices=["greedy", "temperature", "topk-topp"], default="greedy")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--async-scheduling", choices=["on", "off"], default="off")
     ap.add_argument("--tokenizer", action="store_true",
                     help="give the model a tokenizer (benchmarks' synthetic one): outputs are detokenized")
     args = ap.parse_args()
@@ -34,7 +40,7 @@ def main() -> None:
     if args.tokenizer:
         save_synthetic_tokenizer(path, args.vocab)
     llm = LLM(path, max_num_seqs=args.batch, max_num_batched_tokens=max(2048, 16 * args.batch), dtype="float32",
-              seed=0)
+              seed=0, async_scheduling=args.async_scheduling)
     eng, runner = llm.engine, llm.engine.runner
     times: dict[str, list[float]] = {}
 
@@ -49,7 +55,10 @@ def main() -> None:
         setattr(obj, name, g)
 
     for obj, name, key in [(eng, "step", "step"), (runner, "execute", "execute"), (runner, "prepare", "prepare"),
-                           (runner, "forward", "forward"), (runner, "_sample", "sample")]:
+                           (runner, "forward", "forward"), (runner, "_sample", "sample"),
+                           (eng.scheduler, "schedule", "schedule"), (eng, "_observe_step", "observe"),
+                           (eng, "_process", "process"), (eng.scheduler, "advance", "advance"),
+                           (runner, "sample", "sample_all"), (runner, "collect", "collect")]:
         timed(obj, name, key)
     kw = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
           "topk-topp": dict(temperature=0.8, top_k=50, top_p=0.9)}[args.sampling]
@@ -65,11 +74,18 @@ def main() -> None:
     def med(key: str) -> float:
         v = times[key][3:-2] or times[key]
         return 1000 * statistics.median(v)
-    parts = "  ".join(f"{k} {med(k):.2f}" for k in ("execute", "prepare", "forward", "sample"))
     step = 1000 * statistics.median(steps)
     what = f"batch {args.batch}, {args.sampling}{', detokenized' if args.tokenizer else ''}"
-    print(f"{what}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
-          f" (in it, ms: {parts}; engine outside execute {med('step') - med('execute'):.2f})")
+    if args.async_scheduling == "off":
+        parts = "  ".join(f"{k} {med(k):.2f}" for k in ("execute", "prepare", "forward", "sample"))
+        print(f"{what}: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms"
+              f" (in it, ms: {parts}; engine outside execute {med('step') - med('execute'):.2f})")
+    else:
+        keys = ("schedule", "prepare", "observe", "process", "advance", "sample_all", "collect")
+        parts = "  ".join(f"{k} {med(k):.2f}" for k in keys)
+        print(f"{what}, async scheduling: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms, longest "
+              f"{1000 * max(times['step']):.1f} ms; host work per step {sum(med(k) for k in keys):.2f} ms "
+              f"(ms: {parts}; forward {med('forward'):.2f} on this CPU)")
 
 
 if __name__ == "__main__":
