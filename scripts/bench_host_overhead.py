@@ -34,6 +34,9 @@ def main() -> None:
 
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
+    from tokenmill.engine.gc_heap import freeze_startup_heap
+
+    freeze_startup_heap()  # as a server does (TOKENMILL_GC_FREEZE=0 shows the collector's pauses)
 
     path = make_random_model(tempfile.mkdtemp() + "/tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=128, vocab_size=args.vocab)

@@ -125,6 +125,9 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from tokenmill.engine.gc_heap import freeze_startup_heap
+
+    freeze_startup_heap()  # before any model: the benchmark's engines and baselines stay collectable
     res = importlib.import_module(f"tokenmill.bench.{args.bench_module}").run(args)
     if args.bench_module == "spec_decode" and not res["identical_outputs"]:
         return 1  # speculative decoding changed the output: the benchmark's own check failed

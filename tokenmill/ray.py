@@ -315,6 +315,17 @@ class ReplicaGroup:
                 **self.autoscaling_overrides}
 
 
+def replica_actor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A replica deployment's ray_actor_options with Ray Serve's start-up GC freeze turned off
+    (RAY_SERVE_FREEZE_GC_ON_STARTUP, merged into the caller's runtime_env): Serve freezes the heap
+    once the replica is built, engines included, and a frozen engine in a reference cycle is never
+    reclaimed when the model pool drops it. The replica freezes its own heap before its first
+    engine instead (engine/gc_heap.py)."""
+    env = dict(options.get("runtime_env") or {})
+    env["env_vars"] = {"RAY_SERVE_FREEZE_GC_ON_STARTUP": "0", **(env.get("env_vars") or {})}
+    return {**options, "runtime_env": env}
+
+
 def build_app(groups: Sequence[ReplicaGroup], router_config: dict[str, Any] | None = None,
               sync_interval_s: float = 1.0, ingress_options: dict[str, Any] | None = None) -> Application:
     """The Serve application: one deployment per group, and the ingress (bound to all of them)."""
@@ -327,7 +338,7 @@ def build_app(groups: Sequence[ReplicaGroup], router_config: dict[str, Any] | No
     bound = []
     for g in groups:
         options: dict[str, Any] = {
-            "name": g.name, "ray_actor_options": g.ray_actor_options,
+            "name": g.name, "ray_actor_options": replica_actor_options(g.ray_actor_options),
             # The tokenmill server drains its own HTTP requests in __del__; Serve must wait for that.
             "graceful_shutdown_timeout_s": g.args.shutdown_timeout + 15,
             # Only control calls (info, load, health) come through Serve: the requests go over HTTP.

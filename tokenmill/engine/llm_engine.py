@@ -23,7 +23,6 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
-from tokenmill.engine.gc_heap import freeze_startup_heap
 from tokenmill.engine.model_runner import Launch, ModelRunner, StepResult
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, SeqStatus, Sequence
@@ -68,11 +67,6 @@ def _generation_eos(path: str) -> tuple[int, ...]:
 
 
 class LLMEngine:
-    def __new__(cls, *args: Any, **kwargs: Any) -> LLMEngine:
-        # The start-up heap is frozen before the engine exists, so that no engine is frozen (gc_heap.py).
-        freeze_startup_heap()
-        return super().__new__(cls)
-
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from tokenmill.engine.gc_heap import freeze_startup_heap
 from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
 from tokenmill.server.pool import PoolConfig
 
@@ -223,6 +224,9 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
     from tokenmill.server.api import GatewaySettings, build_app
     from tokenmill.server.pool import ModelPool
 
+    # What is alive now lives as long as the server; the pool, the app and the engines are made after
+    # the freeze and stay collectable (a dropped model's engine is reclaimed).
+    freeze_startup_heap()
     pool = ModelPool(specs, pool_config, make_ctx=lambda spec, front: None)
     tenants = getattr(args, "tenants_config", None)
     if tenants is None and getattr(args, "tenants", None) is not None:
