@@ -568,26 +568,6 @@ class ModelRunner:
             counts.append(n)
             inp.rows.append(row0)
             tokens = seq.token_ids
-            if n == 1 and s.completes and not s.forks and not s.num_spec:
-                # A plain decode (most rows of most steps): the general case below, shortened.
-                num_decodes += 1
-                if start < len(tokens):
-                    ids.append(tokens[start])
-                else:  # its token is pending (async scheduling)
-                    src = prev.token_row(seq.seq_id) if prev is not None else None
-                    if src is None or start != len(tokens):
-                        raise RuntimeError(f"{seq!r}: tokens {len(tokens)}..{start + 1} are pending, "
-                                           "but no step in flight samples them")
-                    fill_at.append(len(ids))
-                    fill_from.append(src)
-                    ids.append(0)
-                inp.logit_rows.append(row0)
-                inp.sample_seqs.append(seq)
-                inp.sample_batch_rows.append(row)
-                if start < seq.num_prompt_tokens and self._wants_prompt_logprobs(s):
-                    inp.prompt_rows.append((s, row0, n))
-                row0 += 1
-                continue
             end = start + n - s.num_spec
             if n == 1:
                 num_decodes += 1
@@ -617,7 +597,8 @@ class ModelRunner:
                     inp.logit_rows.append(row0 + n - 1)
                     inp.sample_seqs.append(sib)
                     inp.sample_batch_rows.append(row)  # (the same request: the same parameters)
-            if self._wants_prompt_logprobs(s):
+            # (its last condition first: no call for the decodes, most rows)
+            if start < seq.num_prompt_tokens and self._wants_prompt_logprobs(s):
                 inp.prompt_rows.append((s, row0, n))
             row0 += n
         head = inp.logit_rows + [r0 + j for s, r0 in inp.spec_chunks for j in range(s.num_spec + 1)]

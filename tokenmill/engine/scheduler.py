@@ -292,9 +292,7 @@ class Scheduler:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            pending = seq.num_pending
-            if pending and (seq.length_limit is None or len(seq.token_ids) + pending >= seq.length_limit) \
-                    and self._ends(seq):  # (_ends only where its limit is unknown yet or reached)
+            if seq.num_pending and self._ends(seq):
                 continue  # its pending token reaches max_tokens or the context: a row for it would be wasted
             if timed:
                 num_new = self._chunk(seq, slo_class)

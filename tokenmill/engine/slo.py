@@ -144,9 +144,8 @@ class StepTimeModel:
         x = np.array([1.0, tokens, rows, attn])
         # Relative error matters (a 5 ms decode and a 500 ms prefill alike): weigh by 1/t^2.
         w = 1.0 / max(seconds, 1e-4) ** 2
-        wx = w * x
-        self._xtx = self._xtx * self.decay + w * np.outer(x, x)  # (symmetric, as before)
-        self._xty = self._xty * self.decay + wx * seconds
+        self._xtx = self._xtx * self.decay + w * np.outer(x, x)
+        self._xty = self._xty * self.decay + w * x * seconds
         self._n = self._n * self.decay + 1.0
         self.num_observed += 1
         self._solve()

@@ -399,9 +399,9 @@ class EnergyAccounting:
         scheduled = sched.scheduled
         logit_rows = self._logit_rows
         starts = np.array([s.start for s in scheduled], dtype=np.float64)
-        # (a decode past its prompt has one row, its sampled one: most rows of most steps)
-        lrows = np.array([1 if (s.completes and not s.num_spec and not s.forks and s.start >= s.seq.num_prompt_tokens
-                                and not self.embed) else logit_rows(s) for s in scheduled], dtype=np.float64)
+        # (a decode past its prompt has one row, its sampled one: most rows of most steps, no call)
+        lrows = np.array([logit_rows(s) if self.embed or s.num_spec or s.forks or not s.completes
+                          or s.start < s.seq.num_prompt_tokens else 1 for s in scheduled], dtype=np.float64)
         flops = self.flop_model.chunks(rows[:, 0], starts, lrows)
         for s, e, t, f in zip(scheduled, (weights * (joules / total)).tolist(), (weights * (seconds / total)).tolist(),
                               flops.tolist()):
