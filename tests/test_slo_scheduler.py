@@ -333,3 +333,43 @@ def test_step_features_and_row_costs_are_row_features_per_chunk():
     np.testing.assert_allclose(feats, want, rtol=1e-15)
     np.testing.assert_allclose(m.row_costs(feats), [m.row_cost(*r) for r in want], rtol=1e-12)
     assert step_features([]).shape == (0, 3)
+
+
+def test_step_time_model_solves_every_few_steps_and_at_once_when_surprised():
+    """After its warm-up the fit is solved every REFIT_EVERY steps (coefficients a few steps
+    behind), at once when a step is off its prediction, and fit()/to_dict() are always exact: the
+    same coefficients as a model solving after every step."""
+    import numpy as np
+
+    from tokenmill.engine import slo
+
+    def steps(rng):
+        for _ in range(400):
+            tokens = rng.choice([1, 8, 64, 300])
+            rows, attn = min(tokens, 8), tokens * rng.randint(0, 2000) / 1024
+            yield tokens, rows, attn, 0.02 + 2e-4 * tokens + 1e-4 * rows + 2e-6 * attn + rng.uniform(0, 1e-4)
+
+    lazy, eager = StepTimeModel(COEF), StepTimeModel(COEF)
+    solves = []
+    solve = lazy._solve
+    lazy._solve = lambda: (solves.append(lazy.num_observed), solve())[1]
+    for x in steps(random.Random(3)):
+        lazy.observe(*x)
+        eager.observe(*x)
+        eager._solve()
+    assert solves[:slo.REFIT_WARMUP] == list(range(1, slo.REFIT_WARMUP + 1))
+    later = solves[slo.REFIT_WARMUP:]
+    assert 0 < len(later) <= (400 - slo.REFIT_WARMUP) // slo.REFIT_EVERY + 5, later  # steady: a few surprises
+    assert all(b - a <= slo.REFIT_EVERY for a, b in zip(solves, solves[1:]))
+    # a step three times as long as predicted is solved in at once
+    n = lazy.num_observed
+    long = 3 * lazy.predict(8, 8, 1.0)
+    lazy.observe(8, 8, 1.0, long)
+    assert solves[-1] == n + 1
+    eager.observe(8, 8, 1.0, long)
+    lazy.observe(8, 8, 1.0, eager.predict(8, 8, 1.0))  # an expected step: left for later
+    eager.observe(8, 8, 1.0, eager.predict(8, 8, 1.0))
+    eager._solve()
+    assert solves[-1] == n + 1 and not np.array_equal(lazy.coef, eager.coef)
+    assert lazy.to_dict() == eager.to_dict()
+    np.testing.assert_array_equal(lazy.coef, eager.coef)

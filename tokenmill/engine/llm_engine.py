@@ -164,7 +164,7 @@ class LLMEngine:
             self.drain()  # (a step in flight holds only their last rows)
             if time.perf_counter() > deadline:
                 break
-        self.step_model.set_prior(tuple(self.step_model.coef))
+        self.step_model.set_prior(tuple(self.step_model.fit()))
         self.reset_prefix_cache()
         bm, sched = self.block_manager, self.scheduler
         bm.num_query_tokens = bm.num_hit_tokens = 0

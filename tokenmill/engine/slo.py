@@ -11,9 +11,10 @@ slack, the deadline minus the predicted finish, and so it must predict how long 
 c0 is the fixed cost of a step (reading every weight once: what makes small decode batches
 memory bound), c_tok the per-token matmul work, c_row the per-row LM head and sampler, c_att
 attention over the cached context. It is fitted by exponentially weighted least squares on the
-engine's own steps (`observe`, every step), kept near a prior by a ridge term so that steps that
-never vary a feature (all decodes, say) leave its coefficient where the prior put it, and
-coefficients are kept non-negative. `LLMEngine.calibrate` measures a prior at startup.
+engine's own steps (`observe`, every step; solved every few steps, see REFIT_EVERY), kept near a
+prior by a ridge term so that steps that never vary a feature (all decodes, say) leave its
+coefficient where the prior put it, and coefficients are kept non-negative. `LLMEngine.calibrate`
+measures a prior at startup.
 
 The same row costs weigh each request's share of a step when energy and device time are
 attributed (tokenmill/ops/energy.py): a prefill chunk of 500 tokens costs about 500 c_tok plus
@@ -30,6 +31,11 @@ import numpy as np
 
 NUM_FEATURES = 4  # intercept, new tokens, sampled rows, attention (new tokens x context / 1024)
 DEFAULT_PRIOR = (5e-3, 2e-4, 1e-4, 2e-6)  # seconds: a small model on a CPU core, before anything is measured
+# The fit is solved after every step for its first REFIT_WARMUP steps, then every REFIT_EVERY steps, or at
+# once when a step's time is off its prediction by more than REFIT_ERROR. A solve costs ~0.15 ms (the
+# non-negative active set loop, which decode-only steps take): a tenth of a GPU step's host work at batch
+# 256, where observations decay with a half-life of ~140 steps and coefficients 7 steps old lose nothing.
+REFIT_WARMUP, REFIT_EVERY, REFIT_ERROR = 64, 8, 0.2
 
 
 class SLOAdmissionError(Exception):
@@ -118,6 +124,7 @@ class StepTimeModel:
         self._xty = np.zeros(NUM_FEATURES)
         self._n = 0.0  # observations, decayed as the sums are
         self.num_observed = 0
+        self._unsolved = 0  # observations since the last solve
 
     # -- prediction -------------------------------------------------------------------------------
     def predict(self, tokens: float, rows: float, attn: float) -> float:
@@ -141,6 +148,8 @@ class StepTimeModel:
     def observe(self, tokens: float, rows: float, attn: float, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds <= 0:
             return
+        # (the prediction before this step updates the sums: does the fit need solving now?)
+        surprise = abs(self.predict(tokens, rows, attn) - seconds) > REFIT_ERROR * seconds
         x = np.array([1.0, tokens, rows, attn])
         # Relative error matters (a 5 ms decode and a 500 ms prefill alike): weigh by 1/t^2.
         w = 1.0 / max(seconds, 1e-4) ** 2
@@ -148,9 +157,18 @@ class StepTimeModel:
         self._xty = self._xty * self.decay + w * x * seconds
         self._n = self._n * self.decay + 1.0
         self.num_observed += 1
-        self._solve()
+        self._unsolved += 1
+        if surprise or self._unsolved >= REFIT_EVERY or self.num_observed <= REFIT_WARMUP:
+            self._solve()
+
+    def fit(self) -> np.ndarray:
+        """The coefficients with every observation so far solved in (coef may be a few steps behind)."""
+        if self._unsolved:
+            self._solve()
+        return self.coef
 
     def _solve(self) -> None:
+        self._unsolved = 0
         # Ridge toward the prior: deviating a coefficient costs as much as prior_weight average steps
         # would tell about it (the data's own scale), so a feature the steps vary is learned from them
         # within a few steps, whatever the prior, and one they never vary apart from the others (say
@@ -186,6 +204,6 @@ class StepTimeModel:
         self.coef = np.maximum(coef, 0.0)
 
     def to_dict(self) -> dict[str, float]:
-        c = self.coef
+        c = self.fit()
         return {"step_s": float(c[0]), "overhead_s": self.overhead_s, "per_token_s": float(c[1]),
                 "per_row_s": float(c[2]), "per_attention_ktoken_s": float(c[3]), "steps_observed": self.num_observed}
