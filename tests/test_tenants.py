@@ -18,6 +18,7 @@ import openai
 import pytest
 import yaml
 
+from tests.models import make_model
 from tests.server_utils import ROOT, ServerProcess
 from tokenmill.ops.tenants import (
     LimitExceeded,
@@ -275,7 +276,8 @@ def test_hash_key_command(monkeypatch, capsys):
 
 SLOW_SEED = 4242  # steps with a request seeded so sleep (tests/fault_server.py): it stays in flight
 POISON_SEED = 666  # fails in the engine
-KEYS = {name: f"sk-{name}-key" for name in ("open", "other", "rpm", "tpm", "conc", "capped", "release", "settle")}
+KEYS = {name: f"sk-{name}-key" for name in ("open", "other", "rpm", "tpm", "conc", "capped", "release", "settle",
+                                            "cascade")}
 TENANTS = {
     "slo_classes": {"interactive": {"ttft_ms": 800, "tpot_ms": 150}, "batch": {}},
     "tenants": [
@@ -286,6 +288,7 @@ TENANTS = {
         {"name": "capped", "max_tokens": 8, "models": ["tier-a"], "slo_class": "interactive", "priority": 2},
         {"name": "release", "max_concurrent_requests": 2, "tokens_per_minute": 100000},
         {"name": "settle", "tokens_per_minute": 700},
+        {"name": "cascade", "tokens_per_minute": 1000},
     ],
 }
 
@@ -295,9 +298,13 @@ def server(model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("tenants")
     doc = {**TENANTS, "tenants": [{**t, "keys_sha256": [hash_key(KEYS[t["name"]])]} for t in TENANTS["tenants"]]}
     (d / "tenants.yaml").write_text(yaml.safe_dump(doc))
+    strong = make_model(str(d / "strong"), "llama", seed=1)
     (d / "models.yaml").write_text(yaml.safe_dump({
-        "models": [{"name": "llama", "path": model_dir}],
-        "tiers": [{"name": "tier-a", "route": {"policy": "rules", "default": "llama"}}]}))
+        "models": [{"name": "llama", "path": model_dir}, {"name": "strong", "path": strong}],
+        "tiers": [{"name": "tier-a", "route": {"policy": "rules", "default": "llama"}},
+                  # (a random model is never this sure of a token: every answer escalates)
+                  {"name": "tier-c", "route": {"policy": "cascade", "small": "llama", "strong": "strong",
+                                               "threshold": -0.0001, "window": 4}}]}))
     srv = ServerProcess(None, "--models", str(d / "models.yaml"), "--tenants", str(d / "tenants.yaml"),
                         "--kv-cache-memory", "0.02", log_path=str(d / "server.log"), script="tests/fault_server.py",
                         env={"TOKENMILL_FAULT_SLOW_SEED": str(SLOW_SEED), "TOKENMILL_FAULT_SLOW_S": "0.05"})
@@ -367,7 +374,7 @@ def test_unknown_or_missing_key_is_401_and_a_known_key_works(server):
 def test_models_cap_and_listing(server):
     capped = api(server, "capped")
     assert [m.id for m in capped.models.list().data] == ["tier-a"]
-    assert {m.id for m in api(server, "open").models.list().data} == {"llama", "tier-a"}
+    assert {m.id for m in api(server, "open").models.list().data} == {"llama", "strong", "tier-a", "tier-c"}
     assert capped.models.retrieve("tier-a").id == "tier-a"
     with pytest.raises(openai.NotFoundError):
         capped.models.retrieve("llama")
@@ -523,6 +530,32 @@ def test_tokens_settle_to_what_was_used(server):
         client.completions.create(model="llama", prompt="hi", max_tokens=600, seed=POISON_SEED)
     r = client.completions.create(model="llama", prompt="hi", max_tokens=600, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 600
+
+
+def test_an_escalated_cascade_counts_both_models_tokens(server):
+    """A cascade tier that escalates ran the prompt on both models, and tokens on both: the tenant's
+    tokens_per_minute counts all of it, as usage.compute does."""
+    import re
+
+    client = api(server, "cascade")
+    r = client.completions.create(model="tier-c", prompt="Tell me about the tenants", max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    routing = r.routing  # type: ignore[attr-defined]
+    assert r.model == "strong" and routing["escalated"] and r.usage.completion_tokens == 16
+    wait_idle(server, "cascade")
+    prompt, small = r.usage.prompt_tokens, routing["small_tokens"]
+    assert 0 < small < 16
+    deadline = time.time() + 15
+    while True:  # (the small model's abort reports its last tokens after the response)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="llama", prompt="hi", max_tokens=990)
+        used = int(re.search(r"\((\d+) used or reserved", message(e.value)).group(1))
+        # both prompts, the small model's tokens (the few it made while its abort was on the way too)
+        # and the strong model's 16
+        if used >= 2 * prompt + small + 16 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert 2 * prompt + small + 16 <= used <= 2 * prompt + 16 + 16, (used, prompt, small)
 
 
 def test_tenants_never_share_cache_blocks(server):

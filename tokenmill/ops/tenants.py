@@ -321,6 +321,13 @@ class Admission:
                 self._counted.add(rid)
             self._limits._by_rid[rid] = self
 
+    def add_prompt_tokens(self, n: int) -> None:
+        """Prompts the admission runs again beyond the reserved ones (a cascade's escalation to its
+        strong model): counted as they are processed, past the reservation if need be."""
+        if self._token_entry is not None:
+            self.prompt_tokens += n
+            self._settle()
+
     def untrack(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._forget(rid)

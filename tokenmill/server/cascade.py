@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from tokenmill.server.context import ServerContext
     from tokenmill.server.gateway import Gateway
 
+ESCALATED = ":escalated"  # the suffix of the strong model's request ids (its logs, its tenant tracking)
+
 
 class CascadeGroup:
     """The group a route holds: the small model's, then (escalated) the strong model's."""
@@ -125,11 +127,20 @@ class CascadeEngine:
         except PoolError as e:
             yield self._failed(cg, str(e), 503)
             return
+        # The strong model's requests get ids of their own: the small model's last outputs (its
+        # abort's) may still be on their way, and a tenant counts each model's tokens (below).
+        rids = {f"{rid}{ESCALATED}": rid for rid, _, _ in self._requests}
+        requests = [(f"{rid}{ESCALATED}", prompt, params) for rid, prompt, params in self._requests]
+        # The tenant's tokens count both models' work, as usage.compute does: the small model's
+        # prompts and tokens (its outputs, tracked already), then the strong model's.
+        adm = getattr(cg, "admission", None)  # (ServerContext.submit's, when the tenant has a token limit)
+        if adm is not None:
+            adm.track(list(rids))
         try:
             if swap is not None:
                 routing["swap"] = swap
             try:
-                cg.strong_group = await strong.engine.add_requests(self._requests, priority=self._priority,
+                cg.strong_group = await strong.engine.add_requests(requests, priority=self._priority,
                                                                    arrival_time=self._arrival)
             except ValueError as e:  # the strong model's own limits (a shorter max_model_len)
                 yield self._failed(cg, f"escalated to `{self.policy.strong}`: {e}", 400)
@@ -141,11 +152,16 @@ class CascadeEngine:
             cg.strong_engine = strong.engine
         finally:
             pool.release(self.policy.strong)
+            if adm is not None and cg.strong_engine is None:
+                adm.untrack(list(rids))  # nothing of it ran
+        if adm is not None:
+            adm.add_prompt_tokens(sum(len(prompt["prompt_token_ids"]) for _, prompt, _ in requests))
         # The small model's work counts in the request's compute too (usage.compute sums both models).
         spent = {rid: out.compute for rid, out in latest.items() if out.compute is not None}
         async for batch in strong.engine.stream(cg.strong_group):
+            outs = [dataclasses.replace(out, request_id=rids[out.request_id]) for out in batch]
             yield [dataclasses.replace(out, compute=sum_compute([spent[out.request_id], out.compute]))
-                   if out.request_id in spent else out for out in batch]
+                   if out.request_id in spent else out for out in outs]
 
     def _failed(self, cg: CascadeGroup, message: str, status: int) -> list[RequestOutput]:
         return [RequestOutput(rid, None, [], None, [], finished=True, error=message, error_status=status)
