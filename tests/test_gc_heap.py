@@ -35,6 +35,10 @@ t = __import__("time").perf_counter()
 gc.collect()
 report["full_collection_ms"] = (__import__("time").perf_counter() - t) * 1e3
 server.stop()
+ref = weakref.ref(engine)
+del engine, entry
+gc.collect()
+report["engine_freed_after_stop"] = ref() is None  # (the app's routes, cached by FastAPI, still hold the pool)
 print(json.dumps(report))
 """
 
@@ -76,11 +80,14 @@ def test_a_server_freezes_its_start_up_heap_before_its_engines(model_dir):
     assert report["tracked"] < 0.15 * report["frozen"], report
     # Unfrozen at exit: C extensions (triton's nanobind) report no leaked objects.
     assert "leaked" not in stderr, stderr[-2000:]
+    # A stopped server lets its engine go (weights, KV cache): a process may start another.
+    assert report["engine_freed_after_stop"], report
 
 
 def test_the_freeze_can_be_turned_off(model_dir):
     report, _ = _run(SERVER, model_dir, {"TOKENMILL_GC_FREEZE": "0"})
     assert report["frozen"] == 0 and not report["early_frozen"] and report["engine_collectable"]
+    assert report["engine_freed_after_stop"], report
 
 
 def test_the_offline_llm_leaves_its_callers_heap_alone(model_dir):

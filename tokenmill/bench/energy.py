@@ -151,7 +151,7 @@ def fit_step_model(llm: Any, reqs: list) -> None:
     few = [{"prompt_token_ids": r.prompt} for r in reqs[: max(2, len(reqs) // 4)]]
     for _ in range(2):
         llm.generate(few, SamplingParams(max_tokens=8, ignore_eos=True))
-        eng.step_model.set_prior(tuple(eng.step_model.coef))
+        eng.step_model.set_prior(tuple(eng.step_model.fit()))
 
 
 def _threads() -> int:

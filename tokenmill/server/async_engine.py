@@ -146,6 +146,11 @@ class DeviceLoop:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.dead is None
 
+    @property
+    def thread_alive(self) -> bool:
+        """The thread is still running (or ending after a failure): it owns the engines."""
+        return self._thread is not None and self._thread.is_alive()
+
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Runs fn on the device thread between steps; its result (or exception) in the future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()

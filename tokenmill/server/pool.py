@@ -269,7 +269,18 @@ class ModelPool:
         self.device.wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread; once it has ended, lets every engine go (its weights, its KV
+        cache), so that a process that embeds a server (tokenmill.ray.InProcessServer) gets the
+        memory back: the app's routes outlive the server (FastAPI keeps endpoint functions in a
+        module-level cache), and through their closures this pool."""
         self.device.stop(timeout)
+        if self.device.thread_alive:
+            return  # still finishing (the join timed out): the thread owns the engines
+        for e in self.entries.values():
+            if e.front is not None and e.front in self.device.fronts:
+                self.device.detach(e.front)
+            e.engine = e.front = e.ctx = None
+        gc.collect()
 
     @property
     def is_running(self) -> bool:
