@@ -93,10 +93,17 @@ def test_nvml_meter_with_a_fake_pynvml(monkeypatch):
         nvmlDeviceGetHandleByIndex=lambda i: ("gpu", i),
         nvmlDeviceGetTotalEnergyConsumption=lambda h: counter[0] if h == ("gpu", 0) else 0)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    m = NvmlMeter(0)
+    now = [0.0]
+    calls = []
+    energy = fake.nvmlDeviceGetTotalEnergyConsumption
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda h: (calls.append(now[0]), energy(h))[1]
+    m = NvmlMeter(0, clock=lambda: now[0])
     assert m.read_joules() == pytest.approx(12.345)
     counter[0] += 2_500  # mJ
-    assert m.read_joules() == pytest.approx(14.845)
+    now[0] += 0.004  # within half the counter's update period: no call, the last reading
+    assert m.read_joules() == pytest.approx(12.345) and len(calls) == 2  # (the open's, the first read's)
+    now[0] += m.update_period_s / 2
+    assert m.read_joules() == pytest.approx(14.845) and len(calls) == 3
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
     with pytest.raises(MeterUnavailable, match="not installed"):
         NvmlMeter(0)

@@ -44,6 +44,13 @@ echo "=== $stage ($(left) s left)"
 case $stage in
   kernels)
     step kernels_aot.log python3 -m tokenmill.attention.triton_aot
+    # What an NVML energy read costs and how often the counter moves (NvmlMeter reads it at most
+    # every update_period_s / 2).
+    step kernels.log python3 -c "
+import time, pynvml
+pynvml.nvmlInit(); h = pynvml.nvmlDeviceGetHandleByIndex(0); f = pynvml.nvmlDeviceGetTotalEnergyConsumption
+t = time.perf_counter(); v = [f(h) for _ in range(2000)]; dt = time.perf_counter() - t
+print(f'nvml energy read: {dt / 2000 * 1e6:.1f} us a call; {len(set(v))} values in {dt * 1e3:.0f} ms')"
     for shape in llama3-8b qwen2.5-0.5b; do
       step kernels.log python3 -m tokenmill.cli bench attention --shape $shape --dtype bfloat16 \
         --json "$OUT/attention_$shape.json"
