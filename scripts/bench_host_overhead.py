@@ -6,8 +6,8 @@ LLM.generate, every request decoding at once; prints the median step and its par
     python scripts/bench_host_overhead.py --batch 256 --vocab 1000 --async-scheduling on
 
 With --async-scheduling on (as on a GPU) it also prints the host's work per step, the medians of
-its parts summed (what a GPU step cannot hide once the device's step is shorter), and the longest
-step (a garbage collector's pause shows there).
+its parts summed (what a GPU step cannot hide once the device's step is shorter) and their means
+(work done every few steps, a garbage collection, count there), and the longest step.
 
 Run it at two commits on one quiet machine to compare (docs/benchmarks/gpu.md).
 """
@@ -77,6 +77,10 @@ def main() -> None:
     def med(key: str) -> float:
         v = times[key][3:-2] or times[key]
         return 1000 * statistics.median(v)
+
+    def mean(key: str) -> float:  # (what throughput pays: work done every few steps shows here)
+        v = times[key][3:-2] or times[key]
+        return 1000 * statistics.fmean(v)
     step = 1000 * statistics.median(steps)
     what = f"batch {args.batch}, {args.sampling}{', detokenized' if args.tokenizer else ''}"
     if args.async_scheduling == "off":
@@ -88,7 +92,7 @@ def main() -> None:
         parts = "  ".join(f"{k} {med(k):.2f}" for k in keys)
         print(f"{what}, async scheduling: {tokens / wall:.0f} tokens/s; median step {step:.2f} ms, longest "
               f"{1000 * max(times['step']):.1f} ms; host work per step {sum(med(k) for k in keys):.2f} ms "
-              f"(ms: {parts}; forward {med('forward'):.2f} on this CPU)")
+              f"(mean {sum(mean(k) for k in keys):.2f}; ms: {parts}; forward {med('forward'):.2f} on this CPU)")
 
 
 if __name__ == "__main__":
