@@ -100,9 +100,9 @@ def test_nvml_meter_with_a_fake_pynvml(monkeypatch):
     m = NvmlMeter(0, clock=lambda: now[0])
     assert m.read_joules() == pytest.approx(12.345)
     counter[0] += 2_500  # mJ
-    now[0] += 0.004  # within half the counter's update period: no call, the last reading
+    now[0] += m.update_period_s / 2 - 1e-4  # within half the counter's update period: no call, the last reading
     assert m.read_joules() == pytest.approx(12.345) and len(calls) == 2  # (the open's, the first read's)
-    now[0] += m.update_period_s / 2
+    now[0] += 1e-4
     assert m.read_joules() == pytest.approx(14.845) and len(calls) == 3
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
     with pytest.raises(MeterUnavailable, match="not installed"):

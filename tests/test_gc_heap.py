@@ -35,10 +35,37 @@ t = __import__("time").perf_counter()
 gc.collect()
 report["full_collection_ms"] = (__import__("time").perf_counter() - t) * 1e3
 server.stop()
+try:  # a stopped pool says so, rather than handing out the context it let go
+    __import__("asyncio").run(server.pool.acquire(entry.name))
+    report["acquire_after_stop"] = "no error"
+except Exception as e:
+    report["acquire_after_stop"] = type(e).__name__
 ref = weakref.ref(engine)
 del engine, entry
 gc.collect()
 report["engine_freed_after_stop"] = ref() is None  # (the app's routes, cached by FastAPI, still hold the pool)
+print(json.dumps(report))
+"""
+
+FAILED_START = PRELUDE + r"""
+import os, shutil
+from tokenmill import ray as rs
+from tokenmill.engine.llm_engine import LLMEngine
+broken = sys.argv[1] + "-broken"  # its config asks for layers its weights do not have: it fails to load
+shutil.copytree(sys.argv[1], broken)
+cfg = json.load(open(os.path.join(broken, "config.json")))
+cfg["num_hidden_layers"] += 3
+json.dump(cfg, open(os.path.join(broken, "config.json"), "w"))
+args = rs.build_parser().parse_args(["--model", sys.argv[1], "--model", broken, "--kv-cache-memory", "0.01",
+                                     "--memory-budget", "1", "--log-level", "error"])
+report = {}
+try:
+    rs.InProcessServer(args, host="127.0.0.1")
+except Exception as e:
+    report["error"] = type(e).__name__
+shutil.rmtree(broken)
+gc.collect()
+report["engines_alive"] = sum(isinstance(o, LLMEngine) for o in gc.get_objects())
 print(json.dumps(report))
 """
 
@@ -81,13 +108,22 @@ def test_a_server_freezes_its_start_up_heap_before_its_engines(model_dir):
     # Unfrozen at exit: C extensions (triton's nanobind) report no leaked objects.
     assert "leaked" not in stderr, stderr[-2000:]
     # A stopped server lets its engine go (weights, KV cache): a process may start another.
-    assert report["engine_freed_after_stop"], report
+    assert report["engine_freed_after_stop"] and report["acquire_after_stop"] == "PoolError", report
 
 
 def test_the_freeze_can_be_turned_off(model_dir):
     report, _ = _run(SERVER, model_dir, {"TOKENMILL_GC_FREEZE": "0"})
     assert report["frozen"] == 0 and not report["early_frozen"] and report["engine_collectable"]
     assert report["engine_freed_after_stop"], report
+
+
+def test_a_failed_start_lets_the_models_it_loaded_go(model_dir, tmp_path):
+    """The second model fails to load: the first, loaded already, is let go with the pool."""
+    import shutil
+
+    path = shutil.copytree(model_dir, str(tmp_path / "m"))
+    report, _ = _run(FAILED_START, path, {"TOKENMILL_GC_FREEZE": "0"})
+    assert report["error"] and report["engines_alive"] == 0, report
 
 
 def test_the_offline_llm_leaves_its_callers_heap_alone(model_dir):

@@ -142,8 +142,9 @@ class InProcessServer:
         kv = 0.0
         for e in self.pool.entries.values():
             waiting += e.demand  # requests waiting for a parked model to come back
-            if e.front is not None:
-                s = e.front.stats  # the engine thread's latest snapshot, replaced whole each step
+            front = e.front  # (read once: stop() may drop it meanwhile)
+            if front is not None:
+                s = front.stats  # the engine thread's latest snapshot, replaced whole each step
                 running += s.num_requests_running
                 waiting += s.num_requests_waiting
                 kv = max(kv, s.kv_cache_usage_perc)

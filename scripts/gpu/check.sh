@@ -49,8 +49,10 @@ case $stage in
     step kernels.log python3 -c "
 import time, pynvml
 pynvml.nvmlInit(); h = pynvml.nvmlDeviceGetHandleByIndex(0); f = pynvml.nvmlDeviceGetTotalEnergyConsumption
-t = time.perf_counter(); v = [f(h) for _ in range(2000)]; dt = time.perf_counter() - t
-print(f'nvml energy read: {dt / 2000 * 1e6:.1f} us a call; {len(set(v))} values in {dt * 1e3:.0f} ms')"
+v, t = [], time.perf_counter()
+while time.perf_counter() - t < 0.5: v.append(f(h))
+dt = time.perf_counter() - t
+print(f'nvml energy read: {dt / len(v) * 1e6:.1f} us a call; {len(set(v))} values in {dt * 1e3:.0f} ms')"
     for shape in llama3-8b qwen2.5-0.5b; do
       step kernels.log python3 -m tokenmill.cli bench attention --shape $shape --dtype bfloat16 \
         --json "$OUT/attention_$shape.json"

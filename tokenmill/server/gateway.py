@@ -117,8 +117,8 @@ class Gateway:
         return tenants
 
     def _model_stats(self) -> list[tuple[str, EngineStats, str]]:
-        return [(e.name, e.front.stats if e.front is not None else EngineStats(), e.state)
-                for e in self.pool.entries.values()]
+        return [(e.name, front.stats if front is not None else EngineStats(), e.state)
+                for e in self.pool.entries.values() for front in [e.front]]  # (e.front read once)
 
     # -- the request preamble -----------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:

@@ -197,7 +197,7 @@ class ModelPool:
         try:
             self.device.call(self._load_initial).result()
         except BaseException:
-            self.device.stop()
+            self.stop()  # (the models loaded before the failure go too: the app's routes keep the pool)
             raise
 
     def _load_initial(self) -> None:
@@ -310,6 +310,8 @@ class ModelPool:
         when it was active already). Takes a lease the caller gives back with release(). PoolError
         when it cannot come back. need_device False (tokenizing): a parked model's context as it is."""
         e = self.entries[name]
+        if self.device.closed:  # stopped: the engines are let go (stop)
+            raise PoolError("the server is shutting down")
         e.leases += 1
         try:
             ctx = e.ctx  # read once: the device thread may drop it meanwhile
