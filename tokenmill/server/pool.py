@@ -310,8 +310,8 @@ class ModelPool:
         when it was active already). Takes a lease the caller gives back with release(). PoolError
         when it cannot come back. need_device False (tokenizing): a parked model's context as it is."""
         e = self.entries[name]
-        if self.device.closed:  # stopped: the engines are let go (stop)
-            raise PoolError("the server is shutting down")
+        if self.device.closed:  # its thread has ended: the engines are let go (stop)
+            raise PoolError("the engine has stopped" if self.device.dead is not None else "the server is shutting down")
         e.leases += 1
         try:
             ctx = e.ctx  # read once: the device thread may drop it meanwhile
