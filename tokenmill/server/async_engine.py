@@ -144,7 +144,7 @@ class DeviceLoop:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
+        return self.thread_alive and self.dead is None
 
     @property
     def thread_alive(self) -> bool:

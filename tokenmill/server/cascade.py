@@ -129,8 +129,8 @@ class CascadeEngine:
             return
         # The strong model's requests get ids of their own: the small model's last outputs (its
         # abort's) may still be on their way, and a tenant counts each model's tokens (below).
-        rids = {f"{rid}{ESCALATED}": rid for rid, _, _ in self._requests}
-        requests = [(f"{rid}{ESCALATED}", prompt, params) for rid, prompt, params in self._requests]
+        requests = [(rid + ESCALATED, prompt, params) for rid, prompt, params in self._requests]
+        rids = {r[0]: orig[0] for r, orig in zip(requests, self._requests)}  # the strong id -> the route's
         # The tenant's tokens count both models' work, as usage.compute does: the small model's
         # prompts and tokens (its outputs, tracked already), then the strong model's.
         adm = getattr(cg, "admission", None)  # (ServerContext.submit's, when the tenant has a token limit)
@@ -159,9 +159,12 @@ class CascadeEngine:
         # The small model's work counts in the request's compute too (usage.compute sums both models).
         spent = {rid: out.compute for rid, out in latest.items() if out.compute is not None}
         async for batch in strong.engine.stream(cg.strong_group):
-            outs = [dataclasses.replace(out, request_id=rids[out.request_id]) for out in batch]
-            yield [dataclasses.replace(out, compute=sum_compute([spent[out.request_id], out.compute]))
-                   if out.request_id in spent else out for out in outs]
+            outs = []
+            for out in batch:
+                rid = rids[out.request_id]
+                compute = sum_compute([spent[rid], out.compute]) if rid in spent else out.compute
+                outs.append(dataclasses.replace(out, request_id=rid, compute=compute))
+            yield outs
 
     def _failed(self, cg: CascadeGroup, message: str, status: int) -> list[RequestOutput]:
         return [RequestOutput(rid, None, [], None, [], finished=True, error=message, error_status=status)

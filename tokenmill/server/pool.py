@@ -277,9 +277,7 @@ class ModelPool:
         if self.device.thread_alive:
             return  # still finishing (the join timed out): the thread owns the engines
         for e in self.entries.values():
-            if e.front is not None and e.front in self.device.fronts:
-                self.device.detach(e.front)
-            e.engine = e.front = e.ctx = None
+            self._let_go(e)
         gc.collect()
 
     @property
@@ -574,11 +572,15 @@ class ModelPool:
                 return
             self._drop(v)
 
-    def _drop(self, v: PoolEntry, why: str = "host memory budget") -> None:
-        """Parked to on disk: the engine and its weights are let go."""
+    def _let_go(self, v: PoolEntry) -> None:
+        """The model's engine leaves the device loop, and the pool keeps no reference to it."""
         if v.front is not None and v.front in self.device.fronts:
             self.device.detach(v.front)
         v.engine = v.front = v.ctx = None
+
+    def _drop(self, v: PoolEntry, why: str = "host memory budget") -> None:
+        """Parked to on disk: the engine and its weights are let go."""
+        self._let_go(v)
         v.state = ON_DISK
         if v.kv_hub is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(v.kv_hub.dropped)
