@@ -202,6 +202,37 @@ def test_router_lists_models_and_relays_errors(fleet, model_name):
     assert httpx.get(router.base_url + "/health", timeout=10).json()["replicas_up"] == 2
 
 
+def test_router_answers_a_wrong_method_itself_and_works_behind_a_root_path(fleet, model_name, tmp_path):
+    router = fleet["router"]
+
+    def relayed() -> float:
+        return sum(v for k, v in router_metrics(router.base_url).items() if k.startswith("tokenmill_router:requests"))
+
+    before = relayed()
+    for method, path, allow in [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
+                                ("POST", "/v1/models", "GET"), ("DELETE", "/health", "GET")]:
+        r = httpx.request(method, router.base_url + path, timeout=10)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.status_code)
+        assert r.json()["error"]["message"] == "Method Not Allowed"
+    assert relayed() == before  # answered by the router, no replica asked
+
+    # Behind a proxy that strips /api (uvicorn's root_path): replicas are called without the prefix.
+    urls = [r.base_url for r in fleet["replicas"]]
+    proxied = ServerProcess(None, *[a for u in urls for a in ("--replica", u)], "--root-path", "/api",
+                            log_path=str(tmp_path / "router.log"), command="router")
+    try:
+        wait_fleet(proxied, urls)
+        c = client_for(proxied.base_url)
+        out = c.completions.create(model=model_name, prompt="hello", max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens == 3
+        chunks = list(c.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3, temperature=0, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert httpx.get(proxied.base_url + "/openapi.json", timeout=10).json()["servers"] == [{"url": "/api"}]
+    finally:
+        proxied.stop()
+
+
 def test_kv_aware_sends_a_request_to_the_replica_holding_its_prefix(fleet, model_name):
     router = fleet["router"]
     c = client_for(router.base_url)

@@ -17,6 +17,9 @@ logger = logging.getLogger("tokenmill.router")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root-path", default="",
+                   help="the path prefix a proxy in front strips (uvicorn's root_path); replicas are called "
+                   "without it")
     p.add_argument("--replica", action="append", default=[], metavar="URL",
                    help="a replica's base URL, e.g. http://h1:8000 (repeatable)")
     p.add_argument("--replicas", type=int, default=0, metavar="N",
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
                     config.policy)
         level = (getattr(args, "log_level", None) or "info").lower()
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level, access_log=False,
+                                        root_path=args.root_path,
                                         timeout_graceful_shutdown=args.shutdown_timeout, log_config=None),
                          on_exit=lambda: setattr(router, "draining", True))
         server.run(sockets=[sock])

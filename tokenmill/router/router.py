@@ -47,8 +47,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.routing import get_route_path
 
 from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_salt
 from tokenmill.router.index import PromptHasher
@@ -367,8 +369,19 @@ class Router:
             return JSONResponse(error_body(404, "the router publishes no KV events; subscribe to a replica"),
                                 status_code=404)
 
+        # The router's own paths called with another method: a 405 here rather than a hop to a replica
+        # that answers the same (the catch-all below would otherwise take them).
+        own: dict[str, set[str]] = {}
+        for r in app.routes:
+            if isinstance(r, APIRoute):
+                own.setdefault(r.path, set()).update(r.methods)
+
         @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
         async def other(request: Request, path: str) -> Response:
+            allowed = own.get("/" + path)
+            if allowed is not None:
+                return JSONResponse(error_body(405, "Method Not Allowed"), status_code=405,
+                                    headers={"Allow": ", ".join(sorted(allowed))})
             return await self._generate(request, "other")
 
         return app
@@ -473,7 +486,9 @@ class Router:
             body, endpoint = {}, endpoint if endpoint == "other" else "invalid"
         plan = await self._plan(endpoint, body, len(raw), tenant)
         headers = self._headers(request)
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # The path within the app: behind a proxy's prefix (--root-path) request.url has the prefix,
+        # which replicas do not serve.
+        path = get_route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
         if body.get("stream") is True and endpoint in ("chat", "completions"):
             return await self._stream(request, endpoint, path, body, plan, headers, t0)
         return await unless_disconnected(request, self._unary(request, endpoint, path, raw, plan, headers, t0))

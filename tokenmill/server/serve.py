@@ -88,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, many_models=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root-path", default="",
+                   help="the path prefix a proxy in front strips (uvicorn's root_path): links and the "
+                   "OpenAPI schema carry it")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the folder's name); with one --model only")
     pool = p.add_argument_group("model pool", "several models in one server (--model repeated, or --models)")
@@ -267,7 +270,8 @@ def _run(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolCo
     app, pool = build_server_app(args, specs, tiers, pool_config, where)
     level = getattr(args, "log_level", None) or "info"
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level.lower(), access_log=False,
-                               timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
+                               root_path=args.root_path, timeout_graceful_shutdown=args.shutdown_timeout,
+                               log_config=None)
     server = _Server(uv_config, on_exit=lambda: setattr(app.state, "draining", True))
     try:
         server.run(sockets=[sock])
