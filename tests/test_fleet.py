@@ -215,6 +215,8 @@ def test_router_answers_a_wrong_method_itself_and_works_behind_a_root_path(fleet
         assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.status_code)
         assert r.json()["error"]["message"] == "Method Not Allowed"
     assert relayed() == before  # answered by the router, no replica asked
+    r = httpx.get(router.base_url + "/tokenize", timeout=10)  # a replica's path: its 405, relayed whole
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and relayed() == before + 1
 
     # Behind a proxy that strips /api (uvicorn's root_path): replicas are called without the prefix.
     urls = [r.base_url for r in fleet["replicas"]]

@@ -545,7 +545,7 @@ class Router:
                 if isinstance(obj, dict):
                     obj["failover"] = failover
                     content = json.dumps(obj).encode()
-        headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after",)}
+        headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "allow")}
         if replica is not None:
             headers[REPLICA_HEADER] = replica
         return Response(content, resp.status_code, headers=headers, media_type=ctype)
