@@ -203,6 +203,15 @@ def test_a_search_that_could_wait_forever_is_refused(peaked):
     with pytest.raises(ValueError, match="^n: beam search runs its 3 beams at once"):
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(n=3, use_beam_search=True, max_tokens=2))
     assert llm.engine.block_manager.num_free_blocks == 8 and not llm.engine.has_unfinished_requests()
+    # Test-time compute's beam search: a later prompt that cannot fit is refused before any prompt is queued.
+    added = []
+    llm.engine.add_request = lambda *a, _add=llm.engine.add_request, **k: added.append(_add(*a, **k)) or added[-1]
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": list(range(5, 25))}]
+    with pytest.raises(ValueError, match="^n: beam search with 2 beams of up to 28 tokens"):
+        llm.generate(prompts, SamplingParams(max_tokens=8), test_time_compute={"strategy": "beam_search", "n": 2})
+    assert added == [] and llm.engine.block_manager.num_free_blocks == 8
+    out = llm.generate(prompts[:1], SamplingParams(max_tokens=8), test_time_compute={"strategy": "beam_search", "n": 2})
+    assert len(added) == 1 and len(out[0].outputs[0].token_ids) >= 1
 
 
 def test_aborting_one_beam_ends_the_search(peaked):

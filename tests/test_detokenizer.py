@@ -70,6 +70,23 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tok):
     assert not any("S" in x for x in deltas)
 
 
+def test_stop_string_before_a_partial_character_ends_at_that_token(tok):
+    """A token holding a whole character and the start of another ("Ġâ": a space, then the first
+    byte of ✓): the text waits for the rest of ✓, but a stop string its space completes ends the
+    text at that token, not at a later one (or, at the end of generation, never)."""
+    ids = _gpt2_ids(tok, "code") + [tok.convert_tokens_to_ids("Ġâ")] + _gpt2_ids(tok, "✓")[1:]
+    assert tok.decode(ids) == "code ✓"
+    d = IncrementalDetokenizer(tok, [5, 6], True, ["de "])
+    hits = [d.add_token(t) for t in ids[:5]]
+    assert hits == [None] * 4 + ["de "] and d.text == "co"
+    d = IncrementalDetokenizer(tok, [5, 6], True, ["de "])  # stop checks off until the end: flush() finds it
+    for t in ids[:5]:
+        assert d.add_token(t, check_stop=False) is None
+    assert d.flush() == "de " and d.text == "co"
+    d = IncrementalDetokenizer(tok, [5, 6], True, ["xyz"])
+    assert [d.add_token(t) for t in ids] == [None] * 7 and d.text == "code ✓"  # no stop: nothing taken back
+
+
 def test_earliest_stop_wins(tok):
     ids = _gpt2_ids(tok, "xx one two")
     d, _, hit = _run(tok, ids, stop=["two", "one"])

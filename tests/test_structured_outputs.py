@@ -196,6 +196,18 @@ def test_grammar_finishes_without_eos_and_beats_min_tokens(engine_llm):
         assert c.text in ("yes", "no") and c.finish_reason == "stop"
 
 
+def test_grammar_completed_by_the_last_allowed_token_is_a_stop(engine_llm):
+    """A constraint completed exactly on the max_tokens-th token: the output is whole ("stop"), not cut."""
+    so = StructuredOutputsParams(choice=["hello world, again"])
+    free = engine_llm.generate("Hi", SamplingParams(temperature=0, structured_outputs=so))[0].outputs[0]
+    n = len(free.token_ids)
+    assert free.text == "hello world, again" and free.finish_reason == "stop" and n > 1
+    exact = engine_llm.generate("Hi", SamplingParams(temperature=0, max_tokens=n, structured_outputs=so))[0].outputs[0]
+    assert exact.text == free.text and exact.finish_reason == "stop"
+    cut = engine_llm.generate("Hi", SamplingParams(temperature=0, max_tokens=n - 1, structured_outputs=so))
+    assert cut[0].outputs[0].finish_reason == "length"
+
+
 def test_same_schema_compiles_once(engine_llm):
     so = StructuredOutputsParams(json=SCHEMAS[0])
     g1 = engine_llm.engine.grammars.compile(so)

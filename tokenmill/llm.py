@@ -12,7 +12,7 @@ from tokenmill.engine.detokenizer import safe_stream_end
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt, request_tags
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.ttc import TTCParams, TTCRun, launch_params
+from tokenmill.ttc import Launch, TTCParams, TTCRun, launch_params
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -146,15 +146,29 @@ class LLM:
         where: dict[tuple[str, int], tuple[int, int]] = {}  # (engine request, sample) -> (run, path)
         path_at: dict[tuple[int, int], tuple[str, int]] = {}  # the other way
         live: dict[str, int] = {}  # engine request -> its run
+
+        def add(r: int, launch: Launch) -> None:
+            run, prompt, sp = runs[r]
+            rid = engine.add_request(prompt, launch_params(sp, run, launch), priority=prios[r])
+            live[rid] = r
+            for i, pid in enumerate(launch.path_ids):
+                where[(rid, i)] = (r, pid)
+                path_at[(r, pid)] = (rid, i)
+
+        # Every prompt's first launch is checked before any is queued: a beam search whose beams the
+        # cache cannot hold fails here, not after the prompts before it have started.
+        first = [run.launch() for run, _, _ in runs]
+        for (run, prompt, sp), launch in zip(runs, first):
+            if launch is not None:
+                engine.check_request(prompt["prompt_token_ids"], launch_params(sp, run, launch))
         try:
+            for r, launch in enumerate(first):
+                if launch is not None:
+                    add(r, launch)
             while True:
-                for r, (run, prompt, sp) in enumerate(runs):
+                for r, (run, _, _) in enumerate(runs):
                     while (launch := run.launch()) is not None:
-                        rid = engine.add_request(prompt, launch_params(sp, run, launch), priority=prios[r])
-                        live[rid] = r
-                        for i, pid in enumerate(launch.path_ids):
-                            where[(rid, i)] = (r, pid)
-                            path_at[(r, pid)] = (rid, i)
+                        add(r, launch)
                 if all(run.done for run, _, _ in runs):
                     break
                 self._step()

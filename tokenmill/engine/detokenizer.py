@@ -38,20 +38,40 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return self._append(new, check_stop)
+        if len(full) > len(prefix):
+            if not full.endswith("\ufffd"):
+                new = full[len(prefix) :]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return self._append(new, check_stop)
+            if check_stop and self.stop:
+                # The new text ends in part of a character and waits for the rest, but what comes
+                # before that part may already complete a stop string: it ends the text now.
+                head = full[len(prefix) :].rstrip("\ufffd")
+                if head:
+                    text = self.text
+                    hit = self._append(head)
+                    if hit is None:
+                        self.text = text  # (still pending)
+                    return hit
         return None
 
-    def flush(self) -> None:
-        """At the end of generation: emit whatever is still buffered (e.g. a broken final character)."""
+    def pending_text(self) -> str:
+        """The whole characters decoded but held back with a partial one after them."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return self._decode(self.ids[self.prefix_offset :])[len(prefix) :].rstrip("\ufffd")
+
+    def flush(self) -> str | None:
+        """At the end of generation: emit whatever is still buffered (e.g. a broken final character).
+        Returns the stop string it completes, if any."""
         if self.read_offset < len(self.ids):
             prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
             full = self._decode(self.ids[self.prefix_offset :])
             self.read_offset = len(self.ids)
             if len(full) > len(prefix):
-                self._append(full[len(prefix) :])
+                return self._append(full[len(prefix) :])
+        return None
 
     def _append(self, new: str, check_stop: bool = True) -> str | None:
         start = max(0, len(self.text) - self.hold_back)

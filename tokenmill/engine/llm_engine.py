@@ -209,6 +209,8 @@ class LLMEngine:
                 f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
                 f"exceeds the context length max_model_len={self.max_model_len}"
             )
+        if params.use_beam_search and params.n > 1:  # (one beam is greedy decoding: see add_request)
+            self._check_beam_search(params, n_prompt)
 
     def add_request(self, prompt: str | dict | list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0, arrival_time: float | None = None, final_only: bool = False) -> str:
@@ -701,9 +703,6 @@ class LLMEngine:
                     self._check_stop(seq, token)
                     if seq.status is not finished and reasoning_budget:
                         self._reasoning(seq, token)
-                    if seq.status is not finished and seq.matcher is not None and seq.matcher.is_stopped():
-                        seq.finish_reason = "stop"  # the grammar is complete: nothing more may follow
-                        self._finish(seq)
                     if seq.status is finished:
                         break
                 spec = result.spec.get(seq_id)
@@ -736,7 +735,7 @@ class LLMEngine:
         return self._make_output(req, finished=True)
 
     # -- beam search --------------------------------------------------------------------
-    def _beam_search(self, params: SamplingParams, num_prompt: int) -> BeamSearch:
+    def _check_beam_search(self, params: SamplingParams, num_prompt: int) -> None:
         max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
         if params.n > self.scheduler.max_num_seqs:  # the beams run in lockstep: all at once
             raise ValueError(f"n: beam search runs its {params.n} beams at once; this engine runs at most "
@@ -748,6 +747,10 @@ class LLMEngine:
         if need > bm.num_blocks:
             raise ValueError(f"n: beam search with {params.n} beams of up to {num_prompt + max_new} tokens needs "
                              f"{need} KV cache blocks; the cache has {bm.num_blocks} (lower n or max_tokens)")
+
+    def _beam_search(self, params: SamplingParams, num_prompt: int) -> BeamSearch:
+        """The search's state (check_request has checked that its beams fit)."""
+        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return BeamSearch(params.n, params.length_penalty, params.early_stopping, tuple(sorted(stop)), max_new,
                           params.min_tokens, params.logprobs)
@@ -855,13 +858,20 @@ class LLMEngine:
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
                 return self._finish(seq)
+        if seq.matcher is not None and seq.matcher.is_stopped():
+            # The grammar is complete: nothing more may follow (a "stop" even on the last token max_tokens allows).
+            seq.finish_reason = "stop"
+            return self._finish(seq)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
             return self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.detokenizer.flush()  # a stop string already cut the text; otherwise emit what is buffered
+            # A stop string already cut the text; otherwise emit what is buffered, which may end in one.
+            hit = seq.detokenizer.flush()
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit
         self.scheduler.finish(seq)
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
