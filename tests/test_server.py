@@ -411,6 +411,29 @@ def test_echo_logprobs_streamed_and_text_prompts(client, model_name):
     assert [c.text for ch in scored for c in ch.choices] == ["Hello world, scored"]
 
 
+def test_text_offsets_are_where_each_tokens_text_starts(client, model_name, model_dir):
+    """text_offset[i]: the length of the text before token i (a token holding part of a character
+    starts where that character does), for the echoed prompt and the completion, streamed or not,
+    whatever the token strings (vocabulary pieces, token_id:N)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "😀 héllo wörld, ünïcode ✓"
+    for as_ids in (False, True):
+        kw = dict(model=model_name, prompt=prompt, echo=True, logprobs=1, temperature=0, max_tokens=24,
+                  extra_body={"return_token_ids": True, "return_tokens_as_token_ids": as_ids, "ignore_eos": True})
+        whole = client.completions.create(**kw).choices[0]
+        ids = whole.model_extra["prompt_token_ids"] + whole.model_extra["token_ids"]
+        assert whole.text.startswith(prompt)
+        want = [min(len(tok.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")), len(whole.text))
+                for i in range(len(ids))]
+        assert whole.logprobs.text_offset == want
+        assert any(ord(c) > 0xFFFF or c in "éöüï✓" for c in prompt)  # (multi-byte characters: split tokens)
+        chunks = list(client.completions.create(stream=True, **kw))
+        streamed = [o for ch in chunks for c in ch.choices if c.logprobs for o in c.logprobs.text_offset]
+        assert streamed == want
+
+
 def test_prompt_logprobs_field(client, model_name, model_dir):
     """vLLM's prompt_logprobs: per prompt position None or {token id: {logprob, rank, decoded_token}},
     on completions (in each choice) and chat (beside the choices); not with stream."""

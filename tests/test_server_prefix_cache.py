@@ -113,3 +113,12 @@ def test_return_tokens_as_token_ids(client, model_name, llm):
         top_logprobs=0, stream=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
     tokens = [t.token for c in stream for ch in c.choices if ch.logprobs for t in ch.logprobs.content]
     assert len(tokens) == 4 and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens)
+    # The bytes stay each token's own, in top_logprobs as beside the token (not those of "token_id:N").
+    kw = dict(model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0,
+              logprobs=True, top_logprobs=3)
+    plain = client.chat.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    as_ids = client.chat.completions.create(
+        **kw, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}).choices[0].logprobs.content
+    assert [t.bytes for t in as_ids] == [t.bytes for t in plain]
+    assert [[x.bytes for x in t.top_logprobs] for t in as_ids] == [[x.bytes for x in t.top_logprobs] for t in plain]
+    assert as_ids[0].top_logprobs[0].token.startswith("token_id:") and not plain[0].token.startswith("token_id:")

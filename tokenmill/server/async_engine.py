@@ -383,9 +383,13 @@ class AsyncEngine:
                 try:
                     if group.rejected is not None:  # an earlier request of the group was refused
                         raise group.rejected
-                    waiting = len(engine.scheduler.waiting) + engine.scheduler.num_fork_waiting
+                    sch = engine.scheduler
+                    # Sequences the next step will seat (free max_num_seqs places) are not queued: an
+                    # idle server takes a burst of max_num_seqs + max_queue.
+                    waiting = (len(sch.waiting) + sch.num_fork_waiting
+                               - max(0, sch.max_num_seqs - len(sch.running)))
                     if check_queue and self.max_queue is not None and waiting >= self.max_queue:
-                        raise QueueFullError(f"{waiting} sequences are waiting "
+                        raise QueueFullError(f"{waiting} sequences are waiting beyond the free places "
                                              f"(--max-queue {self.max_queue})")
                     if self._stopping:
                         raise EngineStoppedError("the server is shutting down")

@@ -304,35 +304,32 @@ class ServerContext:
         return [sse(error_body(e.status, msg)), SSE_DONE]
 
     # -- logprob formats ------------------------------------------------------------------------
-    def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offset: int,
-                            as_ids: bool, text_end: int | None = None) -> dict[str, Any]:
-        """text_end (a stream chunk's): offsets stop there. A chunk carrying several tokens, one of
-        which printed nothing yet (a partial character), would otherwise place the next ones past
-        its text, and the next chunk's first token before them."""
-        tokens, lps, tops, offsets = [], [], [], []
+    def text_offsets(self, context_ids: list[int], skip_special_tokens: bool) -> TextOffsets:
+        return TextOffsets(self.tokenizer, context_ids, skip_special_tokens)
+
+    def completion_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, offsets: list[int],
+                            as_ids: bool) -> dict[str, Any]:
+        """offsets: where each token's text starts (TextOffsets), clamped to the text sent so far."""
+        tokens, lps, tops = [], [], []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
-            s = self.token_str(tid, as_ids)
-            tokens.append(s)
+            tokens.append(self.token_str(tid, as_ids))
             lps.append(entry[tid].logprob)
             tops.append({self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
-            offsets.append(offset if text_end is None else min(offset, text_end))
-            offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def echo_logprobs(self, ids: list[int], entries: list[PositionLogprobs | None], k: int,
-                      as_ids: bool) -> dict[str, Any]:
+                      as_ids: bool, text: str, from_text: bool) -> dict[str, Any]:
         """The prompt's part of an echoed completion's logprobs, as OpenAI returned it: the first
-        token's logprob and top_logprobs null (nothing precedes it)."""
-        tokens, lps, tops, offsets, offset = [], [], [], [], 0
+        token's logprob and top_logprobs null (nothing precedes it). text: the prompt as echoed
+        (from_text: the client's own string, which has no special tokens; else the ids decoded)."""
+        tokens, lps, tops = [], [], []
         for i, tid in enumerate(ids):
-            s = self.token_str(tid, as_ids)
             entry = entries[i] if i < len(entries) else None
-            tokens.append(s)
+            tokens.append(self.token_str(tid, as_ids))
             lps.append(None if entry is None else entry[tid].logprob)
             tops.append(None if entry is None
                         else {self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
-            offsets.append(offset)
-            offset += len(s)
+        offsets = self.text_offsets([], skip_special_tokens=from_text).take(ids, 0, len(ids), len(text))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def vllm_prompt_logprobs(self, ids: list[int], entries: list[PositionLogprobs | None],
@@ -348,16 +345,37 @@ class ServerContext:
         return result
 
     def chat_logprobs(self, c: CompletionOutput, start: int, end: int, k: int, as_ids: bool) -> list[dict[str, Any]]:
+        def item(t: int, logprob: float) -> dict[str, Any]:
+            s = self.token_str(t)  # with return_tokens_as_token_ids the bytes stay the token's own (as vLLM does)
+            return {"token": f"token_id:{t}" if as_ids else s, "logprob": logprob, "bytes": self.token_bytes(t, s)}
+
         content = []
         for tid, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
-            s = self.token_str(tid, as_ids)
-            content.append({
-                # With return_tokens_as_token_ids the bytes stay the token's own (as vLLM does).
-                "token": s, "logprob": entry[tid].logprob, "bytes": self.token_bytes(tid, self.token_str(tid)),
-                "top_logprobs": [
-                    {"token": (ts := self.token_str(t, as_ids)), "logprob": lp.logprob,
-                     "bytes": self.token_bytes(t, ts)}
-                    for t, lp in top(entry, k, None)
-                ],
-            })
+            d = item(tid, entry[tid].logprob)
+            d["top_logprobs"] = [item(t, lp.logprob) for t, lp in top(entry, k, None)]
+            content.append(d)
         return content
+
+
+class TextOffsets:
+    """Where each token's text starts in a choice's text (completions' text_offset). The tokens are
+    decoded as the engine's detokenizer decodes them, so a token holding part of a character starts
+    where that character does, and a token's offset does not depend on how its string is shown
+    (a vocabulary piece, "token_id:N"). Streamed, one per choice: the same offsets in chunks."""
+
+    def __init__(self, tokenizer: Any, context_ids: list[int], skip_special_tokens: bool) -> None:
+        self.det = (None if tokenizer is None else
+                    IncrementalDetokenizer(tokenizer, context_ids, skip_special_tokens, []))
+        self.offsets: list[int] = []
+        self.end = 0  # where the text decoded so far ends
+
+    def take(self, ids: list[int], start: int, end: int, text_len: int) -> list[int]:
+        """The offsets of ids[start:end] (ids: every token of the choice so far), at most text_len:
+        the text sent so far (a stop string cut, text held back)."""
+        det = self.det
+        for t in ids[len(self.offsets):end]:
+            self.offsets.append(self.end)
+            if det is not None:
+                det.add_token(t, check_stop=False)
+                self.end = len(det.text) + len(det.pending_text())
+        return [min(o, text_len) for o in self.offsets[start:end]]

@@ -7,9 +7,12 @@ fields keep working.
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import StructuredOutputsParams
@@ -17,6 +20,29 @@ from tokenmill.structured import StructuredOutputsParams
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's schema lets most optional fields be null, and clients generated from it (or
+        passing None through) send them: a null for a field that takes no None means its default
+        (n, stream, echo, the penalties, ...), as in vLLM. Fields that take None keep it."""
+        if isinstance(data, dict) and any(v is None for v in data.values()):
+            defaulted = _defaulted_not_nullable(cls)
+            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
+
+
+@functools.cache
+def _defaulted_not_nullable(cls: type[BaseModel]) -> frozenset[str]:
+    """The keys (aliases) of a model's fields that have a default and do not take None."""
+
+    def nullable(t: Any) -> bool:
+        return t is None or t is type(None) or t is Any or (
+            typing.get_origin(t) in (typing.Union, types.UnionType) and any(nullable(a) for a in typing.get_args(t)))
+
+    return frozenset(f.alias or name for name, f in cls.model_fields.items()
+                     if not f.is_required() and not nullable(f.annotation))
 
 
 class StreamOptions(_Strict):

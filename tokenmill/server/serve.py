@@ -112,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on the admin routes (POST /v1/models/ID/load, "
                         "/unload, /pin); default: --api-key (or set TOKENMILL_ADMIN_API_KEY)")
     p.add_argument("--max-queue", type=int, default=None,
-                   help="answer 429 when this many sequences are already waiting (default: no limit)")
+                   help="answer 429 when this many sequences are already waiting beyond the places --max-num-seqs "
+                   "leaves free (default: no limit)")
     p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES",
                    help="larger request bodies get 413")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),

@@ -32,21 +32,16 @@ from tokenmill.server.streaming import (
 from tokenmill.server.ttc import ttc_params, ttc_response
 
 
-def text_end(lp: dict[str, Any]) -> int:
-    """Where the text of a logprobs object's tokens ends."""
-    return lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else 0
-
-
 def shifted(lp: dict[str, Any] | None, by: int) -> dict[str, Any] | None:
     return None if lp is None else {**lp, "text_offset": [by + o for o in lp["text_offset"]]}
 
 
-def joined(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+def joined(a: dict[str, Any] | None, b: dict[str, Any] | None, by: int) -> dict[str, Any] | None:
     """Two completion logprobs objects as one (the prompt's, then the completion's, its offsets
-    moved past the prompt's text)."""
+    moved past the prompt's text, `by` characters)."""
     if a is None or b is None:
         return a or b
-    b = shifted(b, text_end(a))
+    b = shifted(b, by)
     return {"tokens": a["tokens"] + b["tokens"], "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
             "top_logprobs": a["top_logprobs"] + b["top_logprobs"], "text_offset": a["text_offset"] + b["text_offset"]}
 
@@ -102,14 +97,19 @@ def register(app: FastAPI, gw: Gateway) -> None:
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         name, engine, tokenizer = ctx.name, ctx.engine, ctx.tokenizer
 
+        echoed: dict[int, str] = {}
+
         def prefix(i: int) -> str:
             if not req.echo:
                 return ""
-            text, ids = prompts[i]
-            return text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
+            if i not in echoed:  # (decoded once: every streamed chunk's offsets are moved past it)
+                text, ids = prompts[i]
+                echoed[i] = text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
+            return echoed[i]
 
         def prompt_lp(i: int, out: RequestOutput) -> dict[str, Any]:
-            return ctx.echo_logprobs(prompts[i][1], out.prompt_logprobs or [], req.logprobs, as_ids)
+            return ctx.echo_logprobs(prompts[i][1], out.prompt_logprobs or [], req.logprobs, as_ids, prefix(i),
+                                     prompts[i][0] is not None)
 
         if req.stream and not score_only:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -118,21 +118,23 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 states: dict[tuple[str, int], ChoiceState] = {}
                 cached: dict[str, int] = {}
                 computes: dict[str, Any] = {}
-                prompt_end: dict[int, int] = {}  # echo: where each prompt's token text ends
+                offsets: dict[tuple[str, int], Any] = {}  # each choice's TextOffsets
                 if req.resume_token_ids:  # the first server streamed this much: start where it stopped
                     states[(reqs[0][0], 0)], _ = ctx.resumed_state(prompts[0][1], req.resume_token_ids, params)
                 try:
                     async for out, c, d in ctx.choice_deltas(group, params, states, cached, computes):
                         pi = index[out.request_id]
-                        lp = (ctx.completion_logprobs(c, *d.tokens, req.logprobs, d.text_start, as_ids,
-                                                      d.text_start + len(d.text))
-                              if req.logprobs is not None else None)
+                        lp = None
+                        if req.logprobs is not None:
+                            key = (out.request_id, c.index)
+                            if key not in offsets:
+                                offsets[key] = ctx.text_offsets(prompts[pi][1], params.skip_special_tokens)
+                            at = offsets[key].take(c.token_ids, *d.tokens, d.text_start + len(d.text))
+                            lp = ctx.completion_logprobs(c, *d.tokens, req.logprobs, at, as_ids)
                         if echo_lp and d.first:
-                            head = prompt_lp(pi, out)
-                            prompt_end[pi] = text_end(head)
-                            lp = joined(head, lp)
+                            lp = joined(prompt_lp(pi, out), lp, len(prefix(pi)))
                         elif echo_lp:  # later chunks: offsets continue after the echoed prompt
-                            lp = shifted(lp, prompt_end[pi])
+                            lp = shifted(lp, len(prefix(pi)))
                         choice = {
                             "index": pi * req.n + c.index, "text": (prefix(pi) if d.first else "") + d.text,
                             "logprobs": lp, "finish_reason": d.finish_reason,
@@ -169,11 +171,14 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 for c in out.outputs:
                     n_gen = 0 if score_only else len(c.token_ids)
                     n_out += n_gen
-                    lp = (ctx.completion_logprobs(c, 0, n_gen, req.logprobs, 0, as_ids)
-                          if req.logprobs is not None else None)
+                    lp = None
+                    if req.logprobs is not None:
+                        at = ctx.text_offsets(prompts[r][1], params.skip_special_tokens).take(
+                            c.token_ids, 0, n_gen, len(c.text))
+                        lp = ctx.completion_logprobs(c, 0, n_gen, req.logprobs, at, as_ids)
                     choice = {
                         "index": r * req.n + c.index, "text": prefix(r) + ("" if score_only else c.text),
-                        "logprobs": joined(prompt_lp(r, out), lp) if echo_lp else lp,
+                        "logprobs": joined(prompt_lp(r, out), lp, len(prefix(r))) if echo_lp else lp,
                         "finish_reason": "length" if score_only else finish_reason(c),
                         "stop_reason": None if score_only else c.stop_reason,
                     }
