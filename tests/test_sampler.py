@@ -163,6 +163,16 @@ def test_validation_names_the_parameter():
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=f"^{name}"):
             SamplingParams(**kwargs).validate(V)
+    # Bounded lists, each applied every step on the thread every request shares (a large vocabulary's ids).
+    big = 151936
+    for kwargs, name in [(dict(logit_bias={t: 1.0 for t in range(1025)}), "logit_bias: at most 1024"),
+                         (dict(stop_token_ids=list(range(1025))), "stop_token_ids: at most 1024"),
+                         (dict(stop=[str(i) for i in range(129)]), "stop: at most 128"),
+                         (dict(stop=["x" * 1025]), "stop: a stop string may hold at most 1024")]:
+        with pytest.raises(ValueError, match=f"^{name}"):
+            SamplingParams(**kwargs).validate(big)
+    SamplingParams(logit_bias={t: 1.0 for t in range(1024)}, stop_token_ids=list(range(1024)),
+                   stop=[str(i) for i in range(128)]).validate(big)
 
 
 def _reference_kept(row: torch.Tensor, top_k: int, top_p: float) -> set[int]:

@@ -86,6 +86,7 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", {"logit_bias": {"1_0": 1.0}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),
     ("/v1/completions", {"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
