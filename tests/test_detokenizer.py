@@ -87,6 +87,19 @@ def test_stop_string_before_a_partial_character_ends_at_that_token(tok):
     assert [d.add_token(t) for t in ids] == [None] * 7 and d.text == "code ✓"  # no stop: nothing taken back
 
 
+def test_an_abort_or_min_tokens_keeps_the_end_of_generation_from_taking_a_stop(tok, llm):
+    """flush() at the end checks stop strings only where add_token would have: not for an aborted
+    request, and not before min_tokens ("co", then "aÃ": "a" and the first byte of a character, held back)."""
+    from tokenmill import SamplingParams
+
+    eng = llm.engine
+    resume = _gpt2_ids(tok, "co") + [tok.convert_tokens_to_ids("aÃ")]
+    sp = SamplingParams(max_tokens=20, min_tokens=10, stop=["coa"], temperature=0)
+    rid = eng.add_request({"prompt_token_ids": [5, 6, 7], "resume_token_ids": resume}, sp)
+    c = eng.abort_request(rid).outputs[0]
+    assert (c.finish_reason, c.stop_reason) == ("abort", None) and c.text.startswith("coa")
+
+
 def test_earliest_stop_wins(tok):
     ids = _gpt2_ids(tok, "xx one two")
     d, _, hit = _run(tok, ids, stop=["two", "one"])

@@ -432,6 +432,12 @@ def test_text_offsets_are_where_each_tokens_text_starts(client, model_name, mode
         chunks = list(client.completions.create(stream=True, **kw))
         streamed = [o for ch in chunks for c in ch.choices if c.logprobs for o in c.logprobs.text_offset]
         assert streamed == want
+    # Special tokens written in the prompt are in the echoed text: each token is at its offset.
+    r = client.completions.create(model=model_name, prompt="<s>user\nhello world</s> again", echo=True, logprobs=0,
+                                  max_tokens=1, temperature=0).choices[0]
+    n = len(r.logprobs.tokens) - 1
+    assert [r.text.startswith(t, o) for t, o in zip(r.logprobs.tokens[:n], r.logprobs.text_offset)] == [True] * n
+    assert r.logprobs.tokens[0] == "<s>" and r.logprobs.text_offset[:2] == [0, 3]
 
 
 def test_prompt_logprobs_field(client, model_name, model_dir):

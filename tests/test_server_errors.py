@@ -105,6 +105,41 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param
     _error(http.post(path, json={**base, **body}), 400, param)
 
 
+def test_max_queue_holds_when_the_kv_cache_is_what_is_full(model_dir, tmp_path):
+    """When the KV cache (not max_num_seqs) is what limits the batch, free batch places seat nothing:
+    a burst is refused beyond what the free blocks hold and --max-queue waiting sequences."""
+    srv = ServerProcess(model_dir, "--kv-cache-memory", "0.0006", "--max-queue", "4", "--log-level", "warning",
+                        log_path=str(tmp_path / "server.log"))
+    words = " ".join(["hello world fox dog"] * 25)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            held = []
+
+            async def one(i: int) -> int:
+                body = {"prompt": f"{i} {words}", "max_tokens": 400, "ignore_eos": True, "stream": True}
+                cm = c.stream("POST", "/v1/completions", json=body)
+                r = await cm.__aenter__()
+                held.append(cm)
+                return r.status_code
+
+            await asyncio.gather(*(one(i) for i in range(10)))
+            await asyncio.sleep(2)
+            codes = await asyncio.gather(*(one(100 + i) for i in range(30)))
+            waiting = srv.metric("tokenmill:num_requests_waiting")
+            for cm in held:
+                await cm.__aexit__(None, None, None)
+            return [*codes, int(waiting)]
+
+    try:
+        *codes, waiting = asyncio.run(burst())
+    finally:
+        srv.stop()
+    # What the free blocks hold, plus 4 queued (a place's estimate counts prompts' blocks, not what
+    # running sequences still take): before, the 256 free max_num_seqs places let all 30 in, 18 waiting.
+    assert codes.count(429) >= 10 and waiting <= 8, (codes, waiting)
+
+
 def test_null_means_the_default(http):
     """OpenAI's schema lets these be null (clients generated from it send them): the default, not a 400."""
     nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,

@@ -62,15 +62,15 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         return self._decode(self.ids[self.prefix_offset :])[len(prefix) :].rstrip("\ufffd")
 
-    def flush(self) -> str | None:
+    def flush(self, check_stop: bool = True) -> str | None:
         """At the end of generation: emit whatever is still buffered (e.g. a broken final character).
-        Returns the stop string it completes, if any."""
+        Returns the stop string it completes, if any (check_stop)."""
         if self.read_offset < len(self.ids):
             prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
             full = self._decode(self.ids[self.prefix_offset :])
             self.read_offset = len(self.ids)
             if len(full) > len(prefix):
-                return self._append(full[len(prefix) :])
+                return self._append(full[len(prefix) :], check_stop)
         return None
 
     def _append(self, new: str, check_stop: bool = True) -> str | None:

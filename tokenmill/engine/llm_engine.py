@@ -868,8 +868,11 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-            # A stop string already cut the text; otherwise emit what is buffered, which may end in one.
-            hit = seq.detokenizer.flush()
+            # A stop string already cut the text; otherwise emit what is buffered, which may end in
+            # one (not for an abort or an error, nor before min_tokens: as add_token's checks).
+            check = (seq.finish_reason not in ("abort", "error")
+                     and seq.num_output_tokens >= seq.request.params.min_tokens)
+            hit = seq.detokenizer.flush(check)
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
         self.scheduler.finish(seq)

@@ -376,6 +376,13 @@ class AsyncEngine:
     def _drain_commands(self) -> list[RequestOutput]:
         engine = self.engine
         outputs: list[RequestOutput] = []
+        sch, bm = engine.scheduler, engine.block_manager
+        # Sequences the next step will seat are not the queue: an idle server takes a burst of what
+        # its free max_num_seqs places and free KV blocks hold, plus max_queue. None are free while
+        # the last step left sequences waiting.
+        seats = 0 if sch.waiting or sch.num_fork_waiting else max(0, sch.max_num_seqs - len(sch.running))
+        blocks = bm.num_free_blocks
+        seated = 0
         while self._cmds:
             cmd = self._cmds.popleft()
             if cmd[0] == "add":
@@ -383,17 +390,18 @@ class AsyncEngine:
                 try:
                     if group.rejected is not None:  # an earlier request of the group was refused
                         raise group.rejected
-                    sch = engine.scheduler
-                    # Sequences the next step will seat (free max_num_seqs places) are not queued: an
-                    # idle server takes a burst of max_num_seqs + max_queue.
-                    waiting = (len(sch.waiting) + sch.num_fork_waiting
-                               - max(0, sch.max_num_seqs - len(sch.running)))
-                    if check_queue and self.max_queue is not None and waiting >= self.max_queue:
-                        raise QueueFullError(f"{waiting} sequences are waiting beyond the free places "
+                    before = len(sch.waiting) + sch.num_fork_waiting
+                    if check_queue and self.max_queue is not None and before - seated >= self.max_queue:
+                        raise QueueFullError(f"{before - seated} sequences are waiting beyond the free places "
                                              f"(--max-queue {self.max_queue})")
                     if self._stopping:
                         raise EngineStoppedError("the server is shutting down")
                     engine.add_request(prompt, params, request_id=rid, priority=priority, arrival_time=arrival)
+                    added = len(sch.waiting) + sch.num_fork_waiting - before
+                    req = engine.requests.get(rid)
+                    need = bm.blocks_needed(len(req.prompt_token_ids) + 1) if req is not None else blocks + 1
+                    if 0 < added <= seats and need <= blocks:  # (its forks share the prompt's blocks)
+                        seats, blocks, seated = seats - added, blocks - need, seated + added
                 except Exception as e:
                     group.rejected = e
                     self._call_soon(settle, fut, e)

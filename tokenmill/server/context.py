@@ -321,7 +321,7 @@ class ServerContext:
                       as_ids: bool, text: str, from_text: bool) -> dict[str, Any]:
         """The prompt's part of an echoed completion's logprobs, as OpenAI returned it: the first
         token's logprob and top_logprobs null (nothing precedes it). text: the prompt as echoed
-        (from_text: the client's own string, which has no special tokens; else the ids decoded)."""
+        (from_text: the client's own string; else the ids decoded)."""
         tokens, lps, tops = [], [], []
         for i, tid in enumerate(ids):
             entry = entries[i] if i < len(entries) else None
@@ -329,8 +329,20 @@ class ServerContext:
             lps.append(None if entry is None else entry[tid].logprob)
             tops.append(None if entry is None
                         else {self.token_str(t, as_ids): lp.logprob for t, lp in top(entry, k, tid)})
-        offsets = self.text_offsets([], skip_special_tokens=from_text).take(ids, 0, len(ids), len(text))
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": self._echo_offsets(ids, text, from_text)}
+
+    def _echo_offsets(self, ids: list[int], text: str, from_text: bool) -> list[int]:
+        """An echoed prompt's offsets. The client's string holds the special tokens written in it
+        ("<|im_start|>") but not those the tokenizer added (BOS): decoded with special tokens, the
+        added leading ones are left out when that gives back the string."""
+        lead = 0
+        if from_text and self.tokenizer is not None:
+            lead = next((k for k in (0, 1, 2) if k < len(ids) and
+                         self.tokenizer.decode(ids[k:], skip_special_tokens=False) == text), None)
+            if lead is None:  # (a string the decode does not give back: special tokens left out)
+                return self.text_offsets([], True).take(ids, 0, len(ids), len(text))
+        return [0] * lead + self.text_offsets([], False).take(ids[lead:], 0, len(ids) - lead, len(text))
 
     def vllm_prompt_logprobs(self, ids: list[int], entries: list[PositionLogprobs | None],
                              k: int) -> list[dict[str, Any] | None]:
