@@ -33,44 +33,47 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def _window_text(self) -> str:
+        """The text the tokens after read_offset add to the window's (ends in U+FFFD while they
+        hold part of a character)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return self._decode(self.ids[self.prefix_offset :])[len(prefix) :]
+
     def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Appends a token; returns the stop string if one now appears in the text."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix):
-            if not full.endswith("\ufffd"):
-                new = full[len(prefix) :]
-                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-                return self._append(new, check_stop)
-            if check_stop and self.stop:
-                # The new text ends in part of a character and waits for the rest, but what comes
-                # before that part may already complete a stop string: it ends the text now.
-                head = full[len(prefix) :].rstrip("\ufffd")
-                if head:
-                    text = self.text
-                    hit = self._append(head)
-                    if hit is None:
-                        self.text = text  # (still pending)
-                    return hit
+        new = self._window_text()
+        if not new:
+            return None
+        if not new.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return self._append(new, check_stop)
+        if check_stop and self.stop:
+            # The new text ends in part of a character and waits for the rest, but what comes
+            # before that part may already complete a stop string: it ends the text now.
+            head = new.rstrip("\ufffd")
+            if head:
+                text = self.text
+                hit = self._append(head)
+                if hit is None:
+                    self.text = text  # (still pending)
+                return hit
         return None
 
     def pending_text(self) -> str:
         """The whole characters decoded but held back with a partial one after them."""
         if self.read_offset == len(self.ids):
             return ""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        return self._decode(self.ids[self.prefix_offset :])[len(prefix) :].rstrip("\ufffd")
+        return self._window_text().rstrip("\ufffd")
 
     def flush(self, check_stop: bool = True) -> str | None:
         """At the end of generation: emit whatever is still buffered (e.g. a broken final character).
         Returns the stop string it completes, if any (check_stop)."""
         if self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset :])
+            new = self._window_text()
             self.read_offset = len(self.ids)
-            if len(full) > len(prefix):
-                return self._append(full[len(prefix) :], check_stop)
+            if new:
+                return self._append(new, check_stop)
         return None
 
     def _append(self, new: str, check_stop: bool = True) -> str | None:

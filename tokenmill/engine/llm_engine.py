@@ -735,8 +735,11 @@ class LLMEngine:
         return self._make_output(req, finished=True)
 
     # -- beam search --------------------------------------------------------------------
+    def _beam_max_new(self, params: SamplingParams, num_prompt: int) -> int:
+        return params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+
     def _check_beam_search(self, params: SamplingParams, num_prompt: int) -> None:
-        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        max_new = self._beam_max_new(params, num_prompt)
         if params.n > self.scheduler.max_num_seqs:  # the beams run in lockstep: all at once
             raise ValueError(f"n: beam search runs its {params.n} beams at once; this engine runs at most "
                              f"max_num_seqs={self.scheduler.max_num_seqs} sequences")
@@ -750,7 +753,7 @@ class LLMEngine:
 
     def _beam_search(self, params: SamplingParams, num_prompt: int) -> BeamSearch:
         """The search's state (check_request has checked that its beams fit)."""
-        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        max_new = self._beam_max_new(params, num_prompt)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         return BeamSearch(params.n, params.length_penalty, params.early_stopping, tuple(sorted(stop)), max_new,
                           params.min_tokens, params.logprobs)

@@ -398,8 +398,7 @@ class AsyncEngine:
                         raise EngineStoppedError("the server is shutting down")
                     engine.add_request(prompt, params, request_id=rid, priority=priority, arrival_time=arrival)
                     added = len(sch.waiting) + sch.num_fork_waiting - before
-                    req = engine.requests.get(rid)
-                    need = bm.blocks_needed(len(req.prompt_token_ids) + 1) if req is not None else blocks + 1
+                    need = bm.blocks_needed(len(engine.requests[rid].prompt_token_ids) + 1)
                     if 0 < added <= seats and need <= blocks:  # (its forks share the prompt's blocks)
                         seats, blocks, seated = seats - added, blocks - need, seated + added
                 except Exception as e:
