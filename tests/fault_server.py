@@ -8,7 +8,9 @@ seeded N, before its first token (test_fleet.py); with TOKENMILL_FAULT_SLOW_SEED
 that includes a request seeded N first sleeps TOKENMILL_FAULT_SLOW_S seconds (default 0.05): a
 request that stays in flight long enough for a test to act meanwhile (test_tenants.py); with
 TOKENMILL_FAULT_TRACE_THREADS=PATH, it appends to PATH the thread each model is built on and
-first stepped on (test_model_pool.py; a file of its own, since the log interleaves threads' lines)."""
+first stepped on (test_model_pool.py; a file of its own, since the log interleaves threads' lines);
+with TOKENMILL_FAULT_DIE_AFTER_SSE=TEXT, the process dies right after writing a chat stream's first
+SSE message that holds TEXT (test_fleet.py)."""
 
 import os
 import sys
@@ -94,6 +96,21 @@ if os.environ.get("TOKENMILL_FAULT_TRACE_THREADS"):
         return _step(self)
 
     ModelPool._build, LLMEngine.step = _traced_build, _traced_step
+
+if os.environ.get("TOKENMILL_FAULT_DIE_AFTER_SSE"):  # dies once an SSE write holding this text has gone out
+    from tokenmill.server.routes import chat
+
+    _sse_response, _marker = chat.sse_response, os.environ["TOKENMILL_FAULT_DIE_AFTER_SSE"]
+
+    def _dying_sse_response(events, release):
+        async def dying():
+            async for event in events:
+                yield event
+                if _marker in event:  # (resumed once the server has written the event)
+                    os._exit(9)
+        return _sse_response(dying(), release)
+
+    chat.sse_response = _dying_sse_response
 
 if __name__ == "__main__":
     from tokenmill.cli import main

@@ -127,14 +127,16 @@ def test_resume_token_ids_continue_a_stream_exactly(fleet, model_name, endpoint,
             stream = c.chat.completions.create(messages=[{"role": "user", "content": "tell me a story"}], **kw)
         else:
             stream = c.completions.create(prompt="Once upon a time", **kw)
-        chunks, usage = [], {}
+        chunks, usage, pids = [], {}, None
         for ch in stream:
             if ch.usage:
                 usage = ch.usage.model_dump()
+            if not chunks and ch.choices:  # the prompt's ids come first, in a resumed stream too
+                pids = (ch.model_extra if endpoint == "chat" else ch.choices[0].model_extra).get("prompt_token_ids")
             for c_ in ch.choices:
                 chunks.append(((c_.delta.content or "") if endpoint == "chat" else c_.text,
                                c_.model_extra.get("token_ids") or []))
-        return chunks, usage
+        return chunks, {**usage, "prompt_token_ids": pids}
 
     chunks, usage = run(a)
     text, ids = "".join(t for t, _ in chunks), [i for _, x in chunks for i in x]
@@ -150,6 +152,8 @@ def test_resume_token_ids_continue_a_stream_exactly(fleet, model_name, endpoint,
     # text held back at the cut (a partial character, a possible stop string) comes with the resumed stream
     assert head + "".join(t for t, _ in tail_chunks) == text
     assert usage2["completion_tokens"] == 48 and usage2["prompt_tokens"] == usage["prompt_tokens"]
+    assert len(usage["prompt_token_ids"]) == usage["prompt_tokens"]
+    assert usage2["prompt_token_ids"] == usage["prompt_token_ids"]  # (what a router counts the prompt by)
 
 
 def test_resume_with_min_tokens_and_a_stop_string_before_it(fleet, model_name):
@@ -217,6 +221,14 @@ def test_router_answers_a_wrong_method_itself_and_works_behind_a_root_path(fleet
     assert relayed() == before  # answered by the router, no replica asked
     r = httpx.get(router.base_url + "/tokenize", timeout=10)  # a replica's path: its 405, relayed whole
     assert r.status_code == 405 and r.headers["allow"] == "POST" and relayed() == before + 1
+    # A trailing slash is redirected as a replica does it, to the router's own path, not a replica's.
+    body = {"model": model_name, "prompt": "hi", "max_tokens": 2}
+    r = httpx.post(router.base_url + "/v1/completions/", json=body, timeout=30)
+    assert r.status_code == 307 and r.headers["location"] == router.base_url + "/v1/completions"
+    r = httpx.post(router.base_url + "/v1/completions/", json=body, timeout=30, follow_redirects=True)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    r = httpx.post(router.base_url + "/tokenize/", json={"model": model_name, "prompt": "hi"}, timeout=30)
+    assert r.status_code == 307 and r.headers["location"] == "/tokenize"  # (was the replica's address)
 
     # Behind a proxy that strips /api (uvicorn's root_path): replicas are called without the prefix.
     urls = [r.base_url for r in fleet["replicas"]]
@@ -392,6 +404,42 @@ def test_an_engine_failure_on_one_replica_is_retried_on_another(fleet, model_dir
         assert sum(v for k, v in m.items() if k.startswith("tokenmill_router:failovers_total")
                    and ("resumed" in k or "retried" in k)) == 1
         assert bad.proc.poll() is None  # it lives on, serving others
+    finally:
+        router.stop()
+        bad.stop()
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city", "days"]}}}]
+
+
+def test_a_replica_dying_after_part_of_a_step_is_impossible(fleet, model_dir, model_name, tmp_path):
+    """A chat step can be several chunks (a tool call's header, then its first arguments) and the
+    router resumes after every token of the chunks it relayed: a replica writes a step's chunks in
+    one message, so one that dies right after writing the tool call's header has sent its
+    arguments too, and the client's call is whole (it lost `{"` when the header went alone)."""
+    good = fleet["replicas"][0]
+    bad, router = faulty_pair(model_dir, good, tmp_path, {"TOKENMILL_FAULT_DIE_AFTER_SSE": '"tool_calls"'})
+    try:
+        kw = dict(model=model_name, messages=[{"role": "user", "content": "The weather?"}], max_tokens=24,
+                  temperature=0, tools=WEATHER, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+        def call(url: str) -> tuple[list[str], str, str | None]:
+            names, args, finish = [], "", None
+            for ch in client_for(url).chat.completions.create(stream=True, **kw):
+                for c in ch.choices:
+                    for t in c.delta.tool_calls or []:
+                        names += [t.function.name] if t.function.name else []
+                        args += t.function.arguments or ""
+                    finish = c.finish_reason or finish
+            return names, args, finish
+
+        want = call(good.base_url)
+        assert want[0] == ["get_weather"] and want[1].startswith("{")
+        for _ in range(2):  # round robin: one of them reaches the faulty replica
+            assert call(router.base_url) == want
+        assert bad.proc.poll() is not None, "the faulty replica never got the request"
     finally:
         router.stop()
         bad.stop()

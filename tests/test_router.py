@@ -15,7 +15,7 @@ from tokenmill.router import replicas as replicas_mod
 from tokenmill.router.index import PromptHasher, ReplicaIndex
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights, kv_aware_cost
 from tokenmill.router.replicas import Replica
-from tokenmill.router.router import Router, RouterConfig
+from tokenmill.router.router import Router, RouterConfig, _StreamState
 from tokenmill.server.kv_events import KVEventHub, Subscriber
 
 
@@ -374,3 +374,17 @@ def test_a_stream_never_started_leaves_nothing_open():
         await router.client.aclose()
 
     asyncio.run(main())
+
+
+def test_the_end_a_router_writes_for_a_stream_counts_a_clients_resumed_tokens():
+    """A replica gone after a stream's last token but before its usage: the router writes the usage,
+    counting the tokens the client resumed with, as the replica would have (and the prompt by the ids
+    the resumed replica sent)."""
+    body = {"stream": True, "stream_options": {"include_usage": True}, "resume_token_ids": list(range(10))}
+    state = _StreamState(body, "completions", want_ids=False)
+    state.take({"id": "cmpl-1", "created": 1, "model": "m", "choices": [
+        {"index": 0, "text": "x" * 20, "token_ids": list(range(20)), "prompt_token_ids": list(range(13)),
+         "finish_reason": "length"}]})
+    assert state.finished()
+    usage = json.loads(state.ending()[0][len("data: "):])["usage"]
+    assert usage == {"prompt_tokens": 13, "completion_tokens": 30, "total_tokens": 43}

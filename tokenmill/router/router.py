@@ -43,10 +43,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -378,6 +379,9 @@ class Router:
 
         @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
         async def other(request: Request, path: str) -> Response:
+            if path.endswith("/") and ("/" + path).rstrip("/") in own:  # as Starlette redirects a trailing
+                # slash (a replica's own redirect would name the replica)
+                return RedirectResponse(request.url.replace(path=request.url.path.rstrip("/")), status_code=307)
             allowed = own.get("/" + path)
             if allowed is not None:
                 return JSONResponse(error_body(405, "Method Not Allowed"), status_code=405,
@@ -527,7 +531,7 @@ class Router:
                 self.metrics.failovers.labels("before_response", "retried").inc()
             self.metrics.e2e.observe(time.perf_counter() - t0)
             return self._relay(resp, {"retries": len(tried), "replicas": tried + [rep.url]} if tried else None,
-                               rep.url)
+                               rep.url, request.scope.get("root_path", ""))
         if tried:
             self.metrics.failovers.labels("before_response", "failed").inc()
         if last is not None:
@@ -536,7 +540,8 @@ class Router:
                                        code="replica_failed"), status_code=503, headers={"Retry-After": "1"})
 
     @staticmethod
-    def _relay(resp: httpx.Response, failover: dict[str, Any] | None, replica: str | None = None) -> Response:
+    def _relay(resp: httpx.Response, failover: dict[str, Any] | None, replica: str | None = None,
+               root: str = "") -> Response:
         content = resp.content
         ctype = resp.headers.get("content-type", "application/json")
         if failover is not None and ctype.startswith("application/json"):
@@ -546,6 +551,11 @@ class Router:
                     obj["failover"] = failover
                     content = json.dumps(obj).encode()
         headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "allow")}
+        loc = resp.headers.get("location")
+        if loc is not None:  # a replica's redirect names the replica: the same path through the router
+            u = urlsplit(loc)
+            headers["Location"] = (root + u.path + (f"?{u.query}" if u.query else "")
+                                   if u.netloc or loc.startswith("/") else loc)
         if replica is not None:
             headers[REPLICA_HEADER] = replica
         return Response(content, resp.status_code, headers=headers, media_type=ctype)
@@ -907,7 +917,8 @@ class _StreamState:
         out = []
         opts = self.body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage") and not self.usage_sent:
-            n = sum(len(t) for t in self.tokens.values())
+            given = self.body.get("resume_token_ids")  # a client's own resume: replicas count those tokens
+            n = sum(len(t) for t in self.tokens.values()) + (len(given) if isinstance(given, list) else 0)
             obj = {"id": self.id, "object": "chat.completion.chunk" if self.endpoint == "chat" else "text_completion",
                    "created": self.created, "model": self.model, "choices": [],
                    "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,

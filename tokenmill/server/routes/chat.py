@@ -115,9 +115,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         calls.setdefault(0, ToolStream(tools)).feed(sent, False, complete=False)
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached, computes):
+                        # A step's chunks leave in one write: a replica that dies between two of them
+                        # would have a router resume after tokens whose text it never relayed.
+                        parts = []
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
-                            yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None})
+                            parts.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}))
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         reason = d.finish_reason
                         content, tool_deltas, thought = d.text, [], ""
@@ -142,7 +145,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                                       "stop_reason": c.stop_reason if reason and last else None}
                             if ids_out:
                                 choice["token_ids"] = c.token_ids[d.tokens[0]:d.tokens[1]] if j == 0 else []
-                            yield chunk(choice)
+                            parts.append(chunk(choice))
+                        yield "".join(parts)
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):
                         yield event

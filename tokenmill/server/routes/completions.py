@@ -119,6 +119,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 cached: dict[str, int] = {}
                 computes: dict[str, Any] = {}
                 offsets: dict[tuple[str, int], Any] = {}  # each choice's TextOffsets
+                ids_sent: set[tuple[str, int]] = set()  # choices whose prompt_token_ids went out
                 if req.resume_token_ids:  # the first server streamed this much: start where it stopped
                     states[(reqs[0][0], 0)], _ = ctx.resumed_state(prompts[0][1], req.resume_token_ids, params)
                 try:
@@ -142,7 +143,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         }
                         if req.return_token_ids:
                             choice["token_ids"] = c.token_ids[d.tokens[0]:d.tokens[1]]
-                            if d.first:
+                            if (out.request_id, c.index) not in ids_sent:  # (a resumed stream's too)
+                                ids_sent.add((out.request_id, c.index))
                                 choice["prompt_token_ids"] = prompts[pi][1]
                         yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
                                    "choices": [choice]})
