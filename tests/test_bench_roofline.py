@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.server_utils import ROOT
 from tokenmill.bench.datasets import token_id_requests
@@ -99,3 +100,31 @@ def test_bench_attention_times_backends_and_tilings_against_the_read_bandwidth(t
         assert x["fraction_of_read_bw"] == pytest.approx(x["gb_s"] / d["read_bandwidth_gb_s"], rel=1e-6)
         assert x["max_abs_diff"] < 1e-4
         assert x["copies"] == {1: 3, 3: 1}[x["batch"]]
+
+
+def test_bench_attention_goes_on_after_a_case_runs_out_of_memory(tmp_path, monkeypatch):
+    """A backend out of device memory on one case (the torch baseline's math attention at a large
+    batch and context) is a row saying so; the other cases still run, and the JSON is written as
+    rows come (a device session's time may end mid-run)."""
+    import argparse
+
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+    from tokenmill.bench import attention
+
+    forward = TorchAttentionBackend.forward
+
+    def short_of_memory(self, q, *a, **k):
+        if q.shape[0] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(self, q, *a, **k)
+
+    monkeypatch.setattr(TorchAttentionBackend, "forward", short_of_memory)
+    p = argparse.ArgumentParser()
+    attention.add_arguments(p)
+    out = tmp_path / "att.json"
+    args = p.parse_args(["--shape", "smollm-135m", "--dtype", "float32", "--device", "cpu", "--batch-sizes", "1,3,2",
+                         "--context-lens", "40", "--repeats", "1", "--rotate-mib", "0", "--json", str(out)])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the torch backend alone)
+    res = attention.run(args)
+    assert [(x["batch"], x.get("error")) for x in res["rows"]] == [(1, None), (3, "out of memory"), (2, None)]
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))

@@ -110,7 +110,11 @@ def test_stop_token_ids_and_eos(llm):
         engine.eos_token_ids = saved
 
 
-def test_logprobs_match_transformers(llm, model_dir):
+@pytest.mark.parametrize("rows", [256, 2], ids=["whole-chunk", "rows-at-a-time"])
+def test_logprobs_match_transformers(llm, model_dir, rows, monkeypatch):
+    import tokenmill.engine.model_runner as mr
+
+    monkeypatch.setattr(mr, "PROMPT_LOGPROB_ROWS", rows)  # (prompt logprobs' logits, a few rows at a time)
     tok = llm.get_tokenizer()
     ids = tok.encode(PROMPTS[0])
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0, logprobs=3, prompt_logprobs=2,

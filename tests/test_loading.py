@@ -165,9 +165,10 @@ def test_prepacked_weights(tmp_path, tied, monkeypatch):
     from tokenmill.model.linear import Linear, can_prepack
 
     path = make_model(str(tmp_path / "m"), "llama", tokenizer=False, tie_word_embeddings=tied)
+    CPU_KV = dict(device="cpu", **KV)  # (prepacking is for CPU runners: "auto" is CUDA on a GPU machine)
     if not can_prepack(torch.zeros(2, 2)):
         pytest.skip("no oneDNN here")
-    on, off = LLM(path, **KV), LLM(path, prepack_weights=False, **KV)
+    on, off = LLM(path, **CPU_KV), LLM(path, prepack_weights=False, **CPU_KV)
     model = on.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is not None for m in linears)
@@ -181,13 +182,13 @@ def test_prepacked_weights(tmp_path, tied, monkeypatch):
         for px, py in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             for tok, lp in px.items():
                 assert lp.logprob == pytest.approx(py[tok].logprob, abs=1e-4)
-    int8 = LLM(path, quantization="int8", **KV).engine.runner.model
+    int8 = LLM(path, quantization="int8", **CPU_KV).engine.runner.model
     assert all(m.packed is None for m in int8.modules() if hasattr(m, "packed"))
     import tokenmill.engine.model_runner as mr
 
     monkeypatch.setattr(mr, "available_ram_bytes", lambda: 1000)
-    assert all(m.packed is None for m in LLM(path, **KV).engine.runner.model.modules() if hasattr(m, "packed"))
-    forced = LLM(path, prepack_weights=True, **KV).engine.runner.model
+    assert all(m.packed is None for m in LLM(path, **CPU_KV).engine.runner.model.modules() if hasattr(m, "packed"))
+    forced = LLM(path, prepack_weights=True, **CPU_KV).engine.runner.model
     assert all(m.packed is not None for m in forced.modules() if isinstance(m, Linear))
 
 

@@ -64,7 +64,7 @@ def test_full_prompt_logits_match_transformers(tmp_path, arch):
     engine.block_manager.free(seq)
     with torch.no_grad():
         ref = hf_model(path)(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.cpu(), ref, atol=1e-4, rtol=0)
 
 
 def test_mixed_decode_and_prefill_batches_match_single_runs(tmp_path):

@@ -48,7 +48,8 @@ def _step(rng: random.Random, kinds: list[str], num_blocks: int) -> list[tuple[l
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 48), (6, 1, 32)])
 @pytest.mark.parametrize("window", [None, 8, 37])
 def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window, kernel_prefill):
-    """The kernel on every row (kernel_prefill) and as the backend runs it (decodes only)."""
+    """The kernel on every row (kernel_prefill) and as the backend runs it (paged_decode for decodes;
+    prefill chunks by paged_attention when one has cached context or a window, else SDPA's)."""
     rng = random.Random(f"{heads}-{kv_heads}-{head_dim}-{window}")
     torch.manual_seed(0)
     scale = head_dim ** -0.5
@@ -57,6 +58,8 @@ def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window
         kinds = [rng.choice(["decode", "prompt", "context"]) for _ in range(rng.randint(1, 6))]
         if trial == 0:
             kinds = ["decode", "decode", "prompt", "context"]
+        elif trial == 1:
+            kinds = ["decode", "prompt", "prompt"]  # (fresh chunks only: SDPA's, without a window)
         chunks = _step(rng, kinds, num_blocks)
         _, _, meta = build_batch(chunks, BS, DEVICE)
         t = meta.num_tokens
@@ -74,6 +77,33 @@ def test_triton_matches_torch_on_mixed_batches(heads, kv_heads, head_dim, window
             caches[name] = c
         assert torch.equal(caches["torch"], caches["triton"])  # this step's k and v in the same slots
         torch.testing.assert_close(outs["triton"], outs["torch"], atol=2e-5, rtol=2e-5), kinds
+
+
+def test_chunks_after_cached_context_never_take_sdpa(monkeypatch):
+    """A prefill chunk after cached context (or under a window) goes to paged_attention: SDPA
+    would need a mask, which on CUDA with GQA runs its math kernel (the whole score matrix in
+    float32). Fresh causal chunks alone keep SDPA's flash kernel."""
+    from tokenmill.attention import torch_backend
+
+    calls = []
+    sdpa = torch_backend.F.scaled_dot_product_attention
+
+    def recording(*a, **k):
+        calls.append("mask" if k.get("attn_mask") is not None else "causal")
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch_backend.F, "scaled_dot_product_attention", recording)
+    backend = get_attention_backend("triton")(8, 2, 32, 32 ** -0.5)
+    cache = torch.randn(2, 16, BS, 2, 32, device=DEVICE)
+    for chunks, window, want in [([([0], 20, [0, 1]), ([0] * 5, 0, [2])], None, ["causal"]),
+                                 ([([0], 20, [0, 1]), ([0] * 5, 9, [2])], None, []),
+                                 ([([0] * 5, 0, [2])], 3, [])]:
+        calls.clear()
+        _, _, meta = build_batch(chunks, BS, DEVICE)
+        x = torch.randn(meta.num_tokens, 8, 32, device=DEVICE)
+        kv = torch.randn(meta.num_tokens, 2, 32, device=DEVICE)
+        backend.forward(x, kv, kv, cache, meta, window)
+        assert calls == want, (chunks, window, calls)
 
 
 def test_triton_needs_a_power_of_two_block_size():
@@ -135,8 +165,9 @@ def test_engine_with_the_triton_backend_generates_what_torch_does(model_dir, ker
 def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_specs, tmp_path, draft):
     """ModelRunner.compile_decode_variants (a GPU runs it at start-up and after a park) launches
     every kernel variant, constexprs and JIT specialisation, that serving then launches: decodes
-    split 1 to 4 ways (here: 8 programs over 2 KV heads), the combine, the prefill kernel, in
-    eager mixed steps with their inputs packed as on a GPU; with a draft model of other head
+    split 1 to 4 ways (here: 8 programs over 2 KV heads), the combine, the prefill kernel (prompts
+    chunked by the token budget: chunks after cached context), in eager mixed steps with their
+    inputs packed as on a GPU; with a draft model of other head
     counts and head size, its variants too. Nothing is compiled mid-serving."""
     from tests.models import make_model
     from tokenmill import LLM, SamplingParams
@@ -151,7 +182,7 @@ def test_warm_up_compiles_every_variant_that_serving_launches(model_dir, kernel_
     runner = llm.engine.runner
     backends = [runner.attn_backend] + ([runner.drafter.backend] if draft else [])
     for b in backends:
-        b.kernel_prefill = True
+        b.target_programs = 8  # (a GPU's SMs would split more ways)
     runner.batch.staging._pack = True
     if draft:
         runner.drafter.staging._pack = True  # its passes' inputs packed as on a GPU too

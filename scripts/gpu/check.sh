@@ -61,7 +61,8 @@ print(f'nvml energy read: {dt / len(v) * 1e6:.1f} us a call; {len(set(v))} value
   tests)
     # The CUDA code first (kernel against torch, graph replay against eager, memory sizing), then the
     # suite's engine tests, which run on the GPU by default (device "auto").
-    step tests.log python3 -m pytest -x -q -p no:cacheprovider -o addopts="" \
+    # Not -x: a failure should not hide what follows it (one GPU session is all there is).
+    step tests.log python3 -m pytest -q --maxfail=15 --durations=15 -p no:cacheprovider -o addopts="" \
       tests/test_triton_attention.py tests/test_gpu_ops.py tests/test_cuda_graphs.py tests/test_gpu_memory.py \
       tests/test_input_batch.py tests/test_parity.py \
       tests/test_engine.py tests/test_sampler.py tests/test_loading.py tests/test_prefix_cache_blocks.py \

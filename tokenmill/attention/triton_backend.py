@@ -264,8 +264,9 @@ class KernelLaunch:
 @register_attention_backend
 class TritonAttentionBackend(TorchAttentionBackend):
     """paged_decode for the step's decodes (a decode-only step is one or two launches per layer,
-    which a CUDA graph holds); prefill chunks, with or without cached context, go to PyTorch's SDPA
-    as in the `torch` backend, or with `kernel_prefill` to paged_attention (one more launch)."""
+    which a CUDA graph holds); prefill chunks to paged_attention (one more launch) when one of them
+    has cached context or a window (see _kernel_for_prefills) or with `kernel_prefill`, else, all
+    fresh and causal, to PyTorch's SDPA (its flash kernel on CUDA) as in the `torch` backend."""
 
     name = "triton"
     BLOCK_M = 16
@@ -308,12 +309,27 @@ class TritonAttentionBackend(TorchAttentionBackend):
         if nd:
             for launch in self.decode_launches(q, k_cache, v_cache, out, meta, nd, sliding_window):
                 launch.launch()
-        if self.kernel_prefill and meta.num_seqs > nd:
+        if meta.num_seqs > nd and self._kernel_for_prefills(meta, nd, sliding_window):
             self.prefill_launch(q, k_cache, v_cache, out, meta, nd, meta.num_seqs - nd, meta.max_query_len,
                                 sliding_window).launch()
             return out
         self._prefill_chunks(out, q, k, v, flat_k, flat_v, meta, nd, sliding_window)
         return out
+
+    def _kernel_for_prefills(self, meta: AttentionMetadata, nd: int, window: int | None) -> bool:
+        """Whether the step's prefill chunks go to paged_attention: with kernel_prefill, and whenever
+        one attends to cached context (a prefix-cache hit, a chunked prompt's later chunks, drafts
+        being verified) or a window. SDPA then takes a mask, and on CUDA a mask with GQA runs its
+        math kernel: the whole [heads, rows, context] scores in float32 (GiBs for a long context),
+        memory the profiling step (fresh chunks) never sees."""
+        if self.kernel_prefill or window is not None:
+            return True
+        masked = meta.scratch.get("prefill_masked")
+        if masked is None:  # (the same in every layer)
+            qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+            masked = meta.scratch["prefill_masked"] = any(
+                lens[i] > qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
+        return masked
 
     def decode_tiling(self, dtype: torch.dtype) -> DecodeTiling:
         return self.DECODE_FLOAT32 if dtype == torch.float32 else self.DECODE_16BIT

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
             cases = [_case(heads, kv_heads, head_dim, batch, context, args.block_size, dtype, device,
                            seed=batch * 7919 + context + i) for i in range(ncopies)]
             calls = ncopies * -(-10 // ncopies)
-            ref = base_us = None
+            ref = base_us = ref_name = None
             for name, tiling in runs:
                 backend = get_attention_backend(name)(heads, kv_heads, head_dim, head_dim**-0.5)
                 if tiling:
@@ -132,27 +132,41 @@ def run(args: argparse.Namespace) -> dict:
                     q, k, v, cache, meta = next(turn)
                     return backend.forward(q, k, v, cache, meta)
 
-                for c in cases:  # the step's scratch (masks, split buffers): made once, used by every layer
-                    c[4].scratch.clear()
-                out = step()  # (the first copy's)
-                if ref is None:  # the torch backend's, the first
-                    ref = out.float()
-                err = (out.float() - ref).abs().max().item()
-                for _ in cases[1:]:  # the other copies' scratch, made before timing; back to the first
-                    step()
-                with torch.inference_mode():
-                    secs, timed = _seconds(step, device, args.repeats, calls)
+                label = name + (f" {tiling}" if tiling else "")
+                try:
+                    for c in cases:  # the step's scratch (masks, split buffers): made once, used by every layer
+                        c[4].scratch.clear()
+                    out = step()  # (the first copy's)
+                    if ref is None:  # the torch backend's, the first (another's if it ran out of memory)
+                        ref, ref_name = out.float(), label
+                    err = (out.float() - ref).abs().max().item()
+                    del out
+                    for _ in cases[1:]:  # the other copies' scratch, made before timing; back to the first
+                        step()
+                    with torch.inference_mode():
+                        secs, timed = _seconds(step, device, args.repeats, calls)
+                except torch.cuda.OutOfMemoryError:  # (the torch backend's math SDPA at a large batch and
+                    # context: the case's other backends and the cases after it still run)
+                    for c in cases:
+                        c[4].scratch.clear()
+                    torch.cuda.empty_cache()
+                    print(f"context {context:6}  batch {batch:4}  {label:14} out of memory")
+                    rows.append(dict(context=context, batch=batch, backend=name, tiling=tiling, error="out of memory"))
+                    continue
                 row = dict(context=context, batch=batch, backend=name, tiling=tiling, timed=timed,
-                           copies=ncopies, microseconds=secs * 1e6,
-                           gb_s=kv_bytes / secs / 1e9, fraction_of_read_bw=kv_bytes / secs / bw, max_abs_diff=err)
+                           copies=ncopies, microseconds=secs * 1e6, gb_s=kv_bytes / secs / 1e9,
+                           fraction_of_read_bw=kv_bytes / secs / bw, max_abs_diff=err, diff_against=ref_name)
                 rows.append(row)
                 base_us = base_us or row["microseconds"]
-                label = name + (f" {tiling}" if tiling else "")
                 print(f"context {context:6}  batch {batch:4}  {label:14} {secs * 1e6:9.1f} us  "
                       f"{row['gb_s']:8.1f} GB/s  {100 * row['fraction_of_read_bw']:5.1f}% of read bw  "
-                      f"x{base_us / row['microseconds']:.2f} vs torch  "
+                      f"x{base_us / row['microseconds']:.2f} vs {ref_name}  "
                       f"max |diff| {err:.1e}  ({timed}{f', {ncopies} copies' if ncopies > 1 else ''})")
-            del cases, step, turn  # before the next case's caches are made
+            del cases, step, turn, ref  # before the next case's caches are made
+            # (written as it goes: a run cut short by the device session's time keeps its rows)
+            res = dict(shape=args.shape, dtype=args.dtype, device=str(device), block_size=args.block_size,
+                       read_bandwidth_gb_s=bw / 1e9, rows=rows)
+            write_json(args.json, res)
     res = dict(shape=args.shape, dtype=args.dtype, device=str(device), block_size=args.block_size,
                read_bandwidth_gb_s=bw / 1e9, rows=rows)
     write_json(args.json, res)

@@ -167,8 +167,8 @@ def build_batch(chunks: list[tuple[list[int], int, list[int]]], block_size: int,
 def _compile_decode_variants(model: torch.nn.Module, kv_caches: list[torch.Tensor], backend, dtype: torch.dtype,
                              block_size: int, num_blocks: int, max_model_len: int, device: torch.device) -> list[int]:
     """One eager decode of one sequence per split count of paged_decode (1, 2, 4, ...: as many as
-    a context of max_model_len allows), whose first launch compiles it, and a two-token prompt for
-    the prefill kernel. Their key and value land in the cache's first blocks, which hold no sequence
+    a context of max_model_len allows), whose first launch compiles it, and a two-token chunk after
+    cached context for the prefill kernel. Their key and value land in the cache's first blocks, which hold no sequence
     yet (at start-up; after a park, every sequence is recomputed). Returns the split counts run."""
     block_n = backend.decode_tiling(dtype).block_n
     seen = []
@@ -183,9 +183,10 @@ def _compile_decode_variants(model: torch.nn.Module, kv_caches: list[torch.Tenso
             continue
         seen.append(splits)
         model(ids, pos, kv_caches, meta)
-    if backend.kernel_prefill:  # (a prompt of two tokens)
-        ids, pos, meta = build_batch([([0, 0], 0, [0])], block_size, device)
-        model(ids, pos, kv_caches, meta)
+    # A chunk of two tokens after one cached: paged_attention takes it (TritonAttentionBackend.
+    # _kernel_for_prefills), so it is compiled now rather than at the first prefix-cache hit.
+    ids, pos, meta = build_batch([([0, 0], 1, [0])], block_size, device)
+    model(ids, pos, kv_caches, meta)
     return seen
 
 
@@ -853,9 +854,18 @@ class ModelRunner:
         count = end - s.start
         if count <= 0:
             return []
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1)
         targets = seq.token_ids[s.start + 1 : s.start + 1 + count]
-        return _logprob_entries(logprobs, targets, seq.params.prompt_logprobs)
+        # A few hundred rows at a time: a whole chunk's logits in float32 (8192 rows of a 152K
+        # vocabulary: 5 GB, twice over with log_softmax) is memory the profiling step never saw.
+        entries: list[PositionLogprobs] = []
+        for a in range(0, count, PROMPT_LOGPROB_ROWS):
+            rows = hidden[a : min(count, a + PROMPT_LOGPROB_ROWS)]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+            entries += _logprob_entries(logprobs, targets[a : a + len(rows)], seq.params.prompt_logprobs)
+        return entries
+
+
+PROMPT_LOGPROB_ROWS = 256
 
 
 def _logprob_entries(logprobs: torch.Tensor, tokens: list[int], k: int) -> list[PositionLogprobs]:
