@@ -91,6 +91,15 @@ def test_models_lists_states_and_unknown_model_is_404_listing_them(pool_server, 
         st = states(pool_server)
         assert st[name] == "active" and st[other] == "parked", st
     assert body.swap["from"] == "parked" and body.swap["wait_s"] >= 0  # type: ignore[attr-defined]
+    # What is refused without the model (the body's own checks, the endpoint against its task) is
+    # refused before a swap: beta stays parked, alpha active (a 400 parked alpha first, preempting it).
+    for call in (lambda: client.completions.create(model="beta", prompt="x", max_tokens=2, suffix="!"),
+                 lambda: client.completions.create(model="beta", prompt="x", max_tokens=0),
+                 lambda: client.completions.create(model="beta", prompt="x", max_tokens=2, best_of=3),
+                 lambda: client.embeddings.create(model="beta", input="x")):
+        with pytest.raises(openai.BadRequestError):
+            call()
+        assert states(pool_server) == {**st, "alpha": "active", "beta": "parked"}
 
 
 def test_interleaved_requests_to_both_models_match_each_alone(models, pool_server, client):
@@ -398,3 +407,44 @@ def test_models_are_built_and_stepped_on_one_thread_and_a_background_load_thread
     assert lines[0] == "build alpha on tokenmill-engine", lines
     assert "step alpha on tokenmill-engine" in lines and "build beta on tokenmill-load-beta" in lines, lines
     assert all(ln.endswith("on tokenmill-engine") for ln in lines if ln.startswith("step")), lines
+
+
+def test_unloading_a_model_while_it_loads_is_a_409(models):
+    """A load runs to its end: an unload that answered 200 meanwhile left the model active after all."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.pool import LOADING, ModelPool, ModelSpec, PoolConfig, PoolError
+
+    pool = ModelPool([ModelSpec("alpha", EngineConfig(model=models["alpha"]))], PoolConfig(), lambda spec, front: None)
+    pool.entries["alpha"].state = LOADING
+    for to_disk in (False, True):
+        with pytest.raises(PoolError, match="is loading") as e:
+            pool.unload("alpha", to_disk)
+        assert e.value.status == 409 and pool.entries["alpha"].state == LOADING
+
+
+def test_a_models_counters_never_go_back_when_its_engine_is_let_go(models):
+    """A model dropped to disk and loaded again gets a new engine whose counters start at zero: the
+    metrics carry the old engine's (Prometheus reads a counter that goes down as a restart)."""
+    from types import SimpleNamespace
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.async_engine import EngineStats
+    from tokenmill.server.pool import ModelPool, ModelSpec, PoolConfig
+
+    pool = ModelPool([ModelSpec("alpha", EngineConfig(model=models["alpha"]))], PoolConfig(), lambda spec, front: None)
+    e = pool.entries["alpha"]
+
+    def stats() -> EngineStats:
+        return pool.model_stats()[0][1]
+
+    e.front = SimpleNamespace(stats=EngineStats(num_requests_running=2, num_preemptions=3, prefix_cache_hits=40,
+                                                energy_joules=1.5, energy_source="model"))
+    assert (stats().num_preemptions, stats().num_requests_running) == (3, 2)
+    pool._let_go(e)  # (dropped to disk)
+    s = stats()
+    assert (s.num_preemptions, s.prefix_cache_hits, s.energy_joules, s.energy_source) == (3, 40, 1.5, "model")
+    assert s.num_requests_running == 0  # (gauges are the engine's own)
+    e.front = SimpleNamespace(stats=EngineStats(num_preemptions=1, prefix_cache_hits=2, energy_joules=0.25,
+                                                energy_source="model"))
+    s = stats()
+    assert (s.num_preemptions, s.prefix_cache_hits, s.energy_joules) == (4, 42, 1.75)

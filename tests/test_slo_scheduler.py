@@ -373,3 +373,28 @@ def test_step_time_model_solves_every_few_steps_and_at_once_when_surprised():
     assert solves[-1] == n + 1 and not np.array_equal(lazy.coef, eager.coef)
     assert lazy.to_dict() == eager.to_dict()
     np.testing.assert_array_equal(lazy.coef, eager.coef)
+
+
+def test_a_request_admitted_already_is_not_admitted_again(model_dir):
+    """A cascade's escalation and test-time compute's later launches are engine requests of a
+    request the server admitted already; their TTFT budget counts from the arrival, long spent,
+    and admission would refuse them half-way (`slo_admitted` skips it; `follow_up` implies it)."""
+    import time
+
+    from tokenmill import LLM
+    from tokenmill.engine.slo import SLOAdmissionError
+
+    eng = LLM(model_dir, scheduling_policy="slo", slo_admission="reject", kv_cache_memory_bytes=4 * 2**20).engine
+    params = SamplingParams(max_tokens=2, temperature=0)
+    late = time.time() - 10  # arrived 10 s ago, with a 1 s target
+    prompt = {"prompt_token_ids": [5] * 8, "slo": {"ttft_ms": 1000}}
+    with pytest.raises(SLOAdmissionError, match="predicted time to first token"):
+        eng.add_request(prompt, params, request_id="fresh", arrival_time=late)
+    eng.add_request({**prompt, "slo_admitted": True}, params, request_id="escalated", arrival_time=late)
+    eng.add_request({**prompt, "follow_up": True}, params, request_id="wave", arrival_time=late)
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert sorted(done) == ["escalated", "wave"]
+    assert [o.follow_up for o in (done["escalated"], done["wave"])] == [False, True]
+    assert not any(o.slo_demoted for o in done.values())

@@ -113,5 +113,32 @@ def test_reject_mode_answers_429_with_the_reason(model_dir, model_name, tmp_path
         missed = {k: v for k, v in s.metrics().items() if k.startswith("tokenmill:slo_missed_total")}
         assert any('reason="rejected"' in k and v == 1 for k, v in missed.items()), missed
         assert s.metric("tokenmill:num_requests_running") == 0  # nothing left behind
+
+        # Test-time compute launches its paths in waves, the later ones long after the arrival: the
+        # request is admitted once, by its first launch, and counted once (it was refused half-way
+        # with a 429 once the TTFT budget had gone, and each launch counted as a request).
+        def totals() -> tuple[float, ...]:
+            m = s.metrics()
+            return tuple(sum(v for k, v in m.items() if k.startswith(name)) for name in (
+                "tokenmill:slo_attained_total", "tokenmill:slo_missed_total", "tokenmill:request_success_total",
+                "tokenmill:prompt_tokens_total", "tokenmill:generation_tokens_total"))
+
+        before = totals()
+        r = httpx.post(s.base_url + "/v1/completions", timeout=120, json={
+            "model": model_name, "prompt": "Solve: 2+2=", "max_tokens": 60, "temperature": 1.0, "ignore_eos": True,
+            "slo": {"ttft_ms": 250}, "test_time_compute": {"n": 8, "early_stop": True, "wave": 2, "warmup": 2}})
+        assert r.status_code == 200, r.text
+        assert r.json()["test_time_compute"]["paths_started"] > 2  # (later waves ran)
+        u = r.json()["usage"]
+        after = totals()
+        assert after[0] + after[1] - before[0] - before[1] == 1 and after[2] - before[2] == 1, (before, after)
+        assert (after[3] - before[3], after[4] - before[4]) == (u["prompt_tokens"], u["completion_tokens"])
+        # Scoring: the engine's one token per prompt is nobody's output, in the metrics as in usage.
+        before = totals()
+        r = httpx.post(s.base_url + "/v1/completions", timeout=60, json={
+            "model": model_name, "prompt": ["one two three", "four five"], "max_tokens": 0, "echo": True,
+            "logprobs": 1})
+        assert r.status_code == 200, r.text
+        assert totals()[4] == before[4] and r.json()["usage"]["completion_tokens"] == 0
     finally:
         s.stop()

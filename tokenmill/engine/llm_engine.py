@@ -151,6 +151,8 @@ class LLMEngine:
         plans = [(short, 1)]  # a warm-up, then the measured runs
         plans += [(n, 1) for n in (64, 256, 1024) if n <= min(mnbt, room - params.max_tokens)]
         plans += [(short, b) for b in (4, 16, 64) if b <= seqs]
+        if not self.runner._warm:  # graphs and kernels first: on a GPU, seconds the budget is not for
+            self.runner.warm_up()
         deadline = time.perf_counter() + budget_s
         for i, (length, batch) in enumerate(plans * 2):
             if i == 1:
@@ -240,8 +242,10 @@ class LLMEngine:
         params._eos_token_ids = self.eos_token_ids
         if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
             params.use_beam_search, params.temperature = False, 0.0
+        follow_up = isinstance(prompt, dict) and bool(prompt.get("follow_up"))
+        admitted = follow_up or (isinstance(prompt, dict) and bool(prompt.get("slo_admitted")))
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
-                      tenant=tenant, slo=slo, final_only=final_only)
+                      tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, follow_up=follow_up)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -280,7 +284,8 @@ class LLMEngine:
     def _admit_slo(self, req: Request) -> None:
         """slo policy: a request whose TTFT target the queued work makes unreachable is refused
         (SLOAdmissionError) or runs as best effort (req.slo_demoted), as slo_admission says."""
-        if self.scheduler.policy != "slo" or req.slo is None or self.config.slo_admission == "off":
+        if (self.scheduler.policy != "slo" or req.slo is None or self.config.slo_admission == "off"
+                or req.slo_admitted):
             return
         predicted = self.scheduler.admission_check(req.seqs[0])
         if predicted is None or req.slo.ttft_s is None:
@@ -909,6 +914,8 @@ class LLMEngine:
             tenant=req.tenant,
             slo=req.slo or req.slo_demoted,
             slo_demoted=req.slo_demoted is not None,
+            follow_up=req.follow_up,
+            prompt_only=req.params._prompt_only,
             compute=self.energy.report(req.compute),
         )
 

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tokenmill.engine.llm_engine import LLMEngine, cache_salt, request_tags
 from tokenmill.outputs import RequestOutput
@@ -55,6 +55,11 @@ class EngineStats:
     energy_joules: float = 0.0  # measured over the engine's steps (tokenmill/ops/energy.py)
     idle_energy_joules: float = 0.0  # its meter's energy outside every step
     energy_source: str = ""
+
+    # The fields that only grow (Prometheus counters)
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "spec_decode_num_drafts",
+        "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "energy_joules", "idle_energy_joules")
 
 
 class RequestGroup:

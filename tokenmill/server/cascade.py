@@ -129,7 +129,10 @@ class CascadeEngine:
             return
         # The strong model's requests get ids of their own: the small model's last outputs (its
         # abort's) may still be on their way, and a tenant counts each model's tokens (below).
-        requests = [(rid + ESCALATED, prompt, params) for rid, prompt, params in self._requests]
+        # Admitted already: an SLO admission now would count its budget from the arrival, which the
+        # small model's tokens spent, and refuse the request half-way.
+        requests = [(rid + ESCALATED, {**prompt, "slo_admitted": True}, params)
+                    for rid, prompt, params in self._requests]
         rids = {r[0]: orig[0] for r, orig in zip(requests, self._requests)}  # the strong id -> the route's
         # The tenant's tokens count both models' work, as usage.compute does: the small model's
         # prompts and tokens (its outputs, tracked already), then the strong model's.

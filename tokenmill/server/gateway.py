@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from tokenmill.engine.llm_engine import load_tokenizer
+from tokenmill.engine.llm_engine import load_tokenizer, resolve_task
 from tokenmill.engine.slo import SLOTarget
 from tokenmill.ops.tenants import Admission, LimitExceeded, Tenant, Tenants, TenantsConfig, hash_key
 from tokenmill.routing import CascadePolicy, RulesPolicy
@@ -97,6 +97,7 @@ class Gateway:
         # model on disk need not come back just to route a request).
         self._tier_tokenizers: dict[str, Any] = {}
         self._tokenizer_ctxs: dict[str, ServerContext] = {}  # /tokenize of models on disk
+        self._tasks: dict[str, str] = {}  # each model's task ("generate", "embed"), once known
         for t in tiers:
             first = pool.entries[t.policy.default if isinstance(t.policy, RulesPolicy) else t.policy.small]
             self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
@@ -117,8 +118,7 @@ class Gateway:
         return tenants
 
     def _model_stats(self) -> list[tuple[str, EngineStats, str]]:
-        return [(e.name, front.stats if front is not None else EngineStats(), e.state)
-                for e in self.pool.entries.values() for front in [e.front]]  # (e.front read once)
+        return self.pool.model_stats()
 
     # -- the request preamble -----------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]) -> Any:
@@ -242,10 +242,13 @@ class Gateway:
         return adm
 
     async def open_request(self, request: Request, body: type[BaseModel], generation: bool = False,
-                           auth: bool = True) -> tuple[ServerContext, Any, float]:
+                           auth: bool = True, embedding: bool = False,
+                           precheck: Callable[[Any], None] | None = None) -> tuple[ServerContext, Any, float]:
         """What every model endpoint does first: auth, admission, body, model. Returns the serving
         model's context (once it is active), the parsed body and its arrival time. /tokenize and
-        /detokenize skip auth and admission, as vLLM's do."""
+        /detokenize skip auth and admission, as vLLM's do. What can be refused without the model on
+        the device (the body's own checks, `precheck`; the endpoint against the model's task) is
+        refused before waiting for it: a 400 must not park another model and load this one first."""
         arrival = time.time()
         tenant = None
         if auth:
@@ -260,6 +263,10 @@ class Gateway:
             except ValueError as e:
                 raise APIError(400, str(e), param="slo") from None
         name = self.check_model(req.model, tenant)
+        if precheck is not None:
+            precheck(req)
+        if (generation or embedding) and name not in self.tiers:
+            self._check_task(name, generation)
         if tenant is not None:
             if tags is not None:  # its prompts carry it: its own prefix-cache namespace, metrics, accounting
                 tags["tenant"] = tenant.name
@@ -286,6 +293,27 @@ class Gateway:
             raise APIError(400, f"this server runs the embedding model `{ctx.name}`: it answers /v1/embeddings, "
                            f"not text generation")
         return ctx, req, arrival
+
+    def _check_task(self, name: str, generation: bool) -> None:
+        task = self._tasks.get(name)
+        if task is None:
+            e = self.pool.entries[name]
+            if e.engine is not None:
+                task = e.engine.task
+            else:  # (from its folder's config.json: nothing is loaded)
+                from tokenmill.config import ModelConfig
+
+                try:
+                    task = resolve_task(e.spec.config.task, ModelConfig.from_pretrained(e.spec.config.model))
+                except (OSError, ValueError):
+                    return  # (loading it will say what is wrong)
+            self._tasks[name] = task
+        if generation and task == "embed":
+            raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "
+                           f"not text generation")
+        if not generation and task != "embed":
+            raise APIError(400, f"`{name}` is served as a generative model, which has no embeddings; serve an "
+                           f"embedding model, or this one with --task embed", param="model")
 
     def _tokenizer_only(self, name: str) -> ServerContext:
         """A context for /tokenize and /detokenize of a model on disk: its tokenizer and limits,
@@ -478,11 +506,18 @@ def with_extras(resp: Any, extras: dict[str, Any]) -> Any:
             try:
                 async for ev in inner:
                     if isinstance(ev, str) and ev.startswith("data: {") and (first or "model" in extras):
-                        obj = json.loads(ev[6:])
-                        if "object" in obj:
-                            _apply(obj, extras, first)
-                            first = False
-                            ev = sse(obj)
+                        out = []
+                        for one in ev.split("\n\n"):  # (a step's chunks are one write: several events)
+                            if one.startswith("data: {") and (first or "model" in extras):
+                                obj = json.loads(one[6:])
+                                if "object" in obj:
+                                    _apply(obj, extras, first)
+                                    first = False
+                                    out.append(sse(obj))
+                                    continue
+                            if one:
+                                out.append(one + "\n\n")
+                        ev = "".join(out)
                     yield ev
             finally:
                 aclose = getattr(inner, "aclose", None)

@@ -145,10 +145,10 @@ class ServerMetrics:
         t = self._tracked.setdefault(out.request_id, _Tracked())
         m = out.metrics
         tenant = out.tenant or DEFAULT_TENANT
-        if not t.prompt_counted and m.first_token_time is not None:
-            t.prompt_counted = True
+        if not t.prompt_counted and m.first_token_time is not None and not out.follow_up:
+            t.prompt_counted = True  # (a follow-up's prompt is its request's, counted once as usage does)
             self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
-        tokens = sum(len(c.token_ids) for c in out.outputs)
+        tokens = 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)  # (usage's count)
         if tokens > t.tokens:
             self.generation_tokens.labels(name, tenant).inc(tokens - t.tokens)
             t.tokens = tokens
@@ -163,6 +163,8 @@ class ServerMetrics:
         if not out.finished:
             return
         del self._tracked[out.request_id]
+        if out.follow_up:  # its request is counted by its first engine request
+            return
         reason = _request_finish_reason(out)
         self.request_success.labels(name, tenant, reason).inc()
         self._observe_slo(out, name, reason)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.server.async_engine import AsyncEngine, DeviceLoop, settle
+from tokenmill.server.async_engine import AsyncEngine, DeviceLoop, EngineStats, settle
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -97,6 +98,10 @@ class PoolEntry:
         self.error: str | None = None  # the last load failure
         self.swaps = 0  # times it became active after the start
         self.kv_hub: Any = None  # its KV events (kv_events.KVEventHub) once a router subscribed
+        # Its counters (EngineStats.COUNTERS) from engines let go: a model dropped to disk and loaded
+        # again starts a new engine from zero, and Prometheus counters must not go back.
+        self.carried: dict[str, float] = {}
+        self.carried_source = ""
 
     @property
     def footprint(self) -> int:
@@ -182,6 +187,7 @@ class ModelPool:
             self.entries[s.name] = PoolEntry(s)
         self.default = specs[0].name  # what a request without `model` gets
         self.make_ctx = make_ctx
+        self._stats_lock = threading.Lock()  # a front let go and its counters carried, as one change
         self.device = DeviceLoop()  # its scheduling (between_steps) starts with start()
         self.device.on_close = self.fail_all_waiters
         self._load_lock = threading.Lock()  # one background load at a time
@@ -373,13 +379,15 @@ class ModelPool:
 
     def unload(self, name: str, to_disk: bool) -> str:
         """Parks a model (or drops it to disk) now; on the device thread. PoolError(409) when it
-        is pinned or has requests in flight."""
+        is pinned, has requests in flight or is loading."""
         e = self.entries[name]
         if e.spec.pinned:
             raise PoolError(f"model {name!r} is pinned; unpin it first (POST /v1/models/{name}/pin "
                             f'{{"pinned": false}})', 409)
         if e.busy() or (to_disk and e.leases):
             raise PoolError(f"model {name!r} has requests in flight; unload it once they finish", 409)
+        if e.state == LOADING:  # (a load runs to its end: saying 200 would leave it active after all)
+            raise PoolError(f"model {name!r} is loading; unload it once it has loaded", 409)
         e.load_requested = False
         if e.state == ACTIVE:
             self._park(e)
@@ -576,7 +584,25 @@ class ModelPool:
         """The model's engine leaves the device loop, and the pool keeps no reference to it."""
         if v.front is not None and v.front in self.device.fronts:
             self.device.detach(v.front)
-        v.engine = v.front = v.ctx = None
+        with self._stats_lock:
+            if v.front is not None:
+                s = v.front.stats
+                for f in EngineStats.COUNTERS:
+                    v.carried[f] = v.carried.get(f, 0) + getattr(s, f)
+                v.carried_source = s.energy_source or v.carried_source
+            v.engine = v.front = v.ctx = None
+
+    def model_stats(self) -> list[tuple[str, EngineStats, str]]:
+        """Each model's stats (its counters over every engine it has had) and state, for metrics."""
+        out = []
+        with self._stats_lock:
+            for e in self.entries.values():
+                s = e.front.stats if e.front is not None else EngineStats()
+                if e.carried:
+                    s = dataclasses.replace(s, energy_source=s.energy_source or e.carried_source,
+                                            **{f: getattr(s, f) + v for f, v in e.carried.items()})
+                out.append((e.name, s, e.state))
+        return out
 
     def _drop(self, v: PoolEntry, why: str = "host memory budget") -> None:
         """Parked to on disk: the engine and its weights are let go."""

@@ -75,7 +75,10 @@ class TTCDriver:
             # same clear error as the first; later launches join the group and skip the queue
             # limit (their request was admitted).
             # A tenant's tokens are reserved at the first launch for the whole run: every path's most.
-            self.group = await self.ctx.submit([(lrid, self.prompt, sp)], self.priority, self.arrival,
+            # Later launches are the same request: admitted and counted (SLO outcome, request
+            # metrics, the prompt's tokens) once, by the first.
+            prompt = self.prompt if self.group is None else {**self.prompt, "follow_up": True}
+            self.group = await self.ctx.submit([(lrid, prompt, sp)], self.priority, self.arrival,
                                                group=self.group,
                                                reserve_tokens=self.most_tokens() if self.group is None else None)
             for i, pid in enumerate(launch.path_ids):
@@ -111,6 +114,8 @@ class TTCDriver:
                         self.computes[out.request_id] = out.compute
                     if out.request_id == f"{self.rid}-1":
                         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+                        if out.slo_demoted:  # admission made the request best effort: its later launches too
+                            self.prompt = {k: v for k, v in self.prompt.items() if k != "slo"}
                     for c in out.outputs:
                         run.observe_output(self.where[(out.request_id, c.index)], c)
                 for pid in run.stops():

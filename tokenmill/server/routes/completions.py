@@ -46,24 +46,29 @@ def joined(a: dict[str, Any] | None, b: dict[str, Any] | None, by: int) -> dict[
             "top_logprobs": a["top_logprobs"] + b["top_logprobs"], "text_offset": a["text_offset"] + b["text_offset"]}
 
 
+def _checked(req: CompletionRequest) -> None:
+    """The body's own checks: made before the model is waited for (Gateway.open_request)."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
+    if req.suffix:
+        raise APIError(400, "suffix: not supported", param="suffix")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+        # Checked alone: with echo the engine gets the larger of it and logprobs.
+        raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
+                       f"got {req.prompt_logprobs}", param="prompt_logprobs")
+    ttc_params(req)
+
+
 def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
     @gw.route
     async def completions(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, CompletionRequest, generation=True)
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
-        if req.suffix:
-            raise APIError(400, "suffix: not supported", param="suffix")
+        ctx, req, arrival = await gw.open_request(request, CompletionRequest, generation=True, precheck=_checked)
         score_only = req.max_tokens == 0
-        if score_only and not req.echo:
-            raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
-        if req.stream and req.prompt_logprobs is not None:
-            raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
-        if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
-            # Checked alone: with echo the engine gets the larger of it and logprobs.
-            raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
-                           f"got {req.prompt_logprobs}", param="prompt_logprobs")
         tp = ttc_params(req)
         prompts = await ctx.prompts(req.prompt)
         if tp is not None and len(prompts) != 1:

@@ -32,7 +32,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     @gw.route
     async def embeddings(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest)
+        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, embedding=True)
         mc = ctx.llm_engine.model_config
         if ctx.llm_engine.task != "embed":
             raise APIError(400, f"`{ctx.name}` is served as a generative model, which has no embeddings; serve an "
