@@ -31,6 +31,20 @@ def _bench(args: list[str], tmp_path) -> dict:
     return {"stdout": r.stdout, **json.loads(out.read_text())}
 
 
+def test_bench_throughput_compares_with_transformers_on_the_same_requests(model_dir, tmp_path):
+    """Every transformers batch size runs the same requests (here 3 of the 6, spread over them), and
+    the ratio is tokenmill's throughput on those same requests, not on the whole workload."""
+    d = _bench(["throughput", "--model", model_dir, "--num-prompts", "6", "--input-len", "8", "20",
+                "--output-len", "2", "6", "--hf-batch-sizes", "1,2", "--hf-max-requests", "3", "--decode-tokens", "2",
+                "--max-num-seqs", "4"], tmp_path)
+    equal = d["tokenmill_on_transformers_requests"]
+    assert d["transformers_requests"] == 3 and d["num_prompts"] == 6
+    assert d["transformers_bs1"]["output_tokens"] == d["transformers_bs2"]["output_tokens"] == equal["output_tokens"]
+    assert d["tokenmill"]["output_tokens"] > equal["output_tokens"]
+    assert d["ratio"] == equal["output_tok_s"] / d["transformers_best"]["output_tok_s"]
+    assert d["args"]["hf_max_requests"] == 3
+
+
 def test_bench_throughput_reports_mfu_from_the_model_flops_of_its_run(model_dir, tmp_path):
     n, lin, lout = 6, (20, 60), (4, 12)
     d = _bench(["throughput", "--model", model_dir, "--num-prompts", str(n), "--input-len", *map(str, lin),

@@ -1,9 +1,12 @@
 """Offline throughput: tokenmill against transformers' generate on the same random model and workload.
 
 Both run the same requests (random prompts, per-request output lengths, ignore_eos). The
-transformers side does what a competent user does: sorts the requests by prompt length so
-that each batch pads little, batches with left padding and generates up to the longest
-request in each batch; only the tokens each request asked for are counted.
+transformers side does what a competent user does, and then some: it sorts the requests by their
+output lengths (which a real user cannot know: the baseline is favoured), then prompt lengths,
+so that each batch runs few wasted steps and pads little, batches with left padding and
+generates up to the longest request in each batch; only the tokens each request asked for are
+counted. It warms up first and every batch size runs the same requests (--hf-max-requests: a
+subset spread over the workload, which tokenmill then runs too, for the ratio on equal work).
 
 Beside the throughput: tokenmill's MFU (the model FLOPs of its steps, as the energy accounting
 counts them, per second, over the device's measured matmul peak in the run's dtype, and over
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
+from tokenmill.bench.latency import weight_bytes_per_step
 from tokenmill.bench.roofline import copy_bandwidth, matmul_flops
 from tokenmill.bench.workload import SHAPES, make_random_model
 
@@ -47,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-sizes", default="1,8,64",
                    help="transformers batch sizes to try; the best is the baseline ('' to skip transformers)")
     p.add_argument("--hf-max-requests", type=int, default=0,
-                   help="run each transformers batch size on at most max(this, batch size) requests "
-                        "(0 = all); tokens/s is then measured on that subset")
+                   help="run transformers on at most max(this, the largest batch size) requests, the same for "
+                        "every size (0 = all); tokenmill then runs that subset too, and the ratio is on it")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens for the batch-1 decode comparison")
     p.add_argument("--prefix-caching-ab", type=int, default=0, metavar="ROUNDS",
                    help="also run the tokenmill workload with prefix caching on and off, ROUNDS times each in "
@@ -80,8 +84,9 @@ def run(args: argparse.Namespace) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     vocab = llm.engine.model_config.vocab_size
     reqs = token_id_requests(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
-    weight_bytes = llm.engine.runner.weight_bytes
-    results: dict = {"model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes,
+    weight_bytes = weight_bytes_per_step(llm)  # (what a step reads: not an untied embedding table)
+    results: dict = {"args": {k: v for k, v in vars(args).items() if not callable(v)},
+                     "model": model_dir, "num_prompts": len(reqs), "weight_bytes": weight_bytes,
                      "async_scheduling": llm.engine.async_scheduling,
                      "copy_bandwidth_gb_s": copy_bw / 1e9, "matmul_tflops": peak / 1e12}
     print(f"{args.device}: copy bandwidth {copy_bw / 1e9:.1f} GB/s, {args.dtype} matmul {peak / 1e12:.2f} TFLOP/s "
@@ -114,30 +119,50 @@ def run(args: argparse.Namespace) -> dict:
     print(f"tokenmill batch-1 decode: {tm_decode:.1f} tok/s "
           f"(bandwidth achieved {weight_bytes * tm_decode / 1e9:.2f} GB/s)")
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
+    hf_reqs = reqs if args.hf_max_requests <= 0 else _spread(reqs, max(args.hf_max_requests, *sizes, 1))
+    tm_equal = tm
+    if sizes and len(hf_reqs) < len(reqs):  # the ratio on the requests transformers runs
+        llm.engine.reset_prefix_cache()
+        tm_equal = results["tokenmill_on_transformers_requests"] = _run_tokenmill(llm, hf_reqs)
+        _print(f"tokenmill on transformers' {len(hf_reqs)} requests", tm_equal, weight_bytes)
+    write_json(args.json, results)  # (as it goes: a device session may end mid-run)
     if sizes:
         del llm  # its weights and KV cache (90% of a GPU) go before transformers loads
         gc.collect()
         if args.device != "cpu":
             torch.cuda.empty_cache()
         hf = _load_hf(model_dir, args)
+        _hf_generate(hf, [hf_reqs[0].prompt[:16]] * 2, 4, args.device)  # warm-up (kernels, allocator)
         best = None
+        results["transformers_requests"] = len(hf_reqs)
         for b in sizes:
-            limit = len(reqs) if args.hf_max_requests <= 0 else max(b, args.hf_max_requests)
-            subset = _spread(reqs, min(limit, len(reqs)))
-            r = _run_hf(hf, subset, b, args.device)
+            try:
+                r = _run_hf(hf, hf_reqs, b, args.device)
+            except torch.cuda.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                print(f"transformers bs={b}: out of memory", flush=True)
+                results[f"transformers_bs{b}"] = {"error": "out of memory"}
+                continue
             results[f"transformers_bs{b}"] = r
-            _print(f"transformers bs={b} ({len(subset)} requests)", r, weight_bytes)
+            _print(f"transformers bs={b} ({len(hf_reqs)} requests)", r, weight_bytes)
             if best is None or r["output_tok_s"] > best["output_tok_s"]:
                 best = {**r, "batch_size": b}
+            write_json(args.json, results)
+        if best is None:
+            raise RuntimeError("transformers ran at none of --hf-batch-sizes")
+        if best["batch_size"] == max(sizes) and len(hf_reqs) > best["batch_size"]:
+            print(f"note: transformers was fastest at its largest batch size tried ({best['batch_size']}): "
+                  "a larger one may be faster still", flush=True)
         results["transformers_best"] = best
         hf_decode = _hf_decode(hf, reqs[0], args.decode_tokens, args.device)
         results["transformers_batch1_decode_tok_s"] = hf_decode
         print(f"transformers batch-1 decode: {hf_decode:.1f} tok/s")
-        ratio = tm["output_tok_s"] / best["output_tok_s"]
+        ratio = tm_equal["output_tok_s"] / best["output_tok_s"]
         results["ratio"] = ratio
         results["batch1_decode_ratio"] = tm_decode / hf_decode
-        print(f"\nthroughput: tokenmill {tm['output_tok_s']:.1f} tok/s vs transformers (best, bs={best['batch_size']}) "
-              f"{best['output_tok_s']:.1f} tok/s -> ratio {ratio:.2f}x")
+        print(f"\nthroughput on the same {len(hf_reqs)} requests: tokenmill {tm_equal['output_tok_s']:.1f} tok/s vs "
+              f"transformers (best, bs={best['batch_size']}) {best['output_tok_s']:.1f} tok/s -> ratio {ratio:.2f}x")
         print(f"batch-1 decode: tokenmill {tm_decode:.1f} vs transformers {hf_decode:.1f} tok/s "
               f"-> ratio {tm_decode / hf_decode:.2f}x")
     write_json(args.json, results)
@@ -290,12 +315,21 @@ def _hf_generate(model, batch: list[list[int]], max_new: int, device: str) -> No
                        min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
 
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
 def _run_hf(model, reqs: list[Request], batch_size: int, device: str) -> dict:
-    reqs = sorted(reqs, key=lambda r: len(r.prompt))  # batches of similar lengths pad little
+    # A batch runs to its longest output: batches of similar output lengths waste few steps (the
+    # lengths are known here, as a real user's are not), then of similar prompts pad little.
+    reqs = sorted(reqs, key=lambda r: (r.output_len, len(r.prompt)))
+    _sync(device)
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(reqs), batch_size), desc=f"transformers bs={batch_size}", unit="batch", leave=False):
         chunk = reqs[i : i + batch_size]
         _hf_generate(model, [r.prompt for r in chunk], max(r.output_len for r in chunk), device)
+    _sync(device)
     dt = time.perf_counter() - t0
     out_tokens = sum(r.output_len for r in reqs)
     in_tokens = sum(len(r.prompt) for r in reqs)
@@ -306,9 +340,12 @@ def _run_hf(model, reqs: list[Request], batch_size: int, device: str) -> dict:
 def _hf_decode(model, req: Request, n: int, device: str) -> float:
     prompt = req.prompt[:32]
     _hf_generate(model, [prompt], 2, device)  # warm up
+    _sync(device)
     t0 = time.perf_counter()
     _hf_generate(model, [prompt], 1, device)
+    _sync(device)
     t1 = time.perf_counter()
     _hf_generate(model, [prompt], n + 1, device)
+    _sync(device)
     t2 = time.perf_counter()
     return n / ((t2 - t1) - (t1 - t0))
