@@ -96,6 +96,11 @@ def test_models_lists_states_and_unknown_model_is_404_listing_them(pool_server, 
     for call in (lambda: client.completions.create(model="beta", prompt="x", max_tokens=2, suffix="!"),
                  lambda: client.completions.create(model="beta", prompt="x", max_tokens=0),
                  lambda: client.completions.create(model="beta", prompt="x", max_tokens=2, best_of=3),
+                 lambda: client.completions.create(model="beta", prompt="x", max_tokens=2, temperature=-1),
+                 lambda: client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}],
+                                                        top_logprobs=3),
+                 lambda: client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}],
+                                                        max_tokens=2, stream=True, extra_body={"prompt_logprobs": 1}),
                  lambda: client.embeddings.create(model="beta", input="x")):
         with pytest.raises(openai.BadRequestError):
             call()
@@ -323,6 +328,8 @@ def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(mod
                        timeout=60)
         assert r.status_code == 503 and "could not be brought back" in r.json()["error"]["message"]
         assert time.time() - t0 < 10  # at once, not after --model-load-timeout
+        cards = {m["id"]: m for m in httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"]}
+        assert "no memory for the KV cache" in cards["beta"]["error"] and cards["alpha"]["error"] is None
         r = httpx.post(srv.base_url + "/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2},
                        timeout=60)
         assert r.status_code == 200 and httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
@@ -438,13 +445,14 @@ def test_a_models_counters_never_go_back_when_its_engine_is_let_go(models):
         return pool.model_stats()[0][1]
 
     e.front = SimpleNamespace(stats=EngineStats(num_requests_running=2, num_preemptions=3, prefix_cache_hits=40,
-                                                energy_joules=1.5, energy_source="model"))
+                                                energy_joules=1.5, energy_source="model", idle_energy_joules=10.0))
     assert (stats().num_preemptions, stats().num_requests_running) == (3, 2)
     pool._let_go(e)  # (dropped to disk)
     s = stats()
     assert (s.num_preemptions, s.prefix_cache_hits, s.energy_joules, s.energy_source) == (3, 40, 1.5, "model")
     assert s.num_requests_running == 0  # (gauges are the engine's own)
     e.front = SimpleNamespace(stats=EngineStats(num_preemptions=1, prefix_cache_hits=2, energy_joules=0.25,
-                                                energy_source="model"))
+                                                energy_source="model", idle_energy_joules=12.0))
     s = stats()
     assert (s.num_preemptions, s.prefix_cache_hits, s.energy_joules) == (4, 42, 1.75)
+    assert s.idle_energy_joules == 12.0  # (the meter's, the process's: not summed over engines)

@@ -378,7 +378,7 @@ def test_step_time_model_solves_every_few_steps_and_at_once_when_surprised():
 def test_a_request_admitted_already_is_not_admitted_again(model_dir):
     """A cascade's escalation and test-time compute's later launches are engine requests of a
     request the server admitted already; their TTFT budget counts from the arrival, long spent,
-    and admission would refuse them half-way (`slo_admitted` skips it; `follow_up` implies it)."""
+    and admission would refuse them half-way (`slo_admitted` skips it; `uncounted` is metrics')."""
     import time
 
     from tokenmill import LLM
@@ -391,10 +391,11 @@ def test_a_request_admitted_already_is_not_admitted_again(model_dir):
     with pytest.raises(SLOAdmissionError, match="predicted time to first token"):
         eng.add_request(prompt, params, request_id="fresh", arrival_time=late)
     eng.add_request({**prompt, "slo_admitted": True}, params, request_id="escalated", arrival_time=late)
-    eng.add_request({**prompt, "follow_up": True}, params, request_id="wave", arrival_time=late)
+    eng.add_request({**prompt, "slo_admitted": True, "uncounted": True}, params, request_id="wave",
+                    arrival_time=late)
     done = {}
     while eng.has_unfinished_requests():
         done.update({o.request_id: o for o in eng.step() if o.finished})
     assert sorted(done) == ["escalated", "wave"]
-    assert [o.follow_up for o in (done["escalated"], done["wave"])] == [False, True]
+    assert [o.uncounted for o in (done["escalated"], done["wave"])] == [False, True]
     assert not any(o.slo_demoted for o in done.values())

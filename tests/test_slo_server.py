@@ -121,7 +121,8 @@ def test_reject_mode_answers_429_with_the_reason(model_dir, model_name, tmp_path
             m = s.metrics()
             return tuple(sum(v for k, v in m.items() if k.startswith(name)) for name in (
                 "tokenmill:slo_attained_total", "tokenmill:slo_missed_total", "tokenmill:request_success_total",
-                "tokenmill:prompt_tokens_total", "tokenmill:generation_tokens_total"))
+                "tokenmill:prompt_tokens_total", "tokenmill:generation_tokens_total",
+                'tokenmill:request_success_total{finished_reason="length"'))
 
         before = totals()
         r = httpx.post(s.base_url + "/v1/completions", timeout=120, json={
@@ -132,6 +133,7 @@ def test_reject_mode_answers_429_with_the_reason(model_dir, model_name, tmp_path
         u = r.json()["usage"]
         after = totals()
         assert after[0] + after[1] - before[0] - before[1] == 1 and after[2] - before[2] == 1, (before, after)
+        assert after[5] - before[5] == 1  # (the run's outcome: paths it stopped are no client's abort)
         assert (after[3] - before[3], after[4] - before[4]) == (u["prompt_tokens"], u["completion_tokens"])
         # Scoring: the engine's one token per prompt is nobody's output, in the metrics as in usage.
         before = totals()
@@ -140,5 +142,15 @@ def test_reject_mode_answers_429_with_the_reason(model_dir, model_name, tmp_path
             "logprobs": 1})
         assert r.status_code == 200, r.text
         assert totals()[4] == before[4] and r.json()["usage"]["completion_tokens"] == 0
+        # A vote settled early stops the paths still running: the request still counts by its outcome.
+        before = totals()
+        r = httpx.post(s.base_url + "/v1/completions", timeout=120, json={
+            "model": model_name, "prompt": "Solve: 2+2=", "max_tokens": 40, "temperature": 1.0, "seed": 0,
+            "slo": {"ttft_ms": 60000}, "stop": [" ", "e", "a"], "test_time_compute": {
+                "n": 8, "early_stop": True, "wave": 4, "warmup": 2, "consensus": 0.6, "answer_pattern": "^"}})
+        assert r.status_code == 200, r.text
+        assert any(p["state"] == "stopped" for p in r.json()["test_time_compute"]["paths"])  # (some were stopped)
+        after = totals()
+        assert after[0] - before[0] == 1 and after[2] - before[2] == 1, (before, after)  # attained, not an abort
     finally:
         s.stop()

@@ -83,8 +83,8 @@ class RequestOutput:
     tenant: str | None = None  # the tenant that sent it (the server's --tenants)
     slo: Any = None  # its SLOTarget (tokenmill.engine.slo), when it has targets
     slo_demoted: bool = False  # admission found its TTFT target unreachable and ran it as best effort
-    # A later engine request of one already admitted and counted (test-time compute's later launches):
-    # metrics count its tokens, not it (nor its prompt) as a request.
-    follow_up: bool = False
+    # Part of a request its caller counts (test-time compute's launches: the server counts the request
+    # once, at its end): metrics count its tokens, not it (nor its prompt) as a request.
+    uncounted: bool = False
     prompt_only: bool = False  # scoring or embedding: its one generated token is nobody's output
     compute: dict[str, Any] | None = None  # device seconds, FLOPs, energy, cost so far (tokenmill.ops.energy)

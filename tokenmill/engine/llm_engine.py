@@ -242,10 +242,10 @@ class LLMEngine:
         params._eos_token_ids = self.eos_token_ids
         if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
             params.use_beam_search, params.temperature = False, 0.0
-        follow_up = isinstance(prompt, dict) and bool(prompt.get("follow_up"))
-        admitted = follow_up or (isinstance(prompt, dict) and bool(prompt.get("slo_admitted")))
+        admitted = isinstance(prompt, dict) and bool(prompt.get("slo_admitted"))
+        uncounted = isinstance(prompt, dict) and bool(prompt.get("uncounted"))
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
-                      tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, follow_up=follow_up)
+                      tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, uncounted=uncounted)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -914,7 +914,7 @@ class LLMEngine:
             tenant=req.tenant,
             slo=req.slo or req.slo_demoted,
             slo_demoted=req.slo_demoted is not None,
-            follow_up=req.follow_up,
+            uncounted=req.uncounted,
             prompt_only=req.params._prompt_only,
             compute=self.energy.report(req.compute),
         )

@@ -149,10 +149,10 @@ class Request:
     slo_demoted: SLOTarget | None = None  # the targets it came with, when admission demoted it to best effort
     # Part of a request admitted already (a dict prompt's `slo_admitted`: a cascade's escalation, a
     # test-time-compute launch after the first): no SLO admission of its own, whose budget counts
-    # from the arrival and would refuse it half-way. `follow_up` (TTC's later launches) as well, and
-    # metrics do not count it as a request.
+    # from the arrival and would refuse it half-way. `uncounted`: part of a request its caller
+    # counts (RequestOutput.uncounted).
     slo_admitted: bool = False
-    follow_up: bool = False
+    uncounted: bool = False
     compute: Any = None  # the request's share of the steps it ran in (tokenmill/ops/energy.py), when accounted
     final_only: bool = False  # step() reports it only once it has finished (LLMEngine.add_request)
     prompt_array: Any = field(default=None, repr=False)  # prompt_token_ids as int64 numpy (repetition penalty)

@@ -56,10 +56,11 @@ class EngineStats:
     idle_energy_joules: float = 0.0  # its meter's energy outside every step
     energy_source: str = ""
 
-    # The fields that only grow (Prometheus counters)
+    # The engine's own counters (Prometheus counters), which a new engine starts from zero (the idle
+    # energy is its meter's, shared by the process's engines: not one of them)
     COUNTERS: ClassVar[tuple[str, ...]] = (
         "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "spec_decode_num_drafts",
-        "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "energy_joules", "idle_energy_joules")
+        "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "energy_joules")
 
 
 class RequestGroup:

@@ -298,15 +298,16 @@ class Gateway:
         task = self._tasks.get(name)
         if task is None:
             e = self.pool.entries[name]
-            if e.engine is not None:
-                task = e.engine.task
+            engine = e.engine  # (read once: the device thread may let it go meanwhile)
+            if engine is not None:
+                task = engine.task
             else:  # (from its folder's config.json: nothing is loaded)
                 from tokenmill.config import ModelConfig
 
                 try:
                     task = resolve_task(e.spec.config.task, ModelConfig.from_pretrained(e.spec.config.model))
-                except (OSError, ValueError):
-                    return  # (loading it will say what is wrong)
+                except Exception:  # (loading it will say what is wrong)
+                    return
             self._tasks[name] = task
         if generation and task == "embed":
             raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "

@@ -145,8 +145,8 @@ class ServerMetrics:
         t = self._tracked.setdefault(out.request_id, _Tracked())
         m = out.metrics
         tenant = out.tenant or DEFAULT_TENANT
-        if not t.prompt_counted and m.first_token_time is not None and not out.follow_up:
-            t.prompt_counted = True  # (a follow-up's prompt is its request's, counted once as usage does)
+        if not t.prompt_counted and m.first_token_time is not None and not out.uncounted:
+            t.prompt_counted = True  # (an uncounted part's prompt is its request's: observe_request)
             self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
         tokens = 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)  # (usage's count)
         if tokens > t.tokens:
@@ -163,9 +163,20 @@ class ServerMetrics:
         if not out.finished:
             return
         del self._tracked[out.request_id]
-        if out.follow_up:  # its request is counted by its first engine request
-            return
-        reason = _request_finish_reason(out)
+        if not out.uncounted:  # (else its caller counts the request: observe_request)
+            self._finished(out, name, _request_finish_reason(out))
+
+    def observe_request(self, out: RequestOutput, name: str, reason: str, prompt_tokens: int) -> None:
+        """A request made of engine requests its caller ran uncounted (test-time compute's launches,
+        whose tokens were counted as they came): the request and its prompt, once, at its end."""
+        if prompt_tokens:
+            self.prompt_tokens.labels(name, out.tenant or DEFAULT_TENANT).inc(prompt_tokens)
+        self._finished(out, name, reason)
+
+    def _finished(self, out: RequestOutput, name: str, reason: str) -> None:
+        m = out.metrics
+        tenant = out.tenant or DEFAULT_TENANT
+        tokens = 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)
         self.request_success.labels(name, tenant, reason).inc()
         self._observe_slo(out, name, reason)
         if m.ttft is not None:

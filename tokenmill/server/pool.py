@@ -102,6 +102,7 @@ class PoolEntry:
         # again starts a new engine from zero, and Prometheus counters must not go back.
         self.carried: dict[str, float] = {}
         self.carried_source = ""
+        self.carried_idle = 0.0  # (its meter's idle energy, the process's: the largest seen)
 
     @property
     def footprint(self) -> int:
@@ -590,6 +591,7 @@ class ModelPool:
                 for f in EngineStats.COUNTERS:
                     v.carried[f] = v.carried.get(f, 0) + getattr(s, f)
                 v.carried_source = s.energy_source or v.carried_source
+                v.carried_idle = max(v.carried_idle, s.idle_energy_joules)
             v.engine = v.front = v.ctx = None
 
     def model_stats(self) -> list[tuple[str, EngineStats, str]]:
@@ -600,6 +602,7 @@ class ModelPool:
                 s = e.front.stats if e.front is not None else EngineStats()
                 if e.carried:
                     s = dataclasses.replace(s, energy_source=s.energy_source or e.carried_source,
+                                            idle_energy_joules=max(s.idle_energy_joules, e.carried_idle),
                                             **{f: getattr(s, f) + v for f, v in e.carried.items()})
                 out.append((e.name, s, e.state))
         return out

@@ -5,14 +5,18 @@ them (and their blocks are freed); pruned or settled paths are aborted one sampl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tokenmill.engine.slo import SLOTarget
 from tokenmill.ops.energy import sum_compute
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request
@@ -65,6 +69,8 @@ class TTCDriver:
         self.path_at: dict[int, tuple[str, int]] = {}
         self.cached_tokens = 0  # the first launch's prefix-cache hit
         self.computes: dict[str, Any] = {}  # each launch's latest compute account (usage.compute sums them)
+        self.first: RequestOutput | None = None  # the first launch's latest output (its timings, targets)
+        self.counted = False
 
     async def _launch(self) -> None:
         run = self.run
@@ -75,9 +81,16 @@ class TTCDriver:
             # same clear error as the first; later launches join the group and skip the queue
             # limit (their request was admitted).
             # A tenant's tokens are reserved at the first launch for the whole run: every path's most.
-            # Later launches are the same request: admitted and counted (SLO outcome, request
-            # metrics, the prompt's tokens) once, by the first.
-            prompt = self.prompt if self.group is None else {**self.prompt, "follow_up": True}
+            # Every launch is part of one request, which the driver counts once, at its end (_count);
+            # later ones were admitted with the first, and their first token is not the request's:
+            # no TTFT target of theirs (with the arrival's, long past, they would go before every
+            # other request with targets).
+            prompt = {**self.prompt, "uncounted": True}
+            if self.group is not None:
+                prompt["slo_admitted"] = True
+                slo = prompt.pop("slo", None)
+                if isinstance(slo, SLOTarget) and slo.tpot_s is not None:
+                    prompt["slo"] = dataclasses.replace(slo, ttft_s=None)
             self.group = await self.ctx.submit([(lrid, prompt, sp)], self.priority, self.arrival,
                                                group=self.group,
                                                reserve_tokens=self.most_tokens() if self.group is None else None)
@@ -100,10 +113,13 @@ class TTCDriver:
     async def finish(self) -> TTCRun:
         """Runs to the end; the run holds the winner and the account."""
         run, engine = self.run, self.ctx.engine
+        reason = "abort"  # (the client gone: cancelled)
         try:
             while True:
                 await self._launch()
                 if run.done:
+                    win = run.winner()
+                    reason = win.finish_reason if win is not None and win.finish_reason else "length"
                     return run
                 if not self.group.pending:  # cannot happen: an unclosed path's request is pending
                     raise APIError(500, "test-time compute: no path is running but the run is not done")
@@ -113,6 +129,7 @@ class TTCDriver:
                     if out.compute is not None:
                         self.computes[out.request_id] = out.compute
                     if out.request_id == f"{self.rid}-1":
+                        self.first = out
                         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
                         if out.slo_demoted:  # admission made the request best effort: its later launches too
                             self.prompt = {k: v for k, v in self.prompt.items() if k != "slo"}
@@ -120,12 +137,28 @@ class TTCDriver:
                         run.observe_output(self.where[(out.request_id, c.index)], c)
                 for pid in run.stops():
                     engine.abort_seq(*self.path_at[pid])
+        except Exception:
+            reason = "error"
+            raise
         finally:
-            self.close()
+            self.close(reason)
 
-    def close(self) -> None:
+    def close(self, reason: str = "abort") -> None:
         if self.group is not None:
             self.ctx.engine.release(self.group)  # whatever still runs (a client gone, an error) is aborted
+        self._count(reason)
+
+    def _count(self, reason: str) -> None:
+        """The request in the metrics, once: its launches ran uncounted (their tokens were counted as
+        they came). Its outcome is the run's (paths the run stopped are not a client's abort); its
+        first token and targets the first launch's; its end now (no TPOT: paths run side by side)."""
+        first = self.first
+        if self.counted or first is None:
+            return
+        self.counted = True
+        m = dataclasses.replace(first.metrics, finished_time=time.time(), num_generated_tokens=0)
+        out = dataclasses.replace(first, request_id=self.rid, outputs=[], metrics=m, finished=True, uncounted=False)
+        self.ctx.metrics.observe_request(out, self.ctx.name, reason, len(self.prompt["prompt_token_ids"]))
 
 
 async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: bool, rid: str, prompt: dict[str, Any],

@@ -34,7 +34,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 "root": e.spec.config.model, "max_model_len": e.max_model_len, "state": e.state,
                 "pinned": e.spec.pinned, "size_bytes": e.footprint, "weight_bytes": e.weight_bytes or None,
                 "kv_cache_bytes": e.kv_bytes or None,
-                "last_used": None if e.last_used is None else int(e.last_used), "swaps": e.swaps}
+                "last_used": None if e.last_used is None else int(e.last_used), "swaps": e.swaps,
+                "error": e.error}
 
     def tier_card(t: Tier) -> dict[str, Any]:
         p = t.policy

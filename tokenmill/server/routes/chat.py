@@ -37,18 +37,28 @@ def tool_finish(tools: ToolSetup, reason: str | None, called: bool) -> str | Non
     return "tool_calls" if called and reason == "stop" and tools.mode != "named" else reason
 
 
+def _checked(req: ChatCompletionRequest) -> None:
+    """The body's own checks: made before the model is waited for (Gateway.open_request)."""
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+    ttc_params(req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    try:  # (again once the model is there, with its vocabulary)
+        req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None).validate()
+    except ValueError as e:
+        raise bad_request(e) from None
+
+
 def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     @gw.route
     async def chat_completions(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True)
-        if req.stream and req.prompt_logprobs is not None:
-            raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
-        if req.top_logprobs is not None:
-            if not req.logprobs:
-                raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
-            if not 0 <= req.top_logprobs <= 20:
-                raise APIError(400, f"top_logprobs: must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+        ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True, precheck=_checked)
         k = (req.top_logprobs or 0) if req.logprobs else None
         tp = ttc_params(req)
         try:

@@ -61,6 +61,10 @@ def _checked(req: CompletionRequest) -> None:
         raise APIError(400, f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
                        f"got {req.prompt_logprobs}", param="prompt_logprobs")
     ttc_params(req)
+    try:  # (again once the model is there, with its vocabulary)
+        req.sampling_params(1 if req.max_tokens == 0 else req.max_tokens, req.logprobs).validate()
+    except ValueError as e:
+        raise bad_request(e) from None
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
