@@ -119,23 +119,35 @@ def test_odd_but_valid_requests_succeed(server, model_name, body):
         assert "error" not in r.text and (not stream or r.text.rstrip().endswith("data: [DONE]"))
 
 
-def test_a_client_that_goes_away_aborts_every_path(server, model_name):
-    body = {"model": model_name, "prompt": "Tell me a very long story", "max_tokens": 400, "ignore_eos": True,
-            "stream": True, "test_time_compute": {"n": 8}}
+@pytest.mark.parametrize("when", ["running", "at-once"])
+def test_a_client_that_goes_away_aborts_every_path(server, model_name, when):
+    """Every path is aborted and the request counts once, as an abort (also when it leaves before
+    the driver has read any output: its launches run uncounted, the driver counts the request)."""
+    body = {"model": model_name, "prompt": "Tell me a very long story " * (1 if when == "running" else 20),
+            "max_tokens": 400, "ignore_eos": True, "stream": True, "test_time_compute": {"n": 8}}
+
+    def aborts() -> float:
+        return sum(v for k, v in server.metrics().items()
+                   if k.startswith("tokenmill:request_success_total") and 'finished_reason="abort"' in k)
 
     async def leave_early() -> None:
         async with httpx.AsyncClient(timeout=60) as http:
             async with http.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200
-                deadline = time.time() + 10
-                while server.metric("tokenmill:num_requests_running") == 0 and time.time() < deadline:
-                    await asyncio.sleep(0.01)
-                assert server.metric("tokenmill:kv_cache_usage_perc") > 0
+                if when == "running":
+                    deadline = time.time() + 10
+                    while server.metric("tokenmill:num_requests_running") == 0 and time.time() < deadline:
+                        await asyncio.sleep(0.01)
+                    assert server.metric("tokenmill:kv_cache_usage_perc") > 0
         # Leaving the block closed the connection while the paths were running.
 
+    _idle(server)
+    before = aborts()
     asyncio.run(leave_early())
     m = _idle(server)
     assert m["tokenmill:num_requests_running"] == 0 and m["tokenmill:kv_cache_usage_perc"] == 0
+    time.sleep(0.3)  # (counted when the server notices the client gone)
+    assert aborts() - before == 1
 
 
 def test_n_beside_test_time_compute_is_a_400_for_the_openai_client(client, model_name):

@@ -459,7 +459,9 @@ class AsyncEngine:
                 group.put(out)
 
     def _fail_all_streams(self, error: BaseException) -> None:
-        self._dispatch([RequestOutput(rid, None, [], None, [], finished=True, error=f"engine stopped: {error}")
+        reqs = self.engine.requests  # (the engine thread has stopped)
+        self._dispatch([RequestOutput(rid, None, [], None, [], finished=True, error=f"engine stopped: {error}",
+                                      uncounted=getattr(reqs.get(rid), "uncounted", False))
                         for rid in list(self._streams)])
 
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.slo import SLOTarget
 from tokenmill.ops.energy import sum_compute
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request
@@ -153,12 +153,19 @@ class TTCDriver:
         they came). Its outcome is the run's (paths the run stopped are not a client's abort); its
         first token and targets the first launch's; its end now (no TPOT: paths run side by side)."""
         first = self.first
-        if self.counted or first is None:
+        if self.counted or self.group is None:  # (nothing was submitted: a refusal, counted where it is made)
             return
         self.counted = True
+        if first is None:  # ended before its first output was read (the client gone at once, an error)
+            slo = self.prompt.get("slo")
+            first = RequestOutput(self.rid, self.prompt.get("prompt"), self.prompt["prompt_token_ids"], None, [],
+                                  finished=True, metrics=RequestMetrics(self.arrival),
+                                  tenant=self.prompt.get("tenant"), slo=slo if isinstance(slo, SLOTarget) else None)
         m = dataclasses.replace(first.metrics, finished_time=time.time(), num_generated_tokens=0)
         out = dataclasses.replace(first, request_id=self.rid, outputs=[], metrics=m, finished=True, uncounted=False)
-        self.ctx.metrics.observe_request(out, self.ctx.name, reason, len(self.prompt["prompt_token_ids"]))
+        # (its prompt counts once it had a first token, as a plain request's)
+        prompt_tokens = len(self.prompt["prompt_token_ids"]) if m.first_token_time is not None else 0
+        self.ctx.metrics.observe_request(out, self.ctx.name, reason, prompt_tokens)
 
 
 async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: bool, rid: str, prompt: dict[str, Any],
