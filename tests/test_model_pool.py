@@ -144,6 +144,12 @@ def test_parking_a_busy_model_mid_request_changes_nothing(models, pool_server, c
 def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
     strong = reference(models["beta"], PROMPTS[:2], 16)
     small = reference(models["alpha"], PROMPTS[:2], 16)
+
+    def finished(model: str) -> dict[str, float]:
+        return {k.split('finished_reason="')[1].split('"')[0]: v for k, v in pool_server.metrics().items()
+                if k.startswith("tokenmill:request_success_total") and f'model_name="{model}"' in k}
+
+    before = finished("alpha")
     for i in range(2):
         r = client.completions.create(model="tokenmill/auto", prompt=PROMPTS[i], max_tokens=16, temperature=0)
         assert r.model == "beta" and r.choices[0].text == strong[i]
@@ -152,6 +158,11 @@ def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
         # A random model is never that sure of a token: the first full window falls below, and the
         # small model's answer stops there.
         assert routing["escalated_at_token"] == 4 and routing["small_tokens"] < 16
+        if i == 0:  # the small model's request ends as escalated, not as a client's abort
+            time.sleep(0.2)
+            after = finished("alpha")
+            assert after.get("escalated", 0) - before.get("escalated", 0) == 1
+            assert after.get("abort", 0) == before.get("abort", 0)
         if i == 0:  # the small model's work is in the usage too (a prompt under one block: no cache hit)
             alone = client.completions.create(model="beta", prompt=PROMPTS[i], max_tokens=16, temperature=0)
             assert r.usage.compute["flops"] > alone.usage.compute["flops"] > 0  # type: ignore[attr-defined]

@@ -118,6 +118,8 @@ class CascadeEngine:
             self.extras["model"], self.extras["routing"] = self.policy.small, routing
             yield list(latest.values())
             return
+        for rid in cg.small_group.request_ids:  # (not a client's abort in the small model's metrics)
+            self.small.metrics.escalated(rid)
         self.small.engine.release(cg.small_group)  # stop the small model's answer now
         routing["model"] = self.policy.strong
         self.extras["model"], self.extras["routing"] = self.policy.strong, routing

@@ -39,6 +39,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 @dataclass
 class _Tracked:
+    escalated: bool = False  # a cascade stopped it to ask its strong model (finished_reason "escalated")
     prompt_counted: bool = False
     tokens: int = 0
     compute: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # energy, device seconds, FLOPs, cost counted so far
@@ -103,7 +104,7 @@ class ServerMetrics:
     def _observe_slo(self, out: RequestOutput, name: str, reason: str) -> None:
         """Whether a finished request with targets met them (a client's abort counts neither way)."""
         slo = out.slo
-        if slo is None or reason == "abort":
+        if slo is None or reason in ("abort", "escalated"):  # (an escalation's outcome is the strong model's)
             return
         m = out.metrics
         missed = None
@@ -164,7 +165,13 @@ class ServerMetrics:
             return
         del self._tracked[out.request_id]
         if not out.uncounted:  # (else its caller counts the request: observe_request)
-            self._finished(out, name, _request_finish_reason(out))
+            self._finished(out, name, "escalated" if t.escalated else _request_finish_reason(out))
+
+    def escalated(self, request_id: str) -> None:
+        """A cascade stops this request to ask its strong model: it ends as "escalated", not "abort"."""
+        t = self._tracked.get(request_id)
+        if t is not None:
+            t.escalated = True
 
     def observe_request(self, out: RequestOutput, name: str, reason: str, prompt_tokens: int) -> None:
         """A request made of engine requests its caller ran uncounted (test-time compute's launches,
