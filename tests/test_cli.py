@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.server_utils import ROOT
 from tokenmill.cli import build_parser, main
@@ -123,3 +124,36 @@ def test_max_model_len_beyond_the_model_is_refused(tmp_path, capsys):
     capsys.readouterr()
     r = main(["generate", "--model", path, "--max-model-len", "300", "--kv-cache-memory", "0.01", "hi"])
     assert r == 2 and "--allow-long-max-model-len" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "device: 'foo' is not a device"),
+    (["--kv-cache-memory", "inf"], "--kv-cache-memory: must be a positive number"),
+    (["--kv-cache-memory", "nan"], "--kv-cache-memory: must be a positive number"),
+    (["--attention-backend", "triton"], "attention_backend: 'triton' runs on CUDA"),
+    (["--tokenizer", "/nonexistent/tok"], "tokenizer: /nonexistent/tok holds no tokenizer"),
+])
+def test_bad_engine_flags_are_one_line_errors(model_dir, capsys, monkeypatch, flags, message):
+    """Values that crashed with a traceback, or started an engine that then failed every request."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if "triton" in flags and torch.cuda.is_available():
+        pytest.skip("triton runs on this machine's GPU")
+    assert main(["generate", "x", *_engine_flags(model_dir), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_serve_and_cli_settings_are_one_line_errors(model_dir, tmp_path, capsys):
+    for args, message in [
+        (["serve", *_engine_flags(model_dir), "--port", "70000"], "--port: must be in [0, 65535]"),
+        (["serve", *_engine_flags(model_dir), "--max-body-size", "0"], "--max-body-size: must be a positive"),
+        (["serve", *_engine_flags(model_dir), "--memory-budget", "nan"], "--memory-budget: must be a positive"),
+        (["eval-demo", *_engine_flags(model_dir), "--num-questions", "-3"], "--num-questions must be >= 1"),
+        (["chat", *_engine_flags(model_dir), "--temperature", "-1"], "temperature"),  # (exit 0 before)
+    ]:
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, args
+    doc = tmp_path / "models.yaml"
+    doc.write_text(f"models:\n  - {{name: a, path: {model_dir}}}\n  - {{name: b, path: {model_dir}}}\n"
+                   "tiers:\n  - {name: t, route: {policy: cascade, small: [a], strong: b, threshold: -1}}\n")
+    assert main(["serve", "--models", str(doc)]) == 2  # (a list where a model's name goes: a TypeError before)
+    assert "small" in capsys.readouterr().err

@@ -394,6 +394,11 @@ def test_models_cap_and_listing(server):
         assert e.value.param == field and "at most 8 tokens" in e.value.message
     assert capped.chat.completions.create(model="tier-a", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=8).usage.completion_tokens <= 8
+    # The cap is an upper bound: a prompt that leaves less room gets that room, not a 400.
+    room = 3
+    n = api(server, "open").models.retrieve("llama").model_extra["max_model_len"] - room
+    r = capped.completions.create(model="tier-a", prompt=[7] * n, max_tokens=None, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == room and r.choices[0].finish_reason == "length"
 
 
 def test_requests_per_minute_under_32_clients(server):

@@ -52,6 +52,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     llm = _llm(args)
     params = _sampling(args)
+    params.validate(llm.engine.model_config.vocab_size)  # (before the first message: exit 2, not an error a turn)
+    llm.chat_prompt([{"role": "user", "content": "hi"}])  # (a model without a chat template: the same)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -90,6 +92,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _eval_demo(args: argparse.Namespace) -> int:
     from tokenmill.demo import evaluate
 
+    if args.num_questions < 1 or args.show < 0:
+        raise ValueError(f"--num-questions must be >= 1 and --show >= 0, got {args.num_questions} and {args.show}")
     t0 = time.time()
     llm = _llm(args)
     load_s = time.time() - t0
@@ -293,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # (a file a flag names: its path is in the message)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

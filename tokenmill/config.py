@@ -447,7 +447,10 @@ class EngineConfig:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: {self.device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
         if dev.type not in ("cpu", "cuda"):
@@ -463,6 +466,10 @@ class EngineConfig:
             # (the kernel's tiles want a power-of-two block of at least 16 tokens)
             ok = importlib.util.find_spec("triton") is not None and self.block_size >= 16
             return "triton" if ok else "torch"
+        if (self.attention_backend == "triton" and device.type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):  # (every step would fail: no GPU driver)
+            raise ValueError(f"attention_backend: 'triton' runs on CUDA (or under TRITON_INTERPRET=1, for "
+                             f"tests); this engine runs on {device.type}")
         return self.attention_backend
 
     def resolve_async_scheduling(self, device: torch.device, task: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from tokenmill.config import EngineConfig
 
@@ -83,6 +84,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
 def engine_config_from_args(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
     from tokenmill.llm import default_model_path
 
+    if args.kv_cache_memory is not None and not (math.isfinite(args.kv_cache_memory) and args.kv_cache_memory > 0):
+        raise ValueError(f"--kv-cache-memory: must be a positive number of GiB, got {args.kv_cache_memory!r}")
     kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     return EngineConfig(
         model=model or (args.model if isinstance(args.model, str) else None) or default_model_path(),

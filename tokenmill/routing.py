@@ -155,7 +155,7 @@ def policy_from_dict(d: dict[str, Any], models: set[str]) -> RulesPolicy | Casca
         if extra:
             raise bad(extra[0], "unknown field")
         for f in ("small", "strong"):
-            if d.get(f) not in models:
+            if not isinstance(d.get(f), str) or d.get(f) not in models:
                 raise bad(f, f"{d.get(f)!r} is not a model of this server ({', '.join(sorted(models))})")
         if d["small"] == d["strong"]:
             raise bad("strong", f"the strong model must differ from the small one ({d['small']!r})")
@@ -176,7 +176,7 @@ def policy_from_dict(d: dict[str, Any], models: set[str]) -> RulesPolicy | Casca
         extra = sorted(set(d) - {"policy", "rules", "default"})
         if extra:
             raise bad(extra[0], "unknown field")
-        if d.get("default") not in models:
+        if not isinstance(d.get("default"), str) or d.get("default") not in models:
             raise bad("default", f"{d.get('default')!r} is not a model of this server ({', '.join(sorted(models))})")
         rules = []
         for i, r in enumerate(d.get("rules") or []):
@@ -186,7 +186,7 @@ def policy_from_dict(d: dict[str, Any], models: set[str]) -> RulesPolicy | Casca
                 rule = Rule(**r)
             except TypeError as e:
                 raise bad(f"rules[{i}]", str(e)) from None
-            if rule.model not in models:
+            if not isinstance(rule.model, str) or rule.model not in models:
                 raise bad(f"rules[{i}].model", f"{rule.model!r} is not a model of this server")
             for f in ("min_prompt_tokens", "max_prompt_tokens", "min_max_tokens", "max_max_tokens"):
                 v = getattr(rule, f)

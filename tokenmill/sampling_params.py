@@ -60,6 +60,9 @@ class SamplingParams:
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
     # run with is thrown away, so the prompt may fill the whole context.
     _prompt_only: bool = field(default=False, repr=False)
+    # max_tokens is a cap the server filled in (a tenant's), not the client's: a prompt that leaves
+    # less room gets what room there is instead of a 400
+    _max_tokens_is_cap: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

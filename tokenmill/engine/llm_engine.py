@@ -76,6 +76,11 @@ class LLMEngine:
         mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
         self.max_model_len = config.max_model_len or mc.max_context
         torch.manual_seed(config.seed)
+        if config.tokenizer is not None and not any(
+                os.path.isfile(os.path.join(config.tokenizer, f)) for f in _TOKENIZER_FILES):
+            # (without this the engine ran with no tokenizer and refused every text prompt)
+            raise ValueError(f"tokenizer: {config.tokenizer} holds no tokenizer (looked for "
+                             f"{', '.join(_TOKENIZER_FILES)})")
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         eos = set(mc.eos_token_ids) | set(_generation_eos(config.model))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -206,7 +211,8 @@ class LLMEngine:
             return
         if n_prompt >= self.max_model_len:
             raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={self.max_model_len}")
-        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+        if (params.max_tokens is not None and not params._max_tokens_is_cap  # (a cap: add_request takes the room)
+                and n_prompt + params.max_tokens > self.max_model_len):
             raise ValueError(
                 f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
                 f"exceeds the context length max_model_len={self.max_model_len}"
@@ -222,6 +228,10 @@ class LLMEngine:
         if not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
+        if (params._max_tokens_is_cap and params.max_tokens is not None
+                and len(token_ids) + params.max_tokens > self.max_model_len):  # a cap: the room there is
+            params = _copy_params(params)
+            params.max_tokens = max(1, self.max_model_len - len(token_ids))
         self.check_request(token_ids, params)
         salt = cache_salt(prompt)
         tenant, slo = request_tags(prompt)

@@ -194,6 +194,10 @@ class ServerContext:
             requests[0][2].validate(self.vocab)  # every prompt shares these params; n is checked before counting
         except ValueError as e:
             raise bad_request(e) from None
+        tags = REQUEST_TAGS.get()
+        if tags is not None and tags.get("max_tokens_is_cap"):
+            for r in requests:
+                r[2]._max_tokens_is_cap = True
         seqs = sum(r[2].n for r in requests)
         if seqs > max_seqs:
             raise APIError(400, f"{param}: {len(requests)} prompts x n={requests[0][2].n} = {seqs} sequences; "

@@ -229,6 +229,9 @@ class Gateway:
         if not given:
             default = getattr(req, fields[0])
             setattr(req, fields[0], cap if default is None else min(default, cap))
+            tags = REQUEST_TAGS.get()
+            if tags is not None and (default is None or cap < default):
+                tags["max_tokens_is_cap"] = True  # (ServerContext.submit marks the params)
 
     def admit(self, tenant: Tenant) -> Admission:
         """The tenant's admission (concurrency and requests per minute) or a 429; the request's

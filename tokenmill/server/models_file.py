@@ -114,6 +114,15 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             raise ValueError(f"{f}.name: must be a non-empty string")
         changes: dict[str, Any] = {k: m[k] for k in ENGINE_KEYS & set(m) if m[k] is not None}  # null: the default
         changes["model"] = p
+
+        def near(q: Any) -> Any:  # a relative folder is the file's, as `path` is
+            return os.path.normpath(os.path.join(here, q)) if isinstance(q, str) and q and not os.path.isabs(q) else q
+
+        if "tokenizer" in changes:
+            changes["tokenizer"] = near(changes["tokenizer"])
+        spec = changes.get("speculative_config")
+        if isinstance(spec, dict) and "model" in spec:
+            changes["speculative_config"] = {**spec, "model": near(spec["model"])}
         if "kv_cache_memory" in m:
             changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)
         try:

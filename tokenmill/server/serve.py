@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -68,6 +69,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     the app starts; connections made meanwhile wait in the backlog); ValueError naming the flag
     when the address is taken or not this machine's. IPv6 only for a host with a colon, as uvicorn
     decides, so "localhost" is 127.0.0.1 and not whatever getaddrinfo lists first."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port: must be in [0, 65535], got {port}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: restart over TIME_WAIT
     try:
@@ -180,8 +183,8 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
         v = settings.get(key) if v is None else v
         if v is None:
             return None
-        if v <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {v:g}")
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"--{flag.replace('_', '-')}: must be a positive number of GiB, got {v!r}")
         return int(v * gib)
 
     budget = gib_flag("memory_budget", "memory_budget")
@@ -209,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    if args.max_body_size < 1:
+        raise ValueError(f"--max-body-size: must be a positive number of bytes, got {args.max_body_size}")
+    if not args.shutdown_timeout >= 0:  # (NaN too)
+        raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout}")
     if args.tenants is not None:  # a bad file fails before any model loads
         from tokenmill.ops.tenants import load_tenants
 
