@@ -292,12 +292,12 @@ class Gateway:
             ctx = await self._route_rules(tier, req)
         else:
             ctx = await self._cascade(tier, req, generation)
-        if generation and ctx.llm_engine.task == "embed":
-            raise APIError(400, f"this server runs the embedding model `{ctx.name}`: it answers /v1/embeddings, "
-                           f"not text generation")
+        if generation or embedding:  # (a tier's model, known only now)
+            _check_task(ctx.name, ctx.llm_engine.task, generation)
         return ctx, req, arrival
 
     def _check_task(self, name: str, generation: bool) -> None:
+        """The endpoint against a model's task, before it is on the device."""
         task = self._tasks.get(name)
         if task is None:
             e = self.pool.entries[name]
@@ -312,12 +312,7 @@ class Gateway:
                 except Exception:  # (loading it will say what is wrong)
                     return
             self._tasks[name] = task
-        if generation and task == "embed":
-            raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "
-                           f"not text generation")
-        if not generation and task != "embed":
-            raise APIError(400, f"`{name}` is served as a generative model, which has no embeddings; serve an "
-                           f"embedding model, or this one with --task embed", param="model")
+        _check_task(name, task, generation)
 
     def _tokenizer_only(self, name: str) -> ServerContext:
         """A context for /tokenize and /detokenize of a model on disk: its tokenizer and limits,
@@ -489,6 +484,16 @@ def _check_same_tokenizer(tier: Tier, pool: ModelPool) -> None:
     if not same:
         raise ValueError(f"tiers: {tier.name!r}: a cascade's small and strong models must share a tokenizer "
                          f"({small.model} and {strong.model} differ)")
+
+
+def _check_task(name: str, task: str, generation: bool) -> None:
+    """A 400 for a generation endpoint on an embedding model, or /v1/embeddings on a generative one."""
+    if generation and task == "embed":
+        raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "
+                       f"not text generation")
+    if not generation and task != "embed":
+        raise APIError(400, f"`{name}` is served as a generative model, which has no embeddings; serve an "
+                       f"embedding model, or this one with --task embed", param="model")
 
 
 def with_extras(resp: Any, extras: dict[str, Any]) -> Any:

@@ -149,7 +149,7 @@ class ServerMetrics:
         if not t.prompt_counted and m.first_token_time is not None and not out.uncounted:
             t.prompt_counted = True  # (an uncounted part's prompt is its request's: observe_request)
             self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
-        tokens = 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)  # (usage's count)
+        tokens = _output_tokens(out)
         if tokens > t.tokens:
             self.generation_tokens.labels(name, tenant).inc(tokens - t.tokens)
             t.tokens = tokens
@@ -183,7 +183,7 @@ class ServerMetrics:
     def _finished(self, out: RequestOutput, name: str, reason: str) -> None:
         m = out.metrics
         tenant = out.tenant or DEFAULT_TENANT
-        tokens = 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)
+        tokens = _output_tokens(out)
         self.request_success.labels(name, tenant, reason).inc()
         self._observe_slo(out, name, reason)
         if m.ttft is not None:
@@ -228,6 +228,11 @@ class Goodput:
         for name, cls in list(self._met):
             g.add_metric([name, cls], self.rate(name, cls))
         yield g
+
+
+def _output_tokens(out: RequestOutput) -> int:
+    """Its generated tokens, as usage counts them (none for scoring or embedding)."""
+    return 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)
 
 
 def _request_finish_reason(out: RequestOutput) -> str:

@@ -34,9 +34,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
     async def embeddings(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, embedding=True)
         mc = ctx.llm_engine.model_config
-        if ctx.llm_engine.task != "embed":
-            raise APIError(400, f"`{ctx.name}` is served as a generative model, which has no embeddings; serve an "
-                           f"embedding model, or this one with --task embed", param="model")
         if req.dimensions is not None:
             if not mc.matryoshka:
                 raise APIError(400, f"dimensions: `{ctx.name}` was not trained for truncated embeddings "
