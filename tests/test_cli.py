@@ -157,3 +157,36 @@ def test_bad_serve_and_cli_settings_are_one_line_errors(model_dir, tmp_path, cap
                    "tiers:\n  - {name: t, route: {policy: cascade, small: [a], strong: b, threshold: -1}}\n")
     assert main(["serve", "--models", str(doc)]) == 2  # (a list where a model's name goes: a TypeError before)
     assert "small" in capsys.readouterr().err
+    doc.write_text(f"models:\n  - {{name: a, path: {model_dir}}}\n  - {{name: b, path: {model_dir}}}\n"
+                   "tiers:\n  - {name: ' ', route: {policy: cascade, small: a, strong: b, threshold: -1}}\n")
+    assert main(["serve", "--models", str(doc)]) == 2
+    assert "tiers[0].name: must be a non-empty string" in capsys.readouterr().err
+    # A model that would start on disk is checked at startup, not at its first request (which would
+    # first push the active model out).
+    doc.write_text(f"models:\n  - {{name: a, path: {model_dir}}}\n  - {{name: b, path: {model_dir}, "
+                   "max_model_len: 10000000}\n")
+    assert main(["serve", "--models", str(doc)]) == 2
+    assert "models[1]: max_model_len=10000000 exceeds the model's context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--replica", "127.0.0.1:5"], "--replica: '127.0.0.1:5' is not a replica's base URL"),
+    (["--replica", "http://127.0.0.1:99999"], "has a port that is not a number"),
+    (["--replica", "http://127.0.0.1:5", "--health-timeout", "0"], "--health-timeout: must be a positive"),
+    (["--replica", "http://127.0.0.1:5", "--health-interval", "-1"], "--health-interval: must be a positive"),
+    (["--replica", "http://127.0.0.1:5", "--kv-full", "nan"], "--kv-full: a KV cache usage in (0, 1]"),
+    (["--replica", "http://127.0.0.1:5", "--max-body-size", "0"], "--max-body-size: must be a positive"),
+])
+def test_bad_router_settings_are_one_line_errors(flags, message, capsys):
+    """Settings that started a router unable to serve (every replica down, or a check every 0 s)."""
+    assert main(["router", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_local_replica_that_refuses_its_settings_is_a_one_line_error(model_dir, tmp_path, capsys):
+    """`router --replicas N` with serve flags a replica refuses: the replica's own error, not a traceback."""
+    assert main(["router", "--port", "0", "--replicas", "1", "--replica-log-dir", str(tmp_path),
+                 *_engine_flags(model_dir), "--device", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "replica 0 did not start: device: 'foo' is not a device" in err, err
+    assert "Traceback" not in err

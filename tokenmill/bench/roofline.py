@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -26,13 +26,13 @@ def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) 
     a few hundred) stay out of it."""
     inner = 10 if device.type == "cuda" else 1
     fn()  # warm-up: allocation, kernel selection, page faults
-    _sync(device)
+    sync_device(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(inner):
             fn()
-        _sync(device)
+        sync_device(device)
         best = min(best, (time.perf_counter() - t) / inner)
     return best
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tokenmill.bench import write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.latency import weight_bytes_per_step
-from tokenmill.bench.roofline import copy_bandwidth, matmul_flops
+from tokenmill.bench.roofline import copy_bandwidth, matmul_flops, sync_device
 from tokenmill.bench.workload import SHAPES, make_random_model
 
 
@@ -315,21 +315,16 @@ def _hf_generate(model, batch: list[list[int]], max_new: int, device: str) -> No
                        min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
 
-def _sync(device: str) -> None:
-    if device != "cpu":
-        torch.cuda.synchronize()
-
-
 def _run_hf(model, reqs: list[Request], batch_size: int, device: str) -> dict:
     # A batch runs to its longest output: batches of similar output lengths waste few steps (the
     # lengths are known here, as a real user's are not), then of similar prompts pad little.
     reqs = sorted(reqs, key=lambda r: (r.output_len, len(r.prompt)))
-    _sync(device)
+    sync_device(torch.device(device))
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(reqs), batch_size), desc=f"transformers bs={batch_size}", unit="batch", leave=False):
         chunk = reqs[i : i + batch_size]
         _hf_generate(model, [r.prompt for r in chunk], max(r.output_len for r in chunk), device)
-    _sync(device)
+    sync_device(torch.device(device))
     dt = time.perf_counter() - t0
     out_tokens = sum(r.output_len for r in reqs)
     in_tokens = sum(len(r.prompt) for r in reqs)
@@ -340,12 +335,12 @@ def _run_hf(model, reqs: list[Request], batch_size: int, device: str) -> dict:
 def _hf_decode(model, req: Request, n: int, device: str) -> float:
     prompt = req.prompt[:32]
     _hf_generate(model, [prompt], 2, device)  # warm up
-    _sync(device)
+    sync_device(torch.device(device))
     t0 = time.perf_counter()
     _hf_generate(model, [prompt], 1, device)
-    _sync(device)
+    sync_device(torch.device(device))
     t1 = time.perf_counter()
     _hf_generate(model, [prompt], n + 1, device)
-    _sync(device)
+    sync_device(torch.device(device))
     t2 = time.perf_counter()
     return n / ((t2 - t1) - (t1 - t0))

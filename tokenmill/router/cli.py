@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import tempfile
+import urllib.parse
 
 from tokenmill.router.policy import POLICIES, KVAwareWeights
 from tokenmill.router.router import Router, RouterConfig
@@ -56,6 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     if args.max_retries < 0:
         raise ValueError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    # Settings that would leave the router unable to serve (every replica down, a busy loop) or
+    # serving wrongly are refused here, each naming its flag.
+    for flag, v in (("--health-interval", args.health_interval), ("--health-timeout", args.health_timeout)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag}: must be a positive number of seconds, got {v!r}")
+    if not (math.isfinite(args.kv_decode_weight) and args.kv_decode_weight >= 0):
+        raise ValueError(f"--kv-decode-weight: must be >= 0, got {args.kv_decode_weight!r}")
+    if not (math.isfinite(args.kv_full) and 0 < args.kv_full <= 1):
+        raise ValueError(f"--kv-full: a KV cache usage in (0, 1], got {args.kv_full!r}")
+    if args.max_body_size < 1:
+        raise ValueError(f"--max-body-size: must be a positive number of bytes, got {args.max_body_size}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout!r}")
+    if args.replica_threads is not None and args.replica_threads < 1:
+        raise ValueError(f"--replica-threads: must be >= 1, got {args.replica_threads}")
+    for url in args.replica:
+        check_replica_url(url)
     tenants = None
     if args.tenants is not None:
         from tokenmill.ops.tenants import load_tenants
@@ -138,6 +157,20 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         if local is not None:
             local.stop()
         sock.close()
+
+
+def check_replica_url(url: str) -> None:
+    """ValueError unless url is an http(s) base URL with a host (`127.0.0.1:8001` alone would be
+    taken as scheme "127.0.0.1" and every call to it would fail)."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"--replica: {url!r} is not a replica's base URL; give one like http://127.0.0.1:8001")
+    try:
+        u.port  # noqa: B018 (raises on a port that is not a number or out of range)
+    except ValueError:
+        raise ValueError(f"--replica: {url!r} has a port that is not a number in [0, 65535]") from None
+    if u.query or u.fragment:
+        raise ValueError(f"--replica: {url!r}: a base URL has no query or fragment")
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:

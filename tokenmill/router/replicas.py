@@ -194,6 +194,7 @@ class LocalReplicas:
         self.ports = [free_port() for _ in range(n)]
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.restarts = [0] * n
+        self._log_start = [0] * n
         self._stopping = False
         self._task: asyncio.Task | None = None
 
@@ -212,6 +213,7 @@ class LocalReplicas:
             return subprocess.Popen(cmd, env=env)
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, f"replica{i}.log"), "a") as out:  # the child keeps its own copy
+            self._log_start[i] = out.tell()  # (a log dir given again holds earlier runs too)
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def start(self) -> None:
@@ -226,7 +228,25 @@ class LocalReplicas:
         for i, (p, url) in enumerate(zip(self.procs, self.urls)):
             assert p is not None
             log = f"; its log: {self.log_dir}/replica{i}.log" if self.log_dir else ""
-            wait_healthy(p, url, max(0.0, deadline - time.time()), lambda i=i, log=log: f" (replica {i}{log})")
+            try:
+                wait_healthy(p, url, max(0.0, deadline - time.time()), lambda i=i, log=log: f" (replica {i}{log})")
+            except RuntimeError:
+                why = self._log_error(i)
+                if p.poll() is not None and why:  # it refused its settings: say why, as `serve` would
+                    raise ValueError(f"replica {i} did not start: {why}{log}") from None
+                raise
+
+    def _log_error(self, i: int) -> str | None:
+        """The one-line `error: ...` a replica that refused its settings wrote last, if any."""
+        if not self.log_dir:
+            return None
+        try:
+            with open(os.path.join(self.log_dir, f"replica{i}.log"), "rb") as f:
+                f.seek(max(self._log_start[i], os.fstat(f.fileno()).st_size - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        return next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")), None)
 
     def supervise(self, backoff_max: float = 10.0) -> None:
         """Restarts replicas that die (on the event loop)."""

@@ -29,7 +29,7 @@ import math
 import os
 from typing import Any
 
-from tokenmill.config import EngineConfig, load_yaml_file, parse_dtype
+from tokenmill.config import EngineConfig, ModelConfig, load_yaml_file, parse_dtype
 from tokenmill.routing import policy_from_dict
 from tokenmill.server.gateway import Tier
 from tokenmill.server.pool import ModelSpec, PoolConfig
@@ -130,6 +130,10 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             config.validate()
             if config.dtype != "auto":
                 parse_dtype(config.dtype)
+            # The model's own config now, not at its first request: a model that starts on disk would
+            # otherwise fail that request after the active model was pushed out to make room.
+            mc = ModelConfig.from_pretrained(p)
+            mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
         pinned = m.get("pinned", False)
@@ -194,6 +198,8 @@ def build_pool_config(models: list[ModelEntry], raw_tiers: list[dict[str, Any]],
     for i, t in enumerate(raw_tiers):
         if not isinstance(t, dict) or set(t) - {"name", "route"} or not isinstance(t.get("name"), str):
             raise ValueError(f"tiers[{i}]: must be {{name: ..., route: {{policy: ...}}}}")
+        if not t["name"].strip():
+            raise ValueError(f"tiers[{i}].name: must be a non-empty string")
         if t["name"] in names:
             raise ValueError(f"tiers[{i}].name: {t['name']!r} is also a model's name")
         if any(x.name == t["name"] for x in tiers):
