@@ -80,6 +80,23 @@ def test_unsupported_architecture(tmp_path):
         LLM(path, **KV)
 
 
+def test_sliding_window_configs_read_as_transformers_reads_them():
+    """Qwen2's max_window_layers defaults to transformers' 28 (not every layer); a window that is
+    not a positive integer, or layer_types of the wrong length, is refused naming config.json."""
+    from tokenmill.config import _parse_sliding_windows
+
+    qwen = {"sliding_window": 8, "use_sliding_window": True}
+    assert _parse_sliding_windows(qwen, "Qwen2ForCausalLM", 30) == (None,) * 28 + (8, 8)
+    assert _parse_sliding_windows({**qwen, "max_window_layers": 1}, "Qwen2ForCausalLM", 3) == (None, 8, 8)
+    assert _parse_sliding_windows({"sliding_window": 16.0, "layer_types": ["full_attention", "sliding_attention"]},
+                                  "Qwen3ForCausalLM", 2) == (None, 16)
+    for raw, match in [({"sliding_window": -1}, "sliding_window must be a positive integer, got -1"),
+                       ({"sliding_window": 4.5}, "positive integer, got 4.5"),
+                       ({"sliding_window": 4, "layer_types": ["sliding_attention"]}, "layer_types has 1 entries")]:
+        with pytest.raises(ValueError, match=match + ".*config.json"):
+            _parse_sliding_windows(raw, "MistralForCausalLM", 2, "/m")
+
+
 def test_missing_config(tmp_path):
     with pytest.raises(ValueError, match="config.json is missing"):
         LLM(str(tmp_path), **KV)

@@ -91,3 +91,23 @@ def test_park_and_unpark_mid_generation_changes_nothing(tmp_path):
         assert [done[f"g{i}"] for i in range(4)] == want
         assert done["s"] == want_seeded
         assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_draft_models_kv_cache_is_kept_mapped_while_parked(tmp_path):
+    """On CPU a parked model's draft KV cache gives its pages back and keeps its mapping, as the
+    model's own does: coming back allocates nothing (it zero-filled the whole draft cache before),
+    and the drafts, hence the outputs, are unchanged."""
+    from tokenmill import SamplingParams
+
+    path = make_model(str(tmp_path / "m"), "llama")
+    draft = make_model(str(tmp_path / "d"), "llama", seed=1)
+    llm = LLM(path, kv_cache_memory_bytes=8 * 2**20, speculative_config={"model": draft, "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": [5, 6, 7, 5, 6, 7]}, params)[0].outputs[0].token_ids
+    d = llm.engine.runner.drafter
+    ptrs = [c.data_ptr() for c in d.kv_caches]
+    llm.engine.park()
+    assert [c.data_ptr() for c in d.kv_caches] == ptrs and not any(int(c.count_nonzero()) for c in d.kv_caches)
+    llm.engine.unpark()
+    assert [c.data_ptr() for c in d.kv_caches] == ptrs
+    assert llm.generate({"prompt_token_ids": [5, 6, 7, 5, 6, 7]}, params)[0].outputs[0].token_ids == want

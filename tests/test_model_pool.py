@@ -8,6 +8,7 @@ model force swaps, and a short swap quantum lets a waiting model park a busy one
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import time
 
@@ -308,6 +309,11 @@ def test_several_model_flags_and_bad_pool_configs(models, tmp_path, capsys):
           "tiers": [{"name": "t", "route": {"policy": "cascade", "small": "alpha", "strong": "alpha",
                                             "threshold": -1}}]}, "tiers[0].route.strong"),
         ({"swap_quantum": -1, "models": [{"path": models["alpha"]}]}, "swap_quantum"),
+        # A draft model is checked at startup too, not when its model is first asked for.
+        ({"models": [{"path": models["alpha"]}, {"path": models["beta"], "speculative_config":
+                                                  {"model": "missing", "num_speculative_tokens": 2}}]},
+         "models[1].speculative_config.model: "),
+        ({"models": [{"path": models["alpha"], "speculative_config": True}]}, "models[0].speculative_config"),
     ]
     for i, (doc, needle) in enumerate(bad):
         path = write_yaml(tmp_path / f"bad{i}.yaml", doc)
@@ -325,6 +331,30 @@ def test_cli_models_file_relative_paths(models, tmp_path):
     entries, tiers, settings = read_models_file(path, EngineConfig(model=""))
     assert entries[0].name == "first" and entries[0].config.model == str(tmp_path / "a")
     assert entries[0].config.max_model_len == 128 and entries[0].pinned and tiers == [] and settings == {}
+    # A draft model's folder is the file's too, given as an object or as a JSON string; `false`
+    # turns off the command line's speculation for one model.
+    os.symlink(models["beta"], tmp_path / "d")
+    flags = EngineConfig(model="", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    path = write_yaml(tmp_path / "m.yaml", {"models": [
+        {"path": "a", "name": "x", "speculative_config": {"model": "d", "num_speculative_tokens": 2}},
+        {"path": "a", "name": "y", "speculative_config": '{"model": "d", "num_speculative_tokens": 2}'},
+        {"path": "a", "name": "z", "speculative_config": False}, {"path": "a", "name": "w"}]})
+    x, y, z, w = (e.config for e in read_models_file(path, flags)[0])
+    assert x.speculative_config.model == y.speculative_config.model == str(tmp_path / "d")
+    assert z.speculative_config is None and w.speculative_config.method == "ngram"
+
+
+def test_a_draft_models_weights_count_in_the_estimate(models):
+    """A model left on disk is brought back by its estimate: its draft model's weights are part of
+    it (they were left out, and such a model then took more than --memory-budget)."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.pool import _estimate_bytes
+
+    plain = EngineConfig(model=models["alpha"], kv_cache_memory_bytes=2**20, prepack_weights=False)
+    spec = dataclasses.replace(plain, speculative_config={"model": models["beta"], "num_speculative_tokens": 2})
+    weights = sum(os.path.getsize(os.path.join(models["beta"], f)) for f in os.listdir(models["beta"])
+                  if f.endswith(".safetensors"))
+    assert abs(_estimate_bytes(spec) - _estimate_bytes(plain) - weights) < 0.01 * weights
 
 
 def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(models, tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=is_qwen3,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            sliding_windows=_parse_sliding_windows(raw, arch, num_layers),
+            sliding_windows=_parse_sliding_windows(raw, arch, num_layers, path),
             checkpoint_dtype=_checkpoint_dtype(raw),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
             bos_token_id=raw.get("bos_token_id"),
@@ -238,18 +238,28 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _parse_sliding_windows(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+def _parse_sliding_windows(raw: dict[str, Any], arch: str, num_layers: int,
+                           path: str = "") -> tuple[int | None, ...]:
     window = raw.get("sliding_window")
     layer_types = raw.get("layer_types")
     if not window:
         return (None,) * num_layers
+    where = os.path.join(path, "config.json")
+    # (transformers refuses these too; loaded, a float broke the CPU kernel and a window below 1
+    # meant full attention to some backends and a literal mask to others)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window != int(window) or window < 1:
+        raise ValueError(f"model: sliding_window must be a positive integer, got {window!r} in {where}")
+    w = int(window)
     if layer_types:
-        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+        if len(layer_types) != num_layers:
+            raise ValueError(f"model: layer_types has {len(layer_types)} entries for num_hidden_layers="
+                             f"{num_layers} in {where}")
+        return tuple(w if t == "sliding_attention" else None for t in layer_types)
     if arch == "MistralForCausalLM":
-        return (int(window),) * num_layers
+        return (w,) * num_layers
     if raw.get("use_sliding_window"):
-        first = int(raw.get("max_window_layers", num_layers))
-        return tuple(int(window) if i >= first else None for i in range(num_layers))
+        first = int(raw.get("max_window_layers", 28))  # (transformers' Qwen2/Qwen3 default)
+        return tuple(w if i >= first else None for i in range(num_layers))
     return (None,) * num_layers
 
 

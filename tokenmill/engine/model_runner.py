@@ -423,9 +423,7 @@ class ModelRunner:
         self._drop_graphs()  # they hold the old cache's addresses
         self._warm = False
         if self.kv_released and self.device.type == "cpu" and num_blocks == self.num_blocks:
-            self.kv_released = False  # the pages fault back in, zeroed, as steps write them
-            if self.drafter is not None:
-                self.drafter.allocate(num_blocks + self.spare_blocks, self.block_size)
+            self.kv_released = False  # the pages fault back in, zeroed, as steps write them (the draft's too)
             return num_blocks
         budget, source = self.kv_cache_budget() if num_blocks is None else (0, "")
         per_block = self.kv_bytes_per_block
@@ -471,7 +469,7 @@ class ModelRunner:
         else:
             self.kv_caches = []
         if self.drafter is not None:
-            self.drafter.kv_caches = []
+            self.drafter.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.kv_released = True

@@ -19,6 +19,7 @@ seeded requests (see `can_speculate`), decode without drafts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.input_batch import Staging
 from tokenmill.engine.sequence import Sequence
+from tokenmill.memory import host_arena, release_pages
 from tokenmill.sample.sampler import sample_rows
 
 
@@ -145,6 +147,21 @@ def verify(argmax: list[int], probs: torch.Tensor | None, starts: list[int], dra
     return results  # type: ignore[return-value]
 
 
+def check_draft_model(path: str, target_vocab: int, max_model_len: int, allow_long: bool):
+    """The draft model's ModelConfig; ValueError when it cannot draft for the target."""
+    from tokenmill.config import ModelConfig
+
+    mc = ModelConfig.from_pretrained(path)
+    if mc.vocab_size != target_vocab:
+        raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
+                         f"from the target's ({target_vocab}); a draft model must share the tokenizer")
+    mc.check_max_model_len(max_model_len, allow_long, "the draft model")
+    if not mc.has_lm_head:
+        raise ValueError(f"speculative_config: the draft model {path} has no LM head (a bare decoder); "
+                         f"it cannot propose tokens")
+    return mc
+
+
 class DraftModel:
     """The draft_model proposer: a smaller checkpoint with the target's vocabulary, run greedily.
 
@@ -158,17 +175,9 @@ class DraftModel:
     def __init__(self, cfg: SpeculativeConfig, target_vocab: int, engine_config, device: torch.device,
                  dtype: torch.dtype, max_model_len: int) -> None:
         from tokenmill.attention import get_attention_backend
-        from tokenmill.config import ModelConfig
         from tokenmill.model import load_model
 
-        mc = ModelConfig.from_pretrained(cfg.model)
-        if mc.vocab_size != target_vocab:
-            raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
-                             f"from the target's ({target_vocab}); a draft model must share the tokenizer")
-        mc.check_max_model_len(max_model_len, engine_config.allow_long_max_model_len, "the draft model")
-        if not mc.has_lm_head:
-            raise ValueError(f"speculative_config: the draft model {cfg.model} has no LM head (a bare decoder); "
-                             f"it cannot propose tokens")
+        mc = check_draft_model(cfg.model, target_vocab, max_model_len, engine_config.allow_long_max_model_len)
         self.model_config = mc
         self.device, self.dtype = device, dtype
         backend_cls = get_attention_backend(engine_config.resolve_attention_backend(device))
@@ -177,6 +186,7 @@ class DraftModel:
                                 quantization=engine_config.quantization,
                                 prepack=engine_config.prepack_weights)
         self.kv_caches: list[torch.Tensor] = []
+        self._kv_arena: torch.Tensor | None = None  # the CPU cache's mapping
         self.graphs = None  # its DecodeGraphs, made and dropped by the model runner with the model's
         self.staging = Staging(device)  # its passes' inputs (the runner's is in use by the step)
 
@@ -185,10 +195,24 @@ class DraftModel:
         return 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * (torch.finfo(self.dtype).bits // 8)
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
-        """The cache, with the target's block ids (num_blocks counts the graphs' spare block)."""
+        """The cache, with the target's block ids (num_blocks counts the graphs' spare block). On
+        CPU one mapping, as the target's cache: release() gives its pages back and keeps it."""
         mc = self.model_config
         shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        if self.device.type == "cpu":
+            arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
+            arena.zero_()
+            self._kv_arena = arena
+            self.kv_caches = list(arena.view(self.dtype).view(mc.num_layers, *shape).unbind(0))
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+
+    def release(self) -> None:
+        """Frees the cache (a parked model): on CPU only its pages, which fault back in zeroed."""
+        if self._kv_arena is not None:
+            release_pages(self._kv_arena)
+        else:
+            self.kv_caches = []
 
     @torch.inference_mode()
     def propose(self, scheduled: list, block_size: int) -> None:

@@ -13,13 +13,16 @@ models:
     dtype: float32        # any engine setting: dtype, quantization, max_model_len, max_num_seqs, ...
     price_per_device_hour: 0.5   # this model's prices (usage.compute.cost_usd), else the command line's
   - path: ./demo
+    speculative_config: {model: ./demo-small, num_speculative_tokens: 4}   # (false: none, whatever the flags say)
 tiers:
   - name: tokenmill/auto
     route: {policy: cascade, small: small, strong: demo, threshold: -2.5, metric: surprise}
 ```
 
 A model entry takes the engine settings by their flag names with underscores; what it leaves out
-comes from the command line. Every mistake is a ValueError naming its field (models[1].dtype).
+comes from the command line; relative folders (path, tokenizer, a draft model) are the file's.
+Every mistake is a ValueError naming its field (models[1].dtype), raised at startup: a model
+that starts on disk has its config.json, context and draft model checked then too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 from typing import Any
 
 from tokenmill.config import EngineConfig, ModelConfig, load_yaml_file, parse_dtype
+from tokenmill.engine.spec_decode import check_draft_model
 from tokenmill.routing import policy_from_dict
 from tokenmill.server.gateway import Tier
 from tokenmill.server.pool import ModelSpec, PoolConfig
@@ -49,7 +53,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "dtype": (str,), "max_model_len": (int,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,),
     "block_size": (int,), "seed": (int,), "enable_prefix_caching": (bool,), "attention_backend": (str,),
     "quantization": (str,), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
-    "speculative_config": (dict, str), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
+    "speculative_config": (dict, str, bool), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
     "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,), "scheduling_policy": (str,),
     "slo_admission": (str,), "price_per_device_hour": (int, float), "price_per_kwh": (int, float),
     "pue": (int, float), "cuda_graphs": (str,), "cuda_graph_sizes": (list,)}
@@ -120,14 +124,15 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
 
         if "tokenizer" in changes:
             changes["tokenizer"] = near(changes["tokenizer"])
-        spec = changes.get("speculative_config")
-        if isinstance(spec, dict) and "model" in spec:
-            changes["speculative_config"] = {**spec, "model": near(spec["model"])}
+        if m.get("speculative_config") is False:  # this model does not speculate, whatever the flags say
+            changes["speculative_config"] = None
+        elif m.get("speculative_config") is True:
+            raise ValueError(f"{f}.speculative_config: an object (method, model, ...), or false for none")
         if "kv_cache_memory" in m:
             changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)
         try:
             config = dataclasses.replace(base, **changes)
-            config.validate()
+            config.validate()  # (parses speculative_config: a JSON string or an object)
             if config.dtype != "auto":
                 parse_dtype(config.dtype)
             # The model's own config now, not at its first request: a model that starts on disk would
@@ -136,6 +141,16 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
+        spec = config.speculative_config
+        if spec is not None and spec.model:
+            if changes.get("speculative_config") is not None:  # (the file's own: parsed anew, its to change)
+                spec.model = near(spec.model)
+            try:
+                check_draft_model(spec.model, mc.vocab_size, config.max_model_len or mc.max_context,
+                                  config.allow_long_max_model_len)
+            except ValueError as e:
+                why = str(e).removeprefix("speculative_config: ").removeprefix("model: ")
+                raise ValueError(f"{f}.speculative_config.model: {why}") from None
         pinned = m.get("pinned", False)
         if not isinstance(pinned, bool):
             raise ValueError(f"{f}.pinned: true or false, got {pinned!r}")

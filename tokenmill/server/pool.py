@@ -129,14 +129,11 @@ class PoolEntry:
 
 def _weight_bytes(config: EngineConfig) -> int:
     """The checkpoint's tensors at the dtype they will run in (read from the safetensors headers;
-    the prepacked copy on CPU counted when prepacking is not off)."""
-    import glob
-    import os
-
+    the prepacked copy on CPU counted when prepacking is not off), and a draft model's, which runs
+    in the same dtype beside it."""
     import torch
-    from safetensors import safe_open
 
-    from tokenmill.config import ModelConfig
+    from tokenmill.config import ModelConfig, SpeculativeConfig
 
     device = config.resolve_device()
     try:
@@ -145,19 +142,40 @@ def _weight_bytes(config: EngineConfig) -> int:
     except Exception:  # an unreadable config fails the load itself, with its own message
         mc, target = None, torch.float32
     elem = torch.finfo(target).bits // 8 if target.is_floating_point else 1
-    total = 0
-    if config.load_format == "dummy":  # no checkpoint to read: its shape says the same
-        total = mc.num_parameters * elem if mc is not None else 0
-    else:
-        for f in glob.glob(os.path.join(config.model, "*.safetensors")):
-            with safe_open(f, framework="pt") as st:
-                for k in st.keys():
-                    n = 1
-                    for d in st.get_slice(k).get_shape():
-                        n *= d
-                    total += n * elem
+    total = _checkpoint_params(config.model, mc if config.load_format == "dummy" else None) * elem
+    try:
+        spec = SpeculativeConfig.parse(config.speculative_config)
+    except ValueError:
+        spec = None
+    if spec is not None and spec.model:
+        try:
+            draft = ModelConfig.from_pretrained(spec.model) if config.load_format == "dummy" else None
+        except ValueError:
+            draft = None
+        total += _checkpoint_params(spec.model, draft) * elem
     if device.type == "cpu" and config.prepack_weights is not False and config.quantization is None:
         total *= 2  # the oneDNN copy (None: made when RAM allows, so counted)
+    return total
+
+
+def _checkpoint_params(folder: str, dummy: Any = None) -> int:
+    """The parameters in a checkpoint folder's safetensors headers (dummy: the ModelConfig of a
+    model loaded without its checkpoint, whose shape says the same)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    if dummy is not None:
+        return dummy.num_parameters
+    total = 0
+    for f in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
     return total
 
 
