@@ -430,6 +430,14 @@ def test_startup_leaves_on_disk_what_neither_budget_holds_and_tokenizes_it_there
         assert states(srv)["gamma"] == "on_disk"  # its tokenizer answered from its folder
     finally:
         srv.stop()
+    # Host memory holds parked weights: one whose KV cache alone exceeds it still parks there (the
+    # check added the whole estimate, weights and KV cache, and left the model on disk).
+    doc["host_memory_budget"] = 0.01
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log2"))
+    try:
+        assert states(srv) == {"alpha": "active", "beta": "parked", "gamma": "parked"}
+    finally:
+        srv.stop()
 
 
 def test_models_are_built_and_stepped_on_one_thread_and_a_background_load_thread_ends(models, tmp_path, monkeypatch):

@@ -240,9 +240,17 @@ class ModelPool:
                                  f"cache), more than the whole --memory-budget {budget / 2**30:.2f} GiB")
             if budget is not None and e.est_bytes > budget - self._used():
                 hb = self.config.host_memory_budget
-                if not e.spec.pinned and hb is not None and self._parked_bytes() + e.est_bytes > hb:
-                    logger.info("model %s: left on disk (neither budget holds it now)", e.name)
-                    continue
+                if not e.spec.pinned and hb is not None:
+                    # The weights the models parked for it would add to host memory.
+                    free, parked = budget - self._used(), self._parked_bytes()
+                    for v in [v for v in reversed(order) if v.state == ACTIVE and not v.spec.pinned]:
+                        if e.est_bytes <= free:
+                            break
+                        free += v.footprint
+                        parked += v.weight_bytes
+                    if parked > hb:
+                        logger.info("model %s: left on disk (neither budget holds it now)", e.name)
+                        continue
                 for v in [v for v in reversed(order) if v.state == ACTIVE and not v.spec.pinned]:
                     if e.est_bytes <= budget - self._used():
                         break
