@@ -266,8 +266,51 @@ def test_config_errors(arch_dirs, draft_dir, tmp_path):
             EngineConfig(model=arch_dirs["llama"], speculative_config=bad).validate()
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3}').prompt_lookup_max == 4
     other = make_model(str(tmp_path / "v"), "llama", tokenizer=False, vocab_size=300)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match="vocabulary .* no tokenizer to compare"):
         _engine(arch_dirs["llama"], {"method": "draft_model", "model": other, "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("pad", [64, -8])
+def test_a_draft_whose_vocabulary_is_padded_to_another_size(tmp_path, pad):
+    """Same tokenizer, embeddings padded to another size (Qwen2.5 0.5B-7B against 14B-72B): the
+    draft proposes only ids the target has and reads the target's padding ids it lacks; the
+    output is the target's alone, and a draft that is the target's own weights, padded or cut, is
+    accepted almost always. Different tokenizers are refused."""
+    import safetensors.torch
+
+    from tests.models import VOCAB, save_tokenizer
+
+    target = make_model(str(tmp_path / "t"), "llama", seed=3)
+    draft = make_model(str(tmp_path / "d"), "llama", vocab_size=VOCAB + pad)
+    weights = safetensors.torch.load_file(os.path.join(target, "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[k]
+        weights[k] = torch.cat([w, torch.zeros(pad, w.shape[1])]) if pad > 0 else w[:pad].contiguous()
+    safetensors.torch.save_file(weights, os.path.join(draft, "model.safetensors"), metadata={"format": "pt"})
+    # Prompts with the target's last ids, which a draft cut short lacks.
+    prompts = [[VOCAB - 1, 5, VOCAB - 3, 9] * 6, list(range(VOCAB - 40, VOCAB))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in _run(_engine(target), prompts, params)]
+    llm = _engine(target, {"model": draft, "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in _run(llm, prompts, params)] == want
+    # Where every id is one both have, they are the same model: drafts are accepted.
+    both = [p for p in ([5, 9, 14, 27] * 6, list(range(40, 80)), [7, 300, 12] * 5, list(range(100, 130)))
+            if max(p + _run(_engine(target), [p], params)[0].outputs[0].token_ids) < min(VOCAB, VOCAB + pad)]
+    llm = _engine(target, {"model": draft, "num_speculative_tokens": 3})
+    _run(llm, both, params)
+    stats = llm.engine.spec_stats
+    assert stats.num_accepted_tokens >= 0.8 * stats.num_draft_tokens > 0, stats
+    save_tokenizer(draft, chat_template="{{ messages }}")  # (the template is not the vocabulary: accepted)
+    _engine(target, {"model": draft, "num_speculative_tokens": 3})
+    with open(os.path.join(draft, "tokenizer.json")) as f:
+        doc = json.load(f)
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    with open(os.path.join(draft, "tokenizer.json"), "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(ValueError, match="their tokenizers differ"):
+        _engine(target, {"model": draft, "num_speculative_tokens": 3})
 
 
 def test_server_speculative_config_and_metrics(arch_dirs, tmp_path):

@@ -147,19 +147,49 @@ def verify(argmax: list[int], probs: torch.Tensor | None, starts: list[int], dra
     return results  # type: ignore[return-value]
 
 
-def check_draft_model(path: str, target_vocab: int, max_model_len: int, allow_long: bool):
-    """The draft model's ModelConfig; ValueError when it cannot draft for the target."""
+def check_draft_model(path: str, target_vocab: int, max_model_len: int, allow_long: bool,
+                      target_tokenizer: str | None = None):
+    """The draft model's ModelConfig; ValueError when it cannot draft for the target.
+
+    The vocabularies may differ in size where the tokenizers are the same and the difference is
+    padding: Qwen2.5's 0.5B-7B pad their embeddings to 151,936 rows, its 14B-72B to 152,064, for
+    the same 151,665 tokens (vLLM and llama.cpp refuse such pairs). The draft then never proposes
+    an id the target lacks, and reads the target's padding ids (never sampled by a trained model)
+    as another padding id: only its drafts could change, never the output."""
     from tokenmill.config import ModelConfig
 
     mc = ModelConfig.from_pretrained(path)
     if mc.vocab_size != target_vocab:
-        raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
-                         f"from the target's ({target_vocab}); a draft model must share the tokenizer")
+        same, why = _same_tokenizer(path, target_tokenizer, min(mc.vocab_size, target_vocab))
+        if not same:
+            raise ValueError(f"speculative_config: the draft model's vocabulary ({mc.vocab_size} tokens) differs "
+                             f"from the target's ({target_vocab}), and {why}; a draft model must share the "
+                             f"tokenizer")
     mc.check_max_model_len(max_model_len, allow_long, "the draft model")
     if not mc.has_lm_head:
         raise ValueError(f"speculative_config: the draft model {path} has no LM head (a bare decoder); "
                          f"it cannot propose tokens")
     return mc
+
+
+def _same_tokenizer(draft: str, target: str | None, rows: int) -> tuple[bool, str]:
+    """Whether the two folders' tokenizers map the same tokens to the same ids, all below rows."""
+    from transformers import AutoTokenizer
+
+    toks = []
+    for what, folder in (("the draft model's", draft), ("the target's", target)):
+        try:
+            toks.append(AutoTokenizer.from_pretrained(folder, local_files_only=True) if folder else None)
+        except (OSError, ValueError):
+            toks.append(None)
+        if toks[-1] is None:
+            return False, f"{what} folder has no tokenizer to compare"
+    a, b = toks
+    if a.get_vocab() != b.get_vocab():
+        return False, "their tokenizers differ"
+    if len(a) > rows:
+        return False, f"the tokenizer's {len(a)} tokens do not fit in the smaller one"
+    return True, ""
 
 
 class DraftModel:
@@ -177,8 +207,13 @@ class DraftModel:
         from tokenmill.attention import get_attention_backend
         from tokenmill.model import load_model
 
-        mc = check_draft_model(cfg.model, target_vocab, max_model_len, engine_config.allow_long_max_model_len)
+        mc = check_draft_model(cfg.model, target_vocab, max_model_len, engine_config.allow_long_max_model_len,
+                               engine_config.tokenizer or engine_config.model)
         self.model_config = mc
+        # Vocabularies padded to different sizes (check_draft_model): the target's ids the draft
+        # lacks are read as its last (padding) row; the draft's ids the target lacks are never drafted.
+        self.max_input_id = mc.vocab_size - 1 if mc.vocab_size < target_vocab else None
+        self.proposable = target_vocab if mc.vocab_size > target_vocab else None
         self.device, self.dtype = device, dtype
         backend_cls = get_attention_backend(engine_config.resolve_attention_backend(device))
         self.backend = backend_cls(mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5)
@@ -237,10 +272,12 @@ class DraftModel:
                 last_rows.append(row - 1)
                 spec.append(s)
         ids, pos, meta = build_batch([c[:3] for c in chunks], block_size, self.device, self.staging, last_rows)
+        if self.max_input_id is not None:
+            ids = ids.clamp(max=self.max_input_id)
         hidden = self._forward(ids, pos, meta)
         if not spec:
             return
-        tokens = self.model.compute_logits(hidden[meta.scratch["extra"]]).argmax(-1)
+        tokens = self._argmax(hidden[meta.scratch["extra"]])
         passes = [(spec, tokens)]
         for j in range(1, max(s.num_spec for s in spec)):
             prev = passes[-1][0]
@@ -253,7 +290,7 @@ class DraftModel:
             _, pos, meta = build_batch(batch, block_size, self.device, self.staging, None if whole else keep)
             ids = tokens if whole else tokens[meta.scratch["extra"]]
             hidden = self._forward(ids, pos, meta)
-            tokens = self.model.compute_logits(hidden).argmax(-1)
+            tokens = self._argmax(hidden)
             passes.append((active, tokens))
             for s in active:
                 s.seq.num_draft_computed += 1
@@ -266,6 +303,10 @@ class DraftModel:
                 else:
                     s.seq.spec_token_ids.append(d)
             at += len(active)
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden)
+        return (logits if self.proposable is None else logits[:, : self.proposable]).argmax(-1)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
         """A decode-only pass through the draft model's graph of its size (launch-bound eagerly on

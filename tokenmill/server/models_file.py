@@ -147,7 +147,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
                 spec.model = near(spec.model)
             try:
                 check_draft_model(spec.model, mc.vocab_size, config.max_model_len or mc.max_context,
-                                  config.allow_long_max_model_len)
+                                  config.allow_long_max_model_len, config.tokenizer or p)
             except ValueError as e:
                 why = str(e).removeprefix("speculative_config: ").removeprefix("model: ")
                 raise ValueError(f"{f}.speculative_config.model: {why}") from None
