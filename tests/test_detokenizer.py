@@ -139,3 +139,26 @@ def test_decoding_once_at_the_end_gives_the_incremental_text(tok, model_dir):
     eng.abort_request(stop)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].text == "".join(llm.stream(prompt, params)) != ""
+
+
+def test_the_text_of_the_first_min_tokens_tokens_does_not_stop_the_output(llm):
+    """As vLLM: stop strings are looked for from token min_tokens + 1 on (min_tokens=1 with
+    stop=["\\n"] must not give an empty answer); one that begins in those tokens and ends after
+    them does stop."""
+    from tokenmill import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    base = llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    first, second = tok.decode(base.token_ids[:1]), tok.decode(base.token_ids[:2])
+    stop = first.strip()[:1]
+    assert stop and stop not in base.text[len(first):]
+    for min_tokens, n in ((0, 1), (1, 8)):
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop], min_tokens=min_tokens)
+        out = llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0]
+        assert len(out.token_ids) == n, (min_tokens, out)
+    spanning = first[-1] + second[len(first):][:1]
+    assert len(spanning) == 2 and spanning not in first
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[spanning], min_tokens=1)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0]
+    assert len(out.token_ids) == 2 and out.finish_reason == "stop"

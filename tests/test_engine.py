@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.models import hf_model
-from tokenmill import SamplingParams
+from tests.models import hf_model, make_model
+from tokenmill import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "Hello world! How", "def fib(n):", "Café crème"]
 
@@ -246,3 +246,34 @@ def test_stop_token_text_is_not_in_the_output(llm):
         assert eos.token_ids == base.token_ids[: first + 1] and eos.text == want
     finally:
         engine.eos_token_ids = saved
+
+
+def test_llm_chat_reads_messages_as_the_chat_endpoint_does(tmp_path):
+    """LLM.chat takes OpenAI content parts, an assistant's tool calls with JSON-string arguments,
+    tools, continue_final_message and chat_template_kwargs, as vLLM's does; a bad message is a
+    ValueError naming it (content parts went into the prompt as a Python list's repr)."""
+    from tests.models import TOOLS_CHAT_TEMPLATE
+
+    template = TOOLS_CHAT_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
+    llm = LLM(make_model(str(tmp_path / "m"), "llama", chat_template=template), kv_cache_memory_bytes=8 * 2**20)
+    plain = llm.chat_prompt([{"role": "user", "content": "Hi there"}])["prompt"]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert llm.chat_prompt(parts)["prompt"] == plain
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    text = llm.chat_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "c1", "content": "2"}], tools=tools)["prompt"]
+    assert '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>' in text and "Tools:" in text
+    assert llm.chat_prompt(parts, chat_template_kwargs={"enable_thinking": False})["prompt"] == plain + "/no_think"
+    going = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, the"}]
+    assert llm.chat_prompt(going, False, continue_final_message=True)["prompt"].endswith("assistant\nWell, the")
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    assert (llm.chat(going, sp, add_generation_prompt=False, continue_final_message=True)[0].prompt
+            .endswith("Well, the"))
+    for bad, match in [([{"role": "robot", "content": "x"}], r"^messages\[0\]\.role: "),
+                       ([{"role": "user", "content": [{"type": "image_url"}]}], r"^messages\[0\]\.content"),
+                       (going, "^continue_final_message: cannot be combined with add_generation_prompt")]:
+        with pytest.raises(ValueError, match=match):
+            llm.chat(bad, sp, continue_final_message=bad is going)
+    with pytest.raises(ValueError, match="^chat_template_kwargs: 'tools' is a request field"):
+        llm.chat(parts, sp, chat_template_kwargs={"tools": []})

@@ -135,6 +135,31 @@ def test_chat_applies_the_template(client, model_name, offline):
     assert r.choices[0].message.content == want.outputs[0].text
 
 
+def test_chat_continue_final_message_and_template_kwargs(client, server, model_name, offline):
+    """vLLM's continue_final_message (the assistant's last message left open) and
+    chat_template_kwargs, on the chat endpoint and /tokenize; the offline LLM.chat renders the same."""
+    from tokenmill import SamplingParams
+
+    going = [{"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "jumps over"}]
+    r = client.chat.completions.create(model=model_name, messages=going, max_tokens=12, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+    want = offline.chat(going, SamplingParams(max_tokens=12, temperature=0), add_generation_prompt=False,
+                        continue_final_message=True)[0]
+    assert r.choices[0].message.content == want.outputs[0].text
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids) and want.prompt.endswith("jumps over")
+    n = httpx.post(server.base_url + "/tokenize", json={"messages": going, "add_generation_prompt": False,
+                                                         "continue_final_message": True}).json()["count"]
+    assert n == len(want.prompt_token_ids)
+    for extra, param in [({"continue_final_message": True}, "continue_final_message"),
+                         ({"chat_template_kwargs": {"add_generation_prompt": True}}, "chat_template_kwargs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model_name, messages=going, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param
+        r = httpx.post(server.base_url + "/tokenize", json={"messages": going, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 def test_n_and_seed(client, model_name):
     kw = dict(model=model_name, prompt="Hello", max_tokens=20, temperature=1.0, n=2, seed=1234, logprobs=0)
     a = client.completions.create(**kw)

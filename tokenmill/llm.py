@@ -42,21 +42,41 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> dict[str, Any]:
-        """One conversation rendered with the tokenizer's chat template, as a token-id prompt."""
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                    tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One conversation rendered with the tokenizer's chat template, as a token-id prompt. The
+        messages are read as the chat endpoint reads them (OpenAI content parts, an assistant's
+        tool calls with JSON-string arguments); ValueError naming the field at fault."""
+        from pydantic import ValidationError
+
+        from tokenmill.server.protocol import ChatMessage
+        from tokenmill.server.tools import render_chat
+
         tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("messages: this model's tokenizer has no chat template")
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        msgs = []
+        for i, m in enumerate(messages):
+            try:
+                msgs.append(m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"] if not str(x)[:1].isupper() and "[" not in str(x))
+                raise ValueError(f"messages[{i}]{'.' + where if where else ''}: {err['msg']}") from None
+        text = render_chat(tok, msgs, add_generation_prompt, tools, continue_final_message, chat_template_kwargs)
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
-        """Like generate, for one conversation or a list of them (chat template applied)."""
+             use_tqdm: bool = False, *, add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Like generate, for one conversation or a list of them (chat template applied; the
+        keywords as vLLM's LLM.chat takes them)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.chat_prompt(c) for c in convs], sampling_params,  # type: ignore[arg-type]
-                             use_tqdm=use_tqdm)
+        prompts = [self.chat_prompt(c, add_generation_prompt, tools=tools,  # type: ignore[arg-type]
+                                    continue_final_message=continue_final_message,
+                                    chat_template_kwargs=chat_template_kwargs) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)  # type: ignore[arg-type]
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the text of one sample piece by piece as it is generated. Closing the iterator

@@ -872,7 +872,9 @@ class LLMEngine:
                     seq.detokenizer.add_token(token, check_stop=False)
                 return self._finish(seq)
         if seq.detokenizer is not None:
-            hit = seq.detokenizer.add_token(token, check_stop=n_out >= p.min_tokens)
+            # Stop strings from token min_tokens + 1 on, as vLLM: the text of the first min_tokens
+            # tokens cannot stop the output (EOS and stop ids are banned for them too).
+            hit = seq.detokenizer.add_token(token, check_stop=n_out > p.min_tokens)
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
                 return self._finish(seq)
@@ -889,7 +891,7 @@ class LLMEngine:
             # A stop string already cut the text; otherwise emit what is buffered, which may end in
             # one (not for an abort or an error, nor before min_tokens: as add_token's checks).
             check = (seq.finish_reason not in ("abort", "error")
-                     and seq.num_output_tokens >= seq.request.params.min_tokens)
+                     and seq.num_output_tokens > seq.request.params.min_tokens)
             hit = seq.detokenizer.flush(check)
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit

@@ -151,11 +151,11 @@ class PromptHasher:
         try:
             if endpoint == "chat":
                 from tokenmill.server.protocol import ChatCompletionRequest
-                from tokenmill.server.tools import template_messages, template_tools
+                from tokenmill.server.tools import render_chat
 
                 req = ChatCompletionRequest.model_validate(body)
-                text = tok.apply_chat_template(template_messages(req.messages), tools=template_tools(req.tools),
-                                               add_generation_prompt=req.add_generation_prompt, tokenize=False)
+                text = render_chat(tok, req.messages, req.add_generation_prompt, req.tools,
+                                   req.continue_final_message, req.chat_template_kwargs)
                 return tok.encode(text, add_special_tokens=False)
             p = body.get("prompt")
             if isinstance(p, list) and p and isinstance(p[0], (str, list)):

@@ -24,9 +24,8 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
 from tokenmill.server.errors import APIError, bad_request, error_body, limit_error
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.protocol import ChatMessage
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
-from tokenmill.server.tools import infer_parser, template_messages
+from tokenmill.server.tools import infer_parser, render_chat
 from tokenmill.structured import StructuredOutputsParams
 
 logger = logging.getLogger("tokenmill.server")
@@ -135,18 +134,13 @@ class ServerContext:
         async with self.tokenize_lock:
             return await asyncio.to_thread(self.encode_now, text, add_special_tokens, param)
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        tokenizer = self.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
-                           param="messages")
+    def chat_prompt(self, req: Any, tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text of a chat or /tokenize request's messages (render_chat)."""
         try:
-            return tokenizer.apply_chat_template(template_messages(messages), tools=tools,
-                                                 add_generation_prompt=add_generation_prompt, tokenize=False)
-        except Exception as e:  # a template may raise on role orders it does not accept
-            raise APIError(400, f"messages: the chat template rejected the conversation: {e}",
-                           param="messages") from None
+            return render_chat(self.tokenizer, req.messages, req.add_generation_prompt, tools,
+                               req.continue_final_message, req.chat_template_kwargs)
+        except ValueError as e:
+            raise bad_request(e) from None
 
     def token_bytes(self, tid: int, s: str) -> list[int]:
         """The token's own bytes: for a piece of a UTF-8 character, not the encoding of U+FFFD."""
@@ -298,8 +292,8 @@ class ServerContext:
             return state, ""
         det = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop or [],
                                      params.include_stop_str_in_output)
-        for i, t in enumerate(resume):  # stop strings count from min_tokens on, as LLMEngine._check_stop has it
-            det.add_token(t, check_stop=i + 1 >= params.min_tokens)
+        for i, t in enumerate(resume):  # stop strings count after min_tokens, as LLMEngine._check_stop has it
+            det.add_token(t, check_stop=i + 1 > params.min_tokens)
         state.text = safe_stream_end(det.text, params.stop or [], False, 0)
         return state, det.text[: state.text]
 

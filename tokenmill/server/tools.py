@@ -159,6 +159,39 @@ def template_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] |
     return [{"type": "function", "function": t["function"]} for t in tools]
 
 
+# apply_chat_template's own arguments: chat_template_kwargs may not set them.
+_TEMPLATE_ARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"}
+
+
+def render_chat(tokenizer: Any, messages: list[Any], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """A conversation (ChatMessage objects) as the prompt text its chat template makes: what the
+    chat endpoint, /tokenize, a fleet router (to hash it) and LLM.chat all render, as vLLM does.
+    continue_final_message leaves the last (assistant) message open for the model to go on;
+    chat_template_kwargs reach the template (Qwen3's {"enable_thinking": false}). ValueError
+    naming the field at fault."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("messages: this model's tokenizer has no chat template; use completions with a prompt")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message: cannot be combined with add_generation_prompt; set "
+                         "add_generation_prompt to false")
+    if continue_final_message and (not messages or messages[-1].role != "assistant"):
+        raise ValueError("continue_final_message: the last message must be the assistant's to continue")
+    kwargs = dict(chat_template_kwargs or {})
+    clash = sorted(set(kwargs) & _TEMPLATE_ARGS)
+    if clash:
+        raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
+    try:
+        return tokenizer.apply_chat_template(template_messages(messages), tools=template_tools(tools),
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False, **kwargs)
+    except Exception as e:  # a template may raise on role orders it does not accept
+        raise ValueError(f"messages: the chat template rejected the conversation: {e}") from None
+
+
 def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """Chat messages as chat templates expect them: an assistant's tool-call arguments as objects
     (templates serialize them with tojson), tool results with their call id."""

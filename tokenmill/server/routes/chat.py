@@ -66,7 +66,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         except ValueError as e:
             raise bad_request(e) from None
         other = ctx.constraint(req)
-        text = ctx.chat_prompt(req.messages, req.add_generation_prompt, tools.tools if tools else None)
+        text = ctx.chat_prompt(req, tools.tools if tools else None)
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:

@@ -20,7 +20,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            ids = await ctx.encode(ctx.chat_prompt(req.messages, req.add_generation_prompt), add_special_tokens=False)
+            ids = await ctx.encode(ctx.chat_prompt(req), add_special_tokens=False)
         else:
             ids = await ctx.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": ctx.llm_engine.max_model_len, "tokens": ids}
