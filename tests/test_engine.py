@@ -277,3 +277,27 @@ def test_llm_chat_reads_messages_as_the_chat_endpoint_does(tmp_path):
             llm.chat(bad, sp, continue_final_message=bad is going)
     with pytest.raises(ValueError, match="^chat_template_kwargs: 'tools' is a request field"):
         llm.chat(parts, sp, chat_template_kwargs={"tools": []})
+
+
+def test_offline_inputs_as_vllm_takes_them(llm):
+    """numpy ids and numbers are taken (a numpy prompt was refused as "outside the vocabulary",
+    numpy settings as invalid); a dict for sampling_params is a TypeError that says so; logprobs
+    carry decoded_token offline, as in vLLM."""
+    import numpy as np
+
+    sp = SamplingParams(temperature=np.float32(0.0), max_tokens=np.int64(4), top_k=np.int32(5), logprobs=np.int64(1),
+                        prompt_logprobs=1, stop_token_ids=[np.int64(3)], ignore_eos=True)
+    assert type(sp.max_tokens) is int and type(sp.temperature) is float and sp.stop_token_ids == [3]
+    want = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4, top_k=5,
+                                                                       stop_token_ids=[3], ignore_eos=True))
+    out = llm.generate({"prompt_token_ids": np.array([5, 6, 7])}, sp)[0]
+    assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+    tok = llm.get_tokenizer()
+    for pos in [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]:
+        assert all(lp.decoded_token is not None for lp in pos.values())
+    t = out.outputs[0].token_ids[0]
+    assert out.outputs[0].logprobs[0][t].decoded_token == tok.decode([t])
+    with pytest.raises(TypeError, match="sampling_params: a SamplingParams or a list of them, got dict"):
+        llm.generate(["a", "b"], {"temperature": 0, "max_tokens": 2})
+    with pytest.raises(ValueError, match="not token ids"):
+        llm.generate({"prompt_token_ids": [5, True]})

@@ -8,7 +8,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.detokenizer import safe_stream_end
+from tokenmill.engine.detokenizer import safe_stream_end, token_string
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt, request_tags
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -269,7 +269,10 @@ class LLM:
                 engine.abort_request(rid)
                 self._latest.pop(rid, None)
             raise
-        return [done[r] for r in ids]
+        outs = [done[r] for r in ids]
+        if engine.tokenizer is not None:
+            _name_logprobs(engine.tokenizer, outs)
+        return outs
 
 
     @staticmethod
@@ -290,6 +293,19 @@ class LLM:
             outputs=[CompletionOutput(index=0, text=text, token_ids=list(win.token_ids) if win is not None else [],
                                       cumulative_logprob=sum(win.logprobs) if win is not None else None,
                                       logprobs=None, finish_reason=win.finish_reason if win is not None else "length")])
+
+
+def _name_logprobs(tokenizer: Any, outs: list[RequestOutput]) -> None:
+    """Fills each Logprob's decoded_token, as vLLM's LLM does (the server writes its own strings,
+    so the engine does not spend a decode per entry on them)."""
+    names: dict[int, str] = {}
+    for out in outs:
+        for entries in [out.prompt_logprobs or [], *(c.logprobs or [] for c in out.outputs)]:
+            for pos in entries:
+                for t, lp in (pos or {}).items():
+                    if t not in names:
+                        names[t] = token_string(tokenizer, t)
+                    lp.decoded_token = names[t]
 
 
 def _progress(total: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from tokenmill.structured import StructuredOutputsParams
@@ -68,7 +69,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [_plain(t) for t in self.stop_token_ids or []]
+        for f in _NUMBERS:  # numpy's scalars as Python's (vLLM takes them; validate() checks Python's)
+            setattr(self, f, _plain(getattr(self, f)))
         if self.top_k == -1:
             self.top_k = 0
 
@@ -162,6 +165,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+_NUMBERS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+            "max_reasoning_tokens", "length_penalty")
+
+
+def _plain(v: object) -> object:
+    """A numpy integer or floating scalar as a Python int or float; anything else as it is."""
+    if isinstance(v, (bool, int, float)) or v is None:
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def _is_number(v: object) -> bool:

@@ -121,6 +121,13 @@ class FinalDetokenizer(IncrementalDetokenizer):
         return None
 
 
+def token_string(tokenizer: Any, tid: int) -> str:
+    """A token as logprobs show it: its decoded text, or its vocabulary string for a piece of a
+    UTF-8 character (which decodes to U+FFFD: top-logprob entries would collide)."""
+    s = tokenizer.decode([tid])
+    return tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
+
+
 def safe_stream_end(text: str, stop: list[str], finished: bool, emitted: int) -> int:
     """How much of a sequence's text may be streamed: all of it once finished; before that,
     all but the last len(longest stop) - 1 characters, which may begin a stop string that

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -186,13 +187,13 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError("prompt: a dict prompt needs 'prompt_token_ids'")
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return prompt.get("prompt"), [_token_id(t) for t in prompt["prompt_token_ids"]]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this model folder has no tokenizer; pass {'prompt_token_ids': [...]}")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in prompt):
+            return None, [_token_id(t) for t in prompt]
         raise ValueError(f"prompt: expected a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -201,9 +202,9 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt: the prompt is empty (0 tokens)")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+            raise ValueError(f"prompt_token_ids: {bad[:5]} are not token ids in the vocabulary [0, {vocab})")
         n_prompt = len(token_ids)
         if params._prompt_only:
             if n_prompt > self.max_model_len:
@@ -986,12 +987,24 @@ def _copy_params(p: SamplingParams) -> SamplingParams:
     return copy.copy(p)
 
 
+def _token_id(t: Any) -> Any:
+    """A numpy integer as an int (a numpy array of ids is a prompt too); the rest as it is, for
+    check_request to refuse."""
+    return int(t) if isinstance(t, numbers.Integral) and not isinstance(t, (int, bool)) else t
+
+
 def batch_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams() for _ in range(n)]
     if isinstance(params, SamplingParams):
         return [params] * n
+    if isinstance(params, (dict, str)):
+        raise TypeError(f"sampling_params: a SamplingParams or a list of them, got {type(params).__name__}")
     params = list(params)
+    wrong = next((p for p in params if not isinstance(p, SamplingParams)), None)
+    if wrong is not None:
+        raise TypeError(f"sampling_params: a SamplingParams or a list of them, got a list holding "
+                        f"{type(wrong).__name__}")
     if len(params) != n:
         raise ValueError(f"sampling_params: {len(params)} given for {n} prompts")
     return params

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, safe_stream_end, token_string
 from tokenmill.engine.llm_engine import load_tokenizer
 from tokenmill.engine.slo import SLOAdmissionError
 from tokenmill.ops.tenants import Admission, LimitExceeded, RequestTooLarge, tenant_salt
@@ -151,10 +151,7 @@ class ServerContext:
     def token_str(self, tid: int, as_id: bool = False) -> str:
         if as_id or self.tokenizer is None:
             return f"token_id:{tid}"
-        s = self.tokenizer.decode([tid])
-        # A token holding part of a UTF-8 character decodes to U+FFFD; its vocabulary string is
-        # unique, so top_logprobs entries do not collide.
-        return self.tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in s else s
+        return token_string(self.tokenizer, tid)
 
     # -- the engine -----------------------------------------------------------------------------
     def prompt_dict(self, text: str | None, ids: list[int], cache_salt: str | None,
