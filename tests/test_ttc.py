@@ -294,6 +294,9 @@ def test_the_budget_holds_in_the_engine(ttc_llm, budget):
         ttc_llm.generate(prompt, SamplingParams(max_tokens=8), test_time_compute={"max_total_tokens": 3})
     with pytest.raises(ValueError, match=r"^n:"):
         ttc_llm.generate(prompt, SamplingParams(n=2), test_time_compute={"n": 4})
+    for kw in ({"logprobs": 1}, {"prompt_logprobs": 0}):  # (dropped from the output before, as the server refuses)
+        with pytest.raises(ValueError, match=rf"^{next(iter(kw))}: cannot be combined with test_time_compute"):
+            ttc_llm.generate(prompt, SamplingParams(**kw), test_time_compute={"n": 4})
 
 
 def test_bench_ttc_runs_every_strategy_and_plots(model_dir, tmp_path):

@@ -158,8 +158,11 @@ class LLM:
         runs: list[tuple[TTCRun, dict[str, Any], SamplingParams]] = []
         for prompt, sp, _ in prepared:
             tp = ttc if isinstance(ttc, TTCParams) else TTCParams.from_dict(ttc)
-            if sp.n != 1:
-                raise ValueError("n: a test-time-compute request sets its paths with test_time_compute.n")
+            for name, bad in (("n", sp.n != 1), ("logprobs", sp.logprobs is not None),
+                              ("prompt_logprobs", sp.prompt_logprobs is not None)):
+                if bad:  # (as the server's 400: they were dropped from the output without a word)
+                    raise ValueError(f"{name}: cannot be combined with test_time_compute (its paths are set by "
+                                     f"test_time_compute.n, and one answer comes back)")
             token_ids = prompt["prompt_token_ids"]
             runs.append((TTCRun(tp, prompt["prompt"] or "", len(token_ids), sp.max_tokens, engine.max_model_len),
                          prompt, sp))
