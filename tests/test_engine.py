@@ -301,3 +301,33 @@ def test_offline_inputs_as_vllm_takes_them(llm):
         llm.generate(["a", "b"], {"temperature": 0, "max_tokens": 2})
     with pytest.raises(ValueError, match="not token ids"):
         llm.generate({"prompt_token_ids": [5, True]})
+
+
+def test_the_models_generation_config_gives_the_default_sampling(tmp_path):
+    """As vLLM's --generation-config auto: settings in generation_config.json are the defaults of a
+    call without sampling_params (offline) or a request that leaves them out; "vllm" ignores them."""
+    import json
+    import os
+
+    path = make_model(str(tmp_path / "m"), "llama")
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gen = json.load(f)
+    gen.update(top_k=1, temperature=0.7, max_new_tokens=5, do_sample=True)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    llm = LLM(path, kv_cache_memory_bytes=8 * 2**20)
+    d = llm.get_default_sampling_params()
+    assert (d.top_k, d.temperature, d.max_tokens, d.top_p) == (1, 0.7, 5, 1.0)
+    greedy = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=5,
+                                                                           ignore_eos=True))[0].outputs[0]
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]})[0].outputs[0]  # top_k 1: greedy, 5 tokens
+    assert out.token_ids == greedy.token_ids[: len(out.token_ids)] and len(out.token_ids) <= 5
+    plain = LLM(path, kv_cache_memory_bytes=8 * 2**20, generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    with pytest.raises(ValueError, match="^generation_config: 'auto'"):
+        LLM(path, generation_config=str(tmp_path / "nowhere"))
+    gen["top_p"] = 7
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    with pytest.raises(ValueError, match="^generation_config: .*top_p"):
+        LLM(path, kv_cache_memory_bytes=8 * 2**20)

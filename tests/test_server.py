@@ -489,3 +489,29 @@ def test_prompt_logprobs_field(client, model_name, model_dir):
                                        extra_body={"prompt_logprobs": 1})
     with pytest.raises(openai.BadRequestError, match="max_tokens: 0 is only allowed with echo"):
         client.completions.create(model=model_name, prompt="x", max_tokens=0)
+
+
+def test_requests_that_leave_sampling_out_get_the_models_generation_config(tmp_path):
+    """vLLM's --generation-config auto: a request without temperature/top_k/max_tokens samples with
+    the model's generation_config.json settings; what a request gives wins."""
+    from tests.models import make_model
+
+    path = make_model(str(tmp_path / "m"), "llama")
+    with open(f"{path}/generation_config.json") as f:
+        gen = json.load(f)
+    gen.update(top_k=1, max_new_tokens=6)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump(gen, f)
+    srv = ServerProcess(path, "--kv-cache-memory", "0.02", log_path=str(tmp_path / "log"))
+    try:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+        msgs = [{"role": "user", "content": "Hello there"}]
+        kw = dict(model="m", messages=msgs, extra_body={"ignore_eos": True})
+        a, b = (c.chat.completions.create(**kw, temperature=1.5) for _ in range(2))  # top_k 1: greedy
+        assert a.choices[0].message.content == b.choices[0].message.content and a.usage.completion_tokens == 6
+        greedy = c.chat.completions.create(**kw, temperature=0, max_tokens=6)
+        assert greedy.choices[0].message.content == a.choices[0].message.content
+        assert c.chat.completions.create(**kw, max_tokens=9).usage.completion_tokens == 9
+        assert "default sampling settings from generation_config.json" in srv.log()
+    finally:
+        srv.stop()

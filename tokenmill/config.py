@@ -395,6 +395,10 @@ class EngineConfig:
     # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     tokenizer: str | None = None
+    # Default sampling settings, as vLLM's --generation-config: "auto" takes temperature, top_p, top_k,
+    # min_p, repetition_penalty and max_new_tokens from the model folder's generation_config.json for
+    # requests that leave them out; "vllm" uses the API's own defaults; a folder, its file.
+    generation_config: str = "auto"
     load_progress: bool = False  # a progress bar on stderr while the weights load (the CLI turns it on)
     # The scheduler's order: "fcfs", "priority" (vLLM's: lower first, then arrival) or "slo" (latency
     # targets; engine/scheduler.py). With all priorities equal, priority is fcfs.
@@ -438,6 +442,9 @@ class EngineConfig:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
         if self.scheduling_policy not in ("fcfs", "priority", "slo"):
             raise ValueError(f"scheduling_policy: must be fcfs, priority or slo, got {self.scheduling_policy!r}")
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(self.generation_config):
+            raise ValueError(f"generation_config: 'auto' (the model folder's), 'vllm' (none) or a folder holding "
+                             f"generation_config.json, got {self.generation_config!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be auto or dummy, got {self.load_format!r}")
         if self.async_scheduling not in ("auto", "on", "off"):

@@ -42,6 +42,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling_params samples with, as vLLM's: the model's
+        generation_config.json settings (EngineConfig.generation_config), else SamplingParams()."""
+        return SamplingParams(**self.engine.default_sampling)
+
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                     chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,7 +86,7 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the text of one sample piece by piece as it is generated. Closing the iterator
         early aborts the request."""
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         if params.n != 1:
             raise ValueError("n: stream() produces one sample; use n=1")
         engine = self.engine
@@ -227,7 +232,8 @@ class LLM:
         ):
             prompts = [prompts]
         prompts = list(prompts)
-        params = batch_params(sampling_params, len(prompts))
+        params = batch_params(self.get_default_sampling_params() if sampling_params is None else sampling_params,
+                              len(prompts))
         prios = list(priority) if priority is not None else [0] * len(prompts)
         if len(prios) != len(prompts):
             raise ValueError(f"priority: {len(prios)} given for {len(prompts)} prompts")

@@ -67,6 +67,36 @@ def _generation_eos(path: str) -> tuple[int, ...]:
     return (v,) if isinstance(v, int) else tuple(v)
 
 
+# generation_config.json's sampling settings and their SamplingParams names (vLLM reads the same).
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(config: EngineConfig) -> dict[str, Any]:
+    """The sampling settings a request that leaves them out gets (EngineConfig.generation_config):
+    the generation_config.json's, as SamplingParams fields; ValueError for one SamplingParams refuses."""
+    import json
+
+    if config.generation_config == "vllm":
+        return {}
+    folder = config.model if config.generation_config == "auto" else config.generation_config
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"generation_config: cannot read {path}: {e}") from None
+    out = {ours: raw[theirs] for theirs, ours in _GENERATION_DEFAULTS.items()
+           if isinstance(raw, dict) and raw.get(theirs) is not None}
+    try:
+        SamplingParams(**out).validate()
+    except ValueError as e:
+        raise ValueError(f"generation_config: {path}: {e} (--generation-config vllm ignores the file)") from None
+    return out
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
@@ -87,6 +117,10 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.default_sampling = generation_defaults(config)
+        if self.default_sampling:
+            logger.info("default sampling settings from generation_config.json (for requests that leave them "
+                        "out; --generation-config vllm turns this off): %s", self.default_sampling)
         self.task = resolve_task(config.task, mc)
         # Its own tokenizer instance, loaded on first use: the server compiles on worker threads.
         self.grammars = GrammarCompiler(lambda: load_tokenizer(config.tokenizer or config.model), mc.vocab_size,

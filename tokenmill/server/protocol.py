@@ -173,7 +173,10 @@ class _SamplingFields(_Strict):
         return found[0] if found else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """defaults: the model's settings (its generation_config.json) for fields the request leaves out."""
+        d = defaults or {}
         bias = None
         if self.logit_bias:
             bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
@@ -183,15 +186,16 @@ class _SamplingFields(_Strict):
         return SamplingParams(
             logit_bias=bias,
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            temperature=d.get("temperature", 1.0) if self.temperature is None else self.temperature,
+            top_p=d.get("top_p", 1.0) if self.top_p is None else self.top_p,
+            top_k=d.get("top_k", 0) if self.top_k is None else self.top_k,
+            min_p=d.get("min_p", 0.0) if self.min_p is None else self.min_p,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if self.repetition_penalty is None
+            else self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
-            max_tokens=max_tokens,
+            max_tokens=d.get("max_tokens") if max_tokens is None else max_tokens,
             min_tokens=self.min_tokens,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,

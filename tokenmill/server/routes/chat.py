@@ -70,7 +70,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:
-            params = req.sampling_params(max_tokens, k)
+            params = req.sampling_params(max_tokens, k, defaults=ctx.llm_engine.default_sampling)
         except ValueError as e:
             raise bad_request(e) from None
         if tools is not None and tools.constraint is not None:

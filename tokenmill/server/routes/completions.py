@@ -83,7 +83,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
         try:
             params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
-                                         want_plp if want_plp >= 0 else None)
+                                         want_plp if want_plp >= 0 else None, ctx.llm_engine.default_sampling)
         except ValueError as e:
             raise bad_request(e) from None
         params._prompt_only = score_only
