@@ -331,3 +331,18 @@ def test_the_models_generation_config_gives_the_default_sampling(tmp_path):
         json.dump(gen, f)
     with pytest.raises(ValueError, match="^generation_config: .*top_p"):
         LLM(path, kv_cache_memory_bytes=8 * 2**20)
+
+
+def test_vllm_llm_settings_and_text_prompt_dicts(tmp_path, llm):
+    """vLLM's {"prompt": text} dict and LLM(enforce_eager=..., trust_remote_code=...,
+    tensor_parallel_size=1) are taken as code moving over passes them."""
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    want = llm.generate("Hello world", sp)[0].outputs[0].token_ids
+    assert llm.generate({"prompt": "Hello world", "cache_salt": "a"}, sp)[0].outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="^prompt: a dict prompt needs"):
+        llm.generate({"prompt": 5}, sp)
+    eager = LLM(llm.config.model, enforce_eager=True, trust_remote_code=True, tensor_parallel_size=1,
+                kv_cache_memory_bytes=8 * 2**20)
+    assert eager.config.cuda_graphs == "off"
+    with pytest.raises(ValueError, match="^tensor_parallel_size"):
+        LLM(llm.config.model, tensor_parallel_size=2)

@@ -31,6 +31,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        # vLLM's LLM() settings that code passes as it moves over
+        if kwargs.pop("enforce_eager", False):
+            kwargs["cuda_graphs"] = "off"
+        kwargs.pop("trust_remote_code", None)  # (no model code is ever run from a folder here)
+        tp = kwargs.pop("tensor_parallel_size", 1)
+        if tp != 1:
+            raise ValueError(f"tensor_parallel_size: one device per engine here, got {tp}; run several "
+                             f"replicas behind `tokenmill router` instead")
         fields = set(EngineConfig.__dataclass_fields__) - {"model"}
         unknown = set(kwargs) - fields
         if unknown:

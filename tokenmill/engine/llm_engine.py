@@ -219,8 +219,10 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError("prompt: a dict prompt needs 'prompt_token_ids'")
+            if "prompt_token_ids" not in prompt:  # vLLM's TextPrompt: {"prompt": "...", ...}
+                if not isinstance(prompt.get("prompt"), str):
+                    raise ValueError("prompt: a dict prompt needs 'prompt_token_ids' or a 'prompt' string")
+                return self.tokenize(prompt["prompt"])
             return prompt.get("prompt"), [_token_id(t) for t in prompt["prompt_token_ids"]]
         if isinstance(prompt, str):
             if self.tokenizer is None:
