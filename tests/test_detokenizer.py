@@ -162,3 +162,16 @@ def test_the_text_of_the_first_min_tokens_tokens_does_not_stop_the_output(llm):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[spanning], min_tokens=1)
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0]
     assert len(out.token_ids) == 2 and out.finish_reason == "stop"
+
+
+def test_a_stop_string_inside_the_min_tokens_text_does_not_stop_it_later(tok):
+    """Each stop string is looked for where it could end in the new text: a short one lying in
+    text that was not checked (min_tokens' first tokens) is not found later, because a longer stop
+    string widened the search (vLLM: only matches ending in the new text)."""
+    d = IncrementalDetokenizer(tok, [5, 6], True, ["here", "The end is"])
+    ids = _gpt2_ids(tok, "Stop here.")
+    assert [d.add_token(t, check_stop=False) for t in ids[:-1]] == [None] * (len(ids) - 1)
+    assert d.add_token(ids[-1]) is None and d.text == "Stop here."
+    d = IncrementalDetokenizer(tok, [5, 6], True, ["here", "The end is"])
+    assert [d.add_token(t) for t in _gpt2_ids(tok, "Stop he")] == [None] * 7
+    assert d.add_token(_gpt2_ids(tok, "r")[0]) is None and d.add_token(_gpt2_ids(tok, "e")[0]) == "here"

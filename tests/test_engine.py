@@ -270,13 +270,18 @@ def test_llm_chat_reads_messages_as_the_chat_endpoint_does(tmp_path):
     sp = SamplingParams(temperature=0, max_tokens=4)
     assert (llm.chat(going, sp, add_generation_prompt=False, continue_final_message=True)[0].prompt
             .endswith("Well, the"))
-    for bad, match in [([{"role": "robot", "content": "x"}], r"^messages\[0\]\.role: "),
-                       ([{"role": "user", "content": [{"type": "image_url"}]}], r"^messages\[0\]\.content"),
+    # As vLLM's LLM.chat (and as it was here): any role, extra keys, arguments as an object, no call id.
+    loose = [{"role": "ipython", "content": "x", "reasoning_content": "r"},
+             {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]
+    assert '"arguments": {"x": 1}' in llm.chat_prompt(loose)["prompt"]
+    for bad, match in [([{"content": "x"}], r"^messages\[0\]: must be a dict with a 'role'"),
+                       ([{"role": "user", "content": [{"type": "image_url"}]}], r"^messages\[0\]\.content\[0\]"),
                        (going, "^continue_final_message: cannot be combined with add_generation_prompt")]:
         with pytest.raises(ValueError, match=match):
             llm.chat(bad, sp, continue_final_message=bad is going)
-    with pytest.raises(ValueError, match="^chat_template_kwargs: 'tools' is a request field"):
-        llm.chat(parts, sp, chat_template_kwargs={"tools": []})
+    for clash in ("tools", "conversation", "tokenize"):  # (apply_chat_template's own arguments)
+        with pytest.raises(ValueError, match=f"^chat_template_kwargs: '{clash}' is a request field"):
+            llm.chat(parts, sp, chat_template_kwargs={clash: []})
 
 
 def test_offline_inputs_as_vllm_takes_them(llm):
@@ -322,6 +327,15 @@ def test_the_models_generation_config_gives_the_default_sampling(tmp_path):
                                                                            ignore_eos=True))[0].outputs[0]
     out = llm.generate({"prompt_token_ids": [5, 6, 7]})[0].outputs[0]  # top_k 1: greedy, 5 tokens
     assert out.token_ids == greedy.token_ids[: len(out.token_ids)] and len(out.token_ids) <= 5
+    # A default max_tokens is an upper bound, as the room a prompt leaves; a default penalty stays out
+    # of beam search, which refuses penalties (as vLLM: beams take temperature and max_tokens alone).
+    gen.update(max_new_tokens=100, repetition_penalty=1.2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    short = LLM(path, kv_cache_memory_bytes=8 * 2**20, max_model_len=64)
+    assert len(short.generate({"prompt_token_ids": list(range(5, 45))})[0].outputs[0].token_ids) <= 24
+    beams = short.generate({"prompt_token_ids": [5, 6, 7]}, test_time_compute={"strategy": "beam_search", "n": 2})
+    assert beams[0].outputs[0].token_ids
     plain = LLM(path, kv_cache_memory_bytes=8 * 2**20, generation_config="vllm")
     assert plain.get_default_sampling_params() == SamplingParams()
     with pytest.raises(ValueError, match="^generation_config: 'auto'"):

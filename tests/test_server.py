@@ -494,15 +494,16 @@ def test_prompt_logprobs_field(client, model_name, model_dir):
 def test_requests_that_leave_sampling_out_get_the_models_generation_config(tmp_path):
     """vLLM's --generation-config auto: a request without temperature/top_k/max_tokens samples with
     the model's generation_config.json settings; what a request gives wins."""
-    from tests.models import make_model
+    from tests.models import CHAT_TEMPLATE, make_model
 
-    path = make_model(str(tmp_path / "m"), "llama")
+    template = CHAT_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
+    path = make_model(str(tmp_path / "m"), "llama", chat_template=template)
     with open(f"{path}/generation_config.json") as f:
         gen = json.load(f)
-    gen.update(top_k=1, max_new_tokens=6)
+    gen.update(top_k=1, max_new_tokens=6, repetition_penalty=1.2)
     with open(f"{path}/generation_config.json", "w") as f:
         json.dump(gen, f)
-    srv = ServerProcess(path, "--kv-cache-memory", "0.02", log_path=str(tmp_path / "log"))
+    srv = ServerProcess(path, "--kv-cache-memory", "0.02", "--max-model-len", "64", log_path=str(tmp_path / "log"))
     try:
         c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
         msgs = [{"role": "user", "content": "Hello there"}]
@@ -513,5 +514,16 @@ def test_requests_that_leave_sampling_out_get_the_models_generation_config(tmp_p
         assert greedy.choices[0].message.content == a.choices[0].message.content
         assert c.chat.completions.create(**kw, max_tokens=9).usage.completion_tokens == 9
         assert "default sampling settings from generation_config.json" in srv.log()
+        # The default max_tokens is an upper bound: a prompt that leaves 4 tokens of room gets them.
+        r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": list(range(5, 65)), "max_tokens": None,
+                                                                "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        # The default penalty stays out of beam search (which refuses penalties it is given).
+        beams = c.chat.completions.create(**{**kw, "extra_body": {"use_beam_search": True}}, n=2, max_tokens=4)
+        assert len(beams.choices) == 2
+        # chat_template_kwargs reach the template.
+        n = [httpx.post(srv.base_url + "/tokenize", json={"messages": msgs, **extra}).json()["count"]
+             for extra in ({}, {"chat_template_kwargs": {"enable_thinking": False}})]
+        assert n[1] > n[0]
     finally:
         srv.stop()

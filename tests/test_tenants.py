@@ -588,3 +588,26 @@ def test_startup_errors_name_the_problem(model_dir, tmp_path):
         p = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, "--tenants",
                             str(bad), "--port", "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
         assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_a_tenants_cap_and_the_models_default_max_tokens_take_the_lower():
+    """A request without max_tokens from a capped tenant: the model's generation_config default
+    applies when it is the lower (the cap, filled in first, hid it), and either is an upper bound."""
+    from types import SimpleNamespace
+
+    from tokenmill.server.context import REQUEST_TAGS, ServerContext
+    from tokenmill.server.protocol import ChatCompletionRequest
+
+    ctx = object.__new__(ServerContext)
+    for default, want in ((100, 100), (8000, 4096), (None, 4096)):
+        ctx.llm_engine = SimpleNamespace(default_sampling={} if default is None else {"max_tokens": default})
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4096)  # (the cap)
+        token = REQUEST_TAGS.set({"max_tokens_is_cap": True})
+        try:
+            p = ctx.sampling_params(req, req.max_tokens, None)
+        finally:
+            REQUEST_TAGS.reset(token)
+        assert (p.max_tokens, p._max_tokens_is_cap) == (want, True)
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=300)  # the client's
+    p = ctx.sampling_params(req, 300, None)
+    assert p.max_tokens == 300 and not p._max_tokens_is_cap

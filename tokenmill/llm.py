@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -53,29 +54,20 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without sampling_params samples with, as vLLM's: the model's
         generation_config.json settings (EngineConfig.generation_config), else SamplingParams()."""
-        return SamplingParams(**self.engine.default_sampling)
+        d = self.engine.default_sampling
+        return SamplingParams(**d, _defaulted=frozenset(d), _max_tokens_is_cap="max_tokens" in d)
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                     chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """One conversation rendered with the tokenizer's chat template, as a token-id prompt. The
-        messages are read as the chat endpoint reads them (OpenAI content parts, an assistant's
-        tool calls with JSON-string arguments); ValueError naming the field at fault."""
-        from pydantic import ValidationError
-
-        from tokenmill.server.protocol import ChatMessage
-        from tokenmill.server.tools import render_chat
+        messages are read as vLLM's LLM.chat reads them (tools.loose_messages: OpenAI text parts,
+        tool calls with JSON-string arguments, any role or extra key); ValueError naming the field."""
+        from tokenmill.server.tools import loose_messages, render_chat
 
         tok = self.engine.tokenizer
-        msgs = []
-        for i, m in enumerate(messages):
-            try:
-                msgs.append(m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m))
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(str(x) for x in err["loc"] if not str(x)[:1].isupper() and "[" not in str(x))
-                raise ValueError(f"messages[{i}]{'.' + where if where else ''}: {err['msg']}") from None
-        text = render_chat(tok, msgs, add_generation_prompt, tools, continue_final_message, chat_template_kwargs)
+        text = render_chat(tok, loose_messages(messages), add_generation_prompt, tools, continue_final_message,
+                           chat_template_kwargs)
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
@@ -236,7 +228,7 @@ class LLM:
                  priority: Seq[int] | None) -> list[tuple[dict[str, Any], SamplingParams, int]]:
         """(tokenized prompt, params, priority) for every prompt, all checked before any is queued."""
         if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, list) and prompts and all(isinstance(t, numbers.Integral) for t in prompts)
         ):
             prompts = [prompts]
         prompts = list(prompts)

@@ -64,14 +64,20 @@ class SamplingParams:
     # max_tokens is a cap the server filled in (a tenant's), not the client's: a prompt that leaves
     # less room gets what room there is instead of a 400
     _max_tokens_is_cap: bool = field(default=False, repr=False)
+    # The fields filled in from the model's defaults (generation_config.json), not the caller's.
+    _defaulted: frozenset[str] = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [_plain(t) for t in self.stop_token_ids or []]
+        self.stop_token_ids = [_plain(t) for t in (self.stop_token_ids if self.stop_token_ids is not None else [])]
         for f in _NUMBERS:  # numpy's scalars as Python's (vLLM takes them; validate() checks Python's)
             setattr(self, f, _plain(getattr(self, f)))
+        if self.use_beam_search and "repetition_penalty" in self._defaulted:
+            # (a model's default penalty would change the beams' scores, which beam search refuses: as
+            # in vLLM, beams take the defaults of temperature and max_tokens alone)
+            self.repetition_penalty = 1.0
         if self.top_k == -1:
             self.top_k = 0
 

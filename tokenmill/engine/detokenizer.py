@@ -23,7 +23,6 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = list(prompt_ids[-_PREFIX_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -77,11 +76,13 @@ class IncrementalDetokenizer:
         return None
 
     def _append(self, new: str, check_stop: bool = True) -> str | None:
-        start = max(0, len(self.text) - self.hold_back)
+        old = len(self.text)
         self.text += new
         if not check_stop:
             return None
-        hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
+        # Only a stop string that ends in the new text: one that ended before it was either looked
+        # for then, or lay in text that may not stop the output (min_tokens' first tokens).
+        hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, max(0, old - len(s) + 1))) != -1]
         if not hits:
             return None
         idx, s = min(hits)  # the earliest match wins

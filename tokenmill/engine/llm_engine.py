@@ -93,7 +93,7 @@ def generation_defaults(config: EngineConfig) -> dict[str, Any]:
     try:
         SamplingParams(**out).validate()
     except ValueError as e:
-        raise ValueError(f"generation_config: {path}: {e} (--generation-config vllm ignores the file)") from None
+        raise ValueError(f"generation_config: {path}: {e} (generation_config 'vllm' ignores the file)") from None
     return out
 
 

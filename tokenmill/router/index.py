@@ -151,10 +151,10 @@ class PromptHasher:
         try:
             if endpoint == "chat":
                 from tokenmill.server.protocol import ChatCompletionRequest
-                from tokenmill.server.tools import render_chat
+                from tokenmill.server.tools import render_chat, template_messages
 
                 req = ChatCompletionRequest.model_validate(body)
-                text = render_chat(tok, req.messages, req.add_generation_prompt, req.tools,
+                text = render_chat(tok, template_messages(req.messages), req.add_generation_prompt, req.tools,
                                    req.continue_final_message, req.chat_template_kwargs)
                 return tok.encode(text, add_special_tokens=False)
             p = body.get("prompt")

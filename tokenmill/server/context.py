@@ -25,7 +25,7 @@ from tokenmill.server.async_engine import AsyncEngine, EngineStoppedError, Queue
 from tokenmill.server.errors import APIError, bad_request, error_body, limit_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.streaming import SSE_DONE, ChoiceState, StreamFailed, raw_token_bytes, sse, top
-from tokenmill.server.tools import infer_parser, render_chat
+from tokenmill.server.tools import infer_parser, render_chat, template_messages
 from tokenmill.structured import StructuredOutputsParams
 
 logger = logging.getLogger("tokenmill.server")
@@ -137,7 +137,7 @@ class ServerContext:
     def chat_prompt(self, req: Any, tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text of a chat or /tokenize request's messages (render_chat)."""
         try:
-            return render_chat(self.tokenizer, req.messages, req.add_generation_prompt, tools,
+            return render_chat(self.tokenizer, template_messages(req.messages), req.add_generation_prompt, tools,
                                req.continue_final_message, req.chat_template_kwargs)
         except ValueError as e:
             raise bad_request(e) from None
@@ -171,6 +171,23 @@ class ServerContext:
         if resume:
             d["resume_token_ids"] = resume
         return d
+
+    def sampling_params(self, req: Any, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's SamplingParams, with this model's defaults for what it leaves out. A
+        max_tokens the server filled in (a tenant's cap, Gateway.cap_max_tokens, or the model's
+        default) is an upper bound, and the lower of the two applies."""
+        try:
+            params = req.sampling_params(max_tokens, logprobs, prompt_logprobs, self.llm_engine.default_sampling)
+        except ValueError as e:
+            raise bad_request(e) from None
+        tags = REQUEST_TAGS.get()
+        if tags is not None and tags.get("max_tokens_is_cap"):
+            default = self.llm_engine.default_sampling.get("max_tokens")
+            if default is not None and params.max_tokens is not None and default < params.max_tokens:
+                params.max_tokens = default
+            params._max_tokens_is_cap = True
+        return params
 
     async def submit(self, requests: list[tuple[str, dict, SamplingParams]], priority: int, arrival: float,
                      max_seqs: int = MAX_SEQS_PER_REQUEST, param: str = "prompt", group: Any = None,

@@ -33,6 +33,7 @@ import os
 from typing import Any
 
 from tokenmill.config import EngineConfig, ModelConfig, load_yaml_file, parse_dtype
+from tokenmill.engine.llm_engine import generation_defaults
 from tokenmill.engine.spec_decode import check_draft_model
 from tokenmill.routing import policy_from_dict
 from tokenmill.server.gateway import Tier
@@ -142,6 +143,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             # otherwise fail that request after the active model was pushed out to make room.
             mc = ModelConfig.from_pretrained(p)
             mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
+            generation_defaults(config)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
         spec = config.speculative_config

@@ -175,8 +175,12 @@ class _SamplingFields(_Strict):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
-        """defaults: the model's settings (its generation_config.json) for fields the request leaves out."""
+        """defaults: the model's settings (its generation_config.json) for fields the request leaves
+        out; a max_tokens from them is an upper bound (a prompt that leaves less room gets that room)."""
         d = defaults or {}
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                 "repetition_penalty": self.repetition_penalty, "max_tokens": max_tokens}
+        defaulted = frozenset(k for k in d if given.get(k, 0) is None)
         bias = None
         if self.logit_bias:
             bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
@@ -208,6 +212,8 @@ class _SamplingFields(_Strict):
             use_beam_search=self.use_beam_search,
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
+            _defaulted=defaulted,
+            _max_tokens_is_cap="max_tokens" in defaulted,
         )
 
 

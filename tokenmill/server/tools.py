@@ -159,37 +159,70 @@ def template_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] |
     return [{"type": "function", "function": t["function"]} for t in tools]
 
 
-# apply_chat_template's own arguments: chat_template_kwargs may not set them.
-_TEMPLATE_ARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"}
-
-
-def render_chat(tokenizer: Any, messages: list[Any], add_generation_prompt: bool = True,
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                 chat_template_kwargs: dict[str, Any] | None = None) -> str:
-    """A conversation (ChatMessage objects) as the prompt text its chat template makes: what the
-    chat endpoint, /tokenize, a fleet router (to hash it) and LLM.chat all render, as vLLM does.
-    continue_final_message leaves the last (assistant) message open for the model to go on;
+    """A conversation (as template_messages makes it) as the prompt text its chat template makes:
+    what the chat endpoint, /tokenize, a fleet router (to hash it) and LLM.chat all render, as
+    vLLM does. continue_final_message leaves the last message open for the model to go on;
     chat_template_kwargs reach the template (Qwen3's {"enable_thinking": false}). ValueError
     naming the field at fault."""
+    import inspect
+
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("messages: this model's tokenizer has no chat template; use completions with a prompt")
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message: cannot be combined with add_generation_prompt; set "
                          "add_generation_prompt to false")
-    if continue_final_message and (not messages or messages[-1].role != "assistant"):
-        raise ValueError("continue_final_message: the last message must be the assistant's to continue")
     kwargs = dict(chat_template_kwargs or {})
-    clash = sorted(set(kwargs) & _TEMPLATE_ARGS)
+    # (apply_chat_template's own arguments are the request's to set, not the template's)
+    own = {n for n, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | {"messages"}
+    clash = sorted(set(kwargs) & own)
     if clash:
         raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
     try:
-        return tokenizer.apply_chat_template(template_messages(messages), tools=template_tools(tools),
+        return tokenizer.apply_chat_template(messages, tools=template_tools(tools),
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tokenize=False, **kwargs)
     except Exception as e:  # a template may raise on role orders it does not accept
         raise ValueError(f"messages: the chat template rejected the conversation: {e}") from None
+
+
+def loose_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Offline (LLM.chat) messages as templates expect them, read as vLLM's LLM.chat reads them:
+    any role and any extra key (reasoning_content, ...) go through; text content parts are joined;
+    a tool call's arguments given as a JSON string are parsed. ValueError naming the message."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}]: must be a dict with a 'role'")
+        d = dict(m)
+        content = d.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': "
+                                     f"...}}) are supported")
+                texts.append(part["text"])
+            d["content"] = "".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content: a string or a list of text parts")
+        calls = d.get("tool_calls")
+        if isinstance(calls, list):
+            fixed = []
+            for c in calls:
+                f = c.get("function") if isinstance(c, dict) else None
+                if isinstance(f, dict) and isinstance(f.get("arguments"), str):
+                    try:
+                        c = {**c, "function": {**f, "arguments": json.loads(f["arguments"])}}
+                    except ValueError:
+                        pass
+                fixed.append(c)
+            d["tool_calls"] = fixed
+        out.append(d)
+    return out
 
 
 def template_messages(messages: list[Any]) -> list[dict[str, Any]]:

@@ -69,10 +69,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         text = ctx.chat_prompt(req, tools.tools if tools else None)
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        try:
-            params = req.sampling_params(max_tokens, k, defaults=ctx.llm_engine.default_sampling)
-        except ValueError as e:
-            raise bad_request(e) from None
+        params = ctx.sampling_params(req, max_tokens, k)
         if tools is not None and tools.constraint is not None:
             if other is not None:
                 raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "

@@ -81,11 +81,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
         echo_lp = req.echo and req.logprobs is not None
         want_plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
         # max_tokens 0 (score only) generates one token, from the prefill's last logits, and drops it.
-        try:
-            params = req.sampling_params(1 if score_only else req.max_tokens, req.logprobs,
-                                         want_plp if want_plp >= 0 else None, ctx.llm_engine.default_sampling)
-        except ValueError as e:
-            raise bad_request(e) from None
+        params = ctx.sampling_params(req, 1 if score_only else req.max_tokens, req.logprobs,
+                                     want_plp if want_plp >= 0 else None)
         params._prompt_only = score_only
         if not score_only:
             await ctx.constrain(params, ctx.constraint(req))
