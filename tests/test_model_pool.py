@@ -312,7 +312,7 @@ def test_several_model_flags_and_bad_pool_configs(models, tmp_path, capsys):
         # A draft model is checked at startup too, not when its model is first asked for.
         ({"models": [{"path": models["alpha"]}, {"path": models["beta"], "speculative_config":
                                                   {"model": "missing", "num_speculative_tokens": 2}}]},
-         "models[1].speculative_config.model: "),
+         "models[1]: speculative_config.model: "),
         ({"models": [{"path": models["alpha"], "speculative_config": True}]}, "models[0].speculative_config"),
     ]
     for i, (doc, needle) in enumerate(bad):

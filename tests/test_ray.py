@@ -213,5 +213,49 @@ def test_tenants_reach_the_ingress_router_with_an_operator_key(model_dir, tmp_pa
         assert group.args.tenants == str(path) and config["replica_api_key"] == group.args.api_key
         assert (group.args.api_key == "operator") if given else (len(group.args.api_key) > 30)
     args = rs.build_parser().parse_args(["--model", model_dir, "--replicas", "2"])  # no tenants: no key made
-    assert rs.router_config_from_args(args) == {"policy": args.router_policy}
+    assert rs.router_config_from_args(args) == {"policy": args.router_policy, "max_body_bytes": args.max_body_size}
     assert not rs.groups_from_args(args)[0].args.api_key
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "/nonexistent"], "is not a folder"),
+    (["--max-body-size", "0"], "--max-body-size"),
+    (["--max-queue", "0"], "--max-queue"),
+    (["--min-replicas", "1", "--max-replicas", "2", "--target-kv-usage", "5"], "--target-kv-usage"),
+    (["--min-replicas", "1", "--max-replicas", "2", "--target-requests-per-replica", "0"],
+     "--target-requests-per-replica"),
+    (["--min-replicas", "2", "--max-replicas", "1"], "--min-replicas 2 is above --max-replicas 1"),
+    (["--replica-resources", "{nope"], "--replica-resources: not valid JSON"),
+    (["--autoscaling-config", "[1]"], "--autoscaling-config: a JSON object"),
+    (["--num-cpus-per-replica", "-1"], "--num-cpus-per-replica"),
+])
+def test_serve_ray_checks_its_flags_before_starting_a_cluster(model_dir, monkeypatch, flags, message):
+    """A mistake is a one-line error before Ray starts (a traceback after 40 s of Serve retrying a
+    replica before; a bad autoscaling target, a Serve controller logging tracebacks forever)."""
+    monkeypatch.setattr(rs, "init_local_ray", lambda *a, **k: pytest.fail("a cluster was started"))
+    args = rs.build_parser().parse_args(["--model", model_dir, *FLAGS, *flags, "--port", str(free_port())])
+    with pytest.raises(ValueError, match=message):
+        rs.run_ray(args)
+
+
+def test_serve_ray_refuses_a_taken_port_and_resources_its_cluster_lacks(model_dir, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(rs, "init_local_ray", lambda *a, **k: pytest.fail("a cluster was started"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        args = rs.build_parser().parse_args(["--model", model_dir, *FLAGS, "--port", str(taken.getsockname()[1])])
+        with pytest.raises(ValueError, match="already in use"):
+            rs.run_ray(args)
+    finally:
+        taken.close()
+    args = rs.build_parser().parse_args(["--model", model_dir, *FLAGS, "--replicas", "3",
+                                         "--replica-resources", '{"h100": 1}'])
+    groups = rs.groups_from_args(args)
+    with pytest.raises(ValueError, match="need 3 CPU and the local Ray cluster has 2: lower --replicas"):
+        rs._check_resources(groups, {"CPU": 2.0, "h100": 8.0})
+    with pytest.raises(ValueError, match="need 3 h100 .* --replica-resources"):
+        rs._check_resources(groups, {"CPU": 4.0, "h100": 2.0})
+    rs._check_resources(groups, {"CPU": 3.0, "h100": 3.0})

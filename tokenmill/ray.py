@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -303,9 +305,16 @@ class ReplicaGroup:
         if lo < 1:
             # The traffic bypasses Serve's handles, so Serve could never see a request to scale up from zero.
             raise ValueError("--min-replicas: must be >= 1 (a fleet scaled to zero would never come back)")
+        if lo > hi:
+            raise ValueError(f"--min-replicas {lo} is above --max-replicas {hi}")
         if not lo <= self.num_replicas <= hi:
             raise ValueError(f"--replicas {self.num_replicas} must lie within --min-replicas {lo} and "
                              f"--max-replicas {hi}")
+        # (checked here: in the Serve controller a bad target is a traceback a second, and no fleet)
+        if not (math.isfinite(self.target_requests_per_replica) and self.target_requests_per_replica > 0):
+            raise ValueError(f"--target-requests-per-replica: must be > 0, got {self.target_requests_per_replica}")
+        if not 0 < self.target_kv_usage <= 1:
+            raise ValueError(f"--target-kv-usage: a KV cache usage in (0, 1], got {self.target_kv_usage}")
         if lo == hi:
             return None
         policy_kwargs = {"target_requests_per_replica": self.target_requests_per_replica,
@@ -314,6 +323,11 @@ class ReplicaGroup:
                 "upscale_delay_s": 10.0, "downscale_delay_s": 120.0,
                 "policy": {"policy_function": QueueKVAutoscalingPolicy, "policy_kwargs": policy_kwargs},
                 **self.autoscaling_overrides}
+
+
+def _serve_log_level(args: argparse.Namespace) -> str:
+    level = (getattr(args, "log_level", None) or "info").upper()
+    return level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "DEBUG"  # (uvicorn's trace)
 
 
 def replica_actor_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +358,8 @@ def build_app(groups: Sequence[ReplicaGroup], router_config: dict[str, Any] | No
             "graceful_shutdown_timeout_s": g.args.shutdown_timeout + 15,
             # Only control calls (info, load, health) come through Serve: the requests go over HTTP.
             "max_ongoing_requests": 100,
+            # (Serve's access log would write a line per control call: the ingress polls every second)
+            "logging_config": {"enable_access_log": False, "log_level": _serve_log_level(g.args)},
         }
         autoscaling = g.autoscaling_config()
         if autoscaling is None:
@@ -396,15 +412,35 @@ def groups_from_args(args: argparse.Namespace, cluster_gpus: float = 0.0) -> lis
     if gpus is None:
         gpus = 1.0 if args.device == "cuda" or (args.device == "auto" and cluster_gpus > 0) else 0.0
     options: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus}
+    if not (math.isfinite(args.num_cpus_per_replica) and args.num_cpus_per_replica >= 0):
+        raise ValueError(f"--num-cpus-per-replica: must be >= 0, got {args.num_cpus_per_replica}")
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise ValueError(f"--num-gpus-per-replica: must be >= 0, got {gpus}")
     if args.replica_resources:
-        options["resources"] = json.loads(args.replica_resources)
+        options["resources"] = _json_object(args.replica_resources, "--replica-resources")
+        bad = [k for k, v in options["resources"].items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0]
+        if bad:
+            raise ValueError(f"--replica-resources: {bad[0]!r} needs a number >= 0")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    return [ReplicaGroup(args, num_replicas=args.replicas, ray_actor_options=options,
+    group = ReplicaGroup(args, num_replicas=args.replicas, ray_actor_options=options,
                          min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                          target_requests_per_replica=args.target_requests_per_replica,
                          target_kv_usage=args.target_kv_usage,
-                         autoscaling_overrides=json.loads(args.autoscaling_config or "{}"))]
+                         autoscaling_overrides=_json_object(args.autoscaling_config or "{}", "--autoscaling-config"))
+    group.autoscaling_config()  # (ranges and targets checked here, not in the Serve controller)
+    return [group]
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"{flag}: a JSON object, got {type(v).__name__}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,7 +481,7 @@ def wait_for_fleet(handle: DeploymentHandle, n: int, timeout: float = 120.0) -> 
 
 def router_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     _operator_key(args)
-    config: dict[str, Any] = {"policy": args.router_policy}
+    config: dict[str, Any] = {"policy": args.router_policy, "max_body_bytes": args.max_body_size}
     if args.api_key:
         config["replica_api_key"] = args.api_key  # the router's own calls to the replicas (KV events)
     if getattr(args, "tenants", None) is not None:  # the replicas' tenants: keys, salts, fleet-wide limits
@@ -457,10 +493,20 @@ def router_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_ray(args: argparse.Namespace) -> int:
     """`tokenmill serve --ray`: deploys the replicas and the router on Ray Serve (args: tokenmill serve's
-    flags and add_ray_arguments'), serves on --host/--port until SIGINT/SIGTERM, then tears down."""
+    flags and add_ray_arguments'), serves on --host/--port until SIGINT/SIGTERM, then tears down.
+    Every flag is checked, and on a cluster of its own the address and the resources, before Ray
+    starts: a mistake is a one-line ValueError, not a cluster waiting forever or a traceback."""
+    import copy
+
+    from tokenmill.server.serve import bind_socket, check_args
+
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    check_args(copy.copy(args))  # (what each replica will check, with its models' folders)
+    groups_from_args(copy.copy(args))  # (Ray's own flags, before a cluster is started for them)
     own_cluster = args.ray_address is None
+    if own_cluster:  # the proxy will listen there: taken now, a clear error
+        bind_socket(args.host, args.port).close()
     apply_lean_ray_env(loopback=own_cluster)
     try:
         import ray
@@ -468,14 +514,26 @@ def run_ray(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError("--ray needs Ray Serve: pip install 'tokenmill[ray]'") from e
 
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
     if own_cluster:  # one machine: the replicas listen on 127.0.0.1 whatever --host the proxy has
         init_local_ray(args.ray_num_cpus)
     else:
         ray.init(address=args.ray_address)
+    # Ray's handler aborts the process on SIGTERM, leaving its daemons behind: until serving, a
+    # SIGTERM unwinds through the teardown below as Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         groups = groups_from_args(args, ray.cluster_resources().get("GPU", 0.0))
+        if own_cluster:
+            _check_resources(groups, ray.cluster_resources())
         serve.start(http_options={"host": args.host, "port": args.port})
-        handle = serve.run(build_app(groups, router_config_from_args(args)), name=args.app_name, route_prefix="/")
+        try:
+            handle = serve.run(build_app(groups, router_config_from_args(args)), name=args.app_name,
+                               route_prefix="/")
+        except RuntimeError as e:  # (RayTaskError is one too) a replica failed: say why, in one line
+            raise ValueError(f"the replicas did not start: {_deployment_error(serve, args.app_name) or e}") from None
         fleet = wait_for_fleet(handle, sum(g.num_replicas for g in groups))
         logger.info("serving on http://%s:%d through %d replicas: %s", args.host, args.port, len(fleet),
                     ", ".join(fleet))
@@ -491,6 +549,36 @@ def run_ray(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
+
+
+def _check_resources(groups: Sequence[ReplicaGroup], cluster: dict[str, float]) -> None:
+    """A cluster started here has what it has: replicas asking for more would wait for it forever."""
+    need: dict[str, float] = {}
+    for g in groups:
+        n = g.num_replicas  # (the initial count when autoscaling: at least --min-replicas)
+        o = g.ray_actor_options
+        for k, v in (("CPU", o.get("num_cpus", 1)), ("GPU", o.get("num_gpus", 0)), *(o.get("resources") or {}).items()):
+            need[k] = need.get(k, 0.0) + n * float(v or 0)
+    short = [(k, v) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9]
+    if short:
+        k, v = short[0]
+        flag = {"CPU": "--num-cpus-per-replica (or --ray-num-cpus)", "GPU": "--num-gpus-per-replica"}.get(
+            k, "--replica-resources")
+        raise ValueError(f"the replicas need {v:g} {k} and the local Ray cluster has {cluster.get(k, 0.0):g}: "
+                         f"lower --replicas or {flag}")
+
+
+def _deployment_error(serve: Any, app: str) -> str | None:
+    """The message Serve keeps for a deployment that failed (a replica's constructor raised)."""
+    try:
+        status = serve.status().applications[app]
+        for d in status.deployments.values():
+            if d.message:  # (a replica's traceback: its last exception's message is the reason)
+                last = [ln for ln in d.message.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+                return last[-1].split(": ", 1)[1] if last else " ".join(d.message.split())[-2000:]
+        return status.message or None
+    except Exception:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

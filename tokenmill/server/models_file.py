@@ -32,7 +32,7 @@ import math
 import os
 from typing import Any
 
-from tokenmill.config import EngineConfig, ModelConfig, load_yaml_file, parse_dtype
+from tokenmill.config import EngineConfig, ModelConfig, SpeculativeConfig, load_yaml_file, parse_dtype
 from tokenmill.engine.llm_engine import generation_defaults
 from tokenmill.engine.spec_decode import check_draft_model
 from tokenmill.routing import policy_from_dict
@@ -83,6 +83,26 @@ def _number(v: Any, field: str, positive: bool = True) -> float:
     return float(v)
 
 
+def check_model(config: EngineConfig) -> None:
+    """A model's settings and folder checked at startup, not at its first request: one that starts
+    on disk would otherwise fail that request after the active model was pushed out for it. Its
+    config.json, context, generation_config.json and draft model; ValueError naming the fault."""
+    config.validate()  # (parses speculative_config: a JSON string or an object)
+    if config.dtype != "auto":
+        parse_dtype(config.dtype)
+    mc = ModelConfig.from_pretrained(config.model)
+    mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
+    generation_defaults(config)
+    spec = config.speculative_config
+    if spec is not None and spec.model:
+        try:
+            check_draft_model(spec.model, mc.vocab_size, config.max_model_len or mc.max_context,
+                              config.allow_long_max_model_len, config.tokenizer or config.model)
+        except ValueError as e:
+            why = str(e).removeprefix("speculative_config: ").removeprefix("model: ")
+            raise ValueError(f"speculative_config.model: {why}") from None
+
+
 def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "auto",
                      reasoning_parser: str | None = None) -> tuple[list[ModelEntry], list[dict[str, Any]],
                                                                    dict[str, float]]:
@@ -128,34 +148,26 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             changes["tokenizer"] = near(changes["tokenizer"])
         if changes.get("generation_config") not in (None, "auto", "vllm"):
             changes["generation_config"] = near(changes["generation_config"])
-        if m.get("speculative_config") is False:  # this model does not speculate, whatever the flags say
+        spec = m.get("speculative_config")
+        if spec is False:  # this model does not speculate, whatever the flags say
             changes["speculative_config"] = None
-        elif m.get("speculative_config") is True:
+        elif spec is True:
             raise ValueError(f"{f}.speculative_config: an object (method, model, ...), or false for none")
+        elif spec is not None:  # (a JSON string or an object; its draft folder is the file's too)
+            try:
+                parsed = SpeculativeConfig.parse(spec)
+            except ValueError as e:
+                raise ValueError(f"{f}: {e}") from None
+            if parsed is not None and parsed.model:
+                parsed.model = near(parsed.model)
+            changes["speculative_config"] = parsed
         if "kv_cache_memory" in m:
             changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)
         try:
             config = dataclasses.replace(base, **changes)
-            config.validate()  # (parses speculative_config: a JSON string or an object)
-            if config.dtype != "auto":
-                parse_dtype(config.dtype)
-            # The model's own config now, not at its first request: a model that starts on disk would
-            # otherwise fail that request after the active model was pushed out to make room.
-            mc = ModelConfig.from_pretrained(p)
-            mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
-            generation_defaults(config)
+            check_model(config)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
-        spec = config.speculative_config
-        if spec is not None and spec.model:
-            if changes.get("speculative_config") is not None:  # (the file's own: parsed anew, its to change)
-                spec.model = near(spec.model)
-            try:
-                check_draft_model(spec.model, mc.vocab_size, config.max_model_len or mc.max_context,
-                                  config.allow_long_max_model_len, config.tokenizer or p)
-            except ValueError as e:
-                why = str(e).removeprefix("speculative_config: ").removeprefix("model: ")
-                raise ValueError(f"{f}.speculative_config.model: {why}") from None
         pinned = m.get("pinned", False)
         if not isinstance(pinned, bool):
             raise ValueError(f"{f}.pinned: true or false, got {pinned!r}")

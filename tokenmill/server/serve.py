@@ -153,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
     """The pool's model specs, tiers and settings from the flags (and --models)."""
     from tokenmill.engine.model_runner import available_ram_bytes
-    from tokenmill.server.models_file import ModelEntry, build_pool_config, read_models_file, served_name
+    from tokenmill.server.models_file import ModelEntry, build_pool_config, check_model, read_models_file, served_name
 
     gib = 2**30
     base = engine_config_from_args(args)
@@ -174,6 +174,7 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
         models = []
         for path in paths or [None]:
             config = engine_config_from_args(args, path)
+            check_model(config)  # (every model now, not at its first request)
             name = args.served_model_name or (DEMO_MODEL_NAME if path is None else served_name(config.model))
             models.append(ModelEntry(name, config, tool_call_parser=args.tool_call_parser,
                                      reasoning_parser=args.reasoning_parser))
@@ -209,6 +210,17 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
+    specs, tiers, pool_config = check_args(args)
+    sock = bind_socket(args.host, args.port)
+    try:
+        return _run(args, specs, tiers, pool_config, sock)
+    finally:
+        sock.close()
+
+
+def check_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
+    """tokenmill serve's flags checked, each fault a ValueError naming its flag, before anything
+    loads (`serve --ray` checks them before it starts a cluster); returns the model pool's config."""
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
@@ -220,12 +232,7 @@ def run(args: argparse.Namespace) -> int:
         from tokenmill.ops.tenants import load_tenants
 
         args.tenants_config = load_tenants(args.tenants)
-    specs, tiers, pool_config = pool_from_args(args)
-    sock = bind_socket(args.host, args.port)
-    try:
-        return _run(args, specs, tiers, pool_config, sock)
-    finally:
-        sock.close()
+    return pool_from_args(args)
 
 
 def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig,
