@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 
 import httpx
 import pytest
@@ -388,3 +390,33 @@ def test_the_end_a_router_writes_for_a_stream_counts_a_clients_resumed_tokens():
     assert state.finished()
     usage = json.loads(state.ending()[0][len("data: "):])["usage"]
     assert usage == {"prompt_tokens": 13, "completion_tokens": 30, "total_tokens": 43}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_local_replicas_go_when_their_router_is_killed():
+    """`router --replicas N` SIGKILLed runs no teardown: its replicas get SIGTERM from the kernel
+    (they lived on, holding their ports)."""
+    import signal
+    import subprocess
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "from tokenmill.router.replicas import _die_with_parent\n"
+         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent)\n"
+         "print(c.pid, flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/status") as f:
+            if "zombie" in f.read():
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the replica outlived its router")

@@ -210,11 +210,11 @@ class LocalReplicas:
             env["OMP_NUM_THREADS"] = str(self.threads)
         logger.info("starting replica %d: %s", i, " ".join(cmd))
         if not self.log_dir:
-            return subprocess.Popen(cmd, env=env)
+            return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, f"replica{i}.log"), "a") as out:  # the child keeps its own copy
             self._log_start[i] = out.tell()  # (a log dir given again holds earlier runs too)
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
     def start(self) -> None:
         for i in range(len(self.ports)):
@@ -282,6 +282,15 @@ class LocalReplicas:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _die_with_parent() -> None:
+    """In a local replica, before it runs: SIGTERM (it drains) when the router is gone, however it
+    went (a SIGKILL runs no teardown, and the replicas lived on holding their ports). Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def merge_models(cards: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
