@@ -360,3 +360,30 @@ def test_vllm_llm_settings_and_text_prompt_dicts(tmp_path, llm):
     assert eager.config.cuda_graphs == "off"
     with pytest.raises(ValueError, match="^tensor_parallel_size"):
         LLM(llm.config.model, tensor_parallel_size=2)
+
+
+def test_model_defaults_stay_defaults_only_while_unchanged(tmp_path):
+    """A field the model's defaults filled in counts as the model's only while it holds that value
+    (vLLM's pattern: get_default_sampling_params(), then set fields): a penalty the caller sets is
+    refused with beam search, a max_tokens the caller sets is not a cap; beam search sized by the
+    room a default cap leaves (it was refused for the whole default)."""
+    import dataclasses
+    import json
+    import os
+
+    path = make_model(str(tmp_path / "m"), "llama")
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gen = json.load(f)
+    gen.update(max_new_tokens=1000, repetition_penalty=1.2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    llm = LLM(path, kv_cache_memory_bytes=1 * 2**20, max_model_len=64)
+    sp = llm.get_default_sampling_params()
+    sp.use_beam_search, sp.n = True, 4
+    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0].token_ids  # room: 61 tokens
+    with pytest.raises(ValueError, match="^repetition_penalty: not supported with use_beam_search"):
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, dataclasses.replace(sp, repetition_penalty=1.5))
+    mine = llm.get_default_sampling_params()
+    mine.max_tokens = 100
+    with pytest.raises(ValueError, match="^max_tokens: prompt"):
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, mine)

@@ -403,7 +403,7 @@ def test_local_replicas_go_when_their_router_is_killed():
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time\n"
          "from tokenmill.router.replicas import _die_with_parent\n"
-         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent)\n"
+         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent())\n"
          "print(c.pid, flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     parent.send_signal(signal.SIGKILL)

@@ -146,7 +146,10 @@ class ModelConfig:
                 raw: dict[str, Any] = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"model: {cfg_file} is not valid JSON: {e}") from e
-        return cls.from_dict(raw, path)
+        try:
+            return cls.from_dict(raw, path)
+        except KeyError as e:
+            raise ValueError(f"model: {cfg_file} has no {e.args[0]!r}") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "") -> ModelConfig:

@@ -55,7 +55,7 @@ class LLM:
         """What a call without sampling_params samples with, as vLLM's: the model's
         generation_config.json settings (EngineConfig.generation_config), else SamplingParams()."""
         d = self.engine.default_sampling
-        return SamplingParams(**d, _defaulted=frozenset(d), _max_tokens_is_cap="max_tokens" in d)
+        return SamplingParams(**d, _defaulted=tuple(d.items()))
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,

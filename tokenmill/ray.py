@@ -502,9 +502,10 @@ def run_ray(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    check_args(copy.copy(args))  # (what each replica will check, with its models' folders)
-    groups_from_args(copy.copy(args))  # (Ray's own flags, before a cluster is started for them)
     own_cluster = args.ray_address is None
+    # What each replica will check (on a cluster of this machine's own, its models' folders too)
+    check_args(copy.copy(args), models=own_cluster, probe_device=False)
+    groups_from_args(copy.copy(args))  # (Ray's own flags, before a cluster is started for them)
     if own_cluster:  # the proxy will listen there: taken now, a clear error
         bind_socket(args.host, args.port).close()
     apply_lean_ray_env(loopback=own_cluster)
@@ -523,13 +524,16 @@ def run_ray(args: argparse.Namespace) -> int:
         ray.init(address=args.ray_address)
     # Ray's handler aborts the process on SIGTERM, leaving its daemons behind: until serving, a
     # SIGTERM unwinds through the teardown below as Ctrl-C does.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, interrupt)
+    deployed = False
     try:
         groups = groups_from_args(args, ray.cluster_resources().get("GPU", 0.0))
         if own_cluster:
             _check_resources(groups, ray.cluster_resources())
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
+            deployed = True  # (from here a failure leaves an application to delete)
             handle = serve.run(build_app(groups, router_config_from_args(args)), name=args.app_name,
                                route_prefix="/")
         except RuntimeError as e:  # (RayTaskError is one too) a replica failed: say why, in one line
@@ -543,12 +547,18 @@ def run_ray(args: argparse.Namespace) -> int:
         stop.wait()
         logger.info("stopping: draining the replicas")
         serve.delete(args.app_name)
+        deployed = False
         return 0
     finally:
         if own_cluster:
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
+        elif deployed:  # (a cluster of others: what failed or was interrupted half-way goes)
+            with contextlib.suppress(Exception):
+                serve.delete(args.app_name)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _check_resources(groups: Sequence[ReplicaGroup], cluster: dict[str, float]) -> None:
@@ -572,7 +582,8 @@ def _deployment_error(serve: Any, app: str) -> str | None:
     """The message Serve keeps for a deployment that failed (a replica's constructor raised)."""
     try:
         status = serve.status().applications[app]
-        for d in status.deployments.values():
+        failed = [d for d in status.deployments.values() if "FAIL" in str(d.status) or "UNHEALTHY" in str(d.status)]
+        for d in failed or list(status.deployments.values()):
             if d.message:  # (a replica's traceback: its last exception's message is the reason)
                 last = [ln for ln in d.message.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", ln)]
                 return last[-1].split(": ", 1)[1] if last else " ".join(d.message.split())[-2000:]
@@ -590,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (SIGINT, or SIGTERM before serving: the cluster is torn down)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.structured import StructuredOutputsParams
 
@@ -64,8 +65,9 @@ class SamplingParams:
     # max_tokens is a cap the server filled in (a tenant's), not the client's: a prompt that leaves
     # less room gets what room there is instead of a 400
     _max_tokens_is_cap: bool = field(default=False, repr=False)
-    # The fields filled in from the model's defaults (generation_config.json), not the caller's.
-    _defaulted: frozenset[str] = field(default=frozenset(), repr=False)
+    # The fields filled in from the model's defaults (generation_config.json), with the values they
+    # got: a field still holding its value is the model's default, not the caller's choice.
+    _defaulted: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,10 +76,6 @@ class SamplingParams:
         self.stop_token_ids = [_plain(t) for t in (self.stop_token_ids if self.stop_token_ids is not None else [])]
         for f in _NUMBERS:  # numpy's scalars as Python's (vLLM takes them; validate() checks Python's)
             setattr(self, f, _plain(getattr(self, f)))
-        if self.use_beam_search and "repetition_penalty" in self._defaulted:
-            # (a model's default penalty would change the beams' scores, which beam search refuses: as
-            # in vLLM, beams take the defaults of temperature and max_tokens alone)
-            self.repetition_penalty = 1.0
         if self.top_k == -1:
             self.top_k = 0
 
@@ -158,11 +156,24 @@ class SamplingParams:
             except ValueError as e:
                 raise bad("structured_outputs", str(e)) from None
 
+    def is_model_default(self, name: str) -> bool:
+        """Whether the field holds the value the model's defaults gave it (not the caller's)."""
+        return any(n == name and getattr(self, n) == v for n, v in self._defaulted)
+
+    @property
+    def max_tokens_is_cap(self) -> bool:
+        """max_tokens is an upper bound the server or the model filled in, not the caller's: a
+        prompt that leaves less room gets that room instead of a refusal."""
+        return self._max_tokens_is_cap or self.is_model_default("max_tokens")
+
     def _validate_beam_search(self) -> None:
         # Beam scores are the model's own log-probabilities (as in transformers and vLLM); what
-        # would change them, or needs a per-beam text state, is refused rather than ignored.
+        # would change them, or needs a per-beam text state, is refused rather than ignored. A
+        # model's default penalty is dropped instead (LLMEngine.add_request): as in vLLM, beams
+        # take the defaults of temperature and max_tokens alone.
         changed = [name for name, default in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                                              ("frequency_penalty", 0.0)) if getattr(self, name) != default]
+                                              ("frequency_penalty", 0.0))
+                   if getattr(self, name) != default and not self.is_model_default(name)]
         changed += [name for name in ("logit_bias", "structured_outputs", "max_reasoning_tokens", "stop")
                     if getattr(self, name) not in (None, [], {})]
         if changed:

@@ -248,7 +248,7 @@ class LLMEngine:
             return
         if n_prompt >= self.max_model_len:
             raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={self.max_model_len}")
-        if (params.max_tokens is not None and not params._max_tokens_is_cap  # (a cap: add_request takes the room)
+        if (params.max_tokens is not None and not params.max_tokens_is_cap  # (a cap: add_request takes the room)
                 and n_prompt + params.max_tokens > self.max_model_len):
             raise ValueError(
                 f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
@@ -265,10 +265,14 @@ class LLMEngine:
         if not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
-        if (params._max_tokens_is_cap and params.max_tokens is not None
+        if (params.max_tokens_is_cap and params.max_tokens is not None
                 and len(token_ids) + params.max_tokens > self.max_model_len):  # a cap: the room there is
             params = _copy_params(params)
             params.max_tokens = max(1, self.max_model_len - len(token_ids))
+        if (params.use_beam_search and params.repetition_penalty != 1.0
+                and params.is_model_default("repetition_penalty")):
+            params = _copy_params(params)  # (see SamplingParams._validate_beam_search)
+            params.repetition_penalty = 1.0
         self.check_request(token_ids, params)
         salt = cache_salt(prompt)
         tenant, slo = request_tags(prompt)
@@ -788,7 +792,10 @@ class LLMEngine:
 
     # -- beam search --------------------------------------------------------------------
     def _beam_max_new(self, params: SamplingParams, num_prompt: int) -> int:
-        return params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        room = self.max_model_len - num_prompt
+        if params.max_tokens is None:
+            return room
+        return min(params.max_tokens, room) if params.max_tokens_is_cap else params.max_tokens
 
     def _check_beam_search(self, params: SamplingParams, num_prompt: int) -> None:
         max_new = self._beam_max_new(params, num_prompt)

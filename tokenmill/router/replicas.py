@@ -209,12 +209,13 @@ class LocalReplicas:
         if self.threads:  # replicas sharing a machine share its cores
             env["OMP_NUM_THREADS"] = str(self.threads)
         logger.info("starting replica %d: %s", i, " ".join(cmd))
+        die = _die_with_parent()
         if not self.log_dir:
-            return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+            return subprocess.Popen(cmd, env=env, preexec_fn=die)
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, f"replica{i}.log"), "a") as out:  # the child keeps its own copy
             self._log_start[i] = out.tell()  # (a log dir given again holds earlier runs too)
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die)
 
     def start(self) -> None:
         for i in range(len(self.ports)):
@@ -284,13 +285,24 @@ class LocalReplicas:
                 p.wait()
 
 
-def _die_with_parent() -> None:
-    """In a local replica, before it runs: SIGTERM (it drains) when the router is gone, however it
-    went (a SIGKILL runs no teardown, and the replicas lived on holding their ports). Linux only."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent() -> Callable[[], None] | None:
+    """For a local replica, run between fork and exec: SIGTERM (it drains) when the router is gone,
+    however it went (a SIGKILL runs no teardown, and the replicas lived on holding their ports).
+    prctl is looked up here, in the parent: a forked child of a threaded process must not dlopen.
+    Linux only (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the router died before that: nothing would signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def merge_models(cards: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -180,7 +180,7 @@ class _SamplingFields(_Strict):
         d = defaults or {}
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                  "repetition_penalty": self.repetition_penalty, "max_tokens": max_tokens}
-        defaulted = frozenset(k for k in d if given.get(k, 0) is None)
+        defaulted = tuple((k, v) for k, v in d.items() if given.get(k, 0) is None)
         bias = None
         if self.logit_bias:
             bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
@@ -213,7 +213,6 @@ class _SamplingFields(_Strict):
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
             _defaulted=defaulted,
-            _max_tokens_is_cap="max_tokens" in defaulted,
         )
 
 
@@ -287,7 +286,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
-    continue_final_message: bool = False  # the last (assistant) message left open, for the model to go on
+    continue_final_message: bool = False  # the last message left open, for the model to go on
     chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (enable_thinking, ...)
 
 

@@ -150,8 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_ray_arguments(p)
 
 
-def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
-    """The pool's model specs, tiers and settings from the flags (and --models)."""
+def pool_from_args(args: argparse.Namespace, probe_device: bool = True) -> tuple[list, list, PoolConfig]:
+    """The pool's model specs, tiers and settings from the flags (and --models); probe_device:
+    several models on CUDA without --memory-budget get a share of the device's memory, read here."""
     from tokenmill.engine.model_runner import available_ram_bytes
     from tokenmill.server.models_file import ModelEntry, build_pool_config, check_model, read_models_file, served_name
 
@@ -189,7 +190,7 @@ def pool_from_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
         return int(v * gib)
 
     budget = gib_flag("memory_budget", "memory_budget")
-    if budget is None and len(models) > 1 and base.resolve_device().type == "cuda":
+    if budget is None and len(models) > 1 and probe_device and base.resolve_device().type == "cuda":
         import torch
 
         budget = int(torch.cuda.mem_get_info(base.resolve_device())[1] * base.gpu_memory_utilization)
@@ -218,9 +219,12 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
 
 
-def check_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
+def check_args(args: argparse.Namespace, models: bool = True,
+               probe_device: bool = True) -> tuple[list, list, PoolConfig]:
     """tokenmill serve's flags checked, each fault a ValueError naming its flag, before anything
-    loads (`serve --ray` checks them before it starts a cluster); returns the model pool's config."""
+    loads; returns the model pool's config. `serve --ray` checks them before it starts a cluster:
+    without the models on a cluster of others (they need only be on its nodes), and without
+    opening the device (pool_from_args' probe_device) in a driver that serves nothing."""
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
@@ -232,7 +236,7 @@ def check_args(args: argparse.Namespace) -> tuple[list, list, PoolConfig]:
         from tokenmill.ops.tenants import load_tenants
 
         args.tenants_config = load_tenants(args.tenants)
-    return pool_from_args(args)
+    return pool_from_args(args, probe_device) if models else ([], [], PoolConfig())
 
 
 def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_config: PoolConfig,

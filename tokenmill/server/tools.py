@@ -159,6 +159,12 @@ def template_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] |
     return [{"type": "function", "function": t["function"]} for t in tools]
 
 
+# apply_chat_template's arguments in transformers (a tokenizer wrapping it may hide them behind **kwargs)
+_TEMPLATE_ARGS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                 chat_template_kwargs: dict[str, Any] | None = None) -> str:
@@ -177,7 +183,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     kwargs = dict(chat_template_kwargs or {})
     # (apply_chat_template's own arguments are the request's to set, not the template's)
     own = {n for n, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
-           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | {"messages"}
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | _TEMPLATE_ARGS
     clash = sorted(set(kwargs) & own)
     if clash:
         raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
