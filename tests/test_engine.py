@@ -274,6 +274,8 @@ def test_llm_chat_reads_messages_as_the_chat_endpoint_does(tmp_path):
     loose = [{"role": "ipython", "content": "x", "reasoning_content": "r"},
              {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]
     assert '"arguments": {"x": 1}' in llm.chat_prompt(loose)["prompt"]
+    # OpenAI's developer role is the system role to a template that does not know it (it was dropped).
+    assert llm.chat_prompt([{"role": "developer", "content": "Be brief"}])["prompt"].startswith("<s>system\nBe brief")
     for bad, match in [([{"content": "x"}], r"^messages\[0\]: must be a dict with a 'role'"),
                        ([{"role": "user", "content": [{"type": "image_url"}]}], r"^messages\[0\]\.content\[0\]"),
                        (going, "^continue_final_message: cannot be combined with add_generation_prompt")]:
@@ -293,6 +295,7 @@ def test_offline_inputs_as_vllm_takes_them(llm):
     sp = SamplingParams(temperature=np.float32(0.0), max_tokens=np.int64(4), top_k=np.int32(5), logprobs=np.int64(1),
                         prompt_logprobs=1, stop_token_ids=[np.int64(3)], ignore_eos=True)
     assert type(sp.max_tokens) is int and type(sp.temperature) is float and sp.stop_token_ids == [3]
+    assert SamplingParams(seed=-1).seed is None  # (vLLM's: -1 is "random", what UIs send)
     want = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4, top_k=5,
                                                                        stop_token_ids=[3], ignore_eos=True))
     out = llm.generate({"prompt_token_ids": np.array([5, 6, 7])}, sp)[0]

@@ -67,13 +67,14 @@ def test_reasoning_apart_from_content_streamed_and_not(client, model_name):
     m = client.chat.completions.create(**kw).choices[0].message
     reasoning = m.model_extra["reasoning"]
     assert reasoning and "</think>" not in reasoning and "</think>" not in m.content
-    assert m.content
-    r = c = ""
+    assert m.content and m.model_extra["reasoning_content"] == reasoning  # (the older name, as DeepSeek's API)
+    r = c = rc = ""
     for chunk in client.chat.completions.create(**kw, stream=True):
         if chunk.choices:
             r += chunk.choices[0].delta.model_extra.get("reasoning") or ""
+            rc += chunk.choices[0].delta.model_extra.get("reasoning_content") or ""
             c += chunk.choices[0].delta.content or ""
-    assert (r, c) == (reasoning, m.content)
+    assert (r, rc, c) == (reasoning, reasoning, m.content)
 
 
 # -- the reasoning budget (max_reasoning_tokens) -----------------------------------------------

@@ -527,3 +527,20 @@ def test_requests_that_leave_sampling_out_get_the_models_generation_config(tmp_p
         assert n[1] > n[0]
     finally:
         srv.stop()
+
+
+def test_vllm_service_routes_tokenize_tools_and_ignored_fields(server, model_name):
+    """vLLM's /ping and /version; /tokenize refuses a malformed tool; a field the API does not know
+    is ignored and logged once, as vLLM does."""
+    base = server.base_url
+    assert httpx.get(base + "/ping").status_code == 200 and httpx.post(base + "/ping").status_code == 200
+    from tokenmill import __version__
+
+    assert httpx.get(base + "/version").json() == {"version": __version__}
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = httpx.post(base + "/tokenize", json={"messages": msgs, "tools": [{"type": "function"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0]"
+    r = httpx.post(base + "/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 2,
+                                                   "store": True, "zz_unknown_field": 1})
+    assert r.status_code == 200
+    assert "present in the request but ignored: ['store', 'zz_unknown_field']" in server.log()

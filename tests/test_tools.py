@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -348,3 +349,14 @@ def test_infer_parser():
     assert infer_parser("{{ '[TOOL_CALLS]' }}") == "mistral"
     assert infer_parser("{{ '<|python_tag|>' }} ipython") == "llama3_json"
     assert infer_parser("{{ messages }}") is None
+
+
+def test_tokenize_counts_a_chat_prompt_with_its_tools(server, client, name):
+    """/tokenize with messages and tools counts what the chat endpoint prompts (the tools were ignored)."""
+    msgs = [{"role": "user", "content": "What is the weather?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    n = [httpx.post(server.base_url + "/tokenize", json={"model": name, "messages": msgs, **extra}).json()["count"]
+         for extra in ({}, {"tools": tools})]
+    used = client.chat.completions.create(model=name, messages=msgs, tools=tools, tool_choice="none",
+                                          max_tokens=1).usage.prompt_tokens
+    assert n[1] > n[0] and n[1] == used

@@ -78,6 +78,8 @@ class SamplingParams:
             setattr(self, f, _plain(getattr(self, f)))
         if self.top_k == -1:
             self.top_k = 0
+        if self.seed == -1:  # (as vLLM: what UIs send for "random")
+            self.seed = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raises ValueError naming the parameter at fault."""

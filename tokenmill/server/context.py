@@ -137,7 +137,8 @@ class ServerContext:
     def chat_prompt(self, req: Any, tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text of a chat or /tokenize request's messages (render_chat)."""
         try:
-            return render_chat(self.tokenizer, template_messages(req.messages), req.add_generation_prompt, tools,
+            return render_chat(self.tokenizer, template_messages(req.messages), req.add_generation_prompt,
+                               tools if tools is not None else getattr(req, "tools", None),
                                req.continue_final_message, req.chat_template_kwargs)
         except ValueError as e:
             raise bad_request(e) from None

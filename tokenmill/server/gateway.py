@@ -82,6 +82,7 @@ class Gateway:
     def __init__(self, pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, app: FastAPI) -> None:
         self.pool = pool
         self.tiers = {t.name: t for t in tiers}
+        self._ignored_seen: set[frozenset[str]] = set()  # (_note_ignored)
         for t in tiers:
             if t.name in pool.entries:
                 raise ValueError(f"tiers: {t.name!r} is also the name of a model")
@@ -131,17 +132,29 @@ class Gateway:
             chunks.append(chunk)
         body = b"".join(chunks)
         try:
-            json.loads(body)
+            doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
         except RecursionError:
             raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         try:
-            return model.model_validate_json(body)
+            parsed = model.model_validate_json(body)
         except ValidationError as e:
             raise validation_error(e) from None
         except RecursionError:
             raise APIError(400, "body: nested too deeply", code="invalid_json") from None
+        if isinstance(doc, dict):
+            self._note_ignored(model, doc)
+        return parsed
+
+    def _note_ignored(self, model: type[BaseModel], doc: dict[str, Any]) -> None:
+        """Fields the API does not know are ignored, as vLLM and OpenAI's newer fields want (store,
+        metadata, service_tier, ...); vLLM logs them, and so does this, once per set of names."""
+        known = {f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields)
+        extra = frozenset(k for k in doc if k not in known)
+        if extra and extra not in self._ignored_seen and len(self._ignored_seen) < 1000:
+            self._ignored_seen.add(extra)
+            logger.warning("the following fields were present in the request but ignored: %s", sorted(extra))
 
     def check_auth(self, request: Request, service: bool = False) -> Tenant | None:
         """The caller's tenant (None without --tenants); 401 for a missing or unknown key. With

@@ -298,6 +298,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # (a chat prompt's count includes its tools, as the template shows them)
 
 
 class DetokenizeRequest(_Strict):

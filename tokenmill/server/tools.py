@@ -180,6 +180,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message: cannot be combined with add_generation_prompt; set "
                          "add_generation_prompt to false")
+    for i, t in enumerate(tools or []):
+        if not isinstance(t, dict) or not isinstance(t.get("function"), dict):
+            raise ValueError(f"tools[{i}]: must be {{'type': 'function', 'function': {{...}}}}")
     kwargs = dict(chat_template_kwargs or {})
     # (apply_chat_template's own arguments are the request's to set, not the template's)
     own = {n for n, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
@@ -187,6 +190,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     clash = sorted(set(kwargs) & own)
     if clash:
         raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
+    template = tokenizer.chat_template
+    if isinstance(template, str) and "developer" not in template:  # (OpenAI's newer name for system)
+        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     try:
         return tokenizer.apply_chat_template(messages, tools=template_tools(tools),
                                              add_generation_prompt=add_generation_prompt,

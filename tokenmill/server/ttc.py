@@ -186,6 +186,7 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
         body: dict[str, Any] = {"role": "assistant", "content": text}
         if ctx.settings.reasoning_parser is not None:
             body["reasoning"], body["content"] = split_reasoning(ctx.settings.reasoning_parser, text)
+            body["reasoning_content"] = body["reasoning"]
         return {"index": 0, ("delta" if delta else "message"): body, "logprobs": None, "finish_reason": reason}
 
     def outcome() -> tuple[str, str, dict[str, Any]]:

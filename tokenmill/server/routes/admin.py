@@ -73,6 +73,15 @@ def register(app: FastAPI, gw: Gateway) -> None:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return Response(status_code=200)
 
+    # vLLM's: /ping is /health under SageMaker's name, /version the server's version
+    app.add_api_route("/ping", health, methods=["GET", "POST"], include_in_schema=False)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from tokenmill import __version__
+
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         shown = set(gw.visible(gw.check_auth(request, service=True)))  # a tenant sees its models only

@@ -142,7 +142,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             if reason is not None:
                                 reason = tool_finish(tools, reason, ts.called)
                         # One chunk per tool-call delta, as OpenAI streams them; an empty one keeps the step's timing.
-                        deltas = [{"reasoning": thought}] if thought else []
+                        # (reasoning_content too: vLLM's older name, the DeepSeek API's, what many clients read)
+                        deltas = [{"reasoning": thought, "reasoning_content": thought}] if thought else []
                         deltas += [{"content": content}] if content else []
                         deltas = (deltas + [{"tool_calls": [t]} for t in tool_deltas]) or [{}]
                         for j, delta in enumerate(deltas):
@@ -186,7 +187,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         message["tool_calls"] = tool_calls
                     reason = tool_finish(tools, reason, bool(tool_calls))
                 if rparser is not None:
-                    message["reasoning"] = thought
+                    message["reasoning"] = message["reasoning_content"] = thought
                 choices.append({
                     "index": c.index, "message": message,
                     "logprobs": ({"content": ctx.chat_logprobs(c, 0, len(c.token_ids), k, as_ids)}
