@@ -95,6 +95,11 @@ def test_a_prompt_may_fill_the_context(embed_dir):
     torch.testing.assert_close(torch.tensor(out.embedding), _reference(embed_dir, [full])[0], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="exceed max_model_len=64"):
         llm.embed([{"prompt_token_ids": full + [5]}])
+    # vLLM's truncate_prompt_tokens: the input's last k tokens (-1: max_model_len of them)
+    for k, kept in ((-1, 64), (10, 10)):
+        (out,) = llm.embed([{"prompt_token_ids": [9] + full}], truncate_prompt_tokens=k)
+        torch.testing.assert_close(torch.tensor(out.embedding), _reference(embed_dir, [full[-kept:]])[0],
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_task_selection(embed_dir, tmp_path):
@@ -130,6 +135,10 @@ def test_server_embeddings(embed_dir, tmp_path, model_dir):
                                    torch.nn.functional.normalize(refs[0][:16], dim=0), atol=1e-5, rtol=1e-4)
         with pytest.raises(openai.BadRequestError, match="dimensions"):
             client.embeddings.create(model=name, input="x", dimensions=65)
+        cut = client.embeddings.create(model=name, input=[[7] * 5 + PROMPTS[0]], encoding_format="float",
+                                       extra_body={"truncate_prompt_tokens": len(PROMPTS[0])})
+        assert cut.usage.prompt_tokens == len(PROMPTS[0])
+        torch.testing.assert_close(torch.tensor(cut.data[0].embedding), refs[0], atol=1e-5, rtol=1e-4)
         with pytest.raises(openai.BadRequestError, match="embedding model"):
             client.completions.create(model=name, prompt="x")
     finally:

@@ -544,3 +544,28 @@ def test_vllm_service_routes_tokenize_tools_and_ignored_fields(server, model_nam
                                                    "store": True, "zz_unknown_field": 1})
     assert r.status_code == 200
     assert "present in the request but ignored: ['store', 'zz_unknown_field']" in server.log()
+
+
+def test_truncate_prompt_tokens(client, server, model_name, offline):
+    """vLLM's truncate_prompt_tokens keeps a prompt's last k tokens (usage counts them), on
+    completions, chat and offline; -1 is max_model_len; bad values and echo are 400s."""
+    from tokenmill import SamplingParams
+
+    ids = list(range(5, 45))
+    r = client.completions.create(model=model_name, prompt=ids, max_tokens=4, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 10})
+    want = offline.generate({"prompt_token_ids": ids[-10:]}, SamplingParams(max_tokens=4, temperature=0))[0]
+    assert r.usage.prompt_tokens == 10 and r.choices[0].text == want.outputs[0].text
+    cut = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=4, temperature=0,
+                                                                    truncate_prompt_tokens=10))[0]
+    assert cut.prompt_token_ids == ids[-10:] and cut.outputs[0].token_ids == want.outputs[0].token_ids
+    r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hello there " * 9}],
+                                       max_tokens=2, extra_body={"truncate_prompt_tokens": 7})
+    assert r.usage.prompt_tokens == 7
+    r = client.completions.create(model=model_name, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens == 40
+    for extra, param in [({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                         ({"truncate_prompt_tokens": 5, "echo": True}, "truncate_prompt_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model_name, prompt=ids, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param

@@ -121,13 +121,17 @@ class LLM:
             self._latest[out.request_id] = out
         return outs
 
-    def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False) -> list[RequestOutput]:
+    def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False,
+              truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
         """Embeddings of an embedding model (`task="embed"`): each output's `.embedding` is the
-        L2-normalized final hidden state of its prompt's last token."""
+        L2-normalized final hidden state of its prompt's last token (of its last
+        truncate_prompt_tokens tokens, -1: max_model_len of them, when given)."""
         if self.engine.task != "embed":
             raise ValueError(f"task: {self.engine.config.model} runs as a generative model; load it with "
                              f"task='embed' to embed")
-        return self._run(prompts, SamplingParams(max_tokens=1, temperature=0, _prompt_only=True), None, use_tqdm)
+        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
+                                truncate_prompt_tokens=truncate_prompt_tokens)
+        return self._run(prompts, params, None, use_tqdm)
 
     def generate(
         self,
@@ -240,6 +244,7 @@ class LLM:
         out = []
         for p, sp, prio in zip(prompts, params, prios):
             text, token_ids = self.engine.tokenize(p)
+            token_ids, text = self.engine.truncate_prompt(token_ids, sp, text)
             self.engine.check_request(token_ids, sp)
             salt = cache_salt(p)
             tenant, slo = request_tags(p)

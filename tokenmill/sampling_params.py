@@ -57,6 +57,8 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0  # a finished beam scores cumulative_logprob / length ** length_penalty
     early_stopping: bool | str = False  # transformers' early_stopping: False, True or "never"
+    # vLLM's: keep the prompt's last k tokens (-1: as many as max_model_len holds), dropping its start
+    truncate_prompt_tokens: int | None = None
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
@@ -146,6 +148,9 @@ class SamplingParams:
         if not _is_number(self.length_penalty) or not -10 <= self.length_penalty <= 10:
             # length ** penalty must stay a float for any length the context allows
             raise bad("length_penalty", f"must be a number in [-10, 10], got {self.length_penalty!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1)):
+            raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or an integer >= 1, got {k!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise bad("early_stopping", f"must be true, false or \"never\", got {self.early_stopping!r}")
         if self.use_beam_search:
@@ -188,7 +193,7 @@ class SamplingParams:
 
 _NUMBERS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
-            "max_reasoning_tokens", "length_penalty")
+            "max_reasoning_tokens", "length_penalty", "truncate_prompt_tokens")
 
 
 def _plain(v: object) -> object:

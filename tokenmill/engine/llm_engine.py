@@ -232,6 +232,19 @@ class LLMEngine:
             return None, [_token_id(t) for t in prompt]
         raise ValueError(f"prompt: expected a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
+    def truncate_prompt(self, token_ids: list[int], params: SamplingParams,
+                        text: str | None = None) -> tuple[list[int], str | None]:
+        """The prompt's last truncate_prompt_tokens tokens (-1: max_model_len of them), and its text
+        decoded from them when it was cut (None without a tokenizer)."""
+        k = params.truncate_prompt_tokens
+        if k is None or not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1):
+            return token_ids, text  # (validate() refuses a bad one)
+        k = self.max_model_len if k == -1 else k
+        if len(token_ids) <= k:
+            return token_ids, text
+        token_ids = token_ids[-k:]
+        return token_ids, (self.tokenizer.decode(token_ids) if self.tokenizer is not None else None)
+
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError naming the parameter at fault; changes nothing."""
         params.validate(self.model_config.vocab_size)
@@ -265,6 +278,7 @@ class LLMEngine:
         if not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
+        token_ids, text = self.truncate_prompt(token_ids, params, text)
         if (params.max_tokens_is_cap and params.max_tokens is not None
                 and len(token_ids) + params.max_tokens > self.max_model_len):  # a cap: the room there is
             params = _copy_params(params)

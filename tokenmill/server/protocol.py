@@ -140,6 +140,7 @@ class _SamplingFields(_Strict):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields
@@ -212,6 +213,7 @@ class _SamplingFields(_Strict):
             use_beam_search=self.use_beam_search,
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             _defaulted=defaulted,
         )
 
@@ -312,3 +314,4 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: embed each input's last k tokens (-1: max_model_len)

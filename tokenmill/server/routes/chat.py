@@ -70,6 +70,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         ids = await ctx.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.sampling_params(req, max_tokens, k)
+        ids, text = ctx.llm_engine.truncate_prompt(ids, params, text)
         if tools is not None and tools.constraint is not None:
             if other is not None:
                 raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "

@@ -84,6 +84,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         params = ctx.sampling_params(req, 1 if score_only else req.max_tokens, req.logprobs,
                                      want_plp if want_plp >= 0 else None)
         params._prompt_only = score_only
+        if req.truncate_prompt_tokens is not None and req.echo:  # (what would echo give: the whole prompt?)
+            raise APIError(400, "truncate_prompt_tokens: not with echo", param="truncate_prompt_tokens")
+        cut = [ctx.llm_engine.truncate_prompt(ids, params, t) for t, ids in prompts]
+        prompts = [(t, ids) for ids, t in cut]
         if not score_only:
             await ctx.constrain(params, ctx.constraint(req))
         ctx.check_resume(req, params, len(prompts))

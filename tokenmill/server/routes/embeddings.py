@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.ops.energy import sum_compute
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError, error_response
+from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.routes import body
@@ -41,11 +41,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
             if not 1 <= req.dimensions <= mc.hidden_size:
                 raise APIError(400, f"dimensions: must be in [1, {mc.hidden_size}], got {req.dimensions}",
                                param="dimensions")
-        prompts = [ids for _, ids in await ctx.prompts(req.input, param="input")]
+        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
+                                truncate_prompt_tokens=req.truncate_prompt_tokens)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise bad_request(e) from None
+        prompts = [ctx.llm_engine.truncate_prompt(ids, params)[0]
+                   for _, ids in await ctx.prompts(req.input, param="input")]
         if any(not p for p in prompts):
             raise APIError(400, "input: an input is empty", param="input")
         rid = f"embd-{uuid.uuid4().hex}"
-        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True)
         reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
         group = await ctx.submit(reqs, 0, arrival, max_seqs=MAX_INPUTS, param="input")
 
