@@ -569,3 +569,14 @@ def test_truncate_prompt_tokens(client, server, model_name, offline):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model_name, prompt=ids, max_tokens=2, extra_body=extra)
         assert e.value.body["param"] == param
+
+
+def test_continuous_usage_stats(client, model_name):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far."""
+    for create, kw in ((client.completions.create, {"prompt": "Hello"}),
+                       (client.chat.completions.create, {"messages": [{"role": "user", "content": "Hello"}]})):
+        chunks = list(create(model=model_name, max_tokens=5, stream=True, extra_body={"ignore_eos": True},
+                             stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+        running = [c.usage.completion_tokens for c in chunks if c.choices]
+        assert all(c.usage is not None for c in chunks) and running == sorted(running) and running[-1] == 5
+        assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices

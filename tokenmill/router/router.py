@@ -883,7 +883,7 @@ class _StreamState:
                 ch.pop("prompt_token_ids", None)
         if not self.want_ids:
             obj.pop("prompt_token_ids", None)
-        if obj.get("usage"):
+        if obj.get("usage") and not obj.get("choices"):  # (the final usage chunk, not a running one)
             self.usage_sent = True
         if self.failover is not None:
             obj["failover"] = self.failover

@@ -47,6 +47,7 @@ def _defaulted_not_nullable(cls: type[BaseModel]) -> frozenset[str]:
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class JSONSchemaFormat(_Strict):

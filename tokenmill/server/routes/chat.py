@@ -96,9 +96,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
         ids_out = req.return_token_ids
         first_chunk = [True]
 
-        def chunk(choice: dict[str, Any]) -> str:
+        def chunk(choice: dict[str, Any], running: dict[str, int] | None = None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": int(arrival), "model": name,
                     "choices": [choice]}
+            if running is not None:
+                body["usage"] = running
             if ids_out and first_chunk[0]:  # vLLM sends the prompt's ids with the first chunk
                 body["prompt_token_ids"] = ids
                 first_chunk[0] = False
@@ -106,6 +108,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
@@ -126,9 +129,13 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         # A step's chunks leave in one write: a replica that dies between two of them
                         # would have a router resume after tokens whose text it never relayed.
                         parts = []
+                        running = None
+                        if continuous:  # (vLLM's: the choice's tokens so far on every chunk)
+                            n = states[(rid, c.index)].tokens
+                            running = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
                             parts.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}))
+                                                "logprobs": None, "finish_reason": None}, running))
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         reason = d.finish_reason
                         content, tool_deltas, thought = d.text, [], ""
@@ -154,7 +161,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                                       "stop_reason": c.stop_reason if reason and last else None}
                             if ids_out:
                                 choice["token_ids"] = c.token_ids[d.tokens[0]:d.tokens[1]] if j == 0 else []
-                            parts.append(chunk(choice))
+                            parts.append(chunk(choice, running))
                         yield "".join(parts)
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):

@@ -123,6 +123,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
         if req.stream and not score_only:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
@@ -156,8 +157,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             if (out.request_id, c.index) not in ids_sent:  # (a resumed stream's too)
                                 ids_sent.add((out.request_id, c.index))
                                 choice["prompt_token_ids"] = prompts[pi][1]
-                        yield sse({"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
-                                   "choices": [choice]})
+                        body = {"id": rid, "object": "text_completion", "created": int(arrival), "model": name,
+                                "choices": [choice]}
+                        if continuous:  # (vLLM's: the choice's tokens so far on every chunk)
+                            n, p = states[(out.request_id, c.index)].tokens, len(prompts[pi][1])
+                            body["usage"] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+                        yield sse(body)
                 except StreamFailed as e:
                     for event in ctx.stream_failed(e):
                         yield event
