@@ -274,8 +274,14 @@ def test_llm_chat_reads_messages_as_the_chat_endpoint_does(tmp_path):
     loose = [{"role": "ipython", "content": "x", "reasoning_content": "r"},
              {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]
     assert '"arguments": {"x": 1}' in llm.chat_prompt(loose)["prompt"]
-    # OpenAI's developer role is the system role to a template that does not know it (it was dropped).
-    assert llm.chat_prompt([{"role": "developer", "content": "Be brief"}])["prompt"].startswith("<s>system\nBe brief")
+    # OpenAI's developer role is the system role to a template that does not know it (it was dropped),
+    # a template among named ones too.
+    dev = [{"role": "developer", "content": "Be brief"}]
+    assert llm.chat_prompt(dev)["prompt"].startswith("<s>system\nBe brief")
+    tok = llm.get_tokenizer()
+    tok.chat_template = {"default": tok.chat_template, "other": "{{ messages }}"}
+    assert llm.chat_prompt(dev)["prompt"].startswith("<s>system\nBe brief")
+    tok.chat_template = tok.chat_template["default"]
     for bad, match in [([{"content": "x"}], r"^messages\[0\]: must be a dict with a 'role'"),
                        ([{"role": "user", "content": [{"type": "image_url"}]}], r"^messages\[0\]\.content\[0\]"),
                        (going, "^continue_final_message: cannot be combined with add_generation_prompt")]:

@@ -187,6 +187,10 @@ def test_router_keys_are_the_engines_keys(model_dir, llm):
     assert PromptHasher.keys(ids, bs, "tenant:acme\x00\ud800") == []  # a salt the replica refuses (400): no keys
     assert h.token_ids("chat", {"messages": "not a list"}) is None
     assert h.token_ids("completions", {"prompt": [1, 2, 3]}) == [1, 2, 3]
+    # truncate_prompt_tokens: what the replica prefills, its last k tokens
+    cut = {"prompt": list(range(5, 45)), "truncate_prompt_tokens": 10}
+    assert h.token_ids("completions", cut) == list(range(35, 45))
+    assert len(h.token_ids("chat", {**chat, "truncate_prompt_tokens": 7})) == 7
     assert h.token_ids("completions", {"prompt": ["first one", "second"]}) == h.tokenizer.encode("first one")
     # tools as clients send them (type left out, keys in another order) render as the server renders them
     from tests.models import TOOLS_CHAT_TEMPLATE

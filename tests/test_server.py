@@ -544,6 +544,9 @@ def test_vllm_service_routes_tokenize_tools_and_ignored_fields(server, model_nam
                                                    "store": True, "zz_unknown_field": 1})
     assert r.status_code == 200
     assert "present in the request but ignored: ['store', 'zz_unknown_field']" in server.log()
+    many = {f"k{i:04d}": 1 for i in range(3000)}  # (what is kept and logged is bounded)
+    r = httpx.post(base + "/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 1, **many})
+    assert r.status_code == 200 and "(and 2984 more)" in server.log()
 
 
 def test_truncate_prompt_tokens(client, server, model_name, offline):

@@ -143,8 +143,16 @@ class PromptHasher:
         return self._tokenizer
 
     def token_ids(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
-        """The (first) prompt's token ids, or None when the body cannot be read (the replica will
-        answer it with its own error)."""
+        """The (first) prompt's token ids as the replica will prefill them (truncate_prompt_tokens
+        applied), or None when the body cannot be read (the replica will answer it with its own
+        error)."""
+        ids = self._token_ids(endpoint, body)
+        k = body.get("truncate_prompt_tokens")
+        if ids is not None and isinstance(k, int) and not isinstance(k, bool) and 1 <= k < len(ids):
+            ids = ids[-k:]  # (-1 is the replica's max_model_len: a prompt that long is an error anyway)
+        return ids
+
+    def _token_ids(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
         tok = self.tokenizer
         if tok is None:
             return None

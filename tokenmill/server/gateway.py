@@ -54,6 +54,12 @@ logger = logging.getLogger("tokenmill.server")
 EXTRAS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_extras", default=None)
 
 
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A request body's top-level keys: its fields' names and aliases."""
+    return frozenset({f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields))
+
+
 @dataclass
 class GatewaySettings:
     max_body_bytes: int = 8 * 2**20
@@ -82,7 +88,7 @@ class Gateway:
     def __init__(self, pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, app: FastAPI) -> None:
         self.pool = pool
         self.tiers = {t.name: t for t in tiers}
-        self._ignored_seen: set[frozenset[str]] = set()  # (_note_ignored)
+        self._ignored_seen: set[tuple[str, ...]] = set()  # (_note_ignored)
         for t in tiers:
             if t.name in pool.entries:
                 raise ValueError(f"tiers: {t.name!r} is also the name of a model")
@@ -149,12 +155,17 @@ class Gateway:
 
     def _note_ignored(self, model: type[BaseModel], doc: dict[str, Any]) -> None:
         """Fields the API does not know are ignored, as vLLM and OpenAI's newer fields want (store,
-        metadata, service_tier, ...); vLLM logs them, and so does this, once per set of names."""
-        known = {f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields)
-        extra = frozenset(k for k in doc if k not in known)
-        if extra and extra not in self._ignored_seen and len(self._ignored_seen) < 1000:
-            self._ignored_seen.add(extra)
-            logger.warning("the following fields were present in the request but ignored: %s", sorted(extra))
+        metadata, service_tier, ...); vLLM logs them, and so does this, once per set of names.
+        What is kept and logged is bounded (a body may hold millions of made-up keys)."""
+        known = _field_names(model)
+        extra = sorted(k[:64] for k in doc if k not in known)
+        if not extra:
+            return
+        shown = tuple(extra[:16])
+        if shown not in self._ignored_seen and len(self._ignored_seen) < 256:
+            self._ignored_seen.add(shown)
+            more = f" (and {len(extra) - len(shown)} more)" if len(extra) > len(shown) else ""
+            logger.warning("the following fields were present in the request but ignored: %s%s", list(shown), more)
 
     def check_auth(self, request: Request, service: bool = False) -> Tenant | None:
         """The caller's tenant (None without --tenants); 401 for a missing or unknown key. With

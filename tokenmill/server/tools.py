@@ -191,7 +191,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     if clash:
         raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
     template = tokenizer.chat_template
-    if isinstance(template, str) and "developer" not in template:  # (OpenAI's newer name for system)
+    if not isinstance(template, str):  # named templates: the one apply_chat_template will pick
+        try:
+            template = tokenizer.get_chat_template(None, template_tools(tools))
+        except Exception:  # (it raises its own error again below)
+            template = ""
+    if "developer" not in template:  # OpenAI's newer name for system, to a template that knows only that
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     try:
         return tokenizer.apply_chat_template(messages, tools=template_tools(tools),

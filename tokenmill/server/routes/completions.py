@@ -52,6 +52,8 @@ def _checked(req: CompletionRequest) -> None:
         raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
     if req.suffix:
         raise APIError(400, "suffix: not supported", param="suffix")
+    if req.truncate_prompt_tokens is not None and req.echo:  # (what would echo give: the whole prompt?)
+        raise APIError(400, "truncate_prompt_tokens: not with echo", param="truncate_prompt_tokens")
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
     if req.stream and req.prompt_logprobs is not None:
@@ -84,8 +86,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
         params = ctx.sampling_params(req, 1 if score_only else req.max_tokens, req.logprobs,
                                      want_plp if want_plp >= 0 else None)
         params._prompt_only = score_only
-        if req.truncate_prompt_tokens is not None and req.echo:  # (what would echo give: the whole prompt?)
-            raise APIError(400, "truncate_prompt_tokens: not with echo", param="truncate_prompt_tokens")
         cut = [ctx.llm_engine.truncate_prompt(ids, params, t) for t, ids in prompts]
         prompts = [(t, ids) for ids, t in cut]
         if not score_only:

@@ -32,7 +32,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     @gw.route
     async def embeddings(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, embedding=True)
+        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, embedding=True, precheck=_checked)
         mc = ctx.llm_engine.model_config
         if req.dimensions is not None:
             if not mc.matryoshka:
@@ -41,12 +41,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
             if not 1 <= req.dimensions <= mc.hidden_size:
                 raise APIError(400, f"dimensions: must be in [1, {mc.hidden_size}], got {req.dimensions}",
                                param="dimensions")
-        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
-                                truncate_prompt_tokens=req.truncate_prompt_tokens)
-        try:
-            params.validate()
-        except ValueError as e:
-            raise bad_request(e) from None
+        params = _params(req)
         prompts = [ctx.llm_engine.truncate_prompt(ids, params)[0]
                    for _, ids in await ctx.prompts(req.input, param="input")]
         if any(not p for p in prompts):
@@ -72,6 +67,19 @@ def register(app: FastAPI, gw: Gateway) -> None:
             return JSONResponse({"object": "list", "data": data, "model": ctx.name, "usage": use})
 
         return await unless_disconnected(request, collect())
+
+
+def _params(req: EmbeddingRequest) -> SamplingParams:
+    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
+                          truncate_prompt_tokens=req.truncate_prompt_tokens)
+
+
+def _checked(req: EmbeddingRequest) -> None:
+    """The body's own checks, before the model is waited for (Gateway.open_request)."""
+    try:
+        _params(req).validate()
+    except ValueError as e:
+        raise bad_request(e) from None
 
 
 def _truncate(vec: list[float], dims: int | None) -> list[float]:
