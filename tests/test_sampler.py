@@ -561,3 +561,49 @@ def test_min_p_with_top_p_keeps_the_ties_the_whole_row_filter_keeps():
     md = metadata()
     u = draws(16, md.generators, torch.device("cpu"))
     assert got == sample_rows(torch.softmax(Sampler._filter(logits, md), dim=-1), u=u).tolist()
+
+
+def test_allowed_token_ids_mask_every_sampled_token(model_dir):
+    """vLLM's allowed_token_ids: only those tokens are sampled, greedy or not, with speculative
+    decoding's drafts verified under the same mask; a bad list or beam search is refused."""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20)
+    prompt = {"prompt_token_ids": [5, 6, 7, 5, 6, 7, 5, 6]}
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    allowed = sorted({*free.token_ids[1:], 40, 41, 42} - {free.token_ids[0]})
+    for sp in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed),
+               SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, allowed_token_ids=allowed,
+                              logprobs=1)):
+        out = llm.generate(prompt, sp)[0].outputs[0]
+        assert out.token_ids and set(out.token_ids) <= set(allowed) and out.token_ids[0] != free.token_ids[0]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed)
+    want = llm.generate(prompt, greedy)[0].outputs[0].token_ids
+    spec = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    assert spec.generate(prompt, greedy)[0].outputs[0].token_ids == want
+    for bad, match in [([], "non-empty"), ([10**7], "not token ids"),
+                       ([True], "not token ids")]:
+        with pytest.raises(ValueError, match=f"^allowed_token_ids: .*{match}"):
+            llm.generate(prompt, SamplingParams(allowed_token_ids=bad))
+    with pytest.raises(ValueError, match="^allowed_token_ids: not supported with use_beam_search"):
+        llm.generate(prompt, SamplingParams(n=2, use_beam_search=True, allowed_token_ids=[5]))
+
+
+def test_allowed_token_ids_beside_and_with_a_grammar(model_dir):
+    """One batch with a grammar's row, an allowed_token_ids row and a row with both: each row's mask."""
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.structured import StructuredOutputsParams
+
+    llm = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20)
+    tok = llm.get_tokenizer()
+    choice = StructuredOutputsParams(choice=["yes please", "no thanks"])
+    everything = list(range(llm.engine.model_config.vocab_size))
+    outs = llm.generate(["Answer:", "Go on:", "Again:"], [
+        SamplingParams(temperature=1.0, seed=1, max_tokens=12, structured_outputs=choice),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=12, ignore_eos=True, allowed_token_ids=[40, 41, 42]),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, structured_outputs=choice,
+                       allowed_token_ids=everything)])
+    assert outs[0].outputs[0].text in ("yes please", "no thanks")
+    assert set(outs[1].outputs[0].token_ids) <= {40, 41, 42} and len(outs[1].outputs[0].token_ids) == 12
+    assert outs[2].outputs[0].text in ("yes please", "no thanks") and tok is not None

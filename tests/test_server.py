@@ -583,3 +583,14 @@ def test_continuous_usage_stats(client, model_name):
         running = [c.usage.completion_tokens for c in chunks if c.choices]
         assert all(c.usage is not None for c in chunks) and running == sorted(running) and running[-1] == 5
         assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
+
+
+def test_allowed_token_ids_over_http(client, model_name):
+    r = client.completions.create(model=model_name, prompt="Hello", max_tokens=8, temperature=1.0,
+                                  extra_body={"allowed_token_ids": [40, 41, 42], "ignore_eos": True,
+                                              "return_token_ids": True})
+    assert set(r.choices[0].model_extra["token_ids"]) <= {40, 41, 42}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="Hello", max_tokens=2,
+                                  extra_body={"allowed_token_ids": [10**8]})
+    assert e.value.body["param"] == "allowed_token_ids"

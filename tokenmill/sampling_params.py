@@ -59,6 +59,8 @@ class SamplingParams:
     early_stopping: bool | str = False  # transformers' early_stopping: False, True or "never"
     # vLLM's: keep the prompt's last k tokens (-1: as many as max_model_len holds), dropping its start
     truncate_prompt_tokens: int | None = None
+    # vLLM's: the only tokens that may be sampled (a mask applied with a grammar's, as structured outputs')
+    allowed_token_ids: list[int] | None = None
     # Filled in by the engine: the model's end-of-sequence ids.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
@@ -76,6 +78,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_plain(t) for t in (self.stop_token_ids if self.stop_token_ids is not None else [])]
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
+            try:
+                self.allowed_token_ids = [_plain(t) for t in self.allowed_token_ids]
+            except TypeError:  # (not iterable: validate() says so)
+                pass
         for f in _NUMBERS:  # numpy's scalars as Python's (vLLM takes them; validate() checks Python's)
             setattr(self, f, _plain(getattr(self, f)))
         if self.top_k == -1:
@@ -148,6 +155,15 @@ class SamplingParams:
         if not _is_number(self.length_penalty) or not -10 <= self.length_penalty <= 10:
             # length ** penalty must stay a float for any length the context allows
             raise bad("length_penalty", f"must be a number in [-10, 10], got {self.length_penalty!r}")
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, list) or not allowed:
+                raise bad("allowed_token_ids", "must be a non-empty list of token ids")
+            bad_ids = [t for t in allowed if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                       or (vocab_size is not None and t >= vocab_size)]
+            if bad_ids:
+                raise bad("allowed_token_ids", f"{bad_ids[:5]} are not token ids of the vocabulary"
+                          + (f" [0, {vocab_size})" if vocab_size is not None else ""))
         k = self.truncate_prompt_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1)):
             raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or an integer >= 1, got {k!r}")
@@ -181,7 +197,8 @@ class SamplingParams:
         changed = [name for name, default in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
                                               ("frequency_penalty", 0.0))
                    if getattr(self, name) != default and not self.is_model_default(name)]
-        changed += [name for name in ("logit_bias", "structured_outputs", "max_reasoning_tokens", "stop")
+        changed += [name for name in ("logit_bias", "structured_outputs", "max_reasoning_tokens", "stop",
+                                      "allowed_token_ids")
                     if getattr(self, name) not in (None, [], {})]
         if changed:
             raise ValueError(f"{changed[0]}: not supported with use_beam_search")

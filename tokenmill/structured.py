@@ -249,6 +249,14 @@ def fill_bitmask(rows: list[tuple[Any, list[int]]], vocab_size: int) -> torch.Te
     return bitmask
 
 
+def ids_bitmask(ids: list[int], vocab_size: int) -> torch.Tensor:
+    """A bitmask row (fill_bitmask's layout) allowing exactly these token ids."""
+    words = np.zeros((vocab_size + 31) // 32, np.uint32)
+    a = np.asarray(ids, np.int64)
+    np.bitwise_or.at(words, a // 32, (np.uint32(1) << (a % 32).astype(np.uint32)))
+    return torch.from_numpy(words.view(np.int32))
+
+
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The bitmask as a bool [rows, vocab_size] on device: bit b of word w is token 32 w + b."""
     if device.type == "cpu" and bitmask.device.type == "cpu" and sys.byteorder == "little":

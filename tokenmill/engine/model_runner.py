@@ -33,7 +33,7 @@ from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
 from tokenmill.sample.sampler import token_logprobs, topk_logprobs
-from tokenmill.structured import fill_bitmask
+from tokenmill.structured import fill_bitmask, ids_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -797,9 +797,9 @@ class ModelRunner:
         for i in special:
             self._generator(seqs[i])
         # (a sequence that ended while this step was in flight has a row whose token is dropped)
-        constrained = [i for i in special if seqs[i].matcher is not None and not seqs[i].is_finished]
-        bitmask = (fill_bitmask([(seqs[i].matcher, []) for i in constrained], self.model_config.vocab_size)
-                   if constrained else None)
+        constrained = [i for i in special if (seqs[i].matcher is not None or seqs[i].params.allowed_token_ids)
+                       and not seqs[i].is_finished]
+        bitmask = self._masks([(seqs[i], []) for i in constrained]) if constrained else None
         md = SamplingMetadata.from_columns(cols, seqs, self.model_config.vocab_size, self.device,
                                            stage=self.batch.sample_staging, bitmask=bitmask, mask_rows=constrained)
         launch.token_seqs = seqs
@@ -817,16 +817,47 @@ class ModelRunner:
                                so.topk_ids[i][:k], so.topk_logprobs[i][:k])
             result.sampled[seq.seq_id] = [(so.token_ids[i], entry)]
 
+    def _masks(self, rows: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        """The allowed-token bitmask of these sequences' rows (one, and one more per draft): a
+        grammar's state (fill_bitmask) and allowed_token_ids, both where a sequence has both (the
+        grammar's alone should they leave nothing)."""
+        vocab = self.model_config.vocab_size
+        grammar = [(s.matcher, d) for s, d in rows if s.matcher is not None]
+        if len(grammar) == len(rows) and not any(s.params.allowed_token_ids for s, _ in rows):
+            return fill_bitmask(grammar, vocab)
+        bitmask = torch.full((sum(1 + len(d) for _, d in rows), (vocab + 31) // 32), -1, dtype=torch.int32)
+        if grammar:
+            at, r = [], 0
+            for s, d in rows:
+                if s.matcher is not None:
+                    at.extend(range(r, r + 1 + len(d)))
+                r += 1 + len(d)
+            bitmask[at] = fill_bitmask(grammar, vocab)
+        r = 0
+        for s, d in rows:
+            n = 1 + len(d)
+            if s.params.allowed_token_ids:
+                req = s.request
+                if req.allowed_mask is None:
+                    req.allowed_mask = ids_bitmask(s.params.allowed_token_ids, vocab)
+                both = bitmask[r : r + n] & req.allowed_mask
+                empty = ~both.any(dim=1)
+                both[empty] = bitmask[r : r + n][empty]
+                bitmask[r : r + n] = both
+            r += n
+        return bitmask
+
     def _verify(self, logits: torch.Tensor, chunks: list[tuple[ScheduledSeq, int]], result: StepResult) -> None:
         """Rejection sampling of each chunk's drafts against its k + 1 rows of target logits."""
         row_seqs = [s.seq for s, _ in chunks for _ in range(s.num_spec + 1)]
-        grammar_chunks, mask_rows, r = [], [], 0
+        mask_chunks, mask_rows, r = [], [], 0
         for s, _ in chunks:
-            if s.seq.matcher is not None:  # each draft position masked by the state after the drafts before it
-                grammar_chunks.append((s.seq.matcher, s.seq.spec_token_ids[: s.num_spec]))
+            if s.seq.matcher is not None or s.seq.params.allowed_token_ids:
+                # each draft position masked by the grammar's state after the drafts before it
+                mask_chunks.append((s.seq, s.seq.spec_token_ids[: s.num_spec]))
                 mask_rows.extend(range(r, r + s.num_spec + 1))
             r += s.num_spec + 1
-        bitmask = fill_bitmask(grammar_chunks, self.model_config.vocab_size) if grammar_chunks else None
+        bitmask = self._masks(mask_chunks) if mask_chunks else None
         md = SamplingMetadata.from_sequences(row_seqs, self.model_config.vocab_size, self.device, bitmask, mask_rows)
         argmax, probs = self.sampler.distribution(logits, md)
         want_logprobs = any(s.seq.params.logprobs is not None for s, _ in chunks)

@@ -156,6 +156,7 @@ class Request:
     compute: Any = None  # the request's share of the steps it ran in (tokenmill/ops/energy.py), when accounted
     final_only: bool = False  # step() reports it only once it has finished (LLMEngine.add_request)
     prompt_array: Any = field(default=None, repr=False)  # prompt_token_ids as int64 numpy (repetition penalty)
+    allowed_mask: Any = field(default=None, repr=False)  # allowed_token_ids as a bitmask row (made on first use)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

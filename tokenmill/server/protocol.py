@@ -142,6 +142,7 @@ class _SamplingFields(_Strict):
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
+    allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be sampled
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields
@@ -215,6 +216,7 @@ class _SamplingFields(_Strict):
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            allowed_token_ids=self.allowed_token_ids,
             _defaulted=defaulted,
         )
 
