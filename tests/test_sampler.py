@@ -588,6 +588,17 @@ def test_allowed_token_ids_mask_every_sampled_token(model_dir):
             llm.generate(prompt, SamplingParams(allowed_token_ids=bad))
     with pytest.raises(ValueError, match="^allowed_token_ids: not supported with use_beam_search"):
         llm.generate(prompt, SamplingParams(n=2, use_beam_search=True, allowed_token_ids=[5]))
+    eos = llm.engine.eos_token_ids[0]
+    with pytest.raises(ValueError, match="^allowed_token_ids: only end-of-sequence or stop tokens"):
+        llm.generate(prompt, SamplingParams(min_tokens=4, allowed_token_ids=[eos]))
+    # A queued request keeps the list it was given, whatever its caller does with it afterwards.
+    sp = SamplingParams(max_tokens=3, ignore_eos=True, allowed_token_ids=[40, 41])
+    rid = llm.engine.add_request(prompt, sp)
+    sp.allowed_token_ids[:] = [300]
+    done = {}
+    while llm.engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    assert set(done[rid].outputs[0].token_ids) <= {40, 41}
 
 
 def test_allowed_token_ids_beside_and_with_a_grammar(model_dir):

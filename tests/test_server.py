@@ -583,6 +583,11 @@ def test_continuous_usage_stats(client, model_name):
         running = [c.usage.completion_tokens for c in chunks if c.choices]
         assert all(c.usage is not None for c in chunks) and running == sorted(running) and running[-1] == 5
         assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
+        if "messages" in kw:  # the role chunk, before any token: 0, as vLLM's
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].usage.completion_tokens == 0
+        alone = list(create(model=model_name, max_tokens=3, stream=True,  # (only with include_usage, as vLLM reads it)
+                            stream_options={"continuous_usage_stats": True}, **kw))
+        assert all(c.usage is None for c in alone)
 
 
 def test_allowed_token_ids_over_http(client, model_name):

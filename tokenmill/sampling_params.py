@@ -78,11 +78,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_plain(t) for t in (self.stop_token_ids if self.stop_token_ids is not None else [])]
-        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
-            try:
-                self.allowed_token_ids = [_plain(t) for t in self.allowed_token_ids]
-            except TypeError:  # (not iterable: validate() says so)
-                pass
+        if isinstance(self.allowed_token_ids, (list, tuple)) or hasattr(self.allowed_token_ids, "tolist"):
+            # (a copy: a caller reusing its list cannot change what a queued request may sample)
+            self.allowed_token_ids = [_plain(t) for t in list(self.allowed_token_ids)]
         for f in _NUMBERS:  # numpy's scalars as Python's (vLLM takes them; validate() checks Python's)
             setattr(self, f, _plain(getattr(self, f)))
         if self.top_k == -1:

@@ -267,6 +267,10 @@ class LLMEngine:
                 f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
                 f"exceeds the context length max_model_len={self.max_model_len}"
             )
+        if params.allowed_token_ids and params.min_tokens > 0:
+            stops = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+            if set(params.allowed_token_ids) <= stops:
+                raise ValueError("allowed_token_ids: only end-of-sequence or stop tokens, which min_tokens forbids")
         if params.use_beam_search and params.n > 1:  # (one beam is greedy decoding: see add_request)
             self._check_beam_search(params, n_prompt)
 
@@ -279,6 +283,9 @@ class LLMEngine:
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, token_ids = self.tokenize(prompt)
         token_ids, text = self.truncate_prompt(token_ids, params, text)
+        if isinstance(params.allowed_token_ids, list):  # (the caller's list may change once this returns)
+            params = _copy_params(params)
+            params.allowed_token_ids = list(params.allowed_token_ids)
         if (params.max_tokens_is_cap and params.max_tokens is not None
                 and len(token_ids) + params.max_tokens > self.max_model_len):  # a cap: the room there is
             params = _copy_params(params)

@@ -108,7 +108,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+            # (with include_usage only, as vLLM reads the pair)
+            continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
@@ -134,8 +135,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             n = states[(rid, c.index)].tokens
                             running = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
                         if d.first:  # the role comes first, with the first token, as vLLM sends it
+                            before = None if running is None else {**running, "completion_tokens": 0,
+                                                                   "total_tokens": len(ids)}
                             parts.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}, running))
+                                                "logprobs": None, "finish_reason": None}, before))
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
                         reason = d.finish_reason
                         content, tool_deltas, thought = d.text, [], ""

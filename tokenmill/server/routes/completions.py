@@ -123,7 +123,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
         if req.stream and not score_only:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+            # (with include_usage only, as vLLM reads the pair)
+            continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
