@@ -10,6 +10,7 @@ Where the kernel gives no huge pages (THP off), the region is still one contiguo
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -69,3 +70,16 @@ def pack_parameters(params: list[torch.nn.Parameter], copy: bool = True) -> None
         if copy:
             view.copy_(p.data)
         p.data = view
+
+
+def kv_cache_tensors(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A zeroed KV cache, one tensor of `shape` per layer, and on CPU the one huge-page region
+    holding them all (touched now, not mid-request; release_pages gives its pages back and keeps
+    the mapping), None elsewhere. Zeroed: padded slots are masked, but 0 * NaN from uninitialised
+    memory would still poison outputs."""
+    if device.type == "cpu":
+        arena = host_arena(num_layers * math.prod(shape) * torch.finfo(dtype).bits // 8)
+        arena.zero_()
+        return list(arena.view(dtype).view(num_layers, *shape).unbind(0)), arena
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)], None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.spec_decode import DraftModel, verify
 from tokenmill.kernels import cpu_ops
-from tokenmill.memory import host_arena, release_pages
+from tokenmill.memory import kv_cache_tensors, release_pages
 from tokenmill.model import load_model
 from tokenmill.outputs import Logprob, PositionLogprobs
 from tokenmill.sample import Sampler, SamplingMetadata
@@ -443,14 +442,7 @@ class ModelRunner:
         num_blocks = min(num_blocks, blocks_per_seq * self.config.max_num_seqs)
         mc = self.model_config
         shape = (2, num_blocks + self.spare_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still poison outputs.
-        if self.device.type == "cpu":  # one huge-page region (tokenmill/memory.py), touched now, not mid-request
-            arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
-            arena.zero_()
-            self._kv_arena = arena
-            self.kv_caches = list(arena.view(self.dtype).view(mc.num_layers, *shape).unbind(0))
-        else:
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.kv_caches, self._kv_arena = kv_cache_tensors(mc.num_layers, shape, self.dtype, self.device)
         if self.drafter is not None:
             self.drafter.allocate(num_blocks + self.spare_blocks, self.block_size)
         self.num_blocks = num_blocks

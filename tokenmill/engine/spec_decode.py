@@ -19,7 +19,6 @@ seeded requests (see `can_speculate`), decode without drafts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch
 from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.input_batch import Staging
 from tokenmill.engine.sequence import Sequence
-from tokenmill.memory import host_arena, release_pages
+from tokenmill.memory import kv_cache_tensors, release_pages
 from tokenmill.sample.sampler import sample_rows
 
 
@@ -234,13 +233,7 @@ class DraftModel:
         CPU one mapping, as the target's cache: release() gives its pages back and keeps it."""
         mc = self.model_config
         shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
-        if self.device.type == "cpu":
-            arena = host_arena(mc.num_layers * math.prod(shape) * torch.finfo(self.dtype).bits // 8)
-            arena.zero_()
-            self._kv_arena = arena
-            self.kv_caches = list(arena.view(self.dtype).view(mc.num_layers, *shape).unbind(0))
-        else:
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.kv_caches, self._kv_arena = kv_cache_tensors(mc.num_layers, shape, self.dtype, self.device)
 
     def release(self) -> None:
         """Frees the cache (a parked model): on CPU only its pages, which fault back in zeroed."""
