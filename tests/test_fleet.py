@@ -247,6 +247,36 @@ def test_router_answers_a_wrong_method_itself_and_works_behind_a_root_path(fleet
         proxied.stop()
 
 
+def test_a_stored_response_is_continued_on_its_replica(fleet, model_name, tmp_path):
+    """The Responses API through the router: a conversation's turns go to the replica holding it
+    (streamed or not), GET and DELETE too, and a router that never saw it asks the replicas."""
+    router = fleet["router"]
+    raw = client_for(router.base_url).responses.with_raw_response
+    first = raw.create(model=model_name, input="hi", max_output_tokens=2)
+    home, prev = first.headers[HEADER], first.parse().id
+    for i in range(3):
+        turn = raw.create(model=model_name, input=f"turn {i}", previous_response_id=prev, max_output_tokens=2,
+                          stream=i == 1)
+        assert turn.headers[HEADER] == home
+        prev = list(turn.parse())[-1].response.id if i == 1 else turn.parse().id
+    got = raw.retrieve(prev)
+    assert got.headers[HEADER] == home and got.parse().previous_response_id is not None
+    urls = [r.base_url for r in fleet["replicas"]]
+    fresh = ServerProcess(None, *[a for u in urls for a in ("--replica", u)], log_path=str(tmp_path / "router.log"),
+                          command="router")
+    try:
+        wait_fleet(fresh, urls)
+        c = client_for(fresh.base_url)
+        turn = c.responses.with_raw_response.create(model=model_name, input="again", previous_response_id=prev,
+                                                    max_output_tokens=2)
+        assert turn.headers[HEADER] == home and turn.parse().usage.input_tokens > first.parse().usage.input_tokens
+        c.responses.delete(prev)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(prev)
+    finally:
+        fresh.stop()
+
+
 def test_kv_aware_sends_a_request_to_the_replica_holding_its_prefix(fleet, model_name):
     router = fleet["router"]
     c = client_for(router.base_url)

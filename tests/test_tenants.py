@@ -401,6 +401,30 @@ def test_models_cap_and_listing(server):
     assert r.usage.completion_tokens == room and r.choices[0].finish_reason == "length"
 
 
+def test_stored_responses_are_the_tenants_own(server):
+    """The Responses API's stored responses: another tenant's id is not found (retrieve, delete,
+    continue), and a tenant's max_tokens cap holds for max_output_tokens and through a tier."""
+    mine, theirs = api(server, "open"), api(server, "other")
+    r = mine.responses.create(model="llama", input="hi", max_output_tokens=3, extra_body={"ignore_eos": True})
+    for call in (lambda: theirs.responses.retrieve(r.id), lambda: theirs.responses.delete(r.id),
+                 lambda: theirs.responses.create(model="llama", input="x", previous_response_id=r.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert mine.responses.retrieve(r.id).id == r.id
+    streamed = list(mine.responses.create(model="llama", input="hi", max_output_tokens=2, stream=True))[-1].response
+    with pytest.raises(openai.NotFoundError):  # (kept when the stream ends, after its handler returned)
+        theirs.responses.retrieve(streamed.id)
+    assert mine.responses.retrieve(streamed.id).id == streamed.id
+    nxt = mine.responses.create(model="llama", input="more", previous_response_id=r.id, max_output_tokens=2)
+    assert nxt.usage.input_tokens > r.usage.input_tokens
+    capped = api(server, "capped")
+    with pytest.raises(openai.BadRequestError) as e:
+        capped.responses.create(model="tier-a", input="hi", max_output_tokens=9)
+    assert e.value.param == "max_output_tokens" and "at most 8 tokens" in e.value.message
+    r = capped.responses.create(model="tier-a", input="hi", extra_body={"ignore_eos": True})
+    assert r.usage.output_tokens == 8 and r.model == "llama" and r.model_extra["routing"]["tier"] == "tier-a"
+
+
 def test_requests_per_minute_under_32_clients(server):
     client = api(server, "rpm")
     results = hammer(32, lambda i: client.completions.create(model="llama", prompt=f"hi {i}", max_tokens=2))

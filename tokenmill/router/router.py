@@ -29,6 +29,12 @@ from its key (401 for a missing or unknown one, at the edge) and
   another replica, whose window the tenant has not used yet: that would multiply its limit.
 tokens_per_minute, max_tokens and models stay with the replicas (the router does not count the
 tokens of a response): a tenant's tokens_per_minute holds per replica.
+
+The Responses API (/v1/responses) is stateful: a stored response lives on the replica that made
+it. The router remembers which one (the id of every response it relayed; a replica asked
+otherwise, after a router restart), sends a previous_response_id's continuation and
+GET/DELETE /v1/responses/{id} there, and answers 503 while that replica is down. Its streams are
+relayed as they come (no mid-stream failover: a continuation cannot move), and routed by load.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +81,9 @@ REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
 THREAD_TOKENIZE_BYTES = 8192
 # With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
-TENANT_ENDPOINTS = ("chat", "completions", "embeddings")
+TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses")
+# Responses whose replica the router remembers (previous_response_id, GET/DELETE /v1/responses/{id}).
+MAX_RESPONSE_HOMES = 100_000
 # Answers that mean the request was not admitted (the router's own 413 and 503s, a replica's key,
 # permission or model refusal, its 429s: a tenant's limit, a full queue, an SLO it cannot meet; and
 # 5xx): they do not count against requests_per_minute.
@@ -182,6 +191,7 @@ class _Plan:
     ids: list[int] | None
     salt: Any
     keys_by_bs: dict[int, list[bytes]] = field(default_factory=dict)
+    home: str | None = None  # the one replica that can answer (it holds a stored response)
 
     def keys(self, block_size: int | None) -> list[bytes]:
         if self.ids is None or block_size is None:
@@ -198,6 +208,7 @@ class Router:
         self.replicas: dict[str, Replica] = {}
         self.hashers: dict[str, PromptHasher] = {}
         self.roots: dict[str, str] = {}  # model -> its folder, as replicas report it
+        self.response_homes: OrderedDict[str, str] = OrderedDict()  # response id -> its replica's url
         self.client: httpx.AsyncClient | None = None
         self.metrics = _Metrics(self)
         self.tenants = None if self.config.tenants is None else Tenants(
@@ -278,7 +289,8 @@ class Router:
         return [r for r in self.replicas.values()
                 if r.up and r.url not in exclude and (model is None or not r.models or model in r.models)]
 
-    async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None) -> _Plan:
+    async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None,
+                    headers: dict[str, str] | None = None) -> _Plan:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
@@ -292,11 +304,45 @@ class Router:
         salt = body.get("cache_salt")
         if tenant is not None:  # as the replica salts it (a salt that is no string: the replica's 400)
             salt = tenant_salt(tenant, salt if isinstance(salt, str) else None)
-        return _Plan(name, ids, salt)
+        home = None
+        prev = body.get("previous_response_id") if endpoint == "responses" else None
+        if isinstance(prev, str):
+            home = await self._home(prev, headers or {})
+        return _Plan(name, ids, salt, home=home)
+
+    def _remember(self, response_id: Any, url: str) -> None:
+        if isinstance(response_id, str) and response_id.startswith("resp_"):
+            self.response_homes[response_id] = url
+            self.response_homes.move_to_end(response_id)
+            while len(self.response_homes) > MAX_RESPONSE_HOMES:
+                self.response_homes.popitem(last=False)
+
+    async def _home(self, response_id: str, headers: dict[str, str]) -> str | None:
+        """The replica holding a stored response: remembered, or found by asking the replicas that
+        are up (the router restarted since); None when none has it (a replica answers the 404)."""
+        url = self.response_homes.get(response_id)
+        if url is not None:
+            self.response_homes.move_to_end(response_id)
+            return url
+        assert self.client is not None
+        reps = self._candidates(None, set())
+        asks = await asyncio.gather(*(self.client.get(f"{r.url}/v1/responses/{response_id}", headers=headers,
+                                                      timeout=10.0) for r in reps), return_exceptions=True)
+        for r, a in zip(reps, asks):
+            if isinstance(a, httpx.Response) and a.status_code == 200:
+                self._remember(response_id, r.url)
+                return r.url
+        return None
 
     def _pick(self, plan: _Plan, exclude: set[str]) -> tuple[Replica, _Ticket]:
-        reps = self._candidates(plan.model, exclude)
-        if not reps and plan.model is not None and not any(plan.model in r.models for r in self.replicas.values()):
+        if plan.home is not None:
+            reps = [r for r in self._candidates(None, exclude) if r.url == plan.home]
+            if not reps:
+                raise NoReplica(f"the replica holding this stored response ({plan.home}) is not available")
+        else:
+            reps = self._candidates(plan.model, exclude)
+        if not reps and plan.model is not None and plan.home is None and not any(
+                plan.model in r.models for r in self.replicas.values()):
             reps = self._candidates(None, exclude)  # a model no replica serves: one of them answers the 404
         if not reps:
             raise NoReplica("no replica is available" + (" for this model" if plan.model else ""))
@@ -364,6 +410,14 @@ class Router:
         @app.post("/v1/embeddings")
         async def embeddings(request: Request) -> Response:
             return await self._generate(request, "embeddings")
+
+        @app.post("/v1/responses")
+        async def responses(request: Request) -> Response:
+            return await self._generate(request, "responses")
+
+        @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+        async def stored_response(request: Request, response_id: str) -> Response:
+            return await self._stored_response(request, response_id)
 
         @app.get("/v1/kv_events")
         async def kv_events() -> Response:  # each replica has its own; the router has none
@@ -488,14 +542,30 @@ class Router:
                 body = json.loads(raw)
         if not isinstance(body, dict):  # not ours to judge: a replica answers it (with its own error)
             body, endpoint = {}, endpoint if endpoint == "other" else "invalid"
-        plan = await self._plan(endpoint, body, len(raw), tenant)
         headers = self._headers(request)
+        plan = await self._plan(endpoint, body, len(raw), tenant, headers)
         # The path within the app: behind a proxy's prefix (--root-path) request.url has the prefix,
         # which replicas do not serve.
         path = get_route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
         if body.get("stream") is True and endpoint in ("chat", "completions"):
             return await self._stream(request, endpoint, path, body, plan, headers, t0)
+        if body.get("stream") is True and endpoint == "responses":
+            return await self._stream_through(endpoint, path, body, plan, headers, t0)
         return await unless_disconnected(request, self._unary(request, endpoint, path, raw, plan, headers, t0))
+
+    async def _stored_response(self, request: Request, response_id: str) -> Response:
+        """GET/DELETE /v1/responses/{id} on the replica that holds it."""
+        headers = self._headers(request)
+        home = await self._home(response_id, headers)
+        if home is None:
+            return JSONResponse(error_body(404, f"No response found with id '{response_id}'.", param="response_id",
+                                           code="response_not_found"), status_code=404)
+        plan = _Plan(None, None, None, home=home)
+        resp = await self._unary(request, "responses", get_route_path(request.scope), b"", plan, headers,
+                                 time.perf_counter())
+        if request.method == "DELETE" and resp.status_code == 200:
+            self.response_homes.pop(response_id, None)
+        return resp
 
     async def _unary(self, request: Request, endpoint: str, path: str, raw: bytes, plan: _Plan,
                      headers: dict[str, str], t0: float) -> Response:
@@ -530,6 +600,9 @@ class Router:
             if tried:
                 self.metrics.failovers.labels("before_response", "retried").inc()
             self.metrics.e2e.observe(time.perf_counter() - t0)
+            if endpoint == "responses" and resp.status_code == 200 and request.method == "POST":
+                with contextlib.suppress(ValueError, AttributeError):
+                    self._remember(resp.json().get("id"), rep.url)
             return self._relay(resp, {"retries": len(tried), "replicas": tried + [rep.url]} if tried else None,
                                rep.url, request.scope.get("root_path", ""))
         if tried:
@@ -607,6 +680,54 @@ class Router:
             return self._relay(last, None)
         return JSONResponse(error_body(503, f"every replica tried failed ({', '.join(tried)})", code="replica_failed"),
                             status_code=503, headers={"Retry-After": "1"})
+
+    async def _stream_through(self, endpoint: str, path: str, body: dict[str, Any], plan: _Plan,
+                              headers: dict[str, str], t0: float) -> Response:
+        """A stream relayed as the replica sends it (the Responses API's): failover only before it
+        starts; a replica lost midway ends it with an error event."""
+        tried: list[str] = []
+        opened = await self._open(path, body, plan, headers, tried, endpoint)
+        if isinstance(opened, Response):
+            return opened
+        rep, ticket, relay = opened
+        metrics = self.metrics
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            try:
+                async for line in relay.lines():
+                    if line.startswith("data: ") and first:
+                        if '"response.created"' in line:
+                            with contextlib.suppress(ValueError, AttributeError):
+                                self._remember(json.loads(line[6:])["response"]["id"], rep.url)
+                        elif '.delta"' in line:  # its first token
+                            first = False
+                            ticket.first_token()
+                            metrics.ttft.observe(time.perf_counter() - t0)
+                    yield line + "\n"
+                metrics.requests.labels(rep.url, endpoint, "ok").inc()
+                metrics.e2e.observe(time.perf_counter() - t0)
+            except httpx.TransportError as e:
+                rep.mark_down(f"{type(e).__name__}: {e}")
+                metrics.requests.labels(rep.url, endpoint, "failed").inc()
+                err = error_body(503, f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})",
+                                 code="replica_failed")["error"]
+                yield f"\nevent: error\ndata: {json.dumps({'type': 'error', **err})}\n\n"
+            finally:
+                ticket.end()
+                await relay.close()
+
+        loop = asyncio.get_running_loop()
+
+        def cleanup() -> None:  # (as _stream's: a body never iterated skips the generator's finally)
+            ticket.end()
+            if relay in relay.replica.relays:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(lambda: loop.create_task(relay.close()))
+
+        return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          REPLICA_HEADER: rep.url})
 
     async def _stream(self, request: Request, endpoint: str, path: str, body: dict[str, Any], plan: _Plan,
                       headers: dict[str, str], t0: float) -> Response:

@@ -46,6 +46,7 @@ from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext
 from tokenmill.server.errors import APIError, invalid_key_error, limit_error, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
+from tokenmill.server.response_store import ResponseStore
 from tokenmill.server.streaming import ReleasingIterator, sse
 
 logger = logging.getLogger("tokenmill.server")
@@ -67,6 +68,7 @@ class GatewaySettings:
     admin_api_key: str | None = None  # required on the admin routes when set (else api_key, when set)
     # --tenants: the generation and embedding routes take tenants' keys (and api_key no longer opens them)
     tenants: TenantsConfig | None = None
+    responses_store_bytes: int = 64 * 2**20  # the Responses API's stored responses (0: none are kept)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Gateway:
         self.app = app
         self.created = int(time.time())
         self.metrics = ServerMetrics(self._model_stats)
+        self.responses = ResponseStore(settings.responses_store_bytes)
         self.tenants: Tenants | None = None
         if settings.tenants is not None:
             self.tenants = self._make_tenants(settings.tenants)
@@ -242,7 +245,8 @@ class Gateway:
         """A 400 for a max_tokens / max_completion_tokens above the tenant's cap; a request that
         sets neither gets the cap (a completion's default of 16 stays when it is lower)."""
         cap = tenant.max_tokens
-        fields = [f for f in ("max_tokens", "max_completion_tokens") if f in type(req).model_fields]
+        names = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        fields = [f for f in names if f in type(req).model_fields]
         if cap is None or not fields:
             return
         given = [f for f in fields if f in req.model_fields_set and getattr(req, f) is not None]
@@ -290,13 +294,14 @@ class Gateway:
             except ValueError as e:
                 raise APIError(400, str(e), param="slo") from None
         name = self.check_model(req.model, tenant)
+        if tenant is not None and tags is not None:  # its prompts carry it: its own prefix-cache namespace,
+            tags["tenant"] = tenant.name  # metrics, accounting (and its stored responses, for the precheck)
         if precheck is not None:
             precheck(req)
         if (generation or embedding) and name not in self.tiers:
             self._check_task(name, generation)
         if tenant is not None:
-            if tags is not None:  # its prompts carry it: its own prefix-cache namespace, metrics, accounting
-                tags["tenant"] = tenant.name
+            if tags is not None:
                 if tags.get("slo") is None and tenant.slo is not None:
                     tags["slo"] = tenant.slo
             self.cap_max_tokens(req, tenant)
@@ -473,6 +478,7 @@ def _call_soon(gw: Gateway, fn: Callable[..., Any], *args: Any) -> None:
 def _prompt_text(req: Any) -> tuple[str, int | None]:
     """The text a rules tier matches (completion prompts, or the conversation's text) and, for
     token-id prompts, their token count."""
+    req = getattr(req, "_chat", None) or req  # (a Responses request: the chat request that runs it)
     messages = getattr(req, "messages", None)
     if messages is not None:
         parts = []
@@ -538,15 +544,18 @@ def with_extras(resp: Any, extras: dict[str, Any]) -> Any:
             first = True
             try:
                 async for ev in inner:
-                    if isinstance(ev, str) and ev.startswith("data: {") and (first or "model" in extras):
+                    if isinstance(ev, str) and "data: {" in ev and (first or "model" in extras):
                         out = []
                         for one in ev.split("\n\n"):  # (a step's chunks are one write: several events)
-                            if one.startswith("data: {") and (first or "model" in extras):
-                                obj = json.loads(one[6:])
-                                if "object" in obj:
-                                    _apply(obj, extras, first)
+                            # "data: {...}", or the Responses API's "event: type\ndata: {...}"
+                            head, data = ("", one[6:]) if one.startswith("data: ") else one.partition("\ndata: ")[::2]
+                            if data.startswith("{") and (first or "model" in extras):
+                                obj = json.loads(data)
+                                target = obj if "object" in obj else obj.get("response")
+                                if isinstance(target, dict):
+                                    _apply(target, extras, first)
                                     first = False
-                                    out.append(sse(obj))
+                                    out.append(f"{head}\n" * bool(head) + sse(obj))
                                     continue
                             if one:
                                 out.append(one + "\n\n")

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import StructuredOutputsParams
@@ -318,3 +318,31 @@ class EmbeddingRequest(_Strict):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: embed each input's last k tokens (-1: max_model_len)
+
+
+class ResponsesRequest(_SamplingFields):
+    """OpenAI's Responses API (/v1/responses), with the same vLLM sampling extras as chat. The
+    input items and tools are checked where they are turned into a chat request
+    (server/routes/responses.py), which names the item at fault."""
+
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    reasoning: dict[str, Any] | None = None  # (shown back; the model reasons as its template has it)
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # (found by the route's precheck: the stored response it continues, its input as chat messages,
+    # the chat request that runs it)
+    _parent: Any = PrivateAttr(default=None)
+    _turn: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _chat: Any = PrivateAttr(default=None)

@@ -119,6 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "leaves free (default: no limit)")
     p.add_argument("--max-body-size", type=int, default=8 * 2**20, metavar="BYTES",
                    help="larger request bodies get 413")
+    p.add_argument("--responses-store-mb", type=float, default=64, metavar="MB",
+                   help="memory for the Responses API's stored responses (store: true; previous_response_id, "
+                        "GET /v1/responses/ID), least recently used out first; 0 keeps none (default 64)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -230,6 +233,8 @@ def check_args(args: argparse.Namespace, models: bool = True,
                          f"got {args.max_queue}")
     if args.max_body_size < 1:
         raise ValueError(f"--max-body-size: must be a positive number of bytes, got {args.max_body_size}")
+    if not args.responses_store_mb >= 0 or args.responses_store_mb == float("inf"):  # (NaN too)
+        raise ValueError(f"--responses-store-mb: must be a number of megabytes >= 0, got {args.responses_store_mb}")
     if not args.shutdown_timeout >= 0:  # (NaN too)
         raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout}")
     if args.tenants is not None:  # a bad file fails before any model loads
@@ -256,7 +261,8 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
 
         tenants = load_tenants(args.tenants)
     settings = GatewaySettings(max_body_bytes=args.max_body_size, api_key=args.api_key,
-                               admin_api_key=args.admin_api_key, tenants=tenants)
+                               admin_api_key=args.admin_api_key, tenants=tenants,
+                               responses_store_bytes=int(getattr(args, "responses_store_mb", 64) * 2**20))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)

@@ -1,7 +1,8 @@
 """The HTTP routes, one module per endpoint family, each with `register(app, ctx)`.
 
 admin (health, models, metrics), tokenize (/tokenize, /detokenize), completions
-(/v1/completions), chat (/v1/chat/completions), embeddings (/v1/embeddings). A route that
+(/v1/completions), chat (/v1/chat/completions), responses (/v1/responses, OpenAI's Responses API
+over chat), embeddings (/v1/embeddings). A route that
 takes a body parses it itself with `ctx.parse` (to answer with OpenAI-style 400s rather than
 FastAPI's 422) and declares it with `openapi_extra=body(Model)`; the model goes in BODIES so
 the schema has its definition.
@@ -18,11 +19,12 @@ from tokenmill.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 
 BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-                                       EmbeddingRequest)
+                                       EmbeddingRequest, ResponsesRequest)
 
 
 def body(model: type[BaseModel]) -> dict[str, Any]:

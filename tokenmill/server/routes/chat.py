@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.ops.energy import sum_compute
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.answer import AnswerStream, answer_parts
+from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
     SSE_DONE,
@@ -27,14 +30,8 @@ from tokenmill.server.streaming import (
     unless_disconnected,
     usage,
 )
-from tokenmill.server.tools import ToolSetup, ToolStream, parse_calls
+from tokenmill.server.tools import ToolSetup
 from tokenmill.server.ttc import ttc_params, ttc_response
-
-
-def tool_finish(tools: ToolSetup, reason: str | None, called: bool) -> str | None:
-    """OpenAI's finish reason: "tool_calls" when the model chose to call (auto, required); a
-    named function's call ends with "stop", as OpenAI ends it."""
-    return "tool_calls" if called and reason == "stop" and tools.mode != "named" else reason
 
 
 def _checked(req: ChatCompletionRequest) -> None:
@@ -54,33 +51,56 @@ def _checked(req: ChatCompletionRequest) -> None:
         raise bad_request(e) from None
 
 
+@dataclass
+class ChatPlan:
+    """A chat request made ready for the engine."""
+
+    text: str  # the rendered prompt
+    ids: list[int]  # its tokens (truncated as the request asks)
+    params: SamplingParams  # with its output constraint compiled
+    tools: ToolSetup | None
+    k: int | None  # top logprobs per token (None: no logprobs)
+    rparser: str | None  # the reasoning parser that splits the answer
+
+
+async def plan_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatPlan:
+    """The prompt, sampling params and answer setup of a chat request (also the Responses API's,
+    which it turns into one); a 400 for what the model cannot do with it."""
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    try:
+        tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser)
+    except ValueError as e:
+        raise bad_request(e) from None
+    other = ctx.constraint(req)
+    text = ctx.chat_prompt(req, tools.tools if tools else None)
+    ids = await ctx.encode(text, add_special_tokens=False)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = ctx.sampling_params(req, max_tokens, k)
+    ids, text = ctx.llm_engine.truncate_prompt(ids, params, text)
+    if tools is not None and tools.constraint is not None:
+        if other is not None:
+            raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "
+                           f"combined with response_format or guided decoding", param="tool_choice")
+        await ctx.constrain(params, (tools.constraint, "tools"))
+    else:
+        await ctx.constrain(params, other)
+    if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
+        params.skip_special_tokens = False  # their call markers are special tokens
+    ctx.check_resume(req, params)
+    # Constrained output (tools required or named, response_format) is all answer: vLLM applies
+    # a grammar after the reasoning, here there is none to split off.
+    rparser = ctx.settings.reasoning_parser if params.structured_outputs is None else None
+    return ChatPlan(text, ids, params, tools, k, rparser)
+
+
 def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     @gw.route
     async def chat_completions(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True, precheck=_checked)
-        k = (req.top_logprobs or 0) if req.logprobs else None
+        plan = await plan_chat(ctx, req)
+        params, ids, text, tools, k, rparser = plan.params, plan.ids, plan.text, plan.tools, plan.k, plan.rparser
         tp = ttc_params(req)
-        try:
-            tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser)
-        except ValueError as e:
-            raise bad_request(e) from None
-        other = ctx.constraint(req)
-        text = ctx.chat_prompt(req, tools.tools if tools else None)
-        ids = await ctx.encode(text, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = ctx.sampling_params(req, max_tokens, k)
-        ids, text = ctx.llm_engine.truncate_prompt(ids, params, text)
-        if tools is not None and tools.constraint is not None:
-            if other is not None:
-                raise APIError(400, f"tool_choice: {tools.mode!r} constrains the output itself; it cannot be "
-                               f"combined with response_format or guided decoding", param="tool_choice")
-            await ctx.constrain(params, (tools.constraint, "tools"))
-        else:
-            await ctx.constrain(params, other)
-        if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
-            params.skip_special_tokens = False  # their call markers are special tokens
-        ctx.check_resume(req, params)
         as_ids = req.return_tokens_as_token_ids
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if tp is not None:
@@ -89,9 +109,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
         group = await ctx.submit([(rid, ctx.prompt_dict(text, ids, req.cache_salt, req.resume_token_ids), params)],
                                  req.priority, arrival)
         name, engine = ctx.name, ctx.engine
-        # Constrained output (tools required or named, response_format) is all answer: vLLM applies
-        # a grammar after the reasoning, here there is none to split off.
-        rparser = ctx.settings.reasoning_parser if params.structured_outputs is None else None
 
         ids_out = req.return_token_ids
         first_chunk = [True]
@@ -113,18 +130,13 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
             async def events() -> AsyncIterator[str]:
                 states: dict[tuple[str, int], ChoiceState] = {}
-                calls: dict[int, ToolStream] = {}
-                thoughts: dict[int, ReasoningStream] = {}
+                answers: dict[int, AnswerStream] = {}
                 cached: dict[str, int] = {}
                 computes: dict[str, Any] = {}
                 if req.resume_token_ids:  # the first server streamed this much: start where it stopped
                     states[(rid, 0)], sent = ctx.resumed_state(ids, req.resume_token_ids, params)
-                    if rparser is not None:
-                        rs = thoughts.setdefault(0, ReasoningStream(rparser))
-                        rs.feed(sent, False)
-                        sent = sent[rs.content_from:] if rs.content_from is not None else ""
-                    if tools is not None:
-                        calls.setdefault(0, ToolStream(tools)).feed(sent, False, complete=False)
+                    answers[0] = AnswerStream(tools, rparser)
+                    answers[0].resume(sent)
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached, computes):
                         # A step's chunks leave in one write: a replica that dies between two of them
@@ -140,18 +152,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             parts.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}, before))
                         lp = {"content": ctx.chat_logprobs(c, *d.tokens, k, as_ids)} if k is not None else None
-                        reason = d.finish_reason
-                        content, tool_deltas, thought = d.text, [], ""
-                        text = c.text[: d.text_start + len(d.text)]
-                        if rparser is not None:  # the answer (content, calls) is what follows the reasoning
-                            rs = thoughts.setdefault(c.index, ReasoningStream(rparser))
-                            thought, content = rs.feed(text, reason is not None)
-                            text = text[rs.content_from:] if rs.content_from is not None else ""
-                        if tools is not None:
-                            ts = calls.setdefault(c.index, ToolStream(tools))
-                            content, tool_deltas = ts.feed(text, reason is not None, complete=reason == "stop")
-                            if reason is not None:
-                                reason = tool_finish(tools, reason, ts.called)
+                        answer = answers.setdefault(c.index, AnswerStream(tools, rparser))
+                        thought, content, tool_deltas, reason = answer.feed(
+                            c.text[: d.text_start + len(d.text)], d.text, d.finish_reason)
                         # One chunk per tool-call delta, as OpenAI streams them; an empty one keeps the step's timing.
                         # (reasoning_content too: vLLM's older name, the DeepSeek API's, what many clients read)
                         deltas = [{"reasoning": thought, "reasoning_content": thought}] if thought else []
@@ -185,18 +188,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 return error_response(ctx.engine_error(out))
             choices = []
             for c in out.outputs:
-                text: str | None = c.text
-                thought = None
-                if rparser is not None:
-                    thought, text = split_reasoning(rparser, c.text)
-                message: dict[str, Any] = {"role": "assistant", "content": text}
-                reason = finish_reason(c)
-                if tools is not None:
-                    content, tool_calls = parse_calls(tools, text or "", complete=reason == "stop")
-                    message = {"role": "assistant", "content": content if text is not None else None}
-                    if tool_calls:
-                        message["tool_calls"] = tool_calls
-                    reason = tool_finish(tools, reason, bool(tool_calls))
+                thought, content, tool_calls, reason = answer_parts(tools, rparser, c.text, finish_reason(c))
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if tool_calls:
+                    message["tool_calls"] = tool_calls
                 if rparser is not None:
                     message["reasoning"] = message["reasoning_content"] = thought
                 choices.append({

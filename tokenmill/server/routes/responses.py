@@ -1,0 +1,502 @@
+"""/v1/responses: OpenAI's Responses API, run as a chat request.
+
+A request's instructions and input items (messages, function calls and their outputs) become chat
+messages, its function tools and text format chat's tools and response_format; the chat route's
+planning (plan_chat: template, tool setup, constraints, reasoning parser) prepares it and the
+answer comes back as output items: reasoning, a message, function calls, whole or as the
+Responses API's typed events. Responses are kept (store, the default; response_store.py) for
+previous_response_id, which continues their conversation, and GET/DELETE /v1/responses/{id}.
+
+Not here: built-in tools (web search, files, MCP, ...), images and files as input, background
+runs, truncation "auto", and reasoning summaries; each is a 400 naming its field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from tokenmill.ops.energy import sum_compute
+from tokenmill.outputs import CompletionOutput
+from tokenmill.server.answer import AnswerStream, answer_parts
+from tokenmill.server.context import REQUEST_TAGS, ServerContext
+from tokenmill.server.errors import APIError, error_body, error_response, validation_error
+from tokenmill.server.gateway import Gateway
+from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _SamplingFields
+from tokenmill.server.reasoning import split_reasoning
+from tokenmill.server.response_store import StoredResponse
+from tokenmill.server.routes import body
+from tokenmill.server.routes.chat import _checked, plan_chat
+from tokenmill.server.streaming import (
+    ChoiceState,
+    StreamFailed,
+    collect_finished,
+    finish_reason,
+    sse_response,
+    unless_disconnected,
+)
+
+# Chat request fields that mean nothing for one response (its one answer, its own stream format).
+_NOT_HERE = ("n", "use_beam_search", "test_time_compute", "resume_token_ids", "prompt_logprobs",
+             "return_token_ids", "response_format")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+# Chat's names in error messages, as a Responses request names them.
+_RENAMES = ((re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),
+            (re.compile(r"\bresponse_format\b"), "text.format"),
+            (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+            (re.compile(r"\bmessages\b"), "input"))
+
+
+def _renamed(e: APIError) -> APIError:
+    def sub(s: str | None) -> str | None:
+        if s is None:
+            return None
+        for pattern, repl in _RENAMES:
+            s = pattern.sub(repl, s)
+        return s
+
+    e.message, e.param = sub(e.message) or "", sub(e.param)
+    return e
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as text: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content", "must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise _bad(f"{where}.content[{j}]", f"{kind} is not supported: this server runs text-only models")
+        else:
+            raise _bad(f"{where}.content[{j}]", "must be a text part ({'type': 'input_text', 'text': ...})")
+    return "".join(texts)
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    v = item.get(key)
+    if not isinstance(v, str):
+        raise _bad(f"{where}.{key}", "must be a string")
+    return v
+
+
+def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input items as chat messages: a function call joins the assistant message before it
+    (or makes one), its output is a tool message, reasoning items are left out (templates drop
+    earlier turns' reasoning)."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}]
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(inp):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise _bad(f"{where}.role", f"must be 'user', 'system', 'developer' or 'assistant', got {role!r}")
+            out.append({"role": role, "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function",
+                    "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                        "content": output if isinstance(output, str) else _text(output, where + ".output")})
+        elif kind != "reasoning":
+            raise _bad(f"{where}.type", f"{kind!r} is not supported; an input item is a message, a function_call, "
+                       "a function_call_output or a reasoning item")
+    if not out:
+        raise _bad("input", "holds no message")
+    return out
+
+
+def _chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The function tools and tool_choice in chat's form."""
+    tools = None
+    if req.tools is not None:
+        tools = []
+        for i, t in enumerate(req.tools):
+            if t.get("type") != "function":
+                raise _bad(f"tools[{i}].type", f"only function tools are supported (this server runs no built-in "
+                           f"tools), got {t.get('type')!r}")
+            tools.append({"type": "function", "function": {k: v for k, v in t.items() if k != "type"}})
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise _bad("tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = (req.text or {}).get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if "schema" not in fmt:
+            raise _bad("text.format.schema", "is required with type json_schema")
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
+                                                       if k in fmt}}
+    raise _bad("text.format.type", f"must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def chat_request(req: ResponsesRequest, history: list[dict[str, Any]],
+                 turn: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request that runs a Responses request: its instructions, then the conversation it
+    continues, then its input; the sampling fields both share pass through."""
+    for name in _NOT_HERE:
+        if name in req.model_fields_set and getattr(req, name) not in (None, False, 1):
+            raise _bad(name, "is not a field of /v1/responses (use /v1/chat/completions)")
+    if req.background:
+        raise _bad("background", "background responses are not supported")
+    if req.truncation == "auto":
+        raise _bad("truncation", "only 'disabled' is supported (a prompt over the context is a 400)")
+    shared = set(_SamplingFields.model_fields) - set(_NOT_HERE)
+    d = req.model_dump(include=shared & req.model_fields_set, by_alias=True, exclude_none=True)
+    instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    tools, choice = _chat_tools(req)
+    d.update(messages=instructions + history + turn, max_completion_tokens=req.max_output_tokens,
+             tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls,
+             response_format=_response_format(req), chat_template_kwargs=req.chat_template_kwargs,
+             logprobs=req.top_logprobs is not None or "message.output_text.logprobs" in (req.include or ()),
+             top_logprobs=req.top_logprobs)
+    try:
+        return ChatCompletionRequest.model_validate_json(json.dumps(d))
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _owner() -> str | None:
+    tags = REQUEST_TAGS.get()
+    return tags.get("tenant") if tags else None
+
+
+def _usage(ctx: ServerContext, prompt_ids: list[int], c: CompletionOutput, cached: int, rparser: str | None,
+           skip_special_tokens: bool, compute: dict[str, Any] | None) -> dict[str, Any]:
+    n_prompt, n_out = len(prompt_ids), len(c.token_ids)
+    u: dict[str, Any] = {"input_tokens": n_prompt, "input_tokens_details": {"cached_tokens": cached},
+                         "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                         "total_tokens": n_prompt + n_out}
+    if rparser is not None and ctx.tokenizer is not None:  # the tokens whose text starts in the reasoning
+        end = len(c.text) - len(split_reasoning(rparser, c.text)[1] or "")
+        if end > 0:
+            starts = ctx.text_offsets(prompt_ids, skip_special_tokens).take(c.token_ids, 0, n_out, len(c.text))
+            u["output_tokens_details"]["reasoning_tokens"] = sum(o < end for o in starts)
+    if compute is not None:
+        u["compute"] = compute
+    return u
+
+
+def _status(reason: str | None) -> str:
+    if reason == "length":
+        return "incomplete"
+    return "completed" if reason is not None else "cancelled"
+
+
+def _message(text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": status, "role": "assistant",
+            "content": [part]}
+
+
+def _reasoning(text: str, status: str) -> dict[str, Any]:
+    return {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+
+
+def _function_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": status, "call_id": call_id,
+            "name": name, "arguments": arguments}
+
+
+def _assistant_turn(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answer's output items as the chat messages a continuation's prompt shows."""
+    text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                         "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    msg: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return [msg]
+
+
+class _Run:
+    """One request's Responses-side state: its ids, its stored conversation and the response
+    object's fields."""
+
+    def __init__(self, gw: Gateway, req: ResponsesRequest, parent: StoredResponse | None,
+                 turn: list[dict[str, Any]], name: str, arrival: float, temperature: float, top_p: float) -> None:
+        self.gw, self.req, self.parent, self.turn = gw, req, parent, turn
+        self.rid = f"resp_{uuid.uuid4().hex}"
+        self.name, self.created = name, int(arrival)
+        self.temperature, self.top_p = temperature, top_p
+        self.store = req.store and gw.responses.enabled
+        self.owner = _owner()  # (now: a stream ends after the handler, outside the request's context)
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+                 error: dict[str, Any] | None = None) -> dict[str, Any]:
+        req = self.req
+        done = status not in ("in_progress", "queued")
+        return {
+            "id": self.rid, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if done else None, "background": False, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.name,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": req.reasoning or {"effort": None, "summary": None}, "store": self.store,
+            "temperature": self.temperature, "top_p": self.top_p, "text": req.text or {"format": {"type": "text"}},
+            "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
+            "top_logprobs": req.top_logprobs, "truncation": "disabled", "usage": usage, "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def keep(self, resp: dict[str, Any]) -> None:
+        if self.store and resp["status"] in ("completed", "incomplete"):
+            self.gw.responses.put(self.rid, self.owner, resp, self.parent, self.turn + _assistant_turn(resp["output"]))
+
+
+class _EventWriter:
+    """The Responses API's typed events for one answer streamed as chat's parts: each output item
+    opens (output_item.added, content_part.added), grows (deltas) and closes (the .done events) in
+    turn. The output it builds is what the same request gets unstreamed."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.output: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.logprobs: list[dict[str, Any]] = []  # the open message's
+
+    def event(self, kind: str, **fields: Any) -> str:
+        d = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+    def _start(self, item: dict[str, Any], part: dict[str, Any] | None) -> list[str]:
+        self.open = item
+        i = len(self.output)
+        evs = [self.event("response.output_item.added", output_index=i,
+                          item={**item, **({"content": []} if part is not None else {})})]
+        if part is not None:
+            evs.append(self.event("response.content_part.added", item_id=item["id"], output_index=i,
+                                  content_index=0, part=part))
+        return evs
+
+    def close(self, status: str = "completed") -> list[str]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        i = len(self.output)
+        item["status"] = status
+        evs = []
+        if item["type"] == "message":
+            part = item["content"][0]
+            part["logprobs"] = self.logprobs
+            evs += [self.event("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
+                               text=part["text"], logprobs=self.logprobs),
+                    self.event("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
+                               part=part)]
+            self.logprobs = []
+        elif item["type"] == "reasoning":
+            part = item["content"][0]
+            evs += [self.event("response.reasoning_text.done", item_id=item["id"], output_index=i, content_index=0,
+                               text=part["text"]),
+                    self.event("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
+                               part=part)]
+        else:
+            evs.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                  name=item["name"], arguments=item["arguments"]))
+        evs.append(self.event("response.output_item.done", output_index=i, item=item))
+        self.output.append(item)
+        return evs
+
+    def reasoning(self, delta: str) -> list[str]:
+        evs = []
+        if self.open is None or self.open["type"] != "reasoning":
+            evs = self.close() + self._start(_reasoning("", "in_progress"), {"type": "reasoning_text", "text": ""})
+        assert self.open is not None
+        self.open["content"][0]["text"] += delta
+        return evs + [self.event("response.reasoning_text.delta", item_id=self.open["id"],
+                                 output_index=len(self.output), content_index=0, delta=delta)]
+
+    def content(self, delta: str, logprobs: list[dict[str, Any]]) -> list[str]:
+        evs = []
+        if self.open is None or self.open["type"] != "message":
+            evs = self.close() + self._start(_message("", "in_progress", []),
+                                             {"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        assert self.open is not None
+        self.open["content"][0]["text"] += delta
+        self.logprobs += logprobs
+        return evs + [self.event("response.output_text.delta", item_id=self.open["id"],
+                                 output_index=len(self.output), content_index=0, delta=delta, logprobs=logprobs)]
+
+    def call(self, delta: dict[str, Any]) -> list[str]:
+        """A chat tool-call delta: a call's header (its id and name) or more of its arguments."""
+        evs = []
+        if "id" in delta:
+            evs = self.close() + self._start(_function_call(delta["id"], delta["function"]["name"], "",
+                                                            "in_progress"), None)
+        args = delta["function"].get("arguments") or ""
+        if args and self.open is not None and self.open["type"] == "function_call":
+            self.open["arguments"] += args
+            evs.append(self.event("response.function_call_arguments.delta", item_id=self.open["id"],
+                                  output_index=len(self.output), delta=args))
+        return evs
+
+
+def register(app: FastAPI, gw: Gateway) -> None:
+    def conversation(req: ResponsesRequest) -> StoredResponse | None:
+        if req.previous_response_id is None:
+            return None
+        parent = gw.responses.get(req.previous_response_id, _owner())
+        if parent is None:
+            raise APIError(404, f"previous_response_id: no stored response {req.previous_response_id!r} (responses "
+                           f"are kept in this server's memory, up to --responses-store-mb; it may have been "
+                           f"deleted or evicted)", param="previous_response_id", code="previous_response_not_found")
+        return parent
+
+    def precheck(req: ResponsesRequest) -> None:
+        """The body's own checks, before the model is waited for (and its conversation, looked up
+        once: it must not be evicted while the request waits)."""
+        try:
+            req._parent = conversation(req)
+            req._turn = input_messages(req.input)
+            req._chat = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
+            _checked(req._chat)
+        except APIError as e:
+            raise _renamed(e) from None
+
+    @app.post("/v1/responses", openapi_extra=body(ResponsesRequest))
+    @gw.route
+    async def create_response(request: Request) -> Response:
+        try:
+            ctx, req, arrival = await gw.open_request(request, ResponsesRequest, generation=True, precheck=precheck)
+            # (again: a tenant's max_tokens cap may have set max_output_tokens since)
+            creq = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
+            plan = await plan_chat(ctx, creq)
+            run = _Run(gw, req, req._parent, req._turn, ctx.name, arrival, plan.params.temperature, plan.params.top_p)
+            group = await ctx.submit([(run.rid, ctx.prompt_dict(plan.text, plan.ids, creq.cache_salt), plan.params)],
+                                     creq.priority, arrival)
+        except APIError as e:
+            raise _renamed(e) from None
+        engine, params, k = ctx.engine, plan.params, plan.k
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                w = _EventWriter()
+                yield w.event("response.created", response=run.response("in_progress", [], None))
+                yield w.event("response.in_progress", response=run.response("in_progress", [], None))
+                states: dict[tuple[str, int], ChoiceState] = {}
+                answer = AnswerStream(plan.tools, plan.rparser)
+                cached: dict[str, int] = {}
+                computes: dict[str, Any] = {}
+                status, last = "cancelled", None
+                try:
+                    async for _, c, d in ctx.choice_deltas(group, params, states, cached, computes):
+                        lp = ctx.chat_logprobs(c, *d.tokens, k, False) if k is not None else []
+                        think, content, calls, reason = answer.feed(c.text[: d.text_start + len(d.text)], d.text,
+                                                                    d.finish_reason)
+                        evs = []
+                        last = c
+                        if think:
+                            evs += w.reasoning(think)
+                        if content:
+                            evs += w.content(content, lp)
+                        elif lp and w.open is not None and w.open["type"] == "message":
+                            w.logprobs += lp
+                        for call in calls:
+                            evs += w.call(call)
+                        if c.finished():
+                            status = _status(finish_reason(c))
+                            if w.open is None and not w.output:  # an empty answer is an empty message
+                                evs += w.content("", [])
+                            evs += w.close("incomplete" if status == "incomplete" else "completed")
+                        if evs:
+                            yield "".join(evs)
+                except StreamFailed as e:
+                    msg = e.message if e.status in (400, 503) else f"the engine failed this request: {e.message}"
+                    err = error_body(e.status, msg)["error"]
+                    yield w.event("error", code=err["code"] or err["type"], message=msg, param=None)
+                    failed = run.response("failed", w.output, None, {"code": "server_error", "message": msg})
+                    yield w.event("response.failed", response=failed)
+                    return
+                usage = None if last is None else _usage(ctx, plan.ids, last, cached.get(run.rid, 0), plan.rparser,
+                                                         params.skip_special_tokens, sum_compute(computes.values()))
+                final = run.response(status, w.output, usage)
+                run.keep(final)
+                kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+                    status, "response.failed")
+                yield w.event(kind, response=final)
+
+            return sse_response(events(), lambda: engine.release(group))
+
+        async def collect() -> Response:
+            out = (await collect_finished(engine, group))[run.rid]
+            if out.error is not None:
+                return error_response(ctx.engine_error(out))
+            c = out.outputs[0]
+            thought, content, calls, reason = answer_parts(plan.tools, plan.rparser, c.text, finish_reason(c))
+            status = _status(finish_reason(c))
+            output: list[dict[str, Any]] = []
+            if thought:
+                output.append(_reasoning(thought, "completed"))
+            if content or not (thought or calls):
+                lps = ctx.chat_logprobs(c, 0, len(c.token_ids), k, False) if k is not None else []
+                output.append(_message(content or "", "completed", lps))
+            output += [_function_call(t["id"], t["function"]["name"], t["function"]["arguments"], "completed")
+                       for t in calls]
+            if status == "incomplete" and output:
+                output[-1]["status"] = "incomplete"
+            usage = _usage(ctx, plan.ids, c, out.num_cached_tokens, plan.rparser, params.skip_special_tokens,
+                           out.compute)
+            resp = run.response(status, output, usage)
+            run.keep(resp)
+            return JSONResponse(resp)
+
+        return await unless_disconnected(request, collect())
+
+    def stored(request: Request, response_id: str) -> StoredResponse:
+        tenant = gw.check_auth(request)
+        e = gw.responses.get(response_id, tenant.name if tenant is not None else None)
+        if e is None:
+            raise APIError(404, f"No response found with id '{response_id}'.", param="response_id",
+                           code="response_not_found")
+        return e
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(request: Request, response_id: str) -> Response:
+        return JSONResponse(stored(request, response_id).response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> Response:
+        e = stored(request, response_id)
+        gw.responses.delete(response_id, e.owner)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
