@@ -246,3 +246,22 @@ def test_a_dummy_model_is_sized_from_its_shape(tmp_path, arch):
     real = _weight_bytes(EngineConfig(model=path, device="cpu", prepack_weights=False))
     assert real > 0 and _weight_bytes(EngineConfig(model=str(dummy), device="cpu", prepack_weights=False,
                                                    load_format="dummy")) == real
+
+
+def test_an_int8_model_is_sized_as_int8(tmp_path):
+    """The pool's estimate of an int8 model (and its draft, quantized alike) before it loads: one
+    byte a matrix value and a scale a row, within 10% of what it takes once loaded (it was sized
+    as float32, four times that, and refused under budgets it fits)."""
+    from tokenmill import LLM
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.pool import _weight_bytes
+
+    # (a short context: the rotary tables, which the estimate leaves out, stay small beside the weights)
+    path = make_model(str(tmp_path / "m"), "llama", hidden_size=128, intermediate_size=256,
+                      max_position_embeddings=64)
+    real = LLM(path, quantization="int8", kv_cache_memory_bytes=2**22).engine.runner.resident_weight_bytes
+    est = _weight_bytes(EngineConfig(model=path, device="cpu", quantization="int8"))
+    assert abs(est - real) < 0.1 * real
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 2}
+    assert _weight_bytes(EngineConfig(model=path, device="cpu", quantization="int8",
+                                      speculative_config=spec)) == 2 * est

@@ -146,6 +146,12 @@ class ModelConfig:
                 raw: dict[str, Any] = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"model: {cfg_file} is not valid JSON: {e}") from e
+        qc = raw.get("quantization_config")
+        if qc:  # (its weights would load cast to float, scales dropped: a model unrelated to the real one)
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise ValueError(f"model: {cfg_file} describes a pre-quantized checkpoint (quantization_config, "
+                             f"quant_method {method!r}), which tokenmill cannot load; use the unquantized "
+                             f"checkpoint (--quantization int8 quantizes it at load)")
         try:
             return cls.from_dict(raw, path)
         except KeyError as e:

@@ -735,8 +735,13 @@ class Decoder {
                              : w.scalar_type() == at::kChar ? max_i8_ : 0;
     if (x.size(0) <= max_rows) return linear(x, w, s, b);
     if (packed.has_value()) return packed_linear(x, *packed, b);
-    const torch::Tensor wd = s.has_value() ? (w.to(at::kFloat) * s->unsqueeze(1)).to(x.scalar_type()) : w;
-    return at::linear(x, wd, b);
+    if (s.has_value()) {  // int8: the exact weights in float32, rounded once at the end (as the kernel)
+      const torch::Tensor wd = w.to(at::kFloat) * s->unsqueeze(1);
+      const c10::optional<torch::Tensor> bf =
+          b.has_value() ? c10::optional<torch::Tensor>(b->to(at::kFloat)) : c10::nullopt;
+      return at::linear(x.to(at::kFloat), wd, bf).to(x.scalar_type());
+    }
+    return at::linear(x, w, b);
   }
 
   // torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], None): the Python path's call (it

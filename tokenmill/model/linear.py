@@ -42,6 +42,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     elif packed is not None and packed.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if scale is not None:
+        if x.device.type == "cpu":
+            # As the kernel computes small batches: the exact int8 * scale weights in float32, rounded
+            # once at the end (rounding every weight to bfloat16 would make outputs depend on how
+            # many rows share the step).
+            b = bias.float() if bias is not None else None
+            return F.linear(x.float(), dequantize(weight, scale, torch.float32), b).to(x.dtype)
         weight = dequantize(weight, scale, x.dtype)
     return F.linear(x, weight, bias)
 

@@ -170,6 +170,9 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
             if shard is not None:
                 sizes = shard_sizes[pname.split(".")[-2]]
                 dest = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if not tensor.dtype.is_floating_point or tensor.element_size() < 2:  # int8/uint8/float8: quantized
+                raise ValueError(f"model: tensor {name!r} in {file} is {tensor.dtype}, not a float type: "
+                                 f"pre-quantized checkpoints are not supported")
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise ValueError(
                     f"model: tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "

@@ -142,7 +142,8 @@ def _weight_bytes(config: EngineConfig) -> int:
     except Exception:  # an unreadable config fails the load itself, with its own message
         mc, target = None, torch.float32
     elem = torch.finfo(target).bits // 8 if target.is_floating_point else 1
-    total = _checkpoint_params(config.model, mc if config.load_format == "dummy" else None) * elem
+    int8 = config.quantization == "int8"
+    total = _checkpoint_bytes(config.model, elem, int8, mc if config.load_format == "dummy" else None)
     try:
         spec = SpeculativeConfig.parse(config.speculative_config)
     except ValueError:
@@ -152,30 +153,33 @@ def _weight_bytes(config: EngineConfig) -> int:
             draft = ModelConfig.from_pretrained(spec.model) if config.load_format == "dummy" else None
         except ValueError:
             draft = None
-        total += _checkpoint_params(spec.model, draft) * elem
+        total += _checkpoint_bytes(spec.model, elem, int8, draft)  # (quantized as the target is)
     if device.type == "cpu" and config.prepack_weights is not False and config.quantization is None:
         total *= 2  # the oneDNN copy (None: made when RAM allows, so counted)
     return total
 
 
-def _checkpoint_params(folder: str, dummy: Any = None) -> int:
-    """The parameters in a checkpoint folder's safetensors headers (dummy: the ModelConfig of a
-    model loaded without its checkpoint, whose shape says the same)."""
+def _checkpoint_bytes(folder: str, elem: int, int8: bool, dummy: Any = None) -> int:
+    """The bytes of a checkpoint folder's tensors once loaded (shapes from the safetensors headers):
+    elem a value, or with int8 quantization one a matrix value plus a float32 scale a row (norms
+    and biases stay at elem). dummy: the ModelConfig of a model loaded without its checkpoint,
+    whose shape says the same."""
     import glob
     import os
 
     from safetensors import safe_open
 
-    if dummy is not None:
-        return dummy.num_parameters
+    if dummy is not None:  # (int8: the matrices dominate; a scale per vocabulary row for the largest)
+        return dummy.num_parameters * (1 if int8 else elem) + (4 * dummy.vocab_size if int8 else 0)
     total = 0
     for f in glob.glob(os.path.join(folder, "*.safetensors")):
         with safe_open(f, framework="pt") as st:
             for k in st.keys():
+                shape = st.get_slice(k).get_shape()
                 n = 1
-                for d in st.get_slice(k).get_shape():
+                for d in shape:
                     n *= d
-                total += n
+                total += n + 4 * shape[0] if int8 and len(shape) == 2 else n * elem
     return total
 
 
