@@ -399,3 +399,25 @@ def test_a_request_admitted_already_is_not_admitted_again(model_dir):
     assert sorted(done) == ["escalated", "wave"]
     assert [o.uncounted for o in (done["escalated"], done["wave"])] == [False, True]
     assert not any(o.slo_demoted for o in done.values())
+
+
+def test_admission_and_laxity_count_a_cached_prefix_as_done():
+    """A prompt whose prefix the cache holds is predicted as the rest alone: it was predicted whole,
+    and a request that would meet its TTFT target was refused (or demoted)."""
+    sim = Sim("slo", mnbt=256)
+    prompt = [random.Random(5).randrange(50_000) for _ in range(480)]
+    sim.add(Request("warm", None, prompt, SamplingParams(max_tokens=2), 0.0))
+    sim.run([])  # its 29 full blocks (464 tokens) stay in the prefix cache
+
+    def check(tokens: list[int], rid: str) -> float:
+        return sim.sched.admission_check(Request(rid, None, tokens, SamplingParams(max_tokens=2), 0.0,
+                                                 slo=SLOTarget(ttft_s=1.0)).seqs[0])
+
+    hit, cold = check(prompt[:-1] + [7], "hit"), check(list(range(480)), "cold")
+    rest = check(prompt[-16:], "rest")  # the 16 tokens the cache lacks, with no context
+    assert hit < 0.5 * cold and rest <= hit < 1.5 * rest
+    seq = Request("hit2", None, prompt[:-1] + [7], SamplingParams(max_tokens=2), 0.0,
+                  slo=SLOTarget(ttft_s=1.0)).seqs[0]
+    cold_seq = Request("cold2", None, list(range(480)), SamplingParams(max_tokens=2), 0.0,
+                       slo=SLOTarget(ttft_s=1.0)).seqs[0]
+    assert sim.sched.order(seq)[2] > sim.sched.order(cold_seq)[2]  # more laxity: less to prefill

@@ -317,3 +317,15 @@ def test_bench_ttc_runs_every_strategy_and_plots(model_dir, tmp_path):
     assert [c["k"] for c in out["self_consistency_curve"]] == [1, 2]
     assert out["prefill"]["prompt_tokens_computed"] == out["prefill"]["prompt_tokens"]
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 2 and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_offline_runs_report_their_prefix_cache_hit(ttc_llm):
+    """num_cached_tokens of a run is its first launch's hit, as the server's usage reports it (it
+    was always 0 offline)."""
+    from tokenmill import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(7, 47))}  # 40 tokens: two full blocks the cache keeps
+    sp = SamplingParams(max_tokens=4, temperature=0.9, seed=5, ignore_eos=True)
+    ttc_llm.generate(prompt, sp)
+    out = ttc_llm.generate(prompt, sp, test_time_compute={"strategy": "self_consistency", "n": 3})[0]
+    assert out.num_cached_tokens == 32

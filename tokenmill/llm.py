@@ -178,11 +178,14 @@ class LLM:
         where: dict[tuple[str, int], tuple[int, int]] = {}  # (engine request, sample) -> (run, path)
         path_at: dict[tuple[int, int], tuple[str, int]] = {}  # the other way
         live: dict[str, int] = {}  # engine request -> its run
+        first_rid: dict[int, str] = {}  # run -> its first launch's request (whose prompt the cache may hold)
+        cached = [0] * len(runs)  # each run's prefix-cache hit, as the server reports it
 
         def add(r: int, launch: Launch) -> None:
             run, prompt, sp = runs[r]
             rid = engine.add_request(prompt, launch_params(sp, run, launch), priority=prios[r])
             live[rid] = r
+            first_rid.setdefault(r, rid)
             for i, pid in enumerate(launch.path_ids):
                 where[(rid, i)] = (r, pid)
                 path_at[(r, pid)] = (rid, i)
@@ -210,6 +213,8 @@ class LLM:
                         continue
                     if out.error is not None:
                         raise RuntimeError(f"request {rid} failed in the engine: {out.error}")
+                    if first_rid.get(live[rid]) == rid:
+                        cached[live[rid]] = max(cached[live[rid]], out.num_cached_tokens)
                     self._observe(runs, out, where)
                     if out.finished:
                         del live[rid]
@@ -225,7 +230,7 @@ class LLM:
                 engine.abort_request(rid)
                 self._latest.pop(rid, None)
             raise
-        return [self._ttc_output(run, prompt) for run, prompt, _ in runs]
+        return [self._ttc_output(run, prompt, hit) for (run, prompt, _), hit in zip(runs, cached)]
 
     def _prepare(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None,
@@ -296,14 +301,14 @@ class LLM:
             r, pid = where[(out.request_id, c.index)]
             runs[r][0].observe_output(pid, c)
 
-    def _ttc_output(self, run: TTCRun, prompt: dict[str, Any]) -> RequestOutput:
+    def _ttc_output(self, run: TTCRun, prompt: dict[str, Any], cached_tokens: int) -> RequestOutput:
         """The winning path as the request's one output, with the run's account."""
         win = run.winner()
         account = run.result()
         text = win.text if win is not None else ""
         return RequestOutput(
             request_id=f"ttc-{id(run)}", prompt=prompt["prompt"], prompt_token_ids=prompt["prompt_token_ids"],
-            prompt_logprobs=None, finished=True, test_time_compute=account,
+            prompt_logprobs=None, finished=True, test_time_compute=account, num_cached_tokens=cached_tokens,
             outputs=[CompletionOutput(index=0, text=text, token_ids=list(win.token_ids) if win is not None else [],
                                       cumulative_logprob=sum(win.logprobs) if win is not None else None,
                                       logprobs=None, finish_reason=win.finish_reason if win is not None else "length")])

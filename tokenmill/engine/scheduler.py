@@ -148,8 +148,17 @@ class Scheduler:
             return (seq.priority, 1, 0.0, seq.arrival_time, seq.seq_id)
         # Least laxity first: the latest time its prefill can start and still make the TTFT target.
         ttft = slo.ttft_s if slo.ttft_s is not None else 60.0
-        laxity = seq.arrival_time + ttft - self.prefill_seconds(seq.num_tokens - seq.num_computed_tokens)
+        left, done = self._prefill_left(seq)
+        laxity = seq.arrival_time + ttft - self.prefill_seconds(left, done)
         return (seq.priority, 0, laxity, seq.arrival_time, seq.seq_id)
+
+    def _prefill_left(self, seq: Sequence) -> tuple[int, int]:
+        """(tokens left to compute, tokens before them) of a sequence; for one not yet admitted, its
+        prefix the cache holds now counts as done (it may be evicted before: a slight optimism)."""
+        done = seq.num_computed_tokens
+        if not seq.block_table:
+            done = max(done, len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size)
+        return seq.num_tokens - done, done
 
     def prefill_seconds(self, tokens: int, context: int = 0) -> float:
         """Predicted time to prefill `tokens` alone, in steps of max_num_batched_tokens."""
@@ -460,12 +469,12 @@ class Scheduler:
         m = self.step_model
         ahead = [s for s in self.waiting if self.has_targets(s) and s.sched_key < key]
         ahead += [s for s in self.running if self.has_targets(s) and s.num_tokens - s.num_computed_tokens > 1]
-        tokens = seq.num_tokens
-        work = m.row_cost(*row_features(seq.num_tokens, 0, True))
+        tokens, done = self._prefill_left(seq)  # (a prompt's cached prefix is not computed again)
+        work = m.row_cost(*row_features(tokens, done, True))
         for s in ahead:
-            left = s.num_tokens - s.num_computed_tokens
+            left, done = self._prefill_left(s)
             tokens += left
-            work += m.row_cost(*row_features(left, s.num_computed_tokens, True))
+            work += m.row_cost(*row_features(left, done, True))
         # Each step also carries the running decodes (and its fixed cost); the prompts' own work once.
         decodes = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens <= 1)
         per_step = self.max_num_batched_tokens
