@@ -227,3 +227,54 @@ def test_bad_settings_fail_before_anything_is_sent():
             run(_args("http://127.0.0.1:9", *extra))
     with pytest.raises(ValueError, match="cannot list models"):
         run(_args("http://127.0.0.1:9", "--num-prompts", "1"))
+
+
+def test_chat_role_and_closing_chunks_are_not_token_steps():
+    """A chat stream's role-only first delta (sent with the first token) and a closing chunk with no
+    output (OpenAI's) are no token steps: no ~0 ms ITL, no extra token in the chunk count. An empty
+    delta that is neither (tokenmill's, for a step whose text is held back) still is one."""
+    import httpx
+
+    role = '{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}'
+    tok = '{"choices": [{"index": 0, "delta": {"content": "a"}}]}'
+    held = '{"choices": [{"index": 0, "delta": {}}]}'
+    close = '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse(role, tok, tok, held, tok, close, "[DONE]")))
+    assert r.ok and r.output_tokens == 4 and len(r.itls) == 3 and r.text == "aaa"
+    # An answer that ended at once (announcements only) is still an answer, of one step.
+    r = _mock_run(lambda req: httpx.Response(200, content=_sse(role, close, "[DONE]")))
+    assert r.ok and r.output_tokens == 1 and r.itls == [] and r.ttft > 0
+
+
+def test_sweep_salts_each_rate_and_writes_strict_json(monkeypatch, tmp_path, capsys):
+    """Every rate sends the same prompts under its own cache_salt (so a later rate finds no earlier
+    rate's prompts in the prefix cache); the table shows each rate's hit rate."""
+    import httpx
+
+    from tokenmill.bench import serve_load
+
+    bodies: list[dict] = []
+
+    def handler(req):
+        bodies.append(json.loads(req.content))
+        usage = {"prompt_tokens": 4, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 1}}
+        return httpx.Response(200, content=_sse('{"choices": [{"index": 0, "text": "a"}]}',
+                                                json.dumps({"choices": [], "usage": usage}), "[DONE]"))
+
+    real = serve_load.run_once
+    monkeypatch.setattr(serve_load, "run_once", lambda *a, **kw: real(
+        *a, **kw, progress=False, transport=httpx.MockTransport(handler)))
+    common = ["--model", "m", "--dataset", "random", "--num-prompts", "2", "--random-input-len", "4",
+              "--random-output-len", "1", "--sweep", "1000,inf"]
+    out = tmp_path / "sweep.json"
+    results = run(_args("http://x", *common, "--json", str(out)))
+    salts = [b["cache_salt"] for b in bodies]
+    assert len(salts) == 4 and salts[0] == salts[1] != salts[2] == salts[3]
+    assert [b["prompt"] for b in bodies[:2]] == [b["prompt"] for b in bodies[2:]]  # the same requests
+    assert [r["cache_salt"] for r in results] == [salts[0], salts[2]]
+    saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert saved[1]["offered_rate"] == "inf" and saved[0]["prefix_hit_rate"] == 0.25
+    assert capsys.readouterr().out.rstrip().endswith("25.0%")
+    bodies.clear()
+    run(_args("http://x", *common, "--no-cache-salt"))
+    assert len(bodies) == 4 and all("cache_salt" not in b for b in bodies)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
 import time
+from collections.abc import Iterator
 
 from tokenmill.engine_args import add_engine_arguments, engine_config_from_args
 
@@ -129,13 +132,37 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from tokenmill.bench import check_json_path
     from tokenmill.engine.gc_heap import freeze_startup_heap
 
+    check_json_path(getattr(args, "json", None))  # a path that cannot be written fails now, not after the run
     freeze_startup_heap()  # before any model: the benchmark's engines and baselines stay collectable
-    res = importlib.import_module(f"tokenmill.bench.{args.bench_module}").run(args)
+    with _sigterm_exits():
+        res = importlib.import_module(f"tokenmill.bench.{args.bench_module}").run(args)
     if args.bench_module == "spec_decode" and not res["identical_outputs"]:
         return 1  # speculative decoding changed the output: the benchmark's own check failed
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) while the block runs, so that `finally` blocks run: Python's
+    default action ends the process at once, leaving the `tokenmill serve` processes a benchmark
+    started running. A second SIGTERM during that cleanup is ignored (the cleanup's own waits are
+    bounded). Off the main thread (where signals cannot be handled) the block just runs."""
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # tokenmill bench NAME: (module in tokenmill/bench, help, description)
@@ -299,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:  # (a file a flag names: its path is in the message)
+    except OSError as e:  # a file a flag names (missing, a directory, not writable): its path is in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ import random
 
 import torch
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, int_list, write_json
 from tokenmill.bench.roofline import _best_seconds, read_bandwidth
 from tokenmill.bench.workload import SHAPES
 
@@ -96,6 +96,14 @@ def _seconds(step, device: torch.device, repeats: int, calls: int = 10) -> tuple
 def run(args: argparse.Namespace) -> dict:
     from tokenmill.attention import get_attention_backend
 
+    contexts = int_list(args.context_lens, "--context-lens")
+    batches = int_list(args.batch_sizes, "--batch-sizes")
+    if not contexts or not batches:
+        raise ValueError("--context-lens and --batch-sizes: give one or more values each")
+    check_at_least("--block-size", args.block_size)
+    check_at_least("--repeats", args.repeats)
+    if not args.rotate_mib >= 0:
+        raise ValueError(f"--rotate-mib must be >= 0, got {args.rotate_mib:g}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     _, shape = SHAPES[args.shape]
@@ -111,8 +119,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.shape}: {heads} heads, {kv_heads} KV heads, head size {head_dim}, {args.dtype}, block size "
           f"{args.block_size}, on {device}; read bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    for context in [int(x) for x in args.context_lens.split(",")]:
-        for batch in [int(x) for x in args.batch_sizes.split(",")]:
+    for context in contexts:
+        for batch in batches:
             kv_bytes = batch * context * kv_heads * head_dim * 2 * elem
             if kv_bytes > args.max_cache_gib * 2**30:
                 print(f"batch {batch}, context {context}: {kv_bytes / 2**30:.1f} GiB of KV > --max-cache-gib, skipped")

@@ -181,7 +181,11 @@ def read_words(path: str) -> list[str]:
 def file_requests(path: str, num: int | None = None) -> list[Request]:
     """JSONL, one request per line: {"prompt": "...", "output_len": 128} (prompt_len optional)."""
     reqs = []
-    with open(path) as f:
+    try:
+        f = open(path)  # noqa: SIM115 (closed below)
+    except OSError as e:  # a directory, a file that is not there or not readable
+        raise ValueError(f"--dataset-path: cannot read {path}: {e.strerror or e}") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -193,10 +197,11 @@ def file_requests(path: str, num: int | None = None) -> list[Request]:
                     raise TypeError("'prompt' must be a string or a list of token ids")
                 if out_len < 1:
                     raise ValueError("'output_len' must be >= 1")
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"--dataset-path: line {lineno} of {path} needs 'prompt' and 'output_len': {e}") \
-                    from None
-            plen = int(obj.get("prompt_len") or (len(prompt) if isinstance(prompt, list) else len(prompt.split())))
+                plen = int(obj.get("prompt_len") or (len(prompt) if isinstance(prompt, list)
+                                                     else len(prompt.split())))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"--dataset-path: line {lineno} of {path} needs 'prompt' and 'output_len' "
+                                 f"('prompt_len' optional, a number): {e}") from None
             if num is not None and len(reqs) >= num:
                 break
             reqs.append(Request(prompt, plen, out_len))

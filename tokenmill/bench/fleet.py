@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, write_json
 from tokenmill.bench.prefix_cache import _cache_counters, _prepare_model
 from tokenmill.stats import percentile_summary
 
@@ -86,7 +86,11 @@ class _Proc:
     def wait(self) -> _Proc:
         from tokenmill.server.serve import wait_healthy
 
-        wait_healthy(self.proc, self.url, 600, lambda: f": see {self.log_path}")
+        try:
+            wait_healthy(self.proc, self.url, 600, lambda: f": see {self.log_path}")
+        except BaseException:  # (SystemExit from a SIGTERM too: a caller's finally may not know of it yet)
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -97,7 +101,7 @@ class _Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        self._log.close()  # (a second stop() does nothing more)
 
 
 def _replica(model: str, args: argparse.Namespace, log: str, threads: int, kv_gib: float | None) -> _Proc:
@@ -243,10 +247,11 @@ def part_kv(args: argparse.Namespace, model: str, vocab: int, logs: str) -> dict
     kv_gib = tokens * per_token / 2**30
     out: dict[str, Any] = {"kv_cache_gib_per_replica": kv_gib, "kv_cache_tokens_per_replica": int(tokens)}
     for policy in ("round_robin", "kv_aware"):
-        reps = [_replica(model, args, f"{logs}/kv-{policy}-r{i}.log", args.replica_threads, kv_gib)
-                for i in range(2)]
+        reps: list[_Proc] = []
         router = None
         try:
+            for i in range(2):  # (in the try: a SIGTERM between the two starts stops the first)
+                reps.append(_replica(model, args, f"{logs}/kv-{policy}-r{i}.log", args.replica_threads, kv_gib))
             for r in reps:
                 r.wait()
             router = _router(reps, policy, f"{logs}/kv-{policy}-router.log", model).wait()
@@ -267,16 +272,23 @@ def part_kv(args: argparse.Namespace, model: str, vocab: int, logs: str) -> dict
                 if p is not None:
                     p.stop()
     rr, kv = out["round_robin"], out["kv_aware"]
-    out["ttft_p50_ratio_rr_over_kv"] = rr["ttft_ms"]["p50"] / kv["ttft_ms"]["p50"]
-    out["throughput_ratio_kv_over_rr"] = kv["request_throughput"] / rr["request_throughput"]
+    # (None where a policy completed nothing: percentile_summary gives {} for no values)
+    out["ttft_p50_ratio_rr_over_kv"] = _ratio(rr["ttft_ms"].get("p50"), kv["ttft_ms"].get("p50"))
+    out["throughput_ratio_kv_over_rr"] = _ratio(kv["request_throughput"], rr["request_throughput"])
     return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def part_failover(args: argparse.Namespace, model: str, vocab: int, logs: str) -> dict[str, Any]:
     reqs = _random_prompts(args.failover_requests, vocab, args.seed + 1, 128, args.failover_output_len)
-    reps = [_replica(model, args, f"{logs}/failover-r{i}.log", args.replica_threads, None) for i in range(2)]
+    reps: list[_Proc] = []
     router = None
     try:
+        for i in range(2):
+            reps.append(_replica(model, args, f"{logs}/failover-r{i}.log", args.replica_threads, None))
         for r in reps:
             r.wait()
         router = _router(reps, "kv_aware", f"{logs}/failover-router.log", model).wait()
@@ -343,16 +355,44 @@ def part_overhead(args: argparse.Namespace, model: str, vocab: int, logs: str) -
                 p.stop()
     d = statistics.median(s["output_throughput"] for s in runs["direct"])
     r = statistics.median(s["output_throughput"] for s in runs["router"])
+
+    def ttft_p50(v: list[dict[str, Any]]) -> float | None:  # (over the runs that completed something)
+        p50s = [s["ttft_ms"]["p50"] for s in v if "p50" in s["ttft_ms"]]
+        return statistics.median(p50s) if p50s else None
+
     return {"direct": runs["direct"], "router": runs["router"], "direct_tok_s": d, "router_tok_s": r,
-            "throughput_ratio_router_over_direct": r / d,
-            "ttft_p50_ms": {k: statistics.median(s["ttft_ms"]["p50"] for s in v) for k, v in runs.items()}}
+            "throughput_ratio_router_over_direct": _ratio(r, d),
+            "ttft_p50_ms": {k: ttft_p50(v) for k, v in runs.items()}}
+
+
+def check_args(args: argparse.Namespace, parts: list[str]) -> None:
+    """Fails on bad counts before any replica starts."""
+    counts = [("--replica-threads", args.replica_threads), ("--max-concurrency", args.max_concurrency)]
+    if "kv" in parts:
+        counts += [("--num-prefixes", args.num_prefixes), ("--prefix-len", args.prefix_len),
+                   ("--question-len", args.question_len), ("--num-prompts", args.num_prompts),
+                   ("--output-len", args.output_len)]
+        if not args.cache_prefixes > 0:
+            raise ValueError(f"--cache-prefixes must be > 0, got {args.cache_prefixes:g}")
+    if "failover" in parts:
+        counts += [("--failover-requests", args.failover_requests),
+                   ("--failover-output-len", args.failover_output_len)]
+        if not 0 < args.kill_at < 1:
+            raise ValueError(f"--kill-at must be in (0, 1), got {args.kill_at:g}")
+    if "overhead" in parts:
+        counts += [("--overhead-threads", args.overhead_threads), ("--overhead-requests", args.overhead_requests),
+                   ("--overhead-rounds", args.overhead_rounds)]
+    for flag, value in counts:
+        check_at_least(flag, value)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in ("kv", "failover", "overhead")]
-    if bad:
-        raise ValueError(f"--parts: unknown {', '.join(bad)} (kv, failover, overhead)")
+    if bad or not parts:
+        raise ValueError(f"--parts: unknown {', '.join(bad)} (kv, failover, overhead)" if bad else
+                         "--parts: one or more of kv, failover, overhead")
+    check_args(args, parts)
     model = _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-fleet-"), "model"))
     with open(os.path.join(model, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
@@ -376,15 +416,15 @@ def format_report(out: dict[str, Any]) -> str:
         kv = out["kv"]
         lines.append("shared-prefix workload on 2 replicas   round_robin   kv_aware")
         for label, key in (("TTFT p50 (ms)", ("ttft_ms", "p50")), ("TTFT p90 (ms)", ("ttft_ms", "p90"))):
-            rr, kva = kv["round_robin"][key[0]][key[1]], kv["kv_aware"][key[0]][key[1]]
-            lines.append(f"  {label:<36} {rr:>11.0f} {kva:>10.0f}")
+            rr, kva = (_num(kv[p][key[0]].get(key[1]), ".0f") for p in ("round_robin", "kv_aware"))
+            lines.append(f"  {label:<36} {rr:>11} {kva:>10}")
         for label, key in (("requests/s", "request_throughput"), ("output tokens/s", "output_throughput")):
             lines.append(f"  {label:<36} {kv['round_robin'][key]:>11.2f} {kv['kv_aware'][key]:>10.2f}")
         rr_h = ", ".join(f"{x:.0%}" if x is not None else "-" for x in kv["round_robin"]["replica_hit_rate"])
         kv_h = ", ".join(f"{x:.0%}" if x is not None else "-" for x in kv["kv_aware"]["replica_hit_rate"])
         lines.append(f"  {'prefix-cache hit rate per replica':<36} {rr_h:>11} {kv_h:>10}")
-        lines.append(f"  TTFT p50 round_robin / kv_aware: {kv['ttft_p50_ratio_rr_over_kv']:.2f}x; "
-                     f"throughput kv_aware / round_robin: {kv['throughput_ratio_kv_over_rr']:.2f}x")
+        lines.append(f"  TTFT p50 round_robin / kv_aware: {_num(kv['ttft_p50_ratio_rr_over_kv'], '.2f', 'x')}; "
+                     f"throughput kv_aware / round_robin: {_num(kv['throughput_ratio_kv_over_rr'], '.2f', 'x')}")
     if "failover" in out:
         f = out["failover"]
         lines.append(f"failover: {f['with_kill']['failed']} failed of {f['requests']}; {f['identical_outputs']} "
@@ -397,5 +437,9 @@ def format_report(out: dict[str, Any]) -> str:
     if "overhead" in out:
         o = out["overhead"]
         lines.append(f"overhead: direct {o['direct_tok_s']:.1f} tok/s, through the router {o['router_tok_s']:.1f} "
-                     f"tok/s ({o['throughput_ratio_router_over_direct']:.3f}x)")
+                     f"tok/s ({_num(o['throughput_ratio_router_over_direct'], '.3f', 'x')})")
     return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}{unit}"

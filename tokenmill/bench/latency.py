@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import time
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, torch_dtype, write_json
 from tokenmill.bench.roofline import copy_bandwidth, read_bandwidth
 
 
@@ -132,6 +132,12 @@ def _llama_bench(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_at_least("--prompt-len", args.prompt_len)
+    check_at_least("--decode-tokens", args.decode_tokens, 2)  # (the first token comes with the prefill)
+    check_at_least("--repeats", args.repeats)
+    if args.threads is not None:
+        check_at_least("--threads", args.threads)
+    torch_dtype(args.dtype)
     if bool(args.llama_bench) != bool(args.gguf):
         raise ValueError("--llama-bench and --gguf go together")
     if args.llama_bench and args.device != "cpu":
@@ -159,7 +165,13 @@ def run(args: argparse.Namespace) -> dict:
         res["llama_cpp"] = lc
         print(f"llama.cpp {lc.get('type')}: prefill {lc['prefill_s']:.3f} s ({lc['prefill_tok_s']:.0f} tok/s); "
               f"decode {lc['decode_tok_s']:.1f} tok/s")
-        print(f"ratio tokenmill/llama.cpp: decode {ours['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
-              f"prefill {ours['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
+        # llama-bench's avg_ts is tokens / the whole decode's time (averaged over its repetitions):
+        # a mean step, so the ratio's basis is tokenmill's mean step, not its median.
+        res["ratio"] = {"decode": ours["decode_mean_tok_s"] / lc["decode_tok_s"],
+                        "decode_median_step": ours["decode_tok_s"] / lc["decode_tok_s"],
+                        "prefill": ours["prefill_tok_s"] / lc["prefill_tok_s"]}
+        print(f"ratio tokenmill/llama.cpp: decode {res['ratio']['decode']:.2f}x (tokenmill's mean step, "
+              f"{ours['decode_mean_tok_s']:.1f} tok/s, as llama-bench averages; at its median step "
+              f"{res['ratio']['decode_median_step']:.2f}x), prefill {res['ratio']['prefill']:.2f}x")
     write_json(args.json, res)
     return res

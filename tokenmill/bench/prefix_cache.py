@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, write_json
 from tokenmill.bench.datasets import WORDS
 from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
@@ -62,6 +62,15 @@ def run(args: argparse.Namespace) -> dict:
 
     if not 0 <= args.output_range_ratio < 1:  # fail before any server starts
         raise ValueError(f"--output-range-ratio must be in [0, 1), got {args.output_range_ratio}")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--num-prompts", args.num_prompts),
+                        ("--num-prefixes", args.num_prefixes), ("--prefix-len", args.prefix_len),
+                        ("--question-len", args.question_len), ("--output-len", args.output_len)):
+        check_at_least(flag, value)
+    if args.num_conversations > 0:
+        check_at_least("--num-turns", args.num_turns)
+        check_at_least("--turn-len", args.turn_len)
+    if not args.kv_cache_memory > 0:
+        raise ValueError(f"--kv-cache-memory must be > 0, got {args.kv_cache_memory:g}")
     workdir = tempfile.mkdtemp(prefix="tokenmill-prefix-cache-")
     model_dir = _prepare_model(args.model or os.path.join(workdir, "model"))
     workloads = {"shared_prefix": _workload_args(args, "shared-prefix", _vocab_size(model_dir))}

@@ -1,7 +1,7 @@
 """`tokenmill bench serve`: a load generator for any OpenAI-compatible server.
 
 Requests are sent on a seeded arrival schedule (Poisson, or gamma with --burstiness) and
-streamed; per request the client records TTFT (send to the first chunk carrying a choice),
+streamed; per request the client records TTFT (send to the first chunk carrying a token),
 inter-token latencies (gaps between those chunks), E2E latency, and token counts from the
 server's `usage`; TPOT = (E2E - TTFT) / (output tokens - 1). Failed requests are counted
 and their errors shown, never dropped. The flag names follow vLLM's benchmark_serving.
@@ -11,6 +11,8 @@ vLLM send it) into a hit rate. --dataset multi-turn runs conversations whose tur
 after another, each resending the history with the server's real answers; after the timed run
 it tokenizes the prompts through the server's /tokenize to count how many prompt tokens a
 perfect cache could have served (possible reuse), the yardstick for the measured hit rate.
+--sweep sends the same requests at every rate, each rate under its own `cache_salt` (tokenmill
+and vLLM take the field), so that no rate finds an earlier rate's prompts in the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -80,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--sweep", help="comma-separated request rates (e.g. 1,2,4,inf): one run per rate")
     p.add_argument("--plot-dir", help="with --sweep: write PNG plots here")
+    p.add_argument("--no-cache-salt", dest="cache_salt", action="store_false",
+                   help="with --sweep: send no per-rate cache_salt (for servers that refuse the field); every rate "
+                        "sends the same prompts, so later rates then find earlier rates' prompts in the prefix cache")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
@@ -214,6 +220,7 @@ def _error_message(obj) -> str:
 
 async def _stream(http, url: str, body: dict, res: RequestResult, start: float) -> None:
     last = None
+    first_choice = None  # when the first chunk with a choice came, token or not
     chunks = 0
     done = False
     pieces: list[str] = []
@@ -248,15 +255,18 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
                 if isinstance(details, dict) and details.get("cached_tokens") is not None:
                     res.cached_tokens = int(details["cached_tokens"])
             # Every chunk carrying a choice marks a token step (as vLLM's client counts them);
-            # usage-only chunks do not.
+            # usage-only chunks do not, nor announcements (see _is_token_step).
             if chunk.get("choices"):
                 now = time.perf_counter()
-                if last is None:
-                    res.ttft = now - start
-                else:
-                    res.itls.append(now - last)
-                last = now
-                chunks += 1
+                if first_choice is None:
+                    first_choice = now
+                if _is_token_step(chunk["choices"]):
+                    if last is None:
+                        res.ttft = now - start
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+                    chunks += 1
                 for c in chunk["choices"]:
                     if isinstance(c, dict) and c.get("index", 0) == 0:
                         piece = c["delta"].get("content") if isinstance(c.get("delta"), dict) else c.get("text")
@@ -267,7 +277,9 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
     if not done:
         res.error = "stream ended without [DONE]"
         return
-    if last is None:
+    if last is None and first_choice is not None:  # announcements only (an answer that ended at once):
+        res.ttft, chunks = first_choice - start, 1  # the step the server ran
+    if last is None and first_choice is None:
         res.error = "no output"
         return
     if res.output_tokens == 0:  # a server that sends no usage: one token per chunk, the best estimate
@@ -276,6 +288,29 @@ async def _stream(http, url: str, body: dict, res: RequestResult, start: float) 
     # Ids that do not account for every output token were not really sent (no logprobs, say).
     res.token_ids = ids if ids is not None and len(ids) == res.output_tokens else None
     res.ok = True
+
+
+_OUTPUT_FIELDS = ("text", "content", "reasoning_content", "reasoning", "tool_calls", "token_ids")
+
+
+def _is_token_step(choices) -> bool:
+    """Whether a chunk's choices mark a token step: not when every choice only announces (a chat
+    stream's first delta {"role": "assistant", "content": ""}, sent before or with the first token)
+    or only closes (no output, a finish_reason: OpenAI's last chunk). A chunk with no output and
+    neither (tokenmill's empty delta for a step whose text is held back) is still a step."""
+    if not isinstance(choices, list):
+        return True
+    for c in choices:
+        if not isinstance(c, dict):
+            return True
+        delta = c.get("delta")
+        fields = delta if isinstance(delta, dict) else c
+        if any(fields.get(k) for k in _OUTPUT_FIELDS) or c.get("token_ids"):
+            return True
+        announces = isinstance(delta, dict) and "role" in delta
+        if not announces and c.get("finish_reason") is None:
+            return True
+    return False
 
 
 def _logprob_token_ids(lp, ids: list[int]) -> list[int] | None:
@@ -398,8 +433,11 @@ async def possible_reuse(http, base: str, model: str, endpoint: str, conversatio
 
 
 async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversation], rate: float,
-                   model: str | None = None, progress: bool = True, transport=None) -> dict:
-    """One run at one rate; transport (an httpx transport) replaces the network in tests."""
+                   model: str | None = None, progress: bool = True, transport=None,
+                   cache_salt: str | None = None) -> dict:
+    """One run at one rate; transport (an httpx transport) replaces the network in tests. cache_salt:
+    sent with every request (the field tokenmill and vLLM take), so that only requests with the
+    same salt share prefix-cache blocks."""
     import httpx
     from tqdm import tqdm
 
@@ -426,6 +464,8 @@ async def run_once(args: argparse.Namespace, reqs: list[Request] | list[Conversa
                 body["return_tokens_as_token_ids"] = True
             if args.ignore_eos:
                 body["ignore_eos"] = True
+            if cache_salt is not None:
+                body["cache_salt"] = cache_salt
             if sem is None:
                 res = await _one(http, url, body, args.timeout)
             else:
@@ -554,6 +594,8 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
         raise ValueError("--max-concurrency must be >= 1")
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
+    if args.random_input_len < 1 or args.random_output_len < 1:
+        raise ValueError("--random-input-len and --random-output-len must be >= 1")
     if args.output_range_ratio is not None and not 0 <= args.output_range_ratio < 1:
         raise ValueError(f"--output-range-ratio must be in [0, 1), got {args.output_range_ratio}")
     parse_slo(args.slo)  # fail on bad settings before sending anything
@@ -565,29 +607,41 @@ def run(args: argparse.Namespace) -> dict | list[dict]:
         rates = [_rate(str(args.request_rate))]
     reqs = build_requests(args)
     if args.sweep:
+        # Every rate sends the same prompts (the rates stay comparable), each under its own cache
+        # salt: a later rate would otherwise find an earlier one's prompts in the prefix cache.
+        # (Fresh per invocation, so that a second sweep against the same server starts cold too.)
+        run_id = uuid.uuid4().hex[:12]
         results = []
-        for rate in rates:
-            s = asyncio.run(run_once(args, reqs, rate))
+        for i, rate in enumerate(rates):
+            salt = f"tokenmill-bench-sweep-{run_id}-{i}" if args.cache_salt else None
+            s = asyncio.run(run_once(args, reqs, rate, cache_salt=salt))
             s["offered_rate"] = rate
+            s["cache_salt"] = salt
             print(format_report(s), flush=True)
             results.append(s)
-            write_json(args.json, [_jsonable(x) for x in results])  # a failure later keeps these
-        print(f"\n{'rate':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-              f"{'TPOT p99':>9} {'E2E p50':>9} {'goodput':>8} {'failed':>6}")
-        for s in results:
-            print(f"{s['offered_rate']:>6g} {s['request_throughput']:>8.3f} {s['output_throughput']:>10.1f} "
-                  f"{s['ttft_ms']['median']:>9.0f} {s['ttft_ms']['p99']:>9.0f} {s['tpot_ms']['median']:>9.0f} "
-                  f"{s['tpot_ms']['p99']:>9.0f} {s['e2el_ms']['median']:>9.0f} "
-                  f"{s['goodput']['request_rate']:>8.3f} {s['failed']:>6}")
+            write_json(args.json, results)  # a failure later keeps these
+        print(format_sweep(results))
         if args.plot_dir:
             for path in plot_sweep(results, args.plot_dir):
                 print(f"wrote {path}")
-        write_json(args.json, [_jsonable(s) for s in results])
+        write_json(args.json, results)
         return results
     s = asyncio.run(run_once(args, reqs, rates[0]))
     print(format_report(s))
-    write_json(args.json, _jsonable(s))
+    write_json(args.json, s)
     return s
+
+
+def format_sweep(results: list[dict]) -> str:
+    """The sweep's one-line-per-rate table (hit: the prefix-cache hit rate the server reported)."""
+    lines = [f"\n{'rate':>6} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+             f"{'TPOT p99':>9} {'E2E p50':>9} {'goodput':>8} {'failed':>6} {'hit':>6}"]
+    for s in results:
+        lines.append(f"{s['offered_rate']:>6g} {s['request_throughput']:>8.3f} {s['output_throughput']:>10.1f} "
+                     f"{s['ttft_ms']['median']:>9.0f} {s['ttft_ms']['p99']:>9.0f} {s['tpot_ms']['median']:>9.0f} "
+                     f"{s['tpot_ms']['p99']:>9.0f} {s['e2el_ms']['median']:>9.0f} "
+                     f"{s['goodput']['request_rate']:>8.3f} {s['failed']:>6} {_pct(s['prefix_hit_rate']):>6}")
+    return "\n".join(lines)
 
 
 def _rate(text: str) -> float:
@@ -598,9 +652,3 @@ def _rate(text: str) -> float:
     if not rate > 0:
         raise ValueError(f"request rate must be > 0 (or inf), got {text}")
     return rate
-
-
-def _jsonable(s: dict) -> dict:
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in s.items()}
-
-

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, torch_dtype, write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
 
@@ -38,6 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_at_least("--num-prompts", args.num_prompts)
+    check_at_least("--concurrency", args.concurrency)
+    check_at_least("--max-num-batched-tokens", args.max_num_batched_tokens)
+    for flag, (lo, hi) in (("--input-len", args.input_len), ("--output-len", args.output_len)):
+        check_at_least(f"{flag} MIN", lo)
+        if hi < lo:
+            raise ValueError(f"{flag}: MAX ({hi}) is below MIN ({lo})")
+    if not args.kv_cache_memory > 0:
+        raise ValueError(f"--kv-cache-memory must be > 0, got {args.kv_cache_memory:g}")
+    torch_dtype(args.dtype)
     model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"))
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -99,7 +109,11 @@ def _run_server(model_dir: str, reqs: list[Request], args: argparse.Namespace) -
         return asyncio.run(_drive(base, reqs, args.concurrency))
     finally:
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def _drive(base: str, reqs: list[Request], concurrency: int) -> dict:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, write_json
 from tokenmill.stats import percentile_summary
 
 
@@ -96,9 +96,44 @@ class _Res:
         return (self.token_times[-1] - self.token_times[0]) / (num_tokens - 1)
 
 
-def _lens(spec: str) -> tuple[int, int]:
-    a, b = (int(x) for x in spec.split(","))
+def _lens(spec: str, flag: str = "--interactive-len") -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{flag}: expected PROMPT,OUTPUT (two integers), got {spec!r}") from None
+    if a < 1 or b < 1:
+        raise ValueError(f"{flag}: PROMPT and OUTPUT must be >= 1, got {spec!r}")
     return a, b
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _ms(summary: dict[str, float], key: str) -> str:
+    return f"{summary[key]:.0f}" if key in summary else "n/a"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fails on bad settings before any model or server starts."""
+    for flag, value in (("--duration", args.duration), ("--load", args.load), ("--target-factor", args.target_factor)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value:g}")
+    if not 0 <= args.interactive_share <= 1:
+        raise ValueError(f"--interactive-share must be in [0, 1], got {args.interactive_share:g}")
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens",
+                                                                args.max_num_batched_tokens),
+                        ("--baseline-requests", args.baseline_requests),
+                        ("--capacity-requests", args.capacity_requests)):
+        check_at_least(flag, value)
+    if args.threads is not None:
+        check_at_least("--threads", args.threads)
+    _lens(args.interactive_len, "--interactive-len")
+    _lens(args.batch_len, "--batch-len")
+    policies = _policies(args)
+    bad = [p for p in policies if p not in ("fcfs", "priority", "slo")]
+    if not policies or bad:
+        raise ValueError(f"--policies: one or more of fcfs, priority, slo, got {args.policies!r}")
 
 
 def _make(kind: str, lens: tuple[int, int], vocab: int, rng: random.Random) -> _Req:
@@ -257,9 +292,13 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     from tokenmill.bench.slo_sim import Workload, format_simulation, simulate
 
     if args.step_model:
-        coef = tuple(float(x) for x in args.step_model.split(","))
-        if len(coef) != 4:
-            raise ValueError(f"--step-model: expected 4 comma-separated numbers, got {args.step_model!r}")
+        try:
+            coef = tuple(float(x) for x in args.step_model.split(","))
+        except ValueError:
+            coef = ()
+        if len(coef) != 4 or not all(c >= 0 for c in coef) or not coef[0] + coef[1] > 0:
+            raise ValueError(f"--step-model: expected 4 comma-separated numbers >= 0 (STEP or TOKEN > 0), got "
+                             f"{args.step_model!r}")
     else:
         import torch
 
@@ -274,7 +313,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         c = engine.step_model.coef
         coef = (float(c[0]) + engine.step_model.overhead_s, float(c[1]), float(c[2]), float(c[3]))
         del engine
-    wl = Workload(_lens(args.interactive_len), _lens(args.batch_len), args.interactive_share)
+    wl = Workload(_lens(args.interactive_len), _lens(args.batch_len, "--batch-len"), args.interactive_share)
     out = simulate(coef, wl, load=args.load, target_factor=args.target_factor, duration=args.duration,  # type: ignore[arg-type]
                    max_num_seqs=args.max_num_seqs, mnbt=args.max_num_batched_tokens,
                    capacity_requests=args.capacity_requests,
@@ -286,6 +325,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)
     if args.simulate:
         return _simulate(args)
     from tokenmill.bench.fleet import _Proc
@@ -298,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(logs, exist_ok=True)
     print(f"model {model}, logs in {logs}", flush=True)
     rng = random.Random(args.seed)
-    ilen, blen = _lens(args.interactive_len), _lens(args.batch_len)
+    ilen, blen = _lens(args.interactive_len), _lens(args.batch_len, "--batch-len")
 
     def serve(policy: str, tag: str) -> _Proc:
         cmd = ["serve", "--model", model, "--served-model-name", "m", "--scheduling-policy", policy,
@@ -350,7 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
         s = out[policy]
-        print(f"{policy}: interactive attainment {s['interactive_attainment']:.1%} "
+        print(f"{policy}: interactive attainment {_pct(s['interactive_attainment'])} "
               f"({s['interactive_met']}/{s['interactive_requests']}), batch {s['batch_output_tokens_per_s']:.1f} "
               f"tokens/s", flush=True)
         write_json(args.json, out)
@@ -373,11 +413,11 @@ def format_report(out: dict[str, Any]) -> str:
     def row(label: str, fn) -> None:
         lines.append(f"  {label:<34}" + "".join(f"{fn(out[p]):>12}" for p in pols))
 
-    row("interactive attainment", lambda s: f"{s['interactive_attainment']:.1%}")
-    row("interactive TTFT p50 / p99 (ms)", lambda s: f"{s['interactive_ttft_ms'].get('p50', 0):.0f}/"
-        f"{s['interactive_ttft_ms'].get('p99', 0):.0f}")
-    row("interactive TPOT p50 / p99 (ms)", lambda s: f"{s['interactive_tpot_ms'].get('p50', 0):.0f}/"
-        f"{s['interactive_tpot_ms'].get('p99', 0):.0f}")
+    row("interactive attainment", lambda s: _pct(s["interactive_attainment"]))
+    row("interactive TTFT p50 / p99 (ms)", lambda s: f"{_ms(s['interactive_ttft_ms'], 'p50')}/"
+        f"{_ms(s['interactive_ttft_ms'], 'p99')}")
+    row("interactive TPOT p50 / p99 (ms)", lambda s: f"{_ms(s['interactive_tpot_ms'], 'p50')}/"
+        f"{_ms(s['interactive_tpot_ms'], 'p99')}")
     row("batch output tokens/s", lambda s: f"{s['batch_output_tokens_per_s']:.1f}")
     row("batch requests finished", lambda s: f"{s['batch_requests_finished']}/{s['batch_requests_sent']}")
     if "batch_throughput_loss" in out:

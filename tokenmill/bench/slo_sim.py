@@ -109,6 +109,9 @@ def simulate(coef: tuple[float, float, float, float], workload: Workload, *, loa
              capacity_requests: int = 48, policies: tuple[str, ...] = ("fcfs", "slo"), seed: int = 0) -> dict[str, Any]:
     """`bench slo`'s three phases on the simulated clock: the unloaded baseline, the capacity burst,
     then the same Poisson overload per policy. Figures as bench slo reports them."""
+    if capacity_requests < 1 or not duration > 0 or not load > 0:
+        raise ValueError(f"capacity_requests must be >= 1 and duration and load > 0, got {capacity_requests}, "
+                         f"{duration:g} and {load:g}")
     rng = random.Random(seed)
     kw = {"max_num_seqs": max_num_seqs, "mnbt": mnbt}
     # Baseline: one interactive request alone, at the nominal lengths.
@@ -160,7 +163,10 @@ def format_simulation(out: dict[str, Any]) -> str:
              f"capacity {out['capacity']['requests_per_s']:.2f} requests/s, offered "
              f"{out['offered_requests_per_s']:.2f} requests/s ({out['requests']} requests)",
              f"  {'':<28}" + "".join(f"{p:>12}" for p in pols)]
-    for label, fn in (("interactive attainment", lambda s: f"{s['interactive_attainment']:.1%}"),
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    for label, fn in (("interactive attainment", lambda s: pct(s["interactive_attainment"])),
                       ("batch output tokens/s", lambda s: f"{s['batch_output_tokens_per_s']:.1f}"),
                       ("steps (mean ms)", lambda s: f"{s['steps']} ({s['mean_step_ms']:.0f})")):
         lines.append(f"  {label:<28}" + "".join(f"{fn(out[p]):>12}" for p in pols))

@@ -26,7 +26,7 @@ import random
 import statistics
 import time
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, torch_dtype, write_json
 from tokenmill.bench.workload import SHAPES
 
 
@@ -53,11 +53,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the figures to this file")
 
 
+def _prompt_lines(path: str) -> list[str]:
+    """--prompt-file's non-empty lines; ValueError when it cannot be read or has none."""
+    try:
+        with open(path) as f:
+            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    except OSError as e:
+        raise ValueError(f"--prompt-file: cannot read {path}: {e.strerror or e}") from None
+    if not lines:
+        raise ValueError(f"--prompt-file: no prompts in {path}")
+    return lines
+
+
 def _prompts(args, llm) -> list:
     rng = random.Random(args.seed)
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        lines = _prompt_lines(args.prompt_file)
         return [{"prompt_token_ids": json.loads(ln)} if ln.lstrip().startswith("[") else ln
                 for ln in lines][: args.num_prompts]
     if args.workload == "random":
@@ -117,6 +128,14 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill.config import SpeculativeConfig
     from tokenmill.llm import default_model_path
 
+    check_at_least("--num-prompts", args.num_prompts)
+    check_at_least("--max-tokens", args.max_tokens, 2)  # (decode is timed after the first token)
+    check_at_least("--prompt-len", args.prompt_len)
+    if args.threads is not None:
+        check_at_least("--threads", args.threads)
+    if args.prompt_file:
+        _prompt_lines(args.prompt_file)  # (before the two engines load)
+    torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = SpeculativeConfig.parse(args.speculative_config)
@@ -145,13 +164,16 @@ def run(args: argparse.Namespace) -> dict:
     drafted, accepted, steps = st.num_draft_tokens - d0, st.num_accepted_tokens - a0, st.num_drafts - n0
     out_b = [o for r in rb for o in r[0]]
     out_f = [o for r in rf for o in r[0]]
+    if not sum(r[2] for r in rb) or not sum(r[2] for r in rf):  # (every answer ended at its first token)
+        raise RuntimeError("no tokens decoded after the first: every answer ended at once, nothing to time "
+                           "(a --workload or --prompt-file whose answers are longer, or --workload random)")
     tb = sum(r[2] for r in rb) / sum(r[1] for r in rb)
     tf = sum(r[2] for r in rf) / sum(r[1] for r in rf)
-    per_prompt = [(f[2] / f[1]) / (b[2] / b[1]) for b, f in zip(rb, rf)]
+    per_prompt = [(f[2] / f[1]) / (b[2] / b[1]) for b, f in zip(rb, rf) if b[2] and f[2] and b[1] and f[1]]
     res = {
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "baseline_decode_tok_s": tb, "spec_decode_tok_s": tf, "speedup": tf / tb,
-        "speedup_median_prompt": statistics.median(per_prompt),
+        "speedup_median_prompt": statistics.median(per_prompt) if per_prompt else None,
         "identical_outputs": out_b == out_f,
         "draft_tokens": drafted, "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -161,8 +183,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"model {model} ({args.dtype}{' + ' + args.quantization if args.quantization else ''}), "
           f"workload {'file' if args.prompt_file else args.workload}, {len(prompts)} prompts, "
           f"{res['output_tokens']} output tokens; speculative_config {args.speculative_config}")
+    median = res["speedup_median_prompt"]
     print(f"batch-1 decode: baseline {tb:.1f} tok/s, speculative {tf:.1f} tok/s -> {tf / tb:.2f}x "
-          f"(median over prompts {res['speedup_median_prompt']:.2f}x)")
+          f"(median over prompts {'n/a' if median is None else f'{median:.2f}x'})")
     print(f"drafts: {drafted} tokens, {accepted} accepted ({res['acceptance_rate']:.0%}), "
           f"{res['tokens_per_verify_step']:.2f} tokens per verification step; "
           f"identical outputs: {res['identical_outputs']}")

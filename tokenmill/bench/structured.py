@@ -23,7 +23,7 @@ import sysconfig
 import tempfile
 import time
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, write_json
 
 SCHEMA = {
     "type": "array", "minItems": 500,
@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill.engine import model_runner
     from tokenmill.sample import sampler
 
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--rounds", args.rounds)):
+        check_at_least(flag, value)
+    if args.threads is not None:
+        check_at_least("--threads", args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model

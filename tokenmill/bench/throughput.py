@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from tokenmill.bench import write_json
+from tokenmill.bench import check_at_least, int_list, torch_dtype, write_json
 from tokenmill.bench.datasets import Request, token_id_requests
 from tokenmill.bench.latency import weight_bytes_per_step
 from tokenmill.bench.roofline import copy_bandwidth, matmul_flops, sync_device
@@ -68,9 +68,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the figures to this file")
 
 
+def check_args(args: argparse.Namespace) -> list[int]:
+    """Fails on bad settings before anything loads; returns the transformers batch sizes."""
+    check_at_least("--num-prompts", args.num_prompts)
+    for flag, (lo, hi) in (("--input-len", args.input_len), ("--output-len", args.output_len)):
+        check_at_least(f"{flag} MIN", lo)
+        if hi < lo:
+            raise ValueError(f"{flag}: MAX ({hi}) is below MIN ({lo})")
+    check_at_least("--decode-tokens", args.decode_tokens, 2)  # (a decode step needs a token after the first)
+    check_at_least("--max-num-seqs", args.max_num_seqs)
+    check_at_least("--max-num-batched-tokens", args.max_num_batched_tokens)
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be > 0, got {args.peak_tflops:g}")
+    torch_dtype(args.dtype)
+    return int_list(args.hf_batch_sizes, "--hf-batch-sizes")
+
+
 def run(args: argparse.Namespace) -> dict:
     from tokenmill import LLM, SamplingParams
 
+    sizes = check_args(args)
     # A folder without config.json gets a random SmolLM-135M-shaped model written into it.
     model_dir = make_random_model(args.model or tempfile.mkdtemp(prefix="tokenmill-bench-"), shape_name=args.shape,
                                   weights=args.load_format != "dummy")
@@ -118,7 +135,6 @@ def run(args: argparse.Namespace) -> dict:
     results["tokenmill_batch1_decode_tok_s"] = tm_decode
     print(f"tokenmill batch-1 decode: {tm_decode:.1f} tok/s "
           f"(bandwidth achieved {weight_bytes * tm_decode / 1e9:.2f} GB/s)")
-    sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
     hf_reqs = reqs if args.hf_max_requests <= 0 else _spread(reqs, max(args.hf_max_requests, *sizes, 1))
     tm_equal = tm
     if sizes and len(hf_reqs) < len(reqs):  # the ratio on the requests transformers runs
