@@ -279,6 +279,65 @@ def test_dashboard_draws_the_other_parts_series(server, browser, model_name):
     assert float(rows["umbrella"][4]) > 0 and float(rows["initech"][7]) > 0
 
 
+def test_dashboard_behind_a_router(browser):
+    """A router's /dashboard/data (every replica's samples, with a `replica` label): the page sums the
+    replicas (a mean for KV usage, a fraction), follows each one's counters apart (one restarting
+    makes no spike), and a cascade's escalations are not the tenant's requests. The page is served
+    from the package through the browser's route: no server."""
+    static = os.path.join(ROOT, "tokenmill", "server", "static")
+    types = {"tokenmill:generation_tokens_total": "counter", "tokenmill:request_success_total": "counter",
+             "tokenmill:kv_cache_usage_perc": "gauge", "tokenmill:num_requests_running": "gauge"}
+    polls = []
+
+    def data(k: int) -> dict:
+        series: dict[str, list] = {name: [] for name in types}
+        for rep, kv in (("http://a", 0.2), ("http://b", 0.6)):
+            model = {"model_name": "m", "replica": rep}
+            labels = {**model, "tenant": "acme"}
+            restarted = rep == "http://b" and k >= 6  # b restarts at the 6th poll: its counters from 0
+            series["tokenmill:generation_tokens_total"].append({"labels": labels,
+                                                                "value": 20.0 * (k - 6 if restarted else k)})
+            for reason, per_s in (("stop", 1.0), ("escalated", 5.0)):
+                series["tokenmill:request_success_total"].append(
+                    {"labels": {**labels, "finished_reason": reason}, "value": per_s * (k - 6 if restarted else k)})
+            series["tokenmill:kv_cache_usage_perc"].append({"labels": model, "value": kv})
+            series["tokenmill:num_requests_running"].append({"labels": model, "value": 2.0})
+        return {"time": 1000.0 + k, "series": series, "types": types}
+
+    def serve(route):
+        path = route.request.url.split("dash.test", 1)[1].split("#")[0]
+        if path == "/dashboard":
+            with open(os.path.join(static, "dashboard.html"), encoding="utf-8") as f:
+                return route.fulfill(status=200, body=f.read(), content_type="text/html")
+        if path == "/dashboard/data":
+            polls.append(1)
+            return route.fulfill(status=200, json=data(len(polls)))
+        name = path.removeprefix("/dashboard/static/")
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        with open(os.path.join(static, name), "rb") as f:
+            return route.fulfill(status=200, body=f.read(), content_type=kind)
+
+    console: list[str] = []
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+    page.route("http://dash.test/**", serve)
+    page.goto("http://dash.test/dashboard#interval=0.5")
+    page.wait_for_function("window.tokenmillDashboard && window.tokenmillDashboard.polls >= 14", timeout=30_000)
+    charts = page.evaluate(CHARTS_JS)
+    tenants = page.locator("#tenants-table tbody tr").all_inner_texts()
+    models = page.locator("#models-table tbody tr").all_inner_texts()
+    page.close()
+    assert not console, console
+    tokens = dict(zip(charts["tokens"]["labels"], charts["tokens"]["ys"]))
+    generated = [v for v in tokens["generated · m"] if v is not None]
+    assert generated[-1] == pytest.approx(40.0) and max(generated) <= 40.0 + 1e-9, generated  # no spike
+    kv = dict(zip(charts["cache"]["labels"], charts["cache"]["ys"]))["KV usage · m"]
+    assert [v for v in kv if v is not None][-1] == pytest.approx(40.0)  # the mean of 20 % and 60 %
+    rows = {r.split("\t")[0]: r.split("\t") for r in tenants}
+    assert rows["acme"][1] == "2.00", rows  # requests/s: 1 per replica, the escalations left out
+    assert models and models[0].split("\t")[2] == "4.00", models  # running: both replicas'
+
+
 def test_dashboard_asks_for_the_key(server, browser):
     page = browser.new_page()
     page.goto(f"{server.base_url}/dashboard")

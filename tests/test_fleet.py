@@ -206,6 +206,23 @@ def test_router_lists_models_and_relays_errors(fleet, model_name):
     assert httpx.get(router.base_url + "/health", timeout=10).json()["replicas_up"] == 2
 
 
+def test_router_dashboard_shows_every_replica(fleet, model_name):
+    """/dashboard/data through the router: both replicas' series, each labelled with its replica, and
+    a poll of the router's dashboard is not a routed request (decisions and latencies leave it out)."""
+    router = fleet["router"]
+    client_for(router.base_url).completions.create(model=model_name, prompt="hello", max_tokens=2)
+    assert httpx.get(router.base_url + "/dashboard", timeout=10).status_code == 200
+    before = router_metrics(router.base_url)
+    data = httpx.get(router.base_url + "/dashboard/data", timeout=10).json()
+    after = router_metrics(router.base_url)
+    replicas = {s["labels"]["replica"] for s in data["series"]["tokenmill:num_requests_running"]}
+    assert replicas == {r.base_url for r in fleet["replicas"]}
+    assert sum(s["value"] for s in data["series"]["tokenmill:request_success_total"]) >= 1
+    for k in after:
+        if "routing_decisions" in k or "e2e_request_latency_seconds_count" in k:
+            assert after[k] == before.get(k), k
+
+
 def test_router_answers_a_wrong_method_itself_and_works_behind_a_root_path(fleet, model_name, tmp_path):
     router = fleet["router"]
 

@@ -68,3 +68,16 @@ def test_cached_tokens_never_exceed_the_prompt_after_a_resume(engine):
         out = next((o for o in engine.step() if o.request_id == rid), out)
     assert out.outputs[0].token_ids == full
     assert out.num_cached_tokens <= len(PROMPT["prompt_token_ids"])  # usage's cached_tokens: prompt tokens only
+
+
+def test_a_resumed_request_counts_only_the_tokens_generated_here(engine):
+    """The handed-over tokens are outputs (usage counts them) but not this engine's generated tokens:
+    num_generated_tokens, and with it TPOT and the server's generation_tokens_total, leave them out."""
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = run(engine, PROMPT, p)
+    rid = engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p)
+    out = None
+    while out is None or not out.finished:
+        out = next((o for o in engine.step() if o.request_id == rid), out)
+    assert len(out.outputs[0].token_ids) == 40
+    assert (out.metrics.num_resumed_tokens, out.metrics.num_generated_tokens) == (30, 10)

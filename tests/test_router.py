@@ -424,3 +424,169 @@ def test_local_replicas_go_when_their_router_is_killed():
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the replica outlived its router")
+
+
+def _value(router: Router, name: str, **labels) -> float:
+    return router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_router_metrics_count_generation_requests_once(model_dir):
+    """Routing decisions, prompt tokens and latencies are about generation requests: a retried request's
+    prompt counts once (each attempt is a decision), and the traffic the catch-all relays (/version,
+    /tokenize, a stored response's GET) counts in none of them. Tenants' refusal series start at 0."""
+    from tokenmill.ops.tenants import hash_key, parse_tenants
+
+    failed = []
+
+    def replica(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/completions" and not failed:
+            failed.append(req.url.host)  # the first attempt fails: retried on the other replica
+            return httpx.Response(503, json={"error": {"message": "busy", "code": None}})
+        if req.url.path == "/v1/completions":
+            return httpx.Response(200, json={"id": "x", "choices": [{"index": 0, "text": "a",
+                                                                     "finish_reason": "stop"}]})
+        return httpx.Response(200, json={"version": "1", "tokens": [1, 2]})
+
+    tenants = parse_tenants({"tenants": [{"name": "acme", "keys_sha256": [hash_key("k")]}]})
+    body = {"model": "m", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 3}
+
+    async def main() -> Router:
+        router = Router(RouterConfig(policy="kv_aware", tokenizer=model_dir, tenants=tenants), ["http://a", "http://b"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        for rep in router.replicas.values():
+            rep.up = True
+        auth = {"authorization": "Bearer k"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router.app), base_url="http://router") as c:
+            r = await c.post("/v1/completions", json=body, headers=auth)
+            assert r.status_code == 200 and r.json()["failover"]["retries"] == 1
+            for _ in range(3):
+                assert (await c.get("/version")).status_code == 200
+                assert (await c.post("/tokenize", json={"prompt": "x"})).status_code == 200
+        await router.client.aclose()
+        return router
+
+    router = asyncio.run(main())
+    assert len(failed) == 1
+    prompt = len(router.hashers[""].token_ids("completions", body))
+    assert _value(router, "tokenmill_router:prompt_tokens_total") == prompt > 0
+    decisions = [s for m in router.metrics.registry.collect() for s in m.samples
+                 if s.name == "tokenmill_router:routing_decisions_total"]
+    assert sum(s.value for s in decisions) == 2  # the attempt that failed and its retry
+    assert _value(router, "tokenmill_router:e2e_request_latency_seconds_count") == 1
+    assert _value(router, "tokenmill_router:requests_total", replica="http://a", endpoint="other", outcome="ok") + \
+        _value(router, "tokenmill_router:requests_total", replica="http://b", endpoint="other", outcome="ok") == 6
+    for limit in ("requests_per_minute", "concurrent_requests"):  # at 0 from the start
+        assert router.metrics.registry.get_sample_value("tokenmill_router:tenant_rejected_total",
+                                                        {"tenant": "acme", "limit": limit}) == 0
+
+
+def test_router_counts_clients_that_leave():
+    """A client gone before its answer ended, unary or streamed: requests_total outcome client_closed
+    (and no latency)."""
+    import gc
+
+    chunk = {"id": "x", "choices": [{"index": 0, "text": "a", "token_ids": [7], "finish_reason": None}]}
+
+    async def endless():
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        await asyncio.sleep(3600)
+        yield b""
+
+    async def replica(req: httpx.Request) -> httpx.Response:
+        if json.loads(req.content).get("stream"):
+            return httpx.Response(200, content=endless(), headers={"content-type": "text/event-stream"})
+        await asyncio.sleep(3600)
+
+    def scope(body: bytes) -> dict:
+        return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                "root_path": "", "query_string": b"", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+                "headers": [(b"content-type", b"application/json")], "state": {}}
+
+    async def call(router: Router, stream: bool) -> list[dict]:
+        body = json.dumps({"model": "m", "prompt": "x", "stream": stream}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.3)  # then the client goes
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body") and stream:
+                raise OSError("the client is gone")  # after the first chunk
+
+        from starlette.requests import ClientDisconnect
+
+        with contextlib.suppress(OSError, ClientDisconnect):
+            await asyncio.wait_for(router.app(scope(body), receive, send), 10)
+        gc.collect()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        return sent
+
+    async def main() -> Router:
+        router = Router(RouterConfig(policy="round_robin"), ["http://r"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        (rep,) = router.replicas.values()
+        rep.up = True
+        sent = await call(router, stream=False)
+        assert sent[0]["status"] == 499
+        sent = await call(router, stream=True)
+        assert sent[0]["status"] == 200
+        assert (rep.inflight, len(rep.relays)) == (0, 0)
+        await router.client.aclose()
+        return router
+
+    router = asyncio.run(main())
+    assert _value(router, "tokenmill_router:requests_total", replica="http://r", endpoint="completions",
+                  outcome="client_closed") == 2
+    assert _value(router, "tokenmill_router:e2e_request_latency_seconds_count") == 0
+
+
+def test_router_dashboard_merges_the_replicas():
+    """GET /dashboard through a router: the page and its assets from the router itself, and
+    /dashboard/data from every replica (asked with the caller's key) with a `replica` label, so the
+    page follows each replica's counters apart; a replica that missed a poll keeps its last snapshot."""
+    down = set()
+
+    def replica(req: httpx.Request) -> httpx.Response:
+        if req.url.path != "/dashboard/data":
+            return httpx.Response(404, json={"error": {"message": "no", "code": None}})
+        if req.headers.get("authorization") != "Bearer adm":
+            return httpx.Response(401, json={"error": {"message": "bad key", "code": "invalid_api_key"}})
+        if req.url.host in down:
+            raise httpx.ConnectTimeout("slow")
+        n = 10.0 if req.url.host == "a" else 32.0
+        return httpx.Response(200, json={"time": 1.0, "types": {"tokenmill:generation_tokens_total": "counter"},
+                                         "series": {"tokenmill:generation_tokens_total": [
+                                             {"labels": {"model_name": "m", "tenant": "default"}, "value": n}]}})
+
+    async def main() -> None:
+        router = Router(RouterConfig(policy="round_robin"), ["http://a", "http://b"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        for rep in router.replicas.values():
+            rep.up = True
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router.app), base_url="http://router") as c:
+            page = await c.get("/dashboard")
+            assert page.status_code == 200 and "dashboard/static/dashboard.js" in page.text
+            assert "tokenmillDashboard" in (await c.get("/dashboard/static/dashboard.js")).text
+            r = await c.get("/dashboard/data", headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            auth = {"authorization": "Bearer adm"}
+            for _ in range(2):
+                r = await c.get("/dashboard/data", headers=auth)
+                assert r.status_code == 200
+                data = r.json()
+                got = {s["labels"]["replica"]: s["value"] for s in data["series"]["tokenmill:generation_tokens_total"]}
+                assert got == {"http://a": 10.0, "http://b": 32.0}
+                assert data["types"]["tokenmill:generation_tokens_total"] == "counter"
+                down.add("b")  # the second poll: b does not answer, and is shown as it was
+            down.add("a")  # nobody answers: nothing stale is shown
+            assert (await c.get("/dashboard/data", headers=auth)).status_code == 503
+        await router.client.aclose()
+
+    asyncio.run(main())

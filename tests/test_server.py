@@ -376,6 +376,65 @@ def test_metrics_count_requests_and_tokens(server, client, model_name):
     assert "finish_reason=length" in log
 
 
+def _sample(metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_an_embeddings_prompt_and_hold_its_slo_to_its_latency():
+    """An embedding makes no token: its prompt still counts (when its vector is out), and a TTFT
+    target is held against its end-to-end latency rather than counted a miss for want of a TTFT."""
+    from tokenmill.engine.slo import SLOTarget
+    from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from tokenmill.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(lambda: [])
+    for rid, (e2e, target) in enumerate([(0.2, 1.0), (2.0, 1.0)]):
+        m = RequestMetrics(arrival_time=100.0, first_scheduled_time=100.01)
+        running = RequestOutput(str(rid), None, [1, 2, 3, 4, 5], None, [CompletionOutput(0, "", [], None, None)],
+                                False, m, prompt_only=True, slo=SLOTarget(ttft_s=target, slo_class="interactive"))
+        metrics.observe(running, "emb")
+        m.finished_time = 100.0 + e2e
+        running.outputs[0].finish_reason = "stop"
+        done = RequestOutput(str(rid), None, [1, 2, 3, 4, 5], None, running.outputs, True, m, prompt_only=True,
+                             embedding=[0.6, 0.8], slo=running.slo)
+        metrics.observe(done, "emb")
+    labels = {"model_name": "emb", "tenant": "default"}
+    assert _sample(metrics, "tokenmill:prompt_tokens_total", **labels) == 10
+    assert _sample(metrics, "tokenmill:generation_tokens_total", **labels) == 0
+    slo = {**labels, "slo_class": "interactive"}
+    assert _sample(metrics, "tokenmill:slo_attained_total", **slo) == 1
+    assert _sample(metrics, "tokenmill:slo_missed_total", **slo, reason="ttft") == 1
+
+
+def test_metrics_count_only_the_tokens_a_resumed_stream_generated_here():
+    """resume_token_ids: the handed-over tokens are outputs (usage) but another replica made them."""
+    from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from tokenmill.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(lambda: [])
+    m = RequestMetrics(arrival_time=0.0, first_token_time=1.0, finished_time=10.0, num_generated_tokens=10,
+                       num_resumed_tokens=100)
+    out = RequestOutput("r", None, [1, 2], None, [CompletionOutput(0, "", list(range(110)), None, None, "length")],
+                        True, m)
+    metrics.observe(out, "m")
+    assert _sample(metrics, "tokenmill:generation_tokens_total", model_name="m", tenant="default") == 10
+    assert m.mean_tpot == 1.0  # 9 s over the 9 tokens after this replica's first
+
+
+def test_goodput_forgets_old_requests_without_a_scrape(monkeypatch):
+    """Goodput keeps the requests of its window only, scraped or not."""
+    from tokenmill.server import metrics as metrics_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics_mod.time, "monotonic", lambda: now[0])
+    g = metrics_mod.Goodput()
+    for _ in range(10_000):
+        g.add("m", "interactive")
+        now[0] += 0.1
+    assert len(g._met["m", "interactive"]) <= g.WINDOW_S / 0.1 + 1
+    assert g.rate("m", "interactive") == pytest.approx(10.0, rel=0.02)
+
+
 # -- scoring: echo + logprobs, max_tokens 0, prompt_logprobs ---------------------------------------
 def _hf_prompt_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
     """transformers' log-probability of each prompt token given the ones before it ([len - 1])."""

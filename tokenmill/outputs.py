@@ -23,7 +23,10 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
-    num_generated_tokens: int = 0
+    num_generated_tokens: int = 0  # by this engine: a resumed stream's handed-over tokens are not counted
+    # resume_token_ids: tokens another engine generated, handed over (a fleet router's failover). They
+    # are outputs (usage counts them) but not this engine's work (generation_tokens_total, TPOT).
+    num_resumed_tokens: int = 0
 
     @property
     def time_in_queue(self) -> float | None:

@@ -406,6 +406,7 @@ class LLMEngine:
                 raise ValueError(f"resume_token_ids: the generation already ended at token {i}")
         if p.seed is not None and p.temperature > 0:
             self.runner.skip_draws(seq, len(tokens))
+        req.metrics.num_resumed_tokens = len(tokens)  # outputs, but generated elsewhere (metrics, TPOT)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (for benchmarks and tests; blocks in use are unaffected)."""
@@ -977,7 +978,8 @@ class LLMEngine:
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
             ))
-        req.metrics.num_generated_tokens = max((s.num_output_tokens for s in req.seqs), default=0)
+        req.metrics.num_generated_tokens = (max((s.num_output_tokens for s in req.seqs), default=0)
+                                            - req.metrics.num_resumed_tokens)
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,

@@ -65,6 +65,7 @@ from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
 from tokenmill.server.errors import error_body, error_response, invalid_key_error, limit_error
+from tokenmill.server.routes.dashboard import merge_snapshots, register_page
 from tokenmill.server.streaming import ReleasingIterator, unless_disconnected
 
 logger = logging.getLogger("tokenmill.router")
@@ -82,12 +83,23 @@ REPLICA_HEADER = "X-Tokenmill-Replica"
 THREAD_TOKENIZE_BYTES = 8192
 # With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
 TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses")
+# The requests the routing and latency metrics are about (a POST to one of these): not the rest of the
+# traffic the catch-all relays (/version, /tokenize, a dashboard's polls) nor stored responses' GETs.
+GENERATION_ENDPOINTS = TENANT_ENDPOINTS
+# Router limits (ops.tenants.LIMIT_NAMES) whose tenant_rejected_total series start at 0 (the rest
+# are the replicas').
+ROUTER_LIMITS = ("requests_per_minute", "concurrent_requests")
 # Responses whose replica the router remembers (previous_response_id, GET/DELETE /v1/responses/{id}).
 MAX_RESPONSE_HOMES = 100_000
 # Answers that mean the request was not admitted (the router's own 413 and 503s, a replica's key,
 # permission or model refusal, its 429s: a tenant's limit, a full queue, an SLO it cannot meet; and
 # 5xx): they do not count against requests_per_minute.
 NOT_ADMITTED = (401, 403, 404, 413, 429)
+# requests_total's outcome for a request whose client left before its answer ended (no e2e latency is
+# observed for it: it measures the client's patience, not the fleet).
+CLIENT_CLOSED = "client_closed"
+# How long the dashboard shows a replica that is up but did not answer its last poll at its last snapshot.
+DASHBOARD_STALE_S = 30.0
 
 
 @dataclass
@@ -192,6 +204,10 @@ class _Plan:
     salt: Any
     keys_by_bs: dict[int, list[bytes]] = field(default_factory=dict)
     home: str | None = None  # the one replica that can answer (it holds a stored response)
+    # A generation request (GENERATION_ENDPOINTS): routing decisions, prompt tokens and latencies
+    # count it; `counted`: its prompt and predicted cached tokens were, once (not per attempt).
+    generation: bool = False
+    counted: bool = False
 
     def keys(self, block_size: int | None) -> list[bytes]:
         if self.ids is None or block_size is None:
@@ -209,10 +225,15 @@ class Router:
         self.hashers: dict[str, PromptHasher] = {}
         self.roots: dict[str, str] = {}  # model -> its folder, as replicas report it
         self.response_homes: OrderedDict[str, str] = OrderedDict()  # response id -> its replica's url
+        # replica url -> (when, its last /dashboard/data): _dashboard_data
+        self.dashboard_snaps: dict[str, tuple[float, dict[str, Any]]] = {}
         self.client: httpx.AsyncClient | None = None
         self.metrics = _Metrics(self)
         self.tenants = None if self.config.tenants is None else Tenants(
             self.config.tenants, on_reject=lambda tenant, limit: self.metrics.rejected.labels(tenant, limit).inc())
+        for t in self.tenants or ():  # every tenant's series from the start, at 0 (as a replica's)
+            for limit in ROUTER_LIMITS:
+                self.metrics.rejected.labels(t.name, limit)
         self.draining = False
         self._tasks: set[asyncio.Future] = set()
         for url in replicas or []:
@@ -308,7 +329,7 @@ class Router:
         prev = body.get("previous_response_id") if endpoint == "responses" else None
         if isinstance(prev, str):
             home = await self._home(prev, headers or {})
-        return _Plan(name, ids, salt, home=home)
+        return _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
 
     def _remember(self, response_id: Any, url: str) -> None:
         if isinstance(response_id, str) and response_id.startswith("resp_"):
@@ -359,10 +380,12 @@ class Router:
                                    cached_tokens=cached))
             keys.append(k)
         i, reason = self.chooser.choose(cands, prompt)
-        self.metrics.decisions.labels(self.config.policy, reason).inc()
-        if plan.ids is not None:
-            self.metrics.prompt_tokens.inc(prompt)
-            self.metrics.cached_tokens.inc(cands[i].cached_tokens)
+        if plan.generation:  # (every attempt is a decision; a request's prompt counts once)
+            self.metrics.decisions.labels(self.config.policy, reason).inc()
+            if plan.ids is not None and not plan.counted:
+                plan.counted = True
+                self.metrics.prompt_tokens.inc(prompt)
+                self.metrics.cached_tokens.inc(cands[i].cached_tokens)
         return reps[i], _Ticket(reps[i], plan.model or "", keys[i], max(0, prompt - cands[i].cached_tokens))
 
     def _retryable(self, resp: httpx.Response) -> bool:
@@ -398,6 +421,12 @@ class Router:
         @app.get("/v1/models")
         async def models(request: Request) -> Response:
             return await self._models(request)
+
+        @app.get("/dashboard/data")
+        async def dashboard_data(request: Request) -> Response:
+            return await self._dashboard_data(request)
+
+        register_page(app)  # GET /dashboard and its assets, as a server serves them
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
@@ -503,6 +532,42 @@ class Router:
             return JSONResponse(error_body(503, "no replica answered"), status_code=503)
         return JSONResponse({"object": "list", "data": merge_models([x.json().get("data", []) for x in ok])})
 
+    async def _dashboard_data(self, request: Request) -> Response:
+        """Every up replica's /dashboard/data (asked with the caller's key: each replica checks its
+        admin key), merged with a `replica` label (merge_snapshots). A replica that is up but did not
+        answer this time is shown with its last snapshot (of the last DASHBOARD_STALE_S, and only
+        beside a fresh one, which vouches for the key): leaving it out would make its counters start
+        again from 0 on the page at its next answer (a rate spike)."""
+        reps = self._candidates(None, set())
+        if not reps:
+            return JSONResponse(error_body(503, "no replica is up"), status_code=503, headers={"Retry-After": "1"})
+        assert self.client is not None
+        results = await asyncio.gather(*(self.client.get(r.url + "/dashboard/data", headers=self._headers(request),
+                                                         timeout=5.0) for r in reps), return_exceptions=True)
+        refusal = next((x for x in results if isinstance(x, httpx.Response) and x.status_code in (401, 403)), None)
+        if refusal is not None:  # the key is the replicas' to judge: their answer, not a partial view
+            return Response(refusal.content, refusal.status_code, media_type="application/json")
+        now = time.monotonic()
+        for url in list(self.dashboard_snaps):
+            if url not in self.replicas or self.dashboard_snaps[url][0] < now - DASHBOARD_STALE_S:
+                del self.dashboard_snaps[url]
+        fresh = {}
+        for r, x in zip(reps, results):
+            if isinstance(x, httpx.Response) and x.status_code == 200:
+                with contextlib.suppress(ValueError):
+                    snap = x.json()
+                    if isinstance(snap, dict):
+                        fresh[r.url] = snap
+                        self.dashboard_snaps[r.url] = (now, snap)
+        snaps = {r.url: fresh[r.url] if r.url in fresh else self.dashboard_snaps[r.url][1] for r in reps
+                 if fresh and (r.url in fresh or r.url in self.dashboard_snaps)}
+        if not snaps:
+            first = next((x for x in results if isinstance(x, httpx.Response)), None)
+            if first is not None:
+                return Response(first.content, first.status_code, media_type="application/json")
+            return JSONResponse(error_body(503, "no replica answered"), status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(merge_snapshots(snaps), headers={"Cache-Control": "no-store"})
+
     async def _generate(self, request: Request, endpoint: str) -> Response:
         if self.tenants is None or endpoint not in TENANT_ENDPOINTS:
             return await self._relay_request(request, endpoint, None)
@@ -588,6 +653,9 @@ class Router:
                 tried.append(rep.url)
                 self.metrics.requests.labels(rep.url, endpoint, "failed").inc()
                 continue
+            except asyncio.CancelledError:  # the client went away (unless_disconnected) before the answer
+                self.metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
+                raise
             finally:
                 ticket.end()
             if self._retryable(resp):
@@ -599,7 +667,8 @@ class Router:
                                          str(resp.status_code)).inc()
             if tried:
                 self.metrics.failovers.labels("before_response", "retried").inc()
-            self.metrics.e2e.observe(time.perf_counter() - t0)
+            if plan.generation:  # (not a stored response's GET/DELETE, nor other relayed traffic)
+                self.metrics.e2e.observe(time.perf_counter() - t0)
             if endpoint == "responses" and resp.status_code == 200 and request.method == "POST":
                 with contextlib.suppress(ValueError, AttributeError):
                     self._remember(resp.json().get("id"), rep.url)
@@ -663,8 +732,10 @@ class Router:
                 tried.append(rep.url)
                 self.metrics.requests.labels(rep.url, endpoint, "failed").inc()
                 continue
-            except BaseException:  # the client went away (cancelled) or worse: leave the ledger straight
+            except BaseException as e:  # the client went away (cancelled) or worse: leave the ledger straight
                 ticket.end()
+                if isinstance(e, asyncio.CancelledError):
+                    self.metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
                 if resp is not None:
                     await asyncio.shield(resp.aclose())
                 raise
@@ -691,6 +762,7 @@ class Router:
             return opened
         rep, ticket, relay = opened
         metrics = self.metrics
+        recorded = [False]  # its outcome was counted (else, when it ends: the client left)
 
         async def events() -> AsyncIterator[str]:
             first = True
@@ -705,10 +777,12 @@ class Router:
                             ticket.first_token()
                             metrics.ttft.observe(time.perf_counter() - t0)
                     yield line + "\n"
+                recorded[0] = True
                 metrics.requests.labels(rep.url, endpoint, "ok").inc()
                 metrics.e2e.observe(time.perf_counter() - t0)
             except httpx.TransportError as e:
                 rep.mark_down(f"{type(e).__name__}: {e}")
+                recorded[0] = True
                 metrics.requests.labels(rep.url, endpoint, "failed").inc()
                 err = error_body(503, f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})",
                                  code="replica_failed")["error"]
@@ -721,6 +795,9 @@ class Router:
 
         def cleanup() -> None:  # (as _stream's: a body never iterated skips the generator's finally)
             ticket.end()
+            if not recorded[0]:
+                recorded[0] = True
+                metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
             if relay in relay.replica.relays:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(lambda: loop.create_task(relay.close()))
@@ -745,7 +822,10 @@ class Router:
             self.metrics.failovers.labels("before_response", "retried").inc()
         metrics = self.metrics
 
-        current = {"ticket": opened[1], "relay": opened[2]}  # the attempt in use (failover replaces it)
+        # The attempt in use (failover replaces it), and whether its outcome was counted (ok, failed):
+        # a stream that ends without one lost its client (cleanup).
+        current: dict[str, Any] = {"ticket": opened[1], "relay": opened[2], "replica": opened[0].url,
+                                   "recorded": False}
 
         async def events() -> AsyncIterator[str]:
             rep, ticket, relay = opened
@@ -773,6 +853,7 @@ class Router:
                                 yield out
                         if not state.done:
                             raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+                        current["recorded"] = True
                         metrics.requests.labels(rep.url, endpoint, "ok").inc()
                         metrics.e2e.observe(time.perf_counter() - t0)
                         yield "data: [DONE]\n\n"
@@ -786,6 +867,7 @@ class Router:
                     ticket.end()
                     await relay.close()
                     tried.append(rep.url)
+                    current["recorded"] = True
                     metrics.requests.labels(rep.url, endpoint, "failed").inc()
                     if state.finished():
                         # Everything was generated; only the end of the stream was lost.
@@ -817,7 +899,7 @@ class Router:
                     logger.info("stream moved from %s to %s after %d tokens (%s)", rep.url, opened2[0].url,
                                 len(resumed), why)
                     rep, ticket, relay = opened2
-                    current["ticket"], current["relay"] = ticket, relay
+                    current.update(ticket=ticket, relay=relay, replica=rep.url, recorded=False)
                     state.switched({"retries": len(tried), "replicas": tried + [rep.url],
                                     "resumed_at_token": len(resumed)})
                     if resumed:
@@ -833,6 +915,9 @@ class Router:
             """What events()'s finally does, for a body that was never iterated (the client gone
             before the response started): a generator never started skips its finally."""
             current["ticket"].end()
+            if not current["recorded"]:
+                current["recorded"] = True
+                metrics.requests.labels(current["replica"], endpoint, CLIENT_CLOSED).inc()
             relay = current["relay"]
             if relay in relay.replica.relays:  # (close() takes it out first)
                 with contextlib.suppress(RuntimeError):  # (the loop closed: nothing left to close)

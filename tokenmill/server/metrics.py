@@ -112,6 +112,11 @@ class ServerMetrics:
             missed = "demoted"
         elif reason == "error":
             missed = "error"
+        elif slo.ttft_s is not None and out.embedding is not None:
+            # An embedding has no first token: its vector, the whole answer, comes at the end, so the
+            # TTFT target is held against its end-to-end latency (not counted a miss for want of a TTFT).
+            if m.e2e_latency is None or m.e2e_latency > slo.ttft_s:
+                missed = "ttft"
         elif slo.ttft_s is not None and (m.ttft is None or m.ttft > slo.ttft_s):
             missed = "ttft"
         elif slo.tpot_s is not None and m.mean_tpot is not None and m.mean_tpot > slo.tpot_s:
@@ -146,7 +151,10 @@ class ServerMetrics:
         t = self._tracked.setdefault(out.request_id, _Tracked())
         m = out.metrics
         tenant = out.tenant or DEFAULT_TENANT
-        if not t.prompt_counted and m.first_token_time is not None and not out.uncounted:
+        # A prompt counts once prefilled: at the first token, or for an embedding (which makes no
+        # token) when its vector is out.
+        if (not t.prompt_counted and not out.uncounted
+                and (m.first_token_time is not None or (out.finished and out.embedding is not None))):
             t.prompt_counted = True  # (an uncounted part's prompt is its request's: observe_request)
             self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
         tokens = _output_tokens(out)
@@ -211,15 +219,21 @@ class Goodput:
         self._met: dict[tuple[str, str], collections.deque[float]] = {}
 
     def add(self, name: str, slo_class: str) -> None:
-        self._met.setdefault((name, slo_class), collections.deque()).append(time.monotonic())
+        now = time.monotonic()
+        q = self._met.setdefault((name, slo_class), collections.deque())
+        q.append(now)
+        self._trim(q, now)  # (here too, not only at a scrape: without scrapes it would grow forever)
+
+    def _trim(self, q: collections.deque[float], now: float) -> None:
+        while q and q[0] < now - self.WINDOW_S:
+            q.popleft()
 
     def rate(self, name: str, slo_class: str) -> float:
         now = time.monotonic()
         q = self._met.get((name, slo_class))
         if q is None:
             return 0.0
-        while q and q[0] < now - self.WINDOW_S:
-            q.popleft()
+        self._trim(q, now)
         return len(q) / max(1.0, min(self.WINDOW_S, now - self.started))
 
     def collect(self):
@@ -231,8 +245,11 @@ class Goodput:
 
 
 def _output_tokens(out: RequestOutput) -> int:
-    """Its generated tokens, as usage counts them (none for scoring or embedding)."""
-    return 0 if out.prompt_only else sum(len(c.token_ids) for c in out.outputs)
+    """The tokens this server generated for it: as usage counts them (none for scoring or embedding),
+    less a resumed stream's tokens, which another replica generated (and counted)."""
+    if out.prompt_only:
+        return 0
+    return sum(len(c.token_ids) for c in out.outputs) - out.metrics.num_resumed_tokens
 
 
 def _request_finish_reason(out: RequestOutput) -> str:

@@ -6,6 +6,10 @@ script and the vendored uPlot charting library; nothing is fetched from elsewher
 The page holds no data: it polls /dashboard/data every second and computes rates and windowed
 percentiles (from histogram bucket deltas) itself, the way PromQL's rate() and histogram_quantile()
 do on a Prometheus server, so the JSON is only the registry's current samples.
+
+`tokenmill router` serves the same page (register_page) and its own /dashboard/data: every replica's
+snapshot, merged (merge_snapshots) with a `replica` label on each sample, so the page follows each
+replica's counters apart and sums them, rather than seeing one replica's after another's.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-from tokenmill.server.gateway import Gateway
+if TYPE_CHECKING:
+    from tokenmill.server.gateway import Gateway
 
 PREFIX = "tokenmill:"
+STATIC = Path(__file__).resolve().parent.parent / "static"  # package data (pyproject.toml)
 
 
 def snapshot(registry: Any) -> dict[str, Any]:
@@ -45,18 +51,36 @@ def snapshot(registry: Any) -> dict[str, Any]:
     return {"time": time.time(), "series": series, "types": types}
 
 
-def register(app: FastAPI, gw: Gateway) -> None:
-    static = Path(__file__).resolve().parent.parent / "static"  # package data (pyproject.toml)
-    page = (static / "dashboard.html").read_text(encoding="utf-8")
+def merge_snapshots(snaps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several servers' snapshots (by their url) as one: each sample labelled `replica` with its
+    server's url, the time now (the page's rates are over the merged polls' times)."""
+    series: dict[str, list[dict[str, Any]]] = {}
+    types: dict[str, str] = {}
+    for url, snap in snaps.items():
+        for name, samples in (snap.get("series") or {}).items():
+            out = series.setdefault(name, [])
+            for s in samples:
+                out.append({"labels": {**s.get("labels", {}), "replica": url}, "value": s.get("value")})
+        types.update(snap.get("types") or {})
+    return {"time": time.time(), "series": series, "types": types}
+
+
+def register_page(app: FastAPI) -> None:
+    """GET /dashboard and its assets (a server's and a router's)."""
+    page = (STATIC / "dashboard.html").read_text(encoding="utf-8")
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
+
+
+def register(app: FastAPI, gw: Gateway) -> None:
     @app.get("/dashboard/data")
     async def dashboard_data(request: Request) -> dict[str, Any]:
         """The current value of every `tokenmill:` series (what /metrics shows), as JSON."""
         gw.check_admin(request)
         return snapshot(gw.metrics.registry)
 
-    app.mount("/dashboard/static", StaticFiles(directory=static), name="dashboard-static")
+    register_page(app)

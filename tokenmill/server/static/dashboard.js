@@ -3,7 +3,9 @@
 // polls, as Prometheus' rate() and histogram_quantile() would: a counter's increase over the window
 // divided by its length; a histogram's bucket increases over the window, interpolated linearly
 // within the bucket that holds the quantile. A metric the server does not export (no tenants, no
-// SLO traffic yet, no energy accounting) leaves its chart empty with a note.
+// SLO traffic yet, no energy accounting) leaves its chart empty with a note. Behind `tokenmill router`
+// every sample also carries a `replica` label: each replica's counters are followed apart (a restart
+// resets one of them only) and summed over by the `by` labels, as for several models of one server.
 "use strict";
 (() => {
   const RATE_WINDOW = 5; // seconds: throughput, power, cost rates
@@ -55,7 +57,7 @@
       { kind: "gauge", metric: N.running, by: MODEL, label: "running" },
       { kind: "gauge", metric: N.waiting, by: MODEL, label: "waiting" }] },
     { id: "cache", title: "KV cache usage and prefix-cache hit rate (%)", needs: [N.kv, N.queries], range: [0, 100], lines: [
-      { kind: "gauge", metric: N.kv, by: MODEL, label: "KV usage", scale: 100 },
+      { kind: "gauge", metric: N.kv, by: MODEL, label: "KV usage", scale: 100, mean: true }, // (over replicas)
       { kind: "ratio", num: [N.hits], den: [N.queries], by: MODEL, label: "prefix hits", scale: 100 }] },
     { id: "slo_attainment", title: "SLO attainment (%)", needs: [N.attained, N.missed], range: [0, 100],
       absent: "no SLO traffic yet: requests with targets (a tenant's SLO class or the slo field) fill it",
@@ -100,26 +102,30 @@
   const groupKey = (labels, by) => by.map((l) => labels[l] ?? "").join("\u0001");
   const sampleKey = (labels) => JSON.stringify(Object.keys(labels).sort().map((k) => [k, labels[k]]));
 
-  function sumBy(snap, name, by) {
+  // A gauge summed (or averaged: `mean`, for a fraction such as KV usage) by `by`.
+  function sumBy(snap, name, by, mean) {
     const out = new Map();
     for (const s of samples(snap, name)) {
       if (s.value == null) continue;
       const k = groupKey(s.labels, by);
-      const g = out.get(k) || { labels: s.labels, value: 0 };
+      const g = out.get(k) || { labels: s.labels, value: 0, n: 0 };
       g.value += s.value;
+      g.n += 1;
       out.set(k, g);
     }
+    if (mean) for (const g of out.values()) g.value /= g.n;
     return out;
   }
 
   // A counter's increase between two polls, summed by `by` (and `le` for buckets). A series the base
   // poll lacks started at 0 since (prometheus_client creates labelled series at 0); a decrease is a
-  // restart, so the whole current value is the increase (rate()'s reset rule).
-  function increase(cur, base, name, by) {
+  // restart, so the whole current value is the increase (rate()'s reset rule). `keep`: which samples
+  // count (all by default).
+  function increase(cur, base, name, by, keep) {
     const before = new Map(samples(base, name).map((s) => [sampleKey(s.labels), s.value]));
     const out = new Map();
     for (const s of samples(cur, name)) {
-      if (s.value == null) continue;
+      if (s.value == null || (keep && !keep(s.labels))) continue;
       const b = before.get(sampleKey(s.labels)) ?? 0;
       const d = s.value >= b ? s.value - b : s.value;
       const k = groupKey(s.labels, by);
@@ -164,11 +170,11 @@
     const cur = snaps[snaps.length - 1];
     const scale = line.scale ?? 1;
     const scaled = (m) => { for (const g of m.values()) if (g.value != null) g.value *= scale; return m; };
-    if (line.kind === "gauge") return scaled(sumBy(cur, line.metric, line.by));
+    if (line.kind === "gauge") return scaled(sumBy(cur, line.metric, line.by, line.mean));
     if (line.kind === "rate") {
       const base = baseFor(RATE_WINDOW);
       if (!base) return new Map();
-      const inc = increase(cur, base, line.metric, line.by);
+      const inc = increase(cur, base, line.metric, line.by, line.keep);
       for (const g of inc.values()) g.value /= cur.time - base.time;
       return scaled(inc);
     }
@@ -329,7 +335,10 @@
   }
 
   const valueOf = (m, k) => (m.has(k) ? m.get(k).value : null);
-  const rateOf = (metric, by) => evaluate({ kind: "rate", metric, by, label: "" });
+  const rateOf = (metric, by, keep) => evaluate({ kind: "rate", metric, by, keep, label: "" });
+  // A cascade's escalation ends its small model's request as "escalated": the strong model's answer
+  // is the tenant's request, counted when it finishes.
+  const notEscalated = (labels) => labels.finished_reason !== "escalated";
   const wh = (m, k) => (m.has(k) ? m.get(k).value / 3600 : null);
 
   function updateTables() {
@@ -348,7 +357,7 @@
       for (const s of samples(cur, name)) if (s.labels.tenant) tenants.add(s.labels.tenant);
     }
     const [tEnergy, tCost, tInFlight, tRejected] = [N.energy, N.cost, N.inFlight, N.rejected].map((n) => sumBy(cur, n, TENANT));
-    const tRequests = rateOf(N.success, TENANT);
+    const tRequests = rateOf(N.success, TENANT, notEscalated);
     const tTokens = rateOf(N.generation, TENANT);
     const attainment = evaluate({ kind: "ratio", num: [N.attained], den: [N.attained, N.missed], by: TENANT, label: "", scale: 100 });
     fillTable("tenants-table", [...tenants].sort().map((t) => [t, valueOf(tRequests, t), valueOf(tTokens, t),
