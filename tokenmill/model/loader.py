@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tokenmill.attention import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.memory import pack_parameters
-from tokenmill.model.linear import prepack_bytes, prepack_model, quantize_model
+from tokenmill.model.linear import prepack_bytes, prepack_model, quantize_model, quantize_rows_int8
 from tokenmill.model.transformer import DecoderLM
 
 logger = logging.getLogger(__name__)
@@ -140,10 +140,17 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     bar = _progress_bar(files) if progress else None
     with torch.device("meta"):
         model = DecoderLM(cfg, backend, max_positions)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    # Quantized as it loads: each checkpoint tensor goes into its int8 weight and scales, so the
+    # load's peak is the int8 model, not the float one (a 7B model: 7 GB rather than 28 in float32).
+    # Random (dummy) weights are made in float first and quantized as before.
+    quantize_as_loaded = quantization is not None and load_format != "dummy"
+    if quantize_as_loaded:
+        quantize_model(model, quantization, empty=True)
+    model = model.to_empty(device=device)
     # On CPU the weights live in one huge-page region (tokenmill/memory.py), in the order a decode
-    # step reads them; unquantized ones are read from the checkpoint straight into it.
-    packed_now = device.type == "cpu" and quantization is None
+    # step reads them; they are read from the checkpoint (and quantized) straight into it.
+    packed_now = device.type == "cpu" and (quantization is None or quantize_as_loaded)
     if packed_now:
         pack_parameters(list(model.parameters()), copy=False)
     if load_format == "dummy":
@@ -178,13 +185,23 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
                     f"model: tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(dest.shape)} from config.json"
                 )
-            dest.copy_(tensor.to(dtype))
+            if dest.dtype == torch.int8:  # (a row is an output channel: a fused shard's rows quantize alone)
+                q8, scale = quantize_rows_int8(tensor.to(dtype))
+                dest.copy_(q8)
+                scales = params[pname.removesuffix(".weight") + ".scale"]
+                if shard is not None:
+                    scales = scales.narrow(0, sum(sizes[:shard]), sizes[shard])
+                scales.copy_(scale)
+            else:
+                dest.copy_(tensor.to(dtype))
             loaded.add((pname, shard))
     if bar is not None:
         bar.close()
 
     expected: set[tuple[str, int | None]] = set()
     for pname in params:
+        if pname.endswith(".scale"):  # (an int8 weight's scales: filled with it)
+            continue
         kind = pname.split(".")[-2]
         if kind in shard_sizes:
             expected.update((pname, i) for i in range(len(shard_sizes[kind])))
@@ -197,7 +214,7 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
     if unexpected:
         logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
     model.rotary.reset_table()
-    if quantization is not None:
+    if quantization is not None and not quantize_as_loaded:
         quantize_model(model, quantization)
     if device.type == "cpu":
         if not packed_now:  # quantized weights replaced the loaded ones: pack those
