@@ -282,8 +282,8 @@ def test_dashboard_draws_the_other_parts_series(server, browser, model_name):
 def test_dashboard_behind_a_router(browser):
     """A router's /dashboard/data (every replica's samples, with a `replica` label): the page sums the
     replicas (a mean for KV usage, a fraction), follows each one's counters apart (one restarting
-    makes no spike), and a cascade's escalations are not the tenant's requests. The page is served
-    from the package through the browser's route: no server."""
+    makes no spike, nor one missing from a poll), and a cascade's escalations are not the tenant's
+    requests. The page is served from the package through the browser's route: no server."""
     static = os.path.join(ROOT, "tokenmill", "server", "static")
     types = {"tokenmill:generation_tokens_total": "counter", "tokenmill:request_success_total": "counter",
              "tokenmill:kv_cache_usage_perc": "gauge", "tokenmill:num_requests_running": "gauge"}
@@ -291,7 +291,8 @@ def test_dashboard_behind_a_router(browser):
 
     def data(k: int) -> dict:
         series: dict[str, list] = {name: [] for name in types}
-        for rep, kv in (("http://a", 0.2), ("http://b", 0.6)):
+        reps = [("http://a", 0.2)] + ([("http://b", 0.6)] if k != 10 else [])  # b missed the 10th poll
+        for rep, kv in reps:
             model = {"model_name": "m", "replica": rep}
             labels = {**model, "tenant": "acme"}
             restarted = rep == "http://b" and k >= 6  # b restarts at the 6th poll: its counters from 0
@@ -302,7 +303,7 @@ def test_dashboard_behind_a_router(browser):
                     {"labels": {**labels, "finished_reason": reason}, "value": per_s * (k - 6 if restarted else k)})
             series["tokenmill:kv_cache_usage_perc"].append({"labels": model, "value": kv})
             series["tokenmill:num_requests_running"].append({"labels": model, "value": 2.0})
-        return {"time": 1000.0 + k, "series": series, "types": types}
+        return {"time": 1000.0 + k, "series": series, "types": types, "replicas": [r for r, _ in reps]}
 
     def serve(route):
         path = route.request.url.split("dash.test", 1)[1].split("#")[0]
@@ -322,7 +323,7 @@ def test_dashboard_behind_a_router(browser):
     page.on("pageerror", lambda e: console.append(f"page error: {e}"))
     page.route("http://dash.test/**", serve)
     page.goto("http://dash.test/dashboard#interval=0.5")
-    page.wait_for_function("window.tokenmillDashboard && window.tokenmillDashboard.polls >= 14", timeout=30_000)
+    page.wait_for_function("window.tokenmillDashboard && window.tokenmillDashboard.polls >= 16", timeout=30_000)
     charts = page.evaluate(CHARTS_JS)
     tenants = page.locator("#tenants-table tbody tr").all_inner_texts()
     models = page.locator("#models-table tbody tr").all_inner_texts()

@@ -152,12 +152,16 @@ class Scheduler:
         laxity = seq.arrival_time + ttft - self.prefill_seconds(left, done)
         return (seq.priority, 0, laxity, seq.arrival_time, seq.seq_id)
 
-    def _prefill_left(self, seq: Sequence) -> tuple[int, int]:
+    def _prefill_left(self, seq: Sequence, now: bool = True) -> tuple[int, int]:
         """(tokens left to compute, tokens before them) of a sequence; for one not yet admitted, its
-        prefix the cache holds now counts as done (it may be evicted before: a slight optimism)."""
+        prefix the cache holds counts as done (it may be evicted before: a slight optimism): looked
+        up now, or (now False) as it was when the sequence was queued, which costs nothing (an
+        arrival's admission check reads every queued prompt ahead of it)."""
         done = seq.num_computed_tokens
         if not seq.block_table:
-            done = max(done, len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size)
+            if now:
+                seq.queued_cached = len(self.block_manager.match_prefix(seq)) * self.block_manager.block_size
+            done = max(done, seq.queued_cached)
         return seq.num_tokens - done, done
 
     def prefill_seconds(self, tokens: int, context: int = 0) -> float:
@@ -472,7 +476,7 @@ class Scheduler:
         tokens, done = self._prefill_left(seq)  # (a prompt's cached prefix is not computed again)
         work = m.row_cost(*row_features(tokens, done, True))
         for s in ahead:
-            left, done = self._prefill_left(s)
+            left, done = self._prefill_left(s, now=False)
             tokens += left
             work += m.row_cost(*row_features(left, done, True))
         # Each step also carries the running decodes (and its fixed cost); the prompts' own work once.

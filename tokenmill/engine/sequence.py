@@ -81,8 +81,10 @@ class Sequence:
     beam_candidates: tuple[list[int], list[float]] | None = None
     matcher: Any = None  # structured outputs: this sample's grammar state (an llguidance LLMatcher)
     output_text: str = ""
-    # The scheduler's order (lower runs first), set by its policy when the sequence is queued.
+    # The scheduler's order (lower runs first), set by its policy when the sequence is queued, and
+    # the prompt tokens the prefix cache held then (what the slo policy predicts it need not compute).
     sched_key: tuple = ()
+    queued_cached: int = 0
 
     @property
     def params(self) -> SamplingParams:

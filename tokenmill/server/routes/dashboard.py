@@ -53,7 +53,8 @@ def snapshot(registry: Any) -> dict[str, Any]:
 
 def merge_snapshots(snaps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Several servers' snapshots (by their url) as one: each sample labelled `replica` with its
-    server's url, the time now (the page's rates are over the merged polls' times)."""
+    server's url, the time now (the page's rates are over the merged polls' times), and the
+    replicas it holds (the page counts no increase for one the poll before lacked)."""
     series: dict[str, list[dict[str, Any]]] = {}
     types: dict[str, str] = {}
     for url, snap in snaps.items():
@@ -62,7 +63,7 @@ def merge_snapshots(snaps: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for s in samples:
                 out.append({"labels": {**s.get("labels", {}), "replica": url}, "value": s.get("value")})
         types.update(snap.get("types") or {})
-    return {"time": time.time(), "series": series, "types": types}
+    return {"time": time.time(), "series": series, "types": types, "replicas": list(snaps)}
 
 
 def register_page(app: FastAPI) -> None:

@@ -123,9 +123,13 @@
   // count (all by default).
   function increase(cur, base, name, by, keep) {
     const before = new Map(samples(base, name).map((s) => [sampleKey(s.labels), s.value]));
+    // Behind a router: a replica the base poll lacks (down then, or new) has no increase yet; its
+    // whole counter would read as one (the reset rule), a spike of everything it ever did.
+    const known = cur && cur.replicas && base && base.replicas ? new Set(base.replicas) : null;
     const out = new Map();
     for (const s of samples(cur, name)) {
       if (s.value == null || (keep && !keep(s.labels))) continue;
+      if (known && s.labels.replica !== undefined && !known.has(s.labels.replica)) continue;
       const b = before.get(sampleKey(s.labels)) ?? 0;
       const d = s.value >= b ? s.value - b : s.value;
       const k = groupKey(s.labels, by);
