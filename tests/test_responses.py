@@ -11,6 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.responses import Response
 
 from tests.models import TOOLS_CHAT_TEMPLATE, make_model
 from tests.server_utils import ServerProcess
@@ -67,7 +68,7 @@ def _events(stream) -> list:
     return events
 
 
-def test_a_response_is_the_chat_answer_whole_and_streamed(client, name):
+def test_a_response_is_the_chat_answer_whole_and_streamed(server, client, name):
     """Instructions are the system message, input the user's: the same seed gives the chat
     endpoint's reasoning and content, as output items; the stream's events rebuild them."""
     r = client.responses.create(model=name, input="Hello there", instructions="Be brief.", **SAMPLING,
@@ -84,6 +85,9 @@ def test_a_response_is_the_chat_answer_whole_and_streamed(client, name):
     # the six budgeted tokens and those of the closing tag, which starts in the reasoning's text
     assert 6 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
     assert (r.instructions, r.temperature, r.max_output_tokens, r.store) == ("Be brief.", 1.0, 60, True)
+    raw = httpx.post(server.base_url + "/v1/responses", json={"model": name, "input": "Hi", "max_output_tokens": 8,
+                                                             **EXTRA}, timeout=60).json()
+    Response.model_validate(raw, strict=False)  # every field the openai types require, as they require it
 
     events = _events(client.responses.create(model=name, input="Hello there", instructions="Be brief.",
                                              stream=True, **SAMPLING, extra_body=EXTRA))
@@ -108,12 +112,18 @@ def test_a_response_is_the_chat_answer_whole_and_streamed(client, name):
     cut = client.responses.create(model=name, input="Hello there", max_output_tokens=3, extra_body=EXTRA)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert [(o.type, o.status) for o in cut.output] == [("reasoning", "incomplete")]
-    # logprobs of every output token, in chat's format
-    lp = client.responses.create(model=name, input="Hi", max_output_tokens=30, top_logprobs=2,
-                                 include=["message.output_text.logprobs"],
-                                 extra_body={**EXTRA, "max_reasoning_tokens": 0})
-    logprobs = lp.output[-1].content[0].logprobs
-    assert len(logprobs) == lp.usage.output_tokens and all(len(x.top_logprobs) == 2 for x in logprobs)
+    # logprobs of the answer's tokens (not the reasoning's), in chat's format, the same streamed
+    kw = dict(model=name, input="Hi", max_output_tokens=30, top_logprobs=2, include=["message.output_text.logprobs"],
+              extra_body=EXTRA)
+    lp = client.responses.create(**kw)
+    logprobs = [x.model_dump() for x in lp.output[-1].content[0].logprobs]
+    assert lp.output[0].type == "reasoning" and all(len(x["top_logprobs"]) == 2 for x in logprobs)
+    usage = lp.usage
+    assert 0 < len(logprobs) <= usage.output_tokens - usage.output_tokens_details.reasoning_tokens
+    assert "".join(x["token"] for x in logprobs).startswith(lp.output_text)
+    streamed = [x.model_dump() for e in client.responses.create(**kw, stream=True)
+                if e.type == "response.output_text.delta" for x in e.logprobs]
+    assert [(x["token"], x["logprob"]) for x in streamed] == [(x["token"], x["logprob"]) for x in logprobs]
 
 
 def test_function_calls_and_a_conversation_continued(server, client, name):
@@ -150,7 +160,11 @@ def test_function_calls_and_a_conversation_continued(server, client, name):
     again = client.responses.create(model=name, input=items, tools=TOOLS, tool_choice="none", max_output_tokens=5)
     assert again.usage.input_tokens == count
 
-    # A named function, and a JSON schema as the text format
+    # A tool without parameters (null, as OpenAI's schema allows), a named function, and a JSON schema
+    # as the text format
+    bare = client.responses.create(model=name, input="x", max_output_tokens=30, tool_choice="required",
+                                   tools=[{"type": "function", "name": "now", "parameters": None}])
+    assert bare.output[0].type == "function_call" and json.loads(bare.output[0].arguments) == {}
     named = client.responses.create(model=name, input="x", tools=TOOLS, max_output_tokens=60,
                                     tool_choice={"type": "function", "name": "get_weather"})
     assert [o.type for o in named.output] == ["function_call"] and named.status == "completed"
@@ -165,10 +179,12 @@ def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(client, name
     got = client.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump() and got.metadata == {"k": "v"}
     client.responses.delete(r.id)
-    for call in (lambda: client.responses.retrieve(r.id), lambda: client.responses.delete(r.id),
-                 lambda: client.responses.create(model=name, input="x", previous_response_id=r.id)):
+    for call in (lambda: client.responses.retrieve(r.id), lambda: client.responses.delete(r.id)):
         with pytest.raises(openai.NotFoundError):
             call()
+    with pytest.raises(openai.BadRequestError) as e:  # (OpenAI's answer: a 400 with this code)
+        client.responses.create(model=name, input="x", previous_response_id=r.id)
+    assert e.value.code == "previous_response_not_found" and e.value.param == "previous_response_id"
     unstored = client.responses.create(model=name, input="Hi", max_output_tokens=4, store=False)
     assert unstored.store is False
     with pytest.raises(openai.NotFoundError):
@@ -195,6 +211,13 @@ BAD = [
     ({"input": "x", "top_logprobs": 30}, "top_logprobs"),
     ({"input": "x", "max_output_tokens": "5"}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"input": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"input": "x", "return_token_ids": True}, "return_token_ids"),
+    ({"input": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"input": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": {"x": 1}}]}, "input[0].output"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "w", "schema": None}}}, "text.format.schema"),
+    ({"input": "x " * 5000}, "input"),
 ]
 
 

@@ -203,6 +203,13 @@ def test_router_keys_are_the_engines_keys(model_dir, llm):
                                               add_generation_prompt=True, tokenize=False), add_special_tokens=False)
     for tools in ([{"function": fn}], [{"function": fn, "type": "function"}]):
         assert h.token_ids("chat", {"messages": msgs, "tools": tools}) == want
+    # the Responses API's request: hashed as the chat request the replica runs (instructions first)
+    body = {"instructions": "Be brief.", "input": [{"role": "user", "content": [{"type": "input_text",
+                                                                                   "text": "weather?"}]}],
+            "tools": [{"type": "function", **fn}], "tool_choice": "auto"}
+    as_chat = {"messages": [{"role": "system", "content": "Be brief."}, *msgs], "tools": [{"function": fn}]}
+    assert h.token_ids("responses", body) == h.token_ids("chat", as_chat) is not None
+    assert h.token_ids("responses", {**body, "previous_response_id": "resp_1"}) is None  # (the replica's history)
 
 
 # -- replicas (no processes: httpx's mock transport) ---------------------------------------------------
@@ -587,6 +594,51 @@ def test_router_dashboard_merges_the_replicas():
                 down.add("b")  # the second poll: b does not answer, and is shown as it was
             down.add("a")  # nobody answers: nothing stale is shown
             assert (await c.get("/dashboard/data", headers=auth)).status_code == 503
+        await router.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_responses_stream_cut_midway_ends_as_the_responses_api_ends_one():
+    """A replica lost mid-way through a /v1/responses stream (which cannot move): the client gets an
+    `error` event and `response.failed`, numbered after the last event relayed; a stored response
+    that only some replica could hold is not looked for without a tenant's key."""
+    from tokenmill.ops.tenants import hash_key, parse_tenants
+
+    created = {"id": "resp_1", "object": "response", "status": "in_progress", "store": True, "output": []}
+    head = [("response.created", {"response": created}), ("response.in_progress", {"response": created}),
+            ("response.output_text.delta", {"item_id": "msg_1", "delta": "hi"})]
+    asked = []
+
+    async def body():
+        for i, (kind, fields) in enumerate(head):
+            yield f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': i, **fields})}\n\n".encode()
+        raise httpx.ReadError("connection reset")
+
+    def replica(req: httpx.Request) -> httpx.Response:
+        asked.append(req.url.path)
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    tenants = parse_tenants({"tenants": [{"name": "acme", "keys_sha256": [hash_key("k")]}]})
+
+    async def main() -> None:
+        router = Router(RouterConfig(policy="round_robin", tenants=tenants), ["http://r"])
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(replica))
+        (rep,) = router.replicas.values()
+        rep.up = True
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router.app), base_url="http://router") as c:
+            r = await c.post("/v1/responses", json={"model": "m", "input": "x", "stream": True},
+                             headers={"authorization": "Bearer k"})
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            assert [e["type"] for e in events] == [k for k, _ in head] + ["error", "response.failed"]
+            assert [e["sequence_number"] for e in events] == list(range(5))
+            assert events[3]["code"] == "replica_failed" and "connection reset" in events[3]["message"]
+            failed = events[4]["response"]
+            assert failed["id"] == "resp_1" and failed["status"] == "failed" and failed["error"]["code"]
+            assert router.response_homes == {"resp_1": "http://r"}
+            before = len(asked)
+            r = await c.get("/v1/responses/resp_other")  # no key: the router's 401, no replica asked
+            assert r.status_code == 401 and len(asked) == before
         await router.client.aclose()
 
     asyncio.run(main())

@@ -406,10 +406,11 @@ def test_stored_responses_are_the_tenants_own(server):
     continue), and a tenant's max_tokens cap holds for max_output_tokens and through a tier."""
     mine, theirs = api(server, "open"), api(server, "other")
     r = mine.responses.create(model="llama", input="hi", max_output_tokens=3, extra_body={"ignore_eos": True})
-    for call in (lambda: theirs.responses.retrieve(r.id), lambda: theirs.responses.delete(r.id),
-                 lambda: theirs.responses.create(model="llama", input="x", previous_response_id=r.id)):
+    for call in (lambda: theirs.responses.retrieve(r.id), lambda: theirs.responses.delete(r.id)):
         with pytest.raises(openai.NotFoundError):
             call()
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        theirs.responses.create(model="llama", input="x", previous_response_id=r.id)
     assert mine.responses.retrieve(r.id).id == r.id
     streamed = list(mine.responses.create(model="llama", input="hi", max_output_tokens=2, stream=True))[-1].response
     with pytest.raises(openai.NotFoundError):  # (kept when the stream ends, after its handler returned)

@@ -165,6 +165,18 @@ class PromptHasher:
                 text = render_chat(tok, template_messages(req.messages), req.add_generation_prompt, req.tools,
                                    req.continue_final_message, req.chat_template_kwargs)
                 return tok.encode(text, add_special_tokens=False)
+            if endpoint == "responses":  # (as the replica runs it: the chat request it becomes)
+                from tokenmill.server.protocol import ResponsesRequest
+                from tokenmill.server.routes.responses import chat_request, input_messages
+                from tokenmill.server.tools import render_chat, template_messages
+
+                resp = ResponsesRequest.model_validate(body)
+                if resp.previous_response_id is not None:
+                    return None  # (its conversation is the replica's; the router pins it there anyway)
+                req = chat_request(resp, [], input_messages(resp.input))
+                text = render_chat(tok, template_messages(req.messages), req.add_generation_prompt, req.tools,
+                                   req.continue_final_message, req.chat_template_kwargs)
+                return tok.encode(text, add_special_tokens=False)
             p = body.get("prompt")
             if isinstance(p, list) and p and isinstance(p[0], (str, list)):
                 p = p[0]  # several prompts: the first decides

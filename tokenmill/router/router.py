@@ -34,7 +34,9 @@ The Responses API (/v1/responses) is stateful: a stored response lives on the re
 it. The router remembers which one (the id of every response it relayed; a replica asked
 otherwise, after a router restart), sends a previous_response_id's continuation and
 GET/DELETE /v1/responses/{id} there, and answers 503 while that replica is down. Its streams are
-relayed as they come (no mid-stream failover: a continuation cannot move), and routed by load.
+relayed as they come (no mid-stream failover: a continuation cannot move; a lost replica ends one
+as the API ends a failed stream). A request that continues nothing is hashed as the chat request
+the replica makes of it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -91,6 +94,7 @@ GENERATION_ENDPOINTS = TENANT_ENDPOINTS
 ROUTER_LIMITS = ("requests_per_minute", "concurrent_requests")
 # Responses whose replica the router remembers (previous_response_id, GET/DELETE /v1/responses/{id}).
 MAX_RESPONSE_HOMES = 100_000
+_SEQUENCE = re.compile(r'"sequence_number": (\d+)')  # (a Responses stream event's, near its start)
 # Answers that mean the request was not admitted (the router's own 413 and 503s, a replica's key,
 # permission or model refusal, its 429s: a tenant's limit, a full queue, an SLO it cannot meet; and
 # 5xx): they do not count against requests_per_minute.
@@ -315,7 +319,7 @@ class Router:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
-        if self.config.policy == "kv_aware" and name is not None and endpoint in ("chat", "completions"):
+        if self.config.policy == "kv_aware" and name is not None and endpoint in ("chat", "completions", "responses"):
             h = self._hasher(name)
             if h is not None:
                 if size > THREAD_TOKENIZE_BYTES or not h.loaded:
@@ -328,7 +332,8 @@ class Router:
         home = None
         prev = body.get("previous_response_id") if endpoint == "responses" else None
         if isinstance(prev, str):
-            home = await self._home(prev, headers or {})
+            found = await self._home(prev, headers or {})
+            home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
         return _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
 
     def _remember(self, response_id: Any, url: str) -> None:
@@ -338,9 +343,10 @@ class Router:
             while len(self.response_homes) > MAX_RESPONSE_HOMES:
                 self.response_homes.popitem(last=False)
 
-    async def _home(self, response_id: str, headers: dict[str, str]) -> str | None:
+    async def _home(self, response_id: str, headers: dict[str, str]) -> str | httpx.Response | None:
         """The replica holding a stored response: remembered, or found by asking the replicas that
-        are up (the router restarted since); None when none has it (a replica answers the 404)."""
+        are up (the router restarted since). None when none has it (a replica answers the 404); a
+        replica's 401 or 403 when none has it for this caller's key, to relay."""
         url = self.response_homes.get(response_id)
         if url is not None:
             self.response_homes.move_to_end(response_id)
@@ -353,7 +359,7 @@ class Router:
             if isinstance(a, httpx.Response) and a.status_code == 200:
                 self._remember(response_id, r.url)
                 return r.url
-        return None
+        return next((a for a in asks if isinstance(a, httpx.Response) and a.status_code in (401, 403)), None)
 
     def _pick(self, plan: _Plan, exclude: set[str]) -> tuple[Replica, _Ticket]:
         if plan.home is not None:
@@ -620,8 +626,12 @@ class Router:
 
     async def _stored_response(self, request: Request, response_id: str) -> Response:
         """GET/DELETE /v1/responses/{id} on the replica that holds it."""
+        if self.tenants is not None and self.tenants.authenticate(request.headers.get("authorization")) is None:
+            return error_response(invalid_key_error())  # (at the edge, before any replica is asked)
         headers = self._headers(request)
         home = await self._home(response_id, headers)
+        if isinstance(home, httpx.Response):  # the replicas refused the caller's key
+            return self._relay(home, None)
         if home is None:
             return JSONResponse(error_body(404, f"No response found with id '{response_id}'.", param="response_id",
                                            code="response_not_found"), status_code=404)
@@ -671,7 +681,9 @@ class Router:
                 self.metrics.e2e.observe(time.perf_counter() - t0)
             if endpoint == "responses" and resp.status_code == 200 and request.method == "POST":
                 with contextlib.suppress(ValueError, AttributeError):
-                    self._remember(resp.json().get("id"), rep.url)
+                    stored = resp.json()
+                    if stored.get("store"):  # (one not stored has no home to come back to)
+                        self._remember(stored.get("id"), rep.url)
             return self._relay(resp, {"retries": len(tried), "replicas": tried + [rep.url]} if tried else None,
                                rep.url, request.scope.get("root_path", ""))
         if tried:
@@ -766,13 +778,20 @@ class Router:
 
         async def events() -> AsyncIterator[str]:
             first = True
+            created: dict[str, Any] | None = None  # the response.created event's response
+            seq = -1  # the last event's sequence_number
             try:
                 async for line in relay.lines():
-                    if line.startswith("data: ") and first:
-                        if '"response.created"' in line:
-                            with contextlib.suppress(ValueError, AttributeError):
-                                self._remember(json.loads(line[6:])["response"]["id"], rep.url)
-                        elif '.delta"' in line:  # its first token
+                    if line.startswith("data: "):
+                        m = _SEQUENCE.search(line, 0, 128)
+                        if m is not None:
+                            seq = int(m.group(1))
+                        if first and '"response.created"' in line:
+                            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                                created = json.loads(line[6:])["response"]
+                                if created.get("store"):
+                                    self._remember(created["id"], rep.url)
+                        elif first and '.delta"' in line:  # its first token
                             first = False
                             ticket.first_token()
                             metrics.ttft.observe(time.perf_counter() - t0)
@@ -784,9 +803,17 @@ class Router:
                 rep.mark_down(f"{type(e).__name__}: {e}")
                 recorded[0] = True
                 metrics.requests.labels(rep.url, endpoint, "failed").inc()
-                err = error_body(503, f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})",
-                                 code="replica_failed")["error"]
-                yield f"\nevent: error\ndata: {json.dumps({'type': 'error', **err})}\n\n"
+                msg = f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})"
+                # The Responses API's ending of a failed stream: an error event, then response.failed.
+                events = [("error", {"code": "replica_failed", "message": msg, "param": None})]
+                if isinstance(created, dict):
+                    events.append(("response.failed", {"response": {
+                        **created, "status": "failed", "error": {"code": "server_error", "message": msg}}}))
+                out = "\n"  # (ends an event the replica left half-sent)
+                for i, (kind, fields) in enumerate(events):
+                    data = json.dumps({"type": kind, "sequence_number": seq + 1 + i, **fields})
+                    out += f"event: {kind}\ndata: {data}\n\n"
+                yield out
             finally:
                 ticket.end()
                 await relay.close()

@@ -55,7 +55,14 @@ _RENAMES = ((re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens")
             (re.compile(r"\bmessages\b"), "input"))
 
 
+class _ResponsesError(APIError):
+    """An error this module raised, naming the Responses request's own fields (not renamed)."""
+
+
 def _renamed(e: APIError) -> APIError:
+    if isinstance(e, _ResponsesError):
+        return e
+
     def sub(s: str | None) -> str | None:
         if s is None:
             return None
@@ -63,20 +70,27 @@ def _renamed(e: APIError) -> APIError:
             s = pattern.sub(repl, s)
         return s
 
+    if e.param == "prompt":  # (the prompt is the input's, with the instructions and the conversation before it)
+        e.message, e.param = "input" + e.message.removeprefix("prompt"), "input"
     e.message, e.param = sub(e.message) or "", sub(e.param)
     return e
 
 
 def _bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
+    return _ResponsesError(400, f"{param}: {message}", param=param)
 
 
 def _text(content: Any, where: str) -> str:
     """A message's content as text: a string or a list of text parts."""
+    return _parts(content, f"{where}.content")
+
+
+def _parts(content: Any, where: str) -> str:
+    """A string, or a list of text parts joined; where: the field's path, for errors."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"{where}.content", "must be a string or a list of content parts")
+        raise _bad(where, "must be a string or a list of content parts")
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -85,9 +99,9 @@ def _text(content: Any, where: str) -> str:
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
         elif kind in ("input_image", "input_file", "input_audio"):
-            raise _bad(f"{where}.content[{j}]", f"{kind} is not supported: this server runs text-only models")
+            raise _bad(f"{where}[{j}]", f"{kind} is not supported: this server runs text-only models")
         else:
-            raise _bad(f"{where}.content[{j}]", "must be a text part ({'type': 'input_text', 'text': ...})")
+            raise _bad(f"{where}[{j}]", "must be a text part ({'type': 'input_text', 'text': ...})")
     return "".join(texts)
 
 
@@ -123,7 +137,7 @@ def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             output = item.get("output")
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                        "content": output if isinstance(output, str) else _text(output, where + ".output")})
+                        "content": output if isinstance(output, str) else _parts(output, where + ".output")})
         elif kind != "reasoning":
             raise _bad(f"{where}.type", f"{kind!r} is not supported; an input item is a message, a function_call, "
                        "a function_call_output or a reasoning item")
@@ -141,7 +155,10 @@ def _chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any
             if t.get("type") != "function":
                 raise _bad(f"tools[{i}].type", f"only function tools are supported (this server runs no built-in "
                            f"tools), got {t.get('type')!r}")
-            tools.append({"type": "function", "function": {k: v for k, v in t.items() if k != "type"}})
+            f = {k: v for k, v in t.items() if k != "type"}
+            if f.get("parameters", {}) is None:  # (OpenAI's schema allows null: no parameters)
+                f["parameters"] = {"type": "object", "properties": {}}
+            tools.append({"type": "function", "function": f})
     choice = req.tool_choice
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
@@ -160,8 +177,10 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "json_object"}
     if kind == "json_schema":
-        if "schema" not in fmt:
+        if fmt.get("schema") is None:
             raise _bad("text.format.schema", "is required with type json_schema")
+        if not isinstance(fmt["schema"], (dict, bool)):
+            raise _bad("text.format.schema", "must be a JSON schema object")
         return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
                                                        if k in fmt}}
     raise _bad("text.format.type", f"must be 'text', 'json_object' or 'json_schema', got {kind!r}")
@@ -172,7 +191,7 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]],
     """The chat request that runs a Responses request: its instructions, then the conversation it
     continues, then its input; the sampling fields both share pass through."""
     for name in _NOT_HERE:
-        if name in req.model_fields_set and getattr(req, name) not in (None, False, 1):
+        if name in req.model_fields_set and getattr(req, name) != type(req).model_fields[name].default:
             raise _bad(name, "is not a field of /v1/responses (use /v1/chat/completions)")
     if req.background:
         raise _bad("background", "background responses are not supported")
@@ -201,7 +220,8 @@ def _owner() -> str | None:
 def _usage(ctx: ServerContext, prompt_ids: list[int], c: CompletionOutput, cached: int, rparser: str | None,
            skip_special_tokens: bool, compute: dict[str, Any] | None) -> dict[str, Any]:
     n_prompt, n_out = len(prompt_ids), len(c.token_ids)
-    u: dict[str, Any] = {"input_tokens": n_prompt, "input_tokens_details": {"cached_tokens": cached},
+    u: dict[str, Any] = {"input_tokens": n_prompt,
+                         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                          "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": n_prompt + n_out}
     if rparser is not None and ctx.tokenizer is not None:  # the tokens whose text starts in the reasoning
@@ -280,8 +300,37 @@ class _Run:
         }
 
     def keep(self, resp: dict[str, Any]) -> None:
+        """Stores the finished response (store); one over the whole budget is not kept, and says so."""
         if self.store and resp["status"] in ("completed", "incomplete"):
-            self.gw.responses.put(self.rid, self.owner, resp, self.parent, self.turn + _assistant_turn(resp["output"]))
+            resp["store"] = self.gw.responses.put(self.rid, self.owner, resp, self.parent,
+                                                  self.turn + _assistant_turn(resp["output"]))
+
+
+class _ContentLogprobs:
+    """The message's logprobs (chat's format): of the tokens whose text starts in the answer's
+    content, after the reasoning and before any call; taken as the content grows, so a stream's
+    deltas and the unstreamed message hold the same ones."""
+
+    def __init__(self, ctx: ServerContext, prompt_ids: list[int], skip_special_tokens: bool, k: int | None) -> None:
+        self.ctx, self.k = ctx, k
+        self.offsets = ctx.text_offsets(prompt_ids, skip_special_tokens) if k is not None else None
+        self.next = 0  # the tokens before it are taken or dropped
+
+    def take(self, c: CompletionOutput, start: int | None, end: int) -> list[dict[str, Any]]:
+        """The logprobs of the tokens not yet taken whose text starts in [start, end) of the choice's
+        text; those before start (reasoning) are dropped; start None: not known yet, none taken."""
+        if self.offsets is None or start is None:
+            return []
+        n = len(c.token_ids)
+        first = last = self.next
+        for o in self.offsets.take(c.token_ids, self.next, n, len(c.text)):
+            if o >= end:
+                break
+            if o < start:
+                first += 1
+            last += 1
+        self.next = last
+        return self.ctx.chat_logprobs(c, first, last, self.k, False) if last > first else []
 
 
 class _EventWriter:
@@ -378,9 +427,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
             return None
         parent = gw.responses.get(req.previous_response_id, _owner())
         if parent is None:
-            raise APIError(404, f"previous_response_id: no stored response {req.previous_response_id!r} (responses "
-                           f"are kept in this server's memory, up to --responses-store-mb; it may have been "
-                           f"deleted or evicted)", param="previous_response_id", code="previous_response_not_found")
+            raise _ResponsesError(
+                400, f"Previous response with id '{req.previous_response_id}' not found. (Responses are kept in this "
+                f"server's memory, up to --responses-store-mb: it may have been deleted or evicted.)",
+                param="previous_response_id", code="previous_response_not_found")
         return parent
 
     def precheck(req: ResponsesRequest) -> None:
@@ -416,12 +466,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 yield w.event("response.in_progress", response=run.response("in_progress", [], None))
                 states: dict[tuple[str, int], ChoiceState] = {}
                 answer = AnswerStream(plan.tools, plan.rparser)
+                lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
                 cached: dict[str, int] = {}
                 computes: dict[str, Any] = {}
-                status, last = "cancelled", None
+                status, last, sent = "cancelled", None, 0  # sent: the content's characters streamed
                 try:
                     async for _, c, d in ctx.choice_deltas(group, params, states, cached, computes):
-                        lp = ctx.chat_logprobs(c, *d.tokens, k, False) if k is not None else []
                         think, content, calls, reason = answer.feed(c.text[: d.text_start + len(d.text)], d.text,
                                                                     d.finish_reason)
                         evs = []
@@ -429,9 +479,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         if think:
                             evs += w.reasoning(think)
                         if content:
-                            evs += w.content(content, lp)
-                        elif lp and w.open is not None and w.open["type"] == "message":
-                            w.logprobs += lp
+                            sent += len(content)
+                            rs = answer.reasoning
+                            start = 0 if rs is None else rs.content_from
+                            evs += w.content(content, lps.take(c, start, (start or 0) + sent))
                         for call in calls:
                             evs += w.call(call)
                         if c.finished():
@@ -448,13 +499,16 @@ def register(app: FastAPI, gw: Gateway) -> None:
                     failed = run.response("failed", w.output, None, {"code": "server_error", "message": msg})
                     yield w.event("response.failed", response=failed)
                     return
+                if status == "cancelled":  # (the engine ended it without a finish reason: aborted)
+                    failed = run.response("failed", w.output, None,
+                                          {"code": "server_error", "message": "the request was aborted"})
+                    yield w.event("response.failed", response=failed)
+                    return
                 usage = None if last is None else _usage(ctx, plan.ids, last, cached.get(run.rid, 0), plan.rparser,
                                                          params.skip_special_tokens, sum_compute(computes.values()))
                 final = run.response(status, w.output, usage)
                 run.keep(final)
-                kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
-                    status, "response.failed")
-                yield w.event(kind, response=final)
+                yield w.event("response.completed" if status == "completed" else "response.incomplete", response=final)
 
             return sse_response(events(), lambda: engine.release(group))
 
@@ -469,14 +523,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
             if thought:
                 output.append(_reasoning(thought, "completed"))
             if content or not (thought or calls):
-                lps = ctx.chat_logprobs(c, 0, len(c.token_ids), k, False) if k is not None else []
-                output.append(_message(content or "", "completed", lps))
+                start = len(c.text) - len(split_reasoning(plan.rparser, c.text)[1] or "") if plan.rparser else 0
+                lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
+                output.append(_message(content or "", "completed", lps.take(c, start, start + len(content or ""))))
             output += [_function_call(t["id"], t["function"]["name"], t["function"]["arguments"], "completed")
                        for t in calls]
             if status == "incomplete" and output:
                 output[-1]["status"] = "incomplete"
             usage = _usage(ctx, plan.ids, c, out.num_cached_tokens, plan.rparser, params.skip_special_tokens,
                            out.compute)
+            if status == "cancelled":  # (the engine ended it without a finish reason: aborted)
+                return error_response(APIError(500, "the request was aborted", code="engine_error"))
             resp = run.response(status, output, usage)
             run.keep(resp)
             return JSONResponse(resp)
