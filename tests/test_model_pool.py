@@ -342,6 +342,15 @@ def test_cli_models_file_relative_paths(models, tmp_path):
     x, y, z, w = (e.config for e in read_models_file(path, flags)[0])
     assert x.speculative_config.model == y.speculative_config.model == str(tmp_path / "d")
     assert z.speculative_config is None and w.speculative_config.method == "ngram"
+    # and `quantization: false` the command line's quantization
+    flags = EngineConfig(model="", quantization="int8")
+    path = write_yaml(tmp_path / "m.yaml", {"models": [{"path": "a", "name": "q", "quantization": False},
+                                                       {"path": "a", "name": "r"}]})
+    q, r = (e.config for e in read_models_file(path, flags)[0])
+    assert q.quantization is None and r.quantization == "int8"
+    path = write_yaml(tmp_path / "m.yaml", {"models": [{"path": "a", "quantization": True}]})
+    with pytest.raises(ValueError, match=r"models\[0\]\.quantization: a method"):
+        read_models_file(path, flags)
 
 
 def test_a_draft_models_weights_count_in_the_estimate(models):

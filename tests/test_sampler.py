@@ -601,6 +601,39 @@ def test_allowed_token_ids_mask_every_sampled_token(model_dir):
     assert set(done[rid].outputs[0].token_ids) <= {40, 41}
 
 
+def _holds(tokens: list[int], word: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[i:i + len(word)]) == word for i in range(len(tokens) - len(word) + 1))
+
+
+def test_bad_words_never_appear_in_the_output(model_dir):
+    """vLLM's bad_words: words of the greedy output, banned, appear in no output (greedy, sampled, a
+    grammar's row beside); as they start the text and after a space; multi-token words are banned
+    at their last token only when the rest was just written. Refused: empty words, beam search."""
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.engine.llm_engine import bad_words_token_ids
+
+    llm = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20)
+    prompt = "The quick brown fox"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    words = [w for w in free.text.split() if len(w) > 2][:3]
+    ids = bad_words_token_ids(llm.get_tokenizer(), words)
+    assert any(len(w) > 1 for w in ids) and any(_holds(free.token_ids, w) for w in ids)
+    for sp in (SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, bad_words=words),
+               SamplingParams(temperature=1.0, seed=4, max_tokens=40, ignore_eos=True, bad_words=words)):
+        out = llm.generate(prompt, sp)[0].outputs[0]
+        assert len(out.token_ids) == sp.max_tokens and not any(_holds(out.token_ids, w) for w in ids), words
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, bad_words=words)
+    banned = llm.generate(prompt, greedy)[0].outputs[0].token_ids
+    spec = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    assert spec.generate(prompt, greedy)[0].outputs[0].token_ids == banned  # (such rows take no drafts)
+    for bad, match in [([""], "non-empty"), (["  "], "non-empty"), ("word", "list")]:
+        with pytest.raises(ValueError, match=f"^bad_words: .*{match}"):
+            llm.generate(prompt, SamplingParams(bad_words=bad))
+    with pytest.raises(ValueError, match="^bad_words: not supported with use_beam_search"):
+        llm.generate(prompt, SamplingParams(n=2, use_beam_search=True, bad_words=["x"]))
+
+
 def test_allowed_token_ids_beside_and_with_a_grammar(model_dir):
     """One batch with a grammar's row, an allowed_token_ids row and a row with both: each row's mask."""
     from tokenmill import LLM, SamplingParams

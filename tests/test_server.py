@@ -658,3 +658,9 @@ def test_allowed_token_ids_over_http(client, model_name):
         client.completions.create(model=model_name, prompt="Hello", max_tokens=2,
                                   extra_body={"allowed_token_ids": [10**8]})
     assert e.value.body["param"] == "allowed_token_ids"
+    r = client.completions.create(model=model_name, prompt="Hello", max_tokens=12, temperature=0,
+                                  extra_body={"bad_words": ["the", "quick brown"], "ignore_eos": True})
+    assert r.usage.completion_tokens == 12
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="Hello", max_tokens=2, extra_body={"bad_words": [""]})
+    assert e.value.body["param"] == "bad_words"

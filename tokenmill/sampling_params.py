@@ -61,8 +61,13 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     # vLLM's: the only tokens that may be sampled (a mask applied with a grammar's, as structured outputs')
     allowed_token_ids: list[int] | None = None
-    # Filled in by the engine: the model's end-of-sequence ids.
+    # vLLM's: words the output may not contain. Each is tokenized as it would start the text and as
+    # it would follow a space; a step whose output ends with all but the last token of one bans that
+    # last token (so a word of one token is never sampled).
+    bad_words: list[str] | None = None
+    # Filled in by the engine: the model's end-of-sequence ids, and bad_words' token sequences.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    _bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
     # Scoring or embedding a prompt (echo with max_tokens 0, /v1/embeddings): the one token these
     # run with is thrown away, so the prompt may fill the whole context.
     _prompt_only: bool = field(default=False, repr=False)
@@ -78,6 +83,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_plain(t) for t in (self.stop_token_ids if self.stop_token_ids is not None else [])]
+        if isinstance(self.bad_words, (list, tuple)):
+            self.bad_words = list(self.bad_words)
         if isinstance(self.allowed_token_ids, (list, tuple)) or hasattr(self.allowed_token_ids, "tolist"):
             # (a copy: a caller reusing its list cannot change what a queued request may sample)
             self.allowed_token_ids = [_plain(t) for t in list(self.allowed_token_ids)]
@@ -162,6 +169,14 @@ class SamplingParams:
             if bad_ids:
                 raise bad("allowed_token_ids", f"{bad_ids[:5]} are not token ids of the vocabulary"
                           + (f" [0, {vocab_size})" if vocab_size is not None else ""))
+        words = self.bad_words
+        if words is not None:
+            if not isinstance(words, list) or any(not isinstance(w, str) or not w.strip() for w in words):
+                raise bad("bad_words", "must be a list of non-empty strings")
+            if len(words) > MAX_STOP_STRINGS:
+                raise bad("bad_words", f"at most {MAX_STOP_STRINGS} words, got {len(words)}")
+            if any(len(w) > MAX_STOP_STRING_CHARS for w in words):
+                raise bad("bad_words", f"a word may hold at most {MAX_STOP_STRING_CHARS} characters")
         k = self.truncate_prompt_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1)):
             raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or an integer >= 1, got {k!r}")
@@ -196,7 +211,7 @@ class SamplingParams:
                                               ("frequency_penalty", 0.0))
                    if getattr(self, name) != default and not self.is_model_default(name)]
         changed += [name for name in ("logit_bias", "structured_outputs", "max_reasoning_tokens", "stop",
-                                      "allowed_token_ids")
+                                      "allowed_token_ids", "bad_words")
                     if getattr(self, name) not in (None, [], {})]
         if changed:
             raise ValueError(f"{changed[0]}: not supported with use_beam_search")

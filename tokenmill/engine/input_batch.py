@@ -176,13 +176,13 @@ class SamplingColumns:
 
 def needs_row_work(seq: Sequence) -> bool:
     """Whether sampling this sequence needs more than its columns: a generator of its own (seed),
-    logit_bias, min_tokens bans, repetition penalties (its token counts), a grammar's or
+    logit_bias, min_tokens and bad_words bans, repetition penalties (its token counts), a grammar's or
     allowed_token_ids' mask, tokens a
     reasoning budget forces, or beam search."""
     p = seq.params
     return (p.seed is not None or bool(p.logit_bias) or p.min_tokens > 0 or p.repetition_penalty != 1.0
             or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or seq.matcher is not None
-            or bool(p.allowed_token_ids)
+            or bool(p.allowed_token_ids) or bool(p._bad_words_token_ids)
             or p.max_reasoning_tokens is not None or seq.request.beam is not None)
 
 

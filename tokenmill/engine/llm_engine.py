@@ -273,6 +273,17 @@ class LLMEngine:
                 raise ValueError("allowed_token_ids: only end-of-sequence or stop tokens, which min_tokens forbids")
         if params.use_beam_search and params.n > 1:  # (one beam is greedy decoding: see add_request)
             self._check_beam_search(params, n_prompt)
+        if params.bad_words:
+            self._bad_words_ids(params.bad_words)
+
+    def _bad_words_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        if self.tokenizer is None:
+            raise ValueError("bad_words: this model has no tokenizer to read them with")
+        ids = bad_words_token_ids(self.tokenizer, words)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for w in ids for t in w):
+            raise ValueError(f"bad_words: a word's tokens are outside the model's vocabulary [0, {vocab})")
+        return ids
 
     def add_request(self, prompt: str | dict | list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0, arrival_time: float | None = None, final_only: bool = False) -> str:
@@ -312,6 +323,8 @@ class LLMEngine:
             grammar = so._compiled or self.grammars.compile(so)  # the server compiles off this thread
         params = _copy_params(params)
         params._eos_token_ids = self.eos_token_ids
+        if params.bad_words:
+            params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
         if params.use_beam_search and params.n == 1:  # one beam is greedy decoding, as in transformers
             params.use_beam_search, params.temperature = False, 0.0
         admitted = isinstance(prompt, dict) and bool(prompt.get("slo_admitted"))
@@ -1045,6 +1058,19 @@ def request_tags(prompt: str | dict | list[int]) -> tuple[str | None, SLOTarget 
     if slo is not None and not isinstance(slo, SLOTarget):
         slo = SLOTarget.from_dict(slo)
     return tenant, (None if slo is None or slo.best_effort else slo)
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word's tokens as vLLM finds them: as the word starts the text, and as it follows a
+    space when that spelling starts with another token of the same length (a BPE's "Ġword")."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        for ids in (bare, spaced) if spaced[:1] != bare[:1] and len(spaced) == len(bare) else (bare,):
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
 
 
 def _copy_params(p: SamplingParams) -> SamplingParams:

@@ -50,6 +50,7 @@ def can_speculate(seq: Sequence) -> bool:
     return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and seq.num_output_tokens >= p.min_tokens and p.seed is None
             and p.max_reasoning_tokens is None  # the closing tag it may force is not a draft's to guess
+            and not p._bad_words_token_ids  # a ban depends on the tokens before it, drafts included
             and seq.request.beam is None)  # a beam's next token is the search's to pick, not a sample
 
 

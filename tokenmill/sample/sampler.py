@@ -167,6 +167,12 @@ class SamplingMetadata:
                     ids = []  # the grammar's only way on is to end: it wins over min_tokens
                 ban_rows += [i] * len(ids)
                 ban_ids += ids
+            if p._bad_words_token_ids:
+                ids = _bad_word_ends(s, p._bad_words_token_ids)
+                if ids and i in masks and not _allows_more(masks[i], ids):
+                    ids = []  # the grammar (or allowed_token_ids) allows nothing else: it wins
+                ban_rows += [i] * len(ids)
+                ban_ids += ids
             if p.logit_bias:
                 bias_rows += [i] * len(p.logit_bias)
                 bias_ids += p.logit_bias
@@ -388,6 +394,18 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     the row's largest logit plus log(min_p) (-inf where min_p is 0: nothing masked)."""
     floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None]
     return logits.masked_fill(logits < floor, float("-inf"))
+
+
+def _bad_word_ends(seq: Sequence, words: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The last tokens of the bad words whose other tokens the output ends with (vLLM's rule: only
+    output tokens count, the prompt's do not)."""
+    tokens, n_out = seq.token_ids, seq.num_output_tokens
+    ends = []
+    for w in words:
+        k = len(w) - 1
+        if k <= n_out and (k == 0 or tuple(tokens[len(tokens) - k:]) == w[:-1]):
+            ends.append(w[-1])
+    return ends
 
 
 def _allows_more(words: np.ndarray, ids: list[int]) -> bool:

@@ -53,7 +53,7 @@ TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quan
 _TYPES: dict[str, tuple[type, ...]] = {
     "dtype": (str,), "max_model_len": (int,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,),
     "block_size": (int,), "seed": (int,), "enable_prefix_caching": (bool,), "attention_backend": (str,),
-    "quantization": (str,), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
+    "quantization": (str, bool), "prepack_weights": (bool,), "task": (str,), "allow_long_max_model_len": (bool,),
     "speculative_config": (dict, str, bool), "tokenizer": (str,), "gpu_memory_utilization": (int, float),
     "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,), "scheduling_policy": (str,),
     "slo_admission": (str,), "price_per_device_hour": (int, float), "price_per_kwh": (int, float),
@@ -148,6 +148,11 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             changes["tokenizer"] = near(changes["tokenizer"])
         if changes.get("generation_config") not in (None, "auto", "vllm"):
             changes["generation_config"] = near(changes["generation_config"])
+        q = m.get("quantization")
+        if q is False:  # this model's weights stay as they are, whatever the flags say
+            changes["quantization"] = None
+        elif q is True:
+            raise ValueError(f"{f}.quantization: a method (int8), or false for none")
         spec = m.get("speculative_config")
         if spec is False:  # this model does not speculate, whatever the flags say
             changes["speculative_config"] = None

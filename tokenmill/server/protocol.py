@@ -143,6 +143,7 @@ class _SamplingFields(_Strict):
     early_stopping: bool | Literal["never"] = False
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
     allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be sampled
+    bad_words: list[str] | None = None  # vLLM's: words the output may not contain
 
     def structured(self) -> tuple[StructuredOutputsParams, str] | None:
         """The request's output constraint and the field it came from; ValueError when the fields
@@ -217,6 +218,7 @@ class _SamplingFields(_Strict):
             early_stopping=self.early_stopping,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             _defaulted=defaulted,
         )
 
