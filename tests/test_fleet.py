@@ -287,6 +287,9 @@ def test_a_stored_response_is_continued_on_its_replica(fleet, model_name, tmp_pa
         turn = c.responses.with_raw_response.create(model=model_name, input="again", previous_response_id=prev,
                                                     max_output_tokens=2)
         assert turn.headers[HEADER] == home and turn.parse().usage.input_tokens > first.parse().usage.input_tokens
+        assert c.responses.input_items.list(turn.parse().id).data[0].content[0].text == "again"
+        counted = c.responses.input_tokens.count(model=model_name, input="again", previous_response_id=prev)
+        assert counted.input_tokens == turn.parse().usage.input_tokens  # (counted where the conversation is)
         c.responses.delete(prev)
         with pytest.raises(openai.NotFoundError):
             c.responses.retrieve(prev)

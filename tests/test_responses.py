@@ -174,6 +174,19 @@ def test_function_calls_and_a_conversation_continued(server, client, name):
     jsonschema.validate(json.loads(fmt.output_text), WEATHER)
 
 
+def test_truncation_auto_drops_the_oldest_turns_to_fit(client, name):
+    """truncation "auto": a conversation over the context loses its oldest messages (the
+    instructions and the last message stay); "disabled", the default, is a 400."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 150} for i in range(9)]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=name, input=turns, instructions="Be brief.", max_output_tokens=50)
+    assert e.value.param == "input"
+    r = client.responses.create(model=name, input=turns, instructions="Be brief.", max_output_tokens=50,
+                                truncation="auto", extra_body={"ignore_eos": True})
+    assert r.status == "incomplete" and r.usage.output_tokens == 50 and r.truncation == "auto"
+    assert r.usage.input_tokens + 50 <= 1024 and r.usage.input_tokens > 500
+
+
 def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(client, name):
     r = client.responses.create(model=name, input="Hi", max_output_tokens=4, metadata={"k": "v"})
     got = client.responses.retrieve(r.id)
@@ -185,6 +198,22 @@ def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(client, name
     with pytest.raises(openai.BadRequestError) as e:  # (OpenAI's answer: a 400 with this code)
         client.responses.create(model=name, input="x", previous_response_id=r.id)
     assert e.value.code == "previous_response_not_found" and e.value.param == "previous_response_id"
+    # Its input items, listed back as OpenAI lists them; the input's token count without running it.
+    items = [{"role": "user", "content": "Hello"}, {"type": "function_call", "call_id": "call_1", "name": "f",
+                                                   "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    listed = client.responses.create(model=name, input=items, max_output_tokens=2)
+    page = client.responses.input_items.list(listed.id)
+    assert [x.type for x in page.data] == ["function_call_output", "function_call", "message"]  # newest first
+    assert page.data[2].content[0].text == "Hello" and not page.has_more
+    two = client.responses.input_items.list(listed.id, order="asc", limit=2)
+    assert [x.type for x in two.data] == ["message", "function_call"] and two.has_more
+    rest = client.responses.input_items.list(listed.id, order="asc", after=two.last_id)
+    assert [x.type for x in rest.data] == ["function_call_output"]
+    counted = client.responses.input_tokens.count(model=name, input=items, instructions="Be brief.")
+    with_instructions = client.responses.create(model=name, input=items, instructions="Be brief.",
+                                                max_output_tokens=1)
+    assert counted.input_tokens == with_instructions.usage.input_tokens
     unstored = client.responses.create(model=name, input="Hi", max_output_tokens=4, store=False)
     assert unstored.store is False
     with pytest.raises(openai.NotFoundError):
@@ -207,7 +236,8 @@ BAD = [
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
     ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"input": "x", "top_logprobs": 30}, "top_logprobs"),
     ({"input": "x", "max_output_tokens": "5"}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),

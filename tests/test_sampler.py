@@ -627,6 +627,15 @@ def test_bad_words_never_appear_in_the_output(model_dir):
     spec = LLM(model_dir, kv_cache_memory_bytes=8 * 2**20,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     assert spec.generate(prompt, greedy)[0].outputs[0].token_ids == banned  # (such rows take no drafts)
+    # A mask that allows only a bad word and EOS, before min_tokens: the bans together would leave
+    # nothing, so the mask wins (the sampler emitted tokens outside it).
+    one = next(w for w in ids if len(w) == 1)
+    eos = llm.engine.eos_token_ids[0]
+    for sp in (SamplingParams(temperature=0, max_tokens=6, min_tokens=3, allowed_token_ids=[one[0], eos],
+                              bad_words=words),
+               SamplingParams(temperature=1.0, seed=1, max_tokens=6, min_tokens=3, allowed_token_ids=[one[0], eos],
+                              bad_words=words)):
+        assert set(llm.generate(prompt, sp)[0].outputs[0].token_ids) <= {one[0], eos}
     for bad, match in [([""], "non-empty"), (["  "], "non-empty"), ("word", "list")]:
         with pytest.raises(ValueError, match=f"^bad_words: .*{match}"):
             llm.generate(prompt, SamplingParams(bad_words=bad))

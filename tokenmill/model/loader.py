@@ -186,7 +186,7 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
                     f"expected {tuple(dest.shape)} from config.json"
                 )
             if dest.dtype == torch.int8:  # (a row is an output channel: a fused shard's rows quantize alone)
-                q8, scale = quantize_rows_int8(tensor.to(dtype))
+                q8, scale = quantize_rows_int8(tensor.to(dest.device, dtype))  # (on the device: fast on a GPU)
                 dest.copy_(q8)
                 scales = params[pname.removesuffix(".weight") + ".scale"]
                 if shard is not None:

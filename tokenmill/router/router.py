@@ -330,7 +330,7 @@ class Router:
         if tenant is not None:  # as the replica salts it (a salt that is no string: the replica's 400)
             salt = tenant_salt(tenant, salt if isinstance(salt, str) else None)
         home = None
-        prev = body.get("previous_response_id") if endpoint == "responses" else None
+        prev = body.get("previous_response_id") if endpoint in ("responses", "input_tokens") else None
         if isinstance(prev, str):
             found = await self._home(prev, headers or {})
             home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
@@ -450,8 +450,16 @@ class Router:
         async def responses(request: Request) -> Response:
             return await self._generate(request, "responses")
 
+        @app.post("/v1/responses/input_tokens")
+        async def input_tokens(request: Request) -> Response:  # (at the replica holding what it continues)
+            return await self._generate(request, "input_tokens")
+
         @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
         async def stored_response(request: Request, response_id: str) -> Response:
+            return await self._stored_response(request, response_id)
+
+        @app.get("/v1/responses/{response_id}/input_items")
+        async def stored_input_items(request: Request, response_id: str) -> Response:
             return await self._stored_response(request, response_id)
 
         @app.get("/v1/kv_events")
@@ -625,7 +633,7 @@ class Router:
         return await unless_disconnected(request, self._unary(request, endpoint, path, raw, plan, headers, t0))
 
     async def _stored_response(self, request: Request, response_id: str) -> Response:
-        """GET/DELETE /v1/responses/{id} on the replica that holds it."""
+        """GET/DELETE /v1/responses/{id} (and GET its input_items) on the replica that holds it."""
         if self.tenants is not None and self.tenants.authenticate(request.headers.get("authorization")) is None:
             return error_response(invalid_key_error())  # (at the edge, before any replica is asked)
         headers = self._headers(request)
@@ -636,7 +644,8 @@ class Router:
             return JSONResponse(error_body(404, f"No response found with id '{response_id}'.", param="response_id",
                                            code="response_not_found"), status_code=404)
         plan = _Plan(None, None, None, home=home)
-        resp = await self._unary(request, "responses", get_route_path(request.scope), b"", plan, headers,
+        path = get_route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
+        resp = await self._unary(request, "responses", path, b"", plan, headers,
                                  time.perf_counter())
         if request.method == "DELETE" and resp.status_code == 200:
             self.response_homes.pop(response_id, None)
@@ -779,29 +788,42 @@ class Router:
         async def events() -> AsyncIterator[str]:
             first = True
             created: dict[str, Any] | None = None  # the response.created event's response
-            seq = -1  # the last event's sequence_number
+            seq = -1  # the last relayed event's sequence_number
+            m = None  # the event being read's
+            ended = False  # its response.completed (or incomplete, failed) was relayed
+            lines: list[str] = []  # the event being read: relayed whole, so a cut never splits one
             try:
                 async for line in relay.lines():
+                    lines.append(line)
                     if line.startswith("data: "):
                         m = _SEQUENCE.search(line, 0, 128)
-                        if m is not None:
-                            seq = int(m.group(1))
-                        if first and '"response.created"' in line:
+                        head = line[:48]
+                        if first and '"response.created"' in head:
                             with contextlib.suppress(ValueError, AttributeError, TypeError):
                                 created = json.loads(line[6:])["response"]
                                 if created.get("store"):
                                     self._remember(created["id"], rep.url)
-                        elif first and '.delta"' in line:  # its first token
+                        elif first and '.delta"' in head:  # its first token
                             first = False
                             ticket.first_token()
                             metrics.ttft.observe(time.perf_counter() - t0)
-                    yield line + "\n"
+                        ended = ended or any(f'"response.{k}"' in head for k in ("completed", "incomplete", "failed"))
+                    if line == "":
+                        yield "\n".join(lines) + "\n"
+                        lines = []
+                        if m is not None:  # (numbered once relayed: a cut event's number is not used)
+                            seq = int(m.group(1))
+                if lines:
+                    yield "\n".join(lines) + "\n"
                 recorded[0] = True
                 metrics.requests.labels(rep.url, endpoint, "ok").inc()
                 metrics.e2e.observe(time.perf_counter() - t0)
             except httpx.TransportError as e:
                 rep.mark_down(f"{type(e).__name__}: {e}")
                 recorded[0] = True
+                if ended:  # (lost after its last event: the answer is whole)
+                    metrics.requests.labels(rep.url, endpoint, "ok").inc()
+                    return
                 metrics.requests.labels(rep.url, endpoint, "failed").inc()
                 msg = f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})"
                 # The Responses API's ending of a failed stream: an error event, then response.failed.
@@ -809,7 +831,7 @@ class Router:
                 if isinstance(created, dict):
                     events.append(("response.failed", {"response": {
                         **created, "status": "failed", "error": {"code": "server_error", "message": msg}}}))
-                out = "\n"  # (ends an event the replica left half-sent)
+                out = ""
                 for i, (kind, fields) in enumerate(events):
                     data = json.dumps({"type": kind, "sequence_number": seq + 1 + i, **fields})
                     out += f"event: {kind}\ndata: {data}\n\n"

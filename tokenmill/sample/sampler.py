@@ -161,18 +161,19 @@ class SamplingMetadata:
         for i in (cols.rows_with(USES_SPECIAL) if some & USES_SPECIAL else []):
             s = seqs[i]
             p = s.params
+            banned: list[int] = []
             if s.num_output_tokens < p.min_tokens:
                 ids = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else p._eos_token_ids)) if t < vocab_size]
                 if ids and i in masks and not _allows_more(masks[i], ids):
                     ids = []  # the grammar's only way on is to end: it wins over min_tokens
-                ban_rows += [i] * len(ids)
-                ban_ids += ids
+                banned += ids
             if p._bad_words_token_ids:
                 ids = _bad_word_ends(s, p._bad_words_token_ids)
-                if ids and i in masks and not _allows_more(masks[i], ids):
+                if ids and i in masks and not _allows_more(masks[i], banned + ids):
                     ids = []  # the grammar (or allowed_token_ids) allows nothing else: it wins
-                ban_rows += [i] * len(ids)
-                ban_ids += ids
+                banned += ids
+            ban_rows += [i] * len(banned)
+            ban_ids += banned
             if p.logit_bias:
                 bias_rows += [i] * len(p.logit_bias)
                 bias_ids += p.logit_bias

@@ -343,6 +343,9 @@ class ResponsesRequest(_SamplingFields):
     truncation: Literal["auto", "disabled"] | None = None
     background: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Declared so that they are refused, not dropped: the Conversations API and stored prompt templates.
+    conversation: Any = None
+    prompt: Any = None
     # (found by the route's precheck: the stored response it continues, its input as chat messages,
     # the chat request that runs it)
     _parent: Any = PrivateAttr(default=None)

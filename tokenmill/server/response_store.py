@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -24,6 +24,7 @@ class StoredResponse:
     history: tuple[dict[str, Any], ...]  # the conversation through this response, as chat messages
     history_bytes: int  # (the JSON size of history)
     cost: int  # what it is charged against the budget
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # its request's input, as items
 
 
 def _size(obj: Any) -> int:
@@ -51,16 +52,18 @@ class ResponseStore:
         return e
 
     def put(self, rid: str, owner: str | None, response: dict[str, Any],
-            parent: StoredResponse | None, turn: list[dict[str, Any]]) -> bool:
+            parent: StoredResponse | None, turn: list[dict[str, Any]],
+            input_items: list[dict[str, Any]] | None = None) -> bool:
         """Keeps a response whose conversation is parent's (None: a new one) plus turn (this
-        request's input and the answer). False when it alone is over the budget."""
+        request's input and the answer; input_items: that input as the API's items). False when it
+        alone is over the budget."""
         history_bytes = (parent.history_bytes if parent is not None else 0) + _size(turn)
-        cost = history_bytes + _size(response)
+        cost = history_bytes + _size(response) + _size(input_items or [])
         if not self.enabled or cost > self.max_bytes:
             return False
         history = (parent.history if parent is not None else ()) + tuple(turn)
         self.delete(rid, owner)
-        self._entries[rid] = StoredResponse(owner, response, history, history_bytes, cost)
+        self._entries[rid] = StoredResponse(owner, response, history, history_bytes, cost, list(input_items or []))
         self.used += cost
         while self.used > self.max_bytes:
             _, old = self._entries.popitem(last=False)

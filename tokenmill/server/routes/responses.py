@@ -34,7 +34,7 @@ from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _
 from tokenmill.server.reasoning import split_reasoning
 from tokenmill.server.response_store import StoredResponse
 from tokenmill.server.routes import body
-from tokenmill.server.routes.chat import _checked, plan_chat
+from tokenmill.server.routes.chat import ChatPlan, _checked, plan_chat
 from tokenmill.server.streaming import (
     ChoiceState,
     StreamFailed,
@@ -146,6 +146,27 @@ def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def input_items(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input as the API lists it back (GET /v1/responses/{id}/input_items): items with ids
+    and status, a message's content as parts (called after input_messages has checked them)."""
+    if isinstance(inp, str):
+        inp = [{"role": "user", "content": inp}]
+    out = []
+    for item in inp:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            parts = [{"type": part, "text": content}] if isinstance(content, str) else content
+            out.append({"id": item.get("id") or f"msg_{uuid.uuid4().hex}", "type": "message", "role": item["role"],
+                        "content": parts, "status": "completed"})
+        else:
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(kind, "item")
+            out.append({**item, "id": item.get("id") or f"{prefix}_{uuid.uuid4().hex}",
+                        **({"status": item.get("status") or "completed"} if kind != "reasoning" else {})})
+    return out
+
+
 def _chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
     """The function tools and tool_choice in chat's form."""
     tools = None
@@ -195,8 +216,11 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]],
             raise _bad(name, "is not a field of /v1/responses (use /v1/chat/completions)")
     if req.background:
         raise _bad("background", "background responses are not supported")
-    if req.truncation == "auto":
-        raise _bad("truncation", "only 'disabled' is supported (a prompt over the context is a 400)")
+    if req.conversation is not None:
+        raise _bad("conversation", "is not supported (no Conversations API here): continue a conversation with "
+                   "previous_response_id, or send it as input items")
+    if req.prompt is not None:
+        raise _bad("prompt", "stored prompt templates are not supported: send the instructions and input")
     shared = set(_SamplingFields.model_fields) - set(_NOT_HERE)
     d = req.model_dump(include=shared & req.model_fields_set, by_alias=True, exclude_none=True)
     instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
@@ -268,6 +292,24 @@ def _assistant_turn(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [msg]
 
 
+async def _fit(ctx: ServerContext, req: ResponsesRequest, creq: ChatCompletionRequest,
+               plan: ChatPlan) -> tuple[ChatCompletionRequest, ChatPlan]:
+    """truncation "auto": while the prompt leaves no room for max_output_tokens (or for one token),
+    the conversation's oldest messages are dropped (the instructions and the last message stay; a
+    tool result goes with the call before it), as OpenAI drops input items to fit the context."""
+    limit = ctx.llm_engine.max_model_len
+    need = req.max_output_tokens or 1
+    keep = 1 if req.instructions else 0
+    messages = list(creq.messages)
+    while len(plan.ids) + need > limit and len(messages) - keep > 1:
+        del messages[keep]
+        while len(messages) - keep > 1 and messages[keep].role == "tool":
+            del messages[keep]
+        creq = creq.model_copy(update={"messages": messages})
+        plan = await plan_chat(ctx, creq)
+    return creq, plan
+
+
 class _Run:
     """One request's Responses-side state: its ids, its stored conversation and the response
     object's fields."""
@@ -295,15 +337,16 @@ class _Run:
             "reasoning": req.reasoning or {"effort": None, "summary": None}, "store": self.store,
             "temperature": self.temperature, "top_p": self.top_p, "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
-            "top_logprobs": req.top_logprobs, "truncation": "disabled", "usage": usage, "user": req.user,
-            "metadata": req.metadata or {},
+            "top_logprobs": req.top_logprobs, "truncation": req.truncation or "disabled", "usage": usage,
+            "user": req.user, "metadata": req.metadata or {},
         }
 
     def keep(self, resp: dict[str, Any]) -> None:
         """Stores the finished response (store); one over the whole budget is not kept, and says so."""
         if self.store and resp["status"] in ("completed", "incomplete"):
             resp["store"] = self.gw.responses.put(self.rid, self.owner, resp, self.parent,
-                                                  self.turn + _assistant_turn(resp["output"]))
+                                                  self.turn + _assistant_turn(resp["output"]),
+                                                  input_items(self.req.input))
 
 
 class _ContentLogprobs:
@@ -452,6 +495,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
             # (again: a tenant's max_tokens cap may have set max_output_tokens since)
             creq = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
             plan = await plan_chat(ctx, creq)
+            if req.truncation == "auto":
+                creq, plan = await _fit(ctx, req, creq, plan)
             run = _Run(gw, req, req._parent, req._turn, ctx.name, arrival, plan.params.temperature, plan.params.top_p)
             group = await ctx.submit([(run.rid, ctx.prompt_dict(plan.text, plan.ids, creq.cache_salt), plan.params)],
                                      creq.priority, arrival)
@@ -547,6 +592,46 @@ def register(app: FastAPI, gw: Gateway) -> None:
             raise APIError(404, f"No response found with id '{response_id}'.", param="response_id",
                            code="response_not_found")
         return e
+
+    @app.post("/v1/responses/input_tokens", openapi_extra=body(ResponsesRequest))
+    @gw.route
+    async def count_input_tokens(request: Request) -> Response:
+        """The prompt tokens a request would have (OpenAI's input_tokens.count): its instructions,
+        conversation, input and tools as the chat template shows them. Nothing is loaded to count."""
+        tenant = gw.check_auth(request)
+        tags = REQUEST_TAGS.get()
+        if tenant is not None and tags is not None:  # (its stored responses are the ones it may continue)
+            tags["tenant"] = tenant.name
+        try:
+            ctx, req, _ = await gw.open_request(request, ResponsesRequest, auth=False, precheck=precheck)
+            ids = await ctx.encode(ctx.chat_prompt(req._chat), add_special_tokens=False)
+        except APIError as e:
+            raise _renamed(e) from None
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
+
+    @app.post("/v1/responses/{rest:path}")
+    async def not_served(rest: str) -> Response:
+        raise APIError(404, f"POST /v1/responses/{rest} is not served here (tokenmill serves create, retrieve, "
+                       f"delete, input_items and input_tokens)", code="not_found")
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(request: Request, response_id: str, order: str = "desc", limit: int = 20,
+                               after: str | None = None) -> Response:
+        """A stored response's input items (its request's own), a page at a time, as OpenAI lists them."""
+        items = stored(request, response_id).input_items
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order: must be 'asc' or 'desc', got {order!r}", param="order")
+        if not 1 <= limit <= 100:
+            raise APIError(400, f"limit: must be in [1, 100], got {limit}", param="limit")
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            at = next((i for i, x in enumerate(items) if x["id"] == after), None)
+            if at is None:
+                raise APIError(400, f"after: no input item {after!r} in this response", param="after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(request: Request, response_id: str) -> Response:
