@@ -187,7 +187,7 @@ def test_truncation_auto_drops_the_oldest_turns_to_fit(client, name):
     assert r.usage.input_tokens + 50 <= 1024 and r.usage.input_tokens > 500
 
 
-def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(client, name):
+def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(server, client, name):
     r = client.responses.create(model=name, input="Hi", max_output_tokens=4, metadata={"k": "v"})
     got = client.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump() and got.metadata == {"k": "v"}
@@ -210,6 +210,9 @@ def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(client, name
     assert [x.type for x in two.data] == ["message", "function_call"] and two.has_more
     rest = client.responses.input_items.list(listed.id, order="asc", after=two.last_id)
     assert [x.type for x in rest.data] == ["function_call_output"]
+    for query in ("limit=abc", "limit=0", "order=up", "after=nope"):
+        r = httpx.get(f"{server.base_url}/v1/responses/{listed.id}/input_items?{query}", timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == query.split("=")[0], r.text
     counted = client.responses.input_tokens.count(model=name, input=items, instructions="Be brief.")
     with_instructions = client.responses.create(model=name, input=items, instructions="Be brief.",
                                                 max_output_tokens=1)

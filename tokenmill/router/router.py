@@ -790,14 +790,14 @@ class Router:
             created: dict[str, Any] | None = None  # the response.created event's response
             seq = -1  # the last relayed event's sequence_number
             m = None  # the event being read's
-            ended = False  # its response.completed (or incomplete, failed) was relayed
+            ended = last = False  # the terminal event was relayed / is the one being read
             lines: list[str] = []  # the event being read: relayed whole, so a cut never splits one
             try:
                 async for line in relay.lines():
                     lines.append(line)
                     if line.startswith("data: "):
                         m = _SEQUENCE.search(line, 0, 128)
-                        head = line[:48]
+                        head = line[:80]  # (the event's type comes first: "response.function_call_arguments.delta")
                         if first and '"response.created"' in head:
                             with contextlib.suppress(ValueError, AttributeError, TypeError):
                                 created = json.loads(line[6:])["response"]
@@ -807,10 +807,11 @@ class Router:
                             first = False
                             ticket.first_token()
                             metrics.ttft.observe(time.perf_counter() - t0)
-                        ended = ended or any(f'"response.{k}"' in head for k in ("completed", "incomplete", "failed"))
+                        last = any(f'"response.{k}"' in head for k in ("completed", "incomplete", "failed"))
                     if line == "":
                         yield "\n".join(lines) + "\n"
                         lines = []
+                        ended = ended or last
                         if m is not None:  # (numbered once relayed: a cut event's number is not used)
                             seq = int(m.group(1))
                 if lines:

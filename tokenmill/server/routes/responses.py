@@ -156,8 +156,9 @@ def input_items(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = item.get("type", "message")
         if kind == "message":
             content = item.get("content")
-            part = "output_text" if item.get("role") == "assistant" else "input_text"
-            parts = [{"type": part, "text": content}] if isinstance(content, str) else content
+            part = {"type": "output_text", "annotations": []} if item.get("role") == "assistant" else {
+                "type": "input_text"}
+            parts = [{**part, "text": content}] if isinstance(content, str) else content
             out.append({"id": item.get("id") or f"msg_{uuid.uuid4().hex}", "type": "message", "role": item["role"],
                         "content": parts, "status": "completed"})
         else:
@@ -292,19 +293,25 @@ def _assistant_turn(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [msg]
 
 
-async def _fit(ctx: ServerContext, req: ResponsesRequest, creq: ChatCompletionRequest,
+async def _fit(ctx: ServerContext, creq: ChatCompletionRequest,
                plan: ChatPlan) -> tuple[ChatCompletionRequest, ChatPlan]:
-    """truncation "auto": while the prompt leaves no room for max_output_tokens (or for one token),
-    the conversation's oldest messages are dropped (the instructions and the last message stay; a
-    tool result goes with the call before it), as OpenAI drops input items to fit the context."""
+    """truncation "auto": while the prompt leaves no room for max_output_tokens (or for one token,
+    when none was asked for or a tenant's cap filled it in), the conversation's oldest messages
+    are dropped (the leading system messages, the instructions among them, and the last message
+    stay; a tool result goes with the call before it), as OpenAI drops input items to fit the
+    context. Each round drops about as many tokens as are over, counted message by message."""
+    p = plan.params
+    need = 1 if p.max_tokens is None or p.max_tokens_is_cap else p.max_tokens
     limit = ctx.llm_engine.max_model_len
-    need = req.max_output_tokens or 1
-    keep = 1 if req.instructions else 0
     messages = list(creq.messages)
-    while len(plan.ids) + need > limit and len(messages) - keep > 1:
-        del messages[keep]
-        while len(messages) - keep > 1 and messages[keep].role == "tool":
+    keep = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+    while (over := len(plan.ids) + need - limit) > 0 and len(messages) - keep > 1:
+        dropped = 0
+        while dropped < over and len(messages) - keep > 1:
+            dropped += len(await ctx.encode(messages[keep].text(), add_special_tokens=False)) + 4  # (+ its markup)
             del messages[keep]
+            while len(messages) - keep > 1 and messages[keep].role == "tool":
+                del messages[keep]
         creq = creq.model_copy(update={"messages": messages})
         plan = await plan_chat(ctx, creq)
     return creq, plan
@@ -496,7 +503,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
             creq = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
             plan = await plan_chat(ctx, creq)
             if req.truncation == "auto":
-                creq, plan = await _fit(ctx, req, creq, plan)
+                creq, plan = await _fit(ctx, creq, plan)
             run = _Run(gw, req, req._parent, req._turn, ctx.name, arrival, plan.params.temperature, plan.params.top_p)
             group = await ctx.submit([(run.rid, ctx.prompt_dict(plan.text, plan.ids, creq.cache_salt), plan.params)],
                                      creq.priority, arrival)
@@ -604,25 +611,28 @@ def register(app: FastAPI, gw: Gateway) -> None:
             tags["tenant"] = tenant.name
         try:
             ctx, req, _ = await gw.open_request(request, ResponsesRequest, auth=False, precheck=precheck)
+            gw.check_model(req.model, tenant)  # (a tenant counts only against the models it may use)
             ids = await ctx.encode(ctx.chat_prompt(req._chat), add_special_tokens=False)
         except APIError as e:
             raise _renamed(e) from None
         return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
 
-    @app.post("/v1/responses/{rest:path}")
+    @app.post("/v1/responses/{rest:path}", include_in_schema=False)
     async def not_served(rest: str) -> Response:
         raise APIError(404, f"POST /v1/responses/{rest} is not served here (tokenmill serves create, retrieve, "
                        f"delete, input_items and input_tokens)", code="not_found")
 
     @app.get("/v1/responses/{response_id}/input_items")
-    async def list_input_items(request: Request, response_id: str, order: str = "desc", limit: int = 20,
+    async def list_input_items(request: Request, response_id: str, order: str = "desc", limit: str = "20",
                                after: str | None = None) -> Response:
         """A stored response's input items (its request's own), a page at a time, as OpenAI lists them."""
         items = stored(request, response_id).input_items
         if order not in ("asc", "desc"):
             raise APIError(400, f"order: must be 'asc' or 'desc', got {order!r}", param="order")
-        if not 1 <= limit <= 100:
-            raise APIError(400, f"limit: must be in [1, 100], got {limit}", param="limit")
+        n = int(limit) if limit.isascii() and limit.isdigit() else 0
+        if not 1 <= n <= 100:
+            raise APIError(400, f"limit: must be an integer in [1, 100], got {limit!r}", param="limit")
+        limit = n  # type: ignore[assignment]
         items = items if order == "asc" else items[::-1]
         if after is not None:
             at = next((i for i, x in enumerate(items) if x["id"] == after), None)
