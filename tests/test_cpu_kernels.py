@@ -267,3 +267,16 @@ def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, p
         doctored = {fused: run(fused)[0] for fused in (True, False)}
         assert torch.equal(doctored[True][0], doctored[False][0])
         assert not torch.allclose(doctored[True][0], results[True][0][0])
+
+
+def test_bfloat16_matmuls_run_in_float32_where_the_cpu_has_no_bfloat16(monkeypatch):
+    """Without AVX512-BF16 or AMX a bfloat16 GEMM is emulated, 3-5x slower than float32's: above the
+    kernel's rows linear() converts the operands and rounds once, and no oneDNN bfloat16 copy is made."""
+    import torch.nn.functional as F
+
+    from tokenmill.model import linear as lin
+
+    x, w, b = torch.randn(32, 64).bfloat16(), torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
+    monkeypatch.setattr(lin, "native_bf16", lambda: False)
+    assert torch.equal(lin.linear(x, w, bias=b), F.linear(x.float(), w.float(), b.float()).bfloat16())
+    assert not lin.can_prepack(w) and lin.can_prepack(w.float()) == lin.can_prepack(torch.randn(48, 64))

@@ -665,9 +665,11 @@ struct LayerWeights {
 class Decoder {
  public:
   Decoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
-          torch::Tensor final_norm, int64_t max_rows_f32, int64_t max_rows_bf16, int64_t max_rows_int8)
+          torch::Tensor final_norm, int64_t max_rows_f32, int64_t max_rows_bf16, int64_t max_rows_int8,
+          bool native_bf16)
       : H_(num_heads), KVH_(num_kv_heads), D_(head_dim), eps_(eps), scale_(scale),
-        final_norm_(std::move(final_norm)), max_f32_(max_rows_f32), max_bf16_(max_rows_bf16), max_i8_(max_rows_int8) {}
+        final_norm_(std::move(final_norm)), max_f32_(max_rows_f32), max_bf16_(max_rows_bf16), max_i8_(max_rows_int8),
+        native_bf16_(native_bf16) {}
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
                  c10::optional<torch::Tensor> k_norm, torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_s,
@@ -735,8 +737,10 @@ class Decoder {
                              : w.scalar_type() == at::kChar ? max_i8_ : 0;
     if (x.size(0) <= max_rows) return linear(x, w, s, b);
     if (packed.has_value()) return packed_linear(x, *packed, b);
-    if (s.has_value()) {  // int8: the exact weights in float32, rounded once at the end (as the kernel)
-      const torch::Tensor wd = w.to(at::kFloat) * s->unsqueeze(1);
+    if (s.has_value() || (x.scalar_type() == at::kBFloat16 && !native_bf16_)) {
+      // int8: the exact weights in float32, rounded once at the end (as the kernel). bfloat16 on a CPU
+      // without AVX512-BF16 or AMX: its GEMM is emulated, 3-5x slower than float32's (linear.py's native_bf16).
+      const torch::Tensor wd = s.has_value() ? w.to(at::kFloat) * s->unsqueeze(1) : w.to(at::kFloat);
       const c10::optional<torch::Tensor> bf =
           b.has_value() ? c10::optional<torch::Tensor>(b->to(at::kFloat)) : c10::nullopt;
       return at::linear(x.to(at::kFloat), wd, bf).to(x.scalar_type());
@@ -780,6 +784,7 @@ class Decoder {
   double eps_, scale_;
   torch::Tensor final_norm_;
   int64_t max_f32_, max_bf16_, max_i8_;
+  bool native_bf16_;  // the CPU multiplies bfloat16 natively (AVX512-BF16, AMX): linear.py's native_bf16
   std::vector<LayerWeights> layers_;
 };
 
@@ -794,7 +799,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotate-half RoPE in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   py::class_<Decoder>(m, "Decoder")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, int64_t>())
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, int64_t, bool>())
       .def("add_layer", &Decoder::add_layer)
       .def("num_layers", &Decoder::num_layers)
       .def("forward", &Decoder::forward, py::call_guard<py::gil_scoped_release>());

@@ -14,7 +14,7 @@ from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
 from tokenmill.kernels import elementwise_ops, ops_for
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope, rope_and_cache
-from tokenmill.model.linear import KERNEL_MAX_ROWS, Embedding, Linear, linear
+from tokenmill.model.linear import KERNEL_MAX_ROWS, Embedding, Linear, linear, native_bf16
 
 
 class Attention(nn.Module):
@@ -122,7 +122,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         dec = ops.Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.backend.scale,
                           self.norm.weight, KERNEL_MAX_ROWS[torch.float32], KERNEL_MAX_ROWS[torch.bfloat16],
-                          KERNEL_MAX_ROWS[torch.int8])
+                          KERNEL_MAX_ROWS[torch.int8], native_bf16())
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             dec.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
