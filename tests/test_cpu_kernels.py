@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tests.models import make_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu_ops
-from tokenmill.model.linear import can_prepack, linear, prepack_weight, quantize_rows_int8
+from tokenmill.model.linear import _float32_gemm, can_prepack, linear, prepack_weight, quantize_rows_int8
 
 
 def _has_avx512() -> bool:
@@ -78,7 +78,9 @@ def test_prepacked_linear_matches_torch(dtype, m, bias):
     assert not x.is_contiguous()
     out = linear(x, w0, None, b, packed)
     assert out.dtype == dtype and out.shape == (m, 70)
-    ref = x.double() @ (2 * w0.double()).T + (b.double() if bias else 0)
+    # (bfloat16 on a CPU without it natively: a weight this small is multiplied in float32, plain)
+    used = w0.double() if _float32_gemm(x, w0) else 2 * w0.double()
+    ref = x.double() @ used.T + (b.double() if bias else 0)
     tol = 1e-4 if dtype is torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, atol=tol * math.sqrt(96), rtol=tol)
     few = x[: KERNEL_MAX_ROWS[dtype]]
@@ -260,8 +262,10 @@ def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, p
         assert torch.equal(a, b)
     for a, b in zip(results[True][1], results[False][1]):
         assert torch.equal(a, b)
-    if packed:  # both paths multiply the 35-row step against the prepacked copy, not the plain weight
-        o_proj = model.layers[0].self_attn.o_proj
+    o_proj = model.layers[0].self_attn.o_proj
+    # (bfloat16 without native support: a weight this small goes to float32 from the plain copy)
+    if packed and not _float32_gemm(torch.empty(35, 1, dtype=o_proj.weight.dtype), o_proj.weight):
+        # both paths multiply the 35-row step against the prepacked copy, not the plain weight
         o_proj.packed = prepack_weight(2 * o_proj.weight)
         model.reset_fused()
         doctored = {fused: run(fused)[0] for fused in (True, False)}
@@ -271,7 +275,8 @@ def test_fused_decoder_equals_module_path(tmp_path, arch, dtype, quantization, p
 
 def test_bfloat16_matmuls_run_in_float32_where_the_cpu_has_no_bfloat16(monkeypatch):
     """Without AVX512-BF16 or AMX a bfloat16 GEMM is emulated, 3-5x slower than float32's: above the
-    kernel's rows linear() converts the operands and rounds once, and no oneDNN bfloat16 copy is made."""
+    kernel's rows linear() converts the operands and rounds once, but a large weight (an LM head) only
+    from FLOAT32_GEMM_ROWS rows: converting it costs more than the emulated GEMM saves below."""
     import torch.nn.functional as F
 
     from tokenmill.model import linear as lin
@@ -279,4 +284,8 @@ def test_bfloat16_matmuls_run_in_float32_where_the_cpu_has_no_bfloat16(monkeypat
     x, w, b = torch.randn(32, 64).bfloat16(), torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
     monkeypatch.setattr(lin, "native_bf16", lambda: False)
     assert torch.equal(lin.linear(x, w, bias=b), F.linear(x.float(), w.float(), b.float()).bfloat16())
-    assert not lin.can_prepack(w) and lin.can_prepack(w.float()) == lin.can_prepack(torch.randn(48, 64))
+    # A large weight (an LM head) at a few rows: converting it costs more than the emulated GEMM saves.
+    big = torch.randn(lin.FLOAT32_GEMM_MAX_WEIGHT // 64 + 1, 64).bfloat16()
+    few, many = x[:16], torch.randn(lin.FLOAT32_GEMM_ROWS, 64).bfloat16()
+    assert torch.equal(lin.linear(few, big), F.linear(few, big))
+    assert torch.equal(lin.linear(many, big), F.linear(many.float(), big.float()).bfloat16())

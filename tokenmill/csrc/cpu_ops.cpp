@@ -736,10 +736,11 @@ class Decoder {
     const int64_t max_rows = w.scalar_type() == at::kFloat ? max_f32_ : w.scalar_type() == at::kBFloat16 ? max_bf16_
                              : w.scalar_type() == at::kChar ? max_i8_ : 0;
     if (x.size(0) <= max_rows) return linear(x, w, s, b);
-    if (packed.has_value()) return packed_linear(x, *packed, b);
-    if (s.has_value() || (x.scalar_type() == at::kBFloat16 && !native_bf16_)) {
-      // int8: the exact weights in float32, rounded once at the end (as the kernel). bfloat16 on a CPU
-      // without AVX512-BF16 or AMX: its GEMM is emulated, 3-5x slower than float32's (linear.py's native_bf16).
+    // bfloat16 on a CPU without AVX512-BF16 or AMX: its GEMM is emulated, 3-5x slower than float32's
+    // (linear.py's _float32_gemm: from 48 rows, or any rows for a weight of at most 8M elements).
+    const bool f32 = x.scalar_type() == at::kBFloat16 && !native_bf16_ && (x.size(0) >= 48 || w.numel() <= (8 << 20));
+    if (packed.has_value() && !f32) return packed_linear(x, *packed, b);
+    if (s.has_value() || f32) {  // int8: the exact weights in float32, rounded once at the end (as the kernel)
       const torch::Tensor wd = s.has_value() ? w.to(at::kFloat) * s->unsqueeze(1) : w.to(at::kFloat);
       const c10::optional<torch::Tensor> bf =
           b.has_value() ? c10::optional<torch::Tensor>(b->to(at::kFloat)) : c10::nullopt;

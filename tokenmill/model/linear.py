@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         ops = ops_for(x)
         if ops is not None:
             return ops.linear(x, weight, scale, bias)
-    elif packed is not None and packed.dtype == x.dtype:
+    elif packed is not None and packed.dtype == x.dtype and not _float32_gemm(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if scale is not None:
         if x.device.type == "cpu":
@@ -51,10 +51,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
             b = bias.float() if bias is not None else None
             return F.linear(x.float(), dequantize(weight, scale, torch.float32), b).to(x.dtype)
         weight = dequantize(weight, scale, x.dtype)
-    elif x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16():
+    elif _float32_gemm(x, weight):
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+# A bfloat16 matmul on a CPU without native bfloat16 runs in float32 (native_bf16) from this many rows,
+# or at any row count for a weight this small: converting a weight that fits in the caches costs
+# little, a large one (an LM head: 49152x576, 34 ms) costs more than the emulated GEMM saves until
+# about 48 rows (measured against oneDNN's prepacked bfloat16 GEMM: 17.6 ms at 16 rows, 36 converted;
+# 63 ms at 64, 48 converted; a 1536x576 projection: 0.51 ms at 16 rows, 0.32 converted).
+FLOAT32_GEMM_ROWS = 48
+FLOAT32_GEMM_MAX_WEIGHT = 8 * 2**20  # elements
+
+
+def _float32_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16()
+            and (x.shape[0] >= FLOAT32_GEMM_ROWS or weight.numel() <= FLOAT32_GEMM_MAX_WEIGHT))
 
 
 @functools.cache
@@ -62,7 +76,8 @@ def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without, PyTorch's and
     oneDNN's bfloat16 GEMMs are emulated and 3-5x slower than float32's (a 512x576 by 576x1536
     matmul: 15.4 ms against 3.2 with the operands converted, on an Intel Xeon without AVX512-BF16),
-    so matmuls above the kernel's rows run in float32 there, the weight converted on the way."""
+    so matmuls above the kernel's rows run in float32 there (_float32_gemm), the weight converted
+    on the way."""
     cpu = getattr(torch, "cpu", None)
     try:
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
@@ -84,9 +99,9 @@ def can_prepack(weight: torch.Tensor) -> bool:
     if not (weight.device.type == "cpu" and weight.dtype in _PREPACK_DTYPES and weight.dim() == 2
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
-    # oneDNN's bfloat16 GEMM needs AVX-512 (BW/VL/DQ) or AMX, and is emulated without AVX512-BF16
-    # (linear then runs float32); elsewhere PyTorch's own is the path.
-    return weight.dtype != torch.bfloat16 or (torch.ops.mkldnn._is_mkldnn_bf16_supported() and native_bf16())
+    # oneDNN's bfloat16 GEMM needs AVX-512 (BW/VL/DQ) or AMX (emulated without AVX512-BF16, where it
+    # still beats converting a large weight at a few rows: _float32_gemm); elsewhere PyTorch's own.
+    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
