@@ -10,12 +10,16 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import StructuredOutputsParams
 
 
-def run(engine: LLMEngine, prompt: dict, params: SamplingParams) -> list[int]:
-    rid = engine.add_request(prompt, params)
+def finish(engine: LLMEngine, rid: str):
+    """The request's final output, stepping the engine until it has it."""
     while True:
         for out in engine.step():
             if out.request_id == rid and out.finished:
-                return out.outputs[0].token_ids
+                return out
+
+
+def run(engine: LLMEngine, prompt: dict, params: SamplingParams) -> list[int]:
+    return finish(engine, engine.add_request(prompt, params)).outputs[0].token_ids
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +66,7 @@ def test_resume_refused_cleanly(engine):
 def test_cached_tokens_never_exceed_the_prompt_after_a_resume(engine):
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     full = run(engine, PROMPT, p)
-    rid = engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p)
-    out = None
-    while out is None or not out.finished:
-        out = next((o for o in engine.step() if o.request_id == rid), out)
+    out = finish(engine, engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p))
     assert out.outputs[0].token_ids == full
     assert out.num_cached_tokens <= len(PROMPT["prompt_token_ids"])  # usage's cached_tokens: prompt tokens only
 
@@ -75,9 +76,6 @@ def test_a_resumed_request_counts_only_the_tokens_generated_here(engine):
     num_generated_tokens, and with it TPOT and the server's generation_tokens_total, leave them out."""
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     full = run(engine, PROMPT, p)
-    rid = engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p)
-    out = None
-    while out is None or not out.finished:
-        out = next((o for o in engine.step() if o.request_id == rid), out)
+    out = finish(engine, engine.add_request({**PROMPT, "resume_token_ids": full[:30]}, p))
     assert len(out.outputs[0].token_ids) == 40
     assert (out.metrics.num_resumed_tokens, out.metrics.num_generated_tokens) == (30, 10)

@@ -351,10 +351,7 @@ class Router:
         if url is not None:
             self.response_homes.move_to_end(response_id)
             return url
-        assert self.client is not None
-        reps = self._candidates(None, set())
-        asks = await asyncio.gather(*(self.client.get(f"{r.url}/v1/responses/{response_id}", headers=headers,
-                                                      timeout=10.0) for r in reps), return_exceptions=True)
+        reps, asks = await self._ask_up(f"/v1/responses/{response_id}", headers, 10.0)
         for r, a in zip(reps, asks):
             if isinstance(a, httpx.Response) and a.status_code == 200:
                 self._remember(response_id, r.url)
@@ -531,13 +528,23 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _models(self, request: Request) -> Response:
+    async def _ask_up(self, path: str, headers: dict[str, str],
+                      timeout: float) -> tuple[list[Replica], list[httpx.Response | BaseException]]:
+        """GET path on every replica that is up, at once: the replicas and each one's answer (or error)."""
         reps = self._candidates(None, set())
-        if not reps:
-            return JSONResponse(error_body(503, "no replica is up"), status_code=503, headers={"Retry-After": "1"})
         assert self.client is not None
-        results = await asyncio.gather(*(self.client.get(r.url + "/v1/models", headers=self._headers(request),
-                                                         timeout=10.0) for r in reps), return_exceptions=True)
+        results = await asyncio.gather(*(self.client.get(r.url + path, headers=headers, timeout=timeout)
+                                         for r in reps), return_exceptions=True)
+        return reps, results
+
+    @staticmethod
+    def _none_up() -> Response:
+        return JSONResponse(error_body(503, "no replica is up"), status_code=503, headers={"Retry-After": "1"})
+
+    async def _models(self, request: Request) -> Response:
+        reps, results = await self._ask_up("/v1/models", self._headers(request), 10.0)
+        if not reps:
+            return self._none_up()
         ok = [x for x in results if isinstance(x, httpx.Response) and x.status_code == 200]
         if not ok:
             first = next((x for x in results if isinstance(x, httpx.Response)), None)
@@ -552,12 +559,9 @@ class Router:
         answer this time is shown with its last snapshot (of the last DASHBOARD_STALE_S, and only
         beside a fresh one, which vouches for the key): leaving it out would make its counters start
         again from 0 on the page at its next answer (a rate spike)."""
-        reps = self._candidates(None, set())
+        reps, results = await self._ask_up("/dashboard/data", self._headers(request), 5.0)
         if not reps:
-            return JSONResponse(error_body(503, "no replica is up"), status_code=503, headers={"Retry-After": "1"})
-        assert self.client is not None
-        results = await asyncio.gather(*(self.client.get(r.url + "/dashboard/data", headers=self._headers(request),
-                                                         timeout=5.0) for r in reps), return_exceptions=True)
+            return self._none_up()
         refusal = next((x for x in results if isinstance(x, httpx.Response) and x.status_code in (401, 403)), None)
         if refusal is not None:  # the key is the replicas' to judge: their answer, not a partial view
             return Response(refusal.content, refusal.status_code, media_type="application/json")
@@ -848,9 +852,7 @@ class Router:
             if not recorded[0]:
                 recorded[0] = True
                 metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
-            if relay in relay.replica.relays:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(lambda: loop.create_task(relay.close()))
+            relay.close_soon(loop)
 
         return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
@@ -968,10 +970,7 @@ class Router:
             if not current["recorded"]:
                 current["recorded"] = True
                 metrics.requests.labels(current["replica"], endpoint, CLIENT_CLOSED).inc()
-            relay = current["relay"]
-            if relay in relay.replica.relays:  # (close() takes it out first)
-                with contextlib.suppress(RuntimeError):  # (the loop closed: nothing left to close)
-                    loop.call_soon_threadsafe(lambda: loop.create_task(relay.close()))
+            current["relay"].close_soon(loop)
 
         return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
@@ -1021,6 +1020,12 @@ class _Relay:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    def close_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """close() from where nothing can be awaited (a stream's cleanup), unless it ran already."""
+        if self in self.replica.relays:  # (close() takes it out first)
+            with contextlib.suppress(RuntimeError):  # (the loop closed: nothing left to close)
+                loop.call_soon_threadsafe(lambda: loop.create_task(self.close()))
 
     async def close(self) -> None:
         self.replica.relays.discard(self)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import CompletionOutput
 from tokenmill.server.answer import AnswerStream, answer_parts
-from tokenmill.server.context import REQUEST_TAGS, ServerContext
+from tokenmill.server.context import REQUEST_TAGS, ServerContext, TextOffsets
 from tokenmill.server.errors import APIError, error_body, error_response, validation_error
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _SamplingFields
@@ -242,18 +242,23 @@ def _owner() -> str | None:
     return tags.get("tenant") if tags else None
 
 
-def _usage(ctx: ServerContext, prompt_ids: list[int], c: CompletionOutput, cached: int, rparser: str | None,
-           skip_special_tokens: bool, compute: dict[str, Any] | None) -> dict[str, Any]:
+def _reasoning_end(rparser: str | None, text: str) -> int:
+    """Where a choice's reasoning ends in its text (0: none)."""
+    return len(text) - len(split_reasoning(rparser, text)[1] or "") if rparser is not None else 0
+
+
+def _usage(ctx: ServerContext, prompt_ids: list[int], c: CompletionOutput, cached: int, reasoning_end: int,
+           offsets: TextOffsets | None, skip_special_tokens: bool, compute: dict[str, Any] | None) -> dict[str, Any]:
+    """offsets: the choice's token offsets when the message's logprobs have them already (else made here)."""
     n_prompt, n_out = len(prompt_ids), len(c.token_ids)
     u: dict[str, Any] = {"input_tokens": n_prompt,
                          "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                          "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
                          "total_tokens": n_prompt + n_out}
-    if rparser is not None and ctx.tokenizer is not None:  # the tokens whose text starts in the reasoning
-        end = len(c.text) - len(split_reasoning(rparser, c.text)[1] or "")
-        if end > 0:
-            starts = ctx.text_offsets(prompt_ids, skip_special_tokens).take(c.token_ids, 0, n_out, len(c.text))
-            u["output_tokens_details"]["reasoning_tokens"] = sum(o < end for o in starts)
+    if reasoning_end > 0 and ctx.tokenizer is not None:  # the tokens whose text starts in the reasoning
+        offsets = offsets or ctx.text_offsets(prompt_ids, skip_special_tokens)
+        starts = offsets.take(c.token_ids, 0, n_out, len(c.text))
+        u["output_tokens_details"]["reasoning_tokens"] = sum(o < reasoning_end for o in starts)
     if compute is not None:
         u["compute"] = compute
     return u
@@ -556,8 +561,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
                                           {"code": "server_error", "message": "the request was aborted"})
                     yield w.event("response.failed", response=failed)
                     return
-                usage = None if last is None else _usage(ctx, plan.ids, last, cached.get(run.rid, 0), plan.rparser,
-                                                         params.skip_special_tokens, sum_compute(computes.values()))
+                usage = None if last is None else _usage(
+                    ctx, plan.ids, last, cached.get(run.rid, 0), _reasoning_end(plan.rparser, last.text), lps.offsets,
+                    params.skip_special_tokens, sum_compute(computes.values()))
                 final = run.response(status, w.output, usage)
                 run.keep(final)
                 yield w.event("response.completed" if status == "completed" else "response.incomplete", response=final)
@@ -569,23 +575,23 @@ def register(app: FastAPI, gw: Gateway) -> None:
             if out.error is not None:
                 return error_response(ctx.engine_error(out))
             c = out.outputs[0]
-            thought, content, calls, reason = answer_parts(plan.tools, plan.rparser, c.text, finish_reason(c))
             status = _status(finish_reason(c))
+            if status == "cancelled":  # (the engine ended it without a finish reason: aborted)
+                return error_response(APIError(500, "the request was aborted", code="engine_error"))
+            thought, content, calls, reason = answer_parts(plan.tools, plan.rparser, c.text, finish_reason(c))
+            start = _reasoning_end(plan.rparser, c.text)
+            lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
             output: list[dict[str, Any]] = []
             if thought:
                 output.append(_reasoning(thought, "completed"))
             if content or not (thought or calls):
-                start = len(c.text) - len(split_reasoning(plan.rparser, c.text)[1] or "") if plan.rparser else 0
-                lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
                 output.append(_message(content or "", "completed", lps.take(c, start, start + len(content or ""))))
             output += [_function_call(t["id"], t["function"]["name"], t["function"]["arguments"], "completed")
                        for t in calls]
             if status == "incomplete" and output:
                 output[-1]["status"] = "incomplete"
-            usage = _usage(ctx, plan.ids, c, out.num_cached_tokens, plan.rparser, params.skip_special_tokens,
+            usage = _usage(ctx, plan.ids, c, out.num_cached_tokens, start, lps.offsets, params.skip_special_tokens,
                            out.compute)
-            if status == "cancelled":  # (the engine ended it without a finish reason: aborted)
-                return error_response(APIError(500, "the request was aborted", code="engine_error"))
             resp = run.response(status, output, usage)
             run.keep(resp)
             return JSONResponse(resp)
