@@ -17,6 +17,11 @@ SUPPORTED_ARCHITECTURES = (
 )
 # The bare decoders (no LM head), as embedding checkpoints such as Qwen3-Embedding ship them.
 _BASE_MODELS = {a.replace("ForCausalLM", "Model"): a for a in SUPPORTED_ARCHITECTURES}
+# The decoders with a classification head (`score`) on the last token: cross-encoder rerankers,
+# reward models and classifiers, as transformers' *ForSequenceClassification save them.
+_CLASSIFIERS = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in SUPPORTED_ARCHITECTURES}
+# The tasks whose requests are prompts pooled into one vector each, with nothing generated.
+POOLING_TASKS = ("embed", "classify")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -97,6 +102,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     has_lm_head: bool = True  # False for a bare decoder (LlamaModel, Qwen3Model): an embedding model
+    # A classification head's labels, in order (a *ForSequenceClassification checkpoint's id2label);
+    # empty: none. Its weight is `score.weight`, [len(labels), hidden_size].
+    labels: tuple[str, ...] = ()
     matryoshka: bool = False  # embeddings may be truncated to fewer dimensions (config's is_matryoshka)
 
     @property
@@ -115,7 +123,7 @@ class ModelConfig:
         layer = (self.layer_matmul_parameters + 2 * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
                  + self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * d)
         heads = 0 if not self.has_lm_head or self.tie_word_embeddings else self.vocab_size * h
-        return self.num_layers * layer + self.vocab_size * h + heads + h
+        return self.num_layers * layer + self.vocab_size * h + heads + h + len(self.labels) * h
 
     @property
     def max_context(self) -> int:
@@ -164,6 +172,9 @@ class ModelConfig:
         base_model = arch is None and any(a in _BASE_MODELS for a in archs)
         if base_model:
             arch = next(_BASE_MODELS[a] for a in archs if a in _BASE_MODELS)
+        classifier = arch is None and any(a in _CLASSIFIERS for a in archs)
+        if classifier:
+            arch = next(_CLASSIFIERS[a] for a in archs if a in _CLASSIFIERS)
         if arch is None:
             raise ValueError(
                 f"model: unsupported architecture {archs or raw.get('model_type')!r} in "
@@ -203,9 +214,20 @@ class ModelConfig:
             checkpoint_dtype=_checkpoint_dtype(raw),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
             bos_token_id=raw.get("bos_token_id"),
-            has_lm_head=not base_model,
+            has_lm_head=not (base_model or classifier),
+            labels=_labels(raw) if classifier else (),
             matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
         )
+
+
+def _labels(raw: dict[str, Any]) -> tuple[str, ...]:
+    """A classifier's label names by index: config.json's id2label (its keys are strings of the
+    indices), else num_labels of them named LABEL_i, as transformers names them."""
+    id2label = raw.get("id2label") or {}
+    n = int(raw.get("num_labels") or len(id2label) or 2)
+    if id2label:
+        n = max(n, 1 + max(int(k) for k in id2label))
+    return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
 
 
 def _as_id_tuple(v: Any) -> tuple[int, ...]:
@@ -396,9 +418,16 @@ class EngineConfig:
     # a few rows (batched decode, prefill), 1.3-2.5x faster GEMMs for the weights' memory again.
     # None: on when the copy takes at most a quarter of the available RAM.
     prepack_weights: bool | None = None
-    # "generate", "embed" (last-token pooling, L2-normalized: /v1/embeddings) or "auto": embed for a
-    # bare decoder (Qwen3Model, ...) or a sentence-transformers folder, generate otherwise.
+    # "generate", "embed" (last-token pooling, L2-normalized: /v1/embeddings), "classify" (a classification
+    # head on the last token: /classify, /score, /rerank) or "auto": classify for a *ForSequenceClassification
+    # checkpoint or with classifier_from_token, embed for a bare decoder (Qwen3Model, ...) or a
+    # sentence-transformers folder, generate otherwise.
     task: str = "auto"
+    # A causal LM run as a classifier whose labels are these tokens' logits (vLLM's classifier_from_token):
+    # two tokens [no, yes] make one label, the second's probability against the first alone (vLLM's
+    # from_2_way_softmax: how Qwen3-Reranker and mxbai-rerank-v2 score a query and document); more make one
+    # label per token, softmaxed among them.
+    classifier_from_token: list[str] | None = None
     # Accept a max_model_len beyond the model's positions (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN).
     allow_long_max_model_len: bool = False
     # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
@@ -442,8 +471,17 @@ class EngineConfig:
             raise ValueError(f"memory_bytes must be positive, got {self.memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.task not in ("auto", "generate", "embed"):
-            raise ValueError(f"task: must be auto, generate or embed, got {self.task!r}")
+        if self.task not in ("auto", "generate", "embed", "classify"):
+            raise ValueError(f"task: must be auto, generate, embed or classify, got {self.task!r}")
+        tokens = self.classifier_from_token
+        if tokens is not None:
+            if (not isinstance(tokens, (list, tuple)) or len(tokens) < 2
+                    or not all(isinstance(t, str) and t for t in tokens)):
+                raise ValueError(f"classifier_from_token: two or more tokens (strings), got {tokens!r}")
+            if len(set(tokens)) != len(tokens):
+                raise ValueError(f"classifier_from_token: a token is given twice in {tokens!r}")
+            if self.task not in ("auto", "classify"):
+                raise ValueError(f"classifier_from_token: makes a classifier; task {self.task!r} contradicts it")
         if self.quantization is not None and self.quantization not in ("int8",):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; available: int8")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
@@ -502,7 +540,7 @@ class EngineConfig:
         if self.async_scheduling == "off":
             return False
         why = ("speculative decoding" if self.speculative_config is not None
-               else "an embedding model" if task == "embed" else None)
+               else "an embedding model" if task == "embed" else "a classifier" if task == "classify" else None)
         if why is not None:
             if self.async_scheduling == "on":
                 raise ValueError(f"async_scheduling: 'on' does not work with {why} (use auto or off)")

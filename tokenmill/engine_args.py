@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 from tokenmill.config import EngineConfig
@@ -38,9 +39,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
     p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=d.prepack_weights,
                    help="on CPU, keep a copy of the float32/bfloat16 weights in oneDNN's layout for batched steps "
                         "(faster, the weights' memory again; default: when it fits in a quarter of free RAM)")
-    p.add_argument("--task", default=d.task, choices=["auto", "generate", "embed"],
-                   help="embed: serve /v1/embeddings (last-token pooling, normalized); auto: embed for a bare "
-                        "decoder or sentence-transformers folder")
+    p.add_argument("--task", default=d.task, choices=["auto", "generate", "embed", "classify"],
+                   help="embed: serve /v1/embeddings, /score and /rerank (last-token pooling, normalized); classify: "
+                        "/classify, /score and /rerank (a classification head on the last token); auto: classify for "
+                        "a *ForSequenceClassification checkpoint, embed for a bare decoder or sentence-transformers "
+                        "folder")
+    p.add_argument("--classifier-from-token", default=None, type=_token_list, metavar="NO,YES",
+                   help="run a causal LM as a classifier of these tokens' logits (vLLM's classifier_from_token): two "
+                        "tokens make a reranker whose score is the second's probability against the first (Qwen3-"
+                        "Reranker: no,yes)")
     p.add_argument("--allow-long-max-model-len", action="store_true",
                    help="accept --max-model-len beyond the model's max_position_embeddings (and RoPE scaling)")
     p.add_argument("--attention-backend", default=d.attention_backend,
@@ -100,6 +107,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
         prepack_weights=args.prepack_weights, allow_long_max_model_len=args.allow_long_max_model_len, task=args.task,
+        classifier_from_token=getattr(args, "classifier_from_token", None),
         attention_backend=args.attention_backend, speculative_config=args.speculative_config,
         load_format=getattr(args, "load_format", "auto"),
         cuda_graphs="off" if getattr(args, "enforce_eager", False) else getattr(args, "cuda_graphs", "auto"),
@@ -120,3 +128,16 @@ def _sizes(spec: str | None) -> list[int] | None:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--cuda-graph-sizes: expected comma-separated integers, got {spec!r}") from None
+
+
+def _token_list(spec: str) -> list[str]:
+    """--classifier-from-token: tokens separated by commas, or a JSON list (for tokens with commas)."""
+    if spec.lstrip().startswith("["):
+        try:
+            tokens = json.loads(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(tokens, list):
+            raise argparse.ArgumentTypeError("expected a JSON list of token strings")
+        return tokens
+    return [t for t in spec.split(",") if t]

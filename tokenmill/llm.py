@@ -11,11 +11,13 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import safe_stream_end, token_string
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt, request_tags
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput, ScoringOutput, ScoringRequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.ttc import Launch, TTCParams, TTCRun, launch_params
 
 PromptType = str | dict[str, Any] | list[int]
+ScoreText = str | list[int]
+_TASK_NAMES = {"generate": "a generative model", "embed": "an embedding model", "classify": "a classifier"}
 
 
 def default_model_path() -> str:
@@ -127,11 +129,43 @@ class LLM:
         L2-normalized final hidden state of its prompt's last token (of its last
         truncate_prompt_tokens tokens, -1: max_model_len of them, when given)."""
         if self.engine.task != "embed":
-            raise ValueError(f"task: {self.engine.config.model} runs as a generative model; load it with "
-                             f"task='embed' to embed")
-        params = SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
-                                truncate_prompt_tokens=truncate_prompt_tokens)
-        return self._run(prompts, params, None, use_tqdm)
+            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}; load it "
+                             f"with task='embed' to embed")
+        return self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)
+
+    def classify(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False,
+                 truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
+        """A classifier's (`task="classify"`) label probabilities for each prompt, in `.probs`
+        (`model_config.labels` names them): its head on the prompt's last token, then a sigmoid for
+        one label, a softmax for several."""
+        if self.engine.task != "classify":
+            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}, not "
+                             f"a classifier")
+        return self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)
+
+    def score(self, data_1: ScoreText | Seq[ScoreText], data_2: ScoreText | Seq[ScoreText], *,
+              use_tqdm: bool = False, truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score: one text against each of several, or pairs in order; each output's
+        `.outputs.score` is the pair's relevance: the cosine similarity of an embedding model's
+        embeddings, or a one-label classifier's (a reranker's) probability for the pair read as one
+        prompt (tokenmill.scoring)."""
+        from tokenmill.scoring import check_scorer, cosine, pair_ids, pair_indices
+
+        eng = self.engine
+        check_scorer(eng.task, len(eng.model_config.labels), eng.config.model)
+        one = [data_1] if _score_text(data_1) else list(data_1)  # type: ignore[arg-type]
+        two = [data_2] if _score_text(data_2) else list(data_2)  # type: ignore[arg-type]
+        pairs = pair_indices(len(one), len(two), ("data_1", "data_2"))
+        if eng.task == "embed":
+            vecs = [o.embedding for o in self.embed([_prompt(x) for x in one + two], use_tqdm=use_tqdm,
+                                                    truncate_prompt_tokens=truncate_prompt_tokens)]
+            outs = [(vecs[i], vecs[len(one) + j]) for i, j in pairs]
+            return [ScoringRequestOutput(str(k), [], ScoringOutput(cosine(u, v))) for k, (u, v) in enumerate(outs)]
+        k = truncate_prompt_tokens
+        limit = eng.max_model_len if k == -1 else k
+        prompts = [{"prompt_token_ids": pair_ids(eng.tokenizer, one[i], two[j], limit)} for i, j in pairs]
+        return [ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(o.probs[0]))
+                for o in self.classify(prompts, use_tqdm=use_tqdm)]  # type: ignore[arg-type, index]
 
     def generate(
         self,
@@ -151,8 +185,9 @@ class LLM:
         reasoning paths and its output holds the winning path alone (index 0), with the run's
         account in `.test_time_compute`.
         """
-        if self.engine.task == "embed":
-            raise ValueError(f"task: {self.engine.config.model} runs as an embedding model; use embed()")
+        if self.engine.task != "generate":
+            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}; use "
+                             f"{'embed' if self.engine.task == 'embed' else 'classify or score'}()")
         if test_time_compute is not None:
             return self._run_ttc(prompts, sampling_params, test_time_compute, priority)
         return self._run(prompts, sampling_params, priority, use_tqdm)
@@ -333,3 +368,16 @@ def _progress(total: int):
     except ImportError:
         return None
     return tqdm(total=total, desc="generate", unit="req")
+
+
+def _pooling_params(truncate_prompt_tokens: int | None) -> SamplingParams:
+    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True, truncate_prompt_tokens=truncate_prompt_tokens)
+
+
+def _score_text(x: Any) -> bool:
+    """One text to score (a string, or one list of token ids), not a list of them."""
+    return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(t, numbers.Integral) for t in x))
+
+
+def _prompt(x: ScoreText) -> PromptType:
+    return x if isinstance(x, str) else {"prompt_token_ids": list(x)}

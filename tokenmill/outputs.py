@@ -82,6 +82,7 @@ class RequestOutput:
     error_status: int = 500  # 400 when the request's own input caused it (a grammar that fails mid-way)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     embedding: list[float] | None = None  # an embedding model's pooled, normalized prompt vector
+    probs: list[float] | None = None  # a classifier's label probabilities for the prompt (task "classify")
     test_time_compute: dict[str, Any] | None = None  # a test-time-compute request's account (tokenmill.ttc)
     tenant: str | None = None  # the tenant that sent it (the server's --tenants)
     slo: Any = None  # its SLOTarget (tokenmill.engine.slo), when it has targets
@@ -91,3 +92,22 @@ class RequestOutput:
     uncounted: bool = False
     prompt_only: bool = False  # scoring or embedding: its one generated token is nobody's output
     compute: dict[str, Any] | None = None  # device seconds, FLOPs, energy, cost so far (tokenmill.ops.energy)
+
+    @property
+    def pooled(self) -> list[float] | None:
+        """A pooling model's result: the embedding or the label probabilities."""
+        return self.embedding if self.embedding is not None else self.probs
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # the pair's relevance: a cosine similarity, or a reranker's probability
+
+
+@dataclass
+class ScoringRequestOutput:
+    """One pair's score, shaped as vLLM's (`.outputs.score`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # the pair's prompt (a reranker's); empty for an embedding model's
+    outputs: ScoringOutput

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.config import POOLING_TASKS, EngineConfig, ModelConfig
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
@@ -121,16 +121,28 @@ class LLMEngine:
         if self.default_sampling:
             logger.info("default sampling settings from generation_config.json (for requests that leave them "
                         "out; --generation-config vllm turns this off): %s", self.default_sampling)
-        self.task = resolve_task(config.task, mc)
+        self.task = resolve_task(config.task, mc, config.classifier_from_token)
+        self.pooling = self.task in POOLING_TASKS  # (prompts are pooled into one vector each, never continued)
         # Its own tokenizer instance, loaded on first use: the server compiles on worker threads.
         self.grammars = GrammarCompiler(lambda: load_tokenizer(config.tokenizer or config.model), mc.vocab_size,
                                         self.eos_token_ids)
-        if self.task == "embed":  # no LM head is loaded or needed, whatever the checkpoint holds
+        label_ids = None
+        if config.classifier_from_token is not None:  # (its head is made from the LM head's rows, so that loads)
+            label_ids = _classifier_token_ids(self.tokenizer, config.classifier_from_token, mc.vocab_size)
+        elif self.pooling:  # no LM head is loaded or needed, whatever the checkpoint holds
             self.model_config = mc = dataclasses.replace(mc, has_lm_head=False)
-        if self.task == "embed" and config.speculative_config is not None:
-            raise ValueError("speculative_config: an embedding model generates nothing to speculate on")
+        if self.task == "embed":  # (a classifier's head goes unused)
+            self.model_config = mc = dataclasses.replace(mc, labels=())
+        if self.pooling and config.speculative_config is not None:
+            raise ValueError(f"speculative_config: {_POOLING_NAMES[self.task]} generates nothing to speculate on")
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
-        self.runner.embed = self.task == "embed"
+        if label_ids is not None:
+            tokens = config.classifier_from_token
+            self.runner.model.head_from_tokens(label_ids)
+            # (two tokens make one label: the second's probability against the first)
+            self.model_config = mc = dataclasses.replace(
+                mc, has_lm_head=False, labels=tuple(tokens[1:] if len(tokens) == 2 else tokens))
+        self.runner.embed = self.pooling
         num_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecStats()
@@ -161,7 +173,7 @@ class LLMEngine:
         # right before the model step (before_step) and after it (on_step).
         meter = open_meter(config.energy_source, str(self.device), config.power_idle_watts, config.power_watts)
         self.energy = EnergyAccounting(mc, meter, Prices(config.price_per_device_hour, config.price_per_kwh,
-                                                         config.pue), self.step_model.row_costs, self.task == "embed")
+                                                         config.pue), self.step_model.row_costs, self.pooling)
         self.before_step: Callable[[], None] | None = self.energy.before_step
         self.on_step = self.energy.on_step
         self.requests: dict[str, Request] = {}
@@ -171,7 +183,7 @@ class LLMEngine:
         # A reasoning budget's markers, as this tokenizer writes them (one token in thinking models).
         self.think_ids = ((tuple(tok.encode(THINK_START, add_special_tokens=False)),
                            tuple(tok.encode(THINK_END, add_special_tokens=False))) if tok is not None else None)
-        if config.scheduling_policy == "slo" and config.calibrate_step_model and self.task != "embed":
+        if config.scheduling_policy == "slo" and config.calibrate_step_model and not self.pooling:
             self.calibrate()
 
     def calibrate(self, budget_s: float = 5.0) -> dict[str, float]:
@@ -317,8 +329,8 @@ class LLMEngine:
             raise ValueError("max_reasoning_tokens: needs the model's tokenizer (to find <think> sections)")
         grammar = None
         if params.structured_outputs is not None:
-            if self.task == "embed":
-                raise ValueError("structured_outputs: an embedding model generates no text")
+            if self.pooling:
+                raise ValueError(f"structured_outputs: {_POOLING_NAMES[self.task]} generates no text")
             so = params.structured_outputs
             grammar = so._compiled or self.grammars.compile(so)  # the server compiles off this thread
         params = _copy_params(params)
@@ -395,7 +407,7 @@ class LLMEngine:
         generator skips the draws they took, so the rest is what the first engine would have made.
         The prompt and these tokens are prefilled together on the first step."""
         p = req.params
-        if p.n != 1 or req.beam is not None or p._prompt_only or self.task == "embed":
+        if p.n != 1 or req.beam is not None or p._prompt_only or self.pooling:
             raise ValueError("resume_token_ids: only for one generated sequence (n=1, no beam search)")
         vocab = self.model_config.vocab_size
         bad = [t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
@@ -740,7 +752,7 @@ class LLMEngine:
             seq = self._seq_by_id.get(seq_id)
             if seq is None or seq.is_finished:
                 continue
-            seq.request.embedding = vec
+            seq.request.pooled = vec
             seq.finish_reason = "stop"
             self._finish(seq)
             touched[seq.request.request_id] = seq.request
@@ -1002,7 +1014,8 @@ class LLMEngine:
             finished=finished,
             metrics=req.metrics,
             num_cached_tokens=req.num_cached_tokens or 0,
-            embedding=req.embedding,
+            embedding=req.pooled if self.task == "embed" else None,
+            probs=req.pooled if self.task == "classify" else None,
             tenant=req.tenant,
             slo=req.slo or req.slo_demoted,
             slo_demoted=req.slo_demoted is not None,
@@ -1102,12 +1115,51 @@ def batch_params(params: SamplingParams | Seq[SamplingParams] | None, n: int) ->
     return params
 
 
-def resolve_task(task: str, mc: ModelConfig) -> str:
-    """"auto": embed for a bare decoder (no LM head) or a sentence-transformers folder, whose
-    pooling must be last-token (the only pooling implemented); generate otherwise."""
+_POOLING_NAMES = {"embed": "an embedding model", "classify": "a classifier"}
+
+
+def _classifier_token_ids(tokenizer: Any, tokens: list[str], vocab_size: int) -> list[int]:
+    """classifier_from_token's tokens as ids: each must be one token of the vocabulary (as written in
+    it, or as its text encodes)."""
+    if tokenizer is None:
+        raise ValueError("classifier_from_token: needs the model's tokenizer")
+    ids = []
+    for t in tokens:
+        i = tokenizer.convert_tokens_to_ids(t)
+        if i is None or i == tokenizer.unk_token_id or not 0 <= i < vocab_size:
+            enc = tokenizer.encode(t, add_special_tokens=False)
+            if len(enc) != 1 or not 0 <= enc[0] < vocab_size:
+                raise ValueError(f"classifier_from_token: {t!r} is not one token of the vocabulary (it encodes "
+                                 f"as {len(enc)} tokens)")
+            i = enc[0]
+        ids.append(int(i))
+    return ids
+
+
+def resolve_task(task: str, mc: ModelConfig, classifier_from_token: list[str] | None = None) -> str:
+    """"auto": classify for a sequence classifier (a *ForSequenceClassification checkpoint) or a
+    causal LM given classifier_from_token; embed for a bare decoder (no LM head) or a
+    sentence-transformers folder, whose pooling must be last-token (the only pooling implemented);
+    generate otherwise."""
     st = os.path.join(mc.path, "config_sentence_transformers.json")
+    if classifier_from_token is not None:
+        if mc.labels:
+            raise ValueError(f"classifier_from_token: {mc.path} is a sequence classifier already (its own head "
+                             f"has labels {list(mc.labels)})")
+        if not mc.has_lm_head:
+            raise ValueError(f"classifier_from_token: {mc.path} is a bare decoder without an LM head, whose rows "
+                             f"the classifier would be made of")
+        return "classify"
     if task == "auto":
-        task = "embed" if (not mc.has_lm_head or os.path.isfile(st)) else "generate"
+        task = ("classify" if mc.labels else "embed" if (not mc.has_lm_head or os.path.isfile(st))
+                else "generate")
+    if task == "classify" and not mc.labels:
+        raise ValueError(f"task: {mc.path} has no classification head (a *ForSequenceClassification checkpoint "
+                         f"has one); a causal LM classifies with classifier_from_token (--classifier-from-token "
+                         f"no,yes for a yes/no reranker)")
+    if task == "generate" and mc.labels:
+        raise ValueError(f"task: {mc.path} is a sequence classifier without an LM head; it can classify or embed "
+                         f"(--task classify or embed)")
     if task == "generate" and not mc.has_lm_head:
         raise ValueError(f"task: {mc.path} is a bare decoder without an LM head; it can only embed (--task embed)")
     if task == "embed":

@@ -727,8 +727,9 @@ class ModelRunner:
             t0 = time.perf_counter()
             inp, hidden, result = launch.inp, launch.hidden, launch.result
             if self.embed and inp.logit_rows:
-                # Last-token pooling: the final (normed) hidden state of the prompt's last token.
-                pooled = torch.nn.functional.normalize(hidden[inp.head_rows].float(), dim=-1).tolist()
+                # Last-token pooling: the final (normed) hidden state of the prompt's last token, as an
+                # embedding or through a classifier's head.
+                pooled = self.model.pool(hidden[inp.head_rows]).tolist()
                 for seq, vec in zip(inp.sample_seqs, pooled):
                     result.embeddings[seq.seq_id] = vec
             elif launch.logits is not None:

@@ -144,7 +144,7 @@ class Request:
     aborted: bool = False
     cache_salt: str | None = None  # only requests with the same salt share cached blocks
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
-    embedding: list[float] | None = None  # set once an embedding model has pooled the prompt
+    pooled: list[float] | None = None  # set once a pooling model (embed, classify) has pooled the prompt
     beam: Any = None  # a BeamSearch when params.use_beam_search: its seqs are the beams' slots
     tenant: str | None = None  # who sent it (the server's tenants): metrics and accounting are kept per tenant
     slo: SLOTarget | None = None  # latency targets (the slo scheduling policy); None: best effort

@@ -111,6 +111,8 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
     """Maps a checkpoint tensor name to (our parameter name, shard index); None to skip it."""
     if _IGNORED.search(name):
         return None
+    if name == "score.weight":  # a sequence classifier's head
+        return ("score.weight", None) if cfg.labels else None
     if not name.startswith(("model.", "lm_head.")):
         # A bare decoder's tensors (Qwen3-Embedding's, whatever its config.json's architecture).
         name = "model." + name

@@ -50,7 +50,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,7 +85,7 @@ REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
 THREAD_TOKENIZE_BYTES = 8192
 # With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
-TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses")
+TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses", "classify", "score", "rerank")
 # The requests the routing and latency metrics are about (a POST to one of these): not the rest of the
 # traffic the catch-all relays (/version, /tokenize, a dashboard's polls) nor stored responses' GETs.
 GENERATION_ENDPOINTS = TENANT_ENDPOINTS
@@ -446,6 +446,15 @@ class Router:
         @app.post("/v1/responses")
         async def responses(request: Request) -> Response:
             return await self._generate(request, "responses")
+
+        def pooling(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+            async def handler(request: Request) -> Response:
+                return await self._generate(request, endpoint)
+            return handler
+
+        for name in ("classify", "score", "rerank"):  # vLLM's pooling endpoints, at every path a replica has
+            for prefix in ("", "/v1") + (("/v2",) if name == "rerank" else ()):
+                app.add_api_route(f"{prefix}/{name}", pooling(name), methods=["POST"])
 
         @app.post("/v1/responses/input_tokens")
         async def input_tokens(request: Request) -> Response:  # (at the replica holding what it continues)

@@ -107,7 +107,7 @@ class Gateway:
         # model on disk need not come back just to route a request).
         self._tier_tokenizers: dict[str, Any] = {}
         self._tokenizer_ctxs: dict[str, ServerContext] = {}  # /tokenize of models on disk
-        self._tasks: dict[str, str] = {}  # each model's task ("generate", "embed"), once known
+        self._tasks: dict[str, tuple[str, int]] = {}  # each model's task ("generate", ...) and labels, once known
         for t in tiers:
             first = pool.entries[t.policy.default if isinstance(t.policy, RulesPolicy) else t.policy.small]
             self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
@@ -273,13 +273,15 @@ class Gateway:
         return adm
 
     async def open_request(self, request: Request, body: type[BaseModel], generation: bool = False,
-                           auth: bool = True, embedding: bool = False,
+                           auth: bool = True, tasks: tuple[str, ...] = (),
                            precheck: Callable[[Any], None] | None = None) -> tuple[ServerContext, Any, float]:
         """What every model endpoint does first: auth, admission, body, model. Returns the serving
         model's context (once it is active), the parsed body and its arrival time. /tokenize and
         /detokenize skip auth and admission, as vLLM's do. What can be refused without the model on
         the device (the body's own checks, `precheck`; the endpoint against the model's task) is
-        refused before waiting for it: a 400 must not park another model and load this one first."""
+        refused before waiting for it: a 400 must not park another model and load this one first.
+        tasks: the pooling tasks a pooling endpoint serves ("embed", "classify"; "score": a model that
+        scores pairs, an embedding model or a one-label classifier)."""
         arrival = time.time()
         tenant = None
         if auth:
@@ -298,8 +300,8 @@ class Gateway:
             tags["tenant"] = tenant.name  # metrics, accounting (and its stored responses, for the precheck)
         if precheck is not None:
             precheck(req)
-        if (generation or embedding) and name not in self.tiers:
-            self._check_task(name, generation)
+        if (generation or tasks) and name not in self.tiers:
+            self._check_task(name, generation, tasks)
         if tenant is not None:
             if tags is not None:
                 if tags.get("slo") is None and tenant.slo is not None:
@@ -321,27 +323,31 @@ class Gateway:
             ctx = await self._route_rules(tier, req)
         else:
             ctx = await self._cascade(tier, req, generation)
-        if generation or embedding:  # (a tier's model, known only now)
-            _check_task(ctx.name, ctx.llm_engine.task, generation)
+        if generation or tasks:  # (a tier's model, known only now)
+            _check_task(ctx.name, (ctx.llm_engine.task, len(ctx.llm_engine.model_config.labels)), generation, tasks)
         return ctx, req, arrival
 
-    def _check_task(self, name: str, generation: bool) -> None:
+    def _check_task(self, name: str, generation: bool, tasks: tuple[str, ...]) -> None:
         """The endpoint against a model's task, before it is on the device."""
         task = self._tasks.get(name)
         if task is None:
             e = self.pool.entries[name]
             engine = e.engine  # (read once: the device thread may let it go meanwhile)
             if engine is not None:
-                task = engine.task
+                task = (engine.task, len(engine.model_config.labels))
             else:  # (from its folder's config.json: nothing is loaded)
                 from tokenmill.config import ModelConfig
 
+                cfg = e.spec.config
                 try:
-                    task = resolve_task(e.spec.config.task, ModelConfig.from_pretrained(e.spec.config.model))
+                    mc = ModelConfig.from_pretrained(cfg.model)
+                    tokens = cfg.classifier_from_token
+                    labels = (1 if len(tokens) == 2 else len(tokens)) if tokens is not None else len(mc.labels)
+                    task = (resolve_task(cfg.task, mc, tokens), labels)
                 except Exception:  # (loading it will say what is wrong)
                     return
             self._tasks[name] = task
-        _check_task(name, task, generation)
+        _check_task(name, task, generation, tasks)
 
     def _tokenizer_only(self, name: str) -> ServerContext:
         """A context for /tokenize and /detokenize of a model on disk: its tokenizer and limits,
@@ -516,14 +522,35 @@ def _check_same_tokenizer(tier: Tier, pool: ModelPool) -> None:
                          f"({small.model} and {strong.model} differ)")
 
 
-def _check_task(name: str, task: str, generation: bool) -> None:
-    """A 400 for a generation endpoint on an embedding model, or /v1/embeddings on a generative one."""
-    if generation and task == "embed":
-        raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "
-                       f"not text generation")
-    if not generation and task != "embed":
-        raise APIError(400, f"`{name}` is served as a generative model, which has no embeddings; serve an "
-                       f"embedding model, or this one with --task embed", param="model")
+def _check_task(name: str, task_labels: tuple[str, int], generation: bool, tasks: tuple[str, ...]) -> None:
+    """A 400 for an endpoint the model's task does not serve: generation on a pooling model (an
+    embedding model, a classifier), /v1/embeddings on a generative model or a classifier, ..."""
+    task, labels = task_labels
+    if generation:
+        if task == "embed":
+            raise APIError(400, f"this server runs the embedding model `{name}`: it answers /v1/embeddings, "
+                           f"/score and /rerank, not text generation")
+        if task == "classify":
+            raise APIError(400, f"this server runs the classifier `{name}`: it answers /classify (and /score and "
+                           f"/rerank for a reranker), not text generation")
+        return
+    if "score" in tasks:
+        from tokenmill.scoring import check_scorer
+
+        try:
+            check_scorer(task, labels, name)
+        except ValueError as e:
+            raise APIError(400, str(e), param="model") from None
+        return
+    if task in tasks:
+        return
+    if tasks == ("embed",):
+        kind = "a classifier" if task == "classify" else "served as a generative model"
+        raise APIError(400, f"`{name}` is {kind}, which has no embeddings; serve an embedding model, or this one "
+                       f"with --task embed", param="model")
+    raise APIError(400, f"`{name}` is {'an embedding model' if task == 'embed' else 'served as a generative model'}, "
+                   f"not a classifier; serve a *ForSequenceClassification checkpoint, or a causal LM with "
+                   f"--classifier-from-token", param="model")
 
 
 def with_extras(resp: Any, extras: dict[str, Any]) -> Any:

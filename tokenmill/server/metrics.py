@@ -112,7 +112,7 @@ class ServerMetrics:
             missed = "demoted"
         elif reason == "error":
             missed = "error"
-        elif slo.ttft_s is not None and out.embedding is not None:
+        elif slo.ttft_s is not None and out.pooled is not None:
             # An embedding has no first token: its vector, the whole answer, comes at the end, so the
             # TTFT target is held against its end-to-end latency (not counted a miss for want of a TTFT).
             if m.e2e_latency is None or m.e2e_latency > slo.ttft_s:
@@ -154,7 +154,7 @@ class ServerMetrics:
         # A prompt counts once prefilled: at the first token, or for an embedding (which makes no
         # token) when its vector is out.
         if (not t.prompt_counted and not out.uncounted
-                and (m.first_token_time is not None or (out.finished and out.embedding is not None))):
+                and (m.first_token_time is not None or (out.finished and out.pooled is not None))):
             t.prompt_counted = True  # (an uncounted part's prompt is its request's: observe_request)
             self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
         tokens = _output_tokens(out)

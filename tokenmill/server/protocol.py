@@ -322,6 +322,60 @@ class EmbeddingRequest(_Strict):
     truncate_prompt_tokens: int | None = None  # vLLM's: embed each input's last k tokens (-1: max_model_len)
 
 
+class _PoolingFields(_Strict):
+    model: str | None = None
+    user: str | None = None
+    priority: int = 0
+    truncate_prompt_tokens: int | None = None  # vLLM's: a prompt's last k tokens (-1: max_model_len); a pair's
+    # prompt is truncated longest text first, as its tokenizer does
+
+
+class ClassifyRequest(_PoolingFields):
+    """vLLM's /classify: a classifier's label probabilities for each input."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+class ScoreRequest(_PoolingFields):
+    """vLLM's /score: one text against each of several, or pairs in order. The texts go by any of
+    vLLM's names: text_1/text_2, queries/documents, queries/items or data_1/data_2."""
+
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+
+    def texts(self) -> tuple[list[str], list[str], tuple[str, str]]:
+        """The two sides, each a list, and the names they came by; ValueError when a side is missing
+        or given twice."""
+        sides = []
+        for names in (("text_1", "queries", "data_1"), ("text_2", "documents", "items", "data_2")):
+            given = [n for n in names if getattr(self, n) is not None]
+            if len(given) != 1:
+                raise ValueError(f"{names[0]}: give exactly one of {', '.join(names)}"
+                                 + (f" (got {', '.join(given)})" if given else ""))
+            v = getattr(self, given[0])
+            sides.append(([v] if isinstance(v, str) else v, given[0]))
+        (one, n1), (two, n2) = sides
+        return one, two, (n1, n2)
+
+
+class RerankDocument(_Strict):
+    text: str
+
+
+class RerankRequest(_PoolingFields):
+    """vLLM's /rerank (Cohere's and Jina's shape): documents ordered by relevance to the query."""
+
+    query: str
+    documents: list[str | RerankDocument]
+    top_n: int | None = None  # the best n (None or 0: all)
+    return_documents: bool = True  # (Cohere's: each result carries its document's text)
+
+
 class ResponsesRequest(_SamplingFields):
     """OpenAI's Responses API (/v1/responses), with the same vLLM sampling extras as chat. The
     input items and tools are checked where they are turned into a chat request

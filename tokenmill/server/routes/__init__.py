@@ -2,7 +2,7 @@
 
 admin (health, models, metrics), tokenize (/tokenize, /detokenize), completions
 (/v1/completions), chat (/v1/chat/completions), responses (/v1/responses, OpenAI's Responses API
-over chat), embeddings (/v1/embeddings). A route that
+over chat), embeddings (/v1/embeddings), score (/classify, /score, /rerank: vLLM's). A route that
 takes a body parses it itself with `ctx.parse` (to answer with OpenAI-style 400s rather than
 FastAPI's 422) and declares it with `openapi_extra=body(Model)`; the model goes in BODIES so
 the schema has its definition.
@@ -16,15 +16,19 @@ from pydantic import BaseModel
 
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 
 BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-                                       EmbeddingRequest, ResponsesRequest)
+                                       EmbeddingRequest, ResponsesRequest, ClassifyRequest, ScoreRequest,
+                                       RerankRequest)
 
 
 def body(model: type[BaseModel]) -> dict[str, Any]:

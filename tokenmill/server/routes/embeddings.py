@@ -32,7 +32,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     @gw.route
     async def embeddings(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, embedding=True, precheck=_checked)
+        ctx, req, arrival = await gw.open_request(request, EmbeddingRequest, tasks=("embed",), precheck=_checked)
         mc = ctx.llm_engine.model_config
         if req.dimensions is not None:
             if not mc.matryoshka:
