@@ -49,6 +49,24 @@ def load_yaml_file(path: str, flag: str) -> Any:
         raise ValueError(f"{flag}: {path} is not valid YAML: {e}") from None
 
 
+def read_chat_template(value: str) -> str:
+    """A chat template given as a file (its text) or as the Jinja text itself, as vLLM's
+    --chat-template takes it; ValueError for a value that is neither."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat_template: a file or a Jinja template, got {value!r}")
+    if "{" in value:  # (Jinja text: a file name holds no braces)
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"chat_template: {value!r} is not a Jinja template, and cannot be read as a file: "
+                         f"{e.strerror or e}") from None
+    if "{" not in text:
+        raise ValueError(f"chat_template: {value} holds no Jinja template")
+    return text
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():
@@ -433,6 +451,9 @@ class EngineConfig:
     # Speculative decoding (vLLM's shape, see SpeculativeConfig): a dict, a JSON string or None.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     tokenizer: str | None = None
+    # The chat template, replacing the tokenizer's (vLLM's --chat-template): a file, or the Jinja text itself.
+    # validate() reads a file's text into it.
+    chat_template: str | None = None
     # Default sampling settings, as vLLM's --generation-config: "auto" takes temperature, top_p, top_k,
     # min_p, repetition_penalty and max_new_tokens from the model folder's generation_config.json for
     # requests that leave them out; "vllm" uses the API's own defaults; a folder, its file.
@@ -485,6 +506,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in ("int8",):
             raise ValueError(f"quantization: unknown method {self.quantization!r}; available: int8")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.chat_template is not None:
+            self.chat_template = read_chat_template(self.chat_template)
         if not 0 < self.cpu_kv_cache_fraction < 1:
             raise ValueError(f"cpu_kv_cache_fraction must be in (0, 1), got {self.cpu_kv_cache_fraction}")
         if self.scheduling_policy not in ("fcfs", "priority", "slo"):

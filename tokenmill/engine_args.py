@@ -19,6 +19,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, many_models: bool = False) 
         p.add_argument("--model", default=None,
                        help="Hugging Face model folder (default: the demo model in the package)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="the chat template in place of the tokenizer's: a Jinja file, or the template text itself")
     p.add_argument("--generation-config", default=d.generation_config, metavar="auto|vllm|DIR",
                    help="default sampling settings for requests that leave them out: 'auto' takes temperature, "
                    "top_p, top_k, min_p, repetition_penalty and max_new_tokens from the model's "
@@ -101,6 +103,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None = None) 
     return EngineConfig(
         model=model or (args.model if isinstance(args.model, str) else None) or default_model_path(),
         tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, kv_cache_memory_bytes=kv,

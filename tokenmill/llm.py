@@ -61,7 +61,8 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                    chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                    chat_template_kwargs: dict[str, Any] | None = None,
+                    chat_template: str | None = None) -> dict[str, Any]:
         """One conversation rendered with the tokenizer's chat template, as a token-id prompt. The
         messages are read as vLLM's LLM.chat reads them (tools.loose_messages: OpenAI text parts,
         tool calls with JSON-string arguments, any role or extra key); ValueError naming the field."""
@@ -69,20 +70,22 @@ class LLM:
 
         tok = self.engine.tokenizer
         text = render_chat(tok, loose_messages(messages), add_generation_prompt, tools, continue_final_message,
-                           chat_template_kwargs)
+                           chat_template_kwargs, chat_template=chat_template)
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = False, *, add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Like generate, for one conversation or a list of them (chat template applied; the
-        keywords as vLLM's LLM.chat takes them)."""
+             chat_template_kwargs: dict[str, Any] | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Like generate, for one conversation or a list of them (chat template applied, or
+        chat_template in its place; the keywords as vLLM's LLM.chat takes them)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, add_generation_prompt, tools=tools,  # type: ignore[arg-type]
                                     continue_final_message=continue_final_message,
-                                    chat_template_kwargs=chat_template_kwargs) for c in convs]
+                                    chat_template_kwargs=chat_template_kwargs, chat_template=chat_template)
+                   for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)  # type: ignore[arg-type]
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:

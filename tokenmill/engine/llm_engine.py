@@ -39,16 +39,20 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str) -> Any | None:
-    """The folder's Hugging Face tokenizer, or None when it ships none (token-id prompts only)."""
+def load_tokenizer(path: str, chat_template: str | None = None) -> Any | None:
+    """The folder's Hugging Face tokenizer, or None when it ships none (token-id prompts only);
+    chat_template (EngineConfig's, already read) replaces the folder's."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load the tokenizer in {path}: {e}") from e
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
 
 
 def _generation_eos(path: str) -> tuple[int, ...]:
@@ -112,7 +116,7 @@ class LLMEngine:
             # (without this the engine ran with no tokenizer and refused every text prompt)
             raise ValueError(f"tokenizer: {config.tokenizer} holds no tokenizer (looked for "
                              f"{', '.join(_TOKENIZER_FILES)})")
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.chat_template)
         eos = set(mc.eos_token_ids) | set(_generation_eos(config.model))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

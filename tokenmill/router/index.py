@@ -163,7 +163,8 @@ class PromptHasher:
 
                 req = ChatCompletionRequest.model_validate(body)
                 text = render_chat(tok, template_messages(req.messages), req.add_generation_prompt, req.tools,
-                                   req.continue_final_message, req.chat_template_kwargs)
+                                   req.continue_final_message, req.chat_template_kwargs, documents=req.documents,
+                                   chat_template=req.chat_template)
                 return tok.encode(text, add_special_tokens=False)
             if endpoint == "responses":  # (as the replica runs it: the chat request it becomes)
                 from tokenmill.server.protocol import ResponsesRequest

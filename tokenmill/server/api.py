@@ -56,7 +56,8 @@ def build_app(pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, ret
 
     def make_ctx(spec: ModelSpec, front: AsyncEngine) -> ServerContext:
         ctx = ServerContext(front, ServerSettings(spec.name, spec.config.model, retry_after_s, spec.tool_call_parser,
-                                                  spec.reasoning_parser), gw.metrics)
+                                                  spec.reasoning_parser, settings.trust_request_chat_template),
+                            gw.metrics)
         tenants = gw.tenants
         if tenants is not None:  # the engine's outputs settle tenants' token reservations too
             observe = front.on_output

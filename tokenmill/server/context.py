@@ -51,6 +51,7 @@ class ServerSettings:
     retry_after_s: int = 1  # the Retry-After of a 429 (queue full)
     tool_call_parser: str = "auto"  # a name in tools.PARSERS, or inferred from the chat template
     reasoning_parser: str | None = None  # a name in reasoning.REASONING_PARSERS: `reasoning` apart from content
+    trust_request_chat_template: bool = False  # a request's own chat_template is rendered (vLLM's flag)
 
 
 class ServerContext:
@@ -62,7 +63,8 @@ class ServerContext:
         self.llm_engine = engine.engine
         # The HTTP side gets its own tokenizer instance: the engine thread decodes with the engine's
         # at the same time, and a Rust tokenizer object should not be shared across threads.
-        self.tokenizer = load_tokenizer(self.llm_engine.config.tokenizer or self.llm_engine.config.model)
+        cfg = self.llm_engine.config
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.chat_template)
         self.vocab = self.llm_engine.model_config.vocab_size
         self.name = settings.served_model_name
         self.metrics = metrics
@@ -136,10 +138,15 @@ class ServerContext:
 
     def chat_prompt(self, req: Any, tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text of a chat or /tokenize request's messages (render_chat)."""
+        template = getattr(req, "chat_template", None)
+        if template is not None and not self.settings.trust_request_chat_template:
+            raise APIError(400, "chat_template: this server renders only its own chat templates; start it with "
+                           "--trust-request-chat-template to accept a request's", param="chat_template")
         try:
             return render_chat(self.tokenizer, template_messages(req.messages), req.add_generation_prompt,
                                tools if tools is not None else getattr(req, "tools", None),
-                               req.continue_final_message, req.chat_template_kwargs)
+                               req.continue_final_message, req.chat_template_kwargs,
+                               documents=getattr(req, "documents", None), chat_template=template)
         except ValueError as e:
             raise bad_request(e) from None
 

@@ -42,7 +42,7 @@ from tokenmill.engine.slo import SLOTarget
 from tokenmill.ops.tenants import Admission, LimitExceeded, Tenant, Tenants, TenantsConfig, hash_key
 from tokenmill.routing import CascadePolicy, RulesPolicy
 from tokenmill.server.async_engine import EngineStats
-from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext
+from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, ServerSettings
 from tokenmill.server.errors import APIError, invalid_key_error, limit_error, validation_error
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ModelPool, PoolError
@@ -69,6 +69,7 @@ class GatewaySettings:
     # --tenants: the generation and embedding routes take tenants' keys (and api_key no longer opens them)
     tenants: TenantsConfig | None = None
     responses_store_bytes: int = 64 * 2**20  # the Responses API's stored responses (0: none are kept)
+    trust_request_chat_template: bool = False  # render a request's own chat_template (vLLM's flag)
 
 
 @dataclass
@@ -110,7 +111,8 @@ class Gateway:
         self._tasks: dict[str, tuple[str, int]] = {}  # each model's task ("generate", ...) and labels, once known
         for t in tiers:
             first = pool.entries[t.policy.default if isinstance(t.policy, RulesPolicy) else t.policy.small]
-            self._tier_tokenizers[t.name] = load_tokenizer(first.spec.config.tokenizer or first.spec.config.model)
+            cfg = first.spec.config
+            self._tier_tokenizers[t.name] = load_tokenizer(cfg.tokenizer or cfg.model, cfg.chat_template)
             if isinstance(t.policy, CascadePolicy):
                 _check_same_tokenizer(t, pool)
 
@@ -362,7 +364,9 @@ class Gateway:
             mc = ModelConfig.from_pretrained(cfg.model)
             ctx = object.__new__(ServerContext)
             ctx.name, ctx.vocab = name, mc.vocab_size
-            ctx.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+            ctx.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.chat_template)
+            ctx.settings = ServerSettings(name, cfg.model, trust_request_chat_template=self.settings.
+                                          trust_request_chat_template)
             ctx.tokenize_lock = asyncio.Lock()
             ctx.llm_engine = SimpleNamespace(max_model_len=cfg.max_model_len or mc.max_context)  # type: ignore
             self._tokenizer_ctxs[name] = ctx

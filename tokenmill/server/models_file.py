@@ -45,7 +45,8 @@ ENGINE_KEYS = {"dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens
                "enable_prefix_caching", "attention_backend", "quantization", "prepack_weights", "task",
                "allow_long_max_model_len", "speculative_config", "tokenizer", "gpu_memory_utilization",
                "scheduling_policy", "slo_admission", "price_per_device_hour", "price_per_kwh", "pue",
-               "cuda_graphs", "cuda_graph_sizes", "generation_config", "classifier_from_token"}
+               "cuda_graphs", "cuda_graph_sizes", "generation_config", "classifier_from_token",
+               "chat_template"}
 MODEL_KEYS = ENGINE_KEYS | {"name", "path", "pinned", "memory_share", "kv_cache_memory", "tool_call_parser",
                             "reasoning_parser"}
 TOP_KEYS = {"models", "tiers", "memory_budget", "host_memory_budget", "swap_quantum", "load_timeout"}
@@ -58,7 +59,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "tool_call_parser": (str,), "reasoning_parser": (str,), "name": (str,), "scheduling_policy": (str,),
     "slo_admission": (str,), "price_per_device_hour": (int, float), "price_per_kwh": (int, float),
     "pue": (int, float), "cuda_graphs": (str,), "cuda_graph_sizes": (list,), "classifier_from_token": (list,),
-    "generation_config": (str,)}
+    "chat_template": (str,), "generation_config": (str,)}
 
 
 @dataclasses.dataclass

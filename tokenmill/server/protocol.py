@@ -295,6 +295,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last message left open, for the model to go on
     chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (enable_thinking, ...)
+    # vLLM's: the template's `documents` (RAG templates: Command-R's, Granite's), and a template of the
+    # request's own in place of the model's (only with --trust-request-chat-template)
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
 
 
 class TokenizeRequest(_Strict):
@@ -306,6 +310,8 @@ class TokenizeRequest(_Strict):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None  # (a chat prompt's count includes its tools, as the template shows them)
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
 
 
 class DetokenizeRequest(_Strict):

@@ -122,6 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--responses-store-mb", type=float, default=64, metavar="MB",
                    help="memory for the Responses API's stored responses (store: true; previous_response_id, "
                         "GET /v1/responses/ID), least recently used out first; 0 keeps none (default 64)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a chat request's own chat_template (vLLM's flag; off: such a request is a 400, as a "
+                        "template runs in the server's process)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -262,7 +265,8 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
         tenants = load_tenants(args.tenants)
     settings = GatewaySettings(max_body_bytes=args.max_body_size, api_key=args.api_key,
                                admin_api_key=args.admin_api_key, tenants=tenants,
-                               responses_store_bytes=int(getattr(args, "responses_store_mb", 64) * 2**20))
+                               responses_store_bytes=int(getattr(args, "responses_store_mb", 64) * 2**20),
+                               trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)

@@ -167,16 +167,21 @@ _TEMPLATE_ARGS = {"conversation", "messages", "tools", "documents", "chat_templa
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                chat_template_kwargs: dict[str, Any] | None = None, *,
+                documents: list[dict[str, Any]] | None = None, chat_template: str | None = None) -> str:
     """A conversation (as template_messages makes it) as the prompt text its chat template makes:
     what the chat endpoint, /tokenize, a fleet router (to hash it) and LLM.chat all render, as
     vLLM does. continue_final_message leaves the last message open for the model to go on;
-    chat_template_kwargs reach the template (Qwen3's {"enable_thinking": false}). ValueError
-    naming the field at fault."""
+    chat_template_kwargs reach the template (Qwen3's {"enable_thinking": false}); documents too, as
+    the `documents` variable of RAG templates (Command-R's, Granite's); chat_template replaces the
+    tokenizer's. ValueError naming the field at fault."""
     import inspect
 
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("messages: this model's tokenizer has no chat template; use completions with a prompt")
+    if tokenizer is None:
+        raise ValueError("messages: this model has no tokenizer; use completions with token ids")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("messages: this model's tokenizer has no chat template; use completions with a prompt "
+                         "(or start the server with --chat-template)")
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message: cannot be combined with add_generation_prompt; set "
                          "add_generation_prompt to false")
@@ -190,7 +195,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     clash = sorted(set(kwargs) & own)
     if clash:
         raise ValueError(f"chat_template_kwargs: {clash[0]!r} is a request field of its own, not a template variable")
-    template = tokenizer.chat_template
+    template = chat_template if chat_template is not None else tokenizer.chat_template
     if not isinstance(template, str):  # named templates: the one apply_chat_template will pick
         try:
             template = tokenizer.get_chat_template(None, template_tools(tools))
@@ -199,6 +204,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     if "developer" not in template:  # OpenAI's newer name for system, to a template that knows only that
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     try:
+        if documents is not None:
+            kwargs["documents"] = documents
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
         return tokenizer.apply_chat_template(messages, tools=template_tools(tools),
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tokenize=False, **kwargs)
