@@ -34,7 +34,14 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tools_model(tmp_path_factory):
-    return make_model(str(tmp_path_factory.mktemp("tools") / "hermes"), chat_template=TOOLS_CHAT_TEMPLATE)
+    from transformers import AutoTokenizer
+
+    path = make_model(str(tmp_path_factory.mktemp("tools") / "hermes"), chat_template=TOOLS_CHAT_TEMPLATE)
+    # As in some Hermes tokenizers, the call markers are special tokens.
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +162,29 @@ def test_tool_results_in_history_and_auto(client, name, server):
     assert r.choices[0].message.tool_calls is None
 
 
+def test_empty_parameters_still_constrain_to_an_object(client, name):
+    """"parameters": {} (a function without any) constrains required and named calls to an object
+    (it let them write any JSON value, which is no call: the text came back as content)."""
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {}}}]
+    for seed in range(4):
+        for choice in ("required", {"type": "function", "function": {"name": "now"}}):
+            c = client.chat.completions.create(model=name, messages=MESSAGES, tools=tools, tool_choice=choice,
+                                               temperature=1.0, max_tokens=40, seed=seed).choices[0]
+            assert c.message.content is None and c.message.tool_calls[0].function.arguments.startswith("{")
+
+
+def test_special_call_markers_reach_the_parser(client, name, tools_model):
+    """auto keeps special tokens in the text, as the call markers may be ones (they were skipped
+    with hermes, so its calls could never be found)."""
+    from transformers import AutoTokenizer
+
+    mark = AutoTokenizer.from_pretrained(tools_model).convert_tokens_to_ids("<tool_call>")
+    kw = dict(model=name, messages=MESSAGES, tools=TOOLS, max_tokens=2, extra_body={"allowed_token_ids": [mark]})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.message.content == "<tool_call><tool_call>" and c.finish_reason == "length"
+    assert _reassemble(client.chat.completions.create(**kw, stream=True))[2] == "<tool_call><tool_call>"
+
+
 @pytest.mark.parametrize("kw,needle", [
     ({"tool_choice": "required"}, "only allowed when tools are given"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "no tool named 'nope'"),
@@ -163,6 +193,9 @@ def test_tool_results_in_history_and_auto(client, name, server):
       "tool_choice": "required"}, "Invalid type"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    # $defs that are no mapping (they were a 500 where required nests the tools' schemas)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$defs": [1]}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters.$defs"),
 ])
 def test_bad_tools_are_400s(client, name, kw, needle):
     with pytest.raises(openai.BadRequestError) as e:
@@ -200,6 +233,11 @@ CASES = [
     ("hermes", '<tool_call>{"name": "search"}</tool_call><tool_call>{"name": "search", "arguments": {}}</tool_call>',
      None, [("search", {}), ("search", {})]),
     ("mistral", "[TOOL_CALLS]search", None, [("search", {})]),
+    # Raw control characters in strings (models write raw newlines) come back escaped: strict JSON.
+    ("hermes", '<tool_call>{"name": "search",\n "arguments": {"query": "a\nb\tc\x01\\"\n"}}</tool_call>', None,
+     [("search", {"query": 'a\nb\tc\x01"\n'})]),
+    ("hermes", '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"a\\nb\\"}"}</tool_call>', None,
+     [("search", {"query": "a\nb"})]),
     # Text that holds no well-formed call to a declared tool is all content, streamed too.
     ("hermes", "Hi <tool_call>oops</tool_call>", "Hi <tool_call>oops</tool_call>", []),
     ("hermes", 'A<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
@@ -254,6 +292,7 @@ def _stream(setup, text, complete=True, step=1):
     # Finished arguments written as a JSON string are sent decoded, streamed or not.
     (None, "hermes", '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"q\\"}" ', None,
      [("search", '{"query": "q"}')]),
+    (None, "llama3_json", '{"name": "search", "parameters": {"query": "a\nb', None, [("search", '{"query": "a\\nb')]),
     # Arguments of an object that breaks end where it breaks, not at the end of the text.
     (None, "hermes", 'Hi<tool_call>{"name": "search", "arguments": {"query": "x"</tool_call>\nBye', "Hi",
      [("search", '{"query": "x"')]),
@@ -267,6 +306,27 @@ def test_cut_short_keeps_the_calls_begun(mode, parser, text, content, expected):
     for step in (1, 7):
         streamed, assembled = _stream(setup, text, complete=False, step=step)
         assert streamed == (content or "") and [tuple(v) for v in assembled.values()] == expected
+
+
+def test_tool_name_with_a_trailing_newline_is_refused():
+    """(A regex's "$" matches before a final newline: the name passed, a 400 now.)"""
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function\.name"):
+        ToolSetup.from_request([{"type": "function", "function": {"name": "search\n"}}], None, None, "hermes")
+
+
+def test_parallel_off_keeps_the_first_call_in_auto():
+    """parallel_tool_calls false with auto: the model's first call only (vLLM's rule), streamed
+    and not; it was ignored, so every call came back."""
+    text = ('<tool_call>{"name": "search", "arguments": {"query": "a"}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}</tool_call>')
+    mistral = '[TOOL_CALLS]search[ARGS]{"query": "a"}[TOOL_CALLS]search[ARGS]{}'
+    for parser, t in [("hermes", text), ("mistral", mistral)]:
+        setup = ToolSetup.from_request(TOOLS, None, False, parser)
+        _, calls = parse_calls(setup, t)
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("search", '{"query": "a"}')]
+        for step in (1, 9):
+            assert [tuple(v) for v in _stream(setup, t, step=step)[1].values()] == [("search", '{"query": "a"}')]
+        assert len(parse_calls(ToolSetup.from_request(TOOLS, None, None, parser), t)[1]) == 2
 
 
 def test_malformed_call_is_content_unstreamed():

@@ -12,6 +12,7 @@ tool_choice decides how calls come about:
 - a named function: decoding is constrained to that function's parameters schema; the text is
   the arguments.
 - "none": tools are shown to the template, nothing is parsed.
+parallel_tool_calls false: at most one call (auto returns the first the model wrote, as vLLM does).
 
 CallParser reads a choice's text as it grows, once in all (a tolerant, resumable scan of possibly
 unfinished JSON, in which markers inside strings are text); ToolStream sends what is new, as OpenAI
@@ -31,7 +32,7 @@ from tokenmill.server.streaming import held_back
 from tokenmill.structured import StructuredOutputsParams
 
 PARSERS = ("hermes", "llama3_json", "mistral")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # fullmatch: "$" would let a trailing newline in
 
 
 def infer_parser(chat_template: str | None) -> str | None:
@@ -64,6 +65,7 @@ class ToolSetup:
     named: str | None = None
     constraint: StructuredOutputsParams | None = None
     names: frozenset[str] = frozenset()  # the declared functions: a call to anything else is text
+    parallel: bool = True  # parallel_tool_calls; false: at most one call (auto: the first, as vLLM returns)
 
     @classmethod
     def from_request(cls, tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None,
@@ -79,14 +81,19 @@ class ToolSetup:
             if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict):
                 raise ValueError(f"tools[{i}]: must be {{'type': 'function', 'function': {{...}}}}")
             name = f.get("name")
-            if not isinstance(name, str) or not _NAME.match(name):
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
                 raise ValueError(f"tools[{i}].function.name: must be 1-64 letters, digits, '_', '-' or '.'")
             params = f.get("parameters", {"type": "object", "properties": {}})
             if not isinstance(params, dict):
                 raise ValueError(f"tools[{i}].function.parameters: must be a JSON schema object")
+            for key in ("$defs", "definitions"):  # (_hoist_defs reads them as mappings)
+                if not isinstance(params.get(key, {}), dict):
+                    raise ValueError(f"tools[{i}].function.parameters.{key}: must be an object")
             if name in funcs:
                 raise ValueError(f"tools[{i}].function.name: {name!r} appears twice")
-            funcs[name] = params
+            # Arguments are an object: a schema that leaves the type open ({} for a function
+            # without parameters) would let a constrained call write any JSON value.
+            funcs[name] = params if "type" in params else {**params, "type": "object"}
         choice = "auto" if tool_choice is None else tool_choice
         named = None
         if isinstance(choice, dict):
@@ -106,7 +113,7 @@ class ToolSetup:
                              f"--tool-call-parser ({'|'.join(PARSERS)}), or use tool_choice 'required', "
                              "a named function or 'none'")
         setup = cls(tools=template_tools(tools), mode=choice,
-                    parser=parser, named=named, names=frozenset(funcs))
+                    parser=parser, named=named, names=frozenset(funcs), parallel=parallel is not False)
         if choice == "named":
             setup.constraint = StructuredOutputsParams(json=funcs[named])
         elif choice == "required":
@@ -408,12 +415,61 @@ class CallScan:
 
     def view_args(self, text: str) -> str:
         """The arguments as streamed and as a call cut short returns them: finished ones as JSON
-        (a JSON string holding an object decoded), unfinished ones as written so far."""
+        (a JSON string holding an object decoded), unfinished ones as written so far; control
+        characters inside strings escaped either way (see escape_controls)."""
         if not self.args_done:
-            return self.args(text) or ""
+            return _strict(self.args(text) or "")
         if self.normalized is None:
-            self.normalized = _arguments(self, text) or self.args(text) or ""
+            self.normalized = _arguments(self, text) or _strict(self.args(text) or "")
         return self.normalized
+
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_IN_STRING_OR_CONTROL = re.compile(r'["\\\x00-\x1f]')
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def escape_controls(s: str, state: tuple[bool, bool] = (False, False)) -> tuple[str, tuple[bool, bool]]:
+    """A piece of JSON text with the raw control characters inside its strings escaped: models
+    write raw newlines in strings (code, text), which strict JSON parsers (json.loads, JSON.parse)
+    reject. state: (inside a string, after a backslash) where the piece starts; the state where
+    it ends comes back, so a growing text is escaped piece by piece, each character once, and
+    the pieces join to the whole text's escape."""
+    in_str, esc = state
+    out: list[str] = []
+    i, n = 0, len(s)
+    while i < n:
+        if esc:  # the escaped character, whatever it is
+            out.append(s[i])
+            esc, i = False, i + 1
+        elif not in_str:
+            j = s.find('"', i)
+            if j < 0:
+                out.append(s[i:])
+                break
+            out.append(s[i : j + 1])
+            in_str, i = True, j + 1
+        else:
+            m = _IN_STRING_OR_CONTROL.search(s, i)
+            if m is None:
+                out.append(s[i:])
+                break
+            j = m.start()
+            c = s[j]
+            out.append(s[i:j])
+            if c == '"':
+                in_str = False
+            elif c == "\\":
+                esc = True
+            else:
+                c = _SHORT_ESCAPES.get(c) or f"\\u{ord(c):04x}"
+            out.append(c)
+            i = j + 1
+    return "".join(out), (in_str, esc)
+
+
+def _strict(s: str) -> str:
+    return escape_controls(s)[0] if _CONTROL.search(s) else s
 
 
 def _is_object(s: str) -> bool:
@@ -641,14 +697,13 @@ def _arguments(call: CallScan, text: str) -> str | None:
     if args is None:
         args = "{}"
     try:
-        value = json.loads(args, strict=False)  # control characters inside strings are common
+        args = _strict(args)  # control characters inside strings are common
+        value = json.loads(args)
+        if isinstance(value, str):  # some models write the arguments as a JSON string
+            args = _strict(value)
+            value = json.loads(args)
     except ValueError:
         return None
-    if isinstance(value, str):  # some models write the arguments as a JSON string
-        try:
-            value, args = json.loads(value, strict=False), value
-        except ValueError:
-            return None
     return args if isinstance(value, dict) else None
 
 
@@ -671,7 +726,7 @@ def final_calls(setup: ToolSetup, scan: Scan, text: str, complete: bool) -> tupl
         calls.append((name, c.view_args(text)))
     if not calls:
         return len(text), []
-    return scan.content, calls
+    return scan.content, calls if setup.parallel else calls[:1]
 
 
 def parse_calls(setup: ToolSetup, text: str, complete: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
@@ -693,6 +748,14 @@ class _Sent:
     name: str
     args: int = 0  # characters of arguments sent
     closed: bool = False  # the call is complete and all of it was sent
+    raw: int = 0  # characters of the text's growing arguments read (escaped, they are what was sent)
+    state: tuple[bool, bool] = (False, False)  # escape_controls' state after them
+
+    def grow(self, text: str, start: int) -> str:
+        """What is new in arguments still being written at text[start:], control characters escaped."""
+        new, self.state = escape_controls(text[start + self.raw :], self.state)
+        self.raw = len(text) - start
+        return new
 
 
 class ToolStream:
@@ -724,35 +787,36 @@ class ToolStream:
                                              for i, c in enumerate(s.calls[: len(self.sent)])]
             for i, (name, args) in enumerate(calls):
                 if i >= self.open_from:
-                    self._send(deltas, i, name, lambda start, a=args: a[start:], True)
+                    self._send(deltas, i, name, lambda st, a=args: a[st.args:], True)
         else:
             content = s.content
-            for i in range(self.open_from, len(s.calls)):
+            for i in range(self.open_from, len(s.calls) if self.setup.parallel else min(len(s.calls), 1)):
                 c = s.calls[i]
                 name = self.setup.named if self.setup.text_format == "arguments" else c.name
                 if name is None or name not in self.setup.names:
                     break  # calls stream in order; this one's name is still being written (or is no tool's)
                 if c.args_done:
                     args = c.view_args(text)
-                    self._send(deltas, i, name, lambda start, a=args: a[start:], c.done)
+                    self._send(deltas, i, name, lambda st, a=args: a[st.args:], c.done)
                 elif c.args_start is not None and text.startswith("{", c.args_start):
                     # Object arguments stream as they grow; a string or scalar waits until complete.
                     s0 = c.args_start
-                    self._send(deltas, i, name, lambda start, s0=s0: text[s0 + start:], False)
+                    self._send(deltas, i, name, lambda st, s0=s0: st.grow(text, s0), False)
                 else:
-                    self._send(deltas, i, name, lambda start: "", False)
+                    self._send(deltas, i, name, lambda st: "", False)
         new = text[self.content_sent:content] if content > self.content_sent else ""
         self.content_sent = max(self.content_sent, content)
         return new, deltas
 
     def _send(self, deltas: list[dict[str, Any]], i: int, name: str, rest: Any, closed: bool) -> None:
-        """Appends call i's header (once) and its arguments after those already sent."""
+        """Appends call i's header (once) and its arguments after those already sent (rest: what
+        follows them, given the call's _Sent)."""
         if i == len(self.sent):
             self.sent.append(_Sent(call_id(self.setup.parser), name))
             deltas.append({"index": i, "id": self.sent[i].id, "type": "function",
                            "function": {"name": name, "arguments": ""}})
         st = self.sent[i]
-        new = rest(st.args)
+        new = rest(st)
         if new:
             deltas.append({"index": i, "function": {"arguments": new}})
             st.args += len(new)

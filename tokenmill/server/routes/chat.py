@@ -84,8 +84,10 @@ async def plan_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatPlan:
         await ctx.constrain(params, (tools.constraint, "tools"))
     else:
         await ctx.constrain(params, other)
-    if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
-        params.skip_special_tokens = False  # their call markers are special tokens
+    if tools is not None and tools.mode == "auto":
+        # Call markers may be special tokens (Mistral's, Llama's, <tool_call> in some Hermes
+        # tokenizers): skipped, the parser would never see them (vLLM keeps them for all three).
+        params.skip_special_tokens = False
     ctx.check_resume(req, params)
     # Constrained output (tools required or named, response_format) is all answer: vLLM applies
     # a grammar after the reasoning, here there is none to split off.
