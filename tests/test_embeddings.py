@@ -109,6 +109,10 @@ def test_task_selection(embed_dir, tmp_path):
     llm = LLM(causal, task="embed", **KV)  # a causal LM can embed too, its head unused
     (out,) = llm.embed([[4, 5, 6]])
     assert len(out.embedding) == 64 and abs(sum(x * x for x in out.embedding) - 1) < 1e-5
+    # vLLM's shape: EmbeddingRequestOutput.outputs.embedding (it was a RequestOutput whose .outputs
+    # was a list of completions, so ported code read an AttributeError)
+    assert out.outputs.embedding == out.embedding and out.outputs.hidden_size == 64
+    assert out.prompt_token_ids == [4, 5, 6] and out.finished
 
 
 def test_server_embeddings(embed_dir, tmp_path, model_dir):

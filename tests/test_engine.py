@@ -396,3 +396,57 @@ def test_model_defaults_stay_defaults_only_while_unchanged(tmp_path):
     mine.max_tokens = 100
     with pytest.raises(ValueError, match="^max_tokens: prompt"):
         llm.generate({"prompt_token_ids": [5, 6, 7]}, mine)
+
+
+def test_vllm_offline_code_moves_over(llm):
+    """vLLM offline code as written for vLLM: its other SamplingParams fields, lora_request=None,
+    TokensPrompt, LLM.chat's chat_template, LLM.beam_search with BeamSearchParams,
+    reset_prefix_cache and LLM() settings that change nothing here (each was a TypeError or an
+    AttributeError)."""
+    from tokenmill import BeamSearchParams, TokensPrompt
+    from tokenmill.sampling_params import RequestOutputKind
+
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0]
+    vllm_sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, spaces_between_special_tokens=False,
+                             output_kind=RequestOutputKind.FINAL_ONLY, extra_args={"plugin": 1})
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=[5, 6, 7]), vllm_sp, lora_request=None)
+    assert out.outputs[0].token_ids == want.token_ids and out.outputs[0].text == want.text
+    # detokenize=False: token ids only, as vLLM's (and stop strings need the text)
+    bare = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False))
+    assert bare[0].outputs[0].token_ids == want.token_ids and bare[0].outputs[0].text == ""
+    with pytest.raises(ValueError, match="^stop: stop strings need the text"):
+        llm.generate("Hi", SamplingParams(stop=["x"], detokenize=False))
+    with pytest.raises(ValueError, match="^lora_request"):
+        llm.generate("Hi", sp, lora_request=object())
+    mine = vllm_sp.clone()
+    mine.extra_args["plugin"] = 2
+    assert vllm_sp.extra_args == {"plugin": 1}
+    from tokenmill.sampling_params import StructuredOutputsParams
+
+    so = StructuredOutputsParams(choice=["yes", "no"], disable_any_whitespace=True)
+    assert llm.generate("Hi", SamplingParams(max_tokens=4, structured_outputs=so))[0].outputs[0].text in ("yes", "no")
+
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = llm.chat(msgs, sp, False, None, "{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert chat[0].prompt == "[hi]"
+    assert llm.chat(msgs, sp, chat_template_content_format="string")[0].prompt.startswith("<s>user\nhi")
+
+    params = BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True)
+    (beams,) = llm.beam_search([{"prompt_token_ids": [5, 6, 7]}], params)
+    ref = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(
+        n=2, use_beam_search=True, max_tokens=5, ignore_eos=True, early_stopping="never", logprobs=4))[0]
+    assert [s.tokens for s in beams.sequences] == [[5, 6, 7] + c.token_ids for c in ref.outputs]
+    tok = llm.get_tokenizer()
+    best = beams.sequences[0]
+    assert best.text == tok.decode(best.tokens) and best.cum_logprob == ref.outputs[0].cumulative_logprob
+    assert len(best.logprobs) == 5 and best.finish_reason == "length"
+    assert llm.reset_prefix_cache() is True
+
+    eager = LLM(llm.config.model, kv_cache_memory_bytes=8 * 2**20, disable_log_stats=True, swap_space=4,
+                tokenizer_mode="auto", kv_cache_dtype="auto", enable_chunked_prefill=True, max_logprobs=20,
+                pipeline_parallel_size=1, distributed_executor_backend="mp", revision=None, download_dir=None,
+                seed=None)
+    assert eager.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0].token_ids == want.token_ids
+    with pytest.raises(ValueError, match="^kv_cache_dtype: only 'auto'"):
+        LLM(llm.config.model, kv_cache_dtype="fp8")

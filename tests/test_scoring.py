@@ -76,6 +76,7 @@ def test_sequence_classifiers_match_transformers(dirs, name):
     outs = llm.classify([{"prompt_token_ids": p} for p in PROMPTS])
     for out, ref in zip(outs, _hf_probs(dirs[name], PROMPTS)):
         torch.testing.assert_close(torch.tensor(out.probs), ref, atol=1e-5, rtol=1e-4)
+        assert out.outputs.probs == out.probs and out.outputs.num_classes == len(ref)  # (vLLM's shape)
     assert llm.engine.model_config.labels == (("neg", "neu", "pos") if name == "sentiment" else ("LABEL_0",))
     with pytest.raises(ValueError, match="classifier; use classify or score"):
         llm.generate("Hello")

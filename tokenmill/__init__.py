@@ -1,8 +1,19 @@
 """tokenmill: an LLM inference server on PyTorch."""
 
+from tokenmill.inputs import TextPrompt, TokensPrompt
 from tokenmill.llm import LLM
-from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import (
+    ClassificationRequestOutput,
+    CompletionOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    ScoringRequestOutput,
+)
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "RequestMetrics", "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput",
+           "TextPrompt", "TokensPrompt"]
 __version__ = "0.1.0"

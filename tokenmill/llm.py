@@ -4,20 +4,55 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenizer import safe_stream_end, token_string
 from tokenmill.engine.llm_engine import LLMEngine, batch_params, cache_salt, request_tags
-from tokenmill.outputs import CompletionOutput, RequestOutput, ScoringOutput, ScoringRequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import (
+    BeamSearchOutput,
+    BeamSearchSequence,
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from tokenmill.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 from tokenmill.ttc import Launch, TTCParams, TTCRun, launch_params
 
 PromptType = str | dict[str, Any] | list[int]
 ScoreText = str | list[int]
 _TASK_NAMES = {"generate": "a generative model", "embed": "an embedding model", "classify": "a classifier"}
+
+
+# vLLM's LLM() settings that scripts pass and that have nothing to change here at these values (one local
+# folder, one device, no swap: preemption recomputes); taken and dropped, any other value refused.
+_VLLM_NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "disable_log_stats": (lambda v: isinstance(v, bool), "a bool (LLM() logs no stats)"),
+    "swap_space": (lambda v: isinstance(v, (int, float)) and v >= 0, "a size >= 0 (nothing is swapped)"),
+    "max_seq_len_to_capture": (lambda v: isinstance(v, int), "an integer (CUDA graphs cover every decode)"),
+    "disable_custom_all_reduce": (lambda v: isinstance(v, bool), "a bool (one device)"),
+    "tokenizer_mode": (lambda v: v == "auto", "'auto'"),
+    "kv_cache_dtype": (lambda v: v == "auto", "'auto' (the model's dtype)"),
+    "enable_chunked_prefill": (lambda v: v in (None, True), "True (prefill is always chunked)"),
+    "max_logprobs": (lambda v: isinstance(v, int) and 0 <= v <= MAX_LOGPROBS, f"0 to {MAX_LOGPROBS}"),
+    "pipeline_parallel_size": (lambda v: v == 1, "1"),
+    "data_parallel_size": (lambda v: v == 1, "1 (run replicas behind `tokenmill router`)"),
+    "distributed_executor_backend": (lambda v: v in (None, "mp", "uni"), "None, 'mp' or 'uni' (one process)"),
+    "cpu_offload_gb": (lambda v: v == 0, "0"),
+    "skip_tokenizer_init": (lambda v: v is False, "False"),
+    "revision": (lambda v: v is None, "None (a local folder)"),
+    "tokenizer_revision": (lambda v: v is None, "None (a local folder)"),
+    "download_dir": (lambda v: v is None, "None (nothing is downloaded)"),
+    "hf_token": (lambda v: v is None, "None (nothing is downloaded)"),
+    "hf_overrides": (lambda v: not v, "None or {}"),
+}
 
 
 def default_model_path() -> str:
@@ -38,10 +73,15 @@ class LLM:
         if kwargs.pop("enforce_eager", False):
             kwargs["cuda_graphs"] = "off"
         kwargs.pop("trust_remote_code", None)  # (no model code is ever run from a folder here)
+        if "seed" in kwargs and kwargs["seed"] is None:  # vLLM's former default: unseeded, a new seed each run
+            kwargs["seed"] = int.from_bytes(os.urandom(4), "little")
         tp = kwargs.pop("tensor_parallel_size", 1)
         if tp != 1:
             raise ValueError(f"tensor_parallel_size: one device per engine here, got {tp}; run several "
                              f"replicas behind `tokenmill router` instead")
+        for name, (ok, what) in _VLLM_NO_OPS.items():
+            if name in kwargs and not ok(kwargs.pop(name)):
+                raise ValueError(f"{name}: only {what} here (the value that changes nothing in vLLM's terms)")
         fields = set(EngineConfig.__dataclass_fields__) - {"model"}
         unknown = set(kwargs) - fields
         if unknown:
@@ -59,6 +99,33 @@ class LLM:
         d = self.engine.default_sampling
         return SamplingParams(**d, _defaulted=tuple(d.items()))
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forgets every cached prefix (LLMEngine.reset_prefix_cache)."""
+        self.engine.reset_prefix_cache()
+        return True
+
+    def beam_search(self, prompts: Seq[PromptType], params: BeamSearchParams, lora_request: None = None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search over tokenmill's beam search (SamplingParams.use_beam_search):
+        each output's `.sequences` are the beam_width best beams, best first, whose `tokens` and
+        `text` hold the prompt and the output as vLLM's do. As vLLM's, the search runs to max_tokens
+        ("never" stops early); finished beams are scored by their output length (transformers' rule).
+        concurrency_limit: how many prompts search at once (all by default)."""
+        _no_lora(lora_request)
+        sp = SamplingParams(n=params.beam_width, use_beam_search=True, max_tokens=params.max_tokens,
+                            ignore_eos=params.ignore_eos, length_penalty=params.length_penalty,
+                            include_stop_str_in_output=params.include_stop_str_in_output, early_stopping="never",
+                            logprobs=min(2 * params.beam_width, MAX_LOGPROBS))  # (vLLM's: each step's 2w candidates)
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        step = concurrency_limit or len(prompts) or 1
+        outs = [o for i in range(0, len(prompts), step) for o in self.generate(prompts[i:i + step], sp,
+                                                                                 use_tqdm=use_tqdm)]
+        tok = self.engine.tokenizer
+        return [BeamSearchOutput([BeamSearchSequence(
+            tokens=(ids := o.prompt_token_ids + c.token_ids), logprobs=c.logprobs or [],
+            cum_logprob=c.cumulative_logprob or 0.0, text=tok.decode(ids) if tok is not None else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in o.outputs]) for o in outs]
+
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                     chat_template_kwargs: dict[str, Any] | None = None,
@@ -75,12 +142,18 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = False, *, add_generation_prompt: bool = True, continue_final_message: bool = False,
-             tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = False, lora_request: None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Like generate, for one conversation or a list of them (chat template applied, or
-        chat_template in its place; the keywords as vLLM's LLM.chat takes them)."""
+        chat_template in its place; the arguments, in their order, as vLLM's LLM.chat takes them).
+        Content is rendered as a string (text parts joined): chat_template_content_format "auto" or
+        "string"."""
+        _no_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format: 'auto' or 'string' (text parts are joined into a "
+                             f"string), got {chat_template_content_format!r}")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, add_generation_prompt, tools=tools,  # type: ignore[arg-type]
                                     continue_final_message=continue_final_message,
@@ -127,33 +200,40 @@ class LLM:
         return outs
 
     def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False,
-              truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
-        """Embeddings of an embedding model (`task="embed"`): each output's `.embedding` is the
-        L2-normalized final hidden state of its prompt's last token (of its last
-        truncate_prompt_tokens tokens, -1: max_model_len of them, when given)."""
+              truncate_prompt_tokens: int | None = None, lora_request: None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings of an embedding model (`task="embed"`): each output's `.outputs.embedding` (as
+        vLLM's; also `.embedding`) is the L2-normalized final hidden state of its prompt's last token
+        (of its last truncate_prompt_tokens tokens, -1: max_model_len of them, when given)."""
+        _no_lora(lora_request)
         if self.engine.task != "embed":
             raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}; load it "
                              f"with task='embed' to embed")
-        return self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)
+        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))  # type: ignore[arg-type]
+                for o in self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)]
 
     def classify(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False,
-                 truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
-        """A classifier's (`task="classify"`) label probabilities for each prompt, in `.probs`
-        (`model_config.labels` names them): its head on the prompt's last token, then a sigmoid for
-        one label, a softmax for several."""
+                 truncate_prompt_tokens: int | None = None,
+                 lora_request: None = None) -> list[ClassificationRequestOutput]:
+        """A classifier's (`task="classify"`) label probabilities for each prompt, in `.outputs.probs`
+        (as vLLM's; also `.probs`; `model_config.labels` names them): its head on the prompt's last
+        token, then a sigmoid for one label, a softmax for several."""
+        _no_lora(lora_request)
         if self.engine.task != "classify":
             raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}, not "
                              f"a classifier")
-        return self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)
+        return [ClassificationRequestOutput(o.request_id, o.prompt_token_ids, ClassificationOutput(o.probs))  # type: ignore[arg-type]
+                for o in self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)]
 
     def score(self, data_1: ScoreText | Seq[ScoreText], data_2: ScoreText | Seq[ScoreText], *,
-              use_tqdm: bool = False, truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+              use_tqdm: bool = False, truncate_prompt_tokens: int | None = None,
+              lora_request: None = None) -> list[ScoringRequestOutput]:
         """vLLM's LLM.score: one text against each of several, or pairs in order; each output's
         `.outputs.score` is the pair's relevance: the cosine similarity of an embedding model's
         embeddings, or a one-label classifier's (a reranker's) probability for the pair read as one
         prompt (tokenmill.scoring)."""
         from tokenmill.scoring import check_scorer, cosine, pair_ids, pair_indices
 
+        _no_lora(lora_request)
         eng = self.engine
         check_scorer(eng.task, len(eng.model_config.labels), eng.config.model)
         one = [data_1] if _score_text(data_1) else list(data_1)  # type: ignore[arg-type]
@@ -168,7 +248,7 @@ class LLM:
         limit = eng.max_model_len if k == -1 else k
         prompts = [{"prompt_token_ids": pair_ids(eng.tokenizer, one[i], two[j], limit)} for i, j in pairs]
         return [ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(o.probs[0]))
-                for o in self.classify(prompts, use_tqdm=use_tqdm)]  # type: ignore[arg-type, index]
+                for o in self.classify(prompts, use_tqdm=use_tqdm)]  # type: ignore[arg-type]
 
     def generate(
         self,
@@ -177,6 +257,7 @@ class LLM:
         *,
         priority: Seq[int] | None = None,
         use_tqdm: bool = False,
+        lora_request: None = None,
         test_time_compute: TTCParams | dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt in one continuous batch; outputs come back in prompt order.
@@ -188,6 +269,7 @@ class LLM:
         reasoning paths and its output holds the winning path alone (index 0), with the run's
         account in `.test_time_compute`.
         """
+        _no_lora(lora_request)
         if self.engine.task != "generate":
             raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}; use "
                              f"{'embed' if self.engine.task == 'embed' else 'classify or score'}()")
@@ -363,6 +445,13 @@ def _name_logprobs(tokenizer: Any, outs: list[RequestOutput]) -> None:
                     if t not in names:
                         names[t] = token_string(tokenizer, t)
                     lp.decoded_token = names[t]
+
+
+def _no_lora(lora_request: Any) -> None:
+    """vLLM's lora_request: None (what code passes without adapters) is taken; there are no adapters."""
+    if lora_request is not None and not (isinstance(lora_request, (list, tuple))
+                                         and all(r is None for r in lora_request)):
+        raise ValueError("lora_request: LoRA adapters are not supported; merge the adapter into the weights")
 
 
 def _progress(total: int):

@@ -100,6 +100,52 @@ class RequestOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # the pooled, L2-normalized prompt vector
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # the label probabilities
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """LLM.embed's result for one prompt, shaped as vLLM's (`.outputs.embedding`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.outputs.embedding
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """LLM.classify's result for one prompt, shaped as vLLM's (`.outputs.probs`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
+    finished: bool = True
+
+    @property
+    def probs(self) -> list[float]:
+        return self.outputs.probs
+
+
+@dataclass
 class ScoringOutput:
     score: float  # the pair's relevance: a cosine similarity, or a reranker's probability
 
@@ -111,3 +157,21 @@ class ScoringRequestOutput:
     request_id: str
     prompt_token_ids: list[int]  # the pair's prompt (a reranker's); empty for an embedding model's
     outputs: ScoringOutput
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam of LLM.beam_search, as vLLM's: `tokens` and `text` hold the prompt and the output."""
+
+    tokens: list[int]
+    logprobs: list[PositionLogprobs]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    lora_request: None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

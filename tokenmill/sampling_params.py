@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import enum
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -24,6 +26,15 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024
 
 
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what each streamed output holds. LLM.generate returns every request once finished
+    whatever a request asks (vLLM's LLM sets FINAL_ONLY itself), so offline it changes nothing."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -43,6 +54,13 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's; fast tokenizers (all tokenmill loads) decode without it, as in vLLM's fast detokenizer
+    spaces_between_special_tokens: bool = True
+    # vLLM's: False leaves each output's text empty (token ids only) and skips the decoding
+    detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # (see RequestOutputKind)
+    # vLLM's: arbitrary data for custom sampling code and plugins; nothing here reads it
+    extra_args: dict[str, Any] | None = None
     include_stop_str_in_output: bool = False
     # token id -> a value in [-100, 100] added to its logit (OpenAI's logit_bias)
     logit_bias: dict[int, float] | None = None
@@ -129,6 +147,8 @@ class SamplingParams:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "stop strings need the text: set detokenize=True (or use stop_token_ids)")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", f"stop strings must be non-empty strings, got {s!r}")
@@ -192,6 +212,10 @@ class SamplingParams:
             except ValueError as e:
                 raise bad("structured_outputs", str(e)) from None
 
+    def clone(self) -> SamplingParams:
+        """vLLM's: a deep copy, to change without touching this one."""
+        return copy.deepcopy(self)
+
     def is_model_default(self, name: str) -> bool:
         """Whether the field holds the value the model's defaults gave it (not the caller's)."""
         return any(n == name and getattr(self, n) == v for n, v in self._defaulted)
@@ -219,6 +243,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's LLM.beam_search parameters. The search is tokenmill's beam search (use_beam_search):
+    deterministic, so temperature does not apply (vLLM's scores are raw logprobs too)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
 
 
 _NUMBERS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",

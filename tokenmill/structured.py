@@ -56,11 +56,16 @@ class StructuredOutputsParams:
     # JSON is generated with the separators most training data has (", " and ": ", no newlines)
     # unless this is True. Weak or random models given free whitespace can spend every token on it.
     whitespace_flexible: bool = False
+    # vLLM's: True forbids the whitespace JSON may hold, which the default above already does (so the
+    # two may not both be True)
+    disable_any_whitespace: bool = False
     # Set by whoever compiled it (the server, off the engine thread), so the engine need not.
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     def kind(self) -> tuple[str, Any]:
         """(kind, spec) of the one constraint given; ValueError when none or several are."""
+        if self.disable_any_whitespace and self.whitespace_flexible:
+            raise ValueError("disable_any_whitespace and whitespace_flexible contradict each other")
         given = [(k, getattr(self, k)) for k in ("json", "regex", "choice", "grammar", "json_object")
                  if getattr(self, k) not in (None, False)]
         if len(given) != 1:

@@ -361,7 +361,7 @@ class LLMEngine:
                 self._budget(seq)
             if grammar is not None:
                 seq.matcher = grammar.matcher()
-            if self.tokenizer is not None and req.beam is None:  # a beam's text is decoded once it wins
+            if self.tokenizer is not None and req.beam is None and params.detokenize:  # (beams: once one wins)
                 # Nobody reads a final-only request's text before it ends, unless stop strings or a
                 # reasoning budget must watch it: then it is decoded once, at the end.
                 once = final_only and not params.stop and params.max_reasoning_tokens is None
@@ -912,7 +912,7 @@ class LLMEngine:
             seq.finish_reason = "stop" if hyp.stopped else "length"
             if hyp.stopped and last in p.stop_token_ids and (p.ignore_eos or last not in self.eos_token_ids):
                 seq.stop_reason = last
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and p.detokenize:
                 seq.detokenizer = det = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                                                p.skip_special_tokens, [], p.include_stop_str_in_output)
                 for t in hyp.tokens[:-1] if hyp.stopped and not p.include_stop_str_in_output else hyp.tokens:
