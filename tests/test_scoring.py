@@ -284,3 +284,50 @@ def test_classifier_from_token_flag():
     with pytest.raises(ValueError, match="task 'generate' contradicts it"):
         engine_config_from_args(parse(["serve", "--model", "m", "--task", "generate", "--classifier-from-token",
                                        "no,yes"])).validate()
+
+
+def test_pair_truncation_leaves_the_shared_tokenizer_alone(dirs):
+    """A pair is cut the longer text first (transformers' longest_first) without switching the
+    tokenizer's own truncation on: other requests' encodes share that tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tokenmill.scoring import cosine, pair_ids
+
+    tok = AutoTokenizer.from_pretrained(dirs["reranker"])
+    long = "The quick brown fox jumps over the lazy dog. " * 20
+    full = len(tok.encode(long, add_special_tokens=False))
+    ids = pair_ids(tok, long, "Hello world", 20)
+    assert len(ids) == 20 and tok.backend_tokenizer.truncation is None  # (another thread's encode sees no cut)
+    assert len(tok.encode(long, add_special_tokens=False)) == full
+    assert ids[-len(tok.encode("Hello world", add_special_tokens=False)):] == tok.encode("Hello world",
+                                                                                       add_special_tokens=False)
+    assert pair_ids(None, [1] * 5, [2] * 3, 6) == [1, 1, 1, 2, 2, 2]
+    assert pair_ids(None, [1] * 2, [2] * 3, 4) == [1, 1, 2, 2]
+    assert cosine([0.6, 0.8], [0.6, 0.8]) <= 1.0
+    llm = LLM(dirs["reranker"], **KV)
+    for k in (0, -2):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            llm.score([1, 2, 3, 4, 5], [6, 7, 8], truncate_prompt_tokens=k)
+
+
+def test_classifier_from_token_never_allocates_the_lm_head(dirs):
+    tokens, _ = _yes_no(dirs["causal"])
+    llm = LLM(dirs["causal"], classifier_from_token=[" " + tokens[0], tokens[1] + " "], **KV)  # (stripped)
+    model, mc = llm.engine.runner.model, llm.engine.model_config
+    assert model.lm_head is None and mc.labels == (tokens[1],)
+    assert max(p.shape[0] for n, p in model.named_parameters() if n != "embed_tokens.weight") < mc.vocab_size
+    assert sum(p.numel() for p in model.parameters()) == mc.num_parameters
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+def test_problem_type_sets_the_activation(tmp_path, problem_type):
+    from transformers import AutoModelForSequenceClassification
+
+    labels = ["a"] if problem_type == "regression" else ["a", "b", "c"]
+    path = make_classifier(str(tmp_path / "m"), "qwen3", labels, problem_type=problem_type)
+    ref = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = [ref(torch.tensor([p])).logits[0] for p in PROMPTS]
+    want = logits if problem_type == "regression" else [lg.sigmoid() for lg in logits]
+    for out, w in zip(LLM(path, **KV).classify([{"prompt_token_ids": p} for p in PROMPTS]), want):
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), w, atol=1e-5, rtol=1e-4)

@@ -123,6 +123,10 @@ class ModelConfig:
     # A classification head's labels, in order (a *ForSequenceClassification checkpoint's id2label);
     # empty: none. Its weight is `score.weight`, [len(labels), hidden_size].
     labels: tuple[str, ...] = ()
+    # classifier_from_token's token ids: `score` is made of these rows of the LM head as it loads (two
+    # tokens [no, yes]: one row, yes minus no), and the LM head itself is never allocated.
+    label_token_ids: tuple[int, ...] = ()
+    problem_type: str | None = None  # a classifier's (config.json): regression, single_ or multi_label_classification
     matryoshka: bool = False  # embeddings may be truncated to fewer dimensions (config's is_matryoshka)
 
     @property
@@ -234,6 +238,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             has_lm_head=not (base_model or classifier),
             labels=_labels(raw) if classifier else (),
+            problem_type=raw.get("problem_type") if classifier else None,
             matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
         )
 

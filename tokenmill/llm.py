@@ -236,6 +236,7 @@ class LLM:
         _no_lora(lora_request)
         eng = self.engine
         check_scorer(eng.task, len(eng.model_config.labels), eng.config.model)
+        _pooling_params(truncate_prompt_tokens).validate()
         one = [data_1] if _score_text(data_1) else list(data_1)  # type: ignore[arg-type]
         two = [data_2] if _score_text(data_2) else list(data_2)  # type: ignore[arg-type]
         pairs = pair_indices(len(one), len(two), ("data_1", "data_2"))

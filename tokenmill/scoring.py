@@ -33,25 +33,47 @@ def pair_indices(n1: int, n2: int, names: tuple[str, str] = ("text_1", "text_2")
 
 
 def pair_ids(tokenizer: Any, a: ScoreText, b: ScoreText, max_length: int | None) -> list[int]:
-    """A cross-encoder's prompt for a pair: the tokenizer's pair encoding of two texts (truncated,
-    the longer first, to max_length tokens when given), or two token-id lists end to end."""
+    """A cross-encoder's prompt for a pair: the tokenizer's pair encoding of two texts, or two
+    token-id lists end to end; with max_length, cut to that many tokens the longer text first, from
+    its end (transformers' longest_first). The cut is made here, not by the tokenizer: its
+    truncation setting is the shared tokenizer's state, which other threads' encodes would see."""
     if isinstance(a, list) or isinstance(b, list):
         if not (isinstance(a, list) and isinstance(b, list)):
             raise ValueError("a pair is two texts or two token-id lists, not one of each")
-        ids = a + b
-        return ids[-max_length:] if max_length is not None else ids
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer; send token ids")
-    enc = tokenizer(a, b, add_special_tokens=True, truncation="longest_first" if max_length is not None else False,
-                    max_length=max_length)
-    return list(enc["input_ids"])
+        ids, seq = a + b, [0] * len(a) + [1] * len(b)
+    else:
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer; send token ids")
+        enc = tokenizer(a, b, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        seq = enc.sequence_ids()  # (0: the first text's tokens, 1: the second's, None: special tokens)
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    lens = [seq.count(0), seq.count(1)]
+    special = len(ids) - sum(lens)
+    if max_length <= special:
+        raise ValueError(f"truncate_prompt_tokens: {max_length} tokens leave no room for the texts beside the "
+                         f"pair's {special} special tokens")
+    for _ in range(len(ids) - max_length):  # one token at a time off the longer text (the second on a tie)
+        lens[0 if lens[0] > lens[1] else 1] -= 1
+    seen = [0, 0]
+    out = []
+    for t, s in zip(ids, seq):
+        if s is None:
+            out.append(t)
+        elif seen[s] < lens[s]:
+            seen[s] += 1
+            out.append(t)
+    return out
 
 
 def cosine(u: Sequence[float], v: Sequence[float]) -> float:
     """Cosine similarity (embeddings come L2-normalized; dividing again keeps it exact for any vector)."""
     dot = sum(x * y for x, y in zip(u, v))
     nu, nv = math.sqrt(sum(x * x for x in u)), math.sqrt(sum(y * y for y in v))
-    return dot / (nu * nv) if nu and nv else 0.0
+    return max(-1.0, min(1.0, dot / (nu * nv))) if nu and nv else 0.0  # (rounding can pass 1)
 
 
 def check_scorer(task: str, num_labels: int, name: str) -> None:

@@ -130,9 +130,13 @@ class LLMEngine:
         # Its own tokenizer instance, loaded on first use: the server compiles on worker threads.
         self.grammars = GrammarCompiler(lambda: load_tokenizer(config.tokenizer or config.model), mc.vocab_size,
                                         self.eos_token_ids)
-        label_ids = None
-        if config.classifier_from_token is not None:  # (its head is made from the LM head's rows, so that loads)
-            label_ids = _classifier_token_ids(self.tokenizer, config.classifier_from_token, mc.vocab_size)
+        if config.classifier_from_token is not None:  # (the loader makes its head of the LM head's rows)
+            tokens = [t.strip() for t in config.classifier_from_token]
+            ids = _classifier_token_ids(self.tokenizer, tokens, mc.vocab_size)
+            # (two tokens make one label: the second's probability against the first)
+            self.model_config = mc = dataclasses.replace(
+                mc, has_lm_head=False, labels=tuple(tokens[1:] if len(tokens) == 2 else tokens),
+                label_token_ids=tuple(ids), problem_type=None)
         elif self.pooling:  # no LM head is loaded or needed, whatever the checkpoint holds
             self.model_config = mc = dataclasses.replace(mc, has_lm_head=False)
         if self.task == "embed":  # (a classifier's head goes unused)
@@ -140,13 +144,9 @@ class LLMEngine:
         if self.pooling and config.speculative_config is not None:
             raise ValueError(f"speculative_config: {_POOLING_NAMES[self.task]} generates nothing to speculate on")
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
-        if label_ids is not None:
-            tokens = config.classifier_from_token
-            self.runner.model.head_from_tokens(label_ids)
-            # (two tokens make one label: the second's probability against the first)
-            self.model_config = mc = dataclasses.replace(
-                mc, has_lm_head=False, labels=tuple(tokens[1:] if len(tokens) == 2 else tokens))
         self.runner.embed = self.pooling
+        if self.pooling:  # (prompts only: no decode step ever runs, so no graphs to capture and hold memory for)
+            self.runner.graph_mode, self.runner.spare_blocks = "off", 0
         num_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecStats()

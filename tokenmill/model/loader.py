@@ -121,6 +121,8 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
     if name == "model.norm.weight":
         return "norm.weight", None
     if name == "lm_head.weight":
+        if cfg.label_token_ids:  # (classifier_from_token: its rows become the head)
+            return "score.weight", None
         return (None if cfg.tie_word_embeddings or not cfg.has_lm_head else ("lm_head.weight", None))
     m = _LAYER.match(name)
     if m:
@@ -130,6 +132,14 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
             return f"layers.{layer}.{ours}.{kind}", shard
         return f"layers.{layer}.{module}.{kind}", None
     return "", None  # unknown: reported by the caller
+
+
+def label_rows(head: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """classifier_from_token's head from an LM head [vocab, hidden]: the tokens' rows; two tokens
+    [no, yes] make one, yes minus no (its logit's sigmoid is yes's 2-way softmax, vLLM's
+    from_2_way_softmax)."""
+    rows = head[list(token_ids)].float()
+    return rows[1:] - rows[:1] if len(token_ids) == 2 else rows
 
 
 def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
@@ -175,6 +185,8 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
                 unexpected.append(name)
                 continue
             param = params[pname]
+            if pname == "score.weight" and name != "score.weight":
+                tensor = label_rows(tensor, cfg.label_token_ids)
             dest = param
             if shard is not None:
                 sizes = shard_sizes[pname.split(".")[-2]]
@@ -199,6 +211,14 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
             loaded.add((pname, shard))
     if bar is not None:
         bar.close()
+    if cfg.label_token_ids and ("score.weight", None) not in loaded and load_format != "dummy":
+        # Tied embeddings: the head's rows are the embedding table's (quantized already, maybe).
+        emb = model.embed_tokens
+        ids = list(cfg.label_token_ids)
+        rows = emb.weight[ids].float() * (emb.scale[ids, None] if emb.scale is not None else 1.0)
+        with torch.no_grad():
+            params["score.weight"].copy_(label_rows(rows, cfg.label_token_ids))
+        loaded.add(("score.weight", None))
 
     expected: set[tuple[str, int | None]] = set()
     for pname in params:

@@ -95,8 +95,9 @@ class DecoderLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # A sequence classifier's head (transformers' `score`): a plain nn.Linear, which quantization
-        # leaves alone (a few rows), applied in float32 to the last token's hidden state.
+        # A sequence classifier's head (transformers' `score`, or the loader's rows of the LM head for
+        # classifier_from_token): a plain nn.Linear, which quantization leaves alone (a few rows),
+        # applied in float32 to the last token's hidden state.
         self.score = nn.Linear(cfg.hidden_size, len(cfg.labels), bias=False) if cfg.labels else None
         self.backend = backend
         # Steps of short chunks run the layers from C++ (cpu_ops Decoder); False forces this module's
@@ -167,31 +168,20 @@ class DecoderLM(nn.Module):
             x, h = ops.add_rms_norm(x, layer.mlp(h), nxt.weight, nxt.eps)
         return h
 
-    @torch.no_grad()
-    def head_from_tokens(self, token_ids: list[int]) -> None:
-        """Makes a causal LM a classifier whose labels are these tokens' logits (vLLM's
-        classifier_from_token), and drops its LM head. Two tokens [no, yes] make one label,
-        logit(yes) - logit(no): its sigmoid is yes's probability against no alone."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        rows = head.weight[token_ids].float()
-        if head.scale is not None:  # (int8: the rows as the LM head computes them)
-            rows = rows * head.scale[token_ids, None].float()
-        if len(token_ids) == 2:
-            rows = rows[1:] - rows[:1]
-        self.score = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=torch.float32)
-        self.score.weight.copy_(rows)
-        self.score.requires_grad_(False)
-        self.lm_head = None
-        self.reset_fused()
-
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pooling models' output for their prompts' last hidden states [n, hidden]: a classifier's
-        label probabilities (sigmoid for one label, softmax for several), else the L2-normalized
-        embedding."""
+        scores (its head's logits in float32, through the activation its problem_type implies, as
+        vLLM's: none for regression, a sigmoid each for multi-label, else a sigmoid for one label
+        and a softmax for several), else the L2-normalized embedding."""
         if self.score is None:
             return nn.functional.normalize(hidden.float(), dim=-1)
         logits = nn.functional.linear(hidden.float(), self.score.weight.float())
-        return torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, dim=-1)
+        kind = self.config.problem_type
+        if kind == "regression":
+            return logits
+        if kind == "multi_label_classification" or logits.shape[-1] == 1:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head

@@ -8,6 +8,7 @@ one-label classifier's (a reranker's) probability for the pair read as one promp
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -63,8 +64,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
     async def rerank(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, RerankRequest, tasks=("score",), precheck=_checked)
         docs = [d if isinstance(d, str) else d.text for d in req.documents]
-        if req.top_n is not None and req.top_n < 0:
-            raise APIError(400, f"top_n: must be at least 0 (0: every document), got {req.top_n}", param="top_n")
         pairs = pair_indices(1, len(docs), ("query", "documents"))
 
         def answer(scores: list[float], use: dict[str, Any]) -> Response:
@@ -105,10 +104,20 @@ async def _score(request: Request, ctx: ServerContext, req: ScoreRequest | Reran
     else:
         k = req.truncate_prompt_tokens
         limit = eng.max_model_len if k == -1 else k
+
+        def encode() -> list[list[int]]:
+            return [pair_ids(ctx.tokenizer, one[i], two[j], limit) for i, j in pairs]
+
         try:
-            prompts = [pair_ids(ctx.tokenizer, one[i], two[j], limit) for i, j in pairs]
+            async with ctx.tokenize_lock:  # (the tokenizer has one user at a time; thousands of pairs take a while)
+                prompts = await asyncio.to_thread(encode)
         except ValueError as e:
-            raise APIError(400, f"{names[0]}: {e}", param=names[0]) from None
+            param = "truncate_prompt_tokens" if str(e).startswith("truncate_prompt_tokens") else names[0]
+            raise APIError(400, str(e) if param != names[0] else f"{names[0]}: {e}", param=param) from None
+        long = next((n for n, p in enumerate(prompts) if len(p) > eng.max_model_len), None)
+        if long is not None:
+            raise APIError(400, f"{names[1]}: pair {long} is {len(prompts[long])} tokens, more than max_model_len="
+                           f"{eng.max_model_len}; shorten it or set truncate_prompt_tokens", param=names[1])
 
         def scores(outs: list[RequestOutput]) -> list[float]:
             return [(o.probs or [0.0])[0] for o in outs]
@@ -158,5 +167,7 @@ def _checked(req: Any) -> None:
             pair_indices(len(one), len(two), names)
         elif isinstance(req, RerankRequest):
             pair_indices(1, len(req.documents), ("query", "documents"))
+            if req.top_n is not None and req.top_n < 0:
+                raise ValueError(f"top_n: must be at least 0 (0: every document), got {req.top_n}")
     except ValueError as e:
         raise bad_request(e) from None
