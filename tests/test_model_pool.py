@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import shutil
 import time
 
 import httpx
@@ -142,6 +143,28 @@ def test_parking_a_busy_model_mid_request_changes_nothing(models, pool_server, c
     assert pool_server.metrics()['tokenmill:num_preemptions_total{model_name="alpha"}'] > before
 
 
+def test_a_client_that_leaves_while_its_model_is_brought_back_swaps_nothing(pool_server, client):
+    """A request waiting for a parked model, or a streamed cascade waiting for its strong one, stops
+    waiting when its client goes away: it went on waiting (up to the load timeout), then brought the
+    model back for no one, preempting the busy one."""
+    auth = {"Authorization": "Bearer sesame"}
+    assert httpx.post(f"{pool_server.base_url}/v1/models/alpha/load", headers=auth, timeout=60).status_code == 200
+    swaps = pool_server.metric("tokenmill:model_swaps_total")
+    stream = client.completions.create(model="alpha", prompt="Hi", max_tokens=900, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)  # alpha is busy: beta's turn comes after the swap quantum
+    for body in ({"model": "beta", "prompt": "Hi", "max_tokens": 4},
+                 {"model": "tokenmill/auto", "prompt": "Hi", "max_tokens": 16, "stream": True}):
+        with pytest.raises(httpx.TimeoutException):
+            with httpx.stream("POST", pool_server.base_url + "/v1/completions", json=body, timeout=0.1) as r:
+                r.read()
+    time.sleep(1.0)
+    assert {n: states(pool_server)[n] for n in ("alpha", "beta")} == {"alpha": "active", "beta": "parked"}
+    assert pool_server.metric("tokenmill:model_swaps_total") == swaps
+    stream.close()
+
+
 def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
     strong = reference(models["beta"], PROMPTS[:2], 16)
     small = reference(models["alpha"], PROMPTS[:2], 16)
@@ -181,6 +204,16 @@ def test_cascade_escalates_a_low_confidence_answer(models, pool_server, client):
     with pytest.raises(openai.BadRequestError, match="test_time_compute|use_beam_search"):
         client.completions.create(model="tokenmill/auto", prompt="x", max_tokens=4,
                                   extra_body={"use_beam_search": True, "n": 2})
+    # The Responses API: the response, streamed or not, and as stored, names the model that answered;
+    # a stream's response.created waits for the decision (it named the small model, and kept no routing).
+    r = client.responses.create(model="tokenmill/auto", input="hi", max_output_tokens=8)
+    assert r.model == "beta" and client.responses.retrieve(r.id).model == "beta"
+    events = list(client.responses.create(model="tokenmill/auto", input="hi", max_output_tokens=8, stream=True))
+    assert events[0].type == "response.created" and events[0].response.routing["escalated"] is True  # type: ignore
+    assert {e.response.model for e in events if hasattr(e, "response")} == {"beta"}
+    assert client.responses.retrieve(events[-1].response.id).model == "beta"  # type: ignore[union-attr]
+    r = client.responses.create(model="trusting", input="hi", max_output_tokens=8)
+    assert r.model == "alpha" and client.responses.retrieve(r.id).model == "alpha"
 
 
 def test_rules_tier_picks_by_keyword_and_max_tokens(pool_server, client):
@@ -217,6 +250,10 @@ def test_admin_load_unload_pin_behind_the_admin_key(models, pool_server, client)
                                ("alpha/unload", {"to": "moon"}, 400), ("alpha/pin", {"pinned": "yes"}, 400)):
         r = httpx.post(f"{base}/v1/models/{path}", headers=auth, json=body, timeout=30)
         assert r.status_code == status and "error" in r.json(), (path, r.text)
+    for raw in ("[" * 100_000, '{"to":' * 50_000):  # nested too deeply for json: a 400, as the API routes answer
+        r = httpx.post(f"{base}/v1/models/alpha/unload", headers={**auth, "Content-Type": "application/json"},
+                       content=raw, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
 
 
 def test_many_streams_over_three_models_with_swaps(models, tmp_path):
@@ -428,15 +465,26 @@ def test_two_busy_models_with_long_prompts_both_finish(models, tmp_path):
 def test_startup_leaves_on_disk_what_neither_budget_holds_and_tokenizes_it_there(models, tmp_path):
     doc = {"memory_budget": BUDGET_ONE, "host_memory_budget": 0.0001,
            "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta", "gamma")]}
-    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"))
+    shutil.copytree(models["alpha"], tmp_path / "broken")  # (its weights go bad once the server runs)
+    broken = {**doc, "models": [*doc["models"], {"path": str(tmp_path / "broken"), "kv_cache_memory": KV_GIB}]}
+    srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", broken), log_path=str(tmp_path / "log"))
     try:
-        assert states(srv) == {"alpha": "active", "beta": "on_disk", "gamma": "on_disk"}
+        assert states(srv) == {"alpha": "active", "beta": "on_disk", "gamma": "on_disk", "broken": "on_disk"}
         assert "dropped to disk" not in srv.log()  # never built, not built and dropped
         r = httpx.post(srv.base_url + "/tokenize", json={"model": "gamma", "prompt": "Hello"}, timeout=30)
         assert r.status_code == 200 and r.json()["count"] > 0 and r.json()["max_model_len"] > 0
         r = httpx.post(srv.base_url + "/detokenize", json={"model": "gamma", "tokens": r.json()["tokens"]}, timeout=30)
         assert r.status_code == 200 and r.json()["prompt"].endswith("Hello")
         assert states(srv)["gamma"] == "on_disk"  # its tokenizer answered from its folder
+        # A load that fails answers its request with a 503 and is not tried again for no one: the
+        # request's demand, given back on the event loop after the failure, started a second load.
+        (tmp_path / "broken" / "model.safetensors").write_bytes(b"garbage")
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "broken", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"], r.text
+        time.sleep(0.5)
+        assert srv.log().count("model broken: loading from") == 1
+        assert states(srv)["broken"] == "on_disk"
     finally:
         srv.stop()
     # Host memory holds parked weights: one whose KV cache alone exceeds it still parks there (the

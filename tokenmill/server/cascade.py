@@ -22,9 +22,12 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.routing import CascadeMonitor, CascadePolicy
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.async_engine import EngineStoppedError, QueueFullError
+from tokenmill.server.errors import APIError
 from tokenmill.server.pool import PoolError
 
 if TYPE_CHECKING:
+    from fastapi import Request
+
     from tokenmill.server.context import ServerContext
     from tokenmill.server.gateway import Gateway
 
@@ -48,13 +51,14 @@ class CascadeGroup:
 
 class CascadeEngine:
     def __init__(self, gateway: Gateway, tier: str, policy: CascadePolicy, small: ServerContext,
-                 extras: dict[str, Any]) -> None:
+                 extras: dict[str, Any], request: Request | None = None) -> None:
         self.gateway = gateway
         self.tier = tier
         self.policy = policy
         self.small = small
         self.engine = small.engine.engine  # the small model's LLMEngine (routes read its limits)
         self.extras = extras  # the request's response extras (gateway.EXTRAS)
+        self.request = request  # the client's, whose leaving stops a wait for the strong model
         self._requests: list[tuple[str, dict[str, Any], SamplingParams]] = []
         self._priority = 0
         self._arrival: float | None = None
@@ -125,9 +129,11 @@ class CascadeEngine:
         self.extras["model"], self.extras["routing"] = self.policy.strong, routing
         pool = self.gateway.pool
         try:
-            strong, swap = await pool.acquire(self.policy.strong)
+            strong, swap = await self.gateway.pool_acquire(self.policy.strong, self.request)
         except PoolError as e:
             yield self._failed(cg, str(e), 503)
+            return
+        except APIError:  # the client has gone away: bring the strong model back for no one
             return
         # The strong model's requests get ids of their own: the small model's last outputs (its
         # abort's) may still be on their way, and a tenant counts each model's tokens (below).

@@ -45,9 +45,9 @@ from tokenmill.server.async_engine import EngineStats
 from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, ServerSettings
 from tokenmill.server.errors import APIError, invalid_key_error, limit_error, validation_error
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.pool import ModelPool, PoolError
+from tokenmill.server.pool import ACTIVE, ModelPool, PoolError
 from tokenmill.server.response_store import ResponseStore
-from tokenmill.server.streaming import ReleasingIterator, sse
+from tokenmill.server.streaming import ReleasingIterator, sse, wait_for_disconnect
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -320,11 +320,11 @@ class Gateway:
             _extras().setdefault("_leases", []).append(name)
             return ctx, req, arrival
         if tier is None:
-            ctx = await self.acquire(name)
+            ctx = await self.acquire(name, request=request)
         elif isinstance(tier.policy, RulesPolicy):
-            ctx = await self._route_rules(tier, req)
+            ctx = await self._route_rules(tier, req, request)
         else:
-            ctx = await self._cascade(tier, req, generation)
+            ctx = await self._cascade(tier, req, generation, request)
         if generation or tasks:  # (a tier's model, known only now)
             _check_task(ctx.name, (ctx.llm_engine.task, len(ctx.llm_engine.model_config.labels)), generation, tasks)
         return ctx, req, arrival
@@ -372,11 +372,12 @@ class Gateway:
             self._tokenizer_ctxs[name] = ctx
         return ctx
 
-    async def acquire(self, name: str, need_device: bool = True) -> ServerContext:
+    async def acquire(self, name: str, need_device: bool = True, request: Request | None = None) -> ServerContext:
         """The model's context once it is active; the lease it takes is given back when the
-        handler returns (Gateway.route)."""
+        handler returns (Gateway.route). With request, a client that goes away while its model is
+        brought back stops waiting (499): its demand must not swap a model in for no one."""
         try:
-            ctx, swap = await self.pool.acquire(name, need_device)
+            ctx, swap = await (self.pool_acquire(name, request) if need_device else self.pool.acquire(name, False))
         except PoolError as e:
             raise APIError(e.status, str(e), code="model_unavailable",
                            headers={"Retry-After": "5"} if e.status == 503 else None) from None
@@ -386,7 +387,26 @@ class Gateway:
             _extras()["swap"] = swap
         return ctx
 
-    async def _route_rules(self, tier: Tier, req: Any) -> ServerContext:
+    async def pool_acquire(self, name: str, request: Request | None = None) -> tuple[Any, dict[str, Any] | None]:
+        """pool.acquire(name); with request, an APIError(499) once the client has gone away while the
+        model is being brought back (a stream notices only when a write fails, and a cascade's
+        writes none before it has decided)."""
+        if request is None or self.pool.entries[name].state == ACTIVE:
+            return await self.pool.acquire(name)
+        task = asyncio.ensure_future(self.pool.acquire(name))
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():  # the client left: a cancelled acquire gives back its lease and its place in line
+                task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            raise APIError(499, "the client closed the request while its model was being brought back") from None
+
+    async def _route_rules(self, tier: Tier, req: Any, request: Request | None = None) -> ServerContext:
         text, ids = _prompt_text(req)
         tok = self._tier_tokenizers[tier.name]
         if ids is None:
@@ -403,9 +423,9 @@ class Gateway:
             max_tokens = getattr(req, "max_tokens", None)
         model, account = tier.policy.route(text, ntok, max_tokens)  # type: ignore[union-attr]
         _extras()["routing"] = {"tier": tier.name, **account}
-        return await self.acquire(model)
+        return await self.acquire(model, request=request)
 
-    async def _cascade(self, tier: Tier, req: Any, generation: bool) -> ServerContext:
+    async def _cascade(self, tier: Tier, req: Any, generation: bool, request: Request | None = None) -> ServerContext:
         from tokenmill.server.cascade import CascadeEngine
 
         policy: CascadePolicy = tier.policy  # type: ignore[assignment]
@@ -417,13 +437,15 @@ class Gateway:
                     raise APIError(400, f"{field}: not available on the cascade tier `{tier.name}` (its answer is "
                                    f"judged by token confidence); name one of its models "
                                    f"({', '.join(tier.models)})", param=field)
-        small = await self.acquire(policy.small)
+        small = await self.acquire(policy.small, request=request)
         if not generation:
             return small
         ctx = copy.copy(small)
         extras = _extras()
         extras["_decides_late"] = True  # a stream's events get the answering model once it is known
-        ctx.engine = CascadeEngine(self, tier.name, policy, small, extras)  # type: ignore[assignment]
+        # A stream notices a client gone only when it writes (unstreamed, unless_disconnected watches).
+        watch = request if getattr(req, "stream", False) else None
+        ctx.engine = CascadeEngine(self, tier.name, policy, small, extras, watch)  # type: ignore[assignment]
         return ctx
 
     # -- handlers -----------------------------------------------------------------------------------

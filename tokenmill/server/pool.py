@@ -121,8 +121,11 @@ class PoolEntry:
         return self.leases > 0 or self.busy()
 
     def wants_device(self) -> bool:
+        # Waiters, not demand: a failed load or unpark answers its waiters at once, but their
+        # handlers give back demand only later, on the event loop; counting it started the load
+        # again for no one (parking the others for it).
         return self.state in (PARKED, ON_DISK) and (
-            self.demand > 0 or self.load_requested
+            bool(self.waiters) or self.load_requested
             or (self.engine is not None and self.engine.has_unfinished_requests())
             or (self.front is not None and bool(self.front._cmds)))
 
@@ -394,8 +397,8 @@ class ModelPool:
             e.demand -= 1
             if not fut.done():
                 fut.cancel()
-                with contextlib.suppress(ValueError):  # already taken by the device thread
-                    e.waiters.remove((loop, fut))
+            with contextlib.suppress(ValueError):  # already taken by the device thread
+                e.waiters.remove((loop, fut))  # (also one settled here: a stale one would bring it back)
         return {"model": e.name, "from": from_state, "wait_s": round(time.perf_counter() - t0, 6)}
 
     async def load(self, name: str) -> dict[str, Any] | None:

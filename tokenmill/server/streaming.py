@@ -52,7 +52,7 @@ class ReleasingIterator:
         self._release()
 
 
-async def _wait_for_disconnect(request: Request) -> None:
+async def wait_for_disconnect(request: Request) -> None:
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
@@ -62,7 +62,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
     """Runs work; if the client disconnects first, cancels it (which aborts its requests)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:

@@ -63,6 +63,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:  # (as Gateway.parse: deeply nested JSON is the client's fault, not a 500)
+            raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "body: must be a JSON object")
         return body

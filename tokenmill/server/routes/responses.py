@@ -17,7 +17,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,7 +29,7 @@ from tokenmill.outputs import CompletionOutput
 from tokenmill.server.answer import AnswerStream, answer_parts
 from tokenmill.server.context import REQUEST_TAGS, ServerContext, TextOffsets
 from tokenmill.server.errors import APIError, error_body, error_response, validation_error
-from tokenmill.server.gateway import Gateway
+from tokenmill.server.gateway import EXTRAS, Gateway
 from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _SamplingFields
 from tokenmill.server.reasoning import split_reasoning
 from tokenmill.server.response_store import StoredResponse
@@ -334,6 +334,13 @@ class _Run:
         self.temperature, self.top_p = temperature, top_p
         self.store = req.store and gw.responses.enabled
         self.owner = _owner()  # (now: a stream ends after the handler, outside the request's context)
+        # The gateway's extras (now, as the owner): a cascade tier writes the model that answered there
+        # once it has decided, and that is the response's model, streamed and stored.
+        self.extras: dict[str, Any] = EXTRAS.get() or {}
+
+    @property
+    def decides_late(self) -> bool:
+        return bool(self.extras.get("_decides_late"))
 
     def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
                  error: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -343,7 +350,8 @@ class _Run:
             "id": self.rid, "object": "response", "created_at": self.created, "status": status,
             "completed_at": int(time.time()) if done else None, "background": False, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.name,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "model": self.extras.get("model", self.name),
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": req.reasoning or {"effort": None, "summary": None}, "store": self.store,
@@ -398,11 +406,16 @@ class _EventWriter:
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.logprobs: list[dict[str, Any]] = []  # the open message's
+        self.opening: Callable[[], str] | None = None  # events held until the first other one
 
     def event(self, kind: str, **fields: Any) -> str:
+        head = ""
+        if self.opening is not None:
+            opening, self.opening = self.opening, None
+            head = opening()
         d = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
-        return f"event: {kind}\ndata: {json.dumps(d, ensure_ascii=False)}\n\n"
+        return head + f"event: {kind}\ndata: {json.dumps(d, ensure_ascii=False)}\n\n"
 
     def _start(self, item: dict[str, Any], part: dict[str, Any] | None) -> list[str]:
         self.open = item
@@ -519,8 +532,16 @@ def register(app: FastAPI, gw: Gateway) -> None:
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 w = _EventWriter()
-                yield w.event("response.created", response=run.response("in_progress", [], None))
-                yield w.event("response.in_progress", response=run.response("in_progress", [], None))
+
+                def opening() -> str:
+                    return (w.event("response.created", response=run.response("in_progress", [], None))
+                            + w.event("response.in_progress", response=run.response("in_progress", [], None)))
+
+                if run.decides_late:  # a cascade: sent with its first answer, once it knows which model answers
+                    w.opening = opening
+                else:
+                    yield w.event("response.created", response=run.response("in_progress", [], None))
+                    yield w.event("response.in_progress", response=run.response("in_progress", [], None))
                 states: dict[tuple[str, int], ChoiceState] = {}
                 answer = AnswerStream(plan.tools, plan.rparser)
                 lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
