@@ -53,7 +53,8 @@ def test_offline(bare_dir, template_file):
 @pytest.fixture(scope="module")
 def server(bare_dir, template_file, tmp_path_factory):
     srv = ServerProcess(bare_dir, "--chat-template", template_file, "--trust-request-chat-template",
-                        "--kv-cache-memory", "0.01", log_path=str(tmp_path_factory.mktemp("tmpl_srv") / "log"))
+                        "--kv-cache-memory", "0.01", "--metric-names", "vllm",
+                        log_path=str(tmp_path_factory.mktemp("tmpl_srv") / "log"))
     yield srv
     srv.stop()
 
@@ -93,3 +94,16 @@ def test_request_template_refused_without_the_flag(model_dir, tmp_path):
         assert ok.status_code == 200
     finally:
         srv.stop()
+
+
+def test_vllm_metric_names(server):
+    """--metric-names vllm (this module's server): /metrics under vLLM's names, as tools built for
+    vLLM read them; the dashboard's feed keeps tokenmill's."""
+    httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+            "vllm:request_time_per_output_token_seconds_count", "vllm:time_to_first_token_seconds_bucket"} <= names
+    assert not any(n.startswith("tokenmill:") for n in names)
+    assert server.metric("vllm:prompt_tokens_total") > 0
+    assert "tokenmill:prompt_tokens" in httpx.get(server.base_url + "/dashboard/data", timeout=10).text

@@ -187,14 +187,14 @@ def _cache_counters(base: str) -> tuple[float, float] | None:
     """(queried, hit) prompt tokens from /metrics; None when the server does not export them."""
     import httpx
 
-    totals = {"tokenmill:prefix_cache_queries_total": None, "tokenmill:prefix_cache_hits_total": None}
+    totals: dict[str, float | None] = {"prefix_cache_queries_total": None, "prefix_cache_hits_total": None}
     try:
         text = httpx.get(base + "/metrics", timeout=10).text
     except httpx.HTTPError:
         return None
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
+    for line in text.splitlines():  # (tokenmill's names, or vLLM's: a vLLM server, or --metric-names vllm)
+        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("tokenmill:").removeprefix("vllm:")
+        if name in totals and not line.startswith("#"):
             totals[name] = (totals[name] or 0.0) + float(line.rsplit(" ", 1)[1])
     queries, hits = totals.values()
     return None if queries is None or hits is None else (queries, hits)

@@ -70,6 +70,7 @@ class GatewaySettings:
     tenants: TenantsConfig | None = None
     responses_store_bytes: int = 64 * 2**20  # the Responses API's stored responses (0: none are kept)
     trust_request_chat_template: bool = False  # render a request's own chat_template (vLLM's flag)
+    metric_names: str = "tokenmill"  # "vllm": /metrics under vLLM's names (metrics._VLLMNames)
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Gateway:
         self.settings = settings
         self.app = app
         self.created = int(time.time())
-        self.metrics = ServerMetrics(self._model_stats)
+        self.metrics = ServerMetrics(self._model_stats, settings.metric_names)
         self.responses = ResponseStore(settings.responses_store_bytes)
         self.tenants: Tenants | None = None
         if settings.tenants is not None:

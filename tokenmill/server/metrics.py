@@ -48,7 +48,11 @@ class _Tracked:
 class ServerMetrics:
     """One registry for every model of the server, each series labelled by model_name (as vLLM's)."""
 
-    def __init__(self, models: Callable[[], list[tuple[str, EngineStats, str]]]) -> None:
+    def __init__(self, models: Callable[[], list[tuple[str, EngineStats, str]]], names: str = "tokenmill") -> None:
+        """names: "tokenmill", or "vllm": /metrics shows the series under vLLM's own names (`vllm:`)."""
+        if names not in ("tokenmill", "vllm"):
+            raise ValueError(f"metric names: tokenmill or vllm, got {names!r}")
+        self.names = names
         self.registry = CollectorRegistry()
         self._models = models  # (name, the engine's latest stats, pool state) of every model
         labels = ["model_name", "tenant"]  # the request-level series
@@ -145,7 +149,7 @@ class ServerMetrics:
         self.swap_seconds.labels(name, from_state).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self.names == "tokenmill" else _VLLMNames(self.registry))
 
     def observe(self, out: RequestOutput, name: str) -> None:
         t = self._tracked.setdefault(out.request_id, _Tracked())
@@ -329,3 +333,28 @@ class _EngineGauges:
             for st in STATES:
                 g.add_metric([name, st], 1.0 if st == state else 0.0)
         yield g
+
+
+# tokenmill's metric names (after the prefix) that vLLM names otherwise: its per-request TPOT histogram.
+_VLLM_RENAMES = {"time_per_output_token_seconds": "request_time_per_output_token_seconds"}
+
+
+class _VLLMNames:
+    """A registry's collection under vLLM's names (`--metric-names vllm`): `tokenmill:X` becomes
+    `vllm:X` (the series that mean what vLLM's mean keep vLLM's suffix; tokenmill's own, energy or
+    SLOs, just change prefix), for what reads vLLM's metrics unchanged: the Kubernetes inference
+    gateway's endpoint picker (num_requests_waiting, kv_cache_usage_perc), vLLM's production
+    stack, its Grafana dashboards and alerts."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            old = family.name
+            if old.startswith("tokenmill:"):
+                base = old.removeprefix("tokenmill:")
+                family.name = "vllm:" + _VLLM_RENAMES.get(base, base)
+                family.samples = [s._replace(name=family.name + s.name[len(old):]) if s.name.startswith(old) else s
+                                  for s in family.samples]
+            yield family

@@ -122,6 +122,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--responses-store-mb", type=float, default=64, metavar="MB",
                    help="memory for the Responses API's stored responses (store: true; previous_response_id, "
                         "GET /v1/responses/ID), least recently used out first; 0 keeps none (default 64)")
+    p.add_argument("--metric-names", default="tokenmill", choices=["tokenmill", "vllm"],
+                   help="vllm: /metrics shows its series under vLLM's names (vllm:num_requests_waiting, "
+                        "vllm:kv_cache_usage_perc, ...), for tools built to read vLLM's (the Kubernetes inference "
+                        "gateway, vLLM's production stack and dashboards)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat request's own chat_template (vLLM's flag; off: such a request is a 400, as a "
                         "template runs in the server's process)")
@@ -266,7 +270,8 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
     settings = GatewaySettings(max_body_bytes=args.max_body_size, api_key=args.api_key,
                                admin_api_key=args.admin_api_key, tenants=tenants,
                                responses_store_bytes=int(getattr(args, "responses_store_mb", 64) * 2**20),
-                               trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
+                               trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+                               metric_names=getattr(args, "metric_names", "tokenmill"))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)
