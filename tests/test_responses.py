@@ -185,6 +185,14 @@ def test_truncation_auto_drops_the_oldest_turns_to_fit(client, name):
                                 truncation="auto", extra_body={"ignore_eos": True})
     assert r.status == "incomplete" and r.usage.output_tokens == 50 and r.truncation == "auto"
     assert r.usage.input_tokens + 50 <= 1024 and r.usage.input_tokens > 500
+    # A trailing tool result keeps the call it answers: when only the pair is left and it does not fit,
+    # the request is refused rather than sent with a result whose call was dropped.
+    pair = [{"role": "user", "content": "Hi"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": json.dumps({"x": "word " * 900})},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=name, input=pair, max_output_tokens=50, truncation="auto")
+    assert e.value.param == "input"
 
 
 def test_stored_responses_are_retrieved_deleted_and_can_be_left_out(server, client, name):

@@ -304,22 +304,32 @@ async def _fit(ctx: ServerContext, creq: ChatCompletionRequest,
     when none was asked for or a tenant's cap filled it in), the conversation's oldest messages
     are dropped (the leading system messages, the instructions among them, and the last message
     stay; a tool result goes with the call before it), as OpenAI drops input items to fit the
-    context. Each round drops about as many tokens as are over, counted message by message."""
+    context (trailing tool results keep the call they answer). Each round drops about as many tokens
+    as are over, counted message by message."""
     p = plan.params
     need = 1 if p.max_tokens is None or p.max_tokens_is_cap else p.max_tokens
     limit = ctx.llm_engine.max_model_len
     messages = list(creq.messages)
     keep = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
-    while (over := len(plan.ids) + need - limit) > 0 and len(messages) - keep > 1:
+    while (over := len(plan.ids) + need - limit) > 0 and keep < _tail(messages):
         dropped = 0
-        while dropped < over and len(messages) - keep > 1:
+        while dropped < over and keep < _tail(messages):
             dropped += len(await ctx.encode(messages[keep].text(), add_special_tokens=False)) + 4  # (+ its markup)
             del messages[keep]
-            while len(messages) - keep > 1 and messages[keep].role == "tool":
+            while keep < _tail(messages) and messages[keep].role == "tool":
                 del messages[keep]
         creq = creq.model_copy(update={"messages": messages})
         plan = await plan_chat(ctx, creq)
     return creq, plan
+
+
+def _tail(messages: list[Any]) -> int:
+    """Where the messages truncation keeps start: the last one, or when the conversation ends with
+    tool results, the call they answer (a result without its call is what templates refuse)."""
+    i = len(messages) - 1
+    while i > 0 and messages[i].role == "tool":
+        i -= 1
+    return i
 
 
 class _Run:
