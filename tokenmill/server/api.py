@@ -22,12 +22,23 @@ from tokenmill.server.context import ServerContext, ServerSettings
 from tokenmill.server.errors import BodyLimitMiddleware, add_error_handlers
 from tokenmill.server.gateway import Gateway, GatewaySettings, Tier
 from tokenmill.server.pool import ModelPool, ModelSpec
-from tokenmill.server.routes import BODIES, admin, chat, completions, dashboard, embeddings, responses, score, tokenize
+from tokenmill.server.routes import (
+    BODIES,
+    admin,
+    chat,
+    completions,
+    dashboard,
+    embeddings,
+    ollama,
+    responses,
+    score,
+    tokenize,
+)
 
 __all__ = ["GatewaySettings", "build_app"]
 
 # The endpoint families, registered in this order (which is the order of /openapi.json's paths).
-FAMILIES = (admin, tokenize, completions, chat, responses, embeddings, score, dashboard)
+FAMILIES = (admin, tokenize, completions, chat, responses, embeddings, score, ollama, dashboard)
 
 
 def _with_body_schemas(app: FastAPI) -> None:

@@ -1,0 +1,139 @@
+"""Ollama's API over the OpenAI routes, driven by the ollama library itself: chat and generate,
+streamed (Ollama's default) and not, options, format, tools, embeddings, the model list, and
+errors in Ollama's shape; the text matches the OpenAI route's for the same request."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.models import TOOLS_CHAT_TEMPLATE, make_model
+from tests.server_utils import ServerProcess
+from tests.test_embeddings import make_embedding_model
+
+ollama = pytest.importorskip("ollama")
+
+MESSAGES = [{"role": "user", "content": "Hello world"}]
+GREEDY = {"temperature": 0, "num_predict": 8}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ollama")
+    gen = make_model(str(d / "gen"), "qwen2", chat_template=TOOLS_CHAT_TEMPLATE)
+    emb = make_embedding_model(str(d / "emb"))
+    (d / "models.yaml").write_text(yaml.safe_dump({"models": [
+        {"name": "gen", "path": gen, "kv_cache_memory": 0.02, "tool_call_parser": "hermes"},
+        {"name": "emb", "path": emb, "kv_cache_memory": 0.02}]}))
+    srv = ServerProcess(None, "--models", str(d / "models.yaml"), log_path=str(d / "server.log"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return ollama.Client(host=server.base_url)
+
+
+def _openai(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+
+
+def test_chat_streamed_and_not_matches_the_openai_route(server, client):
+    want = _openai(server).chat.completions.create(model="gen", messages=MESSAGES, temperature=0, max_tokens=8)
+    whole = client.chat(model="gen", messages=MESSAGES, options=GREEDY, stream=False)
+    assert whole.message.content == want.choices[0].message.content and whole.done
+    assert whole.done_reason == "length" and whole.eval_count == 8
+    assert whole.prompt_eval_count == want.usage.prompt_tokens and whole.eval_duration > 0
+    parts = list(client.chat(model="gen", messages=MESSAGES, options=GREEDY, stream=True))
+    assert "".join(p.message.content for p in parts) == want.choices[0].message.content
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True] and parts[-1].eval_count == 8
+    # Options: seed and stop map onto the OpenAI fields
+    seeded = {"temperature": 1.0, "seed": 7, "num_predict": 6}
+    a, b = (client.chat(model="gen", messages=MESSAGES, options=seeded).message.content for _ in range(2))
+    assert a == b
+
+
+def test_generate_templated_and_raw(server, client):
+    oa = _openai(server)
+    want = oa.chat.completions.create(model="gen", messages=[{"role": "system", "content": "Be brief."}] + MESSAGES,
+                                      temperature=0, max_tokens=6)
+    r = client.generate(model="gen", prompt="Hello world", system="Be brief.", options={"temperature": 0,
+                                                                                        "num_predict": 6})
+    assert r.response == want.choices[0].message.content
+    raw = oa.completions.create(model="gen", prompt="Hello world", temperature=0, max_tokens=6)
+    parts = list(client.generate(model="gen", prompt="Hello world", raw=True, stream=True,
+                                 options={"temperature": 0, "num_predict": 6}))
+    assert "".join(p.response for p in parts) == raw.choices[0].text and parts[-1].done
+    assert client.generate(model="gen", prompt="").done_reason == "load"  # (Ollama's way to preload)
+
+
+def test_format_and_tools(server, client):
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
+    r = client.chat(model="gen", messages=MESSAGES, format=schema, options={"temperature": 0, "num_predict": 40})
+    assert isinstance(json.loads(r.message.content)["a"], bool)
+    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": params}}
+    # (a random model calls no tool on its own: what is checked is an earlier call and its result, in
+    # Ollama's shape, going through the template)
+    history = MESSAGES + [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    r = client.chat(model="gen", messages=history, tools=[tool], options=GREEDY)
+    tokens = httpx.post(server.base_url + "/tokenize", json={"model": "gen", "messages": [
+        MESSAGES[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c"}], "tools": [tool]}, timeout=30).json()
+    assert r.done and r.prompt_eval_count == tokens["count"]
+
+
+def test_embed_and_models(server, client):
+    r = client.embed(model="emb", input=["Hello world", "Café crème"])
+    want = _openai(server).embeddings.create(model="emb", input=["Hello world", "Café crème"])
+    assert [pytest.approx(v, abs=1e-6) for v in r.embeddings] == [d.embedding for d in want.data]
+    assert r.prompt_eval_count == want.usage.prompt_tokens
+    assert client.embeddings(model="emb", prompt="Hello world").embedding == pytest.approx(r.embeddings[0], abs=1e-6)
+    names = {m.model for m in client.list().models}
+    assert names == {"gen", "emb"}
+    shown = client.show("gen")
+    assert shown.details.family == "qwen2" and "tools" in shown.capabilities
+    assert shown.modelinfo["qwen2.context_length"] > 0
+    assert {m.model for m in client.ps().models} <= names
+    assert httpx.get(server.base_url + "/api/version").json()["version"]
+
+
+def test_errors_in_ollamas_shape(server, client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="nope", messages=MESSAGES)
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    ok = client.chat(model="gen", messages=MESSAGES, options={**GREEDY, "mirostat": 0, "num_ctx": 4096, "tfs_z": None})
+    assert ok.done
+    for body, match in (({"model": "gen", "messages": MESSAGES, "options": {"mirostat_x": 1}}, "options.mirostat_x"),
+                        ({"model": "gen", "messages": MESSAGES, "options": {"mirostat": 2}}, "options.mirostat"),
+                        ({"model": "gen", "messages": MESSAGES, "format": "yaml"}, "format"),
+                        ({"model": "gen", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
+                         "images"),
+                        ({"messages": MESSAGES}, "model is required"),
+                        ({"model": "emb", "messages": MESSAGES, "stream": False}, "embedding model")):
+        r = httpx.post(server.base_url + "/api/chat", json=body, timeout=30)
+        assert r.status_code == 400 and match in r.json()["error"], r.text
+    r = httpx.post(server.base_url + "/api/pull", json={"model": "llama3"}, timeout=30)
+    assert r.status_code == 404 and "model store" in r.json()["error"]
+
+
+def test_langchain_chat_ollama(server):
+    """LangChain's ChatOllama and OllamaEmbeddings, pointed at tokenmill."""
+    from langchain_ollama import ChatOllama, OllamaEmbeddings
+
+    llm = ChatOllama(model="gen", base_url=server.base_url, temperature=0, num_predict=8)
+    want = _openai(server).chat.completions.create(model="gen", messages=MESSAGES, temperature=0, max_tokens=8)
+    assert llm.invoke("Hello world").content == want.choices[0].message.content
+    assert "".join(c.content for c in llm.stream("Hello world")) == want.choices[0].message.content
+    vec = OllamaEmbeddings(model="emb", base_url=server.base_url).embed_query("Hello world")
+    assert vec == pytest.approx(_openai(server).embeddings.create(model="emb", input="Hello world").data[0].embedding,
+                                abs=1e-6)
