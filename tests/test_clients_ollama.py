@@ -137,3 +137,20 @@ def test_langchain_chat_ollama(server):
     vec = OllamaEmbeddings(model="emb", base_url=server.base_url).embed_query("Hello world")
     assert vec == pytest.approx(_openai(server).embeddings.create(model="emb", input="Hello world").data[0].embedding,
                                 abs=1e-6)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_request(server):
+    import time
+
+    body = {"model": "gen", "messages": MESSAGES, "options": {"num_predict": 900, "temperature": 1.0}}
+    before = server.metric("tokenmill:generation_tokens_total")
+    with httpx.stream("POST", server.base_url + "/api/chat", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        next(lines)
+    deadline = time.time() + 20
+    while time.time() < deadline and server.metric("tokenmill:num_requests_running") > 0:
+        time.sleep(0.2)
+    assert server.metric("tokenmill:num_requests_running") == 0
+    assert server.metric("tokenmill:kv_cache_usage_perc") == 0
+    assert server.metric("tokenmill:generation_tokens_total") - before < 900  # (aborted, not run to its end)
