@@ -184,6 +184,8 @@ async def _body(request: Request) -> dict[str, Any]:
         raise OllamaError(400, f"invalid JSON body: {e}") from None
     if not isinstance(body, dict):
         raise OllamaError(400, "the body must be a JSON object")
+    if "model" not in body and isinstance(body.get("name"), str):  # (older clients' name for it)
+        body["model"] = body["name"]
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise OllamaError(400, "model is required")
     return body
