@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import re
 import shutil
 import time
 
@@ -390,6 +392,93 @@ def test_cli_models_file_relative_paths(models, tmp_path):
         read_models_file(path, flags)
 
 
+def test_every_model_is_checked_at_startup_as_its_engine_would_check_it(models, tmp_path):
+    """A model that starts on disk is built only at its first request: everything its engine
+    checks before loading weights is checked when the file is read (these passed, and failed
+    that request after the active model had been pushed out for it)."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.models_file import build_pool_config, read_models_file
+    from tokenmill.server.pool import PoolConfig
+
+    os.makedirs(tmp_path / "empty")
+    bad = [({"attention_backend": "bogus"}, "attention_backend: unknown backend"),
+           ({"tokenizer": str(tmp_path / "empty")}, "tokenizer: "),
+           ({"task": "classify"}, "task: "),  # (a causal LM has no classification head)
+           ({"classifier_from_token": ["not-one-token-at-all", "yes"]}, "classifier_from_token: "),
+           ({"task": "embed", "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+            "speculative_config: an embedding model generates nothing"),
+           ({"task": "embed"}, "async_scheduling: 'on' does not work with an embedding model")]
+    for i, (settings, needle) in enumerate(bad):
+        doc = {"memory_budget": BUDGET_ONE, "models": [{"path": models["alpha"], "kv_cache_memory": KV_GIB},
+                                                       {"path": models["beta"], "kv_cache_memory": KV_GIB,
+                                                        **settings}]}
+        path = write_yaml(tmp_path / f"bad{i}.yaml", doc)
+        base = EngineConfig(model="", async_scheduling="on" if "async" in needle else "auto")  # (--async-scheduling)
+        with pytest.raises(ValueError, match=r"models\[1\]: " + re.escape(needle)):
+            read_models_file(path, base)
+    # A cascade's models must generate: a tier over an embedding model is refused, naming the tier.
+    doc = {"models": [{"path": models["alpha"]}, {"path": models["beta"], "task": "embed"}],
+           "tiers": [{"name": "auto", "route": {"policy": "cascade", "small": "alpha", "strong": "beta",
+                                                "threshold": -1}}]}
+    entries, tiers, _ = read_models_file(write_yaml(tmp_path / "t.yaml", doc), EngineConfig(model=""))
+    assert [e.task for e in entries] == ["generate", "embed"]
+    with pytest.raises(ValueError, match=r"tiers\[0\]\.route\.strong: 'beta' is an embedding model"):
+        build_pool_config(entries, tiers, PoolConfig())
+
+
+def test_a_cascade_refuses_what_its_strong_model_cannot_take_before_the_small_one_runs(models):
+    """A strong model with a shorter context than the small one: a request it could not take is a
+    400 at once (it was one only after the small model had run and escalated)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tokenmill.routing import CascadePolicy
+    from tokenmill.server.cascade import CascadeEngine
+
+    started = []
+
+    async def add_requests(reqs, **kw):
+        started.extend(reqs)
+        return SimpleNamespace(request_ids=[r[0] for r in reqs])
+
+    pool = SimpleNamespace(entries={"strong": SimpleNamespace(max_model_len=16)})
+    small = SimpleNamespace(engine=SimpleNamespace(engine=None, add_requests=add_requests))
+    cascade = CascadeEngine(SimpleNamespace(pool=pool), "auto", CascadePolicy("small", "strong", -1.0),  # type: ignore
+                            small, {})  # type: ignore[arg-type]
+    for n, max_tokens, needle in ((16, 1, "prompt: 16 tokens leave no room"), (10, 8, "max_tokens: prompt (10")):
+        with pytest.raises(ValueError, match=re.escape(needle) + ".*of `strong`, the strong model of the cascade"):
+            asyncio.run(cascade.add_requests([("r", {"prompt_token_ids": [5] * n},
+                                               SamplingParams(max_tokens=max_tokens))]))
+    assert started == []
+    asyncio.run(cascade.add_requests([("r", {"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=6))]))
+    assert [r[0] for r in started] == ["r"]
+
+
+def test_a_model_that_can_never_fit_is_not_a_503_to_retry(models):
+    """Larger than the whole budget (it turned out so once loaded): a 500 no client should retry;
+    one the pinned models leave no room for stays a 503, since unpinning one makes room."""
+    import asyncio
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.gateway import pool_api_error
+    from tokenmill.server.pool import ACTIVE, ModelPool, ModelSpec, PoolConfig, PoolError
+
+    mib = 2**20
+    pool = ModelPool([ModelSpec("alpha", EngineConfig(model=models["alpha"]), pinned=True),
+                      ModelSpec("beta", EngineConfig(model=models["beta"]))],
+                     PoolConfig(memory_budget=100 * mib), lambda spec, front: None)
+    alpha, beta = pool.entries["alpha"], pool.entries["beta"]
+    alpha.state, alpha.weight_bytes, alpha.kv_bytes = ACTIVE, mib, 59 * mib
+    for kv, status, retry in ((120 * mib, 500, {"x-should-retry": "false"}), (60 * mib, 503, {"Retry-After": "5"})):
+        beta.weight_bytes, beta.kv_bytes = mib, kv
+        with pytest.raises(PoolError) as e:
+            asyncio.run(pool.acquire("beta"))
+        err = pool_api_error(e.value)
+        assert (err.status, err.headers) == (status, retry), err.message
+        assert err.code == ("model_does_not_fit" if status == 500 else "model_unavailable")
+        assert ("more than the whole --memory-budget" if status == 500 else "unpin one") in err.message
+
+
 def test_a_draft_models_weights_count_in_the_estimate(models):
     """A model left on disk is brought back by its estimate: its draft model's weights are part of
     it (they were left out, and such a model then took more than --memory-budget)."""
@@ -406,7 +495,9 @@ def test_a_draft_models_weights_count_in_the_estimate(models):
 def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(models, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENMILL_FAULT_UNPARK", "beta")
     doc = {"memory_budget": BUDGET_ONE, "swap_quantum": 0.1,
-           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta")]}
+           "models": [{"path": models[n], "kv_cache_memory": KV_GIB} for n in ("alpha", "beta")],
+           "tiers": [{"name": "auto", "route": {"policy": "cascade", "small": "alpha", "strong": "beta",
+                                                "threshold": -0.0001, "window": 4}}]}
     srv = ServerProcess(None, "--models", write_yaml(tmp_path / "models.yaml", doc), log_path=str(tmp_path / "log"),
                         script=os.path.join(os.path.dirname(__file__), "fault_server.py"))
     try:
@@ -420,6 +511,16 @@ def test_a_model_that_cannot_come_back_fails_its_requests_and_not_the_server(mod
         r = httpx.post(srv.base_url + "/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2},
                        timeout=60)
         assert r.status_code == 200 and httpx.get(srv.base_url + "/health", timeout=10).status_code == 200
+        # A cascade that escalates to it fails alike, streamed (an error event) or not (its code was null
+        # in the stream).
+        body = {"model": "auto", "prompt": "Hi", "max_tokens": 8, "temperature": 0}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        r = httpx.post(srv.base_url + "/v1/completions", json={**body, "stream": True}, timeout=60)
+        events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+        assert events[-1]["error"] | {"code": "model_unavailable", "type": "service_unavailable"} == \
+            events[-1]["error"], r.text
+        assert "could not be brought back" in events[-1]["error"]["message"]
     finally:
         srv.stop()
 
@@ -473,6 +574,9 @@ def test_startup_leaves_on_disk_what_neither_budget_holds_and_tokenizes_it_there
         assert "dropped to disk" not in srv.log()  # never built, not built and dropped
         r = httpx.post(srv.base_url + "/tokenize", json={"model": "gamma", "prompt": "Hello"}, timeout=30)
         assert r.status_code == 200 and r.json()["count"] > 0 and r.json()["max_model_len"] > 0
+        # Its card's context is the one its engine will have (it was null until it loaded).
+        card = httpx.get(srv.base_url + "/v1/models/gamma", timeout=10).json()
+        assert card["max_model_len"] == r.json()["max_model_len"] == 1024
         r = httpx.post(srv.base_url + "/detokenize", json={"model": "gamma", "tokens": r.json()["tokens"]}, timeout=30)
         assert r.status_code == 200 and r.json()["prompt"].endswith("Hello")
         assert states(srv)["gamma"] == "on_disk"  # its tokenizer answered from its folder

@@ -274,6 +274,7 @@ def test_engine_fault_fails_only_that_request(server, http):
     assert "injected fault" in err["message"] and err["type"] == "server_error"
     events = [json.loads(x[6:]) for x in stream_lines if x != "data: [DONE]"]
     assert "error" in events[-1] and "injected fault" in events[-1]["error"]["message"]
+    assert events[-1]["error"]["code"] == err["code"] == "engine_error"  # (the same failure, streamed or not)
     assert stream_lines[-1] == "data: [DONE]"
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert http.post("/v1/completions", json=COMPLETION).status_code == 200

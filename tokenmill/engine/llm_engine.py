@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenmill.config import POOLING_TASKS, EngineConfig, ModelConfig
+from tokenmill.attention import get_attention_backend
+from tokenmill.config import POOLING_TASKS, EngineConfig, ModelConfig, parse_dtype
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
@@ -101,48 +102,96 @@ def generation_defaults(config: EngineConfig) -> dict[str, Any]:
     return out
 
 
+def check_length(n_prompt: int, params: SamplingParams, max_model_len: int) -> None:
+    """A prompt of n_prompt tokens and its max_tokens against a context length (check_request's;
+    a cascade tier checks its strong model's too, before the small one runs)."""
+    if params._prompt_only:
+        if n_prompt > max_model_len:
+            raise ValueError(f"prompt: {n_prompt} tokens exceed max_model_len={max_model_len}")
+        return
+    if n_prompt >= max_model_len:
+        raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={max_model_len}")
+    if (params.max_tokens is not None and not params.max_tokens_is_cap  # (a cap: add_request takes the room)
+            and n_prompt + params.max_tokens > max_model_len):
+        raise ValueError(f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
+                         f"exceeds the context length max_model_len={max_model_len}")
+
+
+@dataclasses.dataclass
+class EngineSetup:
+    """What an engine's config and folders settle before any weights load (check_config)."""
+
+    model_config: ModelConfig  # as the engine runs it (a classifier_from_token head, no LM head for pooling)
+    max_model_len: int
+    task: str
+    default_sampling: dict[str, Any]
+    tokenizer: Any  # None when not loaded (load_tokenizer_now False), or when the folder ships none
+
+
+def check_config(config: EngineConfig, device: torch.device | None, load_tokenizer_now: bool = True) -> EngineSetup:
+    """Every check LLMEngine makes before it loads weights, and what they read; a ValueError naming
+    the setting at fault. A model pool runs it at startup for the models it does not load then.
+    device: where the engine runs; None where that is not known (a Ray driver, whose nodes have the
+    devices): what depends on it is left to the engine. load_tokenizer_now False: the tokenizer
+    folder is only looked at, unless classifier_from_token needs its vocabulary."""
+    config.validate()
+    if config.dtype != "auto":
+        parse_dtype(config.dtype)
+    mc = ModelConfig.from_pretrained(config.model)
+    mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
+    if config.tokenizer is not None and not any(
+            os.path.isfile(os.path.join(config.tokenizer, f)) for f in _TOKENIZER_FILES):
+        # (without this the engine ran with no tokenizer and refused every text prompt)
+        raise ValueError(f"tokenizer: {config.tokenizer} holds no tokenizer (looked for "
+                         f"{', '.join(_TOKENIZER_FILES)})")
+    tokens = None if config.classifier_from_token is None else [t.strip() for t in config.classifier_from_token]
+    tokenizer = (load_tokenizer(config.tokenizer or config.model, config.chat_template)
+                 if load_tokenizer_now or tokens is not None else None)
+    default_sampling = generation_defaults(config)
+    task = resolve_task(config.task, mc, config.classifier_from_token)
+    pooling = task in POOLING_TASKS
+    if tokens is not None:  # (the loader makes its head of the LM head's rows)
+        ids = _classifier_token_ids(tokenizer, tokens, mc.vocab_size)
+        # (two tokens make one label: the second's probability against the first)
+        mc = dataclasses.replace(mc, has_lm_head=False, labels=tuple(tokens[1:] if len(tokens) == 2 else tokens),
+                                 label_token_ids=tuple(ids), problem_type=None)
+    elif pooling:  # no LM head is loaded or needed, whatever the checkpoint holds
+        mc = dataclasses.replace(mc, has_lm_head=False)
+    if task == "embed":  # (a classifier's head goes unused)
+        mc = dataclasses.replace(mc, labels=())
+    if pooling and config.speculative_config is not None:
+        raise ValueError(f"speculative_config: {_POOLING_NAMES[task]} generates nothing to speculate on")
+    if config.attention_backend != "auto":
+        get_attention_backend(config.attention_backend)  # (a name it knows, on any device)
+    if device is not None:  # (ModelRunner resolves them again: this only refuses what would fail there)
+        config.resolve_cuda_graphs(device, config.resolve_attention_backend(device))
+        config.resolve_async_scheduling(device, task)
+    return EngineSetup(mc, config.max_model_len or mc.max_context, task, default_sampling, tokenizer)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        config.validate()
-        self.config = config
-        self.model_config = mc = ModelConfig.from_pretrained(config.model)
         self.device = config.resolve_device()
+        setup = check_config(config, self.device)
+        self.config = config
+        self.model_config = mc = setup.model_config
         self.dtype = config.resolve_dtype(mc, self.device)
-        mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
-        self.max_model_len = config.max_model_len or mc.max_context
+        self.max_model_len = setup.max_model_len
         torch.manual_seed(config.seed)
-        if config.tokenizer is not None and not any(
-                os.path.isfile(os.path.join(config.tokenizer, f)) for f in _TOKENIZER_FILES):
-            # (without this the engine ran with no tokenizer and refused every text prompt)
-            raise ValueError(f"tokenizer: {config.tokenizer} holds no tokenizer (looked for "
-                             f"{', '.join(_TOKENIZER_FILES)})")
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.chat_template)
+        self.tokenizer = setup.tokenizer
         eos = set(mc.eos_token_ids) | set(_generation_eos(config.model))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.default_sampling = generation_defaults(config)
+        self.default_sampling = setup.default_sampling
         if self.default_sampling:
             logger.info("default sampling settings from generation_config.json (for requests that leave them "
                         "out; --generation-config vllm turns this off): %s", self.default_sampling)
-        self.task = resolve_task(config.task, mc, config.classifier_from_token)
+        self.task = setup.task
         self.pooling = self.task in POOLING_TASKS  # (prompts are pooled into one vector each, never continued)
         # Its own tokenizer instance, loaded on first use: the server compiles on worker threads.
         self.grammars = GrammarCompiler(lambda: load_tokenizer(config.tokenizer or config.model), mc.vocab_size,
                                         self.eos_token_ids)
-        if config.classifier_from_token is not None:  # (the loader makes its head of the LM head's rows)
-            tokens = [t.strip() for t in config.classifier_from_token]
-            ids = _classifier_token_ids(self.tokenizer, tokens, mc.vocab_size)
-            # (two tokens make one label: the second's probability against the first)
-            self.model_config = mc = dataclasses.replace(
-                mc, has_lm_head=False, labels=tuple(tokens[1:] if len(tokens) == 2 else tokens),
-                label_token_ids=tuple(ids), problem_type=None)
-        elif self.pooling:  # no LM head is loaded or needed, whatever the checkpoint holds
-            self.model_config = mc = dataclasses.replace(mc, has_lm_head=False)
-        if self.task == "embed":  # (a classifier's head goes unused)
-            self.model_config = mc = dataclasses.replace(mc, labels=())
-        if self.pooling and config.speculative_config is not None:
-            raise ValueError(f"speculative_config: {_POOLING_NAMES[self.task]} generates nothing to speculate on")
         self.runner = ModelRunner(mc, config, self.device, self.dtype, self.max_model_len)
         self.runner.embed = self.pooling
         if self.pooling:  # (prompts only: no decode step ever runs, so no graphs to capture and hold memory for)
@@ -271,18 +320,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt_token_ids: {bad[:5]} are not token ids in the vocabulary [0, {vocab})")
         n_prompt = len(token_ids)
+        check_length(n_prompt, params, self.max_model_len)
         if params._prompt_only:
-            if n_prompt > self.max_model_len:
-                raise ValueError(f"prompt: {n_prompt} tokens exceed max_model_len={self.max_model_len}")
             return
-        if n_prompt >= self.max_model_len:
-            raise ValueError(f"prompt: {n_prompt} tokens leave no room in max_model_len={self.max_model_len}")
-        if (params.max_tokens is not None and not params.max_tokens_is_cap  # (a cap: add_request takes the room)
-                and n_prompt + params.max_tokens > self.max_model_len):
-            raise ValueError(
-                f"max_tokens: prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) "
-                f"exceeds the context length max_model_len={self.max_model_len}"
-            )
         if params.allowed_token_ids and params.min_tokens > 0:
             stops = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
             if set(params.allowed_token_ids) <= stops:

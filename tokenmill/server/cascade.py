@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.engine.llm_engine import check_length
 from tokenmill.engine.slo import SLOAdmissionError
 from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import RequestOutput
@@ -71,6 +72,18 @@ class CascadeEngine:
                            arrival_time: float | None = None, group: Any = None) -> CascadeGroup:
         if group is not None:
             raise ValueError(f"test_time_compute: not available on the cascade tier `{self.tier}`")
+        # The strong model may have a shorter context than the small one. Such a tier is allowed (each
+        # model alone keeps its own context), so a request the strong model could not take is refused
+        # here, before the small model runs, not only once it has escalated: the tier's limit is the
+        # lower of the two. (Its max_model_len is known from its config while it is on disk.)
+        strong_len = self.gateway.pool.entries[self.policy.strong].max_model_len
+        if strong_len is not None:
+            for _, prompt, params in requests:
+                try:
+                    check_length(len(prompt["prompt_token_ids"]), params, strong_len)
+                except ValueError as e:
+                    raise ValueError(f"{e} (of `{self.policy.strong}`, the strong model of the cascade tier "
+                                     f"`{self.tier}`)") from None
         self._requests, self._priority, self._arrival = list(requests), priority, arrival_time
         small_reqs = []
         for rid, prompt, params in requests:

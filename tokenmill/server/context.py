@@ -54,6 +54,17 @@ class ServerSettings:
     trust_request_chat_template: bool = False  # a request's own chat_template is rendered (vLLM's flag)
 
 
+
+def engine_api_error(message: str, status: int) -> APIError:
+    """An engine's failure of a request (RequestOutput.error, or a stream's StreamFailed) as the
+    client gets it, the same whether the response is streamed (an error event) or not."""
+    if status == 400:
+        return APIError(400, message, code="invalid_constraint")
+    if status == 503:  # a cascade's strong model could not be brought back
+        return APIError(503, message, code="model_unavailable", headers={"Retry-After": "5"})
+    return APIError(500, f"the engine failed this request: {message}", code="engine_error")
+
+
 class ServerContext:
     """One model's side of the HTTP server: its engine, tokenizer and the request steps that use them."""
 
@@ -268,11 +279,7 @@ class ServerContext:
         return params.n * max(per, 0)
 
     def engine_error(self, out: RequestOutput) -> APIError:
-        if out.error_status == 400:
-            return APIError(400, out.error or "", code="invalid_constraint")
-        if out.error_status == 503:  # a cascade's strong model could not be brought back
-            return APIError(503, out.error or "", code="model_unavailable", headers={"Retry-After": "5"})
-        return APIError(500, f"the engine failed this request: {out.error}", code="engine_error")
+        return engine_api_error(out.error or "", out.error_status)
 
     async def choice_deltas(self, group, params: SamplingParams, states: dict[tuple[str, int], ChoiceState],
                             cached: dict[str, int], computes: dict[str, Any] | None = None):
@@ -320,8 +327,11 @@ class ServerContext:
         return state, det.text[: state.text]
 
     def stream_failed(self, e: StreamFailed) -> list[str]:
-        msg = e.message if e.status in (400, 503) else f"the engine failed this request: {e.message}"
-        return [sse(error_body(e.status, msg)), SSE_DONE]
+        return self.stream_error(engine_api_error(e.message, e.status))
+
+    def stream_error(self, err: APIError) -> list[str]:
+        """The events that end a stream that failed after it started (its status is sent already)."""
+        return [sse(error_body(err.status, err.message, err.param, err.type, err.code)), SSE_DONE]
 
     # -- logprob formats ------------------------------------------------------------------------
     def text_offsets(self, context_ids: list[int], skip_special_tokens: bool) -> TextOffsets:

@@ -45,7 +45,7 @@ from tokenmill.server.async_engine import EngineStats
 from tokenmill.server.context import ADMISSION, REQUEST_TAGS, ServerContext, ServerSettings
 from tokenmill.server.errors import APIError, invalid_key_error, limit_error, validation_error
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.pool import ACTIVE, ModelPool, PoolError
+from tokenmill.server.pool import ACTIVE, ModelPool, PoolError, configured_max_model_len
 from tokenmill.server.response_store import ResponseStore
 from tokenmill.server.streaming import ReleasingIterator, sse, wait_for_disconnect
 
@@ -369,7 +369,7 @@ class Gateway:
             ctx.settings = ServerSettings(name, cfg.model, trust_request_chat_template=self.settings.
                                           trust_request_chat_template)
             ctx.tokenize_lock = asyncio.Lock()
-            ctx.llm_engine = SimpleNamespace(max_model_len=cfg.max_model_len or mc.max_context)  # type: ignore
+            ctx.llm_engine = SimpleNamespace(max_model_len=configured_max_model_len(cfg))  # type: ignore
             self._tokenizer_ctxs[name] = ctx
         return ctx
 
@@ -380,8 +380,7 @@ class Gateway:
         try:
             ctx, swap = await (self.pool_acquire(name, request) if need_device else self.pool.acquire(name, False))
         except PoolError as e:
-            raise APIError(e.status, str(e), code="model_unavailable",
-                           headers={"Retry-After": "5"} if e.status == 503 else None) from None
+            raise pool_api_error(e) from None
         leases = _extras().setdefault("_leases", [])
         leases.append(name)
         if swap is not None:
@@ -438,6 +437,11 @@ class Gateway:
                     raise APIError(400, f"{field}: not available on the cascade tier `{tier.name}` (its answer is "
                                    f"judged by token confidence); name one of its models "
                                    f"({', '.join(tier.models)})", param=field)
+        if generation:  # a strong model that can never come back makes every escalation fail: refused now
+            try:
+                self.pool.check_fits(policy.strong)
+            except PoolError as e:
+                raise pool_api_error(e) from None
         small = await self.acquire(policy.small, request=request)
         if not generation:
             return small
@@ -484,6 +488,13 @@ class Gateway:
             return resp
 
         return wrapped
+
+
+def pool_api_error(e: PoolError) -> APIError:
+    """A model the pool cannot bring back: a 503 with Retry-After while it may come back, else no
+    Retry-After and `x-should-retry: false` (OpenAI's clients retry every 5xx unless told not to)."""
+    headers = {"x-should-retry": "false"} if not e.retryable else {"Retry-After": "5"} if e.status == 503 else None
+    return APIError(e.status, str(e), code=e.code, headers=headers)
 
 
 def _key_matches(header: str | None, key: str) -> bool:

@@ -22,7 +22,9 @@ tiers:
 A model entry takes the engine settings by their flag names with underscores; what it leaves out
 comes from the command line; relative folders (path, tokenizer, a draft model) are the file's.
 Every mistake is a ValueError naming its field (models[1].dtype), raised at startup: a model
-that starts on disk has its config.json, context and draft model checked then too.
+that starts on disk has everything its engine checks before loading weights (config.json,
+context, tokenizer folder, task, attention backend, generation_config.json, ...) and its draft
+model checked then too, and a cascade tier's models must generate text.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import math
 import os
 from typing import Any
 
-from tokenmill.config import EngineConfig, ModelConfig, SpeculativeConfig, load_yaml_file, parse_dtype
-from tokenmill.engine.llm_engine import generation_defaults
+from tokenmill.config import EngineConfig, SpeculativeConfig, load_yaml_file
+from tokenmill.engine.llm_engine import check_config
 from tokenmill.engine.spec_decode import check_draft_model
-from tokenmill.routing import policy_from_dict
+from tokenmill.routing import CascadePolicy, policy_from_dict
 from tokenmill.server.gateway import Tier
 from tokenmill.server.pool import ModelSpec, PoolConfig
 
@@ -72,6 +74,7 @@ class ModelEntry:
     memory_share: float | None = None
     tool_call_parser: str = "auto"
     reasoning_parser: str | None = None
+    task: str = "generate"  # as check_model resolved it (a cascade tier's models must generate)
 
 
 def served_name(path: str) -> str:
@@ -84,30 +87,34 @@ def _number(v: Any, field: str, positive: bool = True) -> float:
     return float(v)
 
 
-def check_model(config: EngineConfig) -> None:
+def check_model(config: EngineConfig, probe_device: bool = True) -> str:
     """A model's settings and folder checked at startup, not at its first request: one that starts
-    on disk would otherwise fail that request after the active model was pushed out for it. Its
-    config.json, context, generation_config.json and draft model; ValueError naming the fault."""
-    config.validate()  # (parses speculative_config: a JSON string or an object)
-    if config.dtype != "auto":
-        parse_dtype(config.dtype)
-    mc = ModelConfig.from_pretrained(config.model)
-    mc.check_max_model_len(config.max_model_len or 0, config.allow_long_max_model_len)
-    generation_defaults(config)
+    on disk would otherwise fail that request after the active model was pushed out for it. What
+    LLMEngine checks before it loads weights (its config.json, context, tokenizer folder, task,
+    attention backend, generation_config.json, ...) and its draft model; ValueError naming the
+    fault. probe_device False: the checks that depend on the device are left to the engine (a
+    Ray driver's devices are not the nodes'). Returns the model's task (generate, embed, classify)."""
+    device = config.resolve_device() if probe_device else None
+    # (the tokenizer itself is loaded only when classifier_from_token must be found in it: a large
+    # one takes a while, and the engine loads it again)
+    setup = check_config(config, device, load_tokenizer_now=False)
+    mc = setup.model_config
     spec = config.speculative_config
     if spec is not None and spec.model:
         try:
-            check_draft_model(spec.model, mc.vocab_size, config.max_model_len or mc.max_context,
-                              config.allow_long_max_model_len, config.tokenizer or config.model)
+            check_draft_model(spec.model, mc.vocab_size, setup.max_model_len, config.allow_long_max_model_len,
+                              config.tokenizer or config.model)
         except ValueError as e:
             why = str(e).removeprefix("speculative_config: ").removeprefix("model: ")
             raise ValueError(f"speculative_config.model: {why}") from None
+    return setup.task
 
 
 def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "auto",
-                     reasoning_parser: str | None = None) -> tuple[list[ModelEntry], list[dict[str, Any]],
-                                                                   dict[str, float]]:
-    """(models, raw tier entries, pool settings in the file) from a models.yaml."""
+                     reasoning_parser: str | None = None, probe_device: bool = True,
+                     ) -> tuple[list[ModelEntry], list[dict[str, Any]], dict[str, float]]:
+    """(models, raw tier entries, pool settings in the file) from a models.yaml (probe_device:
+    check_model's)."""
     doc = load_yaml_file(path, "--models")
     if not isinstance(doc, dict):
         raise ValueError(f"--models: {path} must hold a mapping with a `models` list")
@@ -171,7 +178,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
             changes["kv_cache_memory_bytes"] = int(_number(m["kv_cache_memory"], f"{f}.kv_cache_memory") * GIB)
         try:
             config = dataclasses.replace(base, **changes)
-            check_model(config)
+            task = check_model(config, probe_device)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
         pinned = m.get("pinned", False)
@@ -193,7 +200,7 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
         rp = m.get("reasoning_parser", reasoning_parser)
         if rp is not None and rp not in REASONING_PARSERS:
             raise ValueError(f"{f}.reasoning_parser: one of {', '.join(REASONING_PARSERS)}, got {rp!r}")
-        models.append(ModelEntry(name, config, pinned, share, tcp, rp))
+        models.append(ModelEntry(name, config, pinned, share, tcp, rp, task))
     tiers = doc.get("tiers") or []
     if not isinstance(tiers, list):
         raise ValueError("tiers: must be a list of {name, route}")
@@ -243,7 +250,15 @@ def build_pool_config(models: list[ModelEntry], raw_tiers: list[dict[str, Any]],
         if any(x.name == t["name"] for x in tiers):
             raise ValueError(f"tiers[{i}].name: {t['name']!r} names two tiers")
         try:
-            tiers.append(Tier(t["name"], policy_from_dict(t.get("route"), set(names))))
+            policy = policy_from_dict(t.get("route"), set(names))
         except ValueError as e:
             raise ValueError(f"tiers[{i}].{e}") from None
+        if isinstance(policy, CascadePolicy):  # (the small model's answer is judged by its tokens' logprobs)
+            for role in ("small", "strong"):
+                m = models[names.index(getattr(policy, role))]
+                if m.task != "generate":
+                    kind = "an embedding model" if m.task == "embed" else "a classifier"
+                    raise ValueError(f"tiers[{i}].route.{role}: {m.name!r} is {kind} (task {m.task}); a cascade's "
+                                     f"models generate text")
+        tiers.append(Tier(t["name"], policy))
     return specs, tiers

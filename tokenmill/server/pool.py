@@ -46,11 +46,13 @@ STATES = (ACTIVE, PARKED, LOADING, ON_DISK)
 
 
 class PoolError(Exception):
-    """A model cannot be brought back (it does not fit, it failed to load, it took too long)."""
+    """A model cannot be brought back (it does not fit, it failed to load, it took too long).
+    retryable False: it never will as the pool is configured, so a client should not try again."""
 
-    def __init__(self, message: str, status: int = 503) -> None:
+    def __init__(self, message: str, status: int = 503, code: str = "model_unavailable",
+                 retryable: bool = True) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.code, self.retryable = status, code, retryable
 
 
 @dataclass
@@ -87,7 +89,7 @@ class PoolEntry:
         self.weight_bytes = 0  # measured at the first load
         self.kv_bytes = 0
         self.est_bytes = _estimate_bytes(spec.config)  # until it has loaded once
-        self.max_model_len: int | None = None
+        self.max_model_len = configured_max_model_len(spec.config)  # (the engine's, once it has loaded)
         self.last_used: float | None = None  # wall-clock time of the last request (or step with work)
         self.active_since = 0.0  # monotonic
         self.want_since: float | None = None  # monotonic: since when it waits to become active
@@ -128,6 +130,19 @@ class PoolEntry:
             bool(self.waiters) or self.load_requested
             or (self.engine is not None and self.engine.has_unfinished_requests())
             or (self.front is not None and bool(self.front._cmds)))
+
+
+def configured_max_model_len(config: EngineConfig) -> int | None:
+    """The context an engine of this config will have, read without loading it: max_model_len,
+    else the model's (None for a folder it cannot read: its load says what is wrong)."""
+    from tokenmill.config import ModelConfig
+
+    if config.max_model_len is not None:
+        return config.max_model_len
+    try:
+        return ModelConfig.from_pretrained(config.model).max_context
+    except (OSError, ValueError):
+        return None
 
 
 def _weight_bytes(config: EngineConfig) -> int:
@@ -372,8 +387,9 @@ class ModelPool:
     async def _wait_active(self, e: PoolEntry) -> dict[str, Any]:
         if self.device.closed or self.device.dead is not None:
             raise PoolError("the engine is not running")
+        self.check_fits(e.name)
         room = self._room_for(e)
-        if e.footprint > room:
+        if e.footprint > room:  # (a 503: it fits once an admin unpins a model, no restart needed)
             raise PoolError(f"model {e.name!r} needs {e.footprint / 2**20:.0f} MiB but the pinned models leave "
                             f"{room / 2**20:.0f} MiB of --memory-budget; unpin one (POST /v1/models/ID/pin "
                             f'{{"pinned": false}})')
@@ -400,6 +416,18 @@ class ModelPool:
             with contextlib.suppress(ValueError):  # already taken by the device thread
                 e.waiters.remove((loop, fut))  # (also one settled here: a stale one would bring it back)
         return {"model": e.name, "from": from_state, "wait_s": round(time.perf_counter() - t0, 6)}
+
+    def check_fits(self, name: str) -> None:
+        """A PoolError(500, not retryable) for a model larger than the whole --memory-budget: nothing
+        the pool or an admin does at runtime makes room for it (startup refuses one whose estimate
+        is; this one turned out larger once it had loaded), so a 503 inviting retries would mislead."""
+        e = self.entries[name]
+        budget = self.config.memory_budget
+        if budget is not None and e.footprint > budget:
+            raise PoolError(f"model {e.name!r} needs {e.footprint / 2**20:.0f} MiB (weights and KV cache), more "
+                            f"than the whole --memory-budget ({budget / 2**20:.0f} MiB): it cannot be brought back "
+                            f"as this server is configured (give it a smaller memory_share or kv_cache_memory, or "
+                            f"the pool a larger budget)", 500, code="model_does_not_fit", retryable=False)
 
     async def load(self, name: str) -> dict[str, Any] | None:
         """Brings a model to active (an admin load)."""

@@ -177,7 +177,7 @@ def pool_from_args(args: argparse.Namespace, probe_device: bool = True) -> tuple
         if args.served_model_name is not None:
             raise ValueError("--served-model-name: with --models, name each model in the file (`name`)")
         models, raw_tiers, settings = read_models_file(args.models, base, args.tool_call_parser,
-                                                       args.reasoning_parser)
+                                                       args.reasoning_parser, probe_device)
     else:
         if args.served_model_name is not None and len(paths) > 1:
             raise ValueError("--served-model-name: names one model; with several --model flags each is served "
@@ -185,10 +185,10 @@ def pool_from_args(args: argparse.Namespace, probe_device: bool = True) -> tuple
         models = []
         for path in paths or [None]:
             config = engine_config_from_args(args, path)
-            check_model(config)  # (every model now, not at its first request)
+            task = check_model(config, probe_device)  # (every model now, not at its first request)
             name = args.served_model_name or (DEMO_MODEL_NAME if path is None else served_name(config.model))
             models.append(ModelEntry(name, config, tool_call_parser=args.tool_call_parser,
-                                     reasoning_parser=args.reasoning_parser))
+                                     reasoning_parser=args.reasoning_parser, task=task))
 
     def gib_flag(flag: str, key: str) -> int | None:
         v = getattr(args, flag)

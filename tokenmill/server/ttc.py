@@ -210,8 +210,8 @@ async def ttc_response(ctx: ServerContext, request: Request, req: Any, chat: boo
                     if not task.done():
                         yield ": keep-alive\n\n"
                 task.result()
-            except APIError as e:
-                for event in ctx.stream_failed(StreamFailed(e.message, e.status)):
+            except APIError as e:  # (its own status and code, as unstreamed)
+                for event in ctx.stream_error(e):
                     yield event
                 return
             except Exception as e:  # never a stream cut without an error event

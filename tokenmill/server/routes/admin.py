@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.routing import CascadePolicy
 from tokenmill.server.errors import APIError, error_body
-from tokenmill.server.gateway import Gateway, Tier
+from tokenmill.server.gateway import Gateway, Tier, pool_api_error
 from tokenmill.server.kv_events import Subscriber
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.pool import PoolEntry, PoolError
@@ -98,7 +98,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         try:
             swap = await pool.load(e.name)
         except PoolError as err:
-            raise APIError(err.status, str(err), code="model_unavailable") from None
+            raise pool_api_error(err) from None
         return {**card(e), "swap": swap}
 
     @app.post("/v1/models/{model_id:path}/unload")
@@ -130,7 +130,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 await pool.load(e.name)
             except PoolError as err:
                 await pool.run_on_device(lambda: pool.pin(e.name, False))
-                raise APIError(err.status, str(err), code="model_unavailable") from None
+                raise pool_api_error(err) from None
         return card(e)
 
     @app.get("/v1/models/{model_id:path}")

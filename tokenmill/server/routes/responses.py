@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import CompletionOutput
 from tokenmill.server.answer import AnswerStream, answer_parts
-from tokenmill.server.context import REQUEST_TAGS, ServerContext, TextOffsets
-from tokenmill.server.errors import APIError, error_body, error_response, validation_error
+from tokenmill.server.context import REQUEST_TAGS, ServerContext, TextOffsets, engine_api_error
+from tokenmill.server.errors import APIError, error_response, validation_error
 from tokenmill.server.gateway import EXTRAS, Gateway
 from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _SamplingFields
 from tokenmill.server.reasoning import split_reasoning
@@ -581,9 +581,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
                         if evs:
                             yield "".join(evs)
                 except StreamFailed as e:
-                    msg = e.message if e.status in (400, 503) else f"the engine failed this request: {e.message}"
-                    err = error_body(e.status, msg)["error"]
-                    yield w.event("error", code=err["code"] or err["type"], message=msg, param=None)
+                    err = engine_api_error(e.message, e.status)  # (the code an unstreamed response has)
+                    msg = err.message
+                    yield w.event("error", code=err.code, message=msg, param=None)
                     failed = run.response("failed", w.output, None, {"code": "server_error", "message": msg})
                     yield w.event("response.failed", response=failed)
                     return
