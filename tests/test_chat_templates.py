@@ -107,3 +107,22 @@ def test_vllm_metric_names(server):
     assert not any(n.startswith("tokenmill:") for n in names)
     assert server.metric("vllm:prompt_tokens_total") > 0
     assert "tokenmill:prompt_tokens" in httpx.get(server.base_url + "/dashboard/data", timeout=10).text
+
+
+def test_the_router_never_renders_a_requests_template(bare_dir, template_file, tmp_path):
+    """A request's own chat_template is the replica's to refuse or run: the router's prompt hashing
+    skips it (a template can hold the event loop for minutes), and a models.yaml template file is
+    the file's folder's, as its paths are."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.router.index import PromptHasher
+    from tokenmill.server.models_file import read_models_file
+
+    hasher = PromptHasher(bare_dir)
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    assert hasher.token_ids("chat", {"messages": MESSAGES, "chat_template": slow}) is None
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.jinja").write_text(REQUEST_TEMPLATE)
+    (tmp_path / "sub" / "models.yaml").write_text(f"models:\n  - path: {bare_dir}\n    chat_template: t.jinja\n")
+    (m,), _, _ = read_models_file(str(tmp_path / "sub" / "models.yaml"), EngineConfig(model=""), probe_device=False)
+    m.config.validate()  # (reads the file: from the yaml's folder, wherever the server was started)
+    assert m.config.chat_template == REQUEST_TEMPLATE

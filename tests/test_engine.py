@@ -450,3 +450,39 @@ def test_vllm_offline_code_moves_over(llm):
     assert eager.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0].token_ids == want.token_ids
     with pytest.raises(ValueError, match="^kv_cache_dtype: only 'auto'"):
         LLM(llm.config.model, kv_cache_dtype="fp8")
+
+
+def test_beam_search_leaves_the_eos_out_unless_asked(tmp_path):
+    """vLLM's LLM.beam_search: a beam that stopped at EOS has it as stop_reason, and in its tokens
+    and text only with include_stop_str_in_output."""
+    import json
+    import shutil
+
+    from tokenmill import BeamSearchParams
+
+    src = make_model(str(tmp_path / "m"), "llama")
+    first = LLM(src, kv_cache_memory_bytes=4 * 2**20).generate({"prompt_token_ids": [5, 6, 7]},
+                                                               SamplingParams(max_tokens=1, temperature=0))
+    eos = first[0].outputs[0].token_ids[0]  # (the greedy first token: made the EOS, beams end at once)
+    path = str(tmp_path / "eos")
+    shutil.copytree(src, path)
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = eos
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(cfg, f)
+    llm = LLM(path, kv_cache_memory_bytes=4 * 2**20)
+    for keep in (False, True):
+        out = llm.beam_search([{"prompt_token_ids": [5, 6, 7]}], BeamSearchParams(
+            beam_width=2, max_tokens=4, length_penalty=0.0, include_stop_str_in_output=keep))[0].sequences
+        ended = [s for s in out if s.finish_reason == "stop"]
+        assert ended and all(s.stop_reason == eos for s in ended)
+        assert all((s.tokens[-1] == eos) == keep for s in ended)
+
+
+def test_detokenize_false_refuses_what_needs_the_text():
+    for kw in ({"max_reasoning_tokens": 4}, {"stop": ["x"]}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            SamplingParams(detokenize=False, **kw).validate()
+    with pytest.raises(ValueError, match="detokenize: must be true or false"):
+        SamplingParams(detokenize="no").validate()

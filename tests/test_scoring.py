@@ -47,6 +47,7 @@ def dirs(tmp_path_factory):
         "sentiment": make_classifier(str(root / "sentiment"), "qwen3", ["neg", "neu", "pos"]),
         "qwen2cls": make_classifier(str(root / "qwen2cls"), "qwen2", ["LABEL_0"]),
         "causal": make_model(str(root / "causal"), "qwen3"),
+        "causal_tied": make_model(str(root / "causal_tied"), "qwen2"),  # (Qwen3-Reranker ties its embeddings)
         "embedder": make_embedding_model(str(root / "embedder")),
     }
 
@@ -85,22 +86,23 @@ def test_sequence_classifiers_match_transformers(dirs, name):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
-def test_classifier_from_token_matches_the_causal_lm(dirs):
+@pytest.mark.parametrize("name", ["causal", "causal_tied"])
+def test_classifier_from_token_matches_the_causal_lm(dirs, name):
     from tests.models import hf_model
 
-    ref = hf_model(dirs["causal"])
+    ref = hf_model(dirs[name])
     with torch.no_grad():
         logits = [ref(torch.tensor([p])).logits[0, -1] for p in PROMPTS]
-    tokens, ids = _yes_no(dirs["causal"])
+    tokens, ids = _yes_no(dirs[name])
     # Two tokens [no, yes]: one label, yes's probability against no alone.
-    llm = LLM(dirs["causal"], classifier_from_token=tokens[:2], **KV)
+    llm = LLM(dirs[name], classifier_from_token=tokens[:2], **KV)
     assert llm.engine.task == "classify" and llm.engine.model_config.labels == (tokens[1],)
     assert llm.engine.runner.model.lm_head is None
     for out, lg in zip(llm.classify([{"prompt_token_ids": p} for p in PROMPTS]), logits):
         want = lg[ids[:2]].softmax(-1)[1]
         assert out.probs == pytest.approx([want.item()], abs=1e-5)
     # Three: one label each, softmaxed among them.
-    llm = LLM(dirs["causal"], classifier_from_token=tokens, **KV)
+    llm = LLM(dirs[name], classifier_from_token=tokens, **KV)
     for out, lg in zip(llm.classify([{"prompt_token_ids": p} for p in PROMPTS]), logits):
         torch.testing.assert_close(torch.tensor(out.probs), lg[ids].softmax(-1), atol=1e-5, rtol=1e-4)
 
@@ -277,7 +279,7 @@ def test_classifier_from_token_flag():
     from tokenmill.engine_args import engine_config_from_args
 
     parse = build_parser().parse_args
-    cfg = engine_config_from_args(parse(["serve", "--model", "m", "--classifier-from-token", "no,yes"]))
+    cfg = engine_config_from_args(parse(["serve", "--model", "m", "--classifier-from-token", "no, yes"]))
     assert cfg.classifier_from_token == ["no", "yes"]
     cfg = engine_config_from_args(parse(["serve", "--model", "m", "--classifier-from-token", '["a,b", "c"]']))
     assert cfg.classifier_from_token == ["a,b", "c"]
@@ -312,7 +314,7 @@ def test_pair_truncation_leaves_the_shared_tokenizer_alone(dirs):
 
 def test_classifier_from_token_never_allocates_the_lm_head(dirs):
     tokens, _ = _yes_no(dirs["causal"])
-    llm = LLM(dirs["causal"], classifier_from_token=[" " + tokens[0], tokens[1] + " "], **KV)  # (stripped)
+    llm = LLM(dirs["causal"], classifier_from_token=tokens[:2], **KV)
     model, mc = llm.engine.runner.model, llm.engine.model_config
     assert model.lm_head is None and mc.labels == (tokens[1],)
     assert max(p.shape[0] for n, p in model.named_parameters() if n != "embed_tokens.weight") < mc.vocab_size

@@ -143,4 +143,4 @@ def _token_list(spec: str) -> list[str]:
         if not isinstance(tokens, list):
             raise argparse.ArgumentTypeError("expected a JSON list of token strings")
         return tokens
-    return [t for t in spec.split(",") if t]
+    return [t.strip() for t in spec.split(",") if t.strip()]  # ("no, yes": the spaces are not the tokens')

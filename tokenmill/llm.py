@@ -120,11 +120,20 @@ class LLM:
         step = concurrency_limit or len(prompts) or 1
         outs = [o for i in range(0, len(prompts), step) for o in self.generate(prompts[i:i + step], sp,
                                                                                  use_tqdm=use_tqdm)]
-        tok = self.engine.tokenizer
-        return [BeamSearchOutput([BeamSearchSequence(
-            tokens=(ids := o.prompt_token_ids + c.token_ids), logprobs=c.logprobs or [],
-            cum_logprob=c.cumulative_logprob or 0.0, text=tok.decode(ids) if tok is not None else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in o.outputs]) for o in outs]
+        tok, eos = self.engine.tokenizer, set(self.engine.eos_token_ids)
+
+        def beam(prompt: list[int], c: CompletionOutput) -> BeamSearchSequence:
+            out, stop = list(c.token_ids), c.stop_reason
+            if c.finish_reason == "stop" and out and out[-1] in eos and not params.ignore_eos:
+                stop = out[-1]  # (vLLM's: the EOS it stopped at, in the tokens only when asked for)
+                if not params.include_stop_str_in_output:
+                    out = out[:-1]
+            ids = prompt + out
+            return BeamSearchSequence(tokens=ids, logprobs=c.logprobs or [], cum_logprob=c.cumulative_logprob or 0.0,
+                                      text=tok.decode(ids) if tok is not None else None,
+                                      finish_reason=c.finish_reason, stop_reason=stop)
+
+        return [BeamSearchOutput([beam(o.prompt_token_ids, c) for c in o.outputs]) for o in outs]
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
@@ -167,6 +176,8 @@ class LLM:
         params = sampling_params or self.get_default_sampling_params()
         if params.n != 1:
             raise ValueError("n: stream() produces one sample; use n=1")
+        if not params.detokenize:
+            raise ValueError("detokenize: stream() yields text; set detokenize=True")
         engine = self.engine
         rid = engine.add_request(prompt, params)
         emitted, finished = 0, False
@@ -288,6 +299,9 @@ class LLM:
         runs: list[tuple[TTCRun, dict[str, Any], SamplingParams]] = []
         for prompt, sp, _ in prepared:
             tp = ttc if isinstance(ttc, TTCParams) else TTCParams.from_dict(ttc)
+            if not sp.detokenize:
+                raise ValueError("detokenize: test_time_compute reads the paths' answers from their text; set "
+                                 "detokenize=True")
             for name, bad in (("n", sp.n != 1), ("logprobs", sp.logprobs is not None),
                               ("prompt_logprobs", sp.prompt_logprobs is not None)):
                 if bad:  # (as the server's 400: they were dropped from the output without a word)

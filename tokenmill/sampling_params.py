@@ -149,6 +149,11 @@ class SamplingParams:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if self.stop and not self.detokenize:
             raise bad("stop", "stop strings need the text: set detokenize=True (or use stop_token_ids)")
+        if self.max_reasoning_tokens is not None and not self.detokenize:
+            raise bad("max_reasoning_tokens", "a reasoning budget reads the text for </think>: set detokenize=True")
+        for name in ("detokenize", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", f"stop strings must be non-empty strings, got {s!r}")

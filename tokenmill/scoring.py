@@ -56,8 +56,7 @@ def pair_ids(tokenizer: Any, a: ScoreText, b: ScoreText, max_length: int | None)
     if max_length <= special:
         raise ValueError(f"truncate_prompt_tokens: {max_length} tokens leave no room for the texts beside the "
                          f"pair's {special} special tokens")
-    for _ in range(len(ids) - max_length):  # one token at a time off the longer text (the second on a tie)
-        lens[0 if lens[0] > lens[1] else 1] -= 1
+    lens = _longest_first(lens[0], lens[1], max_length - special)
     seen = [0, 0]
     out = []
     for t, s in zip(ids, seq):
@@ -67,6 +66,20 @@ def pair_ids(tokenizer: Any, a: ScoreText, b: ScoreText, max_length: int | None)
             seen[s] += 1
             out.append(t)
     return out
+
+
+def _longest_first(a: int, b: int, budget: int) -> list[int]:
+    """The two texts' lengths once cut to `budget` tokens as Hugging Face's fast tokenizers cut a pair
+    (tokenizers' LongestFirst): the longer alone while the shorter fits beside it, else each to half
+    (the odd token to the longer)."""
+    n1, n2 = sorted((a, b))
+    n2 = n1 if n1 > budget else max(n1, budget - n1)
+    if n1 + n2 > budget:
+        n1 = budget // 2
+        n2 = n1 + budget % 2
+    if a > b:
+        n1, n2 = n2, n1
+    return [min(a, n1), min(b, n2)]
 
 
 def cosine(u: Sequence[float], v: Sequence[float]) -> float:

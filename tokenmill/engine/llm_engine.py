@@ -144,7 +144,7 @@ def check_config(config: EngineConfig, device: torch.device | None, load_tokeniz
         # (without this the engine ran with no tokenizer and refused every text prompt)
         raise ValueError(f"tokenizer: {config.tokenizer} holds no tokenizer (looked for "
                          f"{', '.join(_TOKENIZER_FILES)})")
-    tokens = None if config.classifier_from_token is None else [t.strip() for t in config.classifier_from_token]
+    tokens = None if config.classifier_from_token is None else list(config.classifier_from_token)
     tokenizer = (load_tokenizer(config.tokenizer or config.model, config.chat_template)
                  if load_tokenizer_now or tokens is not None else None)
     default_sampling = generation_defaults(config)

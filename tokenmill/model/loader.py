@@ -217,7 +217,7 @@ def load_model(cfg: ModelConfig, backend: AttentionBackend, device: torch.device
         ids = list(cfg.label_token_ids)
         rows = emb.weight[ids].float() * (emb.scale[ids, None] if emb.scale is not None else 1.0)
         with torch.no_grad():
-            params["score.weight"].copy_(label_rows(rows, cfg.label_token_ids))
+            params["score.weight"].copy_(label_rows(rows, tuple(range(len(ids)))))  # (the rows are taken already)
         loaded.add(("score.weight", None))
 
     expected: set[tuple[str, int | None]] = set()

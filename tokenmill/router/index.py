@@ -156,6 +156,8 @@ class PromptHasher:
         tok = self.tokenizer
         if tok is None:
             return None
+        if body.get("chat_template") is not None:  # (a request's own template is the replica's to refuse or
+            return None  # run, never the router's: a template can take the event loop for minutes)
         try:
             if endpoint == "chat":
                 from tokenmill.server.protocol import ChatCompletionRequest
@@ -163,8 +165,7 @@ class PromptHasher:
 
                 req = ChatCompletionRequest.model_validate(body)
                 text = render_chat(tok, template_messages(req.messages), req.add_generation_prompt, req.tools,
-                                   req.continue_final_message, req.chat_template_kwargs, documents=req.documents,
-                                   chat_template=req.chat_template)
+                                   req.continue_final_message, req.chat_template_kwargs, documents=req.documents)
                 return tok.encode(text, add_special_tokens=False)
             if endpoint == "responses":  # (as the replica runs it: the chat request it becomes)
                 from tokenmill.server.protocol import ResponsesRequest

@@ -550,8 +550,12 @@ def _check_same_tokenizer(tier: Tier, pool: ModelPool) -> None:
     from tokenmill.config import ModelConfig
 
     small, strong = (pool.entries[n].spec.config for n in tier.models)
-    a, b = (load_tokenizer(c.tokenizer or c.model) for c in (small, strong))
+    a, b = (load_tokenizer(c.tokenizer or c.model, c.chat_template) for c in (small, strong))
     same = (a is None and b is None) or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
+    if same and a is not None and b is not None and a.chat_template != b.chat_template:
+        raise ValueError(f"tiers: {tier.name!r}: a cascade's small and strong models must share a chat template "
+                         f"(the strong model continues the small one's prompt; {small.model} and {strong.model} "
+                         f"render chats differently)")
     # Structured outputs compiled for the small model's vocabulary must fit the strong one's too.
     same = same and ModelConfig.from_pretrained(small.model).vocab_size == ModelConfig.from_pretrained(
         strong.model).vocab_size

@@ -154,6 +154,9 @@ def read_models_file(path: str, base: EngineConfig, tool_call_parser: str = "aut
 
         if "tokenizer" in changes:
             changes["tokenizer"] = near(changes["tokenizer"])
+        template = changes.get("chat_template")
+        if isinstance(template, str) and "{" not in template:  # (a file, not the template's text)
+            changes["chat_template"] = near(template)
         if changes.get("generation_config") not in (None, "auto", "vllm"):
             changes["generation_config"] = near(changes["generation_config"])
         q = m.get("quantization")
