@@ -111,10 +111,11 @@ def test_errors_in_ollamas_shape(server, client):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="nope", messages=MESSAGES)
     assert e.value.status_code == 404 and "not found" in e.value.error
-    ok = client.chat(model="gen", messages=MESSAGES, options={**GREEDY, "mirostat": 0, "num_ctx": 4096, "tfs_z": None})
+    # (Ollama's defaults as clients send them, and an option unknown here, which Ollama logs and ignores)
+    ok = client.chat(model="gen", messages=MESSAGES, options={**GREEDY, "mirostat": 0, "num_ctx": 4096, "tfs_z": None,
+                                                             "draft_num_predict": 4})
     assert ok.done
-    for body, match in (({"model": "gen", "messages": MESSAGES, "options": {"mirostat_x": 1}}, "options.mirostat_x"),
-                        ({"model": "gen", "messages": MESSAGES, "options": {"mirostat": 2}}, "options.mirostat"),
+    for body, match in (({"model": "gen", "messages": MESSAGES, "options": {"mirostat": 2}}, "options.mirostat"),
                         ({"model": "gen", "messages": MESSAGES, "format": "yaml"}, "format"),
                         ({"model": "gen", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
                          "images"),
@@ -154,3 +155,38 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(server):
     assert server.metric("tokenmill:num_requests_running") == 0
     assert server.metric("tokenmill:kv_cache_usage_perc") == 0
     assert server.metric("tokenmill:generation_tokens_total") - before < 900  # (aborted, not run to its end)
+
+
+def test_review_cases(server, client):
+    """Bodies: a chunked one over --max-body-size is cut off as it arrives (413), a compact one just
+    under it passes; bad fields are 400s; a load request checks the model; ids of tool calls
+    survive; HEAD and / answer as Ollama's do."""
+    def chunks(n):
+        yield b'{"model": "gen", "messages": [{"role": "user", "content": "'
+        for _ in range(n):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(server.base_url + "/api/chat", content=chunks(200), timeout=60)  # (13 MB, limit 8 MiB)
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]
+    for body, match in (({"model": "gen", "messages": MESSAGES, "logprobs": True, "top_logprobs": "x"},
+                         "top_logprobs"),
+                        ({"model": "gen", "messages": [{"role": "assistant", "content": "",
+                                                        "tool_calls": [{"function": "x"}]}]}, "tool_calls[0]")):
+        r = httpx.post(server.base_url + "/api/chat", json=body, timeout=30)
+        assert r.status_code == 400 and match in r.json()["error"], r.text
+    r = httpx.post(server.base_url + "/api/generate", json={"model": "nope", "prompt": ""}, timeout=30)
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+    assert client.generate(model="gen", prompt="").done_reason == "load"
+    from tokenmill.server.routes.ollama import _messages
+
+    sent = _messages([{"role": "User", "content": "hi"},
+                      {"role": "assistant", "content": "", "tool_calls": [
+                          {"id": "abc123XYZ", "function": {"name": "f", "arguments": {"a": 1}}},
+                          {"function": {"name": "g", "arguments": {}}}]},
+                      {"role": "tool", "content": "1", "tool_call_id": "abc123XYZ"},
+                      {"role": "tool", "content": "2", "tool_name": "g"}])
+    assert sent[0]["role"] == "user" and sent[1]["tool_calls"][0]["id"] == "abc123XYZ"
+    assert sent[2]["tool_call_id"] == "abc123XYZ" and sent[3]["tool_call_id"] == sent[1]["tool_calls"][1]["id"]
+    for path in ("/api/tags", "/api/version", "/"):
+        assert httpx.head(server.base_url + path, timeout=10).status_code == 200

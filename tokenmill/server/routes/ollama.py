@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -22,9 +23,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from tokenmill.server.errors import APIError
 from tokenmill.server.gateway import Gateway
+
+logger = logging.getLogger("tokenmill.server")
 
 # The Ollama API version whose request and response shapes these routes follow (clients ask /api/version).
 OLLAMA_API_VERSION = "0.12.0"
@@ -38,47 +42,72 @@ _RUNTIME_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread",
                     "low_vram", "vocab_only", "num_keep", "penalize_newline", "repeat_last_n", "mirostat_tau",
                     "mirostat_eta"}
 # Sampling options there is no equivalent of here: taken at the value that turns them off (clients send
-# Ollama's defaults), any other a 400.
+# Ollama's defaults), any other a 400 (the output would not be what was asked for).
 _OFF_OPTIONS = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
+_warned: set[str] = set()
 
 
 class OllamaError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.message, self.headers = status, message, headers
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
+    async def body(request: Request) -> dict[str, Any]:
+        """The caller's key first (nothing is read for a caller without one), then the body, counted
+        against --max-body-size as it arrives (a chunked body has no Content-Length to check)."""
+        try:
+            gw.check_auth(request)
+        except APIError as e:
+            raise OllamaError(e.status, e.message) from None
+        limit, raw = gw.settings.max_body_bytes, bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise OllamaError(413, f"request body exceeds {limit} bytes")
+        return _parse(bytes(raw))
+
+    async def with_body(request: Request, handler: Any, *args: Any) -> Response:
+        try:
+            return await handler(app, request, await body(request), *args)
+        except OllamaError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
     @app.post("/api/chat", include_in_schema=False)
     async def chat(request: Request) -> Response:
-        return await _guard(_chat(app, request))
+        return await with_body(request, _chat)
 
     @app.post("/api/generate", include_in_schema=False)
     async def generate(request: Request) -> Response:
-        return await _guard(_generate(app, request))
+        return await with_body(request, _generate)
 
     @app.post("/api/embed", include_in_schema=False)
     async def embed(request: Request) -> Response:
-        return await _guard(_embed(app, request, legacy=False))
+        return await with_body(request, _embed, False)
 
     @app.post("/api/embeddings", include_in_schema=False)
     async def embeddings(request: Request) -> Response:
-        return await _guard(_embed(app, request, legacy=True))
+        return await with_body(request, _embed, True)
 
-    @app.get("/api/tags", include_in_schema=False)
+    @app.api_route("/api/tags", methods=["GET", "HEAD"], include_in_schema=False)
     async def tags(request: Request) -> Response:
         return await _guard(_tags(app, request, running=False))
 
-    @app.get("/api/ps", include_in_schema=False)
+    @app.api_route("/api/ps", methods=["GET", "HEAD"], include_in_schema=False)
     async def ps(request: Request) -> Response:
         return await _guard(_tags(app, request, running=True))
 
     @app.post("/api/show", include_in_schema=False)
     async def show(request: Request) -> Response:
-        return await _guard(_show(app, request))
+        return await with_body(request, _show)
 
-    @app.get("/api/version", include_in_schema=False)
+    @app.api_route("/api/version", methods=["GET", "HEAD"], include_in_schema=False)
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_API_VERSION}
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root() -> Response:  # (Ollama's clients check that the server is up here)
+        return PlainTextResponse("tokenmill is running")
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST", "DELETE", "PUT", "HEAD"], include_in_schema=False)
     async def not_served(rest: str) -> Response:  # pull, push, create, copy, delete, blobs: a model store's
@@ -90,7 +119,7 @@ async def _guard(work: Any) -> Response:
     try:
         return await work
     except OllamaError as e:
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
 
 # -- the in-process call ---------------------------------------------------------------------------
@@ -100,7 +129,7 @@ class _Inner:
     reaches the inner route as its own client leaving."""
 
     def __init__(self, app: FastAPI, request: Request, method: str, path: str, body: dict[str, Any] | None) -> None:
-        raw = json.dumps(body).encode() if body is not None else b""
+        raw = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
         scope = {k: v for k, v in request.scope.items() if k in ("type", "http_version", "scheme", "server", "client",
                                                                   "root_path", "state", "app", "asgi", "extensions")}
         headers = [(k, v) for k, v in request.scope.get("headers", [])
@@ -122,12 +151,20 @@ class _Inner:
             await self.queue.put(message)
 
         self.task = asyncio.ensure_future(app(scope, receive, send))
-        self.task.add_done_callback(lambda _: self.queue.put_nowait(None))
+        self.task.add_done_callback(self._ended)
+        self.headers: dict[str, str] = {}
+        self.complete = False  # the answer ended as the route ends it (a stream: with [DONE])
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # (retrieved: logged once, here)
+            logger.error("ollama API: the inner route failed: %r", task.exception())
+        self.queue.put_nowait(None)
 
     async def start(self) -> int:
         msg = await self.queue.get()
         if msg is None or msg.get("type") != "http.response.start":
             raise OllamaError(500, "the server gave no answer")
+        self.headers = {k.decode().lower(): v.decode() for k, v in msg.get("headers", [])}
         return int(msg["status"])
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -140,6 +177,7 @@ class _Inner:
                     if msg.get("body"):
                         yield msg["body"]
                     if not msg.get("more_body"):
+                        self.complete = True
                         return
         finally:
             if not self.task.done():
@@ -161,25 +199,29 @@ class _Inner:
                         if data == b"[DONE]":
                             return
                         yield json.loads(data)
+        # (the route always ends a stream with [DONE]: without it, it failed midway)
+        yield {"error": {"message": "the answer ended early: the server failed while generating it"}}
 
 
 async def _call(app: FastAPI, request: Request, method: str, path: str,
-                body: dict[str, Any] | None = None) -> tuple[_Inner, int]:
+                body: dict[str, Any] | None = None, model: str | None = None) -> tuple[_Inner, int]:
     inner = _Inner(app, request, method, path, body)
     status = await inner.start()
     if status >= 400:
         err = await inner.json()
         message = err.get("error", {}).get("message") if isinstance(err, dict) else None
-        if status == 404 and isinstance(body, dict) and "model" in (message or ""):
-            message = f"model '{body.get('model')}' not found"  # (Ollama's words: clients match them)
-        raise OllamaError(status, message or f"HTTP {status}")
+        model = model or (body.get("model") if isinstance(body, dict) else None)
+        if status == 404 and model is not None:
+            message = f"model '{model}' not found"  # (Ollama's words: clients match them)
+        keep = {k: v for k, v in inner.headers.items() if k in ("retry-after", "x-should-retry")}
+        raise OllamaError(status, message or f"HTTP {status}", keep or None)
     return inner, status
 
 
 # -- translation -------------------------------------------------------------------------------------
-async def _body(request: Request) -> dict[str, Any]:
+def _parse(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise OllamaError(400, f"invalid JSON body: {e}") from None
     if not isinstance(body, dict):
@@ -189,6 +231,14 @@ async def _body(request: Request) -> dict[str, Any]:
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise OllamaError(400, "model is required")
     return body
+
+
+async def _known(app: FastAPI, request: Request, model: str) -> None:
+    """The caller may use this model, which exists (the 401 or 404 otherwise, as a request would get)."""
+    from urllib.parse import quote
+
+    inner, _ = await _call(app, request, "GET", "/v1/models/" + quote(model, safe=""), None, model)
+    await inner.json()
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +260,9 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
                 raise OllamaError(400, f"options.num_predict must be an integer, got {value!r}")
             if value >= 0:  # (-1: until the model stops; -2: until the context is full. Both: no limit)
                 out["max_tokens"] = value
-        elif key not in _RUNTIME_OPTIONS:
-            raise OllamaError(400, f"options.{key} is not supported")
+        elif key not in _RUNTIME_OPTIONS and key not in _warned:  # (Ollama's way: logged, ignored)
+            _warned.add(key)
+            logger.warning("ollama API: options.%s is not an option here; ignored", key)
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -233,21 +284,39 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise OllamaError(400, "messages must be a list")
     out = []
+    pending: list[str] = []  # the last calls' ids, for tool results that name none (Ollama's own don't)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise OllamaError(400, f"messages[{i}] must be an object")
         if m.get("images"):
             raise OllamaError(400, f"messages[{i}].images: images are not supported: tokenmill serves text models")
-        msg: dict[str, Any] = {"role": m.get("role"), "content": m.get("content") or ""}
+        role = m.get("role").lower() if isinstance(m.get("role"), str) else m.get("role")
+        msg: dict[str, Any] = {"role": role, "content": m.get("content") or ""}
         calls = m.get("tool_calls")
         if calls:
-            msg["tool_calls"] = [{"id": f"call_{i}_{j}", "type": "function",
-                                  "function": {"name": (c.get("function") or {}).get("name"),
-                                               "arguments": json.dumps((c.get("function") or {}).get("arguments")
-                                                                       or {})}}
-                                 for j, c in enumerate(calls) if isinstance(c, dict)]
-        if m.get("role") == "tool" and m.get("tool_name"):
-            msg["name"] = m["tool_name"]
+            if not isinstance(calls, list):
+                raise OllamaError(400, f"messages[{i}].tool_calls must be a list")
+            msg["tool_calls"] = []
+            for j, c in enumerate(calls):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                    raise OllamaError(400, f"messages[{i}].tool_calls[{j}] must be {{'function': {{'name': ..., "
+                                           f"'arguments': {{...}}}}}}")
+                args = f.get("arguments") or {}
+                cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else f"call_{i}_{j}"
+                msg["tool_calls"].append({"id": cid, "type": "function", "function": {
+                    "name": f["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+            pending = [c["id"] for c in msg["tool_calls"]]
+        if role == "tool":
+            if m.get("tool_name"):
+                msg["name"] = m["tool_name"]
+            cid = m.get("tool_call_id")
+            if isinstance(cid, str) and cid:
+                if cid in pending:
+                    pending.remove(cid)
+            else:
+                cid = pending.pop(0) if pending else None
+            msg["tool_call_id"] = cid
         out.append(msg)
     return out
 
@@ -271,30 +340,33 @@ def _done(body: dict[str, Any], usage: dict[str, Any] | None, reason: str | None
 def _ndjson(objects: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def lines() -> AsyncIterator[bytes]:
         async for o in objects:
+            o.pop("_status", None)
             yield json.dumps(o).encode() + b"\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     if not calls:
         return None
     out = []
-    for c in calls:
+    for i, c in enumerate(calls):
         f = c.get("function") or {}
         try:
             args = json.loads(f.get("arguments") or "{}")
         except ValueError:
             args = {}
-        out.append({"function": {"name": f.get("name"), "arguments": args if isinstance(args, dict) else {}}})
+        out.append({"id": c.get("id"), "function": {"index": i, "name": f.get("name"),
+                                                    "arguments": args if isinstance(args, dict) else {}}})
     return out
 
 
-async def _chat(app: FastAPI, request: Request) -> Response:
-    body = await _body(request)
+async def _chat(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
     oa = _sampling(body)
     oa["messages"] = _messages(body.get("messages") or [])
-    if not oa["messages"]:  # (Ollama's way to load a model: an empty chat)
+    if not oa["messages"]:  # (Ollama's way to load a model: an empty chat. The pool decides what loads.)
+        await _known(app, request, body["model"])
         return JSONResponse({"model": body["model"], "created_at": _now(),
                              "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
     if body.get("tools"):
@@ -302,8 +374,7 @@ async def _chat(app: FastAPI, request: Request) -> Response:
     return await _answer(app, request, body, "/v1/chat/completions", oa, chat=True)
 
 
-async def _generate(app: FastAPI, request: Request) -> Response:
-    body = await _body(request)
+async def _generate(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
     oa = _sampling(body)
     for field in ("context", "template", "suffix"):
         if body.get(field):
@@ -312,7 +383,8 @@ async def _generate(app: FastAPI, request: Request) -> Response:
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise OllamaError(400, "prompt must be a string")
-    if not prompt:  # (Ollama's way to load a model: an empty prompt)
+    if not prompt:  # (Ollama's way to load a model: an empty prompt. The pool decides what loads.)
+        await _known(app, request, body["model"])
         return JSONResponse({"model": body["model"], "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
     if body.get("raw"):
@@ -334,6 +406,9 @@ async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: st
     /api/generate's `response`, streamed as NDJSON unless `stream` is false."""
     stream = body.get("stream", True) is not False
     want_lp = bool(body.get("logprobs"))
+    top = body.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
+        raise OllamaError(400, f"top_logprobs must be an integer from 0 to 20, got {top!r}")
     if want_lp:
         if path == "/v1/completions":
             oa["logprobs"] = int(body.get("top_logprobs") or 0)
@@ -350,7 +425,10 @@ async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: st
         calls: dict[int, dict[str, Any]] = {}
         async for ev in inner.events():
             if "error" in ev:
-                yield {"error": (ev["error"] or {}).get("message", "error")}
+                err = ev["error"] or {}
+                status = {"invalid_request_error": 400, "service_unavailable": 503,
+                          "rate_limit_error": 429}.get(err.get("type"), 500)
+                yield {"error": err.get("message", "error"), "_status": status}
                 return
             if ev.get("usage"):
                 usage = ev["usage"]
@@ -362,7 +440,9 @@ async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: st
                     delta = choice.get("delta") or {}
                     text, thinking = delta.get("content") or "", delta.get("reasoning")
                     for c in delta.get("tool_calls") or []:  # (Ollama sends each call whole: gathered here)
-                        slot = calls.setdefault(c.get("index", 0), {"function": {"name": None, "arguments": ""}})
+                        slot = calls.setdefault(c.get("index", 0), {"id": None, "function": {"name": None,
+                                                                                              "arguments": ""}})
+                        slot["id"] = c.get("id") or slot["id"]
                         f = c.get("function") or {}
                         slot["function"]["name"] = f.get("name") or slot["function"]["name"]
                         slot["function"]["arguments"] += f.get("arguments") or ""
@@ -398,7 +478,7 @@ async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: st
     lps: list[dict[str, Any]] = []
     async for o in objects():
         if "error" in o:
-            return JSONResponse(o, status_code=500)
+            return JSONResponse({"error": o["error"]}, status_code=o.get("_status", 500))
         part = o.get("message") or o
         for key in texts:
             if part.get(key):
@@ -431,8 +511,7 @@ def _logprobs(choice: dict[str, Any], path: str) -> list[dict[str, Any]]:
             for e in lp.get("content") or []]
 
 
-async def _embed(app: FastAPI, request: Request, legacy: bool) -> Response:
-    body = await _body(request)
+async def _embed(app: FastAPI, request: Request, body: dict[str, Any], legacy: bool) -> Response:
     t0 = time.perf_counter()
     if legacy:  # /api/embeddings: one prompt, one `embedding`
         prompt = body.get("prompt")
@@ -456,6 +535,21 @@ async def _embed(app: FastAPI, request: Request, legacy: bool) -> Response:
 
 
 _DETAILS: dict[str, dict[str, Any]] = {}
+_TEMPLATES: dict[str, str] = {}
+
+
+def _template(root: str) -> str:
+    """A model folder's chat template (read once; off the event loop: a tokenizer takes a while)."""
+    if root and root not in _TEMPLATES:
+        from tokenmill.engine.llm_engine import load_tokenizer
+
+        try:
+            tok = load_tokenizer(root)
+            t = tok.chat_template if tok is not None else None
+        except ValueError:
+            t = None
+        _TEMPLATES[root] = t if isinstance(t, str) else ""
+    return _TEMPLATES.get(root, "")
 
 
 def _details(card: dict[str, Any]) -> dict[str, Any]:
@@ -498,8 +592,7 @@ async def _tags(app: FastAPI, request: Request, running: bool) -> Response:
     return JSONResponse({"models": models})
 
 
-async def _show(app: FastAPI, request: Request) -> Response:
-    body = await _body(request)
+async def _show(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
     inner, _ = await _call(app, request, "GET", "/v1/models")
     card = next((c for c in (await inner.json())["data"] if c["id"] == body["model"]), None)
     if card is None:
@@ -510,16 +603,7 @@ async def _show(app: FastAPI, request: Request) -> Response:
     if extra.get("_arch"):
         info = {"general.architecture": extra["_arch"], "general.parameter_count": extra["_params"],
                 f"{extra['_arch']}.context_length": card.get("max_model_len") or extra["_context"]}
-    template = ""
-    root = card.get("root")
-    if root:
-        from tokenmill.engine.llm_engine import load_tokenizer
-
-        try:
-            tok = load_tokenizer(root)
-            template = (tok.chat_template if tok is not None and isinstance(tok.chat_template, str) else "") or ""
-        except ValueError:
-            pass
+    template = await asyncio.to_thread(_template, card.get("root") or "")
     caps = ["completion"] + (["tools"] if "tools" in template else []) + (["thinking"] if "think" in template else [])
     return JSONResponse({"modelfile": "", "parameters": "", "template": template, "details": details,
                          "model_info": info, "capabilities": caps, "modified_at": _now()})
