@@ -144,7 +144,7 @@ class CascadeEngine:
         try:
             strong, swap = await self.gateway.pool_acquire(self.policy.strong, self.request)
         except PoolError as e:
-            yield self._failed(cg, str(e), 503)
+            yield self._failed(cg, str(e), e.status)  # (503: may come back; 500: can never fit)
             return
         except APIError:  # the client has gone away: bring the strong model back for no one
             return
