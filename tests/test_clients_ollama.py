@@ -190,3 +190,26 @@ def test_review_cases(server, client):
     assert sent[2]["tool_call_id"] == "abc123XYZ" and sent[3]["tool_call_id"] == sent[1]["tool_calls"][1]["id"]
     for path in ("/api/tags", "/api/version", "/"):
         assert httpx.head(server.base_url + path, timeout=10).status_code == 200
+
+
+def test_through_the_fleet_router(server, client, tmp_path):
+    """tokenmill router relays Ollama's streams line by line (and the rest as other traffic)."""
+    from tests.test_fleet import wait_fleet
+
+    router = ServerProcess(None, "--replica", server.base_url, "--health-interval", "0.2", "--health-timeout", "5",
+                           log_path=str(tmp_path / "router.log"), command="router")
+    try:
+        wait_fleet(router, [server.base_url])
+        via = ollama.Client(host=router.base_url)
+        direct = client.chat(model="gen", messages=MESSAGES, options=GREEDY, stream=False)
+        parts = list(via.chat(model="gen", messages=MESSAGES, options=GREEDY, stream=True))
+        assert len(parts) >= 2 and "".join(p.message.content for p in parts) == direct.message.content
+        assert parts[-1].done and parts[-1].eval_count == 8
+        assert via.generate(model="gen", prompt="Hello world", options=GREEDY).response == client.generate(
+            model="gen", prompt="Hello world", options=GREEDY).response
+        assert {m.model for m in via.list().models} == {"gen", "emb"}
+        with pytest.raises(ollama.ResponseError) as e:
+            list(via.chat(model="nope", messages=MESSAGES, stream=True))
+        assert e.value.status_code == 404
+    finally:
+        router.stop()

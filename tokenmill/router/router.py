@@ -85,7 +85,7 @@ REPLICA_HEADER = "X-Tokenmill-Replica"
 # Bodies larger than this are tokenized off the event loop.
 THREAD_TOKENIZE_BYTES = 8192
 # With --tenants, the endpoints a replica opens to tenants' keys (its generation and embedding routes).
-TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses", "classify", "score", "rerank")
+TENANT_ENDPOINTS = ("chat", "completions", "embeddings", "responses", "classify", "score", "rerank", "ollama")
 # The requests the routing and latency metrics are about (a POST to one of these): not the rest of the
 # traffic the catch-all relays (/version, /tokenize, a dashboard's polls) nor stored responses' GETs.
 GENERATION_ENDPOINTS = TENANT_ENDPOINTS
@@ -455,6 +455,8 @@ class Router:
         for name in ("classify", "score", "rerank"):  # vLLM's pooling endpoints, at every path a replica has
             for prefix in ("", "/v1") + (("/v2",) if name == "rerank" else ()):
                 app.add_api_route(f"{prefix}/{name}", pooling(name), methods=["POST"])
+        for path in ("/api/chat", "/api/generate"):  # Ollama's generation routes: their streams relayed as they come
+            app.add_api_route(path, pooling("ollama"), methods=["POST"])
 
         @app.post("/v1/responses/input_tokens")
         async def input_tokens(request: Request) -> Response:  # (at the replica holding what it continues)
@@ -643,6 +645,8 @@ class Router:
             return await self._stream(request, endpoint, path, body, plan, headers, t0)
         if body.get("stream") is True and endpoint == "responses":
             return await self._stream_through(endpoint, path, body, plan, headers, t0)
+        if endpoint == "ollama" and body.get("stream", True) is not False:  # (Ollama streams by default)
+            return await self._ndjson_through(endpoint, path, body, plan, headers, t0)
         return await unless_disconnected(request, self._unary(request, endpoint, path, raw, plan, headers, t0))
 
     async def _stored_response(self, request: Request, response_id: str) -> Response:
@@ -864,6 +868,52 @@ class Router:
             relay.close_soon(loop)
 
         return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          REPLICA_HEADER: rep.url})
+
+    async def _ndjson_through(self, endpoint: str, path: str, body: dict[str, Any], plan: _Plan,
+                              headers: dict[str, str], t0: float) -> Response:
+        """An Ollama stream (newline-delimited JSON) relayed line by line as the replica sends it:
+        failover only before it starts; a replica lost midway ends it with Ollama's error line."""
+        tried: list[str] = []
+        opened = await self._open(path, body, plan, headers, tried, endpoint)
+        if isinstance(opened, Response):
+            return opened
+        rep, ticket, relay = opened
+        metrics = self.metrics
+        recorded = [False]
+
+        async def lines() -> AsyncIterator[str]:
+            first = True
+            try:
+                async for line in relay.lines():
+                    if first and line:
+                        first = False
+                        ticket.first_token()
+                        metrics.ttft.observe(time.perf_counter() - t0)
+                    yield line + "\n"
+                recorded[0] = True
+                metrics.requests.labels(rep.url, endpoint, "ok").inc()
+                metrics.e2e.observe(time.perf_counter() - t0)
+            except httpx.TransportError as e:
+                rep.mark_down(f"{type(e).__name__}: {e}")
+                recorded[0] = True
+                metrics.requests.labels(rep.url, endpoint, "failed").inc()
+                yield json.dumps({"error": f"replica {rep.url} failed mid-stream ({type(e).__name__}: {e})"}) + "\n"
+            finally:
+                ticket.end()
+                await relay.close()
+
+        loop = asyncio.get_running_loop()
+
+        def cleanup() -> None:  # (as _stream's: a body never iterated skips the generator's finally)
+            ticket.end()
+            if not recorded[0]:
+                recorded[0] = True
+                metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
+            relay.close_soon(loop)
+
+        return StreamingResponse(ReleasingIterator(lines(), cleanup), media_type="application/x-ndjson",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: rep.url})
 
