@@ -23,7 +23,7 @@ from tokenmill.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from tokenmill.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
+from tokenmill.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams, pooling_params
 from tokenmill.ttc import Launch, TTCParams, TTCRun, launch_params
 
 PromptType = str | dict[str, Any] | list[int]
@@ -215,12 +215,10 @@ class LLM:
         """Embeddings of an embedding model (`task="embed"`): each output's `.outputs.embedding` (as
         vLLM's; also `.embedding`) is the L2-normalized final hidden state of its prompt's last token
         (of its last truncate_prompt_tokens tokens, -1: max_model_len of them, when given)."""
-        _no_lora(lora_request)
-        if self.engine.task != "embed":
-            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}; load it "
-                             f"with task='embed' to embed")
+        outs = self._pool("embed", "; load it with task='embed' to embed", prompts, truncate_prompt_tokens, use_tqdm,
+                          lora_request)
         return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))  # type: ignore[arg-type]
-                for o in self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)]
+                for o in outs]
 
     def classify(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = False,
                  truncate_prompt_tokens: int | None = None,
@@ -228,12 +226,18 @@ class LLM:
         """A classifier's (`task="classify"`) label probabilities for each prompt, in `.outputs.probs`
         (as vLLM's; also `.probs`; `model_config.labels` names them): its head on the prompt's last
         token, then a sigmoid for one label, a softmax for several."""
-        _no_lora(lora_request)
-        if self.engine.task != "classify":
-            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}, not "
-                             f"a classifier")
+        outs = self._pool("classify", ", not a classifier", prompts, truncate_prompt_tokens, use_tqdm, lora_request)
         return [ClassificationRequestOutput(o.request_id, o.prompt_token_ids, ClassificationOutput(o.probs))  # type: ignore[arg-type]
-                for o in self._run(prompts, _pooling_params(truncate_prompt_tokens), None, use_tqdm)]
+                for o in outs]
+
+    def _pool(self, task: str, otherwise: str, prompts: PromptType | Seq[PromptType],
+              truncate_prompt_tokens: int | None, use_tqdm: bool, lora_request: Any) -> list[RequestOutput]:
+        """A pooling model's outputs for the prompts (embed, classify); a ValueError ending in
+        `otherwise` when the engine runs another task."""
+        _no_lora(lora_request)
+        if self.engine.task != task:
+            raise ValueError(f"task: {self.engine.config.model} runs as {_TASK_NAMES[self.engine.task]}{otherwise}")
+        return self._run(prompts, pooling_params(truncate_prompt_tokens), None, use_tqdm)
 
     def score(self, data_1: ScoreText | Seq[ScoreText], data_2: ScoreText | Seq[ScoreText], *,
               use_tqdm: bool = False, truncate_prompt_tokens: int | None = None,
@@ -247,7 +251,7 @@ class LLM:
         _no_lora(lora_request)
         eng = self.engine
         check_scorer(eng.task, len(eng.model_config.labels), eng.config.model)
-        _pooling_params(truncate_prompt_tokens).validate()
+        pooling_params(truncate_prompt_tokens).validate()
         one = [data_1] if _score_text(data_1) else list(data_1)  # type: ignore[arg-type]
         two = [data_2] if _score_text(data_2) else list(data_2)  # type: ignore[arg-type]
         pairs = pair_indices(len(one), len(two), ("data_1", "data_2"))
@@ -475,10 +479,6 @@ def _progress(total: int):
     except ImportError:
         return None
     return tqdm(total=total, desc="generate", unit="req")
-
-
-def _pooling_params(truncate_prompt_tokens: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True, truncate_prompt_tokens=truncate_prompt_tokens)
 
 
 def _score_text(x: Any) -> bool:

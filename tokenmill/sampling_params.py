@@ -268,6 +268,11 @@ _NUMBERS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
             "max_reasoning_tokens", "length_penalty", "truncate_prompt_tokens")
 
 
+def pooling_params(truncate_prompt_tokens: int | None = None) -> SamplingParams:
+    """A pooling request's (an embedding, a classification, a pair's score): its prompt only."""
+    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True, truncate_prompt_tokens=truncate_prompt_tokens)
+
+
 def _plain(v: object) -> object:
     """A numpy integer or floating scalar as a Python int or float; anything else as it is."""
     if isinstance(v, (bool, int, float)) or v is None:

@@ -11,13 +11,16 @@ import base64
 import math
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.ops.energy import sum_compute
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams, pooling_params
+from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import EmbeddingRequest
@@ -41,43 +44,52 @@ def register(app: FastAPI, gw: Gateway) -> None:
             if not 1 <= req.dimensions <= mc.hidden_size:
                 raise APIError(400, f"dimensions: must be in [1, {mc.hidden_size}], got {req.dimensions}",
                                param="dimensions")
-        params = _params(req)
+        params = pooling_params(req.truncate_prompt_tokens)
         prompts = [ctx.llm_engine.truncate_prompt(ids, params)[0]
                    for _, ids in await ctx.prompts(req.input, param="input")]
-        if any(not p for p in prompts):
-            raise APIError(400, "input: an input is empty", param="input")
-        rid = f"embd-{uuid.uuid4().hex}"
-        reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
-        group = await ctx.submit(reqs, 0, arrival, max_seqs=MAX_INPUTS, param="input")
 
-        async def collect() -> Response:
-            final = await collect_finished(ctx.engine, group)
-            data = []
-            for i, (r, _, _) in enumerate(reqs):
-                out = final[r]
-                if out.error is not None or out.embedding is None:
-                    return error_response(ctx.engine_error(out))
-                data.append({"object": "embedding", "index": i,
-                             "embedding": _encode(_truncate(out.embedding, req.dimensions), req.encoding_format)})
-            n = sum(len(p) for p in prompts)
-            use: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n}
-            compute = sum_compute(final[r].compute for r, _, _ in reqs)
-            if compute is not None:
-                use["compute"] = compute
+        def answer(outs: list[RequestOutput], use: dict[str, Any]) -> Response:
+            data = [{"object": "embedding", "index": i,
+                     "embedding": _encode(_truncate(o.embedding or [], req.dimensions), req.encoding_format)}
+                    for i, o in enumerate(outs)]
             return JSONResponse({"object": "list", "data": data, "model": ctx.name, "usage": use})
 
-        return await unless_disconnected(request, collect())
+        return await run_pooled(request, ctx, "embd", prompts, params, 0, arrival, "input", answer)
 
 
-def _params(req: EmbeddingRequest) -> SamplingParams:
-    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
-                          truncate_prompt_tokens=req.truncate_prompt_tokens)
+async def run_pooled(request: Request, ctx: ServerContext, kind: str, prompts: list[list[int]],
+                     params: SamplingParams, priority: int, arrival: float, param: str,
+                     answer: Callable[[list[RequestOutput], dict[str, Any]], Response]) -> Response:
+    """A pooling request's prompts (embeddings here, classifications and pair scores in score.py)
+    run as one group: answer(the outputs in order, their usage), or the first engine error."""
+    if any(not p for p in prompts):
+        raise APIError(400, f"{param}: an input is empty", param=param)
+    rid = f"{kind}-{uuid.uuid4().hex}"
+    reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
+    group = await ctx.submit(reqs, priority, arrival, max_seqs=MAX_INPUTS, param=param)
+
+    async def collect() -> Response:
+        final = await collect_finished(ctx.engine, group)
+        outs = []
+        for r, _, _ in reqs:
+            out = final[r]
+            if out.error is not None or out.pooled is None:
+                return error_response(ctx.engine_error(out))
+            outs.append(out)
+        n = sum(len(p) for p in prompts)
+        use: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n}
+        compute = sum_compute(o.compute for o in outs)
+        if compute is not None:
+            use["compute"] = compute
+        return answer(outs, use)
+
+    return await unless_disconnected(request, collect())
 
 
 def _checked(req: EmbeddingRequest) -> None:
     """The body's own checks, before the model is waited for (Gateway.open_request)."""
     try:
-        _params(req).validate()
+        pooling_params(req.truncate_prompt_tokens).validate()
     except ValueError as e:
         raise bad_request(e) from None
 

@@ -16,23 +16,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill.ops.energy import sum_compute
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import pooling_params
 from tokenmill.scoring import cosine, pair_ids, pair_indices
 from tokenmill.server.context import ServerContext
-from tokenmill.server.errors import APIError, bad_request, error_response
+from tokenmill.server.errors import APIError, bad_request
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import ClassifyRequest, RerankRequest, ScoreRequest
 from tokenmill.server.routes import body
-from tokenmill.server.routes.embeddings import MAX_INPUTS
-from tokenmill.server.streaming import collect_finished, unless_disconnected
+from tokenmill.server.routes.embeddings import run_pooled
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
     async def classify(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, ClassifyRequest, tasks=("classify",), precheck=_checked)
-        params = _params(req)
+        params = pooling_params(req.truncate_prompt_tokens)
         prompts = [ctx.llm_engine.truncate_prompt(ids, params)[0]
                    for _, ids in await ctx.prompts(req.input, param="input")]
         labels = ctx.llm_engine.model_config.labels
@@ -45,9 +43,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 data.append({"index": i, "label": labels[best] if labels else None, "probs": probs,
                              "num_classes": len(probs)})
             return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                                 "model": ctx.name, "data": data, "usage": use})
+                                 "model": ctx.name, "data": data, "usage": {**use, "completion_tokens": 0}})
 
-        return await _run(request, ctx, prompts, params, req.priority, arrival, "input", answer)
+        return await run_pooled(request, ctx, "pool", prompts, params, req.priority, arrival, "input", answer)
 
     async def score(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, ScoreRequest, tasks=("score",), precheck=_checked)
@@ -57,7 +55,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         def answer(scores: list[float], use: dict[str, Any]) -> Response:
             data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
             return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                                 "model": ctx.name, "data": data, "usage": use})
+                                 "model": ctx.name, "data": data, "usage": {**use, "completion_tokens": 0}})
 
         return await _score(request, ctx, req, arrival, one, two, pairs, names, answer)
 
@@ -71,8 +69,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
             results = [{"index": i, "relevance_score": scores[i]} | (
                 {"document": {"text": docs[i]}} if req.return_documents else {}) for i in order]
             return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": ctx.name,
-                                 "usage": {"prompt_tokens": use["prompt_tokens"], "total_tokens": use["total_tokens"]}
-                                 | ({"compute": use["compute"]} if "compute" in use else {}),
+                                 "usage": use,
                                  "results": results})
 
         return await _score(request, ctx, req, arrival, [req.query], docs, pairs, ("query", "documents"), answer)
@@ -91,7 +88,7 @@ async def _score(request: Request, ctx: ServerContext, req: ScoreRequest | Reran
                  answer: Any) -> Response:
     """Scores the pairs: an embedding model embeds each distinct text once and compares the
     vectors; a reranker runs each pair as one prompt."""
-    params = _params(req)
+    params = pooling_params(req.truncate_prompt_tokens)
     eng = ctx.llm_engine
     if eng.task == "embed":
         texts = list(dict.fromkeys(one + two))  # (a query scored against many documents is embedded once)
@@ -122,46 +119,14 @@ async def _score(request: Request, ctx: ServerContext, req: ScoreRequest | Reran
         def scores(outs: list[RequestOutput]) -> list[float]:
             return [(o.probs or [0.0])[0] for o in outs]
 
-    return await _run(request, ctx, prompts, params, req.priority, arrival, names[1],
-                      lambda outs, use: answer(scores(outs), use))
-
-
-async def _run(request: Request, ctx: ServerContext, prompts: list[list[int]], params: SamplingParams, priority: int,
-               arrival: float, param: str, answer: Any) -> Response:
-    """Runs the prompts as one group and answers with answer(outputs in order, usage)."""
-    if any(not p for p in prompts):
-        raise APIError(400, f"{param}: an input is empty", param=param)
-    rid = f"pool-{uuid.uuid4().hex}"
-    reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
-    group = await ctx.submit(reqs, priority, arrival, max_seqs=MAX_INPUTS, param=param)
-
-    async def collect() -> Response:
-        final = await collect_finished(ctx.engine, group)
-        outs = []
-        for r, _, _ in reqs:
-            out = final[r]
-            if out.error is not None or out.pooled is None:
-                return error_response(ctx.engine_error(out))
-            outs.append(out)
-        n = sum(len(p) for p in prompts)
-        use: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}
-        compute = sum_compute(o.compute for o in outs)
-        if compute is not None:
-            use["compute"] = compute
-        return answer(outs, use)
-
-    return await unless_disconnected(request, collect())
-
-
-def _params(req: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=1, temperature=0, _prompt_only=True,
-                          truncate_prompt_tokens=req.truncate_prompt_tokens)
+    return await run_pooled(request, ctx, "pool", prompts, params, req.priority, arrival, names[1],
+                            lambda outs, use: answer(scores(outs), use))
 
 
 def _checked(req: Any) -> None:
     """The body's own checks, before the model is waited for (Gateway.open_request)."""
     try:
-        _params(req).validate()
+        pooling_params(req.truncate_prompt_tokens).validate()
         if isinstance(req, ScoreRequest):
             one, two, names = req.texts()
             pair_indices(len(one), len(two), names)
