@@ -858,18 +858,7 @@ class Router:
                 ticket.end()
                 await relay.close()
 
-        loop = asyncio.get_running_loop()
-
-        def cleanup() -> None:  # (as _stream's: a body never iterated skips the generator's finally)
-            ticket.end()
-            if not recorded[0]:
-                recorded[0] = True
-                metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
-            relay.close_soon(loop)
-
-        return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          REPLICA_HEADER: rep.url})
+        return self._relayed(events(), "text/event-stream", rep, ticket, relay, endpoint, recorded)
 
     async def _ndjson_through(self, endpoint: str, path: str, body: dict[str, Any], plan: _Plan,
                               headers: dict[str, str], t0: float) -> Response:
@@ -904,16 +893,23 @@ class Router:
                 ticket.end()
                 await relay.close()
 
+        return self._relayed(lines(), "application/x-ndjson", rep, ticket, relay, endpoint, recorded)
+
+    def _relayed(self, body: AsyncIterator[str], media_type: str, rep: Replica, ticket: _Ticket, relay: _Relay,
+                 endpoint: str, recorded: list[bool]) -> StreamingResponse:
+        """A stream relayed through as the replica sends it (_stream_through, _ndjson_through). Its
+        cleanup does what the body's finally does, for a body never iterated (the client gone before
+        the response started: a generator never started skips its finally)."""
         loop = asyncio.get_running_loop()
 
-        def cleanup() -> None:  # (as _stream's: a body never iterated skips the generator's finally)
+        def cleanup() -> None:
             ticket.end()
             if not recorded[0]:
                 recorded[0] = True
-                metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
+                self.metrics.requests.labels(rep.url, endpoint, CLIENT_CLOSED).inc()
             relay.close_soon(loop)
 
-        return StreamingResponse(ReleasingIterator(lines(), cleanup), media_type="application/x-ndjson",
+        return StreamingResponse(ReleasingIterator(body, cleanup), media_type=media_type,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: rep.url})
 
