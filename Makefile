@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 	    && $(BIN)/pip install -q torch==$(TORCH_VERSION); } \
 	  || $(BIN)/pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,clients,ray,browser,triton]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,clients,ray,browser,triton,rag]'
 	$(BIN)/tokenmill build-kernels || echo "CPU kernels not built: PyTorch ops will be used"
 	touch $@
 

@@ -29,16 +29,19 @@ from tokenmill.server.routes import (
     completions,
     dashboard,
     embeddings,
+    files,
     ollama,
     responses,
     score,
     tokenize,
+    vector_stores,
 )
 
 __all__ = ["GatewaySettings", "build_app"]
 
 # The endpoint families, registered in this order (which is the order of /openapi.json's paths).
-FAMILIES = (admin, tokenize, completions, chat, responses, embeddings, score, ollama, dashboard)
+FAMILIES = (admin, tokenize, completions, chat, responses, embeddings, score, files, vector_stores, ollama,
+            dashboard)
 
 
 def _with_body_schemas(app: FastAPI) -> None:
@@ -86,6 +89,7 @@ def build_app(pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, ret
     pool.make_ctx = make_ctx
     app.state.pool = pool
     app.state.metrics = gw.metrics
+    app.state.retrieval = gw.retrieval
     add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for family in FAMILIES:

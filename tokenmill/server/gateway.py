@@ -47,6 +47,7 @@ from tokenmill.server.errors import APIError, invalid_key_error, limit_error, va
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.pool import ACTIVE, ModelPool, PoolError, configured_max_model_len
 from tokenmill.server.response_store import ResponseStore
+from tokenmill.server.retrieval import Retrieval
 from tokenmill.server.streaming import ReleasingIterator, sse, wait_for_disconnect
 
 logger = logging.getLogger("tokenmill.server")
@@ -71,6 +72,12 @@ class GatewaySettings:
     responses_store_bytes: int = 64 * 2**20  # the Responses API's stored responses (0: none are kept)
     trust_request_chat_template: bool = False  # render a request's own chat_template (vLLM's flag)
     metric_names: str = "tokenmill"  # "vllm": /metrics under vLLM's names (metrics._VLLMNames)
+    # RAG (server/retrieval.py): where vector stores live (None: in memory; a folder; a Qdrant URL),
+    # the Qdrant server's key, and the embedding model new stores use (None: the one served)
+    vector_store: str | None = None
+    vector_store_api_key: str | None = None
+    rag_embedding_model: str | None = None
+    rag_reranker: str | None = None  # a served reranker that reorders vector store searches
 
 
 @dataclass
@@ -116,6 +123,18 @@ class Gateway:
             self._tier_tokenizers[t.name] = load_tokenizer(cfg.tokenizer or cfg.model, cfg.chat_template)
             if isinstance(t.policy, CascadePolicy):
                 _check_same_tokenizer(t, pool)
+        for flag, name, task in (("--rag-embedding-model", settings.rag_embedding_model, ("embed", None)),
+                                 ("--rag-reranker", settings.rag_reranker, ("classify", 1))):
+            if name is None:
+                continue
+            if name not in pool.entries:
+                raise ValueError(f"{flag}: no served model is named {name!r}")
+            found = self._task(name)
+            if found is not None and (found[0] != task[0] or task[1] not in (None, found[1])):
+                what = "an embedding model" if task[0] == "embed" else "a reranker (a one-label classifier)"
+                raise ValueError(f"{flag}: {name!r} is not {what}")
+        self.retrieval = Retrieval(self, settings.vector_store, settings.vector_store_api_key,
+                                   settings.rag_embedding_model, settings.rag_reranker)
 
     def _make_tenants(self, config: TenantsConfig) -> Tenants:
         for t in config.tenants:
@@ -277,14 +296,17 @@ class Gateway:
 
     async def open_request(self, request: Request, body: type[BaseModel], generation: bool = False,
                            auth: bool = True, tasks: tuple[str, ...] = (),
-                           precheck: Callable[[Any], None] | None = None) -> tuple[ServerContext, Any, float]:
+                           precheck: Callable[[Any], None] | None = None,
+                           prepare: Callable[[Any], Awaitable[None]] | None = None) -> tuple[ServerContext, Any, float]:
         """What every model endpoint does first: auth, admission, body, model. Returns the serving
         model's context (once it is active), the parsed body and its arrival time. /tokenize and
         /detokenize skip auth and admission, as vLLM's do. What can be refused without the model on
         the device (the body's own checks, `precheck`; the endpoint against the model's task) is
         refused before waiting for it: a 400 must not park another model and load this one first.
         tasks: the pooling tasks a pooling endpoint serves ("embed", "classify"; "score": a model that
-        scores pairs, an embedding model or a one-label classifier)."""
+        scores pairs, an embedding model or a one-label classifier). prepare: work on the body
+        after admission and before the model is taken (a file_search's retrieval, which may need
+        another model: one request never holds two models' leases at once)."""
         arrival = time.time()
         tenant = None
         if auth:
@@ -311,6 +333,8 @@ class Gateway:
                     tags["slo"] = tenant.slo
             self.cap_max_tokens(req, tenant)
             self.admit(tenant)  # before waiting for a model: a tenant over its limits waits for nothing
+        if prepare is not None:
+            await prepare(req)
         tier = self.tiers.get(name)
         if not auth:  # tokenizing needs no device: a parked model's tokenizer serves as it is
             if tier is not None:
@@ -332,6 +356,17 @@ class Gateway:
 
     def _check_task(self, name: str, generation: bool, tasks: tuple[str, ...]) -> None:
         """The endpoint against a model's task, before it is on the device."""
+        task = self._task(name)
+        if task is not None:
+            _check_task(name, task, generation, tasks)
+
+    def task_of(self, name: str) -> str | None:
+        """A model's task ("generate", "embed", "classify"), from its folder if it is not loaded;
+        None where its folder cannot tell (loading it will say what is wrong)."""
+        task = self._task(name)
+        return task[0] if task is not None else None
+
+    def _task(self, name: str) -> tuple[str, int] | None:
         task = self._tasks.get(name)
         if task is None:
             e = self.pool.entries[name]
@@ -348,9 +383,9 @@ class Gateway:
                     labels = (1 if len(tokens) == 2 else len(tokens)) if tokens is not None else len(mc.labels)
                     task = (resolve_task(cfg.task, mc, tokens), labels)
                 except Exception:  # (loading it will say what is wrong)
-                    return
+                    return None
             self._tasks[name] = task
-        _check_task(name, task, generation, tasks)
+        return task
 
     def _tokenizer_only(self, name: str) -> ServerContext:
         """A context for /tokenize and /detokenize of a model on disk: its tokenizer and limits,
@@ -643,6 +678,6 @@ def _apply(obj: dict[str, Any], extras: dict[str, Any], first: bool) -> None:
     if "model" in extras:
         obj["model"] = extras["model"]
     if first:
-        for k in ("routing", "swap"):
+        for k in ("routing", "swap", "file_search_call"):
             if k in extras:
                 obj[k] = extras[k]

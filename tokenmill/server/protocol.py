@@ -299,6 +299,7 @@ class ChatCompletionRequest(_SamplingFields):
     # request's own in place of the model's (only with --trust-request-chat-template)
     documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
+    _search: Any = PrivateAttr(default=None)  # its file_search tool (server/file_search.py), once checked
 
 
 class TokenizeRequest(_Strict):
@@ -411,3 +412,63 @@ class ResponsesRequest(_SamplingFields):
     _parent: Any = PrivateAttr(default=None)
     _turn: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _chat: Any = PrivateAttr(default=None)
+    _search: Any = PrivateAttr(default=None)  # its file_search tool (server/file_search.py)
+
+
+# -- vector stores (OpenAI's API; tokenmill/server/routes/vector_stores.py) ------------------------
+# Metadata and attributes are checked by the route (OpenAI's limits: 16 keys, ...), chunking
+# strategies and filters by tokenmill/rag, which name the field at fault.
+class ExpiresAfter(_Strict):
+    anchor: Literal["last_active_at"]
+    days: int = Field(ge=1, le=365)
+
+
+class VectorStoreCreateRequest(_Strict):
+    name: str | None = None
+    description: str | None = None
+    file_ids: list[str] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    expires_after: ExpiresAfter | None = None
+    embedding_model: str | None = None  # tokenmill's: the served embedding model (else the server's default)
+    # tokenmill's: text put before each query and each chunk when they are embedded (default: the
+    # embedding model's sentence-transformers prompts, "query" and "document")
+    query_prompt: str | None = Field(default=None, max_length=4096)
+    document_prompt: str | None = Field(default=None, max_length=4096)
+
+
+class VectorStoreUpdateRequest(_Strict):
+    name: str | None = None
+    metadata: dict[str, str] | None = None
+    expires_after: ExpiresAfter | None = None
+
+
+class VectorStoreFileRequest(_Strict):
+    file_id: str
+    attributes: dict[str, str | bool | int | float] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
+class VectorStoreFileUpdateRequest(_Strict):
+    attributes: dict[str, str | bool | int | float] | None
+
+
+class FileBatchRequest(_Strict):
+    file_ids: list[str] | None = None
+    files: list[VectorStoreFileRequest] | None = None  # (each with its own attributes and chunking)
+    attributes: dict[str, str | bool | int | float] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
+class RankingOptions(_Strict):
+    # "none": cosine similarity alone; the others: the reranker's order where --rag-reranker names one
+    ranker: Literal["auto", "default-2024-11-15", "none"] | None = None
+    score_threshold: float | None = Field(default=None, ge=0, le=1)
+
+
+class VectorStoreSearchRequest(_Strict):
+    query: str | list[str]
+    max_num_results: int = Field(default=10, ge=1, le=50)
+    filters: dict[str, Any] | None = None
+    ranking_options: RankingOptions | None = None
+    rewrite_query: bool = False  # (no query rewriting here: the query is searched as sent)

@@ -129,6 +129,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat request's own chat_template (vLLM's flag; off: such a request is a 400, as a "
                         "template runs in the server's process)")
+    rag = p.add_argument_group("RAG", "vector stores (OpenAI's /v1/files and /v1/vector_stores) and the "
+                                      "file_search tool")
+    rag.add_argument("--vector-store", default=None, metavar="DIR|URL",
+                     help="where vector stores and files are kept: a folder (kept across restarts), or a Qdrant "
+                          "server's URL (shared by replicas); default: in memory")
+    rag.add_argument("--vector-store-api-key", default=os.environ.get("QDRANT_API_KEY"),
+                     help="the Qdrant server's API key (default: $QDRANT_API_KEY)")
+    rag.add_argument("--rag-embedding-model", default=None, metavar="NAME",
+                     help="the served embedding model new vector stores use (default: the one served)")
+    rag.add_argument("--rag-reranker", default=None, metavar="NAME",
+                     help="a served reranker (a one-label classifier) that reorders each search's nearest chunks")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -271,7 +282,11 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
                                admin_api_key=args.admin_api_key, tenants=tenants,
                                responses_store_bytes=int(getattr(args, "responses_store_mb", 64) * 2**20),
                                trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
-                               metric_names=getattr(args, "metric_names", "tokenmill"))
+                               metric_names=getattr(args, "metric_names", "tokenmill"),
+                               vector_store=getattr(args, "vector_store", None),
+                               vector_store_api_key=getattr(args, "vector_store_api_key", None),
+                               rag_embedding_model=getattr(args, "rag_embedding_model", None),
+                               rag_reranker=getattr(args, "rag_reranker", None))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)
@@ -289,6 +304,7 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
         logger.info("serving %s on %s", names, where())
         yield
         app.state.draining = True
+        app.state.retrieval.close()
         await asyncio.to_thread(pool.stop)
         logger.info("engine stopped")
 

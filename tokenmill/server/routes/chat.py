@@ -4,7 +4,7 @@ not, with logprobs, vLLM's prompt_logprobs, structured outputs and tool calls (s
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,8 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.answer import AnswerStream, answer_parts
 from tokenmill.server.context import ServerContext
 from tokenmill.server.errors import APIError, bad_request, error_response
-from tokenmill.server.gateway import Gateway
+from tokenmill.server.file_search import FileSearch
+from tokenmill.server.gateway import Gateway, _extras
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.routes import body
 from tokenmill.server.streaming import (
@@ -36,6 +37,8 @@ from tokenmill.server.ttc import ttc_params, ttc_response
 
 def _checked(req: ChatCompletionRequest) -> None:
     """The body's own checks: made before the model is waited for (Gateway.open_request)."""
+    req._search = FileSearch(req.tools, req.tool_choice, True, lambda param, message: APIError(
+        400, f"{param}: {message}", param=param))
     if req.stream and req.prompt_logprobs is not None:
         raise APIError(400, "prompt_logprobs: not available when stream is true", param="prompt_logprobs")
     if req.top_logprobs is not None:
@@ -95,12 +98,55 @@ async def plan_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(text, ids, params, tools, k, rparser)
 
 
+async def plan_searched(ctx: ServerContext, search: FileSearch, build: Callable[[int], ChatCompletionRequest],
+                        max_tokens: int | None) -> tuple[ChatCompletionRequest, ChatPlan]:
+    """A request with a file_search's excerpts planned: build(n) is the request with the best n; as
+    many are kept as leave the answer its room (max_tokens, else a quarter of the context up to
+    512 tokens), dropping the worst first."""
+    limit = ctx.llm_engine.max_model_len
+    room = max_tokens or min(512, limit // 4)
+    n = len(search.results)
+    while True:
+        creq = build(n)
+        plan = await plan_chat(ctx, creq)
+        if n == 0 or len(plan.ids) + room <= limit:
+            return creq, plan
+        n -= 1
+
+
+def _searched(ctx: ServerContext, req: ChatCompletionRequest, n: int) -> ChatCompletionRequest:
+    """The chat request with the best n excerpts of its file_search, and without the tool."""
+    search: FileSearch = req._search
+    tools, choice = FileSearch.other_tools(req.tools, req.tool_choice)
+    messages = list(req.messages)
+    documents = search.documents(ctx.tokenizer, n)
+    if n and documents is None:
+        last = max(i for i, m in enumerate(messages) if m.role == "user")
+        messages[last] = messages[last].model_copy(update={"content": search.with_excerpts(messages[last].text(), n)})
+    return req.model_copy(update={"messages": messages, "tools": tools, "tool_choice": choice,
+                                  "documents": (req.documents or []) + documents if documents is not None
+                                  else req.documents})
+
+
+def _query(req: ChatCompletionRequest) -> str | None:
+    return next((m.text() for m in reversed(req.messages) if m.role == "user"), None)
+
+
 def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     @gw.route
     async def chat_completions(request: Request) -> Response:
-        ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True, precheck=_checked)
-        plan = await plan_chat(ctx, req)
+        ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True, precheck=_checked,
+                                                  prepare=lambda r: r._search.run(gw, _query(r), request))
+        search: FileSearch = req._search
+        if search.present:
+            req, plan = await plan_searched(ctx, search, lambda n: _searched(ctx, req, n),
+                                            req.max_completion_tokens if req.max_completion_tokens is not None
+                                            else req.max_tokens)
+            if search.call is not None:
+                _extras()["file_search_call"] = search.call
+        else:
+            plan = await plan_chat(ctx, req)
         params, ids, text, tools, k, rparser = plan.params, plan.ids, plan.text, plan.tools, plan.k, plan.rparser
         tp = ttc_params(req)
         as_ids = req.return_tokens_as_token_ids

@@ -7,8 +7,10 @@ answer comes back as output items: reasoning, a message, function calls, whole o
 Responses API's typed events. Responses are kept (store, the default; response_store.py) for
 previous_response_id, which continues their conversation, and GET/DELETE /v1/responses/{id}.
 
-Not here: built-in tools (web search, files, MCP, ...), images and files as input, background
-runs, truncation "auto", and reasoning summaries; each is a 400 naming its field.
+The file_search tool runs on the server before the model (server/file_search.py): the search is
+the first output item, its excerpts join the prompt. Not here: other built-in tools (web search,
+MCP, ...), images and files as input, background runs and reasoning summaries; each is a 400
+naming its field.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from tokenmill.outputs import CompletionOutput
 from tokenmill.server.answer import AnswerStream, answer_parts
 from tokenmill.server.context import REQUEST_TAGS, ServerContext, TextOffsets, engine_api_error
 from tokenmill.server.errors import APIError, error_response, validation_error
+from tokenmill.server.file_search import FileSearch
 from tokenmill.server.gateway import EXTRAS, Gateway
 from tokenmill.server.protocol import ChatCompletionRequest, ResponsesRequest, _SamplingFields
 from tokenmill.server.reasoning import split_reasoning
 from tokenmill.server.response_store import StoredResponse
 from tokenmill.server.routes import body
-from tokenmill.server.routes.chat import ChatPlan, _checked, plan_chat
+from tokenmill.server.routes.chat import ChatPlan, _checked, plan_chat, plan_searched
 from tokenmill.server.streaming import (
     ChoiceState,
     StreamFailed,
@@ -138,9 +141,9 @@ def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             output = item.get("output")
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
                         "content": output if isinstance(output, str) else _parts(output, where + ".output")})
-        elif kind != "reasoning":
+        elif kind not in ("reasoning", "file_search_call"):  # (searches are not replayed: their turn is over)
             raise _bad(f"{where}.type", f"{kind!r} is not supported; an input item is a message, a function_call, "
-                       "a function_call_output or a reasoning item")
+                       "a function_call_output, a reasoning item or a file_search_call")
     if not out:
         raise _bad("input", "holds no message")
     return out
@@ -162,7 +165,8 @@ def input_items(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"id": item.get("id") or f"msg_{uuid.uuid4().hex}", "type": "message", "role": item["role"],
                         "content": parts, "status": "completed"})
         else:
-            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(kind, "item")
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+                      "file_search_call": "fs"}.get(kind, "item")
             out.append({**item, "id": item.get("id") or f"{prefix}_{uuid.uuid4().hex}",
                         **({"status": item.get("status") or "completed"} if kind != "reasoning" else {})})
     return out
@@ -174,14 +178,18 @@ def _chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any
     if req.tools is not None:
         tools = []
         for i, t in enumerate(req.tools):
+            if t.get("type") == "file_search":  # (run by the server before the model: server/file_search.py)
+                continue
             if t.get("type") != "function":
-                raise _bad(f"tools[{i}].type", f"only function tools are supported (this server runs no built-in "
-                           f"tools), got {t.get('type')!r}")
+                raise _bad(f"tools[{i}].type", f"only function tools and file_search are supported (this server "
+                           f"runs no other built-in tools), got {t.get('type')!r}")
             f = {k: v for k, v in t.items() if k != "type"}
             if f.get("parameters", {}) is None:  # (OpenAI's schema allows null: no parameters)
                 f["parameters"] = {"type": "object", "properties": {}}
             tools.append({"type": "function", "function": f})
-    choice = req.tool_choice
+    _, choice = FileSearch.other_tools(req.tools, req.tool_choice)
+    if tools == [] and req.tools:  # file_search alone: no function tools for the model
+        tools = None
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
             raise _bad("tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}")
@@ -235,6 +243,20 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]],
         return ChatCompletionRequest.model_validate_json(json.dumps(d))
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+def _query(turn: list[dict[str, Any]]) -> str | None:
+    """What a file_search searches for: the turn's latest user message (None: a turn of tool outputs)."""
+    return next((m["content"] for m in reversed(turn) if m["role"] == "user"), None)
+
+
+def _with_excerpts(search: FileSearch, turn: list[dict[str, Any]], n: int, tokenizer: Any) -> list[dict[str, Any]]:
+    """The turn with the best n excerpts in its latest user message (unless the template takes them
+    as documents)."""
+    if n == 0 or search.documents(tokenizer, n) is not None:
+        return turn
+    last = max(i for i, m in enumerate(turn) if m["role"] == "user")
+    return turn[:last] + [{**turn[last], "content": search.with_excerpts(turn[last]["content"], n)}] + turn[last + 1:]
 
 
 def _owner() -> str | None:
@@ -485,6 +507,16 @@ class _EventWriter:
         return evs + [self.event("response.output_text.delta", item_id=self.open["id"],
                                  output_index=len(self.output), content_index=0, delta=delta, logprobs=logprobs)]
 
+    def file_search(self, call: dict[str, Any]) -> list[str]:
+        """The search, done before the answer: its item's events all at once."""
+        i, item_id = len(self.output), call["id"]
+        evs = [self.event("response.output_item.added", output_index=i, item={**call, "status": "in_progress"})]
+        evs += [self.event(f"response.file_search_call.{stage}", output_index=i, item_id=item_id)
+                for stage in ("in_progress", "searching", "completed")]
+        evs.append(self.event("response.output_item.done", output_index=i, item=call))
+        self.output.append(call)
+        return evs
+
     def call(self, delta: dict[str, Any]) -> list[str]:
         """A chat tool-call delta: a call's header (its id and name) or more of its arguments."""
         evs = []
@@ -519,6 +551,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
             req._turn = input_messages(req.input)
             req._chat = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
             _checked(req._chat)
+            req._search = FileSearch(req.tools, req.tool_choice, "file_search_call.results" in (req.include or ()),
+                                     _bad)
         except APIError as e:
             raise _renamed(e) from None
 
@@ -526,10 +560,18 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @gw.route
     async def create_response(request: Request) -> Response:
         try:
-            ctx, req, arrival = await gw.open_request(request, ResponsesRequest, generation=True, precheck=precheck)
-            # (again: a tenant's max_tokens cap may have set max_output_tokens since)
-            creq = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
-            plan = await plan_chat(ctx, creq)
+            ctx, req, arrival = await gw.open_request(request, ResponsesRequest, generation=True, precheck=precheck,
+                                                      prepare=lambda r: r._search.run(gw, _query(r._turn), request))
+            search: FileSearch = req._search
+            history = list(req._parent.history) if req._parent else []
+
+            def build(n: int) -> ChatCompletionRequest:
+                # (again: a tenant's max_tokens cap may have set max_output_tokens since)
+                creq = chat_request(req, history, _with_excerpts(search, req._turn, n, ctx.tokenizer))
+                creq.documents = search.documents(ctx.tokenizer, n)
+                return creq
+
+            creq, plan = await plan_searched(ctx, search, build, req.max_output_tokens)
             if req.truncation == "auto":
                 creq, plan = await _fit(ctx, creq, plan)
             run = _Run(gw, req, req._parent, req._turn, ctx.name, arrival, plan.params.temperature, plan.params.top_p)
@@ -552,6 +594,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 else:
                     yield w.event("response.created", response=run.response("in_progress", [], None))
                     yield w.event("response.in_progress", response=run.response("in_progress", [], None))
+                if search.call is not None:
+                    yield "".join(w.file_search(search.call))
                 states: dict[tuple[str, int], ChoiceState] = {}
                 answer = AnswerStream(plan.tools, plan.rparser)
                 lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
@@ -575,7 +619,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                             evs += w.call(call)
                         if c.finished():
                             status = _status(finish_reason(c))
-                            if w.open is None and not w.output:  # an empty answer is an empty message
+                            if w.open is None and all(o["type"] == "file_search_call" for o in w.output):
+                                # an empty answer is an empty message
                                 evs += w.content("", [])
                             evs += w.close("incomplete" if status == "incomplete" else "completed")
                         if evs:
@@ -612,7 +657,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
             thought, content, calls, reason = answer_parts(plan.tools, plan.rparser, c.text, finish_reason(c))
             start = _reasoning_end(plan.rparser, c.text)
             lps = _ContentLogprobs(ctx, plan.ids, params.skip_special_tokens, k)
-            output: list[dict[str, Any]] = []
+            output: list[dict[str, Any]] = [search.call] if search.call is not None else []
             if thought:
                 output.append(_reasoning(thought, "completed"))
             if content or not (thought or calls):
