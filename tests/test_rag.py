@@ -101,7 +101,9 @@ def servers(dirs):
     model; bare: no embedding model; persist: a folder store with two tenants (restarted by its
     test, which keeps the one running in servers["persist"])."""
     d = dirs["root"]
-    doc = {"tenants": [{"name": n, "keys_sha256": [hash_key(k)]} for n, k in KEYS.items()]}
+    doc = {"tenants": [{"name": n, "keys_sha256": [hash_key(k)]} for n, k in KEYS.items()]
+           + [{"name": "genonly", "keys_sha256": [hash_key("key-genonly")], "models": [os.path.basename(dirs["gen"])],
+               "requests_per_minute": 2}]}
     (d / "tenants.yaml").write_text(yaml.safe_dump(doc))
     common = ("--kv-cache-memory", "0.0625", "--max-model-len", str(MAX_LEN))
     persist_args = ("--model", dirs["gen"], "--model", dirs["emb"], "--vector-store", str(d / "store"),
@@ -267,7 +269,7 @@ def test_store_files_and_their_chunks(c, kb, emb_tok, names):
         assert vsf.status == "completed" and vsf.last_error is None
         assert vsf.chunking_strategy.static.max_chunk_size_tokens == 100
         assert vsf.chunking_strategy.static.chunk_overlap_tokens == 20
-        assert vsf.usage_bytes == sum(len(t.encode()) for t in chunks) > len(text)
+        assert vsf.usage_bytes == len(text.encode())  # (the text once, not the chunks' overlaps again)
         usage += vsf.usage_bytes
         # Each chunk is the exact slice of the file that a window of the embedding model's tokens
         # covers: at most 100 tokens, each window 80 tokens after the last (20 shared), the whole file.
@@ -1074,6 +1076,14 @@ def test_file_search_in_chat_completions(c, servers, kb, names):
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model=names["gen"], messages=msgs, tools=fs_tool("vs_nope"), max_tokens=1)
     assert e.value.body["param"] == "tools[0].vector_store_ids"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=names["gen"], messages=msgs, tools=fs_tool(vs.id), max_tokens=1,
+                                  tool_choice={"type": "function", "function": {"name": "f"}})
+    assert e.value.body["param"] == "tool_choice" and "file_search" in e.value.body["message"]
+    # Through Ollama's /api/chat (a translation to this route): a missing store is not a missing model.
+    r = httpx.post(servers["main"].base_url + "/api/chat", timeout=60, json={
+        "model": names["gen"], "stream": False, "messages": msgs, "tools": fs_tool("vs_nope")})
+    assert r.status_code == 404 and "vs_nope" in r.json()["error"], r.text
 
 
 def test_langchain_file_search(servers, kb, names):
@@ -1091,3 +1101,90 @@ def test_langchain_file_search(servers, kb, names):
                                                 max_output_tokens=4, temperature=0)
     assert "".join(b.get("text", "") for b in blocks if b["type"] == "text") == ref.output_text
     assert msg.usage_metadata["input_tokens"] == ref.usage.input_tokens
+
+
+def test_a_tenant_uses_only_its_models_and_limits(servers, dirs, names):
+    """A tenant kept to the generative model has no embedding model for a store (the one served is
+    not its to use), and a search counts against its requests per minute."""
+    srv = servers["persist"]
+    c = api(srv, "key-genonly")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.vector_stores.create(name="x")
+    assert e.value.body["code"] == "no_embedding_model"
+    with pytest.raises(openai.NotFoundError):
+        c.vector_stores.create(name="x", extra_body={"embedding_model": names["emb"]})
+    assert list(c.vector_stores.list()) == []
+
+
+def test_non_finite_attributes_and_filters_are_refused(c, servers, kb):
+    """NaN has no JSON: stored, it would break every answer that shows it (Python's json sends it)."""
+    import httpx
+
+    vs, f, base = kb["vs"], kb["files"]["doc0.txt"], servers["main"].base_url + "/v1/vector_stores/"
+    for bad in ("NaN", "Infinity", "-Infinity"):
+        for path, raw in ((f"{vs.id}/files/{f.id}", f'{{"attributes": {{"x": {bad}}}}}'),
+                          (f"{vs.id}/files", f'{{"file_id": "{f.id}", "attributes": {{"x": {bad}}}}}'),
+                          (f"{vs.id}/search",
+                           f'{{"query": "x", "filters": {{"type": "gt", "key": "x", "value": {bad}}}}}')):
+            r = httpx.post(base + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == 400, (path, raw, r.text[:300])
+            assert ("filters" if path.endswith("search") else "attributes") in r.json()["error"]["param"]
+    assert c.vector_stores.files.retrieve(file_id=f.id, vector_store_id=vs.id).attributes == {}
+    assert len(c.vector_stores.search(vs.id, query="apple").data) > 0  # (the store still answers)
+
+
+def test_uploads_are_bounded_as_they_arrive(servers):
+    """--max-body-size bounds a file whether its body has a length or is sent in chunks."""
+    import httpx
+
+    base, limit = servers["bare"].base_url, 8 * 2**20
+    boundary = "tmbound"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+    def chunks(n: int):
+        yield head
+        for _ in range(n):
+            yield b"x" * 2**20
+        yield tail
+
+    r = httpx.post(base + "/v1/files", content=chunks(9), headers=headers, timeout=60)  # (no length: chunked)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+    r = httpx.post(base + "/v1/files", content=b"".join(chunks(9)), headers=headers, timeout=60)
+    assert r.status_code == 413
+    r = httpx.post(base + "/v1/files", content=chunks(1), headers=headers, timeout=60)
+    assert r.status_code == 200 and r.json()["bytes"] == 2**20, r.text[:300]
+    assert limit > 2**20
+
+
+def test_file_search_keeps_a_store_active(c, kb, names):
+    """A store that expires after inactivity is in use when file_search reads it."""
+    f = kb["files"]["doc2.txt"]
+    vs = c.vector_stores.create(name="exp", file_ids=[f.id], chunking_strategy=STATIC,
+                                expires_after={"anchor": "last_active_at", "days": 1})
+    wait_store(c, vs.id)
+    before = c.vector_stores.retrieve(vs.id)
+    time.sleep(1.1)
+    c.responses.create(model=names["gen"], input="x", tools=fs_tool(vs.id), max_output_tokens=1)
+    after = c.vector_stores.retrieve(vs.id)
+    assert after.last_active_at > before.last_active_at and after.expires_at == after.last_active_at + 86400
+
+
+def test_a_search_runs_as_its_tenants_request(servers, names):
+    """The query's embedding is the tenant's work (its metrics, its prefix-cache namespace)."""
+    srv = servers["persist"]
+    a = api(srv, KEYS["a"])
+    f = upload(a, "t.txt", words(700, 80))
+    vs = a.vector_stores.create(name="t", file_ids=[f.id], chunking_strategy=STATIC)
+    wait_store(a, vs.id)
+
+    def prompt_tokens(tenant: str) -> float:
+        key = f'tokenmill:prompt_tokens_total{{model_name="{names["emb"]}",tenant="{tenant}"}}'
+        return srv.metrics().get(key, 0.0)
+
+    before = prompt_tokens("a"), prompt_tokens("default")
+    a.vector_stores.search(vs.id, query="silver river stone")
+    assert prompt_tokens("a") > before[0] and prompt_tokens("default") == before[1]

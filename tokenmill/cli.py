@@ -210,6 +210,10 @@ BENCHMARKS = {
                "A fixed offline workload (mixed prompt lengths, fixed output length) on the demo model and a "
                "SmolLM-135M-shaped one: energy per output token from the engine's accounting (RAPL, NVML or the "
                "power model), device seconds and FLOPs per token, and the error bound of the figure."),
+    "rag": ("rag", "file_search's excerpts in score order vs document order: TTFT and prefix-cache hits",
+            "One server with a vector store; the same Zipf-popular file_search chat requests with the excerpts in "
+            "score order, then in document order (each under its own cache_salt): TTFT, prompt and cached tokens "
+            "side by side."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

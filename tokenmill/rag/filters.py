@@ -7,6 +7,7 @@ kept under the chunk's payload key `attributes`. A malformed filter is a ValueEr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MAX_DEPTH = 8
@@ -43,11 +44,11 @@ def _condition(f: Any, where: str, depth: int) -> Any:
     field = f"attributes.{key}"
     if kind in ("in", "nin"):
         if not isinstance(value, list) or not value or not all(_scalar(v) for v in value):
-            raise ValueError(f"{where}.value: must be a non-empty list of strings, numbers or booleans")
+            raise ValueError(f"{where}.value: must be a non-empty list of strings, finite numbers or booleans")
         cond = m.Filter(should=[_equals(m, field, v) for v in value])
         return cond if kind == "in" else m.Filter(must_not=[cond])
     if not _scalar(value):
-        raise ValueError(f"{where}.value: must be a string, number or boolean")
+        raise ValueError(f"{where}.value: must be a string, a finite number or a boolean")
     if kind in ("eq", "ne"):
         cond = _equals(m, field, value)
         return cond if kind == "eq" else m.Filter(must_not=[cond])
@@ -57,7 +58,11 @@ def _condition(f: Any, where: str, depth: int) -> Any:
 
 
 def _scalar(v: Any) -> bool:
-    return isinstance(v, (str, bool, int, float))
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return -2**63 <= v < 2**63
+    return isinstance(v, (str, bool))
 
 
 def _equals(m: Any, field: str, v: Any) -> Any:

@@ -109,6 +109,20 @@ class RagStore:
             self.client.set_payload(self._objects, payload=fields, points=[pid], key="obj")
         return True
 
+    def touch(self, vs_id: str, now: int) -> None:
+        """A vector store in use: last_active_at, and the expiry anchored on it from the store's
+        expires_after as it is now (not as a request read it before a rename or an expiry change)."""
+        pid = _pid("vector_store", vs_id)
+        with self.lock:
+            got = self.client.retrieve(self._objects, ids=[pid], with_payload=True)
+            if not got:
+                return
+            fields: dict[str, Any] = {"last_active_at": now}
+            after = got[0].payload["obj"].get("expires_after")
+            if after is not None:
+                fields["expires_at"] = now + after["days"] * 86400
+            self.client.set_payload(self._objects, payload=fields, points=[pid], key="obj")
+
     def delete(self, kind: str, key: str) -> None:
         from qdrant_client import models as m
 

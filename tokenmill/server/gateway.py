@@ -78,6 +78,7 @@ class GatewaySettings:
     vector_store_api_key: str | None = None
     rag_embedding_model: str | None = None
     rag_reranker: str | None = None  # a served reranker that reorders vector store searches
+    rag_excerpt_order: str = "score"  # file_search's excerpts in the prompt: "score" or "document"
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Gateway:
                 what = "an embedding model" if task[0] == "embed" else "a reranker (a one-label classifier)"
                 raise ValueError(f"{flag}: {name!r} is not {what}")
         self.retrieval = Retrieval(self, settings.vector_store, settings.vector_store_api_key,
-                                   settings.rag_embedding_model, settings.rag_reranker)
+                                   settings.rag_embedding_model, settings.rag_reranker, settings.rag_excerpt_order)
 
     def _make_tenants(self, config: TenantsConfig) -> Tenants:
         for t in config.tenants:

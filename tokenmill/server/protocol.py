@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -418,6 +418,12 @@ class ResponsesRequest(_SamplingFields):
 # -- vector stores (OpenAI's API; tokenmill/server/routes/vector_stores.py) ------------------------
 # Metadata and attributes are checked by the route (OpenAI's limits: 16 keys, ...), chunking
 # strategies and filters by tokenmill/rag, which name the field at fault.
+# An attribute's value: a string, a boolean, a finite number (NaN has no JSON, and would poison
+# every answer showing it) or a 64-bit integer (what a Qdrant server stores).
+AttributeValue = (str | bool | Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
+                  | Annotated[float, Field(allow_inf_nan=False)])
+
+
 class ExpiresAfter(_Strict):
     anchor: Literal["last_active_at"]
     days: int = Field(ge=1, le=365)
@@ -445,18 +451,18 @@ class VectorStoreUpdateRequest(_Strict):
 
 class VectorStoreFileRequest(_Strict):
     file_id: str
-    attributes: dict[str, str | bool | int | float] | None = None
+    attributes: dict[str, AttributeValue] | None = None
     chunking_strategy: dict[str, Any] | None = None
 
 
 class VectorStoreFileUpdateRequest(_Strict):
-    attributes: dict[str, str | bool | int | float] | None
+    attributes: dict[str, AttributeValue] | None
 
 
 class FileBatchRequest(_Strict):
     file_ids: list[str] | None = None
     files: list[VectorStoreFileRequest] | None = None  # (each with its own attributes and chunking)
-    attributes: dict[str, str | bool | int | float] | None = None
+    attributes: dict[str, AttributeValue] | None = None
     chunking_strategy: dict[str, Any] | None = None
 
 

@@ -52,55 +52,82 @@ def rerank_pool(k: int) -> int:
 
 class Retrieval:
     def __init__(self, gw: Any, location: str | None = None, api_key: str | None = None,
-                 embedding_model: str | None = None, reranker: str | None = None) -> None:
+                 embedding_model: str | None = None, reranker: str | None = None,
+                 excerpt_order: str = "score") -> None:
         self.gw = gw
+        self.excerpt_order = excerpt_order  # file_search's default: "score" or "document" (file_search.py)
         self.location, self.api_key = location, api_key
         self.embedding_model = embedding_model
         self.reranker = reranker  # a served reranker that reorders every search's nearest chunks
         self._store: RagStore | None = None
         self._call_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task] = {}  # "<vs id>/<file id>": its ingestion
 
     # -- the store ------------------------------------------------------------------------------
-    def open(self) -> RagStore:
-        """The store, opened at first use (in memory when no --vector-store was given)."""
+    def _open(self) -> RagStore:
+        store = RagStore(self.location, self.api_key)
+        if self.location is not None and not self.location.startswith(("http://", "https://")):
+            self._interrupted(store)
+        return store
+
+    async def ready(self) -> RagStore:
+        """The store, opened (off the event loop) at startup or first use: in memory when no
+        --vector-store was given. Without qdrant-client, a 501 that says what to install."""
         if self._store is None:
-            try:
-                self._store = RagStore(self.location, self.api_key)
-            except ValueError as e:
-                raise APIError(404, str(e), code="not_found") from None
-            if self.location is not None and not self.location.startswith(("http://", "https://")):
-                self._interrupted(self._store)
+            async with self._open_lock:
+                if self._store is None:
+                    try:
+                        self._store = await asyncio.to_thread(self._open)
+                    except ValueError as e:
+                        raise APIError(501, str(e), code="not_installed", headers={"x-should-retry": "false"}) from None
         return self._store
 
     @staticmethod
     def _interrupted(store: RagStore) -> None:
-        """Files left in_progress in a folder store by a server that stopped: failed (nothing else
-        uses the folder, so no one is still embedding them)."""
+        """Files left in_progress in a folder store by a server that stopped: failed, and what they
+        had embedded dropped (nothing else uses the folder, so no one is still embedding them). A
+        Qdrant server's are left: another replica may be embedding them."""
         from qdrant_client import models as m
 
         flt = m.Filter(must=[m.FieldCondition(key="kind", match=m.MatchValue(value="vector_store.file"))])
-        points, _ = store.client.scroll(store._objects, scroll_filter=flt, limit=100_000, with_payload=True)
-        for p in points:
-            obj = p.payload["obj"]
-            if obj["status"] == "in_progress":
-                store.delete_file_chunks(obj["vector_store_id"], obj["id"])  # (what it had embedded: not searchable)
-                obj.update(status="failed", last_error={"code": "server_error",
-                                                       "message": "the server stopped while embedding this file"})
-                index = {k: p.payload[k] for k in ("vector_store_id", "file_id", "batch_id") if k in p.payload}
-                store.put(obj, p.payload.get("owner"), **index)
+        offset = None
+        while True:
+            points, offset = store.client.scroll(store._objects, scroll_filter=flt, limit=1000, offset=offset,
+                                                 with_payload=True)
+            for p in points:
+                obj = p.payload["obj"]
+                if obj["status"] != "in_progress":
+                    continue
+                store.delete_file_chunks(obj["vector_store_id"], obj["id"])
+                store.update("vector_store.file", f"{obj['vector_store_id']}/{obj['id']}", {
+                    "status": "failed", "usage_bytes": 0,
+                    "last_error": {"code": "server_error", "message": "the server stopped while embedding this file"}})
+            if offset is None:
+                return
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """store.method(...) off the event loop, one call at a time."""
-        fn = getattr(self.open(), method)
+        fn = getattr(await self.ready(), method)
         async with self._call_lock:
             return await asyncio.to_thread(fn, *args, **kwargs)
 
-    def close(self) -> None:
-        for t in self.tasks.values():
+    async def aclose(self) -> None:
+        """At shutdown: ingestions stopped (their files end cancelled, or failed at the next start
+        of a folder store), then the store closed."""
+        tasks = list(self.tasks.values())
+        for t in tasks:
             t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         if self._store is not None:
-            self._store.close()
+            async with self._call_lock:
+                await asyncio.to_thread(self._store.close)
+
+    async def touch(self, vs: dict[str, Any]) -> None:
+        """A store in use: its last_active_at (and the expiry anchored on it) move on; only those
+        fields are written, from what is stored (a rename or an expiry change made meanwhile stays)."""
+        await self.call("touch", vs["id"], int(time.time()))
 
     # -- the embedding model --------------------------------------------------------------------
     def embedder(self, requested: str | None, tenant: Any = None) -> str:
@@ -114,14 +141,16 @@ class Retrieval:
             gw._check_task(name, False, ("embed",))
             return name
         if self.embedding_model is not None:
+            gw.check_model(self.embedding_model, tenant)  # (a tenant may use only its models)
             gw._check_task(self.embedding_model, False, ("embed",))
             return self.embedding_model
-        found = [n for n in gw.pool.entries if gw.task_of(n) == "embed"]
+        found = [n for n in gw.pool.entries if gw.task_of(n) == "embed" and (tenant is None or tenant.allows(n))]
         if len(found) == 1:
             return found[0]
         if not found:
-            raise APIError(400, "vector stores need an embedding model, and this server serves none: serve one "
-                           "beside the generative model (--model repeated, or --models)", code="no_embedding_model")
+            raise APIError(400, "vector stores need an embedding model, and this server serves none" + (
+                " that this key may use" if tenant is not None and tenant.models is not None else
+                ": serve one beside the generative model (--model repeated, or --models)"), code="no_embedding_model")
         raise APIError(400, f"several embedding models are served ({', '.join(found)}): name one with "
                        f"`embedding_model`, or start the server with --rag-embedding-model", param="embedding_model")
 
@@ -159,13 +188,14 @@ class Retrieval:
             self.gw.pool.release(name)
 
     @staticmethod
-    async def _pooled(ctx: Any, prompts: list[list[int]], param: str) -> list[Any]:
-        """The prompts run as one pooling group on ctx's model: their outputs, in order."""
+    async def _pooled(ctx: Any, prompts: list[list[int]], param: str, salt: str | None = None) -> list[Any]:
+        """The prompts run as one pooling group on ctx's model: their outputs, in order (salt: the
+        request's cache_salt, whose prefix-cache namespace its retrieval shares)."""
         token = ADMISSION.set(None)  # (a retrieval step is not the tenant's generation: no token reservation)
         try:
             params = pooling_params(None)
             rid = f"rag-{uuid.uuid4().hex}"
-            reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, None), params) for i, ids in enumerate(prompts)]
+            reqs = [(f"{rid}-{i}", ctx.prompt_dict(None, ids, salt), params) for i, ids in enumerate(prompts)]
             group = await ctx.submit(reqs, 0, time.time(), max_seqs=len(reqs), param=param)
             final = await collect_finished(ctx.engine, group)
             outs = [final[r] for r, _, _ in reqs]
@@ -177,17 +207,18 @@ class Retrieval:
             ADMISSION.reset(token)
 
     async def embed(self, name: str, texts: list[str], request: Request | None = None,
-                    param: str = "query") -> list[list[float]]:
+                    param: str = "query", salt: str | None = None) -> list[list[float]]:
         """The texts' embeddings by the served model `name` (each cut to its context)."""
 
         async def run(ctx: Any) -> list[list[float]]:
             limit = ctx.llm_engine.max_model_len
             prompts = [(await ctx.encode(t, param=param))[:limit] or [0] for t in texts]
-            return [list(o.embedding) for o in await self._pooled(ctx, prompts, param)]
+            return [list(o.embedding) for o in await self._pooled(ctx, prompts, param, salt)]
 
         return await self._with_model(name, run, request)
 
-    async def rerank(self, queries: list[str], texts: list[str], request: Request | None = None) -> list[float]:
+    async def rerank(self, queries: list[str], texts: list[str], request: Request | None = None,
+                     salt: str | None = None) -> list[float]:
         """Each text's relevance by the reranker (its best over the queries): the reranker reads a
         (query, text) pair as /rerank does, the tokenizer's pair encoding cut to its context."""
         name = self.reranker
@@ -201,7 +232,7 @@ class Retrieval:
 
             async with ctx.tokenize_lock:
                 prompts = await asyncio.to_thread(encode)
-            probs = [(o.probs or [0.0])[0] for o in await self._pooled(ctx, prompts, "query")]
+            probs = [(o.probs or [0.0])[0] for o in await self._pooled(ctx, prompts, "query", salt)]
             n = len(texts)
             return [max(probs[q * n + i] for q in range(len(queries))) for i in range(n)]
 
@@ -220,8 +251,10 @@ class Retrieval:
 
         return await self._with_model(name, run)
 
-    def check_chunking(self, name: str, chunking: Chunking, param: str) -> None:
-        """A 400 for a static chunk size the embedding model cannot read."""
+    def check_chunking(self, name: str, chunking: Chunking, param: str, prompt: str = "") -> None:
+        """A 400 for a static chunk size the embedding model cannot read after the store's document
+        prompt (counted as its bytes, which no byte-level tokenizer's tokens outnumber, so a size
+        accepted here never fails later)."""
         from tokenmill.server.pool import configured_max_model_len
 
         entry = self.gw.pool.entries.get(name)
@@ -229,7 +262,7 @@ class Retrieval:
         if limit is None:
             return
         try:
-            chunking.fitted(max(1, limit - 16))
+            chunking.fitted(max(1, limit - 16 - len(prompt.encode())))
         except ValueError as e:
             raise APIError(400, str(e).replace("chunking_strategy", param, 1), param=param) from None
 
@@ -282,7 +315,7 @@ class Retrieval:
             current = await self.call("get", "vector_store.file", f"{vs_id}/{file_id}", owner)
             if current is not None and current.get("_run") == vsf["_run"] and current.get("attributes") != attrs:
                 await self.call("set_file_attributes", vs_id, file_id, current.get("attributes") or {})
-            usage = sum(len(t.encode()) for t in pieces)
+            usage = len(text.encode())  # (the file's text once: overlapping chunks hold some of it twice)
             status = "completed"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -310,34 +343,46 @@ class Retrieval:
     # -- search ---------------------------------------------------------------------------------
     async def search(self, owner: str | None, stores: list[dict[str, Any]], queries: list[str], k: int,
                      filters: Any = None, threshold: float | None = None, request: Request | None = None,
-                     where: str = "filters", ranker: str | None = None) -> list[dict[str, Any]]:
+                     where: str = "filters", ranker: str | None = None,
+                     salt: str | None = None) -> list[dict[str, Any]]:
         """The k chunks most relevant to the queries over the stores, best first: {file_id,
-        filename, score, text, attributes, vector_store_id}. A chunk found by several queries
-        counts once, at its best score. With a reranker (--rag-reranker, unless ranker is "none"),
-        the nearest RERANK_POOL(k) chunks by cosine similarity are reordered by the reranker, whose
-        relevance (in [0, 1]) is then the score that threshold applies to."""
+        filename, score, text, attributes, vector_store_id, index (the chunk's in its file)}. A
+        chunk found by several queries counts once, at its best score. With a reranker
+        (--rag-reranker, unless ranker is "none"), the nearest rerank_pool(k) chunks by cosine
+        similarity are reordered by the reranker, whose relevance (in [0, 1]) is then the score
+        that threshold applies to."""
         try:
             flt = to_qdrant(filters, where) if filters is not None else None
         except ValueError as e:
             raise APIError(400, str(e), param=where) from None
-        if self.reranker is not None and ranker != "none":
-            found = await self._nearest(stores, queries, rerank_pool(k), flt, None, request)
+        if self.reranker is not None and ranker != "none" and self._may_use(self.reranker, owner):
+            found = await self._nearest(stores, queries, rerank_pool(k), flt, None, request, salt)
             if not found:
                 return []
-            scores = await self.rerank(queries, [r["text"] for r in found], request)
+            scores = await self.rerank(queries, [r["text"] for r in found], request, salt)
             ranked = sorted(zip(scores, range(len(found)), found), key=lambda x: (-x[0], x[1]))
             return [{**r, "score": s} for s, _, r in ranked if threshold is None or s >= threshold][:k]
-        return await self._nearest(stores, queries, k, flt, threshold, request)
+        return await self._nearest(stores, queries, k, flt, threshold, request, salt)
+
+    def _may_use(self, model: str, owner: str | None) -> bool:
+        """Whether a tenant (owner; None: no tenants) may use a model: a tenant kept off the
+        reranker gets the embedding's ranking."""
+        tenants = self.gw.tenants
+        if tenants is None or owner is None:
+            return True
+        tenant = next((t for t in tenants.config.tenants if t.name == owner), None)
+        return tenant is None or tenant.allows(model)
 
     async def _nearest(self, stores: list[dict[str, Any]], queries: list[str], k: int, flt: Any,
-                       threshold: float | None, request: Request | None) -> list[dict[str, Any]]:
+                       threshold: float | None, request: Request | None,
+                       salt: str | None = None) -> list[dict[str, Any]]:
         """The k chunks nearest the queries by cosine similarity, best first."""
         best: dict[tuple[str, str, int], tuple[float, dict[str, Any]]] = {}
         by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for vs in stores:
             by_model.setdefault((vs["embedding_model"], vs.get("query_prompt", "")), []).append(vs)
         for (model, prompt), group in by_model.items():
-            vectors = await self.embed(model, [prompt + q for q in queries], request)
+            vectors = await self.embed(model, [prompt + q for q in queries], request, salt=salt)
             for vs in group:
                 for v in vectors:
                     for score, p in await self.call("search", vs["id"], v, k, flt, threshold):
@@ -346,7 +391,8 @@ class Retrieval:
                             best[key] = (score, {**p, "vector_store_id": vs["id"]})
         ranked = sorted(best.values(), key=lambda x: -x[0])[:k]
         return [{"file_id": p["file_id"], "filename": p.get("filename", ""), "score": s, "text": p["text"],
-                 "attributes": p.get("attributes") or {}, "vector_store_id": p["vector_store_id"]}
+                 "attributes": p.get("attributes") or {}, "vector_store_id": p["vector_store_id"],
+                 "index": p["index"]}
                 for s, p in ranked]
 
 

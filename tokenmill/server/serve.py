@@ -140,6 +140,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the served embedding model new vector stores use (default: the one served)")
     rag.add_argument("--rag-reranker", default=None, metavar="NAME",
                      help="a served reranker (a one-label classifier) that reorders each search's nearest chunks")
+    rag.add_argument("--rag-excerpt-order", choices=["score", "document"], default="score",
+                     help="file_search's excerpts in the prompt: best first, or as the files hold them (the same "
+                          "prompt for questions that find the same excerpts: their KV is cached; a tool's "
+                          "excerpt_order overrides it)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -255,6 +259,11 @@ def check_args(args: argparse.Namespace, models: bool = True,
         raise ValueError(f"--responses-store-mb: must be a number of megabytes >= 0, got {args.responses_store_mb}")
     if not args.shutdown_timeout >= 0:  # (NaN too)
         raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout}")
+    if getattr(args, "vector_store", None) is not None:
+        try:
+            import qdrant_client  # noqa: F401
+        except ImportError:
+            raise ValueError("--vector-store: vector stores need qdrant-client: pip install 'tokenmill[rag]'") from None
     if args.tenants is not None:  # a bad file fails before any model loads
         from tokenmill.ops.tenants import load_tenants
 
@@ -286,7 +295,8 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
                                vector_store=getattr(args, "vector_store", None),
                                vector_store_api_key=getattr(args, "vector_store_api_key", None),
                                rag_embedding_model=getattr(args, "rag_embedding_model", None),
-                               rag_reranker=getattr(args, "rag_reranker", None))
+                               rag_reranker=getattr(args, "rag_reranker", None),
+                               rag_excerpt_order=getattr(args, "rag_excerpt_order", "score"))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)
@@ -301,10 +311,12 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
     @contextlib.asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
         pool.start(asyncio.get_running_loop())
+        if getattr(args, "vector_store", None) is not None:  # (a folder or a server: opened now, not by a request)
+            await app.state.retrieval.ready()
         logger.info("serving %s on %s", names, where())
         yield
         app.state.draining = True
-        app.state.retrieval.close()
+        await app.state.retrieval.aclose()
         await asyncio.to_thread(pool.stop)
         logger.info("engine stopped")
 

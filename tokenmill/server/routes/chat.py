@@ -105,13 +105,26 @@ async def plan_searched(ctx: ServerContext, search: FileSearch, build: Callable[
     512 tokens), dropping the worst first."""
     limit = ctx.llm_engine.max_model_len
     room = max_tokens or min(512, limit // 4)
-    n = len(search.results)
-    while True:
+    planned: dict[int, tuple[ChatCompletionRequest, ChatPlan]] = {}
+
+    async def fits(n: int) -> bool:
         creq = build(n)
-        plan = await plan_chat(ctx, creq)
-        if n == 0 or len(plan.ids) + room <= limit:
-            return creq, plan
-        n -= 1
+        planned[n] = (creq, await plan_chat(ctx, creq))
+        return n == 0 or len(planned[n][1].ids) + room <= limit
+
+    k = len(search.results)
+    if await fits(k):  # (all of them, which most often fit)
+        return planned[k]
+    lo, hi = 0, k - 1  # the prompt grows with n: the most that fit, in log2(k) more plans
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if await fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo not in planned:  # (0: none fit, never planned)
+        await fits(lo)
+    return planned[lo]
 
 
 def _searched(ctx: ServerContext, req: ChatCompletionRequest, n: int) -> ChatCompletionRequest:
@@ -119,7 +132,7 @@ def _searched(ctx: ServerContext, req: ChatCompletionRequest, n: int) -> ChatCom
     search: FileSearch = req._search
     tools, choice = FileSearch.other_tools(req.tools, req.tool_choice)
     messages = list(req.messages)
-    documents = search.documents(ctx.tokenizer, n)
+    documents = search.documents(ctx.tokenizer, n, req.chat_template)
     if n and documents is None:
         last = max(i for i, m in enumerate(messages) if m.role == "user")
         messages[last] = messages[last].model_copy(update={"content": search.with_excerpts(messages[last].text(), n)})
@@ -137,7 +150,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @gw.route
     async def chat_completions(request: Request) -> Response:
         ctx, req, arrival = await gw.open_request(request, ChatCompletionRequest, generation=True, precheck=_checked,
-                                                  prepare=lambda r: r._search.run(gw, _query(r), request))
+                                                  prepare=lambda r: r._search.run(gw, _query(r), request,
+                                                                                  r.cache_salt))
         search: FileSearch = req._search
         if search.present:
             req, plan = await plan_searched(ctx, search, lambda n: _searched(ctx, req, n),

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from tokenmill.server.errors import APIError
 from tokenmill.server.gateway import Gateway
@@ -23,16 +25,20 @@ def public(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
-def owner_of(gw: Gateway, request: Request) -> str | None:
-    """The caller's tenant (auth checked): the owner of what it creates and the only one who sees it."""
+def owner_of(gw: Gateway, request: Request, admitting: bool = False) -> str | None:
+    """The caller's tenant (auth checked): the owner of what it creates and the only one who sees it.
+    admitting: a request that starts work (refused while the server drains)."""
     tenant = gw.check_auth(request)
+    if admitting:
+        gw.check_admitting()
     return tenant.name if tenant is not None else None
 
 
 def list_page(objs: list[dict[str, Any]], limit: str, order: str, after: str | None, before: str | None,
-              most: int = 100) -> dict[str, Any]:
+              most: int = 100, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """OpenAI's cursor pages over objects (oldest first in objs): limit in [1, most], order by
-    creation, after/before an object's id."""
+    creation, after/before an object's id (any object's: the cursor is placed before keep, a
+    filter such as a purpose, picks the page's objects)."""
     key = "id"
     n = int(limit) if limit.isascii() and limit.isdigit() and len(limit) < 8 else 0
     if not 1 <= n <= most:
@@ -47,6 +53,8 @@ def list_page(objs: list[dict[str, Any]], limit: str, order: str, after: str | N
         if at is None:
             raise APIError(400, f"{name}: no object {cursor!r} in this list", param=name)
         objs = objs[at + 1:] if name == "after" else objs[:at]
+    if keep is not None:
+        objs = [o for o in objs if keep(o)]
     page = objs[-n:] if before is not None and after is None else objs[:n]
     more = len(objs) > n
     return {"object": "list", "data": page, "first_id": page[0][key] if page else None,
@@ -67,12 +75,32 @@ def register(app: FastAPI, gw: Gateway) -> None:
         "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
             "file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)}}}}}}})
     async def upload_file(request: Request) -> Response:
-        owner = owner_of(gw, request)
-        rag.open()
+        owner = owner_of(gw, request, admitting=True)
+        await rag.ready()
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise APIError(400, "the body must be multipart/form-data with `file` and `purpose`", param="file")
+        # The body counted as it arrives (one sent without a length is not stopped by the middleware),
+        # then parsed from memory.
+        limit, body = gw.settings.max_body_bytes, bytearray()
         try:
-            form = await request.form(max_files=1, max_fields=16)
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(413, f"request body exceeds {limit} bytes (--max-body-size bounds a file)",
+                                   code="request_too_large")
+        except ClientDisconnect:  # (gone mid-upload: nothing was stored, no one to answer)
+            return Response(status_code=499)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
         except Exception as e:  # (a malformed multipart body, too many parts)
             raise APIError(400, f"malformed multipart body: {e}", param="file") from None
         try:
@@ -98,9 +126,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                          after: str | None = None, before: str | None = None) -> Response:
         owner = owner_of(gw, request)
         files = await rag.call("find", "file", owner)
-        if purpose is not None:
-            files = [f for f in files if f["purpose"] == purpose]
-        page = list_page(files, limit, order, after, before, most=10000)
+        page = list_page(files, limit, order, after, before, most=10000,
+                         keep=None if purpose is None else lambda f: f["purpose"] == purpose)
         page["data"] = [public(f) for f in page["data"]]
         return JSONResponse(page)
 

@@ -209,9 +209,12 @@ async def _call(app: FastAPI, request: Request, method: str, path: str,
     status = await inner.start()
     if status >= 400:
         err = await inner.json()
-        message = err.get("error", {}).get("message") if isinstance(err, dict) else None
+        error = err.get("error", {}) if isinstance(err, dict) else {}
+        message = error.get("message") if isinstance(error, dict) else None
         model = model or (body.get("model") if isinstance(body, dict) else None)
-        if status == 404 and model is not None:
+        # (a missing model; a file_search tool's missing vector store says so itself)
+        tool = isinstance(error, dict) and str(error.get("param") or "").startswith("tools")
+        if status == 404 and model is not None and not tool:
             message = f"model '{model}' not found"  # (Ollama's words: clients match them)
         keep = {k: v for k, v in inner.headers.items() if k in ("retry-after", "x-should-retry")}
         raise OllamaError(status, message or f"HTTP {status}", keep or None)

@@ -561,7 +561,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
     async def create_response(request: Request) -> Response:
         try:
             ctx, req, arrival = await gw.open_request(request, ResponsesRequest, generation=True, precheck=precheck,
-                                                      prepare=lambda r: r._search.run(gw, _query(r._turn), request))
+                                                      prepare=lambda r: r._search.run(gw, _query(r._turn), request,
+                                                                                      r.cache_salt))
             search: FileSearch = req._search
             history = list(req._parent.history) if req._parent else []
 

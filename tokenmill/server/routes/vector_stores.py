@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.rag.chunking import Chunking
+from tokenmill.server.context import REQUEST_TAGS
 from tokenmill.server.errors import APIError, bad_request
 from tokenmill.server.gateway import Gateway
 from tokenmill.server.protocol import (
@@ -56,8 +57,8 @@ def counts(files: list[dict[str, Any]]) -> dict[str, int]:
 def register(app: FastAPI, gw: Gateway) -> None:
     rag = gw.retrieval
 
-    async def store_of(request: Request, vs_id: str) -> tuple[str | None, dict[str, Any]]:
-        owner = owner_of(gw, request)
+    async def store_of(request: Request, vs_id: str, admitting: bool = False) -> tuple[str | None, dict[str, Any]]:
+        owner = owner_of(gw, request, admitting)
         vs = await rag.call("get", "vector_store", vs_id, owner)
         if vs is None:
             raise APIError(404, f"No such vector store: {vs_id}", param="vector_store_id", code="not_found")
@@ -73,15 +74,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
         return public({**vs, "file_counts": c, "status": status,
                        "usage_bytes": sum(f.get("usage_bytes", 0) for f in files)})
 
-    async def touch(vs: dict[str, Any]) -> None:
-        """A store in use: its last_active_at (and the expiry anchored on it) move on; only those
-        fields are written (a rename made meanwhile stays)."""
-        vs["last_active_at"] = now = int(time.time())
-        fields: dict[str, Any] = {"last_active_at": now}
-        if vs.get("expires_after") is not None:
-            vs["expires_at"] = fields["expires_at"] = now + vs["expires_after"]["days"] * 86400
-        await rag.call("update", "vector_store", vs["id"], fields)
-
     def check_usable(vs: dict[str, Any]) -> None:
         if vs.get("expires_at") is not None and time.time() >= vs["expires_at"]:
             raise APIError(400, f"the vector store {vs['id']} has expired", param="vector_store_id",
@@ -89,7 +81,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     async def add_file(owner: str | None, vs: dict[str, Any], file_id: str, attributes: dict[str, Any] | None,
                        chunking: Chunking, batch_id: str | None = None) -> dict[str, Any]:
-        rag.check_chunking(vs["embedding_model"], chunking, "chunking_strategy")
+        rag.check_chunking(vs["embedding_model"], chunking, "chunking_strategy", vs.get("document_prompt", ""))
         f = await rag.call("get", "file", file_id, owner)
         if f is None:
             raise APIError(404, f"No such File object: {file_id}", param="file_id", code="not_found")
@@ -120,6 +112,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/vector_stores", openapi_extra=body(VectorStoreCreateRequest))
     async def create_store(request: Request) -> Response:
         tenant = gw.check_auth(request)
+        gw.check_admitting()
         owner = tenant.name if tenant is not None else None
         req: VectorStoreCreateRequest = await gw.parse(request, VectorStoreCreateRequest)
         check_metadata(req.metadata)
@@ -127,8 +120,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         if req.file_ids is not None and len(req.file_ids) > MAX_FILES:
             raise APIError(400, f"file_ids: at most {MAX_FILES} files, got {len(req.file_ids)}", param="file_ids")
         model = rag.embedder(req.embedding_model, tenant)
-        rag.check_chunking(model, chunking, "chunking_strategy")
         query_prompt, document_prompt = rag.prompts(model)
+        if req.document_prompt is not None:
+            document_prompt = req.document_prompt
+        rag.check_chunking(model, chunking, "chunking_strategy", document_prompt)
         for fid in dict.fromkeys(req.file_ids or []):  # (all found before anything is made)
             if await rag.call("get", "file", fid, owner) is None:
                 raise APIError(404, f"No such File object: {fid}", param="file_ids", code="not_found")
@@ -138,7 +133,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
               "metadata": req.metadata or {}, "expires_after": None, "expires_at": None, "embedding_model": model,
               "_seq": time.time_ns(),
               "query_prompt": req.query_prompt if req.query_prompt is not None else query_prompt,
-              "document_prompt": req.document_prompt if req.document_prompt is not None else document_prompt}
+              "document_prompt": document_prompt}
         if req.expires_after is not None:
             vs["expires_after"] = req.expires_after.model_dump()
             vs["expires_at"] = now + req.expires_after.days * 86400
@@ -213,12 +208,12 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     @app.post("/v1/vector_stores/{vs_id}/files", openapi_extra=body(VectorStoreFileRequest))
     async def create_store_file(request: Request, vs_id: str) -> Response:
-        owner, vs = await store_of(request, vs_id)
+        owner, vs = await store_of(request, vs_id, admitting=True)
         req: VectorStoreFileRequest = await gw.parse(request, VectorStoreFileRequest)
         check_usable(vs)
         check_attributes(req.attributes)
         vsf = await add_file(owner, vs, req.file_id, req.attributes, chunking_of(req.chunking_strategy))
-        await touch(vs)
+        await rag.touch(vs)
         return JSONResponse(public(vsf))
 
     @app.get("/v1/vector_stores/{vs_id}/files")
@@ -283,7 +278,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     @app.post("/v1/vector_stores/{vs_id}/file_batches", openapi_extra=body(FileBatchRequest))
     async def create_batch(request: Request, vs_id: str) -> Response:
-        owner, vs = await store_of(request, vs_id)
+        owner, vs = await store_of(request, vs_id, admitting=True)
         req: FileBatchRequest = await gw.parse(request, FileBatchRequest)
         check_usable(vs)
         if (req.file_ids is None) == (req.files is None):
@@ -301,7 +296,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
             check_attributes(attrs, f"{where}.attributes" if where else "attributes")
             param = f"{where}.chunking_strategy" if where else "chunking_strategy"
             plans.append((fid, attrs, chunking_of(strategy, param)))
-            rag.check_chunking(vs["embedding_model"], plans[-1][2], param)
+            rag.check_chunking(vs["embedding_model"], plans[-1][2], param, vs.get("document_prompt", ""))
             if await rag.call("get", "file", fid, owner) is None:
                 raise APIError(404, f"No such File object: {fid}", param="file_ids", code="not_found")
         b = {"id": f"vsfb_{uuid.uuid4().hex[:24]}", "object": "vector_store.files_batch",
@@ -309,7 +304,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         await rag.call("put", b, owner, vector_store_id=vs_id)
         for fid, attrs, chunking in dict((p[0], p) for p in plans).values():
             await add_file(owner, vs, fid, attrs, chunking, b["id"])
-        await touch(vs)
+        await rag.touch(vs)
         return JSONResponse(await shown_batch(b, owner))
 
     @app.get("/v1/vector_stores/{vs_id}/file_batches/{batch_id}")
@@ -341,9 +336,15 @@ def register(app: FastAPI, gw: Gateway) -> None:
 
     # -- search ---------------------------------------------------------------------------------
     @app.post("/v1/vector_stores/{vs_id}/search", openapi_extra=body(VectorStoreSearchRequest))
+    @gw.route
     async def search_store(request: Request, vs_id: str) -> Response:
-        owner, vs = await store_of(request, vs_id)
+        owner, vs = await store_of(request, vs_id, admitting=True)
         req: VectorStoreSearchRequest = await gw.parse(request, VectorStoreSearchRequest)
+        if owner is not None:  # a search is a tenant's request: its requests per minute and concurrency,
+            gw.admit(gw.check_auth(request))  # and its retrieval runs as the tenant's (metrics, cache namespace)
+            tags = REQUEST_TAGS.get()
+            if tags is not None:
+                tags["tenant"] = owner
         check_usable(vs)
         queries = [req.query] if isinstance(req.query, str) else req.query
         if not queries or not all(q.strip() for q in queries):
@@ -354,7 +355,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         results = await rag.search(owner, [vs], queries, req.max_num_results, req.filters,
                                    ro.score_threshold if ro is not None else None, request,
                                    ranker=ro.ranker if ro is not None else None)
-        await touch(vs)
+        await rag.touch(vs)
         return JSONResponse({"object": "vector_store.search_results.page", "search_query": queries,
                              "data": [{"file_id": r["file_id"], "filename": r["filename"], "score": r["score"],
                                        "attributes": r["attributes"], "content": [{"type": "text", "text": r["text"]}]}
