@@ -1080,6 +1080,8 @@ def test_file_search_in_chat_completions(c, servers, kb, names):
         c.chat.completions.create(model=names["gen"], messages=msgs, tools=fs_tool(vs.id), max_tokens=1,
                                   tool_choice={"type": "function", "function": {"name": "f"}})
     assert e.value.body["param"] == "tool_choice" and "file_search" in e.value.body["message"]
+    # The retrieval's own embedding requests (one per chunk of every file) stay out of the INFO log.
+    assert "request rag-" not in servers["main"].log() and "request chatcmpl-" in servers["main"].log()
     # Through Ollama's /api/chat (a translation to this route): a missing store is not a missing model.
     r = httpx.post(servers["main"].base_url + "/api/chat", timeout=60, json={
         "model": names["gen"], "stream": False, "messages": msgs, "tools": fs_tool("vs_nope")})

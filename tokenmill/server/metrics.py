@@ -206,8 +206,11 @@ class ServerMetrics:
             self.e2e.labels(name, tenant).observe(m.e2e_latency)
         if m.time_in_queue is not None:
             self.queue_time.labels(name, tenant).observe(m.time_in_queue)
-        logger.info(
-            "request %s: tenant=%s prompt_tokens=%d output_tokens=%d ttft=%s e2e=%s finish_reason=%s%s",
+        # (a RAG retrieval's own embedding and reranking requests, "rag-*": one per chunk of a file, so
+        # an upload would flood the log; debug level, errors included, since its file records them)
+        level = logging.DEBUG if out.request_id.startswith("rag-") else logging.INFO
+        logger.log(
+            level, "request %s: tenant=%s prompt_tokens=%d output_tokens=%d ttft=%s e2e=%s finish_reason=%s%s",
             out.request_id, tenant, len(out.prompt_token_ids), tokens, _secs(m.ttft), _secs(m.e2e_latency), reason,
             f" error={out.error!r}" if out.error else "",
         )
