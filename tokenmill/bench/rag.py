@@ -27,12 +27,12 @@ import io
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 
 from tokenmill.bench import check_at_least, running_server, write_json
 from tokenmill.bench.workload import make_random_model, save_synthetic_tokenizer
+from tokenmill.stats import percentile, percentile_summary
 
 SERVED, EMBED = "bench", "bench-embed"
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -186,18 +186,12 @@ async def _arm(base: str, vs_id: str, questions: list[str], order: str, args: ar
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         await asyncio.gather(*(one(client, i, q) for i, q in enumerate(questions)))
     wall = time.perf_counter() - t0
-    ttfts = sorted(r["ttft"] * 1000 for r in out)
     prompt, cached = sum(r["prompt"] for r in out), sum(r["cached"] for r in out)
-    return {"ttft_ms": {"p50": _pct(ttfts, 50), "p90": _pct(ttfts, 90), "p99": _pct(ttfts, 99),
-                        "mean": statistics.fmean(ttfts)},
-            "e2e_ms_p50": _pct(sorted(r["e2e"] * 1000 for r in out), 50), "duration_s": wall,
+    return {"ttft_ms": percentile_summary([r["ttft"] for r in out], 1000),
+            "e2e_ms_p50": percentile([r["e2e"] * 1000 for r in out], 50), "duration_s": wall,
             "requests_per_s": len(out) / wall, "prompt_tokens": prompt, "cached_tokens": cached,
             "cached_fraction": cached / prompt, "mean_prompt_tokens": prompt / len(out),
             "found": [r["found"] for r in out]}
-
-
-def _pct(xs: list[float], p: float) -> float:
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def _reordered(found: list[list]) -> dict:

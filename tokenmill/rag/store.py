@@ -83,18 +83,34 @@ class RagStore:
         conds += [m.FieldCondition(key=k, match=m.MatchValue(value=v)) for k, v in match.items()]
         conds.append(m.FieldCondition(key="owner", match=m.MatchValue(value=owner)) if owner is not None
                      else m.IsNullCondition(is_null=m.PayloadField(key="owner")))
-        flt = m.Filter(must=conds)
-        out = []
+        out = [p["obj"] for p in self._scroll(self._objects, m.Filter(must=conds))]
+        out.sort(key=lambda o: (o.get("created_at", 0), o.get("_seq", 0), self._key(o)))
+        return out
+
+    def _scroll(self, collection: str, flt: Any) -> list[dict[str, Any]]:
+        """The payloads of every point of a collection that the filter matches, a page at a time."""
+        out: list[dict[str, Any]] = []
         offset = None
         with self.lock:
             while True:
-                points, offset = self.client.scroll(self._objects, scroll_filter=flt, limit=1000, offset=offset,
+                points, offset = self.client.scroll(collection, scroll_filter=flt, limit=1000, offset=offset,
                                                     with_payload=True)
-                out += [p.payload["obj"] for p in points if p.payload.get("owner") == owner]
+                out += [p.payload for p in points]
                 if offset is None:
-                    break
-        out.sort(key=lambda o: (o.get("created_at", 0), o.get("_seq", 0), self._key(o)))
-        return out
+                    return out
+
+    def fail_in_progress(self, message: str) -> None:
+        """Files left in_progress (by a server that stopped): failed, and what they had embedded
+        dropped, so no search finds half a file."""
+        from qdrant_client import models as m
+
+        flt = m.Filter(must=[m.FieldCondition(key="kind", match=m.MatchValue(value="vector_store.file"))])
+        for p in self._scroll(self._objects, flt):
+            obj = p["obj"]
+            if obj["status"] == "in_progress":
+                self.delete_file_chunks(obj["vector_store_id"], obj["id"])
+                self.update("vector_store.file", self._key(obj), {
+                    "status": "failed", "usage_bytes": 0, "last_error": {"code": "server_error", "message": message}})
 
     def update(self, kind: str, key: str, fields: dict[str, Any], only_if: dict[str, Any] | None = None) -> bool:
         """Sets some of a stored object's fields (the others stay as they are, whoever wrote them
@@ -203,15 +219,7 @@ class RagStore:
 
     def file_chunks(self, vs_id: str, file_id: str) -> list[dict[str, Any]]:
         """A file's chunks' payloads, in order."""
-        out: list[dict[str, Any]] = []
-        offset = None
-        with self.lock:
-            while True:
-                points, offset = self.client.scroll(self._chunks(vs_id), scroll_filter=self._file_filter(file_id),
-                                                    limit=1000, offset=offset, with_payload=True)
-                out += [p.payload for p in points]
-                if offset is None:
-                    break
+        out = self._scroll(self._chunks(vs_id), self._file_filter(file_id))
         out.sort(key=lambda p: p["index"])
         return out
 

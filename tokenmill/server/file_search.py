@@ -14,7 +14,6 @@ citing the files.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from fastapi import Request
 
 from tokenmill.server.context import REQUEST_TAGS
 from tokenmill.server.errors import APIError
+from tokenmill.server.retrieval import expired
 
 RANKERS = (None, "auto", "default-2024-11-15", "none")
 
@@ -99,7 +99,7 @@ class FileSearch:
                 e = self.bad(param, f"no vector store {vs_id!r}")
                 e.status, e.code, e.type = 404, "not_found", "not_found_error"
                 raise e
-            if vs.get("expires_at") is not None and time.time() >= vs["expires_at"]:
+            if expired(vs):
                 raise self.bad(param, f"the vector store {vs_id} has expired")
             stores.append(vs)
         try:

@@ -67,8 +67,10 @@ class Retrieval:
     # -- the store ------------------------------------------------------------------------------
     def _open(self) -> RagStore:
         store = RagStore(self.location, self.api_key)
+        # A folder's in-progress files were left by a server that stopped (nothing else uses the
+        # folder); a Qdrant server's are left as they are: another replica may be embedding them.
         if self.location is not None and not self.location.startswith(("http://", "https://")):
-            self._interrupted(store)
+            store.fail_in_progress("the server stopped while embedding this file")
         return store
 
     async def ready(self) -> RagStore:
@@ -82,29 +84,6 @@ class Retrieval:
                     except ValueError as e:
                         raise APIError(501, str(e), code="not_installed", headers={"x-should-retry": "false"}) from None
         return self._store
-
-    @staticmethod
-    def _interrupted(store: RagStore) -> None:
-        """Files left in_progress in a folder store by a server that stopped: failed, and what they
-        had embedded dropped (nothing else uses the folder, so no one is still embedding them). A
-        Qdrant server's are left: another replica may be embedding them."""
-        from qdrant_client import models as m
-
-        flt = m.Filter(must=[m.FieldCondition(key="kind", match=m.MatchValue(value="vector_store.file"))])
-        offset = None
-        while True:
-            points, offset = store.client.scroll(store._objects, scroll_filter=flt, limit=1000, offset=offset,
-                                                 with_payload=True)
-            for p in points:
-                obj = p.payload["obj"]
-                if obj["status"] != "in_progress":
-                    continue
-                store.delete_file_chunks(obj["vector_store_id"], obj["id"])
-                store.update("vector_store.file", f"{obj['vector_store_id']}/{obj['id']}", {
-                    "status": "failed", "usage_bytes": 0,
-                    "last_error": {"code": "server_error", "message": "the server stopped while embedding this file"}})
-            if offset is None:
-                return
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """store.method(...) off the event loop, one call at a time."""
@@ -368,10 +347,8 @@ class Retrieval:
         """Whether a tenant (owner; None: no tenants) may use a model: a tenant kept off the
         reranker gets the embedding's ranking."""
         tenants = self.gw.tenants
-        if tenants is None or owner is None:
-            return True
-        tenant = next((t for t in tenants.config.tenants if t.name == owner), None)
-        return tenant is None or tenant.allows(model)
+        state = tenants.states.get(owner) if tenants is not None and owner is not None else None
+        return state is None or state.tenant.allows(model)
 
     async def _nearest(self, stores: list[dict[str, Any]], queries: list[str], k: int, flt: Any,
                        threshold: float | None, request: Request | None,
@@ -394,6 +371,11 @@ class Retrieval:
                  "attributes": p.get("attributes") or {}, "vector_store_id": p["vector_store_id"],
                  "index": p["index"]}
                 for s, p in ranked]
+
+
+def expired(vs: dict[str, Any]) -> bool:
+    """Whether a vector store has expired (expires_after, counted from its last use)."""
+    return vs.get("expires_at") is not None and time.time() >= vs["expires_at"]
 
 
 class _FileError(Exception):

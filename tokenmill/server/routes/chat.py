@@ -4,7 +4,7 @@ not, with logprobs, vLLM's prompt_logprobs, structured outputs and tool calls (s
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,17 +98,17 @@ async def plan_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(text, ids, params, tools, k, rparser)
 
 
-async def plan_searched(ctx: ServerContext, search: FileSearch, build: Callable[[int], ChatCompletionRequest],
+async def plan_searched(ctx: ServerContext, req: ChatCompletionRequest, search: FileSearch,
                         max_tokens: int | None) -> tuple[ChatCompletionRequest, ChatPlan]:
-    """A request with a file_search's excerpts planned: build(n) is the request with the best n; as
-    many are kept as leave the answer its room (max_tokens, else a quarter of the context up to
-    512 tokens), dropping the worst first."""
+    """A chat request (a Responses request's too) planned with its file_search's excerpts: as many
+    of the best are kept as leave the answer its room (max_tokens, else a quarter of the context up
+    to 512 tokens), dropping the worst first."""
     limit = ctx.llm_engine.max_model_len
     room = max_tokens or min(512, limit // 4)
     planned: dict[int, tuple[ChatCompletionRequest, ChatPlan]] = {}
 
     async def fits(n: int) -> bool:
-        creq = build(n)
+        creq = _with_excerpts(ctx, req, search, n)
         planned[n] = (creq, await plan_chat(ctx, creq))
         return n == 0 or len(planned[n][1].ids) + room <= limit
 
@@ -127,9 +127,9 @@ async def plan_searched(ctx: ServerContext, search: FileSearch, build: Callable[
     return planned[lo]
 
 
-def _searched(ctx: ServerContext, req: ChatCompletionRequest, n: int) -> ChatCompletionRequest:
-    """The chat request with the best n excerpts of its file_search, and without the tool."""
-    search: FileSearch = req._search
+def _with_excerpts(ctx: ServerContext, req: ChatCompletionRequest, search: FileSearch, n: int) -> ChatCompletionRequest:
+    """The chat request with the best n excerpts of its file_search (the template's documents, or
+    before its latest user message), and without the tool."""
     tools, choice = FileSearch.other_tools(req.tools, req.tool_choice)
     messages = list(req.messages)
     documents = search.documents(ctx.tokenizer, n, req.chat_template)
@@ -154,9 +154,8 @@ def register(app: FastAPI, gw: Gateway) -> None:
                                                                                   r.cache_salt))
         search: FileSearch = req._search
         if search.present:
-            req, plan = await plan_searched(ctx, search, lambda n: _searched(ctx, req, n),
-                                            req.max_completion_tokens if req.max_completion_tokens is not None
-                                            else req.max_tokens)
+            req, plan = await plan_searched(ctx, req, search, req.max_completion_tokens
+                                            if req.max_completion_tokens is not None else req.max_tokens)
             if search.call is not None:
                 _extras()["file_search_call"] = search.call
         else:

@@ -250,15 +250,6 @@ def _query(turn: list[dict[str, Any]]) -> str | None:
     return next((m["content"] for m in reversed(turn) if m["role"] == "user"), None)
 
 
-def _with_excerpts(search: FileSearch, turn: list[dict[str, Any]], n: int, tokenizer: Any) -> list[dict[str, Any]]:
-    """The turn with the best n excerpts in its latest user message (unless the template takes them
-    as documents)."""
-    if n == 0 or search.documents(tokenizer, n) is not None:
-        return turn
-    last = max(i for i, m in enumerate(turn) if m["role"] == "user")
-    return turn[:last] + [{**turn[last], "content": search.with_excerpts(turn[last]["content"], n)}] + turn[last + 1:]
-
-
 def _owner() -> str | None:
     tags = REQUEST_TAGS.get()
     return tags.get("tenant") if tags else None
@@ -563,16 +554,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
             ctx, req, arrival = await gw.open_request(request, ResponsesRequest, generation=True, precheck=precheck,
                                                       prepare=lambda r: r._search.run(gw, _query(r._turn), request,
                                                                                       r.cache_salt))
+            # (again: a tenant's max_tokens cap may have set max_output_tokens since)
+            creq = chat_request(req, list(req._parent.history) if req._parent else [], req._turn)
             search: FileSearch = req._search
-            history = list(req._parent.history) if req._parent else []
-
-            def build(n: int) -> ChatCompletionRequest:
-                # (again: a tenant's max_tokens cap may have set max_output_tokens since)
-                creq = chat_request(req, history, _with_excerpts(search, req._turn, n, ctx.tokenizer))
-                creq.documents = search.documents(ctx.tokenizer, n)
-                return creq
-
-            creq, plan = await plan_searched(ctx, search, build, req.max_output_tokens)
+            creq, plan = await plan_searched(ctx, creq, search, req.max_output_tokens)
             if req.truncation == "auto":
                 creq, plan = await _fit(ctx, creq, plan)
             run = _Run(gw, req, req._parent, req._turn, ctx.name, arrival, plan.params.temperature, plan.params.top_p)

@@ -29,6 +29,7 @@ from tokenmill.server.protocol import (
     VectorStoreSearchRequest,
     VectorStoreUpdateRequest,
 )
+from tokenmill.server.retrieval import expired
 from tokenmill.server.routes import body
 from tokenmill.server.routes.files import list_page, owner_of, public
 
@@ -68,20 +69,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
         """A store as the API shows it: file counts, usage and status from its files."""
         files = await rag.call("find", "vector_store.file", owner, vector_store_id=vs["id"])
         c = counts(files)
-        expires_at = vs.get("expires_at")
-        status = ("expired" if expires_at is not None and time.time() >= expires_at
-                  else "in_progress" if c["in_progress"] else "completed")
+        status = "expired" if expired(vs) else "in_progress" if c["in_progress"] else "completed"
         return public({**vs, "file_counts": c, "status": status,
                        "usage_bytes": sum(f.get("usage_bytes", 0) for f in files)})
 
     def check_usable(vs: dict[str, Any]) -> None:
-        if vs.get("expires_at") is not None and time.time() >= vs["expires_at"]:
+        if expired(vs):
             raise APIError(400, f"the vector store {vs['id']} has expired", param="vector_store_id",
                            code="vector_store_expired")
 
     async def add_file(owner: str | None, vs: dict[str, Any], file_id: str, attributes: dict[str, Any] | None,
                        chunking: Chunking, batch_id: str | None = None) -> dict[str, Any]:
-        rag.check_chunking(vs["embedding_model"], chunking, "chunking_strategy", vs.get("document_prompt", ""))
         f = await rag.call("get", "file", file_id, owner)
         if f is None:
             raise APIError(404, f"No such File object: {file_id}", param="file_id", code="not_found")
@@ -104,9 +102,6 @@ def register(app: FastAPI, gw: Gateway) -> None:
             return Chunking.from_request(strategy, where)
         except ValueError as e:
             raise bad_request(e) from None
-
-    def check_attributes(attrs: dict[str, Any] | None, param: str = "attributes") -> None:
-        check_metadata(attrs, param)
 
     # -- stores ---------------------------------------------------------------------------------
     @app.post("/v1/vector_stores", openapi_extra=body(VectorStoreCreateRequest))
@@ -211,8 +206,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         owner, vs = await store_of(request, vs_id, admitting=True)
         req: VectorStoreFileRequest = await gw.parse(request, VectorStoreFileRequest)
         check_usable(vs)
-        check_attributes(req.attributes)
-        vsf = await add_file(owner, vs, req.file_id, req.attributes, chunking_of(req.chunking_strategy))
+        check_metadata(req.attributes, "attributes")
+        chunking = chunking_of(req.chunking_strategy)
+        rag.check_chunking(vs["embedding_model"], chunking, "chunking_strategy", vs.get("document_prompt", ""))
+        vsf = await add_file(owner, vs, req.file_id, req.attributes, chunking)
         await rag.touch(vs)
         return JSONResponse(public(vsf))
 
@@ -234,7 +231,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     async def update_store_file(request: Request, vs_id: str, file_id: str) -> Response:
         owner, vs, vsf = await file_of(request, vs_id, file_id)
         req: VectorStoreFileUpdateRequest = await gw.parse(request, VectorStoreFileUpdateRequest)
-        check_attributes(req.attributes)
+        check_metadata(req.attributes, "attributes")
         vsf["attributes"] = req.attributes or {}
         # (the record first: an ingestion still running reads it when done and gives its later chunks these)
         await rag.call("update", "vector_store.file", f"{vs_id}/{file_id}", {"attributes": vsf["attributes"]})
@@ -293,7 +290,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         plans = []
         for i, (fid, attrs, strategy) in enumerate(items):
             where = f"files[{i}]" if req.files is not None else ""
-            check_attributes(attrs, f"{where}.attributes" if where else "attributes")
+            check_metadata(attrs, f"{where}.attributes" if where else "attributes")
             param = f"{where}.chunking_strategy" if where else "chunking_strategy"
             plans.append((fid, attrs, chunking_of(strategy, param)))
             rag.check_chunking(vs["embedding_model"], plans[-1][2], param, vs.get("document_prompt", ""))
