@@ -251,6 +251,40 @@ class BlockManager:
             self.num_hit_tokens += cached_tokens
         return True
 
+    def take_imports(self, keys: list[bytes]) -> tuple[list[tuple[int, int]], int]:
+        """KV transfer (engine/kv_transfer.py): a fresh block for each key not cached yet, in order,
+        as many as are free (a block of the prefix that does not fit makes the rest useless). They
+        are held (ref count 1) until release_imports; returns [(index into keys, block)] and how
+        many keys were cached already."""
+        taken: list[tuple[int, int]] = []
+        present = 0
+        if not self.enable_prefix_caching:
+            return taken, present
+        for i, key in enumerate(keys):
+            if key in self._cached:
+                present += 1
+                continue
+            if self.num_free_blocks == 0:
+                break
+            taken.append((i, self._take_fresh()))
+        return taken, present
+
+    def release_imports(self, keys: list[bytes], taken: list[tuple[int, int]], written: bool) -> None:
+        """Imported blocks whose KV is written (written) join the cache under their keys, last block
+        first, so the least recently used end evicts a prefix's tail before the blocks it depends on;
+        otherwise they go back to the free list."""
+        for i, block in reversed(taken):
+            self.ref_counts[block] = 0
+            key = keys[i]
+            if written and key not in self._cached:
+                self._cached[key] = block
+                self._block_key[block] = key
+                self._evictable[block] = None
+                if self.events is not None:
+                    self.events.append(("stored", key))
+            else:
+                self._free.append(block)
+
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self._copies = self._copies, []
         return copies

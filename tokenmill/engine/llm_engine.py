@@ -22,6 +22,7 @@ import torch
 
 from tokenmill.attention import get_attention_backend
 from tokenmill.config import POOLING_TASKS, EngineConfig, ModelConfig, parse_dtype
+from tokenmill.engine import kv_transfer
 from tokenmill.engine.beam import BeamSearch
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer
@@ -230,6 +231,9 @@ class LLMEngine:
         self.before_step: Callable[[], None] | None = self.energy.before_step
         self.on_step = self.energy.on_step
         self.requests: dict[str, Request] = {}
+        # KV held for a decode worker (request id -> (a sequence holding the blocks, monotonic deadline))
+        self.kv_holds: dict[str, tuple[Sequence, float]] = {}
+        self._kv_fingerprint: str | None = None
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
         tok = self.tokenizer
@@ -385,8 +389,16 @@ class LLMEngine:
             params.use_beam_search, params.temperature = False, 0.0
         admitted = isinstance(prompt, dict) and bool(prompt.get("slo_admitted"))
         uncounted = isinstance(prompt, dict) and bool(prompt.get("uncounted"))
+        hold = prompt.get("kv_hold") if isinstance(prompt, dict) else None
+        if hold is not None:
+            if not self.config.enable_prefix_caching or self.pooling:
+                raise ValueError("kv_transfer_params: KV transfer needs prefix caching and a generative model")
+            tid, secs = hold
+            if not isinstance(tid, str) or not isinstance(secs, (int, float)) or not 0 < secs <= 3600:
+                raise ValueError(f"kv_hold: a (transfer id, seconds in (0, 3600]) pair, got {hold!r}")
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
-                      tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, uncounted=uncounted)
+                      tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, uncounted=uncounted,
+                      kv_hold=hold)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -532,6 +544,8 @@ class LLMEngine:
         if self.parked:
             return 0
         self._ready = self.drain()  # (their outputs go out with take_outputs, or the next step)
+        for rid in list(self.kv_holds):  # their KV goes with the cache
+            self.release_kv_hold(rid)
         # The weights first: if that fails (no pinned memory) nothing else has changed.
         if offload_weights if offload_weights is not None else self.device.type != "cpu":
             self.runner.offload_weights()
@@ -1030,7 +1044,97 @@ class LLMEngine:
             hit = seq.detokenizer.flush(check)
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
+        if seq.request.kv_hold is not None and seq.index == 0 and seq.finish_reason in ("stop", "length"):
+            self._hold_kv(seq)
         self.scheduler.finish(seq)
+
+    # -- KV transfer (prefill/decode disaggregation: engine/kv_transfer.py) ------------------
+    @property
+    def kv_fingerprint(self) -> str:
+        """What KV from another engine must match to enter this one's cache."""
+        if self._kv_fingerprint is None:
+            c = self.config
+            spec = c.speculative_config
+            draft = spec.model if spec is not None and spec.method == "draft_model" else None
+            self._kv_fingerprint = kv_transfer.fingerprint(c.model, self.dtype, c.quantization, c.block_size, draft)
+        return self._kv_fingerprint
+
+    def _hold_kv(self, seq: Sequence) -> None:
+        """Keeps a finished prompt's blocks referenced for export_kv, until its hold's seconds pass.
+        Holds take at most half the cache: beyond it the oldest are let go (a decode worker that
+        finds none recomputes; holds must not starve the requests running here)."""
+        tid, secs = seq.request.kv_hold  # type: ignore[misc]
+        self.release_kv_hold(tid)
+        bm = self.block_manager
+        holder = Sequence(seq.request, 0, list(seq.token_ids), seq.num_prompt_tokens)
+        bm.fork(seq, holder)
+        self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
+        held = sum(len(h.block_table) for h, _ in self.kv_holds.values())
+        while held > bm.num_blocks // 2 and len(self.kv_holds) > 1:
+            oldest = next(iter(self.kv_holds))
+            held -= len(self.kv_holds[oldest][0].block_table)
+            self.release_kv_hold(oldest)
+
+    def release_kv_hold(self, transfer_id: str) -> bool:
+        entry = self.kv_holds.pop(transfer_id, None)
+        if entry is None:
+            return False
+        self.block_manager.free(entry[0])  # (its id in take_freed: no row in the runner's batch, ignored)
+        return True
+
+    def expire_kv_holds(self, now: float | None = None) -> int:
+        """Lets go of holds nobody took in time; how many."""
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, (_, deadline) in self.kv_holds.items() if deadline <= now]
+        for rid in expired:
+            self.release_kv_hold(rid)
+        return len(expired)
+
+    def export_kv(self, transfer_id: str, skip_blocks: int = 0) -> kv_transfer.KVPayload | None:
+        """The held prompt's full blocks (after the first skip_blocks, which the receiver has) with
+        their keys, and the hold released; None when there is no such hold (taken, expired)."""
+        entry = self.kv_holds.get(transfer_id)
+        if entry is None:
+            return None
+        holder = entry[0]
+        bm = self.block_manager
+        try:
+            n = min(holder.num_computed_tokens // bm.block_size, len(holder.block_table))
+            bm._extend_hashes(holder, n * bm.block_size)
+            n = min(n, len(holder.block_hashes))
+            skip = min(max(0, skip_blocks), n)
+            blocks = holder.block_table[skip:n]
+            runner = self.runner
+            kv = kv_transfer.gather(runner.kv_caches, blocks)
+            draft = (kv_transfer.gather(runner.drafter.kv_caches, blocks)
+                     if runner.drafter is not None and runner.drafter.kv_caches else None)
+            return kv_transfer.KVPayload(holder.block_hashes[skip:n], kv, draft, self.kv_fingerprint, bm.block_size)
+        finally:
+            self.release_kv_hold(transfer_id)
+
+    def import_kv(self, payload: kv_transfer.KVPayload) -> dict[str, int]:
+        """Puts another engine's blocks into this one's prefix cache under their keys (the ones it
+        lacks, as many as free blocks hold). KVTransferError when they do not fit this engine."""
+        if self.parked:
+            raise kv_transfer.KVTransferError("the model is parked")
+        if not self.config.enable_prefix_caching or self.pooling:
+            raise kv_transfer.KVTransferError("KV transfer needs prefix caching and a generative model")
+        runner, bm = self.runner, self.block_manager
+        drafts = runner.drafter.kv_caches if runner.drafter is not None else []
+        kv_transfer.check_fits(payload, runner.kv_caches, drafts, self.kv_fingerprint, bm.block_size)
+        taken, present = bm.take_imports(payload.keys)
+        written = False
+        try:
+            if taken:
+                idx = torch.tensor([i for i, _ in taken])
+                blocks = [b for _, b in taken]
+                kv_transfer.scatter(runner.kv_caches, blocks, payload.kv.index_select(2, idx))
+                if payload.draft_kv is not None:
+                    kv_transfer.scatter(drafts, blocks, payload.draft_kv.index_select(2, idx))
+            written = True
+        finally:
+            bm.release_imports(payload.keys, taken, written)
+        return {"blocks": payload.num_blocks, "imported": len(taken), "present": present}
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
         outs = []

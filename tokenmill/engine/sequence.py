@@ -157,6 +157,9 @@ class Request:
     uncounted: bool = False
     compute: Any = None  # the request's share of the steps it ran in (tokenmill/ops/energy.py), when accounted
     final_only: bool = False  # step() reports it only once it has finished (LLMEngine.add_request)
+    # Prefill/decode disaggregation: a finished prompt's blocks are held for a decode worker to take
+    # (LLMEngine.export_kv): (transfer id, seconds).
+    kv_hold: tuple[str, float] | None = None
     prompt_array: Any = field(default=None, repr=False)  # prompt_token_ids as int64 numpy (repetition penalty)
     allowed_mask: Any = field(default=None, repr=False)  # allowed_token_ids as a bitmask row (made on first use)
 

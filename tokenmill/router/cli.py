@@ -10,6 +10,7 @@ import secrets
 import tempfile
 import urllib.parse
 
+from tokenmill.router.disagg import DISAGG_POLICIES, DisaggConfig
 from tokenmill.router.policy import POLICIES, KVAwareWeights
 from tokenmill.router.router import Router, RouterConfig
 
@@ -27,6 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="start N local `tokenmill serve` replicas; the arguments the router does not know "
                    "(--model, --max-num-seqs, ...) are passed to each")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL",
+                   help="a prefill worker's base URL (repeatable): a `tokenmill serve --kv-transfer`, as the replicas "
+                   "must be; prefills go there when --disagg-policy says, and their KV to the decoding replica")
+    p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
+                   help="start N local prefill workers (with --replicas N: every local server gets --kv-transfer)")
+    p.add_argument("--disagg-policy", choices=DISAGG_POLICIES, default=DisaggConfig.policy,
+                   help="with prefill workers: auto sends a prefill there when its replica is decoding, the prompt "
+                   "is long and the prefill workers keep up; always: every prompt of --disagg-min-tokens; never")
+    p.add_argument("--disagg-min-tokens", type=int, default=DisaggConfig.min_tokens, metavar="N",
+                   help="uncached prompt tokens from which a prefill may go to a prefill worker")
+    p.add_argument("--disagg-max-queue-tokens", type=int, default=DisaggConfig.max_queue_tokens, metavar="N",
+                   help="auto: a prefill worker with more prompt tokens queued than this is not asked")
     p.add_argument("--replica-threads", type=int, default=None, metavar="T",
                    help="torch threads per local replica (default: the cores shared out among them)")
     p.add_argument("--replica-log-dir", default=None, help="where local replicas write their logs")
@@ -73,8 +86,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout!r}")
     if args.replica_threads is not None and args.replica_threads < 1:
         raise ValueError(f"--replica-threads: must be >= 1, got {args.replica_threads}")
-    for url in args.replica:
+    for url in args.replica + args.prefill:
         check_replica_url(url)
+    if args.disagg_min_tokens < 0 or args.disagg_max_queue_tokens < 0:
+        raise ValueError("--disagg-min-tokens and --disagg-max-queue-tokens: must be >= 0")
     tenants = None
     if args.tenants is not None:
         from tokenmill.ops.tenants import load_tenants
@@ -85,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                         health_timeout_s=args.health_timeout,
                         tokenizer=args.tokenizer,
                         replica_api_key=args.replica_api_key or os.environ.get("TOKENMILL_API_KEY"),
-                        max_body_bytes=args.max_body_size, tenants=tenants)
+                        max_body_bytes=args.max_body_size, tenants=tenants,
+                        disagg=DisaggConfig(args.disagg_policy, args.disagg_min_tokens, args.disagg_max_queue_tokens))
 
 
 def run(args: argparse.Namespace, serve_args: list[str]) -> int:
@@ -96,11 +112,16 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
 
     if not args.replica and not args.replicas:
         raise ValueError("router: give replicas (--replica URL, repeatable) or --replicas N to start local ones")
-    if serve_args and not args.replicas:
+    if serve_args and not (args.replicas or args.prefill_replicas):
         raise ValueError(f"unrecognized arguments: {' '.join(serve_args)} (serve arguments go with --replicas N)")
-    if args.replicas < 0:
-        raise ValueError(f"--replicas: must be >= 0, got {args.replicas}")
-    if args.replicas:
+    if args.replicas < 0 or args.prefill_replicas < 0:
+        raise ValueError("--replicas and --prefill-replicas: must be >= 0")
+    if args.prefill_replicas and not (args.replicas or args.replica):
+        raise ValueError("--prefill-replicas: prefill workers need replicas to decode (--replicas N or --replica URL)")
+    if args.prefill_replicas or args.prefill:
+        if "--kv-transfer" not in serve_args:  # every local server moves KV
+            serve_args = [*serve_args, "--kv-transfer"]
+    if args.replicas or args.prefill_replicas:
         given = _serve_api_key(serve_args)
         if args.replica_api_key is None:  # local replicas behind a key: the router's own calls need it too
             args.replica_api_key = given or os.environ.get("TOKENMILL_API_KEY")  # (theirs by default too)
@@ -116,20 +137,25 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
     config = config_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health check otherwise
     sock = bind_socket(args.host, args.port)
-    local = None
+    locals_: list[LocalReplicas] = []
     try:
-        urls = list(args.replica)
-        if args.replicas:
-            threads = args.replica_threads or max(1, (os.cpu_count() or 1) // args.replicas)
+        urls, prefill = list(args.replica), list(args.prefill)
+        n_local = args.replicas + args.prefill_replicas
+        if n_local:
+            threads = args.replica_threads or max(1, (os.cpu_count() or 1) // n_local)
             log_dir = args.replica_log_dir or tempfile.mkdtemp(prefix="tokenmill-replicas-")
-            local = LocalReplicas(args.replicas, serve_args, threads=threads, log_dir=log_dir)
-            local.start()
-            logger.info("starting %d local replicas (logs in %s)", args.replicas, log_dir)
-            local.wait_ready()
-            urls += local.urls
-        router = Router(config, urls)
+            for n, name in ((args.replicas, "replica"), (args.prefill_replicas, "prefill")):
+                if n:
+                    locals_.append(LocalReplicas(n, serve_args, threads=threads, log_dir=log_dir, name=name))
+                    locals_[-1].start()
+            logger.info("starting %d local replicas and %d prefill workers (logs in %s)", args.replicas,
+                        args.prefill_replicas, log_dir)
+            for local in locals_:
+                local.wait_ready()
+                (prefill if local.name == "prefill" else urls).extend(local.urls)
+        router = Router(config, urls, prefill=prefill)
         app = router.app
-        if local is not None:
+        if locals_:
             inner = app.router.lifespan_context
 
             def lifespan(a):  # supervise the local replicas while serving
@@ -138,14 +164,16 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
                 @contextlib.asynccontextmanager
                 async def cm():
                     async with inner(a):
-                        local.supervise()
+                        for local in locals_:
+                            local.supervise()
                         yield
 
                 return cm()
 
             app.router.lifespan_context = lifespan
-        logger.info("router on http://%s:%d over %s (policy %s)", args.host, sock.getsockname()[1], ", ".join(urls),
-                    config.policy)
+        logger.info("router on http://%s:%d over %s (policy %s)%s", args.host, sock.getsockname()[1], ", ".join(urls),
+                    config.policy, f"; prefill workers {', '.join(prefill)} (disagg {config.disagg.policy})"
+                    if prefill else "")
         level = (getattr(args, "log_level", None) or "info").lower()
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level, access_log=False,
                                         root_path=args.root_path,
@@ -154,7 +182,7 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
-        if local is not None:
+        for local in locals_:
             local.stop()
         sock.close()
 

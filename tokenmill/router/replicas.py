@@ -37,6 +37,7 @@ class Replica:
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = headers or {}
+        self.role = "decode"  # or "prefill": a prefill worker, asked only for remote prefills (router/disagg.py)
         self.up = False
         self.failures = 0  # consecutive failed checks (backoff)
         self.timeouts = 0  # consecutive checks that got no answer at all (a hung replica)
@@ -184,9 +185,10 @@ class LocalReplicas:
     (with backoff) when one dies, stopped (SIGTERM: they drain) with the router."""
 
     def __init__(self, n: int, serve_args: list[str], threads: int | None = None, log_dir: str | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", name: str = "replica") -> None:
         from tokenmill.server.serve import free_port
 
+        self.name = name  # "replica", or "prefill" (prefill workers: their logs are prefill0.log, ...)
         self.serve_args = serve_args
         self.host = host
         self.threads = threads
@@ -213,7 +215,7 @@ class LocalReplicas:
         if not self.log_dir:
             return subprocess.Popen(cmd, env=env, preexec_fn=die)
         os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, f"replica{i}.log"), "a") as out:  # the child keeps its own copy
+        with open(os.path.join(self.log_dir, f"{self.name}{i}.log"), "a") as out:  # the child keeps its own copy
             self._log_start[i] = out.tell()  # (a log dir given again holds earlier runs too)
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die)
 
@@ -228,13 +230,13 @@ class LocalReplicas:
         deadline = time.time() + timeout
         for i, (p, url) in enumerate(zip(self.procs, self.urls)):
             assert p is not None
-            log = f"; its log: {self.log_dir}/replica{i}.log" if self.log_dir else ""
+            log = f"; its log: {self.log_dir}/{self.name}{i}.log" if self.log_dir else ""
             try:
-                wait_healthy(p, url, max(0.0, deadline - time.time()), lambda i=i, log=log: f" (replica {i}{log})")
+                wait_healthy(p, url, max(0.0, deadline - time.time()), lambda i=i, log=log: f" ({self.name} {i}{log})")
             except RuntimeError:
                 why = self._log_error(i)
                 if p.poll() is not None and why:  # it refused its settings: say why, as `serve` would
-                    raise ValueError(f"replica {i} did not start: {why}{log}") from None
+                    raise ValueError(f"{self.name} {i} did not start: {why}{log}") from None
                 raise
 
     def _log_error(self, i: int) -> str | None:
@@ -242,7 +244,7 @@ class LocalReplicas:
         if not self.log_dir:
             return None
         try:
-            with open(os.path.join(self.log_dir, f"replica{i}.log"), "rb") as f:
+            with open(os.path.join(self.log_dir, f"{self.name}{i}.log"), "rb") as f:
                 f.seek(max(self._log_start[i], os.fstat(f.fileno()).st_size - 65536))
                 lines = f.read().decode(errors="replace").splitlines()
         except OSError:
@@ -261,7 +263,7 @@ class LocalReplicas:
                     continue
                 self.restarts[i] += 1
                 delay = min(backoff_max, BACKOFF_START_S * 2 ** min(self.restarts[i] - 1, 10))
-                logger.warning("replica %d exited with %s; restarting in %.2f s", i, p.returncode, delay)
+                logger.warning("%s %d exited with %s; restarting in %.2f s", self.name, i, p.returncode, delay)
                 self.procs[i] = None
                 asyncio.get_running_loop().call_later(delay, self._restart, i)
 

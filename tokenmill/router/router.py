@@ -64,6 +64,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import get_route_path
 
 from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_salt
+from tokenmill.router.disagg import DisaggConfig, decide, prefill_body
 from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
@@ -119,6 +120,7 @@ class RouterConfig:
     replica_api_key: str | None = None  # for the router's own calls (KV events)
     max_body_bytes: int = 8 * 2**20
     tenants: TenantsConfig | None = None  # keys, and fleet-wide concurrency and requests/min (module docstring)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)  # with prefill workers: when they prefill
 
 
 class NoReplica(Exception):
@@ -149,6 +151,17 @@ class _Metrics:
                          ["replica"], registry=r)
         blocks = Gauge(p + "replica_cached_blocks", "Cached prefix blocks the replica reports", ["replica"],
                        registry=r)
+        self.prefills = Counter(p + "prefill_decisions", "Where prompts were prefilled (remote: on a prefill "
+                                "worker, its KV moved to the decode replica), and why", ["where", "reason"],
+                                registry=r)
+        self.kv_transfer_bytes = Counter(p + "kv_transfer_bytes", "KV moved from prefill workers to replicas",
+                                         registry=r)
+        self.kv_transfer_blocks = Counter(p + "kv_transfer_blocks", "KV blocks a replica took from a prefill "
+                                          "worker", registry=r)
+        self.kv_transfer_failures = Counter(p + "kv_transfer_failures", "Remote prefills that fell back to a "
+                                            "local prefill, by stage", ["stage"], registry=r)
+        self.remote_prefill = Histogram(p + "remote_prefill_seconds", "A remote prefill and its KV transfer",
+                                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.rejected = Counter(p + "tenant_rejected", "Requests the router refused by a tenant's limit",
                                 ["tenant", "limit"], registry=r)
         tenant_inflight = Gauge(p + "tenant_requests_in_flight", "A tenant's requests in flight in the fleet",
@@ -179,6 +192,7 @@ class _Ticket:
     def __init__(self, replica: Replica, model: str, keys: list[bytes], uncached: int) -> None:
         self.id = next(self._ids)
         self.replica, self.model, self.keys = replica, model, keys
+        self.candidate: Candidate | None = None  # the replica as routing saw it (before this request)
         replica.inflight += 1
         replica.prefilling[self.id] = uncached
         replica.index.add_pending(model, keys)
@@ -212,6 +226,7 @@ class _Plan:
     # count it; `counted`: its prompt and predicted cached tokens were, once (not per attempt).
     generation: bool = False
     counted: bool = False
+    prefill: dict[str, Any] | None = None  # the body a prefill worker would get (disagg.prefill_body)
 
     def keys(self, block_size: int | None) -> list[bytes]:
         if self.ids is None or block_size is None:
@@ -222,7 +237,8 @@ class _Plan:
 
 
 class Router:
-    def __init__(self, config: RouterConfig | None = None, replicas: list[str] | None = None) -> None:
+    def __init__(self, config: RouterConfig | None = None, replicas: list[str] | None = None,
+                 prefill: list[str] | None = None) -> None:
         self.config = config or RouterConfig()
         self.chooser = Chooser(self.config.policy, self.config.weights)
         self.replicas: dict[str, Replica] = {}
@@ -242,12 +258,15 @@ class Router:
         self._tasks: set[asyncio.Future] = set()
         for url in replicas or []:
             self._add(url)
+        for url in prefill or []:
+            self._add(url, role="prefill")
         self.app = self._build_app()
 
     # -- replicas -------------------------------------------------------------------------------
-    def _add(self, url: str) -> Replica:
+    def _add(self, url: str, role: str = "decode") -> Replica:
         headers = {"authorization": f"Bearer {self.config.replica_api_key}"} if self.config.replica_api_key else {}
         rep = Replica(url, headers)
+        rep.role = role
         rep.on_change = self._replica_changed
         self.replicas[rep.url] = rep
         if self.client is not None:
@@ -263,7 +282,7 @@ class Router:
         """Adds and removes replicas at run time (on the router's event loop)."""
         want = {u.rstrip("/") for u in urls}
         for url in list(self.replicas):
-            if url not in want:
+            if url not in want and self.replicas[url].role == "decode":
                 rep = self.replicas.pop(url)
                 asyncio.ensure_future(rep.stop())
         for url in want - set(self.replicas):
@@ -310,9 +329,12 @@ class Router:
         return h
 
     # -- routing --------------------------------------------------------------------------------
-    def _candidates(self, model: str | None, exclude: set[str]) -> list[Replica]:
+    def _candidates(self, model: str | None, exclude: set[str], roles: tuple[str, ...] | None = ("decode",)
+                    ) -> list[Replica]:
+        """Replicas up for model (roles None: prefill workers too)."""
         return [r for r in self.replicas.values()
-                if r.up and r.url not in exclude and (model is None or not r.models or model in r.models)]
+                if r.up and r.url not in exclude and (roles is None or r.role in roles)
+                and (model is None or not r.models or model in r.models)]
 
     async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None,
                     headers: dict[str, str] | None = None) -> _Plan:
@@ -334,7 +356,10 @@ class Router:
         if isinstance(prev, str):
             found = await self._home(prev, headers or {})
             home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
-        return _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
+        plan = _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
+        if ids is not None and any(r.role == "prefill" for r in self.replicas.values()):
+            plan.prefill = prefill_body(endpoint, body)
+        return plan
 
     def _remember(self, response_id: Any, url: str) -> None:
         if isinstance(response_id, str) and response_id.startswith("resp_"):
@@ -373,14 +398,8 @@ class Router:
         prompt = len(plan.ids) if plan.ids is not None else 0
         cands, keys = [], []
         for r in reps:
-            model = plan.model or ""
-            bs = r.index.block_size(model)
-            k = plan.keys(bs)
-            cached = r.index.match(model, k) * (bs or 0)
-            running, waiting, kv = r.reported(model)
-            cands.append(Candidate(r.url, inflight=r.inflight, queued_prefill=sum(r.prefilling.values()),
-                                   running=max(running, r.decoding), waiting=waiting, kv_usage=kv,
-                                   cached_tokens=cached))
+            c, k = self._candidate(r, plan)
+            cands.append(c)
             keys.append(k)
         i, reason = self.chooser.choose(cands, prompt)
         if plan.generation:  # (every attempt is a decision; a request's prompt counts once)
@@ -389,7 +408,87 @@ class Router:
                 plan.counted = True
                 self.metrics.prompt_tokens.inc(prompt)
                 self.metrics.cached_tokens.inc(cands[i].cached_tokens)
-        return reps[i], _Ticket(reps[i], plan.model or "", keys[i], max(0, prompt - cands[i].cached_tokens))
+        ticket = _Ticket(reps[i], plan.model or "", keys[i], max(0, prompt - cands[i].cached_tokens))
+        ticket.candidate = cands[i]
+        return reps[i], ticket
+
+    @staticmethod
+    def _candidate(r: Replica, plan: _Plan) -> tuple[Candidate, list[bytes]]:
+        """What routing knows of replica r for plan's prompt, and the prompt's block keys there."""
+        model = plan.model or ""
+        bs = r.index.block_size(model)
+        k = plan.keys(bs)
+        running, waiting, kv = r.reported(model)
+        return Candidate(r.url, inflight=r.inflight, queued_prefill=sum(r.prefilling.values()),
+                         running=max(running, r.decoding), waiting=waiting, kv_usage=kv,
+                         cached_tokens=r.index.match(model, k) * (bs or 0)), k
+
+    async def _remote_prefill(self, plan: _Plan, rep: Replica, ticket: _Ticket, path: str,
+                              headers: dict[str, str]) -> None:
+        """Has a prefill worker compute plan's prompt and moves its KV into rep's prefix cache, when
+        disagg.decide says so (router/disagg.py). Any failure leaves rep to prefill it itself."""
+        prompt = len(plan.ids) if plan.ids is not None else 0
+        dcand = ticket.candidate or self._candidate(rep, plan)[0]
+        workers = self._candidates(plan.model, set(), roles=("prefill",))
+        pc = [self._candidate(r, plan) for r in workers]
+        i, reason = decide(self.config.disagg, prompt, dcand, [c for c, _ in pc])
+        self.metrics.prefills.labels("local" if i is None else "remote", reason).inc()
+        if i is None:
+            return
+        worker, (pcand, pkeys) = workers[i], pc[i]
+        pticket = _Ticket(worker, plan.model or "", pkeys, max(0, prompt - pcand.cached_tokens))
+        t0 = time.perf_counter()
+        stage = ["prefill"]
+        try:
+            got, nbytes = await asyncio.wait_for(self._transfer(plan, worker, pticket, rep, dcand, path, headers,
+                                                                stage), self.config.disagg.timeout_s)
+        except Exception as e:  # (a timeout too; not a cancellation: the client left)
+            self.metrics.kv_transfer_failures.labels(stage[0]).inc()
+            logger.info("router: remote prefill on %s for %s failed at %s (%s); it prefills locally", worker.url,
+                        rep.url, stage[0], f"{type(e).__name__}: {e}")
+            return
+        finally:
+            pticket.end()
+        self.metrics.remote_prefill.observe(time.perf_counter() - t0)
+        self.metrics.kv_transfer_bytes.inc(nbytes)
+        self.metrics.kv_transfer_blocks.inc(got.get("imported", 0))
+        bs = rep.index.block_size(plan.model or "") or 0
+        if ticket.id in rep.prefilling:  # what is left for rep to compute
+            rep.prefilling[ticket.id] = max(0, prompt - dcand.cached_tokens
+                                            - (got.get("imported", 0) + got.get("present", 0)) * bs)
+
+    async def _transfer(self, plan: _Plan, worker: Replica, pticket: _Ticket, rep: Replica, dcand: Candidate,
+                        path: str, headers: dict[str, str], stage: list[str]) -> tuple[dict[str, Any], int]:
+        """The prefill on worker, then its KV streamed from worker into rep (what rep took, and bytes)."""
+        assert self.client is not None
+        r = await self.client.post(worker.url + path, json=plan.prefill, headers=headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"the prefill got {r.status_code}: {r.text[:200]}")
+        answer = r.json()
+        tid = answer["kv_transfer_params"]["transfer_id"]
+        model = plan.model or answer.get("model")
+        pticket.end()
+        stage[0] = "transfer"
+        bs = rep.index.block_size(plan.model or "")
+        skip = dcand.cached_tokens // bs if bs and worker.index.block_size(plan.model or "") == bs else 0
+        sent = [0]
+
+        async def chunks(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            async for c in source:
+                sent[0] += len(c)
+                yield c
+
+        async with self.client.stream("GET", f"{worker.url}/v1/kv_transfer/{tid}", headers=worker.headers,
+                                      params={"model": model, "skip_blocks": skip}) as ex:
+            if ex.status_code != 200:
+                await ex.aread()
+                raise RuntimeError(f"the export got {ex.status_code}: {ex.text[:200]}")
+            stage[0] = "import"
+            imp = await self.client.post(rep.url + "/v1/kv_transfer", params={"model": model},
+                                         content=chunks(ex.aiter_bytes()), headers=rep.headers)
+        if imp.status_code != 200:
+            raise RuntimeError(f"the import got {imp.status_code}: {imp.text[:200]}")
+        return imp.json(), sent[0]
 
     def _retryable(self, resp: httpx.Response) -> bool:
         """A replica's answer that another replica may do better with: a failure, or a 429 other than
@@ -542,7 +641,7 @@ class Router:
     async def _ask_up(self, path: str, headers: dict[str, str],
                       timeout: float) -> tuple[list[Replica], list[httpx.Response | BaseException]]:
         """GET path on every replica that is up, at once: the replicas and each one's answer (or error)."""
-        reps = self._candidates(None, set())
+        reps = self._candidates(None, set(), roles=None)
         assert self.client is not None
         results = await asyncio.gather(*(self.client.get(r.url + path, headers=headers, timeout=timeout)
                                          for r in reps), return_exceptions=True)
@@ -681,6 +780,12 @@ class Router:
                     break
                 return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
                                     headers={"Retry-After": "1"})
+            try:
+                if plan.prefill is not None:
+                    await self._remote_prefill(plan, rep, ticket, path, headers)
+            except BaseException:
+                ticket.end()
+                raise
             call = _Call(rep, self.client.request(request.method, rep.url + path, content=raw, headers=headers))
             try:
                 resp = await call.result()
@@ -756,6 +861,8 @@ class Router:
                                     headers={"Retry-After": "1"})
             resp: httpx.Response | None = None
             try:
+                if plan.prefill is not None:
+                    await self._remote_prefill(plan, rep, ticket, path, headers)
                 # (abortable while it waits for the headers: a replica that hangs now is given up on)
                 resp = await _Call(rep, self.client.send(self.client.build_request(
                     "POST", rep.url + path, content=content, headers=headers), stream=True)).result()

@@ -30,6 +30,7 @@ from tokenmill.server.routes import (
     dashboard,
     embeddings,
     files,
+    kv_transfer,
     ollama,
     responses,
     score,
@@ -41,7 +42,7 @@ __all__ = ["GatewaySettings", "build_app"]
 
 # The endpoint families, registered in this order (which is the order of /openapi.json's paths).
 FAMILIES = (admin, tokenize, completions, chat, responses, embeddings, score, files, vector_stores, ollama,
-            dashboard)
+            dashboard, kv_transfer)
 
 
 def _with_body_schemas(app: FastAPI) -> None:
@@ -91,7 +92,8 @@ def build_app(pool: ModelPool, tiers: list[Tier], settings: GatewaySettings, ret
     app.state.metrics = gw.metrics
     app.state.retrieval = gw.retrieval
     add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # (a KV payload is as large as the prompt's KV: its route counts it against the KV cache's size)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/v1/kv_transfer",))
     for family in FAMILIES:
         family.register(app, gw)
     return app

@@ -353,6 +353,8 @@ class AsyncEngine:
         """One turn on the device thread: queued commands, then a step unless the engine is parked.
         True when there is more to do right away."""
         engine = self.engine
+        if engine.kv_holds:
+            engine.expire_kv_holds()
         outputs = self._drain_commands()
         outputs += engine.take_outputs()  # (a step in flight that parking the model finished)
         stepped = False

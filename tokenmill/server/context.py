@@ -189,6 +189,8 @@ class ServerContext:
             d["cache_salt"] = cache_salt
         if resume:
             d["resume_token_ids"] = resume
+        if tags and tags.get("kv_hold") is not None:
+            d["kv_hold"] = tags["kv_hold"]
         return d
 
     def sampling_params(self, req: Any, max_tokens: int | None, logprobs: int | None,

@@ -111,12 +111,13 @@ class BodyLimitMiddleware:
     """Answers 413 before reading a body whose Content-Length is over the limit. Bodies sent
     without a length (chunked) are counted as they are read (see `ServerContext.parse`)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt  # path prefixes whose routes bound their bodies themselves
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not scope.get("path", "").startswith(self.exempt):
             for k, v in scope.get("headers", []):
                 if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
                     body = error_body(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")

@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,10 @@ class GatewaySettings:
     rag_embedding_model: str | None = None
     rag_reranker: str | None = None  # a served reranker that reorders vector store searches
     rag_excerpt_order: str = "score"  # file_search's excerpts in the prompt: "score" or "document"
+    # Prefill/decode disaggregation (routes/kv_transfer.py): the KV transfer routes and prefills that
+    # hold their prompt's KV for a decode worker, and how long they hold it
+    kv_transfer: bool = False
+    kv_hold_s: float = 30.0
 
 
 @dataclass
@@ -326,6 +331,8 @@ class Gateway:
             tags["tenant"] = tenant.name  # metrics, accounting (and its stored responses, for the precheck)
         if precheck is not None:
             precheck(req)
+        if getattr(req, "kv_transfer_params", None) is not None:
+            self._kv_prefill(req, name, tags)
         if (generation or tasks) and name not in self.tiers:
             self._check_task(name, generation, tasks)
         if tenant is not None:
@@ -354,6 +361,30 @@ class Gateway:
         if generation or tasks:  # (a tier's model, known only now)
             _check_task(ctx.name, (ctx.llm_engine.task, len(ctx.llm_engine.model_config.labels)), generation, tasks)
         return ctx, req, arrival
+
+    def _kv_prefill(self, req: Any, name: str, tags: dict[str, Any] | None) -> None:
+        """A prefill for a decode worker (`kv_transfer_params: {"do_remote_decode": true}`, vLLM's
+        field): its prompt's KV is held once it finishes, named in the response's kv_transfer_params."""
+        params = req.kv_transfer_params
+        if not self.settings.kv_transfer:
+            raise APIError(400, "kv_transfer_params: KV transfer is off on this server (start it with --kv-transfer)",
+                           param="kv_transfer_params")
+        if not isinstance(params, dict) or set(params) - {"do_remote_decode"} or params.get("do_remote_decode") \
+                is not True:
+            raise APIError(400, 'kv_transfer_params: the only form taken is {"do_remote_decode": true} (a prefill '
+                           "whose KV a decode worker takes)", param="kv_transfer_params")
+        if name in self.tiers:
+            raise APIError(400, "kv_transfer_params: name a model, not a tier", param="kv_transfer_params")
+        prompt = getattr(req, "prompt", None)
+        several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+        if req.stream or several or (req.n or 1) != 1 or getattr(req, "use_beam_search", False) \
+                or getattr(req, "test_time_compute", None) is not None or req.resume_token_ids:
+            raise APIError(400, "kv_transfer_params: a prefill is one prompt, one choice, not streamed, resumed, "
+                           "beam searched or test-time computed", param="kv_transfer_params")
+        tid = f"kvx-{uuid.uuid4().hex}"
+        if tags is not None:
+            tags["kv_hold"] = (tid, self.settings.kv_hold_s)
+        _extras()["kv_transfer_params"] = {"transfer_id": tid, "expires_in": self.settings.kv_hold_s}
 
     def _check_task(self, name: str, generation: bool, tasks: tuple[str, ...]) -> None:
         """The endpoint against a model's task, before it is on the device."""
@@ -679,6 +710,6 @@ def _apply(obj: dict[str, Any], extras: dict[str, Any], first: bool) -> None:
     if "model" in extras:
         obj["model"] = extras["model"]
     if first:
-        for k in ("routing", "swap", "file_search_call"):
+        for k in ("routing", "swap", "file_search_call", "kv_transfer_params"):
             if k in extras:
                 obj[k] = extras[k]

@@ -137,6 +137,9 @@ class _SamplingFields(_Strict):
     # tokenmill's: the tokens of this (one-choice, streamed) generation that another server already
     # produced and sent; the stream goes on after them (a fleet router's failover).
     resume_token_ids: list[int] | None = None
+    # vLLM's field for prefill/decode disaggregation: {"do_remote_decode": true} makes this a prefill
+    # whose prompt KV a decode worker takes (routes/kv_transfer.py)
+    kv_transfer_params: dict[str, Any] | None = None
     # vLLM's beam search fields: n beams, all returned best first (transformers' rules)
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -144,6 +144,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="file_search's excerpts in the prompt: best first, or as the files hold them (the same "
                           "prompt for questions that find the same excerpts: their KV is cached; a tool's "
                           "excerpt_order overrides it)")
+    p.add_argument("--kv-transfer", action="store_true",
+                   help="prefill/decode disaggregation: take prefills whose KV a decode worker takes "
+                        "(kv_transfer_params) and the KV transfer routes (/v1/kv_transfer), behind --api-key; a fleet "
+                        "router with --prefill replicas uses them")
+    p.add_argument("--kv-hold-timeout", type=float, default=30.0, metavar="S",
+                   help="how long a prefill's KV is held for its decode worker (default 30)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -253,6 +259,9 @@ def check_args(args: argparse.Namespace, models: bool = True,
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    hold = getattr(args, "kv_hold_timeout", 30.0)
+    if not (math.isfinite(hold) and 0 < hold <= 3600):
+        raise ValueError(f"--kv-hold-timeout: seconds in (0, 3600], got {hold!r}")
     if args.max_body_size < 1:
         raise ValueError(f"--max-body-size: must be a positive number of bytes, got {args.max_body_size}")
     if not args.responses_store_mb >= 0 or args.responses_store_mb == float("inf"):  # (NaN too)
@@ -296,7 +305,9 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
                                vector_store_api_key=getattr(args, "vector_store_api_key", None),
                                rag_embedding_model=getattr(args, "rag_embedding_model", None),
                                rag_reranker=getattr(args, "rag_reranker", None),
-                               rag_excerpt_order=getattr(args, "rag_excerpt_order", "score"))
+                               rag_excerpt_order=getattr(args, "rag_excerpt_order", "score"),
+                               kv_transfer=getattr(args, "kv_transfer", False),
+                               kv_hold_s=getattr(args, "kv_hold_timeout", 30.0))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)

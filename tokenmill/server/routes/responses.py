@@ -49,7 +49,7 @@ from tokenmill.server.streaming import (
 
 # Chat request fields that mean nothing for one response (its one answer, its own stream format).
 _NOT_HERE = ("n", "use_beam_search", "test_time_compute", "resume_token_ids", "prompt_logprobs",
-             "return_token_ids", "response_format")
+             "return_token_ids", "response_format", "kv_transfer_params")
 _TEXT_PARTS = ("input_text", "output_text", "text")
 # Chat's names in error messages, as a Responses request names them.
 _RENAMES = ((re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),

@@ -1,0 +1,365 @@
+"""Prefill/decode disaggregation: KV moved between engines, servers and through the fleet router.
+
+Engine level: a prefill engine holds a prompt's KV, exports it, a decode engine imports it into its
+prefix cache, and its outputs (greedy and seeded, with logprobs) equal a cold engine's; payloads
+from another model, of another shape, with NaN or garbage are refused and change nothing; holds
+expire, are capped and go with a parked model; a full cache takes a prefix of the payload.
+Server and router level, with real processes and the openai client: a router with a prefill
+worker gives the same answers as a cold replica while the decode replica computes only the last
+block; `auto` prefills locally on an idle replica and remotely on a busy one; a decode replica
+that refuses the import falls back to a local prefill; the routes' errors are clear.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.models import make_model
+from tests.server_utils import ServerProcess
+from tests.test_fleet import router_metrics, wait_fleet
+from tokenmill import LLM, SamplingParams
+from tokenmill.config import ModelConfig
+from tokenmill.engine import kv_transfer
+from tokenmill.router.disagg import DisaggConfig, decide, prefill_body
+from tokenmill.router.policy import Candidate
+
+BLOCK = 16
+
+
+def _kv_bytes(path: str, blocks: int) -> int:
+    mc = ModelConfig.from_pretrained(path)
+    return blocks * 2 * mc.num_layers * BLOCK * mc.num_kv_heads * mc.head_dim * 4
+
+
+def _llm(path: str, blocks: int = 64, **kw) -> LLM:
+    return LLM(path, kv_cache_memory_bytes=_kv_bytes(path, blocks), max_model_len=256, block_size=BLOCK, seed=0,
+               **kw)
+
+
+def _prefill(llm: LLM, prompt: list[int], tid: str = "t", salt: str | None = None, hold: float = 30.0) -> None:
+    p = {"prompt_token_ids": prompt, "kv_hold": (tid, hold)}
+    if salt is not None:
+        p["cache_salt"] = salt
+    llm.engine.add_request(p, SamplingParams(max_tokens=1), request_id=f"prefill-{tid}")
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def _roundtrip(payload: kv_transfer.KVPayload) -> kv_transfer.KVPayload:
+    return kv_transfer.decode(kv_transfer.encode(payload))
+
+
+def _same(got, want, where: str) -> None:
+    assert got.token_ids == want.token_ids, where
+    for pos, (a, b) in enumerate(zip(got.logprobs, want.logprobs)):
+        assert a.keys() == b.keys(), f"{where}: top tokens at {pos}"
+        for t in a:
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-5), f"{where}: logprob at {pos}"
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def arch_dir(request, tmp_path_factory):
+    extra = {"sliding_window": 40} if request.param == "mistral" else {}
+    return make_model(str(tmp_path_factory.mktemp(f"kvt-{request.param}")), request.param, seed=3, tokenizer=False,
+                      max_position_embeddings=256, **extra)
+
+
+def test_moved_kv_gives_the_cold_engines_outputs(arch_dir):
+    prefill, decode, cold = _llm(arch_dir), _llm(arch_dir), _llm(arch_dir, enable_prefix_caching=False)
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 500) for _ in range(40)]
+    for i, n in enumerate((100, 37, 16, 150)):
+        prompt = shared + [rng.randrange(3, 500) for _ in range(n)]
+        _prefill(prefill, prompt, tid=f"t{i}")
+        assert f"t{i}" in prefill.engine.kv_holds
+        payload = _roundtrip(prefill.engine.export_kv(f"t{i}"))
+        assert f"t{i}" not in prefill.engine.kv_holds and payload.num_blocks == len(prompt) // BLOCK
+        got = decode.engine.import_kv(payload)
+        # (the shared 40 tokens, 2 blocks, were imported with the first prompt)
+        assert got["imported"] + got["present"] == payload.num_blocks and (i == 0 or got["present"] >= 2)
+        for sp in (SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=11 + i, logprobs=3)):
+            out = decode.generate({"prompt_token_ids": prompt}, sp)[0]
+            ref = cold.generate({"prompt_token_ids": prompt}, sp)[0]
+            _same(out.outputs[0], ref.outputs[0], f"prompt {i}")
+            assert out.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK  # all but the last block's part
+    for llm in (prefill, decode):
+        bm = llm.engine.block_manager
+        bm.check_invariants([])
+        assert bm.num_free_blocks == bm.num_blocks  # nothing held, nothing leaked
+
+
+def test_skip_blocks_sends_only_what_the_decoder_lacks(model_dir):
+    prefill, decode = _llm(model_dir), _llm(model_dir)
+    prompt = list(range(10, 110))  # 6 full blocks
+    decode.generate({"prompt_token_ids": prompt[:50]}, SamplingParams(max_tokens=1))  # caches 3 blocks
+    _prefill(prefill, prompt)
+    payload = prefill.engine.export_kv("t", skip_blocks=3)
+    assert payload.num_blocks == 3
+    assert decode.engine.import_kv(_roundtrip(payload)) == {"blocks": 3, "imported": 3, "present": 0}
+    out = decode.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
+    assert out.num_cached_tokens == 96
+
+
+def test_bad_payloads_are_refused_and_change_nothing(model_dir, tmp_path):
+    prefill, decode = _llm(model_dir), _llm(model_dir)
+    prompt = list(range(10, 90))
+    _prefill(prefill, prompt)
+    good = prefill.engine.export_kv("t")
+    other = make_model(str(tmp_path / "other"), "llama", seed=9)  # same shapes, other weights
+    _prefill(stranger := _llm(other), prompt)
+    foreign = stranger.engine.export_kv("t")
+    assert foreign.kv.shape == good.kv.shape and foreign.fingerprint != good.fingerprint
+    nan = kv_transfer.KVPayload(good.keys, good.kv.clone(), None, good.fingerprint, BLOCK)
+    nan.kv[0, 0, 1, 3, 0, 0] = float("nan")
+    short = kv_transfer.KVPayload(good.keys, good.kv[:, :, :, :8].contiguous(), None, good.fingerprint, BLOCK)
+    cases = {"another model": foreign, "NaN": nan, "a shape": short,
+             "a block size": kv_transfer.KVPayload(good.keys, good.kv, None, good.fingerprint, 32),
+             "a draft model's KV": kv_transfer.KVPayload(good.keys, good.kv, good.kv.clone(), good.fingerprint,
+                                                          BLOCK)}
+    bm = decode.engine.block_manager
+    for what, payload in cases.items():
+        with pytest.raises(kv_transfer.KVTransferError):
+            decode.engine.import_kv(_roundtrip(payload))
+        assert bm.num_free_blocks == bm.num_blocks and bm.num_cached_free_blocks == 0, what
+    data = kv_transfer.encode(good)
+    for bad in (b"", b"garbage", data[:100], data[:-7], b"\xff" * 8 + data[8:]):
+        with pytest.raises(kv_transfer.KVTransferError):
+            kv_transfer.decode(bad)
+    bm.check_invariants([])
+    # Keys name a prompt and its salt: KV moved under one salt is not found under another.
+    _prefill(prefill, prompt, tid="salted", salt="tenant-a")
+    decode.engine.import_kv(_roundtrip(prefill.engine.export_kv("salted")))
+    out = decode.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-b"}, SamplingParams(max_tokens=1))[0]
+    assert out.num_cached_tokens == 0
+
+
+def test_holds_expire_are_capped_and_go_with_parking(model_dir):
+    llm = _llm(model_dir, blocks=24)
+    engine, bm = llm.engine, llm.engine.block_manager
+    _prefill(llm, list(range(10, 60)), tid="a")  # 4 blocks
+    assert bm.num_used_blocks == 4
+    assert engine.expire_kv_holds(time.monotonic() + 31) == 1 and bm.num_used_blocks == 0
+    assert engine.export_kv("a") is None
+    for i in range(4):  # 4 blocks each: holds beyond half the cache (12 blocks) let the oldest go
+        _prefill(llm, [100 + i] * 60, tid=f"h{i}")
+    assert list(engine.kv_holds) == ["h1", "h2", "h3"] and bm.num_used_blocks == 12
+    engine.add_request({"prompt_token_ids": list(range(5, 40)), "kv_hold": ("x", 30.0)}, SamplingParams(max_tokens=50),
+                       request_id="aborted")
+    engine.step()
+    engine.abort_request("aborted")  # an aborted prefill holds nothing
+    assert "x" not in engine.kv_holds
+    engine.park()
+    assert not engine.kv_holds
+    engine.unpark()
+    assert bm.num_used_blocks == 0
+    bm.check_invariants([])
+    with pytest.raises(ValueError, match="kv_hold"):
+        engine.add_request({"prompt_token_ids": [5, 6], "kv_hold": ("y", 0)}, SamplingParams(max_tokens=1))
+
+
+def test_a_full_cache_takes_a_prefix_of_the_payload(model_dir):
+    prefill, decode = _llm(model_dir), _llm(model_dir, blocks=16)
+    prompt = list(range(10, 200))  # 11 full blocks
+    _prefill(prefill, prompt)
+    payload = _roundtrip(prefill.engine.export_kv("t"))
+    engine = decode.engine
+    engine.add_request({"prompt_token_ids": list(range(300, 400))}, SamplingParams(max_tokens=100, ignore_eos=True),
+                       request_id="busy")
+    engine.step()  # 100 tokens: 7 blocks in use
+    free = engine.block_manager.num_free_blocks
+    assert free < 11
+    got = engine.import_kv(payload)
+    assert got == {"blocks": 11, "imported": free, "present": 0}
+    engine.abort_request("busy")
+    out = decode.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
+    assert out.num_cached_tokens == free * BLOCK
+    engine.block_manager.check_invariants([])
+
+
+def test_decide_and_prefill_body():
+    cfg = DisaggConfig(min_tokens=100, max_queue_tokens=1000)
+    busy = Candidate("d", running=3)
+    workers = [Candidate("p0", queued_prefill=500), Candidate("p1", queued_prefill=100, cached_tokens=0),
+               Candidate("p2", queued_prefill=0, cached_tokens=300)]
+    assert decide(cfg, 400, busy, workers) == (2, "remote")  # the least work for this prompt (prefix-aware)
+    assert decide(cfg, 400, Candidate("d", cached_tokens=350, running=3), workers) == (None, "short")
+    assert decide(cfg, 400, Candidate("d"), workers) == (None, "idle")
+    assert decide(DisaggConfig(policy="always", min_tokens=100), 400, Candidate("d"), workers)[1] == "remote"
+    assert decide(cfg, 400, busy, [Candidate("p", queued_prefill=5000)]) == (None, "prefill_busy")
+    assert decide(cfg, 400, busy, []) == (None, "no_prefill_worker")
+    assert decide(DisaggConfig(policy="never"), 400, busy, workers) == (None, "never")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2, "max_tokens": 50,
+            "min_tokens": 5, "response_format": {"type": "json_object"}, "tools": [{"type": "function"}],
+            "cache_salt": "s"}
+    pb = prefill_body("chat", body)
+    assert pb == {"model": "m", "messages": body["messages"], "tools": body["tools"], "cache_salt": "s",
+                  "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+    for endpoint, b in (("completions", {"prompt": ["a", "b"]}), ("completions", {"prompt": "a", "echo": True,
+                        "logprobs": 1}), ("chat", {"messages": [], "resume_token_ids": [1]}),
+                        ("responses", {"input": "x"}), ("chat", {"messages": [], "prompt_logprobs": 1})):
+        assert prefill_body(endpoint, b) is None, b
+    assert prefill_body("completions", {"prompt": [1, 2, 3]})["max_tokens"] == 1
+
+
+# -- servers and the router ------------------------------------------------------------------
+KEY = "operator-key"
+SERVE = ("--kv-cache-memory", "0.02", "--log-level", "warning", "--api-key", KEY)
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("disagg")
+    env = {"OMP_NUM_THREADS": "1"}
+    procs: dict[str, ServerProcess] = {}
+    try:
+        for name in ("prefill", "decode"):
+            procs[name] = ServerProcess(model_dir, *SERVE, "--kv-transfer", log_path=str(d / f"{name}.log"), env=env)
+        procs["plain"] = ServerProcess(model_dir, *SERVE, log_path=str(d / "plain.log"), env=env)
+        for name, decoder, policy in (("always", "decode", "always"), ("auto", "decode", "auto"),
+                                      ("fallback", "plain", "always")):
+            procs[name] = ServerProcess(None, "--replica", procs[decoder].base_url, "--prefill",
+                                        procs["prefill"].base_url, "--disagg-policy", policy, "--disagg-min-tokens",
+                                        "32", "--replica-api-key", KEY, "--health-interval", "0.2",
+                                        log_path=str(d / f"router-{name}.log"), command="router")
+            wait_fleet(procs[name], [procs[decoder].base_url, procs["prefill"].base_url])
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _remote(router: ServerProcess, where: str = "remote", reason: str = "remote") -> float:
+    return router_metrics(router.base_url).get(
+        f'tokenmill_router:prefill_decisions_total{{reason="{reason}",where="{where}"}}', 0.0)
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "kappa"]) for _ in range(words))
+
+
+def test_disaggregated_answers_equal_a_cold_replicas(fleet):
+    router, decode = fleet["always"], fleet["decode"]
+    via, direct = _client(router.base_url), _client(decode.base_url)
+    model = direct.models.list().data[0].id
+    rng = random.Random(3)
+    before = _remote(router)
+    for i in range(4):
+        prompt = _text(rng, 60 + 17 * i)
+        cold_salt = uuid.uuid4().hex  # another salt: the decode replica computes the prompt cold
+        kw = dict(model=model, max_tokens=12, logprobs=2)
+        kw.update(temperature=0) if i % 2 == 0 else kw.update(temperature=0.9, seed=40 + i)
+        got = via.completions.create(prompt=prompt, **kw)
+        want = direct.completions.create(prompt=prompt, extra_body={"cache_salt": cold_salt}, **kw)
+        assert got.choices[0].text == want.choices[0].text
+        assert got.choices[0].logprobs.token_logprobs == pytest.approx(want.choices[0].logprobs.token_logprobs,
+                                                                       abs=1e-5)
+        n = got.usage.prompt_tokens
+        assert got.usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+        assert want.usage.prompt_tokens_details.cached_tokens == 0
+        messages = [{"role": "user", "content": prompt + " chat"}]
+        stream = via.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+        ref = direct.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                             extra_body={"cache_salt": cold_salt})
+        assert text == ref.choices[0].message.content
+    assert _remote(router) - before == 8
+    m = router_metrics(router.base_url)
+    assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and m["tokenmill_router:kv_transfer_blocks_total"] > 0
+    # Every hold was taken: the prefill worker's cache has nothing in use.
+    assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
+
+
+def test_auto_prefills_locally_when_idle_and_remotely_when_decoding(fleet):
+    router = fleet["auto"]
+    client = _client(router.base_url)
+    model = client.models.list().data[0].id
+    rng = random.Random(8)
+    idle = _remote(router, "local", "idle")
+    client.completions.create(model=model, prompt=_text(rng, 80), max_tokens=4)
+    assert _remote(router, "local", "idle") == idle + 1
+    busy = threading.Thread(target=lambda: client.completions.create(
+        model=model, prompt="keep decoding", max_tokens=400, temperature=0, extra_body={"ignore_eos": True}))
+    busy.start()
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and fleet["decode"].metric("tokenmill:num_requests_running") < 1:
+            time.sleep(0.02)
+        time.sleep(0.3)  # (the router hears of it on the replica's event stream, every 50 ms)
+        remote, short = _remote(router), _remote(router, "local", "short")  # (the busy request was short)
+        client.completions.create(model=model, prompt="short", max_tokens=4)
+        out = client.completions.create(model=model, prompt=_text(rng, 90), max_tokens=4)
+        assert _remote(router) == remote + 1
+        assert _remote(router, "local", "short") == short + 1
+        assert out.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        busy.join()
+
+
+def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
+    router, plain = fleet["fallback"], fleet["plain"]
+    client = _client(router.base_url)
+    model = client.models.list().data[0].id
+    prompt = _text(random.Random(4), 70)
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    want = _client(plain.base_url).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                      extra_body={"cache_salt": "cold"})
+    assert got.choices[0].text == want.choices[0].text
+    m = router_metrics(router.base_url)
+    assert m['tokenmill_router:kv_transfer_failures_total{stage="import"}'] >= 1
+    assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0  # the export released the hold
+
+
+def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
+    p, d, plain = fleet["prefill"].base_url, fleet["decode"].base_url, fleet["plain"].base_url
+    auth = {"authorization": f"Bearer {KEY}"}
+    body = {"prompt": "one two three " * 20, "max_tokens": 1}
+    prefill = {**body, "kv_transfer_params": {"do_remote_decode": True}}
+    r = httpx.post(plain + "/v1/completions", json=prefill, headers=auth)
+    assert r.status_code == 400 and "--kv-transfer" in r.json()["error"]["message"]
+    r = httpx.get(plain + "/v1/kv_transfer/x", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "kv_transfer_disabled"
+    for bad in ({**prefill, "stream": True}, {**prefill, "n": 2}, {**prefill, "prompt": ["a", "b"]},
+                {**body, "kv_transfer_params": {"do_remote_decode": False}},
+                {**body, "kv_transfer_params": {"do_remote_decode": True, "remote_host": "x"}}):
+        r = httpx.post(p + "/v1/completions", json=bad, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params", bad
+    r = httpx.post(p + "/v1/responses", json={"input": "hi", "kv_transfer_params": {"do_remote_decode": True}},
+                   headers=auth)
+    assert r.status_code == 400
+    tid = httpx.post(p + "/v1/completions", json=prefill, headers=auth).json()["kv_transfer_params"]["transfer_id"]
+    assert httpx.get(f"{p}/v1/kv_transfer/{tid}").status_code == 401  # the operator's key only
+    assert httpx.get(f"{p}/v1/kv_transfer/{tid}?skip_blocks=-1", headers=auth).status_code == 400
+    data = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=auth)
+    assert data.status_code == 200 and int(data.headers["x-kv-blocks"]) > 0
+    again = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=auth)
+    assert again.status_code == 404 and again.json()["error"]["code"] == "kv_transfer_not_found"
+    assert httpx.post(d + "/v1/kv_transfer", content=data.content).status_code == 401
+    for content in (b"garbage", data.content[:-5]):
+        r = httpx.post(d + "/v1/kv_transfer", content=content, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_transfer_mismatch"
+    huge = httpx.post(d + "/v1/kv_transfer", content=b"\0" * (64 * 2**20), headers=auth)  # > its whole KV cache
+    assert huge.status_code == 413
+    # KV of another checkpoint (same shapes): refused by its fingerprint
+    other = make_model(str(tmp_path / "other"), "llama", seed=9)
+    llm = _llm(other)
+    _prefill(llm, list(range(10, 90)))
+    foreign = kv_transfer.encode(llm.engine.export_kv("t"))
+    r = httpx.post(d + "/v1/kv_transfer", content=foreign, headers=auth)
+    assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
+    ok = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=auth)
+    assert ok.status_code == 200 and ok.json()["object"] == "kv_transfer.import"

@@ -1,0 +1,98 @@
+"""Prefill/decode disaggregation: when a request's prefill goes to a prefill worker.
+
+A fleet can hold prefill workers (`tokenmill router --prefill URL`, or `--prefill-replicas N`) beside
+its replicas, which then serve as decode workers. For a chat or completion request routed to a
+decode worker D, the router decides per request, from load it knows, where the prompt is computed:
+
+- remote: a prefill worker P runs the request as a one-token prefill (`kv_transfer_params:
+  {"do_remote_decode": true}`), holds the prompt's KV, and the router streams it from P
+  (GET /v1/kv_transfer/ID) into D's prefix cache (POST /v1/kv_transfer); D then runs the request
+  and computes only the prompt's last block (routes/kv_transfer.py, engine/kv_transfer.py);
+- local: D computes the prompt itself, as a colocated fleet does.
+
+Remote prefill pays a hop and a copy of the prompt's KV to keep a long prefill out of D's steps,
+where it would stall every running decode (chunked prefill bounds each step, not the total). So
+`auto` sends a prefill to P only when it is worth that:
+
+    uncached  = prompt tokens D's prefix cache lacks (its KV events)      >= min_tokens
+    D decodes = D has sequences running (reported or in the router's ledger)
+    P's queue = uncached prompt tokens the router has sent P, not yet done <= max_queue_tokens
+
+and otherwise prefills locally: a short prompt (the hop costs more than it saves), an idle decode
+worker (nothing to stall), prefill workers behind by more than max_queue_tokens (the remote TTFT
+would be worse than local interference). Among prefill workers, the one with the least work for
+this prompt (uncached there plus its queue: prefix-aware, as kv_aware routing) is asked.
+`always` sends every eligible request (min_tokens still holds; for measuring), `never` none.
+A remote prefill that fails in any way (P down, hold expired, a 4xx) falls back to local: a
+transfer is only ever a cache fill, so the answer does not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.router.policy import Candidate
+
+DISAGG_POLICIES = ("auto", "always", "never")
+# Body fields a prefill drops: they shape the answer, not the prompt (a one-token prefill needs none,
+# and some would refuse max_tokens 1, as min_tokens, or cost work, as a grammar).
+_ANSWER_FIELDS = ("stream", "stream_options", "n", "best_of", "use_beam_search", "length_penalty", "early_stopping",
+                  "test_time_compute", "min_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
+                  "return_token_ids", "echo", "response_format", "structured_outputs", "guided_json",
+                  "guided_regex", "guided_choice", "guided_grammar", "max_reasoning_tokens", "stop",
+                  "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias", "seed")
+
+
+@dataclass
+class DisaggConfig:
+    policy: str = "auto"
+    min_tokens: int = 256  # uncached prompt tokens from which a prefill may go remote
+    max_queue_tokens: int = 16384  # a prefill worker with more queued prompt tokens is not asked
+    timeout_s: float = 300.0  # a remote prefill and its transfer, at most (then local)
+
+    def __post_init__(self) -> None:
+        if self.policy not in DISAGG_POLICIES:
+            raise ValueError(f"disaggregation policy: one of {', '.join(DISAGG_POLICIES)}, got {self.policy!r}")
+        if self.min_tokens < 0 or self.max_queue_tokens < 0:
+            raise ValueError("disaggregation: min_tokens and max_queue_tokens must be >= 0")
+
+
+def decide(cfg: DisaggConfig, prompt_tokens: int, decode: Candidate,
+           prefill: list[Candidate]) -> tuple[int | None, str]:
+    """The index of the prefill worker to ask, or None to prefill locally; and why."""
+    if cfg.policy == "never":
+        return None, "never"
+    if not prefill:
+        return None, "no_prefill_worker"
+    uncached = max(0, prompt_tokens - decode.cached_tokens)
+    if uncached < max(1, cfg.min_tokens):
+        return None, "short"
+    if cfg.policy == "auto" and decode.running == 0 and decode.waiting == 0:
+        return None, "idle"
+    best = min(range(len(prefill)), key=lambda i: (max(0, prompt_tokens - prefill[i].cached_tokens)
+                                                   + prefill[i].queued_prefill, prefill[i].inflight))
+    if cfg.policy == "auto" and prefill[best].queued_prefill > cfg.max_queue_tokens:
+        return None, "prefill_busy"
+    return best, "remote"
+
+
+def prefill_body(endpoint: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The prefill request sent to a prefill worker for body; None for a request that cannot be
+    prefilled remotely (several prompts, a resumed stream, prompt logprobs: those compute every
+    prompt position and never read the cache)."""
+    if endpoint not in ("chat", "completions") or body.get("resume_token_ids") or body.get("kv_transfer_params"):
+        return None
+    if body.get("prompt_logprobs") is not None or (endpoint == "completions" and body.get("echo")
+                                                   and body.get("logprobs") is not None):
+        return None
+    if endpoint == "completions":
+        p = body.get("prompt")
+        if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p))
+                or (isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)))):
+            return None
+    elif not isinstance(body.get("messages"), list):
+        return None
+    out = {k: v for k, v in body.items() if k not in _ANSWER_FIELDS}
+    out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    return out
