@@ -12,17 +12,20 @@ that refuses the import falls back to a local prefill; the routes' errors are cl
 
 from __future__ import annotations
 
+import os
 import random
-import threading
+import subprocess
+import sys
 import time
 import uuid
 
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.models import make_model
-from tests.server_utils import ServerProcess
+from tests.server_utils import ROOT, ServerProcess
 from tests.test_fleet import router_metrics, wait_fleet
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import ModelConfig
@@ -102,10 +105,36 @@ def test_skip_blocks_sends_only_what_the_decoder_lacks(model_dir):
     decode.generate({"prompt_token_ids": prompt[:50]}, SamplingParams(max_tokens=1))  # caches 3 blocks
     _prefill(prefill, prompt)
     payload = prefill.engine.export_kv("t", skip_blocks=3)
-    assert payload.num_blocks == 3
-    assert decode.engine.import_kv(_roundtrip(payload)) == {"blocks": 3, "imported": 3, "present": 0}
+    assert payload.num_blocks == 3 and len(payload.prefix_keys) == 3
+    got = decode.engine.import_kv(_roundtrip(payload))
+    assert got == {"blocks": 3, "imported": 3, "present": 0, "reachable_blocks": 6}
     out = decode.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
     assert out.num_cached_tokens == 96
+
+
+def test_an_import_never_evicts_the_prefix_it_continues(model_dir):
+    # A cache full of cached blocks whose least recently used are the prefix the payload continues:
+    # the payload's fresh blocks must evict other blocks, never those.
+    prefill, decode = _llm(model_dir), _llm(model_dir, blocks=16)
+    prompt = list(range(10, 90))  # 5 full blocks
+    bm = decode.engine.block_manager
+
+    def fill() -> None:
+        decode.engine.reset_prefix_cache()
+        decode.generate({"prompt_token_ids": prompt[:32]}, SamplingParams(max_tokens=1))  # blocks 0-1, oldest
+        for k in range(2):  # 14 more, every block cached
+            decode.generate({"prompt_token_ids": [300 + k] * 112}, SamplingParams(max_tokens=1))
+        assert bm.num_free_blocks == 16 and not bm._free
+
+    for skip in (0, 2):  # the prefix in the payload (present), or only its keys (skip_blocks)
+        fill()
+        _prefill(prefill, prompt)
+        payload = _roundtrip(prefill.engine.export_kv("t", skip_blocks=skip))
+        got = decode.engine.import_kv(payload)
+        assert got["reachable_blocks"] == 5 and got["imported"] == 3, got
+        bm.check_invariants([])
+        out = decode.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
+        assert out.num_cached_tokens == 64
 
 
 def test_bad_payloads_are_refused_and_change_nothing(model_dir, tmp_path):
@@ -139,6 +168,29 @@ def test_bad_payloads_are_refused_and_change_nothing(model_dir, tmp_path):
     decode.engine.import_kv(_roundtrip(prefill.engine.export_kv("salted")))
     out = decode.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-b"}, SamplingParams(max_tokens=1))[0]
     assert out.num_cached_tokens == 0
+
+
+def test_the_fingerprint_tells_checkpoints_apart(model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def fp(folder: str, **kw) -> str:
+        return kv_transfer.fingerprint(folder, torch.float32, None, BLOCK, **kw)
+
+    same = shutil.copytree(model_dir, tmp_path / "same")
+    assert fp(str(same)) == fp(model_dir)  # (contents, not paths)
+    tweaked = shutil.copytree(model_dir, tmp_path / "tweaked")
+    (weights,) = [p for p in os.listdir(tweaked) if p.endswith(".safetensors")]
+    tensors = load_file(str(tweaked / weights))
+    name = next(k for k in sorted(tensors) if "post_attention_layernorm" in k)  # one small tensor of many
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(tweaked / weights), metadata={"format": "pt"})
+    assert fp(str(tweaked)) != fp(model_dir)
+    assert fp(model_dir, load_format="dummy", seed="0/cpu") != fp(model_dir)
+    assert fp(model_dir, load_format="dummy", seed="0/cpu") != fp(model_dir, load_format="dummy", seed="0/cuda")
+    assert fp(model_dir) != kv_transfer.fingerprint(model_dir, torch.bfloat16, None, BLOCK)
+    assert fp(model_dir) != kv_transfer.fingerprint(model_dir, torch.float32, "int8", BLOCK)
 
 
 def test_holds_expire_are_capped_and_go_with_parking(model_dir):
@@ -177,7 +229,7 @@ def test_a_full_cache_takes_a_prefix_of_the_payload(model_dir):
     free = engine.block_manager.num_free_blocks
     assert free < 11
     got = engine.import_kv(payload)
-    assert got == {"blocks": 11, "imported": free, "present": 0}
+    assert got == {"blocks": 11, "imported": free, "present": 0, "reachable_blocks": free}
     engine.abort_request("busy")
     out = decode.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
     assert out.num_cached_tokens == free * BLOCK
@@ -196,6 +248,8 @@ def test_decide_and_prefill_body():
     assert decide(cfg, 400, busy, [Candidate("p", queued_prefill=5000)]) == (None, "prefill_busy")
     assert decide(cfg, 400, busy, []) == (None, "no_prefill_worker")
     assert decide(DisaggConfig(policy="never"), 400, busy, workers) == (None, "never")
+    assert prefill_body("chat", {"messages": [], "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}) \
+        is None  # (the decode replica searches its own store)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2, "max_tokens": 50,
             "min_tokens": 5, "response_format": {"type": "json_object"}, "tools": [{"type": "function"}],
             "cache_salt": "s"}
@@ -211,7 +265,9 @@ def test_decide_and_prefill_body():
 
 # -- servers and the router ------------------------------------------------------------------
 KEY = "operator-key"
+KV_KEY = "the-fleets-kv-key"
 SERVE = ("--kv-cache-memory", "0.02", "--log-level", "warning", "--api-key", KEY)
+KV = ("--kv-transfer", "--kv-transfer-key", KV_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -221,13 +277,14 @@ def fleet(model_dir, tmp_path_factory):
     procs: dict[str, ServerProcess] = {}
     try:
         for name in ("prefill", "decode"):
-            procs[name] = ServerProcess(model_dir, *SERVE, "--kv-transfer", log_path=str(d / f"{name}.log"), env=env)
+            procs[name] = ServerProcess(model_dir, *SERVE, *KV, log_path=str(d / f"{name}.log"), env=env)
         procs["plain"] = ServerProcess(model_dir, *SERVE, log_path=str(d / "plain.log"), env=env)
         for name, decoder, policy in (("always", "decode", "always"), ("auto", "decode", "auto"),
                                       ("fallback", "plain", "always")):
             procs[name] = ServerProcess(None, "--replica", procs[decoder].base_url, "--prefill",
                                         procs["prefill"].base_url, "--disagg-policy", policy, "--disagg-min-tokens",
-                                        "32", "--replica-api-key", KEY, "--health-interval", "0.2",
+                                        "32", "--replica-api-key", KEY, "--kv-transfer-key", KV_KEY,
+                                        "--health-interval", "0.2",
                                         log_path=str(d / f"router-{name}.log"), command="router")
             wait_fleet(procs[name], [procs[decoder].base_url, procs["prefill"].base_url])
         yield procs
@@ -292,22 +349,23 @@ def test_auto_prefills_locally_when_idle_and_remotely_when_decoding(fleet):
     idle = _remote(router, "local", "idle")
     client.completions.create(model=model, prompt=_text(rng, 80), max_tokens=4)
     assert _remote(router, "local", "idle") == idle + 1
-    busy = threading.Thread(target=lambda: client.completions.create(
-        model=model, prompt="keep decoding", max_tokens=400, temperature=0, extra_body={"ignore_eos": True}))
-    busy.start()
+    # Busy: streams decoding on the replica, each past its first token (the router's own ledger counts
+    # them as decoding until they end: 1000 tokens each, seconds of work, far longer than the checks).
+    streams = [client.completions.create(model=model, prompt=f"keep decoding {k}", max_tokens=1000, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True}) for k in range(4)]
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline and fleet["decode"].metric("tokenmill:num_requests_running") < 1:
-            time.sleep(0.02)
-        time.sleep(0.3)  # (the router hears of it on the replica's event stream, every 50 ms)
-        remote, short = _remote(router), _remote(router, "local", "short")  # (the busy request was short)
+        for st in streams:
+            next(iter(st))
+        remote, short = _remote(router), _remote(router, "local", "short")  # (the busy requests were short)
         client.completions.create(model=model, prompt="short", max_tokens=4)
         out = client.completions.create(model=model, prompt=_text(rng, 90), max_tokens=4)
         assert _remote(router) == remote + 1
         assert _remote(router, "local", "short") == short + 1
         assert out.usage.prompt_tokens_details.cached_tokens > 0
     finally:
-        busy.join()
+        for st in streams:
+            for _ in st:
+                pass
 
 
 def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
@@ -326,40 +384,67 @@ def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
 
 def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     p, d, plain = fleet["prefill"].base_url, fleet["decode"].base_url, fleet["plain"].base_url
-    auth = {"authorization": f"Bearer {KEY}"}
+    auth = {"authorization": f"Bearer {KEY}"}  # a client's key: generation, never KV transfer
+    kv = {"authorization": f"Bearer {KV_KEY}"}
     body = {"prompt": "one two three " * 20, "max_tokens": 1}
     prefill = {**body, "kv_transfer_params": {"do_remote_decode": True}}
-    r = httpx.post(plain + "/v1/completions", json=prefill, headers=auth)
+    fleet_header = {**auth, "x-tokenmill-kv-transfer-key": KV_KEY}
+    r = httpx.post(plain + "/v1/completions", json=prefill, headers=fleet_header)
     assert r.status_code == 400 and "--kv-transfer" in r.json()["error"]["message"]
-    r = httpx.get(plain + "/v1/kv_transfer/x", headers=auth)
+    r = httpx.get(plain + "/v1/kv_transfer/x", headers=kv)
     assert r.status_code == 404 and r.json()["error"]["code"] == "kv_transfer_disabled"
+    # A client cannot make holds, not even with the server's API key, nor through the router.
+    r = httpx.post(p + "/v1/completions", json=prefill, headers=auth)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    r = httpx.post(fleet["always"].base_url + "/v1/completions", json=prefill, headers=fleet_header)
+    assert r.status_code == 403  # (the router forwards no such header)
+    for path in ("/v1/kv_transfer", "/v1/kv_transfer/x"):
+        assert httpx.post(fleet["always"].base_url + path, headers=kv).status_code == 404  # not relayed
     for bad in ({**prefill, "stream": True}, {**prefill, "n": 2}, {**prefill, "prompt": ["a", "b"]},
                 {**body, "kv_transfer_params": {"do_remote_decode": False}},
                 {**body, "kv_transfer_params": {"do_remote_decode": True, "remote_host": "x"}}):
-        r = httpx.post(p + "/v1/completions", json=bad, headers=auth)
+        r = httpx.post(p + "/v1/completions", json=bad, headers=fleet_header)
         assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params", bad
+    r = httpx.post(p + "/v1/chat/completions", headers=fleet_header, json={
+        "messages": [{"role": "user", "content": "hi"}], "kv_transfer_params": {"do_remote_decode": True},
+        "tools": [{"type": "file_search", "vector_store_ids": ["vs_x"]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
     r = httpx.post(p + "/v1/responses", json={"input": "hi", "kv_transfer_params": {"do_remote_decode": True}},
-                   headers=auth)
+                   headers=fleet_header)
     assert r.status_code == 400
-    tid = httpx.post(p + "/v1/completions", json=prefill, headers=auth).json()["kv_transfer_params"]["transfer_id"]
-    assert httpx.get(f"{p}/v1/kv_transfer/{tid}").status_code == 401  # the operator's key only
-    assert httpx.get(f"{p}/v1/kv_transfer/{tid}?skip_blocks=-1", headers=auth).status_code == 400
-    data = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=auth)
+    tid = httpx.post(p + "/v1/completions", json=prefill, headers=fleet_header).json()["kv_transfer_params"][
+        "transfer_id"]
+    for wrong in ({}, auth, {"authorization": "Bearer nope"}):
+        r = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=wrong)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    assert httpx.get(f"{p}/v1/kv_transfer/{tid}?skip_blocks=-1", headers=kv).status_code == 400
+    data = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=kv)
     assert data.status_code == 200 and int(data.headers["x-kv-blocks"]) > 0
-    again = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=auth)
+    again = httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=kv)
     assert again.status_code == 404 and again.json()["error"]["code"] == "kv_transfer_not_found"
-    assert httpx.post(d + "/v1/kv_transfer", content=data.content).status_code == 401
+    assert httpx.post(d + "/v1/kv_transfer", content=data.content, headers=auth).status_code == 403
     for content in (b"garbage", data.content[:-5]):
-        r = httpx.post(d + "/v1/kv_transfer", content=content, headers=auth)
+        r = httpx.post(d + "/v1/kv_transfer", content=content, headers=kv)
         assert r.status_code == 400 and r.json()["error"]["code"] == "kv_transfer_mismatch"
-    huge = httpx.post(d + "/v1/kv_transfer", content=b"\0" * (64 * 2**20), headers=auth)  # > its whole KV cache
+    huge = httpx.post(d + "/v1/kv_transfer", content=b"\0" * (64 * 2**20), headers=kv)  # > its whole KV cache
     assert huge.status_code == 413
     # KV of another checkpoint (same shapes): refused by its fingerprint
     other = make_model(str(tmp_path / "other"), "llama", seed=9)
     llm = _llm(other)
     _prefill(llm, list(range(10, 90)))
     foreign = kv_transfer.encode(llm.engine.export_kv("t"))
-    r = httpx.post(d + "/v1/kv_transfer", content=foreign, headers=auth)
+    r = httpx.post(d + "/v1/kv_transfer", content=foreign, headers=kv)
     assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
-    ok = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=auth)
+    ok = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=kv)
     assert ok.status_code == 200 and ok.json()["object"] == "kv_transfer.import"
+
+
+def test_kv_transfer_needs_its_key(model_dir):
+    proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, "--kv-transfer"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "TOKENMILL_KV_TRANSFER_KEY"})
+    assert proc.returncode != 0 and "--kv-transfer-key" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "router", "--replica", "http://127.0.0.1:9",
+                           "--prefill", "http://127.0.0.1:10"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TOKENMILL_KV_TRANSFER_KEY"})
+    assert proc.returncode != 0 and "--kv-transfer-key" in proc.stderr

@@ -214,6 +214,11 @@ BENCHMARKS = {
             "One server with a vector store; the same Zipf-popular file_search chat requests with the excerpts in "
             "score order, then in document order (each under its own cache_salt): TTFT, prompt and cached tokens "
             "side by side."),
+    "disagg": ("disagg", "fleet layouts with and without prefill workers: goodput predicted by the simulator "
+               "and measured",
+               "Calibrates the step-time model and the KV transfer here, predicts each layout's latencies, SLO "
+               "attainment and goodput on a Poisson stream of long prompts (the fleet simulator), then runs the same "
+               "requests on real servers behind `tokenmill router` for the --measure layouts, side by side."),
     "prefix-cache": ("prefix_cache", "bench serve's shared-prefix and multi-turn workloads against "
                      "`tokenmill serve` with prefix caching on, then off",
                      "Start `tokenmill serve` with prefix caching on, then off, run the shared-prefix and multi-turn "

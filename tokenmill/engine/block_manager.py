@@ -251,28 +251,38 @@ class BlockManager:
             self.num_hit_tokens += cached_tokens
         return True
 
-    def take_imports(self, keys: list[bytes]) -> tuple[list[tuple[int, int]], int]:
+    def take_imports(self, keys: list[bytes]) -> tuple[list[tuple[int, int]], list[int]]:
         """KV transfer (engine/kv_transfer.py): a fresh block for each key not cached yet, in order,
-        as many as are free (a block of the prefix that does not fit makes the rest useless). They
-        are held (ref count 1) until release_imports; returns [(index into keys, block)] and how
-        many keys were cached already."""
+        as many as are free (a block of the prefix that does not fit makes the rest useless). The
+        new blocks and the cached ones among keys (the prefix the new ones continue) are held until
+        release_imports, so taking a block never evicts a block of the same chain. Returns
+        [(index into keys, new block)] and the cached blocks held."""
         taken: list[tuple[int, int]] = []
-        present = 0
+        held: list[int] = []
         if not self.enable_prefix_caching:
-            return taken, present
+            return taken, held
+        for key in keys:  # (first: a fresh block must not evict one of them)
+            block = self._cached.get(key)
+            if block is not None:
+                self._ref(block)
+                held.append(block)
         for i, key in enumerate(keys):
             if key in self._cached:
-                present += 1
                 continue
             if self.num_free_blocks == 0:
                 break
             taken.append((i, self._take_fresh()))
-        return taken, present
+        return taken, held
 
-    def release_imports(self, keys: list[bytes], taken: list[tuple[int, int]], written: bool) -> None:
+    def release_imports(self, keys: list[bytes], taken: list[tuple[int, int]], held: list[int],
+                        written: bool) -> None:
         """Imported blocks whose KV is written (written) join the cache under their keys, last block
         first, so the least recently used end evicts a prefix's tail before the blocks it depends on;
-        otherwise they go back to the free list."""
+        otherwise they go back to the free list. The cached blocks take_imports held are let go."""
+        for block in reversed(held):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._evictable[block] = None  # (cached: it has a key)
         for i, block in reversed(taken):
             self.ref_counts[block] = 0
             key = keys[i]

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,10 +39,11 @@ class KVTransferError(ValueError):
 
 
 def checkpoint_digest(folder: str) -> str:
-    """A digest of a checkpoint folder's weights: every weight file's name and size, its first
-    and last 64 KiB and 16 evenly spaced 64 KiB samples (about 1 MiB per file, read in
-    milliseconds). Two fine-tunes of one model differ throughout their files; this tells them
-    apart without reading gigabytes."""
+    """A digest of a checkpoint folder's weights, without reading gigabytes: every weight file's
+    name and size; in a safetensors file its header (names, shapes, offsets) and, from every tensor,
+    its first and last 4 KiB and 4 evenly spaced 4 KiB samples (a fine-tune that changed only some
+    tensors, a merged LoRA, frozen layers, changes sampled bytes of those tensors); in other
+    formats 16 evenly spaced 64 KiB samples of the file."""
     h = hashlib.sha256()
     names = sorted(n for n in os.listdir(folder) if n.endswith(_WEIGHT_SUFFIXES)) if os.path.isdir(folder) else []
     for name in names:
@@ -50,11 +51,9 @@ def checkpoint_digest(folder: str) -> str:
         size = os.path.getsize(path)
         h.update(f"{name}\0{size}\0".encode())
         with open(path, "rb") as f:
-            offsets = {0, max(0, size - _SAMPLE_BYTES)}
-            offsets.update(size * i // (_SAMPLES + 1) for i in range(1, _SAMPLES + 1))
-            for off in sorted(offsets):
+            for off, n in _samples(f, size, name.endswith(".safetensors")):
                 f.seek(off)
-                h.update(f.read(_SAMPLE_BYTES))
+                h.update(f.read(n))
     config = os.path.join(folder, "config.json")
     if os.path.isfile(config):
         with open(config, "rb") as f:
@@ -62,9 +61,39 @@ def checkpoint_digest(folder: str) -> str:
     return h.hexdigest()
 
 
+def _samples(f, size: int, safetensors: bool) -> list[tuple[int, int]]:
+    """(offset, length) of the byte ranges checkpoint_digest reads from one file."""
+    if safetensors and size >= 8:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 0 < n <= min(size - 8, 100 * 2**20):
+            f.seek(8)
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                header = None
+            if isinstance(header, dict):
+                out = [(0, 8 + n)]
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    begin, end = (header[name].get("data_offsets") or (0, 0)) if isinstance(header[name], dict) \
+                        else (0, 0)
+                    begin, end = 8 + n + int(begin), 8 + n + int(end)
+                    span = max(0, end - begin)
+                    for i in range(6):  # first, last, and 4 between: 4 KiB each
+                        off = begin + (span - 4096) * i // 5 if span > 4096 else begin
+                        out.append((off, min(4096, span)))
+                return out
+    offsets = {0, max(0, size - _SAMPLE_BYTES)}
+    offsets.update(size * i // (_SAMPLES + 1) for i in range(1, _SAMPLES + 1))
+    return [(off, _SAMPLE_BYTES) for off in sorted(offsets)]
+
+
 def fingerprint(folder: str, dtype: torch.dtype, quantization: str | None, block_size: int,
-                draft_folder: str | None = None) -> str:
-    parts = [FORMAT, checkpoint_digest(folder), str(dtype), str(quantization), str(block_size)]
+                draft_folder: str | None = None, load_format: str = "auto", seed: str = "") -> str:
+    """What KV must match to move between engines: the checkpoint (checkpoint_digest), dtype,
+    quantization, block size, the draft model's checkpoint, and for random weights (load_format
+    dummy) what drew them (the seed and the device's generator)."""
+    weights = checkpoint_digest(folder) if load_format != "dummy" else f"dummy:{seed}"
+    parts = [FORMAT, weights, str(dtype), str(quantization), str(block_size), load_format]
     if draft_folder is not None:
         parts.append("draft:" + checkpoint_digest(draft_folder))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -72,13 +101,15 @@ def fingerprint(folder: str, dtype: torch.dtype, quantization: str | None, block
 
 @dataclass
 class KVPayload:
-    """Blocks of KV and their prefix-cache keys, in prompt order."""
+    """Blocks of KV and their prefix-cache keys, in prompt order; prefix_keys: the keys of the blocks
+    before them that the receiver has already (skip_blocks), sent without their KV."""
 
     keys: list[bytes]
     kv: torch.Tensor  # (layers, 2, blocks, block_size, kv_heads, head_dim)
     draft_kv: torch.Tensor | None
     fingerprint: str
     block_size: int
+    prefix_keys: list[bytes] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
@@ -86,11 +117,18 @@ class KVPayload:
 
 
 def gather(caches: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
-    """The blocks' KV from every layer's cache (2, num_blocks, block_size, heads, dim), on the host."""
+    """The blocks' KV from every layer's cache, (layers, 2, blocks, block_size, heads, dim) on the
+    host: a layer at a time into one host tensor (pinned from a GPU), so a device whose cache fills
+    it needs room for one layer's blocks, not the whole payload twice."""
     if not caches:
         raise KVTransferError("the KV cache is not allocated")
-    idx = torch.tensor(blocks, dtype=torch.long, device=caches[0].device)
-    return torch.stack([c.index_select(1, idx) for c in caches]).cpu()
+    c0 = caches[0]
+    idx = torch.tensor(blocks, dtype=torch.long, device=c0.device)
+    out = torch.empty((len(caches), c0.shape[0], len(blocks), *c0.shape[2:]), dtype=c0.dtype,
+                      pin_memory=c0.device.type == "cuda")
+    for layer, cache in enumerate(caches):
+        out[layer].copy_(cache.index_select(1, idx))
+    return out
 
 
 def scatter(caches: list[torch.Tensor], blocks: list[int], kv: torch.Tensor) -> None:
@@ -107,7 +145,7 @@ def encode(p: KVPayload) -> bytes:
     if p.draft_kv is not None:
         tensors["draft_kv"] = p.draft_kv.contiguous()
     meta = {"format": FORMAT, "fingerprint": p.fingerprint, "block_size": str(p.block_size),
-            "keys": ",".join(k.hex() for k in p.keys)}
+            "keys": ",".join(k.hex() for k in p.keys), "prefix_keys": ",".join(k.hex() for k in p.prefix_keys)}
     return save(tensors, metadata=meta)
 
 
@@ -131,10 +169,11 @@ def decode(data: bytes) -> KVPayload:
         raise KVTransferError(f"not a KV payload of format {FORMAT!r} (got {meta.get('format')!r})")
     try:
         keys = [bytes.fromhex(k) for k in meta.get("keys", "").split(",")] if meta.get("keys") else []
+        prefix = [bytes.fromhex(k) for k in meta["prefix_keys"].split(",")] if meta.get("prefix_keys") else []
         block_size = int(meta.get("block_size", ""))
     except ValueError:
         raise KVTransferError("a KV payload's keys or block size are malformed") from None
-    if any(len(k) != 32 for k in keys):
+    if any(len(k) != 32 for k in keys + prefix):
         raise KVTransferError("a KV payload's keys must be 32-byte sha256 digests")
     kv = tensors.get("kv")
     if kv is None or kv.dim() != 6 or kv.shape[1] != 2 or kv.shape[2] != len(keys):
@@ -143,7 +182,7 @@ def decode(data: bytes) -> KVPayload:
     draft = tensors.get("draft_kv")
     if draft is not None and (draft.dim() != 6 or draft.shape[2] != len(keys)):
         raise KVTransferError("a KV payload's `draft_kv` must hold one block per key")
-    return KVPayload(keys, kv, draft, str(meta.get("fingerprint", "")), block_size)
+    return KVPayload(keys, kv, draft, str(meta.get("fingerprint", "")), block_size, prefix)
 
 
 def check_fits(p: KVPayload, caches: list[torch.Tensor], draft_caches: list[torch.Tensor], fp: str,
@@ -164,5 +203,6 @@ def check_fits(p: KVPayload, caches: list[torch.Tensor], draft_caches: list[torc
         dwant = (len(draft_caches), *draft_caches[0].shape[:1], p.num_blocks, *draft_caches[0].shape[2:])
         if tuple(p.draft_kv.shape) != dwant or p.draft_kv.dtype != draft_caches[0].dtype:
             raise KVTransferError("the payload's draft-model KV does not fit this cache")
-    if p.kv.is_floating_point() and not bool(torch.isfinite(p.kv).all()):
-        raise KVTransferError("the KV holds NaN or infinite values")
+    for t in (p.kv, p.draft_kv):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise KVTransferError("the KV holds NaN or infinite values")

@@ -1056,7 +1056,8 @@ class LLMEngine:
             c = self.config
             spec = c.speculative_config
             draft = spec.model if spec is not None and spec.method == "draft_model" else None
-            self._kv_fingerprint = kv_transfer.fingerprint(c.model, self.dtype, c.quantization, c.block_size, draft)
+            self._kv_fingerprint = kv_transfer.fingerprint(c.model, self.dtype, c.quantization, c.block_size, draft,
+                                                           c.load_format, f"{c.seed}/{self.device.type}")
         return self._kv_fingerprint
 
     def _hold_kv(self, seq: Sequence) -> None:
@@ -1070,7 +1071,7 @@ class LLMEngine:
         bm.fork(seq, holder)
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
         held = sum(len(h.block_table) for h, _ in self.kv_holds.values())
-        while held > bm.num_blocks // 2 and len(self.kv_holds) > 1:
+        while held > bm.num_blocks // 2 and self.kv_holds:  # (this one too, if it alone is too large)
             oldest = next(iter(self.kv_holds))
             held -= len(self.kv_holds[oldest][0].block_table)
             self.release_kv_hold(oldest)
@@ -1108,7 +1109,8 @@ class LLMEngine:
             kv = kv_transfer.gather(runner.kv_caches, blocks)
             draft = (kv_transfer.gather(runner.drafter.kv_caches, blocks)
                      if runner.drafter is not None and runner.drafter.kv_caches else None)
-            return kv_transfer.KVPayload(holder.block_hashes[skip:n], kv, draft, self.kv_fingerprint, bm.block_size)
+            return kv_transfer.KVPayload(holder.block_hashes[skip:n], kv, draft, self.kv_fingerprint, bm.block_size,
+                                         prefix_keys=holder.block_hashes[:skip])
         finally:
             self.release_kv_hold(transfer_id)
 
@@ -1122,19 +1124,29 @@ class LLMEngine:
         runner, bm = self.runner, self.block_manager
         drafts = runner.drafter.kv_caches if runner.drafter is not None else []
         kv_transfer.check_fits(payload, runner.kv_caches, drafts, self.kv_fingerprint, bm.block_size)
-        taken, present = bm.take_imports(payload.keys)
+        keys = payload.prefix_keys + payload.keys  # (the prefix the payload continues: held, not written)
+        taken, held = bm.take_imports(keys)
+        skip = len(payload.prefix_keys)
         written = False
         try:
             if taken:
-                idx = torch.tensor([i for i, _ in taken])
+                idx = torch.tensor([i - skip for i, _ in taken])
                 blocks = [b for _, b in taken]
                 kv_transfer.scatter(runner.kv_caches, blocks, payload.kv.index_select(2, idx))
                 if payload.draft_kv is not None:
                     kv_transfer.scatter(drafts, blocks, payload.draft_kv.index_select(2, idx))
             written = True
         finally:
-            bm.release_imports(payload.keys, taken, written)
-        return {"blocks": payload.num_blocks, "imported": len(taken), "present": present}
+            bm.release_imports(keys, taken, held, written)
+        # How much of the chain is cached from its first block on (what a prompt with these keys finds).
+        reachable = 0
+        for key in keys:
+            if key not in bm._cached:
+                break
+            reachable += 1
+        return {"blocks": payload.num_blocks, "imported": len(taken),
+                "present": sum(1 for k in payload.keys if k in bm._cached) - len(taken),
+                "reachable_blocks": reachable}
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
         outs = []

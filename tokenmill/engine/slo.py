@@ -204,6 +204,12 @@ class StepTimeModel:
         self.coef = np.maximum(coef, 0.0)
 
     def to_dict(self) -> dict[str, float]:
-        c = self.fit()
+        self.fit()
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, float]:
+        """The coefficients as last solved (at most REFIT_EVERY steps behind), without solving: what
+        another thread may read (a server's model card) while the engine thread observes."""
+        c = self.coef
         return {"step_s": float(c[0]), "overhead_s": self.overhead_s, "per_token_s": float(c[1]),
                 "per_row_s": float(c[2]), "per_attention_ktoken_s": float(c[3]), "steps_observed": self.num_observed}

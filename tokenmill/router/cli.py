@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uncached prompt tokens from which a prefill may go to a prefill worker")
     p.add_argument("--disagg-max-queue-tokens", type=int, default=DisaggConfig.max_queue_tokens, metavar="N",
                    help="auto: a prefill worker with more prompt tokens queued than this is not asked")
+    p.add_argument("--disagg-timeout", type=float, default=DisaggConfig.timeout_s, metavar="S",
+                   help="a remote prefill and its KV transfer at most (then the replica prefills itself)")
+    p.add_argument("--kv-transfer-key", default=os.environ.get("TOKENMILL_KV_TRANSFER_KEY"),
+                   help="the servers' --kv-transfer-key, sent with prefills and KV transfers (default: env "
+                   "TOKENMILL_KV_TRANSFER_KEY; with local prefill workers, one made here)")
     p.add_argument("--replica-threads", type=int, default=None, metavar="T",
                    help="torch threads per local replica (default: the cores shared out among them)")
     p.add_argument("--replica-log-dir", default=None, help="where local replicas write their logs")
@@ -86,10 +91,20 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ValueError(f"--shutdown-timeout: must be >= 0 seconds, got {args.shutdown_timeout!r}")
     if args.replica_threads is not None and args.replica_threads < 1:
         raise ValueError(f"--replica-threads: must be >= 1, got {args.replica_threads}")
-    for url in args.replica + args.prefill:
+    for url in args.replica:
         check_replica_url(url)
+    for url in args.prefill:
+        check_replica_url(url, "--prefill")
+    both = {u.rstrip("/") for u in args.replica} & {u.rstrip("/") for u in args.prefill}
+    if both:
+        raise ValueError(f"--prefill: {', '.join(sorted(both))} given as a replica too; a server is one or the other")
     if args.disagg_min_tokens < 0 or args.disagg_max_queue_tokens < 0:
         raise ValueError("--disagg-min-tokens and --disagg-max-queue-tokens: must be >= 0")
+    if not (math.isfinite(args.disagg_timeout) and args.disagg_timeout > 0):
+        raise ValueError(f"--disagg-timeout: must be a positive number of seconds, got {args.disagg_timeout!r}")
+    if (args.prefill or args.prefill_replicas) and not args.kv_transfer_key:
+        raise ValueError("--prefill: needs --kv-transfer-key (or TOKENMILL_KV_TRANSFER_KEY), the key the servers "
+                         "were started with")
     tenants = None
     if args.tenants is not None:
         from tokenmill.ops.tenants import load_tenants
@@ -101,7 +116,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                         tokenizer=args.tokenizer,
                         replica_api_key=args.replica_api_key or os.environ.get("TOKENMILL_API_KEY"),
                         max_body_bytes=args.max_body_size, tenants=tenants,
-                        disagg=DisaggConfig(args.disagg_policy, args.disagg_min_tokens, args.disagg_max_queue_tokens))
+                        disagg=DisaggConfig(args.disagg_policy, args.disagg_min_tokens, args.disagg_max_queue_tokens,
+                                            args.disagg_timeout),
+                        kv_transfer_key=args.kv_transfer_key)
 
 
 def run(args: argparse.Namespace, serve_args: list[str]) -> int:
@@ -118,9 +135,12 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         raise ValueError("--replicas and --prefill-replicas: must be >= 0")
     if args.prefill_replicas and not (args.replicas or args.replica):
         raise ValueError("--prefill-replicas: prefill workers need replicas to decode (--replicas N or --replica URL)")
-    if args.prefill_replicas or args.prefill:
+    if args.prefill_replicas or (args.prefill and args.replicas):
         if "--kv-transfer" not in serve_args:  # every local server moves KV
             serve_args = [*serve_args, "--kv-transfer"]
+        if not args.kv_transfer_key:  # local servers take the router's key through their environment
+            args.kv_transfer_key = secrets.token_urlsafe(32)
+        os.environ["TOKENMILL_KV_TRANSFER_KEY"] = args.kv_transfer_key
     if args.replicas or args.prefill_replicas:
         given = _serve_api_key(serve_args)
         if args.replica_api_key is None:  # local replicas behind a key: the router's own calls need it too
@@ -187,18 +207,18 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         sock.close()
 
 
-def check_replica_url(url: str) -> None:
+def check_replica_url(url: str, flag: str = "--replica") -> None:
     """ValueError unless url is an http(s) base URL with a host (`127.0.0.1:8001` alone would be
     taken as scheme "127.0.0.1" and every call to it would fail)."""
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"--replica: {url!r} is not a replica's base URL; give one like http://127.0.0.1:8001")
+        raise ValueError(f"{flag}: {url!r} is not a replica's base URL; give one like http://127.0.0.1:8001")
     try:
         u.port  # noqa: B018 (raises on a port that is not a number or out of range)
     except ValueError:
-        raise ValueError(f"--replica: {url!r} has a port that is not a number in [0, 65535]") from None
+        raise ValueError(f"{flag}: {url!r} has a port that is not a number in [0, 65535]") from None
     if u.query or u.fragment:
-        raise ValueError(f"--replica: {url!r}: a base URL has no query or fragment")
+        raise ValueError(f"{flag}: {url!r}: a base URL has no query or fragment")
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:

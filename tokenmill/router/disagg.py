@@ -22,6 +22,9 @@ and otherwise prefills locally: a short prompt (the hop costs more than it saves
 worker (nothing to stall), prefill workers behind by more than max_queue_tokens (the remote TTFT
 would be worse than local interference). Among prefill workers, the one with the least work for
 this prompt (uncached there plus its queue: prefix-aware, as kv_aware routing) is asked.
+max_queue_tokens (2048 by default) was chosen with the fleet simulator (bench/disagg_sim.py) on
+the 2-core CPU's measured step times: 16384 let one prefill worker's queue grow to seconds at 0.7
+requests/s, where 2048 gave 4x the goodput and 1024 sent too few remote (docs/benchmarks/disagg.md).
 `always` sends every eligible request (min_tokens still holds; for measuring), `never` none.
 A remote prefill that fails in any way (P down, hold expired, a 4xx) falls back to local: a
 transfer is only ever a cache fill, so the answer does not depend on it.
@@ -48,14 +51,14 @@ _ANSWER_FIELDS = ("stream", "stream_options", "n", "best_of", "use_beam_search",
 class DisaggConfig:
     policy: str = "auto"
     min_tokens: int = 256  # uncached prompt tokens from which a prefill may go remote
-    max_queue_tokens: int = 16384  # a prefill worker with more queued prompt tokens is not asked
-    timeout_s: float = 300.0  # a remote prefill and its transfer, at most (then local)
+    max_queue_tokens: int = 2048  # a prefill worker with more queued prompt tokens is not asked
+    timeout_s: float = 60.0  # a remote prefill and its transfer, at most (then local)
 
     def __post_init__(self) -> None:
         if self.policy not in DISAGG_POLICIES:
             raise ValueError(f"disaggregation policy: one of {', '.join(DISAGG_POLICIES)}, got {self.policy!r}")
-        if self.min_tokens < 0 or self.max_queue_tokens < 0:
-            raise ValueError("disaggregation: min_tokens and max_queue_tokens must be >= 0")
+        if self.min_tokens < 0 or self.max_queue_tokens < 0 or not self.timeout_s > 0:
+            raise ValueError("disaggregation: min_tokens and max_queue_tokens must be >= 0, timeout_s > 0")
 
 
 def decide(cfg: DisaggConfig, prompt_tokens: int, decode: Candidate,
@@ -93,6 +96,9 @@ def prefill_body(endpoint: str, body: dict[str, Any]) -> dict[str, Any] | None:
             return None
     elif not isinstance(body.get("messages"), list):
         return None
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "file_search" for t in tools):
+        return None  # (its excerpts come from the decode replica's own search)
     out = {k: v for k, v in body.items() if k not in _ANSWER_FIELDS}
     out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
     return out

@@ -69,6 +69,7 @@ from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
 from tokenmill.server.errors import error_body, error_response, invalid_key_error, limit_error
+from tokenmill.server.gateway import KV_TRANSFER_HEADER
 from tokenmill.server.routes.dashboard import merge_snapshots, register_page
 from tokenmill.server.streaming import ReleasingIterator, unless_disconnected
 
@@ -121,6 +122,7 @@ class RouterConfig:
     max_body_bytes: int = 8 * 2**20
     tenants: TenantsConfig | None = None  # keys, and fleet-wide concurrency and requests/min (module docstring)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)  # with prefill workers: when they prefill
+    kv_transfer_key: str | None = None  # the servers' --kv-transfer-key (prefills and transfers carry it)
 
 
 class NoReplica(Exception):
@@ -162,6 +164,9 @@ class _Metrics:
                                             "local prefill, by stage", ["stage"], registry=r)
         self.remote_prefill = Histogram(p + "remote_prefill_seconds", "A remote prefill and its KV transfer",
                                         buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.kv_transfer_seconds = Histogram(p + "kv_transfer_seconds", "A KV transfer alone: the export "
+                                             "streamed into the import", registry=r,
+                                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
         self.rejected = Counter(p + "tenant_rejected", "Requests the router refused by a tenant's limit",
                                 ["tenant", "limit"], registry=r)
         tenant_inflight = Gauge(p + "tenant_requests_in_flight", "A tenant's requests in flight in the fleet",
@@ -341,7 +346,9 @@ class Router:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
-        if self.config.policy == "kv_aware" and name is not None and endpoint in ("chat", "completions", "responses"):
+        prefill = any(r.role == "prefill" for r in self.replicas.values())  # (disaggregation needs the ids too)
+        if (self.config.policy == "kv_aware" or prefill) and name is not None and endpoint in (
+                "chat", "completions", "responses"):
             h = self._hasher(name)
             if h is not None:
                 if size > THREAD_TOKENIZE_BYTES or not h.loaded:
@@ -357,8 +364,11 @@ class Router:
             found = await self._home(prev, headers or {})
             home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
         plan = _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
-        if ids is not None and any(r.role == "prefill" for r in self.replicas.values()):
-            plan.prefill = prefill_body(endpoint, body)
+        if prefill and endpoint in ("chat", "completions"):
+            if ids is None:  # no tokenizer for the model here: its prompts' length and keys are unknown
+                self.metrics.prefills.labels("local", "no_token_ids").inc()
+            else:
+                plan.prefill = prefill_body(endpoint, body)
         return plan
 
     def _remember(self, response_id: Any, url: str) -> None:
@@ -391,7 +401,7 @@ class Router:
         else:
             reps = self._candidates(plan.model, exclude)
         if not reps and plan.model is not None and plan.home is None and not any(
-                plan.model in r.models for r in self.replicas.values()):
+                plan.model in r.models for r in self.replicas.values() if r.role == "decode"):
             reps = self._candidates(None, exclude)  # a model no replica serves: one of them answers the 404
         if not reps:
             raise NoReplica("no replica is available" + (" for this model" if plan.model else ""))
@@ -440,8 +450,9 @@ class Router:
         t0 = time.perf_counter()
         stage = ["prefill"]
         try:
-            got, nbytes = await asyncio.wait_for(self._transfer(plan, worker, pticket, rep, dcand, path, headers,
-                                                                stage), self.config.disagg.timeout_s)
+            # (a _Call on the worker: given up on at once when its health checks find it hung)
+            got, nbytes = await asyncio.wait_for(_Call(worker, self._transfer(
+                plan, worker, pticket, rep, dcand, path, headers, stage)).result(), self.config.disagg.timeout_s)
         except Exception as e:  # (a timeout too; not a cancellation: the client left)
             self.metrics.kv_transfer_failures.labels(stage[0]).inc()
             logger.info("router: remote prefill on %s for %s failed at %s (%s); it prefills locally", worker.url,
@@ -461,7 +472,8 @@ class Router:
                         path: str, headers: dict[str, str], stage: list[str]) -> tuple[dict[str, Any], int]:
         """The prefill on worker, then its KV streamed from worker into rep (what rep took, and bytes)."""
         assert self.client is not None
-        r = await self.client.post(worker.url + path, json=plan.prefill, headers=headers)
+        key = self.config.kv_transfer_key or ""
+        r = await self.client.post(worker.url + path, json=plan.prefill, headers={**headers, KV_TRANSFER_HEADER: key})
         if r.status_code != 200:
             raise RuntimeError(f"the prefill got {r.status_code}: {r.text[:200]}")
         answer = r.json()
@@ -478,16 +490,19 @@ class Router:
                 sent[0] += len(c)
                 yield c
 
-        async with self.client.stream("GET", f"{worker.url}/v1/kv_transfer/{tid}", headers=worker.headers,
+        t0 = time.perf_counter()
+        auth = {"authorization": f"Bearer {key}"}
+        async with self.client.stream("GET", f"{worker.url}/v1/kv_transfer/{tid}", headers=auth,
                                       params={"model": model, "skip_blocks": skip}) as ex:
             if ex.status_code != 200:
                 await ex.aread()
                 raise RuntimeError(f"the export got {ex.status_code}: {ex.text[:200]}")
             stage[0] = "import"
             imp = await self.client.post(rep.url + "/v1/kv_transfer", params={"model": model},
-                                         content=chunks(ex.aiter_bytes()), headers=rep.headers)
+                                         content=chunks(ex.aiter_bytes()), headers=auth)
         if imp.status_code != 200:
             raise RuntimeError(f"the import got {imp.status_code}: {imp.text[:200]}")
+        self.metrics.kv_transfer_seconds.observe(time.perf_counter() - t0)
         return imp.json(), sent[0]
 
     def _retryable(self, resp: httpx.Response) -> bool:
@@ -572,6 +587,12 @@ class Router:
         @app.get("/v1/kv_events")
         async def kv_events() -> Response:  # each replica has its own; the router has none
             return JSONResponse(error_body(404, "the router publishes no KV events; subscribe to a replica"),
+                                status_code=404)
+
+        @app.api_route("/v1/kv_transfer", methods=["GET", "POST"])
+        @app.api_route("/v1/kv_transfer/{transfer_id}", methods=["GET", "POST"])
+        async def kv_transfer(transfer_id: str = "") -> Response:  # the fleet's own traffic, never a client's
+            return JSONResponse(error_body(404, "KV transfer is between the router and its servers"),
                                 status_code=404)
 
         # The router's own paths called with another method: a 405 here rather than a hop to a replica

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 if TYPE_CHECKING:
     from tokenmill.ops.tenants import LimitExceeded
@@ -117,7 +118,7 @@ class BodyLimitMiddleware:
         self.exempt = exempt  # path prefixes whose routes bound their bodies themselves
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and not scope.get("path", "").startswith(self.exempt):
+        if scope["type"] == "http" and not (self.exempt and get_route_path(scope).startswith(self.exempt)):
             for k, v in scope.get("headers", []):
                 if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
                     body = error_body(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")

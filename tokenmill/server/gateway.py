@@ -57,6 +57,11 @@ logger = logging.getLogger("tokenmill.server")
 EXTRAS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("tokenmill_extras", default=None)
 
 
+# The header a fleet router sends a prefill with: its --kv-transfer-key (kv_transfer_params is refused
+# without it; clients' headers never carry it through the router, which forwards only FORWARDED).
+KV_TRANSFER_HEADER = "x-tokenmill-kv-transfer-key"
+
+
 @functools.cache
 def _field_names(model: type[BaseModel]) -> frozenset[str]:
     """A request body's top-level keys: its fields' names and aliases."""
@@ -83,6 +88,7 @@ class GatewaySettings:
     # Prefill/decode disaggregation (routes/kv_transfer.py): the KV transfer routes and prefills that
     # hold their prompt's KV for a decode worker, and how long they hold it
     kv_transfer: bool = False
+    kv_transfer_key: str | None = None  # required of every KV transfer (KV_TRANSFER_HEADER or the routes' bearer)
     kv_hold_s: float = 30.0
 
 
@@ -332,7 +338,7 @@ class Gateway:
         if precheck is not None:
             precheck(req)
         if getattr(req, "kv_transfer_params", None) is not None:
-            self._kv_prefill(req, name, tags)
+            self._kv_prefill(request, req, name, tags)
         if (generation or tasks) and name not in self.tiers:
             self._check_task(name, generation, tasks)
         if tenant is not None:
@@ -362,13 +368,29 @@ class Gateway:
             _check_task(ctx.name, (ctx.llm_engine.task, len(ctx.llm_engine.model_config.labels)), generation, tasks)
         return ctx, req, arrival
 
-    def _kv_prefill(self, req: Any, name: str, tags: dict[str, Any] | None) -> None:
+    def check_kv_transfer(self, request: Request, header: str = KV_TRANSFER_HEADER) -> None:
+        """KV transfer is the fleet's own business: on (--kv-transfer) and with its key."""
+        if not self.settings.kv_transfer:
+            raise APIError(404, "KV transfer is off on this server (start it with --kv-transfer)",
+                           code="kv_transfer_disabled")
+        key = self.settings.kv_transfer_key or ""
+        got = request.headers.get(header)
+        if header == "authorization":
+            ok = _key_matches(got, key)
+        else:
+            ok = _key_matches(f"Bearer {got}" if got is not None else None, key)
+        if not key or not ok:
+            raise APIError(403, "KV transfer takes the fleet's --kv-transfer-key", type_="permission_error",
+                           code="permission_denied")
+
+    def _kv_prefill(self, request: Request, req: Any, name: str, tags: dict[str, Any] | None) -> None:
         """A prefill for a decode worker (`kv_transfer_params: {"do_remote_decode": true}`, vLLM's
         field): its prompt's KV is held once it finishes, named in the response's kv_transfer_params."""
         params = req.kv_transfer_params
         if not self.settings.kv_transfer:
             raise APIError(400, "kv_transfer_params: KV transfer is off on this server (start it with --kv-transfer)",
                            param="kv_transfer_params")
+        self.check_kv_transfer(request)
         if not isinstance(params, dict) or set(params) - {"do_remote_decode"} or params.get("do_remote_decode") \
                 is not True:
             raise APIError(400, 'kv_transfer_params: the only form taken is {"do_remote_decode": true} (a prefill '
@@ -377,10 +399,13 @@ class Gateway:
             raise APIError(400, "kv_transfer_params: name a model, not a tier", param="kv_transfer_params")
         prompt = getattr(req, "prompt", None)
         several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+        tools = getattr(req, "tools", None) or []
+        searches = any((t.get("type") if isinstance(t, dict) else getattr(t, "type", None)) == "file_search"
+                       for t in tools)
         if req.stream or several or (req.n or 1) != 1 or getattr(req, "use_beam_search", False) \
-                or getattr(req, "test_time_compute", None) is not None or req.resume_token_ids:
+                or getattr(req, "test_time_compute", None) is not None or req.resume_token_ids or searches:
             raise APIError(400, "kv_transfer_params: a prefill is one prompt, one choice, not streamed, resumed, "
-                           "beam searched or test-time computed", param="kv_transfer_params")
+                           "beam searched, test-time computed or searching files", param="kv_transfer_params")
         tid = f"kvx-{uuid.uuid4().hex}"
         if tags is not None:
             tags["kv_hold"] = (tid, self.settings.kv_hold_s)

@@ -146,8 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "excerpt_order overrides it)")
     p.add_argument("--kv-transfer", action="store_true",
                    help="prefill/decode disaggregation: take prefills whose KV a decode worker takes "
-                        "(kv_transfer_params) and the KV transfer routes (/v1/kv_transfer), behind --api-key; a fleet "
-                        "router with --prefill replicas uses them")
+                        "(kv_transfer_params) and the KV transfer routes (/v1/kv_transfer), for the holder of "
+                        "--kv-transfer-key only; a fleet router with --prefill workers uses them")
+    p.add_argument("--kv-transfer-key", default=os.environ.get("TOKENMILL_KV_TRANSFER_KEY"),
+                   help="the key a fleet router sends with KV transfers (required with --kv-transfer: KV written "
+                        "into the prefix cache is served to every prompt with those blocks; or set "
+                        "TOKENMILL_KV_TRANSFER_KEY)")
     p.add_argument("--kv-hold-timeout", type=float, default=30.0, metavar="S",
                    help="how long a prefill's KV is held for its decode worker (default 30)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
@@ -259,6 +263,9 @@ def check_args(args: argparse.Namespace, models: bool = True,
     if args.max_queue is not None and args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1 (every request waits for at least one step), "
                          f"got {args.max_queue}")
+    if getattr(args, "kv_transfer", False) and not getattr(args, "kv_transfer_key", None):
+        raise ValueError("--kv-transfer: needs --kv-transfer-key (or TOKENMILL_KV_TRANSFER_KEY), the key a fleet "
+                         "router sends with KV transfers: without it anyone could write into the prefix cache")
     hold = getattr(args, "kv_hold_timeout", 30.0)
     if not (math.isfinite(hold) and 0 < hold <= 3600):
         raise ValueError(f"--kv-hold-timeout: seconds in (0, 3600], got {hold!r}")
@@ -307,6 +314,7 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
                                rag_reranker=getattr(args, "rag_reranker", None),
                                rag_excerpt_order=getattr(args, "rag_excerpt_order", "score"),
                                kv_transfer=getattr(args, "kv_transfer", False),
+                               kv_transfer_key=getattr(args, "kv_transfer_key", None),
                                kv_hold_s=getattr(args, "kv_hold_timeout", 30.0))
     app = build_app(pool, tiers, settings)
     for spec in specs:

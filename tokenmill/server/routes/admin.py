@@ -18,7 +18,7 @@ from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.gateway import Gateway, Tier, pool_api_error
 from tokenmill.server.kv_events import Subscriber
 from tokenmill.server.metrics import CONTENT_TYPE
-from tokenmill.server.pool import PoolEntry, PoolError
+from tokenmill.server.pool import ACTIVE, PoolEntry, PoolError
 from tokenmill.server.streaming import sse
 
 # How often the KV event stream sends each model's load when it changed, and a heartbeat when idle.
@@ -35,7 +35,15 @@ def register(app: FastAPI, gw: Gateway) -> None:
                 "pinned": e.spec.pinned, "size_bytes": e.footprint, "weight_bytes": e.weight_bytes or None,
                 "kv_cache_bytes": e.kv_bytes or None,
                 "last_used": None if e.last_used is None else int(e.last_used), "swaps": e.swaps,
-                "error": e.error}
+                "error": e.error, "step_time_model": step_time_model(e)}
+
+    def step_time_model(e: PoolEntry) -> dict[str, float] | None:
+        """The model's step-time model as fitted on its own steps (engine/slo.py; a fleet simulator's
+        input: bench disagg), while it is active."""
+        ctx = e.ctx
+        if ctx is None or e.state != ACTIVE or getattr(ctx, "llm_engine", None) is None:
+            return None
+        return ctx.llm_engine.step_model.snapshot()
 
     def tier_card(t: Tier) -> dict[str, Any]:
         p = t.policy

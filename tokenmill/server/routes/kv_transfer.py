@@ -8,9 +8,10 @@
 - POST /v1/kv_transfer?model=M with such a payload: its blocks go into this server's prefix cache
   under their keys; a request for the same prompt then computes only its last block.
 
-Off unless the server runs with --kv-transfer: a payload written into the prefix cache is served
-to every request whose prompt has those keys, so only the operator's key may send one (as it
-alone reads /v1/kv_events; without keys, whoever reaches the port, as every other route).
+Off unless the server runs with --kv-transfer, and only for the holder of --kv-transfer-key (the
+routes take it as `Authorization: Bearer KEY`, a prefill request in the x-tokenmill-kv-transfer-key
+header): a payload written into the prefix cache is served to every request whose prompt has those
+keys, and a hold pins cache blocks, so neither is a client's to make.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ _HEADER_SLACK = 1 << 20  # a payload's safetensors header (its keys as hex) beyo
 
 def register(app: FastAPI, gw: Gateway) -> None:
     def check(request: Request) -> None:
-        if not gw.settings.kv_transfer:
-            raise APIError(404, "KV transfer is off on this server (start it with --kv-transfer)",
-                           code="kv_transfer_disabled")
-        gw.check_service(request)
+        gw.check_kv_transfer(request, "authorization")
         gw.check_admitting()
 
     def model_name(request: Request) -> str:

@@ -1,0 +1,230 @@
+"""A fleet on a simulated clock: what goodput a layout of prefill and decode workers gives.
+
+`simulate_fleet` runs a workload (Poisson arrivals, prompt and output lengths) through a layout:
+N colocated replicas, or P prefill workers and D decode workers. Each worker is the real Scheduler
+and BlockManager (bench/slo_sim.Sim) whose steps take what a step-time model measured on the
+hardware predicts (engine/slo.py: a step's fixed cost, per token, per sampled row, per attention
+pair). Routing is the router's: the decode worker with the least prefill work before the first
+token (policy.kv_aware_cost), and for a layout with prefill workers the router's own decision
+(router/disagg.decide) between a remote and a local prefill. A remote prefill is a one-token
+request on a prefill worker; when its step ends, its KV takes the transfer model's time (a fixed
+cost and bytes over a bandwidth, both measured) and enters the decode worker's prefix cache the
+way the real import does (BlockManager.take_imports), so the decode worker computes only the last
+block. TTFT is the decode worker's first token, TPOT its later ones.
+
+Goodput (DistServe's measure) is the rate of requests that meet both latency targets: what a
+layout is worth under those targets, where throughput alone would count requests served too late.
+The simulator leaves out the HTTP and tokenization around each request and the noise of a shared
+machine: `tokenmill bench disagg` measures the same workload on real servers beside its prediction.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.bench.slo_sim import Sim, make_request
+from tokenmill.engine.block_manager import block_hashes
+from tokenmill.engine.sequence import Request
+from tokenmill.engine.slo import SLOTarget
+from tokenmill.router.disagg import DisaggConfig, decide
+from tokenmill.router.policy import Candidate, KVAwareWeights, kv_aware_cost
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.stats import percentile_summary
+
+
+@dataclass(frozen=True)
+class Layout:
+    """prefill == 0: `decode` colocated replicas; else prefill workers and decode workers."""
+
+    decode: int
+    prefill: int = 0
+    policy: str = "auto"  # the router's --disagg-policy (with prefill workers)
+
+    @property
+    def name(self) -> str:
+        if not self.prefill:
+            return f"{self.decode} colocated"
+        return f"{self.prefill}P+{self.decode}D ({self.policy})"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """"2" (colocated), "1p1d", "1p1d:always"."""
+        spec, _, policy = text.strip().lower().partition(":")
+        try:
+            if "p" in spec:
+                p, d = spec.split("p")
+                return cls(int(d.rstrip("d")), int(p), policy or "auto")
+            if policy:
+                raise ValueError
+            return cls(int(spec))
+        except ValueError:
+            raise ValueError(f"layout {text!r}: N (colocated replicas) or PpDd[:auto|always] (1p1d:always)") from None
+
+
+@dataclass(frozen=True)
+class TransferModel:
+    latency_s: float  # a transfer's fixed cost (the router's prefill call, export and import exchanges)
+    bytes_per_s: float
+    kv_bytes_per_token: int
+
+    def seconds(self, tokens: int) -> float:
+        return self.latency_s + tokens * self.kv_bytes_per_token / self.bytes_per_s
+
+
+@dataclass
+class SimWorkload:
+    prompt_len: int
+    output_len: int
+    rate: float  # requests per second (Poisson)
+    duration: float
+    jitter: float = 0.25  # lengths uniform in +-25%
+    seed: int = 0
+
+    def requests(self) -> list[tuple[str, int, int, float]]:
+        """(id, prompt tokens, output tokens, arrival) of every request: the same list for the
+        simulator and the measured run."""
+        rng = random.Random(self.seed)
+        out, t = [], 0.0
+        while True:
+            t += rng.expovariate(self.rate)
+            if t >= self.duration:
+                return out
+            j = self.jitter
+            out.append((f"r{len(out)}", max(2, round(self.prompt_len * rng.uniform(1 - j, 1 + j))),
+                        max(2, round(self.output_len * rng.uniform(1 - j, 1 + j))), t))
+
+
+@dataclass
+class _Worker:
+    sim: Sim
+    role: str  # "decode" or "prefill"
+    prompt_left: dict[str, int] = field(default_factory=dict)  # request -> prompt tokens not computed
+
+    def busy(self) -> bool:
+        return self.sim.sched.has_unfinished()
+
+    def candidate(self, name: str, token_ids: list[int]) -> Candidate:
+        s = self.sim.sched
+        bm = self.sim.bm
+        cached = 0
+        for key in block_hashes(token_ids, bm.block_size):
+            if key not in bm._cached:
+                break
+            cached += bm.block_size
+        return Candidate(name, inflight=len(self.prompt_left), queued_prefill=sum(self.prompt_left.values()),
+                         running=len(s.running), waiting=len(s.waiting), cached_tokens=cached)
+
+
+def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, workload: SimWorkload, slo: SLOTarget,
+                   transfer: TransferModel, *, max_num_seqs: int = 64, mnbt: int = 512, num_blocks: int = 4096,
+                   block_size: int = 16, disagg: DisaggConfig | None = None,
+                   requests: list[tuple[str, int, int, float]] | None = None,
+                   coefs: list[tuple[float, float, float, float]] | None = None) -> dict[str, Any]:
+    """The layout's latencies, SLO attainment and goodput on the workload (module docstring); requests
+    (id, prompt, output, arrival) in place of the workload's own; coefs: each worker's own step-time
+    model (decode workers first, then prefill workers) in place of coef for all."""
+    cfg = disagg or DisaggConfig(policy=layout.policy)
+    if layout.prefill and cfg.policy != layout.policy:
+        cfg = DisaggConfig(layout.policy, cfg.min_tokens, cfg.max_queue_tokens, cfg.timeout_s)
+    kw = {"max_num_seqs": max_num_seqs, "mnbt": mnbt, "num_blocks": num_blocks, "block_size": block_size}
+    coefs = coefs or [coef] * (layout.decode + layout.prefill)
+    if len(coefs) != layout.decode + layout.prefill:
+        raise ValueError(f"coefs: one per worker ({layout.decode + layout.prefill}), got {len(coefs)}")
+    decoders = [_Worker(Sim("fcfs", coefs[i], **kw), "decode") for i in range(layout.decode)]
+    prefillers = [_Worker(Sim("fcfs", coefs[layout.decode + i], **kw), "prefill") for i in range(layout.prefill)]
+    workers = decoders + prefillers
+    weights = KVAwareWeights()
+    reqs = workload.requests() if requests is None else sorted(requests, key=lambda r: r[3])
+    arrival = {rid: at for rid, _, _, at in reqs}
+    lengths = {rid: (p, o) for rid, p, o, _ in reqs}
+    pending = list(reversed(reqs))  # popped from the end, in arrival order
+    transit: list[tuple[float, int, Request]] = []  # (ready at, decode worker, its request)
+    owner: dict[str, int] = {}  # request -> its decode worker
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    remote = 0
+
+    def admit(w: _Worker, req: Request, at: float) -> None:
+        if not w.busy():
+            w.sim.now = max(w.sim.now, at)
+        w.prompt_left[req.request_id] = len(req.prompt_token_ids)
+        w.sim.add(req)
+
+    while pending or transit or any(w.busy() for w in workers):
+        # The earliest event: an arrival, a transfer landing, or a worker's next step.
+        t_arr = pending[-1][3] if pending else float("inf")
+        t_tr = min((x[0] for x in transit), default=float("inf"))
+        busy = [w for w in workers if w.busy()]
+        t_step = min((w.sim.now for w in busy), default=float("inf"))
+        if t_arr <= t_tr and t_arr <= t_step:
+            rid, p, o, at = pending.pop()
+            req = make_request(rid, p, o, at)
+            ids = req.prompt_token_ids
+            cands = [w.candidate(str(i), ids) for i, w in enumerate(decoders)]
+            order = sorted(range(len(decoders)), key=lambda i: (kv_aware_cost(cands[i], p, weights),
+                                                                cands[i].inflight, i))
+            d = order[0]
+            owner[rid] = d
+            if prefillers:
+                pc = [w.candidate(str(i), ids) for i, w in enumerate(prefillers)]
+                i, _why = decide(cfg, p, cands[d], pc)
+                if i is not None:
+                    remote += 1
+                    pre = Request(rid, None, list(ids), SamplingParams(max_tokens=1), at)
+                    admit(prefillers[i], pre, at)
+                    continue
+            admit(decoders[d], req, at)
+        elif t_tr <= t_step:
+            transit.sort(key=lambda x: x[0])
+            ready, d, req = transit.pop(0)
+            bm = decoders[d].sim.bm
+            keys = block_hashes(req.prompt_token_ids, bm.block_size)
+            taken, held = bm.take_imports(keys)
+            bm.release_imports(keys, taken, held, True)
+            admit(decoders[d], req, ready)
+        else:
+            w = min(busy, key=lambda x: x.sim.now)
+            out = w.sim.step()
+            for s in out.scheduled:
+                rid = s.seq.request.request_id
+                if rid in w.prompt_left:
+                    left = s.seq.num_prompt_tokens - s.seq.num_computed_tokens
+                    if left <= 0:
+                        w.prompt_left.pop(rid)
+                    else:
+                        w.prompt_left[rid] = left
+                if w.role == "prefill":
+                    if rid in w.sim.done and rid not in done and rid not in {r.request_id for _, _, r in transit}:
+                        p, o = lengths[rid]
+                        dreq = make_request(rid, p, o, arrival[rid])
+                        transit.append((w.sim.now + transfer.seconds(p), owner[rid], dreq))
+                        w.sim.done.pop(rid)  # (the prefill's own end is not the request's)
+                    continue
+                if rid in w.sim.first and rid not in first:
+                    first[rid] = w.sim.first[rid]
+                if rid in w.sim.done:
+                    done[rid] = w.sim.done[rid]
+    return _summary(layout, reqs, first, done, slo, workload, remote)
+
+
+def _summary(layout: Layout, reqs: list[tuple[str, int, int, float]], first: dict[str, float],
+             done: dict[str, float], slo: SLOTarget, wl: SimWorkload, remote: int) -> dict[str, Any]:
+    ttft = {rid: first[rid] - at for rid, _, _, at in reqs if rid in first}
+    tpot = {rid: (done[rid] - first[rid]) / max(1, o - 1) for rid, _, o, _ in reqs if rid in done}
+    return summarize(layout.name, reqs, ttft, tpot, slo, wl.duration, remote)
+
+
+def summarize(name: str, reqs: list[tuple[str, int, int, float]], ttft: dict[str, float], tpot: dict[str, float],
+              slo: SLOTarget, duration: float, remote: int | None = None) -> dict[str, Any]:
+    """A layout's figures, simulated or measured: latency percentiles in ms, SLO attainment and
+    goodput (requests/s meeting both targets). A request that never finished meets none."""
+    met = [rid for rid, _, _, _ in reqs
+           if rid in ttft and rid in tpot and (slo.ttft_s is None or ttft[rid] <= slo.ttft_s)
+           and (slo.tpot_s is None or tpot[rid] <= slo.tpot_s)]
+    n = len(reqs)
+    return {"layout": name, "requests": n, "finished": len(tpot), "met": len(met),
+            "attainment": len(met) / n if n else None, "goodput_rps": len(met) / duration,
+            "ttft_ms": percentile_summary(list(ttft.values()), 1000),
+            "tpot_ms": percentile_summary(list(tpot.values()), 1000), "remote_prefills": remote}
