@@ -41,7 +41,7 @@ def test_layout_parse():
 
 
 def test_one_request_takes_the_step_models_time():
-    transfer = TransferModel(0.005, 1e8, 4096)
+    transfer = TransferModel(0.005, 1e8, 4096, import_bytes_per_s=1e9)
     prompt, out = 1000, 5
     # Colocated: the prompt in two chunks (512, then 488 with its first token), then 4 decode steps.
     want_ttft = _step(512, 0, False) + _step(488, 512, True)
@@ -50,8 +50,8 @@ def test_one_request_takes_the_step_models_time():
     assert got["ttft_ms"]["p50"] == pytest.approx(want_ttft * 1000, rel=1e-9)
     assert got["tpot_ms"]["p50"] == pytest.approx(want_tpot * 1000, rel=1e-9)
     # Through a prefill worker: its two chunks, the transfer of the prompt's KV, then the decode
-    # worker computes only the last block's 8 tokens (992 cached: 62 blocks of 16).
-    want = want_ttft + transfer.seconds(prompt) + _step(8, 992, True)
+    # worker writes the 62 blocks into its cache, then computes only the last block's 8 tokens.
+    want = want_ttft + transfer.seconds(prompt) + transfer.stall(992) + _step(8, 992, True)
     got = _alone(Layout(1, 1, "always"), prompt, out, transfer)
     assert got["remote_prefills"] == 1
     assert got["ttft_ms"]["p50"] == pytest.approx(want * 1000, rel=1e-9)

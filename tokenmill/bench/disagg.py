@@ -120,6 +120,17 @@ def _coef(args: argparse.Namespace, model: str) -> tuple[float, float, float, fl
         coef = (float(c[0]) + engine.step_model.overhead_s, float(c[1]), float(c[2]), float(c[3]))
         kv_per_token = engine.runner.kv_bytes_per_block // engine.config.block_size
         args._kv_bytes_per_token = kv_per_token
+        # The import's work on the engine thread: a payload's blocks written into the cache.
+        from tokenmill.engine.kv_transfer import gather, scatter
+
+        blocks = list(range(min(64, engine.block_manager.num_blocks)))
+        kv = gather(engine.runner.kv_caches, blocks)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            scatter(engine.runner.kv_caches, blocks, kv)
+            best = min(best, time.perf_counter() - t0)
+        args._import_bytes_per_s = kv.numel() * kv.element_size() / max(best, 1e-9)
         del engine
     finally:
         torch.set_num_threads(threads)
@@ -331,7 +342,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for p in pair:
                 p.stop()
-    transfer = TransferModel(out["transfer"]["latency_s"], out["transfer"]["bytes_per_s"], kv_per_token)
+    out["transfer"]["import_bytes_per_s"] = getattr(args, "_import_bytes_per_s", float("inf"))
+    transfer = TransferModel(out["transfer"]["latency_s"], out["transfer"]["bytes_per_s"], kv_per_token,
+                             out["transfer"]["import_bytes_per_s"])
     kw = {"max_num_seqs": args.max_num_seqs, "mnbt": args.max_num_batched_tokens}
     # One request alone: the unloaded latencies the targets are factors of.
     wl = SimWorkload(args.prompt_len, args.output_len, args.rate, args.duration, seed=args.seed)
@@ -356,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # The same prediction from the step times and transfers this run measured (the simulator's own
         # error, apart from the calibration's).
         bw = got["in_situ"]["transfer_bytes_per_s"]
-        situ = TransferModel(0.0, bw, kv_per_token) if bw else transfer
+        situ = TransferModel(0.0, bw, kv_per_token, transfer.import_bytes_per_s) if bw else transfer
         again = simulate_fleet(coef, lay, wl, slo, situ, coefs=got["in_situ"]["step_models"],
                                disagg=DisaggConfig(lay.policy, args.disagg_min_tokens), **kw)
         out["predicted_in_situ"].append(again)
@@ -385,7 +398,8 @@ def format_prediction(out: dict[str, Any]) -> str:
     lines = [f"step-time model: {1000 * c[0]:.2f} ms a step, {1000 * c[1]:.4f} ms a token, {1000 * c[2]:.3f} ms a "
              f"sampled row, {1000 * c[3]:.5f} ms per 1k attention pairs",
              f"KV transfer ({t['source']}): {1000 * t['latency_s']:.1f} ms + {t['bytes_per_s'] / 1e6:.0f} MB/s "
-             f"({out['kv_bytes_per_token']} bytes a token)",
+             f"({out['kv_bytes_per_token']} bytes a token); its import stalls the decode worker "
+             f"{t['import_bytes_per_s'] / 1e6:.0f} MB/s",
              f"unloaded: TTFT {out['unloaded']['ttft_ms']:.0f} ms, TPOT {out['unloaded']['tpot_ms']:.1f} ms; targets "
              f"TTFT {out['targets']['ttft_ms']:.0f} ms, TPOT {out['targets']['tpot_ms']:.1f} ms",
              f"workload: {out['workload']['requests']} requests at {out['workload']['rate']:g}/s, prompts "

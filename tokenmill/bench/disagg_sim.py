@@ -10,7 +10,8 @@ token (policy.kv_aware_cost), and for a layout with prefill workers the router's
 request on a prefill worker; when its step ends, its KV takes the transfer model's time (a fixed
 cost and bytes over a bandwidth, both measured) and enters the decode worker's prefix cache the
 way the real import does (BlockManager.take_imports), so the decode worker computes only the last
-block. TTFT is the decode worker's first token, TPOT its later ones.
+block; writing those blocks delays the decode worker's next step (TransferModel.stall). TTFT is
+the decode worker's first token, TPOT its later ones.
 
 Goodput (DistServe's measure) is the rate of requests that meet both latency targets: what a
 layout is worth under those targets, where throughput alone would count requests served too late.
@@ -68,9 +69,15 @@ class TransferModel:
     latency_s: float  # a transfer's fixed cost (the router's prefill call, export and import exchanges)
     bytes_per_s: float
     kv_bytes_per_token: int
+    # The import's own work on the decode worker's engine thread (writing the blocks into its cache),
+    # between two of its steps: every sequence running there waits for it.
+    import_bytes_per_s: float = float("inf")
 
     def seconds(self, tokens: int) -> float:
         return self.latency_s + tokens * self.kv_bytes_per_token / self.bytes_per_s
+
+    def stall(self, tokens: int) -> float:
+        return tokens * self.kv_bytes_per_token / self.import_bytes_per_s
 
 
 @dataclass
@@ -183,7 +190,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
             keys = block_hashes(req.prompt_token_ids, bm.block_size)
             taken, held = bm.take_imports(keys)
             bm.release_imports(keys, taken, held, True)
-            admit(decoders[d], req, ready)
+            sim = decoders[d].sim  # (the import runs between its steps: the next one waits for it)
+            sim.now = max(sim.now, ready) + transfer.stall(len(taken) * bm.block_size)
+            admit(decoders[d], req, sim.now)
         else:
             w = min(busy, key=lambda x: x.sim.now)
             out = w.sim.step()

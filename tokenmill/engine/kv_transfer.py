@@ -182,12 +182,18 @@ def decode(data: bytes) -> KVPayload:
     draft = tensors.get("draft_kv")
     if draft is not None and (draft.dim() != 6 or draft.shape[2] != len(keys)):
         raise KVTransferError("a KV payload's `draft_kv` must hold one block per key")
+    # (here, on the thread that decodes, not in check_fits on the engine's: a pass over the payload
+    # there would stall every running sequence for as long)
+    for t in (kv, draft):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise KVTransferError("the KV holds NaN or infinite values")
     return KVPayload(keys, kv, draft, str(meta.get("fingerprint", "")), block_size, prefix)
 
 
 def check_fits(p: KVPayload, caches: list[torch.Tensor], draft_caches: list[torch.Tensor], fp: str,
                block_size: int) -> None:
-    """KVTransferError unless the payload was made by this model for a cache laid out as this one."""
+    """KVTransferError unless the payload was made by this model for a cache laid out as this one
+    (its values were checked by decode: payloads come from bytes)."""
     if p.fingerprint != fp:
         raise KVTransferError("the KV was computed by another model or configuration (fingerprints differ: the "
                               "checkpoint, dtype, quantization or block size)")
@@ -203,6 +209,3 @@ def check_fits(p: KVPayload, caches: list[torch.Tensor], draft_caches: list[torc
         dwant = (len(draft_caches), *draft_caches[0].shape[:1], p.num_blocks, *draft_caches[0].shape[2:])
         if tuple(p.draft_kv.shape) != dwant or p.draft_kv.dtype != draft_caches[0].dtype:
             raise KVTransferError("the payload's draft-model KV does not fit this cache")
-    for t in (p.kv, p.draft_kv):
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise KVTransferError("the KV holds NaN or infinite values")
