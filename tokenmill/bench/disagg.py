@@ -75,6 +75,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[Layout], list[Layout]]:
         v = getattr(args, flag)
         if v is not None and not v > 0:
             raise ValueError(f"--{flag.replace('_', '-')}: must be > 0")
+    if (args.transfer_latency_ms is None) != (args.transfer_mbps is None):
+        raise ValueError("--transfer-latency-ms and --transfer-mbps: give both (the transfer model) or neither "
+                         "(measured)")
     layouts = [Layout.parse(x) for x in args.layouts.split(",") if x.strip()]
     measure = [Layout.parse(x) for x in args.measure.split(",") if x.strip()] if not args.simulate else []
     if not layouts and not measure:
@@ -218,7 +221,8 @@ async def _send(http: Any, base: str, rid: str, ids: list[int], out: int, at: fl
 
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     start = t0 + at  # latencies from the scheduled arrival (an open-loop client late to send counts)
-    body = {"model": SERVED, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": SERVED, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     first = last = None
     n = 0
     try:
@@ -229,15 +233,18 @@ async def _send(http: Any, base: str, rid: str, ids: list[int], out: int, at: fl
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    return rid, None, None, f"stream error: {chunk['error']}"
+                if chunk.get("usage"):
+                    n = int(chunk["usage"].get("completion_tokens") or 0)
                 if chunk.get("choices"):
                     now = time.perf_counter()
                     first = now if first is None else first
                     last = now
-                    n += 1
     except Exception as e:  # a failed request meets no target
         return rid, None, None, f"{type(e).__name__}: {e}"
-    if first is None or last is None:
-        return rid, None, None, "no tokens"
+    if first is None or last is None or n < out:  # (a stream that ended early met no target)
+        return rid, None, None, f"{n} of {out} tokens"
     return rid, first - start, (last - first) / max(1, out - 1), ""
 
 
@@ -262,15 +269,22 @@ async def _run_load(base: str, reqs: list[tuple[str, int, int, float]], vocab: i
     return ttft, tpot, [e for *_, e in results if e]
 
 
+def _num_blocks(args: argparse.Namespace, kv_per_token: int) -> int:
+    """A worker's KV cache in blocks as --kv-cache-memory sizes it (the simulator's workers get as many;
+    the runner's own cap, max_num_seqs full-length sequences, is far above it here)."""
+    return max(1, int(args.kv_cache_memory * 2**30) // (kv_per_token * 16))
+
+
 def _measure(model: str, args: argparse.Namespace, lay: Layout, reqs: list, vocab: int, slo: SLOTarget,
              logs: str) -> dict[str, Any]:
     procs: list[_Proc] = []
+    decoders: list[_Proc] = []
+    prefills: list[_Proc] = []
     try:
-        decoders = [_server(model, args, os.path.join(logs, f"{lay.prefill}p{lay.decode}d-decode{i}.log"))
-                    for i in range(lay.decode)]
-        prefills = [_server(model, args, os.path.join(logs, f"{lay.prefill}p{lay.decode}d-prefill{i}.log"))
-                    for i in range(lay.prefill)]
-        procs += decoders + prefills
+        for role, n, into in (("decode", lay.decode, decoders), ("prefill", lay.prefill, prefills)):
+            for i in range(n):
+                into.append(_server(model, args, os.path.join(logs, f"{lay.prefill}p{lay.decode}d-{role}{i}.log")))
+                procs.append(into[-1])
         for p in procs:
             p.wait()
         cmd = ["router", "--tokenizer", model, "--health-interval", "0.5", "--disagg-policy", lay.policy,
@@ -298,6 +312,8 @@ def _measure(model: str, args: argparse.Namespace, lay: Layout, reqs: list, voca
             return total(after) - total(before)
 
         out["remote_prefills"] = int(metric("tokenmill_router:prefill_decisions_total{", 'where="remote"'))
+        out["transfers"] = int(metric("tokenmill_router:kv_transfer_seconds_count"))  # (the ones that landed)
+        out["transfer_failures"] = int(metric("tokenmill_router:kv_transfer_failures_total"))
         out["errors"] = len(errors)
         out["first_error"] = errors[0] if errors else None
         # What the run measured: each worker's step-time model fitted on its own steps, and the transfers.
@@ -305,8 +321,8 @@ def _measure(model: str, args: argparse.Namespace, lay: Layout, reqs: list, voca
         for p in decoders + prefills:
             card = httpx.get(p.url + "/v1/models", timeout=10).json()["data"][0]
             m = card.get("step_time_model") or {}
-            coefs.append((m["step_s"] + m["overhead_s"], m["per_token_s"], m["per_row_s"],
-                          m["per_attention_ktoken_s"]))
+            coefs.append((m["step_s"] + m["overhead_s"], m["per_token_s"], m["per_row_s"], m["per_attention_ktoken_s"])
+                         if m.get("steps_observed") else None)  # (a worker that stepped nothing: none fitted)
         n = metric("tokenmill_router:kv_transfer_seconds_count")
         secs = metric("tokenmill_router:kv_transfer_seconds_sum")
         out["in_situ"] = {"step_models": coefs, "transfers": int(n),
@@ -327,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv_per_token = _kv_per_token(args, model)
     vocab = _vocab(model)
     out: dict[str, Any] = {"model": model, "step_model": list(coef), "kv_bytes_per_token": kv_per_token}
-    if args.transfer_latency_ms is not None and args.transfer_mbps is not None or not measure:
+    if args.transfer_mbps is not None or not measure:
         latency = (args.transfer_latency_ms or 5.0) / 1000
         bw = (args.transfer_mbps or 1000.0) * 1e6
         out["transfer"] = {"latency_s": latency, "bytes_per_s": bw, "source": "flags"}
@@ -345,7 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["transfer"]["import_bytes_per_s"] = getattr(args, "_import_bytes_per_s", float("inf"))
     transfer = TransferModel(out["transfer"]["latency_s"], out["transfer"]["bytes_per_s"], kv_per_token,
                              out["transfer"]["import_bytes_per_s"])
-    kw = {"max_num_seqs": args.max_num_seqs, "mnbt": args.max_num_batched_tokens}
+    kw = {"max_num_seqs": args.max_num_seqs, "mnbt": args.max_num_batched_tokens,
+          "num_blocks": _num_blocks(args, kv_per_token)}
     # One request alone: the unloaded latencies the targets are factors of.
     wl = SimWorkload(args.prompt_len, args.output_len, args.rate, args.duration, seed=args.seed)
     alone = simulate_fleet(coef, Layout(1), wl, SLOTarget(), transfer,
@@ -370,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # error, apart from the calibration's).
         bw = got["in_situ"]["transfer_bytes_per_s"]
         situ = TransferModel(0.0, bw, kv_per_token, transfer.import_bytes_per_s) if bw else transfer
-        again = simulate_fleet(coef, lay, wl, slo, situ, coefs=got["in_situ"]["step_models"],
+        again = simulate_fleet(coef, lay, wl, slo, situ, coefs=[c or coef for c in got["in_situ"]["step_models"]],
                                disagg=DisaggConfig(lay.policy, args.disagg_min_tokens), **kw)
         out["predicted_in_situ"].append(again)
         print(format_layout_line("in situ", again))
@@ -386,11 +403,16 @@ def format_layout_line(kind: str, s: dict[str, Any]) -> str:
     def p(d: dict, k: str, fmt: str = ".0f") -> str:
         return format(d[k], fmt) if k in d else "n/a"
 
-    att = "n/a" if s["attainment"] is None else f"{s['attainment']:.1%}"
+    att = _pct(s["attainment"])
     return (f"  {kind:<9} {s['layout']:<22} attainment {att:>6}  goodput {s['goodput_rps']:.2f} req/s  "
             f"TTFT p50/p90 {p(s['ttft_ms'], 'p50')}/{p(s['ttft_ms'], 'p90')} ms  "
             f"TPOT p50/p90 {p(s['tpot_ms'], 'p50', '.1f')}/{p(s['tpot_ms'], 'p90', '.1f')} ms  "
-            f"remote prefills {s.get('remote_prefills') or 0}/{s['requests']}")
+            f"remote prefills {s.get('remote_prefills') or 0}/{s['requests']}"
+            + (f" (KV moved {s['transfers']}, fell back {s['transfer_failures']})" if "transfers" in s else ""))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def format_prediction(out: dict[str, Any]) -> str:
@@ -418,7 +440,7 @@ def format_comparison(out: dict[str, Any]) -> str:
                 continue
             ratio = m["goodput_rps"] / p["goodput_rps"] if p["goodput_rps"] else float("nan")
             lines.append(f"  {m['layout']:<22} goodput {m['goodput_rps']:.2f} vs {kind} {p['goodput_rps']:.2f} req/s "
-                         f"(ratio {ratio:.2f}), attainment {m['attainment']:.1%} vs {p['attainment']:.1%}")
+                         f"(ratio {ratio:.2f}), attainment {_pct(m['attainment'])} vs {_pct(p['attainment'])}")
     best_m = max(out["measured"], key=lambda s: s["goodput_rps"])
     best_p = max((pred[m["layout"]] for m in out["measured"] if m["layout"] in pred), key=lambda s: s["goodput_rps"])
     lines.append(f"  best layout: measured {best_m['layout']}, predicted {best_p['layout']}")

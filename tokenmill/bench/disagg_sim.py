@@ -10,8 +10,9 @@ token (policy.kv_aware_cost), and for a layout with prefill workers the router's
 request on a prefill worker; when its step ends, its KV takes the transfer model's time (a fixed
 cost and bytes over a bandwidth, both measured) and enters the decode worker's prefix cache the
 way the real import does (BlockManager.take_imports), so the decode worker computes only the last
-block; writing those blocks delays the decode worker's next step (TransferModel.stall). TTFT is
-the decode worker's first token, TPOT its later ones.
+block; writing those blocks holds the decode worker's engine thread between two steps (the
+end of the measured transfer time: TransferModel.stall). TTFT is the decode worker's first
+token, TPOT its later ones.
 
 Goodput (DistServe's measure) is the rate of requests that meet both latency targets: what a
 layout is worth under those targets, where throughput alone would count requests served too late.
@@ -107,10 +108,36 @@ class SimWorkload:
 class _Worker:
     sim: Sim
     role: str  # "decode" or "prefill"
-    prompt_left: dict[str, int] = field(default_factory=dict)  # request -> prompt tokens not computed
+    # The router's ledger of it (router._Ticket): request -> uncached prompt tokens, from the routing
+    # decision until the request's first token (a prefill worker's: until its prefill answers); then
+    # the requests decoding, until they end.
+    prefilling: dict[str, int] = field(default_factory=dict)
+    decoding: set[str] = field(default_factory=set)
+    step: tuple[float, Any, float] | None = None  # the step in flight: (its end, what it holds, its length)
+    blocked_until: float = 0.0  # an import holds its engine thread until then (between two steps)
+    stall_after_step: float = 0.0  # an import waiting for the step in flight (its length)
+    ready_after_step: float = 0.0  # (and when its transfer ends at the earliest)
 
     def busy(self) -> bool:
-        return self.sim.sched.has_unfinished()
+        return self.step is not None or self.sim.sched.has_unfinished()
+
+    def next_event(self) -> float:
+        return self.step[0] if self.step is not None else max(self.sim.now, self.blocked_until)
+
+    def begin(self) -> None:
+        self.sim.now = max(self.sim.now, self.blocked_until)
+        out, dt = self.sim.begin()
+        self.step = (self.sim.now + dt, out, dt)
+
+    def end(self) -> Any:
+        assert self.step is not None
+        t, out, dt = self.step
+        self.step = None
+        self.sim.end(out, dt)
+        if self.stall_after_step:
+            self.blocked_until = max(self.blocked_until, t + self.stall_after_step, self.ready_after_step)
+            self.stall_after_step = self.ready_after_step = 0.0
+        return out
 
     def candidate(self, name: str, token_ids: list[int]) -> Candidate:
         s = self.sim.sched
@@ -120,8 +147,10 @@ class _Worker:
             if key not in bm._cached:
                 break
             cached += bm.block_size
-        return Candidate(name, inflight=len(self.prompt_left), queued_prefill=sum(self.prompt_left.values()),
-                         running=len(s.running), waiting=len(s.waiting), cached_tokens=cached)
+        return Candidate(name, inflight=len(self.prefilling) + len(self.decoding),
+                         queued_prefill=sum(self.prefilling.values()),
+                         running=max(len(s.running), len(self.decoding)), waiting=len(s.waiting),
+                         cached_tokens=cached)
 
 
 def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, workload: SimWorkload, slo: SLOTarget,
@@ -131,7 +160,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                    coefs: list[tuple[float, float, float, float]] | None = None) -> dict[str, Any]:
     """The layout's latencies, SLO attainment and goodput on the workload (module docstring); requests
     (id, prompt, output, arrival) in place of the workload's own; coefs: each worker's own step-time
-    model (decode workers first, then prefill workers) in place of coef for all."""
+    model (decode workers first, then prefill workers) in place of coef for all. Events are taken
+    in time order; a step is scheduled at its start and takes effect at its end (what routing sees
+    meanwhile is what the router sees: the requests it sent, their prompts not yet done)."""
     cfg = disagg or DisaggConfig(policy=layout.policy)
     if layout.prefill and cfg.policy != layout.policy:
         cfg = DisaggConfig(layout.policy, cfg.min_tokens, cfg.max_queue_tokens, cfg.timeout_s)
@@ -147,7 +178,8 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
     arrival = {rid: at for rid, _, _, at in reqs}
     lengths = {rid: (p, o) for rid, p, o, _ in reqs}
     pending = list(reversed(reqs))  # popped from the end, in arrival order
-    transit: list[tuple[float, int, Request]] = []  # (ready at, decode worker, its request)
+    # Transfers: (when the import may start: its end less the engine's own part, its end, decode worker, request)
+    transit: list[tuple[float, float, int, Request]] = []
     owner: dict[str, int] = {}  # request -> its decode worker
     first: dict[str, float] = {}
     done: dict[str, float] = {}
@@ -156,65 +188,76 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
     def admit(w: _Worker, req: Request, at: float) -> None:
         if not w.busy():
             w.sim.now = max(w.sim.now, at)
-        w.prompt_left[req.request_id] = len(req.prompt_token_ids)
         w.sim.add(req)
 
     while pending or transit or any(w.busy() for w in workers):
-        # The earliest event: an arrival, a transfer landing, or a worker's next step.
         t_arr = pending[-1][3] if pending else float("inf")
         t_tr = min((x[0] for x in transit), default=float("inf"))
         busy = [w for w in workers if w.busy()]
-        t_step = min((w.sim.now for w in busy), default=float("inf"))
-        if t_arr <= t_tr and t_arr <= t_step:
+        t_w = min((w.next_event() for w in busy), default=float("inf"))
+        if t_arr <= t_tr and t_arr <= t_w:
             rid, p, o, at = pending.pop()
             req = make_request(rid, p, o, at)
             ids = req.prompt_token_ids
             cands = [w.candidate(str(i), ids) for i, w in enumerate(decoders)]
-            order = sorted(range(len(decoders)), key=lambda i: (kv_aware_cost(cands[i], p, weights),
-                                                                cands[i].inflight, i))
-            d = order[0]
+            d = min(range(len(decoders)), key=lambda i: (kv_aware_cost(cands[i], p, weights), cands[i].inflight, i))
             owner[rid] = d
+            decoders[d].prefilling[rid] = max(0, p - cands[d].cached_tokens)
             if prefillers:
                 pc = [w.candidate(str(i), ids) for i, w in enumerate(prefillers)]
                 i, _why = decide(cfg, p, cands[d], pc)
                 if i is not None:
                     remote += 1
-                    pre = Request(rid, None, list(ids), SamplingParams(max_tokens=1), at)
-                    admit(prefillers[i], pre, at)
+                    prefillers[i].prefilling[rid] = max(0, p - pc[i].cached_tokens)
+                    admit(prefillers[i], Request(rid, None, list(ids), SamplingParams(max_tokens=1), at), at)
                     continue
             admit(decoders[d], req, at)
-        elif t_tr <= t_step:
+        elif t_tr <= t_w:
             transit.sort(key=lambda x: x[0])
-            ready, d, req = transit.pop(0)
-            bm = decoders[d].sim.bm
+            start, ready, d, req = transit.pop(0)
+            w = decoders[d]
+            bm = w.sim.bm
             keys = block_hashes(req.prompt_token_ids, bm.block_size)
             taken, held = bm.take_imports(keys)
             bm.release_imports(keys, taken, held, True)
-            sim = decoders[d].sim  # (the import runs between its steps: the next one waits for it)
-            sim.now = max(sim.now, ready) + transfer.stall(len(taken) * bm.block_size)
-            admit(decoders[d], req, sim.now)
+            if w.step is not None:  # (the import waits for the step in flight, then holds the thread)
+                w.stall_after_step += transfer.stall(len(taken) * bm.block_size)
+                w.ready_after_step = max(w.ready_after_step, ready)
+            else:
+                w.blocked_until = max(w.blocked_until, ready)
+            covered = 0
+            for key in keys:
+                if key not in bm._cached:
+                    break
+                covered += bm.block_size
+            rid = req.request_id
+            w.prefilling[rid] = max(0, len(req.prompt_token_ids) - covered)
+            admit(w, req, start)
         else:
-            w = min(busy, key=lambda x: x.sim.now)
-            out = w.sim.step()
+            w = min(busy, key=lambda x: x.next_event())
+            if w.step is None:
+                w.begin()
+                continue
+            out = w.end()
             for s in out.scheduled:
                 rid = s.seq.request.request_id
-                if rid in w.prompt_left:
-                    left = s.seq.num_prompt_tokens - s.seq.num_computed_tokens
-                    if left <= 0:
-                        w.prompt_left.pop(rid)
-                    else:
-                        w.prompt_left[rid] = left
                 if w.role == "prefill":
-                    if rid in w.sim.done and rid not in done and rid not in {r.request_id for _, _, r in transit}:
-                        p, o = lengths[rid]
-                        dreq = make_request(rid, p, o, arrival[rid])
-                        transit.append((w.sim.now + transfer.seconds(p), owner[rid], dreq))
+                    if rid in w.sim.done:
                         w.sim.done.pop(rid)  # (the prefill's own end is not the request's)
+                        w.prefilling.pop(rid, None)
+                        p, o = lengths[rid]
+                        ready = w.sim.now + transfer.seconds(p)
+                        full = p // w.sim.bm.block_size * w.sim.bm.block_size
+                        transit.append((ready - min(transfer.seconds(p), transfer.stall(full)), ready, owner[rid],
+                                        make_request(rid, p, o, arrival[rid])))
                     continue
                 if rid in w.sim.first and rid not in first:
                     first[rid] = w.sim.first[rid]
-                if rid in w.sim.done:
+                    w.prefilling.pop(rid, None)
+                    w.decoding.add(rid)
+                if rid in w.sim.done and rid not in done:
                     done[rid] = w.sim.done[rid]
+                    w.decoding.discard(rid)
     return _summary(layout, reqs, first, done, slo, workload, remote)
 
 

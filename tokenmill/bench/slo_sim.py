@@ -41,9 +41,17 @@ class Sim:
         self.sched.add_request(req.seqs)
 
     def step(self):
+        return self.end(*self.begin())
+
+    def begin(self) -> tuple[Any, float]:
+        """A step scheduled now: what it holds and how long it takes (end applies it)."""
         out = self.sched.schedule()
         dt = self.model.predict(*step_features(out.scheduled).sum(axis=0).tolist())
-        self.now += dt if out.scheduled else 0.001
+        return out, dt if out.scheduled else 0.001
+
+    def end(self, out: Any, dt: float) -> Any:
+        """The step begin scheduled, done: the clock past it, its tokens appended."""
+        self.now += dt
         if out.scheduled:
             self.step_times.append(dt)
         self.sched.advance(out)

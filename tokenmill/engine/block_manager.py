@@ -251,40 +251,44 @@ class BlockManager:
             self.num_hit_tokens += cached_tokens
         return True
 
-    def take_imports(self, keys: list[bytes]) -> tuple[list[tuple[int, int]], list[int]]:
-        """KV transfer (engine/kv_transfer.py): a fresh block for each key not cached yet, in order,
-        as many as are free (a block of the prefix that does not fit makes the rest useless). The
-        new blocks and the cached ones among keys (the prefix the new ones continue) are held until
+    def take_imports(self, keys: list[bytes], first: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """KV transfer (engine/kv_transfer.py): a fresh block for each key from keys[first:] not
+        cached yet, in order, as many as are free (a block of the prefix that does not fit makes
+        the rest useless); keys[:first] are a prefix sent without KV, only held if cached. The new
+        blocks and the cached ones among keys (the prefix the new ones continue) are held until
         release_imports, so taking a block never evicts a block of the same chain. Returns
-        [(index into keys, new block)] and the cached blocks held."""
+        [(index into keys, new block)] and [(index into keys, cached block held)]."""
         taken: list[tuple[int, int]] = []
-        held: list[int] = []
+        held: list[tuple[int, int]] = []
         if not self.enable_prefix_caching:
             return taken, held
-        for key in keys:  # (first: a fresh block must not evict one of them)
+        for i, key in enumerate(keys):  # (first: a fresh block must not evict one of them)
             block = self._cached.get(key)
             if block is not None:
                 self._ref(block)
-                held.append(block)
-        for i, key in enumerate(keys):
-            if key in self._cached:
+                held.append((i, block))
+        for i in range(first, len(keys)):
+            if keys[i] in self._cached:
                 continue
             if self.num_free_blocks == 0:
                 break
             taken.append((i, self._take_fresh()))
         return taken, held
 
-    def release_imports(self, keys: list[bytes], taken: list[tuple[int, int]], held: list[int],
+    def release_imports(self, keys: list[bytes], taken: list[tuple[int, int]], held: list[tuple[int, int]],
                         written: bool) -> None:
-        """Imported blocks whose KV is written (written) join the cache under their keys, last block
-        first, so the least recently used end evicts a prefix's tail before the blocks it depends on;
-        otherwise they go back to the free list. The cached blocks take_imports held are let go."""
-        for block in reversed(held):
+        """Imported blocks whose KV is written (written) join the cache under their keys, and the
+        cached blocks take_imports held are let go: all of the chain in one pass from its last
+        block to its first, so the least recently used end evicts a prefix's tail before the
+        blocks it depends on. Unwritten blocks go back to the free list."""
+        chain = sorted([(i, block, True) for i, block in taken] + [(i, block, False) for i, block in held],
+                       key=lambda x: x[0], reverse=True)
+        for i, block, new in chain:
             self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self._evictable[block] = None  # (cached: it has a key)
-        for i, block in reversed(taken):
-            self.ref_counts[block] = 0
+            if not new:
+                if self.ref_counts[block] == 0:
+                    self._evictable[block] = None  # (cached: it has a key)
+                continue
             key = keys[i]
             if written and key not in self._cached:
                 self._cached[key] = block

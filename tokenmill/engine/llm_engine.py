@@ -1067,11 +1067,13 @@ class LLMEngine:
         tid, secs = seq.request.kv_hold  # type: ignore[misc]
         self.release_kv_hold(tid)
         bm = self.block_manager
+        if len(seq.block_table) > bm.num_blocks // 2:  # alone over the cap: not held (the others stay)
+            return
         holder = Sequence(seq.request, 0, list(seq.token_ids), seq.num_prompt_tokens)
         bm.fork(seq, holder)
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
         held = sum(len(h.block_table) for h, _ in self.kv_holds.values())
-        while held > bm.num_blocks // 2 and self.kv_holds:  # (this one too, if it alone is too large)
+        while held > bm.num_blocks // 2 and len(self.kv_holds) > 1:
             oldest = next(iter(self.kv_holds))
             held -= len(self.kv_holds[oldest][0].block_table)
             self.release_kv_hold(oldest)
@@ -1125,8 +1127,8 @@ class LLMEngine:
         drafts = runner.drafter.kv_caches if runner.drafter is not None else []
         kv_transfer.check_fits(payload, runner.kv_caches, drafts, self.kv_fingerprint, bm.block_size)
         keys = payload.prefix_keys + payload.keys  # (the prefix the payload continues: held, not written)
-        taken, held = bm.take_imports(keys)
         skip = len(payload.prefix_keys)
+        taken, held = bm.take_imports(keys, first=skip)
         written = False
         try:
             if taken:

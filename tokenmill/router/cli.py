@@ -104,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ValueError(f"--disagg-timeout: must be a positive number of seconds, got {args.disagg_timeout!r}")
     if (args.prefill or args.prefill_replicas) and not args.kv_transfer_key:
         raise ValueError("--prefill: needs --kv-transfer-key (or TOKENMILL_KV_TRANSFER_KEY), the key the servers "
-                         "were started with")
+                         "were started with (the router makes one only when it starts every server itself)")
     tenants = None
     if args.tenants is not None:
         from tokenmill.ops.tenants import load_tenants
@@ -138,9 +138,10 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
     if args.prefill_replicas or (args.prefill and args.replicas):
         if "--kv-transfer" not in serve_args:  # every local server moves KV
             serve_args = [*serve_args, "--kv-transfer"]
-        if not args.kv_transfer_key:  # local servers take the router's key through their environment
-            args.kv_transfer_key = secrets.token_urlsafe(32)
-        os.environ["TOKENMILL_KV_TRANSFER_KEY"] = args.kv_transfer_key
+        if not args.kv_transfer_key and not (args.replica or args.prefill):
+            args.kv_transfer_key = secrets.token_urlsafe(32)  # (all servers local: one of the router's making)
+        if args.kv_transfer_key:  # local servers take it through their environment
+            os.environ["TOKENMILL_KV_TRANSFER_KEY"] = args.kv_transfer_key
     if args.replicas or args.prefill_replicas:
         given = _serve_api_key(serve_args)
         if args.replica_api_key is None:  # local replicas behind a key: the router's own calls need it too

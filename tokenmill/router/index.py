@@ -78,13 +78,13 @@ class ReplicaIndex:
         m = self.models.get(model)
         return m.block_size if m is not None else None
 
-    def match(self, model: str, keys: list[bytes]) -> int:
+    def match(self, model: str, keys: list[bytes], pending_too: bool = True) -> int:
         """How many leading blocks of a prompt this replica holds or is computing (0 when its
-        stream is not in sync: load-only routing)."""
+        stream is not in sync: load-only routing); pending_too False: holds, as its events said."""
         m = self.models.get(model)
         if m is None or not m.synced:
             return 0
-        pending = self.pending.get(model, Counter())
+        pending = self.pending.get(model, Counter()) if pending_too else Counter()
         n = 0
         for k in keys:
             if k not in m.keys and k not in pending:

@@ -482,7 +482,10 @@ class Router:
         pticket.end()
         stage[0] = "transfer"
         bs = rep.index.block_size(plan.model or "")
-        skip = dcand.cached_tokens // bs if bs and worker.index.block_size(plan.model or "") == bs else 0
+        # What the replica holds (not what requests in flight there will compute: their blocks may
+        # land after this one's KV, which would then be sent without the prefix it continues).
+        skip = (rep.index.match(plan.model or "", plan.keys(bs), pending_too=False)
+                if bs and worker.index.block_size(plan.model or "") == bs else 0)
         sent = [0]
 
         async def chunks(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
