@@ -170,6 +170,28 @@ def test_bad_payloads_are_refused_and_change_nothing(model_dir, tmp_path):
     assert out.num_cached_tokens == 0
 
 
+def test_an_import_is_held_for_its_request(model_dir):
+    prefill, decode = _llm(model_dir), _llm(model_dir, blocks=16)
+    prompt = list(range(10, 90))  # 5 full blocks
+    _prefill(prefill, prompt)
+    engine, bm = decode.engine, decode.engine.block_manager
+    got = engine.import_kv(_roundtrip(prefill.engine.export_kv("t")), hold=("h", 30.0))
+    assert got["reachable_blocks"] == 5 and bm.num_used_blocks == 5  # held: no allocation evicts them
+    for k in range(3):  # other prompts that fill the rest of the cache
+        decode.generate({"prompt_token_ids": [400 + k] * 48}, SamplingParams(max_tokens=1))
+    engine.add_request({"prompt_token_ids": prompt, "kv_release": "h"}, SamplingParams(max_tokens=1),
+                       request_id="released")
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [o.num_cached_tokens for o in outs if o.request_id == "released" and o.finished] == [64]
+    assert "h" not in engine.kv_holds and bm.num_used_blocks == 0  # let go as its request ended
+    bm.check_invariants([])
+    _prefill(prefill, prompt)
+    engine.import_kv(_roundtrip(prefill.engine.export_kv("t")), hold=("h2", 30.0))
+    assert engine.expire_kv_holds(time.monotonic() + 31) == 1 and bm.num_used_blocks == 0  # or as it expires
+
+
 def test_the_fingerprint_tells_checkpoints_apart(model_dir, tmp_path):
     import shutil
 
@@ -337,8 +359,10 @@ def test_disaggregated_answers_equal_a_cold_replicas(fleet):
     assert _remote(router) - before == 8
     m = router_metrics(router.base_url)
     assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and m["tokenmill_router:kv_transfer_blocks_total"] > 0
-    # Every hold was taken: the prefill worker's cache has nothing in use.
+    # Every hold was taken: the prefill worker's cache has nothing in use; the decode replica's
+    # import holds were let go as their requests ended.
     assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
+    assert fleet["decode"].metric("tokenmill:kv_cache_usage_perc") == 0
 
 
 def test_auto_prefills_locally_when_idle_and_remotely_when_decoding(fleet):

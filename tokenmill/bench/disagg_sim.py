@@ -28,7 +28,7 @@ from typing import Any
 
 from tokenmill.bench.slo_sim import Sim, make_request
 from tokenmill.engine.block_manager import block_hashes
-from tokenmill.engine.sequence import Request
+from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.slo import SLOTarget
 from tokenmill.router.disagg import DisaggConfig, decide
 from tokenmill.router.policy import Candidate, KVAwareWeights, kv_aware_cost
@@ -181,6 +181,7 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
     # Transfers: (when the import may start: its end less the engine's own part, its end, decode worker, request)
     transit: list[tuple[float, float, int, Request]] = []
     owner: dict[str, int] = {}  # request -> its decode worker
+    holds: dict[str, tuple[_Worker, Sequence]] = {}  # imported prompts held for their requests
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     remote = 0
@@ -226,10 +227,20 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
             else:
                 w.blocked_until = max(w.blocked_until, ready)
             covered = 0
+            holder = Sequence(req, 0, [], 0)  # (held until the request ends, as LLMEngine.import_kv holds)
             for key in keys:
                 if key not in bm._cached:
                     break
                 covered += bm.block_size
+                holder.block_table.append(bm._cached[key])
+            if len(holder.block_table) <= bm.num_blocks // 2:
+                for block in holder.block_table:
+                    bm._ref(block)
+                holds[req.request_id] = (w, holder)
+                # (at most half the cache held, the oldest let go first: LLMEngine._add_hold's rule)
+                mine = [r for r, (hw, _) in holds.items() if hw is w]
+                while sum(len(holds[r][1].block_table) for r in mine) > bm.num_blocks // 2 and len(mine) > 1:
+                    bm.free(holds.pop(mine.pop(0))[1])
             rid = req.request_id
             w.prefilling[rid] = max(0, len(req.prompt_token_ids) - covered)
             admit(w, req, start)
@@ -258,6 +269,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 if rid in w.sim.done and rid not in done:
                     done[rid] = w.sim.done[rid]
                     w.decoding.discard(rid)
+                    if rid in holds:
+                        hw, holder = holds.pop(rid)
+                        hw.sim.bm.free(holder)
     return _summary(layout, reqs, first, done, slo, workload, remote)
 
 

@@ -396,9 +396,10 @@ class LLMEngine:
             tid, secs = hold
             if not isinstance(tid, str) or not isinstance(secs, (int, float)) or not 0 < secs <= 3600:
                 raise ValueError(f"kv_hold: a (transfer id, seconds in (0, 3600]) pair, got {hold!r}")
+        release = prompt.get("kv_release") if isinstance(prompt, dict) else None
         req = Request(request_id, text, token_ids, params, arrival_time or time.time(), priority, cache_salt=salt,
                       tenant=tenant, slo=slo, final_only=final_only, slo_admitted=admitted, uncounted=uncounted,
-                      kv_hold=hold)
+                      kv_hold=hold, kv_release=release if isinstance(release, str) else None)
         if params.use_beam_search:
             req.beam = self._beam_search(params, len(token_ids))
         self.requests[request_id] = req
@@ -1046,6 +1047,8 @@ class LLMEngine:
                 seq.finish_reason, seq.stop_reason = "stop", hit
         if seq.request.kv_hold is not None and seq.index == 0 and seq.finish_reason in ("stop", "length"):
             self._hold_kv(seq)
+        if seq.request.kv_release is not None and seq.index == 0:
+            self.release_kv_hold(seq.request.kv_release)
         self.scheduler.finish(seq)
 
     # -- KV transfer (prefill/decode disaggregation: engine/kv_transfer.py) ------------------
@@ -1071,6 +1074,11 @@ class LLMEngine:
             return
         holder = Sequence(seq.request, 0, list(seq.token_ids), seq.num_prompt_tokens)
         bm.fork(seq, holder)
+        self._add_hold(tid, holder, secs)
+
+    def _add_hold(self, tid: str, holder: Sequence, secs: float) -> None:
+        """Registers a hold; holds beyond half the cache let the oldest others go."""
+        bm = self.block_manager
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
         held = sum(len(h.block_table) for h, _ in self.kv_holds.values())
         while held > bm.num_blocks // 2 and len(self.kv_holds) > 1:
@@ -1116,9 +1124,12 @@ class LLMEngine:
         finally:
             self.release_kv_hold(transfer_id)
 
-    def import_kv(self, payload: kv_transfer.KVPayload) -> dict[str, int]:
+    def import_kv(self, payload: kv_transfer.KVPayload, hold: tuple[str, float] | None = None) -> dict[str, int]:
         """Puts another engine's blocks into this one's prefix cache under their keys (the ones it
-        lacks, as many as free blocks hold). KVTransferError when they do not fit this engine."""
+        lacks, as many as free blocks hold). KVTransferError when they do not fit this engine. With
+        hold (id, seconds), the chain's cached blocks are held until a request carrying
+        `kv_release: id` ends (or the seconds pass): under memory pressure, blocks only cached would
+        be evicted by the running sequences before the request they were moved for is admitted."""
         if self.parked:
             raise kv_transfer.KVTransferError("the model is parked")
         if not self.config.enable_prefix_caching or self.pooling:
@@ -1146,6 +1157,13 @@ class LLMEngine:
             if key not in bm._cached:
                 break
             reachable += 1
+        if hold is not None and reachable and len(keys[:reachable]) <= bm.num_blocks // 2:
+            holder = Sequence(Request(hold[0], None, [], SamplingParams(max_tokens=1), time.time()), 0, [], 0)
+            for key in keys[:reachable]:
+                bm._ref(bm._cached[key])
+                holder.block_table.append(bm._cached[key])
+            self.release_kv_hold(hold[0])
+            self._add_hold(hold[0], holder, hold[1])
         return {"blocks": payload.num_blocks, "imported": len(taken),
                 "present": sum(1 for k in payload.keys if k in bm._cached) - len(taken),
                 "reachable_blocks": reachable}

@@ -160,6 +160,7 @@ class Request:
     # Prefill/decode disaggregation: a finished prompt's blocks are held for a decode worker to take
     # (LLMEngine.export_kv): (transfer id, seconds).
     kv_hold: tuple[str, float] | None = None
+    kv_release: str | None = None  # an imported prompt's hold (LLMEngine.import_kv), let go as this request ends
     prompt_array: Any = field(default=None, repr=False)  # prompt_token_ids as int64 numpy (repetition penalty)
     allowed_mask: Any = field(default=None, repr=False)  # allowed_token_ids as a bitmask row (made on first use)
 

@@ -69,7 +69,7 @@ from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
 from tokenmill.server.errors import error_body, error_response, invalid_key_error, limit_error
-from tokenmill.server.gateway import KV_TRANSFER_HEADER
+from tokenmill.server.gateway import KV_RELEASE_HEADER, KV_TRANSFER_HEADER
 from tokenmill.server.routes.dashboard import merge_snapshots, register_page
 from tokenmill.server.streaming import ReleasingIterator, unless_disconnected
 
@@ -434,9 +434,10 @@ class Router:
                          cached_tokens=r.index.match(model, k) * (bs or 0)), k
 
     async def _remote_prefill(self, plan: _Plan, rep: Replica, ticket: _Ticket, path: str,
-                              headers: dict[str, str]) -> None:
+                              headers: dict[str, str]) -> dict[str, str]:
         """Has a prefill worker compute plan's prompt and moves its KV into rep's prefix cache, when
-        disagg.decide says so (router/disagg.py). Any failure leaves rep to prefill it itself."""
+        disagg.decide says so (router/disagg.py). Any failure leaves rep to prefill it itself. The
+        headers the request then goes to rep with: its import's hold, let go as the request ends."""
         prompt = len(plan.ids) if plan.ids is not None else 0
         dcand = ticket.candidate or self._candidate(rep, plan)[0]
         workers = self._candidates(plan.model, set(), roles=("prefill",))
@@ -444,7 +445,7 @@ class Router:
         i, reason = decide(self.config.disagg, prompt, dcand, [c for c, _ in pc])
         self.metrics.prefills.labels("local" if i is None else "remote", reason).inc()
         if i is None:
-            return
+            return {}
         worker, (pcand, pkeys) = workers[i], pc[i]
         pticket = _Ticket(worker, plan.model or "", pkeys, max(0, prompt - pcand.cached_tokens))
         t0 = time.perf_counter()
@@ -457,7 +458,7 @@ class Router:
             self.metrics.kv_transfer_failures.labels(stage[0]).inc()
             logger.info("router: remote prefill on %s for %s failed at %s (%s); it prefills locally", worker.url,
                         rep.url, stage[0], f"{type(e).__name__}: {e}")
-            return
+            return {}
         finally:
             pticket.end()
         self.metrics.remote_prefill.observe(time.perf_counter() - t0)
@@ -465,8 +466,9 @@ class Router:
         self.metrics.kv_transfer_blocks.inc(got.get("imported", 0))
         bs = rep.index.block_size(plan.model or "") or 0
         if ticket.id in rep.prefilling:  # what is left for rep to compute
-            rep.prefilling[ticket.id] = max(0, prompt - dcand.cached_tokens
-                                            - (got.get("imported", 0) + got.get("present", 0)) * bs)
+            rep.prefilling[ticket.id] = max(0, prompt - (got.get("reachable_blocks") or 0) * bs)
+        hold = got.get("hold_id")
+        return {KV_RELEASE_HEADER: hold, KV_TRANSFER_HEADER: self.config.kv_transfer_key or ""} if hold else {}
 
     async def _transfer(self, plan: _Plan, worker: Replica, pticket: _Ticket, rep: Replica, dcand: Candidate,
                         path: str, headers: dict[str, str], stage: list[str]) -> tuple[dict[str, Any], int]:
@@ -805,12 +807,12 @@ class Router:
                 return JSONResponse(error_body(503, str(e), code="no_replica"), status_code=503,
                                     headers={"Retry-After": "1"})
             try:
-                if plan.prefill is not None:
-                    await self._remote_prefill(plan, rep, ticket, path, headers)
+                extra = await self._remote_prefill(plan, rep, ticket, path, headers) if plan.prefill else {}
             except BaseException:
                 ticket.end()
                 raise
-            call = _Call(rep, self.client.request(request.method, rep.url + path, content=raw, headers=headers))
+            call = _Call(rep, self.client.request(request.method, rep.url + path, content=raw,
+                                                  headers={**headers, **extra}))
             try:
                 resp = await call.result()
             except httpx.TransportError as e:
@@ -885,11 +887,10 @@ class Router:
                                     headers={"Retry-After": "1"})
             resp: httpx.Response | None = None
             try:
-                if plan.prefill is not None:
-                    await self._remote_prefill(plan, rep, ticket, path, headers)
+                extra = await self._remote_prefill(plan, rep, ticket, path, headers) if plan.prefill else {}
                 # (abortable while it waits for the headers: a replica that hangs now is given up on)
                 resp = await _Call(rep, self.client.send(self.client.build_request(
-                    "POST", rep.url + path, content=content, headers=headers), stream=True)).result()
+                    "POST", rep.url + path, content=content, headers={**headers, **extra}), stream=True)).result()
                 if resp.status_code == 200:
                     return rep, ticket, _Relay(rep, resp)
                 await resp.aread()

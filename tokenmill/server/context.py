@@ -191,6 +191,8 @@ class ServerContext:
             d["resume_token_ids"] = resume
         if tags and tags.get("kv_hold") is not None:
             d["kv_hold"] = tags["kv_hold"]
+        if tags and tags.get("kv_release") is not None:
+            d["kv_release"] = tags["kv_release"]
         return d
 
     def sampling_params(self, req: Any, max_tokens: int | None, logprobs: int | None,

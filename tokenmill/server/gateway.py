@@ -60,6 +60,7 @@ EXTRAS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("
 # The header a fleet router sends a prefill with: its --kv-transfer-key (kv_transfer_params is refused
 # without it; clients' headers never carry it through the router, which forwards only FORWARDED).
 KV_TRANSFER_HEADER = "x-tokenmill-kv-transfer-key"
+KV_RELEASE_HEADER = "x-tokenmill-kv-release"  # the import hold a request lets go of as it ends
 
 
 @functools.cache
@@ -339,6 +340,10 @@ class Gateway:
             precheck(req)
         if getattr(req, "kv_transfer_params", None) is not None:
             self._kv_prefill(request, req, name, tags)
+        release = request.headers.get(KV_RELEASE_HEADER)
+        if release is not None and tags is not None:
+            self.check_kv_transfer(request)
+            tags["kv_release"] = release
         if (generation or tasks) and name not in self.tiers:
             self._check_task(name, generation, tasks)
         if tenant is not None:

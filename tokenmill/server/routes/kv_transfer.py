@@ -6,7 +6,9 @@
 - GET /v1/kv_transfer/{transfer_id}?model=M&skip_blocks=K: the held blocks after the first K, as a
   safetensors payload, and the hold released (404 once taken or expired).
 - POST /v1/kv_transfer?model=M with such a payload: its blocks go into this server's prefix cache
-  under their keys; a request for the same prompt then computes only its last block.
+  under their keys; a request for the same prompt then computes only its last block. The chain is
+  held (`hold_id`) until a request sent with `x-tokenmill-kv-release: ID` (and the key) ends, or
+  --kv-hold-timeout passes, so a busy cache does not evict it before that request is admitted.
 
 Off unless the server runs with --kv-transfer, and only for the holder of --kv-transfer-key (the
 routes take it as `Authorization: Bearer KEY`, a prefill request in the x-tokenmill-kv-transfer-key
@@ -17,6 +19,7 @@ keys, and a hold pins cache blocks, so neither is a client's to make.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,12 +72,15 @@ def register(app: FastAPI, gw: Gateway) -> None:
         runner = engine.runner
         limit = engine.block_manager.num_blocks * runner.kv_bytes_per_block + _HEADER_SLACK
         data = await _read(request, limit)
+        hold = (f"kvi-{uuid.uuid4().hex}", gw.settings.kv_hold_s)  # (until the request it was moved for ends)
         try:
             payload = await asyncio.to_thread(decode, data)
-            got: dict[str, Any] = await gw.pool.run_on_device(lambda: engine.import_kv(payload))
+            got: dict[str, Any] = await gw.pool.run_on_device(lambda: engine.import_kv(payload, hold))
         except KVTransferError as e:
             raise APIError(400, f"KV payload: {e}", code="kv_transfer_mismatch") from None
-        return JSONResponse({"object": "kv_transfer.import", "model": ctx.name, **got})
+        held = hold[0] in engine.kv_holds  # (read on the loop: a dict lookup)
+        return JSONResponse({"object": "kv_transfer.import", "model": ctx.name, **got,
+                             "hold_id": hold[0] if held else None})
 
 
 async def _read(request: Request, limit: int) -> bytes:
