@@ -22,10 +22,11 @@ and otherwise prefills locally: a short prompt (the hop costs more than it saves
 worker (nothing to stall), prefill workers behind by more than max_queue_tokens (the remote TTFT
 would be worse than local interference). Among prefill workers, the one with the least work for
 this prompt (uncached there plus its queue: prefix-aware, as kv_aware routing) is asked.
-max_queue_tokens (2048 by default) was chosen with the fleet simulator (bench/disagg_sim.py) on
-the 2-core CPU's measured step times: at 0.5 and 0.7 requests/s of 1k-token prompts, 2048 gave
-the most goodput; 16384 let one prefill worker's queue grow to seconds (a quarter of it), 1024
-kept too many prompts local (docs/benchmarks/disagg.md).
+max_queue_tokens (2048 by default): with the fleet simulator (bench/disagg_sim.py) on the 2-core
+CPU's measured step times, the limit with the most goodput depends on the layout: 1P+3D does best
+near 2048 (a larger one queues prompts on its one worker), 1P+1D with a small KV cache near 16384
+(prompts kept local fill its one decode worker's memory). A rule that weighs the decode worker's
+KV usage is the next step (docs/benchmarks/disagg.md).
 `always` sends every eligible request (min_tokens still holds; for measuring), `never` none.
 A remote prefill that fails in any way (P down, hold expired, a 4xx) falls back to local: a
 transfer is only ever a cache fill, so the answer does not depend on it.
