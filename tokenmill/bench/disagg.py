@@ -27,6 +27,8 @@ from typing import Any
 from tokenmill.bench import check_at_least, check_json_path, write_json
 from tokenmill.bench.disagg_sim import Layout, SimWorkload, TransferModel, simulate_fleet, summarize
 from tokenmill.bench.fleet import _Proc, _wait_synced
+from tokenmill.bench.slo import _model_folder
+from tokenmill.bench.slo_sim import parse_step_model
 from tokenmill.engine.slo import SLOTarget
 from tokenmill.router.disagg import DisaggConfig
 
@@ -92,21 +94,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[Layout], list[Layout]]:
     return layouts, measure
 
 
-def _model(args: argparse.Namespace) -> str:
-    from tokenmill.bench.prefix_cache import _prepare_model
-
-    return _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-disagg-"), "model"))
-
-
 def _coef(args: argparse.Namespace, model: str) -> tuple[float, float, float, float]:
     if args.step_model:
-        try:
-            coef = tuple(float(x) for x in args.step_model.split(","))
-        except ValueError:
-            coef = ()
-        if len(coef) != 4 or not all(c >= 0 for c in coef) or not coef[0] + coef[1] > 0:
-            raise ValueError(f"--step-model: 4 comma-separated numbers >= 0, got {args.step_model!r}")
-        return coef  # type: ignore[return-value]
+        return parse_step_model(args.step_model)
     import torch
 
     from tokenmill.config import EngineConfig
@@ -336,7 +326,7 @@ def _measure(model: str, args: argparse.Namespace, lay: Layout, reqs: list, voca
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     layouts, measure = check_args(args)
-    model = _model(args)
+    model = _model_folder(args, "tokenmill-disagg-")
     logs = args.log_dir or tempfile.mkdtemp(prefix="tokenmill-bench-disagg-")
     os.makedirs(logs, exist_ok=True)
     coef = _coef(args, model)

@@ -142,11 +142,7 @@ class _Worker:
     def candidate(self, name: str, token_ids: list[int]) -> Candidate:
         s = self.sim.sched
         bm = self.sim.bm
-        cached = 0
-        for key in block_hashes(token_ids, bm.block_size):
-            if key not in bm._cached:
-                break
-            cached += bm.block_size
+        cached = len(bm.cached_prefix(block_hashes(token_ids, bm.block_size))) * bm.block_size
         return Candidate(name, inflight=len(self.prefilling) + len(self.decoding),
                          queued_prefill=sum(self.prefilling.values()),
                          running=max(len(s.running), len(self.decoding)), waiting=len(s.waiting),
@@ -226,13 +222,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 w.ready_after_step = max(w.ready_after_step, ready)
             else:
                 w.blocked_until = max(w.blocked_until, ready)
-            covered = 0
             holder = Sequence(req, 0, [], 0)  # (held until the request ends, as LLMEngine.import_kv holds)
-            for key in keys:
-                if key not in bm._cached:
-                    break
-                covered += bm.block_size
-                holder.block_table.append(bm._cached[key])
+            holder.block_table = bm.cached_prefix(keys)
+            covered = len(holder.block_table) * bm.block_size
             if len(holder.block_table) <= bm.num_blocks // 2:
                 for block in holder.block_table:
                     bm._ref(block)

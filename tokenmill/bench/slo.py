@@ -142,10 +142,11 @@ def _make(kind: str, lens: tuple[int, int], vocab: int, rng: random.Random) -> _
     return _Req(kind, [rng.randrange(3, vocab) for _ in range(n)], max(2, round(o * rng.uniform(0.75, 1.25))))
 
 
-def _model_folder(args: argparse.Namespace) -> str:
+def _model_folder(args: argparse.Namespace, prefix: str = "tokenmill-slo-") -> str:
+    """--model, or a random SmolLM-135M-shaped one made in a temporary folder (bench slo, bench disagg)."""
     from tokenmill.bench.prefix_cache import _prepare_model
 
-    return _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix="tokenmill-slo-"), "model"))
+    return _prepare_model(args.model or os.path.join(tempfile.mkdtemp(prefix=prefix), "model"))
 
 
 def _policies(args: argparse.Namespace) -> list[str]:
@@ -289,16 +290,10 @@ def _summarize(pairs: list[tuple[_Req, _Res]], slo: dict[str, float], duration: 
 
 
 def _simulate(args: argparse.Namespace) -> dict[str, Any]:
-    from tokenmill.bench.slo_sim import Workload, format_simulation, simulate
+    from tokenmill.bench.slo_sim import Workload, format_simulation, parse_step_model, simulate
 
     if args.step_model:
-        try:
-            coef = tuple(float(x) for x in args.step_model.split(","))
-        except ValueError:
-            coef = ()
-        if len(coef) != 4 or not all(c >= 0 for c in coef) or not coef[0] + coef[1] > 0:
-            raise ValueError(f"--step-model: expected 4 comma-separated numbers >= 0 (STEP or TOKEN > 0), got "
-                             f"{args.step_model!r}")
+        coef = parse_step_model(args.step_model)
     else:
         import torch
 

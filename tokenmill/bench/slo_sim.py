@@ -89,6 +89,17 @@ class Sim:
         return (self.done[rid] - self.first[rid]) / max(1, req.params.max_tokens - 1)
 
 
+def parse_step_model(text: str) -> tuple[float, float, float, float]:
+    """`--step-model STEP,TOKEN,ROW,ATTN` (seconds); ValueError naming the flag otherwise."""
+    try:
+        coef = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        coef = ()
+    if len(coef) != 4 or not all(c >= 0 for c in coef) or not coef[0] + coef[1] > 0:
+        raise ValueError(f"--step-model: expected 4 comma-separated numbers >= 0 (STEP or TOKEN > 0), got {text!r}")
+    return coef  # type: ignore[return-value]
+
+
 def make_request(rid: str, prompt: int, out: int, arrival: float, slo: SLOTarget | None = None,
                  priority: int = 0) -> Request:
     rng = random.Random(rid)  # distinct prompts: no prefix-cache hits between requests

@@ -135,8 +135,12 @@ class BlockManager:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks * self.block_size)
+        return self.cached_prefix(seq.block_hashes[:max_blocks])
+
+    def cached_prefix(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of a chain of keys. Changes nothing."""
         blocks = []
-        for key in seq.block_hashes[:max_blocks]:
+        for key in keys:
             block = self._cached.get(key)
             if block is None:
                 break

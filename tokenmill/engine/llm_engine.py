@@ -1152,21 +1152,17 @@ class LLMEngine:
         finally:
             bm.release_imports(keys, taken, held, written)
         # How much of the chain is cached from its first block on (what a prompt with these keys finds).
-        reachable = 0
-        for key in keys:
-            if key not in bm._cached:
-                break
-            reachable += 1
-        if hold is not None and reachable and len(keys[:reachable]) <= bm.num_blocks // 2:
+        chain = bm.cached_prefix(keys)
+        if hold is not None and chain and len(chain) <= bm.num_blocks // 2:
             holder = Sequence(Request(hold[0], None, [], SamplingParams(max_tokens=1), time.time()), 0, [], 0)
-            for key in keys[:reachable]:
-                bm._ref(bm._cached[key])
-                holder.block_table.append(bm._cached[key])
+            for block in chain:
+                bm._ref(block)
+            holder.block_table = chain
             self.release_kv_hold(hold[0])
             self._add_hold(hold[0], holder, hold[1])
         return {"blocks": payload.num_blocks, "imported": len(taken),
                 "present": sum(1 for k in payload.keys if k in bm._cached) - len(taken),
-                "reachable_blocks": reachable}
+                "reachable_blocks": len(chain)}
 
     def _make_output(self, req: Request, finished: bool) -> RequestOutput:
         outs = []
