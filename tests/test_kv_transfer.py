@@ -192,6 +192,38 @@ def test_an_import_is_held_for_its_request(model_dir):
     assert engine.expire_kv_holds(time.monotonic() + 31) == 1 and bm.num_used_blocks == 0  # or as it expires
 
 
+def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
+    """A hold is KV kept in case: a prompt that needs its blocks is admitted at once (not after the
+    holds expire; they may be holds of the requests queued behind it), and a running sequence that
+    grows into them takes them before anything is preempted. The oldest hold goes first."""
+    prefill, decode = _llm(model_dir), _llm(model_dir, blocks=16)
+    engine, bm = decode.engine, decode.engine.block_manager
+    first, second = list(range(10, 90)), list(range(90, 138))  # 5 and 3 full blocks
+    for tid, prompt in (("a", first), ("b", second)):
+        _prefill(prefill, prompt, tid=tid)
+        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+    assert list(engine.kv_holds) == ["ha", "hb"] and bm.num_free_blocks == 8
+    engine.add_request({"prompt_token_ids": list(range(200, 392))}, SamplingParams(max_tokens=1),
+                       request_id="long")  # 12 full blocks and one for its token: 13 > 8 free
+    for _ in range(6):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests(), "the prompt waited for the holds"
+    assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 1  # (the oldest, enough)
+    bm.check_invariants([engine.kv_holds["hb"][0]])
+    _prefill(prefill, first, tid="a")
+    engine.import_kv(_roundtrip(prefill.engine.export_kv("a")), hold=("ha", 30.0))
+    assert bm.num_free_blocks == 8
+    engine.add_request({"prompt_token_ids": list(range(400, 448))},  # 3 blocks, growing to 9
+                       SamplingParams(max_tokens=90, ignore_eos=True), request_id="grows")
+    while engine.has_unfinished_requests():
+        engine.step()
+    # (the older hold b went; a's was not needed)
+    assert engine.scheduler.num_preemptions == 0 and list(engine.kv_holds) == ["ha"] and engine.kv_holds_reclaimed == 2
+    bm.check_invariants([engine.kv_holds["ha"][0]])
+
+
 def test_the_fingerprint_tells_checkpoints_apart(model_dir, tmp_path):
     import shutil
 

@@ -146,7 +146,7 @@ class _Worker:
         return Candidate(name, inflight=len(self.prefilling) + len(self.decoding),
                          queued_prefill=sum(self.prefilling.values()),
                          running=max(len(s.running), len(self.decoding)), waiting=len(s.waiting),
-                         cached_tokens=cached)
+                         kv_usage=bm.usage, cached_tokens=cached)
 
 
 def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, workload: SimWorkload, slo: SLOTarget,
@@ -182,6 +182,17 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
     done: dict[str, float] = {}
     remote = 0
 
+    def reclaimer(w: _Worker):  # (LLMEngine._reclaim_hold: the worker's oldest hold gives way)
+        def reclaim() -> bool:
+            rid = next((r for r, (hw, _) in holds.items() if hw is w), None)
+            if rid is not None:
+                w.sim.bm.free(holds.pop(rid)[1])
+            return rid is not None
+        return reclaim
+
+    for w in decoders:
+        w.sim.bm.reclaim = reclaimer(w)
+
     def admit(w: _Worker, req: Request, at: float) -> None:
         if not w.busy():
             w.sim.now = max(w.sim.now, at)
@@ -205,6 +216,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 i, _why = decide(cfg, p, cands[d], pc)
                 if i is not None:
                     remote += 1
+                    bs = decoders[d].sim.bm.block_size  # (on the router's ledger: the decode worker's part is
+                    # the last block)
+                    decoders[d].prefilling[rid] = min(decoders[d].prefilling[rid], p - (p - 1) // bs * bs)
                     prefillers[i].prefilling[rid] = max(0, p - pc[i].cached_tokens)
                     admit(prefillers[i], Request(rid, None, list(ids), SamplingParams(max_tokens=1), at), at)
                     continue

@@ -29,6 +29,7 @@ import hashlib
 import sys
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from tokenmill.engine.sequence import Sequence
 
@@ -82,6 +83,10 @@ class BlockManager:
         # KV events for a fleet router (None: not recorded): ("stored" | "removed", key) and
         # ("cleared", None), in the order they happened; the server drains them after each step.
         self.events: list[tuple[str, bytes | None]] | None = None
+        # Called while an allocation finds too few blocks free: it lets go of one reference kept only
+        # in case (LLMEngine: KV held for a transfer) and says whether it did, so that such holds give
+        # way before a scheduler preempts a running sequence or leaves a prompt waiting for them.
+        self.reclaim: Callable[[], bool] | None = None
 
     def record_events(self) -> list[bytes]:
         """Starts recording KV events; returns the keys cached now (the snapshot they follow)."""
@@ -112,6 +117,14 @@ class BlockManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by live sequences, 0 when idle (kv_cache_usage_perc)."""
         return self.num_used_blocks / self.num_blocks
+
+    def ensure_free(self, need: int, reused: list[int] | tuple[int, ...] = ()) -> bool:
+        """Whether need blocks are free besides the free ones among reused (blocks an allocation
+        takes back from the prefix cache), reclaiming holds while they are not."""
+        while need > self.num_free_blocks - sum(1 for b in reused if self.ref_counts[b] == 0):
+            if self.reclaim is None or not self.reclaim():
+                return False
+        return True
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -221,7 +234,10 @@ class BlockManager:
         copy = self._needs_copy(seq)
         need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
         if need > self.num_free_blocks:
-            return False
+            if not self.ensure_free(need):
+                return False
+            copy = self._needs_copy(seq)  # (a reclaimed hold may have shared the last block)
+            need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
         if copy:
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
@@ -239,9 +255,8 @@ class BlockManager:
         then fresh blocks for num_new_tokens after them. All or nothing; counts the lookup."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         cached_tokens = len(cached) * self.block_size
-        reused_free = sum(1 for b in cached if self.ref_counts[b] == 0)  # leave the evictable pool
         need = self.blocks_needed(cached_tokens + num_new_tokens) - len(cached)
-        if need > self.num_free_blocks - reused_free:
+        if not self.ensure_free(need, cached):  # (cached's free blocks leave the evictable pool: not free)
             return False
         for block in cached:
             self._ref(block)

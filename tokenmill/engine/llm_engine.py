@@ -233,6 +233,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         # KV held for a decode worker (request id -> (a sequence holding the blocks, monotonic deadline))
         self.kv_holds: dict[str, tuple[Sequence, float]] = {}
+        self.kv_holds_reclaimed = 0  # holds let go early for blocks a running or waiting request needed
+        self.block_manager.reclaim = self._reclaim_hold
         self._kv_fingerprint: str | None = None
         self._seq_by_id: dict[int, Sequence] = {}
         self._next_id = 0
@@ -1085,6 +1087,15 @@ class LLMEngine:
             oldest = next(iter(self.kv_holds))
             held -= len(self.kv_holds[oldest][0].block_table)
             self.release_kv_hold(oldest)
+
+    def _reclaim_hold(self) -> bool:
+        """BlockManager.reclaim: the oldest hold gives way to a request that needs its blocks here
+        (without it, a prompt waiting for blocks would wait for holds to expire, possibly holds of the
+        requests queued behind it, and running sequences would be preempted before a hold let go)."""
+        if not self.kv_holds:
+            return False
+        self.kv_holds_reclaimed += 1
+        return self.release_kv_hold(next(iter(self.kv_holds)))
 
     def release_kv_hold(self, transfer_id: str) -> bool:
         entry = self.kv_holds.pop(transfer_id, None)

@@ -452,7 +452,7 @@ class Scheduler:
             last = seq
         if last is None:
             return
-        while (len(self.running) + seqs > self.max_num_seqs or blocks > bm.num_free_blocks):
+        while len(self.running) + seqs > self.max_num_seqs or not bm.ensure_free(blocks):
             # Only work that sorts after them (a better-priority best-effort sequence would be queued
             # again ahead of them and re-admitted: a preemption every step for nothing).
             victim = next((v for v in reversed(self.running)

@@ -22,11 +22,14 @@ and otherwise prefills locally: a short prompt (the hop costs more than it saves
 worker (nothing to stall), prefill workers behind by more than max_queue_tokens (the remote TTFT
 would be worse than local interference). Among prefill workers, the one with the least work for
 this prompt (uncached there plus its queue: prefix-aware, as kv_aware routing) is asked.
-max_queue_tokens (2048 by default): with the fleet simulator (bench/disagg_sim.py) on the 2-core
-CPU's measured step times, the limit with the most goodput depends on the layout: 1P+3D does best
-near 2048 (a larger one queues prompts on its one worker), 1P+1D with a small KV cache near 16384
-(prompts kept local fill its one decode worker's memory). A rule that weighs the decode worker's
-KV usage is the next step (docs/benchmarks/disagg.md).
+max_queue_tokens (4,096 by default) was chosen with the fleet simulator (bench/disagg_sim.py) on
+the 2-core CPU's measured step times, over four arrival seeds (docs/benchmarks/disagg.md): it gave
+at least the goodput of 1,024 and 2,048 in every layout and load simulated (1P+1D, 1P+3D, 2P+2D
+near their capacity), and more in most. A larger limit helps one decode worker of small memory
+(prompts kept local fill it) and hurts one prefill worker beside three decode workers (it queues
+too much). A rule that compared the two sides' loads (kv_aware's cost on each, plus a margin) was
+tried there too and did worse in nearly every case: it keeps a prompt local whenever the decode
+worker looks less loaded, and what a local prefill costs the decodes it stalls is not in the load.
 `always` sends every eligible request (min_tokens still holds; for measuring), `never` none.
 A remote prefill that fails in any way (P down, hold expired, a 4xx) falls back to local: a
 transfer is only ever a cache fill, so the answer does not depend on it.
@@ -53,7 +56,7 @@ _ANSWER_FIELDS = ("stream", "stream_options", "n", "best_of", "use_beam_search",
 class DisaggConfig:
     policy: str = "auto"
     min_tokens: int = 256  # uncached prompt tokens from which a prefill may go remote
-    max_queue_tokens: int = 2048  # a prefill worker with more queued prompt tokens is not asked
+    max_queue_tokens: int = 4096  # a prefill worker with more queued prompt tokens is not asked
     timeout_s: float = 60.0  # a remote prefill and its transfer, at most (then local)
 
     def __post_init__(self) -> None:

@@ -448,6 +448,12 @@ class Router:
             return {}
         worker, (pcand, pkeys) = workers[i], pc[i]
         pticket = _Ticket(worker, plan.model or "", pkeys, max(0, prompt - pcand.cached_tokens))
+        # The prompt is the worker's work now: on rep's ledger only its last block (a prompt counted
+        # on both would make rep look as far behind as the worker, and every prompt would go remote).
+        bs = rep.index.block_size(plan.model or "") or 0
+        local = rep.prefilling.get(ticket.id)
+        if local is not None and bs:
+            rep.prefilling[ticket.id] = min(local, prompt - (prompt - 1) // bs * bs)
         t0 = time.perf_counter()
         stage = ["prefill"]
         try:
@@ -458,13 +464,14 @@ class Router:
             self.metrics.kv_transfer_failures.labels(stage[0]).inc()
             logger.info("router: remote prefill on %s for %s failed at %s (%s); it prefills locally", worker.url,
                         rep.url, stage[0], f"{type(e).__name__}: {e}")
+            if local is not None and ticket.id in rep.prefilling:
+                rep.prefilling[ticket.id] = local
             return {}
         finally:
             pticket.end()
         self.metrics.remote_prefill.observe(time.perf_counter() - t0)
         self.metrics.kv_transfer_bytes.inc(nbytes)
         self.metrics.kv_transfer_blocks.inc(got.get("imported", 0))
-        bs = rep.index.block_size(plan.model or "") or 0
         if ticket.id in rep.prefilling:  # what is left for rep to compute
             rep.prefilling[ticket.id] = max(0, prompt - (got.get("reachable_blocks") or 0) * bs)
         hold = got.get("hold_id")
