@@ -333,12 +333,13 @@ def fleet(model_dir, tmp_path_factory):
         for name in ("prefill", "decode"):
             procs[name] = ServerProcess(model_dir, *SERVE, *KV, log_path=str(d / f"{name}.log"), env=env)
         procs["plain"] = ServerProcess(model_dir, *SERVE, log_path=str(d / "plain.log"), env=env)
-        for name, decoder, policy in (("always", "decode", "always"), ("auto", "decode", "auto"),
-                                      ("fallback", "plain", "always")):
+        for name, decoder, policy, mode in (("always", "decode", "always", "pull"), ("auto", "decode", "auto", "pull"),
+                                            ("fallback", "plain", "always", "pull"),
+                                            ("relay", "decode", "always", "relay")):
             procs[name] = ServerProcess(None, "--replica", procs[decoder].base_url, "--prefill",
                                         procs["prefill"].base_url, "--disagg-policy", policy, "--disagg-min-tokens",
                                         "32", "--replica-api-key", KEY, "--kv-transfer-key", KV_KEY,
-                                        "--health-interval", "0.2",
+                                        "--health-interval", "0.2", "--kv-transfer-mode", mode,
                                         log_path=str(d / f"router-{name}.log"), command="router")
             wait_fleet(procs[name], [procs[decoder].base_url, procs["prefill"].base_url])
         yield procs
@@ -434,8 +435,24 @@ def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
                                                       extra_body={"cache_salt": "cold"})
     assert got.choices[0].text == want.choices[0].text
     m = router_metrics(router.base_url)
-    assert m['tokenmill_router:kv_transfer_failures_total{stage="import"}'] >= 1
-    assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0  # the export released the hold
+    assert m['tokenmill_router:kv_transfer_failures_total{stage="pull"}'] >= 1
+    # The replica refused before it asked for the KV: the router released the worker's hold itself.
+    assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
+
+
+def test_relay_mode_moves_the_kv_through_the_router(fleet):
+    router, decode = fleet["relay"], fleet["decode"]
+    client = _client(router.base_url)
+    model = client.models.list().data[0].id
+    prompt = _text(random.Random(5), 75)
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    want = _client(decode.base_url).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                       extra_body={"cache_salt": "cold"})
+    assert got.choices[0].text == want.choices[0].text
+    n = got.usage.prompt_tokens
+    assert got.usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
+    m = router_metrics(router.base_url)
+    assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and _remote(router) == 1
 
 
 def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
@@ -456,6 +473,7 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     assert r.status_code == 403  # (the router forwards no such header)
     for path in ("/v1/kv_transfer", "/v1/kv_transfer/x"):
         assert httpx.post(fleet["always"].base_url + path, headers=kv).status_code == 404  # not relayed
+    assert httpx.delete(fleet["always"].base_url + "/v1/kv_transfer/x", headers=kv).status_code == 404
     for bad in ({**prefill, "stream": True}, {**prefill, "n": 2}, {**prefill, "prompt": ["a", "b"]},
                 {**body, "kv_transfer_params": {"do_remote_decode": False}},
                 {**body, "kv_transfer_params": {"do_remote_decode": True, "remote_host": "x"}}):
@@ -493,6 +511,35 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
     ok = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=kv)
     assert ok.status_code == 200 and ok.json()["object"] == "kv_transfer.import"
+    # A pull: the replica GETs the payload from the worker itself.
+    def held() -> str:
+        return httpx.post(p + "/v1/completions", json=prefill, headers=fleet_header).json()["kv_transfer_params"][
+            "transfer_id"]
+
+    tid = held()
+    for bad, param in (({"source": "ftp://x", "transfer_id": tid}, "source"),
+                       ({"source": p + "?a=1", "transfer_id": tid}, "source"),
+                       ({"source": p, "transfer_id": "../models"}, "transfer_id"),
+                       ({"source": p, "transfer_id": tid, "skip_blocks": -1}, "skip_blocks"),
+                       ({"source": p, "transfer_id": tid, "extra": 1}, "extra")):
+        r = httpx.post(d + "/v1/kv_transfer", json=bad, headers=kv)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, bad
+    assert httpx.post(d + "/v1/kv_transfer", content=b"[1", headers={**kv, "content-type": "application/json"}
+                      ).status_code == 400
+    assert httpx.post(d + "/v1/kv_transfer", json={"source": p, "transfer_id": tid}, headers=auth).status_code == 403
+    for source, transfer in ((p, "nothing-held"), ("http://127.0.0.1:9", tid)):
+        r = httpx.post(d + "/v1/kv_transfer", json={"source": source, "transfer_id": transfer}, headers=kv)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "kv_transfer_source_failed", source
+    pulled = httpx.post(d + "/v1/kv_transfer", json={"source": p, "transfer_id": tid}, headers=kv)
+    assert pulled.status_code == 200 and pulled.json()["bytes"] > 0 and pulled.json()["blocks"] > 0
+    assert httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=kv).status_code == 404  # (taken)
+    # A hold given up on is released unread.
+    tid = held()
+    assert httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=auth).status_code == 403
+    assert httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=kv).json()["released"] is True
+    r = httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=kv)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "kv_transfer_not_found"
+    assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
 
 
 def test_kv_transfer_needs_its_key(model_dir):

@@ -163,8 +163,9 @@ def _prompt(rid: str, n: int, vocab: int) -> list[int]:
 
 
 async def _measure_transfer(prefill: str, decode: str, vocab: int, lengths: tuple[int, int]) -> dict[str, float]:
-    """A prefill on the worker, then its export streamed into the replica's import, timed (not the
-    prefill) for a short and a long prompt, three times each: the transfer's fixed cost and bandwidth."""
+    """A prefill on the worker, then its KV pulled by the replica (the router's default transfer),
+    timed (not the prefill) for a short and a long prompt, three times each: the transfer's fixed
+    cost and bandwidth."""
     import httpx
 
     times: dict[int, float] = {}
@@ -181,21 +182,11 @@ async def _measure_transfer(prefill: str, decode: str, vocab: int, lengths: tupl
                 r.raise_for_status()
                 tid = r.json()["kv_transfer_params"]["transfer_id"]
                 t0 = time.perf_counter()
-                size = [0]
-
-                async def chunks(src: Any, size: list[int] = size) -> Any:
-                    async for c in src:
-                        size[0] += len(c)
-                        yield c
-
-                async with http.stream("GET", f"{prefill}/v1/kv_transfer/{tid}", params={"model": SERVED},
-                                       headers=auth) as ex:
-                    ex.raise_for_status()
-                    imp = await http.post(decode + "/v1/kv_transfer", params={"model": SERVED},
-                                          content=chunks(ex.aiter_bytes()), headers=auth)
+                imp = await http.post(decode + "/v1/kv_transfer", params={"model": SERVED}, headers=auth,
+                                      json={"source": prefill, "transfer_id": tid})
                 imp.raise_for_status()
                 best = min(best, time.perf_counter() - t0)
-                nbytes[n] = size[0]
+                nbytes[n] = imp.json()["bytes"]
             times[n] = best
     short, long_ = lengths
     bw = (nbytes[long_] - nbytes[short]) / max(1e-9, times[long_] - times[short])

@@ -10,7 +10,7 @@ import secrets
 import tempfile
 import urllib.parse
 
-from tokenmill.router.disagg import DISAGG_POLICIES, DisaggConfig
+from tokenmill.router.disagg import DISAGG_POLICIES, TRANSFER_MODES, DisaggConfig
 from tokenmill.router.policy import POLICIES, KVAwareWeights
 from tokenmill.router.router import Router, RouterConfig
 
@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uncached prompt tokens from which a prefill may go to a prefill worker")
     p.add_argument("--disagg-max-queue-tokens", type=int, default=DisaggConfig.max_queue_tokens, metavar="N",
                    help="auto: a prefill worker with more prompt tokens queued than this is not asked")
+    p.add_argument("--kv-transfer-mode", choices=TRANSFER_MODES, default=DisaggConfig.transfer,
+                   help="pull: a decode replica fetches the KV from the prefill worker itself (it must reach the "
+                   "worker's URL); relay: the router streams it from one to the other")
     p.add_argument("--disagg-timeout", type=float, default=DisaggConfig.timeout_s, metavar="S",
                    help="a remote prefill and its KV transfer at most (then the replica prefills itself)")
     p.add_argument("--kv-transfer-key", default=os.environ.get("TOKENMILL_KV_TRANSFER_KEY"),
@@ -117,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                         replica_api_key=args.replica_api_key or os.environ.get("TOKENMILL_API_KEY"),
                         max_body_bytes=args.max_body_size, tenants=tenants,
                         disagg=DisaggConfig(args.disagg_policy, args.disagg_min_tokens, args.disagg_max_queue_tokens,
-                                            args.disagg_timeout),
+                                            args.disagg_timeout, args.kv_transfer_mode),
                         kv_transfer_key=args.kv_transfer_key)
 
 

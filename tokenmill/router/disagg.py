@@ -5,8 +5,9 @@ its replicas, which then serve as decode workers. For a chat or completion reque
 decode worker D, the router decides per request, from load it knows, where the prompt is computed:
 
 - remote: a prefill worker P runs the request as a one-token prefill (`kv_transfer_params:
-  {"do_remote_decode": true}`), holds the prompt's KV, and the router streams it from P
-  (GET /v1/kv_transfer/ID) into D's prefix cache (POST /v1/kv_transfer); D then runs the request
+  {"do_remote_decode": true}`), holds the prompt's KV, and D pulls it into its prefix cache (the
+  router's POST /v1/kv_transfer names P and the hold; D GETs /v1/kv_transfer/ID from P; or, with
+  --kv-transfer-mode relay, the router streams it from one to the other); D then runs the request
   and computes only the prompt's last block (routes/kv_transfer.py, engine/kv_transfer.py);
 - local: D computes the prompt itself, as a colocated fleet does.
 
@@ -43,6 +44,7 @@ from typing import Any
 from tokenmill.router.policy import Candidate
 
 DISAGG_POLICIES = ("auto", "always", "never")
+TRANSFER_MODES = ("pull", "relay")
 # Body fields a prefill drops: they shape the answer, not the prompt (a one-token prefill needs none,
 # and some would refuse max_tokens 1, as min_tokens, or cost work, as a grammar).
 _ANSWER_FIELDS = ("stream", "stream_options", "n", "best_of", "use_beam_search", "length_penalty", "early_stopping",
@@ -58,10 +60,16 @@ class DisaggConfig:
     min_tokens: int = 256  # uncached prompt tokens from which a prefill may go remote
     max_queue_tokens: int = 4096  # a prefill worker with more queued prompt tokens is not asked
     timeout_s: float = 60.0  # a remote prefill and its transfer, at most (then local)
+    # pull: the decode replica GETs the KV from the prefill worker (it must reach the worker's URL as
+    # the router knows it); relay: the router streams it from one to the other (the KV crosses the
+    # network twice, and the router's process copies it).
+    transfer: str = "pull"
 
     def __post_init__(self) -> None:
         if self.policy not in DISAGG_POLICIES:
             raise ValueError(f"disaggregation policy: one of {', '.join(DISAGG_POLICIES)}, got {self.policy!r}")
+        if self.transfer not in TRANSFER_MODES:
+            raise ValueError(f"KV transfer: one of {', '.join(TRANSFER_MODES)}, got {self.transfer!r}")
         if self.min_tokens < 0 or self.max_queue_tokens < 0 or not self.timeout_s > 0:
             raise ValueError("disaggregation: min_tokens and max_queue_tokens must be >= 0, timeout_s > 0")
 

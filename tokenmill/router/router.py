@@ -479,7 +479,8 @@ class Router:
 
     async def _transfer(self, plan: _Plan, worker: Replica, pticket: _Ticket, rep: Replica, dcand: Candidate,
                         path: str, headers: dict[str, str], stage: list[str]) -> tuple[dict[str, Any], int]:
-        """The prefill on worker, then its KV streamed from worker into rep (what rep took, and bytes)."""
+        """The prefill on worker, then its KV moved from worker into rep (what rep took, and bytes):
+        rep pulls it (DisaggConfig.transfer "pull"), or the router relays it ("relay")."""
         assert self.client is not None
         key = self.config.kv_transfer_key or ""
         r = await self.client.post(worker.url + path, json=plan.prefill, headers={**headers, KV_TRANSFER_HEADER: key})
@@ -504,6 +505,19 @@ class Router:
 
         t0 = time.perf_counter()
         auth = {"authorization": f"Bearer {key}"}
+        if self.config.disagg.transfer == "pull":  # (rep GETs it from the worker itself: one hop, not two)
+            stage[0] = "pull"
+            imp = await self.client.post(rep.url + "/v1/kv_transfer", params={"model": model}, headers=auth, json={
+                "source": worker.url, "transfer_id": tid, "skip_blocks": skip, "source_model": model})
+            if imp.status_code != 200:
+                # (the replica took nothing, perhaps before it asked: the worker's hold would stay until it expired)
+                with contextlib.suppress(httpx.HTTPError):
+                    await self.client.delete(f"{worker.url}/v1/kv_transfer/{tid}", params={"model": model},
+                                             headers=auth, timeout=5.0)
+                raise RuntimeError(f"the pull got {imp.status_code}: {imp.text[:200]}")
+            self.metrics.kv_transfer_seconds.observe(time.perf_counter() - t0)
+            got = imp.json()
+            return got, int(got.get("bytes") or 0)
         async with self.client.stream("GET", f"{worker.url}/v1/kv_transfer/{tid}", headers=auth,
                                       params={"model": model, "skip_blocks": skip}) as ex:
             if ex.status_code != 200:
@@ -601,8 +615,8 @@ class Router:
             return JSONResponse(error_body(404, "the router publishes no KV events; subscribe to a replica"),
                                 status_code=404)
 
-        @app.api_route("/v1/kv_transfer", methods=["GET", "POST"])
-        @app.api_route("/v1/kv_transfer/{transfer_id}", methods=["GET", "POST"])
+        @app.api_route("/v1/kv_transfer", methods=["GET", "POST", "DELETE"])
+        @app.api_route("/v1/kv_transfer/{transfer_id}", methods=["GET", "POST", "DELETE"])
         async def kv_transfer(transfer_id: str = "") -> Response:  # the fleet's own traffic, never a client's
             return JSONResponse(error_body(404, "KV transfer is between the router and its servers"),
                                 status_code=404)

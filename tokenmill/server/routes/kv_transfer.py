@@ -5,23 +5,33 @@
   response's `kv_transfer_params` names them (`transfer_id`).
 - GET /v1/kv_transfer/{transfer_id}?model=M&skip_blocks=K: the held blocks after the first K, as a
   safetensors payload, and the hold released (404 once taken or expired).
+- DELETE /v1/kv_transfer/{transfer_id}?model=M: the hold released unread (a transfer given up on).
 - POST /v1/kv_transfer?model=M with such a payload: its blocks go into this server's prefix cache
   under their keys; a request for the same prompt then computes only its last block. The chain is
   held (`hold_id`) until a request sent with `x-tokenmill-kv-release: ID` (and the key) ends, or
   --kv-hold-timeout passes, so a busy cache does not evict it before that request is admitted.
+- POST /v1/kv_transfer?model=M with a JSON body `{"source": URL, "transfer_id": ID, "skip_blocks":
+  K, "source_model": M2}`: the same import, of the payload this server pulls itself from the
+  prefill worker at URL (its GET, with this server's own key). The router's default: the KV
+  crosses the network once, worker to replica, not twice through the router.
 
 Off unless the server runs with --kv-transfer, and only for the holder of --kv-transfer-key (the
 routes take it as `Authorization: Bearer KEY`, a prefill request in the x-tokenmill-kv-transfer-key
 header): a payload written into the prefix cache is served to every request whose prompt has those
-keys, and a hold pins cache blocks, so neither is a client's to make.
+keys, and a hold pins cache blocks, so neither is a client's to make. (A pull makes this server GET
+a URL's /v1/kv_transfer/ID path for the key's holder: the key is the fleet's alone.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from typing import Any
+from urllib.parse import quote, urlsplit
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -31,6 +41,8 @@ from tokenmill.server.gateway import Gateway
 
 MEDIA_TYPE = "application/octet-stream"
 _HEADER_SLACK = 1 << 20  # a payload's safetensors header (its keys as hex) beyond the KV itself
+_TRANSFER_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+PULL_TIMEOUT_S = 60.0  # a pull's whole GET at most (the router gives up by --disagg-timeout anyway)
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
@@ -63,6 +75,17 @@ def register(app: FastAPI, gw: Gateway) -> None:
         data = await asyncio.to_thread(encode, payload)
         return Response(data, media_type=MEDIA_TYPE, headers={"x-kv-blocks": str(payload.num_blocks)})
 
+    @app.delete("/v1/kv_transfer/{transfer_id}")
+    @gw.route
+    async def release_kv(request: Request, transfer_id: str) -> JSONResponse:
+        check(request)
+        ctx = await gw.acquire(model_name(request), request=request)
+        engine = ctx.llm_engine
+        if not await gw.pool.run_on_device(lambda: engine.release_kv_hold(transfer_id)):
+            raise APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
+                           param="transfer_id", code="kv_transfer_not_found")
+        return JSONResponse({"object": "kv_transfer.release", "transfer_id": transfer_id, "released": True})
+
     @app.post("/v1/kv_transfer")
     @gw.route
     async def import_kv(request: Request) -> JSONResponse:
@@ -71,7 +94,10 @@ def register(app: FastAPI, gw: Gateway) -> None:
         engine = ctx.llm_engine
         runner = engine.runner
         limit = engine.block_manager.num_blocks * runner.kv_bytes_per_block + _HEADER_SLACK
-        data = await _read(request, limit)
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            data = await _pull(request, gw.settings.kv_transfer_key or "", ctx.name, limit)
+        else:
+            data = await _read(request, limit)
         hold = (f"kvi-{uuid.uuid4().hex}", gw.settings.kv_hold_s)  # (until the request it was moved for ends)
         try:
             payload = await asyncio.to_thread(decode, data)
@@ -79,8 +105,54 @@ def register(app: FastAPI, gw: Gateway) -> None:
         except KVTransferError as e:
             raise APIError(400, f"KV payload: {e}", code="kv_transfer_mismatch") from None
         held = hold[0] in engine.kv_holds  # (read on the loop: a dict lookup)
-        return JSONResponse({"object": "kv_transfer.import", "model": ctx.name, **got,
+        return JSONResponse({"object": "kv_transfer.import", "model": ctx.name, **got, "bytes": len(data),
                              "hold_id": hold[0] if held else None})
+
+
+async def _pull(request: Request, key: str, model: str, limit: int) -> bytes:
+    """The payload a pull names, fetched from its source (the body: {"source", "transfer_id",
+    "skip_blocks", "source_model"}); 400 for a bad body, 502 when the source does not give it."""
+    try:
+        body = json.loads(await _read(request, 1 << 16))
+    except ValueError:
+        raise APIError(400, "a KV pull: the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "a KV pull: the body must be a JSON object")
+    unknown = set(body) - {"source", "transfer_id", "skip_blocks", "source_model"}
+    if unknown:
+        raise APIError(400, f"a KV pull: unknown field(s) {sorted(unknown)}", param=sorted(unknown)[0])
+    source, tid = body.get("source"), body.get("transfer_id")
+    skip, src_model = body.get("skip_blocks", 0), body.get("source_model", model)
+    url = urlsplit(source) if isinstance(source, str) else None
+    if url is None or url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+        raise APIError(400, "source: the prefill worker's base URL (http or https), got "
+                       f"{str(source)[:200]!r}", param="source")
+    if not isinstance(tid, str) or not _TRANSFER_ID.fullmatch(tid):
+        raise APIError(400, "transfer_id: the prefill's kv_transfer_params.transfer_id", param="transfer_id")
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise APIError(400, "skip_blocks: must be an integer >= 0", param="skip_blocks")
+    if not isinstance(src_model, str) or not src_model:
+        raise APIError(400, "source_model: the model's name on the prefill worker", param="source_model")
+    target = f"{source.rstrip('/')}/v1/kv_transfer/{quote(tid, safe='')}"
+    parts, size = [], 0
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(PULL_TIMEOUT_S, connect=5.0)) as http:
+            async with http.stream("GET", target, params={"model": src_model, "skip_blocks": skip},
+                                   headers={"authorization": f"Bearer {key}"}) as r:
+                if r.status_code != 200:
+                    text = (await r.aread())[:300].decode("utf-8", "replace")
+                    raise APIError(502, f"the KV source answered {r.status_code}: {text}",
+                                   code="kv_transfer_source_failed")
+                async for chunk in r.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(502, f"the KV source sent more than this server's whole KV cache "
+                                       f"({limit} bytes)", code="kv_transfer_source_failed")
+                    parts.append(chunk)
+    except httpx.HTTPError as e:
+        raise APIError(502, f"the KV source could not be read: {type(e).__name__}: {e}",
+                       code="kv_transfer_source_failed") from None
+    return b"".join(parts)
 
 
 async def _read(request: Request, limit: int) -> bytes:
