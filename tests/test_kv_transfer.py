@@ -217,11 +217,37 @@ def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     assert bm.num_free_blocks == 8
     engine.add_request({"prompt_token_ids": list(range(400, 448))},  # 3 blocks, growing to 9
                        SamplingParams(max_tokens=90, ignore_eos=True), request_id="grows")
-    while engine.has_unfinished_requests():
+    for _ in range(120):
+        if not engine.has_unfinished_requests():
+            break
         engine.step()
     # (the older hold b went; a's was not needed)
     assert engine.scheduler.num_preemptions == 0 and list(engine.kv_holds) == ["ha"] and engine.kv_holds_reclaimed == 2
     bm.check_invariants([engine.kv_holds["ha"][0]])
+    # Holds go only when that makes room: a prompt that would not fit even without them keeps them all.
+    _prefill(prefill, second, tid="b")
+    engine.import_kv(_roundtrip(prefill.engine.export_kv("b")), hold=("hb", 30.0))
+    engine.add_request({"prompt_token_ids": list(range(440, 504))}, SamplingParams(max_tokens=100, ignore_eos=True),
+                       request_id="runs")  # 5 blocks in use: 3 free, 8 held
+    engine.step()
+    engine.add_request({"prompt_token_ids": list(range(200, 392))}, SamplingParams(max_tokens=1),
+                       request_id="waits")  # 13 blocks
+    engine.step()
+    assert list(engine.kv_holds) == ["ha", "hb"] and engine.kv_holds_reclaimed == 2
+    engine.abort_request("runs")  # now it fits with one of them gone
+    engine.step()
+    assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 3
+    while engine.has_unfinished_requests():
+        engine.step()
+    # A prefill's own hold is spared for a moment: the router is about to take it.
+    _prefill(decode, first, tid="mine")
+    decode.engine.add_request({"prompt_token_ids": list(range(300, 492))}, SamplingParams(max_tokens=1),
+                              request_id="next")
+    decode.engine.step()
+    assert "mine" in engine.kv_holds
+    engine._export_holds["mine"] = 0.0  # (its grace over)
+    decode.engine.step()
+    assert "mine" not in engine.kv_holds
 
 
 def test_the_fingerprint_tells_checkpoints_apart(model_dir, tmp_path):
@@ -519,15 +545,22 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     tid = held()
     for bad, param in (({"source": "ftp://x", "transfer_id": tid}, "source"),
                        ({"source": p + "?a=1", "transfer_id": tid}, "source"),
+                       ({"source": p + "/x?", "transfer_id": tid}, "source"),  # (an empty query, too)
+                       ({"source": p + "#", "transfer_id": tid}, "source"),
+                       ({"source": "http://u:pw@" + p.split("://")[1], "transfer_id": tid}, "source"),
+                       ({"source": "http://[::1", "transfer_id": tid}, "source"),
+                       ({"source": p + "/a\tb", "transfer_id": tid}, "source"),
+                       ({"source": p, "transfer_id": ".."}, "transfer_id"),
                        ({"source": p, "transfer_id": "../models"}, "transfer_id"),
                        ({"source": p, "transfer_id": tid, "skip_blocks": -1}, "skip_blocks"),
                        ({"source": p, "transfer_id": tid, "extra": 1}, "extra")):
         r = httpx.post(d + "/v1/kv_transfer", json=bad, headers=kv)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, bad
-    assert httpx.post(d + "/v1/kv_transfer", content=b"[1", headers={**kv, "content-type": "application/json"}
-                      ).status_code == 400
+    for body in (b"[1", b"[" * 60000):
+        assert httpx.post(d + "/v1/kv_transfer", content=body, headers={**kv, "content-type": "Application/JSON"}
+                          ).status_code == 400
     assert httpx.post(d + "/v1/kv_transfer", json={"source": p, "transfer_id": tid}, headers=auth).status_code == 403
-    for source, transfer in ((p, "nothing-held"), ("http://127.0.0.1:9", tid)):
+    for source, transfer in ((p, "kvx-" + "0" * 32), ("http://127.0.0.1:9", tid)):
         r = httpx.post(d + "/v1/kv_transfer", json={"source": source, "transfer_id": transfer}, headers=kv)
         assert r.status_code == 502 and r.json()["error"]["code"] == "kv_transfer_source_failed", source
     pulled = httpx.post(d + "/v1/kv_transfer", json={"source": p, "transfer_id": tid}, headers=kv)

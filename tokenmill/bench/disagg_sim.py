@@ -182,16 +182,15 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
     done: dict[str, float] = {}
     remote = 0
 
-    def reclaimer(w: _Worker):  # (LLMEngine._reclaim_hold: the worker's oldest hold gives way)
-        def reclaim() -> bool:
-            rid = next((r for r, (hw, _) in holds.items() if hw is w), None)
-            if rid is not None:
-                w.sim.bm.free(holds.pop(rid)[1])
-            return rid is not None
-        return reclaim
+    def reclaimable(w: _Worker):  # (LLMEngine's: the worker's holds may give way, oldest first)
+        return lambda: [(rid, h.block_table) for rid, (hw, h) in holds.items() if hw is w]
+
+    def reclaim(rid: str) -> None:
+        hw, holder = holds.pop(rid)
+        hw.sim.bm.free(holder)
 
     for w in decoders:
-        w.sim.bm.reclaim = reclaimer(w)
+        w.sim.bm.reclaimable, w.sim.bm.reclaim = reclaimable(w), reclaim
 
     def admit(w: _Worker, req: Request, at: float) -> None:
         if not w.busy():

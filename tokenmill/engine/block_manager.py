@@ -83,10 +83,12 @@ class BlockManager:
         # KV events for a fleet router (None: not recorded): ("stored" | "removed", key) and
         # ("cleared", None), in the order they happened; the server drains them after each step.
         self.events: list[tuple[str, bytes | None]] | None = None
-        # Called while an allocation finds too few blocks free: it lets go of one reference kept only
-        # in case (LLMEngine: KV held for a transfer) and says whether it did, so that such holds give
-        # way before a scheduler preempts a running sequence or leaves a prompt waiting for them.
-        self.reclaim: Callable[[], bool] | None = None
+        # References kept only in case (LLMEngine: KV held for a transfer), which give way when an
+        # allocation would fail without them: before a scheduler preempts a running sequence or leaves
+        # a prompt waiting. reclaimable() lists them, oldest first, as (id, block table); reclaim(id)
+        # lets one go.
+        self.reclaimable: Callable[[], list[tuple[str, list[int]]]] | None = None
+        self.reclaim: Callable[[str], None] | None = None
 
     def record_events(self) -> list[bytes]:
         """Starts recording KV events; returns the keys cached now (the snapshot they follow)."""
@@ -120,11 +122,30 @@ class BlockManager:
 
     def ensure_free(self, need: int, reused: list[int] | tuple[int, ...] = ()) -> bool:
         """Whether need blocks are free besides the free ones among reused (blocks an allocation
-        takes back from the prefix cache), reclaiming holds while they are not."""
-        while need > self.num_free_blocks - sum(1 for b in reused if self.ref_counts[b] == 0):
-            if self.reclaim is None or not self.reclaim():
-                return False
-        return True
+        takes back from the prefix cache); when they are not, reclaimable holds give way, the oldest
+        first, but only if that makes enough room (else none does: a hold let go for nothing would
+        leave its blocks to eviction), and only those that free a block besides reused ones."""
+        short = need - (self.num_free_blocks - sum(1 for b in reused if self.ref_counts[b] == 0))
+        if short <= 0:
+            return True
+        if self.reclaimable is None or self.reclaim is None:
+            return False
+        keep = set(reused)
+        dropped: dict[int, int] = {}  # block -> references the chosen holds drop
+        chosen: list[str] = []
+        for hid, table in self.reclaimable():
+            gain = [b for b in set(table) if b not in keep and self.ref_counts[b] - dropped.get(b, 0) == 1]
+            if not gain:
+                continue  # (its blocks stay referenced elsewhere, or are the allocation's own)
+            for b in set(table):
+                dropped[b] = dropped.get(b, 0) + 1
+            chosen.append(hid)
+            short -= len(gain)
+            if short <= 0:
+                for h in chosen:
+                    self.reclaim(h)
+                return True
+        return False
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -222,9 +243,10 @@ class BlockManager:
             del self._evictable[block]  # a cached block becomes used again
         self.ref_counts[block] += 1
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, reclaim: bool = True) -> bool:
         """Grows seq's block table to hold its computed tokens plus num_new_tokens (copying a
-        shared, partly filled last block first). All or nothing."""
+        shared, partly filled last block first). All or nothing; reclaim=False: holds keep their
+        blocks (an allocation that may as well not happen, as a speculative draft's)."""
         pos, table = seq.num_computed_tokens, seq.block_table
         if num_new_tokens == 1 and pos // self.block_size < len(table):
             # A decode whose slot is in a block it holds (the common case): nothing to take, and a
@@ -234,7 +256,7 @@ class BlockManager:
         copy = self._needs_copy(seq)
         need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
         if need > self.num_free_blocks:
-            if not self.ensure_free(need):
+            if not reclaim or not self.ensure_free(need):
                 return False
             copy = self._needs_copy(seq)  # (a reclaimed hold may have shared the last block)
             need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy

@@ -39,6 +39,9 @@ from tokenmill.structured import GrammarCompiler, GrammarError
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A prefill's KV hold is kept from requests that would reclaim its blocks this long (the router takes
+# it within milliseconds of the prefill's answer; later, a hold nobody took gives way like any other).
+EXPORT_GRACE_S = 2.0
 
 
 def load_tokenizer(path: str, chat_template: str | None = None) -> Any | None:
@@ -234,6 +237,8 @@ class LLMEngine:
         # KV held for a decode worker (request id -> (a sequence holding the blocks, monotonic deadline))
         self.kv_holds: dict[str, tuple[Sequence, float]] = {}
         self.kv_holds_reclaimed = 0  # holds let go early for blocks a running or waiting request needed
+        self._export_holds: dict[str, float] = {}  # a prefill's hold -> when it may give way (monotonic)
+        self.block_manager.reclaimable = self._reclaimable_holds
         self.block_manager.reclaim = self._reclaim_hold
         self._kv_fingerprint: str | None = None
         self._seq_by_id: dict[int, Sequence] = {}
@@ -1077,6 +1082,8 @@ class LLMEngine:
         holder = Sequence(seq.request, 0, list(seq.token_ids), seq.num_prompt_tokens)
         bm.fork(seq, holder)
         self._add_hold(tid, holder, secs)
+        if tid in self.kv_holds:
+            self._export_holds[tid] = time.monotonic() + EXPORT_GRACE_S
 
     def _add_hold(self, tid: str, holder: Sequence, secs: float) -> None:
         """Registers a hold; holds beyond half the cache let the oldest others go."""
@@ -1088,16 +1095,22 @@ class LLMEngine:
             held -= len(self.kv_holds[oldest][0].block_table)
             self.release_kv_hold(oldest)
 
-    def _reclaim_hold(self) -> bool:
-        """BlockManager.reclaim: the oldest hold gives way to a request that needs its blocks here
-        (without it, a prompt waiting for blocks would wait for holds to expire, possibly holds of the
-        requests queued behind it, and running sequences would be preempted before a hold let go)."""
-        if not self.kv_holds:
-            return False
-        self.kv_holds_reclaimed += 1
-        return self.release_kv_hold(next(iter(self.kv_holds)))
+    def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
+        """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,
+        oldest first (without it, a prompt would wait for holds to expire, maybe holds of requests
+        queued behind it, and running sequences would be preempted first). A prefill's own hold is
+        spared for EXPORT_GRACE_S: the router takes it within milliseconds of the answer, and letting
+        it go would cost the decode replica the whole prefill."""
+        now = time.monotonic()
+        return [(tid, h.block_table) for tid, (h, _) in self.kv_holds.items()
+                if self._export_holds.get(tid, 0.0) <= now]
+
+    def _reclaim_hold(self, tid: str) -> None:
+        if self.release_kv_hold(tid):
+            self.kv_holds_reclaimed += 1
 
     def release_kv_hold(self, transfer_id: str) -> bool:
+        self._export_holds.pop(transfer_id, None)
         entry = self.kv_holds.pop(transfer_id, None)
         if entry is None:
             return False

@@ -440,19 +440,23 @@ class Scheduler:
         bm = self.block_manager
         seqs = blocks = tokens = 0
         last = None
+        reused: list[int] = []  # their cached prefixes: taken back from the cache, not fresh blocks
         for seq in self.waiting:
             if not self.has_targets(seq) or tokens >= self.max_num_batched_tokens:
                 break
             if last is not None and self._time_left is not None:
                 break  # with a step time cap, only the most urgent prompt is sure to be admitted (_chunk)
-            chunk = min(seq.num_tokens, self.max_num_batched_tokens - tokens)
+            cached = bm.match_prefix(seq)
+            start = len(cached) * bm.block_size
+            chunk = min(seq.num_tokens - start, self.max_num_batched_tokens - tokens)
             tokens += chunk
             seqs += 1
-            blocks += -(-chunk // bm.block_size)
+            blocks += bm.blocks_needed(start + chunk) - len(cached)
+            reused += cached
             last = seq
         if last is None:
             return
-        while len(self.running) + seqs > self.max_num_seqs or not bm.ensure_free(blocks):
+        while len(self.running) + seqs > self.max_num_seqs or not bm.ensure_free(blocks, reused):
             # Only work that sorts after them (a better-priority best-effort sequence would be queued
             # again ahead of them and re-admitted: a preemption every step for nothing).
             victim = next((v for v in reversed(self.running)
@@ -504,7 +508,7 @@ class Scheduler:
                 if at_most <= 0:
                     break
             k = self.propose(seq, at_most)
-            if k and bm.allocate(seq, 1 + k):
+            if k and bm.allocate(seq, 1 + k, reclaim=False):  # (drafts never displace anything, holds neither)
                 s.num_new_tokens += k
                 s.num_spec = k
                 budget -= k

@@ -507,14 +507,18 @@ class Router:
         auth = {"authorization": f"Bearer {key}"}
         if self.config.disagg.transfer == "pull":  # (rep GETs it from the worker itself: one hop, not two)
             stage[0] = "pull"
-            imp = await self.client.post(rep.url + "/v1/kv_transfer", params={"model": model}, headers=auth, json={
-                "source": worker.url, "transfer_id": tid, "skip_blocks": skip, "source_model": model})
-            if imp.status_code != 200:
-                # (the replica took nothing, perhaps before it asked: the worker's hold would stay until it expired)
-                with contextlib.suppress(httpx.HTTPError):
-                    await self.client.delete(f"{worker.url}/v1/kv_transfer/{tid}", params={"model": model},
-                                             headers=auth, timeout=5.0)
-                raise RuntimeError(f"the pull got {imp.status_code}: {imp.text[:200]}")
+            try:
+                imp = await self.client.post(rep.url + "/v1/kv_transfer", params={"model": model}, headers=auth,
+                                             json={"source": worker.url, "transfer_id": tid, "skip_blocks": skip,
+                                                   "source_model": model})
+                if imp.status_code != 200:
+                    raise RuntimeError(f"the pull got {imp.status_code}: {imp.text[:200]}")
+            except BaseException:
+                # (given up on in any way, a timeout or the client leaving too: the replica may not have
+                # asked, and the worker's hold would stay until it expired; in its own task, which a
+                # cancellation here does not stop)
+                self._release_hold(worker, tid, model, auth)
+                raise
             self.metrics.kv_transfer_seconds.observe(time.perf_counter() - t0)
             got = imp.json()
             return got, int(got.get("bytes") or 0)
@@ -530,6 +534,17 @@ class Router:
             raise RuntimeError(f"the import got {imp.status_code}: {imp.text[:200]}")
         self.metrics.kv_transfer_seconds.observe(time.perf_counter() - t0)
         return imp.json(), sent[0]
+
+    def _release_hold(self, worker: Replica, tid: str, model: str | None, auth: dict[str, str]) -> None:
+        async def release() -> None:
+            assert self.client is not None
+            with contextlib.suppress(httpx.HTTPError):
+                await self.client.delete(f"{worker.url}/v1/kv_transfer/{tid}", params={"model": model}, headers=auth,
+                                         timeout=5.0)
+
+        task = asyncio.ensure_future(release())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _retryable(self, resp: httpx.Response) -> bool:
         """A replica's answer that another replica may do better with: a failure, or a 429 other than

@@ -5,7 +5,8 @@
   response's `kv_transfer_params` names them (`transfer_id`).
 - GET /v1/kv_transfer/{transfer_id}?model=M&skip_blocks=K: the held blocks after the first K, as a
   safetensors payload, and the hold released (404 once taken or expired).
-- DELETE /v1/kv_transfer/{transfer_id}?model=M: the hold released unread (a transfer given up on).
+- DELETE /v1/kv_transfer/{transfer_id}?model=M: the hold released unread (a transfer given up on;
+  404 when nothing is held so).
 - POST /v1/kv_transfer?model=M with such a payload: its blocks go into this server's prefix cache
   under their keys; a request for the same prompt then computes only its last block. The chain is
   held (`hold_id`) until a request sent with `x-tokenmill-kv-release: ID` (and the key) ends, or
@@ -25,11 +26,13 @@ a URL's /v1/kv_transfer/ID path for the key's holder: the key is the fleet's alo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
+import ssl
 import uuid
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -41,7 +44,7 @@ from tokenmill.server.gateway import Gateway
 
 MEDIA_TYPE = "application/octet-stream"
 _HEADER_SLACK = 1 << 20  # a payload's safetensors header (its keys as hex) beyond the KV itself
-_TRANSFER_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+_TRANSFER_ID = re.compile(r"kvx-[0-9a-f]{32}")  # (what a prefill answers: Gateway._kv_prefill)
 PULL_TIMEOUT_S = 60.0  # a pull's whole GET at most (the router gives up by --disagg-timeout anyway)
 
 
@@ -79,28 +82,30 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @gw.route
     async def release_kv(request: Request, transfer_id: str) -> JSONResponse:
         check(request)
-        ctx = await gw.acquire(model_name(request), request=request)
-        engine = ctx.llm_engine
-        if not await gw.pool.run_on_device(lambda: engine.release_kv_hold(transfer_id)):
+        ctx = await gw.acquire(model_name(request), need_device=False, request=request)
+        engine = ctx.llm_engine  # (a parked model holds nothing: parking let every hold go)
+        if engine.parked or not await gw.pool.run_on_device(lambda: engine.release_kv_hold(transfer_id)):
             raise APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
                            param="transfer_id", code="kv_transfer_not_found")
         return JSONResponse({"object": "kv_transfer.release", "transfer_id": transfer_id, "released": True})
 
     @app.post("/v1/kv_transfer")
     @gw.route
-    async def import_kv(request: Request) -> JSONResponse:
+    async def import_kv(request: Request) -> Response:
         check(request)
         ctx = await gw.acquire(model_name(request), request=request)
         engine = ctx.llm_engine
         runner = engine.runner
         limit = engine.block_manager.num_blocks * runner.kv_bytes_per_block + _HEADER_SLACK
-        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
             data = await _pull(request, gw.settings.kv_transfer_key or "", ctx.name, limit)
         else:
             data = await _read(request, limit)
         hold = (f"kvi-{uuid.uuid4().hex}", gw.settings.kv_hold_s)  # (until the request it was moved for ends)
         try:
             payload = await asyncio.to_thread(decode, data)
+            if await request.is_disconnected():  # the router gave up: a hold nobody would release
+                return Response(status_code=499)
             got: dict[str, Any] = await gw.pool.run_on_device(lambda: engine.import_kv(payload, hold))
         except KVTransferError as e:
             raise APIError(400, f"KV payload: {e}", code="kv_transfer_mismatch") from None
@@ -109,63 +114,92 @@ def register(app: FastAPI, gw: Gateway) -> None:
                              "hold_id": hold[0] if held else None})
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every pull, from the CA bundle httpx uses (a client would otherwise build
+    its own for each pull: 25 ms on the event loop)."""
+    return httpx.create_ssl_context()
+
+
+def _source(value: Any) -> str:
+    """A prefill worker's base URL as given (http or https, a host, maybe a path), or 400: nothing
+    that would change where the GET goes or what it carries (a query, a fragment, userinfo, control
+    characters or spaces)."""
+    bad = APIError(400, f"source: the prefill worker's base URL (http or https), got {str(value)[:200]!r}",
+                   param="source")
+    if not isinstance(value, str) or len(value) > 2048 or any(c in value for c in "?#@\\") \
+            or any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise bad
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018  (raises ValueError for a bad one)
+    except ValueError:
+        raise bad from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise bad
+    return value.rstrip("/")
+
+
 async def _pull(request: Request, key: str, model: str, limit: int) -> bytes:
     """The payload a pull names, fetched from its source (the body: {"source", "transfer_id",
     "skip_blocks", "source_model"}); 400 for a bad body, 502 when the source does not give it."""
     try:
-        body = json.loads(await _read(request, 1 << 16))
-    except ValueError:
+        body = json.loads(await _read(request, 1 << 16, "a KV pull's body"))
+    except (ValueError, RecursionError):
         raise APIError(400, "a KV pull: the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise APIError(400, "a KV pull: the body must be a JSON object")
     unknown = set(body) - {"source", "transfer_id", "skip_blocks", "source_model"}
     if unknown:
         raise APIError(400, f"a KV pull: unknown field(s) {sorted(unknown)}", param=sorted(unknown)[0])
-    source, tid = body.get("source"), body.get("transfer_id")
+    source, tid = _source(body.get("source")), body.get("transfer_id")
     skip, src_model = body.get("skip_blocks", 0), body.get("source_model", model)
-    url = urlsplit(source) if isinstance(source, str) else None
-    if url is None or url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
-        raise APIError(400, "source: the prefill worker's base URL (http or https), got "
-                       f"{str(source)[:200]!r}", param="source")
     if not isinstance(tid, str) or not _TRANSFER_ID.fullmatch(tid):
         raise APIError(400, "transfer_id: the prefill's kv_transfer_params.transfer_id", param="transfer_id")
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
         raise APIError(400, "skip_blocks: must be an integer >= 0", param="skip_blocks")
     if not isinstance(src_model, str) or not src_model:
         raise APIError(400, "source_model: the model's name on the prefill worker", param="source_model")
-    target = f"{source.rstrip('/')}/v1/kv_transfer/{quote(tid, safe='')}"
-    parts, size = [], 0
-    try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(PULL_TIMEOUT_S, connect=5.0)) as http:
-            async with http.stream("GET", target, params={"model": src_model, "skip_blocks": skip},
-                                   headers={"authorization": f"Bearer {key}"}) as r:
-                if r.status_code != 200:
-                    text = (await r.aread())[:300].decode("utf-8", "replace")
-                    raise APIError(502, f"the KV source answered {r.status_code}: {text}",
-                                   code="kv_transfer_source_failed")
+
+    def failed(why: str) -> APIError:
+        return APIError(502, f"the KV source {source} {why}", type_="api_error", code="kv_transfer_source_failed")
+
+    async def get() -> bytes:
+        parts, size = [], 0
+        # (no proxies from the environment: the request carries the fleet's key)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(PULL_TIMEOUT_S, connect=5.0), verify=_tls(),
+                                     trust_env=False) as http:
+            async with http.stream("GET", f"{source}/v1/kv_transfer/{tid}", headers={"authorization": f"Bearer {key}"},
+                                   params={"model": src_model, "skip_blocks": skip}) as r:
+                if r.status_code != 200:  # (its body is not read: the source may be anything the key holder named)
+                    raise failed(f"answered {r.status_code}")
                 async for chunk in r.aiter_bytes():
                     size += len(chunk)
                     if size > limit:
-                        raise APIError(502, f"the KV source sent more than this server's whole KV cache "
-                                       f"({limit} bytes)", code="kv_transfer_source_failed")
+                        raise failed(f"sent more than this server's whole KV cache ({limit} bytes)")
                     parts.append(chunk)
-    except httpx.HTTPError as e:
-        raise APIError(502, f"the KV source could not be read: {type(e).__name__}: {e}",
-                       code="kv_transfer_source_failed") from None
-    return b"".join(parts)
+        return b"".join(parts)
+
+    try:
+        return await asyncio.wait_for(get(), PULL_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise failed(f"sent nothing whole in {PULL_TIMEOUT_S:g} s") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        raise failed(f"could not be read: {type(e).__name__}: {e}") from None
 
 
-async def _read(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is larger than the whole KV cache."""
+async def _read(request: Request, limit: int, what: str = "a KV payload") -> bytes:
+    """The body, refused (413) as soon as it is larger than limit (a payload's: the whole KV cache)."""
     length = request.headers.get("content-length")
+    too_large = APIError(413, f"{what} larger than {limit} bytes" + (" (this server's whole KV cache)"
+                                                                     if what == "a KV payload" else ""),
+                         code="request_too_large")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"a KV payload larger than this server's whole KV cache ({limit} bytes)",
-                       code="request_too_large")
+        raise too_large
     parts, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"a KV payload larger than this server's whole KV cache ({limit} bytes)",
-                           code="request_too_large")
+            raise too_large
         parts.append(chunk)
     return b"".join(parts)
