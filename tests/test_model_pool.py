@@ -62,7 +62,7 @@ def pool_server(models, tmp_path_factory):
                                                     "rules": [{"model": "beta", "keywords": ["fox"]},
                                                               {"model": "beta", "min_max_tokens": 50}]}}]}
     srv = ServerProcess(None, "--models", write_yaml(d / "models.yaml", doc), "--admin-api-key", "sesame",
-                        log_path=str(d / "server.log"))
+                        "--kv-transfer", "--kv-transfer-key", "kv-key", log_path=str(d / "server.log"))
     yield srv
     srv.stop()
 
@@ -240,10 +240,21 @@ def test_admin_load_unload_pin_behind_the_admin_key(models, pool_server, client)
     assert r.status_code == 200 and r.json()["count"] > 0 and states(pool_server)["alpha"] == "parked"
     r = httpx.post(f"{base}/v1/models/beta/unload", headers=auth, json={"to": "disk"}, timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "on_disk"
+    # A model on disk holds no KV for a transfer: a 404, and no lease taken or given back (a second
+    # unload below would find a count gone wrong as requests in flight).
+    for _ in range(2):
+        r = httpx.delete(f"{base}/v1/kv_transfer/kvx-{'0' * 32}", params={"model": "beta"},
+                         headers={"Authorization": "Bearer kv-key"}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_loaded", r.text
     # A request for a model on disk waits while it loads, then is answered as ever.
     r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert r.choices[0].text == reference(models["beta"], PROMPTS[1:2], 8)[0]
     assert r.swap["from"] == "on_disk" and states(pool_server)["beta"] == "active"  # type: ignore[attr-defined]
+    r = httpx.post(f"{base}/v1/models/alpha/unload", headers=auth, json={"to": "disk"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{base}/v1/models/beta/unload", headers=auth, json={"to": "disk"}, timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "on_disk", r.text
+    r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     # The budget holds one model: pinning one would leave the other no room, so it is refused.
     r = httpx.post(f"{base}/v1/models/beta/pin", headers=auth, timeout=60)
     assert r.status_code == 409 and "no room" in r.json()["error"]["message"]

@@ -247,7 +247,8 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 while sum(len(holds[r][1].block_table) for r in mine) > bm.num_blocks // 2 and len(mine) > 1:
                     bm.free(holds.pop(mine.pop(0))[1])
             rid = req.request_id
-            w.prefilling[rid] = max(0, len(req.prompt_token_ids) - covered)
+            n = len(req.prompt_token_ids)  # (the router's ledger: at least the last token's block is left)
+            w.prefilling[rid] = n - min(covered, (n - 1) // bm.block_size * bm.block_size)
             admit(w, req, start)
         else:
             w = min(busy, key=lambda x: x.next_event())

@@ -125,12 +125,12 @@ class BlockManager:
         takes back from the prefix cache); when they are not, reclaimable holds give way, the oldest
         first, but only if that makes enough room (else none does: a hold let go for nothing would
         leave its blocks to eviction), and only those that free a block besides reused ones."""
-        short = need - (self.num_free_blocks - sum(1 for b in reused if self.ref_counts[b] == 0))
+        keep = set(reused)  # (several prompts may reuse one prefix)
+        short = need - (self.num_free_blocks - sum(1 for b in keep if self.ref_counts[b] == 0))
         if short <= 0:
             return True
         if self.reclaimable is None or self.reclaim is None:
             return False
-        keep = set(reused)
         dropped: dict[int, int] = {}  # block -> references the chosen holds drop
         chosen: list[str] = []
         for hid, table in self.reclaimable():

@@ -472,8 +472,9 @@ class Router:
         self.metrics.remote_prefill.observe(time.perf_counter() - t0)
         self.metrics.kv_transfer_bytes.inc(nbytes)
         self.metrics.kv_transfer_blocks.inc(got.get("imported", 0))
-        if ticket.id in rep.prefilling:  # what is left for rep to compute
-            rep.prefilling[ticket.id] = max(0, prompt - (got.get("reachable_blocks") or 0) * bs)
+        if ticket.id in rep.prefilling:  # what is left for rep to compute (at least its last token's block)
+            reach = min(got.get("reachable_blocks") or 0, (prompt - 1) // bs if bs else 0)
+            rep.prefilling[ticket.id] = max(0, prompt - reach * bs)
         hold = got.get("hold_id")
         return {KV_RELEASE_HEADER: hold, KV_TRANSFER_HEADER: self.config.kv_transfer_key or ""} if hold else {}
 
@@ -538,7 +539,7 @@ class Router:
     def _release_hold(self, worker: Replica, tid: str, model: str | None, auth: dict[str, str]) -> None:
         async def release() -> None:
             assert self.client is not None
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(httpx.HTTPError, RuntimeError):  # (RuntimeError: the client closed)
                 await self.client.delete(f"{worker.url}/v1/kv_transfer/{tid}", params={"model": model}, headers=auth,
                                          timeout=5.0)
 
@@ -669,6 +670,8 @@ class Router:
     async def stop(self) -> None:
         for rep in self.replicas.values():
             await rep.stop()
+        if self._tasks:  # (holds being released, roots being learned: briefly, before the client closes)
+            await asyncio.wait(self._tasks, timeout=5.0)
         if self.client is not None:
             await self.client.aclose()
 

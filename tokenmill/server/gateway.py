@@ -478,6 +478,9 @@ class Gateway:
             ctx, swap = await (self.pool_acquire(name, request) if need_device else self.pool.acquire(name, False))
         except PoolError as e:
             raise pool_api_error(e) from None
+        if ctx is None:  # (need_device=False and the model on disk: the pool kept no lease)
+            raise APIError(404, f"model {name!r} is not loaded (it is on disk)", param="model",
+                           code="model_not_loaded")
         leases = _extras().setdefault("_leases", [])
         leases.append(name)
         if swap is not None:

@@ -82,7 +82,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
     @gw.route
     async def release_kv(request: Request, transfer_id: str) -> JSONResponse:
         check(request)
-        ctx = await gw.acquire(model_name(request), need_device=False, request=request)
+        ctx = await gw.acquire(model_name(request), need_device=False, request=request)  # (404 on disk)
         engine = ctx.llm_engine  # (a parked model holds nothing: parking let every hold go)
         if engine.parked or not await gw.pool.run_on_device(lambda: engine.release_kv_hold(transfer_id)):
             raise APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
@@ -109,6 +109,9 @@ def register(app: FastAPI, gw: Gateway) -> None:
             got: dict[str, Any] = await gw.pool.run_on_device(lambda: engine.import_kv(payload, hold))
         except KVTransferError as e:
             raise APIError(400, f"KV payload: {e}", code="kv_transfer_mismatch") from None
+        if await request.is_disconnected():  # (left while it imported: nobody would release the hold)
+            await gw.pool.run_on_device(lambda: engine.release_kv_hold(hold[0]))
+            return Response(status_code=499)
         held = hold[0] in engine.kv_holds  # (read on the loop: a dict lookup)
         return JSONResponse({"object": "kv_transfer.import", "model": ctx.name, **got, "bytes": len(data),
                              "hold_id": hold[0] if held else None})
