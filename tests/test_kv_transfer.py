@@ -30,6 +30,7 @@ from tests.test_fleet import router_metrics, wait_fleet
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import ModelConfig
 from tokenmill.engine import kv_transfer
+from tokenmill.router.cli import check_replica_url
 from tokenmill.router.disagg import DisaggConfig, decide, prefill_body
 from tokenmill.router.policy import Candidate
 
@@ -341,6 +342,10 @@ def test_decide_and_prefill_body():
                         ("responses", {"input": "x"}), ("chat", {"messages": [], "prompt_logprobs": 1})):
         assert prefill_body(endpoint, b) is None, b
     assert prefill_body("completions", {"prompt": [1, 2, 3]})["max_tokens"] == 1
+    check_replica_url("http://[::1]:8001/", "--prefill")
+    for url in ("http://h:1/x?", "http://h:1#", "http://u:p@h:1", "h:1"):  # (what a replica would refuse to pull)
+        with pytest.raises(ValueError, match="--prefill"):
+            check_replica_url(url, "--prefill")
 
 
 # -- servers and the router ------------------------------------------------------------------

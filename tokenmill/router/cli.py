@@ -221,8 +221,10 @@ def check_replica_url(url: str, flag: str = "--replica") -> None:
         u.port  # noqa: B018 (raises on a port that is not a number or out of range)
     except ValueError:
         raise ValueError(f"{flag}: {url!r} has a port that is not a number in [0, 65535]") from None
-    if u.query or u.fragment:
-        raise ValueError(f"{flag}: {url!r}: a base URL has no query or fragment")
+    if u.query or u.fragment or any(c in url for c in "?#@"):
+        # (userinfo too: httpx would send it as Basic auth in place of the keys' Bearer, and a decode
+        # replica refuses to pull from such a URL)
+        raise ValueError(f"{flag}: {url!r}: a base URL has no query, fragment or user info")
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:
