@@ -456,15 +456,21 @@ def test_auto_prefills_locally_when_idle_and_remotely_when_decoding(fleet):
                 pass
 
 
-def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
-    router, plain = fleet["fallback"], fleet["plain"]
+def _same_as_cold(router: ServerProcess, replica: ServerProcess, seed: int, words: int):
+    """A greedy completion through router, checked against replica computing the prompt cold."""
     client = _client(router.base_url)
     model = client.models.list().data[0].id
-    prompt = _text(random.Random(4), 70)
+    prompt = _text(random.Random(seed), words)
     got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
-    want = _client(plain.base_url).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
-                                                      extra_body={"cache_salt": "cold"})
+    want = _client(replica.base_url).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                        extra_body={"cache_salt": "cold"})
     assert got.choices[0].text == want.choices[0].text
+    return got
+
+
+def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
+    router = fleet["fallback"]
+    _same_as_cold(router, fleet["plain"], 4, 70)
     m = router_metrics(router.base_url)
     assert m['tokenmill_router:kv_transfer_failures_total{stage="pull"}'] >= 1
     # The replica refused before it asked for the KV: the router released the worker's hold itself.
@@ -472,14 +478,8 @@ def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
 
 
 def test_relay_mode_moves_the_kv_through_the_router(fleet):
-    router, decode = fleet["relay"], fleet["decode"]
-    client = _client(router.base_url)
-    model = client.models.list().data[0].id
-    prompt = _text(random.Random(5), 75)
-    got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
-    want = _client(decode.base_url).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
-                                                       extra_body={"cache_salt": "cold"})
-    assert got.choices[0].text == want.choices[0].text
+    router = fleet["relay"]
+    got = _same_as_cold(router, fleet["decode"], 5, 75)
     n = got.usage.prompt_tokens
     assert got.usage.prompt_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK
     m = router_metrics(router.base_url)

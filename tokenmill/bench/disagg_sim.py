@@ -30,7 +30,7 @@ from tokenmill.bench.slo_sim import Sim, make_request
 from tokenmill.engine.block_manager import block_hashes
 from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.engine.slo import SLOTarget
-from tokenmill.router.disagg import DisaggConfig, decide
+from tokenmill.router.disagg import DisaggConfig, decide, left_to_compute
 from tokenmill.router.policy import Candidate, KVAwareWeights, kv_aware_cost
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.stats import percentile_summary
@@ -215,9 +215,9 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 i, _why = decide(cfg, p, cands[d], pc)
                 if i is not None:
                     remote += 1
-                    bs = decoders[d].sim.bm.block_size  # (on the router's ledger: the decode worker's part is
-                    # the last block)
-                    decoders[d].prefilling[rid] = min(decoders[d].prefilling[rid], p - (p - 1) // bs * bs)
+                    # (on the router's ledger: the decode worker's part is the last block)
+                    decoders[d].prefilling[rid] = min(decoders[d].prefilling[rid],
+                                                      left_to_compute(p, decoders[d].sim.bm.block_size))
                     prefillers[i].prefilling[rid] = max(0, p - pc[i].cached_tokens)
                     admit(prefillers[i], Request(rid, None, list(ids), SamplingParams(max_tokens=1), at), at)
                     continue
@@ -237,7 +237,6 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 w.blocked_until = max(w.blocked_until, ready)
             holder = Sequence(req, 0, [], 0)  # (held until the request ends, as LLMEngine.import_kv holds)
             holder.block_table = bm.cached_prefix(keys)
-            covered = len(holder.block_table) * bm.block_size
             if len(holder.block_table) <= bm.num_blocks // 2:
                 for block in holder.block_table:
                     bm._ref(block)
@@ -247,8 +246,7 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 while sum(len(holds[r][1].block_table) for r in mine) > bm.num_blocks // 2 and len(mine) > 1:
                     bm.free(holds.pop(mine.pop(0))[1])
             rid = req.request_id
-            n = len(req.prompt_token_ids)  # (the router's ledger: at least the last token's block is left)
-            w.prefilling[rid] = n - min(covered, (n - 1) // bm.block_size * bm.block_size)
+            w.prefilling[rid] = left_to_compute(len(req.prompt_token_ids), bm.block_size, len(holder.block_table))
             admit(w, req, start)
         else:
             w = min(busy, key=lambda x: x.next_event())

@@ -134,10 +134,11 @@ class BlockManager:
         dropped: dict[int, int] = {}  # block -> references the chosen holds drop
         chosen: list[str] = []
         for hid, table in self.reclaimable():
-            gain = [b for b in set(table) if b not in keep and self.ref_counts[b] - dropped.get(b, 0) == 1]
+            blocks = set(table)
+            gain = [b for b in blocks if b not in keep and self.ref_counts[b] - dropped.get(b, 0) == 1]
             if not gain:
                 continue  # (its blocks stay referenced elsewhere, or are the allocation's own)
-            for b in set(table):
+            for b in blocks:
                 dropped[b] = dropped.get(b, 0) + 1
             chosen.append(hid)
             short -= len(gain)

@@ -93,6 +93,15 @@ def decide(cfg: DisaggConfig, prompt_tokens: int, decode: Candidate,
     return best, "remote"
 
 
+def left_to_compute(prompt_tokens: int, block_size: int, cached_blocks: int | None = None) -> int:
+    """The prompt tokens a replica computes with cached_blocks of the prompt in its cache (None: all it
+    could use): at least the last token's block, which BlockManager.match_prefix always leaves out."""
+    usable = (prompt_tokens - 1) // block_size
+    if cached_blocks is not None:
+        usable = min(usable, cached_blocks)
+    return max(0, prompt_tokens - usable * block_size)
+
+
 def prefill_body(endpoint: str, body: dict[str, Any]) -> dict[str, Any] | None:
     """The prefill request sent to a prefill worker for body; None for a request that cannot be
     prefilled remotely (several prompts, a resumed stream, prompt logprobs: those compute every

@@ -64,7 +64,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import get_route_path
 
 from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_salt
-from tokenmill.router.disagg import DisaggConfig, decide, prefill_body
+from tokenmill.router.disagg import DisaggConfig, decide, left_to_compute, prefill_body
 from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
@@ -453,7 +453,7 @@ class Router:
         bs = rep.index.block_size(plan.model or "") or 0
         local = rep.prefilling.get(ticket.id)
         if local is not None and bs:
-            rep.prefilling[ticket.id] = min(local, prompt - (prompt - 1) // bs * bs)
+            rep.prefilling[ticket.id] = min(local, left_to_compute(prompt, bs))
         t0 = time.perf_counter()
         stage = ["prefill"]
         try:
@@ -473,8 +473,7 @@ class Router:
         self.metrics.kv_transfer_bytes.inc(nbytes)
         self.metrics.kv_transfer_blocks.inc(got.get("imported", 0))
         if ticket.id in rep.prefilling:  # what is left for rep to compute (at least its last token's block)
-            reach = min(got.get("reachable_blocks") or 0, (prompt - 1) // bs if bs else 0)
-            rep.prefilling[ticket.id] = max(0, prompt - reach * bs)
+            rep.prefilling[ticket.id] = left_to_compute(prompt, bs, got.get("reachable_blocks") or 0) if bs else prompt
         hold = got.get("hold_id")
         return {KV_RELEASE_HEADER: hold, KV_TRANSFER_HEADER: self.config.kv_transfer_key or ""} if hold else {}
 
