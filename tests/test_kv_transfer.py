@@ -240,6 +240,23 @@ def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 3
     while engine.has_unfinished_requests():
         engine.step()
+    # One prompt imported twice: neither hold alone frees a block, both together free five.
+    engine.release_kv_hold("hb")
+    for tid in ("a", "a2"):
+        _prefill(prefill, first, tid=tid)
+        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+    _prefill(prefill, second, tid="b")
+    engine.import_kv(_roundtrip(prefill.engine.export_kv("b")), hold=("hb", 30.0))  # (the newest)
+    assert list(engine.kv_holds) == ["ha", "ha2", "hb"] and bm.num_free_blocks == 8
+    engine.add_request({"prompt_token_ids": list(range(20, 196))}, SamplingParams(max_tokens=1),
+                       request_id="twice")  # 11 full blocks and one for its token: 12 > 8 free
+    for _ in range(6):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests(), "the prompt waited for the holds"
+    assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 5  # (hb was not needed)
+    bm.check_invariants([engine.kv_holds["hb"][0]])
     # A prefill's own hold is spared for a moment: the router is about to take it.
     _prefill(decode, first, tid="mine")
     decode.engine.add_request({"prompt_token_ids": list(range(300, 492))}, SamplingParams(max_tokens=1),
@@ -361,8 +378,11 @@ def fleet(model_dir, tmp_path_factory):
     env = {"OMP_NUM_THREADS": "1"}
     procs: dict[str, ServerProcess] = {}
     try:
-        for name in ("prefill", "decode"):
-            procs[name] = ServerProcess(model_dir, *SERVE, *KV, log_path=str(d / f"{name}.log"), env=env)
+        procs["prefill"] = ServerProcess(model_dir, *SERVE, *KV, log_path=str(d / "prefill.log"), env=env)
+        # (pulls from the prefill worker, named otherwise, and from an address where nothing listens only)
+        sources = f"{procs['prefill'].base_url.upper()}/,http://127.0.0.1:9"
+        procs["decode"] = ServerProcess(model_dir, *SERVE, *KV, "--kv-transfer-sources", sources,
+                                        log_path=str(d / "decode.log"), env=env)
         procs["plain"] = ServerProcess(model_dir, *SERVE, log_path=str(d / "plain.log"), env=env)
         for name, decoder, policy, mode in (("always", "decode", "always", "pull"), ("auto", "decode", "auto", "pull"),
                                             ("fallback", "plain", "always", "pull"),
@@ -568,7 +588,12 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     for source, transfer in ((p, "kvx-" + "0" * 32), ("http://127.0.0.1:9", tid)):
         r = httpx.post(d + "/v1/kv_transfer", json={"source": source, "transfer_id": transfer}, headers=kv)
         assert r.status_code == 502 and r.json()["error"]["code"] == "kv_transfer_source_failed", source
-    pulled = httpx.post(d + "/v1/kv_transfer", json={"source": p, "transfer_id": tid}, headers=kv)
+    # Only its --kv-transfer-sources: another port, host or path is refused before anything is sent.
+    port = int(p.rsplit(":", 1)[1])
+    for source in (f"http://127.0.0.1:{port + 1}", f"http://localhost:{port}", p + "/v2", "https" + p[4:]):
+        r = httpx.post(d + "/v1/kv_transfer", json={"source": source, "transfer_id": tid}, headers=kv)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "kv_transfer_source_not_allowed", source
+    pulled = httpx.post(d + "/v1/kv_transfer", json={"source": p + "/", "transfer_id": tid}, headers=kv)
     assert pulled.status_code == 200 and pulled.json()["bytes"] > 0 and pulled.json()["blocks"] > 0
     assert httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=kv).status_code == 404  # (taken)
     # A hold given up on is released unread.
@@ -580,6 +605,36 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
 
 
+def test_a_router_starts_prefill_workers_and_replicas_that_pull_from_them_only(model_dir, model_name, tmp_path):
+    """`tokenmill router --replicas 1 --prefill-replicas 1`: the replica it starts gets the prefill
+    worker's URL as its --kv-transfer-sources, and a long prompt is prefilled there and pulled."""
+    logs = tmp_path / "logs"
+    router = ServerProcess(model_dir, "--replicas", "1", "--prefill-replicas", "1", "--replica-threads", "1",
+                           "--replica-log-dir", str(logs), "--disagg-policy", "always", "--disagg-min-tokens", "32",
+                           "--kv-transfer-key", KV_KEY, "--health-interval", "0.2", "--kv-cache-memory", "0.02",
+                           log_path=str(tmp_path / "router.log"), command="router")
+    try:
+        started = [line for line in open(tmp_path / "router.log") if "starting replica" in line]
+        (decode_cmd,) = [line.split() for line in started if "--kv-transfer-sources" in line]
+        (worker,) = [line.split() for line in started if "--kv-transfer-sources" not in line]
+        source = decode_cmd[decode_cmd.index("--kv-transfer-sources") + 1]
+        assert source == f"http://127.0.0.1:{worker[worker.index('--port') + 1]}"
+        replica = f"http://127.0.0.1:{decode_cmd[decode_cmd.index('--port') + 1]}"
+        wait_fleet(router, [replica, source])
+        kv = {"authorization": f"Bearer {KV_KEY}"}
+        r = httpx.post(replica + "/v1/kv_transfer", json={"source": "http://127.0.0.1:9", "transfer_id":
+                                                          "kvx-" + "0" * 32}, headers=kv)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "kv_transfer_source_not_allowed", r.text
+        c = openai.OpenAI(base_url=router.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.completions.create(model=model_name, prompt="a long prompt " * 30, max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4
+        assert _remote(router) == 1
+        assert not any(k.startswith("tokenmill_router:kv_transfer_failures_total") for k in router_metrics(
+            router.base_url))
+    finally:
+        assert router.stop() == 0
+
+
 def test_kv_transfer_needs_its_key(model_dir):
     proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, "--kv-transfer"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
@@ -589,3 +644,7 @@ def test_kv_transfer_needs_its_key(model_dir):
                            "--prefill", "http://127.0.0.1:10"], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TOKENMILL_KV_TRANSFER_KEY"})
     assert proc.returncode != 0 and "--kv-transfer-key" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, "--kv-transfer",
+                           "--kv-transfer-key", KV_KEY, "--kv-transfer-sources", "http://a:1,http://u@b:2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--kv-transfer-sources" in proc.stderr and "'http://u@b:2'" in proc.stderr

@@ -238,6 +238,12 @@ def test_admin_load_unload_pin_behind_the_admin_key(models, pool_server, client)
     # Tokenizing needs no device: the parked model's tokenizer answers and nothing moves.
     r = httpx.post(f"{base}/tokenize", json={"model": "alpha", "prompt": "Hello"}, timeout=30)
     assert r.status_code == 200 and r.json()["count"] > 0 and states(pool_server)["alpha"] == "parked"
+    # Parking let every KV hold go: a transfer's GET or DELETE says so without bringing the model back.
+    for method in ("GET", "DELETE"):
+        r = httpx.request(method, f"{base}/v1/kv_transfer/kvx-{'0' * 32}", params={"model": "alpha"},
+                          headers={"Authorization": "Bearer kv-key"}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "kv_transfer_not_found", r.text
+    assert states(pool_server)["alpha"] == "parked"
     r = httpx.post(f"{base}/v1/models/beta/unload", headers=auth, json={"to": "disk"}, timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "on_disk"
     # A model on disk holds no KV for a transfer: a 404, and no lease taken or given back (a second

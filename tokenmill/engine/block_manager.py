@@ -131,19 +131,26 @@ class BlockManager:
             return True
         if self.reclaimable is None or self.reclaim is None:
             return False
-        dropped: dict[int, int] = {}  # block -> references the chosen holds drop
-        chosen: list[str] = []
+        # Holds are taken oldest first until the blocks whose every reference they hold make up the
+        # shortfall (counted across holds: one prompt imported twice frees its blocks only with both
+        # holds gone); then those not needed for it are kept again, the newest first (a hold let go
+        # un-frees exactly its own blocks among the freed ones).
+        dropped: dict[int, int] = {}  # block -> references the holds taken drop
+        freed: set[int] = set()
+        taken: list[tuple[str, list[int]]] = []
         for hid, table in self.reclaimable():
-            blocks = set(table)
-            gain = [b for b in blocks if b not in keep and self.ref_counts[b] - dropped.get(b, 0) == 1]
-            if not gain:
-                continue  # (its blocks stay referenced elsewhere, or are the allocation's own)
-            for b in blocks:
+            taken.append((hid, table))
+            for b in table:
                 dropped[b] = dropped.get(b, 0) + 1
-            chosen.append(hid)
-            short -= len(gain)
-            if short <= 0:
-                for h in chosen:
+                if dropped[b] == self.ref_counts[b] and b not in keep:
+                    freed.add(b)
+            if len(freed) >= short:
+                for i in range(len(taken) - 1, -1, -1):
+                    own = freed.intersection(taken[i][1])
+                    if len(freed) - len(own) >= short:
+                        freed -= own
+                        del taken[i]
+                for h, _ in taken:
                     self.reclaim(h)
                 return True
         return False
@@ -254,13 +261,14 @@ class BlockManager:
             # copy only when that block is partly filled and shared (as _needs_copy says).
             if pos % self.block_size == 0 or self.ref_counts[table[pos // self.block_size]] <= 1:
                 return True
+        grow = max(0, self.blocks_needed(pos + num_new_tokens) - len(table))
         copy = self._needs_copy(seq)
-        need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
+        need = grow + copy
         if need > self.num_free_blocks:
             if not reclaim or not self.ensure_free(need):
                 return False
             copy = self._needs_copy(seq)  # (a reclaimed hold may have shared the last block)
-            need = max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)) + copy
+            need = grow + copy
         if copy:
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]

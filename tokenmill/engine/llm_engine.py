@@ -1089,11 +1089,12 @@ class LLMEngine:
         """Registers a hold; holds beyond half the cache let the oldest others go."""
         bm = self.block_manager
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
-        held = sum(len(h.block_table) for h, _ in self.kv_holds.values())
-        while held > bm.num_blocks // 2 and len(self.kv_holds) > 1:
-            oldest = next(iter(self.kv_holds))
-            held -= len(self.kv_holds[oldest][0].block_table)
-            self.release_kv_hold(oldest)
+
+        def held() -> int:  # (blocks, not tables: one prompt held twice pins its blocks once)
+            return len(set().union(*(h.block_table for h, _ in self.kv_holds.values())))
+
+        while len(self.kv_holds) > 1 and held() > bm.num_blocks // 2:
+            self.release_kv_hold(next(iter(self.kv_holds)))
 
     def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
         """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a prefill worker's base URL (repeatable): a `tokenmill serve --kv-transfer`, as the replicas "
                    "must be; prefills go there when --disagg-policy says, and their KV to the decoding replica")
     p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
-                   help="start N local prefill workers (with --replicas N: every local server gets --kv-transfer)")
+                   help="start N local prefill workers (with --replicas N: every local server gets --kv-transfer, "
+                   "and the local replicas --kv-transfer-sources naming the prefill workers)")
     p.add_argument("--disagg-policy", choices=DISAGG_POLICIES, default=DisaggConfig.policy,
                    help="with prefill workers: auto sends a prefill there when its replica is decoding, the prompt "
                    "is long and the prefill workers keep up; always: every prompt of --disagg-min-tokens; never")
@@ -168,10 +169,16 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         if n_local:
             threads = args.replica_threads or max(1, (os.cpu_count() or 1) // n_local)
             log_dir = args.replica_log_dir or tempfile.mkdtemp(prefix="tokenmill-replicas-")
-            for n, name in ((args.replicas, "replica"), (args.prefill_replicas, "prefill")):
-                if n:
-                    locals_.append(LocalReplicas(n, serve_args, threads=threads, log_dir=log_dir, name=name))
-                    locals_[-1].start()
+            for n, name in ((args.prefill_replicas, "prefill"), (args.replicas, "replica")):
+                if not n:
+                    continue
+                own = serve_args
+                sources = [*prefill, *(u for lr in locals_ for u in lr.urls)]  # (the prefill workers)
+                if name == "replica" and sources and not any(a.startswith("--kv-transfer-sources")
+                                                             for a in serve_args):
+                    own = [*serve_args, "--kv-transfer-sources", ",".join(sources)]  # (pulls from these only)
+                locals_.append(LocalReplicas(n, own, threads=threads, log_dir=log_dir, name=name))
+                locals_[-1].start()
             logger.info("starting %d local replicas and %d prefill workers (logs in %s)", args.replicas,
                         args.prefill_replicas, log_dir)
             for local in locals_:

@@ -50,7 +50,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -305,9 +305,13 @@ class Router:
 
     def _replica_changed(self, rep: Replica) -> None:
         if rep.up and self.client is not None:  # (re)joined: learn where its models' folders are
-            task = asyncio.ensure_future(self._learn_roots(rep))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._learn_roots(rep))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Runs coro in the background; stop() waits a moment for what is left."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _learn_roots(self, rep: Replica) -> None:
         """The model folders a replica reports (/v1/models `root`): on this machine, their
@@ -542,9 +546,7 @@ class Router:
                 await self.client.delete(f"{worker.url}/v1/kv_transfer/{tid}", params={"model": model}, headers=auth,
                                          timeout=5.0)
 
-        task = asyncio.ensure_future(release())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(release())
 
     def _retryable(self, resp: httpx.Response) -> bool:
         """A replica's answer that another replica may do better with: a failure, or a 429 other than

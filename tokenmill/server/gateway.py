@@ -91,6 +91,8 @@ class GatewaySettings:
     kv_transfer: bool = False
     kv_transfer_key: str | None = None  # required of every KV transfer (KV_TRANSFER_HEADER or the routes' bearer)
     kv_hold_s: float = 30.0
+    # base URLs a pull may name as its source (--kv-transfer-sources; None: any the key holder names)
+    kv_transfer_sources: tuple[str, ...] | None = None
 
 
 @dataclass

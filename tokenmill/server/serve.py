@@ -154,6 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TOKENMILL_KV_TRANSFER_KEY)")
     p.add_argument("--kv-hold-timeout", type=float, default=30.0, metavar="S",
                    help="how long a prefill's KV is held for its decode worker (default 30)")
+    p.add_argument("--kv-transfer-sources", action="append", default=None, metavar="URL[,URL...]",
+                   help="the prefill workers' base URLs this server may pull KV from (repeatable; a router "
+                        "passes its own to the replicas it starts); default: any URL the key's holder names")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set TOKENMILL_API_KEY); with "
                         "--tenants it opens /v1/models and /v1/kv_events only (the operator's, a fleet router's)")
@@ -183,6 +186,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run --replicas replicas on a Ray cluster behind the fleet router (tokenmill/ray.py; "
                    "needs the `ray` extra); --host/--port are then Ray Serve's proxy")
     add_ray_arguments(p)
+
+
+def kv_transfer_sources(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--kv-transfer-sources as one list (each use may hold several, comma-separated); None if not given."""
+    given = getattr(args, "kv_transfer_sources", None)
+    if given is None:
+        return None
+    return tuple(u.strip() for v in given for u in v.split(",") if u.strip())
 
 
 def pool_from_args(args: argparse.Namespace, probe_device: bool = True) -> tuple[list, list, PoolConfig]:
@@ -269,6 +280,16 @@ def check_args(args: argparse.Namespace, models: bool = True,
     hold = getattr(args, "kv_hold_timeout", 30.0)
     if not (math.isfinite(hold) and 0 < hold <= 3600):
         raise ValueError(f"--kv-hold-timeout: seconds in (0, 3600], got {hold!r}")
+    sources = kv_transfer_sources(args)
+    if sources is not None:
+        if not sources:
+            raise ValueError("--kv-transfer-sources: give at least one prefill worker's base URL")
+        from tokenmill.server.routes.kv_transfer import source_url
+
+        for url in sources:
+            if source_url(url) is None:
+                raise ValueError(f"--kv-transfer-sources: a prefill worker's base URL (http or https, no query, "
+                                 f"fragment or user info), got {url!r}")
     if args.max_body_size < 1:
         raise ValueError(f"--max-body-size: must be a positive number of bytes, got {args.max_body_size}")
     if not args.responses_store_mb >= 0 or args.responses_store_mb == float("inf"):  # (NaN too)
@@ -315,7 +336,8 @@ def build_server_app(args: argparse.Namespace, specs: list, tiers: list, pool_co
                                rag_excerpt_order=getattr(args, "rag_excerpt_order", "score"),
                                kv_transfer=getattr(args, "kv_transfer", False),
                                kv_transfer_key=getattr(args, "kv_transfer_key", None),
-                               kv_hold_s=getattr(args, "kv_hold_timeout", 30.0))
+                               kv_hold_s=getattr(args, "kv_hold_timeout", 30.0),
+                               kv_transfer_sources=kv_transfer_sources(args))
     app = build_app(pool, tiers, settings)
     for spec in specs:
         logger.info("loading %s from %s", spec.name, spec.config.model)

@@ -20,7 +20,8 @@ Off unless the server runs with --kv-transfer, and only for the holder of --kv-t
 routes take it as `Authorization: Bearer KEY`, a prefill request in the x-tokenmill-kv-transfer-key
 header): a payload written into the prefix cache is served to every request whose prompt has those
 keys, and a hold pins cache blocks, so neither is a client's to make. (A pull makes this server GET
-a URL's /v1/kv_transfer/ID path for the key's holder: the key is the fleet's alone.)
+a URL's /v1/kv_transfer/ID path for the key's holder: the key is the fleet's alone; with
+--kv-transfer-sources, only the prefill workers' URLs named there.)
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ PULL_TIMEOUT_S = 60.0  # a pull's whole GET at most (the router gives up by --di
 
 
 def register(app: FastAPI, gw: Gateway) -> None:
+    sources = gw.settings.kv_transfer_sources
+    allowed = None if sources is None else frozenset(source_key(u) for u in sources)
+
     def check(request: Request) -> None:
         gw.check_kv_transfer(request, "authorization")
         gw.check_admitting()
@@ -69,12 +73,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
             raise APIError(400, "skip_blocks: must be an integer", param="skip_blocks") from None
         if skip < 0:
             raise APIError(400, "skip_blocks: must be >= 0", param="skip_blocks")
-        ctx = await gw.acquire(model_name(request), request=request)
-        engine = ctx.llm_engine
-        payload = await gw.pool.run_on_device(lambda: engine.export_kv(transfer_id, skip))
+        ctx = await gw.acquire(model_name(request), need_device=False, request=request)  # (404 on disk)
+        engine = ctx.llm_engine  # (a parked model holds nothing: not brought back only to say so)
+        payload = None if engine.parked else await gw.pool.run_on_device(lambda: engine.export_kv(transfer_id, skip))
         if payload is None:
-            raise APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
-                           param="transfer_id", code="kv_transfer_not_found")
+            raise _not_held(transfer_id)
         data = await asyncio.to_thread(encode, payload)
         return Response(data, media_type=MEDIA_TYPE, headers={"x-kv-blocks": str(payload.num_blocks)})
 
@@ -85,8 +88,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         ctx = await gw.acquire(model_name(request), need_device=False, request=request)  # (404 on disk)
         engine = ctx.llm_engine  # (a parked model holds nothing: parking let every hold go)
         if engine.parked or not await gw.pool.run_on_device(lambda: engine.release_kv_hold(transfer_id)):
-            raise APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
-                           param="transfer_id", code="kv_transfer_not_found")
+            raise _not_held(transfer_id)
         return JSONResponse({"object": "kv_transfer.release", "transfer_id": transfer_id, "released": True})
 
     @app.post("/v1/kv_transfer")
@@ -98,7 +100,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         runner = engine.runner
         limit = engine.block_manager.num_blocks * runner.kv_bytes_per_block + _HEADER_SLACK
         if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-            data = await _pull(request, gw.settings.kv_transfer_key or "", ctx.name, limit)
+            data = await _pull(request, gw.settings.kv_transfer_key or "", ctx.name, limit, allowed)
         else:
             data = await _read(request, limit)
         hold = (f"kvi-{uuid.uuid4().hex}", gw.settings.kv_hold_s)  # (until the request it was moved for ends)
@@ -117,6 +119,11 @@ def register(app: FastAPI, gw: Gateway) -> None:
                              "hold_id": hold[0] if held else None})
 
 
+def _not_held(transfer_id: str) -> APIError:
+    return APIError(404, f"no KV is held as {transfer_id!r} (taken already, or its hold expired)",
+                    param="transfer_id", code="kv_transfer_not_found")
+
+
 @functools.cache
 def _tls() -> ssl.SSLContext:
     """One TLS context for every pull, from the CA bundle httpx uses (a client would otherwise build
@@ -124,30 +131,50 @@ def _tls() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def _source(value: Any) -> str:
-    """A prefill worker's base URL as given (http or https, a host, maybe a path), or 400: nothing
-    that would change where the GET goes or what it carries (a query, a fragment, userinfo, control
-    characters or spaces)."""
-    bad = APIError(400, f"source: the prefill worker's base URL (http or https), got {str(value)[:200]!r}",
-                   param="source")
+def source_url(value: Any) -> str | None:
+    """A prefill worker's base URL as given (http or https, a host, maybe a path), without a trailing
+    slash; None for anything that would change where a GET goes or what it carries (a query, a
+    fragment, userinfo, control characters or spaces)."""
     if not isinstance(value, str) or len(value) > 2048 or any(c in value for c in "?#@\\") \
             or any(ord(c) <= 32 or ord(c) == 127 for c in value):
-        raise bad
+        return None
     try:
         url = urlsplit(value)
         url.port  # noqa: B018  (raises ValueError for a bad one)
     except ValueError:
-        raise bad from None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise bad
+        return None
+    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+        return None
     return value.rstrip("/")
 
 
-async def _pull(request: Request, key: str, model: str, limit: int) -> bytes:
+def source_key(url: str) -> tuple[str, str, int, str]:
+    """What two spellings of one source URL share (scheme and host in any case, the default port
+    written or not, a trailing slash): an allow-list entry matches a pull's source by it. Names are
+    compared, not addresses (localhost is not 127.0.0.1)."""
+    u = urlsplit(url)
+    scheme = u.scheme.lower()
+    return scheme, (u.hostname or "").lower(), u.port or (443 if scheme == "https" else 80), u.path.rstrip("/")
+
+
+def _source(value: Any, allowed: frozenset[tuple[str, str, int, str]] | None) -> str:
+    """The pull's source URL, or 400 (not a base URL) or 403 (not among --kv-transfer-sources)."""
+    url = source_url(value)
+    if url is None:
+        raise APIError(400, f"source: the prefill worker's base URL (http or https), got {str(value)[:200]!r}",
+                       param="source")
+    if allowed is not None and source_key(url) not in allowed:
+        raise APIError(403, f"source: {url} is not among this server's --kv-transfer-sources", param="source",
+                       code="kv_transfer_source_not_allowed")
+    return url
+
+
+async def _pull(request: Request, key: str, model: str, limit: int,
+                allowed: frozenset[tuple[str, str, int, str]] | None) -> bytes:
     """The payload a pull names, fetched from its source (the body: {"source", "transfer_id",
     "skip_blocks", "source_model"}); 400 for a bad body, 502 when the source does not give it."""
     try:
-        body = json.loads(await _read(request, 1 << 16, "a KV pull's body"))
+        body = json.loads(await _read(request, 1 << 16, "a KV pull's body larger than {limit} bytes"))
     except (ValueError, RecursionError):
         raise APIError(400, "a KV pull: the body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -155,7 +182,7 @@ async def _pull(request: Request, key: str, model: str, limit: int) -> bytes:
     unknown = set(body) - {"source", "transfer_id", "skip_blocks", "source_model"}
     if unknown:
         raise APIError(400, f"a KV pull: unknown field(s) {sorted(unknown)}", param=sorted(unknown)[0])
-    source, tid = _source(body.get("source")), body.get("transfer_id")
+    source, tid = _source(body.get("source"), allowed), body.get("transfer_id")
     skip, src_model = body.get("skip_blocks", 0), body.get("source_model", model)
     if not isinstance(tid, str) or not _TRANSFER_ID.fullmatch(tid):
         raise APIError(400, "transfer_id: the prefill's kv_transfer_params.transfer_id", param="transfer_id")
@@ -191,12 +218,12 @@ async def _pull(request: Request, key: str, model: str, limit: int) -> bytes:
         raise failed(f"could not be read: {type(e).__name__}: {e}") from None
 
 
-async def _read(request: Request, limit: int, what: str = "a KV payload") -> bytes:
-    """The body, refused (413) as soon as it is larger than limit (a payload's: the whole KV cache)."""
+async def _read(request: Request, limit: int, what: str = "a KV payload larger than {limit} bytes (this "
+                "server's whole KV cache)") -> bytes:
+    """The body, refused (413, what says so) as soon as it is larger than limit (a payload's: the
+    whole KV cache)."""
     length = request.headers.get("content-length")
-    too_large = APIError(413, f"{what} larger than {limit} bytes" + (" (this server's whole KV cache)"
-                                                                     if what == "a KV payload" else ""),
-                         code="request_too_large")
+    too_large = APIError(413, what.format(limit=limit), code="request_too_large")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_large
     parts, size = [], 0
