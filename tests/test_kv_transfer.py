@@ -31,7 +31,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.config import ModelConfig
 from tokenmill.engine import kv_transfer
 from tokenmill.router.cli import check_replica_url
-from tokenmill.router.disagg import DisaggConfig, decide, prefill_body
+from tokenmill.router.disagg import DisaggConfig, decide, prefill_body, prefill_path
 from tokenmill.router.policy import Candidate
 
 BLOCK = 16
@@ -315,6 +315,22 @@ def test_holds_expire_are_capped_and_go_with_parking(model_dir):
         engine.add_request({"prompt_token_ids": [5, 6], "kv_hold": ("y", 0)}, SamplingParams(max_tokens=1))
 
 
+def test_the_hold_cap_counts_blocks(model_dir):
+    """Holds take at most half the cache counted in blocks: a hold whose blocks a newer one pins too
+    frees nothing by going, so it stays; the oldest hold that pins blocks of its own goes."""
+    prefill, decode = _llm(model_dir), _llm(model_dir, blocks=24)  # (a cap of 12 blocks)
+    engine = decode.engine
+    for tid, prompt in (("x", range(10, 75)), ("y", range(100, 165)), ("w", range(200, 265)),
+                        ("z", range(10, 91))):  # 4, 4, 4 and 5 full blocks, z's first 4 x's
+        _prefill(prefill, list(prompt), tid=tid)
+        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+    assert list(engine.kv_holds) == ["hx", "hw", "hz"] and engine.block_manager.num_used_blocks == 9
+    engine.block_manager.check_invariants([h for h, _ in engine.kv_holds.values()])
+    for tid in list(engine.kv_holds):
+        engine.release_kv_hold(tid)
+    assert not engine._held_blocks and engine.block_manager.num_used_blocks == 0
+
+
 def test_a_full_cache_takes_a_prefix_of_the_payload(model_dir):
     prefill, decode = _llm(model_dir), _llm(model_dir, blocks=16)
     prompt = list(range(10, 200))  # 11 full blocks
@@ -359,8 +375,19 @@ def test_decide_and_prefill_body():
                         ("responses", {"input": "x"}), ("chat", {"messages": [], "prompt_logprobs": 1})):
         assert prefill_body(endpoint, b) is None, b
     assert prefill_body("completions", {"prompt": [1, 2, 3]})["max_tokens"] == 1
+    # A Responses request: a completion of its rendered prompt's ids, unless it continues or searches.
+    resp = {"model": "m", "input": "x", "instructions": "y", "max_output_tokens": 9, "stream": True, "cache_salt": "s",
+            "priority": 2, "text": {"format": {"type": "json_object"}}, "tools": [{"type": "function", "name": "f"}]}
+    assert prefill_body("responses", resp, [5, 6, 7]) == {
+        "model": "m", "cache_salt": "s", "priority": 2, "prompt": [5, 6, 7], "max_tokens": 1, "stream": False,
+        "kv_transfer_params": {"do_remote_decode": True}}
+    assert prefill_path("responses") == "/v1/completions" and prefill_path("chat") is None
+    for b in ({**resp, "previous_response_id": "resp_1"},
+              {**resp, "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}):
+        assert prefill_body("responses", b, [5, 6, 7]) is None, b
     check_replica_url("http://[::1]:8001/", "--prefill")
-    for url in ("http://h:1/x?", "http://h:1#", "http://u:p@h:1", "h:1"):  # (what a replica would refuse to pull)
+    for url in ("http://h:1/x?", "http://h:1#", "http://u:p@h:1", "h:1", "http://h:1/a,b"):  # (a replica would
+        # refuse to pull from these; a comma separates --kv-transfer-sources)
         with pytest.raises(ValueError, match="--prefill"):
             check_replica_url(url, "--prefill")
 
@@ -440,7 +467,18 @@ def test_disaggregated_answers_equal_a_cold_replicas(fleet):
         ref = direct.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
                                              extra_body={"cache_salt": cold_salt})
         assert text == ref.choices[0].message.content
-    assert _remote(router) - before == 8
+        if i < 2:  # The Responses API: prefilled as its prompt's token ids, the whole prompt a cache hit.
+            kwr: dict = dict(model=model, input="responses: " + prompt, max_output_tokens=8, temperature=0,
+                             store=False, **({"instructions": "Be brief."} if i else {}))
+            if i:
+                events = list(via.responses.create(stream=True, **kwr))
+                r = events[-1].response  # type: ignore[union-attr]
+            else:
+                r = via.responses.create(**kwr)
+            n = r.usage.input_tokens
+            assert r.usage.input_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK, r.usage
+            assert r.output_text == direct.responses.create(extra_body={"cache_salt": cold_salt}, **kwr).output_text
+    assert _remote(router) - before == 10
     m = router_metrics(router.base_url)
     assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and m["tokenmill_router:kv_transfer_blocks_total"] > 0
     # Every hold was taken: the prefill worker's cache has nothing in use; the decode replica's
@@ -575,6 +613,8 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
                        ({"source": "http://u:pw@" + p.split("://")[1], "transfer_id": tid}, "source"),
                        ({"source": "http://[::1", "transfer_id": tid}, "source"),
                        ({"source": p + "/a\tb", "transfer_id": tid}, "source"),
+                       ({"source": p + "[::1]:80", "transfer_id": tid}, "source"),  # (urllib: [::1]'s; httpx: none)
+                       ({"source": p + "/a,b", "transfer_id": tid}, "source"),
                        ({"source": p, "transfer_id": ".."}, "transfer_id"),
                        ({"source": p, "transfer_id": "../models"}, "transfer_id"),
                        ({"source": p, "transfer_id": tid, "skip_blocks": -1}, "skip_blocks"),

@@ -122,9 +122,10 @@ class BlockManager:
 
     def ensure_free(self, need: int, reused: list[int] | tuple[int, ...] = ()) -> bool:
         """Whether need blocks are free besides the free ones among reused (blocks an allocation
-        takes back from the prefix cache); when they are not, reclaimable holds give way, the oldest
-        first, but only if that makes enough room (else none does: a hold let go for nothing would
-        leave its blocks to eviction), and only those that free a block besides reused ones."""
+        takes back from the prefix cache); when they are not, reclaimable holds give way: taken the
+        oldest first until they make enough room (else none goes: a hold let go for nothing would
+        leave its blocks to eviction), then only those of them needed for it (kept again the newest
+        first), never one that frees nothing besides reused blocks."""
         keep = set(reused)  # (several prompts may reuse one prefix)
         short = need - (self.num_free_blocks - sum(1 for b in keep if self.ref_counts[b] == 0))
         if short <= 0:

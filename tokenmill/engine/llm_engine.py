@@ -13,6 +13,7 @@ import logging
 import numbers
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -238,6 +239,7 @@ class LLMEngine:
         self.kv_holds: dict[str, tuple[Sequence, float]] = {}
         self.kv_holds_reclaimed = 0  # holds let go early for blocks a running or waiting request needed
         self._export_holds: dict[str, float] = {}  # a prefill's hold -> when it may give way (monotonic)
+        self._held_blocks: Counter[int] = Counter()  # block -> holds that pin it (the cap counts blocks)
         self.block_manager.reclaimable = self._reclaimable_holds
         self.block_manager.reclaim = self._reclaim_hold
         self._kv_fingerprint: str | None = None
@@ -1086,15 +1088,19 @@ class LLMEngine:
             self._export_holds[tid] = time.monotonic() + EXPORT_GRACE_S
 
     def _add_hold(self, tid: str, holder: Sequence, secs: float) -> None:
-        """Registers a hold; holds beyond half the cache let the oldest others go."""
-        bm = self.block_manager
+        """Registers a hold; holds beyond half the cache (in blocks: one prompt held twice pins its
+        blocks once) let the oldest others go, those that pin a block no other hold does."""
+        self.release_kv_hold(tid)
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
-
-        def held() -> int:  # (blocks, not tables: one prompt held twice pins its blocks once)
-            return len(set().union(*(h.block_table for h, _ in self.kv_holds.values())))
-
-        while len(self.kv_holds) > 1 and held() > bm.num_blocks // 2:
-            self.release_kv_hold(next(iter(self.kv_holds)))
+        held = self._held_blocks
+        for b in holder.block_table:
+            held[b] += 1
+        cap = self.block_manager.num_blocks // 2
+        for old in list(self.kv_holds):
+            if len(held) <= cap or old == tid:
+                break
+            if any(held[b] == 1 for b in self.kv_holds[old][0].block_table):
+                self.release_kv_hold(old)
 
     def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
         """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,
@@ -1115,6 +1121,11 @@ class LLMEngine:
         entry = self.kv_holds.pop(transfer_id, None)
         if entry is None:
             return False
+        held = self._held_blocks
+        for b in entry[0].block_table:
+            held[b] -= 1
+            if not held[b]:
+                del held[b]
         self.block_manager.free(entry[0])  # (its id in take_freed: no row in the runner's batch, ignored)
         return True
 

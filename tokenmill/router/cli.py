@@ -174,9 +174,8 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
                     continue
                 own = serve_args
                 sources = [*prefill, *(u for lr in locals_ for u in lr.urls)]  # (the prefill workers)
-                if name == "replica" and sources and not any(a.startswith("--kv-transfer-sources")
-                                                             for a in serve_args):
-                    own = [*serve_args, "--kv-transfer-sources", ",".join(sources)]  # (pulls from these only)
+                if name == "replica" and sources:  # pulls from these only (added to any list given: it appends)
+                    own = [*serve_args, "--kv-transfer-sources", ",".join(sources)]
                 locals_.append(LocalReplicas(n, own, threads=threads, log_dir=log_dir, name=name))
                 locals_[-1].start()
             logger.info("starting %d local replicas and %d prefill workers (logs in %s)", args.replicas,
@@ -228,10 +227,10 @@ def check_replica_url(url: str, flag: str = "--replica") -> None:
         u.port  # noqa: B018 (raises on a port that is not a number or out of range)
     except ValueError:
         raise ValueError(f"{flag}: {url!r} has a port that is not a number in [0, 65535]") from None
-    if u.query or u.fragment or any(c in url for c in "?#@"):
+    if u.query or u.fragment or any(c in url for c in "?#@,"):
         # (userinfo too: httpx would send it as Basic auth in place of the keys' Bearer, and a decode
-        # replica refuses to pull from such a URL)
-        raise ValueError(f"{flag}: {url!r}: a base URL has no query, fragment or user info")
+        # replica refuses to pull from such a URL; a comma separates --kv-transfer-sources)
+        raise ValueError(f"{flag}: {url!r}: a base URL has no query, fragment, user info or comma")
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:

@@ -11,6 +11,9 @@ decode worker D, the router decides per request, from load it knows, where the p
   and computes only the prompt's last block (routes/kv_transfer.py, engine/kv_transfer.py);
 - local: D computes the prompt itself, as a colocated fleet does.
 
+Chat and completion requests are prefilled as they are; a Responses request as a completion of the
+token ids the router renders for it (the chat request it becomes, as PromptHasher computes them).
+
 Remote prefill pays a hop and a copy of the prompt's KV to keep a long prefill out of D's steps,
 where it would stall every running decode (chunked prefill bounds each step, not the total). So
 `auto` sends a prefill to P only when it is worth that:
@@ -102,11 +105,33 @@ def left_to_compute(prompt_tokens: int, block_size: int, cached_blocks: int | No
     return max(0, prompt_tokens - usable * block_size)
 
 
-def prefill_body(endpoint: str, body: dict[str, Any]) -> dict[str, Any] | None:
+# What a Responses request's prefill keeps: fields that shape the prompt's cache keys or its scheduling.
+_RESPONSES_KEPT = ("model", "cache_salt", "priority", "slo", "user")
+
+
+def prefill_path(endpoint: str) -> str | None:
+    """Where a prefill for endpoint goes on a prefill worker (None: the request's own path)."""
+    return "/v1/completions" if endpoint == "responses" else None
+
+
+def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = None) -> dict[str, Any] | None:
     """The prefill request sent to a prefill worker for body; None for a request that cannot be
     prefilled remotely (several prompts, a resumed stream, prompt logprobs: those compute every
-    prompt position and never read the cache)."""
-    if endpoint not in ("chat", "completions") or body.get("resume_token_ids") or body.get("kv_transfer_params"):
+    prompt position and never read the cache). A Responses request's prefill is a completion of
+    its prompt's token ids (ids, as the router renders it: the chat request it becomes), since a
+    prefill answers with its kv_transfer_params; not one that continues a stored response (its
+    conversation is the replica's) or searches files (its excerpts are)."""
+    if body.get("resume_token_ids") or body.get("kv_transfer_params"):
+        return None
+    if endpoint == "responses":
+        tools = body.get("tools")
+        if ids is None or body.get("previous_response_id") is not None or (isinstance(tools, list) and any(
+                isinstance(t, dict) and t.get("type") == "file_search" for t in tools)):
+            return None
+        out = {k: body[k] for k in _RESPONSES_KEPT if k in body}
+        out.update(prompt=list(ids), max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+        return out
+    if endpoint not in ("chat", "completions"):
         return None
     if body.get("prompt_logprobs") is not None or (endpoint == "completions" and body.get("echo")
                                                    and body.get("logprobs") is not None):

@@ -64,7 +64,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import get_route_path
 
 from tokenmill.ops.tenants import LimitExceeded, Tenants, TenantsConfig, tenant_salt
-from tokenmill.router.disagg import DisaggConfig, decide, left_to_compute, prefill_body
+from tokenmill.router.disagg import DisaggConfig, decide, left_to_compute, prefill_body, prefill_path
 from tokenmill.router.index import PromptHasher
 from tokenmill.router.policy import Candidate, Chooser, KVAwareWeights
 from tokenmill.router.replicas import Replica, merge_models
@@ -232,6 +232,7 @@ class _Plan:
     generation: bool = False
     counted: bool = False
     prefill: dict[str, Any] | None = None  # the body a prefill worker would get (disagg.prefill_body)
+    prefill_path: str | None = None  # where it goes there (None: the request's own path)
 
     def keys(self, block_size: int | None) -> list[bytes]:
         if self.ids is None or block_size is None:
@@ -368,11 +369,11 @@ class Router:
             found = await self._home(prev, headers or {})
             home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
         plan = _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
-        if prefill and endpoint in ("chat", "completions"):
-            if ids is None:  # no tokenizer for the model here: its prompts' length and keys are unknown
+        if prefill and endpoint in ("chat", "completions", "responses"):
+            if ids is None:  # no tokenizer for the model here, or a continued response: its prompt is unknown
                 self.metrics.prefills.labels("local", "no_token_ids").inc()
             else:
-                plan.prefill = prefill_body(endpoint, body)
+                plan.prefill, plan.prefill_path = prefill_body(endpoint, body, ids), prefill_path(endpoint)
         return plan
 
     def _remember(self, response_id: Any, url: str) -> None:
@@ -487,7 +488,8 @@ class Router:
         rep pulls it (DisaggConfig.transfer "pull"), or the router relays it ("relay")."""
         assert self.client is not None
         key = self.config.kv_transfer_key or ""
-        r = await self.client.post(worker.url + path, json=plan.prefill, headers={**headers, KV_TRANSFER_HEADER: key})
+        r = await self.client.post(worker.url + (plan.prefill_path or path), json=plan.prefill,
+                                   headers={**headers, KV_TRANSFER_HEADER: key})
         if r.status_code != 200:
             raise RuntimeError(f"the prefill got {r.status_code}: {r.text[:200]}")
         answer = r.json()

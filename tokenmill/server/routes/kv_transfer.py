@@ -134,27 +134,32 @@ def _tls() -> ssl.SSLContext:
 def source_url(value: Any) -> str | None:
     """A prefill worker's base URL as given (http or https, a host, maybe a path), without a trailing
     slash; None for anything that would change where a GET goes or what it carries (a query, a
-    fragment, userinfo, control characters or spaces)."""
-    if not isinstance(value, str) or len(value) > 2048 or any(c in value for c in "?#@\\") \
+    fragment, userinfo, control characters or spaces; a comma, which separates
+    --kv-transfer-sources), or that httpx, which sends the GET, reads otherwise than urllib."""
+    if not isinstance(value, str) or len(value) > 2048 or any(c in value for c in "?#@\\,") \
             or any(ord(c) <= 32 or ord(c) == 127 for c in value):
         return None
     try:
         url = urlsplit(value)
         url.port  # noqa: B018  (raises ValueError for a bad one)
-    except ValueError:
+        sent = httpx.URL(value)
+    except (ValueError, httpx.InvalidURL):
         return None
-    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+    if url.scheme not in ("http", "https") or not url.hostname or sent.host != url.hostname.lower() \
+            or sent.port != url.port and not (url.port == _DEFAULT_PORT[url.scheme] and sent.port is None):
         return None
     return value.rstrip("/")
 
 
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
 def source_key(url: str) -> tuple[str, str, int, str]:
-    """What two spellings of one source URL share (scheme and host in any case, the default port
-    written or not, a trailing slash): an allow-list entry matches a pull's source by it. Names are
-    compared, not addresses (localhost is not 127.0.0.1)."""
-    u = urlsplit(url)
-    scheme = u.scheme.lower()
-    return scheme, (u.hostname or "").lower(), u.port or (443 if scheme == "https" else 80), u.path.rstrip("/")
+    """Where a source URL's GET goes, as httpx sends it (scheme and host in any case, the default
+    port written or not, a trailing slash are all one): an allow-list entry matches a pull's source
+    by it. Names are compared, not addresses (localhost is not 127.0.0.1)."""
+    u = httpx.URL(url)
+    return u.scheme, u.host, _DEFAULT_PORT[u.scheme] if u.port is None else u.port, u.path.rstrip("/")
 
 
 def _source(value: Any, allowed: frozenset[tuple[str, str, int, str]] | None) -> str:
