@@ -12,6 +12,7 @@ that refuses the import falls back to a local prefill; the routes' errors are cl
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -381,7 +382,7 @@ def test_decide_and_prefill_body():
     assert prefill_body("responses", resp, [5, 6, 7]) == {
         "model": "m", "cache_salt": "s", "priority": 2, "prompt": [5, 6, 7], "max_tokens": 1, "stream": False,
         "kv_transfer_params": {"do_remote_decode": True}}
-    assert prefill_path("responses") == "/v1/completions" and prefill_path("chat") is None
+    assert prefill_path("responses") == prefill_path("ollama") == "/v1/completions" and prefill_path("chat") is None
     for b in ({**resp, "previous_response_id": "resp_1"},
               {**resp, "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}):
         assert prefill_body("responses", b, [5, 6, 7]) is None, b
@@ -478,7 +479,19 @@ def test_disaggregated_answers_equal_a_cold_replicas(fleet):
             n = r.usage.input_tokens
             assert r.usage.input_tokens_details.cached_tokens == (n - 1) // BLOCK * BLOCK, r.usage
             assert r.output_text == direct.responses.create(extra_body={"cache_salt": cold_salt}, **kwr).output_text
-    assert _remote(router) - before == 10
+    # Ollama's routes: read as the OpenAI request they run as, prefilled as its prompt's token ids.
+    auth = {"authorization": f"Bearer {KEY}"}
+    for path, extra in (("/api/chat", {"messages": [{"role": "user", "content": "ollama: " + _text(rng, 70)}]}),
+                        ("/api/generate", {"prompt": "generate: " + _text(rng, 70), "stream": True})):
+        body = {"model": model, "options": {"temperature": 0, "num_predict": 8}, "stream": False, **extra}
+        answers = []
+        for url in (router.base_url, fleet["plain"].base_url):  # (plain: never saw these prompts)
+            r = httpx.post(url + path, json=body, headers=auth, timeout=120)
+            assert r.status_code == 200, r.text
+            parts = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+            answers.append("".join(p.get("response") or p.get("message", {}).get("content", "") for p in parts))
+        assert answers[0] == answers[1] and answers[0], (path, answers)
+    assert _remote(router) - before == 12
     m = router_metrics(router.base_url)
     assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and m["tokenmill_router:kv_transfer_blocks_total"] > 0
     # Every hold was taken: the prefill worker's cache has nothing in use; the decode replica's

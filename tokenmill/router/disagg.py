@@ -11,8 +11,9 @@ decode worker D, the router decides per request, from load it knows, where the p
   and computes only the prompt's last block (routes/kv_transfer.py, engine/kv_transfer.py);
 - local: D computes the prompt itself, as a colocated fleet does.
 
-Chat and completion requests are prefilled as they are; a Responses request as a completion of the
-token ids the router renders for it (the chat request it becomes, as PromptHasher computes them).
+Chat and completion requests are prefilled as they are; a Responses request or an Ollama one
+(/api/chat, /api/generate) as a completion of the token ids the router renders for it (the OpenAI
+request it becomes on the replica, as PromptHasher computes them).
 
 Remote prefill pays a hop and a copy of the prompt's KV to keep a long prefill out of D's steps,
 where it would stall every running decode (chunked prefill bounds each step, not the total). So
@@ -111,7 +112,7 @@ _RESPONSES_KEPT = ("model", "cache_salt", "priority", "slo", "user")
 
 def prefill_path(endpoint: str) -> str | None:
     """Where a prefill for endpoint goes on a prefill worker (None: the request's own path)."""
-    return "/v1/completions" if endpoint == "responses" else None
+    return "/v1/completions" if endpoint in ("responses", "ollama") else None
 
 
 def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = None) -> dict[str, Any] | None:
@@ -123,7 +124,7 @@ def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = No
     conversation is the replica's) or searches files (its excerpts are)."""
     if body.get("resume_token_ids") or body.get("kv_transfer_params"):
         return None
-    if endpoint == "responses":
+    if endpoint in ("responses", "ollama"):  # (ollama: body is the OpenAI request it runs as)
         tools = body.get("tools")
         if ids is None or body.get("previous_response_id") is not None or (isinstance(tools, list) and any(
                 isinstance(t, dict) and t.get("type") == "file_search" for t in tools)):

@@ -347,19 +347,22 @@ class Router:
                 and (model is None or not r.models or model in r.models)]
 
     async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None,
-                    headers: dict[str, str] | None = None) -> _Plan:
+                    headers: dict[str, str] | None = None, path: str | None = None) -> _Plan:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
         prefill = any(r.role == "prefill" for r in self.replicas.values())  # (disaggregation needs the ids too)
-        if (self.config.policy == "kv_aware" or prefill) and name is not None and endpoint in (
+        hashed, as_openai = endpoint, body
+        if endpoint == "ollama":  # (the OpenAI request a replica runs it as: its prompt is that one's)
+            hashed, as_openai = _ollama_as_openai(path or "", body)
+        if (self.config.policy == "kv_aware" or prefill) and name is not None and hashed in (
                 "chat", "completions", "responses"):
             h = self._hasher(name)
             if h is not None:
                 if size > THREAD_TOKENIZE_BYTES or not h.loaded:
-                    ids = await asyncio.to_thread(h.token_ids, endpoint, body)
+                    ids = await asyncio.to_thread(h.token_ids, hashed, as_openai)
                 else:
-                    ids = h.token_ids(endpoint, body)
+                    ids = h.token_ids(hashed, as_openai)
         salt = body.get("cache_salt")
         if tenant is not None:  # as the replica salts it (a salt that is no string: the replica's 400)
             salt = tenant_salt(tenant, salt if isinstance(salt, str) else None)
@@ -369,11 +372,11 @@ class Router:
             found = await self._home(prev, headers or {})
             home = found if isinstance(found, str) else None  # (else a replica answers: 400, 401)
         plan = _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
-        if prefill and endpoint in ("chat", "completions", "responses"):
+        if prefill and hashed in ("chat", "completions", "responses"):
             if ids is None:  # no tokenizer for the model here, or a continued response: its prompt is unknown
                 self.metrics.prefills.labels("local", "no_token_ids").inc()
             else:
-                plan.prefill, plan.prefill_path = prefill_body(endpoint, body, ids), prefill_path(endpoint)
+                plan.prefill, plan.prefill_path = prefill_body(endpoint, as_openai, ids), prefill_path(endpoint)
         return plan
 
     def _remember(self, response_id: Any, url: str) -> None:
@@ -804,10 +807,11 @@ class Router:
         if not isinstance(body, dict):  # not ours to judge: a replica answers it (with its own error)
             body, endpoint = {}, endpoint if endpoint == "other" else "invalid"
         headers = self._headers(request)
-        plan = await self._plan(endpoint, body, len(raw), tenant, headers)
         # The path within the app: behind a proxy's prefix (--root-path) request.url has the prefix,
         # which replicas do not serve.
-        path = get_route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
+        route = get_route_path(request.scope)
+        path = route + (f"?{request.url.query}" if request.url.query else "")
+        plan = await self._plan(endpoint, body, len(raw), tenant, headers, route)
         if body.get("stream") is True and endpoint in ("chat", "completions"):
             return await self._stream(request, endpoint, path, body, plan, headers, t0)
         if body.get("stream") is True and endpoint == "responses":
@@ -1204,6 +1208,21 @@ class Router:
         return StreamingResponse(ReleasingIterator(events(), cleanup), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           REPLICA_HEADER: opened[0].url})
+
+
+def _ollama_as_openai(path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An Ollama generation request (/api/chat, /api/generate) as the endpoint and body of the
+    OpenAI request a replica runs it as (routes/ollama.openai_request); ("ollama", body) when it
+    is none (a load request, a body the replica refuses)."""
+    from tokenmill.server.routes.ollama import OllamaError, openai_request
+
+    try:
+        run = openai_request(path, body) if path in ("/api/chat", "/api/generate") else None
+    except (OllamaError, AttributeError, KeyError, TypeError, ValueError):
+        run = None
+    if run is None:
+        return "ollama", body
+    return ("chat" if run[0] == "/v1/chat/completions" else "completions"), run[1]
 
 
 def _error_code(body: bytes) -> Any:

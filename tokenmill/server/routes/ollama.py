@@ -365,20 +365,18 @@ def _calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     return out
 
 
-async def _chat(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
+def openai_request(path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The OpenAI request /api/chat or /api/generate (path) runs for body: its path and body; None
+    for Ollama's way to load a model (no messages, no prompt). OllamaError for what it refuses. (A
+    fleet router renders the same request's prompt with it.)"""
     oa = _sampling(body)
-    oa["messages"] = _messages(body.get("messages") or [])
-    if not oa["messages"]:  # (Ollama's way to load a model: an empty chat. The pool decides what loads.)
-        await _known(app, request, body["model"])
-        return JSONResponse({"model": body["model"], "created_at": _now(),
-                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
-    if body.get("tools"):
-        oa["tools"] = body["tools"]
-    return await _answer(app, request, body, "/v1/chat/completions", oa, chat=True)
-
-
-async def _generate(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
-    oa = _sampling(body)
+    if path == "/api/chat":
+        oa["messages"] = _messages(body.get("messages") or [])
+        if not oa["messages"]:
+            return None
+        if body.get("tools"):
+            oa["tools"] = body["tools"]
+        return "/v1/chat/completions", oa
     for field in ("context", "template", "suffix"):
         if body.get(field):
             raise OllamaError(400, f"{field} is not supported (send the conversation to /api/chat"
@@ -386,21 +384,37 @@ async def _generate(app: FastAPI, request: Request, body: dict[str, Any]) -> Res
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise OllamaError(400, "prompt must be a string")
-    if not prompt:  # (Ollama's way to load a model: an empty prompt. The pool decides what loads.)
-        await _known(app, request, body["model"])
-        return JSONResponse({"model": body["model"], "created_at": _now(), "response": "", "done": True,
-                             "done_reason": "load"})
+    if not prompt:
+        return None
     if body.get("raw"):
         if body.get("system"):
             raise OllamaError(400, "system cannot be combined with raw (the prompt is sent as it is)")
         oa["prompt"] = prompt
         oa.setdefault("max_tokens", None)  # (Ollama's default: until the model stops)
         oa.pop("chat_template_kwargs", None)
-        return await _answer(app, request, body, "/v1/completions", oa, chat=False)
+        return "/v1/completions", oa
     system = body.get("system")
     oa["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
                                                                                      "content": prompt}]
-    return await _answer(app, request, body, "/v1/chat/completions", oa, chat=False)
+    return "/v1/chat/completions", oa
+
+
+async def _chat(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
+    run = openai_request("/api/chat", body)
+    if run is None:  # (Ollama's way to load a model: an empty chat. The pool decides what loads.)
+        await _known(app, request, body["model"])
+        return JSONResponse({"model": body["model"], "created_at": _now(),
+                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+    return await _answer(app, request, body, run[0], run[1], chat=True)
+
+
+async def _generate(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
+    run = openai_request("/api/generate", body)
+    if run is None:  # (Ollama's way to load a model: an empty prompt. The pool decides what loads.)
+        await _known(app, request, body["model"])
+        return JSONResponse({"model": body["model"], "created_at": _now(), "response": "", "done": True,
+                             "done_reason": "load"})
+    return await _answer(app, request, body, run[0], run[1], chat=False)
 
 
 async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: str, oa: dict[str, Any],
