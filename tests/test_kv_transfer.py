@@ -330,6 +330,11 @@ def test_the_hold_cap_counts_blocks(model_dir):
     for tid in list(engine.kv_holds):
         engine.release_kv_hold(tid)
     assert not engine._held_blocks and engine.block_manager.num_used_blocks == 0
+    # One prompt held twice pins its blocks once, but neither hold alone frees them: over the cap, both go.
+    for tid, prompt in (("a", range(10, 139)), ("b", range(10, 139)), ("c", range(300, 429))):  # 8 blocks each
+        _prefill(prefill, list(prompt), tid=tid)
+        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+    assert list(engine.kv_holds) == ["hc"] and engine.block_manager.num_used_blocks == 8
 
 
 def test_a_full_cache_takes_a_prefix_of_the_payload(model_dir):
@@ -383,11 +388,12 @@ def test_decide_and_prefill_body():
         "model": "m", "cache_salt": "s", "priority": 2, "prompt": [5, 6, 7], "max_tokens": 1, "stream": False,
         "kv_transfer_params": {"do_remote_decode": True}}
     assert prefill_path("responses") == prefill_path("ollama") == "/v1/completions" and prefill_path("chat") is None
-    for b in ({**resp, "previous_response_id": "resp_1"},
+    for b in ({**resp, "previous_response_id": "resp_1"}, {**resp, "truncation": "auto"},
               {**resp, "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}):
         assert prefill_body("responses", b, [5, 6, 7]) is None, b
     check_replica_url("http://[::1]:8001/", "--prefill")
-    for url in ("http://h:1/x?", "http://h:1#", "http://u:p@h:1", "h:1", "http://h:1/a,b"):  # (a replica would
+    for url in ("http://h:1/x?", "http://h:1#", "http://u:p@h:1", "h:1", "http://h:1/a,b", "http://h:1/a b",
+                "http://h:1[::1]:80"):  # (a replica would
         # refuse to pull from these; a comma separates --kv-transfer-sources)
         with pytest.raises(ValueError, match="--prefill"):
             check_replica_url(url, "--prefill")

@@ -1089,18 +1089,20 @@ class LLMEngine:
 
     def _add_hold(self, tid: str, holder: Sequence, secs: float) -> None:
         """Registers a hold; holds beyond half the cache (in blocks: one prompt held twice pins its
-        blocks once) let the oldest others go, those that pin a block no other hold does."""
+        blocks once) let the oldest others go: first those that pin a block no other hold does, then
+        any."""
         self.release_kv_hold(tid)
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
         held = self._held_blocks
         for b in holder.block_table:
             held[b] += 1
         cap = self.block_manager.num_blocks // 2
-        for old in list(self.kv_holds):
-            if len(held) <= cap or old == tid:
-                break
-            if any(held[b] == 1 for b in self.kv_holds[old][0].block_table):
-                self.release_kv_hold(old)
+        for alone in (True, False):  # (then any: holds of one prompt pin nothing alone, yet go over the cap)
+            for old in list(self.kv_holds):
+                if len(held) <= cap or old == tid:
+                    break
+                if not alone or any(held[b] == 1 for b in self.kv_holds[old][0].block_table):
+                    self.release_kv_hold(old)
 
     def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
         """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,

@@ -13,6 +13,7 @@ import urllib.parse
 from tokenmill.router.disagg import DISAGG_POLICIES, TRANSFER_MODES, DisaggConfig
 from tokenmill.router.policy import POLICIES, KVAwareWeights
 from tokenmill.router.router import Router, RouterConfig
+from tokenmill.server.kv_sources import source_url
 
 logger = logging.getLogger("tokenmill.router")
 
@@ -231,6 +232,9 @@ def check_replica_url(url: str, flag: str = "--replica") -> None:
         # (userinfo too: httpx would send it as Basic auth in place of the keys' Bearer, and a decode
         # replica refuses to pull from such a URL; a comma separates --kv-transfer-sources)
         raise ValueError(f"{flag}: {url!r}: a base URL has no query, fragment, user info or comma")
+    if source_url(url) is None:  # (what httpx, which calls it, reads otherwise; a replica would not pull from it)
+        raise ValueError(f"{flag}: {url!r} is not a base URL httpx can call (spaces, control characters, "
+                         "backslashes, or a host it reads otherwise)")
 
 
 def _serve_api_key(serve_args: list[str]) -> str | None:

@@ -121,14 +121,15 @@ def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = No
     prompt position and never read the cache). A Responses request's prefill is a completion of
     its prompt's token ids (ids, as the router renders it: the chat request it becomes), since a
     prefill answers with its kv_transfer_params; not one that continues a stored response (its
-    conversation is the replica's) or searches files (its excerpts are)."""
+    conversation is the replica's), searches files (its excerpts are) or may be truncated ("auto")."""
     if body.get("resume_token_ids") or body.get("kv_transfer_params"):
         return None
     if endpoint in ("responses", "ollama"):  # (ollama: body is the OpenAI request it runs as)
         tools = body.get("tools")
-        if ids is None or body.get("previous_response_id") is not None or (isinstance(tools, list) and any(
-                isinstance(t, dict) and t.get("type") == "file_search" for t in tools)):
-            return None
+        if ids is None or body.get("previous_response_id") is not None or body.get("truncation") == "auto" \
+                or (isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "file_search"
+                                                    for t in tools)):
+            return None  # (truncation "auto": the replica may drop messages the router's render keeps)
         out = {k: body[k] for k in _RESPONSES_KEPT if k in body}
         out.update(prompt=list(ids), max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
         return out

@@ -284,7 +284,7 @@ def check_args(args: argparse.Namespace, models: bool = True,
     if sources is not None:
         if not sources:
             raise ValueError("--kv-transfer-sources: give at least one prefill worker's base URL")
-        from tokenmill.server.routes.kv_transfer import source_url
+        from tokenmill.server.kv_sources import source_url
 
         for url in sources:
             if source_url(url) is None:

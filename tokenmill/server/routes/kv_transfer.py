@@ -33,7 +33,6 @@ import re
 import ssl
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -42,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.engine.kv_transfer import KVTransferError, decode, encode
 from tokenmill.server.errors import APIError
 from tokenmill.server.gateway import Gateway
+from tokenmill.server.kv_sources import source_key, source_url
 
 MEDIA_TYPE = "application/octet-stream"
 _HEADER_SLACK = 1 << 20  # a payload's safetensors header (its keys as hex) beyond the KV itself
@@ -129,37 +129,6 @@ def _tls() -> ssl.SSLContext:
     """One TLS context for every pull, from the CA bundle httpx uses (a client would otherwise build
     its own for each pull: 25 ms on the event loop)."""
     return httpx.create_ssl_context()
-
-
-def source_url(value: Any) -> str | None:
-    """A prefill worker's base URL as given (http or https, a host, maybe a path), without a trailing
-    slash; None for anything that would change where a GET goes or what it carries (a query, a
-    fragment, userinfo, control characters or spaces; a comma, which separates
-    --kv-transfer-sources), or that httpx, which sends the GET, reads otherwise than urllib."""
-    if not isinstance(value, str) or len(value) > 2048 or any(c in value for c in "?#@\\,") \
-            or any(ord(c) <= 32 or ord(c) == 127 for c in value):
-        return None
-    try:
-        url = urlsplit(value)
-        url.port  # noqa: B018  (raises ValueError for a bad one)
-        sent = httpx.URL(value)
-    except (ValueError, httpx.InvalidURL):
-        return None
-    if url.scheme not in ("http", "https") or not url.hostname or sent.host != url.hostname.lower() \
-            or sent.port != url.port and not (url.port == _DEFAULT_PORT[url.scheme] and sent.port is None):
-        return None
-    return value.rstrip("/")
-
-
-_DEFAULT_PORT = {"http": 80, "https": 443}
-
-
-def source_key(url: str) -> tuple[str, str, int, str]:
-    """Where a source URL's GET goes, as httpx sends it (scheme and host in any case, the default
-    port written or not, a trailing slash are all one): an allow-list entry matches a pull's source
-    by it. Names are compared, not addresses (localhost is not 127.0.0.1)."""
-    u = httpx.URL(url)
-    return u.scheme, u.host, _DEFAULT_PORT[u.scheme] if u.port is None else u.port, u.path.rstrip("/")
 
 
 def _source(value: Any, allowed: frozenset[tuple[str, str, int, str]] | None) -> str:
