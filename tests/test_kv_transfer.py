@@ -619,6 +619,16 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
     ok = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=kv)
     assert ok.status_code == 200 and ok.json()["object"] == "kv_transfer.import"
+    # A request that fails before it runs lets go of the hold kept for it (not after --kv-hold-timeout).
+    hold = ok.json()["hold_id"]
+    assert hold and fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0
+    r = httpx.post(d + "/v1/completions", json={**body, "max_tokens": 10**6},
+                   headers={**auth, "x-tokenmill-kv-release": hold, "x-tokenmill-kv-transfer-key": KV_KEY})
+    assert r.status_code == 400, r.text
+    deadline = time.monotonic() + 10
+    while fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0:
+        assert time.monotonic() < deadline, "the hold was kept"
+        time.sleep(0.1)
     # A pull: the replica GETs the payload from the worker itself.
     def held() -> str:
         return httpx.post(p + "/v1/completions", json=prefill, headers=fleet_header).json()["kv_transfer_params"][

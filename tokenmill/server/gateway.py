@@ -21,6 +21,7 @@ ended: when the handler returns, or for a stream when its last event is sent or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import functools
@@ -61,6 +62,7 @@ EXTRAS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("
 # without it; clients' headers never carry it through the router, which forwards only FORWARDED).
 KV_TRANSFER_HEADER = "x-tokenmill-kv-transfer-key"
 KV_RELEASE_HEADER = "x-tokenmill-kv-release"  # the import hold a request lets go of as it ends
+_BACKGROUND: set[asyncio.Future] = set()  # (tasks nobody awaits, kept until done)
 
 
 @functools.cache
@@ -390,6 +392,27 @@ class Gateway:
             raise APIError(403, "KV transfer takes the fleet's --kv-transfer-key", type_="permission_error",
                            code="permission_denied")
 
+    def _let_go_of_import(self, request: Request) -> None:
+        """An import hold (routes/kv_transfer.py) kept for a request that failed before it ran (a 400
+        the router's render did not foresee, a full queue, a 429 the router retries elsewhere): let
+        go now, not after --kv-hold-timeout. Only for the fleet key's holder, as the header is."""
+        hold = request.headers.get(KV_RELEASE_HEADER)
+        key = self.settings.kv_transfer_key
+        if not hold or not self.settings.kv_transfer or not key \
+                or not _key_matches(f"Bearer {request.headers.get(KV_TRANSFER_HEADER, '')}", key):
+            return
+        engines = [e.engine for e in self.pool.entries.values() if e.engine is not None]
+
+        async def release() -> None:
+            for engine in engines:
+                if not engine.parked and hold in engine.kv_holds:
+                    with contextlib.suppress(Exception):  # (the engine stopping: its holds go with it)
+                        await self.pool.run_on_device(lambda engine=engine: engine.release_kv_hold(hold))
+
+        task = asyncio.ensure_future(release())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
     def _kv_prefill(self, request: Request, req: Any, name: str, tags: dict[str, Any] | None) -> None:
         """A prefill for a decode worker (`kv_transfer_params: {"do_remote_decode": true}`, vLLM's
         field): its prompt's KV is held once it finishes, named in the response's kv_transfer_params."""
@@ -570,6 +593,9 @@ class Gateway:
             try:
                 resp = await handler(request, *args, **kwargs)
             finally:
+                if resp is None or (not isinstance(resp, StreamingResponse)
+                                    and getattr(resp, "status_code", 200) >= 400):
+                    self._let_go_of_import(request)  # (a request that ends in the engine lets go there)
                 adm = ADMISSION.get()
                 EXTRAS.reset(token)
                 REQUEST_TAGS.reset(tags_token)
