@@ -554,6 +554,41 @@ def test_a_failed_transfer_falls_back_to_a_local_prefill(fleet):
     assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
 
 
+def test_a_hung_prefill_worker_is_given_up_on_at_once(fleet, model_dir, tmp_path):
+    """A prefill worker that stops answering (SIGSTOP: neither its prefill nor its health checks)
+    is given up on when its checks find it hung, well before --disagg-timeout: the replica
+    prefills locally and the answer is the cold one."""
+    import signal
+
+    worker = ServerProcess(model_dir, *SERVE, *KV, log_path=str(tmp_path / "worker.log"), env={"OMP_NUM_THREADS": "1"})
+    router = None
+    try:
+        router = ServerProcess(None, "--replica", fleet["decode"].base_url, "--prefill", worker.base_url,
+                               "--disagg-policy", "always", "--disagg-min-tokens", "32", "--replica-api-key", KEY,
+                               "--kv-transfer-key", KV_KEY, "--health-interval", "0.2", "--health-timeout", "2",
+                               log_path=str(tmp_path / "router.log"), command="router")
+        wait_fleet(router, [fleet["decode"].base_url, worker.base_url])
+        via = _client(router.base_url)
+        model = _client(worker.base_url).models.list().data[0].id
+        via.completions.create(model=model, prompt="warm", max_tokens=1)  # (the router's tokenizer loaded)
+        prompt = _text(random.Random(11), 80)
+        # Stopped just before the request: it goes there (the next check fails 2 s later), and hangs.
+        worker.signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        got = via.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        assert time.monotonic() - t0 < 30, "waited for --disagg-timeout (60 s)"
+        want = _client(fleet["plain"].base_url).completions.create(model=model, prompt=prompt, max_tokens=8,
+                                                                   temperature=0)
+        assert got.choices[0].text == want.choices[0].text
+        m = router_metrics(router.base_url)
+        assert m.get('tokenmill_router:kv_transfer_failures_total{stage="prefill"}') == 1, m
+    finally:
+        worker.signal(signal.SIGCONT)
+        if router is not None:
+            router.stop()
+        worker.stop()
+
+
 def test_relay_mode_moves_the_kv_through_the_router(fleet):
     router = fleet["relay"]
     got = _same_as_cold(router, fleet["decode"], 5, 75)
