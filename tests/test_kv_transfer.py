@@ -335,6 +335,14 @@ def test_the_hold_cap_counts_blocks(model_dir):
         _prefill(prefill, list(prompt), tid=tid)
         engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
     assert list(engine.kv_holds) == ["hc"] and engine.block_manager.num_used_blocks == 8
+    # ...but never one the new hold pins whole (a's blocks are the new t's first four).
+    decode = _llm(model_dir, blocks=32)  # (a cap of 16)
+    engine = decode.engine
+    for tid, prompt in (("a", range(10, 75)), ("x1", range(100, 261)), ("x2", range(100, 261)),
+                        ("t", range(10, 139))):  # 4, 10, 10 and 8 blocks: 18 > 16
+        _prefill(prefill, list(prompt), tid=tid)
+        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+    assert list(engine.kv_holds) == ["ha", "ht"] and engine.block_manager.num_used_blocks == 8
 
 
 def test_a_full_cache_takes_a_prefix_of_the_payload(model_dir):
@@ -388,6 +396,17 @@ def test_decide_and_prefill_body():
         "model": "m", "cache_salt": "s", "priority": 2, "prompt": [5, 6, 7], "max_tokens": 1, "stream": False,
         "kv_transfer_params": {"do_remote_decode": True}}
     assert prefill_path("responses") == prefill_path("ollama") == "/v1/completions" and prefill_path("chat") is None
+    # An Ollama request is read as the OpenAI request a replica runs it as; a load request or one it
+    # refuses stays Ollama's (not hashed: the replica answers it).
+    from tokenmill.router.router import _ollama_as_openai
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": 0, "foo": 1}}
+    assert _ollama_as_openai("/api/chat", chat) == ("chat", {"model": "m", "temperature": 0, "messages": [
+        {"role": "user", "content": "x"}]})
+    assert _ollama_as_openai("/api/generate", {"model": "m", "prompt": "x", "raw": True})[0] == "completions"
+    for path, b in (("/api/chat", {"model": "m", "messages": []}), ("/api/chat", {"model": "m", "messages": "x"}),
+                    ("/api/generate", {"model": "m", "prompt": "x", "top_logprobs": 50}), ("/api/embed", chat)):
+        assert _ollama_as_openai(path, b) == ("ollama", b)
     for b in ({**resp, "previous_response_id": "resp_1"}, {**resp, "truncation": "auto"},
               {**resp, "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}):
         assert prefill_body("responses", b, [5, 6, 7]) is None, b
@@ -657,13 +676,20 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     # A request that fails before it runs lets go of the hold kept for it (not after --kv-hold-timeout).
     hold = ok.json()["hold_id"]
     assert hold and fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0
-    r = httpx.post(d + "/v1/completions", json={**body, "max_tokens": 10**6},
-                   headers={**auth, "x-tokenmill-kv-release": hold, "x-tokenmill-kv-transfer-key": KV_KEY})
-    assert r.status_code == 400, r.text
-    deadline = time.monotonic() + 10
-    while fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0:
-        assert time.monotonic() < deadline, "the hold was kept"
-        time.sleep(0.1)
+    model = httpx.get(d + "/v1/models", headers=auth).json()["data"][0]["id"]
+    for path, refused in (("/v1/completions", {**body, "max_tokens": 10**6}),
+                          ("/api/chat", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                         "logprobs": True, "top_logprobs": 50})):  # (refused by Ollama's route)
+        if path != "/v1/completions":
+            hold = httpx.post(d + "/v1/kv_transfer", content=data.content, headers=kv).json()["hold_id"]
+            assert hold and fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0
+        r = httpx.post(d + path, json=refused,
+                       headers={**auth, "x-tokenmill-kv-release": hold, "x-tokenmill-kv-transfer-key": KV_KEY})
+        assert r.status_code == 400, r.text
+        deadline = time.monotonic() + 10
+        while fleet["decode"].metric("tokenmill:kv_cache_usage_perc") > 0:
+            assert time.monotonic() < deadline, f"the hold was kept ({path})"
+            time.sleep(0.1)
     # A pull: the replica GETs the payload from the worker itself.
     def held() -> str:
         return httpx.post(p + "/v1/completions", json=prefill, headers=fleet_header).json()["kv_transfer_params"][

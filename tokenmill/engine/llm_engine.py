@@ -1090,19 +1090,21 @@ class LLMEngine:
     def _add_hold(self, tid: str, holder: Sequence, secs: float) -> None:
         """Registers a hold; holds beyond half the cache (in blocks: one prompt held twice pins its
         blocks once) let the oldest others go: first those that pin a block no other hold does, then
-        any."""
+        any the new one does not pin whole."""
         self.release_kv_hold(tid)
         self.kv_holds[tid] = (holder, time.monotonic() + float(secs))
         held = self._held_blocks
         for b in holder.block_table:
             held[b] += 1
         cap = self.block_manager.num_blocks // 2
+        mine = set(holder.block_table)
         for alone in (True, False):  # (then any: holds of one prompt pin nothing alone, yet go over the cap)
             for old in list(self.kv_holds):
                 if len(held) <= cap or old == tid:
                     break
-                if not alone or any(held[b] == 1 for b in self.kv_holds[old][0].block_table):
-                    self.release_kv_hold(old)
+                table = self.kv_holds[old][0].block_table
+                if any(held[b] == 1 for b in table) or not alone and not mine.issuperset(table):
+                    self.release_kv_hold(old)  # (never one the new hold pins whole: that frees nothing)
 
     def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
         """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,

@@ -348,13 +348,16 @@ class Router:
 
     async def _plan(self, endpoint: str, body: dict[str, Any], size: int, tenant: str | None = None,
                     headers: dict[str, str] | None = None, path: str | None = None) -> _Plan:
+        prefill = any(r.role == "prefill" for r in self.replicas.values())  # (disaggregation needs the ids too)
+        hashed, as_openai = endpoint, body
+        if endpoint == "ollama":
+            if isinstance(body.get("name"), str) and "model" not in body:  # (older clients' name, as _parse)
+                body = {**body, "model": body["name"]}
+            if self.config.policy == "kv_aware" or prefill:  # (the OpenAI request a replica runs it as)
+                hashed, as_openai = _ollama_as_openai(path or "", body)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or next((r.models[0] for r in self.replicas.values() if r.models), None)
         ids = None
-        prefill = any(r.role == "prefill" for r in self.replicas.values())  # (disaggregation needs the ids too)
-        hashed, as_openai = endpoint, body
-        if endpoint == "ollama":  # (the OpenAI request a replica runs it as: its prompt is that one's)
-            hashed, as_openai = _ollama_as_openai(path or "", body)
         if (self.config.policy == "kv_aware" or prefill) and name is not None and hashed in (
                 "chat", "completions", "responses"):
             h = self._hasher(name)
@@ -363,7 +366,7 @@ class Router:
                     ids = await asyncio.to_thread(h.token_ids, hashed, as_openai)
                 else:
                     ids = h.token_ids(hashed, as_openai)
-        salt = body.get("cache_salt")
+        salt = as_openai.get("cache_salt")  # (an Ollama request's: none, whatever its body holds)
         if tenant is not None:  # as the replica salts it (a salt that is no string: the replica's 400)
             salt = tenant_salt(tenant, salt if isinstance(salt, str) else None)
         home = None
@@ -1217,7 +1220,7 @@ def _ollama_as_openai(path: str, body: dict[str, Any]) -> tuple[str, dict[str, A
     from tokenmill.server.routes.ollama import OllamaError, openai_request
 
     try:
-        run = openai_request(path, body) if path in ("/api/chat", "/api/generate") else None
+        run = openai_request(path, body, warn=False) if path in ("/api/chat", "/api/generate") else None
     except (OllamaError, AttributeError, KeyError, TypeError, ValueError):
         run = None
     if run is None:

@@ -392,10 +392,16 @@ class Gateway:
             raise APIError(403, "KV transfer takes the fleet's --kv-transfer-key", type_="permission_error",
                            code="permission_denied")
 
-    def _let_go_of_import(self, request: Request) -> None:
-        """An import hold (routes/kv_transfer.py) kept for a request that failed before it ran (a 400
+    def let_go_of_import(self, request: Request) -> None:
+        """An import hold (routes/kv_transfer.py) kept for a request refused before it ran (a 400
         the router's render did not foresee, a full queue, a 429 the router retries elsewhere): let
         go now, not after --kv-hold-timeout. Only for the fleet key's holder, as the header is."""
+        try:
+            self._let_go_of_import(request)
+        except Exception:  # (never in the way of the answer or the cleanup before it)
+            logger.exception("letting go of an import hold failed")
+
+    def _let_go_of_import(self, request: Request) -> None:
         hold = request.headers.get(KV_RELEASE_HEADER)
         key = self.settings.kv_transfer_key
         if not hold or not self.settings.kv_transfer or not key \
@@ -593,9 +599,6 @@ class Gateway:
             try:
                 resp = await handler(request, *args, **kwargs)
             finally:
-                if resp is None or (not isinstance(resp, StreamingResponse)
-                                    and getattr(resp, "status_code", 200) >= 400):
-                    self._let_go_of_import(request)  # (a request that ends in the engine lets go there)
                 adm = ADMISSION.get()
                 EXTRAS.reset(token)
                 REQUEST_TAGS.reset(tags_token)
@@ -604,6 +607,9 @@ class Gateway:
                     self.pool.release(name)
                 if adm is not None and not isinstance(resp, StreamingResponse):
                     adm.release()  # an error, or a whole answer: the request has ended
+                if resp is None or (not isinstance(resp, StreamingResponse)
+                                    and getattr(resp, "status_code", 200) >= 400):
+                    self.let_go_of_import(request)  # (a request that ends in the engine lets go there)
             if adm is None:
                 return with_extras(resp, extras)
             try:

@@ -71,6 +71,7 @@ def register(app: FastAPI, gw: Gateway) -> None:
         try:
             return await handler(app, request, await body(request), *args)
         except OllamaError as e:
+            gw.let_go_of_import(request)  # (refused here, before the inner route: its hold, as Gateway.route does)
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
     @app.post("/api/chat", include_in_schema=False)
@@ -244,8 +245,9 @@ async def _known(app: FastAPI, request: Request, model: str) -> None:
     await inner.json()
 
 
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    """Ollama's options, format and think as the OpenAI/vLLM request fields."""
+def _sampling(body: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """Ollama's options, format and think as the OpenAI/vLLM request fields (warn: log an option
+    that is not one here, once)."""
     out: dict[str, Any] = {"model": body["model"]}
     options = body.get("options") or {}
     if not isinstance(options, dict):
@@ -263,7 +265,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
                 raise OllamaError(400, f"options.num_predict must be an integer, got {value!r}")
             if value >= 0:  # (-1: until the model stops; -2: until the context is full. Both: no limit)
                 out["max_tokens"] = value
-        elif key not in _RUNTIME_OPTIONS and key not in _warned:  # (Ollama's way: logged, ignored)
+        elif warn and key not in _RUNTIME_OPTIONS and key not in _warned:  # (Ollama's way: logged, ignored)
             _warned.add(key)
             logger.warning("ollama API: options.%s is not an option here; ignored", key)
     fmt = body.get("format")
@@ -365,18 +367,25 @@ def _calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     return out
 
 
-def openai_request(path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The OpenAI request /api/chat or /api/generate (path) runs for body: its path and body; None
-    for Ollama's way to load a model (no messages, no prompt). OllamaError for what it refuses. (A
-    fleet router renders the same request's prompt with it.)"""
-    oa = _sampling(body)
+def openai_request(path: str, body: dict[str, Any], warn: bool = True) -> tuple[str, dict[str, Any]] | None:
+    """The OpenAI request /api/chat or /api/generate (path) runs for body (as _parse gives it): its
+    path and body; None for Ollama's way to load a model (no messages, no prompt). OllamaError for
+    what it refuses. (A fleet router renders the same request's prompt with it; warn=False.)"""
+    oa = _sampling(body, warn)
+
+    def checked(to: str) -> tuple[str, dict[str, Any]]:  # (top_logprobs last: no load request is refused for it)
+        top = body.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
+            raise OllamaError(400, f"top_logprobs must be an integer from 0 to 20, got {top!r}")
+        return to, oa
+
     if path == "/api/chat":
         oa["messages"] = _messages(body.get("messages") or [])
         if not oa["messages"]:
             return None
         if body.get("tools"):
             oa["tools"] = body["tools"]
-        return "/v1/chat/completions", oa
+        return checked("/v1/chat/completions")
     for field in ("context", "template", "suffix"):
         if body.get(field):
             raise OllamaError(400, f"{field} is not supported (send the conversation to /api/chat"
@@ -392,11 +401,11 @@ def openai_request(path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]
         oa["prompt"] = prompt
         oa.setdefault("max_tokens", None)  # (Ollama's default: until the model stops)
         oa.pop("chat_template_kwargs", None)
-        return "/v1/completions", oa
+        return checked("/v1/completions")
     system = body.get("system")
     oa["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
                                                                                      "content": prompt}]
-    return "/v1/chat/completions", oa
+    return checked("/v1/chat/completions")
 
 
 async def _chat(app: FastAPI, request: Request, body: dict[str, Any]) -> Response:
@@ -423,10 +432,7 @@ async def _answer(app: FastAPI, request: Request, body: dict[str, Any], path: st
     /api/generate's `response`, streamed as NDJSON unless `stream` is false."""
     stream = body.get("stream", True) is not False
     want_lp = bool(body.get("logprobs"))
-    top = body.get("top_logprobs")
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
-        raise OllamaError(400, f"top_logprobs must be an integer from 0 to 20, got {top!r}")
-    if want_lp:
+    if want_lp:  # (top_logprobs checked by openai_request)
         if path == "/v1/completions":
             oa["logprobs"] = int(body.get("top_logprobs") or 0)
         else:
