@@ -61,6 +61,12 @@ def _roundtrip(payload: kv_transfer.KVPayload) -> kv_transfer.KVPayload:
     return kv_transfer.decode(kv_transfer.encode(payload))
 
 
+def _moved(prefill: LLM, decode: LLM, tid: str, prompt) -> None:
+    """prompt prefilled on prefill and its KV moved into decode, held there as h<tid>."""
+    _prefill(prefill, list(prompt), tid=tid)
+    decode.engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+
+
 def _same(got, want, where: str) -> None:
     assert got.token_ids == want.token_ids, where
     for pos, (a, b) in enumerate(zip(got.logprobs, want.logprobs)):
@@ -194,6 +200,15 @@ def test_an_import_is_held_for_its_request(model_dir):
     assert engine.expire_kv_holds(time.monotonic() + 31) == 1 and bm.num_used_blocks == 0  # or as it expires
 
 
+def _admitted_at_once(engine, prompt: list[int], rid: str) -> None:
+    engine.add_request({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1), request_id=rid)
+    for _ in range(6):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests(), "the prompt waited for the holds"
+
+
 def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     """A hold is KV kept in case: a prompt that needs its blocks is admitted at once (not after the
     holds expire; they may be holds of the requests queued behind it), and a running sequence that
@@ -202,20 +217,12 @@ def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     engine, bm = decode.engine, decode.engine.block_manager
     first, second = list(range(10, 90)), list(range(90, 138))  # 5 and 3 full blocks
     for tid, prompt in (("a", first), ("b", second)):
-        _prefill(prefill, prompt, tid=tid)
-        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+        _moved(prefill, decode, tid, prompt)
     assert list(engine.kv_holds) == ["ha", "hb"] and bm.num_free_blocks == 8
-    engine.add_request({"prompt_token_ids": list(range(200, 392))}, SamplingParams(max_tokens=1),
-                       request_id="long")  # 12 full blocks and one for its token: 13 > 8 free
-    for _ in range(6):
-        if not engine.has_unfinished_requests():
-            break
-        engine.step()
-    assert not engine.has_unfinished_requests(), "the prompt waited for the holds"
+    _admitted_at_once(engine, list(range(200, 392)), "long")  # 12 full blocks and one for its token: 13 > 8 free
     assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 1  # (the oldest, enough)
     bm.check_invariants([engine.kv_holds["hb"][0]])
-    _prefill(prefill, first, tid="a")
-    engine.import_kv(_roundtrip(prefill.engine.export_kv("a")), hold=("ha", 30.0))
+    _moved(prefill, decode, "a", first)
     assert bm.num_free_blocks == 8
     engine.add_request({"prompt_token_ids": list(range(400, 448))},  # 3 blocks, growing to 9
                        SamplingParams(max_tokens=90, ignore_eos=True), request_id="grows")
@@ -227,8 +234,7 @@ def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     assert engine.scheduler.num_preemptions == 0 and list(engine.kv_holds) == ["ha"] and engine.kv_holds_reclaimed == 2
     bm.check_invariants([engine.kv_holds["ha"][0]])
     # Holds go only when that makes room: a prompt that would not fit even without them keeps them all.
-    _prefill(prefill, second, tid="b")
-    engine.import_kv(_roundtrip(prefill.engine.export_kv("b")), hold=("hb", 30.0))
+    _moved(prefill, decode, "b", second)
     engine.add_request({"prompt_token_ids": list(range(440, 504))}, SamplingParams(max_tokens=100, ignore_eos=True),
                        request_id="runs")  # 5 blocks in use: 3 free, 8 held
     engine.step()
@@ -244,18 +250,10 @@ def test_holds_give_way_to_requests_that_need_their_blocks(model_dir):
     # One prompt imported twice: neither hold alone frees a block, both together free five.
     engine.release_kv_hold("hb")
     for tid in ("a", "a2"):
-        _prefill(prefill, first, tid=tid)
-        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
-    _prefill(prefill, second, tid="b")
-    engine.import_kv(_roundtrip(prefill.engine.export_kv("b")), hold=("hb", 30.0))  # (the newest)
+        _moved(prefill, decode, tid, first)
+    _moved(prefill, decode, "b", second)  # (the newest)
     assert list(engine.kv_holds) == ["ha", "ha2", "hb"] and bm.num_free_blocks == 8
-    engine.add_request({"prompt_token_ids": list(range(20, 196))}, SamplingParams(max_tokens=1),
-                       request_id="twice")  # 11 full blocks and one for its token: 12 > 8 free
-    for _ in range(6):
-        if not engine.has_unfinished_requests():
-            break
-        engine.step()
-    assert not engine.has_unfinished_requests(), "the prompt waited for the holds"
+    _admitted_at_once(engine, list(range(20, 196)), "twice")  # 11 full blocks and one for its token: 12 > 8 free
     assert list(engine.kv_holds) == ["hb"] and engine.kv_holds_reclaimed == 5  # (hb was not needed)
     bm.check_invariants([engine.kv_holds["hb"][0]])
     # A prefill's own hold is spared for a moment: the router is about to take it.
@@ -323,8 +321,7 @@ def test_the_hold_cap_counts_blocks(model_dir):
     engine = decode.engine
     for tid, prompt in (("x", range(10, 75)), ("y", range(100, 165)), ("w", range(200, 265)),
                         ("z", range(10, 91))):  # 4, 4, 4 and 5 full blocks, z's first 4 x's
-        _prefill(prefill, list(prompt), tid=tid)
-        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+        _moved(prefill, decode, tid, prompt)
     assert list(engine.kv_holds) == ["hx", "hw", "hz"] and engine.block_manager.num_used_blocks == 9
     engine.block_manager.check_invariants([h for h, _ in engine.kv_holds.values()])
     for tid in list(engine.kv_holds):
@@ -332,16 +329,14 @@ def test_the_hold_cap_counts_blocks(model_dir):
     assert not engine._held_blocks and engine.block_manager.num_used_blocks == 0
     # One prompt held twice pins its blocks once, but neither hold alone frees them: over the cap, both go.
     for tid, prompt in (("a", range(10, 139)), ("b", range(10, 139)), ("c", range(300, 429))):  # 8 blocks each
-        _prefill(prefill, list(prompt), tid=tid)
-        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+        _moved(prefill, decode, tid, prompt)
     assert list(engine.kv_holds) == ["hc"] and engine.block_manager.num_used_blocks == 8
     # ...but never one the new hold pins whole (a's blocks are the new t's first four).
     decode = _llm(model_dir, blocks=32)  # (a cap of 16)
     engine = decode.engine
     for tid, prompt in (("a", range(10, 75)), ("x1", range(100, 261)), ("x2", range(100, 261)),
                         ("t", range(10, 139))):  # 4, 10, 10 and 8 blocks: 18 > 16
-        _prefill(prefill, list(prompt), tid=tid)
-        engine.import_kv(_roundtrip(prefill.engine.export_kv(tid)), hold=(f"h{tid}", 30.0))
+        _moved(prefill, decode, tid, prompt)
     assert list(engine.kv_holds) == ["ha", "ht"] and engine.block_manager.num_used_blocks == 8
 
 
