@@ -300,6 +300,9 @@ def test_holds_expire_are_capped_and_go_with_parking(model_dir):
     for i in range(4):  # 4 blocks each: holds beyond half the cache (12 blocks) let the oldest go
         _prefill(llm, [100 + i] * 60, tid=f"h{i}")
     assert list(engine.kv_holds) == ["h1", "h2", "h3"] and bm.num_used_blocks == 12
+    stats = engine.stats()
+    assert (stats["kv_holds"], stats["kv_held_blocks"], stats["kv_holds_expired"], stats["kv_holds_capped"],
+            stats["kv_holds_reclaimed"]) == (3, 12, 1, 1, 0)
     engine.add_request({"prompt_token_ids": list(range(5, 40)), "kv_hold": ("x", 30.0)}, SamplingParams(max_tokens=50),
                        request_id="aborted")
     engine.step()
@@ -505,13 +508,18 @@ def test_disaggregated_answers_equal_a_cold_replicas(fleet):
                         ("/api/generate", {"prompt": "generate: " + _text(rng, 70), "stream": True})):
         body = {"model": model, "options": {"temperature": 0, "num_predict": 8}, "stream": False, **extra}
         answers = []
+        hits = decode.metric("tokenmill:prefix_cache_hits_total")
         for url in (router.base_url, fleet["plain"].base_url):  # (plain: never saw these prompts)
             r = httpx.post(url + path, json=body, headers=auth, timeout=120)
             assert r.status_code == 200, r.text
             parts = [json.loads(line) for line in r.text.splitlines() if line.strip()]
             answers.append("".join(p.get("response") or p.get("message", {}).get("content", "") for p in parts))
+            if url == router.base_url:  # the whole prompt a hit on the replica: the router's render was its
+                n = parts[-1]["prompt_eval_count"]
+                assert decode.metric("tokenmill:prefix_cache_hits_total") - hits == (n - 1) // BLOCK * BLOCK, path
         assert answers[0] == answers[1] and answers[0], (path, answers)
     assert _remote(router) - before == 12
+    assert not any("kv_transfer_failures" in k for k in router_metrics(router.base_url))
     m = router_metrics(router.base_url)
     assert m["tokenmill_router:kv_transfer_bytes_total"] > 0 and m["tokenmill_router:kv_transfer_blocks_total"] > 0
     # Every hold was taken: the prefill worker's cache has nothing in use; the decode replica's
@@ -574,6 +582,8 @@ def test_a_hung_prefill_worker_is_given_up_on_at_once(fleet, model_dir, tmp_path
     prefills locally and the answer is the cold one."""
     import signal
 
+    # (the fleet's decode replica would refuse to pull from this worker, which is not among its
+    # --kv-transfer-sources: no matter, the worker never gets past the prefill)
     worker = ServerProcess(model_dir, *SERVE, *KV, log_path=str(tmp_path / "worker.log"), env={"OMP_NUM_THREADS": "1"})
     router = None
     try:
@@ -723,11 +733,14 @@ def test_kv_transfer_routes_answer_clearly(fleet, model_dir, tmp_path):
     assert httpx.get(f"{p}/v1/kv_transfer/{tid}", headers=kv).status_code == 404  # (taken)
     # A hold given up on is released unread.
     tid = held()
+    worker = fleet["prefill"]
+    assert worker.metric("tokenmill:kv_holds") == 1 and worker.metric("tokenmill:kv_held_blocks") > 0
     assert httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=auth).status_code == 403
     assert httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=kv).json()["released"] is True
     r = httpx.delete(f"{p}/v1/kv_transfer/{tid}", headers=kv)
     assert r.status_code == 404 and r.json()["error"]["code"] == "kv_transfer_not_found"
     assert fleet["prefill"].metric("tokenmill:kv_cache_usage_perc") == 0
+    assert worker.metric("tokenmill:kv_holds") == 0 and worker.metric("tokenmill:kv_held_blocks") == 0
 
 
 def test_a_router_starts_prefill_workers_and_replicas_that_pull_from_them_only(model_dir, model_name, tmp_path):

@@ -238,6 +238,8 @@ class LLMEngine:
         # KV held for a decode worker (request id -> (a sequence holding the blocks, monotonic deadline))
         self.kv_holds: dict[str, tuple[Sequence, float]] = {}
         self.kv_holds_reclaimed = 0  # holds let go early for blocks a running or waiting request needed
+        self.kv_holds_capped = 0  # holds let go for newer ones beyond half the cache
+        self.kv_holds_expired = 0  # holds nobody took within their seconds
         self._export_holds: dict[str, float] = {}  # a prefill's hold -> when it may give way (monotonic)
         self._held_blocks: Counter[int] = Counter()  # block -> holds that pin it (the cap counts blocks)
         self.block_manager.reclaimable = self._reclaimable_holds
@@ -1105,6 +1107,7 @@ class LLMEngine:
                 table = self.kv_holds[old][0].block_table
                 if any(held[b] == 1 for b in table) or not alone and not mine.issuperset(table):
                     self.release_kv_hold(old)  # (never one the new hold pins whole: that frees nothing)
+                    self.kv_holds_capped += 1
 
     def _reclaimable_holds(self) -> list[tuple[str, list[int]]]:
         """BlockManager.reclaimable: the holds that may give way to a request needing their blocks,
@@ -1139,6 +1142,7 @@ class LLMEngine:
         expired = [rid for rid, (_, deadline) in self.kv_holds.items() if deadline <= now]
         for rid in expired:
             self.release_kv_hold(rid)
+        self.kv_holds_expired += len(expired)
         return len(expired)
 
     def export_kv(self, transfer_id: str, skip_blocks: int = 0) -> kv_transfer.KVPayload | None:
@@ -1256,6 +1260,11 @@ class LLMEngine:
             "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
             "energy_joules": self.energy.step_joules,  # measured over this engine's steps
             "idle_energy_joules": self.energy.idle_joules(),  # the meter's, outside every engine's steps
+            "kv_holds": len(self.kv_holds),
+            "kv_held_blocks": len(self._held_blocks),
+            "kv_holds_reclaimed": self.kv_holds_reclaimed,
+            "kv_holds_capped": self.kv_holds_capped,
+            "kv_holds_expired": self.kv_holds_expired,
         }
 
 

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(--model, --max-num-seqs, ...) are passed to each")
     p.add_argument("--prefill", action="append", default=[], metavar="URL",
                    help="a prefill worker's base URL (repeatable): a `tokenmill serve --kv-transfer`, as the replicas "
-                   "must be; prefills go there when --disagg-policy says, and their KV to the decoding replica")
+                   "must be; prefills go there when --disagg-policy says, and their KV to the decoding replica (with "
+                   "--replicas N, the local replicas pull from these and the local prefill workers only)")
     p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
                    help="start N local prefill workers (with --replicas N: every local server gets --kv-transfer, "
                    "and the local replicas --kv-transfer-sources naming the prefill workers)")
@@ -225,9 +226,11 @@ def check_replica_url(url: str, flag: str = "--replica") -> None:
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ValueError(f"{flag}: {url!r} is not a replica's base URL; give one like http://127.0.0.1:8001")
     try:
-        u.port  # noqa: B018 (raises on a port that is not a number or out of range)
+        port = u.port  # (raises on a port that is not a number or out of range)
     except ValueError:
-        raise ValueError(f"{flag}: {url!r} has a port that is not a number in [0, 65535]") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"{flag}: {url!r} has a port that is not a number in [1, 65535]")
     if u.query or u.fragment or any(c in url for c in "?#@,"):
         # (userinfo too: httpx would send it as Basic auth in place of the keys' Bearer, and a decode
         # replica refuses to pull from such a URL; a comma separates --kv-transfer-sources)

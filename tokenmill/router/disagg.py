@@ -118,10 +118,11 @@ def prefill_path(endpoint: str) -> str | None:
 def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = None) -> dict[str, Any] | None:
     """The prefill request sent to a prefill worker for body; None for a request that cannot be
     prefilled remotely (several prompts, a resumed stream, prompt logprobs: those compute every
-    prompt position and never read the cache). A Responses request's prefill is a completion of
-    its prompt's token ids (ids, as the router renders it: the chat request it becomes), since a
-    prefill answers with its kv_transfer_params; not one that continues a stored response (its
-    conversation is the replica's), searches files (its excerpts are) or may be truncated ("auto")."""
+    prompt position and never read the cache). A Responses or Ollama request's prefill (body: for
+    Ollama, the OpenAI request it becomes) is a completion of its prompt's token ids (ids, as the
+    router renders it), since a prefill answers with its kv_transfer_params; not one that
+    continues a stored response (its conversation is the replica's), searches files (its excerpts
+    are) or may be truncated ("auto")."""
     if body.get("resume_token_ids") or body.get("kv_transfer_params"):
         return None
     if endpoint in ("responses", "ollama"):  # (ollama: body is the OpenAI request it runs as)

@@ -36,7 +36,9 @@ otherwise, after a router restart), sends a previous_response_id's continuation 
 GET/DELETE /v1/responses/{id} there, and answers 503 while that replica is down. Its streams are
 relayed as they come (no mid-stream failover: a continuation cannot move; a lost replica ends one
 as the API ends a failed stream). A request that continues nothing is hashed as the chat request
-the replica makes of it.
+the replica makes of it; Ollama's /api/chat and /api/generate as the OpenAI request they become
+(routes/ollama.openai_request). With prefill workers, both are disaggregated as chat and
+completions are (router/disagg.py).
 """
 
 from __future__ import annotations
@@ -377,7 +379,8 @@ class Router:
         plan = _Plan(name, ids, salt, home=home, generation=endpoint in GENERATION_ENDPOINTS)
         if prefill and hashed in ("chat", "completions", "responses"):
             if ids is None:  # no tokenizer for the model here, or a continued response: its prompt is unknown
-                self.metrics.prefills.labels("local", "no_token_ids").inc()
+                continued = endpoint == "responses" and isinstance(body.get("previous_response_id"), str)
+                self.metrics.prefills.labels("local", "continued" if continued else "no_token_ids").inc()
             else:
                 plan.prefill, plan.prefill_path = prefill_body(endpoint, as_openai, ids), prefill_path(endpoint)
         return plan

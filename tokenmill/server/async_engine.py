@@ -55,12 +55,20 @@ class EngineStats:
     energy_joules: float = 0.0  # measured over the engine's steps (tokenmill/ops/energy.py)
     idle_energy_joules: float = 0.0  # its meter's energy outside every step
     energy_source: str = ""
+    # KV kept for transfers (prefill/decode disaggregation): holds in place, the blocks they pin, and
+    # holds let go before anyone took them: given way to requests, capped at half the cache, expired
+    kv_holds: int = 0
+    kv_held_blocks: int = 0
+    kv_holds_reclaimed: int = 0
+    kv_holds_capped: int = 0
+    kv_holds_expired: int = 0
 
     # The engine's own counters (Prometheus counters), which a new engine starts from zero (the idle
     # energy is its meter's, shared by the process's engines: not one of them)
     COUNTERS: ClassVar[tuple[str, ...]] = (
         "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "spec_decode_num_drafts",
-        "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "energy_joules")
+        "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens", "energy_joules", "kv_holds_reclaimed",
+        "kv_holds_capped", "kv_holds_expired")
 
 
 class RequestGroup:
@@ -429,7 +437,9 @@ class AsyncEngine:
                                  int(s["spec_decode_num_draft_tokens"]), int(s["spec_decode_num_accepted_tokens"]),
                                  energy_joules=float(s["energy_joules"]),
                                  idle_energy_joules=float(s["idle_energy_joules"]),
-                                 energy_source=self.engine.energy.source)
+                                 energy_source=self.engine.energy.source,
+                                 **{k: int(s[k]) for k in ("kv_holds", "kv_held_blocks", "kv_holds_reclaimed",
+                                                           "kv_holds_capped", "kv_holds_expired")})
         if outputs:
             self._call_soon(self._dispatch, outputs)
         hub = self.kv_hub

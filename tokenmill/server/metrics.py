@@ -286,6 +286,9 @@ class _EngineGauges:
             ("tokenmill:kv_cache_cached_blocks",
              "KV cache blocks no sequence references that still hold a reusable prefix (evicted LRU when needed).",
              "kv_cache_cached_blocks"),
+            ("tokenmill:kv_holds", "KV held for a transfer (a prefill's for its decode worker, an import's for its "
+             "request).", "kv_holds"),
+            ("tokenmill:kv_held_blocks", "KV cache blocks the transfer holds pin.", "kv_held_blocks"),
         ):
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
             for name, s, _state in models:
@@ -303,6 +306,12 @@ class _EngineGauges:
              "spec_decode_num_draft_tokens"),
             ("tokenmill:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
              "spec_decode_num_accepted_tokens"),
+            ("tokenmill:kv_holds_reclaimed", "KV transfer holds let go early for blocks a request needed.",
+             "kv_holds_reclaimed"),
+            ("tokenmill:kv_holds_capped", "KV transfer holds let go for newer ones beyond half the KV cache.",
+             "kv_holds_capped"),
+            ("tokenmill:kv_holds_expired", "KV transfer holds nobody took within --kv-hold-timeout (a prefill "
+             "computed for nothing, or an import whose request never came).", "kv_holds_expired"),
         ):
             c = CounterMetricFamily(metric, doc, labels=["model_name"])
             for name, s, _state in models:

@@ -4,13 +4,15 @@
   field) is a prefill: once it finishes, its prompt's blocks are held (--kv-hold-timeout) and the
   response's `kv_transfer_params` names them (`transfer_id`).
 - GET /v1/kv_transfer/{transfer_id}?model=M&skip_blocks=K: the held blocks after the first K, as a
-  safetensors payload, and the hold released (404 once taken or expired).
+  safetensors payload, and the hold released (404 once taken or expired, or for a parked model:
+  parking lets every hold go, and the GET does not bring it back).
 - DELETE /v1/kv_transfer/{transfer_id}?model=M: the hold released unread (a transfer given up on;
   404 when nothing is held so).
 - POST /v1/kv_transfer?model=M with such a payload: its blocks go into this server's prefix cache
   under their keys; a request for the same prompt then computes only its last block. The chain is
-  held (`hold_id`) until a request sent with `x-tokenmill-kv-release: ID` (and the key) ends, or
-  --kv-hold-timeout passes, so a busy cache does not evict it before that request is admitted.
+  held (`hold_id`) until a request sent with `x-tokenmill-kv-release: ID` (and the key) ends or is
+  refused before it runs (Gateway.let_go_of_import), or --kv-hold-timeout passes, so a busy cache
+  does not evict it before that request is admitted.
 - POST /v1/kv_transfer?model=M with a JSON body `{"source": URL, "transfer_id": ID, "skip_blocks":
   K, "source_model": M2}`: the same import, of the payload this server pulls itself from the
   prefill worker at URL (its GET, with this server's own key). The router's default: the KV
