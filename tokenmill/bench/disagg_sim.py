@@ -241,7 +241,8 @@ def simulate_fleet(coef: tuple[float, float, float, float], layout: Layout, work
                 for block in holder.block_table:
                     bm._ref(block)
                 holds[req.request_id] = (w, holder)
-                # (at most half the cache held, the oldest let go first: LLMEngine._add_hold's rule)
+                # (at most half the cache held, the oldest let go first: LLMEngine._add_hold's rule for
+                # holds that share no blocks, as the simulated workloads' distinct prompts do)
                 mine = [r for r, (hw, _) in holds.items() if hw is w]
                 while sum(len(holds[r][1].block_table) for r in mine) > bm.num_blocks // 2 and len(mine) > 1:
                     bm.free(holds.pop(mine.pop(0))[1])

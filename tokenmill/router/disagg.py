@@ -106,8 +106,9 @@ def left_to_compute(prompt_tokens: int, block_size: int, cached_blocks: int | No
     return max(0, prompt_tokens - usable * block_size)
 
 
-# What a Responses request's prefill keeps: fields that shape the prompt's cache keys or its scheduling.
-_RESPONSES_KEPT = ("model", "cache_salt", "priority", "slo", "user")
+# What a prefill of token ids (a Responses or Ollama request's) keeps: fields that shape the prompt's
+# cache keys or its scheduling.
+_KEPT_BY_ID_PREFILLS = ("model", "cache_salt", "priority", "slo", "user")
 
 
 def prefill_path(endpoint: str) -> str | None:
@@ -125,13 +126,13 @@ def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = No
     are) or may be truncated ("auto")."""
     if body.get("resume_token_ids") or body.get("kv_transfer_params"):
         return None
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "file_search" for t in tools):
+        return None  # (its excerpts come from the decode replica's own search)
     if endpoint in ("responses", "ollama"):  # (ollama: body is the OpenAI request it runs as)
-        tools = body.get("tools")
-        if ids is None or body.get("previous_response_id") is not None or body.get("truncation") == "auto" \
-                or (isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "file_search"
-                                                    for t in tools)):
+        if ids is None or body.get("previous_response_id") is not None or body.get("truncation") == "auto":
             return None  # (truncation "auto": the replica may drop messages the router's render keeps)
-        out = {k: body[k] for k in _RESPONSES_KEPT if k in body}
+        out = {k: body[k] for k in _KEPT_BY_ID_PREFILLS if k in body}
         out.update(prompt=list(ids), max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
         return out
     if endpoint not in ("chat", "completions"):
@@ -146,9 +147,6 @@ def prefill_body(endpoint: str, body: dict[str, Any], ids: list[int] | None = No
             return None
     elif not isinstance(body.get("messages"), list):
         return None
-    tools = body.get("tools")
-    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "file_search" for t in tools):
-        return None  # (its excerpts come from the decode replica's own search)
     out = {k: v for k, v in body.items() if k not in _ANSWER_FIELDS}
     out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
     return out

@@ -403,9 +403,11 @@ class Gateway:
 
     def _let_go_of_import(self, request: Request) -> None:
         hold = request.headers.get(KV_RELEASE_HEADER)
-        key = self.settings.kv_transfer_key
-        if not hold or not self.settings.kv_transfer or not key \
-                or not _key_matches(f"Bearer {request.headers.get(KV_TRANSFER_HEADER, '')}", key):
+        if not hold:
+            return
+        try:
+            self.check_kv_transfer(request)  # (the header's own check: on, and with the fleet's key)
+        except APIError:
             return
         engines = [e.engine for e in self.pool.entries.values() if e.engine is not None]
 
